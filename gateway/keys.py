@@ -1,0 +1,143 @@
+"""Tenants and API keys: creation, revocation, and authentication with a short-TTL cache.
+
+Only SHA-256 hashes of keys are stored. Keys carry 256 bits of randomness, so a fast hash is the
+right tool (a password KDF would only slow every request). The looked-up hash is compared again with
+``hmac.compare_digest`` so no branch depends on how much of a guess matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
+
+KEY_PREFIX = "tw-"
+ROLES = ("app", "finance", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: resolved from a key, cached for the TTL."""
+
+    key_id: int
+    tenant_id: int
+    tenant: str
+    role: str
+    allowed_models: frozenset[str] | None  # None: every model in the catalog
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    id: int
+    tenant: str
+    role: str
+    secret: str  # shown once, never stored
+
+
+def hash_key(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def generate_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyStore:
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, cache_size: int = 10_000) -> None:
+        self._pool = pool
+        self._ttl = cache_ttl_s
+        self._size = cache_size
+        self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+
+    async def authenticate(self, secret: str) -> Principal:
+        digest = hash_key(secret)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            principal = hit[1]
+        else:
+            principal = await self._lookup(digest)
+            self._remember(digest, now + self._ttl, principal)
+        if principal is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return principal
+
+    def _remember(self, digest: bytes, expires: float, principal: Principal | None) -> None:
+        self._cache[digest] = (expires, principal)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+
+    async def _lookup(self, digest: bytes) -> Principal | None:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models"
+                    " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+                    " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (digest,))
+                row = await cur.fetchone()
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise ServiceUnavailable("The key store is unavailable; try again shortly.") from exc
+        if row is None or not hmac.compare_digest(bytes(row[1]), digest):
+            return None
+        allowed = None if row[5] is None else frozenset(row[5])
+        return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed)
+
+
+async def create_tenant(conn: psycopg.AsyncConnection, name: str) -> int:
+    try:
+        cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) RETURNING id", (name,))
+    except psycopg.errors.UniqueViolation as exc:
+        raise InvalidRequest(f"tenant {name!r} already exists", param="name") from exc
+    except psycopg.errors.CheckViolation as exc:
+        raise InvalidRequest(f"tenant name {name!r} is invalid (letters, digits, _ . -)", param="name") from exc
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def create_key(conn: psycopg.AsyncConnection, tenant: str, *, role: str = "app",
+                     allowed_models: list[str] | None = None, name: str | None = None) -> NewKey:
+    if role not in ROLES:
+        raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
+    cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant,))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"tenant {tenant!r} does not exist", param="tenant", code="tenant_not_found")
+    secret = generate_secret()
+    cur = await conn.execute(
+        "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, role, allowed_models)"
+        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+        (row[0], hash_key(secret), secret[:10], name, role, allowed_models))
+    key_row = await cur.fetchone()
+    assert key_row is not None
+    return NewKey(id=int(key_row[0]), tenant=tenant, role=role, secret=secret)
+
+
+async def revoke_key(conn: psycopg.AsyncConnection, key_id: int) -> bool:
+    cur = await conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key_id,))
+    return cur.rowcount == 1
+
+
+async def bootstrap_default_tenant(conn: psycopg.AsyncConnection) -> NewKey | None:
+    """On a database with no tenants, create tenant ``default`` with one app key (returned once)."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE tenants IN EXCLUSIVE MODE")
+        cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM tenants)")
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return None
+        await create_tenant(conn, "default")
+        return await create_key(conn, "default", role="app", name="bootstrap")

@@ -1,0 +1,236 @@
+"""The cost ledger: one row per request, written off the hot path, never lost.
+
+``Ledger.record`` only enqueues (bounded). A writer task inserts batches. When Postgres fails, the
+batch is appended to a spill file (JSON lines, fsynced); when the queue is full, the row goes straight
+to the spill file. A replay task moves spill files back into Postgres once it answers again. Inserts
+are ``ON CONFLICT DO NOTHING`` on the request id, so a replay interrupted half-way and run again still
+lands every row exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("tollway.ledger")
+
+
+@dataclass(slots=True)
+class LedgerRow:
+    request_id: str
+    created_at: datetime
+    tenant_id: int
+    key_id: int
+    endpoint: str
+    status: int = 200
+    latency_ms: float = 0.0
+    end_user: str | None = None
+    model: str | None = None
+    upstream: str | None = None
+    upstream_model: str | None = None
+    route_reason: str | None = None
+    prompt_version: str | None = None
+    index_version: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: Decimal = field(default_factory=Decimal)
+    price_source: str | None = None
+    usage_source: str | None = None
+    ttft_ms: float | None = None
+    stream: bool = False
+    error_code: str | None = None
+
+    def to_json(self) -> bytes:
+        data = dataclasses.asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["cost_usd"] = str(self.cost_usd)
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LedgerRow:
+        data: dict[str, Any] = orjson.loads(raw)
+        data["created_at"] = datetime.fromisoformat(data["created_at"])
+        data["cost_usd"] = Decimal(data["cost_usd"])
+        return cls(**data)
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(LedgerRow)]
+_INSERT = (
+    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
+    " ON CONFLICT (request_id, created_at) DO NOTHING"
+)
+
+
+def _values(row: LedgerRow) -> tuple[Any, ...]:
+    return tuple(getattr(row, name) for name in _COLUMNS)
+
+
+@dataclass(slots=True)
+class LedgerStats:
+    recorded: int = 0
+    written: int = 0
+    spilled: int = 0
+    replayed: int = 0
+    write_failures: int = 0
+
+
+class Ledger:
+    def __init__(self, pool: AsyncConnectionPool, spill_dir: Path, *, queue_size: int, batch_size: int,
+                 flush_interval_s: float, retry_interval_s: float) -> None:
+        self._pool = pool
+        self._spill_dir = spill_dir
+        self._queue: asyncio.Queue[LedgerRow] = asyncio.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval_s
+        self._retry_interval = retry_interval_s
+        self._spill_path = spill_dir / f"spill-{os.getpid()}.jsonl"
+        self._spill_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
+        self.stats = LedgerStats()
+
+    # -- hot path -------------------------------------------------------------------------------
+    def record(self, row: LedgerRow) -> None:
+        self.stats.recorded += 1
+        self._idle.clear()
+        try:
+            self._queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self._spill_now([row])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        self._tasks = [asyncio.create_task(self._write_loop(), name="ledger-writer"),
+                       asyncio.create_task(self._replay_loop(), name="ledger-replay")]
+
+    async def stop(self) -> None:
+        """Drain the queue into Postgres (or the spill file), then stop the tasks."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        rest: list[LedgerRow] = []
+        while not self._queue.empty():
+            rest.append(self._queue.get_nowait())
+        for start in range(0, len(rest), self._batch_size):
+            await self._write(rest[start:start + self._batch_size])
+        await self.replay()
+
+    async def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until every row recorded so far has left the queue (written or spilled)."""
+        async with asyncio.timeout(timeout_s):
+            await self._idle.wait()  # set only by the writer, with the queue empty and no batch in hand
+
+    def pending_spill_files(self) -> list[Path]:
+        return sorted(self._spill_dir.glob("*.jsonl")) if self._spill_dir.exists() else []
+
+    # -- writer ---------------------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        while True:
+            if self._queue.empty():
+                self._idle.set()
+            batch = [await self._queue.get()]
+            self._idle.clear()
+            deadline = asyncio.get_running_loop().time() + self._flush_interval
+            while len(batch) < self._batch_size:
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            await self._write(batch)
+
+    async def _write(self, batch: list[LedgerRow]) -> None:
+        try:
+            await self._insert(batch)
+            self.stats.written += len(batch)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            self.stats.write_failures += 1
+            log.warning("ledger write failed (%s); spilling %d rows", type(exc).__name__, len(batch))
+            self._spill_now(batch)
+
+    async def _insert(self, rows: list[LedgerRow]) -> None:
+        async with self._pool.connection(timeout=5) as conn, conn.cursor() as cur:
+            await cur.executemany(_INSERT, [_values(r) for r in rows])
+
+    # -- spill and replay -----------------------------------------------------------------------
+    def _spill_now(self, rows: list[LedgerRow]) -> None:
+        """Append to the spill file and fsync. Synchronous on purpose: no await sits between open and
+        close, so a replay (which renames the file first) never sees half a batch."""
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._spill_path, "ab") as fh:
+            fh.write(b"".join(r.to_json() + b"\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.stats.spilled += len(rows)
+
+    def _replayable(self) -> list[Path]:
+        """Spill files of this process and of processes that are gone; never a live sibling's file."""
+        files = []
+        for path in self.pending_spill_files():
+            if path.name.startswith("spill-") and path != self._spill_path:
+                pid = int(path.stem.split("-")[1])
+                if _alive(pid):
+                    continue
+            files.append(path)
+        return files
+
+    async def replay(self) -> int:
+        replayed = 0
+        async with self._spill_lock:
+            for path in self._replayable():
+                if path.name.startswith("spill-"):
+                    target = path.with_name(f"replay-{os.getpid()}-{time.time_ns()}.jsonl")
+                    path.rename(target)
+                    path = target
+                rows = [LedgerRow.from_json(line) for line in path.read_bytes().splitlines() if line.strip()]
+                try:
+                    for start in range(0, len(rows), self._batch_size):
+                        await self._insert(rows[start:start + self._batch_size])
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    log.info("ledger replay deferred: %s", type(exc).__name__)
+                    break
+                path.unlink()
+                replayed += len(rows)
+        self.stats.replayed += replayed
+        if replayed:
+            log.info("ledger replayed %d spilled rows", replayed)
+        return replayed
+
+    async def _replay_loop(self) -> None:
+        while True:
+            if self._replayable():
+                await self.replay()
+            await asyncio.sleep(self._retry_interval)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

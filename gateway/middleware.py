@@ -1,0 +1,108 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it breaks contextvars and buffers streams).
+
+Order, outermost first: RequestId -> BodyLimit -> Auth. Each one is small and does one thing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tollway.errors import AuthenticationFailed, PayloadTooLarge, TollwayError
+
+
+async def send_error(send: Send, exc: TollwayError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = orjson.dumps(exc.body())
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    """Gives every request a gateway-made id (the ledger's key), echoed as ``x-request-id``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = "req_" + uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, whether announced by Content-Length or sent chunked."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.max_bytes:
+                    await send_error(send, too_large, [(b"connection", b"close")])
+                    return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, counted, send)
+
+
+
+class AuthMiddleware:
+    """Resolves ``Authorization: Bearer <key>`` on /v1 paths to a Principal in ``scope["state"]``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope["state"]
+        secret = _bearer(scope["headers"])
+        try:
+            if secret is None:
+                raise AuthenticationFailed(
+                    "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+            state["principal"] = await scope["app"].state.tollway.keys.authenticate(secret)
+        except TollwayError as exc:
+            await send_error(send, exc, [(b"www-authenticate", b"Bearer")] if exc.status == 401 else None)
+            return
+        await self.app(scope, receive, send)
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None

@@ -1,0 +1,87 @@
+"""OpenAI request shapes, validated once at the edge.
+
+Models allow extra fields: anything OpenAI accepts that Tollway does not act on (tools,
+response_format, logprobs, seed, ...) is forwarded to the upstream unchanged. Fields Tollway does act
+on are typed strictly, so ``"max_tokens": "5"`` is a 400, not a silent coercion.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tollway.errors import InvalidJSON, InvalidRequest
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ContentPart(_Open):
+    type: str
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=16)
+    temperature: float | int | None = Field(default=None, ge=0, le=2)
+    top_p: float | int | None = Field(default=None, ge=0, le=1)
+    user: str | None = Field(default=None, max_length=256)
+
+
+class EmbeddingRequest(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = Field(default=None, max_length=256)
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[ContentPart]", "list[str]", "list[int]", "list[list[int]]", "float", "int"):
+            continue  # union branch names, not fields
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON("We could not parse the JSON body of your request: " + str(exc).split(":")[0]) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return data
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = _param(first["loc"])
+        where = f"'{param}'" if param else "body"
+        raise InvalidRequest(f"Invalid value for {where}: {first['msg']}.", param=param) from exc

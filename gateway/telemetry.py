@@ -1,0 +1,65 @@
+"""OpenTelemetry tracer and meter, built in the lifespan and handed down (never the global providers).
+
+Nothing leaves the process unless an OTLP endpoint is configured; tests pass their own exporter.
+Span attributes follow the GenAI semantic conventions (``gen_ai.*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import Tracer
+
+import tollway
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    tracer: Tracer
+    meter: Meter
+    requests: Counter
+    cost_usd: Counter
+    tokens: Counter
+    duration: Histogram
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | None = None,
+                    metric_reader: MetricReader | None = None) -> Telemetry:
+    resource = Resource.create({"service.name": "tollway", "service.version": tollway.__version__})
+    tracer_provider = TracerProvider(resource=resource)
+    readers: list[MetricReader] = []
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = otlp_endpoint.rstrip("/")
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics")))
+    if span_exporter is not None:
+        tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    if metric_reader is not None:
+        readers.append(metric_reader)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter = meter_provider.get_meter("tollway")
+    return Telemetry(
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        tracer=tracer_provider.get_tracer("tollway"),
+        meter=meter,
+        requests=meter.create_counter("tollway.requests", description="Requests by model and status"),
+        cost_usd=meter.create_counter("tollway.cost", unit="USD", description="Spend recorded in the ledger"),
+        tokens=meter.create_counter("gen_ai.client.token.usage", unit="{token}"),
+        duration=meter.create_histogram("gen_ai.server.request.duration", unit="s"),
+    )

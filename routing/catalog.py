@@ -1,0 +1,217 @@
+"""The model catalog: which public model names exist, where they are served, and what they cost.
+
+Built once at start-up from the raw config plus models discovered from upstreams' ``/v1/models``.
+Prices are ``Decimal`` end to end so finance's totals add up to the cent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+
+from tollway.routing.config import ConfigError, RawConfig, RawPrice, RawUpstream
+
+_MTOK = Decimal(1_000_000)
+_HOUR = Decimal(3600)
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per token, or USD per GPU-second with the throughput that attributes GPU time to a request."""
+
+    input_per_token: Decimal = ZERO
+    output_per_token: Decimal = ZERO
+    cached_input_per_token: Decimal | None = None
+    gpu_second_usd: Decimal | None = None
+    prefill_tokens_per_s: Decimal | None = None
+    decode_tokens_per_s: Decimal | None = None
+    source: str = "unpriced"
+
+    def cost(self, usage: Usage) -> Decimal:
+        if self.gpu_second_usd is not None:
+            assert self.prefill_tokens_per_s is not None and self.decode_tokens_per_s is not None
+            gpu_seconds = (
+                Decimal(usage.input_tokens) / self.prefill_tokens_per_s
+                + Decimal(usage.output_tokens) / self.decode_tokens_per_s
+            )
+            return gpu_seconds * self.gpu_second_usd
+        cached = min(usage.cached_tokens, usage.input_tokens)
+        cached_rate = self.input_per_token if self.cached_input_per_token is None else self.cached_input_per_token
+        return (
+            Decimal(usage.input_tokens - cached) * self.input_per_token
+            + Decimal(cached) * cached_rate
+            + Decimal(usage.output_tokens) * self.output_per_token
+        )
+
+
+FREE = Price(source="unpriced")
+
+
+@cache
+def litellm_price_table() -> Mapping[str, Mapping[str, object]]:
+    """litellm's bundled price table, read from the wheel without importing litellm (slow, and it
+    reaches for the network unless told not to)."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or spec.origin is None:
+        raise ConfigError("litellm is not installed; its price table is unavailable")
+    path = Path(spec.origin).parent / "model_prices_and_context_window_backup.json"
+    table: dict[str, Mapping[str, object]] = json.loads(path.read_text())
+    table.pop("sample_spec", None)
+    return table
+
+
+def _dec(value: object) -> Decimal | None:
+    if value is None:
+        return None
+    return Decimal(str(value))
+
+
+def litellm_price(key: str) -> Price:
+    entry = litellm_price_table().get(key)
+    if entry is None:
+        raise ConfigError(f"model {key!r} is not in litellm's bundled price table")
+    return Price(
+        input_per_token=_dec(entry.get("input_cost_per_token")) or ZERO,
+        output_per_token=_dec(entry.get("output_cost_per_token")) or ZERO,
+        cached_input_per_token=_dec(entry.get("cache_read_input_token_cost")),
+        source=f"litellm:{key}",
+    )
+
+
+def resolve_price(raw: RawPrice | None) -> Price:
+    if raw is None:
+        return FREE
+    if raw.litellm is not None:
+        return litellm_price(raw.litellm)
+    if raw.gpu_hour_usd is not None:
+        return Price(
+            gpu_second_usd=raw.gpu_hour_usd / _HOUR,
+            prefill_tokens_per_s=raw.prefill_tokens_per_s,
+            decode_tokens_per_s=raw.decode_tokens_per_s,
+            source="gpu_hour",
+        )
+    return Price(
+        input_per_token=(raw.input_per_mtok or ZERO) / _MTOK,
+        output_per_token=(raw.output_per_mtok or ZERO) / _MTOK,
+        cached_input_per_token=None if raw.cached_input_per_mtok is None else raw.cached_input_per_mtok / _MTOK,
+        source="config",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    name: str
+    kind: str  # "openai" (fast path) or "litellm" (translation)
+    base_url: str | None
+    api_key: str | None = field(repr=False)
+    timeout_s: float
+    connect_timeout_s: float
+    discover_models: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    upstream: str
+    upstream_model: str
+    kind: str
+    tier: str
+    price: Price
+    context_window: int | None = None
+
+
+class Catalog:
+    """Public model names (and aliases) to entries; immutable once built."""
+
+    def __init__(self, upstreams: Iterable[UpstreamSpec], models: Iterable[ModelEntry],
+                 aliases: Mapping[str, str] | None = None) -> None:
+        self.upstreams = {u.name: u for u in upstreams}
+        self.models = {m.name: m for m in models}
+        self._aliases = dict(aliases or {})
+        for alias, target in self._aliases.items():
+            if target not in self.models:
+                raise ConfigError(f"alias {alias!r} points at unknown model {target!r}")
+            if alias in self.models:
+                raise ConfigError(f"alias {alias!r} collides with a model name")
+
+    def get(self, name: str) -> ModelEntry | None:
+        entry = self.models.get(name)
+        if entry is None:
+            target = self._aliases.get(name)
+            entry = None if target is None else self.models[target]
+        return entry
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+
+def _read_secret(ref: str | None) -> str | None:
+    if ref is None:
+        return None
+    var = ref.removeprefix("env::")
+    value = os.environ.get(var)
+    if value is None:
+        raise ConfigError(f"secret {ref!r}: environment variable {var} is not set")
+    return value
+
+
+def resolve_upstream(raw: RawUpstream, *, timeout_s: float, connect_timeout_s: float) -> UpstreamSpec:
+    base_url = raw.base_url.rstrip("/") if raw.base_url else None
+    if base_url is not None and not base_url.endswith("/v1"):
+        base_url += "/v1"
+    return UpstreamSpec(
+        name=raw.name,
+        kind=raw.kind,
+        base_url=base_url,
+        api_key=_read_secret(raw.api_key),
+        timeout_s=raw.timeout_s or timeout_s,
+        connect_timeout_s=raw.connect_timeout_s or connect_timeout_s,
+        discover_models=raw.discover_models,
+    )
+
+
+def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: Iterable[UpstreamSpec]) -> Catalog:
+    """Configured models first; discovered models fill in names the config did not claim."""
+    entries: list[ModelEntry] = []
+    aliases: dict[str, str] = {}
+    for model in raw.models:
+        if any(e.name == model.name for e in entries):
+            raise ConfigError(f"model {model.name!r} is configured twice")
+        entries.append(ModelEntry(
+            name=model.name,
+            upstream=model.upstream,
+            upstream_model=model.upstream_model or model.name,
+            kind=model.kind,
+            tier=model.tier,
+            price=resolve_price(model.price),
+            context_window=model.context_window,
+        ))
+        for alias in model.aliases:
+            if alias in aliases:
+                raise ConfigError(f"alias {alias!r} is used twice")
+            aliases[alias] = model.name
+    claimed = {e.name for e in entries}
+    served = {(e.upstream, e.upstream_model) for e in entries}
+    for upstream, model_ids in discovered.items():
+        for model_id in model_ids:
+            if model_id in claimed or (upstream, model_id) in served:
+                continue
+            claimed.add(model_id)
+            kind = "embedding" if "embed" in model_id.lower() else "chat"
+            entries.append(ModelEntry(name=model_id, upstream=upstream, upstream_model=model_id,
+                                      kind=kind, tier="small", price=FREE))
+    return Catalog(specs, entries, aliases)

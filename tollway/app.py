@@ -1,0 +1,159 @@
+"""The composition root: settings in, a FastAPI app out. Everything stateful is built in the lifespan
+and held by one ``AppState``, reachable as ``app.state.tollway``; nothing is built at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SpanExporter
+from psycopg_pool import AsyncConnectionPool
+
+import tollway
+from tollway.db import migrate
+from tollway.gateway.api import install_error_handlers, router
+from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
+from tollway.gateway.ledger import Ledger
+from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from tollway.gateway.service import CompletionService, Limits
+from tollway.gateway.telemetry import Telemetry, build_telemetry
+from tollway.routing import (
+    Catalog,
+    RawUpstream,
+    Upstream,
+    build_catalog,
+    build_upstream,
+    discover,
+    load_config,
+    new_session,
+    resolve_upstream,
+)
+from tollway.settings import Settings
+
+log = logging.getLogger("tollway")
+
+
+class StartupError(Exception):
+    """Tollway cannot start as configured; the message says what to change."""
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    pool: AsyncConnectionPool
+    redis: aioredis.Redis
+    session: aiohttp.ClientSession
+    telemetry: Telemetry
+    catalog: Catalog
+    upstreams: dict[str, Upstream]
+    keys: KeyStore
+    ledger: Ledger
+    service: CompletionService
+
+    async def readiness(self) -> dict[str, bool]:
+        async def database() -> bool:
+            async with self.pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+            return True
+
+        async def cache() -> bool:
+            return bool(await self.redis.ping())
+
+        async def upstream() -> bool:
+            for candidate in self.upstreams.values():
+                try:
+                    await asyncio.wait_for(candidate.list_models(), 2)
+                    return True
+                except Exception:
+                    continue
+            return False
+
+        names = ("database", "redis", "upstream")
+        results = await asyncio.gather(*(asyncio.wait_for(c(), 3) for c in (database, cache, upstream)),
+                                       return_exceptions=True)
+        return {n: r is True for n, r in zip(names, results, strict=True)}
+
+
+def upstream_configs(settings: Settings) -> list[RawUpstream]:
+    raw = load_config(settings.config).upstreams
+    extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
+             for i, url in enumerate(settings.upstreams, start=1)]
+    return [*raw, *extra]
+
+
+async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: SpanExporter | None) -> AppState:
+    if not settings.database_url or not settings.redis_url:
+        raise StartupError("TOLLWAY_DATABASE_URL and TOLLWAY_REDIS_URL must be set "
+                           "(`tollway serve` starts embedded ones when they are not).")
+    raw_config = load_config(settings.config)
+    raw_upstreams = upstream_configs(settings)
+    if not raw_upstreams:
+        raise StartupError("No upstream is configured: give --upstream URL, TOLLWAY_UPSTREAMS or a config file.")
+
+    await migrate(settings.database_url)
+    telemetry = build_telemetry(otlp_endpoint=settings.otlp_endpoint, span_exporter=span_exporter)
+    stack.callback(telemetry.shutdown)
+
+    pool = AsyncConnectionPool(settings.database_url, min_size=1, max_size=10, open=False, timeout=5,
+                               check=AsyncConnectionPool.check_connection)
+    await pool.open(wait=True, timeout=10)
+    stack.push_async_callback(pool.close)
+    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    stack.push_async_callback(redis_client.aclose)
+    session = new_session()
+    stack.push_async_callback(session.close)
+
+    specs = [resolve_upstream(u, timeout_s=settings.upstream_timeout_s,
+                              connect_timeout_s=settings.upstream_connect_timeout_s) for u in raw_upstreams]
+    upstreams = {s.name: build_upstream(s, session) for s in specs}
+    discovered = await discover(list(upstreams.values()), settings.discovery_timeout_s)
+    catalog = build_catalog(raw_config, discovered, specs)
+
+    keys = KeyStore(pool, cache_ttl_s=settings.auth_cache_ttl_s)
+    ledger = Ledger(pool, settings.spill_dir, queue_size=settings.ledger_queue_size,
+                    batch_size=settings.ledger_batch_size, flush_interval_s=settings.ledger_flush_interval_s,
+                    retry_interval_s=settings.ledger_retry_interval_s)
+    await ledger.start()
+    stack.push_async_callback(ledger.stop)  # runs first on shutdown: the ledger drains while the pool is open
+
+    if settings.bootstrap:
+        async with pool.connection() as conn:
+            created = await bootstrap_default_tenant(conn)
+        if created is not None:
+            print(f"\nTollway created tenant 'default' with an app key (shown once, store it now):\n\n"
+                  f"    {created.secret}\n", file=sys.stderr, flush=True)
+
+    service = CompletionService(catalog, upstreams, ledger, telemetry,
+                                Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit))
+    log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
+    return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
+                    catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service)
+
+
+def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            app.state.tollway = await build_state(settings, stack, span_exporter)
+            yield
+
+    app = FastAPI(title="Tollway", version=tollway.__version__, lifespan=lifespan, redoc_url=None,
+                  description="OpenAI-compatible LLM gateway with cost control.")
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(AuthMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+__all__ = ["AppState", "StartupError", "create_app"]

@@ -1,0 +1,244 @@
+"""The ``tollway`` command: serve, migrate, tenants, keys, sim-upstream, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from tollway.settings import Settings
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"ts": self.formatTime(record), "level": record.levelname.lower(),
+                                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _logging(level: str) -> dict[str, Any]:
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"json": {"()": _JSONFormatter}},
+        "handlers": {"default": handler},
+        "loggers": {"tollway": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+                    "uvicorn": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+                    "uvicorn.error": {"level": level.upper()},
+                    "uvicorn.access": {"handlers": [], "propagate": False}},
+    }
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("config", "host", "port", "data_dir", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "upstream", None):
+        overrides["upstreams"] = [*Settings().upstreams, *args.upstream]
+    return Settings(**overrides)
+
+
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator[str]:
+    """The configured database, or the embedded one in the data directory (stopped again after use
+    only if this command started it)."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from tollway.embedded import EmbeddedPostgres
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    pg = EmbeddedPostgres(settings.data_dir / "postgres")
+    url = pg.start()
+    try:
+        yield url
+    finally:
+        if pg.started_here:
+            pg.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tollway.app import create_app, upstream_configs
+    from tollway.embedded import EmbeddedRedis, LocalModelServer
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        database_url = stack.enter_context(_database(settings))
+        overrides: dict[str, Any] = {"database_url": database_url}
+        if not settings.redis_url:
+            redis_server = EmbeddedRedis(settings.data_dir / "redis")
+            overrides["redis_url"] = redis_server.start()
+            stack.callback(redis_server.stop)
+        if not upstream_configs(settings) and settings.local_model:
+            print("No upstream configured: starting the local SmolLM2-135M model (llama.cpp, CPU).",
+                  file=sys.stderr, flush=True)
+            local = LocalModelServer(settings.data_dir / "local-model")
+            overrides["upstreams"] = [local.start()]
+            stack.callback(local.stop)
+        final = settings.model_copy(update=overrides)
+        uvicorn.run(create_app(final), host=final.host, port=final.port, log_config=_logging(final.log_level),
+                    loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+async def _migrate(url: str) -> list[str]:
+    from tollway.db import migrate
+
+    return await migrate(url)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with _database(settings) as url:
+        applied = asyncio.run(_migrate(url))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+async def _with_conn(url: str, action: Any) -> Any:
+    import psycopg
+
+    from tollway.db import migrate
+
+    await migrate(url)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        return await action(conn)
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    from tollway.gateway.keys import create_tenant
+
+    with _database(_settings(args)) as url:
+        tenant_id = asyncio.run(_with_conn(url, lambda c: create_tenant(c, args.name)))
+    print(f"tenant {args.name} created (id {tenant_id})")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from tollway.gateway.keys import create_key
+
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    with _database(_settings(args)) as url:
+        key = asyncio.run(_with_conn(url, lambda c: create_key(c, args.tenant, role=args.role,
+                                                                allowed_models=models, name=args.name)))
+    print(f"key {key.id} for tenant {key.tenant} (role {key.role}); shown once, store it now:", file=sys.stderr)
+    print(key.secret)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from tollway.gateway.keys import revoke_key
+
+    with _database(_settings(args)) as url:
+        revoked = asyncio.run(_with_conn(url, lambda c: revoke_key(c, args.id)))
+    if not revoked:
+        print(f"key {args.id} does not exist or is already revoked", file=sys.stderr)
+        return 1
+    print(f"key {args.id} revoked (takes effect within the auth cache TTL)")
+    return 0
+
+
+def cmd_sim_upstream(args: argparse.Namespace) -> int:
+    from tollway import sim
+
+    sim.run(args)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tollway.doctor import run_checks
+
+    return run_checks(_settings(args))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="routing config file (YAML); TOLLWAY_CONFIG")
+    parser.add_argument("--data-dir", type=Path, help="where embedded PostgreSQL/Redis keep data; TOLLWAY_DATA_DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tollway import sim
+
+    parser = argparse.ArgumentParser(prog="tollway", description="OpenAI-compatible LLM gateway with cost control")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (embedded Postgres, Redis and model when unset)")
+    _common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--upstream", action="append", metavar="URL",
+                       help="an OpenAI-compatible upstream; its models come from its /v1/models (repeatable)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    mig = sub.add_parser("migrate", help="apply database migrations")
+    _common(mig)
+    mig.set_defaults(func=cmd_migrate)
+
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
+    tcreate = tenants.add_parser("create", help="create a tenant")
+    _common(tcreate)
+    tcreate.add_argument("name")
+    tcreate.set_defaults(func=cmd_tenants_create)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    kcreate = keys.add_parser("create", help="create a key (printed once)")
+    _common(kcreate)
+    kcreate.add_argument("--tenant", required=True)
+    kcreate.add_argument("--role", choices=["app", "finance", "admin"], default="app")
+    kcreate.add_argument("--models", help="comma-separated models the key may use (default: all)")
+    kcreate.add_argument("--name", help="a label for the key")
+    kcreate.set_defaults(func=cmd_keys_create)
+    krevoke = keys.add_parser("revoke", help="revoke a key by id")
+    _common(krevoke)
+    krevoke.add_argument("id", type=int)
+    krevoke.set_defaults(func=cmd_keys_revoke)
+
+    simp = sub.add_parser("sim-upstream", help="run the scripted OpenAI/vLLM-compatible upstream")
+    sim.add_arguments(simp)
+    simp.set_defaults(func=cmd_sim_upstream)
+
+    doctor = sub.add_parser("doctor", help="check every configured dependency and say what is wrong")
+    _common(doctor)
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tollway.embedded import EmbeddedError
+    from tollway.errors import TollwayError
+    from tollway.routing import ConfigError
+
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        print(f"tollway: invalid settings: {exc}", file=sys.stderr)
+    except (ConfigError, EmbeddedError) as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+    except TollwayError as exc:
+        print(f"tollway: {exc.message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

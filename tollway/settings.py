@@ -1,0 +1,59 @@
+"""Process settings from the environment (``TOLLWAY_*``), built once in the CLI or app factory.
+
+The routing config file (upstreams, models, prices) is parsed separately and strictly by
+``tollway.routing.load_config``; this module only says where it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOLLWAY_", extra="forbid", frozen=True)
+
+    config: Path | None = None
+    data_dir: Path = Path(".tollway")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    # Extra OpenAI-compatible upstreams whose models come from their /v1/models (comma-separated).
+    upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Start the packaged llama.cpp model when nothing else is configured.
+    local_model: bool = True
+    # On a database with no tenants, create tenant 'default' and print one app key.
+    bootstrap: bool = True
+
+    otlp_endpoint: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=2048, ge=1)
+    max_tokens_limit: int = Field(default=262_144, ge=1)
+
+    ledger_queue_size: int = Field(default=20_000, ge=1)
+    ledger_batch_size: int = Field(default=500, ge=1)
+    ledger_flush_interval_s: float = Field(default=0.05, gt=0)
+    ledger_retry_interval_s: float = Field(default=1.0, gt=0)
+
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_timeout_s: float = Field(default=120.0, gt=0)
+    discovery_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def spill_dir(self) -> Path:
+        return self.data_dir / "ledger-spill"

@@ -1,0 +1,277 @@
+"""``tollway sim-upstream``: a scripted OpenAI/vLLM-compatible upstream.
+
+For tests, benchmarks, and load-testing a config without GPUs. It answers chat completions (stream
+and not) with exact usage, embeddings, ``/v1/models`` and a Prometheus ``/metrics`` with vLLM's names.
+Timing is configurable (TTFT, tokens/s, a concurrency limit with a queue). Faults are chosen by a
+word in the model name (``sim-error``, ``big-overloaded``) or for every request by ``--fault``:
+
+    error       500 with an OpenAI error body
+    overloaded  429 with retry-after
+    timeout     never answers (until the client gives up)
+    cut         a stream broken off half-way (connection dropped, no [DONE])
+    malformed   invalid JSON (body, or one stream frame)
+    ignoremax   keeps generating past max_tokens (for budget tests)
+
+Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
+whitespace-separated word of every message's text; the answer is one word per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import struct
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+FAULTS = ("error", "overloaded", "timeout", "cut", "malformed", "ignoremax")
+WORDS = ("the", "gateway", "keeps", "spend", "within", "budget", "and", "routes", "each", "request",
+         "to", "a", "model", "that", "can", "serve", "it")
+
+
+@dataclass
+class SimConfig:
+    models: list[str] = field(default_factory=lambda: ["sim-large", "sim-small", "sim-embed"])
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0  # 0: instant
+    completion_tokens: int = 16
+    max_concurrency: int = 0  # 0: unlimited
+    fault: str | None = None
+    embedding_dims: int = 16
+
+
+@dataclass
+class SimState:
+    config: SimConfig
+    running: int = 0
+    waiting: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+    semaphore: asyncio.Semaphore | None = None
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, code: str) -> Response:
+    headers = {"retry-after": "1"} if status == 429 else None
+    return _json({"error": {"message": message, "type": "server_error", "param": None, "code": code}},
+                 status, headers)
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.split())
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "").split()) for p in content if isinstance(p, dict))
+    return total
+
+
+def fault_of(model: str, config: SimConfig) -> str | None:
+    if config.fault:
+        return config.fault
+    parts = set(model.replace("_", "-").split("-"))
+    return next((f for f in FAULTS if f in parts), None)
+
+
+class _Slot:
+    """Concurrency limit with a visible queue, as vLLM's running/waiting gauges show it."""
+
+    def __init__(self, state: SimState) -> None:
+        self.state = state
+
+    async def __aenter__(self) -> None:
+        sem = self.state.semaphore
+        if sem is not None:
+            self.state.waiting += 1
+            try:
+                await sem.acquire()
+            finally:
+                self.state.waiting -= 1
+        self.state.running += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.state.running -= 1
+        if self.state.semaphore is not None:
+            self.state.semaphore.release()
+
+
+def _state(request: Request) -> SimState:
+    state: SimState = request.app.state.sim
+    return state
+
+
+async def chat(request: Request) -> Response:
+    state = _state(request)
+    try:
+        body = orjson.loads(await request.body())
+        model, messages = str(body["model"]), list(body["messages"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return _error(400, "body must be JSON with model and messages", "invalid_request")
+    state.requests[model] += 1
+    config = state.config
+    fault = fault_of(model, config)
+    if fault == "error":
+        return _error(500, "scripted failure", "internal_error")
+    if fault == "overloaded":
+        return _error(429, "scripted overload", "rate_limit_exceeded")
+    if fault == "timeout":
+        await asyncio.sleep(3600)
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    n = config.completion_tokens
+    if isinstance(max_tokens, int) and fault != "ignoremax":
+        n = min(n, max_tokens)
+    p_tokens = prompt_tokens(messages)
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(state, model, n, p_tokens, include_usage, fault),
+                                 media_type="text/event-stream")
+    async with _Slot(state):
+        await _pace(config.ttft_ms / 1000)
+        await _pace(n / config.tokens_per_s if config.tokens_per_s else 0)
+    if fault == "malformed":
+        return Response(b'{"id": "broken", "choices": [', media_type="application/json")
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+    return _json({
+        "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "length" if n == max_tokens else "stop"}],
+        "usage": {"prompt_tokens": p_tokens, "completion_tokens": n, "total_tokens": p_tokens + n},
+    })
+
+
+async def _pace(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
+def _frame(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _stream(state: SimState, model: str, n: int, p_tokens: int, include_usage: bool,
+                  fault: str | None) -> AsyncIterator[bytes]:
+    config = state.config
+    cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    async with _Slot(state):
+        await _pace(config.ttft_ms / 1000)
+        yield _frame(chunk({"role": "assistant", "content": ""}))
+        per_token = 1 / config.tokens_per_s if config.tokens_per_s else 0
+        for i in range(n):
+            if fault == "cut" and i == n // 2:
+                raise ConnectionAbortedError("scripted cut")  # the server drops the connection
+            if fault == "malformed" and i == n // 2:
+                yield b"data: {not json\n\n"
+            await _pace(per_token)
+            yield _frame(chunk({"content": ("" if i == 0 else " ") + WORDS[i % len(WORDS)]}))
+        yield _frame(chunk({}, "stop"))
+        if include_usage:
+            yield _frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                          "choices": [], "usage": {"prompt_tokens": p_tokens, "completion_tokens": n,
+                                                   "total_tokens": p_tokens + n}})
+        yield b"data: [DONE]\n\n"
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    digest = b""
+    counter = 0
+    while len(digest) < dims * 4:
+        digest += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    raw = struct.unpack(f"<{dims}I", digest[: dims * 4])
+    return [v / 2**32 - 0.5 for v in raw]
+
+
+async def embeddings(request: Request) -> Response:
+    state = _state(request)
+    body = orjson.loads(await request.body())
+    model = str(body.get("model"))
+    state.requests[model] += 1
+    if fault_of(model, state.config) == "error":
+        return _error(500, "scripted failure", "internal_error")
+    inputs = body.get("input")
+    texts = inputs if isinstance(inputs, list) else [inputs]
+    texts = [t if isinstance(t, str) else " ".join(map(str, t)) for t in texts]
+    data = [{"object": "embedding", "index": i, "embedding": _vector(t, state.config.embedding_dims)}
+            for i, t in enumerate(texts)]
+    tokens = sum(len(t.split()) for t in texts)
+    return _json({"object": "list", "data": data, "model": model,
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def models(request: Request) -> Response:
+    names = _state(request).config.models
+    return _json({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "sim"}
+                                              for m in names]})
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    limit = state.config.max_concurrency
+    usage = state.running / limit if limit else 0.0
+    lines = []
+    for model in state.config.models[:1] or ["sim"]:
+        label = f'{{model_name="{model}"}}'
+        lines += [f"vllm:num_requests_running{label} {state.running}",
+                  f"vllm:num_requests_waiting{label} {state.waiting}",
+                  f"vllm:gpu_cache_usage_perc{label} {usage}"]
+    lines += [f'tollway_sim_requests_total{{model="{m}"}} {c}' for m, c in sorted(state.requests.items())]
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def create_sim_app(config: SimConfig) -> Starlette:
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/health", lambda request: Response("ok"), methods=["GET"]),
+    ])
+    state = SimState(config)
+    if config.max_concurrency:
+        state.semaphore = asyncio.Semaphore(config.max_concurrency)
+    app.state.sim = state
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--models", default="sim-large,sim-small,sim-embed",
+                        help="comma-separated model ids listed at /v1/models (any id is served)")
+    parser.add_argument("--ttft-ms", type=float, default=0.0)
+    parser.add_argument("--tokens-per-s", type=float, default=0.0, help="0 answers at once")
+    parser.add_argument("--completion-tokens", type=int, default=16)
+    parser.add_argument("--max-concurrency", type=int, default=0, help="0 is unlimited; above it requests queue")
+    parser.add_argument("--fault", choices=FAULTS, default=None, help="inject this fault into every request")
+    parser.add_argument("--embedding-dims", type=int, default=16)
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    config = SimConfig(models=[m for m in args.models.split(",") if m], ttft_ms=args.ttft_ms,
+                       tokens_per_s=args.tokens_per_s, completion_tokens=args.completion_tokens,
+                       max_concurrency=args.max_concurrency, fault=args.fault, embedding_dims=args.embedding_dims)
+    uvicorn.run(create_sim_app(config), host=args.host, port=args.port, log_level="warning",
+                access_log=False, loop="uvloop", http="httptools")
