@@ -43,9 +43,8 @@ def _body_schema(model: type) -> dict[str, Any]:
 @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest),
              summary="Create a chat completion (OpenAI-compatible, streaming or not)")
 async def chat_completions(request: Request) -> Any:
-    ctx = _context(request)
-    body = await request.body()
-    result = await until_disconnect(request.receive, _service(request).chat(ctx, body))
+    ctx, service = _context(request), _service(request)
+    result = await until_disconnect(request, lambda read_body: service.chat(ctx, read_body))
     if isinstance(result, JSONResult):
         return json_response(result.payload, headers=result.headers)
     return EventStreamResponse(result.frames, result.headers)
@@ -54,9 +53,8 @@ async def chat_completions(request: Request) -> Any:
 @router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest),
              summary="Create embeddings (OpenAI-compatible)")
 async def embeddings(request: Request) -> Response:
-    ctx = _context(request)
-    body = await request.body()
-    result = await until_disconnect(request.receive, _service(request).embeddings(ctx, body))
+    ctx, service = _context(request), _service(request)
+    result = await until_disconnect(request, lambda read_body: service.embeddings(ctx, read_body))
     return json_response(result.payload, headers=result.headers)
 
 

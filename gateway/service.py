@@ -8,7 +8,7 @@ a stream, or a client disconnect.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -26,6 +26,7 @@ from tollway.routing.tokens import count_messages, count_text
 from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError, UpstreamBadResponse
 
 JSON = dict[str, Any]
+BodyReader = Callable[[], Awaitable[bytes]]  # read inside the tally, so an oversized body is accounted too
 _COST_QUANTUM = Decimal("1e-10")
 INFERENCE_ROLES = frozenset({"app", "admin"})
 CLIENT_CLOSED = 499  # nginx's convention; recorded in the ledger, never sent
@@ -192,10 +193,10 @@ class CompletionService:
         return headers
 
     # -- chat -------------------------------------------------------------------------------------
-    async def chat(self, ctx: CallContext, body: bytes) -> JSONResult | StreamResult:
+    async def chat(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
         tally = self._open(ctx, "chat.completions")
         try:
-            data = parse_json_object(body)
+            data = parse_json_object(await read_body())
             req = validate(ChatCompletionRequest, data)
             tally.row.stream = req.stream
             tally.row.end_user = ctx.header_user or req.user
@@ -246,10 +247,10 @@ class CompletionService:
         return StreamResult(relay.frames(first), self._result_headers(entry, None))
 
     # -- embeddings and models --------------------------------------------------------------------
-    async def embeddings(self, ctx: CallContext, body: bytes) -> JSONResult:
+    async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         tally = self._open(ctx, "embeddings")
         try:
-            data = parse_json_object(body)
+            data = parse_json_object(await read_body())
             req = validate(EmbeddingRequest, data)
             tally.row.end_user = ctx.header_user or req.user
             entry, upstream = self.resolve(ctx.principal, req.model, "embedding")

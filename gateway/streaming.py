@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
+BodyReader = Callable[[], Awaitable[bytes]]
 
 
 class ClientDisconnected(Exception):
@@ -28,10 +31,25 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+async def until_disconnect(request: Request, work: Callable[[BodyReader], Awaitable[T]]) -> T:
+    """Run ``work(read_body)``; if the client disconnects first, cancel it and raise ClientDisconnected.
+
+    The disconnect watcher starts listening only once the body has been read, so it never takes a
+    body message meant for the handler."""
+    body_read = asyncio.Event()
+
+    async def read_body() -> bytes:
+        try:
+            return await request.body()
+        finally:
+            body_read.set()
+
+    async def watch() -> None:
+        await body_read.wait()
+        await _wait_for_disconnect(request.receive)
+
+    task = asyncio.ensure_future(work(read_body))
+    watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -47,15 +65,17 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
-class EventStreamResponse:
+class EventStreamResponse(Response):
     def __init__(self, frames: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
         self.frames = frames
-        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                         (b"x-accel-buffering", b"no")]
-        self.headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
         async def pump() -> None:
             async for frame in self.frames:

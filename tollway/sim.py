@@ -57,6 +57,7 @@ class SimState:
     running: int = 0
     waiting: int = 0
     requests: Counter[str] = field(default_factory=Counter)
+    last_body: dict[str, dict[str, Any]] = field(default_factory=dict)  # by model, for tests
     semaphore: asyncio.Semaphore | None = None
 
 
@@ -123,6 +124,7 @@ async def chat(request: Request) -> Response:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return _error(400, "body must be JSON with model and messages", "invalid_request")
     state.requests[model] += 1
+    state.last_body[model] = body
     config = state.config
     fault = fault_of(model, config)
     if fault == "error":
@@ -239,12 +241,18 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
+async def last_request(request: Request) -> Response:
+    body = _state(request).last_body.get(request.query_params.get("model", ""))
+    return _json(body) if body is not None else _error(404, "no request for that model yet", "not_found")
+
+
 def create_sim_app(config: SimConfig) -> Starlette:
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/sim/last-request", last_request, methods=["GET"]),
         Route("/health", lambda request: Response("ok"), methods=["GET"]),
     ])
     state = SimState(config)

