@@ -206,7 +206,7 @@ class Ledger:
                     for start in range(0, len(rows), self._batch_size):
                         await self._insert(rows[start:start + self._batch_size])
                 except (psycopg.Error, OSError, TimeoutError) as exc:
-                    log.info("ledger replay deferred: %s", type(exc).__name__)
+                    log.warning("ledger replay deferred (%s: %s)", type(exc).__name__, exc)
                     break
                 path.unlink()
                 replayed += len(rows)

@@ -314,6 +314,7 @@ class _StreamRelay:
         self.tally, self.entry, self.stream, self.chunks = tally, entry, stream, chunks
         self.data, self.wants_usage, self.estimate = data, wants_usage, estimate
         self.usage: Usage | None = None
+        self.last: JSON = {}
         self.text: list[str] = []
         self.content_chunks = 0
 
@@ -327,11 +328,19 @@ class _StreamRelay:
             self.text.append(text)
             self.content_chunks += 1
         chunk["model"] = self.entry.name
+        self.last = chunk
         if not self.wants_usage:
             chunk.pop("usage", None)
             if usage is not None and not chunk.get("choices"):
                 return None
         return sse(chunk)
+
+    def _usage_frame(self) -> bytes:
+        usage, _ = self._settled_usage()
+        return sse({"id": self.last.get("id"), "object": "chat.completion.chunk",
+                    "created": self.last.get("created"), "model": self.entry.name, "choices": [],
+                    "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                              "total_tokens": usage.input_tokens + usage.output_tokens}})
 
     def _settled_usage(self) -> tuple[Usage, str]:
         if self.usage is not None:
@@ -352,6 +361,8 @@ class _StreamRelay:
                     if frame is not None:
                         yield frame
                 status, code = 200, None
+                if self.wants_usage and self.usage is None:
+                    yield self._usage_frame()  # the client was promised a usage chunk
             except TollwayError as exc:
                 status, code = exc.status, exc.code
                 yield sse(exc.body())

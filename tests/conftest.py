@@ -36,8 +36,13 @@ PRICES = {"sim-large": (3, 15), "sim-small": ("0.15", "0.6")}
 
 @pytest.fixture(scope="session")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    import asyncio
+
+    from tollway.db import migrate
+
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     server.start()
+    asyncio.run(migrate(server.url))
     yield server
     server.stop()
 
@@ -144,8 +149,9 @@ class Tenant:
 def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:
     import asyncio
 
-    from tollway.db import migrate
     from tollway.gateway.keys import create_key, create_tenant
+
+    from tollway.db import migrate
 
     asyncio.run(migrate(pg.url))
 

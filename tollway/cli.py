@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tollway.embedded import EmbeddedRedis, LocalModelServer
 
     settings = _settings(args)
+    upstream_configs(settings)  # a bad config file is a clear error now, before anything starts
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         database_url = stack.enter_context(_database(settings))

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOLLWAY_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="TOLLWAY_", extra="forbid", frozen=True, env_ignore_empty=True)
 
     config: Path | None = None
     data_dir: Path = Path(".tollway")

@@ -1,0 +1,87 @@
+"""The `tollway` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tollway(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_tenants_and_keys(pg, sim, redis_url, serve, helpers, tmp_path):
+    env = {"TOLLWAY_DATABASE_URL": pg.url}
+    created = tollway("tenants", "create", "cli-tenant", env=env)
+    assert created.returncode == 0, created.stderr
+    again = tollway("tenants", "create", "cli-tenant", env=env)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    key = tollway("keys", "create", "--tenant", "cli-tenant", "--models", "sim-small", env=env)
+    assert key.returncode == 0, key.stderr
+    secret = key.stdout.strip()
+    assert secret.startswith("tw-") and "shown once" in key.stderr
+    key_id = key.stderr.split()[1]
+    missing = tollway("keys", "create", "--tenant", "nobody", env=env)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+    config = helpers.write_config(tmp_path / "tollway.yaml", sim.url)
+    served = serve("--config", str(config), env={**env, "TOLLWAY_REDIS_URL": redis_url,
+                                                 "TOLLWAY_AUTH_CACHE_TTL_S": "0.2", "TOLLWAY_BOOTSTRAP": "0"})
+    headers = {"authorization": f"Bearer {secret}"}
+    assert [m["id"] for m in httpx.get(served.url + "/models", headers=headers).json()["data"]] == ["sim-small"]
+    revoked = tollway("keys", "revoke", key_id, env=env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert tollway("keys", "revoke", key_id, env=env).returncode == 1
+    import time
+
+    time.sleep(0.3)
+    assert httpx.get(served.url + "/models", headers=headers).status_code == 401
+
+
+def test_unknown_config_key_stops_start_up(tmp_path, pg):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams:\n  - name: v\n    base_url: http://127.0.0.1:9\n    api_kee: env::X\n")
+    result = tollway("serve", "--config", str(bad), env={"TOLLWAY_DATABASE_URL": pg.url})
+    assert result.returncode == 2
+    assert "upstreams.0.api_kee: Extra inputs are not permitted" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_doctor(pg, redis_url, sim, tmp_path):
+    ok = tollway("doctor", env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+                                "TOLLWAY_UPSTREAMS": sim.url, "TOLLWAY_CONFIG": ""})
+    assert ok.returncode == 0, ok.stdout
+    assert "ok    database: PostgreSQL 18" in ok.stdout and "ok    redis: Redis 6.2" in ok.stdout
+    assert "ok    upstream upstream-1" in ok.stdout
+    broken = tollway("doctor", env={"TOLLWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x",
+                                    "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_UPSTREAMS": "http://127.0.0.1:9",
+                                    "TOLLWAY_CONFIG": ""})
+    assert broken.returncode == 1
+    assert "FAIL  database" in broken.stdout and "FAIL  upstream upstream-1" in broken.stdout
+
+
+def test_our_guardrails_folder_never_shadows_guardrails_ai():
+    result = subprocess.run([sys.executable, "-c", "import guardrails"], cwd=REPO, capture_output=True, text=True)
+    try:
+        import importlib.util
+
+        has_guardrails_ai = importlib.util.find_spec("guardrails") is not None and "site-packages" in str(
+            importlib.util.find_spec("guardrails").origin)
+    except ImportError:
+        has_guardrails_ai = False
+    if has_guardrails_ai:
+        assert result.returncode == 0  # the installed guardrails-ai wins
+    else:
+        assert result.returncode == 1
+        assert "import it by that name" in result.stderr and "tollway.guardrails" in result.stderr
+    from tollway import guardrails
+
+    assert guardrails.__name__ == "tollway.guardrails"

@@ -1,0 +1,106 @@
+"""End to end: `tollway serve` as a real process, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+
+MSG = [{"role": "user", "content": "how much does this cost"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(serve, sim, pg, redis_url, helpers, tmp_path_factory):
+    config = helpers.write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
+    return serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+                                               "TOLLWAY_BOOTSTRAP": "false"})
+
+
+@pytest.fixture
+def client(gateway, make_tenant):
+    tenant = make_tenant()
+    return openai.OpenAI(base_url=gateway.url, api_key=tenant.key, max_retries=0), tenant
+
+
+def test_non_streaming_completion_and_cost_header(client, helpers, ledger):
+    sdk, tenant = client
+    raw = sdk.chat.completions.with_raw_response.create(model="sim-large", messages=MSG, max_tokens=6)
+    completion = raw.parse()
+    assert completion.model == "sim-large"
+    assert completion.choices[0].message.content == "the gateway keeps spend within budget"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (5, 6)
+    inp, out = (Decimal(p) for p in map(str, helpers.prices["sim-large"]))
+    expected = (5 * inp + 6 * out) / 10**6
+    assert Decimal(raw.headers["x-tollway-cost-usd"]) == expected
+    request_id = raw.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while not (rows := ledger("request_id = %s", request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(r["tenant_id"], r["cost_usd"]) for r in rows] == [(tenant.id, expected)]
+
+
+def test_streaming_completion_with_usage(client):
+    sdk, _ = client
+    stream = sdk.chat.completions.create(model="sim-small", messages=MSG, max_tokens=5, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "the gateway keeps spend within"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert {c.model for c in chunks} == {"sim-small"}
+
+
+def test_models_and_embeddings(client):
+    sdk, _ = client
+    ids = {m.id for m in sdk.models.list()}
+    assert {"sim-large", "sim-small", "sim-embed"} <= ids
+    emb = sdk.embeddings.create(model="sim-embed", input="hello world")
+    assert len(emb.data[0].embedding) == 16 and emb.usage.prompt_tokens == 2
+
+
+def test_errors_reach_the_sdk_as_its_own_exceptions(gateway, client):
+    sdk, _ = client
+    with pytest.raises(openai.NotFoundError) as not_found:
+        sdk.chat.completions.create(model="no-such-model", messages=MSG)
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(model="sim-large", messages=MSG, max_tokens="many")  # type: ignore[arg-type]
+    assert bad.value.param == "max_tokens"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.url, api_key="tw-wrong", max_retries=0).models.list()
+    with pytest.raises(openai.InternalServerError) as upstream:
+        sdk.chat.completions.create(model="sim-error", messages=MSG)
+    assert upstream.value.status_code == 502
+    with pytest.raises(openai.APIError) as mid_stream:
+        list(sdk.chat.completions.create(model="sim-cut", messages=MSG, stream=True))
+    assert "broke off" in str(mid_stream.value) or "upstream" in str(mid_stream.value)
+
+
+def test_client_disconnect_cancels_the_upstream_and_settles(serve, start_sim, pg, redis_url, helpers,
+                                                            make_tenant, ledger, tmp_path):
+    slow = start_sim("--tokens-per-s", "20", "--completion-tokens", "400")
+    config = helpers.write_config(tmp_path / "slow.yaml", slow.url)
+    served = serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+                                                 "TOLLWAY_BOOTSTRAP": "false"})
+    tenant = make_tenant()
+    with httpx.Client(timeout=10) as http, http.stream(
+            "POST", served.url + "/chat/completions", headers={"authorization": f"Bearer {tenant.key}"},
+            json={"model": "sim-large", "messages": MSG, "stream": True}) as resp:
+        request_id = resp.headers["x-request-id"]
+        lines = resp.iter_lines()
+        received = [line for line, _ in zip(lines, range(8), strict=False) if line.startswith("data:")]
+        assert len(received) >= 3
+        assert slow.metric("vllm:num_requests_running") == 1
+    # The client is gone: the upstream request must be cancelled, not left to run 20 seconds.
+    deadline = time.monotonic() + 5
+    while slow.metric("vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.metric("vllm:num_requests_running") == 0
+    while not (rows := ledger("request_id = %s", request_id)) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    [row] = rows
+    assert (row["status"], row["error_code"], row["stream"]) == (499, "client_disconnected", True)
+    assert 0 < row["output_tokens"] < 100 and row["cost_usd"] > 0  # what was produced is charged
