@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -47,7 +47,7 @@ class LedgerRow:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
-    cost_usd: Decimal = field(default_factory=Decimal)
+    cost_usd: Decimal = Decimal(0)
     price_source: str | None = None
     usage_source: str | None = None
     ttft_ms: float | None = None

@@ -133,7 +133,8 @@ class _Tally:
             span.set_attribute("error.type", row.error_code)
             span.set_status(StatusCode.ERROR, row.error_code)
         span.end()
-        attrs = {"gen_ai.request.model": row.model or "", "http.response.status_code": row.status}
+        attrs: dict[str, str | int] = {"gen_ai.request.model": row.model or "",
+                                       "http.response.status_code": row.status}
         tel.requests.add(1, attrs)
         tel.duration.record(row.latency_ms / 1000, attrs)
         if row.cost_usd:
@@ -350,7 +351,8 @@ class _StreamRelay:
         return estimated, "estimated"
 
     async def frames(self, first: JSON) -> AsyncIterator[bytes]:
-        status, code = CLIENT_CLOSED, "client_disconnected"
+        status: int = CLIENT_CLOSED
+        code: str | None = "client_disconnected"
         try:
             frame = self._relay(first)
             if frame is not None:

