@@ -1,8 +1,8 @@
-"""HTTP routes: parse, call one service, shape the answer. Nothing else lives here."""
+"""FastAPI routes (everything but the two hot endpoints in ``endpoints``): parse, call one service,
+shape the answer. Also the error handlers and the OpenAPI document for the whole gateway."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -10,12 +10,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from tollway.gateway.ledger import utcnow
-from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest
-from tollway.gateway.service import CallContext, CompletionService, JSONResult
-from tollway.gateway.streaming import ClientDisconnected, EventStreamResponse, until_disconnect
 
 from tollway.errors import InvalidRequest, NotFound, TollwayError
+from tollway.gateway.endpoints import openapi_paths
+from tollway.gateway.service import CompletionService
 
 router = APIRouter()
 
@@ -24,38 +22,9 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
 
 
-def _context(request: Request) -> CallContext:
-    return CallContext(request_id=request.state.request_id, principal=request.state.principal,
-                       header_user=request.headers.get("x-tollway-user"), started=time.perf_counter(),
-                       created_at=utcnow())
-
-
 def _service(request: Request) -> CompletionService:
     service: CompletionService = request.app.state.tollway.service
     return service
-
-
-def _body_schema(model: type) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": model.model_json_schema()}}}}  # type: ignore[attr-defined]
-
-
-@router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest),
-             summary="Create a chat completion (OpenAI-compatible, streaming or not)")
-async def chat_completions(request: Request) -> Any:
-    ctx, service = _context(request), _service(request)
-    result = await until_disconnect(request, lambda read_body: service.chat(ctx, read_body))
-    if isinstance(result, JSONResult):
-        return json_response(result.payload, headers=result.headers)
-    return EventStreamResponse(result.frames, result.headers)
-
-
-@router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest),
-             summary="Create embeddings (OpenAI-compatible)")
-async def embeddings(request: Request) -> Response:
-    ctx, service = _context(request), _service(request)
-    result = await until_disconnect(request, lambda read_body: service.embeddings(ctx, read_body))
-    return json_response(result.payload, headers=result.headers)
 
 
 @router.get("/v1/models", summary="List the models this key may use")
@@ -98,9 +67,6 @@ def install_error_handlers(app: FastAPI) -> None:
             err.status = exc.status_code  # type: ignore[misc]
         return await tollway_error(request, err)
 
-    async def disconnected(request: Request, exc: Exception) -> Response:
-        return Response(status_code=499)
-
     async def unexpected(request: Request, exc: Exception) -> Response:
         return await tollway_error(request, TollwayError("The gateway failed unexpectedly; the request id "
                                                          "identifies it in the logs."))
@@ -108,5 +74,21 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TollwayError, tollway_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(ClientDisconnected, disconnected)
     app.add_exception_handler(Exception, unexpected)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The FastAPI document plus the hot endpoints, which are served in front of FastAPI."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema["paths"] = {**openapi_paths(), **schema.get("paths", {})}
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http",
+                                                                                 "scheme": "bearer"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

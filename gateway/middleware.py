@@ -5,13 +5,15 @@ Order, outermost first: RequestId -> BodyLimit -> Auth. Each one is small and do
 
 from __future__ import annotations
 
-import uuid
+import os
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.errors import AuthenticationFailed, PayloadTooLarge, TollwayError
+from tollway.gateway.keys import KeyStore
 
 
 async def send_error(send: Send, exc: TollwayError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -32,7 +34,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = "req_" + os.urandom(12).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
 
@@ -79,8 +81,9 @@ class BodyLimitMiddleware:
 class AuthMiddleware:
     """Resolves ``Authorization: Bearer <key>`` on /v1 paths to a Principal in ``scope["state"]``."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, keys: Callable[[], KeyStore]) -> None:
         self.app = app
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -92,7 +95,7 @@ class AuthMiddleware:
             if secret is None:
                 raise AuthenticationFailed(
                     "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-            state["principal"] = await scope["app"].state.tollway.keys.authenticate(secret)
+            state["principal"] = await self.keys().authenticate(secret)
         except TollwayError as exc:
             await send_error(send, exc, [(b"www-authenticate", b"Bearer")] if exc.status == 401 else None)
             return

@@ -16,14 +16,14 @@ from typing import Any
 
 import orjson
 from opentelemetry.trace import Span, SpanKind, StatusCode
+
+from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError, UpstreamBadResponse
 from tollway.gateway.keys import Principal
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, parse_json_object, validate
 from tollway.gateway.telemetry import Telemetry
 from tollway.routing import Catalog, ModelEntry, Upstream, UpstreamStream, Usage
 from tollway.routing.tokens import count_messages, count_text
-
-from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError, UpstreamBadResponse
 
 JSON = dict[str, Any]
 BodyReader = Callable[[], Awaitable[bytes]]  # read inside the tally, so an oversized body is accounted too

@@ -1,97 +1,109 @@
 """ASGI responses that notice a client leaving.
 
-``EventStreamResponse`` sends server-sent events and, concurrently, waits for ``http.disconnect``: a
-client that goes away cancels the producer (and with it the upstream call) at once, not at the next
-write. ``until_disconnect`` does the same for a non-streaming call.
+A client that goes away cancels the work on its behalf (and with it the upstream call) at once, not
+at the next write: a watcher task waits for ``http.disconnect`` and cancels the task serving the
+request. The watcher starts only after the body has been read, so it never takes a body message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
 
 T = TypeVar("T")
 BodyReader = Callable[[], Awaitable[bytes]]
 
 
 class ClientDisconnected(Exception):
-    """The client went away before the answer was ready."""
+    """The client went away before the answer was complete."""
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+class DisconnectWatch:
+    """Cancels the current task when the client disconnects; ``armed()`` starts listening."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[None] | None = None
+        self.disconnected = False
+
+    def arm(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def absorb(self) -> None:
+        """The cancellation was ours and has been handled: the task may await again normally."""
+        if self._task is not None:
+            self._task.uncancel()
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            raise ClientDisconnected()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-async def until_disconnect(request: Request, work: Callable[[BodyReader], Awaitable[T]]) -> T:
-    """Run ``work(read_body)``; if the client disconnects first, cancel it and raise ClientDisconnected.
+async def until_disconnect(receive: Receive, work: Callable[[BodyReader], Awaitable[T]]) -> T:
+    """Run ``work(read_body)`` in this task; a disconnect after the body was read cancels it and
+    raises ClientDisconnected."""
+    watch = DisconnectWatch(receive)
 
-    The disconnect watcher starts listening only once the body has been read, so it never takes a
-    body message meant for the handler."""
-    body_read = asyncio.Event()
+    async def body() -> bytes:
+        data = await read_body(receive)
+        watch.arm()
+        return data
 
-    async def read_body() -> bytes:
-        try:
-            return await request.body()
-        finally:
-            body_read.set()
-
-    async def watch() -> None:
-        await body_read.wait()
-        await _wait_for_disconnect(request.receive)
-
-    task = asyncio.ensure_future(work(read_body))
-    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work(body)
     except asyncio.CancelledError:
-        task.cancel()
+        if watch.disconnected:
+            watch.absorb()
+            raise ClientDisconnected() from None
         raise
     finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientDisconnected()
+        watch.close()
 
 
-class EventStreamResponse(Response):
-    def __init__(self, frames: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
-        self.frames = frames
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no")]
-        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-
-        async def pump() -> None:
-            async for frame in self.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        producer = asyncio.ensure_future(pump())
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        try:
-            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not producer.done():
-                producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await producer
-            aclose = getattr(self.frames, "aclose", None)
-            if aclose is not None:
-                await aclose()
+async def send_event_stream(send: Send, receive: Receive, frames: AsyncIterator[bytes],
+                            headers: Mapping[str, str]) -> None:
+    """Send server-sent events; a disconnect cancels the producer (its ``finally`` settles the cost)."""
+    raw = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+           (b"x-accel-buffering", b"no")]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    watch = DisconnectWatch(receive)
+    watch.arm()
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        async for frame in frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not watch.disconnected:
+            raise
+        watch.absorb()
+    except OSError:
+        pass  # the client went away between frames
+    finally:
+        watch.close()
+        aclose = getattr(frames, "aclose", None)
+        if aclose is not None:
+            await aclose()

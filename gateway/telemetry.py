@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.metrics import Counter, Histogram, Meter, NoOpMeter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import NoOpTracer, Tracer
 
 import tollway
 
@@ -40,6 +40,7 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
     resource = Resource.create({"service.name": "tollway", "service.version": tollway.__version__})
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = []
+    exporting_spans = bool(otlp_endpoint) or span_exporter is not None
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -52,11 +53,13 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
     if metric_reader is not None:
         readers.append(metric_reader)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    meter = meter_provider.get_meter("tollway")
+    # With nowhere to send them, spans and measurements are not even built: the hot path pays nothing.
+    tracer: Tracer = tracer_provider.get_tracer("tollway") if exporting_spans else NoOpTracer()
+    meter: Meter = meter_provider.get_meter("tollway") if readers else NoOpMeter("tollway")
     return Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        tracer=tracer_provider.get_tracer("tollway"),
+        tracer=tracer,
         meter=meter,
         requests=meter.create_counter("tollway.requests", description="Requests by model and status"),
         cost_usd=meter.create_counter("tollway.cost", unit="USD", description="Spend recorded in the ledger"),

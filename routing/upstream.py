@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from tollway.routing.catalog import UpstreamSpec
 
 from tollway.errors import (
     UpstreamBadResponse,
@@ -26,6 +25,7 @@ from tollway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tollway.routing.catalog import UpstreamSpec
 
 JSON = dict[str, Any]
 

@@ -149,9 +149,8 @@ class Tenant:
 def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:
     import asyncio
 
-    from tollway.gateway.keys import create_key, create_tenant
-
     from tollway.db import migrate
+    from tollway.gateway.keys import create_key, create_tenant
 
     asyncio.run(migrate(pg.url))
 
@@ -190,7 +189,7 @@ class InProcess:
 
     @property
     def state(self) -> Any:
-        return self.app.state.tollway
+        return self.app.state
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +207,7 @@ def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
                                "auth_cache_ttl_s": 0.2, "ledger_flush_interval_s": 0.01,
                                "ledger_retry_interval_s": 0.2, **overrides})
         app = create_app(settings, span_exporter=span_exporter)
-        async with app.router.lifespan_context(app):
+        async with app.lifespan():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://tollway") as client:
                 yield InProcess(app, client)

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -15,10 +15,12 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SpanExporter
 from psycopg_pool import AsyncConnectionPool
+from starlette.types import Receive, Scope, Send
 
 import tollway
 from tollway.db import migrate
-from tollway.gateway.api import install_error_handlers, router
+from tollway.gateway.api import install_error_handlers, install_openapi, router
+from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -137,23 +139,53 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service)
 
 
-def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None) -> FastAPI:
-    settings = settings or Settings()
+class Gateway:
+    """The ASGI application: our middleware, then the hot endpoints, then FastAPI for the rest.
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            app.state.tollway = await build_state(settings, stack, span_exporter)
-            yield
+    FastAPI owns the lifespan (which builds ``AppState``), the docs and the small routes."""
 
-    app = FastAPI(title="Tollway", version=tollway.__version__, lifespan=lifespan, redoc_url=None,
-                  description="OpenAI-compatible LLM gateway with cost control.")
-    app.include_router(router)
-    install_error_handlers(app)
-    app.add_middleware(AuthMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None) -> None:
+        self.settings = settings
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            async with AsyncExitStack() as stack:
+                app.state.tollway = await build_state(settings, stack, span_exporter)
+                yield
+
+        self.api = FastAPI(title="Tollway", version=tollway.__version__, lifespan=lifespan, redoc_url=None,
+                           description="OpenAI-compatible LLM gateway with cost control.")
+        self.api.include_router(router)
+        install_error_handlers(self.api)
+        install_openapi(self.api)
+        self._stack = RequestIdMiddleware(BodyLimitMiddleware(
+            AuthMiddleware(self._dispatch, lambda: self.state.keys), settings.max_body_bytes))
+
+    @property
+    def state(self) -> AppState:
+        state: AppState = self.api.state.tollway
+        return state
+
+    def lifespan(self) -> AbstractAsyncContextManager[None]:
+        """Run start-up and shutdown without a server (tests)."""
+        return self.api.router.lifespan_context(self.api)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = HOT_ROUTES.get((scope.get("method", ""), scope["path"]))
+        if handler is None:
+            await self.api(scope, receive, send)
+        else:
+            await handler(scope, receive, send, self.state.service)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.api(scope, receive, send)
+        else:
+            await self._stack(scope, receive, send)
 
 
-__all__ = ["AppState", "StartupError", "create_app"]
+def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None) -> Gateway:
+    return Gateway(settings or Settings(), span_exporter)
+
+
+__all__ = ["AppState", "Gateway", "StartupError", "create_app"]

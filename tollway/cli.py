@@ -97,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stack.callback(local.stop)
         final = settings.model_copy(update=overrides)
         uvicorn.run(create_app(final), host=final.host, port=final.port, log_config=_logging(final.log_level),
-                    loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=30)
+                    loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
+                    timeout_graceful_shutdown=30)
     return 0
 
 

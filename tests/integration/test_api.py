@@ -195,6 +195,7 @@ async def test_missing_or_wrong_key_is_401(app_factory, header, pg):
 
 async def test_revoked_key_stops_working_within_the_ttl(app_factory, make_tenant, pg):
     import psycopg
+
     from tollway.gateway.keys import revoke_key
 
     tenant = make_tenant()

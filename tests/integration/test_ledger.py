@@ -9,9 +9,9 @@ from decimal import Decimal
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
-from tollway.gateway.ledger import Ledger, LedgerRow
 
 from tollway.embedded import EmbeddedPostgres
+from tollway.gateway.ledger import Ledger, LedgerRow
 
 MSG = [{"role": "user", "content": "count me"}]
 
@@ -26,9 +26,9 @@ def own_pg(tmp_path):
 
 async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, helpers, tmp_path):
     import psycopg
-    from tollway.gateway.keys import create_key, create_tenant
 
     from tollway.db import migrate
+    from tollway.gateway.keys import create_key, create_tenant
 
     await migrate(own_pg.url)
     async with await psycopg.AsyncConnection.connect(own_pg.url, autocommit=True) as conn:

@@ -2,6 +2,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from tollway.routing import ConfigError, Usage, build_catalog, load_config, parse_config, resolve_upstream
 from tollway.routing.catalog import litellm_price, resolve_price
 from tollway.routing.config import RawPrice

@@ -1,7 +1,7 @@
 import pytest
-from tollway.gateway.protocol import ChatCompletionRequest, parse_json_object, validate
 
 from tollway.errors import InvalidJSON, InvalidRequest, PayloadTooLarge, UpstreamTimeout
+from tollway.gateway.protocol import ChatCompletionRequest, parse_json_object, validate
 
 
 def test_error_shape() -> None:

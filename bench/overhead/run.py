@@ -1,0 +1,250 @@
+"""Overhead of the gateway over calling the upstream directly, side by side with LiteLLM proxy.
+
+One run starts a zero-latency scripted upstream, `tollway serve` (auth and ledger on, embedded
+PostgreSQL and Redis), and LiteLLM proxy 1.106.2 (its own venv, one worker, master-key auth, same
+upstream), then measures each target the same way:
+
+- open-loop load at fixed rates (100 and 500 req/s by default): p50/p99 latency, and the added
+  latency over the direct upstream at the same rate;
+- closed-loop load with wrk (16 connections): the maximum sustained rate.
+
+    python bench/overhead/run.py [--duration 10] [--rates 100,500] [--no-litellm]
+
+Needs `wrk` (Debian package) for the sustained-rate column; without it that column is skipped.
+The LiteLLM venv is created in bench/.venv-litellm on first use (pip install 'litellm[proxy]==1.106.2').
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+LITELLM_VENV = REPO / "bench" / ".venv-litellm"
+BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
+        "max_tokens": 8}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path,
+              headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited early; log:\n{log.read_text()[-3000:]}")
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready after {timeout}s; log:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # base, ending in /v1
+    key: str
+
+
+@dataclass
+class Result:
+    latencies_ms: dict[int, tuple[float, float, int, int]] = field(default_factory=dict)  # rate -> p50, p99, ok, err
+    sustained_rps: float | None = None
+
+
+async def open_loop(target: Target, rate: int, duration: float) -> tuple[float, float, int, int]:
+    """Send at a fixed rate regardless of answers (no coordinated omission): latency is measured
+    from each request's scheduled start."""
+    headers = {"authorization": f"Bearer {target.key}", "content-type": "application/json"}
+    payload = json.dumps(BODY).encode()
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(scheduled: float) -> None:
+            nonlocal errors
+            try:
+                async with session.post(target.url + "/chat/completions", data=payload, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                        return
+            except aiohttp.ClientError:
+                errors += 1
+                return
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+
+        loop_start = time.perf_counter()
+        total = int(rate * duration)
+        tasks = []
+        for i in range(total):
+            scheduled = loop_start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+    if not latencies:
+        return float("nan"), float("nan"), 0, errors
+    qs = statistics.quantiles(latencies, n=100, method="inclusive")
+    return qs[49], qs[98], len(latencies), errors
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+done = function(summary, latency, requests)
+  io.write(string.format("TW_RESULT %d %d %d\\n", summary.requests, summary.duration,
+           summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def sustained(target: Target, duration: float, connections: int, workdir: Path) -> float | None:
+    if shutil.which("wrk") is None:
+        return None
+    script = workdir / f"{target.name}.lua"
+    script.write_text(WRK_LUA.replace("{body}", json.dumps(BODY)).replace("{key}", target.key))
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "-s", str(script),
+                          target.url + "/chat/completions"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"TW_RESULT (\d+) (\d+) (\d+)", out)
+    assert match, out
+    requests, micros, errors = map(int, match.groups())
+    if errors > requests * 0.01:
+        print(f"  {target.name}: {errors} errors of {requests} under wrk", file=sys.stderr)
+    return (requests - errors) / (micros / 1e6)
+
+
+def ensure_litellm() -> Path:
+    binary = LITELLM_VENV / "bin" / "litellm"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]==1.106.2"], check=True)
+    return binary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--rates", default="100,500")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--no-litellm", action="store_true")
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
+
+    def spawn(argv: list[str], name: str, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+        log = workdir / f"{name}.log"
+        proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                env={**env, **(extra_env or {})}, cwd=workdir)
+        procs.append(proc)
+        return proc, log
+
+    try:
+        sim_port = free_port()
+        sim, sim_log = spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)], "sim")
+        sim_url = f"http://127.0.0.1:{sim_port}/v1"
+        wait_http(sim_url + "/models", 30, sim, sim_log)
+        targets = [Target("upstream (direct)", sim_url, "none")]
+
+        tw_port = free_port()
+        tw, tw_log = spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(tw_port), "--upstream",
+                            sim_url, "--data-dir", str(workdir / "data"), "--log-level", "warning"], "tollway")
+        wait_http(f"http://127.0.0.1:{tw_port}/healthz", 120, tw, tw_log)
+        key = re.search(r"(tw-[A-Za-z0-9_-]+)", tw_log.read_text())
+        assert key, tw_log.read_text()
+        targets.append(Target("tollway", f"http://127.0.0.1:{tw_port}/v1", key.group(1)))
+
+        if not args.no_litellm:
+            binary = ensure_litellm()
+            ll_port = free_port()
+            config = workdir / "litellm.yaml"
+            config.write_text(json.dumps({
+                "model_list": [{"model_name": "sim-large", "litellm_params": {
+                    "model": "openai/sim-large", "api_base": sim_url, "api_key": "none"}}],
+                "general_settings": {"master_key": "sk-bench"},
+                "litellm_settings": {"telemetry": False}}))
+            ll, ll_log = spawn([str(binary), "--config", str(config), "--port", str(ll_port), "--num_workers", "1"],
+                               "litellm", {"LITELLM_LOG": "ERROR"})
+            wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", 180, ll, ll_log)
+            targets.append(Target("litellm proxy 1.106.2", f"http://127.0.0.1:{ll_port}/v1", "sk-bench"))
+
+        results: dict[str, Result] = {}
+        for target in targets:
+            asyncio.run(open_loop(target, 50, 2))  # warm-up: pools, caches, JIT-less but lazy imports
+            result = Result()
+            for rate in rates:
+                result.latencies_ms[rate] = asyncio.run(open_loop(target, rate, args.duration))
+            result.sustained_rps = sustained(target, args.duration, args.connections, workdir)
+            results[target.name] = result
+        report(results, rates, args)
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def report(results: dict[str, Result], rates: list[int], args: argparse.Namespace) -> None:
+    base = results["upstream (direct)"]
+    header = ["target"]
+    for rate in rates:
+        header += [f"p50 @{rate}/s", f"p99 @{rate}/s", f"added p50 @{rate}/s", f"added p99 @{rate}/s",
+                   f"errors @{rate}/s"]
+    header.append(f"max sustained req/s (wrk, {args.connections} conns)")
+    rows = []
+    for name, res in results.items():
+        row = [name]
+        for rate in rates:
+            p50, p99, ok, err = res.latencies_ms[rate]
+            b50, b99, _, _ = base.latencies_ms[rate]
+            row += [f"{p50:.2f} ms", f"{p99:.2f} ms",
+                    "-" if res is base else f"{p50 - b50:+.2f} ms", "-" if res is base else f"{p99 - b99:+.2f} ms",
+                    f"{err}/{ok + err}"]
+        row.append("n/a (no wrk)" if res.sustained_rps is None else f"{res.sustained_rps:,.0f}")
+        rows.append(row)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    tw, ll = results.get("tollway"), results.get("litellm proxy 1.106.2")
+    if tw and ll and tw.sustained_rps and ll.sustained_rps:
+        print(f"\ntollway sustains {tw.sustained_rps / ll.sustained_rps:.1f}x LiteLLM proxy's rate")
+
+
+if __name__ == "__main__":
+    main()
