@@ -105,3 +105,20 @@ async def test_full_queue_spills_instead_of_blocking(pg, helpers, tmp_path):
         await ledger.stop()  # drains the queue and replays the spill
     found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_full_%",))
     assert len(found) == 10
+
+
+async def test_a_row_written_twice_lands_once(pg, helpers, tmp_path):
+    async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
+        ledger = Ledger(pool, tmp_path / "spill", queue_size=10, batch_size=10, flush_interval_s=0.01,
+                        retry_interval_s=60)
+        await ledger.start()
+        row = LedgerRow(request_id="req_twice", created_at=datetime.now(UTC), tenant_id=1, key_id=1,
+                        endpoint="chat.completions")
+        ledger.record(row)
+        await ledger.flush()
+        ledger.record(row)  # COPY refuses the duplicate; the idempotent INSERT takes over
+        ledger.record(_row(999))
+        await ledger.flush()
+        await ledger.stop()
+        assert ledger.stats.spilled == 0
+    assert len(helpers.ledger_rows(pg.url, "request_id = ANY(%s)", (["req_twice", "req_replay_999"],))) == 2
