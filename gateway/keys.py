@@ -7,6 +7,7 @@ right tool (a password KDF would only slow every request). The looked-up hash is
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -59,6 +60,7 @@ class KeyStore:
         self._ttl = cache_ttl_s
         self._size = cache_size
         self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, secret: str) -> Principal:
         digest = hash_key(secret)
@@ -67,11 +69,25 @@ class KeyStore:
         if hit is not None and hit[0] > now:
             principal = hit[1]
         else:
-            principal = await self._lookup(digest)
-            self._remember(digest, now + self._ttl, principal)
+            principal = await self._lookup_once(digest, now)
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal
+
+    async def _lookup_once(self, digest: bytes, now: float) -> Principal | None:
+        """One database lookup per key at a time: when a hot key's cache entry expires, the requests
+        that arrive meanwhile wait for the same answer instead of each asking Postgres."""
+        pending = self._inflight.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(digest))
+            self._inflight[digest] = pending
+            try:
+                principal = await asyncio.shield(pending)
+            finally:
+                del self._inflight[digest]
+            self._remember(digest, now + self._ttl, principal)
+            return principal
+        return await asyncio.shield(pending)
 
     def _remember(self, digest: bytes, expires: float, principal: Principal | None) -> None:
         self._cache[digest] = (expires, principal)
