@@ -88,3 +88,14 @@ def test_catalog_aliases_and_discovery() -> None:
     assert catalog.names() == ["big", "e5-embed", "small-1"]  # the configured upstream_model is not listed twice
     assert catalog.get("e5-embed").kind == "embedding"  # type: ignore[union-attr]
     assert catalog.get("nope") is None
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    raw = load_config(Path(__file__).resolve().parents[2] / "deploy" / "tollway.example.yaml")
+    assert [u.name for u in raw.upstreams] == ["vllm-large", "vllm-small", "openai"]
+    assert {m.name for m in raw.models} == {"llama-3.3-70b", "qwen2.5-7b", "gpt-4o-mini"}
+    build = build_catalog(raw, {}, [])
+    large = build.get("large")
+    assert large is not None and large.price.source == "gpu_hour"
+    # 40,000 prompt tokens = 1 GPU-s and 2,500 output tokens = 1 GPU-s at $5/h: 2 s -> $0.002777...
+    assert round(large.price.cost(Usage(input_tokens=40_000, output_tokens=2_500)), 8) == Decimal("0.00277778")
