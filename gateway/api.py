@@ -50,7 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def tollway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, TollwayError)
-        return json_response(exc.body(), status=exc.status)
+        return json_response(exc.body(), status=exc.status, headers=exc.headers or None)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

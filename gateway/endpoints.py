@@ -46,9 +46,11 @@ async def send_json(send: Send, payload: Any, headers: dict[str, str], status: i
 def endpoint(work: Work) -> Callable[[Scope, Receive, Send, CompletionService], Awaitable[None]]:
     async def handle(scope: Scope, receive: Receive, send: Send, service: CompletionService) -> None:
         state = scope["state"]
+        tags = _header(scope, b"x-tollway-tags")
         ctx = CallContext(request_id=state["request_id"], principal=state["principal"],
                           header_user=_header(scope, b"x-tollway-user"), started=time.perf_counter(),
-                          created_at=utcnow())
+                          created_at=utcnow(), session=_header(scope, b"x-tollway-session"),
+                          tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
         try:
             result = await until_disconnect(receive, lambda read_body: work(service, ctx, read_body))
         except TollwayError as exc:
@@ -85,7 +87,7 @@ def _operation(model: type[Any], summary: str) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
         "responses": {"200": {"description": "JSON, or server-sent events when stream is true"},
-                      **{str(code): error for code in (400, 401, 403, 404, 413, 502, 503, 504)}},
+                      **{str(code): error for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}},
     }}
 
 

@@ -33,6 +33,8 @@ class Principal:
     tenant: str
     role: str
     allowed_models: frozenset[str] | None  # None: every model in the catalog
+    rpm: int | None = None
+    tpm: int | None = None
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -99,7 +101,7 @@ class KeyStore:
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models"
+                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm"
                     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
                     " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (digest,))
                 row = await cur.fetchone()
@@ -108,7 +110,8 @@ class KeyStore:
         if row is None or not hmac.compare_digest(bytes(row[1]), digest):
             return None
         allowed = None if row[5] is None else frozenset(row[5])
-        return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed)
+        return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed,
+                         rpm=row[6], tpm=row[7])
 
 
 async def create_tenant(conn: psycopg.AsyncConnection, name: str) -> int:

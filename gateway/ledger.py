@@ -53,6 +53,8 @@ class LedgerRow:
     ttft_ms: float | None = None
     stream: bool = False
     error_code: str | None = None
+    session_id: str | None = None
+    tags: list[str] | None = None
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)

@@ -18,9 +18,10 @@ from tollway.gateway.keys import KeyStore
 
 async def send_error(send: Send, exc: TollwayError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = orjson.dumps(exc.body())
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+                            (b"content-length", str(len(body)).encode()), *extra, *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 

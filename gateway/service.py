@@ -1,35 +1,36 @@
-"""The completion service: validate, resolve the model, call the upstream, account for the cost.
-
-Every authenticated call produces exactly one ledger row, whatever happens: a ``_Tally`` is opened
-before the body is parsed and finished exactly once, by the success path, the error path, the end of
-a stream, or a client disconnect.
-"""
+"""The completion service: validate, resolve the model, admit against budgets, call the upstream,
+account for the cost. Accounting lives in ``accounting``, stream relaying in ``relay``, budgets in
+``quota``; this module wires them in the order the request path needs."""
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import SpanKind
 
 from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError, UpstreamBadResponse
+from tollway.gateway.accounting import CLIENT_CLOSED, Tally, format_cost, usage_of
 from tollway.gateway.keys import Principal
 from tollway.gateway.ledger import Ledger, LedgerRow
+from tollway.gateway.policy import PolicyStore, TenantRules
 from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, parse_json_object, validate
+from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, to_nano
+from tollway.gateway.relay import StreamRelay
 from tollway.gateway.telemetry import Telemetry
-from tollway.routing import Catalog, ModelEntry, Upstream, UpstreamStream, Usage
+from tollway.routing import Catalog, ModelEntry, Upstream, Usage
 from tollway.routing.tokens import count_messages, count_text
 
 JSON = dict[str, Any]
 BodyReader = Callable[[], Awaitable[bytes]]  # read inside the tally, so an oversized body is accounted too
-_COST_QUANTUM = Decimal("1e-10")
 INFERENCE_ROLES = frozenset({"app", "admin"})
-CLIENT_CLOSED = 499  # nginx's convention; recorded in the ledger, never sent
+# Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
+INPUT_MARGIN = 1.10
+INPUT_SLACK = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,8 @@ class CallContext:
     header_user: str | None
     started: float  # time.perf_counter()
     created_at: datetime
+    session: str | None = None
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,110 +62,56 @@ class StreamResult:
     headers: dict[str, str]
 
 
-def format_cost(cost: Decimal) -> str:
-    return format(cost.quantize(_COST_QUANTUM), "f")
+def _completion_text(response: JSON) -> str:
+    parts = []
+    for choice in response.get("choices") or []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    return "".join(parts)
 
 
-def _usage(raw: object) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-    details = raw.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    try:
-        return Usage(input_tokens=int(raw.get("prompt_tokens") or 0),
-                     output_tokens=int(raw.get("completion_tokens") or 0),
-                     cached_tokens=int(cached or 0))
-    except (TypeError, ValueError):
-        return None
+def _tags(ctx: CallContext, data: JSON) -> list[str] | None:
+    tags = list(ctx.tags)
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict):
+        raw = metadata.get("tags")
+        if isinstance(raw, str):
+            tags += [t.strip() for t in raw.split(",") if t.strip()]
+        elif isinstance(raw, list):
+            tags += [str(t) for t in raw if str(t).strip()]
+    return sorted(set(tags)) or None
 
 
-@dataclass(slots=True)
-class _Tally:
-    """One request's accounting: the ledger row it will write and the span it will end."""
-
-    service: CompletionService
-    row: LedgerRow
-    span: Span
-    started: float
-    entry: ModelEntry | None = None
-    usage: Usage = field(default_factory=Usage)
-    finished: bool = False
-
-    def bind(self, entry: ModelEntry) -> None:
-        self.entry = entry
-        self.row.model = entry.name
-        self.row.upstream = entry.upstream
-        self.row.upstream_model = entry.upstream_model
-        self.row.route_reason = "requested"
-        self.row.price_source = entry.price.source
-        self.span.set_attribute("gen_ai.request.model", entry.name)
-        self.span.set_attribute("gen_ai.provider.name", entry.upstream)
-
-    def first_token(self) -> None:
-        if self.row.ttft_ms is None:
-            self.row.ttft_ms = (time.perf_counter() - self.started) * 1000
-
-    def finish(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
-               usage_source: str | None = None) -> Decimal:
-        if self.finished:
-            return self.row.cost_usd
-        self.finished = True
-        row = self.row
-        if usage is not None:
-            self.usage = usage
-            row.usage_source = usage_source
-        row.status, row.error_code = status, error_code
-        row.input_tokens = self.usage.input_tokens
-        row.output_tokens = self.usage.output_tokens
-        row.cached_tokens = self.usage.cached_tokens
-        row.cost_usd = self.entry.price.cost(self.usage) if self.entry is not None else Decimal(0)
-        row.latency_ms = (time.perf_counter() - self.started) * 1000
-        self.service.ledger.record(row)
-        self._report(row)
-        return row.cost_usd
-
-    def _report(self, row: LedgerRow) -> None:
-        span, tel = self.span, self.service.telemetry
-        span.set_attribute("gen_ai.usage.input_tokens", row.input_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", row.output_tokens)
-        span.set_attribute("tollway.cost_usd", float(row.cost_usd))
-        span.set_attribute("http.response.status_code", row.status)
-        if row.model:
-            span.set_attribute("gen_ai.response.model", row.model)
-        if row.error_code:
-            span.set_attribute("error.type", row.error_code)
-            span.set_status(StatusCode.ERROR, row.error_code)
-        span.end()
-        attrs: dict[str, str | int] = {"gen_ai.request.model": row.model or "",
-                                       "http.response.status_code": row.status}
-        tel.requests.add(1, attrs)
-        tel.duration.record(row.latency_ms / 1000, attrs)
-        if row.cost_usd:
-            tel.cost_usd.add(float(row.cost_usd), {"gen_ai.request.model": row.model or ""})
-        if row.input_tokens:
-            tel.tokens.add(row.input_tokens, {"gen_ai.token.type": "input"})
-        if row.output_tokens:
-            tel.tokens.add(row.output_tokens, {"gen_ai.token.type": "output"})
+def _needs_bound(rules: TenantRules, principal: Principal) -> bool:
+    policy = rules.policy
+    return bool(rules.budgets or policy.tpm or policy.rpm or principal.tpm or principal.rpm
+                or policy.velocity_hard_usd_per_min or policy.velocity_soft_usd_per_min)
 
 
 class CompletionService:
     def __init__(self, catalog: Catalog, upstreams: dict[str, Upstream], ledger: Ledger,
-                 telemetry: Telemetry, limits: Limits) -> None:
+                 telemetry: Telemetry, limits: Limits, policies: PolicyStore | None = None,
+                 quota: QuotaService | None = None) -> None:
         self.catalog = catalog
         self.upstreams = upstreams
         self.ledger = ledger
         self.telemetry = telemetry
         self.limits = limits
+        self.policies = policies
+        self.quota = quota
 
     # -- shared steps -----------------------------------------------------------------------------
-    def _open(self, ctx: CallContext, endpoint: str) -> _Tally:
+    def _open(self, ctx: CallContext, endpoint: str) -> Tally:
         p = ctx.principal
         span = self.telemetry.tracer.start_span(endpoint, kind=SpanKind.SERVER, attributes={
             "gen_ai.operation.name": "chat" if endpoint == "chat.completions" else "embeddings",
             "tollway.request_id": ctx.request_id, "tollway.tenant": p.tenant})
         row = LedgerRow(request_id=ctx.request_id, created_at=ctx.created_at, tenant_id=p.tenant_id,
-                        key_id=p.key_id, endpoint=endpoint, end_user=ctx.header_user)
-        return _Tally(service=self, row=row, span=span, started=ctx.started)
+                        key_id=p.key_id, endpoint=endpoint, end_user=ctx.header_user, session_id=ctx.session,
+                        tags=list(ctx.tags) or None)
+        return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
+                     started=ctx.started)
 
     def resolve(self, principal: Principal, name: str, kind: str) -> tuple[ModelEntry, Upstream]:
         if principal.role not in INFERENCE_ROLES:
@@ -187,41 +136,35 @@ class CompletionService:
             if value is not None and value > self.limits.max_tokens:
                 raise InvalidRequest(f"'{name}' may be at most {self.limits.max_tokens}.", param=name)
 
-    def _result_headers(self, entry: ModelEntry, cost: Decimal | None) -> dict[str, str]:
+    async def _admit(self, ctx: CallContext, tally: Tally, entry: ModelEntry, body: bytes, wire: JSON,
+                     worst_case: Callable[[TenantRules], tuple[Usage, int | None]]) -> Admission | None:
+        """Reserve the worst case in every budget and limit that applies, or refuse (429/503)."""
+        if self.quota is None or self.policies is None:
+            return None
+        rules = await self.policies.rules(ctx.principal.tenant_id)
+        demand = Demand(0, 0)
+        output_cap = None
+        if _needs_bound(rules, ctx.principal):
+            worst, output_cap = worst_case(rules)
+            demand = Demand(to_nano(entry.price.cost(worst)), worst.input_tokens + worst.output_tokens)
+        admission = await self.quota.admit(
+            ctx.principal, rules, rid=ctx.request_id, end_user=tally.row.end_user, session=ctx.session,
+            fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand)
+        tally.reservation = admission.reservation
+        if output_cap is not None and "max_tokens" not in wire and "max_completion_tokens" not in wire:
+            wire["max_tokens"] = output_cap  # the tenant's default cap bounds the worst case
+        if admission.step_down:
+            tally.row.route_reason = "requested;velocity_soft_step_down"
+        return admission
+
+    def _result_headers(self, entry: ModelEntry, cost: Decimal | None,
+                        admission: Admission | None) -> dict[str, str]:
         headers = {"x-tollway-model": entry.name}
         if cost is not None:
             headers["x-tollway-cost-usd"] = format_cost(cost)
+        if admission is not None:
+            headers.update(admission.headers)
         return headers
-
-    # -- chat -------------------------------------------------------------------------------------
-    async def chat(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
-        tally = self._open(ctx, "chat.completions")
-        try:
-            data = parse_json_object(await read_body())
-            req = validate(ChatCompletionRequest, data)
-            tally.row.stream = req.stream
-            tally.row.end_user = ctx.header_user or req.user
-            entry, upstream = self.resolve(ctx.principal, req.model, "chat")
-            tally.bind(entry)
-            self._check_limits(req)
-            wire = dict(data)
-            wire["model"] = entry.upstream_model
-            if req.stream:
-                return await self._start_stream(tally, entry, upstream, wire, data)
-            response = await upstream.complete(wire)
-        except TollwayError as exc:
-            tally.finish(exc.status, exc.code)
-            raise
-        except BaseException:
-            tally.finish(CLIENT_CLOSED, "client_disconnected")
-            raise
-        tally.first_token()
-        usage, source = _usage(response.get("usage")), "upstream"
-        if usage is None:
-            usage, source = self._estimate(data, _completion_text(response)), "estimated"
-        response["model"] = entry.name
-        cost = tally.finish(200, usage=usage, usage_source=source)
-        return JSONResult(response, self._result_headers(entry, cost))
 
     def _estimate(self, data: JSON, output: str, output_tokens: int | None = None) -> Usage:
         messages = data.get("messages")
@@ -229,10 +172,48 @@ class CompletionService:
         return Usage(input_tokens=input_tokens,
                      output_tokens=count_text(output) if output_tokens is None else output_tokens)
 
-    async def _start_stream(self, tally: _Tally, entry: ModelEntry, upstream: Upstream, wire: JSON,
-                            data: JSON) -> StreamResult:
+    # -- chat -------------------------------------------------------------------------------------
+    async def chat(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
+        tally = self._open(ctx, "chat.completions")
+        try:
+            body = await read_body()
+            data = parse_json_object(body)
+            req = validate(ChatCompletionRequest, data)
+            tally.row.stream = req.stream
+            tally.row.end_user = ctx.header_user or req.user
+            tally.row.tags = _tags(ctx, data)
+            entry, upstream = self.resolve(ctx.principal, req.model, "chat")
+            tally.bind(entry)
+            self._check_limits(req)
+            wire = dict(data)
+            wire["model"] = entry.upstream_model
+
+            def worst_case(rules: TenantRules) -> tuple[Usage, int]:
+                cap = req.max_completion_tokens or req.max_tokens or rules.policy.default_max_tokens
+                prompt = math.ceil(count_messages(data["messages"]) * INPUT_MARGIN) + INPUT_SLACK
+                return Usage(input_tokens=prompt, output_tokens=cap * req.n), cap
+
+            admission = await self._admit(ctx, tally, entry, body, wire, worst_case)
+            if req.stream:
+                return await self._start_stream(tally, entry, upstream, wire, data, admission)
+            response = await upstream.complete(wire)
+        except TollwayError as exc:
+            await tally.close(exc.status, exc.code)
+            raise
+        except BaseException:
+            tally.close_detached(CLIENT_CLOSED, "client_disconnected")
+            raise
+        tally.first_token()
+        usage, source = usage_of(response.get("usage")), "upstream"
+        if usage is None:
+            usage, source = self._estimate(data, _completion_text(response)), "estimated"
+        response["model"] = entry.name
+        cost = await tally.close(200, usage=usage, usage_source=source)
+        return JSONResult(response, self._result_headers(entry, cost, admission))
+
+    async def _start_stream(self, tally: Tally, entry: ModelEntry, upstream: Upstream, wire: JSON,
+                            data: JSON, admission: Admission | None) -> StreamResult:
         options = data.get("stream_options") or {}
-        wants_usage = bool(options.get("include_usage"))
         wire["stream_options"] = {**options, "include_usage": True}  # usage is needed for the ledger
         stream = await upstream.open_stream(wire)
         chunks = stream.__aiter__()
@@ -244,132 +225,48 @@ class CompletionService:
         except BaseException:
             await stream.aclose()
             raise
-        relay = _StreamRelay(tally, entry, stream, chunks, data, wants_usage, self._estimate)
-        return StreamResult(relay.frames(first), self._result_headers(entry, None))
+        cap = wire.get("max_completion_tokens") or wire.get("max_tokens")
+        n = wire.get("n") if isinstance(wire.get("n"), int) else 1
+        relay = StreamRelay(tally, entry, stream, chunks, wants_usage=bool(options.get("include_usage")),
+                            output_cap=cap * n if admission is not None and isinstance(cap, int) else None,
+                            estimate=lambda text, produced: self._estimate(data, text, max(produced, count_text(text))))
+        return StreamResult(relay.frames(first), self._result_headers(entry, None, admission))
 
     # -- embeddings and models --------------------------------------------------------------------
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         tally = self._open(ctx, "embeddings")
         try:
-            data = parse_json_object(await read_body())
+            body = await read_body()
+            data = parse_json_object(body)
             req = validate(EmbeddingRequest, data)
             tally.row.end_user = ctx.header_user or req.user
             entry, upstream = self.resolve(ctx.principal, req.model, "embedding")
             tally.bind(entry)
-            wire = dict(data)
-            wire["model"] = entry.upstream_model
-            response = await upstream.embed(wire)
-        except TollwayError as exc:
-            tally.finish(exc.status, exc.code)
-            raise
-        except BaseException:
-            tally.finish(CLIENT_CLOSED, "client_disconnected")
-            raise
-        usage, source = _usage(response.get("usage")), "upstream"
-        if usage is None:
             texts = req.input if isinstance(req.input, list) else [req.input]
             tokens = sum(count_text(t) if isinstance(t, str) else (len(t) if isinstance(t, list) else 1)
                          for t in texts)
+
+            def worst_case(rules: TenantRules) -> tuple[Usage, None]:
+                return Usage(input_tokens=math.ceil(tokens * INPUT_MARGIN) + INPUT_SLACK), None
+
+            wire = dict(data)
+            wire["model"] = entry.upstream_model
+            admission = await self._admit(ctx, tally, entry, body, wire, worst_case)
+            response = await upstream.embed(wire)
+        except TollwayError as exc:
+            await tally.close(exc.status, exc.code)
+            raise
+        except BaseException:
+            tally.close_detached(CLIENT_CLOSED, "client_disconnected")
+            raise
+        usage, source = usage_of(response.get("usage")), "upstream"
+        if usage is None:
             usage, source = Usage(input_tokens=tokens), "estimated"
         response["model"] = entry.name
-        cost = tally.finish(200, usage=usage, usage_source=source)
-        return JSONResult(response, self._result_headers(entry, cost))
+        cost = await tally.close(200, usage=usage, usage_source=source)
+        return JSONResult(response, self._result_headers(entry, cost, admission))
 
     def models(self, principal: Principal) -> JSON:
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream}
                 for m in self.catalog.models.values() if principal.may_use(m.name)]
         return {"object": "list", "data": data}
-
-
-def _completion_text(response: JSON) -> str:
-    parts = []
-    for choice in response.get("choices") or []:
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            parts.append(message["content"])
-    return "".join(parts)
-
-
-def _delta_text(chunk: JSON) -> str:
-    parts = []
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-            parts.append(delta["content"])
-    return "".join(parts)
-
-
-def sse(payload: JSON) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-DONE = b"data: [DONE]\n\n"
-
-
-class _StreamRelay:
-    """Relays an opened upstream stream to the client: renames the model, keeps or strips the usage
-    chunk as the client asked, counts what was produced, and settles the tally exactly once."""
-
-    def __init__(self, tally: _Tally, entry: ModelEntry, stream: UpstreamStream,
-                 chunks: AsyncIterator[JSON], data: JSON, wants_usage: bool, estimate: Any) -> None:
-        self.tally, self.entry, self.stream, self.chunks = tally, entry, stream, chunks
-        self.data, self.wants_usage, self.estimate = data, wants_usage, estimate
-        self.usage: Usage | None = None
-        self.last: JSON = {}
-        self.text: list[str] = []
-        self.content_chunks = 0
-
-    def _relay(self, chunk: JSON) -> bytes | None:
-        usage = _usage(chunk.get("usage"))
-        if usage is not None:
-            self.usage = usage
-        text = _delta_text(chunk)
-        if text:
-            self.tally.first_token()
-            self.text.append(text)
-            self.content_chunks += 1
-        chunk["model"] = self.entry.name
-        self.last = chunk
-        if not self.wants_usage:
-            chunk.pop("usage", None)
-            if usage is not None and not chunk.get("choices"):
-                return None
-        return sse(chunk)
-
-    def _usage_frame(self) -> bytes:
-        usage, _ = self._settled_usage()
-        return sse({"id": self.last.get("id"), "object": "chat.completion.chunk",
-                    "created": self.last.get("created"), "model": self.entry.name, "choices": [],
-                    "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                              "total_tokens": usage.input_tokens + usage.output_tokens}})
-
-    def _settled_usage(self) -> tuple[Usage, str]:
-        if self.usage is not None:
-            return self.usage, "upstream"
-        produced = "".join(self.text)
-        estimated = self.estimate(self.data, produced, max(count_text(produced), self.content_chunks))
-        return estimated, "estimated"
-
-    async def frames(self, first: JSON) -> AsyncIterator[bytes]:
-        status: int = CLIENT_CLOSED
-        code: str | None = "client_disconnected"
-        try:
-            frame = self._relay(first)
-            if frame is not None:
-                yield frame
-            try:
-                async for chunk in self.chunks:
-                    frame = self._relay(chunk)
-                    if frame is not None:
-                        yield frame
-                status, code = 200, None
-                if self.wants_usage and self.usage is None:
-                    yield self._usage_frame()  # the client was promised a usage chunk
-            except TollwayError as exc:
-                status, code = exc.status, exc.code
-                yield sse(exc.body())
-            yield DONE
-        finally:
-            await self.stream.aclose()
-            usage, source = self._settled_usage()
-            self.tally.finish(status, code, usage=usage, usage_source=source)

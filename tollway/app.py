@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -21,10 +22,13 @@ from starlette.types import Receive, Scope, Send
 import tollway
 from tollway.db import migrate
 from tollway.gateway.api import install_error_handlers, install_openapi, router
+from tollway.gateway.breakers import BreakerEvents
 from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from tollway.gateway.policy import PolicyStore
+from tollway.gateway.quota import QuotaService
 from tollway.gateway.service import CompletionService, Limits
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.routing import (
@@ -59,6 +63,9 @@ class AppState:
     keys: KeyStore
     ledger: Ledger
     service: CompletionService
+    policies: PolicyStore
+    quota: QuotaService
+    events: BreakerEvents
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -133,11 +140,19 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             print(f"\nTollway created tenant 'default' with an app key (shown once, store it now):\n\n"
                   f"    {created.secret}\n", file=sys.stderr, flush=True)
 
+    policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
+    events = BreakerEvents(pool, telemetry)
+    stack.push_async_callback(events.drain)
+    quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
+                         on_trip=events.trip)
+    stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
     service = CompletionService(catalog, upstreams, ledger, telemetry,
-                                Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit))
+                                Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
+                                policies=policies, quota=quota)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
-                    catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service)
+                    catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
+                    policies=policies, quota=quota, events=events)
 
 
 class Gateway:
@@ -171,7 +186,7 @@ class Gateway:
         state: AppState = self.api.state.tollway
         return state
 
-    def lifespan(self) -> AbstractAsyncContextManager[None]:
+    def lifespan(self) -> AbstractAsyncContextManager[Any]:
         """Run start-up and shutdown without a server (tests)."""
         return self.api.router.lifespan_context(self.api)
 

@@ -10,7 +10,9 @@ its HTTP status and its OpenAI ``type`` and ``code``::
     ├── AuthenticationFailed          401 invalid_api_key
     ├── PermissionDenied              403 model_not_allowed / permission_denied
     ├── NotFound                      404 model_not_found
-    ├── ServiceUnavailable            503 service_unavailable (a store the request needs is down)
+    ├── QuotaExceeded                 429 insufficient_quota (a budget would be exceeded; names it)
+    ├── RateLimited                   429 rate_limit_exceeded / retry_storm / spend_velocity_exceeded
+    ├── ServiceUnavailable            503 service_unavailable / quota_unavailable
     └── UpstreamError                 502 upstream_error
         ├── UpstreamBadResponse       502 upstream_bad_response
         ├── UpstreamUnavailable       503 upstream_unavailable (connect refused, 429/503 from upstream)
@@ -31,12 +33,14 @@ class TollwayError(Exception):
     type: ClassVar[str] = "api_error"
     code: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code  # type: ignore[misc]
+        self.headers: dict[str, str] = {} if retry_after is None else {"retry-after": str(retry_after)}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -73,6 +77,18 @@ class NotFound(TollwayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class QuotaExceeded(TollwayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class RateLimited(TollwayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class ServiceUnavailable(TollwayError):

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     ledger_flush_interval_s: float = Field(default=0.05, gt=0)
     ledger_retry_interval_s: float = Field(default=1.0, gt=0)
 
+    # Budgets: how long a reservation holds if its gateway dies, how fast policy changes apply, and
+    # what share of the last known headroom a fail-open tenant may spend while Redis is unreachable.
+    lease_s: float = Field(default=60.0, gt=0)
+    policy_cache_ttl_s: float = Field(default=2.0, ge=0)
+    fail_open_share: float = Field(default=0.5, gt=0, le=1)
+    reconcile_interval_s: float = Field(default=300.0, gt=0)
+
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)

@@ -1,0 +1,125 @@
+"""One request's accounting: the ledger row it writes, the span it ends, the reservation it settles.
+
+Every authenticated call opens a ``Tally`` before its body is parsed and closes it exactly once, on
+the success path, the error path, the end of a stream or a client disconnect.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from opentelemetry.trace import Span, StatusCode
+
+from tollway.gateway.ledger import Ledger, LedgerRow
+from tollway.gateway.quota import QuotaService, Reservation
+from tollway.gateway.telemetry import Telemetry
+from tollway.routing import ModelEntry, Usage
+
+_COST_QUANTUM = Decimal("1e-10")
+CLIENT_CLOSED = 499  # nginx's convention; recorded in the ledger, never sent
+
+
+def format_cost(cost: Decimal) -> str:
+    return format(cost.quantize(_COST_QUANTUM), "f")
+
+
+def usage_of(raw: object) -> Usage | None:
+    """OpenAI ``usage`` object -> Usage; None when absent or unreadable."""
+    if not isinstance(raw, dict):
+        return None
+    details = raw.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    try:
+        return Usage(input_tokens=int(raw.get("prompt_tokens") or 0),
+                     output_tokens=int(raw.get("completion_tokens") or 0),
+                     cached_tokens=int(cached or 0))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(slots=True)
+class Tally:
+    ledger: Ledger
+    telemetry: Telemetry
+    quota: QuotaService | None
+    row: LedgerRow
+    span: Span
+    started: float
+    entry: ModelEntry | None = None
+    usage: Usage = field(default_factory=Usage)
+    reservation: Reservation | None = None
+    finished: bool = False
+
+    def bind(self, entry: ModelEntry) -> None:
+        self.entry = entry
+        self.row.model = entry.name
+        self.row.upstream = entry.upstream
+        self.row.upstream_model = entry.upstream_model
+        self.row.route_reason = "requested"
+        self.row.price_source = entry.price.source
+        self.span.set_attribute("gen_ai.request.model", entry.name)
+        self.span.set_attribute("gen_ai.provider.name", entry.upstream)
+
+    def first_token(self) -> None:
+        if self.row.ttft_ms is None:
+            self.row.ttft_ms = (time.perf_counter() - self.started) * 1000
+
+    def _record(self, status: int, error_code: str | None, usage: Usage | None, usage_source: str | None) -> Decimal:
+        self.finished = True
+        row = self.row
+        if usage is not None:
+            self.usage = usage
+            row.usage_source = usage_source
+        row.status, row.error_code = status, error_code
+        row.input_tokens = self.usage.input_tokens
+        row.output_tokens = self.usage.output_tokens
+        row.cached_tokens = self.usage.cached_tokens
+        row.cost_usd = self.entry.price.cost(self.usage) if self.entry is not None else Decimal(0)
+        row.latency_ms = (time.perf_counter() - self.started) * 1000
+        self.ledger.record(row)
+        self._report(row)
+        return row.cost_usd
+
+    async def close(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
+                    usage_source: str | None = None) -> Decimal:
+        """Write the ledger row and settle the reservation to what was actually used."""
+        if self.finished:
+            return self.row.cost_usd
+        cost = self._record(status, error_code, usage, usage_source)
+        if self.reservation is not None:
+            await self.reservation.settle(cost, self.usage.input_tokens + self.usage.output_tokens)
+        return cost
+
+    def close_detached(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
+                       usage_source: str | None = None) -> None:
+        """For a task being cancelled: the row is written now, the settlement runs as a tracked task."""
+        if self.finished:
+            return
+        cost = self._record(status, error_code, usage, usage_source)
+        if self.reservation is not None and self.quota is not None:
+            self.quota.track(self.reservation.settle(cost, self.usage.input_tokens + self.usage.output_tokens))
+
+    def _report(self, row: LedgerRow) -> None:
+        span, tel = self.span, self.telemetry
+        span.set_attribute("gen_ai.usage.input_tokens", row.input_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", row.output_tokens)
+        span.set_attribute("tollway.cost_usd", float(row.cost_usd))
+        span.set_attribute("http.response.status_code", row.status)
+        if row.model:
+            span.set_attribute("gen_ai.response.model", row.model)
+        if row.error_code:
+            span.set_attribute("error.type", row.error_code)
+            span.set_status(StatusCode.ERROR, row.error_code)
+        span.end()
+        attrs: dict[str, Any] = {"gen_ai.request.model": row.model or "", "http.response.status_code": row.status}
+        tel.requests.add(1, attrs)
+        tel.duration.record(row.latency_ms / 1000, attrs)
+        if row.cost_usd:
+            tel.cost_usd.add(float(row.cost_usd), {"gen_ai.request.model": row.model or ""})
+        if row.input_tokens:
+            tel.tokens.add(row.input_tokens, {"gen_ai.token.type": "input"})
+        if row.output_tokens:
+            tel.tokens.add(row.output_tokens, {"gen_ai.token.type": "output"})

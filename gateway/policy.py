@@ -1,0 +1,192 @@
+"""Tenant policies and budgets: what a tenant may spend, and how the gateway behaves when it cannot tell.
+
+Definitions live in PostgreSQL and are read through a short-TTL cache, so a change made with the admin
+API or ``tollway budgets set`` applies to every replica within ``policy_cache_ttl_s``, without restart.
+Counters live in Redis (``tollway.gateway.quota``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable
+
+PERIODS = ("minute", "hour", "day", "month", "lifetime")
+SCOPES = ("tenant", "key", "user", "session")
+EACH = "*"  # a budget for each key / user / session
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    id: int
+    tenant_id: int
+    scope: str
+    subject: str
+    period: str
+    limit_usd: Decimal | None
+    limit_tokens: int | None
+
+    def describe(self, tenant: str) -> str:
+        who = {"tenant": f"tenant '{tenant}'", "key": f"key {self.subject}", "user": f"user '{self.subject}'",
+               "session": f"session '{self.subject}'"}[self.scope]
+        if self.subject == EACH:
+            who = f"each {self.scope} of tenant '{tenant}'"
+        return f"the {self.period} budget of {who}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scope": self.scope, "subject": self.subject, "window": self.period,
+                "limit_usd": None if self.limit_usd is None else str(self.limit_usd),
+                "limit_tokens": self.limit_tokens}
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    tenant_id: int
+    redis_failure: str = "closed"
+    default_max_tokens: int = 4096
+    rpm: int | None = None
+    tpm: int | None = None
+    velocity_soft_usd_per_min: Decimal | None = None
+    velocity_hard_usd_per_min: Decimal | None = None
+    retry_storm_limit: int = 20
+    retry_storm_window_s: int = 10
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Decimal) else value
+        return out
+
+
+POLICY_FIELDS = tuple(f.name for f in fields(TenantPolicy) if f.name != "tenant_id")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRules:
+    policy: TenantPolicy
+    budgets: tuple[Budget, ...]
+
+
+_BUDGET_COLUMNS = "id, tenant_id, scope, subject, period, limit_usd, limit_tokens"
+
+
+class PolicyStore:
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float) -> None:
+        self._pool = pool
+        self._ttl = cache_ttl_s
+        self._cache: dict[int, tuple[float, TenantRules]] = {}
+
+    async def rules(self, tenant_id: int) -> TenantRules:
+        now = time.monotonic()
+        hit = self._cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            async with self._pool.connection(timeout=2) as conn:
+                rules = await load_rules(conn, tenant_id)
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            if hit is not None:
+                return hit[1]  # the last known rules beat refusing everyone while Postgres blinks
+            raise ServiceUnavailable("Tenant policies are unavailable; try again shortly.") from exc
+        self._cache[tenant_id] = (now + self._ttl, rules)
+        return rules
+
+    def forget(self, tenant_id: int) -> None:
+        self._cache.pop(tenant_id, None)
+
+
+async def load_rules(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> TenantRules:
+    cur = await conn.execute(f"SELECT tenant_id, {', '.join(POLICY_FIELDS)} FROM tenant_policies"
+                             " WHERE tenant_id = %s", (tenant_id,))
+    row = await cur.fetchone()
+    policy = TenantPolicy(*row) if row is not None else TenantPolicy(tenant_id)
+    cur = await conn.execute(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE tenant_id = %s ORDER BY id",
+                             (tenant_id,))
+    budgets = tuple(Budget(*r) for r in await cur.fetchall())
+    return TenantRules(policy, budgets)
+
+
+async def tenant_id(conn: psycopg.AsyncConnection[Any], name: str) -> int:
+    cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (name,))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"tenant {name!r} does not exist", param="tenant", code="tenant_not_found")
+    return int(row[0])
+
+
+def _check_subject(scope: str, subject: str | None) -> str:
+    if scope not in SCOPES:
+        raise InvalidRequest(f"scope must be one of {', '.join(SCOPES)}", param="scope")
+    if scope == "tenant":
+        if subject:
+            raise InvalidRequest("a tenant budget has no subject", param="subject")
+        return ""
+    if not subject:
+        raise InvalidRequest(f"a {scope} budget needs a subject ('{EACH}' for each {scope})", param="subject")
+    return subject
+
+
+async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: str, subject: str | None,
+                     period: str, limit_usd: Decimal | None, limit_tokens: int | None) -> Budget:
+    if period not in PERIODS:
+        raise InvalidRequest(f"window must be one of {', '.join(PERIODS)}", param="window")
+    if limit_usd is None and limit_tokens is None:
+        raise InvalidRequest("give a USD limit, a token limit, or both", param="limit_usd")
+    if (limit_usd is not None and limit_usd < 0) or (limit_tokens is not None and limit_tokens < 0):
+        raise InvalidRequest("limits cannot be negative", param="limit_usd")
+    subject = _check_subject(scope, subject)
+    tid = await tenant_id(conn, tenant)
+    if scope == "key" and subject != EACH:
+        cur = await conn.execute("SELECT 1 FROM api_keys WHERE id = %s AND tenant_id = %s",
+                                 (int(subject) if subject.isdigit() else -1, tid))
+        if await cur.fetchone() is None:
+            raise NotFound(f"key {subject} is not a key of tenant {tenant!r}", param="subject", code="key_not_found")
+    cur = await conn.execute(
+        f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens)"
+        f" VALUES (%s, %s, %s, %s, %s, %s)"
+        f" ON CONFLICT (tenant_id, scope, subject, period) DO UPDATE"
+        f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens, updated_at = now()"
+        f" RETURNING {_BUDGET_COLUMNS}", (tid, scope, subject, period, limit_usd, limit_tokens))
+    row = await cur.fetchone()
+    assert row is not None
+    return Budget(*row)
+
+
+async def delete_budget(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int) -> bool:
+    tid = await tenant_id(conn, tenant)
+    cur = await conn.execute("DELETE FROM budgets WHERE id = %s AND tenant_id = %s", (budget_id, tid))
+    return cur.rowcount == 1
+
+
+async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, **changes: Any) -> TenantPolicy:
+    unknown = set(changes) - set(POLICY_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown policy field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    if changes.get("redis_failure", "closed") not in ("closed", "open"):
+        raise InvalidRequest("redis_failure must be 'closed' or 'open'", param="redis_failure")
+    tid = await tenant_id(conn, tenant)
+    columns = list(changes)
+    assignments = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns) or "tenant_id = EXCLUDED.tenant_id"
+    try:
+        await conn.execute(
+            f"INSERT INTO tenant_policies (tenant_id{''.join(', ' + c for c in columns)})"
+            f" VALUES (%s{', %s' * len(columns)})"
+            f" ON CONFLICT (tenant_id) DO UPDATE SET {assignments}, updated_at = now()",
+            (tid, *changes.values()))
+    except psycopg.errors.CheckViolation as exc:
+        raise InvalidRequest(f"invalid policy value: {exc.diag.constraint_name}") from exc
+    return (await load_rules(conn, tid)).policy
+
+
+async def set_key_limits(conn: psycopg.AsyncConnection[Any], key_id: int, *, rpm: int | None,
+                         tpm: int | None) -> None:
+    cur = await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s WHERE id = %s", (rpm, tpm, key_id))
+    if cur.rowcount != 1:
+        raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
