@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +32,7 @@ class Budget:
     period: str
     limit_usd: Decimal | None
     limit_tokens: int | None
+    reset_at: datetime | None = None
 
     def describe(self, tenant: str) -> str:
         who = {"tenant": f"tenant '{tenant}'", "key": f"key {self.subject}", "user": f"user '{self.subject}'",
@@ -42,7 +44,8 @@ class Budget:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "scope": self.scope, "subject": self.subject, "window": self.period,
                 "limit_usd": None if self.limit_usd is None else str(self.limit_usd),
-                "limit_tokens": self.limit_tokens}
+                "limit_tokens": self.limit_tokens,
+                "reset_at": None if self.reset_at is None else self.reset_at.isoformat()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,7 @@ class TenantRules:
     budgets: tuple[Budget, ...]
 
 
-_BUDGET_COLUMNS = "id, tenant_id, scope, subject, period, limit_usd, limit_tokens"
+_BUDGET_COLUMNS = "id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at"
 
 
 class PolicyStore:
@@ -190,3 +193,20 @@ async def set_key_limits(conn: psycopg.AsyncConnection[Any], key_id: int, *, rpm
     cur = await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s WHERE id = %s", (rpm, tpm, key_id))
     if cur.rowcount != 1:
         raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
+
+
+async def list_budgets(conn: psycopg.AsyncConnection[Any], tenant: str) -> list[Budget]:
+    return list((await load_rules(conn, await tenant_id(conn, tenant))).budgets)
+
+
+async def mark_reset(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int | None) -> list[Budget]:
+    """Record a reset (the reconciler counts usage from it); the caller clears the Redis counters."""
+    tid = await tenant_id(conn, tenant)
+    cur = await conn.execute(
+        f"UPDATE budgets SET reset_at = now() WHERE tenant_id = %s AND (%s::bigint IS NULL OR id = %s)"
+        f" RETURNING {_BUDGET_COLUMNS}", (tid, budget_id, budget_id))
+    rows = [Budget(*r) for r in await cur.fetchall()]
+    if budget_id is not None and not rows:
+        raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", param="budget_id",
+                       code="budget_not_found")
+    return rows

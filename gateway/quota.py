@@ -178,13 +178,14 @@ def from_nano(nano: int) -> Decimal:
 @dataclass(frozen=True, slots=True)
 class Window:
     label: str
+    start: datetime | None
     end: datetime | None
     ttl_s: int  # how long the counter outlives now (0: forever)
 
 
 def window(period: str, now: datetime) -> Window:
     if period == "lifetime":
-        return Window("all", None, 0)
+        return Window("all", None, None, 0)
     if period == "minute":
         start = now.replace(second=0, microsecond=0)
         end = start + timedelta(minutes=1)
@@ -200,7 +201,7 @@ def window(period: str, now: datetime) -> Window:
     else:
         raise ValueError(f"unknown period {period!r}")
     # Counters stay an hour past their window, for reconciliation and inspection.
-    return Window(start.strftime("%Y%m%dT%H%M"), end, int((end - now).total_seconds()) + 3600)
+    return Window(start.strftime("%Y%m%dT%H%M"), start, end, int((end - now).total_seconds()) + 3600)
 
 
 def _subject_key(subject: str) -> str:
@@ -245,6 +246,16 @@ def _tenant_tag(tenant_id: int) -> str:
     return f"tw:{{t:{tenant_id}}}"
 
 
+def budget_counter(budget: Budget, subject: str, now: datetime) -> Counter:
+    """The Redis counter of one budget for one subject ('' for the tenant, a key id, a user or session id)."""
+    win = window(budget.period, now)
+    limits = (NO_LIMIT if budget.limit_usd is None else to_nano(budget.limit_usd),
+              NO_LIMIT if budget.limit_tokens is None else budget.limit_tokens, NO_LIMIT)
+    hashed = subject if budget.scope in ("tenant", "key") else _subject_key(subject)
+    return Counter(f"{_tenant_tag(budget.tenant_id)}:b:{budget.id}:{hashed}:{win.label}", limits, win.ttl_s,
+                   win.end, budget)
+
+
 def counters_for(principal: Principal, rules: TenantRules, *, end_user: str | None, session: str | None,
                  now: datetime) -> list[Counter]:
     tag = _tenant_tag(principal.tenant_id)
@@ -260,11 +271,8 @@ def counters_for(principal: Principal, rules: TenantRules, *, end_user: str | No
             value = end_user if budget.scope == "user" else session
             if value is None or budget.subject not in (EACH, value):
                 continue
-            subject = _subject_key(value)
-        win = window(budget.period, now)
-        limits = (NO_LIMIT if budget.limit_usd is None else to_nano(budget.limit_usd),
-                  NO_LIMIT if budget.limit_tokens is None else budget.limit_tokens, NO_LIMIT)
-        out.append(Counter(f"{tag}:b:{budget.id}:{subject}:{win.label}", limits, win.ttl_s, win.end, budget))
+            subject = value
+        out.append(budget_counter(budget, subject, now))
     minute = window("minute", now)
     policy = rules.policy
     if policy.rpm or policy.tpm:

@@ -29,7 +29,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIM_MODELS = ["sim-large", "sim-small", "sim-embed", "sim-error", "sim-overloaded", "sim-timeout", "sim-cut",
-              "sim-malformed"]
+              "sim-malformed", "sim-ignoremax"]
 # Prices used by the tests: USD per million tokens.
 PRICES = {"sim-large": (3, 15), "sim-small": ("0.15", "0.6")}
 
@@ -266,3 +266,8 @@ def helpers() -> Any:
 
     return SimpleNamespace(write_config=write_config, bootstrap_key=bootstrap_key, ledger_rows=ledger_rows,
                            prices=PRICES, sim_models=SIM_MODELS)
+
+
+@pytest.fixture(scope="session")
+def admin(make_tenant: Callable[..., Tenant]) -> Tenant:
+    return make_tenant(role="admin")

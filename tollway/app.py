@@ -4,6 +4,7 @@ and held by one ``AppState``, reachable as ``app.state.tollway``; nothing is bui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 import tollway
 from tollway.db import migrate
+from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
 from tollway.gateway.endpoints import HOT_ROUTES
@@ -29,6 +31,7 @@ from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from tollway.gateway.policy import PolicyStore
 from tollway.gateway.quota import QuotaService
+from tollway.gateway.reconcile import reconcile
 from tollway.gateway.service import CompletionService, Limits
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.routing import (
@@ -91,6 +94,19 @@ class AppState:
         return {n: r is True for n, r in zip(names, results, strict=True)}
 
 
+async def _reconcile_loop(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger: Ledger,
+                          interval_s: float) -> None:
+    """At start-up (an embedded Redis starts empty) and then periodically, raise any budget counter that
+    fell behind the ledger."""
+    while True:
+        try:
+            await ledger.flush()
+            await reconcile(pool, redis_client)
+        except Exception:
+            log.exception("budget reconciliation failed; it will run again")
+        await asyncio.sleep(interval_s)
+
+
 def upstream_configs(settings: Settings) -> list[RawUpstream]:
     raw = load_config(settings.config).upstreams
     extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
@@ -146,6 +162,15 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
                          on_trip=events.trip)
     stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
+    reconciler = asyncio.create_task(_reconcile_loop(pool, redis_client, ledger, settings.reconcile_interval_s),
+                                     name="budget-reconcile")
+
+    async def stop_reconciler() -> None:
+        reconciler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reconciler
+
+    stack.push_async_callback(stop_reconciler)
     service = CompletionService(catalog, upstreams, ledger, telemetry,
                                 Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                                 policies=policies, quota=quota)
@@ -176,6 +201,7 @@ class Gateway:
         self.api = FastAPI(title="Tollway", version=tollway.__version__, lifespan=lifespan, redoc_url=None,
                            description="OpenAI-compatible LLM gateway with cost control.")
         self.api.include_router(router)
+        self.api.include_router(admin_router)
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(

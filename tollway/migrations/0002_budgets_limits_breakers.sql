@@ -24,6 +24,8 @@ CREATE TABLE budgets (
     period        text NOT NULL CHECK (period IN ('minute', 'hour', 'day', 'month', 'lifetime')),
     limit_usd     numeric(20, 10) CHECK (limit_usd >= 0),
     limit_tokens  bigint CHECK (limit_tokens >= 0),
+    -- a reset gives a fresh allowance for the rest of the window: usage counts from here on
+    reset_at      timestamptz,
     updated_at    timestamptz NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, scope, subject, period),
     CHECK (limit_usd IS NOT NULL OR limit_tokens IS NOT NULL),

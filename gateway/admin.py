@@ -1,0 +1,184 @@
+"""Admin and finance routes: budgets, tenant policies, key limits, reconciliation, cost reports.
+
+Admin keys manage any tenant (named in the request); finance keys read their own tenant's reports.
+Changes apply to every replica within the policy cache TTL; no restart.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from tollway.errors import NotFound, PermissionDenied
+from tollway.gateway.keys import Principal
+from tollway.gateway.policy import (
+    delete_budget,
+    list_budgets,
+    mark_reset,
+    set_budget,
+    set_key_limits,
+    set_policy,
+    tenant_id,
+)
+from tollway.gateway.reconcile import reconcile
+from tollway.gateway.reports import build_query, cost_report, to_csv
+
+router = APIRouter()
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    import orjson
+
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def _admin(request: Request) -> Principal:
+    principal: Principal = request.state.principal
+    if principal.role != "admin":
+        raise PermissionDenied("This needs an admin key.", code="role_not_allowed")
+    return principal
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetBody(_Body):
+    tenant: str
+    scope: Literal["tenant", "key", "user", "session"] = "tenant"
+    subject: str | None = None
+    window: Literal["minute", "hour", "day", "month", "lifetime"]
+    limit_usd: Decimal | None = Field(default=None, ge=0)
+    limit_tokens: int | None = Field(default=None, ge=0)
+
+
+class ResetBody(_Body):
+    tenant: str
+    budget_id: int | None = None
+
+
+class PolicyBody(_Body):
+    tenant: str
+    redis_failure: Literal["closed", "open"] | None = None
+    default_max_tokens: int | None = Field(default=None, gt=0)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    velocity_soft_usd_per_min: Decimal | None = Field(default=None, gt=0)
+    velocity_hard_usd_per_min: Decimal | None = Field(default=None, gt=0)
+    retry_storm_limit: int | None = Field(default=None, ge=0)
+    retry_storm_window_s: int | None = Field(default=None, gt=0)
+
+
+class KeyLimitsBody(_Body):
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+
+
+class ReconcileBody(_Body):
+    tenant: str | None = None
+    allow_decrease: bool = False
+
+
+@router.get("/v1/admin/budgets", summary="List a tenant's budgets")
+async def get_budgets(request: Request, tenant: str) -> Response:
+    _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        budgets = await list_budgets(conn, tenant)
+    return _json({"object": "list", "data": [b.as_json() for b in budgets]})
+
+
+@router.put("/v1/admin/budgets", summary="Create or change a budget (applies within seconds)")
+async def put_budget(request: Request, body: BudgetBody) -> Response:
+    _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
+                                  limit_usd=body.limit_usd, limit_tokens=body.limit_tokens)
+    state.policies.forget(budget.tenant_id)
+    return _json(budget.as_json())
+
+
+@router.delete("/v1/admin/budgets/{budget_id}", summary="Delete a budget")
+async def remove_budget(request: Request, budget_id: int, tenant: str) -> Response:
+    _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        if not await delete_budget(conn, tenant, budget_id):
+            raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", code="budget_not_found")
+        state.policies.forget(await tenant_id(conn, tenant))
+    return _json({"deleted": budget_id})
+
+
+@router.post("/v1/admin/budgets/reset", summary="Give a fresh allowance for the rest of the current window")
+async def reset_budgets(request: Request, body: ResetBody) -> Response:
+    _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        budgets = await mark_reset(conn, body.tenant, body.budget_id)
+    cleared = await clear_counters(state.redis, budgets)
+    for budget in budgets:
+        state.policies.forget(budget.tenant_id)
+    return _json({"reset": [b.id for b in budgets], "counters_cleared": cleared})
+
+
+async def clear_counters(redis_client: Any, budgets: list[Any]) -> int:
+    cleared = 0
+    for budget in budgets:
+        async for key in redis_client.scan_iter(match=f"tw:{{t:{budget.tenant_id}}}:b:{budget.id}:*", count=500):
+            cleared += int(await redis_client.delete(key))
+    return cleared
+
+
+@router.put("/v1/admin/policies", summary="Change a tenant's policy (Redis failure mode, limits, breakers)")
+async def put_policy(request: Request, body: PolicyBody) -> Response:
+    _admin(request)
+    state = request.app.state.tollway
+    changes = body.model_dump(exclude={"tenant"}, exclude_unset=True)
+    async with state.pool.connection() as conn:
+        policy = await set_policy(conn, body.tenant, **changes)
+    state.policies.forget(policy.tenant_id)
+    return _json(policy.as_json())
+
+
+@router.put("/v1/admin/keys/{key_id}/limits", summary="Set a key's requests and tokens per minute")
+async def put_key_limits(request: Request, key_id: int, body: KeyLimitsBody) -> Response:
+    _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm)
+    return _json({"key_id": key_id, "rpm": body.rpm, "tpm": body.tpm})
+
+
+@router.post("/v1/admin/reconcile", summary="Compare Redis counters with the ledger; correct and report drift")
+async def post_reconcile(request: Request, body: ReconcileBody) -> Response:
+    _admin(request)
+    state = request.app.state.tollway
+    await state.ledger.flush()
+    ids = None
+    if body.tenant is not None:
+        async with state.pool.connection() as conn:
+            ids = [await tenant_id(conn, body.tenant)]
+    report = await reconcile(state.pool, state.redis, tenant_ids=ids, allow_decrease=body.allow_decrease)
+    return _json(report.as_json())
+
+
+@router.get("/v1/reports/costs", summary="Cost report: spend, tokens, requests and budget use per group")
+async def get_cost_report(request: Request, group_by: str = "day", format: str = "json",
+                          tenant: str | None = None) -> Response:
+    params = request.query_params
+    state = request.app.state.tollway
+    query = await build_query(state.pool, request.state.principal, start=params.get("from"), end=params.get("to"),
+                              group_by=group_by, tenant=tenant)
+    if format not in ("json", "csv"):
+        from tollway.errors import InvalidRequest
+
+        raise InvalidRequest("'format' must be json or csv", param="format")
+    report = await cost_report(state.pool, query)
+    if format == "csv":
+        name = f"tollway-costs-{query.group_by}-{query.start.date()}-{query.end.date()}.csv"
+        return Response(to_csv(report), media_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+    return _json(report)

@@ -1,0 +1,140 @@
+"""Reconciliation: compare the Redis budget counters with the ledger (the source of truth), correct
+and report the drift.
+
+Counters fall behind the ledger when settlements were lost (Redis down, a fail-open outage counted
+locally, an embedded Redis restarted without persistence): those are raised to the ledger's figure.
+A counter ahead of the ledger is reported but lowered only when asked (``allow_decrease``), because
+the usual cause is ledger rows still queued or spilled, and lowering then would let spend through.
+Each correction is compare-and-set, so a settlement that lands meanwhile is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.gateway.policy import EACH, Budget, load_rules
+from tollway.gateway.quota import budget_counter, from_nano, to_nano, window
+
+log = logging.getLogger("tollway.reconcile")
+
+# KEYS[1] counter hash; ARGV: expected s_usd, expected s_tok, new s_usd, new s_tok, ttl
+_SET_IF_UNCHANGED = """
+local usd = redis.call('HGET', KEYS[1], 's_usd') or '0'
+local tok = redis.call('HGET', KEYS[1], 's_tok') or '0'
+if usd ~= ARGV[1] or tok ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 's_usd', ARGV[3], 's_tok', ARGV[4])
+if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5])) end
+return 1
+"""
+
+_SUBJECT_COLUMN = {"key": "key_id::text", "user": "end_user", "session": "session_id"}
+
+
+@dataclass
+class Drift:
+    budget_id: int
+    subject: str
+    redis_usd: Decimal
+    ledger_usd: Decimal
+    redis_tokens: int
+    ledger_tokens: int
+    corrected: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"budget_id": self.budget_id, "subject": self.subject, "redis_usd": str(self.redis_usd),
+                "ledger_usd": str(self.ledger_usd), "redis_tokens": self.redis_tokens,
+                "ledger_tokens": self.ledger_tokens, "corrected": self.corrected}
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    drifts: list[Drift] = field(default_factory=list)
+
+    @property
+    def corrected(self) -> int:
+        return sum(d.corrected for d in self.drifts)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"checked": self.checked, "corrected": self.corrected,
+                "drifts": [d.as_json() for d in self.drifts]}
+
+
+async def _subjects(conn: Any, budget: Budget, start: datetime | None, end: datetime | None) -> list[str]:
+    if budget.scope == "tenant":
+        return [""]
+    if budget.subject != EACH:
+        return [budget.subject]
+    column = _SUBJECT_COLUMN[budget.scope]
+    cur = await conn.execute(
+        f"SELECT DISTINCT {column} FROM ledger WHERE tenant_id = %s AND {column} IS NOT NULL"
+        " AND created_at >= %s AND created_at < %s", (budget.tenant_id, start or datetime.min.replace(tzinfo=UTC),
+                                                      end or datetime.max.replace(tzinfo=UTC)))
+    return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def _ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
+                        end: datetime) -> tuple[Decimal, int, int]:
+    where = "tenant_id = %s AND created_at >= %s AND created_at < %s"
+    params: list[Any] = [budget.tenant_id, start, end]
+    if budget.scope != "tenant":
+        where += f" AND {_SUBJECT_COLUMN[budget.scope]} = %s"
+        params.append(subject)
+    cur = await conn.execute(f"SELECT coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens + output_tokens), 0),"
+                             f" count(*) FROM ledger WHERE {where}", params)
+    row = await cur.fetchone()
+    return Decimal(row[0]), int(row[1]), int(row[2])
+
+
+async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, tenant_ids: list[int] | None = None,
+                    allow_decrease: bool = False, now: datetime | None = None) -> ReconcileReport:
+    now = now or datetime.now(UTC)
+    report = ReconcileReport()
+    script = redis_client.register_script(_SET_IF_UNCHANGED)
+    async with pool.connection() as conn:
+        if tenant_ids is None:
+            cur = await conn.execute("SELECT DISTINCT tenant_id FROM budgets")
+            tenant_ids = [int(r[0]) for r in await cur.fetchall()]
+        for tid in tenant_ids:
+            for budget in (await load_rules(conn, tid)).budgets:
+                win = window(budget.period, now)
+                start = win.start or datetime.min.replace(tzinfo=UTC)
+                if budget.reset_at is not None and budget.reset_at > start:
+                    start = budget.reset_at
+                end = win.end or datetime.max.replace(tzinfo=UTC)
+                for subject in await _subjects(conn, budget, start, end):
+                    report.checked += 1
+                    usd, tokens, requests = await _ledger_usage(conn, budget, subject, start, end)
+                    counter = budget_counter(budget, subject, now)
+                    raw = await redis_client.hmget(counter.key, "s_usd", "s_tok")
+                    r_usd = int(raw[0] or 0)
+                    r_tok = int(raw[1] or 0)
+                    l_usd = to_nano(usd)
+                    # Redis rounds each request up to the nano-dollar: up to one nano per request is not drift.
+                    if l_usd - requests <= r_usd <= l_usd + requests and r_tok == tokens:
+                        continue
+                    raise_it = r_usd < l_usd or r_tok < tokens
+                    corrected = False
+                    if raise_it or allow_decrease:
+                        corrected = bool(await script(keys=[counter.key], args=[
+                            str(raw[0].decode() if raw[0] else "0"), str(raw[1].decode() if raw[1] else "0"),
+                            max(l_usd, r_usd) if not allow_decrease else l_usd,
+                            max(tokens, r_tok) if not allow_decrease else tokens, counter.ttl_s]))
+                    report.drifts.append(Drift(budget.id, subject, from_nano(r_usd), usd, r_tok, tokens, corrected))
+        drift_total = sum((abs(d.redis_usd - d.ledger_usd) for d in report.drifts), Decimal(0))
+        await conn.execute("INSERT INTO reconciliation_runs (checked, corrected, drift_usd, detail)"
+                           " VALUES (%s, %s, %s, %s)", (report.checked, report.corrected, drift_total,
+                                                        json.dumps([d.as_json() for d in report.drifts])))
+        await conn.commit()
+    if report.drifts:
+        log.warning("reconciliation: %d counters drifted from the ledger, %d corrected: %s", len(report.drifts),
+                    report.corrected, [d.as_json() for d in report.drifts[:5]])
+    return report

@@ -1,0 +1,240 @@
+"""Hard budgets under concurrency and streaming, refusals that name the budget, and atomicity across
+windows, against the real Redis and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from tollway.gateway.service import INPUT_MARGIN, INPUT_SLACK
+from tollway.routing.tokens import count_messages
+
+PRICE = (Decimal(3), Decimal(15))  # sim-large, USD per million tokens (conftest PRICES)
+
+
+def msg(i: Any) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"how much does request {i} cost"}]
+
+
+def worst_case_usd(messages: list[dict[str, str]], max_tokens: int) -> Decimal:
+    prompt = math.ceil(count_messages(messages) * INPUT_MARGIN) + INPUT_SLACK
+    return (prompt * PRICE[0] + max_tokens * PRICE[1]) / 10**6
+
+
+def auth(tenant: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {tenant.key}"}
+
+
+async def set_budget(gw: Any, admin: Any, tenant: Any, **body: Any) -> dict[str, Any]:
+    resp = await gw.client.put("/v1/admin/budgets", headers=auth(admin), json={"tenant": tenant.name, **body})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+async def chat(gw: Any, tenant: Any, i: Any, *, stream: bool = False, max_tokens: int = 16,
+               model: str = "sim-large", headers: dict[str, str] | None = None) -> Any:
+    body: dict[str, Any] = {"model": model, "messages": msg(i), "max_tokens": max_tokens, "stream": stream}
+    return await gw.client.post("/v1/chat/completions", headers={**auth(tenant), **(headers or {})}, json=body)
+
+
+async def test_refusal_names_the_budget_and_sends_nothing(app_factory, make_tenant, admin, ledger, sim):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="0.0001")
+        before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
+        resp = await chat(gw, tenant, 1)
+        await gw.state.ledger.flush()
+    assert resp.status_code == 429
+    error = resp.json()["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert f"the day budget of tenant '{tenant.name}'" in error["message"]
+    assert "limit $0.0001" in error["message"]
+    assert int(resp.headers["retry-after"]) > 0
+    assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert (row["status"], row["error_code"], row["cost_usd"]) == (429, "insufficient_quota", 0)
+
+
+@pytest.mark.parametrize("ample", [False, True], ids=["tight budget", "ample budget"])
+async def test_200_concurrent_requests_never_overspend(app_factory, make_tenant, admin, ledger, ample):
+    tenant = make_tenant()
+    per_request = worst_case_usd(msg(100), 16)
+    limit = per_request * (10_000 if ample else 10)
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="month", limit_usd=str(limit))
+        results = await asyncio.gather(*(chat(gw, tenant, i, stream=i % 2 == 0) for i in range(100, 300)))
+        await gw.state.ledger.flush()
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(ok) + len(refused) == 200
+    assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+    assert all(r.text.rstrip().endswith("data: [DONE]") for r in ok if r.headers["content-type"].startswith("text"))
+    rows = ledger("tenant_id = %s", tenant.id)
+    assert len(rows) == 200
+    spent = sum(r["cost_usd"] for r in rows)
+    assert spent <= limit
+    if ample:
+        assert not refused
+    else:
+        assert 10 <= len(ok) < 200  # the ten worst cases fit at once; settlement frees a little more
+        assert spent > limit * Decimal("0.7")  # and the budget is used, not left idle
+
+
+async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        resp = await chat(gw, tenant, 1, stream=True, max_tokens=5, model="sim-ignoremax")
+        await gw.state.ledger.flush()
+    assert resp.status_code == 200
+    frames = [f.removeprefix("data: ") for f in resp.text.split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    assert '"code":"reservation_exceeded"' in frames[-2]
+    text = "".join(__import__("json").loads(f)["choices"][0]["delta"].get("content", "")
+                   for f in frames[:-2] if '"choices":[{' in f)
+    assert text == "the gateway keeps spend within"  # exactly the five reserved tokens reached the client
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert (row["status"], row["error_code"], row["output_tokens"]) == (502, "reservation_exceeded", 5)
+
+
+async def test_a_request_without_max_tokens_gets_the_tenant_cap(app_factory, make_tenant, admin, sim):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        resp = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+                                   json={"tenant": tenant.name, "default_max_tokens": 7})
+        assert resp.status_code == 200 and resp.json()["default_max_tokens"] == 7
+        ok = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+                                  json={"model": "sim-small", "messages": msg("cap")})
+    assert ok.status_code == 200
+    import orjson
+
+    assert orjson.loads(sim.get("/sim/last-request?model=sim-small"))["max_tokens"] == 7
+
+
+async def test_mixed_windows_are_all_or_nothing(app_factory, make_tenant, admin, pg, redis_url):
+    import redis
+
+    tenant = make_tenant()
+    per_request = worst_case_usd(msg(1), 16)
+    async with app_factory() as gw:
+        day = await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        key = await set_budget(gw, admin, tenant, scope="key", subject=str(tenant.key_id), window="month",
+                               limit_usd="1")
+        minute = await set_budget(gw, admin, tenant, scope="user", subject="*", window="minute",
+                                  limit_usd=str(per_request * Decimal("1.5")))
+        first = await chat(gw, tenant, 1, headers={"x-tollway-user": "alice"})
+        second = await chat(gw, tenant, 2, headers={"x-tollway-user": "alice"})
+        other_user = await chat(gw, tenant, 3, headers={"x-tollway-user": "bob"})
+    assert first.status_code == 200 and other_user.status_code == 200
+    assert second.status_code == 429
+    assert "the minute budget of each user" in second.json()["error"]["message"]
+    client = redis.Redis.from_url(redis_url)
+    day_key = next(k for k in client.scan_iter(f"tw:{{t:{tenant.id}}}:b:{day['id']}:*") if not k.endswith((b":l", b":a")))
+    # The refused request reserved nothing anywhere: the day budget saw two requests, settled.
+    assert int(client.hget(day_key, "r_usd")) == 0
+    assert int(client.hget(day_key, "s_req")) == 2
+    assert key["window"] == "month" and minute["subject"] == "*"
+    assert first.headers["x-tollway-budget-remaining"]
+
+
+async def test_budget_change_applies_while_requests_are_in_flight(app_factory, make_tenant, admin, start_sim,
+                                                                  helpers, tmp_path):
+    slow = start_sim("--ttft-ms", "600")
+    tenant = make_tenant()
+    config = helpers.write_config(tmp_path / "slow.yaml", slow.url)
+    async with app_factory(config=config, policy_cache_ttl_s=0) as gw:
+        await set_budget(gw, admin, tenant, window="hour", limit_usd="1")
+        in_flight = [asyncio.create_task(chat(gw, tenant, i)) for i in range(3)]
+        await asyncio.sleep(0.2)
+        await set_budget(gw, admin, tenant, window="hour", limit_usd="0.0000001")  # cut to almost nothing
+        refused = await chat(gw, tenant, "late")
+        done = await asyncio.gather(*in_flight)
+        await set_budget(gw, admin, tenant, window="hour", limit_usd="1")
+        again = await chat(gw, tenant, "again")
+    assert [r.status_code for r in done] == [200, 200, 200]  # admitted under the old limit, completed
+    assert refused.status_code == 429
+    assert again.status_code == 200
+
+
+async def test_rate_limits_and_headers(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        resp = await gw.client.put(f"/v1/admin/keys/{tenant.key_id}/limits", headers=auth(admin),
+                                   json={"rpm": 3, "tpm": 100000})
+        assert resp.status_code == 200
+        gw.state.keys._cache.clear()  # the key's limits are read with the key
+        results = [await chat(gw, tenant, i) for i in range(4)]
+    assert [r.status_code for r in results] == [200, 200, 200, 429]
+    assert results[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert results[0].headers["x-ratelimit-remaining-requests"] == "2"
+    assert results[2].headers["x-ratelimit-remaining-requests"] == "0"
+    assert results[0].headers["x-ratelimit-limit-tokens"] == "100000"
+    assert results[0].headers["x-ratelimit-reset-requests"].endswith("s")
+    error = results[3].json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert 1 <= int(results[3].headers["retry-after"]) <= 60
+
+
+async def test_retry_storm_is_refused_and_recorded(app_factory, make_tenant, admin, pg):
+    import psycopg
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/policies", headers=auth(admin),
+                            json={"tenant": tenant.name, "retry_storm_limit": 5, "retry_storm_window_s": 30})
+        results = [await chat(gw, tenant, "same") for _ in range(8)]
+        different = await chat(gw, tenant, "different")
+        await gw.state.events.drain()
+    assert [r.status_code for r in results] == [200] * 5 + [429] * 3
+    assert results[5].json()["error"]["code"] == "retry_storm"
+    assert 1 <= int(results[5].headers["retry-after"]) <= 30
+    assert different.status_code == 200
+    with psycopg.connect(pg.url) as conn:
+        events = conn.execute("SELECT kind, contained_at - first_offense_at FROM breaker_events"
+                              " WHERE tenant_id = %s", (tenant.id,)).fetchall()
+    assert len(events) == 1 and events[0][0] == "retry_storm"
+    assert events[0][1].total_seconds() >= 0
+
+
+async def test_spend_velocity_soft_steps_down_and_hard_refuses(app_factory, make_tenant, admin, pg, ledger):
+    import psycopg
+
+    tenant = make_tenant()
+    per_request = worst_case_usd(msg(1), 16)
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/policies", headers=auth(admin), json={
+            "tenant": tenant.name, "velocity_soft_usd_per_min": str(per_request),
+            "velocity_hard_usd_per_min": str(per_request * 3)})
+        results = [await chat(gw, tenant, i) for i in range(8)]
+        await gw.state.events.drain()
+        await gw.state.ledger.flush()
+    codes = [r.status_code for r in results]
+    assert codes[:2] == [200, 200] and 429 in codes
+    refused = next(r for r in results if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "spend_velocity_exceeded"
+    rows = ledger("tenant_id = %s AND status = 200", tenant.id)
+    assert rows[0]["route_reason"] == "requested"
+    assert any(r["route_reason"] == "requested;velocity_soft_step_down" for r in rows[1:])
+    spent = sum(r["cost_usd"] for r in rows)
+    assert spent <= per_request * 4  # contained within one request of the hard line
+    with psycopg.connect(pg.url) as conn:
+        kinds = [r[0] for r in conn.execute("SELECT kind FROM breaker_events WHERE tenant_id = %s",
+                                            (tenant.id,)).fetchall()]
+    assert kinds == ["spend_velocity"]
+
+
+async def test_admin_routes_need_an_admin_key(app_factory, make_tenant):
+    tenant, finance = make_tenant(), make_tenant(role="finance")
+    async with app_factory() as gw:
+        for who in (tenant, finance):
+            resp = await gw.client.put("/v1/admin/budgets", headers=auth(who),
+                                       json={"tenant": who.name, "window": "day", "limit_usd": "1"})
+            assert resp.status_code == 403
+        bad = await gw.client.put("/v1/admin/budgets", headers=auth(make_tenant(role="admin")),
+                                  json={"tenant": tenant.name, "window": "fortnight", "limit_usd": "1"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "window"
