@@ -105,6 +105,7 @@ class Ledger:
         self._spill_path = spill_dir / f"spill-{os.getpid()}.jsonl"
         self._spill_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._in_hand: list[LedgerRow] = []  # taken off the queue by the writer, not yet written
         self._idle = asyncio.Event()
         self.stats = LedgerStats()
 
@@ -130,7 +131,10 @@ class Ledger:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        rest: list[LedgerRow] = []
+        # Rows the writer had taken but not yet written when it was stopped go first (if they did reach
+        # Postgres, the idempotent path keeps them single).
+        rest: list[LedgerRow] = self._in_hand
+        self._in_hand = []
         while not self._queue.empty():
             rest.append(self._queue.get_nowait())
         for start in range(0, len(rest), self._batch_size):
@@ -150,7 +154,7 @@ class Ledger:
         while True:
             if self._queue.empty():
                 self._idle.set()
-            batch = [await self._queue.get()]
+            batch = self._in_hand = [await self._queue.get()]
             self._idle.clear()
             deadline = asyncio.get_running_loop().time() + self._flush_interval
             while len(batch) < self._batch_size:
@@ -162,6 +166,7 @@ class Ledger:
                 except TimeoutError:
                     break
             await self._write(batch)
+            self._in_hand = []
 
     async def _write(self, batch: list[LedgerRow]) -> None:
         try:

@@ -35,6 +35,12 @@ if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5])) e
 return 1
 """
 
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return "0"
+    return value.decode() if isinstance(value, bytes) else value
+
+
 _SUBJECT_COLUMN = {"key": "key_id::text", "user": "end_user", "session": "session_id"}
 
 
@@ -125,7 +131,7 @@ async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, 
                     corrected = False
                     if raise_it or allow_decrease:
                         corrected = bool(await script(keys=[counter.key], args=[
-                            str(raw[0].decode() if raw[0] else "0"), str(raw[1].decode() if raw[1] else "0"),
+                            _text(raw[0]), _text(raw[1]),
                             max(l_usd, r_usd) if not allow_decrease else l_usd,
                             max(tokens, r_tok) if not allow_decrease else tokens, counter.ttl_s]))
                     report.drifts.append(Drift(budget.id, subject, from_nano(r_usd), usd, r_tok, tokens, corrected))

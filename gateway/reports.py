@@ -84,7 +84,8 @@ async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start:
 
 
 def _where(q: ReportQuery) -> tuple[str, list[Any]]:
-    where, params = "l.created_at >= %s AND l.created_at < %s", [q.start, q.end]
+    where = "l.created_at >= %s AND l.created_at < %s"
+    params: list[Any] = [q.start, q.end]
     if q.tenant_ids is not None:
         where += " AND l.tenant_id = ANY(%s)"
         params.append(q.tenant_ids)

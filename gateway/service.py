@@ -31,6 +31,15 @@ INFERENCE_ROLES = frozenset({"app", "admin"})
 # Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
 INPUT_MARGIN = 1.10
 INPUT_SLACK = 16
+# Worst-case output: max_tokens in the upstream's tokens, which tiktoken may count a little higher.
+# Streams are counted with tiktoken and cut at this figure, so a compliant upstream is never cut and
+# one that ignores max_tokens never outgrows its reservation.
+OUTPUT_MARGIN = 1.25
+OUTPUT_SLACK = 8
+
+
+def reserved_output(max_tokens: int, n: int = 1) -> int:
+    return (math.ceil(max_tokens * OUTPUT_MARGIN) + OUTPUT_SLACK) * n
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +200,7 @@ class CompletionService:
             def worst_case(rules: TenantRules) -> tuple[Usage, int]:
                 cap = req.max_completion_tokens or req.max_tokens or rules.policy.default_max_tokens
                 prompt = math.ceil(count_messages(data["messages"]) * INPUT_MARGIN) + INPUT_SLACK
-                return Usage(input_tokens=prompt, output_tokens=cap * req.n), cap
+                return Usage(input_tokens=prompt, output_tokens=reserved_output(cap, req.n)), cap
 
             admission = await self._admit(ctx, tally, entry, body, wire, worst_case)
             if req.stream:
@@ -226,9 +235,10 @@ class CompletionService:
             await stream.aclose()
             raise
         cap = wire.get("max_completion_tokens") or wire.get("max_tokens")
-        n = wire.get("n") if isinstance(wire.get("n"), int) else 1
+        n = wire["n"] if isinstance(wire.get("n"), int) else 1
         relay = StreamRelay(tally, entry, stream, chunks, wants_usage=bool(options.get("include_usage")),
-                            output_cap=cap * n if admission is not None and isinstance(cap, int) else None,
+                            output_cap=reserved_output(cap, n) if admission is not None and isinstance(cap, int)
+                            else None,
                             estimate=lambda text, produced: self._estimate(data, text, max(produced, count_text(text))))
         return StreamResult(relay.frames(first), self._result_headers(entry, None, admission))
 

@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     krevoke.add_argument("id", type=int)
     krevoke.set_defaults(func=cmd_keys_revoke)
 
+    from tollway import cli_budgets
+
+    cli_budgets.add_commands(sub, _common, tenants, keys)
+
     simp = sub.add_parser("sim-upstream", help="run the scripted OpenAI/vLLM-compatible upstream")
     sim.add_arguments(simp)
     simp.set_defaults(func=cmd_sim_upstream)

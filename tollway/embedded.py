@@ -212,7 +212,21 @@ class EmbeddedRedis(_ChildProcess):
         self._spawn([str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)], self.workdir / "redis.log")
         wait_until(self._ping, 15, "embedded redis-server", self.workdir / "redis.log")
+        (self.workdir / "port").write_text(str(self.port))  # how `tollway budgets` finds it
         return self.url
+
+    @staticmethod
+    def running_url(workdir: Path) -> str | None:
+        """The URL of an embedded Redis a `tollway serve` started in this data directory, if it runs."""
+        port_file = workdir / "port"
+        if not port_file.exists():
+            return None
+        port = int(port_file.read_text())
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            return None
 
 
 def local_model_path() -> Path:

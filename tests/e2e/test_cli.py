@@ -85,3 +85,34 @@ def test_our_guardrails_folder_never_shadows_guardrails_ai():
     from tollway import guardrails
 
     assert guardrails.__name__ == "tollway.guardrails"
+
+
+def test_budget_commands(pg, redis_url, make_tenant):
+    import json
+
+    tenant = make_tenant()
+    env = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url}
+    made = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--usd", "2.5", env=env)
+    assert made.returncode == 0, made.stderr
+    budget = json.loads(made.stdout)
+    assert (budget["window"], budget["limit_usd"], budget["scope"]) == ("day", "2.5000000000", "tenant")
+    per_user = tollway("budgets", "set", "--tenant", tenant.name, "--user", "*", "--window", "hour",
+                       "--tokens", "1000", env=env)
+    assert per_user.returncode == 0, per_user.stderr
+    policy = tollway("tenants", "policy", "--tenant", tenant.name, "--redis-failure", "open", "--rpm", "60", env=env)
+    assert policy.returncode == 0 and json.loads(policy.stdout)["redis_failure"] == "open"
+    limits = tollway("keys", "limits", str(tenant.key_id), "--rpm", "10", env=env)
+    assert limits.returncode == 0, limits.stderr
+    shown = json.loads(tollway("budgets", "show", "--tenant", tenant.name, env=env).stdout)
+    assert [(b["scope"], b["subject"], b["window"]) for b in shown["budgets"]] == [
+        ("tenant", "", "day"), ("user", "*", "hour")]
+    assert shown["policy"]["rpm"] == 60
+    reset = tollway("budgets", "reset", "--tenant", tenant.name, "--id", str(budget["id"]), env=env)
+    assert reset.returncode == 0 and json.loads(reset.stdout)["reset"] == [budget["id"]]
+    reconciled = tollway("budgets", "reconcile", env=env)
+    assert reconciled.returncode == 0, reconciled.stderr
+    assert json.loads(reconciled.stdout)["checked"] >= 1
+    bad = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", env=env)
+    assert bad.returncode == 2 and "give a USD limit" in bad.stderr
+    negative = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--usd", "-1", env=env)
+    assert negative.returncode == 2 and "negative" in negative.stderr

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tollway.gateway.service import INPUT_MARGIN, INPUT_SLACK
+from tollway.gateway.service import INPUT_MARGIN, INPUT_SLACK, reserved_output
 from tollway.routing.tokens import count_messages
 
 PRICE = (Decimal(3), Decimal(15))  # sim-large, USD per million tokens (conftest PRICES)
@@ -22,7 +22,7 @@ def msg(i: Any) -> list[dict[str, str]]:
 
 def worst_case_usd(messages: list[dict[str, str]], max_tokens: int) -> Decimal:
     prompt = math.ceil(count_messages(messages) * INPUT_MARGIN) + INPUT_SLACK
-    return (prompt * PRICE[0] + max_tokens * PRICE[1]) / 10**6
+    return (prompt * PRICE[0] + reserved_output(max_tokens) * PRICE[1]) / 10**6
 
 
 def auth(tenant: Any) -> dict[str, str]:
@@ -96,9 +96,10 @@ async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_fact
     assert '"code":"reservation_exceeded"' in frames[-2]
     text = "".join(__import__("json").loads(f)["choices"][0]["delta"].get("content", "")
                    for f in frames[:-2] if '"choices":[{' in f)
-    assert text == "the gateway keeps spend within"  # exactly the five reserved tokens reached the client
+    reserved = reserved_output(5)  # 15: max_tokens plus the tokenizer margin
+    assert len(text.split()) == reserved  # exactly the reserved tokens reached the client, no more
     [row] = ledger("request_id = %s", resp.headers["x-request-id"])
-    assert (row["status"], row["error_code"], row["output_tokens"]) == (502, "reservation_exceeded", 5)
+    assert (row["status"], row["error_code"], row["output_tokens"]) == (502, "reservation_exceeded", reserved)
 
 
 async def test_a_request_without_max_tokens_gets_the_tenant_cap(app_factory, make_tenant, admin, sim):
@@ -126,7 +127,7 @@ async def test_mixed_windows_are_all_or_nothing(app_factory, make_tenant, admin,
         key = await set_budget(gw, admin, tenant, scope="key", subject=str(tenant.key_id), window="month",
                                limit_usd="1")
         minute = await set_budget(gw, admin, tenant, scope="user", subject="*", window="minute",
-                                  limit_usd=str(per_request * Decimal("1.5")))
+                                  limit_usd=str(per_request * Decimal("1.2")))
         first = await chat(gw, tenant, 1, headers={"x-tollway-user": "alice"})
         second = await chat(gw, tenant, 2, headers={"x-tollway-user": "alice"})
         other_user = await chat(gw, tenant, 3, headers={"x-tollway-user": "bob"})

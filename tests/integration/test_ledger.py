@@ -123,3 +123,19 @@ async def test_a_row_written_twice_lands_once(pg, helpers, tmp_path):
         await ledger.stop()
         assert ledger.stats.spilled == 0
     assert len(helpers.ledger_rows(pg.url, "request_id = ANY(%s)", (["req_twice", "req_replay_999"],))) == 2
+
+
+async def test_rows_in_the_writers_hands_survive_shutdown(pg, helpers, tmp_path):
+    async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
+        # A long flush interval: the writer holds the batch, waiting for more, when stop() arrives.
+        ledger = Ledger(pool, tmp_path / "spill", queue_size=100, batch_size=50, flush_interval_s=30,
+                        retry_interval_s=60)
+        await ledger.start()
+        rows = [LedgerRow(request_id=f"req_inhand_{i}", created_at=datetime.now(UTC), tenant_id=1, key_id=1,
+                          endpoint="chat.completions") for i in range(5)]
+        for row in rows:
+            ledger.record(row)
+        await asyncio.sleep(0.05)  # the writer has taken them off the queue
+        await ledger.stop()
+    found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_inhand_%",))
+    assert len(found) == 5

@@ -1,0 +1,108 @@
+"""Cost reports for finance: totals equal the ledger, CSV opens in a spreadsheet, tenants stay apart."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+
+def auth(tenant: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {tenant.key}"}
+
+
+async def traffic(gw: Any, tenant: Any) -> None:
+    plan = [("sim-large", "alice", "search,beta"), ("sim-large", "bob", "search"), ("sim-small", "alice", None),
+            ("sim-small", None, "chat"), ("no-such-model", "bob", None)]
+    for i, (model, user, tags) in enumerate(plan):
+        headers = {**auth(tenant), **({"x-tollway-user": user} if user else {}),
+                   **({"x-tollway-tags": tags} if tags else {})}
+        await gw.client.post("/v1/chat/completions", headers=headers, json={
+            "model": model, "messages": [{"role": "user", "content": f"report line {i}"}], "max_tokens": 3 + i})
+    await gw.state.ledger.flush()
+
+
+def ledger_totals(pg_url: str, tenant_id: int) -> tuple[Decimal, int, int]:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT sum(cost_usd), sum(input_tokens), count(*) FROM ledger WHERE tenant_id = %s",
+                           (tenant_id,)).fetchone()
+    assert row is not None
+    return Decimal(row[0]), int(row[1]), int(row[2])
+
+
+async def test_report_totals_equal_the_ledger(app_factory, make_tenant, pg, admin):
+    tenant = make_tenant()
+    finance = make_tenant(role="finance")
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        reports = {}
+        for group in ("day", "model", "key", "user", "tag"):
+            resp = await gw.client.get("/v1/reports/costs", headers=auth(admin),
+                                       params={"group_by": group, "tenant": tenant.name})
+            assert resp.status_code == 200, resp.text
+            reports[group] = resp.json()
+        other = await gw.client.get("/v1/reports/costs", headers=auth(finance), params={"tenant": tenant.name})
+        own = await gw.client.get("/v1/reports/costs", headers=auth(finance))
+        by_tenant = await gw.client.get("/v1/reports/costs", headers=auth(finance), params={"group_by": "tenant"})
+        app_key = await gw.client.get("/v1/reports/costs", headers=auth(tenant))
+    spend, input_tokens, requests = ledger_totals(pg.url, tenant.id)
+    for group, report in reports.items():
+        totals = report["totals"]
+        assert Decimal(totals["spend_usd"]) == spend, group
+        assert (totals["input_tokens"], totals["requests"]) == (input_tokens, requests)
+        if group != "tag":  # a row with two tags counts in both tag groups
+            assert sum(Decimal(g["spend_usd"]) for g in report["groups"]) == spend
+    models = {g["group"]: g for g in reports["model"]["groups"]}
+    assert set(models) == {"sim-large", "sim-small", "(none)"}  # the refused request named no known model
+    assert reports["day"]["groups"][0]["group"] == date.today().isoformat()
+    assert {g["group"] for g in reports["tag"]["groups"]} == {"search", "beta", "chat", "(none)"}
+    assert {g["group"] for g in reports["user"]["groups"]} == {"alice", "bob", "(none)"}
+    errors = sum(g["errors"] for g in reports["model"]["groups"])
+    assert errors == 1
+    assert other.status_code == 403 and by_tenant.status_code == 403 and app_key.status_code == 403
+    assert own.status_code == 200 and own.json()["totals"]["requests"] == 0  # the finance tenant spent nothing
+
+
+async def test_admin_groups_by_tenant_and_budget_use_is_reported(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+                            json={"tenant": tenant.name, "scope": "user", "subject": "*", "window": "month",
+                                  "limit_usd": "0.5"})
+        await traffic(gw, tenant)
+        by_tenant = (await gw.client.get("/v1/reports/costs", headers=auth(admin),
+                                         params={"group_by": "tenant"})).json()
+        by_user = (await gw.client.get("/v1/reports/costs", headers=auth(admin),
+                                       params={"group_by": "user", "tenant": tenant.name})).json()
+    assert tenant.name in {g["group"] for g in by_tenant["groups"]}
+    alice = next(g for g in by_user["groups"] if g["group"] == "alice")
+    [use] = alice["budgets"]
+    assert (use["window"], use["limit_usd"]) == ("month", "0.5000000000")
+    assert Decimal(use["used_usd"]) == Decimal(alice["spend_usd"])
+    assert use["used_pct"] == float(round(Decimal(alice["spend_usd"]) / Decimal("0.5") * 100, 2))
+
+
+async def test_csv_has_a_header_and_iso_dates(app_factory, make_tenant, pg, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        resp = await gw.client.get("/v1/reports/costs", headers=auth(admin), params={
+            "group_by": "day", "format": "csv", "tenant": tenant.name, "from": "2026-01-01"})
+        bad = [await gw.client.get("/v1/reports/costs", headers=auth(admin), params=p) for p in (
+            {"group_by": "planet"}, {"from": "yesterday"}, {"format": "xlsx"}, {"from": "2026-02-01", "to": "2026-01-01"})]
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/csv")
+    assert "attachment" in resp.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(resp.text)))
+    assert list(rows[0]) == ["group_by", "group", "from", "to", "spend_usd", "input_tokens", "output_tokens",
+                             "cached_tokens", "requests", "errors"]
+    assert rows[0]["group"] == date.today().isoformat()
+    assert rows[0]["from"].startswith("2026-01-01T00:00:00")
+    assert rows[-1]["group"] == "TOTAL"
+    assert Decimal(rows[-1]["spend_usd"]) == ledger_totals(pg.url, tenant.id)[0]
+    assert [b.status_code for b in bad] == [400, 400, 400, 400]
+    assert [b.json()["error"]["param"] for b in bad] == ["group_by", "from", "format", "from"]
