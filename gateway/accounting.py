@@ -83,24 +83,18 @@ class Tally:
         self._report(row)
         return row.cost_usd
 
-    async def close(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
-                    usage_source: str | None = None) -> Decimal:
-        """Write the ledger row and settle the reservation to what was actually used."""
+    def close(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
+              usage_source: str | None = None) -> Decimal:
+        """Write the ledger row; settle the reservation to what was actually used.
+
+        Settlement runs as a tracked task after the answer has gone: until it lands, the reservation
+        still holds the worst case, which only makes the next admission stricter, never looser."""
         if self.finished:
             return self.row.cost_usd
         cost = self._record(status, error_code, usage, usage_source)
-        if self.reservation is not None:
-            await self.reservation.settle(cost, self.usage.input_tokens + self.usage.output_tokens)
-        return cost
-
-    def close_detached(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
-                       usage_source: str | None = None) -> None:
-        """For a task being cancelled: the row is written now, the settlement runs as a tracked task."""
-        if self.finished:
-            return
-        cost = self._record(status, error_code, usage, usage_source)
         if self.reservation is not None and self.quota is not None:
             self.quota.track(self.reservation.settle(cost, self.usage.input_tokens + self.usage.output_tokens))
+        return cost
 
     def _report(self, row: LedgerRow) -> None:
         span, tel = self.span, self.telemetry

@@ -47,10 +47,33 @@ DIM_NAMES = ("usd", "tokens", "requests")
 VELOCITY_BUCKET_S = 10
 VELOCITY_BUCKETS = 6  # one minute
 
-# KEYS: storm, velocity-over, velocity buckets (newest first) x6, then (hash, leases, amounts) per counter
-# ARGV: now_ms, lease_ms, rid, storm_limit, storm_window_s, velocity_hard_nano, n, then per counter:
+# Counter hashes hold settled amounts (s_usd, s_tok, s_req) and one field r = "usd:tok:req" reserved.
+# Leases are per tenant: a sorted set of request ids by expiry, and a hash from request id to what it
+# reserved where ("key,usd,tok,req;key,usd,tok,req"). Purging or settling a lease gives that back.
+_LEASE_LIB = """
+local function triple(s)
+  if not s then return 0, 0, 0 end
+  local a, b, c = string.match(s, '(%d+):(%d+):(%d+)')
+  return tonumber(a), tonumber(b), tonumber(c)
+end
+local function release(rec)
+  for key, u, t, r in string.gmatch(rec, '([^,;]+),(%d+),(%d+),(%d+)') do
+    local cur = redis.call('HGET', key, 'r')
+    if cur then
+      local a, b, c = triple(cur)
+      redis.call('HSET', key, 'r', string.format('%d:%d:%d', math.max(0, a - tonumber(u)),
+        math.max(0, b - tonumber(t)), math.max(0, c - tonumber(r))))
+    end
+  end
+end
+"""
+
+# KEYS: storm, velocity-over, velocity buckets (newest first) x6, leases zset, leases hash, then one
+#       counter hash per counter
+# ARGV: now_ms, lease_ms, rid, storm_limit, storm_window_s, velocity (-2: not watched, -1: read only,
+#       >= 0: the hard line in nano-USD/min), n, then per counter:
 #       lim_usd, lim_tok, lim_req, amt_usd, amt_tok, amt_req, ttl_s
-RESERVE = """
+RESERVE = _LEASE_LIB + """
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local rid = ARGV[3]
@@ -68,91 +91,92 @@ if storm_limit > 0 then
   end
 end
 local velocity = 0
-for b = 3, 8 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
-if vel_hard >= 0 and velocity > vel_hard then
-  local since = tonumber(redis.call('GET', KEYS[2])) or now
-  local first = redis.call('SET', KEYS[2] .. ':refused', 1, 'NX', 'EX', 60) and 1 or 0
-  return {3, velocity, since, first}
-end
-local function purge(h, z, a)
-  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  for _, id in ipairs(expired) do
-    local amt = redis.call('HGET', a, id)
-    if amt then
-      local u, t, r = string.match(amt, '(%d+):(%d+):(%d+)')
-      redis.call('HINCRBY', h, 'r_usd', -tonumber(u))
-      redis.call('HINCRBY', h, 'r_tok', -tonumber(t))
-      redis.call('HINCRBY', h, 'r_req', -tonumber(r))
-      redis.call('HDEL', a, id)
-    end
-    redis.call('ZREM', z, id)
+if vel_hard >= -1 then
+  for b = 3, 8 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
+  if vel_hard >= 0 and velocity > vel_hard then
+    local since = tonumber(redis.call('GET', KEYS[2])) or now
+    local first = redis.call('SET', KEYS[2] .. ':refused', 1, 'NX', 'EX', 60) and 1 or 0
+    return {3, velocity, since, first}
   end
 end
+if n == 0 then return {1, velocity} end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)
+if #expired > 0 then
+  for _, id in ipairs(expired) do
+    local rec = redis.call('HGET', KEYS[10], id)
+    if rec then release(rec) end
+    redis.call('HDEL', KEYS[10], id)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+end
 local used = {}
+local fresh = {}
 for i = 0, n - 1 do
-  local h, z, a = KEYS[9 + 3 * i], KEYS[10 + 3 * i], KEYS[11 + 3 * i]
-  purge(h, z, a)
-  local v = redis.call('HMGET', h, 's_usd', 's_tok', 's_req', 'r_usd', 'r_tok', 'r_req')
+  local v = redis.call('HMGET', KEYS[11 + i], 's_usd', 's_tok', 's_req', 'r')
+  fresh[i] = not (v[1] or v[2] or v[3] or v[4])
+  local ru, rt, rr = triple(v[4])
+  local reserved = {ru, rt, rr}
   for d = 1, 3 do
     local lim = tonumber(ARGV[7 + 7 * i + d])
     local amt = tonumber(ARGV[10 + 7 * i + d])
-    local u = (tonumber(v[d]) or 0) + (tonumber(v[d + 3]) or 0)
+    local u = (tonumber(v[d]) or 0) + reserved[d]
     if lim >= 0 and u + amt > lim then
       return {0, i, d - 1, u, lim}
     end
-    used[3 * i + d] = u + amt
+    used[3 * i + d] = u
   end
 end
-for i = 0, n - 1 do
-  local h, z, a = KEYS[9 + 3 * i], KEYS[10 + 3 * i], KEYS[11 + 3 * i]
-  local base = 7 + 7 * i
-  local u, t, r = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
-  redis.call('HINCRBY', h, 'r_usd', u)
-  redis.call('HINCRBY', h, 'r_tok', t)
-  redis.call('HINCRBY', h, 'r_req', r)
-  redis.call('ZADD', z, now + lease, rid)
-  redis.call('HSET', a, rid, u .. ':' .. t .. ':' .. r)
-  local ttl = tonumber(ARGV[base + 7])
-  if ttl > 0 then
-    redis.call('EXPIRE', h, ttl)
-    redis.call('EXPIRE', z, ttl)
-    redis.call('EXPIRE', a, ttl)
-  end
-end
+local rec = {}
 local out = {1, velocity}
-for k = 1, 3 * n do out[#out + 1] = used[k] end
+for i = 0, n - 1 do
+  local base = 7 + 7 * i
+  local key = KEYS[11 + i]
+  local u, t, r = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
+  local v = redis.call('HGET', key, 'r')
+  local a, b, c = triple(v)
+  redis.call('HSET', key, 'r', string.format('%d:%d:%d', a + u, b + t, c + r))
+  local ttl = tonumber(ARGV[base + 7])
+  if fresh[i] and ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  rec[#rec + 1] = string.format('%s,%d,%d,%d', key, u, t, r)
+  out[#out + 1] = used[3 * i + 1] + u
+  out[#out + 1] = used[3 * i + 2] + t
+  out[#out + 1] = used[3 * i + 3] + r
+end
+redis.call('ZADD', KEYS[9], now + lease, rid)
+redis.call('HSET', KEYS[10], rid, table.concat(rec, ';'))
+redis.call('PEXPIRE', KEYS[9], lease * 4)
+redis.call('PEXPIRE', KEYS[10], lease * 4)
 return out
 """
 
-# KEYS: velocity-over, velocity bucket (current), velocity buckets x6, then (hash, leases, amounts) per counter
-# ARGV: rid, now_ms, velocity_hard_nano, n, then per counter: usd, tok, req, ttl_s
-SETTLE = """
+# KEYS: velocity-over, velocity bucket (current), velocity buckets x6, leases zset, leases hash, then
+#       one counter hash per counter
+# ARGV: rid, now_ms, velocity_hard_nano, n, then per counter: usd, tok, req, ttl_s; then spent usd
+SETTLE = _LEASE_LIB + """
 local rid = ARGV[1]
 local n = tonumber(ARGV[4])
-for i = 0, n - 1 do
-  local h, z, a = KEYS[9 + 3 * i], KEYS[10 + 3 * i], KEYS[11 + 3 * i]
-  local amt = redis.call('HGET', a, rid)
-  if amt then
-    local u, t, r = string.match(amt, '(%d+):(%d+):(%d+)')
-    redis.call('HINCRBY', h, 'r_usd', -tonumber(u))
-    redis.call('HINCRBY', h, 'r_tok', -tonumber(t))
-    redis.call('HINCRBY', h, 'r_req', -tonumber(r))
-    redis.call('HDEL', a, rid)
-    redis.call('ZREM', z, rid)
-  end
-  local base = 4 + 4 * i
-  redis.call('HINCRBY', h, 's_usd', ARGV[base + 1])
-  redis.call('HINCRBY', h, 's_tok', ARGV[base + 2])
-  redis.call('HINCRBY', h, 's_req', ARGV[base + 3])
-  local ttl = tonumber(ARGV[base + 4])
-  if ttl > 0 then redis.call('EXPIRE', h, ttl) end
+local rec = redis.call('HGET', KEYS[10], rid)
+if rec then
+  release(rec)
+  redis.call('HDEL', KEYS[10], rid)
+  redis.call('ZREM', KEYS[9], rid)
 end
+for i = 0, n - 1 do
+  local key = KEYS[11 + i]
+  local base = 4 + 4 * i
+  for d, field in ipairs({'s_usd', 's_tok', 's_req'}) do
+    local amt = tonumber(ARGV[base + d])
+    if amt > 0 then redis.call('HINCRBY', key, field, amt) end
+  end
+  local ttl = tonumber(ARGV[base + 4])
+  if ttl > 0 and redis.call('TTL', key) == -1 then redis.call('EXPIRE', key, ttl) end
+end
+local vel_hard = tonumber(ARGV[3])
 local spent = tonumber(ARGV[5 + 4 * n]) or 0
-if spent > 0 then
+if vel_hard >= -1 and spent > 0 then
   redis.call('INCRBY', KEYS[2], spent)
   redis.call('EXPIRE', KEYS[2], 90)
 end
-local vel_hard = tonumber(ARGV[3])
 if vel_hard >= 0 then
   local velocity = 0
   for b = 3, 8 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
@@ -162,8 +186,7 @@ return 1
 """
 
 RENEW = """
-for i = 2, #KEYS do redis.call('ZADD', KEYS[i], 'XX', ARGV[1], ARGV[2]) end
-return 1
+return redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[2])
 """
 
 
@@ -217,9 +240,6 @@ class Counter:
     budget: Budget | None = None  # None: a rate limit
     rate_scope: str = ""  # "tenant" or "key" for rate limits
 
-    @property
-    def keys(self) -> tuple[str, str, str]:
-        return self.key, self.key + ":l", self.key + ":a"
 
 
 @dataclass(slots=True)
@@ -292,17 +312,23 @@ def _velocity_keys(tenant_id: int, now_s: float) -> list[str]:
     return [f"{tag}:vel:over"] + [f"{tag}:vel:{bucket - i}" for i in range(VELOCITY_BUCKETS)]
 
 
+def _lease_keys(tenant_id: int) -> list[str]:
+    tag = _tenant_tag(tenant_id)
+    return [f"{tag}:leases", f"{tag}:lease"]
+
+
 class Reservation:
     """What one request holds in Redis until it settles (or its lease runs out)."""
 
     def __init__(self, quota: QuotaService, rid: str, tenant_id: int, counters: list[Counter], demand: Demand,
-                 velocity_hard_nano: int, local: bool) -> None:
+                 velocity_hard_nano: int, local: bool, track_velocity: bool = True) -> None:
         self.quota = quota
         self.rid = rid
         self.tenant_id = tenant_id
         self.counters = counters
         self.demand = demand
         self.velocity_hard_nano = velocity_hard_nano
+        self.track_velocity = track_velocity
         self.local = local
         self.settled = False
         self._renewal: asyncio.TimerHandle | None = None
@@ -318,8 +344,7 @@ class Reservation:
             return
         expiry = int(time.time() * 1000 + self.quota.lease_s * 1000)
         try:
-            await self.quota.renew_script(keys=["_", *(c.key + ":l" for c in self.counters)],
-                                          args=[expiry, self.rid])
+            await self.quota.renew_script(keys=_lease_keys(self.tenant_id)[:1], args=[expiry, self.rid])
         except RedisError as exc:
             log.warning("lease renewal failed for %s: %s", self.rid, exc)
         if not self.settled:
@@ -380,7 +405,12 @@ class QuotaService:
     def track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("budget settlement task failed", exc_info=task.exception())
 
     async def drain(self) -> None:
         while self._tasks:
@@ -393,11 +423,13 @@ class QuotaService:
         policy = rules.policy
         hard = NO_LIMIT if policy.velocity_hard_usd_per_min is None else to_nano(policy.velocity_hard_usd_per_min)
         now_s = now.timestamp()
-        keys = [f"{_tenant_tag(principal.tenant_id)}:storm:{fingerprint}", *_velocity_keys(principal.tenant_id, now_s)]
+        keys = [f"{_tenant_tag(principal.tenant_id)}:storm:{fingerprint}", *_velocity_keys(principal.tenant_id, now_s),
+                *_lease_keys(principal.tenant_id)]
+        watch = hard if hard != NO_LIMIT else (-1 if policy.velocity_soft_usd_per_min is not None else -2)
         args: list[Any] = [int(now_s * 1000), int(self.lease_s * 1000), rid, policy.retry_storm_limit,
-                           policy.retry_storm_window_s, hard, len(counters)]
+                           policy.retry_storm_window_s, watch, len(counters)]
         for counter in counters:
-            keys.extend(counter.keys)
+            keys.append(counter.key)
             args.extend([*counter.limits, *demand.amounts(counter), counter.ttl_s])
         try:
             reply = await self.reserve_script(keys=keys, args=args)
@@ -428,8 +460,9 @@ class QuotaService:
         used = [int(v) for v in reply[2:]]
         for i, counter in enumerate(counters):
             self.local.remember(counter, used[3 * i: 3 * i + 3])
-        reservation = Reservation(self, rid, principal.tenant_id, counters, demand, hard, local=False)
         soft = policy.velocity_soft_usd_per_min
+        reservation = Reservation(self, rid, principal.tenant_id, counters, demand, hard, local=False,
+                                  track_velocity=soft is not None or hard != NO_LIMIT)
         return Admission(reservation, _headers(counters, used, now),
                          step_down=soft is not None and velocity > to_nano(soft))
 
@@ -465,13 +498,16 @@ class QuotaService:
     async def settle(self, reservation: Reservation, usd_nano: int, tokens: int) -> None:
         if reservation.local:
             return  # counted locally at admission; the reconciliation job restores Redis from the ledger
+        if not reservation.counters and not reservation.track_velocity:
+            return  # nothing was reserved and no velocity is watched: no round trip
         now_s = self.clock().timestamp()
         vel = _velocity_keys(reservation.tenant_id, now_s)
-        keys = [vel[0], vel[1], *vel[1:]]
-        args: list[Any] = [reservation.rid, int(now_s * 1000), reservation.velocity_hard_nano,
-                           len(reservation.counters)]
+        keys = [vel[0], vel[1], *vel[1:], *_lease_keys(reservation.tenant_id)]
+        # -2: no velocity watched (skip the bucket); -1: watched without a hard line; >= 0: the hard line
+        hard = reservation.velocity_hard_nano if reservation.track_velocity else -2
+        args: list[Any] = [reservation.rid, int(now_s * 1000), hard, len(reservation.counters)]
         for counter in reservation.counters:
-            keys.extend(counter.keys)
+            keys.append(counter.key)
             amounts = (usd_nano, tokens, reservation.demand.requests) if counter.budget is not None \
                 else (0, tokens, reservation.demand.requests)
             args.extend([*amounts, counter.ttl_s])

@@ -111,7 +111,4 @@ class StreamRelay:
         finally:
             await self.stream.aclose()
             usage, source = self._settled_usage()
-            if status == CLIENT_CLOSED:
-                self.tally.close_detached(status, code, usage=usage, usage_source=source)
-            else:
-                await self.tally.close(status, code, usage=usage, usage_source=source)
+            self.tally.close(status, code, usage=usage, usage_source=source)

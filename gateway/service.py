@@ -207,17 +207,17 @@ class CompletionService:
                 return await self._start_stream(tally, entry, upstream, wire, data, admission)
             response = await upstream.complete(wire)
         except TollwayError as exc:
-            await tally.close(exc.status, exc.code)
+            tally.close(exc.status, exc.code)
             raise
         except BaseException:
-            tally.close_detached(CLIENT_CLOSED, "client_disconnected")
+            tally.close(CLIENT_CLOSED, "client_disconnected")
             raise
         tally.first_token()
         usage, source = usage_of(response.get("usage")), "upstream"
         if usage is None:
             usage, source = self._estimate(data, _completion_text(response)), "estimated"
         response["model"] = entry.name
-        cost = await tally.close(200, usage=usage, usage_source=source)
+        cost = tally.close(200, usage=usage, usage_source=source)
         return JSONResult(response, self._result_headers(entry, cost, admission))
 
     async def _start_stream(self, tally: Tally, entry: ModelEntry, upstream: Upstream, wire: JSON,
@@ -264,16 +264,16 @@ class CompletionService:
             admission = await self._admit(ctx, tally, entry, body, wire, worst_case)
             response = await upstream.embed(wire)
         except TollwayError as exc:
-            await tally.close(exc.status, exc.code)
+            tally.close(exc.status, exc.code)
             raise
         except BaseException:
-            tally.close_detached(CLIENT_CLOSED, "client_disconnected")
+            tally.close(CLIENT_CLOSED, "client_disconnected")
             raise
         usage, source = usage_of(response.get("usage")), "upstream"
         if usage is None:
             usage, source = Usage(input_tokens=tokens), "estimated"
         response["model"] = entry.name
-        cost = await tally.close(200, usage=usage, usage_source=source)
+        cost = tally.close(200, usage=usage, usage_source=source)
         return JSONResult(response, self._result_headers(entry, cost, admission))
 
     def models(self, principal: Principal) -> JSON:

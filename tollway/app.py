@@ -107,6 +107,14 @@ async def _reconcile_loop(pool: AsyncConnectionPool, redis_client: aioredis.Redi
         await asyncio.sleep(interval_s)
 
 
+def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
+    """A pool that makes callers wait for a free connection (redis-py's default pool raises instead,
+    which under load would read as "Redis is down")."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=2,
+                                                    socket_timeout=2, socket_connect_timeout=2)
+    return aioredis.Redis(connection_pool=pool)
+
+
 def upstream_configs(settings: Settings) -> list[RawUpstream]:
     raw = load_config(settings.config).upstreams
     extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
@@ -131,7 +139,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                                check=AsyncConnectionPool.check_connection)
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
-    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis_client = redis_client_for(settings.redis_url, settings.redis_max_connections)
     stack.push_async_callback(redis_client.aclose)
     session = new_session()
     stack.push_async_callback(session.close)

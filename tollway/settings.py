@@ -23,6 +23,7 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     redis_url: str | None = None
+    redis_max_connections: int = Field(default=64, ge=1)
     # Extra OpenAI-compatible upstreams whose models come from their /v1/models (comma-separated).
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Start the packaged llama.cpp model when nothing else is configured.

@@ -135,9 +135,9 @@ async def test_mixed_windows_are_all_or_nothing(app_factory, make_tenant, admin,
     assert second.status_code == 429
     assert "the minute budget of each user" in second.json()["error"]["message"]
     client = redis.Redis.from_url(redis_url)
-    day_key = next(k for k in client.scan_iter(f"tw:{{t:{tenant.id}}}:b:{day['id']}:*") if not k.endswith((b":l", b":a")))
+    [day_key] = list(client.scan_iter(f"tw:{{t:{tenant.id}}}:b:{day['id']}:*"))
     # The refused request reserved nothing anywhere: the day budget saw two requests, settled.
-    assert int(client.hget(day_key, "r_usd")) == 0
+    assert client.hget(day_key, "r") == b"0:0:0"
     assert int(client.hget(day_key, "s_req")) == 2
     assert key["window"] == "month" and minute["subject"] == "*"
     assert first.headers["x-tollway-budget-remaining"]
@@ -210,8 +210,11 @@ async def test_spend_velocity_soft_steps_down_and_hard_refuses(app_factory, make
     async with app_factory() as gw:
         await gw.client.put("/v1/admin/policies", headers=auth(admin), json={
             "tenant": tenant.name, "velocity_soft_usd_per_min": str(per_request),
-            "velocity_hard_usd_per_min": str(per_request * 3)})
-        results = [await chat(gw, tenant, i) for i in range(8)]
+            "velocity_hard_usd_per_min": str(per_request * 2)})
+        results = []
+        for i in range(10):
+            results.append(await chat(gw, tenant, i))
+            await gw.state.quota.drain()  # settlement runs after each answer; let it land
         await gw.state.events.drain()
         await gw.state.ledger.flush()
     codes = [r.status_code for r in results]
@@ -222,7 +225,7 @@ async def test_spend_velocity_soft_steps_down_and_hard_refuses(app_factory, make
     assert rows[0]["route_reason"] == "requested"
     assert any(r["route_reason"] == "requested;velocity_soft_step_down" for r in rows[1:])
     spent = sum(r["cost_usd"] for r in rows)
-    assert spent <= per_request * 4  # contained within one request of the hard line
+    assert spent <= per_request * 3  # contained within one request of the hard line
     with psycopg.connect(pg.url) as conn:
         kinds = [r[0] for r in conn.execute("SELECT kind FROM breaker_events WHERE tenant_id = %s",
                                             (tenant.id,)).fetchall()]

@@ -193,3 +193,24 @@ async def test_reconciliation_raises_counters_that_fell_behind_the_ledger(app_fa
         again = await gw.client.post("/v1/admin/reconcile", headers=auth(admin), json={"tenant": tenant.name})
         assert again.json()["drifts"] == []
         await client.aclose()
+
+
+async def test_settling_zero_amounts_releases_every_counter(redis_url):
+    """A token-only budget and a rate limit reserve zero dollars; settling them must still work."""
+    client = aioredis.from_url(redis_url)
+    quota = QuotaService(client, lease_s=30, fail_open_share=0.5)
+    tenant_id = 920_000 + int(time.time()) % 10_000
+    principal = Principal(key_id=3, tenant_id=tenant_id, tenant="zero", role="app", allowed_models=None,
+                          rpm=100, tpm=None)
+    budget = Budget(id=tenant_id, tenant_id=tenant_id, scope="tenant", subject="", period="hour",
+                    limit_usd=None, limit_tokens=10_000)
+    rules = TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0), (budget,))
+    admission = await quota.admit(principal, rules, rid="z", end_user=None, session=None, fingerprint="z",
+                                  demand=Demand(usd_nano=0, tokens=500))
+    assert admission.headers["x-ratelimit-remaining-requests"] == "99"
+    await admission.reservation.settle(Decimal(0), 120)
+    for counter in admission.reservation.counters:
+        assert await client.hget(counter.key, "r") == b"0:0:0"
+    token_counter = admission.reservation.counters[0]
+    assert int(await client.hget(token_counter.key, "s_tok")) == 120
+    await client.aclose()

