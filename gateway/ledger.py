@@ -10,7 +10,6 @@ lands every row exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -128,9 +127,11 @@ class Ledger:
         """Drain the queue into Postgres (or the spill file), then stop the tasks."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A bounded wait: a task whose cancellation a library swallowed must not hold up shutdown; the
+        # rows are drained below either way.
+        _, stuck = await asyncio.wait(self._tasks, timeout=5)
+        for task in stuck:
+            log.warning("ledger task %s did not stop; draining without it", task.get_name())
         # Rows the writer had taken but not yet written when it was stopped go first (if they did reach
         # Postgres, the idempotent path keeps them single).
         rest: list[LedgerRow] = self._in_hand
@@ -162,7 +163,10 @@ class Ledger:
                 if timeout <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
+                    # races with a queue item, and stop() would then wait on this task forever.
+                    async with asyncio.timeout(timeout):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     break
             await self._write(batch)

@@ -68,8 +68,8 @@ local function release(rec)
 end
 """
 
-# KEYS: storm, velocity-over, velocity buckets (newest first) x6, leases zset, leases hash, then one
-#       counter hash per counter
+# KEYS: storm, leases zset, leases hash, one counter hash per counter, then (only when velocity is
+#       watched) velocity-over and the velocity buckets, newest first, x6
 # ARGV: now_ms, lease_ms, rid, storm_limit, storm_window_s, velocity (-2: not watched, -1: read only,
 #       >= 0: the hard line in nano-USD/min), n, then per counter:
 #       lim_usd, lim_tok, lim_req, amt_usd, amt_tok, amt_req, ttl_s
@@ -92,27 +92,28 @@ if storm_limit > 0 then
 end
 local velocity = 0
 if vel_hard >= -1 then
-  for b = 3, 8 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
+  local over = 4 + n
+  for b = over + 1, over + 6 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
   if vel_hard >= 0 and velocity > vel_hard then
-    local since = tonumber(redis.call('GET', KEYS[2])) or now
-    local first = redis.call('SET', KEYS[2] .. ':refused', 1, 'NX', 'EX', 60) and 1 or 0
+    local since = tonumber(redis.call('GET', KEYS[over])) or now
+    local first = redis.call('SET', KEYS[over] .. ':refused', 1, 'NX', 'EX', 60) and 1 or 0
     return {3, velocity, since, first}
   end
 end
 if n == 0 then return {1, velocity} end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 if #expired > 0 then
   for _, id in ipairs(expired) do
-    local rec = redis.call('HGET', KEYS[10], id)
+    local rec = redis.call('HGET', KEYS[3], id)
     if rec then release(rec) end
-    redis.call('HDEL', KEYS[10], id)
+    redis.call('HDEL', KEYS[3], id)
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 end
 local used = {}
 local fresh = {}
 for i = 0, n - 1 do
-  local v = redis.call('HMGET', KEYS[11 + i], 's_usd', 's_tok', 's_req', 'r')
+  local v = redis.call('HMGET', KEYS[4 + i], 's_usd', 's_tok', 's_req', 'r')
   fresh[i] = not (v[1] or v[2] or v[3] or v[4])
   local ru, rt, rr = triple(v[4])
   local reserved = {ru, rt, rr}
@@ -130,7 +131,7 @@ local rec = {}
 local out = {1, velocity}
 for i = 0, n - 1 do
   local base = 7 + 7 * i
-  local key = KEYS[11 + i]
+  local key = KEYS[4 + i]
   local u, t, r = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
   local v = redis.call('HGET', key, 'r')
   local a, b, c = triple(v)
@@ -142,27 +143,27 @@ for i = 0, n - 1 do
   out[#out + 1] = used[3 * i + 2] + t
   out[#out + 1] = used[3 * i + 3] + r
 end
-redis.call('ZADD', KEYS[9], now + lease, rid)
-redis.call('HSET', KEYS[10], rid, table.concat(rec, ';'))
-redis.call('PEXPIRE', KEYS[9], lease * 4)
-redis.call('PEXPIRE', KEYS[10], lease * 4)
+redis.call('ZADD', KEYS[2], now + lease, rid)
+redis.call('HSET', KEYS[3], rid, table.concat(rec, ';'))
+redis.call('PEXPIRE', KEYS[2], lease * 4)
+redis.call('PEXPIRE', KEYS[3], lease * 4)
 return out
 """
 
-# KEYS: velocity-over, velocity bucket (current), velocity buckets x6, leases zset, leases hash, then
-#       one counter hash per counter
+# KEYS: leases zset, leases hash, one counter hash per counter, then (only when velocity is watched)
+#       velocity-over and the velocity buckets, newest (current) first, x6
 # ARGV: rid, now_ms, velocity_hard_nano, n, then per counter: usd, tok, req, ttl_s; then spent usd
 SETTLE = _LEASE_LIB + """
 local rid = ARGV[1]
 local n = tonumber(ARGV[4])
-local rec = redis.call('HGET', KEYS[10], rid)
+local rec = redis.call('HGET', KEYS[2], rid)
 if rec then
   release(rec)
-  redis.call('HDEL', KEYS[10], rid)
-  redis.call('ZREM', KEYS[9], rid)
+  redis.call('HDEL', KEYS[2], rid)
+  redis.call('ZREM', KEYS[1], rid)
 end
 for i = 0, n - 1 do
-  local key = KEYS[11 + i]
+  local key = KEYS[3 + i]
   local base = 4 + 4 * i
   for d, field in ipairs({'s_usd', 's_tok', 's_req'}) do
     local amt = tonumber(ARGV[base + d])
@@ -173,14 +174,15 @@ for i = 0, n - 1 do
 end
 local vel_hard = tonumber(ARGV[3])
 local spent = tonumber(ARGV[5 + 4 * n]) or 0
+local over = 3 + n
 if vel_hard >= -1 and spent > 0 then
-  redis.call('INCRBY', KEYS[2], spent)
-  redis.call('EXPIRE', KEYS[2], 90)
+  redis.call('INCRBY', KEYS[over + 1], spent)
+  redis.call('EXPIRE', KEYS[over + 1], 90)
 end
 if vel_hard >= 0 then
   local velocity = 0
-  for b = 3, 8 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
-  if velocity > vel_hard then redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', 120) end
+  for b = over + 1, over + 6 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
+  if velocity > vel_hard then redis.call('SET', KEYS[over], ARGV[2], 'NX', 'EX', 120) end
 end
 return 1
 """
@@ -423,14 +425,15 @@ class QuotaService:
         policy = rules.policy
         hard = NO_LIMIT if policy.velocity_hard_usd_per_min is None else to_nano(policy.velocity_hard_usd_per_min)
         now_s = now.timestamp()
-        keys = [f"{_tenant_tag(principal.tenant_id)}:storm:{fingerprint}", *_velocity_keys(principal.tenant_id, now_s),
-                *_lease_keys(principal.tenant_id)]
+        keys = [f"{_tenant_tag(principal.tenant_id)}:storm:{fingerprint}", *_lease_keys(principal.tenant_id)]
         watch = hard if hard != NO_LIMIT else (-1 if policy.velocity_soft_usd_per_min is not None else -2)
         args: list[Any] = [int(now_s * 1000), int(self.lease_s * 1000), rid, policy.retry_storm_limit,
                            policy.retry_storm_window_s, watch, len(counters)]
         for counter in counters:
             keys.append(counter.key)
             args.extend([*counter.limits, *demand.amounts(counter), counter.ttl_s])
+        if watch != -2:
+            keys.extend(_velocity_keys(principal.tenant_id, now_s))
         try:
             reply = await self.reserve_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
@@ -501,8 +504,7 @@ class QuotaService:
         if not reservation.counters and not reservation.track_velocity:
             return  # nothing was reserved and no velocity is watched: no round trip
         now_s = self.clock().timestamp()
-        vel = _velocity_keys(reservation.tenant_id, now_s)
-        keys = [vel[0], vel[1], *vel[1:], *_lease_keys(reservation.tenant_id)]
+        keys = _lease_keys(reservation.tenant_id)
         # -2: no velocity watched (skip the bucket); -1: watched without a hard line; >= 0: the hard line
         hard = reservation.velocity_hard_nano if reservation.track_velocity else -2
         args: list[Any] = [reservation.rid, int(now_s * 1000), hard, len(reservation.counters)]
@@ -512,6 +514,8 @@ class QuotaService:
                 else (0, tokens, reservation.demand.requests)
             args.extend([*amounts, counter.ttl_s])
         args.append(usd_nano)
+        if reservation.track_velocity:
+            keys.extend(_velocity_keys(reservation.tenant_id, now_s))
         try:
             await self.settle_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:

@@ -95,16 +95,19 @@ class AppState:
 
 
 async def _reconcile_loop(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger: Ledger,
-                          interval_s: float) -> None:
+                          interval_s: float, stop: asyncio.Event) -> None:
     """At start-up (an embedded Redis starts empty) and then periodically, raise any budget counter that
-    fell behind the ledger."""
-    while True:
+    fell behind the ledger. Stopped by ``stop``, not only by cancellation: client libraries have been
+    seen to swallow a cancellation, and shutdown must not hang on that."""
+    while not stop.is_set():
         try:
             await ledger.flush()
             await reconcile(pool, redis_client)
         except Exception:
             log.exception("budget reconciliation failed; it will run again")
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
 
 
 def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
@@ -170,13 +173,14 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
                          on_trip=events.trip)
     stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
-    reconciler = asyncio.create_task(_reconcile_loop(pool, redis_client, ledger, settings.reconcile_interval_s),
-                                     name="budget-reconcile")
+    stop_reconciling = asyncio.Event()
+    reconciler = asyncio.create_task(_reconcile_loop(pool, redis_client, ledger, settings.reconcile_interval_s,
+                                                     stop_reconciling), name="budget-reconcile")
 
     async def stop_reconciler() -> None:
+        stop_reconciling.set()
         reconciler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reconciler
+        await asyncio.wait({reconciler}, timeout=10)
 
     stack.push_async_callback(stop_reconciler)
     service = CompletionService(catalog, upstreams, ledger, telemetry,
