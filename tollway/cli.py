@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,10 @@ def _database(settings: Settings) -> Iterator[str]:
             pg.stop()
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -96,6 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             overrides["upstreams"] = [local.start()]
             stack.callback(local.stop)
         final = settings.model_copy(update=overrides)
+        # uvicorn shuts down gracefully on SIGTERM and then re-raises it: turn that into SystemExit so
+        # the embedded services started above are stopped too.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(create_app(final), host=final.host, port=final.port, log_config=_logging(final.log_level),
                     loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
                     timeout_graceful_shutdown=30)

@@ -116,3 +116,18 @@ def test_budget_commands(pg, redis_url, make_tenant):
     assert bad.returncode == 2 and "give a USD limit" in bad.stderr
     negative = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--usd", "-1", env=env)
     assert negative.returncode == 2 and "negative" in negative.stderr
+
+
+def test_sigterm_stops_the_embedded_services_too(serve, sim):
+    import time
+
+    served = serve("--upstream", sim.url, env={"TOLLWAY_DATABASE_URL": "", "TOLLWAY_REDIS_URL": "",
+                                              "TOLLWAY_CONFIG": ""})
+    data = Path(served.env["TOLLWAY_DATA_DIR"])
+    assert (data / "postgres" / "postmaster.pid").exists()
+    served.stop()  # SIGTERM, as Kubernetes or systemd would send
+    assert served.process.returncode == 0
+    deadline = time.monotonic() + 10
+    while (data / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (data / "postgres" / "postmaster.pid").exists()
