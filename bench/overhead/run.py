@@ -184,6 +184,12 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{tw_port}/healthz", 120, tw, tw_log)
         key = re.search(r"(tw-[A-Za-z0-9_-]+)", tw_log.read_text())
         assert key, tw_log.read_text()
+        # The load repeats one request body, which is exactly what the retry-storm breaker refuses: switch
+        # it off for this tenant (admission still runs its Redis script on every request).
+        subprocess.run([sys.executable, "-m", "tollway.cli", "tenants", "policy", "--tenant", "default",
+                        "--retry-storm-limit", "0", "--data-dir", str(workdir / "data")], check=True, env=env,
+                       cwd=workdir, capture_output=True)
+        time.sleep(2.5)  # the policy cache TTL
         targets.append(Target("tollway", f"http://127.0.0.1:{tw_port}/v1", key.group(1)))
 
         if not args.no_litellm:
