@@ -26,13 +26,14 @@ def sse(payload: JSON) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def delta_text(chunk: JSON) -> str:
-    parts = []
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-            parts.append(delta["content"])
-    return "".join(parts)
+def choice_text(payload: JSON, part: str) -> str:
+    """The text content of every choice: ``part`` is "delta" for stream chunks, "message" for answers."""
+    texts = []
+    for choice in payload.get("choices") or []:
+        body = choice.get(part) if isinstance(choice, dict) else None
+        if isinstance(body, dict) and isinstance(body.get("content"), str):
+            texts.append(body["content"])
+    return "".join(texts)
 
 
 class ReservationExceeded(TollwayError):
@@ -57,7 +58,7 @@ class StreamRelay:
         usage = usage_of(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
-        text = delta_text(chunk)
+        text = choice_text(chunk, "delta")
         if text:
             tokens = max(1, count_text(text))
             if self.output_cap is not None and self.produced + tokens > self.output_cap:

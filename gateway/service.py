@@ -20,7 +20,7 @@ from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.policy import PolicyStore, TenantRules
 from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, parse_json_object, validate
 from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, to_nano
-from tollway.gateway.relay import StreamRelay
+from tollway.gateway.relay import StreamRelay, choice_text
 from tollway.gateway.telemetry import Telemetry
 from tollway.routing import Catalog, ModelEntry, Upstream, Usage
 from tollway.routing.tokens import count_messages, count_text
@@ -69,15 +69,6 @@ class JSONResult:
 class StreamResult:
     frames: AsyncIterator[bytes]
     headers: dict[str, str]
-
-
-def _completion_text(response: JSON) -> str:
-    parts = []
-    for choice in response.get("choices") or []:
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            parts.append(message["content"])
-    return "".join(parts)
 
 
 def _tags(ctx: CallContext, data: JSON) -> list[str] | None:
@@ -215,7 +206,7 @@ class CompletionService:
         tally.first_token()
         usage, source = usage_of(response.get("usage")), "upstream"
         if usage is None:
-            usage, source = self._estimate(data, _completion_text(response)), "estimated"
+            usage, source = self._estimate(data, choice_text(response, "message")), "estimated"
         response["model"] = entry.name
         cost = tally.close(200, usage=usage, usage_source=source)
         return JSONResult(response, self._result_headers(entry, cost, admission))
