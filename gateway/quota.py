@@ -5,16 +5,18 @@ user and session budgets in each window, tenant and key rate limits), plus the r
 spend-velocity checks: either the worst case fits in all of them and is reserved in all of them, or
 nothing is reserved and the request is refused before anything is sent upstream.
 
-A reservation is a lease: it carries an expiry, renewed while the request runs. Every script first
-drops expired leases, so a gateway killed mid-request (SIGKILL) leaves budget locked for at most the
-lease time. Settlement replaces the lease by what the upstream actually used.
+A reservation is a lease: it carries an expiry, renewed while the request runs. Leases are kept per
+tenant (a sorted set by expiry and a hash of what each one reserved where); every admission first
+gives back the tenant's expired leases, so a gateway killed mid-request (SIGKILL) leaves budget locked
+for at most the lease time. Settlement replaces the lease by what the upstream actually used; it runs
+after the answer has been sent.
 
 Amounts are integers: USD in nano-dollars (rounded up), tokens, requests. Keys share a hash tag per
 tenant (``{t:ID}``), so one script touches one Redis Cluster slot.
 
 When Redis fails, the tenant's policy decides: ``closed`` (default) refuses with 503 and spends
 nothing; ``open`` admits against conservative local counters (a share of the headroom last seen in
-Redis); the reconciliation job later rewrites Redis from the ledger.
+Redis); the reconciliation job later raises the Redis counters to what the ledger recorded.
 """
 
 from __future__ import annotations
