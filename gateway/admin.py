@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from tollway.errors import NotFound, PermissionDenied
+from tollway.gateway.api import json_response
 from tollway.gateway.keys import Principal
 from tollway.gateway.policy import (
     delete_budget,
@@ -28,12 +29,6 @@ from tollway.gateway.reconcile import reconcile
 from tollway.gateway.reports import build_query, cost_report, to_csv
 
 router = APIRouter()
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    import orjson
-
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
 def _admin(request: Request) -> Principal:
@@ -88,7 +83,7 @@ async def get_budgets(request: Request, tenant: str) -> Response:
     _admin(request)
     async with request.app.state.tollway.pool.connection() as conn:
         budgets = await list_budgets(conn, tenant)
-    return _json({"object": "list", "data": [b.as_json() for b in budgets]})
+    return json_response({"object": "list", "data": [b.as_json() for b in budgets]})
 
 
 @router.put("/v1/admin/budgets", summary="Create or change a budget (applies within seconds)")
@@ -99,7 +94,7 @@ async def put_budget(request: Request, body: BudgetBody) -> Response:
         budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
                                   limit_usd=body.limit_usd, limit_tokens=body.limit_tokens)
     state.policies.forget(budget.tenant_id)
-    return _json(budget.as_json())
+    return json_response(budget.as_json())
 
 
 @router.delete("/v1/admin/budgets/{budget_id}", summary="Delete a budget")
@@ -110,7 +105,7 @@ async def remove_budget(request: Request, budget_id: int, tenant: str) -> Respon
         if not await delete_budget(conn, tenant, budget_id):
             raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", code="budget_not_found")
         state.policies.forget(await tenant_id(conn, tenant))
-    return _json({"deleted": budget_id})
+    return json_response({"deleted": budget_id})
 
 
 @router.post("/v1/admin/budgets/reset", summary="Give a fresh allowance for the rest of the current window")
@@ -122,7 +117,7 @@ async def reset_budgets(request: Request, body: ResetBody) -> Response:
     cleared = await clear_counters(state.redis, budgets)
     for budget in budgets:
         state.policies.forget(budget.tenant_id)
-    return _json({"reset": [b.id for b in budgets], "counters_cleared": cleared})
+    return json_response({"reset": [b.id for b in budgets], "counters_cleared": cleared})
 
 
 async def clear_counters(redis_client: Any, budgets: list[Any]) -> int:
@@ -141,7 +136,7 @@ async def put_policy(request: Request, body: PolicyBody) -> Response:
     async with state.pool.connection() as conn:
         policy = await set_policy(conn, body.tenant, **changes)
     state.policies.forget(policy.tenant_id)
-    return _json(policy.as_json())
+    return json_response(policy.as_json())
 
 
 @router.put("/v1/admin/keys/{key_id}/limits", summary="Set a key's requests and tokens per minute")
@@ -149,7 +144,7 @@ async def put_key_limits(request: Request, key_id: int, body: KeyLimitsBody) -> 
     _admin(request)
     async with request.app.state.tollway.pool.connection() as conn:
         await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm)
-    return _json({"key_id": key_id, "rpm": body.rpm, "tpm": body.tpm})
+    return json_response({"key_id": key_id, "rpm": body.rpm, "tpm": body.tpm})
 
 
 @router.post("/v1/admin/reconcile", summary="Compare Redis counters with the ledger; correct and report drift")
@@ -162,7 +157,7 @@ async def post_reconcile(request: Request, body: ReconcileBody) -> Response:
         async with state.pool.connection() as conn:
             ids = [await tenant_id(conn, body.tenant)]
     report = await reconcile(state.pool, state.redis, tenant_ids=ids, allow_decrease=body.allow_decrease)
-    return _json(report.as_json())
+    return json_response(report.as_json())
 
 
 @router.get("/v1/reports/costs", summary="Cost report: spend, tokens, requests and budget use per group")
@@ -181,4 +176,4 @@ async def get_cost_report(request: Request, group_by: str = "day", format: str =
         name = f"tollway-costs-{query.group_by}-{query.start.date()}-{query.end.date()}.csv"
         return Response(to_csv(report), media_type="text/csv; charset=utf-8",
                         headers={"content-disposition": f'attachment; filename="{name}"'})
-    return _json(report)
+    return json_response(report)

@@ -13,12 +13,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import TollwayError
 from tollway.gateway.ledger import utcnow
-from tollway.gateway.middleware import send_error
+from tollway.gateway.middleware import send_error, send_json
 from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest
 from tollway.gateway.service import CallContext, CompletionService, JSONResult, StreamResult
 from tollway.gateway.streaming import BodyReader, ClientDisconnected, send_event_stream, until_disconnect
@@ -33,14 +32,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-async def send_json(send: Send, payload: Any, headers: dict[str, str], status: int = 200) -> None:
-    body = orjson.dumps(payload)
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 def endpoint(work: Work) -> Callable[[Scope, Receive, Send, CompletionService], Awaitable[None]]:

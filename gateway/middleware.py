@@ -16,13 +16,16 @@ from tollway.errors import AuthenticationFailed, PayloadTooLarge, TollwayError
 from tollway.gateway.keys import KeyStore
 
 
-async def send_error(send: Send, exc: TollwayError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = orjson.dumps(exc.body())
-    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *extra, *(headers or [])]})
+async def send_json(send: Send, payload: Any, headers: dict[str, str], status: int = 200) -> None:
+    body = orjson.dumps(payload)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: TollwayError, headers: dict[str, str] | None = None) -> None:
+    await send_json(send, exc.body(), {**exc.headers, **(headers or {})}, exc.status)
 
 
 class RequestIdMiddleware:
@@ -62,7 +65,7 @@ class BodyLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.max_bytes:
-                    await send_error(send, too_large, [(b"connection", b"close")])
+                    await send_error(send, too_large, {"connection": "close"})
                     return
         seen = 0
 
@@ -98,7 +101,7 @@ class AuthMiddleware:
                     "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
             state["principal"] = await self.keys().authenticate(secret)
         except TollwayError as exc:
-            await send_error(send, exc, [(b"www-authenticate", b"Bearer")] if exc.status == 401 else None)
+            await send_error(send, exc, {"www-authenticate": "Bearer"} if exc.status == 401 else None)
             return
         await self.app(scope, receive, send)
 

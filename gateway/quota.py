@@ -114,11 +114,13 @@ if #expired > 0 then
 end
 local used = {}
 local fresh = {}
+local held = {}
 for i = 0, n - 1 do
   local v = redis.call('HMGET', KEYS[4 + i], 's_usd', 's_tok', 's_req', 'r')
   fresh[i] = not (v[1] or v[2] or v[3] or v[4])
   local ru, rt, rr = triple(v[4])
   local reserved = {ru, rt, rr}
+  held[i] = reserved
   for d = 1, 3 do
     local lim = tonumber(ARGV[7 + 7 * i + d])
     local amt = tonumber(ARGV[10 + 7 * i + d])
@@ -135,8 +137,7 @@ for i = 0, n - 1 do
   local base = 7 + 7 * i
   local key = KEYS[4 + i]
   local u, t, r = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
-  local v = redis.call('HGET', key, 'r')
-  local a, b, c = triple(v)
+  local a, b, c = held[i][1], held[i][2], held[i][3]
   redis.call('HSET', key, 'r', string.format('%d:%d:%d', a + u, b + t, c + r))
   local ttl = tonumber(ARGV[base + 7])
   if fresh[i] and ttl > 0 then redis.call('EXPIRE', key, ttl) end
@@ -208,6 +209,10 @@ class Window:
     start: datetime | None
     end: datetime | None
     ttl_s: int  # how long the counter outlives now (0: forever)
+
+    def bounds(self) -> tuple[datetime, datetime]:
+        """[start, end) for queries; a lifetime window spans all time."""
+        return (self.start or datetime.min.replace(tzinfo=UTC), self.end or datetime.max.replace(tzinfo=UTC))
 
 
 def window(period: str, now: datetime) -> Window:

@@ -74,7 +74,7 @@ class ReconcileReport:
                 "drifts": [d.as_json() for d in self.drifts]}
 
 
-async def _subjects(conn: Any, budget: Budget, start: datetime | None, end: datetime | None) -> list[str]:
+async def _subjects(conn: Any, budget: Budget, start: datetime, end: datetime) -> list[str]:
     if budget.scope == "tenant":
         return [""]
     if budget.subject != EACH:
@@ -82,13 +82,13 @@ async def _subjects(conn: Any, budget: Budget, start: datetime | None, end: date
     column = _SUBJECT_COLUMN[budget.scope]
     cur = await conn.execute(
         f"SELECT DISTINCT {column} FROM ledger WHERE tenant_id = %s AND {column} IS NOT NULL"
-        " AND created_at >= %s AND created_at < %s", (budget.tenant_id, start or datetime.min.replace(tzinfo=UTC),
-                                                      end or datetime.max.replace(tzinfo=UTC)))
+        " AND created_at >= %s AND created_at < %s", (budget.tenant_id, start, end))
     return [str(r[0]) for r in await cur.fetchall()]
 
 
-async def _ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
-                        end: datetime) -> tuple[Decimal, int, int]:
+async def ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
+                       end: datetime) -> tuple[Decimal, int, int]:
+    """What the ledger says one budget subject used in [start, end): USD, tokens, requests."""
     where = "tenant_id = %s AND created_at >= %s AND created_at < %s"
     params: list[Any] = [budget.tenant_id, start, end]
     if budget.scope != "tenant":
@@ -112,13 +112,12 @@ async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, 
         for tid in tenant_ids:
             for budget in (await load_rules(conn, tid)).budgets:
                 win = window(budget.period, now)
-                start = win.start or datetime.min.replace(tzinfo=UTC)
+                start, end = win.bounds()
                 if budget.reset_at is not None and budget.reset_at > start:
                     start = budget.reset_at
-                end = win.end or datetime.max.replace(tzinfo=UTC)
                 for subject in await _subjects(conn, budget, start, end):
                     report.checked += 1
-                    usd, tokens, requests = await _ledger_usage(conn, budget, subject, start, end)
+                    usd, tokens, requests = await ledger_usage(conn, budget, subject, start, end)
                     counter = budget_counter(budget, subject, now)
                     raw = await redis_client.hmget(counter.key, "s_usd", "s_tok")
                     r_usd = int(raw[0] or 0)

@@ -17,6 +17,7 @@ from tollway.errors import InvalidRequest, PermissionDenied
 from tollway.gateway.keys import Principal
 from tollway.gateway.policy import EACH, load_rules
 from tollway.gateway.quota import window
+from tollway.gateway.reconcile import ledger_usage
 
 GROUPS = ("day", "model", "key", "user", "tag", "tenant")
 _EXPR = {
@@ -133,15 +134,7 @@ async def _budget_use(conn: Any, q: ReportQuery, groups: list[dict[str, Any]]) -
                     continue
                 used = Decimal(group["spend_usd"])
             else:
-                win = window(budget.period, now)
-                column = "key_id::text" if scope == "key" else "end_user"
-                cur = await conn.execute(
-                    f"SELECT coalesce(sum(cost_usd), 0) FROM ledger WHERE tenant_id = %s AND {column} = %s"
-                    " AND created_at >= %s AND created_at < %s",
-                    (tid, group["group"], win.start or datetime.min.replace(tzinfo=UTC),
-                     win.end or datetime.max.replace(tzinfo=UTC)))
-                row = await cur.fetchone()
-                used = Decimal(row[0])
+                used, _, _ = await ledger_usage(conn, budget, group["group"], *window(budget.period, now).bounds())
             uses.append({"budget_id": budget.id, "window": budget.period, "limit_usd": str(budget.limit_usd),
                          "used_usd": str(used.normalize() if used else Decimal(0)),
                          "used_pct": float(round(used / budget.limit_usd * 100, 2)) if budget.limit_usd else None})

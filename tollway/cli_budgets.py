@@ -31,21 +31,11 @@ def _redis_url(settings: Settings) -> str | None:
 
 
 def _run(args: argparse.Namespace, action: Callable[[Any, Settings], Awaitable[int]]) -> int:
-    from tollway.cli import _database, _settings
+    from tollway.cli import _database, _settings, _with_conn
 
     settings = _settings(args)
-
-    async def go(url: str) -> int:
-        import psycopg
-
-        from tollway.db import migrate
-
-        await migrate(url)
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            return await action(conn, settings)
-
     with _database(settings) as url:
-        return asyncio.run(go(url))
+        return int(asyncio.run(_with_conn(url, lambda conn: action(conn, settings))))
 
 
 def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
