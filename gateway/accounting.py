@@ -6,6 +6,7 @@ the success path, the error path, the end of a stream or a client disconnect.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -52,16 +53,39 @@ class Tally:
     usage: Usage = field(default_factory=Usage)
     reservation: Reservation | None = None
     finished: bool = False
+    # failed fallback attempts of this request: what they cost, settled with the answer
+    attempt_cost: Decimal = Decimal(0)
+    attempt_tokens: int = 0
+    attempts: int = 0
 
-    def bind(self, entry: ModelEntry) -> None:
+    def bind(self, entry: ModelEntry, *, replica: str | None = None, tier: str | None = None,
+             reason: str = "requested") -> None:
         self.entry = entry
         self.row.model = entry.name
-        self.row.upstream = entry.upstream
+        self.row.upstream = replica or entry.upstream
         self.row.upstream_model = entry.upstream_model
-        self.row.route_reason = "requested"
+        self.row.route_reason = reason
+        self.row.tier = tier or entry.tier
         self.row.price_source = entry.price.source
         self.span.set_attribute("gen_ai.request.model", entry.name)
-        self.span.set_attribute("gen_ai.provider.name", entry.upstream)
+        self.span.set_attribute("gen_ai.provider.name", self.row.upstream)
+
+    def failed_attempt(self, entry: ModelEntry, replica: str, status: int, error_code: str, usage: Usage,
+                       latency_ms: float) -> None:
+        """A ledger row of its own for an attempt that failed before anything reached the client."""
+        self.attempts += 1
+        cost = entry.price.cost(usage)
+        row = dataclasses.replace(
+            self.row, request_id=f"{self.row.request_id}.a{self.attempts}", role="attempt", attempt=self.attempts,
+            model=entry.name, upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier,
+            price_source=entry.price.source, status=status, error_code=error_code, latency_ms=latency_ms,
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
+            cost_usd=cost, usage_source="estimated" if usage.input_tokens or usage.output_tokens else None,
+            ttft_ms=None, tags=None if self.row.tags is None else list(self.row.tags))
+        self.ledger.record(row)
+        self.attempt_cost += cost
+        self.attempt_tokens += usage.input_tokens + usage.output_tokens
+        self.row.attempt = self.attempts + 1
 
     def first_token(self) -> None:
         if self.row.ttft_ms is None:
@@ -93,7 +117,8 @@ class Tally:
             return self.row.cost_usd
         cost = self._record(status, error_code, usage, usage_source)
         if self.reservation is not None and self.quota is not None:
-            self.quota.track(self.reservation.settle(cost, self.usage.input_tokens + self.usage.output_tokens))
+            self.quota.track(self.reservation.settle(cost + self.attempt_cost, self.usage.input_tokens
+                                                     + self.usage.output_tokens + self.attempt_tokens))
         return cost
 
     def _report(self, row: LedgerRow) -> None:

@@ -66,6 +66,11 @@ class PolicyBody(_Body):
     velocity_hard_usd_per_min: Decimal | None = Field(default=None, gt=0)
     retry_storm_limit: int | None = Field(default=None, ge=0)
     retry_storm_window_s: int | None = Field(default=None, gt=0)
+    route_threshold: float | None = Field(default=None, ge=0, le=1)
+    allowed_models: list[str] | None = None
+    quality_floor: str | None = None
+    degraded_answers: bool | None = None
+    response_cache: bool | None = None
 
 
 class KeyLimitsBody(_Body):
@@ -158,6 +163,17 @@ async def post_reconcile(request: Request, body: ReconcileBody) -> Response:
             ids = [await tenant_id(conn, body.tenant)]
     report = await reconcile(state.pool, state.redis, tenant_ids=ids, allow_decrease=body.allow_decrease)
     return json_response(report.as_json())
+
+
+@router.get("/v1/admin/routing", summary="Upstream replicas: breaker state, in-flight calls, latency, saturation")
+async def get_routing(request: Request) -> Response:
+    _admin(request)
+    routing = request.app.state.tollway.routing
+    return json_response({
+        "replicas": {name: replica.describe() for name, replica in routing.health.replicas.items()},
+        "retry_budget": {"tokens": round(routing.caller.retry_budget.tokens, 2),
+                         "refused": routing.caller.retry_budget.refused},
+        "shadows_skipped": routing.shadows.skipped if routing.shadows is not None else 0})
 
 
 @router.get("/v1/reports/costs", summary="Cost report: spend, tokens, requests and budget use per group")

@@ -54,11 +54,19 @@ class LedgerRow:
     error_code: str | None = None
     session_id: str | None = None
     tags: list[str] | None = None
+    tier: str | None = None
+    role: str = "answer"  # 'answer', 'attempt' (a failed fallback attempt), 'shadow'
+    attempt: int = 1
+    cache_hit: bool = False
+    saved_usd: Decimal = Decimal(0)
+    degraded: bool = False
+    rollout: str | None = None
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
         data["created_at"] = self.created_at.isoformat()
         data["cost_usd"] = str(self.cost_usd)
+        data["saved_usd"] = str(self.saved_usd)
         return orjson.dumps(data)
 
     @classmethod
@@ -66,6 +74,7 @@ class LedgerRow:
         data: dict[str, Any] = orjson.loads(raw)
         data["created_at"] = datetime.fromisoformat(data["created_at"])
         data["cost_usd"] = Decimal(data["cost_usd"])
+        data["saved_usd"] = Decimal(data.get("saved_usd", "0"))
         return cls(**data)
 
 

@@ -59,12 +59,22 @@ class TenantPolicy:
     velocity_hard_usd_per_min: Decimal | None = None
     retry_storm_limit: int = 20
     retry_storm_window_s: int = 10
+    route_threshold: float = 0.5
+    allowed_models: tuple[str, ...] | None = None
+    quality_floor: str | None = None
+    degraded_answers: bool = False
+    response_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_models, list):  # from the database's text[]
+            object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Decimal) else value
+            out[f.name] = str(value) if isinstance(value, Decimal) else \
+                list(value) if isinstance(value, tuple) else value
         return out
 
 
@@ -182,7 +192,7 @@ async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, **changes:
             f"INSERT INTO tenant_policies (tenant_id{''.join(', ' + c for c in columns)})"
             f" VALUES (%s{', %s' * len(columns)})"
             f" ON CONFLICT (tenant_id) DO UPDATE SET {assignments}, updated_at = now()",
-            (tid, *changes.values()))
+            (tid, *(list(v) if isinstance(v, tuple) else v for v in changes.values())))
     except psycopg.errors.CheckViolation as exc:
         raise InvalidRequest(f"invalid policy value: {exc.diag.constraint_name}") from exc
     return (await load_rules(conn, tid)).policy

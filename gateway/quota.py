@@ -269,6 +269,7 @@ class Admission:
     reservation: Reservation
     headers: dict[str, str]
     step_down: bool  # above the tenant's spend-velocity soft line: the router should go a tier cheaper
+    headroom: float | None = None  # the smallest share left of any budget that applies, after this reservation
 
 
 def _tenant_tag(tenant_id: int) -> str:
@@ -474,7 +475,7 @@ class QuotaService:
         reservation = Reservation(self, rid, principal.tenant_id, counters, demand, hard, local=False,
                                   track_velocity=soft is not None or hard != NO_LIMIT)
         return Admission(reservation, _headers(counters, used, now),
-                         step_down=soft is not None and velocity > to_nano(soft))
+                         step_down=soft is not None and velocity > to_nano(soft), headroom=_headroom(counters, used))
 
     def _admit_without_redis(self, principal: Principal, rules: TenantRules, rid: str, counters: list[Counter],
                              demand: Demand, hard: int, exc: Exception) -> Admission:
@@ -534,6 +535,13 @@ class QuotaService:
 def _name(principal: Principal, counter: Counter) -> str:
     assert counter.budget is not None
     return counter.budget.describe(principal.tenant)
+
+
+def _headroom(counters: list[Counter], used: list[int]) -> float | None:
+    shares = [max(0, limit - used[3 * i + dim]) / limit
+              for i, counter in enumerate(counters) if counter.budget is not None
+              for dim, limit in ((USD, counter.limits[USD]), (TOK, counter.limits[TOK])) if limit > 0]
+    return min(shares) if shares else None
 
 
 def _headers(counters: list[Counter], used: list[int], now: datetime) -> dict[str, str]:

@@ -89,13 +89,13 @@ async def _subjects(conn: Any, budget: Budget, start: datetime, end: datetime) -
 async def ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
                        end: datetime) -> tuple[Decimal, int, int]:
     """What the ledger says one budget subject used in [start, end): USD, tokens, requests."""
-    where = "tenant_id = %s AND created_at >= %s AND created_at < %s"
+    where = "tenant_id = %s AND created_at >= %s AND created_at < %s AND role <> 'shadow'"
     params: list[Any] = [budget.tenant_id, start, end]
     if budget.scope != "tenant":
         where += f" AND {_SUBJECT_COLUMN[budget.scope]} = %s"
         params.append(subject)
     cur = await conn.execute(f"SELECT coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens + output_tokens), 0),"
-                             f" count(*) FROM ledger WHERE {where}", params)
+                             f" count(*) FILTER (WHERE role = 'answer') FROM ledger WHERE {where}", params)
     row = await cur.fetchone()
     return Decimal(row[0]), int(row[1]), int(row[2])
 

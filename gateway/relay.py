@@ -44,8 +44,10 @@ class ReservationExceeded(TollwayError):
 
 class StreamRelay:
     def __init__(self, tally: Tally, entry: ModelEntry, stream: UpstreamStream, chunks: AsyncIterator[JSON],
-                 *, wants_usage: bool, output_cap: int | None, estimate: Callable[[str, int], Usage]) -> None:
+                 *, wants_usage: bool, output_cap: int | None, estimate: Callable[[str, int], Usage],
+                 on_close: Callable[[StreamRelay, int], None] | None = None) -> None:
         self.tally, self.entry, self.stream, self.chunks = tally, entry, stream, chunks
+        self.on_close = on_close  # after settlement: release the replica, feed shadow samples
         self.wants_usage = wants_usage
         self.output_cap = output_cap  # output tokens reserved for this stream; None: not budgeted
         self.estimate = estimate
@@ -88,14 +90,16 @@ class StreamRelay:
                     "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
                               "total_tokens": usage.input_tokens + usage.output_tokens}})
 
-    async def frames(self, first: JSON) -> AsyncIterator[bytes]:
+    async def frames(self, head: list[JSON]) -> AsyncIterator[bytes]:
+        """``head``: chunks already read from the upstream (up to its first token)."""
         status: int = CLIENT_CLOSED
         code: str | None = "client_disconnected"
         try:
             try:
-                frame = self._frame(first)
-                if frame is not None:
-                    yield frame
+                for chunk in head:
+                    frame = self._frame(chunk)
+                    if frame is not None:
+                        yield frame
                 async for chunk in self.chunks:
                     frame = self._frame(chunk)
                     if frame is not None:
@@ -113,3 +117,5 @@ class StreamRelay:
             await self.stream.aclose()
             usage, source = self._settled_usage()
             self.tally.close(status, code, usage=usage, usage_source=source)
+            if self.on_close is not None:
+                self.on_close(self, status)

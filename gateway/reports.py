@@ -32,9 +32,20 @@ _FROM = {
     "tag": "ledger l CROSS JOIN LATERAL unnest(coalesce(l.tags, ARRAY['(none)'])) AS t(tag)",
     "tenant": "ledger l JOIN tenants tn ON tn.id = l.tenant_id",
 }
-_SUMS = ("coalesce(sum(l.cost_usd), 0), coalesce(sum(l.input_tokens), 0), coalesce(sum(l.output_tokens), 0),"
-         " coalesce(sum(l.cached_tokens), 0), count(*), count(*) FILTER (WHERE l.status >= 400)")
-_FIELDS = ("spend_usd", "input_tokens", "output_tokens", "cached_tokens", "requests", "errors")
+# Spend is what the tenant's budgets count (answers and failed attempts that cost money); shadow
+# samples sent to candidate models are the operator's evaluation spend, reported beside it.
+_SUMS = ("coalesce(sum(l.cost_usd) FILTER (WHERE l.role <> 'shadow'), 0),"
+         " coalesce(sum(l.input_tokens) FILTER (WHERE l.role <> 'shadow'), 0),"
+         " coalesce(sum(l.output_tokens) FILTER (WHERE l.role <> 'shadow'), 0),"
+         " coalesce(sum(l.cached_tokens) FILTER (WHERE l.role <> 'shadow'), 0),"
+         " count(*) FILTER (WHERE l.role = 'answer'),"
+         " count(*) FILTER (WHERE l.role = 'answer' AND l.status >= 400),"
+         " count(*) FILTER (WHERE l.cache_hit), coalesce(sum(l.saved_usd), 0),"
+         " count(*) FILTER (WHERE l.role = 'attempt'),"
+         " coalesce(sum(l.cost_usd) FILTER (WHERE l.role = 'shadow'), 0)")
+_FIELDS = ("spend_usd", "input_tokens", "output_tokens", "cached_tokens", "requests", "errors", "cache_hits",
+           "cache_saved_usd", "failed_attempts", "shadow_usd")
+_MONEY = frozenset({"spend_usd", "cache_saved_usd", "shadow_usd"})
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,7 @@ def _where(q: ReportQuery) -> tuple[str, list[Any]]:
 
 def _numbers(row: tuple[Any, ...]) -> dict[str, Any]:
     out = dict(zip(_FIELDS, row, strict=True))
-    out["spend_usd"] = str(Decimal(out["spend_usd"]).normalize() if out["spend_usd"] else Decimal(0))
-    return {k: (v if k == "spend_usd" else int(v)) for k, v in out.items()}
+    return {k: (str(Decimal(v).normalize() if v else Decimal(0)) if k in _MONEY else int(v)) for k, v in out.items()}
 
 
 async def cost_report(pool: AsyncConnectionPool, q: ReportQuery) -> dict[str, Any]:

@@ -4,25 +4,44 @@ account for the cost. Accounting lives in ``accounting``, stream relaying in ``r
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError, UpstreamBadResponse
+from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError
 from tollway.gateway.accounting import CLIENT_CLOSED, Tally, format_cost, usage_of
+from tollway.gateway.answers import DEGRADED_MODEL, degraded_completion, replay
 from tollway.gateway.keys import Principal
 from tollway.gateway.ledger import Ledger, LedgerRow
-from tollway.gateway.policy import PolicyStore, TenantRules
+from tollway.gateway.policy import PolicyStore, TenantPolicy, TenantRules
 from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, parse_json_object, validate
 from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, to_nano
 from tollway.gateway.relay import StreamRelay, choice_text
+from tollway.gateway.shadow import ShadowJob, Shadows
 from tollway.gateway.telemetry import Telemetry
 from tollway.routing import Catalog, ModelEntry, Upstream, Usage
+from tollway.routing.cache import ResponseCache, cache_key, deterministic
+from tollway.routing.difficulty import assess
+from tollway.routing.fallback import Attempt, Caller, ChainFailed, RetryBudget, Served
+from tollway.routing.health import Health
+from tollway.routing.policy import (
+    BudgetSignal,
+    RouteDecision,
+    RouteRequest,
+    Step,
+    TenantRouting,
+    canary_bucket,
+    candidates,
+    decide,
+    no_model_fits,
+)
 from tollway.routing.tokens import count_messages, count_text
 
 JSON = dict[str, Any]
@@ -89,10 +108,42 @@ def _needs_bound(rules: TenantRules, principal: Principal) -> bool:
                 or policy.velocity_hard_usd_per_min or policy.velocity_soft_usd_per_min)
 
 
+@dataclass(slots=True)
+class Routing:
+    """The routing parts the service calls; built in the app's lifespan."""
+
+    caller: Caller
+    health: Health
+    cache: ResponseCache | None = None
+    shadows: Shadows | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+
+def _needs(data: JSON) -> frozenset[str]:
+    needs = set()
+    if data.get("tools") or data.get("functions"):
+        needs.add("tools")
+    fmt = data.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        needs.add("json_mode")
+    for message in data.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            needs.add("vision")
+    return frozenset(needs)
+
+
+def _affinity(data: JSON) -> str | None:
+    messages = data.get("messages") or []
+    first = messages[0] if messages and isinstance(messages[0], dict) else {}
+    content = first.get("content") if first.get("role") in ("system", "developer") else None
+    return content if isinstance(content, str) and content else None
+
+
 class CompletionService:
     def __init__(self, catalog: Catalog, upstreams: dict[str, Upstream], ledger: Ledger,
                  telemetry: Telemetry, limits: Limits, policies: PolicyStore | None = None,
-                 quota: QuotaService | None = None) -> None:
+                 quota: QuotaService | None = None, routing: Routing | None = None) -> None:
         self.catalog = catalog
         self.upstreams = upstreams
         self.ledger = ledger
@@ -100,6 +151,12 @@ class CompletionService:
         self.limits = limits
         self.policies = policies
         self.quota = quota
+        config = catalog.routing
+        self.routing = routing or Routing(
+            caller=Caller(upstreams, health := Health(upstreams, config.breaker, config.saturation),
+                          RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
+                          max_attempts=config.max_attempts, balance=config.balance),
+            health=health)
 
     # -- shared steps -----------------------------------------------------------------------------
     def _open(self, ctx: CallContext, endpoint: str) -> Tally:
@@ -113,9 +170,12 @@ class CompletionService:
         return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
                      started=ctx.started)
 
-    def resolve(self, principal: Principal, name: str, kind: str) -> tuple[ModelEntry, Upstream]:
+    def resolve(self, principal: Principal, name: str, kind: str) -> ModelEntry | None:
+        """The model a request names (None for a routing alias such as 'auto'), or the 4xx why not."""
         if principal.role not in INFERENCE_ROLES:
             raise PermissionDenied(f"A {principal.role} key may not call models.", code="role_not_allowed")
+        if kind == "chat" and name in self.catalog.auto_aliases:
+            return None
         entry = self.catalog.get(name)
         if entry is None:
             raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
@@ -126,7 +186,7 @@ class CompletionService:
         if entry.kind != kind:
             raise InvalidRequest(f"The model '{name}' is an {entry.kind} model; it cannot serve {kind}.",
                                  param="model", code="model_not_supported")
-        return entry, self.upstreams[entry.upstream]
+        return entry
 
     def _check_limits(self, req: ChatCompletionRequest) -> None:
         if len(req.messages) > self.limits.max_messages:
@@ -136,32 +196,51 @@ class CompletionService:
             if value is not None and value > self.limits.max_tokens:
                 raise InvalidRequest(f"'{name}' may be at most {self.limits.max_tokens}.", param=name)
 
-    async def _admit(self, ctx: CallContext, tally: Tally, entry: ModelEntry, body: bytes, wire: JSON,
-                     worst_case: Callable[[TenantRules], tuple[Usage, int | None]]) -> Admission | None:
-        """Reserve the worst case in every budget and limit that applies, or refuse (429/503)."""
-        if self.quota is None or self.policies is None:
+    async def _rules(self, tenant_id: int) -> TenantRules:
+        if self.policies is None:
+            return TenantRules(TenantPolicy(tenant_id), ())
+        return await self.policies.rules(tenant_id)
+
+    def _tenant_routing(self, rules: TenantRules, principal: Principal) -> TenantRouting:
+        policy = rules.policy
+        allowed = None if policy.allowed_models is None else frozenset(policy.allowed_models)
+        if principal.allowed_models is not None:
+            keyed = frozenset(principal.allowed_models)
+            allowed = keyed if allowed is None else allowed & keyed
+        return TenantRouting(threshold=policy.route_threshold, allowed_models=allowed,
+                             quality_floor=policy.quality_floor, degraded_answers=policy.degraded_answers)
+
+    async def _admit(self, ctx: CallContext, tally: Tally, rules: TenantRules, models: list[ModelEntry], body: bytes,
+                     wire: JSON, worst_case: Callable[[TenantRules], tuple[Usage, int | None]], *,
+                     stream: bool = False) -> Admission | None:
+        """Reserve the worst case in every budget and limit that applies, or refuse (429/503). The worst
+        case is the dearest model the route may end on; for streams, plus the prompt of each failed
+        attempt before it (a stream that broke before its first token may have been billed its prompt)."""
+        if self.quota is None:
             return None
-        rules = await self.policies.rules(ctx.principal.tenant_id)
         demand = Demand(0, 0)
         output_cap = None
         if _needs_bound(rules, ctx.principal):
             worst, output_cap = worst_case(rules)
-            demand = Demand(to_nano(entry.price.cost(worst)), worst.input_tokens + worst.output_tokens)
+            prompt_only = Usage(input_tokens=worst.input_tokens)
+            retries = self.catalog.routing.max_attempts - 1 if stream else 0
+            usd = max(m.price.cost(worst) for m in models) + retries * max(m.price.cost(prompt_only) for m in models)
+            demand = Demand(to_nano(usd), worst.input_tokens * (1 + retries) + worst.output_tokens)
         admission = await self.quota.admit(
             ctx.principal, rules, rid=ctx.request_id, end_user=tally.row.end_user, session=ctx.session,
             fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand)
         tally.reservation = admission.reservation
         if output_cap is not None and "max_tokens" not in wire and "max_completion_tokens" not in wire:
             wire["max_tokens"] = output_cap  # the tenant's default cap bounds the worst case
-        if admission.step_down:
-            tally.row.route_reason = "requested;velocity_soft_step_down"
         return admission
 
-    def _result_headers(self, entry: ModelEntry, cost: Decimal | None,
-                        admission: Admission | None) -> dict[str, str]:
-        headers = {"x-tollway-model": entry.name}
+    def _result_headers(self, entry: ModelEntry | None, cost: Decimal | None, admission: Admission | None,
+                        decision: RouteDecision | None = None) -> dict[str, str]:
+        headers = {"x-tollway-model": entry.name if entry is not None else DEGRADED_MODEL}
         if cost is not None:
             headers["x-tollway-cost-usd"] = format_cost(cost)
+        if decision is not None:
+            headers["x-tollway-route"] = decision.reason
         if admission is not None:
             headers.update(admission.headers)
         return headers
@@ -182,56 +261,150 @@ class CompletionService:
             tally.row.stream = req.stream
             tally.row.end_user = ctx.header_user or req.user
             tally.row.tags = _tags(ctx, data)
-            entry, upstream = self.resolve(ctx.principal, req.model, "chat")
-            tally.bind(entry)
+            self.resolve(ctx.principal, req.model, "chat")
             self._check_limits(req)
+            rules = await self._rules(ctx.principal.tenant_id)
+            tenant = self._tenant_routing(rules, ctx.principal)
+            route = RouteRequest(model=req.model, needs=_needs(data), difficulty=assess(
+                data["messages"], tools="tools" in _needs(data), structured="json_mode" in _needs(data))
+                if req.model in self.catalog.auto_aliases else None)
+            models = candidates(self.catalog, route, tenant)
+            cache_key = self._cache_key(rules, ctx.principal.tenant_id, data)
+            if cache_key is not None and (hit := await self._cached(tally, cache_key, req.stream, data)) is not None:
+                return hit
             wire = dict(data)
-            wire["model"] = entry.upstream_model
 
             def worst_case(rules: TenantRules) -> tuple[Usage, int]:
                 cap = req.max_completion_tokens or req.max_tokens or rules.policy.default_max_tokens
                 prompt = math.ceil(count_messages(data["messages"]) * INPUT_MARGIN) + INPUT_SLACK
                 return Usage(input_tokens=prompt, output_tokens=reserved_output(cap, req.n)), cap
 
-            admission = await self._admit(ctx, tally, entry, body, wire, worst_case)
+            if not models:
+                raise no_model_fits(route)
+            admission = await self._admit(ctx, tally, rules, models, body, wire, worst_case, stream=req.stream)
+            budget = BudgetSignal(headroom=admission.headroom if admission else None,
+                                  velocity_soft=bool(admission and admission.step_down))
+            health = {m.name: self.routing.health.state_of(m.replicas) for m in models}
+            decision = decide(self.catalog, route, tenant, budget, health,
+                              canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}"))
+            tally.row.route_reason = decision.reason
+            affinity = _affinity(data) if self.catalog.routing.prefix_affinity else None
             if req.stream:
-                return await self._start_stream(tally, entry, upstream, wire, data, admission)
-            response = await upstream.complete(wire)
+                wire["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+            try:
+                served = await self.routing.caller.call(decision, wire, stream=req.stream, affinity=affinity)
+            except ChainFailed as failed:
+                self._record_attempts(tally, data, failed.attempts)
+                if not decision.degraded_allowed:
+                    raise failed.error from None
+                return self._degraded(tally, req.stream, data, admission, decision, failed.error)
+            self._record_attempts(tally, data, served.attempts)
+            tally.bind(served.step.model, replica=served.replica, reason=decision.reason)
+            if decision.rollout is not None and served.step.model is decision.target:
+                tally.row.rollout = decision.rollout
+            if req.stream:
+                return self._relay(tally, served, wire, data, admission, decision, cache_key)
         except TollwayError as exc:
             tally.close(exc.status, exc.code)
             raise
         except BaseException:
             tally.close(CLIENT_CLOSED, "client_disconnected")
             raise
+        assert served.response is not None
+        response = served.response
         tally.first_token()
+        entry = served.step.model
         usage, source = usage_of(response.get("usage")), "upstream"
         if usage is None:
             usage, source = self._estimate(data, choice_text(response, "message")), "estimated"
         response["model"] = entry.name
         cost = tally.close(200, usage=usage, usage_source=source)
-        return JSONResult(response, self._result_headers(entry, cost, admission))
+        if cache_key is not None and self.routing.cache is not None:
+            await self.routing.cache.put(cache_key, response, entry.name, cost)
+        self._maybe_shadow(tally, served.step.model, wire, choice_text(response, "message"))
+        return JSONResult(response, self._result_headers(entry, cost, admission, decision))
 
-    async def _start_stream(self, tally: Tally, entry: ModelEntry, upstream: Upstream, wire: JSON,
-                            data: JSON, admission: Admission | None) -> StreamResult:
+    def _record_attempts(self, tally: Tally, data: JSON, attempts: list[Attempt]) -> None:
+        """A ledger row per failed attempt; one that the upstream had started answering is charged
+        the prompt (hosted APIs bill a prompt they read), the others cost nothing."""
+        for attempt in attempts:
+            usage = self._estimate(data, "", 0) if attempt.started_answer else Usage()
+            tally.failed_attempt(attempt.step.model, attempt.replica, attempt.error.status, attempt.error.code,
+                                 usage, attempt.elapsed_ms)
+
+    def _relay(self, tally: Tally, served: Served, wire: JSON, data: JSON, admission: Admission | None,
+               decision: RouteDecision, cache_key: str | None) -> StreamResult:
+        assert served.stream is not None and served.chunks is not None and served.ticket is not None
+        entry, ticket = served.step.model, served.ticket
         options = data.get("stream_options") or {}
-        wire["stream_options"] = {**options, "include_usage": True}  # usage is needed for the ledger
-        stream = await upstream.open_stream(wire)
-        chunks = stream.__aiter__()
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            await stream.aclose()
-            raise UpstreamBadResponse(f"upstream {entry.upstream} sent an empty stream") from None
-        except BaseException:
-            await stream.aclose()
-            raise
         cap = wire.get("max_completion_tokens") or wire.get("max_tokens")
         n = wire["n"] if isinstance(wire.get("n"), int) else 1
-        relay = StreamRelay(tally, entry, stream, chunks, wants_usage=bool(options.get("include_usage")),
+
+        def on_close(relay: StreamRelay, status: int) -> None:
+            ticket.replica.finish(ticket, status == 200, ttft_s=served.ttft_s, count=status != CLIENT_CLOSED)
+            if status == 200:
+                self._maybe_shadow(tally, entry, wire, "".join(relay.text))
+
+        relay = StreamRelay(tally, entry, served.stream, served.chunks, wants_usage=bool(options.get("include_usage")),
                             output_cap=reserved_output(cap, n) if admission is not None and isinstance(cap, int)
                             else None,
-                            estimate=lambda text, produced: self._estimate(data, text, max(produced, count_text(text))))
-        return StreamResult(relay.frames(first), self._result_headers(entry, None, admission))
+                            estimate=lambda text, produced: self._estimate(data, text, max(produced, count_text(text))),
+                            on_close=on_close)
+        return StreamResult(relay.frames(served.head), self._result_headers(entry, None, admission, decision))
+
+    # -- cache, degraded answers, shadows ---------------------------------------------------------
+    def _cache_key(self, rules: TenantRules, tenant_id: int, data: JSON) -> str | None:
+        if self.routing.cache is None or not rules.policy.response_cache or not deterministic(data):
+            return None
+        return cache_key(tenant_id, data)
+
+    async def _cached(self, tally: Tally, key: str, stream: bool, data: JSON) -> JSONResult | StreamResult | None:
+        assert self.routing.cache is not None
+        hit = await self.routing.cache.get(key)
+        if hit is None or (entry := self.catalog.get(hit.model)) is None:
+            return None
+        tally.bind(entry, reason="cache_hit")
+        tally.row.cache_hit, tally.row.saved_usd = True, hit.cost_usd
+        tally.first_token()
+        usage = usage_of(hit.payload.get("usage")) or Usage()
+        tally.entry = None  # a hit costs nothing: the row keeps the model, the price is not applied
+        tally.close(200, usage=usage, usage_source="cache")
+        headers = {"x-tollway-model": entry.name, "x-tollway-cost-usd": format_cost(Decimal(0)),
+                   "x-tollway-cache": "hit", "x-tollway-route": "cache_hit"}
+        payload = dict(hit.payload)
+        if stream:
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            return StreamResult(replay(payload, include_usage=include_usage), headers)
+        return JSONResult(payload, headers)
+
+    def _degraded(self, tally: Tally, stream: bool, data: JSON, admission: Admission | None, decision: RouteDecision,
+                  error: TollwayError) -> JSONResult | StreamResult:
+        tally.row.degraded = True
+        tally.row.model = DEGRADED_MODEL
+        tally.row.route_reason = f"{decision.reason};degraded:{error.code}"
+        tally.close(200, usage=Usage(), usage_source="degraded")
+        payload = degraded_completion(self.catalog.routing.degraded_message)
+        headers = self._result_headers(None, Decimal(0), admission, decision)
+        headers.update({"x-tollway-degraded": "true", "x-tollway-route": tally.row.route_reason})
+        if stream:
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            return StreamResult(replay(payload, include_usage=include_usage), headers)
+        return JSONResult(payload, headers)
+
+    def _maybe_shadow(self, tally: Tally, served: ModelEntry, wire: JSON, output: str) -> None:
+        shadows = self.routing.shadows
+        if shadows is None:
+            return
+        for rollout in self.catalog.routing.rollouts:
+            if rollout.model != served.name or rollout.shadow_percent <= 0:
+                continue
+            if self.routing.rng.random() * 100 >= rollout.shadow_percent:
+                continue
+            candidate = self.catalog.models[rollout.candidate]
+            tier = self.catalog.tier(candidate.tier)
+            shadows.submit(ShadowJob(row=dataclasses.replace(tally.row), candidate=candidate,
+                                     step=Step(candidate, tier.deadline_s, tier.ttft_deadline_s), wire=wire,
+                                     primary_output=output, primary_latency_ms=tally.row.latency_ms))
 
     # -- embeddings and models --------------------------------------------------------------------
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
@@ -241,7 +414,8 @@ class CompletionService:
             data = parse_json_object(body)
             req = validate(EmbeddingRequest, data)
             tally.row.end_user = ctx.header_user or req.user
-            entry, upstream = self.resolve(ctx.principal, req.model, "embedding")
+            entry = self.resolve(ctx.principal, req.model, "embedding")
+            assert entry is not None
             tally.bind(entry)
             texts = req.input if isinstance(req.input, list) else [req.input]
             tokens = sum(count_text(t) if isinstance(t, str) else (len(t) if isinstance(t, list) else 1)
@@ -251,9 +425,20 @@ class CompletionService:
                 return Usage(input_tokens=math.ceil(tokens * INPUT_MARGIN) + INPUT_SLACK), None
 
             wire = dict(data)
-            wire["model"] = entry.upstream_model
-            admission = await self._admit(ctx, tally, entry, body, wire, worst_case)
-            response = await upstream.embed(wire)
+            rules = await self._rules(ctx.principal.tenant_id)
+            admission = await self._admit(ctx, tally, rules, [entry], body, wire, worst_case)
+            # Embedding models are never swapped for one another (their vectors are not comparable):
+            # only the replicas of this model are balanced and retried.
+            tier = self.catalog.tier(entry.tier)
+            served = await self.routing.caller.call(
+                RouteDecision((Step(entry, tier.deadline_s, tier.ttft_deadline_s),), "requested"), wire,
+                stream=False, endpoint="embeddings")
+            tally.bind(entry, replica=served.replica)
+            assert served.response is not None
+            response = served.response
+        except ChainFailed as failed:
+            tally.close(failed.error.status, failed.error.code)
+            raise failed.error from None
         except TollwayError as exc:
             tally.close(exc.status, exc.code)
             raise
@@ -270,4 +455,6 @@ class CompletionService:
     def models(self, principal: Principal) -> JSON:
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream}
                 for m in self.catalog.models.values() if principal.may_use(m.name)]
+        data += [{"id": alias, "object": "model", "created": 0, "owned_by": "tollway"}
+                 for alias in sorted(self.catalog.auto_aliases)]
         return {"object": "list", "data": data}

@@ -15,7 +15,7 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
-from tollway.routing.config import ConfigError, RawConfig, RawPrice, RawUpstream
+from tollway.routing.config import ConfigError, RawConfig, RawPrice, RawRouting, RawTier, RawUpstream
 
 _MTOK = Decimal(1_000_000)
 _HOUR = Decimal(3600)
@@ -121,27 +121,49 @@ class UpstreamSpec:
     timeout_s: float
     connect_timeout_s: float
     discover_models: bool
+    vllm_metrics: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
     name: str
-    upstream: str
+    upstream: str  # the first replica; the one a single-upstream model has
     upstream_model: str
     kind: str
     tier: str
     price: Price
     context_window: int | None = None
+    replicas: tuple[str, ...] = ()
+    capabilities: frozenset[str] | None = None  # None: not declared
+    fallbacks: tuple[str, ...] | None = None  # None: the cheapest model of each lower tier
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            object.__setattr__(self, "replicas", (self.upstream,))
+
+    def can(self, needs: frozenset[str]) -> bool:
+        return self.capabilities is None or needs <= self.capabilities
+
+    def unit_cost(self) -> Decimal:
+        """A comparable price: 1,000 input and 500 output tokens."""
+        return self.price.cost(Usage(input_tokens=1000, output_tokens=500))
 
 
 class Catalog:
-    """Public model names (and aliases) to entries; immutable once built."""
+    """Public model names (and aliases) to entries, tiers top first, routing settings; immutable once built."""
 
     def __init__(self, upstreams: Iterable[UpstreamSpec], models: Iterable[ModelEntry],
-                 aliases: Mapping[str, str] | None = None) -> None:
+                 aliases: Mapping[str, str] | None = None, routing: RawRouting | None = None) -> None:
         self.upstreams = {u.name: u for u in upstreams}
         self.models = {m.name: m for m in models}
         self._aliases = dict(aliases or {})
+        self.routing = routing or RawRouting()
+        self.tiers: tuple[RawTier, ...] = tuple(self.routing.tiers)
+        self._rank = {t.name: i for i, t in enumerate(self.tiers)}
+        self.auto_aliases = frozenset(self.routing.auto_aliases)
+        for alias in self.auto_aliases:
+            if alias in self.models or alias in self._aliases:
+                raise ConfigError(f"the routing alias {alias!r} collides with a model or alias")
         for alias, target in self._aliases.items():
             if target not in self.models:
                 raise ConfigError(f"alias {alias!r} points at unknown model {target!r}")
@@ -157,6 +179,18 @@ class Catalog:
 
     def names(self) -> list[str]:
         return sorted(self.models)
+
+    def rank(self, tier: str) -> int:
+        """0 for the top tier; larger is cheaper."""
+        return self._rank.get(tier, len(self.tiers) - 1)
+
+    def tier(self, name: str) -> RawTier:
+        return self.tiers[self.rank(name)]
+
+    def in_tier(self, rank: int, kind: str = "chat") -> list[ModelEntry]:
+        """The models of one tier, cheapest first."""
+        return sorted((m for m in self.models.values() if m.kind == kind and self.rank(m.tier) == rank),
+                      key=lambda m: (m.unit_cost(), m.name))
 
 
 def _read_secret(ref: str | None) -> str | None:
@@ -181,6 +215,7 @@ def resolve_upstream(raw: RawUpstream, *, timeout_s: float, connect_timeout_s: f
         timeout_s=raw.timeout_s or timeout_s,
         connect_timeout_s=raw.connect_timeout_s or connect_timeout_s,
         discover_models=raw.discover_models,
+        vllm_metrics=raw.vllm_metrics,
     )
 
 
@@ -188,24 +223,28 @@ def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: It
     """Configured models first; discovered models fill in names the config did not claim."""
     entries: list[ModelEntry] = []
     aliases: dict[str, str] = {}
+    lowest = raw.routing.tiers[-1].name
     for model in raw.models:
         if any(e.name == model.name for e in entries):
             raise ConfigError(f"model {model.name!r} is configured twice")
         entries.append(ModelEntry(
             name=model.name,
-            upstream=model.upstream,
+            upstream=model.replicas[0],
             upstream_model=model.upstream_model or model.name,
             kind=model.kind,
-            tier=model.tier,
+            tier=model.tier or lowest,
             price=resolve_price(model.price),
             context_window=model.context_window,
+            replicas=tuple(model.replicas),
+            capabilities=None if model.capabilities is None else frozenset(model.capabilities),
+            fallbacks=None if model.fallbacks is None else tuple(model.fallbacks),
         ))
         for alias in model.aliases:
             if alias in aliases:
                 raise ConfigError(f"alias {alias!r} is used twice")
             aliases[alias] = model.name
     claimed = {e.name for e in entries}
-    served = {(e.upstream, e.upstream_model) for e in entries}
+    served = {(r, e.upstream_model) for e in entries for r in e.replicas}
     for upstream, model_ids in discovered.items():
         for model_id in model_ids:
             if model_id in claimed or (upstream, model_id) in served:
@@ -213,5 +252,5 @@ def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: It
             claimed.add(model_id)
             kind = "embedding" if "embed" in model_id.lower() else "chat"
             entries.append(ModelEntry(name=model_id, upstream=upstream, upstream_model=model_id,
-                                      kind=kind, tier="small", price=FREE))
-    return Catalog(specs, entries, aliases)
+                                      kind=kind, tier=lowest, price=FREE))
+    return Catalog(specs, entries, aliases, raw.routing)

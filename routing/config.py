@@ -35,6 +35,8 @@ class RawUpstream(_Strict):
     discover_models: bool = False
     timeout_s: float | None = Field(default=None, gt=0)
     connect_timeout_s: float | None = Field(default=None, gt=0)
+    # A vLLM server: poll its Prometheus /metrics for queue depth and KV-cache use (saturation).
+    vllm_metrics: bool = False
 
     @field_validator("api_key")
     @classmethod
@@ -74,29 +76,128 @@ class RawPrice(_Strict):
         return self
 
 
+Capability = Literal["tools", "json_mode", "vision"]
+
+
 class RawModel(_Strict):
     name: str = Field(min_length=1)
-    upstream: str
+    # One upstream, or several replicas of the same model (load-balanced, each with its own health).
+    upstream: str | None = None
+    upstreams: list[str] = Field(default_factory=list)
     upstream_model: str | None = None
     kind: Literal["chat", "embedding"] = "chat"
-    tier: str = "small"
+    tier: str | None = None  # default: the lowest tier
     price: RawPrice | None = None
     context_window: int | None = Field(default=None, gt=0)
+    # None: not declared (nothing is filtered); a list: what the model can do.
+    capabilities: list[Capability] | None = None
     aliases: list[str] = Field(default_factory=list)
+    # Models to try, in order, when this one fails; default: the cheapest model of each lower tier.
+    fallbacks: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> RawModel:
+        if (self.upstream is None) == (not self.upstreams):
+            raise ValueError("give 'upstream' or 'upstreams' (replicas), not both and not neither")
+        return self
+
+    @property
+    def replicas(self) -> list[str]:
+        return [self.upstream] if self.upstream is not None else list(self.upstreams)
+
+
+class RawTier(_Strict):
+    name: str = Field(min_length=1)
+    deadline_s: float = Field(default=60.0, gt=0)  # a whole non-streamed answer from one attempt
+    ttft_deadline_s: float = Field(default=10.0, gt=0)  # first content token of a stream, first byte otherwise
+
+
+class RawBreaker(_Strict):
+    consecutive_failures: int = Field(default=5, ge=1)
+    error_rate: float = Field(default=0.5, gt=0, le=1)  # over the last `window` calls
+    window: int = Field(default=20, ge=2)
+    open_s: float = Field(default=10.0, gt=0)
+    half_open_probes: int = Field(default=1, ge=1)
+
+
+class RawSaturation(_Strict):
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    max_waiting: int = Field(default=8, ge=0)  # vllm:num_requests_waiting at or above: saturated
+    max_kv_cache: float = Field(default=0.95, gt=0, le=1)  # vllm:gpu_cache_usage_perc at or above
+    max_outstanding: int | None = Field(default=None, ge=1)  # this gateway's in-flight calls per replica
+    stale_after_s: float = Field(default=5.0, gt=0)  # older readings are ignored
+
+
+class RawCache(_Strict):
+    enabled: bool = True
+    ttl_s: int = Field(default=3600, gt=0)
+    max_entry_bytes: int = Field(default=1 << 20, gt=0)
+
+
+class RawRollout(_Strict):
+    model: str
+    candidate: str
+    canary_percent: float = Field(default=0.0, ge=0, le=100)  # by consistent hash of the end user
+    shadow_percent: float = Field(default=0.0, ge=0, le=100)  # sampled copies, recorded, not returned
+
+
+def _default_tiers() -> list[RawTier]:
+    return [RawTier(name="large", deadline_s=60, ttft_deadline_s=10), RawTier(name="small", deadline_s=30,
+                                                                               ttft_deadline_s=5)]
+
+
+class RawRouting(_Strict):
+    auto_aliases: list[str] = Field(default_factory=lambda: ["auto"])
+    tiers: list[RawTier] = Field(default_factory=_default_tiers, min_length=1)  # the top tier first
+    # Below this share of a budget left, or above the spend-velocity soft line, 'auto' steps a tier down.
+    budget_step_down_headroom: float = Field(default=0.1, ge=0, le=1)
+    balance: Literal["p2c", "least_outstanding"] = "p2c"
+    prefix_affinity: bool = False  # the same system prompt to the same replica (vLLM prefix caching)
+    max_attempts: int = Field(default=3, ge=1)
+    # Retries allowed on top of first attempts: ratio of recent requests plus a floor per second.
+    retry_budget_ratio: float = Field(default=0.2, ge=0)
+    retry_budget_min_per_s: float = Field(default=5.0, ge=0)
+    degraded_message: str = ("This is a degraded answer: the service could not reach a language model just now. "
+                             "Please try again in a little while.")
+    breaker: RawBreaker = Field(default_factory=RawBreaker)
+    saturation: RawSaturation = Field(default_factory=RawSaturation)
+    cache: RawCache = Field(default_factory=RawCache)
+    rollouts: list[RawRollout] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_tiers(self) -> RawRouting:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError("tier names must be unique")
+        return self
 
 
 class RawConfig(_Strict):
     upstreams: list[RawUpstream] = Field(default_factory=list)
     models: list[RawModel] = Field(default_factory=list)
+    routing: RawRouting = Field(default_factory=RawRouting)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> RawConfig:
         names = [u.name for u in self.upstreams]
         if len(set(names)) != len(names):
             raise ValueError("upstream names must be unique")
+        tiers = {t.name for t in self.routing.tiers}
+        models = {m.name for m in self.models}
         for model in self.models:
-            if model.upstream not in names:
-                raise ValueError(f"model {model.name!r} names unknown upstream {model.upstream!r}")
+            for upstream in model.replicas:
+                if upstream not in names:
+                    raise ValueError(f"model {model.name!r} names unknown upstream {upstream!r}")
+            if model.tier is not None and model.tier not in tiers:
+                raise ValueError(f"model {model.name!r} names unknown tier {model.tier!r} "
+                                 f"(routing.tiers: {', '.join(sorted(tiers))})")
+            for fallback in model.fallbacks or []:
+                if fallback not in models:
+                    raise ValueError(f"model {model.name!r} falls back to unknown model {fallback!r}")
+        for rollout in self.routing.rollouts:
+            for name in (rollout.model, rollout.candidate):
+                if name not in models:
+                    raise ValueError(f"rollout names unknown model {name!r}")
         return self
 
 

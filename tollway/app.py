@@ -32,7 +32,8 @@ from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, Requ
 from tollway.gateway.policy import PolicyStore
 from tollway.gateway.quota import QuotaService
 from tollway.gateway.reconcile import reconcile
-from tollway.gateway.service import CompletionService, Limits
+from tollway.gateway.service import CompletionService, Limits, Routing
+from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.routing import (
     Catalog,
@@ -45,6 +46,9 @@ from tollway.routing import (
     new_session,
     resolve_upstream,
 )
+from tollway.routing.cache import ResponseCache
+from tollway.routing.fallback import Caller, RetryBudget
+from tollway.routing.health import Health, SaturationPoller
 from tollway.settings import Settings
 
 log = logging.getLogger("tollway")
@@ -69,6 +73,7 @@ class AppState:
     policies: PolicyStore
     quota: QuotaService
     events: BreakerEvents
+    routing: Routing
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -123,6 +128,18 @@ def upstream_configs(settings: Settings) -> list[RawUpstream]:
     extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
              for i, url in enumerate(settings.upstreams, start=1)]
     return [*raw, *extra]
+
+
+def build_routing(catalog: Catalog, upstreams: dict[str, Upstream], specs: list[Any], session: aiohttp.ClientSession,
+                  redis_client: aioredis.Redis, ledger: Ledger, pool: AsyncConnectionPool) -> Routing:
+    config = catalog.routing
+    health = Health(upstreams, config.breaker, config.saturation)
+    caller = Caller(upstreams, health, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
+                    max_attempts=config.max_attempts, balance=config.balance)
+    cache = ResponseCache(redis_client, ttl_s=config.cache.ttl_s, max_entry_bytes=config.cache.max_entry_bytes) \
+        if config.cache.enabled else None
+    shadows = Shadows(caller, ledger, pool) if any(r.shadow_percent for r in config.rollouts) else None
+    return Routing(caller=caller, health=health, cache=cache, shadows=shadows)
 
 
 async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: SpanExporter | None) -> AppState:
@@ -183,13 +200,20 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         await asyncio.wait({reconciler}, timeout=10)
 
     stack.push_async_callback(stop_reconciler)
+    routing = build_routing(catalog, upstreams, specs, session, redis_client, ledger, pool)
+    poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
+    await poller.poll_once()  # the first routing decisions already see the queues
+    poller.start()
+    stack.push_async_callback(poller.stop)
+    if routing.shadows is not None:
+        stack.push_async_callback(routing.shadows.drain)  # before the ledger stops: shadow rows are written
     service = CompletionService(catalog, upstreams, ledger, telemetry,
                                 Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
-                                policies=policies, quota=quota)
+                                policies=policies, quota=quota, routing=routing)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
-                    policies=policies, quota=quota, events=events)
+                    policies=policies, quota=quota, events=events, routing=routing)
 
 
 class Gateway:

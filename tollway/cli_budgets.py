@@ -126,12 +126,23 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return asyncio.run(go(database_url))
 
 
+def _flag(value: str) -> bool:
+    if value.lower() in ("on", "true", "yes", "1"):
+        return True
+    if value.lower() in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError("use on or off")
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     from tollway.gateway.policy import set_policy
 
     changes = {name: getattr(args, name) for name in (
         "redis_failure", "default_max_tokens", "rpm", "tpm", "velocity_soft_usd_per_min",
-        "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s") if getattr(args, name) is not None}
+        "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
+        "quality_floor", "degraded_answers", "response_cache") if getattr(args, name) is not None}
+    if args.allowed_models is not None:
+        changes["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
 
     async def action(conn: Any, settings: Settings) -> int:
         policy = await set_policy(conn, args.tenant, **changes)
@@ -194,6 +205,12 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     policy.add_argument("--velocity-hard-usd-per-min", type=_usd)
     policy.add_argument("--retry-storm-limit", type=int)
     policy.add_argument("--retry-storm-window-s", type=int)
+    policy.add_argument("--route-threshold", type=float, help="model 'auto': difficulty at or above it goes to "
+                        "the top tier (0 always, 1 never)")
+    policy.add_argument("--allowed-models", help="comma-separated models the router may pick ('' for all)")
+    policy.add_argument("--quality-floor", help="the lowest tier this tenant may be routed or fall back to")
+    policy.add_argument("--degraded-answers", type=_flag, help="on/off: a marked degraded answer when every tier failed")
+    policy.add_argument("--response-cache", type=_flag, help="on/off: exact-match cache for deterministic requests")
     policy.set_defaults(func=cmd_policy)
 
     limits = keys.add_parser("limits", help="a key's requests and tokens per minute")

@@ -36,7 +36,7 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, helpers, tmp_path):
     served = serve("--config", str(config), env={**env, "TOLLWAY_REDIS_URL": redis_url,
                                                  "TOLLWAY_AUTH_CACHE_TTL_S": "0.2", "TOLLWAY_BOOTSTRAP": "0"})
     headers = {"authorization": f"Bearer {secret}"}
-    assert [m["id"] for m in httpx.get(served.url + "/models", headers=headers).json()["data"]] == ["sim-small"]
+    assert [m["id"] for m in httpx.get(served.url + "/models", headers=headers).json()["data"]] == ["sim-small", "auto"]
     revoked = tollway("keys", "revoke", key_id, env=env)
     assert revoked.returncode == 0, revoked.stderr
     assert tollway("keys", "revoke", key_id, env=env).returncode == 1

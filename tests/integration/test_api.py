@@ -122,9 +122,10 @@ async def test_models_lists_what_the_key_may_use(app_factory, make_tenant):
     async with app_factory() as gw:
         all_ids = {m["id"] for m in (await gw.client.get("/v1/models", headers=auth(everything))).json()["data"]}
         few = (await gw.client.get("/v1/models", headers=auth(limited))).json()
-    assert {"sim-large", "sim-small", "sim-embed"} <= all_ids
-    assert few == {"object": "list", "data": [{"id": "sim-small", "object": "model", "created": 0,
-                                               "owned_by": "sim"}]}
+    assert {"sim-large", "sim-small", "sim-embed", "auto"} <= all_ids
+    # 'auto' routes among the models the key may use
+    assert few == {"object": "list", "data": [{"id": "sim-small", "object": "model", "created": 0, "owned_by": "sim"},
+                                              {"id": "auto", "object": "model", "created": 0, "owned_by": "tollway"}]}
 
 
 BAD_INPUTS = [

@@ -45,8 +45,9 @@ def test_sigkilled_gateway_releases_its_reservations_within_the_lease(
            "TOLLWAY_LEASE_S": "3", "TOLLWAY_POLICY_CACHE_TTL_S": "0"}
     first = serve("--config", str(config), env=env)
     tenant = make_tenant()
-    # Room for three worst cases (28 reserved output tokens each at $15/M plus a short prompt), not four.
-    admin_put(first.url, admin, "/v1/admin/budgets", {"tenant": tenant.name, "window": "day", "limit_usd": "0.0016"})
+    # Room for three worst cases, not four: 28 reserved output tokens each at $15/M plus a short prompt,
+    # and for a stream the prompt of each of the two fallback attempts it might make.
+    admin_put(first.url, admin, "/v1/admin/budgets", {"tenant": tenant.name, "window": "day", "limit_usd": "0.0022"})
     streams = []
     for i in range(3):
         client = httpx.Client(timeout=30)

@@ -1,0 +1,108 @@
+"""Shadow rollouts: a sample of answered requests is sent again to a candidate model, off the request
+path. The candidate's answer is recorded for evaluation (``shadow_samples``, beside the answer the
+user got) and never returned. Its cost is a ledger row with ``role = 'shadow'``: the operator's
+evaluation spend, reported apart and not charged to the tenant's budgets.
+
+Work is bounded: at most ``max_in_flight`` shadow calls at once; beyond that samples are skipped and
+counted (a shadow must never queue behind, or slow down, real traffic). Shutdown waits for those in
+flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import TollwayError
+from tollway.gateway.accounting import usage_of
+from tollway.gateway.ledger import Ledger, LedgerRow
+from tollway.gateway.relay import choice_text
+from tollway.routing import ModelEntry, Usage
+from tollway.routing.fallback import Caller, ChainFailed
+from tollway.routing.policy import RouteDecision, Step
+from tollway.routing.tokens import count_messages, count_text
+
+log = logging.getLogger("tollway.shadow")
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowJob:
+    row: LedgerRow  # the answered request's ledger row (copied, not shared)
+    candidate: ModelEntry
+    step: Step
+    wire: JSON  # the request as sent upstream, non-streamed
+    primary_output: str
+    primary_latency_ms: float
+
+
+class Shadows:
+    def __init__(self, caller: Caller, ledger: Ledger, pool: AsyncConnectionPool, *, max_in_flight: int = 16) -> None:
+        self.caller = caller
+        self.ledger = ledger
+        self.pool = pool
+        self.max_in_flight = max_in_flight
+        self.skipped = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, job: ShadowJob) -> bool:
+        if len(self._tasks) >= self.max_in_flight:
+            self.skipped += 1
+            return False
+        task = asyncio.create_task(self._run(job), name=f"shadow-{job.row.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30)
+
+    async def _run(self, job: ShadowJob) -> None:
+        started = time.perf_counter()
+        wire = dict(job.wire)
+        wire.pop("stream", None)
+        wire.pop("stream_options", None)
+        decision = RouteDecision(steps=(job.step,), reason=f"shadow:{job.candidate.name}")
+        status, code, output, usage = 200, None, None, Usage()
+        replica = job.candidate.upstream
+        try:
+            served = await self.caller.call(decision, wire, stream=False)
+            replica = served.replica
+            response = served.response or {}
+            output = choice_text(response, "message")
+            usage = usage_of(response.get("usage")) or Usage(
+                input_tokens=count_messages(wire.get("messages") or []), output_tokens=count_text(output))
+        except ChainFailed as failed:
+            status, code = failed.error.status, failed.error.code
+        except TollwayError as exc:
+            status, code = exc.status, exc.code
+        latency_ms = (time.perf_counter() - started) * 1000
+        cost = job.candidate.price.cost(usage)
+        entry = job.candidate
+        self.ledger.record(dataclasses.replace(
+            job.row, request_id=f"{job.row.request_id}.shadow", role="shadow", attempt=1, model=entry.name,
+            upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier, price_source=entry.price.source,
+            status=status, error_code=code, latency_ms=latency_ms, ttft_ms=None, stream=False,
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
+            cost_usd=cost, cache_hit=False, saved_usd=Decimal(0), degraded=False,
+            rollout="shadow", route_reason=decision.reason,
+            usage_source="upstream" if status == 200 else None,
+            tags=None if job.row.tags is None else list(job.row.tags)))
+        try:
+            async with self.pool.connection(timeout=5) as conn:
+                await conn.execute(
+                    "INSERT INTO shadow_samples (request_id, tenant_id, model, candidate, status, error_code,"
+                    " primary_output, candidate_output, primary_latency_ms, candidate_latency_ms, candidate_cost_usd)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (job.row.request_id, job.row.tenant_id, job.row.model, entry.name, status, code,
+                     job.primary_output, output, job.primary_latency_ms, latency_ms, cost))
+        except Exception:  # evaluation data: its loss is logged; the money is in the ledger row above
+            log.exception("could not record the shadow sample of %s", job.row.request_id)
