@@ -11,6 +11,8 @@ word in the model name (``sim-error``, ``big-overloaded``) or for every request 
     cut         a stream broken off half-way (connection dropped, no [DONE])
     malformed   invalid JSON (body, or one stream frame)
     ignoremax   keeps generating past max_tokens (for budget tests)
+    flap        every other request fails with a 500 (a replica that flaps)
+    reject      400: the upstream calls the request invalid (must not be retried elsewhere)
 
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
 whitespace-separated word of every message's text; the answer is one word per token.
@@ -35,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-FAULTS = ("error", "overloaded", "timeout", "cut", "malformed", "ignoremax")
+FAULTS = ("error", "overloaded", "timeout", "cut", "malformed", "ignoremax", "flap", "reject")
 WORDS = ("the", "gateway", "keeps", "spend", "within", "budget", "and", "routes", "each", "request",
          "to", "a", "model", "that", "can", "serve", "it")
 
@@ -127,8 +129,10 @@ async def chat(request: Request) -> Response:
     state.last_body[model] = body
     config = state.config
     fault = fault_of(model, config)
-    if fault == "error":
+    if fault == "error" or (fault == "flap" and sum(state.requests.values()) % 2 == 1):
         return _error(500, "scripted failure", "internal_error")
+    if fault == "reject":
+        return _error(400, "scripted rejection: this request is invalid here", "invalid_request")
     if fault == "overloaded":
         return _error(429, "scripted overload", "rate_limit_exceeded")
     if fault == "timeout":
@@ -242,6 +246,12 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
+async def stats(request: Request) -> Response:
+    state = _state(request)
+    return _json({"requests": dict(state.requests), "total": sum(state.requests.values()),
+                  "running": state.running, "waiting": state.waiting})
+
+
 async def last_request(request: Request) -> Response:
     body = _state(request).last_body.get(request.query_params.get("model", ""))
     return _json(body) if body is not None else _error(404, "no request for that model yet", "not_found")
@@ -254,6 +264,7 @@ def create_sim_app(config: SimConfig) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/sim/last-request", last_request, methods=["GET"]),
+        Route("/sim/stats", stats, methods=["GET"]),
         Route("/health", lambda request: Response("ok"), methods=["GET"]),
     ])
     state = SimState(config)
