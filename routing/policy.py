@@ -95,17 +95,27 @@ def _eligible(catalog: Catalog, m: ModelEntry, req: RouteRequest, tenant: Tenant
             and catalog.rank(m.tier) <= _floor(catalog, tenant))
 
 
-def _cheapest_per_tier(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, start: int) -> list[ModelEntry]:
+_FITNESS = {"ok": 0, "saturated": 1, "down": 2}
+
+
+def _cheapest_per_tier(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, start: int,
+                       health: Mapping[str, str], reasons: list[str]) -> list[ModelEntry]:
+    """Per tier from ``start`` down to the floor, the cheapest model that fits, healthy ones first
+    (a cheaper one passed over for its health is named in the reason)."""
     out = []
     for rank in range(start, _floor(catalog, tenant) + 1):
         fit = [m for m in catalog.in_tier(rank, req.kind) if _eligible(catalog, m, req, tenant)]
-        if fit:
-            out.append(fit[0])
+        if not fit:
+            continue
+        best = min(fit, key=lambda m: _FITNESS[health.get(m.name, "ok")])  # stable: the cheapest of the fittest
+        if best is not fit[0]:
+            reasons.append(f"{fit[0].name}:{health[fit[0].name]}")
+        out.append(best)
     return out
 
 
 def _auto(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: BudgetSignal,
-          reasons: list[str]) -> list[ModelEntry]:
+          health: Mapping[str, str], reasons: list[str]) -> list[ModelEntry]:
     difficulty = req.difficulty
     score = 1.0 if difficulty is None else difficulty.score
     hard = score >= tenant.threshold
@@ -123,9 +133,9 @@ def _auto(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: Bu
     if rank > floor:
         rank = floor
         reasons.append("quality_floor")
-    chain = _cheapest_per_tier(catalog, req, tenant, rank)
+    chain = _cheapest_per_tier(catalog, req, tenant, rank, health, reasons)
     if not chain:  # nothing fits at or below the chosen tier: look upwards
-        chain = _cheapest_per_tier(catalog, req, tenant, 0)
+        chain = _cheapest_per_tier(catalog, req, tenant, 0, health, reasons)
     return chain
 
 
@@ -139,13 +149,14 @@ def _named(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> ModelE
     return entry
 
 
-def _requested(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, reasons: list[str]) -> list[ModelEntry]:
+def _requested(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, health: Mapping[str, str],
+               reasons: list[str]) -> list[ModelEntry]:
     entry = _named(catalog, req, tenant)
     reasons.append("requested")
     if entry.fallbacks is not None:
         fallbacks = [catalog.models[n] for n in entry.fallbacks if _eligible(catalog, catalog.models[n], req, tenant)]
     else:
-        fallbacks = _cheapest_per_tier(catalog, req, tenant, catalog.rank(entry.tier) + 1)
+        fallbacks = _cheapest_per_tier(catalog, req, tenant, catalog.rank(entry.tier) + 1, health, reasons)
     return [entry, *(m for m in fallbacks if m.name != entry.name)]
 
 
@@ -179,9 +190,9 @@ def decide(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: B
            health: Mapping[str, str], canary: float | None = None) -> RouteDecision:
     reasons: list[str] = []
     if req.model in catalog.auto_aliases:
-        chain = _auto(catalog, req, tenant, budget, reasons)
+        chain = _auto(catalog, req, tenant, budget, health, reasons)
     else:
-        chain = _requested(catalog, req, tenant, reasons)
+        chain = _requested(catalog, req, tenant, health, reasons)
         if budget.velocity_soft:
             reasons.append("velocity_soft")  # recorded; a named model is not swapped for a cheaper one
     if not chain:

@@ -104,3 +104,33 @@ def test_client_disconnect_cancels_the_upstream_and_settles(serve, start_sim, pg
     [row] = rows
     assert (row["status"], row["error_code"], row["stream"]) == (499, "client_disconnected", True)
     assert 0 < row["output_tokens"] < 100 and row["cost_usd"] > 0  # what was produced is charged
+
+
+def test_sdk_unchanged_through_auto_routing_and_a_dead_large_model(serve, sim, pg, redis_url, make_tenant, tmp_path):
+    """The SDK names 'auto' or a model whose only replica is dead; it gets answers and sees who served them."""
+    import yaml
+
+    config = tmp_path / "routing.yaml"
+    config.write_text(yaml.safe_dump({
+        "upstreams": [{"name": "gpu", "base_url": "http://127.0.0.1:9/v1"}, {"name": "cpu", "base_url": sim.url}],
+        "models": [{"name": "large", "upstream": "gpu", "upstream_model": "sim-large", "tier": "large",
+                    "price": {"gpu_hour_usd": "2.5", "prefill_tokens_per_s": 5000, "decode_tokens_per_s": 50}},
+                   {"name": "small", "upstream": "cpu", "upstream_model": "sim-small", "tier": "small",
+                    "price": {"input_per_mtok": "0.15", "output_per_mtok": "0.6"}},
+                   {"name": "healthy-large", "upstream": "cpu", "upstream_model": "sim-large", "tier": "large",
+                    "price": {"input_per_mtok": "3", "output_per_mtok": "15"}}],
+        "routing": {"breaker": {"consecutive_failures": 2, "open_s": 60}}}))
+    gateway = serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+                                                  "TOLLWAY_BOOTSTRAP": "false"})
+    sdk = openai.OpenAI(base_url=gateway.url, api_key=make_tenant().key, max_retries=0)
+    for _ in range(3):
+        stream = sdk.chat.completions.create(model="large", messages=MSG, max_tokens=4, stream=True)
+        assert {c.model for c in stream} == {"small"}
+    easy = sdk.chat.completions.with_raw_response.create(model="auto", max_tokens=4, messages=[
+        {"role": "user", "content": "What is the capital of France?"}])
+    assert easy.parse().model == "small" and easy.headers["x-tollway-route"].startswith("auto:difficulty=")
+    hard = sdk.chat.completions.with_raw_response.create(model="auto", max_tokens=4, messages=[
+        {"role": "user", "content": "Write a Python function that merges two sorted lists:\n```python\n```"}])
+    # the cheapest large model is the dead one, whose breaker is open: the healthy large one serves
+    assert hard.parse().model == "healthy-large"
+    assert hard.headers["x-tollway-route"].endswith("(code)>=0.50;large:down")

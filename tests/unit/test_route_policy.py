@@ -120,6 +120,9 @@ def test_health_reorders_the_chain() -> None:
     assert busy.reason == "requested;large-b:saturated;target=mid"
     nothing = decide(CAT, req, ANY, CALM, {"large-b": "down", "mid": "down", "small": "down"})
     assert nothing.steps == ()
+    # auto takes the cheapest healthy model of its tier, and says which cheaper one it passed over
+    hard = decide(CAT, RouteRequest("auto", difficulty=hardness(0.9)), ANY, CALM, {"large-a": "down"})
+    assert names(hard)[0] == "cand" and hard.reason == "auto:difficulty=0.90>=0.50;large-a:down"
 
 
 def test_canary_by_a_stable_bucket() -> None:
