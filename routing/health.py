@@ -66,6 +66,9 @@ class ReplicaHealth:
     calls: int = 0
     failures: int = 0
     refused_open: int = 0
+    probes: int = 0
+    trips: int = 0
+    calls_at_first_trip: int | None = None
 
     def _cooled_down(self) -> bool:
         return self.state == OPEN and self.clock() - self.opened_at >= self.breaker.open_s
@@ -101,6 +104,7 @@ class ReplicaHealth:
                 self.refused_open += 1
                 return None
             self.probes_in_flight += 1
+            self.probes += 1
         self.outstanding += 1
         self.calls += 1
         return Ticket(self, probe, self.clock())
@@ -143,6 +147,9 @@ class ReplicaHealth:
     def _trip(self) -> None:
         if self.state != OPEN:
             log.warning("upstream %s: circuit breaker open for %.1fs", self.name, self.breaker.open_s)
+        self.trips += 1
+        if self.calls_at_first_trip is None:
+            self.calls_at_first_trip = self.calls
         self.state, self.opened_at = OPEN, self.clock()
         self.outcomes.clear()
 
@@ -150,7 +157,9 @@ class ReplicaHealth:
         return {"state": self.state, "outstanding": self.outstanding, "latency_ms": self.latency_ms,
                 "ttft_ms": self.ttft_ms, "waiting": self.waiting, "running": self.running,
                 "kv_cache": self.kv_cache, "calls": self.calls, "failures": self.failures,
-                "refused_open": self.refused_open, "saturated": self.saturated()}
+                "refused_open": self.refused_open, "probes": self.probes, "trips": self.trips,
+                "calls_at_first_trip": self.calls_at_first_trip,
+                "saturated": self.saturated()}
 
 
 def _ewma(previous: float | None, value: float) -> float:

@@ -23,13 +23,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,32 +35,12 @@ import aiohttp
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from common import free_port, wait_http  # noqa: E402  (bench/common.py, shared by the benches)
+
 LITELLM_VENV = REPO / "bench" / ".venv-litellm"
 BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
         "max_tokens": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path,
-              headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited early; log:\n{log.read_text()[-3000:]}")
-        try:
-            req = urllib.request.Request(url, headers=headers or {})
-            with urllib.request.urlopen(req, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready after {timeout}s; log:\n{log.read_text()[-3000:]}")
 
 
 @dataclass
