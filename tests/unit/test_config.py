@@ -1,3 +1,4 @@
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -92,10 +93,31 @@ def test_catalog_aliases_and_discovery() -> None:
 
 def test_the_shipped_example_config_is_valid() -> None:
     raw = load_config(Path(__file__).resolve().parents[2] / "deploy" / "tollway.example.yaml")
-    assert [u.name for u in raw.upstreams] == ["vllm-large", "vllm-small", "openai"]
+    assert [u.name for u in raw.upstreams] == ["vllm-large-0", "vllm-large-1", "vllm-small", "openai"]
     assert {m.name for m in raw.models} == {"llama-3.3-70b", "qwen2.5-7b", "gpt-4o-mini"}
     build = build_catalog(raw, {}, [])
     large = build.get("large")
     assert large is not None and large.price.source == "gpu_hour"
+    assert large.replicas == ("vllm-large-0", "vllm-large-1") and large.can(frozenset({"tools"}))
+    assert [t.name for t in build.tiers] == ["large", "small"] and build.auto_aliases == {"auto"}
+    assert build.routing.rollouts[0].shadow_percent == 2
     # 40,000 prompt tokens = 1 GPU-s and 2,500 output tokens = 1 GPU-s at $5/h: 2 s -> $0.002777...
     assert round(large.price.cost(Usage(input_tokens=40_000, output_tokens=2_500)), 8) == Decimal("0.00277778")
+
+
+@pytest.mark.parametrize(("models", "routing", "problem"), [
+    ([{"name": "m", "upstream": "a", "upstreams": ["a"]}], {}, "not both and not neither"),
+    ([{"name": "m"}], {}, "not both and not neither"),
+    ([{"name": "m", "upstreams": ["a", "zz"]}], {}, "unknown upstream 'zz'"),
+    ([{"name": "m", "upstream": "a", "tier": "huge"}], {}, "unknown tier 'huge'"),
+    ([{"name": "m", "upstream": "a", "fallbacks": ["ghost"]}], {}, "falls back to unknown model 'ghost'"),
+    ([{"name": "m", "upstream": "a", "capabilities": ["telepathy"]}], {}, "capabilities"),
+    ([{"name": "m", "upstream": "a"}], {"rollouts": [{"model": "m", "candidate": "x"}]}, "unknown model 'x'"),
+    ([{"name": "m", "upstream": "a"}], {"tiers": [{"name": "t"}, {"name": "t"}]}, "tier names must be unique"),
+    ([{"name": "m", "upstream": "a"}], {"breaker": {"open_s": 0}}, "routing.breaker.open_s"),
+    ([{"name": "m", "upstream": "a"}], {"ballance": "p2c"}, "routing.ballance"),
+])
+def test_routing_config_mistakes_are_start_up_errors(models: list[dict[str, object]], routing: dict[str, object],
+                                                     problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        parse_config({"upstreams": [{"name": "a", "base_url": "http://a"}], "models": models, "routing": routing})
