@@ -55,11 +55,20 @@ class StreamRelay:
         self.last: JSON = {}
         self.text: list[str] = []
         self.produced = 0  # output tokens counted so far (at least one per content chunk)
+        self.finish_reason: str | None = None
+        self.plain_text = True  # only text content so far (no tool calls): a stream the cache can replay
 
     def _frame(self, chunk: JSON) -> bytes | None:
         usage = usage_of(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0 or any(k not in ("role", "content") for k in choice.get("delta") or {}):
+                self.plain_text = False
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
         text = choice_text(chunk, "delta")
         if text:
             tokens = max(1, count_text(text))
@@ -82,6 +91,18 @@ class StreamRelay:
         if self.usage is not None:
             return self.usage, "upstream"
         return self.estimate("".join(self.text), self.produced), "estimated"
+
+    def answer(self) -> JSON | None:
+        """The finished stream as one chat.completion (for the response cache), if it was plain text."""
+        if not self.plain_text or self.finish_reason is None:
+            return None
+        usage, _ = self._settled_usage()
+        return {"id": self.last.get("id"), "object": "chat.completion", "created": self.last.get("created"),
+                "model": self.entry.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+                             "finish_reason": self.finish_reason}],
+                "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                          "total_tokens": usage.input_tokens + usage.output_tokens}}
 
     def _usage_frame(self) -> bytes:
         usage, _ = self._settled_usage()

@@ -4,10 +4,11 @@ account for the cost. Accounting lives in ``accounting``, stream relaying in ``r
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -117,6 +118,17 @@ class Routing:
     cache: ResponseCache | None = None
     shadows: Shadows | None = None
     rng: random.Random = field(default_factory=random.Random)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Work after the answer (caching a finished stream): tracked, awaited at shutdown."""
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=10)
 
 
 def _needs(data: JSON) -> frozenset[str]:
@@ -342,8 +354,13 @@ class CompletionService:
 
         def on_close(relay: StreamRelay, status: int) -> None:
             ticket.replica.finish(ticket, status == 200, ttft_s=served.ttft_s, count=status != CLIENT_CLOSED)
-            if status == 200:
-                self._maybe_shadow(tally, entry, wire, "".join(relay.text))
+            if status != 200:
+                return
+            self._maybe_shadow(tally, entry, wire, "".join(relay.text))
+            answer = relay.answer() if cache_key is not None and n == 1 else None
+            if answer is not None and self.routing.cache is not None:
+                assert cache_key is not None
+                self.routing.spawn(self.routing.cache.put(cache_key, answer, entry.name, tally.row.cost_usd))
 
         relay = StreamRelay(tally, entry, served.stream, served.chunks, wants_usage=bool(options.get("include_usage")),
                             output_cap=reserved_output(cap, n) if admission is not None and isinstance(cap, int)

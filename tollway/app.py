@@ -207,6 +207,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     stack.push_async_callback(poller.stop)
     if routing.shadows is not None:
         stack.push_async_callback(routing.shadows.drain)  # before the ledger stops: shadow rows are written
+    stack.push_async_callback(routing.drain)  # before Redis closes: finished streams are cached
     service = CompletionService(catalog, upstreams, ledger, telemetry,
                                 Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                                 policies=policies, quota=quota, routing=routing)

@@ -385,6 +385,28 @@ async def test_deterministic_requests_are_served_from_the_cache(gateway, sims, m
         Decimal(r.headers["x-tollway-cost-usd"]) for r in (first, *sampled))
 
 
+async def test_a_finished_deterministic_stream_is_cached_too(gateway, sims, make_tenant):
+    big, small = sims(), sims()
+    tenant = make_tenant()
+    q = ask("stream then cache", seed=7, stream=True)
+    async with gateway(big=[big.url], small=[small.url]) as gw:
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant), json=q) as first:
+            streamed = await stream_text(first)
+        await gw.state.routing.drain()  # the cache write runs after the stream, off the request path
+        again = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json={**q, "stream": False})
+        sampled = ask("stream, not deterministic", stream=True)
+        for _ in range(2):
+            async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant), json=sampled) as resp:
+                await stream_text(resp)
+                assert "x-tollway-cache" not in resp.headers
+            await gw.state.routing.drain()
+    text = "".join(f["choices"][0]["delta"].get("content", "") for f in streamed if f.get("choices"))
+    assert "x-tollway-cache" not in first.headers and again.headers["x-tollway-cache"] == "hit"
+    assert again.json()["choices"][0]["message"] == {"role": "assistant", "content": text}
+    assert again.json()["choices"][0]["finish_reason"] == "stop" and again.json()["model"] == "big"
+    assert calls(big) == 3  # the first stream and the two sampled ones
+
+
 async def test_canary_by_end_user_and_shadow_samples(gateway, sims, make_tenant, admin, ledger, pg):
     import psycopg
 
