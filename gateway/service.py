@@ -277,9 +277,7 @@ class CompletionService:
             self._check_limits(req)
             rules = await self._rules(ctx.principal.tenant_id)
             tenant = self._tenant_routing(rules, ctx.principal)
-            route = RouteRequest(model=req.model, needs=_needs(data), difficulty=assess(
-                data["messages"], tools="tools" in _needs(data), structured="json_mode" in _needs(data))
-                if req.model in self.catalog.auto_aliases else None)
+            route = self._route_request(req.model, data)
             models = candidates(self.catalog, route, tenant)
             cache_key = self._cache_key(rules, ctx.principal.tenant_id, data)
             if cache_key is not None and (hit := await self._cached(tally, cache_key, req.stream, data)) is not None:
@@ -294,12 +292,7 @@ class CompletionService:
             if not models:
                 raise no_model_fits(route)
             admission = await self._admit(ctx, tally, rules, models, body, wire, worst_case, stream=req.stream)
-            budget = BudgetSignal(headroom=admission.headroom if admission else None,
-                                  velocity_soft=bool(admission and admission.step_down))
-            health = {m.name: self.routing.health.state_of(m.replicas) for m in models}
-            decision = decide(self.catalog, route, tenant, budget, health,
-                              canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}"))
-            tally.row.route_reason = decision.reason
+            decision = self._decide(ctx, tally, route, tenant, models, admission)
             affinity = _affinity(data) if self.catalog.routing.prefix_affinity else None
             if req.stream:
                 wire["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
@@ -335,6 +328,24 @@ class CompletionService:
             await self.routing.cache.put(cache_key, response, entry.name, cost)
         self._maybe_shadow(tally, served.step.model, wire, choice_text(response, "message"))
         return JSONResult(response, self._result_headers(entry, cost, admission, decision))
+
+    def _route_request(self, model: str, data: JSON) -> RouteRequest:
+        needs = _needs(data)
+        difficulty = assess(data["messages"], tools="tools" in needs, structured="json_mode" in needs) \
+            if model in self.catalog.auto_aliases else None
+        return RouteRequest(model=model, needs=needs, difficulty=difficulty)
+
+    def _decide(self, ctx: CallContext, tally: Tally, route: RouteRequest, tenant: TenantRouting,
+                models: list[ModelEntry], admission: Admission | None) -> RouteDecision:
+        """The route policy's inputs gathered: budget signals from the admission, health of every
+        model the route might take, the end user's canary bucket."""
+        budget = BudgetSignal(headroom=admission.headroom if admission else None,
+                              velocity_soft=bool(admission and admission.step_down))
+        health = {m.name: self.routing.health.state_of(m.replicas) for m in models}
+        decision = decide(self.catalog, route, tenant, budget, health,
+                          canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}"))
+        tally.row.route_reason = decision.reason
+        return decision
 
     def _record_attempts(self, tally: Tally, data: JSON, attempts: list[Attempt]) -> None:
         """A ledger row per failed attempt; one that the upstream had started answering is charged
