@@ -277,7 +277,7 @@ class CompletionService:
             self._check_limits(req)
             rules = await self._rules(ctx.principal.tenant_id)
             tenant = self._tenant_routing(rules, ctx.principal)
-            route = self._route_request(req.model, data)
+            route = self._route_request(req, data)
             models = candidates(self.catalog, route, tenant)
             cache_key = self._cache_key(rules, ctx.principal.tenant_id, data)
             if cache_key is not None and (hit := await self._cached(tally, cache_key, req.stream, data)) is not None:
@@ -329,11 +329,14 @@ class CompletionService:
         self._maybe_shadow(tally, served.step.model, wire, choice_text(response, "message"))
         return JSONResult(response, self._result_headers(entry, cost, admission, decision))
 
-    def _route_request(self, model: str, data: JSON) -> RouteRequest:
+    def _route_request(self, req: ChatCompletionRequest, data: JSON) -> RouteRequest:
         needs = _needs(data)
         difficulty = assess(data["messages"], tools="tools" in needs, structured="json_mode" in needs) \
-            if model in self.catalog.auto_aliases else None
-        return RouteRequest(model=model, needs=needs, difficulty=difficulty)
+            if req.model in self.catalog.auto_aliases else None
+        tokens = None
+        if self.catalog.has_context_windows:  # only then is the prompt counted here
+            tokens = count_messages(data["messages"]) + (req.max_completion_tokens or req.max_tokens or 0) * req.n
+        return RouteRequest(model=req.model, needs=needs, difficulty=difficulty, tokens=tokens)
 
     def _decide(self, ctx: CallContext, tally: Tally, route: RouteRequest, tenant: TenantRouting,
                 models: list[ModelEntry], admission: Admission | None) -> RouteDecision:

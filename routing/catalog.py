@@ -161,6 +161,7 @@ class Catalog:
         self.tiers: tuple[RawTier, ...] = tuple(self.routing.tiers)
         self._rank = {t.name: i for i, t in enumerate(self.tiers)}
         self.auto_aliases = frozenset(self.routing.auto_aliases)
+        self.has_context_windows = any(m.context_window is not None for m in self.models.values())
         for alias in self.auto_aliases:
             if alias in self.models or alias in self._aliases:
                 raise ConfigError(f"the routing alias {alias!r} collides with a model or alias")

@@ -26,6 +26,7 @@ class RouteRequest:
     kind: str = "chat"
     needs: frozenset[str] = frozenset()  # capabilities: 'tools', 'json_mode', 'vision'
     difficulty: Difficulty | None = None  # scored for routing aliases only
+    tokens: int | None = None  # prompt plus requested output, where some model has a context window
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +90,12 @@ def _floor(catalog: Catalog, tenant: TenantRouting) -> int:
     return catalog.rank(tenant.quality_floor)
 
 
+def _fits(m: ModelEntry, req: RouteRequest) -> bool:
+    return m.context_window is None or req.tokens is None or req.tokens <= m.context_window
+
+
 def _eligible(catalog: Catalog, m: ModelEntry, req: RouteRequest, tenant: TenantRouting) -> bool:
-    return (m.kind == req.kind and m.can(req.needs)
+    return (m.kind == req.kind and m.can(req.needs) and _fits(m, req)
             and (tenant.allowed_models is None or m.name in tenant.allowed_models)
             and catalog.rank(m.tier) <= _floor(catalog, tenant))
 
@@ -146,6 +151,10 @@ def _named(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> ModelE
     if tenant.allowed_models is not None and entry.name not in tenant.allowed_models:
         raise PermissionDenied(f"This tenant may not use model '{req.model}'.", param="model",
                                code="model_not_allowed")
+    if not _fits(entry, req):
+        raise InvalidRequest(f"This model's maximum context length is {entry.context_window} tokens; the request "
+                             f"needs about {req.tokens} (prompt plus max_tokens).", param="messages",
+                             code="context_length_exceeded")
     return entry
 
 

@@ -26,7 +26,7 @@ def catalog(**routing: Any) -> Any:
             {"name": "large-a", "upstreams": ["g", "h"], "tier": "large", "capabilities": ["tools", "json_mode"],
              "price": {"input_per_mtok": 3, "output_per_mtok": 15}},
             {"name": "large-b", "upstream": "g", "tier": "large", "price": {"input_per_mtok": 5, "output_per_mtok": 20}},
-            {"name": "mid", "upstream": "s", "tier": "medium", "capabilities": ["tools"],
+            {"name": "mid", "upstream": "s", "tier": "medium", "capabilities": ["tools"], "context_window": 8000,
              "price": {"input_per_mtok": 1, "output_per_mtok": 2}},
             {"name": "small", "upstream": "t", "tier": "small", "capabilities": [],
              "price": {"input_per_mtok": "0.1", "output_per_mtok": "0.2"}},
@@ -142,3 +142,12 @@ def test_candidates_bound_the_worst_case() -> None:
     assert auto == {"large-a", "large-b", "mid", "small", "pinned", "cand"}
     assert {m.name for m in candidates(CAT, RouteRequest("small"), ANY)} == {"small"}
     assert {m.name for m in candidates(CAT, RouteRequest("mid"), ANY)} == {"mid", "small"}
+
+
+def test_context_windows_filter_fallbacks_and_refuse_a_named_model_that_cannot_fit() -> None:
+    long = RouteRequest("large-b", tokens=20_000)
+    assert names(decide(CAT, long, ANY, CALM, {})) == ["large-b", "small"]  # 'mid' holds 8,000 tokens
+    assert names(decide(CAT, RouteRequest("large-b", tokens=7_000), ANY, CALM, {})) == ["large-b", "mid", "small"]
+    with pytest.raises(InvalidRequest) as refused:
+        decide(CAT, RouteRequest("mid", tokens=9_000), ANY, CALM, {})
+    assert refused.value.code == "context_length_exceeded"
