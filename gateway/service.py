@@ -345,8 +345,9 @@ class CompletionService:
         budget = BudgetSignal(headroom=admission.headroom if admission else None,
                               velocity_soft=bool(admission and admission.step_down))
         health = {m.name: self.routing.health.state_of(m.replicas) for m in models}
-        decision = decide(self.catalog, route, tenant, budget, health,
-                          canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}"))
+        bucket = canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}") if self.catalog.has_canaries \
+            else None
+        decision = decide(self.catalog, route, tenant, budget, health, bucket)
         tally.row.route_reason = decision.reason
         return decision
 

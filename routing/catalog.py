@@ -162,6 +162,10 @@ class Catalog:
         self._rank = {t.name: i for i, t in enumerate(self.tiers)}
         self.auto_aliases = frozenset(self.routing.auto_aliases)
         self.has_context_windows = any(m.context_window is not None for m in self.models.values())
+        self.has_canaries = any(r.canary_percent > 0 for r in self.routing.rollouts)
+        self._tiered: dict[tuple[int, str], list[ModelEntry]] = {}
+        for m in sorted(self.models.values(), key=lambda m: (m.unit_cost(), m.name)):
+            self._tiered.setdefault((self.rank(m.tier), m.kind), []).append(m)
         for alias in self.auto_aliases:
             if alias in self.models or alias in self._aliases:
                 raise ConfigError(f"the routing alias {alias!r} collides with a model or alias")
@@ -190,8 +194,7 @@ class Catalog:
 
     def in_tier(self, rank: int, kind: str = "chat") -> list[ModelEntry]:
         """The models of one tier, cheapest first."""
-        return sorted((m for m in self.models.values() if m.kind == kind and self.rank(m.tier) == rank),
-                      key=lambda m: (m.unit_cost(), m.name))
+        return self._tiered.get((rank, kind), [])
 
 
 def _read_secret(ref: str | None) -> str | None:

@@ -76,12 +76,17 @@ def no_model_fits(req: RouteRequest) -> InvalidRequest:
 
 def candidates(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> list[ModelEntry]:
     """Every model this request could end up on (for the worst-case budget reservation)."""
-    pool = [m for m in catalog.models.values() if _eligible(catalog, m, req, tenant)]
     if req.model in catalog.auto_aliases:
-        return pool
+        return [m for m in catalog.models.values() if _eligible(catalog, m, req, tenant)]
     entry = _named(catalog, req, tenant)
+    rollout = [catalog.models[r.candidate] for r in catalog.routing.rollouts if r.model == entry.name]
+    if entry.fallbacks is not None:
+        return [entry, *(catalog.models[n] for n in entry.fallbacks), *rollout]
     below = catalog.rank(entry.tier)
-    return [entry, *(m for m in pool if catalog.rank(m.tier) >= below or m.name in (entry.fallbacks or ()))]
+    if below == len(catalog.tiers) - 1:
+        return [entry, *rollout]  # the lowest tier, nothing to fall back to: the common case, kept cheap
+    return [entry, *(m for m in catalog.models.values()
+                     if catalog.rank(m.tier) > below and _eligible(catalog, m, req, tenant)), *rollout]
 
 
 def _floor(catalog: Catalog, tenant: TenantRouting) -> int:
