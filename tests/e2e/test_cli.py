@@ -101,6 +101,16 @@ def test_budget_commands(pg, redis_url, make_tenant):
     assert per_user.returncode == 0, per_user.stderr
     policy = tollway("tenants", "policy", "--tenant", tenant.name, "--redis-failure", "open", "--rpm", "60", env=env)
     assert policy.returncode == 0 and json.loads(policy.stdout)["redis_failure"] == "open"
+    routing = tollway("tenants", "policy", "--tenant", tenant.name, "--route-threshold", "0.3", "--allowed-models",
+                      "sim-small,sim-large", "--quality-floor", "large", "--degraded-answers", "on",
+                      "--response-cache", "off", env=env)
+    assert routing.returncode == 0, routing.stderr
+    assert {k: v for k, v in json.loads(routing.stdout).items() if k in (
+        "route_threshold", "allowed_models", "quality_floor", "degraded_answers", "response_cache", "rpm")} == {
+        "route_threshold": 0.3, "allowed_models": ["sim-small", "sim-large"], "quality_floor": "large",
+        "degraded_answers": True, "response_cache": False, "rpm": 60}
+    bad = tollway("tenants", "policy", "--tenant", tenant.name, "--route-threshold", "1.5", env=env)
+    assert bad.returncode != 0 and "route_threshold" in bad.stderr
     limits = tollway("keys", "limits", str(tenant.key_id), "--rpm", "10", env=env)
     assert limits.returncode == 0, limits.stderr
     shown = json.loads(tollway("budgets", "show", "--tenant", tenant.name, env=env).stdout)
