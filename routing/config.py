@@ -108,7 +108,9 @@ class RawModel(_Strict):
 
 class RawTier(_Strict):
     name: str = Field(min_length=1)
-    deadline_s: float = Field(default=60.0, gt=0)  # a whole non-streamed answer from one attempt
+    # A whole non-streamed answer from one attempt: longer than the longest generation expected there,
+    # since an answer cut by its deadline is paid for and then asked again of the next tier.
+    deadline_s: float = Field(default=120.0, gt=0)
     ttft_deadline_s: float = Field(default=10.0, gt=0)  # first content token of a stream, first byte otherwise
 
 
@@ -142,7 +144,7 @@ class RawRollout(_Strict):
 
 
 def _default_tiers() -> list[RawTier]:
-    return [RawTier(name="large", deadline_s=60, ttft_deadline_s=10), RawTier(name="small", deadline_s=30,
+    return [RawTier(name="large", deadline_s=120, ttft_deadline_s=10), RawTier(name="small", deadline_s=60,
                                                                                ttft_deadline_s=5)]
 
 
