@@ -129,6 +129,8 @@ class Tally:
         span.set_attribute("http.response.status_code", row.status)
         if row.model:
             span.set_attribute("gen_ai.response.model", row.model)
+        if row.route_reason:
+            span.set_attribute("tollway.route", row.route_reason)
         if row.error_code:
             span.set_attribute("error.type", row.error_code)
             span.set_status(StatusCode.ERROR, row.error_code)

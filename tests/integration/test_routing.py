@@ -147,6 +147,21 @@ async def test_a_dead_single_replica_is_not_hammered(gateway, sims, make_tenant)
     assert calls(fallback) == 8
 
 
+async def test_when_every_breaker_is_open_the_answer_is_a_fast_503(gateway, make_tenant, ledger):
+    tenant = make_tenant()
+    dead = "http://127.0.0.1:9/v1"
+    routing = {"breaker": {"consecutive_failures": 1, "open_s": 60}}
+    async with gateway(big=[dead], small=[dead], routing=routing) as gw:
+        first = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask())
+        later = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask("again"))
+        await gw.state.ledger.flush()
+    assert first.status_code == 503 and first.json()["error"]["code"] == "upstream_unavailable"
+    assert later.status_code == 503 and later.json()["error"]["code"] == "no_upstream_available"
+    assert later.headers["retry-after"] == "1"
+    assert len(ledger("request_id LIKE %s", first.headers["x-request-id"] + ".a%")) == 2  # big, then small
+    assert ledger("request_id LIKE %s", later.headers["x-request-id"] + ".a%") == []  # nothing was tried
+
+
 async def test_timeout_before_the_first_byte_moves_on_at_the_tier_deadline(gateway, sims, make_tenant, ledger):
     primary, fallback = sims("--fault", "timeout"), sims()
     tenant = make_tenant()
