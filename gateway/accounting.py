@@ -83,6 +83,8 @@ class Tally:
             cost_usd=cost, usage_source="estimated" if usage.input_tokens or usage.output_tokens else None,
             ttft_ms=None, tags=None if self.row.tags is None else list(self.row.tags))
         self.ledger.record(row)
+        self.telemetry.failed_attempts.add(1, {"gen_ai.request.model": entry.name, "tollway.upstream": replica,
+                                                "error.type": error_code})
         self.attempt_cost += cost
         self.attempt_tokens += usage.input_tokens + usage.output_tokens
         self.row.attempt = self.attempts + 1
@@ -140,6 +142,8 @@ class Tally:
         tel.duration.record(row.latency_ms / 1000, attrs)
         if row.cost_usd:
             tel.cost_usd.add(float(row.cost_usd), {"gen_ai.request.model": row.model or ""})
+        if row.cache_hit:
+            tel.cache_hits.add(1, {"gen_ai.request.model": row.model or ""})
         if row.input_tokens:
             tel.tokens.add(row.input_tokens, {"gen_ai.token.type": "input"})
         if row.output_tokens:

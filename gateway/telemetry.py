@@ -29,6 +29,8 @@ class Telemetry:
     cost_usd: Counter
     tokens: Counter
     duration: Histogram
+    failed_attempts: Counter
+    cache_hits: Counter
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
@@ -65,4 +67,8 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
         cost_usd=meter.create_counter("tollway.cost", unit="USD", description="Spend recorded in the ledger"),
         tokens=meter.create_counter("gen_ai.client.token.usage", unit="{token}"),
         duration=meter.create_histogram("gen_ai.server.request.duration", unit="s"),
+        failed_attempts=meter.create_counter("tollway.routing.failed_attempts",
+                                             description="Upstream attempts that failed and fell back, by model, "
+                                                         "upstream and error"),
+        cache_hits=meter.create_counter("tollway.cache.hits", description="Answers served from the response cache"),
     )

@@ -202,11 +202,12 @@ def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
     async def make(**overrides: Any) -> AsyncIterator[InProcess]:
         tmp = tmp_path_factory.mktemp("app")
         span_exporter = overrides.pop("span_exporter", None)
+        metric_reader = overrides.pop("metric_reader", None)
         settings = Settings(**{"database_url": pg.url, "redis_url": redis_url, "data_dir": tmp,
                                "config": write_config(tmp / "tollway.yaml", sim.url), "bootstrap": False,
                                "auth_cache_ttl_s": 0.2, "ledger_flush_interval_s": 0.01,
                                "ledger_retry_interval_s": 0.2, **overrides})
-        app = create_app(settings, span_exporter=span_exporter)
+        app = create_app(settings, span_exporter=span_exporter, metric_reader=metric_reader)
         async with app.lifespan():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://tollway") as client:

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 from psycopg_pool import AsyncConnectionPool
 from starlette.types import Receive, Scope, Send
@@ -142,7 +143,8 @@ def build_routing(catalog: Catalog, upstreams: dict[str, Upstream], specs: list[
     return Routing(caller=caller, health=health, cache=cache, shadows=shadows)
 
 
-async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: SpanExporter | None) -> AppState:
+async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: SpanExporter | None,
+                      metric_reader: MetricReader | None = None) -> AppState:
     if not settings.database_url or not settings.redis_url:
         raise StartupError("TOLLWAY_DATABASE_URL and TOLLWAY_REDIS_URL must be set "
                            "(`tollway serve` starts embedded ones when they are not).")
@@ -152,7 +154,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         raise StartupError("No upstream is configured: give --upstream URL, TOLLWAY_UPSTREAMS or a config file.")
 
     await migrate(settings.database_url)
-    telemetry = build_telemetry(otlp_endpoint=settings.otlp_endpoint, span_exporter=span_exporter)
+    telemetry = build_telemetry(otlp_endpoint=settings.otlp_endpoint, span_exporter=span_exporter,
+                                metric_reader=metric_reader)
     stack.callback(telemetry.shutdown)
 
     pool = AsyncConnectionPool(settings.database_url, min_size=4, max_size=16, open=False, timeout=5,
@@ -222,13 +225,14 @@ class Gateway:
 
     FastAPI owns the lifespan (which builds ``AppState``), the docs and the small routes."""
 
-    def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None) -> None:
+    def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None,
+                 metric_reader: MetricReader | None = None) -> None:
         self.settings = settings
 
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             async with AsyncExitStack() as stack:
-                app.state.tollway = await build_state(settings, stack, span_exporter)
+                app.state.tollway = await build_state(settings, stack, span_exporter, metric_reader)
                 # Everything built so far lives as long as the process: keep it out of the cyclic GC,
                 # whose full passes over it otherwise stall requests for tens of milliseconds.
                 gc.collect()
@@ -267,8 +271,10 @@ class Gateway:
             await self._stack(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None) -> Gateway:
-    return Gateway(settings or Settings(), span_exporter)
+def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None,
+               metric_reader: MetricReader | None = None) -> Gateway:
+    """``span_exporter`` / ``metric_reader``: where tests collect telemetry (production sets an OTLP endpoint)."""
+    return Gateway(settings or Settings(), span_exporter, metric_reader)
 
 
 __all__ = ["AppState", "Gateway", "StartupError", "create_app"]

@@ -87,17 +87,36 @@ async def stream_text(resp: Any) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def gateway(app_factory: Any, tmp_path: Path) -> Callable[..., Any]:
-    def make(**kwargs: Any) -> Any:
-        return app_factory(config=routing_config(tmp_path / "routing.yaml", **kwargs))
+    def make(metric_reader: Any = None, **kwargs: Any) -> Any:
+        return app_factory(config=routing_config(tmp_path / "routing.yaml", **kwargs), metric_reader=metric_reader)
     return make
 
 
+def counted(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
+    """A counter's data points from an in-memory metric reader, by attribute set."""
+    out: dict[tuple[tuple[str, Any], ...], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        out[tuple(sorted(point.attributes.items()))] = point.value
+    return out
+
+
 async def test_an_erroring_primary_falls_back_to_the_next_tier(gateway, sims, make_tenant, ledger):
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
     primary, fallback = sims("--fault", "error"), sims()
     tenant = make_tenant()
-    async with gateway(big=[primary.url], small=[fallback.url]) as gw:
+    reader = InMemoryMetricReader()
+    async with gateway(big=[primary.url], small=[fallback.url], metric_reader=reader) as gw:
         resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask())
         await gw.state.ledger.flush()
+        attempts = counted(reader, "tollway.routing.failed_attempts")
+    assert attempts == {(("error.type", "upstream_error"), ("gen_ai.request.model", "big"),
+                         ("tollway.upstream", "big-0")): 1}
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-tollway-model"] == "small" and resp.json()["model"] == "small"
     assert resp.headers["x-tollway-route"] == "requested"
@@ -367,8 +386,11 @@ async def test_auto_steps_down_near_budget_exhaustion(gateway, sims, make_tenant
 async def test_deterministic_requests_are_served_from_the_cache(gateway, sims, make_tenant, admin, ledger):
     big, small = sims(), sims()
     tenant, other = make_tenant(), make_tenant()
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
     q = ask("cache me", temperature=0)
-    async with gateway(big=[big.url], small=[small.url]) as gw:
+    async with gateway(big=[big.url], small=[small.url], metric_reader=reader) as gw:
         first = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
         reordered = dict(reversed(list(q.items())))  # the same request, keys in another order
         second = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=reordered)
@@ -391,6 +413,7 @@ async def test_deterministic_requests_are_served_from_the_cache(gateway, sims, m
     assert "x-tollway-cache" not in other_tenant.headers  # per tenant
     assert all("x-tollway-cache" not in r.headers for r in sampled)  # not deterministic: not cached
     assert calls(big) == 4  # first, the other tenant's, and the two sampled requests
+    assert counted(reader, "tollway.cache.hits") == {(("gen_ai.request.model", "big"),): 2}
     [hit] = ledger("request_id = %s", second.headers["x-request-id"])
     first_cost = Decimal(first.headers["x-tollway-cost-usd"])
     assert (hit["cache_hit"], hit["cost_usd"], hit["saved_usd"], hit["model"]) == (True, 0, first_cost, "big")
