@@ -427,7 +427,9 @@ class QuotaService:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def admit(self, principal: Principal, rules: TenantRules, *, rid: str, end_user: str | None,
-                    session: str | None, fingerprint: str, demand: Demand) -> Admission:
+                    session: str | None, fingerprint: str, demand: Demand, count_storm: bool = True) -> Admission:
+        """``count_storm=False``: a second try for the same request (a cheaper route after a refusal), which
+        the retry-storm breaker has already counted."""
         now = self.clock()
         counters = counters_for(principal, rules, end_user=end_user, session=session, now=now)
         policy = rules.policy
@@ -435,7 +437,8 @@ class QuotaService:
         now_s = now.timestamp()
         keys = [f"{_tenant_tag(principal.tenant_id)}:storm:{fingerprint}", *_lease_keys(principal.tenant_id)]
         watch = hard if hard != NO_LIMIT else (-1 if policy.velocity_soft_usd_per_min is not None else -2)
-        args: list[Any] = [int(now_s * 1000), int(self.lease_s * 1000), rid, policy.retry_storm_limit,
+        args: list[Any] = [int(now_s * 1000), int(self.lease_s * 1000), rid,
+                           policy.retry_storm_limit if count_storm else 0,
                            policy.retry_storm_window_s, watch, len(counters)]
         for counter in counters:
             keys.append(counter.key)

@@ -16,7 +16,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from tollway.errors import InvalidRequest, NotFound, PermissionDenied, TollwayError
+from tollway.errors import InvalidRequest, NotFound, PermissionDenied, QuotaExceeded, TollwayError
 from tollway.gateway.accounting import CLIENT_CLOSED, Tally, format_cost, usage_of
 from tollway.gateway.answers import DEGRADED_MODEL, degraded_completion, replay
 from tollway.gateway.keys import Principal
@@ -224,7 +224,7 @@ class CompletionService:
 
     async def _admit(self, ctx: CallContext, tally: Tally, rules: TenantRules, models: list[ModelEntry], body: bytes,
                      wire: JSON, worst_case: Callable[[TenantRules], tuple[Usage, int | None]], *,
-                     stream: bool = False) -> Admission | None:
+                     stream: bool = False, count_storm: bool = True) -> Admission | None:
         """Reserve the worst case in every budget and limit that applies, or refuse (429/503). The worst
         case is the dearest model the route may end on; for streams, plus the prompt of each failed
         attempt before it (a stream that broke before its first token may have been billed its prompt)."""
@@ -240,7 +240,7 @@ class CompletionService:
             demand = Demand(to_nano(usd), worst.input_tokens * (1 + retries) + worst.output_tokens)
         admission = await self.quota.admit(
             ctx.principal, rules, rid=ctx.request_id, end_user=tally.row.end_user, session=ctx.session,
-            fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand)
+            fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand, count_storm=count_storm)
         tally.reservation = admission.reservation
         if output_cap is not None and "max_tokens" not in wire and "max_completion_tokens" not in wire:
             wire["max_tokens"] = output_cap  # the tenant's default cap bounds the worst case
@@ -291,8 +291,27 @@ class CompletionService:
 
             if not models:
                 raise no_model_fits(route)
-            admission = await self._admit(ctx, tally, rules, models, body, wire, worst_case, stream=req.stream)
-            decision = self._decide(ctx, tally, route, tenant, models, admission)
+            health = {m.name: self.routing.health.state_of(m.replicas) for m in models}
+            bucket = canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}") \
+                if self.catalog.has_canaries else None
+            # The route before budgets are known bounds the reservation (an easy 'auto' request reserves
+            # at the small tier's price); budget signals can only move it down that chain.
+            planned = decide(self.catalog, route, tenant, BudgetSignal(), health, bucket)
+            chain = [s.model for s in planned.steps] or models
+            try:
+                admission = await self._admit(ctx, tally, rules, chain, body, wire, worst_case, stream=req.stream)
+                budget = BudgetSignal(headroom=admission.headroom if admission else None,
+                                      velocity_soft=bool(admission and admission.step_down))
+            except QuotaExceeded:
+                cheaper = self._step_down(route, chain)
+                if not cheaper:
+                    raise
+                # 'auto' near exhaustion: the budget may still hold the next tier down
+                admission = await self._admit(ctx, tally, rules, cheaper, body, wire, worst_case, stream=req.stream,
+                                              count_storm=False)
+                budget = BudgetSignal(headroom=0.0, velocity_soft=bool(admission and admission.step_down))
+            decision = decide(self.catalog, route, tenant, budget, health, bucket)
+            tally.row.route_reason = decision.reason
             affinity = _affinity(data) if self.catalog.routing.prefix_affinity else None
             if req.stream:
                 wire["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
@@ -338,18 +357,12 @@ class CompletionService:
             tokens = count_messages(data["messages"]) + (req.max_completion_tokens or req.max_tokens or 0) * req.n
         return RouteRequest(model=req.model, needs=needs, difficulty=difficulty, tokens=tokens)
 
-    def _decide(self, ctx: CallContext, tally: Tally, route: RouteRequest, tenant: TenantRouting,
-                models: list[ModelEntry], admission: Admission | None) -> RouteDecision:
-        """The route policy's inputs gathered: budget signals from the admission, health of every
-        model the route might take, the end user's canary bucket."""
-        budget = BudgetSignal(headroom=admission.headroom if admission else None,
-                              velocity_soft=bool(admission and admission.step_down))
-        health = {m.name: self.routing.health.state_of(m.replicas) for m in models}
-        bucket = canary_bucket(tally.row.end_user or f"key:{ctx.principal.key_id}") if self.catalog.has_canaries \
-            else None
-        decision = decide(self.catalog, route, tenant, budget, health, bucket)
-        tally.row.route_reason = decision.reason
-        return decision
+    def _step_down(self, route: RouteRequest, chain: list[ModelEntry]) -> list[ModelEntry]:
+        """For 'auto': the chain without its top tier, when there is a lower one."""
+        if route.model not in self.catalog.auto_aliases or not chain:
+            return []
+        top = min(self.catalog.rank(m.tier) for m in chain)
+        return [m for m in chain if self.catalog.rank(m.tier) > top]
 
     def _record_attempts(self, tally: Tally, data: JSON, attempts: list[Attempt]) -> None:
         """A ledger row per failed attempt; one that the upstream had started answering is charged

@@ -383,6 +383,29 @@ async def test_auto_steps_down_near_budget_exhaustion(gateway, sims, make_tenant
     assert tight.headers["x-tollway-route"].endswith(";budget_step_down")
 
 
+async def test_auto_takes_a_cheaper_tier_when_the_budget_no_longer_holds_the_large_one(gateway, sims, make_tenant,
+                                                                                       admin, ledger):
+    big, small = sims(), sims()
+    tenant = make_tenant()
+    async with gateway(big=[big.url], small=[small.url]) as gw:
+        # room for the small model's worst case (about $0.00002), not the large one's (about $0.0004); a storm
+        # limit of 1 shows the second admission try is not counted as a retry
+        await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+                            json={"tenant": tenant.name, "window": "day", "limit_usd": "0.0002"})
+        await gw.client.put("/v1/admin/policies", headers=auth(admin),
+                            json={"tenant": tenant.name, "retry_storm_limit": 1})
+        hard = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(HARD, model="auto"))
+        named = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(HARD + "?"))
+        await gw.state.quota.drain()
+        await gw.state.ledger.flush()
+    assert hard.status_code == 200, hard.text
+    assert hard.headers["x-tollway-model"] == "small" and hard.headers["x-tollway-route"].endswith(";budget_step_down")
+    assert named.status_code == 429 and named.json()["error"]["code"] == "insufficient_quota"
+    [row] = ledger("request_id = %s", hard.headers["x-request-id"])
+    assert (row["model"], row["status"]) == ("small", 200) and 0 < row["cost_usd"] < Decimal("0.0002")
+    assert calls(big) == 0
+
+
 async def test_deterministic_requests_are_served_from_the_cache(gateway, sims, make_tenant, admin, ledger):
     big, small = sims(), sims()
     tenant, other = make_tenant(), make_tenant()
