@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -271,10 +272,18 @@ class Gateway:
             await self._stack(scope, receive, send)
 
 
+SERVE_SETTINGS_ENV = "TOLLWAY_SERVE_SETTINGS"  # `tollway serve --workers N` hands each worker its settings here
+
+
+def create_app_from_env() -> Gateway:
+    """The factory each worker of `tollway serve --workers N` calls: the parent's resolved settings."""
+    return create_app(Settings.model_validate_json(os.environ[SERVE_SETTINGS_ENV]))
+
+
 def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None,
                metric_reader: MetricReader | None = None) -> Gateway:
     """``span_exporter`` / ``metric_reader``: where tests collect telemetry (production sets an OTLP endpoint)."""
     return Gateway(settings or Settings(), span_exporter, metric_reader)
 
 
-__all__ = ["AppState", "Gateway", "StartupError", "create_app"]
+__all__ = ["AppState", "Gateway", "StartupError", "create_app", "create_app_from_env"]

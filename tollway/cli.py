@@ -46,7 +46,7 @@ def _logging(level: str) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("config", "host", "port", "data_dir", "log_level"):
+    for name in ("config", "host", "port", "data_dir", "log_level", "workers"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -81,7 +81,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tollway.app import create_app, upstream_configs
+    from tollway.app import SERVE_SETTINGS_ENV, create_app, upstream_configs
     from tollway.embedded import EmbeddedRedis, LocalModelServer
 
     settings = _settings(args)
@@ -104,9 +104,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn shuts down gracefully on SIGTERM and then re-raises it: turn that into SystemExit so
         # the embedded services started above are stopped too.
         signal.signal(signal.SIGTERM, _exit_on_signal)
-        uvicorn.run(create_app(final), host=final.host, port=final.port, log_config=_logging(final.log_level),
-                    loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
-                    timeout_graceful_shutdown=30)
+        common: dict[str, Any] = {"host": final.host, "port": final.port, "log_config": _logging(final.log_level),
+                                  "loop": "uvloop", "http": "httptools", "access_log": False,
+                                  "proxy_headers": False, "timeout_graceful_shutdown": 30}
+        if final.workers == 1:
+            uvicorn.run(create_app(final), **common)
+        else:
+            # Workers are fresh processes: they get the resolved settings (embedded URLs included) whole.
+            # The supervisor turns SIGTERM into a graceful stop of every worker and then returns here.
+            os.environ[SERVE_SETTINGS_ENV] = final.model_dump_json()
+            uvicorn.run("tollway.app:create_app_from_env", factory=True, workers=final.workers, **common)
     return 0
 
 
@@ -198,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", action="append", metavar="URL",
                        help="an OpenAI-compatible upstream; its models come from its /v1/models (repeatable)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, help="worker processes behind one port (TOLLWAY_WORKERS, default 1)")
     serve.set_defaults(func=cmd_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations")

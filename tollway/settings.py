@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".tollway")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Worker processes behind the one port; embedded services are started once, by the parent.
+    workers: int = Field(default=1, ge=1, le=64)
 
     database_url: str | None = None
     redis_url: str | None = None

@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--rates", default="100,500")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="tollway serve --workers N")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
 
@@ -158,7 +159,8 @@ def main() -> None:
 
         tw_port = free_port()
         tw, tw_log = spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(tw_port), "--upstream",
-                            sim_url, "--data-dir", str(workdir / "data"), "--log-level", "warning"], "tollway")
+                            sim_url, "--data-dir", str(workdir / "data"), "--log-level", "warning",
+                            "--workers", str(args.workers)], "tollway")
         wait_http(f"http://127.0.0.1:{tw_port}/healthz", 120, tw, tw_log)
         key = re.search(r"(tw-[A-Za-z0-9_-]+)", tw_log.read_text())
         assert key, tw_log.read_text()
@@ -168,7 +170,8 @@ def main() -> None:
                         "--retry-storm-limit", "0", "--data-dir", str(workdir / "data")], check=True, env=env,
                        cwd=workdir, capture_output=True)
         time.sleep(2.5)  # the policy cache TTL
-        targets.append(Target("tollway", f"http://127.0.0.1:{tw_port}/v1", key.group(1)))
+        name = "tollway" if args.workers == 1 else f"tollway --workers {args.workers}"
+        targets.append(Target(name, f"http://127.0.0.1:{tw_port}/v1", key.group(1)))
 
         if not args.no_litellm:
             binary = ensure_litellm()
@@ -225,7 +228,8 @@ def report(results: dict[str, Result], rates: list[int], args: argparse.Namespac
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    tw, ll = results.get("tollway"), results.get("litellm proxy 1.106.2")
+    tw = next((r for name, r in results.items() if name.startswith("tollway")), None)
+    ll = results.get("litellm proxy 1.106.2")
     if tw and ll and tw.sustained_rps and ll.sustained_rps:
         print(f"\ntollway sustains {tw.sustained_rps / ll.sustained_rps:.1f}x LiteLLM proxy's rate")
 

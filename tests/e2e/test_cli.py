@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,45 @@ def test_sigterm_stops_the_embedded_services_too(serve, sim):
     data = Path(served.env["TOLLWAY_DATA_DIR"])
     assert (data / "postgres" / "postmaster.pid").exists()
     served.stop()  # SIGTERM, as Kubernetes or systemd would send
+    assert served.process.returncode == 0
+    deadline = time.monotonic() + 10
+    while (data / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (data / "postgres" / "postmaster.pid").exists()
+
+
+def test_workers_share_one_port_and_the_embedded_services(serve, sim, helpers):
+    """`--workers 2`: embedded PostgreSQL and Redis are started once by the parent; both workers answer;
+    the bootstrap key is created once; SIGTERM stops the workers, then the embedded services."""
+    import subprocess
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    served = serve("--upstream", sim.url, "--workers", "2", env={
+        "TOLLWAY_DATABASE_URL": "", "TOLLWAY_REDIS_URL": "", "TOLLWAY_CONFIG": ""})
+    data = Path(served.env["TOLLWAY_DATA_DIR"])
+    log = served.log.read_text()
+    keys = set(re.findall(r"tw-[A-Za-z0-9_-]{20,}", log))
+    deadline = time.monotonic() + 30
+    while not keys and time.monotonic() < deadline:  # the worker that bootstrapped may print a moment later
+        time.sleep(0.2)
+        keys = set(re.findall(r"tw-[A-Za-z0-9_-]{20,}", served.log.read_text()))
+    assert len(keys) == 1, "exactly one worker creates and prints the bootstrap key"
+    key = keys.pop()
+    children = subprocess.run(["ps", "-o", "args=", "--ppid", str(served.process.pid)], capture_output=True,
+                              text=True).stdout.splitlines()
+    workers = [c for c in children if "multiprocessing.spawn" in c and "spawn_main" in c]
+    assert len(workers) == 2, children
+    assert sorted(p.name for p in (data).iterdir() if p.name in ("postgres", "redis")) == ["postgres", "redis"]
+
+    def ask(i: int) -> int:
+        return httpx.post(served.url + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                          json={"model": "sim-small", "messages": [{"role": "user", "content": f"worker {i}"}],
+                                "max_tokens": 4}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, range(40))) == [200] * 40
+    served.stop()
     assert served.process.returncode == 0
     deadline = time.monotonic() + 10
     while (data / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
