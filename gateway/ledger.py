@@ -231,18 +231,22 @@ class Ledger:
         replayed = 0
         async with self._spill_lock:
             for path in self._replayable():
-                if path.name.startswith("spill-"):
-                    target = path.with_name(f"replay-{os.getpid()}-{time.time_ns()}.jsonl")
-                    path.rename(target)
-                    path = target
-                rows = [LedgerRow.from_json(line) for line in path.read_bytes().splitlines() if line.strip()]
+                try:
+                    if path.name.startswith("spill-"):
+                        target = path.with_name(f"replay-{os.getpid()}-{time.time_ns()}.jsonl")
+                        path.rename(target)
+                        path = target
+                    raw = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # another worker took this file first (its inserts are idempotent anyway)
+                rows = [LedgerRow.from_json(line) for line in raw.splitlines() if line.strip()]
                 try:
                     for start in range(0, len(rows), self._batch_size):
                         await self._insert(rows[start:start + self._batch_size])
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     log.warning("ledger replay deferred (%s: %s)", type(exc).__name__, exc)
                     break
-                path.unlink()
+                path.unlink(missing_ok=True)
                 replayed += len(rows)
         self.stats.replayed += replayed
         if replayed:

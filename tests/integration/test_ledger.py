@@ -70,8 +70,8 @@ async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, helpe
     assert all(r["cost_usd"] == (3 * price_in + 2 * price_out) / 10**6 for r in rows)
 
 
-def _row(i: int) -> LedgerRow:
-    return LedgerRow(request_id=f"req_replay_{i}", created_at=datetime.now(UTC), tenant_id=1, key_id=1,
+def _row(i: int, prefix: str = "req_replay_") -> LedgerRow:
+    return LedgerRow(request_id=f"{prefix}{i}", created_at=datetime.now(UTC), tenant_id=1, key_id=1,
                      endpoint="chat.completions", latency_ms=1.0, cost_usd=Decimal("0.000001"))
 
 
@@ -139,3 +139,20 @@ async def test_rows_in_the_writers_hands_survive_shutdown(pg, helpers, tmp_path)
         await ledger.stop()
     found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_inhand_%",))
     assert len(found) == 5
+
+
+async def test_workers_replaying_the_same_dead_process_files_land_each_row_once(pg, helpers, tmp_path):
+    """`serve --workers N`: every worker's replay loop sees a dead process's spill files; whichever takes a
+    file first replays it, the others skip it, and no row is lost or doubled."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    rows = [_row(i, prefix="req_workers_") for i in range(30)]
+    (spill / "spill-999999.jsonl").write_bytes(b"".join(r.to_json() + b"\n" for r in rows[:15]))  # a dead pid
+    (spill / "replay-999999-1.jsonl").write_bytes(b"".join(r.to_json() + b"\n" for r in rows[15:]))
+    async with AsyncConnectionPool(pg.url, min_size=1, max_size=4, open=False) as pool:
+        workers = [Ledger(pool, spill, queue_size=10, batch_size=4, flush_interval_s=0.01, retry_interval_s=60)
+                   for _ in range(3)]
+        replayed = await asyncio.gather(*(w.replay() for w in workers))
+    assert sum(replayed) >= 30 and list(spill.iterdir()) == []
+    found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_workers_%",))
+    assert sorted(r["request_id"] for r in found) == sorted(r.request_id for r in rows)
