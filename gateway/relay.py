@@ -15,8 +15,7 @@ import orjson
 
 from tollway.errors import TollwayError
 from tollway.gateway.accounting import CLIENT_CLOSED, Tally, usage_of
-from tollway.routing import ModelEntry, UpstreamStream, Usage
-from tollway.routing.tokens import count_text
+from tollway.routing import ModelEntry, UpstreamStream, Usage, count_text
 
 JSON = dict[str, Any]
 DONE = b"data: [DONE]\n\n"

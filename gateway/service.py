@@ -1,5 +1,5 @@
-"""The completion service: validate, resolve the model, admit against budgets, call the upstream,
-account for the cost. Accounting lives in ``accounting``, stream relaying in ``relay``, budgets in
+"""The completion service: validate, plan the route, admit against budgets, decide the route, call the
+upstream (through the fallback chain), account for the cost. Accounting lives in ``accounting``, stream relaying in ``relay``, budgets in
 ``quota``; this module wires them in the order the request path needs."""
 
 from __future__ import annotations
@@ -27,23 +27,33 @@ from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, 
 from tollway.gateway.relay import StreamRelay, choice_text
 from tollway.gateway.shadow import ShadowJob, Shadows
 from tollway.gateway.telemetry import Telemetry
-from tollway.routing import Catalog, ModelEntry, Upstream, Usage
-from tollway.routing.cache import ResponseCache, cache_key, deterministic
-from tollway.routing.difficulty import assess
-from tollway.routing.fallback import Attempt, Caller, ChainFailed, RetryBudget, Served
-from tollway.routing.health import Health
-from tollway.routing.policy import (
+from tollway.routing import (
+    Attempt,
     BudgetSignal,
+    Caller,
+    Catalog,
+    ChainFailed,
+    Health,
+    ModelEntry,
+    ResponseCache,
+    RetryBudget,
     RouteDecision,
     RouteRequest,
+    Served,
     Step,
     TenantRouting,
+    Upstream,
+    Usage,
+    assess,
+    cache_key,
     canary_bucket,
     candidates,
+    count_messages,
+    count_text,
     decide,
+    deterministic,
     no_model_fits,
 )
-from tollway.routing.tokens import count_messages, count_text
 
 JSON = dict[str, Any]
 BodyReader = Callable[[], Awaitable[bytes]]  # read inside the tally, so an oversized body is accounted too

@@ -24,10 +24,16 @@ from tollway.errors import TollwayError
 from tollway.gateway.accounting import usage_of
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.relay import choice_text
-from tollway.routing import ModelEntry, Usage
-from tollway.routing.fallback import Caller, ChainFailed
-from tollway.routing.policy import RouteDecision, Step
-from tollway.routing.tokens import count_messages, count_text
+from tollway.routing import (
+    Caller,
+    ChainFailed,
+    ModelEntry,
+    RouteDecision,
+    Step,
+    Usage,
+    count_messages,
+    count_text,
+)
 
 log = logging.getLogger("tollway.shadow")
 JSON = dict[str, Any]

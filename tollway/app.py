@@ -38,8 +38,13 @@ from tollway.gateway.service import CompletionService, Limits, Routing
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.routing import (
+    Caller,
     Catalog,
+    Health,
     RawUpstream,
+    ResponseCache,
+    RetryBudget,
+    SaturationPoller,
     Upstream,
     build_catalog,
     build_upstream,
@@ -48,9 +53,6 @@ from tollway.routing import (
     new_session,
     resolve_upstream,
 )
-from tollway.routing.cache import ResponseCache
-from tollway.routing.fallback import Caller, RetryBudget
-from tollway.routing.health import Health, SaturationPoller
 from tollway.settings import Settings
 
 log = logging.getLogger("tollway")
