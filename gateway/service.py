@@ -36,13 +36,11 @@ from tollway.routing import (
     Health,
     ModelEntry,
     ResponseCache,
-    RetryBudget,
     RouteDecision,
     RouteRequest,
     Served,
     Step,
     TenantRouting,
-    Upstream,
     Usage,
     assess,
     cache_key,
@@ -163,22 +161,15 @@ def _affinity(data: JSON) -> str | None:
 
 
 class CompletionService:
-    def __init__(self, catalog: Catalog, upstreams: dict[str, Upstream], ledger: Ledger,
-                 telemetry: Telemetry, limits: Limits, policies: PolicyStore | None = None,
-                 quota: QuotaService | None = None, routing: Routing | None = None) -> None:
+    def __init__(self, catalog: Catalog, ledger: Ledger, telemetry: Telemetry, limits: Limits, routing: Routing,
+                 policies: PolicyStore | None = None, quota: QuotaService | None = None) -> None:
         self.catalog = catalog
-        self.upstreams = upstreams
         self.ledger = ledger
         self.telemetry = telemetry
         self.limits = limits
+        self.routing = routing  # upstream calls go through its fallback chain
         self.policies = policies
         self.quota = quota
-        config = catalog.routing
-        self.routing = routing or Routing(
-            caller=Caller(upstreams, health := Health(upstreams, config.breaker, config.saturation),
-                          RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
-                          max_attempts=config.max_attempts, balance=config.balance),
-            health=health)
 
     # -- shared steps -----------------------------------------------------------------------------
     def _open(self, ctx: CallContext, endpoint: str) -> Tally:

@@ -214,9 +214,9 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     if routing.shadows is not None:
         stack.push_async_callback(routing.shadows.drain)  # before the ledger stops: shadow rows are written
     stack.push_async_callback(routing.drain)  # before Redis closes: finished streams are cached
-    service = CompletionService(catalog, upstreams, ledger, telemetry,
+    service = CompletionService(catalog, ledger, telemetry,
                                 Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
-                                policies=policies, quota=quota, routing=routing)
+                                routing, policies=policies, quota=quota)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
