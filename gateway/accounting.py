@@ -103,7 +103,8 @@ class Tally:
         row.input_tokens = self.usage.input_tokens
         row.output_tokens = self.usage.output_tokens
         row.cached_tokens = self.usage.cached_tokens
-        row.cost_usd = self.entry.price.cost(self.usage) if self.entry is not None else Decimal(0)
+        priced = None if row.cache_hit else self.entry  # a cache hit keeps its model and tokens, costs nothing
+        row.cost_usd = priced.price.cost(self.usage) if priced is not None else Decimal(0)
         row.latency_ms = (time.perf_counter() - self.started) * 1000
         self.ledger.record(row)
         self._report(row)

@@ -413,7 +413,6 @@ class CompletionService:
         tally.row.cache_hit, tally.row.saved_usd = True, hit.cost_usd
         tally.first_token()
         usage = usage_of(hit.payload.get("usage")) or Usage()
-        tally.entry = None  # a hit costs nothing: the row keeps the model, the price is not applied
         tally.close(200, usage=usage, usage_source="cache")
         headers = {"x-tollway-model": entry.name, "x-tollway-cost-usd": format_cost(Decimal(0)),
                    "x-tollway-cache": "hit", "x-tollway-route": "cache_hit"}
