@@ -41,6 +41,19 @@ def usage_of(raw: object) -> Usage | None:
         return None
 
 
+def side_row(row: LedgerRow, *, suffix: str, role: str, attempt: int, entry: ModelEntry, replica: str, status: int,
+             error_code: str | None, usage: Usage, usage_source: str | None, latency_ms: float,
+             **extra: Any) -> LedgerRow:
+    """A ledger row of its own for another upstream call made for the request ``row`` records (a failed
+    fallback attempt, a shadow call): the same request, tenant, key and user; its own model, tokens and cost."""
+    return dataclasses.replace(
+        row, request_id=f"{row.request_id}.{suffix}", role=role, attempt=attempt, model=entry.name,
+        upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier, price_source=entry.price.source,
+        status=status, error_code=error_code, latency_ms=latency_ms, ttft_ms=None, input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens, cost_usd=entry.price.cost(usage),
+        usage_source=usage_source, tags=None if row.tags is None else list(row.tags), **extra)
+
+
 @dataclass(slots=True)
 class Tally:
     ledger: Ledger
@@ -74,18 +87,13 @@ class Tally:
                        latency_ms: float) -> None:
         """A ledger row of its own for an attempt that failed before anything reached the client."""
         self.attempts += 1
-        cost = entry.price.cost(usage)
-        row = dataclasses.replace(
-            self.row, request_id=f"{self.row.request_id}.a{self.attempts}", role="attempt", attempt=self.attempts,
-            model=entry.name, upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier,
-            price_source=entry.price.source, status=status, error_code=error_code, latency_ms=latency_ms,
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
-            cost_usd=cost, usage_source="estimated" if usage.input_tokens or usage.output_tokens else None,
-            ttft_ms=None, tags=None if self.row.tags is None else list(self.row.tags))
+        row = side_row(self.row, suffix=f"a{self.attempts}", role="attempt", attempt=self.attempts, entry=entry,
+                       replica=replica, status=status, error_code=error_code, usage=usage, latency_ms=latency_ms,
+                       usage_source="estimated" if usage.input_tokens or usage.output_tokens else None)
         self.ledger.record(row)
         self.telemetry.failed_attempts.add(1, {"gen_ai.request.model": entry.name, "tollway.upstream": replica,
                                                 "error.type": error_code})
-        self.attempt_cost += cost
+        self.attempt_cost += row.cost_usd
         self.attempt_tokens += usage.input_tokens + usage.output_tokens
         self.row.attempt = self.attempts + 1
 

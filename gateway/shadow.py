@@ -11,7 +11,6 @@ flight.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import TollwayError
-from tollway.gateway.accounting import usage_of
+from tollway.gateway.accounting import side_row, usage_of
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.relay import choice_text
 from tollway.routing import (
@@ -91,17 +90,13 @@ class Shadows:
         except TollwayError as exc:
             status, code = exc.status, exc.code
         latency_ms = (time.perf_counter() - started) * 1000
-        cost = job.candidate.price.cost(usage)
         entry = job.candidate
-        self.ledger.record(dataclasses.replace(
-            job.row, request_id=f"{job.row.request_id}.shadow", role="shadow", attempt=1, model=entry.name,
-            upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier, price_source=entry.price.source,
-            status=status, error_code=code, latency_ms=latency_ms, ttft_ms=None, stream=False,
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
-            cost_usd=cost, cache_hit=False, saved_usd=Decimal(0), degraded=False,
-            rollout="shadow", route_reason=decision.reason,
-            usage_source="upstream" if status == 200 else None,
-            tags=None if job.row.tags is None else list(job.row.tags)))
+        row = side_row(job.row, suffix="shadow", role="shadow", attempt=1, entry=entry, replica=replica,
+                       status=status, error_code=code, usage=usage, latency_ms=latency_ms,
+                       usage_source="upstream" if status == 200 else None, stream=False, cache_hit=False,
+                       saved_usd=Decimal(0), degraded=False, rollout="shadow", route_reason=decision.reason)
+        self.ledger.record(row)
+        cost = row.cost_usd
         try:
             async with self.pool.connection(timeout=5) as conn:
                 await conn.execute(
