@@ -121,15 +121,20 @@ async def test_redis_stopped_mid_traffic_follows_each_tenants_policy(app_factory
     assert [(r["error_code"], r["cost_usd"]) for r in closed_rows] == [("quota_unavailable", 0)]
 
 
+def solo_tenant(base: int, name: str, period: str, limit_usd: str) -> tuple[Principal, Budget, TenantRules]:
+    """A tenant of its own (ids from ``base``, varied per run) with one USD budget and no storm breaker."""
+    tenant_id = base + int(time.time()) % 10_000
+    principal = Principal(key_id=1, tenant_id=tenant_id, tenant=name, role="app", allowed_models=None)
+    budget = Budget(id=tenant_id, tenant_id=tenant_id, scope="tenant", subject="", period=period,
+                    limit_usd=Decimal(limit_usd), limit_tokens=None)
+    return principal, budget, TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0), (budget,))
+
+
 async def test_minute_window_rolls_over(redis_url):
     client = aioredis.from_url(redis_url)
     now = [datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC)]
     quota = QuotaService(client, lease_s=30, fail_open_share=0.5, clock=lambda: now[0])
-    tenant_id = 900_000 + int(time.time()) % 10_000
-    principal = Principal(key_id=1, tenant_id=tenant_id, tenant="roll", role="app", allowed_models=None)
-    budget = Budget(id=tenant_id, tenant_id=tenant_id, scope="tenant", subject="", period="minute",
-                    limit_usd=Decimal("0.000002"), limit_tokens=None)
-    rules = TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0), (budget,))
+    principal, budget, rules = solo_tenant(900_000, "roll", "minute", "0.000002")
 
     async def admit(rid: str) -> Any:
         return await quota.admit(principal, rules, rid=rid, end_user=None, session=None, fingerprint=rid,
@@ -156,11 +161,7 @@ async def test_expired_lease_frees_the_budget_without_settlement(redis_url):
     client = aioredis.from_url(redis_url)
     now = [datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)]
     quota = QuotaService(client, lease_s=5, fail_open_share=0.5, clock=lambda: now[0])
-    tenant_id = 910_000 + int(time.time()) % 10_000
-    principal = Principal(key_id=1, tenant_id=tenant_id, tenant="lease", role="app", allowed_models=None)
-    budget = Budget(id=tenant_id, tenant_id=tenant_id, scope="tenant", subject="", period="day",
-                    limit_usd=Decimal("0.000001"), limit_tokens=None)
-    rules = TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0), (budget,))
+    principal, _, rules = solo_tenant(910_000, "lease", "day", "0.000001")
     demand = Demand(usd_nano=1000, tokens=1)
     held = await quota.admit(principal, rules, rid="held", end_user=None, session=None, fingerprint="f", demand=demand)
     held.reservation.settled = True  # as if its gateway died: never settled, never renewed
