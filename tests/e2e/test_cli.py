@@ -162,7 +162,8 @@ def test_workers_share_one_port_and_the_embedded_services(serve, sim, helpers):
         keys = set(re.findall(r"tw-[A-Za-z0-9_-]{20,}", served.log.read_text()))
     assert len(keys) == 1, "exactly one worker creates and prints the bootstrap key"
     key = keys.pop()
-    children = subprocess.run(["ps", "-o", "args=", "--ppid", str(served.process.pid)], capture_output=True,
+    # -ww: without a terminal ps cuts each line at 80 columns, which drops `spawn_main` under a long checkout path
+    children = subprocess.run(["ps", "-ww", "-o", "args=", "--ppid", str(served.process.pid)], capture_output=True,
                               text=True).stdout.splitlines()
     workers = [c for c in children if "multiprocessing.spawn" in c and "spawn_main" in c]
     assert len(workers) == 2, children
