@@ -139,7 +139,7 @@ async def put_policy(request: Request, body: PolicyBody) -> Response:
     state = request.app.state.tollway
     changes = body.model_dump(exclude={"tenant"}, exclude_unset=True)
     async with state.pool.connection() as conn:
-        policy = await set_policy(conn, body.tenant, **changes)
+        policy = await set_policy(conn, body.tenant, tiers=[t.name for t in state.catalog.tiers], **changes)
     state.policies.forget(policy.tenant_id)
     return json_response(policy.as_json())
 

@@ -8,6 +8,7 @@ Counters live in Redis (``tollway.gateway.quota``).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
@@ -178,10 +179,17 @@ async def delete_budget(conn: psycopg.AsyncConnection[Any], tenant: str, budget_
     return cur.rowcount == 1
 
 
-async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, **changes: Any) -> TenantPolicy:
+async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, *, tiers: Collection[str] | None = None,
+                     **changes: Any) -> TenantPolicy:
+    """Upsert a tenant's policy fields. With ``tiers`` (the routing config's tier names), a quality floor
+    naming no tier is refused instead of silently acting as no floor."""
     unknown = set(changes) - set(POLICY_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown policy field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    floor = changes.get("quality_floor")
+    if tiers is not None and floor is not None and floor not in tiers:
+        raise InvalidRequest(f"quality_floor {floor!r} is not a routing tier (tiers: {', '.join(tiers)})",
+                             param="quality_floor")
     if changes.get("redis_failure", "closed") not in ("closed", "open"):
         raise InvalidRequest("redis_failure must be 'closed' or 'open'", param="redis_failure")
     tid = await tenant_id(conn, tenant)

@@ -136,6 +136,7 @@ def _flag(value: str) -> bool:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     from tollway.gateway.policy import set_policy
+    from tollway.routing import load_config
 
     changes = {name: getattr(args, name) for name in (
         "redis_failure", "default_max_tokens", "rpm", "tpm", "velocity_soft_usd_per_min",
@@ -145,7 +146,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
         changes["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
 
     async def action(conn: Any, settings: Settings) -> int:
-        policy = await set_policy(conn, args.tenant, **changes)
+        tiers = [t.name for t in load_config(settings.config).routing.tiers]
+        policy = await set_policy(conn, args.tenant, tiers=tiers, **changes)
         print(json.dumps(policy.as_json()))
         return 0
 

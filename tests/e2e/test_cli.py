@@ -112,6 +112,8 @@ def test_budget_commands(pg, redis_url, make_tenant):
         "degraded_answers": True, "response_cache": False, "rpm": 60}
     bad = tollway("tenants", "policy", "--tenant", tenant.name, "--route-threshold", "1.5", env=env)
     assert bad.returncode != 0 and "route_threshold" in bad.stderr
+    typo = tollway("tenants", "policy", "--tenant", tenant.name, "--quality-floor", "lagre", env=env)
+    assert typo.returncode != 0 and "'lagre' is not a routing tier (tiers: large, small)" in typo.stderr
     limits = tollway("keys", "limits", str(tenant.key_id), "--rpm", "10", env=env)
     assert limits.returncode == 0, limits.stderr
     shown = json.loads(tollway("budgets", "show", "--tenant", tenant.name, env=env).stdout)

@@ -109,6 +109,9 @@ async def test_a_request_without_max_tokens_gets_the_tenant_cap(app_factory, mak
         resp = await gw.client.put("/v1/admin/policies", headers=auth(admin),
                                    json={"tenant": tenant.name, "default_max_tokens": 7})
         assert resp.status_code == 200 and resp.json()["default_max_tokens"] == 7
+        typo = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+                                   json={"tenant": tenant.name, "quality_floor": "lagre"})
+        assert typo.status_code == 400 and typo.json()["error"]["param"] == "quality_floor"
         ok = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
                                   json={"model": "sim-small", "messages": msg("cap")})
     assert ok.status_code == 200
