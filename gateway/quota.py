@@ -22,6 +22,7 @@ Redis); the reconciliation job later raises the Redis counters to what the ledge
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -220,20 +221,31 @@ def window(period: str, now: datetime) -> Window:
         return Window("all", None, None, 0)
     if period == "minute":
         start = now.replace(second=0, microsecond=0)
-        end = start + timedelta(minutes=1)
     elif period == "hour":
         start = now.replace(minute=0, second=0, microsecond=0)
-        end = start + timedelta(hours=1)
     elif period == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=1)
     elif period == "month":
         start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (start + timedelta(days=32)).replace(day=1)
     else:
         raise ValueError(f"unknown period {period!r}")
+    label, end = _span(period, start)
     # Counters stay an hour past their window, for reconciliation and inspection.
-    return Window(start.strftime("%Y%m%dT%H%M"), start, end, int((end - now).total_seconds()) + 3600)
+    return Window(label, start, end, int((end - now).total_seconds()) + 3600)
+
+
+@functools.lru_cache(maxsize=64)
+def _span(period: str, start: datetime) -> tuple[str, datetime]:
+    """A window's label and end: the same for every request in it (formatting costs more than the rest)."""
+    if period == "minute":
+        end = start + timedelta(minutes=1)
+    elif period == "hour":
+        end = start + timedelta(hours=1)
+    elif period == "day":
+        end = start + timedelta(days=1)
+    else:
+        end = (start + timedelta(days=32)).replace(day=1)
+    return start.strftime("%Y%m%dT%H%M"), end
 
 
 def _subject_key(subject: str) -> str:
