@@ -6,9 +6,11 @@ Span attributes follow the GenAI semantic conventions (``gen_ai.*``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from opentelemetry.metrics import Counter, Histogram, Meter, NoOpMeter
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, NoOpMeter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -17,6 +19,15 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import NoOpTracer, Tracer
 
 import tollway
+
+# breaker states as gauge values: higher is worse
+BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class _Replica(Protocol):
+    state: str
+    outstanding: int
+    trips: int
 
 
 @dataclass
@@ -31,6 +42,26 @@ class Telemetry:
     duration: Histogram
     failed_attempts: Counter
     cache_hits: Counter
+
+    def observe_replicas(self, replicas: Mapping[str, _Replica]) -> None:
+        """Per upstream replica, read when metrics are collected: breaker state (0 closed, 1 half-open,
+        2 open), calls in flight, and breaker trips so far."""
+
+        def observe(read: Callable[[_Replica], int]) -> list[Callable[[CallbackOptions], Iterable[Observation]]]:
+            def callback(_options: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(read(r), {"tollway.upstream": name}) for name, r in replicas.items()]
+
+            return [callback]
+
+        self.meter.create_observable_gauge(
+            "tollway.routing.breaker.state", callbacks=observe(lambda r: BREAKER_VALUES[r.state]),
+            description="Circuit breaker per upstream replica: 0 closed, 1 half-open, 2 open")
+        self.meter.create_observable_up_down_counter(
+            "tollway.routing.outstanding", callbacks=observe(lambda r: r.outstanding), unit="{request}",
+            description="Calls in flight per upstream replica")
+        self.meter.create_observable_counter(
+            "tollway.routing.breaker.trips", callbacks=observe(lambda r: r.trips),
+            description="Times each replica's circuit breaker opened")
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()

@@ -207,6 +207,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
 
     stack.push_async_callback(stop_reconciler)
     routing = build_routing(catalog, upstreams, specs, session, redis_client, ledger, pool)
+    telemetry.observe_replicas(routing.health.replicas)
     poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
     await poller.poll_once()  # the first routing decisions already see the queues
     poller.start()

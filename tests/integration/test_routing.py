@@ -93,7 +93,7 @@ def gateway(app_factory: Any, tmp_path: Path) -> Callable[..., Any]:
 
 
 def counted(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
-    """A counter's data points from an in-memory metric reader, by attribute set."""
+    """A metric's data points (counter or gauge) from an in-memory metric reader, by attribute set."""
     out: dict[tuple[tuple[str, Any], ...], int] = {}
     data = reader.get_metrics_data()
     for resource in data.resource_metrics if data else []:
@@ -133,13 +133,22 @@ async def test_an_erroring_primary_falls_back_to_the_next_tier(gateway, sims, ma
 
 
 async def test_open_breaker_gets_no_requests_beyond_its_probes(gateway, sims, make_tenant, ledger):
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
     primary, fallback = sims("--fault", "error"), sims()
     tenant = make_tenant()
     routing = {"breaker": {"consecutive_failures": 2, "open_s": 1.0, "half_open_probes": 1}}
-    async with gateway(big=[primary.url], small=[fallback.url], routing=routing) as gw:
+    reader = InMemoryMetricReader()
+    async with gateway(big=[primary.url], small=[fallback.url], routing=routing, metric_reader=reader) as gw:
+        assert counted(reader, "tollway.routing.breaker.state") == {
+            (("tollway.upstream", "big-0"),): 0, (("tollway.upstream", "small-0"),): 0}
         first = [await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(f"q{i}"))
                  for i in range(10)]
         assert calls(primary) == 2  # two failures opened the breaker; the other eight never went there
+        assert counted(reader, "tollway.routing.breaker.state")[(("tollway.upstream", "big-0"),)] == 2
+        assert counted(reader, "tollway.routing.breaker.trips") == {
+            (("tollway.upstream", "big-0"),): 1, (("tollway.upstream", "small-0"),): 0}
+        assert counted(reader, "tollway.routing.outstanding")[(("tollway.upstream", "small-0"),)] == 0
         assert first[-1].headers["x-tollway-route"] == "requested;big:down;target=small"
         await asyncio.sleep(1.1)
         # cool-down over: concurrent requests, but only one probe may go to the half-open replica
