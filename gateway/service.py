@@ -281,7 +281,8 @@ class CompletionService:
             route = self._route_request(req, data)
             models = candidates(self.catalog, route, tenant)
             cache_key = self._cache_key(rules, ctx.principal.tenant_id, data)
-            if cache_key is not None and (hit := await self._cached(tally, cache_key, req.stream, data)) is not None:
+            if cache_key is not None and (
+                    hit := await self._cached(tally, cache_key, req.stream, data, models)) is not None:
                 return hit
             wire = dict(data)
 
@@ -404,10 +405,13 @@ class CompletionService:
             return None
         return cache_key(tenant_id, data)
 
-    async def _cached(self, tally: Tally, key: str, stream: bool, data: JSON) -> JSONResult | StreamResult | None:
+    async def _cached(self, tally: Tally, key: str, stream: bool, data: JSON,
+                      models: list[ModelEntry]) -> JSONResult | StreamResult | None:
+        """A cached answer, if its model is one this request may still be routed to now (an allow-list or
+        quality floor changed since it was cached: a miss, and the new answer replaces it)."""
         assert self.routing.cache is not None
         hit = await self.routing.cache.get(key)
-        if hit is None or (entry := self.catalog.get(hit.model)) is None:
+        if hit is None or (entry := next((m for m in models if m.name == hit.model), None)) is None:
             return None
         tally.bind(entry, reason="cache_hit")
         tally.row.cache_hit, tally.row.saved_usd = True, hit.cost_usd

@@ -455,6 +455,26 @@ async def test_deterministic_requests_are_served_from_the_cache(gateway, sims, m
         Decimal(r.headers["x-tollway-cost-usd"]) for r in (first, *sampled))
 
 
+async def test_a_cached_answer_from_a_model_the_policy_now_excludes_is_a_miss(gateway, sims, make_tenant, admin):
+    big, small = sims(), sims()
+    tenant = make_tenant()
+    q = ask("what is the capital of France?", model="auto", temperature=0)
+    async with gateway(big=[big.url], small=[small.url]) as gw:
+        easy = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
+        hit = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
+        floor = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+                                    json={"tenant": tenant.name, "quality_floor": "large"})
+        raised = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
+        again = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
+    assert floor.status_code == 200, floor.text
+    assert (easy.headers["x-tollway-model"], hit.headers["x-tollway-model"]) == ("small", "small")
+    assert "x-tollway-cache" not in easy.headers and hit.headers["x-tollway-cache"] == "hit"
+    # the floor now excludes the small tier: its cached answer is not served, the large model answers
+    assert raised.headers["x-tollway-model"] == "big" and "x-tollway-cache" not in raised.headers
+    assert again.headers["x-tollway-model"] == "big" and again.headers["x-tollway-cache"] == "hit"
+    assert (calls(small), calls(big)) == (1, 1)
+
+
 async def test_a_finished_deterministic_stream_is_cached_too(gateway, sims, make_tenant):
     big, small = sims(), sims()
     tenant = make_tenant()
