@@ -79,7 +79,10 @@ def candidates(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> li
     if req.model in catalog.auto_aliases:
         return [m for m in catalog.models.values() if _eligible(catalog, m, req, tenant)]
     entry = _named(catalog, req, tenant)
-    rollout = [catalog.models[r.candidate] for r in catalog.routing.rollouts if r.model == entry.name]
+    # canary candidates the tenant may use (a shadow's cost is not the tenant's)
+    rollout = [catalog.models[r.candidate] for r in catalog.routing.rollouts
+               if r.model == entry.name and r.canary_percent > 0]
+    rollout = [m for m in rollout if _eligible(catalog, m, req, tenant)]
     if entry.fallbacks is not None:
         return [entry, *(catalog.models[n] for n in entry.fallbacks), *rollout]
     below = catalog.rank(entry.tier)

@@ -142,6 +142,12 @@ def test_candidates_bound_the_worst_case() -> None:
     assert auto == {"large-a", "large-b", "mid", "small", "pinned", "cand"}
     assert {m.name for m in candidates(CAT, RouteRequest("small"), ANY)} == {"small"}
     assert {m.name for m in candidates(CAT, RouteRequest("mid"), ANY)} == {"mid", "small"}
+    # a canary candidate is reserved for, unless the tenant may not use it; a shadow is never the tenant's cost
+    assert {m.name for m in candidates(CAT, RouteRequest("large-a"), ANY)} == {"large-a", "mid", "small", "cand"}
+    only_a = TenantRouting(allowed_models=frozenset({"large-a", "small"}))
+    assert {m.name for m in candidates(CAT, RouteRequest("large-a"), only_a)} == {"large-a", "small"}
+    shadowed = catalog(rollouts=[{"model": "large-a", "candidate": "cand", "shadow_percent": 50}])
+    assert {m.name for m in candidates(shadowed, RouteRequest("large-a"), ANY)} == {"large-a", "mid", "small"}
 
 
 def test_context_windows_filter_fallbacks_and_refuse_a_named_model_that_cannot_fit() -> None:
