@@ -153,6 +153,14 @@ def _needs(data: JSON) -> frozenset[str]:
     return frozenset(needs)
 
 
+def _finished(payload: JSON, headers: dict[str, str], stream: bool, data: JSON) -> JSONResult | StreamResult:
+    """An answer that exists whole (cached, degraded): as JSON, or replayed as a stream if one was asked for."""
+    if stream:
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        return StreamResult(replay(payload, include_usage=include_usage), headers)
+    return JSONResult(payload, headers)
+
+
 def _affinity(data: JSON) -> str | None:
     messages = data.get("messages") or []
     first = messages[0] if messages and isinstance(messages[0], dict) else {}
@@ -420,11 +428,7 @@ class CompletionService:
         tally.close(200, usage=usage, usage_source="cache")
         headers = {"x-tollway-model": entry.name, "x-tollway-cost-usd": format_cost(Decimal(0)),
                    "x-tollway-cache": "hit", "x-tollway-route": "cache_hit"}
-        payload = dict(hit.payload)
-        if stream:
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return StreamResult(replay(payload, include_usage=include_usage), headers)
-        return JSONResult(payload, headers)
+        return _finished(dict(hit.payload), headers, stream, data)
 
     def _degraded(self, tally: Tally, stream: bool, data: JSON, admission: Admission | None, decision: RouteDecision,
                   error: TollwayError) -> JSONResult | StreamResult:
@@ -432,13 +436,9 @@ class CompletionService:
         tally.row.model = DEGRADED_MODEL
         tally.row.route_reason = f"{decision.reason};degraded:{error.code}"
         tally.close(200, usage=Usage(), usage_source="degraded")
-        payload = degraded_completion(self.catalog.routing.degraded_message)
         headers = self._result_headers(None, Decimal(0), admission, decision)
         headers.update({"x-tollway-degraded": "true", "x-tollway-route": tally.row.route_reason})
-        if stream:
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return StreamResult(replay(payload, include_usage=include_usage), headers)
-        return JSONResult(payload, headers)
+        return _finished(degraded_completion(self.catalog.routing.degraded_message), headers, stream, data)
 
     def _maybe_shadow(self, tally: Tally, served: ModelEntry, wire: JSON, output: str) -> None:
         shadows = self.routing.shadows
@@ -449,10 +449,8 @@ class CompletionService:
                 continue
             if self.routing.rng.random() * 100 >= rollout.shadow_percent:
                 continue
-            candidate = self.catalog.models[rollout.candidate]
-            tier = self.catalog.tier(candidate.tier)
-            shadows.submit(ShadowJob(row=dataclasses.replace(tally.row), candidate=candidate,
-                                     step=Step(candidate, tier.deadline_s, tier.ttft_deadline_s), wire=wire,
+            candidate = Step.of(self.catalog, self.catalog.models[rollout.candidate])
+            shadows.submit(ShadowJob(row=dataclasses.replace(tally.row), step=candidate, wire=wire,
                                      primary_output=output, primary_latency_ms=tally.row.latency_ms))
 
     # -- embeddings and models --------------------------------------------------------------------
@@ -478,10 +476,8 @@ class CompletionService:
             admission = await self._admit(ctx, tally, rules, [entry], body, wire, worst_case)
             # Embedding models are never swapped for one another (their vectors are not comparable):
             # only the replicas of this model are balanced and retried.
-            tier = self.catalog.tier(entry.tier)
-            served = await self.routing.caller.call(
-                RouteDecision((Step(entry, tier.deadline_s, tier.ttft_deadline_s),), "requested"), wire,
-                stream=False, endpoint="embeddings")
+            served = await self.routing.caller.call(RouteDecision((Step.of(self.catalog, entry),), "requested"),
+                                                    wire, stream=False, endpoint="embeddings")
             tally.bind(entry, replica=served.replica)
             assert served.response is not None
             response = served.response

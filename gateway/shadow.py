@@ -26,7 +26,6 @@ from tollway.gateway.relay import choice_text
 from tollway.routing import (
     Caller,
     ChainFailed,
-    ModelEntry,
     RouteDecision,
     Step,
     Usage,
@@ -41,8 +40,7 @@ JSON = dict[str, Any]
 @dataclass(frozen=True, slots=True)
 class ShadowJob:
     row: LedgerRow  # the answered request's ledger row (copied, not shared)
-    candidate: ModelEntry
-    step: Step
+    step: Step  # the call to the candidate model
     wire: JSON  # the request as sent upstream, non-streamed
     primary_output: str
     primary_latency_ms: float
@@ -75,9 +73,10 @@ class Shadows:
         wire = dict(job.wire)
         wire.pop("stream", None)
         wire.pop("stream_options", None)
-        decision = RouteDecision(steps=(job.step,), reason=f"shadow:{job.candidate.name}")
+        entry = job.step.model
+        decision = RouteDecision(steps=(job.step,), reason=f"shadow:{entry.name}")
         status, code, output, usage = 200, None, None, Usage()
-        replica = job.candidate.upstream
+        replica = entry.upstream
         try:
             served = await self.caller.call(decision, wire, stream=False)
             replica = served.replica
@@ -90,7 +89,6 @@ class Shadows:
         except TollwayError as exc:
             status, code = exc.status, exc.code
         latency_ms = (time.perf_counter() - started) * 1000
-        entry = job.candidate
         row = side_row(job.row, suffix="shadow", role="shadow", attempt=1, entry=entry, replica=replica,
                        status=status, error_code=code, usage=usage, latency_ms=latency_ms,
                        usage_source="upstream" if status == 200 else None, stream=False, cache_hit=False,

@@ -49,6 +49,12 @@ class Step:
     deadline_s: float
     ttft_deadline_s: float
 
+    @classmethod
+    def of(cls, catalog: Catalog, model: ModelEntry) -> Step:
+        """A call to ``model`` under its tier's deadlines."""
+        tier = catalog.tier(model.tier)
+        return cls(model, tier.deadline_s, tier.ttft_deadline_s)
+
 
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
@@ -216,8 +222,7 @@ def decide(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: B
         raise no_model_fits(req)
     rollout = _canary(catalog, chain, req, tenant, canary, reasons)
     ordered = _by_health(chain, health, reasons)
-    steps = tuple(Step(m, catalog.tier(m.tier).deadline_s, catalog.tier(m.tier).ttft_deadline_s)
-                  for m in ordered)
+    steps = tuple(Step.of(catalog, m) for m in ordered)
     if steps and steps[0].model is not chain[0]:
         reasons.append(f"target={steps[0].model.name}")
     return RouteDecision(steps=steps, reason=";".join(reasons), degraded_allowed=tenant.degraded_answers,
