@@ -41,6 +41,12 @@ def usage_of(raw: object) -> Usage | None:
         return None
 
 
+def usage_json(usage: Usage) -> dict[str, int]:
+    """Usage -> the OpenAI ``usage`` object (the inverse of ``usage_of``)."""
+    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
 def side_row(row: LedgerRow, *, suffix: str, role: str, attempt: int, entry: ModelEntry, replica: str, status: int,
              error_code: str | None, usage: Usage, usage_source: str | None, latency_ms: float,
              **extra: Any) -> LedgerRow:
@@ -71,14 +77,13 @@ class Tally:
     attempt_tokens: int = 0
     attempts: int = 0
 
-    def bind(self, entry: ModelEntry, *, replica: str | None = None, tier: str | None = None,
-             reason: str = "requested") -> None:
+    def bind(self, entry: ModelEntry, *, replica: str | None = None, reason: str = "requested") -> None:
         self.entry = entry
         self.row.model = entry.name
         self.row.upstream = replica or entry.upstream
         self.row.upstream_model = entry.upstream_model
         self.row.route_reason = reason
-        self.row.tier = tier or entry.tier
+        self.row.tier = entry.tier
         self.row.price_source = entry.price.source
         self.span.set_attribute("gen_ai.request.model", entry.name)
         self.span.set_attribute("gen_ai.provider.name", self.row.upstream)

@@ -8,7 +8,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from tollway.gateway.accounting import usage_json
 from tollway.gateway.relay import DONE, sse
+from tollway.routing import Usage
 
 JSON = dict[str, Any]
 DEGRADED_MODEL = "tollway-degraded"
@@ -18,7 +20,7 @@ def degraded_completion(message: str) -> JSON:
     return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
             "model": DEGRADED_MODEL, "system_fingerprint": "tollway-degraded",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+            "usage": usage_json(Usage())}
 
 
 async def replay(payload: JSON, *, include_usage: bool) -> AsyncIterator[bytes]:

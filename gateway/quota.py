@@ -156,7 +156,7 @@ return out
 
 # KEYS: leases zset, leases hash, one counter hash per counter, then (only when velocity is watched)
 #       velocity-over and the velocity buckets, newest (current) first, x6
-# ARGV: rid, now_ms, velocity_hard_nano, n, then per counter: usd, tok, req, ttl_s; then spent usd
+# ARGV: rid, now_ms, velocity (as in RESERVE), n, then per counter: usd, tok, req, ttl_s; then spent usd
 SETTLE = _LEASE_LIB + """
 local rid = ARGV[1]
 local n = tonumber(ARGV[4])
@@ -343,14 +343,13 @@ class Reservation:
     """What one request holds in Redis until it settles (or its lease runs out)."""
 
     def __init__(self, quota: QuotaService, rid: str, tenant_id: int, counters: list[Counter], demand: Demand,
-                 velocity_hard_nano: int, local: bool, track_velocity: bool = True) -> None:
+                 velocity: int, local: bool) -> None:
         self.quota = quota
         self.rid = rid
         self.tenant_id = tenant_id
         self.counters = counters
         self.demand = demand
-        self.velocity_hard_nano = velocity_hard_nano
-        self.track_velocity = track_velocity
+        self.velocity = velocity  # -2: not watched, -1: watched without a hard line, >= 0: the hard line
         self.local = local
         self.settled = False
         self._renewal: asyncio.TimerHandle | None = None
@@ -460,7 +459,7 @@ class QuotaService:
         try:
             reply = await self.reserve_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            return self._admit_without_redis(principal, rules, rid, counters, demand, hard, exc)
+            return self._admit_without_redis(principal, rules, rid, counters, demand, watch, exc)
         status = int(reply[0])
         if status == 2:
             retry_after = max(1, math.ceil(int(reply[1]) / 1000))
@@ -487,13 +486,12 @@ class QuotaService:
         for i, counter in enumerate(counters):
             self.local.remember(counter, used[3 * i: 3 * i + 3])
         soft = policy.velocity_soft_usd_per_min
-        reservation = Reservation(self, rid, principal.tenant_id, counters, demand, hard, local=False,
-                                  track_velocity=soft is not None or hard != NO_LIMIT)
+        reservation = Reservation(self, rid, principal.tenant_id, counters, demand, watch, local=False)
         return Admission(reservation, _headers(counters, used, now),
                          step_down=soft is not None and velocity > to_nano(soft), headroom=_headroom(counters, used))
 
     def _admit_without_redis(self, principal: Principal, rules: TenantRules, rid: str, counters: list[Counter],
-                             demand: Demand, hard: int, exc: Exception) -> Admission:
+                             demand: Demand, velocity: int, exc: Exception) -> Admission:
         if rules.policy.redis_failure != "open":
             raise ServiceUnavailable("Budgets cannot be checked right now (Redis is unreachable); "
                                      "nothing was spent.", code="quota_unavailable") from exc
@@ -502,7 +500,7 @@ class QuotaService:
         if refused is not None:
             raise QuotaExceeded(f"{_name(principal, refused)} has no local headroom left while budgets "
                                 "cannot be checked centrally.", code="insufficient_quota") from exc
-        return Admission(Reservation(self, rid, principal.tenant_id, counters, demand, hard, local=True),
+        return Admission(Reservation(self, rid, principal.tenant_id, counters, demand, velocity, local=True),
                          {"x-tollway-budget-mode": "local"}, step_down=True)
 
     def _refusal(self, principal: Principal, counter: Counter, dim: int, used: int, limit: int, demand: Demand,
@@ -524,20 +522,17 @@ class QuotaService:
     async def settle(self, reservation: Reservation, usd_nano: int, tokens: int) -> None:
         if reservation.local:
             return  # counted locally at admission; the reconciliation job restores Redis from the ledger
-        if not reservation.counters and not reservation.track_velocity:
+        if not reservation.counters and reservation.velocity == -2:
             return  # nothing was reserved and no velocity is watched: no round trip
         now_s = self.clock().timestamp()
         keys = _lease_keys(reservation.tenant_id)
-        # -2: no velocity watched (skip the bucket); -1: watched without a hard line; >= 0: the hard line
-        hard = reservation.velocity_hard_nano if reservation.track_velocity else -2
-        args: list[Any] = [reservation.rid, int(now_s * 1000), hard, len(reservation.counters)]
+        args: list[Any] = [reservation.rid, int(now_s * 1000), reservation.velocity, len(reservation.counters)]
+        spent = Demand(usd_nano, tokens, reservation.demand.requests)
         for counter in reservation.counters:
             keys.append(counter.key)
-            amounts = (usd_nano, tokens, reservation.demand.requests) if counter.budget is not None \
-                else (0, tokens, reservation.demand.requests)
-            args.extend([*amounts, counter.ttl_s])
+            args.extend([*spent.amounts(counter), counter.ttl_s])
         args.append(usd_nano)
-        if reservation.track_velocity:
+        if reservation.velocity != -2:
             keys.extend(_velocity_keys(reservation.tenant_id, now_s))
         try:
             await self.settle_script(keys=keys, args=args)

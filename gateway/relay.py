@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from tollway.errors import TollwayError
-from tollway.gateway.accounting import CLIENT_CLOSED, Tally, usage_of
+from tollway.gateway.accounting import CLIENT_CLOSED, Tally, usage_json, usage_of
 from tollway.routing import ModelEntry, UpstreamStream, Usage, count_text
 
 JSON = dict[str, Any]
@@ -100,15 +100,13 @@ class StreamRelay:
                 "model": self.entry.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
                              "finish_reason": self.finish_reason}],
-                "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                          "total_tokens": usage.input_tokens + usage.output_tokens}}
+                "usage": usage_json(usage)}
 
     def _usage_frame(self) -> bytes:
         usage, _ = self._settled_usage()
         return sse({"id": self.last.get("id"), "object": "chat.completion.chunk",
                     "created": self.last.get("created"), "model": self.entry.name, "choices": [],
-                    "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                              "total_tokens": usage.input_tokens + usage.output_tokens}})
+                    "usage": usage_json(usage)})
 
     async def frames(self, head: list[JSON]) -> AsyncIterator[bytes]:
         """``head``: chunks already read from the upstream (up to its first token)."""
