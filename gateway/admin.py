@@ -7,7 +7,7 @@ Changes apply to every replica within the policy cache TTL; no restart.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,7 @@ from tollway.gateway.policy import (
     set_policy,
     tenant_id,
 )
+from tollway.gateway.quota import clear_counters
 from tollway.gateway.reconcile import reconcile
 from tollway.gateway.reports import build_query, cost_report, to_csv
 
@@ -123,14 +124,6 @@ async def reset_budgets(request: Request, body: ResetBody) -> Response:
     for budget in budgets:
         state.policies.forget(budget.tenant_id)
     return json_response({"reset": [b.id for b in budgets], "counters_cleared": cleared})
-
-
-async def clear_counters(redis_client: Any, budgets: list[Any]) -> int:
-    cleared = 0
-    for budget in budgets:
-        async for key in redis_client.scan_iter(match=f"tw:{{t:{budget.tenant_id}}}:b:{budget.id}:*", count=500):
-            cleared += int(await redis_client.delete(key))
-    return cleared
 
 
 @router.put("/v1/admin/policies", summary="Change a tenant's policy (Redis failure mode, limits, breakers)")

@@ -294,8 +294,21 @@ def budget_counter(budget: Budget, subject: str, now: datetime) -> Counter:
     limits = (NO_LIMIT if budget.limit_usd is None else to_nano(budget.limit_usd),
               NO_LIMIT if budget.limit_tokens is None else budget.limit_tokens, NO_LIMIT)
     hashed = subject if budget.scope in ("tenant", "key") else _subject_key(subject)
-    return Counter(f"{_tenant_tag(budget.tenant_id)}:b:{budget.id}:{hashed}:{win.label}", limits, win.ttl_s,
-                   win.end, budget)
+    return Counter(f"{_budget_prefix(budget)}{hashed}:{win.label}", limits, win.ttl_s, win.end, budget)
+
+
+def _budget_prefix(budget: Budget) -> str:
+    """Every counter of one budget (each subject, each window) starts with this."""
+    return f"{_tenant_tag(budget.tenant_id)}:b:{budget.id}:"
+
+
+async def clear_counters(redis_client: aioredis.Redis, budgets: Sequence[Budget]) -> int:
+    """Delete every Redis counter of these budgets (a reset); the number deleted."""
+    cleared = 0
+    for budget in budgets:
+        async for key in redis_client.scan_iter(match=_budget_prefix(budget) + "*", count=500):
+            cleared += int(await redis_client.delete(key))
+    return cleared
 
 
 def counters_for(principal: Principal, rules: TenantRules, *, end_user: str | None, session: str | None,

@@ -77,8 +77,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
 
-    from tollway.gateway.admin import clear_counters
     from tollway.gateway.policy import mark_reset
+    from tollway.gateway.quota import clear_counters
 
     async def action(conn: Any, settings: Settings) -> int:
         budgets = await mark_reset(conn, args.tenant, args.id)

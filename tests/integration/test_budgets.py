@@ -59,6 +59,23 @@ async def test_refusal_names_the_budget_and_sends_nothing(app_factory, make_tena
     assert (row["status"], row["error_code"], row["cost_usd"]) == (429, "insufficient_quota", 0)
 
 
+async def test_a_reset_clears_the_budgets_counters_and_admits_again(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        budget = await set_budget(gw, admin, tenant, window="day", limit_usd=str(worst_case_usd(msg(1), 16) * 2))
+        spent = []
+        for i in range(5):
+            spent.append(await chat(gw, tenant, i))
+            await gw.state.quota.drain()
+        reset = await gw.client.post("/v1/admin/budgets/reset", headers=auth(admin),
+                                     json={"tenant": tenant.name, "budget_id": budget["id"]})
+        after = await chat(gw, tenant, 1)
+    assert [r.status_code for r in spent][-1] == 429
+    assert reset.status_code == 200, reset.text
+    assert reset.json() == {"reset": [budget["id"]], "counters_cleared": 1}
+    assert after.status_code == 200
+
+
 @pytest.mark.parametrize("ample", [False, True], ids=["tight budget", "ample budget"])
 async def test_200_concurrent_requests_never_overspend(app_factory, make_tenant, admin, ledger, ample):
     tenant = make_tenant()
