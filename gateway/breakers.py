@@ -7,7 +7,6 @@ offending request came and when the gateway contained it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from tollway.gateway.background import Background
 from tollway.gateway.telemetry import Telemetry
 
 log = logging.getLogger("tollway.breakers")
@@ -27,7 +27,7 @@ class BreakerEvents:
         self._trips = telemetry.meter.create_counter("tollway.breaker.trips", description="Breaker trips")
         self._containment = telemetry.meter.create_histogram(
             "tollway.breaker.containment", unit="s", description="First offending request to containment")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.background = Background("breaker event")
 
     def trip(self, *, kind: str, tenant_id: int | None, first_offense_ms: int, contained_ms: int,
              detail: dict[str, Any]) -> None:
@@ -36,9 +36,7 @@ class BreakerEvents:
         self._containment.record(seconds, {"kind": kind})
         log.warning("breaker %s tripped for tenant %s; contained %.3fs after the first offense", kind,
                     tenant_id, seconds)
-        task = asyncio.ensure_future(self._write(kind, tenant_id, first_offense_ms, contained_ms, detail))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.background.spawn(self._write(kind, tenant_id, first_offense_ms, contained_ms, detail))
 
     async def _write(self, kind: str, tenant_id: int | None, first_ms: int, contained_ms: int,
                      detail: dict[str, Any]) -> None:
@@ -53,5 +51,4 @@ class BreakerEvents:
             log.error("could not record breaker event %s for tenant %s: %s", kind, tenant_id, exc)
 
     async def drain(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.background.drain()

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tollway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from tollway.gateway.background import Background
 from tollway.gateway.keys import Principal
 from tollway.gateway.policy import EACH, Budget, TenantRules
 
@@ -434,21 +435,13 @@ class QuotaService:
         self.settle_script = redis_client.register_script(SETTLE)
         self.renew_script = redis_client.register_script(RENEW)
         self.on_trip = on_trip or (lambda **_: None)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background("budget settlement")  # settlements and lease renewals
 
-    def track(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("budget settlement task failed", exc_info=task.exception())
+    def track(self, work: Coroutine[Any, Any, None]) -> None:
+        self.background.spawn(work)
 
     async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.background.drain()
 
     async def admit(self, principal: Principal, rules: TenantRules, *, rid: str, end_user: str | None,
                     session: str | None, fingerprint: str, demand: Demand, count_storm: bool = True) -> Admission:

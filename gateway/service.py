@@ -4,7 +4,6 @@ upstream (through the fallback chain), account for the cost. Accounting lives in
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import random
@@ -19,6 +18,7 @@ from opentelemetry.trace import SpanKind
 from tollway.errors import InvalidRequest, NotFound, PermissionDenied, QuotaExceeded, TollwayError
 from tollway.gateway.accounting import CLIENT_CLOSED, Tally, format_cost, usage_of
 from tollway.gateway.answers import DEGRADED_MODEL, degraded_completion, replay
+from tollway.gateway.background import Background
 from tollway.gateway.keys import Principal
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.policy import PolicyStore, TenantPolicy, TenantRules
@@ -126,17 +126,14 @@ class Routing:
     cache: ResponseCache | None = None
     shadows: Shadows | None = None
     rng: random.Random = field(default_factory=random.Random)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    background: Background = field(default_factory=lambda: Background("response cache write", drain_s=10))
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Work after the answer (caching a finished stream): tracked, awaited at shutdown."""
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.background.spawn(work)
 
     async def drain(self) -> None:
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=10)
+        await self.background.drain()
 
 
 def _needs(data: JSON) -> frozenset[str]:

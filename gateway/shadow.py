@@ -10,7 +10,6 @@ flight.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import TollwayError
 from tollway.gateway.accounting import side_row, usage_of
+from tollway.gateway.background import Background
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.relay import choice_text
 from tollway.routing import (
@@ -53,20 +53,17 @@ class Shadows:
         self.pool = pool
         self.max_in_flight = max_in_flight
         self.skipped = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.background = Background("shadow call", drain_s=30)
 
     def submit(self, job: ShadowJob) -> bool:
-        if len(self._tasks) >= self.max_in_flight:
+        if len(self.background) >= self.max_in_flight:
             self.skipped += 1
             return False
-        task = asyncio.create_task(self._run(job), name=f"shadow-{job.row.request_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.background.spawn(self._run(job), name=f"shadow-{job.row.request_id}")
         return True
 
     async def drain(self) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=30)
+        await self.background.drain()
 
     async def _run(self, job: ShadowJob) -> None:
         started = time.perf_counter()
