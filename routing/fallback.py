@@ -122,18 +122,14 @@ class Caller:
         self.max_attempts = max_attempts
         self.balance = balance
 
-    def _plan(self, decision: RouteDecision, affinity: str | None) -> AsyncIterator[tuple[Step, ReplicaHealth]]:
-        async def plan() -> AsyncIterator[tuple[Step, ReplicaHealth]]:
-            for step in decision.steps:
-                tried: set[str] = set()
-                while True:
-                    replica = self.health.pick(step.model.replicas, balance=self.balance, affinity=affinity,
-                                               exclude=frozenset(tried))
-                    if replica is None:
-                        break
-                    tried.add(replica.name)
-                    yield step, replica
-        return plan()
+    async def _plan(self, decision: RouteDecision, affinity: str | None) -> AsyncIterator[tuple[Step, ReplicaHealth]]:
+        """Each step's usable replicas in the order the balancer picks them, read as they are tried."""
+        for step in decision.steps:
+            tried: set[str] = set()
+            while (replica := self.health.pick(step.model.replicas, balance=self.balance, affinity=affinity,
+                                               exclude=frozenset(tried))) is not None:
+                tried.add(replica.name)
+                yield step, replica
 
     async def call(self, decision: RouteDecision, wire: JSON, *, stream: bool, affinity: str | None = None,
                    endpoint: str = "chat", clock: Callable[[], float] = time.perf_counter) -> Served:
@@ -155,10 +151,8 @@ class Caller:
                 upstream = self.upstreams[replica.name]
                 async with asyncio.timeout(step.deadline_s):
                     response = await (upstream.embed(body) if endpoint == "embeddings" else upstream.complete(body))
-            except TimeoutError:
-                last = UpstreamTimeout(f"upstream {replica.name} missed its {step.deadline_s:g}s deadline"
-                                       if not stream else
-                                       f"upstream {replica.name} sent no token within {step.ttft_deadline_s:g}s")
+            except TimeoutError:  # a non-streamed call past its deadline (a stream's is a _Failed)
+                last = UpstreamTimeout(f"upstream {replica.name} missed its {step.deadline_s:g}s deadline")
                 replica.finish(ticket, False)
                 attempts.append(Attempt(step, replica.name, last, (clock() - started) * 1000))
                 continue
@@ -210,7 +204,7 @@ class Caller:
                 await stream.aclose()
             if isinstance(exc, TollwayError) and retryable(exc):
                 raise _Failed(exc, opened) from exc
-            if isinstance(exc, TimeoutError) and opened:
+            if isinstance(exc, TimeoutError):
                 raise _Failed(UpstreamTimeout(f"upstream {replica.name} sent no token within "
                                               f"{step.ttft_deadline_s:g}s"), opened) from exc
             raise
