@@ -13,7 +13,6 @@ gets no traffic until its cool-down ends, and then only ``half_open_probes`` tri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from tollway.periodic import Periodic
 from tollway.routing.catalog import UpstreamSpec
 from tollway.routing.config import RawBreaker, RawSaturation
 
@@ -253,18 +253,14 @@ class SaturationPoller:
         self.targets = [(s.name, metrics_url(s)) for s in specs if s.vllm_metrics and s.base_url]
         self.session = session
         self.interval_s = interval_s
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._job = Periodic("saturation-poller", interval_s, self.poll_once, stop_s=5)
 
     def start(self) -> None:
         if self.targets:
-            self._task = asyncio.create_task(self._run(), name="saturation-poller")
+            self._job.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=5)
+        await self._job.stop()
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(name, url) for name, url in self.targets))
@@ -284,10 +280,3 @@ class SaturationPoller:
         replica.running = gauges.get("running")
         replica.kv_cache = gauges.get("kv_cache")
         replica.metrics_at = replica.clock()
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            await self.poll_once()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval_s):
-                    await self._stop.wait()

@@ -4,7 +4,6 @@ and held by one ``AppState``, reachable as ``app.state.tollway``; nothing is bui
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -37,6 +36,7 @@ from tollway.gateway.reconcile import reconcile
 from tollway.gateway.service import CompletionService, Limits, Routing
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
+from tollway.periodic import Periodic
 from tollway.routing import (
     Caller,
     Catalog,
@@ -103,20 +103,16 @@ class AppState:
         return {n: r is True for n, r in zip(names, results, strict=True)}
 
 
-async def _reconcile_loop(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger: Ledger,
-                          interval_s: float, stop: asyncio.Event) -> None:
+def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger: Ledger,
+                interval_s: float) -> Periodic:
     """At start-up (an embedded Redis starts empty) and then periodically, raise any budget counter that
-    fell behind the ledger. Stopped by ``stop``, not only by cancellation: client libraries have been
-    seen to swallow a cancellation, and shutdown must not hang on that."""
-    while not stop.is_set():
-        try:
-            await ledger.flush()
-            await reconcile(pool, redis_client)
-        except Exception:
-            log.exception("budget reconciliation failed; it will run again")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval_s):
-                await stop.wait()
+    fell behind the ledger."""
+
+    async def run() -> None:
+        await ledger.flush()
+        await reconcile(pool, redis_client)
+
+    return Periodic("budget-reconcile", interval_s, run)
 
 
 def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
@@ -196,16 +192,9 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
                          on_trip=events.trip)
     stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
-    stop_reconciling = asyncio.Event()
-    reconciler = asyncio.create_task(_reconcile_loop(pool, redis_client, ledger, settings.reconcile_interval_s,
-                                                     stop_reconciling), name="budget-reconcile")
-
-    async def stop_reconciler() -> None:
-        stop_reconciling.set()
-        reconciler.cancel()
-        await asyncio.wait({reconciler}, timeout=10)
-
-    stack.push_async_callback(stop_reconciler)
+    reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
+    reconciler.start()
+    stack.push_async_callback(reconciler.stop)
     routing = build_routing(catalog, upstreams, specs, session, redis_client, ledger, pool)
     telemetry.observe_replicas(routing.health.replicas)
     poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
