@@ -85,17 +85,16 @@ def candidates(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> li
     if req.model in catalog.auto_aliases:
         return [m for m in catalog.models.values() if _eligible(catalog, m, req, tenant)]
     entry = _named(catalog, req, tenant)
-    # canary candidates the tenant may use (a shadow's cost is not the tenant's)
-    rollout = [catalog.models[r.candidate] for r in catalog.routing.rollouts
-               if r.model == entry.name and r.canary_percent > 0]
-    rollout = [m for m in rollout if _eligible(catalog, m, req, tenant)]
     if entry.fallbacks is not None:
-        return [entry, *(catalog.models[n] for n in entry.fallbacks), *rollout]
-    below = catalog.rank(entry.tier)
-    if below == len(catalog.tiers) - 1:
-        return [entry, *rollout]  # the lowest tier, nothing to fall back to: the common case, kept cheap
-    return [entry, *(m for m in catalog.models.values()
-                     if catalog.rank(m.tier) > below and _eligible(catalog, m, req, tenant)), *rollout]
+        below = [catalog.models[n] for n in entry.fallbacks]
+    elif (rank := catalog.rank(entry.tier)) == len(catalog.tiers) - 1:
+        below = []  # the lowest tier, nothing to fall back to: the common case, kept cheap
+    else:
+        below = [m for m in catalog.models.values() if catalog.rank(m.tier) > rank]
+    # canary candidates too (a shadow's cost is not the tenant's); only what the tenant may use
+    canaries = [catalog.models[r.candidate] for r in catalog.routing.rollouts
+                if r.model == entry.name and r.canary_percent > 0]
+    return [entry, *(m for m in (*below, *canaries) if _eligible(catalog, m, req, tenant))]
 
 
 def _floor(catalog: Catalog, tenant: TenantRouting) -> int:

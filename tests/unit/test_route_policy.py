@@ -146,6 +146,11 @@ def test_candidates_bound_the_worst_case() -> None:
     assert {m.name for m in candidates(CAT, RouteRequest("large-a"), ANY)} == {"large-a", "mid", "small", "cand"}
     only_a = TenantRouting(allowed_models=frozenset({"large-a", "small"}))
     assert {m.name for m in candidates(CAT, RouteRequest("large-a"), only_a)} == {"large-a", "small"}
+    # explicit fallbacks, like the tier below, only where the tenant may go (as the route itself)
+    assert {m.name for m in candidates(CAT, RouteRequest("pinned"), ANY)} == {"pinned", "small"}
+    only_pinned = TenantRouting(allowed_models=frozenset({"pinned"}))
+    assert {m.name for m in candidates(CAT, RouteRequest("pinned"), only_pinned)} == {"pinned"}
+    assert names(decide(CAT, RouteRequest("pinned"), only_pinned, CALM, {})) == ["pinned"]
     shadowed = catalog(rollouts=[{"model": "large-a", "candidate": "cand", "shadow_percent": 50}])
     assert {m.name for m in candidates(shadowed, RouteRequest("large-a"), ANY)} == {"large-a", "mid", "small"}
 
