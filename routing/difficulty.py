@@ -24,6 +24,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from tollway.routing.tokens import content_texts
+
 WORD = re.compile(r"[a-z0-9]+")
 CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\s*\w*\(|#include\s*<|\bSELECT\b.+\bFROM\b|=>|;\s*\n",
                   re.IGNORECASE | re.DOTALL)
@@ -82,11 +84,7 @@ class Difficulty:
 
 
 def _content_text(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
+    return " ".join(content_texts(content))
 
 
 def assess(messages: Sequence[Any], *, tools: bool = False, structured: bool = False,

@@ -38,7 +38,8 @@ def count_text(text: str) -> int:
     return len(encoding().encode_ordinary(text)) if text else 0
 
 
-def _texts(content: Any) -> Iterable[str]:
+def content_texts(content: Any) -> Iterable[str]:
+    """The text of a message's content: a plain string, or the text parts of a list of parts."""
     if isinstance(content, str):
         yield content
     elif isinstance(content, list):
@@ -50,5 +51,5 @@ def _texts(content: Any) -> Iterable[str]:
 def count_messages(messages: list[dict[str, Any]]) -> int:
     total = 3  # every reply is primed with the assistant header
     for message in messages:
-        total += _PER_MESSAGE + sum(count_text(t) for t in _texts(message.get("content")))
+        total += _PER_MESSAGE + sum(count_text(t) for t in content_texts(message.get("content")))
     return total
