@@ -130,8 +130,8 @@ def upstream_configs(settings: Settings) -> list[RawUpstream]:
     return [*raw, *extra]
 
 
-def build_routing(catalog: Catalog, upstreams: dict[str, Upstream], specs: list[Any], session: aiohttp.ClientSession,
-                  redis_client: aioredis.Redis, ledger: Ledger, pool: AsyncConnectionPool) -> Routing:
+def build_routing(catalog: Catalog, upstreams: dict[str, Upstream], redis_client: aioredis.Redis, ledger: Ledger,
+                  pool: AsyncConnectionPool) -> Routing:
     config = catalog.routing
     health = Health(upstreams, config.breaker, config.saturation)
     caller = Caller(upstreams, health, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
@@ -195,7 +195,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
-    routing = build_routing(catalog, upstreams, specs, session, redis_client, ledger, pool)
+    routing = build_routing(catalog, upstreams, redis_client, ledger, pool)
     telemetry.observe_replicas(routing.health.replicas)
     poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
     await poller.poll_once()  # the first routing decisions already see the queues
