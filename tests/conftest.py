@@ -144,6 +144,11 @@ class Tenant:
     key: str
     key_id: int
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """This tenant's key as request headers."""
+        return {"authorization": f"Bearer {self.key}"}
+
 
 @pytest.fixture(scope="session")
 def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:

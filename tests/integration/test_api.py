@@ -14,9 +14,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 MSG = [{"role": "user", "content": "how much does this cost"}]  # 5 prompt tokens at the sim
 
 
-def auth(tenant: Any) -> dict[str, str]:
-    return {"authorization": f"Bearer {tenant.key}"}
-
 
 def cost(model_prices: tuple[Any, Any], prompt: int, completion: int) -> Decimal:
     inp, out = (Decimal(str(p)) for p in model_prices)
@@ -26,7 +23,7 @@ def cost(model_prices: tuple[Any, Any], prompt: int, completion: int) -> Decimal
 async def test_chat_completion_costs_what_the_price_table_says(app_factory, make_tenant, ledger, helpers):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": "sim-large", "messages": MSG, "max_tokens": 7, "user": "u-1"})
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -53,7 +50,7 @@ async def test_alias_resolves_and_unknown_fields_pass_through(app_factory, make_
     extra = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
              "response_format": {"type": "json_object"}, "logprobs": True, "seed": 42}
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": "big", "messages": MSG, **extra})
         assert resp.status_code == 200
         assert resp.json()["model"] == "sim-large"
@@ -71,7 +68,7 @@ def sse_payloads(text: str) -> list[Any]:
 async def test_stream_with_usage(app_factory, make_tenant, ledger, helpers):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json={
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
             "model": "sim-small", "messages": MSG, "max_tokens": 4, "stream": True,
             "stream_options": {"include_usage": True}})
         assert resp.status_code == 200
@@ -91,7 +88,7 @@ async def test_stream_with_usage(app_factory, make_tenant, ledger, helpers):
 async def test_stream_without_usage_hides_it_but_still_charges(app_factory, make_tenant, ledger, sim, helpers):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json={
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
             "model": "sim-small", "messages": MSG, "max_tokens": 3, "stream": True})
         chunks = sse_payloads(resp.text)
         await gw.state.ledger.flush()
@@ -107,7 +104,7 @@ async def test_stream_without_usage_hides_it_but_still_charges(app_factory, make
 async def test_embeddings(app_factory, make_tenant, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/embeddings", headers=auth(tenant),
+        resp = await gw.client.post("/v1/embeddings", headers=tenant.headers,
                                     json={"model": "sim-embed", "input": ["one two", "three"]})
         assert resp.status_code == 200
         body = resp.json()
@@ -120,8 +117,8 @@ async def test_embeddings(app_factory, make_tenant, ledger):
 async def test_models_lists_what_the_key_may_use(app_factory, make_tenant):
     everything, limited = make_tenant(), make_tenant(models=["sim-small"])
     async with app_factory() as gw:
-        all_ids = {m["id"] for m in (await gw.client.get("/v1/models", headers=auth(everything))).json()["data"]}
-        few = (await gw.client.get("/v1/models", headers=auth(limited))).json()
+        all_ids = {m["id"] for m in (await gw.client.get("/v1/models", headers=everything.headers)).json()["data"]}
+        few = (await gw.client.get("/v1/models", headers=limited.headers)).json()
     assert {"sim-large", "sim-small", "sim-embed", "auto"} <= all_ids
     # 'auto' routes among the models the key may use
     assert few == {"object": "list", "data": [{"id": "sim-small", "object": "model", "created": 0, "owned_by": "sim"},
@@ -149,7 +146,7 @@ async def test_bad_input_is_a_4xx_and_costs_nothing(app_factory, make_tenant, le
     tenant = make_tenant()
     before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), content=body)
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, content=body)
         await gw.state.ledger.flush()
     assert resp.status_code == status
     error = resp.json()["error"]
@@ -164,13 +161,13 @@ async def test_oversized_body_is_413(app_factory, make_tenant, ledger):
     tenant = make_tenant()
     big = orjson.dumps({"model": "sim-large", "messages": [{"role": "user", "content": "x" * 5000}]})
     async with app_factory(max_body_bytes=4096) as gw:
-        announced = await gw.client.post("/v1/chat/completions", headers=auth(tenant), content=big)
+        announced = await gw.client.post("/v1/chat/completions", headers=tenant.headers, content=big)
 
         async def chunked():
             yield big[:3000]
             yield big[3000:]
 
-        streamed = await gw.client.post("/v1/chat/completions", headers=auth(tenant), content=chunked())
+        streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers, content=chunked())
         await gw.state.ledger.flush()
     for resp in (announced, streamed):
         assert resp.status_code == 413
@@ -201,12 +198,12 @@ async def test_revoked_key_stops_working_within_the_ttl(app_factory, make_tenant
 
     tenant = make_tenant()
     async with app_factory(auth_cache_ttl_s=0.3) as gw:
-        ok = await gw.client.get("/v1/models", headers=auth(tenant))
+        ok = await gw.client.get("/v1/models", headers=tenant.headers)
         assert ok.status_code == 200
         async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
             assert await revoke_key(conn, tenant.key_id)
         await asyncio.sleep(0.35)
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": "sim-large", "messages": MSG})
     assert resp.status_code == 401
 
@@ -214,11 +211,11 @@ async def test_revoked_key_stops_working_within_the_ttl(app_factory, make_tenant
 async def test_key_model_allow_list_and_roles(app_factory, make_tenant, ledger):
     limited, finance = make_tenant(models=["sim-small"]), make_tenant(role="finance")
     async with app_factory() as gw:
-        denied = await gw.client.post("/v1/chat/completions", headers=auth(limited),
+        denied = await gw.client.post("/v1/chat/completions", headers=limited.headers,
                                       json={"model": "sim-large", "messages": MSG})
-        allowed = await gw.client.post("/v1/chat/completions", headers=auth(limited),
+        allowed = await gw.client.post("/v1/chat/completions", headers=limited.headers,
                                        json={"model": "sim-small", "messages": MSG})
-        no_role = await gw.client.post("/v1/chat/completions", headers=auth(finance),
+        no_role = await gw.client.post("/v1/chat/completions", headers=finance.headers,
                                        json={"model": "sim-small", "messages": MSG})
         await gw.state.ledger.flush()
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
@@ -237,7 +234,7 @@ async def test_key_model_allow_list_and_roles(app_factory, make_tenant, ledger):
 async def test_upstream_failures_map_to_5xx(app_factory, make_tenant, ledger, model, status, code):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": model, "messages": MSG})
         await gw.state.ledger.flush()
     assert resp.status_code == status, resp.text
@@ -250,7 +247,7 @@ async def test_upstream_failures_map_to_5xx(app_factory, make_tenant, ledger, mo
 async def test_upstream_failure_before_the_stream_starts_is_an_http_error(app_factory, make_tenant):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": "sim-overloaded", "messages": MSG, "stream": True})
     assert resp.status_code == 503
     assert resp.json()["error"]["code"] == "upstream_unavailable"
@@ -261,7 +258,7 @@ async def test_upstream_failure_before_the_stream_starts_is_an_http_error(app_fa
 async def test_stream_broken_midway_ends_with_an_error_frame(app_factory, make_tenant, ledger, model, code):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": model, "messages": MSG, "stream": True})
         await gw.state.ledger.flush()
     assert resp.status_code == 200
@@ -278,7 +275,7 @@ async def test_span_has_genai_attributes(app_factory, make_tenant):
     exporter = InMemorySpanExporter()
     tenant = make_tenant()
     async with app_factory(span_exporter=exporter) as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                     json={"model": "sim-large", "messages": MSG, "max_tokens": 2})
     [span] = exporter.get_finished_spans()
     attrs = dict(span.attributes or {})

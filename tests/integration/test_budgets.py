@@ -25,12 +25,9 @@ def worst_case_usd(messages: list[dict[str, str]], max_tokens: int) -> Decimal:
     return (prompt * PRICE[0] + reserved_output(max_tokens) * PRICE[1]) / 10**6
 
 
-def auth(tenant: Any) -> dict[str, str]:
-    return {"authorization": f"Bearer {tenant.key}"}
-
 
 async def set_budget(gw: Any, admin: Any, tenant: Any, **body: Any) -> dict[str, Any]:
-    resp = await gw.client.put("/v1/admin/budgets", headers=auth(admin), json={"tenant": tenant.name, **body})
+    resp = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={"tenant": tenant.name, **body})
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -38,7 +35,7 @@ async def set_budget(gw: Any, admin: Any, tenant: Any, **body: Any) -> dict[str,
 async def chat(gw: Any, tenant: Any, i: Any, *, stream: bool = False, max_tokens: int = 16,
                model: str = "sim-large", headers: dict[str, str] | None = None) -> Any:
     body: dict[str, Any] = {"model": model, "messages": msg(i), "max_tokens": max_tokens, "stream": stream}
-    return await gw.client.post("/v1/chat/completions", headers={**auth(tenant), **(headers or {})}, json=body)
+    return await gw.client.post("/v1/chat/completions", headers={**tenant.headers, **(headers or {})}, json=body)
 
 
 async def test_refusal_names_the_budget_and_sends_nothing(app_factory, make_tenant, admin, ledger, sim):
@@ -67,7 +64,7 @@ async def test_a_reset_clears_the_budgets_counters_and_admits_again(app_factory,
         for i in range(5):
             spent.append(await chat(gw, tenant, i))
             await gw.state.quota.drain()
-        reset = await gw.client.post("/v1/admin/budgets/reset", headers=auth(admin),
+        reset = await gw.client.post("/v1/admin/budgets/reset", headers=admin.headers,
                                      json={"tenant": tenant.name, "budget_id": budget["id"]})
         after = await chat(gw, tenant, 1)
     assert [r.status_code for r in spent][-1] == 429
@@ -123,13 +120,13 @@ async def test_a_request_without_max_tokens_gets_the_tenant_cap(app_factory, mak
     tenant = make_tenant()
     async with app_factory() as gw:
         await set_budget(gw, admin, tenant, window="day", limit_usd="1")
-        resp = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        resp = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                    json={"tenant": tenant.name, "default_max_tokens": 7})
         assert resp.status_code == 200 and resp.json()["default_max_tokens"] == 7
-        typo = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        typo = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                    json={"tenant": tenant.name, "quality_floor": "lagre"})
         assert typo.status_code == 400 and typo.json()["error"]["param"] == "quality_floor"
-        ok = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        ok = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                   json={"model": "sim-small", "messages": msg("cap")})
     assert ok.status_code == 200
     import orjson
@@ -185,7 +182,7 @@ async def test_budget_change_applies_while_requests_are_in_flight(app_factory, m
 async def test_rate_limits_and_headers(app_factory, make_tenant, admin):
     tenant = make_tenant()
     async with app_factory() as gw:
-        resp = await gw.client.put(f"/v1/admin/keys/{tenant.key_id}/limits", headers=auth(admin),
+        resp = await gw.client.put(f"/v1/admin/keys/{tenant.key_id}/limits", headers=admin.headers,
                                    json={"rpm": 3, "tpm": 100000})
         assert resp.status_code == 200
         gw.state.keys._cache.clear()  # the key's limits are read with the key
@@ -206,7 +203,7 @@ async def test_retry_storm_is_refused_and_recorded(app_factory, make_tenant, adm
 
     tenant = make_tenant()
     async with app_factory() as gw:
-        await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        await gw.client.put("/v1/admin/policies", headers=admin.headers,
                             json={"tenant": tenant.name, "retry_storm_limit": 5, "retry_storm_window_s": 30})
         results = [await chat(gw, tenant, "same") for _ in range(8)]
         different = await chat(gw, tenant, "different")
@@ -228,7 +225,7 @@ async def test_spend_velocity_soft_steps_down_and_hard_refuses(app_factory, make
     tenant = make_tenant()
     per_request = worst_case_usd(msg(1), 16)
     async with app_factory() as gw:
-        await gw.client.put("/v1/admin/policies", headers=auth(admin), json={
+        await gw.client.put("/v1/admin/policies", headers=admin.headers, json={
             "tenant": tenant.name, "velocity_soft_usd_per_min": str(per_request),
             "velocity_hard_usd_per_min": str(per_request * 2)})
         results = []
@@ -257,9 +254,9 @@ async def test_admin_routes_need_an_admin_key(app_factory, make_tenant):
     tenant, finance = make_tenant(), make_tenant(role="finance")
     async with app_factory() as gw:
         for who in (tenant, finance):
-            resp = await gw.client.put("/v1/admin/budgets", headers=auth(who),
+            resp = await gw.client.put("/v1/admin/budgets", headers=who.headers,
                                        json={"tenant": who.name, "window": "day", "limit_usd": "1"})
             assert resp.status_code == 403
-        bad = await gw.client.put("/v1/admin/budgets", headers=auth(make_tenant(role="admin")),
+        bad = await gw.client.put("/v1/admin/budgets", headers=make_tenant(role="admin").headers,
                                   json={"tenant": tenant.name, "window": "fortnight", "limit_usd": "1"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "window"

@@ -23,9 +23,6 @@ from tollway.gateway.quota import Demand, QuotaService, budget_counter
 MSG = "how much does this cost"
 
 
-def auth(tenant: Any) -> dict[str, str]:
-    return {"authorization": f"Bearer {tenant.key}"}
-
 
 def body(i: Any, **extra: Any) -> dict[str, Any]:
     return {"model": "sim-large", "messages": [{"role": "user", "content": f"{MSG} {i}"}], "max_tokens": 16,
@@ -33,7 +30,7 @@ def body(i: Any, **extra: Any) -> dict[str, Any]:
 
 
 def admin_put(url: str, admin: Any, path: str, payload: dict[str, Any]) -> None:
-    resp = httpx.put(url.removesuffix("/v1") + path, headers=auth(admin), json=payload, timeout=10)
+    resp = httpx.put(url.removesuffix("/v1") + path, headers=admin.headers, json=payload, timeout=10)
     assert resp.status_code == 200, resp.text
 
 
@@ -51,11 +48,11 @@ def test_sigkilled_gateway_releases_its_reservations_within_the_lease(
     streams = []
     for i in range(3):
         client = httpx.Client(timeout=30)
-        response = client.send(client.build_request("POST", first.url + "/chat/completions", headers=auth(tenant),
+        response = client.send(client.build_request("POST", first.url + "/chat/completions", headers=tenant.headers,
                                                     json=body(i, stream=True)), stream=True)
         assert response.status_code == 200
         streams.append((client, response))
-    refused = httpx.post(first.url + "/chat/completions", headers=auth(tenant), json=body("x"), timeout=10)
+    refused = httpx.post(first.url + "/chat/completions", headers=tenant.headers, json=body("x"), timeout=10)
     assert refused.status_code == 429, "three reservations must fill the budget"
     os.kill(first.process.pid, signal.SIGKILL)  # no shutdown, no settlement
     first.process.wait()
@@ -65,13 +62,13 @@ def test_sigkilled_gateway_releases_its_reservations_within_the_lease(
         client.close()
 
     second = serve("--config", str(config), env=env)
-    blocked = httpx.post(second.url + "/chat/completions", headers=auth(tenant), json=body("y"), timeout=10)
+    blocked = httpx.post(second.url + "/chat/completions", headers=tenant.headers, json=body("y"), timeout=10)
     if time.monotonic() - killed_at < 2.5:
         assert blocked.status_code == 429  # the dead gateway's leases still hold the budget
     deadline = killed_at + 3 + 5
     while time.monotonic() < deadline:
         sent = time.monotonic()
-        resp = httpx.post(second.url + "/chat/completions", headers=auth(tenant), json=body(sent), timeout=30)
+        resp = httpx.post(second.url + "/chat/completions", headers=tenant.headers, json=body(sent), timeout=30)
         if resp.status_code != 429:
             break  # admitted (the slow upstream may still time out: that is not the budget's doing)
         time.sleep(0.25)
@@ -94,22 +91,22 @@ async def test_redis_stopped_mid_traffic_follows_each_tenants_policy(app_factory
     per_request_limit = Decimal("0.01")
     async with app_factory(redis_url=own_redis.url) as gw:
         for tenant in (closed, fail_open):
-            r = await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+            r = await gw.client.put("/v1/admin/budgets", headers=admin.headers,
                                     json={"tenant": tenant.name, "window": "day", "limit_usd": str(per_request_limit)})
             assert r.status_code == 200
-        r = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        r = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                 json={"tenant": fail_open.name, "redis_failure": "open"})
         assert r.status_code == 200
         for i in range(3):
             for tenant in (closed, fail_open):
-                assert (await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=body(i))).status_code == 200
+                assert (await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body(i))).status_code == 200
         await asyncio.to_thread(own_redis.stop)
         before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
-        refused = await gw.client.post("/v1/chat/completions", headers=auth(closed), json=body("down"))
+        refused = await gw.client.post("/v1/chat/completions", headers=closed.headers, json=body("down"))
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "quota_unavailable"
         assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before  # nothing sent upstream
-        open_results = [await gw.client.post("/v1/chat/completions", headers=auth(fail_open), json=body(f"o{i}"))
+        open_results = [await gw.client.post("/v1/chat/completions", headers=fail_open.headers, json=body(f"o{i}"))
                         for i in range(60)]
         await gw.state.ledger.flush()
     statuses = [r.status_code for r in open_results]
@@ -175,24 +172,24 @@ async def test_expired_lease_frees_the_budget_without_settlement(redis_url):
 async def test_reconciliation_raises_counters_that_fell_behind_the_ledger(app_factory, make_tenant, admin, redis_url):
     tenant = make_tenant()
     async with app_factory() as gw:
-        r = await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+        r = await gw.client.put("/v1/admin/budgets", headers=admin.headers,
                                 json={"tenant": tenant.name, "window": "month", "limit_usd": "5"})
         budget_id = r.json()["id"]
         for i in range(3):
-            assert (await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=body(i))).status_code == 200
+            assert (await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body(i))).status_code == 200
         client = aioredis.from_url(redis_url)
         keys = [k async for k in client.scan_iter(f"tw:{{t:{tenant.id}}}:b:{budget_id}:*")]
         settled = {k: await client.hget(k, "s_usd") for k in keys if await client.type(k) == b"hash"}
         counter_key, value = next((k, v) for k, v in settled.items() if v is not None)
         await client.delete(counter_key)  # the settlements are lost (a Redis restart without persistence)
-        resp = await gw.client.post("/v1/admin/reconcile", headers=auth(admin), json={"tenant": tenant.name})
+        resp = await gw.client.post("/v1/admin/reconcile", headers=admin.headers, json={"tenant": tenant.name})
         assert resp.status_code == 200
         report = resp.json()
         assert report["corrected"] == 1
         [drift] = report["drifts"]
         assert drift["redis_usd"] == "0" and Decimal(drift["ledger_usd"]) == Decimal(int(value)) / 10**9
         assert await client.hget(counter_key, "s_usd") == value  # restored from the ledger
-        again = await gw.client.post("/v1/admin/reconcile", headers=auth(admin), json={"tenant": tenant.name})
+        again = await gw.client.post("/v1/admin/reconcile", headers=admin.headers, json={"tenant": tenant.name})
         assert again.json()["drifts"] == []
         await client.aclose()
 

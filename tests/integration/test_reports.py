@@ -11,15 +11,11 @@ from typing import Any
 import psycopg
 
 
-def auth(tenant: Any) -> dict[str, str]:
-    return {"authorization": f"Bearer {tenant.key}"}
-
-
 async def traffic(gw: Any, tenant: Any) -> None:
     plan = [("sim-large", "alice", "search,beta"), ("sim-large", "bob", "search"), ("sim-small", "alice", None),
             ("sim-small", None, "chat"), ("no-such-model", "bob", None)]
     for i, (model, user, tags) in enumerate(plan):
-        headers = {**auth(tenant), **({"x-tollway-user": user} if user else {}),
+        headers = {**tenant.headers, **({"x-tollway-user": user} if user else {}),
                    **({"x-tollway-tags": tags} if tags else {})}
         await gw.client.post("/v1/chat/completions", headers=headers, json={
             "model": model, "messages": [{"role": "user", "content": f"report line {i}"}], "max_tokens": 3 + i})
@@ -41,14 +37,14 @@ async def test_report_totals_equal_the_ledger(app_factory, make_tenant, pg, admi
         await traffic(gw, tenant)
         reports = {}
         for group in ("day", "model", "key", "user", "tag"):
-            resp = await gw.client.get("/v1/reports/costs", headers=auth(admin),
+            resp = await gw.client.get("/v1/reports/costs", headers=admin.headers,
                                        params={"group_by": group, "tenant": tenant.name})
             assert resp.status_code == 200, resp.text
             reports[group] = resp.json()
-        other = await gw.client.get("/v1/reports/costs", headers=auth(finance), params={"tenant": tenant.name})
-        own = await gw.client.get("/v1/reports/costs", headers=auth(finance))
-        by_tenant = await gw.client.get("/v1/reports/costs", headers=auth(finance), params={"group_by": "tenant"})
-        app_key = await gw.client.get("/v1/reports/costs", headers=auth(tenant))
+        other = await gw.client.get("/v1/reports/costs", headers=finance.headers, params={"tenant": tenant.name})
+        own = await gw.client.get("/v1/reports/costs", headers=finance.headers)
+        by_tenant = await gw.client.get("/v1/reports/costs", headers=finance.headers, params={"group_by": "tenant"})
+        app_key = await gw.client.get("/v1/reports/costs", headers=tenant.headers)
     spend, input_tokens, requests = ledger_totals(pg.url, tenant.id)
     for group, report in reports.items():
         totals = report["totals"]
@@ -70,13 +66,13 @@ async def test_report_totals_equal_the_ledger(app_factory, make_tenant, pg, admi
 async def test_admin_groups_by_tenant_and_budget_use_is_reported(app_factory, make_tenant, admin):
     tenant = make_tenant()
     async with app_factory() as gw:
-        await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+        await gw.client.put("/v1/admin/budgets", headers=admin.headers,
                             json={"tenant": tenant.name, "scope": "user", "subject": "*", "window": "month",
                                   "limit_usd": "0.5"})
         await traffic(gw, tenant)
-        by_tenant = (await gw.client.get("/v1/reports/costs", headers=auth(admin),
+        by_tenant = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
                                          params={"group_by": "tenant"})).json()
-        by_user = (await gw.client.get("/v1/reports/costs", headers=auth(admin),
+        by_user = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
                                        params={"group_by": "user", "tenant": tenant.name})).json()
     assert tenant.name in {g["group"] for g in by_tenant["groups"]}
     alice = next(g for g in by_user["groups"] if g["group"] == "alice")
@@ -90,9 +86,9 @@ async def test_csv_has_a_header_and_iso_dates(app_factory, make_tenant, pg, admi
     tenant = make_tenant()
     async with app_factory() as gw:
         await traffic(gw, tenant)
-        resp = await gw.client.get("/v1/reports/costs", headers=auth(admin), params={
+        resp = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
             "group_by": "day", "format": "csv", "tenant": tenant.name, "from": "2026-01-01"})
-        bad = [await gw.client.get("/v1/reports/costs", headers=auth(admin), params=p) for p in (
+        bad = [await gw.client.get("/v1/reports/costs", headers=admin.headers, params=p) for p in (
             {"group_by": "planet"}, {"from": "yesterday"}, {"format": "xlsx"}, {"from": "2026-02-01", "to": "2026-01-01"})]
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/csv")

@@ -20,9 +20,6 @@ BIG_PRICE = {"input_per_mtok": "3", "output_per_mtok": "15"}
 SMALL_PRICE = {"input_per_mtok": "0.15", "output_per_mtok": "0.6"}
 
 
-def auth(tenant: Any) -> dict[str, str]:
-    return {"authorization": f"Bearer {tenant.key}"}
-
 
 def stats(sim: Any) -> dict[str, Any]:
     with urllib.request.urlopen(sim.url.removesuffix("/v1") + "/sim/stats", timeout=5) as resp:
@@ -112,7 +109,7 @@ async def test_an_erroring_primary_falls_back_to_the_next_tier(gateway, sims, ma
     tenant = make_tenant()
     reader = InMemoryMetricReader()
     async with gateway(big=[primary.url], small=[fallback.url], metric_reader=reader) as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask())
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask())
         await gw.state.ledger.flush()
         attempts = counted(reader, "tollway.routing.failed_attempts")
     assert attempts == {(("error.type", "upstream_error"), ("gen_ai.request.model", "big"),
@@ -142,7 +139,7 @@ async def test_open_breaker_gets_no_requests_beyond_its_probes(gateway, sims, ma
     async with gateway(big=[primary.url], small=[fallback.url], routing=routing, metric_reader=reader) as gw:
         assert counted(reader, "tollway.routing.breaker.state") == {
             (("tollway.upstream", "big-0"),): 0, (("tollway.upstream", "small-0"),): 0}
-        first = [await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(f"q{i}"))
+        first = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(f"q{i}"))
                  for i in range(10)]
         assert calls(primary) == 2  # two failures opened the breaker; the other eight never went there
         assert counted(reader, "tollway.routing.breaker.state")[(("tollway.upstream", "big-0"),)] == 2
@@ -152,9 +149,9 @@ async def test_open_breaker_gets_no_requests_beyond_its_probes(gateway, sims, ma
         assert first[-1].headers["x-tollway-route"] == "requested;big:down;target=small"
         await asyncio.sleep(1.1)
         # cool-down over: concurrent requests, but only one probe may go to the half-open replica
-        after = await asyncio.gather(*(gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        after = await asyncio.gather(*(gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                                       json=ask(f"p{i}")) for i in range(6)))
-        health = (await gw.client.get("/v1/admin/routing", headers=auth(tenant))).status_code
+        health = (await gw.client.get("/v1/admin/routing", headers=tenant.headers)).status_code
     assert calls(primary) == 3  # exactly one probe; it failed, so the breaker is open again
     assert all(r.status_code == 200 and r.headers["x-tollway-model"] == "small" for r in [*first, *after])
     assert calls(fallback) == 16
@@ -167,7 +164,7 @@ async def test_a_dead_single_replica_is_not_hammered(gateway, sims, make_tenant)
     dead = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
     routing = {"breaker": {"consecutive_failures": 3, "open_s": 60}}
     async with gateway(big=[dead], small=[fallback.url], routing=routing) as gw:
-        results = [await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(f"q{i}"))
+        results = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(f"q{i}"))
                    for i in range(8)]
         replica = gw.state.routing.health["big-0"]
         assert (replica.state, replica.calls, replica.refused_open) == ("open", 3, 0)
@@ -180,8 +177,8 @@ async def test_when_every_breaker_is_open_the_answer_is_a_fast_503(gateway, make
     dead = "http://127.0.0.1:9/v1"
     routing = {"breaker": {"consecutive_failures": 1, "open_s": 60}}
     async with gateway(big=[dead], small=[dead], routing=routing) as gw:
-        first = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask())
-        later = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask("again"))
+        first = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask())
+        later = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask("again"))
         await gw.state.ledger.flush()
     assert first.status_code == 503 and first.json()["error"]["code"] == "upstream_unavailable"
     assert later.status_code == 503 and later.json()["error"]["code"] == "no_upstream_available"
@@ -197,10 +194,10 @@ async def test_timeout_before_the_first_byte_moves_on_at_the_tier_deadline(gatew
                          {"name": "small", "deadline_s": 5, "ttft_deadline_s": 5}]}
     async with gateway(big=[primary.url], small=[fallback.url], routing=routing) as gw:
         started = time.perf_counter()
-        plain = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask())
+        plain = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask())
         plain_s = time.perf_counter() - started
         started = time.perf_counter()
-        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant),
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=tenant.headers,
                                     json=ask(stream=True)) as resp:
             frames = await stream_text(resp)
         stream_s = time.perf_counter() - started
@@ -221,7 +218,7 @@ async def test_a_stream_stalled_after_its_headers_falls_back_and_charges_the_pro
     routing = {"tiers": [{"name": "large", "deadline_s": 5, "ttft_deadline_s": 0.3},
                          {"name": "small", "deadline_s": 5, "ttft_deadline_s": 5}]}
     async with gateway(big=[primary.url], small=[fallback.url], routing=routing) as gw:
-        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant),
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=tenant.headers,
                                     json=ask("a stalled stream", stream=True)) as resp:
             frames = await stream_text(resp)
         await gw.state.ledger.flush()
@@ -240,7 +237,7 @@ async def test_a_stream_cut_after_reaching_the_client_is_never_resent(gateway, s
     primary, fallback = sims("--fault", "cut"), sims()
     tenant = make_tenant()
     async with gateway(big=[primary.url], small=[fallback.url]) as gw:
-        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant),
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=tenant.headers,
                                     json=ask(stream=True)) as resp:
             frames = await stream_text(resp)
         await gw.state.ledger.flush()
@@ -258,7 +255,7 @@ async def test_a_flapping_replica_trips_on_its_error_rate(gateway, sims, make_te
     tenant = make_tenant()
     routing = {"breaker": {"consecutive_failures": 10, "error_rate": 0.5, "window": 4, "open_s": 60}}
     async with gateway(big=[primary.url], small=[fallback.url], routing=routing) as gw:
-        results = [await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(f"q{i}"))
+        results = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(f"q{i}"))
                    for i in range(12)]
         state = gw.state.routing.health["big-0"].state
     assert all(r.status_code == 200 for r in results)
@@ -275,14 +272,14 @@ async def test_a_saturated_vllm_queue_overflows_to_the_next_tier(gateway, sims, 
     tenant = make_tenant()
     routing = {"saturation": {"poll_interval_s": 0.05, "max_waiting": 2, "stale_after_s": 5}}
     async with gateway(big=[primary.url], small=[fallback.url], routing=routing, vllm_metrics=True) as gw:
-        slow = [asyncio.create_task(gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        slow = [asyncio.create_task(gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                                    json=ask(f"slow {i}"))) for i in range(3)]
         deadline = time.monotonic() + 5
         while gw.state.routing.health["big-0"].waiting != 2 and time.monotonic() < deadline:  # noqa: ASYNC110 (a polled gauge)
             await asyncio.sleep(0.02)
         assert gw.state.routing.health["big-0"].saturated()
         started = time.perf_counter()
-        quick = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask("now please"))
+        quick = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask("now please"))
         quick_s = time.perf_counter() - started
         await asyncio.gather(*slow)
     assert quick.status_code == 200 and quick.headers["x-tollway-model"] == "small"
@@ -295,7 +292,7 @@ async def test_an_invalid_request_is_not_retried_elsewhere(gateway, sims, make_t
     primary, fallback = sims("--fault", "reject"), sims()
     tenant = make_tenant()
     async with gateway(big=[primary.url], small=[fallback.url]) as gw:
-        resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask())
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask())
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "upstream_rejected_request"
     assert (calls(primary), calls(fallback)) == (1, 0)
 
@@ -304,12 +301,12 @@ async def test_degraded_answer_only_where_the_tenant_enables_it(gateway, sims, m
     primary, fallback = sims("--fault", "error"), sims("--fault", "overloaded")
     plain, degraded = make_tenant(), make_tenant()
     async with gateway(big=[primary.url], small=[fallback.url]) as gw:
-        set_policy = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        set_policy = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                          json={"tenant": degraded.name, "degraded_answers": True})
         assert set_policy.status_code == 200 and set_policy.json()["degraded_answers"] is True
-        refused = await gw.client.post("/v1/chat/completions", headers=auth(plain), json=ask())
-        answer = await gw.client.post("/v1/chat/completions", headers=auth(degraded), json=ask())
-        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(degraded),
+        refused = await gw.client.post("/v1/chat/completions", headers=plain.headers, json=ask())
+        answer = await gw.client.post("/v1/chat/completions", headers=degraded.headers, json=ask())
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=degraded.headers,
                                     json=ask(stream=True)) as streamed:
             frames = await stream_text(streamed)
         await gw.state.ledger.flush()
@@ -329,7 +326,7 @@ async def test_replicas_share_load_and_a_system_prompt_keeps_its_replica(gateway
     a, b, fallback = sims(), sims(), sims()
     tenant = make_tenant()
     async with gateway(big=[a.url, b.url], small=[fallback.url]) as gw:
-        await asyncio.gather(*(gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(f"q{i}"))
+        await asyncio.gather(*(gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(f"q{i}"))
                                for i in range(40)))
     assert calls(a) > 5 and calls(b) > 5 and calls(a) + calls(b) == 40
 
@@ -338,7 +335,7 @@ async def test_replicas_share_load_and_a_system_prompt_keeps_its_replica(gateway
         for system in ("You are a pirate.", "You are a lawyer.", "You are a poet."):
             before = (calls(c), calls(d))
             for i in range(4):
-                resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(
+                resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(
                     messages=[{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}]))
                 assert resp.status_code == 200
             grew = (calls(c) - before[0], calls(d) - before[1])
@@ -354,11 +351,11 @@ async def test_auto_routes_by_difficulty_and_the_tenant_threshold(gateway, sims,
     big, small = sims(), sims()
     tenant, frugal = make_tenant(), make_tenant()
     async with gateway(big=[big.url], small=[small.url]) as gw:
-        await gw.client.put("/v1/admin/policies", headers=auth(admin), json={"tenant": frugal.name,
+        await gw.client.put("/v1/admin/policies", headers=admin.headers, json={"tenant": frugal.name,
                                                                              "route_threshold": 1.0})
 
         async def auto(who: Any, content: str, **extra: Any) -> Any:
-            resp = await gw.client.post("/v1/chat/completions", headers=auth(who),
+            resp = await gw.client.post("/v1/chat/completions", headers=who.headers,
                                         json=ask(content, model="auto", **extra))
             assert resp.status_code == 200, resp.text
             return resp
@@ -382,11 +379,11 @@ async def test_auto_steps_down_near_budget_exhaustion(gateway, sims, make_tenant
     big, small = sims(), sims()
     tenant = make_tenant()
     async with gateway(big=[big.url], small=[small.url], routing={"budget_step_down_headroom": 0.5}) as gw:
-        roomy = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(HARD, model="auto"))
+        roomy = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(HARD, model="auto"))
         # a budget this request's worst case (about $0.00042 on the large model) fills more than half of
-        await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+        await gw.client.put("/v1/admin/budgets", headers=admin.headers,
                             json={"tenant": tenant.name, "window": "day", "limit_usd": "0.0007"})
-        tight = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(HARD, model="auto"))
+        tight = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(HARD, model="auto"))
     assert roomy.headers["x-tollway-model"] == "big"
     assert tight.status_code == 200 and tight.headers["x-tollway-model"] == "small"
     assert tight.headers["x-tollway-route"].endswith(";budget_step_down")
@@ -399,12 +396,12 @@ async def test_auto_takes_a_cheaper_tier_when_the_budget_no_longer_holds_the_lar
     async with gateway(big=[big.url], small=[small.url]) as gw:
         # room for the small model's worst case (about $0.00002), not the large one's (about $0.0004); a storm
         # limit of 1 shows the second admission try is not counted as a retry
-        await gw.client.put("/v1/admin/budgets", headers=auth(admin),
+        await gw.client.put("/v1/admin/budgets", headers=admin.headers,
                             json={"tenant": tenant.name, "window": "day", "limit_usd": "0.0002"})
-        await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        await gw.client.put("/v1/admin/policies", headers=admin.headers,
                             json={"tenant": tenant.name, "retry_storm_limit": 1})
-        hard = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(HARD, model="auto"))
-        named = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask(HARD + "?"))
+        hard = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(HARD, model="auto"))
+        named = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask(HARD + "?"))
         await gw.state.quota.drain()
         await gw.state.ledger.flush()
     assert hard.status_code == 200, hard.text
@@ -423,17 +420,17 @@ async def test_deterministic_requests_are_served_from_the_cache(gateway, sims, m
     reader = InMemoryMetricReader()
     q = ask("cache me", temperature=0)
     async with gateway(big=[big.url], small=[small.url], metric_reader=reader) as gw:
-        first = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
+        first = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=q)
         reordered = dict(reversed(list(q.items())))  # the same request, keys in another order
-        second = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=reordered)
-        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant),
+        second = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=reordered)
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=tenant.headers,
                                     json={**q, "stream": True, "stream_options": {"include_usage": True}}) as streamed:
             frames = await stream_text(streamed)
-        other_tenant = await gw.client.post("/v1/chat/completions", headers=auth(other), json=q)
-        sampled = [await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=ask("cache me"))
+        other_tenant = await gw.client.post("/v1/chat/completions", headers=other.headers, json=q)
+        sampled = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask("cache me"))
                    for _ in range(2)]
         await gw.state.ledger.flush()
-        report = await gw.client.get("/v1/reports/costs", headers=auth(admin),
+        report = await gw.client.get("/v1/reports/costs", headers=admin.headers,
                                      params={"tenant": tenant.name, "group_by": "model"})
     assert "x-tollway-cache" not in first.headers and second.headers["x-tollway-cache"] == "hit"
     assert second.json()["choices"] == first.json()["choices"]
@@ -460,12 +457,12 @@ async def test_a_cached_answer_from_a_model_the_policy_now_excludes_is_a_miss(ga
     tenant = make_tenant()
     q = ask("what is the capital of France?", model="auto", temperature=0)
     async with gateway(big=[big.url], small=[small.url]) as gw:
-        easy = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
-        hit = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
-        floor = await gw.client.put("/v1/admin/policies", headers=auth(admin),
+        easy = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=q)
+        hit = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=q)
+        floor = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                     json={"tenant": tenant.name, "quality_floor": "large"})
-        raised = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
-        again = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json=q)
+        raised = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=q)
+        again = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=q)
     assert floor.status_code == 200, floor.text
     assert (easy.headers["x-tollway-model"], hit.headers["x-tollway-model"]) == ("small", "small")
     assert "x-tollway-cache" not in easy.headers and hit.headers["x-tollway-cache"] == "hit"
@@ -480,13 +477,13 @@ async def test_a_finished_deterministic_stream_is_cached_too(gateway, sims, make
     tenant = make_tenant()
     q = ask("stream then cache", seed=7, stream=True)
     async with gateway(big=[big.url], small=[small.url]) as gw:
-        async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant), json=q) as first:
+        async with gw.client.stream("POST", "/v1/chat/completions", headers=tenant.headers, json=q) as first:
             streamed = await stream_text(first)
         await gw.state.routing.drain()  # the cache write runs after the stream, off the request path
-        again = await gw.client.post("/v1/chat/completions", headers=auth(tenant), json={**q, "stream": False})
+        again = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={**q, "stream": False})
         sampled = ask("stream, not deterministic", stream=True)
         for _ in range(2):
-            async with gw.client.stream("POST", "/v1/chat/completions", headers=auth(tenant), json=sampled) as resp:
+            async with gw.client.stream("POST", "/v1/chat/completions", headers=tenant.headers, json=sampled) as resp:
                 await stream_text(resp)
                 assert "x-tollway-cache" not in resp.headers
             await gw.state.routing.drain()
@@ -513,15 +510,15 @@ async def test_canary_by_end_user_and_shadow_samples(gateway, sims, make_tenant,
                        extra_upstreams=[{"name": "cand", "base_url": candidate.url}]) as gw:
         for round_ in range(2):
             for user in range(30):
-                resp = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+                resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                             json=ask(f"round {round_}", user=f"user-{user}"))
                 assert resp.status_code == 200
                 served.setdefault(f"user-{user}", set()).add(resp.headers["x-tollway-model"])
-        shadowed = await gw.client.post("/v1/chat/completions", headers=auth(tenant),
+        shadowed = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                         json={**ask("shadow me"), "model": "small"})
         await gw.state.routing.shadows.drain()
         await gw.state.ledger.flush()
-        report = await gw.client.get("/v1/reports/costs", headers=auth(admin),
+        report = await gw.client.get("/v1/reports/costs", headers=admin.headers,
                                      params={"tenant": tenant.name, "group_by": "model"})
     # the same user always sees the same variant; about 30% of users see the candidate
     assert all(len(models) == 1 for models in served.values())
