@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,9 +34,36 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path
     raise SystemExit(f"{url} not ready after {timeout}s; log:\n{log.read_text()[-3000:]}")
 
 
-def quantiles_ms(samples: list[float]) -> tuple[float, float]:
-    """p50 and p99 of latencies given in seconds, in milliseconds."""
+def p50_p99(samples: list[float], scale: float = 1.0) -> tuple[float, float]:
+    """p50 and p99 of the samples, times ``scale`` (1000: seconds to milliseconds, 1e6: to microseconds)."""
     if len(samples) < 2:
-        return (samples[0] * 1000, samples[0] * 1000) if samples else (float("nan"), float("nan"))
+        return (samples[0] * scale, samples[0] * scale) if samples else (float("nan"), float("nan"))
     qs = statistics.quantiles(samples, n=100, method="inclusive")
-    return qs[49] * 1000, qs[98] * 1000
+    return qs[49] * scale, qs[98] * scale
+
+
+class Processes:
+    """Child processes of one benchmark run, each logging to a file in ``workdir``; ``stop`` ends them all."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], *, stop_s: float = 15) -> None:
+        self.workdir, self.env, self.stop_s = workdir, env, stop_s
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.workdir / f"{name}.log"
+        proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                env={**self.env, **(env or {})}, cwd=self.workdir)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop(self) -> None:
+        """SIGTERM to all, the last started first; what has not ended within ``stop_s`` is killed."""
+        for proc in reversed(self.procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(self.stop_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()

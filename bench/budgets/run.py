@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -27,16 +27,15 @@ from decimal import Decimal
 from pathlib import Path
 
 from tollway.app import redis_client_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import p50_p99
+
 from tollway.embedded import EmbeddedRedis
 from tollway.errors import QuotaExceeded
 from tollway.gateway.keys import Principal
 from tollway.gateway.policy import Budget, TenantPolicy, TenantRules
 from tollway.gateway.quota import Demand, QuotaService, budget_counter, from_nano
-
-
-def quantiles_us(samples: list[float]) -> tuple[float, float]:
-    qs = statistics.quantiles(samples, n=100, method="inclusive")
-    return qs[49] * 1e6, qs[98] * 1e6
 
 
 async def timed(n: int, op) -> list[float]:  # type: ignore[no-untyped-def]
@@ -89,7 +88,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| path ({args.requests} sequential requests, Redis on loopback, uvloop) | p50 | p99 |")
         print("|---|---|---|")
         for name, samples in rows:
-            p50, p99 = quantiles_us(samples)
+            p50, p99 = p50_p99(samples, 1e6)
             print(f"| {name} | {p50:.0f} us | {p99:.0f} us |")
 
         overspend_total = Decimal(0)

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import free_port, quantiles_ms, wait_http  # noqa: E402
+from common import Processes, free_port, p50_p99, wait_http  # noqa: E402
 
 from tollway.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
 
@@ -73,30 +72,6 @@ class Outcome:
     latencies: list[float]
     replica: dict[str, Any]
     primary_received: int | None
-
-
-class Processes:
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env = workdir, env
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.workdir / f"{name}.log"
-        proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                env={**self.env, **(env or {})}, cwd=self.workdir)
-        self.procs.append(proc)
-        return proc, log
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -197,12 +172,12 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, env: dict[str, st
 
 
 def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
-    base50, base99 = quantiles_ms(results["healthy"].latencies)
+    base50, base99 = p50_p99(results["healthy"].latencies, 1000)
     header = ["scenario", "success", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "large got", "trips",
               "probes", "beyond probes"]
     rows = []
     for name, out in results.items():
-        p50, p99 = quantiles_ms(out.latencies)
+        p50, p99 = p50_p99(out.latencies, 1000)
         total = out.ok + out.failed
         rep = out.replica
         first = rep.get("calls_at_first_trip")

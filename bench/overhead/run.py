@@ -22,8 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
-from common import free_port, wait_http  # noqa: E402  (bench/common.py, shared by the benches)
+from common import Processes, free_port, p50_p99, wait_http  # noqa: E402  (bench/common.py, shared by the benches)
 
 LITELLM_VENV = REPO / "bench" / ".venv-litellm"
 BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
@@ -88,10 +86,7 @@ async def open_loop(target: Target, rate: int, duration: float) -> tuple[float, 
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(scheduled)))
         await asyncio.gather(*tasks)
-    if not latencies:
-        return float("nan"), float("nan"), 0, errors
-    qs = statistics.quantiles(latencies, n=100, method="inclusive")
-    return qs[49], qs[98], len(latencies), errors
+    return (*p50_p99(latencies), len(latencies), errors)
 
 
 WRK_LUA = """
@@ -140,25 +135,18 @@ def main() -> None:
     rates = [int(r) for r in args.rates.split(",")]
 
     workdir = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
-    procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
-
-    def spawn(argv: list[str], name: str, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
-        log = workdir / f"{name}.log"
-        proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                env={**env, **(extra_env or {})}, cwd=workdir)
-        procs.append(proc)
-        return proc, log
+    procs = Processes(workdir, env, stop_s=30)
 
     try:
         sim_port = free_port()
-        sim, sim_log = spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)], "sim")
+        sim, sim_log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)], "sim")
         sim_url = f"http://127.0.0.1:{sim_port}/v1"
         wait_http(sim_url + "/models", 30, sim, sim_log)
         targets = [Target("upstream (direct)", sim_url, "none")]
 
         tw_port = free_port()
-        tw, tw_log = spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(tw_port), "--upstream",
+        tw, tw_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(tw_port), "--upstream",
                             sim_url, "--data-dir", str(workdir / "data"), "--log-level", "warning",
                             "--workers", str(args.workers)], "tollway")
         wait_http(f"http://127.0.0.1:{tw_port}/healthz", 120, tw, tw_log)
@@ -182,7 +170,7 @@ def main() -> None:
                     "model": "openai/sim-large", "api_base": sim_url, "api_key": "none"}}],
                 "general_settings": {"master_key": "sk-bench"},
                 "litellm_settings": {"telemetry": False}}))
-            ll, ll_log = spawn([str(binary), "--config", str(config), "--port", str(ll_port), "--num_workers", "1"],
+            ll, ll_log = procs.spawn([str(binary), "--config", str(config), "--port", str(ll_port), "--num_workers", "1"],
                                "litellm", {"LITELLM_LOG": "ERROR"})
             wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", 180, ll, ll_log)
             targets.append(Target("litellm proxy 1.106.2", f"http://127.0.0.1:{ll_port}/v1", "sk-bench"))
@@ -197,13 +185,7 @@ def main() -> None:
             results[target.name] = result
         report(results, rates, args)
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        procs.stop()
 
 
 def report(results: dict[str, Result], rates: list[int], args: argparse.Namespace) -> None:

@@ -14,15 +14,19 @@ tiktoken; every answer assumed to be --output-tokens long), plus what scoring an
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 
 from tollway.routing import Usage, build_catalog, parse_config
 from tollway.routing.difficulty import assess
 from tollway.routing.difficulty_train import Example, load_examples
 from tollway.routing.policy import BudgetSignal, RouteRequest, TenantRouting, decide
 from tollway.routing.tokens import count_messages
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import p50_p99
 
 CATALOG = build_catalog(parse_config({
     "upstreams": [{"name": "gpu", "base_url": "http://gpu"}, {"name": "cpu", "base_url": "http://cpu"}],
@@ -49,9 +53,9 @@ def route(examples: list[Example], threshold: float, output_tokens: int) -> dict
         to_large[example.level].append(decision.target.tier == "large")
     shares = {level: sum(sent) / len(sent) for level, sent in to_large.items()}
     shares["all"] = sum(sum(s) for s in to_large.values()) / len(examples)
-    qs = statistics.quantiles(timings, n=100, method="inclusive")
-    return {"shares": shares, "cost": cost, "always_large": always_large, "p50_us": qs[49] * 1e6,
-            "p99_us": qs[98] * 1e6, "counts": {k: len(v) for k, v in to_large.items()}}
+    p50, p99 = p50_p99(timings, 1e6)
+    return {"shares": shares, "cost": cost, "always_large": always_large, "p50_us": p50,
+            "p99_us": p99, "counts": {k: len(v) for k, v in to_large.items()}}
 
 
 def main() -> None:
