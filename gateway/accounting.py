@@ -6,14 +6,17 @@ the success path, the error path, the end of a stream or a client disconnect.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from opentelemetry.trace import Span, StatusCode
 
+from tollway.errors import TollwayError
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.quota import QuotaService, Reservation
 from tollway.gateway.telemetry import Telemetry
@@ -101,6 +104,19 @@ class Tally:
         self.attempt_cost += row.cost_usd
         self.attempt_tokens += usage.input_tokens + usage.output_tokens
         self.row.attempt = self.attempts + 1
+
+    @contextlib.contextmanager
+    def closed_on_error(self) -> Iterator[None]:
+        """Around a request's work: an error closes the row with its status and code; anything else (the
+        task cancelled: the client went away) closes it as 499. The success path closes it itself."""
+        try:
+            yield
+        except TollwayError as exc:
+            self.close(exc.status, exc.code)
+            raise
+        except BaseException:
+            self.close(CLIENT_CLOSED, "client_disconnected")
+            raise
 
     def first_token(self) -> None:
         if self.row.ttft_ms is None:

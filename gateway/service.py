@@ -272,7 +272,7 @@ class CompletionService:
     # -- chat -------------------------------------------------------------------------------------
     async def chat(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
         tally = self._open(ctx, "chat.completions")
-        try:
+        with tally.closed_on_error():
             body = await read_body()
             data = parse_json_object(body)
             req = validate(ChatCompletionRequest, data)
@@ -335,12 +335,6 @@ class CompletionService:
                 tally.row.rollout = decision.rollout
             if req.stream:
                 return self._relay(tally, served, wire, data, admission, decision, cache_key)
-        except TollwayError as exc:
-            tally.close(exc.status, exc.code)
-            raise
-        except BaseException:
-            tally.close(CLIENT_CLOSED, "client_disconnected")
-            raise
         assert served.response is not None
         response = served.response
         tally.first_token()
@@ -453,7 +447,7 @@ class CompletionService:
     # -- embeddings and models --------------------------------------------------------------------
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         tally = self._open(ctx, "embeddings")
-        try:
+        with tally.closed_on_error():
             body = await read_body()
             data = parse_json_object(body)
             req = validate(EmbeddingRequest, data)
@@ -473,20 +467,15 @@ class CompletionService:
             admission = await self._admit(ctx, tally, rules, [entry], body, wire, worst_case)
             # Embedding models are never swapped for one another (their vectors are not comparable):
             # only the replicas of this model are balanced and retried.
-            served = await self.routing.caller.call(RouteDecision((Step.of(self.catalog, entry),), "requested"),
-                                                    wire, stream=False, endpoint="embeddings")
+            try:
+                served = await self.routing.caller.call(
+                    RouteDecision((Step.of(self.catalog, entry),), "requested"), wire, stream=False,
+                    endpoint="embeddings")
+            except ChainFailed as failed:
+                raise failed.error from None
             tally.bind(entry, replica=served.replica)
             assert served.response is not None
             response = served.response
-        except ChainFailed as failed:
-            tally.close(failed.error.status, failed.error.code)
-            raise failed.error from None
-        except TollwayError as exc:
-            tally.close(exc.status, exc.code)
-            raise
-        except BaseException:
-            tally.close(CLIENT_CLOSED, "client_disconnected")
-            raise
         usage, source = usage_of(response.get("usage")), "upstream"
         if usage is None:
             usage, source = Usage(input_tokens=tokens), "estimated"
