@@ -6,6 +6,7 @@ the success path, the error path, the end of a stream or a client disconnect.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -19,11 +20,13 @@ from opentelemetry.trace import Span, StatusCode
 from tollway.errors import TollwayError
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.quota import QuotaService, Reservation
+from tollway.gateway.streaming import ClientDisconnected
 from tollway.gateway.telemetry import Telemetry
 from tollway.routing import ModelEntry, Usage
 
 _COST_QUANTUM = Decimal("1e-10")
 CLIENT_CLOSED = 499  # nginx's convention; recorded in the ledger, never sent
+INTERNAL_ERROR = "internal_error"
 
 
 def format_cost(cost: Decimal) -> str:
@@ -54,7 +57,8 @@ def side_row(row: LedgerRow, *, suffix: str, role: str, attempt: int, entry: Mod
              error_code: str | None, usage: Usage, usage_source: str | None, latency_ms: float,
              **extra: Any) -> LedgerRow:
     """A ledger row of its own for another upstream call made for the request ``row`` records (a failed
-    fallback attempt, a shadow call): the same request, tenant, key and user; its own model, tokens and cost."""
+    fallback attempt, a retrieval's embedding, a guard's model call, a shadow call): the same request,
+    tenant, key and user; its own role, model, tokens and cost."""
     return dataclasses.replace(
         row, request_id=f"{row.request_id}.{suffix}", role=role, attempt=attempt, model=entry.name,
         upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier, price_source=entry.price.source,
@@ -75,10 +79,12 @@ class Tally:
     usage: Usage = field(default_factory=Usage)
     reservation: Reservation | None = None
     finished: bool = False
-    # failed fallback attempts of this request: what they cost, settled with the answer
-    attempt_cost: Decimal = Decimal(0)
-    attempt_tokens: int = 0
+    # side calls of this request (failed fallback attempts, retrieval, guards): what they cost, settled
+    # with the answer and counted in the tenant's spend
+    side_cost: Decimal = Decimal(0)
+    side_tokens: int = 0
     attempts: int = 0
+    sides: dict[str, int] = field(default_factory=dict)  # side rows so far per role (their ids)
 
     def bind(self, entry: ModelEntry, *, replica: str | None = None, reason: str = "requested") -> None:
         self.entry = entry
@@ -98,24 +104,42 @@ class Tally:
         row = side_row(self.row, suffix=f"a{self.attempts}", role="attempt", attempt=self.attempts, entry=entry,
                        replica=replica, status=status, error_code=error_code, usage=usage, latency_ms=latency_ms,
                        usage_source="estimated" if usage.input_tokens or usage.output_tokens else None)
-        self.ledger.record(row)
+        self._charge(row)
         self.telemetry.failed_attempts.add(1, {"gen_ai.request.model": entry.name, "tollway.upstream": replica,
                                                 "error.type": error_code})
-        self.attempt_cost += row.cost_usd
-        self.attempt_tokens += usage.input_tokens + usage.output_tokens
         self.row.attempt = self.attempts + 1
+
+    def side_call(self, role: str, entry: ModelEntry, usage: Usage, latency_ms: float, *, replica: str | None = None,
+                  status: int = 200, error_code: str | None = None) -> Decimal:
+        """A ledger row (``role``: 'retrieval', 'guard') for a call a stage made for this request; its cost
+        settles with the request's reservation. Returns that cost."""
+        n = self.sides[role] = self.sides.get(role, 0) + 1
+        row = side_row(self.row, suffix=f"{role[0]}{n}", role=role, attempt=1, entry=entry,
+                       replica=replica or entry.upstream, status=status, error_code=error_code, usage=usage,
+                       latency_ms=latency_ms, usage_source="upstream" if status == 200 else None)
+        self._charge(row)
+        return row.cost_usd
+
+    def _charge(self, row: LedgerRow) -> None:
+        self.ledger.record(row)
+        self.side_cost += row.cost_usd
+        self.side_tokens += row.input_tokens + row.output_tokens
 
     @contextlib.contextmanager
     def closed_on_error(self) -> Iterator[None]:
-        """Around a request's work: an error closes the row with its status and code; anything else (the
-        task cancelled: the client went away) closes it as 499. The success path closes it itself."""
+        """Around a request's work: a Tollway error closes the row with its status and code; the client
+        leaving (the task cancelled) as 499; anything else as the 500 the client is sent. The success
+        path closes it itself."""
         try:
             yield
         except TollwayError as exc:
             self.close(exc.status, exc.code)
             raise
-        except BaseException:
+        except (asyncio.CancelledError, ClientDisconnected, GeneratorExit):
             self.close(CLIENT_CLOSED, "client_disconnected")
+            raise
+        except BaseException:
+            self.close(500, INTERNAL_ERROR)
             raise
 
     def first_token(self) -> None:
@@ -149,8 +173,8 @@ class Tally:
             return self.row.cost_usd
         cost = self._record(status, error_code, usage, usage_source)
         if self.reservation is not None and self.quota is not None:
-            self.quota.track(self.reservation.settle(cost + self.attempt_cost, self.usage.input_tokens
-                                                     + self.usage.output_tokens + self.attempt_tokens))
+            self.quota.track(self.reservation.settle(cost + self.side_cost, self.usage.input_tokens
+                                                     + self.usage.output_tokens + self.side_tokens))
         return cost
 
     def _report(self, row: LedgerRow) -> None:

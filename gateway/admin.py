@@ -16,7 +16,10 @@ from starlette.responses import Response
 from tollway.errors import NotFound, PermissionDenied
 from tollway.gateway.api import json_response
 from tollway.gateway.keys import Principal
-from tollway.gateway.policy import (
+from tollway.gateway.quota import clear_counters
+from tollway.gateway.reconcile import reconcile
+from tollway.gateway.reports import build_query, cost_report, to_csv
+from tollway.gateway.tenant_policy import (
     delete_budget,
     list_budgets,
     mark_reset,
@@ -25,9 +28,6 @@ from tollway.gateway.policy import (
     set_policy,
     tenant_id,
 )
-from tollway.gateway.quota import clear_counters
-from tollway.gateway.reconcile import reconcile
-from tollway.gateway.reports import build_query, cost_report, to_csv
 
 router = APIRouter()
 
@@ -161,12 +161,13 @@ async def post_reconcile(request: Request, body: ReconcileBody) -> Response:
 @router.get("/v1/admin/routing", summary="Upstream replicas: breaker state, in-flight calls, latency, saturation")
 async def get_routing(request: Request) -> Response:
     _admin(request)
-    routing = request.app.state.tollway.routing
+    state = request.app.state.tollway
+    routing, shadows = state.routing, state.shadows
     return json_response({
         "replicas": {name: replica.describe() for name, replica in routing.health.replicas.items()},
         "retry_budget": {"tokens": round(routing.caller.retry_budget.tokens, 2),
                          "refused": routing.caller.retry_budget.refused},
-        "shadows_skipped": routing.shadows.skipped if routing.shadows is not None else 0})
+        "shadows_skipped": shadows.skipped if shadows is not None else 0})
 
 
 @router.get("/v1/reports/costs", summary="Cost report: spend, tokens, requests and budget use per group")

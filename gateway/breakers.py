@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from tollway.gateway.background import Background
+from tollway.background import Background
 from tollway.gateway.telemetry import Telemetry
 
 log = logging.getLogger("tollway.breakers")

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("tollway.ledger")
@@ -41,6 +42,7 @@ class LedgerRow:
     upstream: str | None = None
     upstream_model: str | None = None
     route_reason: str | None = None
+    prompt_name: str | None = None
     prompt_version: str | None = None
     index_version: str | None = None
     input_tokens: int = 0
@@ -55,12 +57,14 @@ class LedgerRow:
     session_id: str | None = None
     tags: list[str] | None = None
     tier: str | None = None
-    role: str = "answer"  # 'answer', 'attempt' (a failed fallback attempt), 'shadow'
+    # 'answer'; side rows: 'attempt' (a failed fallback attempt), 'retrieval', 'guard', 'shadow', 'eval'
+    role: str = "answer"
     attempt: int = 1
     cache_hit: bool = False
     saved_usd: Decimal = Decimal(0)
     degraded: bool = False
     rollout: str | None = None
+    guard_outcome: list[dict[str, Any]] | None = None  # [{validator, action, spans, ms}]
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
@@ -85,11 +89,15 @@ _INSERT = (
 )
 
 
+_GUARDS = _COLUMNS.index("guard_outcome")
 _COPY = f"COPY ledger ({', '.join(_COLUMNS)}) FROM STDIN"
 
 
 def _values(row: LedgerRow) -> tuple[Any, ...]:
-    return tuple(getattr(row, name) for name in _COLUMNS)
+    values = [getattr(row, name) for name in _COLUMNS]
+    if row.guard_outcome is not None:
+        values[_GUARDS] = Jsonb(row.guard_outcome)
+    return tuple(values)
 
 
 @dataclass(slots=True)

@@ -37,10 +37,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tollway.background import Background
 from tollway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from tollway.gateway.background import Background
 from tollway.gateway.keys import Principal
-from tollway.gateway.policy import EACH, Budget, TenantRules
+from tollway.gateway.tenant_policy import EACH, Budget, TenantRules
 
 log = logging.getLogger("tollway.quota")
 

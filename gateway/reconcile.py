@@ -20,8 +20,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
-from tollway.gateway.policy import EACH, Budget, load_rules
 from tollway.gateway.quota import budget_counter, from_nano, to_nano, window
+from tollway.gateway.tenant_policy import EACH, Budget, load_rules
 
 log = logging.getLogger("tollway.reconcile")
 

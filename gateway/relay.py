@@ -1,22 +1,31 @@
-"""Relaying an opened upstream stream to the client, one small step per concern:
+"""The answer on its way out, one small step per concern, the same for every answer (an upstream stream,
+an upstream JSON answer, a cached one, the degraded one):
 
-- framing: parse nothing twice, rename the model, keep or strip the usage chunk as the client asked;
-- accounting: count what was produced, so a cut or a disconnect is charged for exactly that;
-- guarding the reservation: an upstream that ignores ``max_tokens`` is cut off before the stream
-  outgrows what was reserved, with a final error frame and ``[DONE]``.
+    account (what the upstream produced, charged whatever happens next; the output cap)
+      -> output transformers, in order (each may rewrite or hold back chunks: the guard's window)
+        -> emit (rename the model, keep or strip usage as asked, the final chunk carries ``tollway``)
+
+The cache and shadows read the text after the transformers, as the client got it. A stream that
+outgrows its reservation is cut with an error frame and ``[DONE]``; an unexpected failure after the
+headers is an error frame too, and a 500 in the ledger; a client that leaves is a 499 charged for
+what was produced.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from tollway.errors import TollwayError
-from tollway.gateway.accounting import CLIENT_CLOSED, Tally, usage_json, usage_of
-from tollway.routing import ModelEntry, UpstreamStream, Usage, count_text
+from tollway.gateway.accounting import CLIENT_CLOSED, INTERNAL_ERROR, Tally, usage_json, usage_of
+from tollway.gateway.exchange import OutputFilter
+from tollway.routing import Usage, count_text
 
+log = logging.getLogger("tollway.gateway")
 JSON = dict[str, Any]
 DONE = b"data: [DONE]\n\n"
 
@@ -41,23 +50,23 @@ class ReservationExceeded(TollwayError):
     code = "reservation_exceeded"
 
 
-class StreamRelay:
-    def __init__(self, tally: Tally, entry: ModelEntry, stream: UpstreamStream, chunks: AsyncIterator[JSON],
-                 *, wants_usage: bool, output_cap: int | None, estimate: Callable[[str, int], Usage],
-                 on_close: Callable[[StreamRelay, int], None] | None = None) -> None:
-        self.tally, self.entry, self.stream, self.chunks = tally, entry, stream, chunks
-        self.on_close = on_close  # after settlement: release the replica, feed shadow samples
-        self.wants_usage = wants_usage
-        self.output_cap = output_cap  # output tokens reserved for this stream; None: not budgeted
+# -- account --------------------------------------------------------------------------------------
+class Accountant:
+    """Counts what the upstream produced, before anything rewrites it: that is what it costs."""
+
+    def __init__(self, tally: Tally, *, output_cap: int | None = None,
+                 estimate: Callable[[str, int], Usage] | None = None, fixed: tuple[Usage, str] | None = None) -> None:
+        self.tally = tally
+        self.output_cap = output_cap  # output tokens reserved for this answer; None: not budgeted
         self.estimate = estimate
+        self.fixed = fixed  # a cached or degraded answer: its usage is known and nothing is counted
         self.usage: Usage | None = None
-        self.last: JSON = {}
         self.text: list[str] = []
         self.produced = 0  # output tokens counted so far (at least one per content chunk)
         self.finish_reason: str | None = None
-        self.plain_text = True  # only text content so far (no tool calls): a stream the cache can replay
+        self.plain_text = True  # only text content so far (no tool calls): an answer the cache can replay
 
-    def _frame(self, chunk: JSON) -> bytes | None:
+    def take(self, chunk: JSON) -> None:
         usage = usage_of(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -69,71 +78,220 @@ class StreamRelay:
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         text = choice_text(chunk, "delta")
-        if text:
-            tokens = max(1, count_text(text))
-            if self.output_cap is not None and self.produced + tokens > self.output_cap:
-                raise ReservationExceeded(
-                    f"The upstream kept generating past max_tokens ({self.output_cap}); the stream was cut at "
-                    "the reserved amount.")
-            self.tally.first_token()
-            self.text.append(text)
-            self.produced += tokens
-        chunk["model"] = self.entry.name
-        self.last = chunk
-        if not self.wants_usage:
-            chunk.pop("usage", None)
-            if usage is not None and not chunk.get("choices"):
-                return None
-        return sse(chunk)
+        if not text:
+            return
+        self.tally.first_token()
+        if self.fixed is not None:
+            return
+        tokens = max(1, count_text(text))
+        if self.output_cap is not None and self.produced + tokens > self.output_cap:
+            raise ReservationExceeded(
+                f"The upstream kept generating past max_tokens ({self.output_cap}); the stream was cut at "
+                "the reserved amount.")
+        self.text.append(text)
+        self.produced += tokens
 
-    def _settled_usage(self) -> tuple[Usage, str]:
+    def settled(self) -> tuple[Usage, str]:
+        if self.fixed is not None:
+            return self.fixed
         if self.usage is not None:
             return self.usage, "upstream"
+        assert self.estimate is not None
         return self.estimate("".join(self.text), self.produced), "estimated"
 
-    def answer(self) -> JSON | None:
-        """The finished stream as one chat.completion (for the response cache), if it was plain text."""
-        if not self.plain_text or self.finish_reason is None:
-            return None
-        usage, _ = self._settled_usage()
+
+# -- transform --------------------------------------------------------------------------------------
+async def through(filters: list[OutputFilter], chunks: list[JSON]) -> list[JSON]:
+    """Chunks through every filter in order (each may emit none, one or several for one it took)."""
+    for f in filters:
+        out: list[JSON] = []
+        for chunk in chunks:
+            out += await f.chunk(chunk)
+        chunks = out
+    return chunks
+
+
+async def ended(filters: list[OutputFilter]) -> list[JSON]:
+    """The upstream is done: each filter releases what it held, and that goes through the filters after it."""
+    pending: list[JSON] = []
+    for f in filters:
+        out: list[JSON] = []
+        for chunk in pending:
+            out += await f.chunk(chunk)
+        pending = out + await f.end()
+    return pending
+
+
+def as_chunks(payload: JSON, *, include_usage: bool = False) -> list[JSON]:
+    """A whole chat.completion as the chunks a stream of it would have: role and content per choice, the
+    finish reasons, the usage chunk when asked for."""
+    base = {"id": payload.get("id"), "object": "chat.completion.chunk", "created": payload.get("created"),
+            "model": payload.get("model")}
+    choices = [c for c in payload.get("choices") or [] if isinstance(c, dict)]
+    chunks = [{**base, "choices": [{"index": c.get("index", 0), "finish_reason": None,
+                                    "delta": {k: v for k, v in (c.get("message") or {}).items() if v is not None}}]}
+              for c in choices]
+    chunks.append({**base, "choices": [{"index": c.get("index", 0), "delta": {}, "finish_reason": c.get("finish_reason")}
+                                       for c in choices]})
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": payload.get("usage")})
+    return chunks
+
+
+async def transform_whole(filters: list[OutputFilter], payload: JSON) -> JSON:
+    """A whole answer through the same filters a stream goes through: its text as one chunk per choice."""
+    if not filters:
+        return payload
+    out = await through(filters, as_chunks(payload)) + await ended(filters)
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, Any] = {}
+    for chunk in out:
+        for choice in chunk.get("choices") or []:
+            index = choice.get("index", 0)
+            content = (choice.get("delta") or {}).get("content")
+            if isinstance(content, str):
+                texts.setdefault(index, []).append(content)
+            if choice.get("finish_reason"):
+                finish[index] = choice["finish_reason"]
+    choices = []
+    for choice in payload.get("choices") or []:
+        index = choice.get("index", 0)
+        message = dict(choice.get("message") or {})
+        if isinstance(message.get("content"), str) or index in texts:
+            message["content"] = "".join(texts.get(index, []))
+        choices.append({**choice, "message": message, "finish_reason": finish.get(index, choice.get("finish_reason"))})
+    return {**payload, "choices": choices}
+
+
+# -- emit -------------------------------------------------------------------------------------------
+def _final(chunk: JSON) -> bool:
+    """A chunk that may be the last one: it ends a choice, or it is the usage chunk."""
+    if chunk.get("usage") is not None and not chunk.get("choices"):
+        return True
+    return any(isinstance(c, dict) and c.get("finish_reason") for c in chunk.get("choices") or [])
+
+
+class Emitter:
+    """Shapes chunks for the client. A chunk that may be the last is held until the next one comes or the
+    answer ends, so the ``tollway`` object rides on the final chunk (the one with ``finish_reason``, or the
+    usage chunk when the client asked for usage), never as a frame of its own."""
+
+    def __init__(self, model: str, *, wants_usage: bool) -> None:
+        self.model = model
+        self.wants_usage = wants_usage
+        self.text: list[str] = []  # what reached the client
+        self.held: JSON | None = None
+        self.sent_usage = False
+        self.last: JSON = {}
+
+    def emit(self, chunk: JSON) -> bytes:
+        chunk["model"] = self.model
+        self.last = chunk
+        if chunk.get("usage") is not None:
+            if not self.wants_usage:
+                chunk.pop("usage")
+                if not chunk.get("choices"):
+                    return b""
+            else:
+                self.sent_usage = True
+        text = choice_text(chunk, "delta")
+        if text:
+            self.text.append(text)
+        previous, frame = self.held, b""
+        if previous is not None:
+            self.held = None
+            frame = sse(previous)
+        if _final(chunk):
+            self.held = chunk
+            return frame
+        return frame + sse(chunk)
+
+    def finish(self, info: JSON, usage: Usage) -> bytes:
+        """The last frames: the usage chunk the client was promised if the upstream sent none, with the
+        ``tollway`` object on the final chunk."""
+        frame = b""
+        if self.wants_usage and not self.sent_usage:
+            if self.held is not None:
+                frame = sse(self.held)
+            self.held = {"id": self.last.get("id"), "object": "chat.completion.chunk",
+                         "created": self.last.get("created"), "model": self.model, "choices": [],
+                         "usage": usage_json(usage)}
+        if self.held is not None:
+            self.held["tollway"] = info
+            frame += sse(self.held)
+            self.held = None
+        return frame
+
+    def answer(self, finish_reason: str, usage: Usage) -> JSON:
+        """What the client got, as one chat.completion (the response cache keeps it)."""
         return {"id": self.last.get("id"), "object": "chat.completion", "created": self.last.get("created"),
-                "model": self.entry.name,
+                "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
-                             "finish_reason": self.finish_reason}],
+                             "finish_reason": finish_reason}],
                 "usage": usage_json(usage)}
 
-    def _usage_frame(self) -> bytes:
-        usage, _ = self._settled_usage()
-        return sse({"id": self.last.get("id"), "object": "chat.completion.chunk",
-                    "created": self.last.get("created"), "model": self.entry.name, "choices": [],
-                    "usage": usage_json(usage)})
 
-    async def frames(self, head: list[JSON]) -> AsyncIterator[bytes]:
-        """``head``: chunks already read from the upstream (up to its first token)."""
+# -- the relay --------------------------------------------------------------------------------------
+class StreamRelay:
+    """Chunks in (``head`` first: read before the first token), server-sent events out.
+
+    ``settle(status, code, usage, source)`` closes the request's tally (idempotent) and returns its cost;
+    ``info(cost)`` is the ``tollway`` object; ``on_close(relay, status)`` runs last (hand the replica back,
+    cache the answer, feed shadows)."""
+
+    def __init__(self, chunks: AsyncIterator[JSON] | None, head: Iterable[JSON], *, accountant: Accountant,
+                 filters: list[OutputFilter], emitter: Emitter,
+                 settle: Callable[[int, str | None, Usage, str], Decimal], info: Callable[[Decimal], JSON],
+                 close_upstream: Callable[[], Any] | None = None,
+                 on_close: Callable[[StreamRelay, int], None] | None = None) -> None:
+        self.chunks, self.head = chunks, head
+        self.accountant, self.filters, self.emitter = accountant, filters, emitter
+        self.settle, self.info = settle, info
+        self.close_upstream, self.on_close = close_upstream, on_close
+
+    async def _source(self) -> AsyncIterator[JSON]:
+        for chunk in self.head:
+            yield chunk
+        if self.chunks is not None:
+            async for chunk in self.chunks:
+                yield chunk
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        async for chunk in self._source():
+            self.accountant.take(chunk)
+            for out in await through(self.filters, [chunk]) if self.filters else (chunk,):
+                if frame := self.emitter.emit(out):
+                    yield frame
+        for out in await ended(self.filters):
+            if frame := self.emitter.emit(out):
+                yield frame
+
+    async def frames(self) -> AsyncIterator[bytes]:
         status: int = CLIENT_CLOSED
         code: str | None = "client_disconnected"
         try:
             try:
-                for chunk in head:
-                    frame = self._frame(chunk)
-                    if frame is not None:
-                        yield frame
-                async for chunk in self.chunks:
-                    frame = self._frame(chunk)
-                    if frame is not None:
-                        yield frame
+                async for frame in self._frames():
+                    yield frame
+                usage, source = self.accountant.settled()
+                cost = self.settle(200, None, usage, source)
                 status, code = 200, None
-                if self.wants_usage and self.usage is None:
-                    yield self._usage_frame()  # the client was promised a usage chunk
+                yield self.emitter.finish(self.info(cost), usage)
             except TollwayError as exc:
                 status, code = exc.status, exc.code
                 if isinstance(exc, ReservationExceeded):
-                    self.usage = None  # charge what was relayed, not what the upstream claims it made
+                    self.accountant.usage = None  # charge what was relayed, not what the upstream claims it made
                 yield sse(exc.body())
+            except Exception:
+                log.exception("stream of %s failed", self.accountant.tally.row.request_id)
+                status, code = 500, INTERNAL_ERROR
+                yield sse(TollwayError("The gateway failed while streaming; the request id identifies it in "
+                                       "the logs.").body())
             yield DONE
         finally:
-            await self.stream.aclose()
-            usage, source = self._settled_usage()
-            self.tally.close(status, code, usage=usage, usage_source=source)
+            if self.close_upstream is not None:
+                await self.close_upstream()
+            usage, source = self.accountant.settled()
+            self.settle(status, code, usage, source)
             if self.on_close is not None:
                 self.on_close(self, status)

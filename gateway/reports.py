@@ -15,9 +15,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import InvalidRequest, PermissionDenied
 from tollway.gateway.keys import Principal
-from tollway.gateway.policy import EACH, load_rules
 from tollway.gateway.quota import window
 from tollway.gateway.reconcile import ledger_usage
+from tollway.gateway.tenant_policy import EACH, load_rules
 
 GROUPS = ("day", "model", "key", "user", "tag", "tenant")
 _EXPR = {

@@ -10,6 +10,7 @@ flight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,20 +19,12 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from tollway.background import Background
 from tollway.errors import TollwayError
 from tollway.gateway.accounting import side_row, usage_of
-from tollway.gateway.background import Background
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.relay import choice_text
-from tollway.routing import (
-    Caller,
-    ChainFailed,
-    RouteDecision,
-    Step,
-    Usage,
-    count_messages,
-    count_text,
-)
+from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_messages, count_text
 
 log = logging.getLogger("tollway.shadow")
 JSON = dict[str, Any]
@@ -40,20 +33,31 @@ JSON = dict[str, Any]
 @dataclass(frozen=True, slots=True)
 class ShadowJob:
     row: LedgerRow  # the answered request's ledger row (copied, not shared)
-    step: Step  # the call to the candidate model
+    candidate: ModelEntry
     wire: JSON  # the request as sent upstream, non-streamed
     primary_output: str
     primary_latency_ms: float
 
 
 class Shadows:
-    def __init__(self, caller: Caller, ledger: Ledger, pool: AsyncConnectionPool, *, max_in_flight: int = 16) -> None:
-        self.caller = caller
+    def __init__(self, router: Router, ledger: Ledger, pool: AsyncConnectionPool, *, max_in_flight: int = 16) -> None:
+        self.router = router
         self.ledger = ledger
         self.pool = pool
         self.max_in_flight = max_in_flight
         self.skipped = 0
         self.background = Background("shadow call", drain_s=30)
+
+    def maybe(self, row: LedgerRow, served: ModelEntry, wire: JSON, output: str) -> None:
+        """Sample an answered request for each shadow rollout of the model that answered it."""
+        catalog = self.router.catalog
+        for rollout in catalog.routing.rollouts:
+            if rollout.model != served.name or rollout.shadow_percent <= 0:
+                continue
+            if self.router.rng.random() * 100 >= rollout.shadow_percent:
+                continue
+            self.submit(ShadowJob(row=dataclasses.replace(row), candidate=catalog.models[rollout.candidate],
+                                  wire=wire, primary_output=output, primary_latency_ms=row.latency_ms))
 
     def submit(self, job: ShadowJob) -> bool:
         if len(self.background) >= self.max_in_flight:
@@ -70,12 +74,13 @@ class Shadows:
         wire = dict(job.wire)
         wire.pop("stream", None)
         wire.pop("stream_options", None)
-        entry = job.step.model
-        decision = RouteDecision(steps=(job.step,), reason=f"shadow:{entry.name}")
+        entry = job.candidate
+        decision = self.router.direct(entry, reason=f"shadow:{entry.name}")
         status, code, output, usage = 200, None, None, Usage()
         replica = entry.upstream
         try:
-            served = await self.caller.call(decision, wire, stream=False)
+            served = await self.router.call(decision, wire, stream=False)
+            served.release(True)
             replica = served.replica
             response = served.response or {}
             output = choice_text(response, "message")

@@ -37,8 +37,11 @@ def deterministic(data: JSON) -> bool:
     return data.get("seed") is not None or (isinstance(temperature, int | float) and temperature == 0)
 
 
-def cache_key(tenant_id: int, data: JSON) -> str:
+def cache_key(tenant_id: int, data: JSON, versions: tuple[str | None, ...] = ()) -> str:
+    """``versions``: what else shaped the answer (the prompt version, the collection's index version)."""
     canonical = orjson.dumps({k: v for k, v in data.items() if k not in _IGNORED}, option=orjson.OPT_SORT_KEYS)
+    if any(versions):
+        canonical += orjson.dumps(versions)
     digest = hashlib.blake2b(canonical, digest_size=16).hexdigest()
     return f"tw:{{t:{tenant_id}}}:rc:{digest}"
 

@@ -24,8 +24,8 @@ from tollway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from tollway.routing.decision import RouteDecision, Step
 from tollway.routing.health import Health, ReplicaHealth, Ticket
-from tollway.routing.policy import RouteDecision, Step
 from tollway.routing.upstream import Upstream, UpstreamStream
 
 JSON = dict[str, Any]
@@ -85,8 +85,15 @@ class Served:
     stream: UpstreamStream | None = None
     chunks: AsyncIterator[JSON] | None = None
     head: list[JSON] = field(default_factory=list)  # chunks read before the first token
-    ticket: Ticket | None = None  # a stream's claim on its replica, until the stream ends
+    ticket: Ticket | None = None  # the claim on the replica, until ``release``
     ttft_s: float | None = None
+
+    def release(self, ok: bool, *, count: bool = True) -> None:
+        """Hand the replica back once the answer is finished (a JSON answer when it arrived, a stream when
+        it ended). ``count=False``: the end says nothing of the replica (the client went away)."""
+        if self.ticket is not None:
+            ticket, self.ticket = self.ticket, None
+            ticket.replica.finish(ticket, ok, ttft_s=self.ttft_s, count=count)
 
 
 class ChainFailed(Exception):
@@ -171,8 +178,7 @@ class Caller:
             except BaseException:
                 replica.finish(ticket, False, count=False)  # the client went away: says nothing of the replica
                 raise
-            replica.finish(ticket, True, ttft_s=clock() - started)
-            return Served(step, replica.name, attempts, response=response, ttft_s=clock() - started)
+            return Served(step, replica.name, attempts, response=response, ticket=ticket, ttft_s=clock() - started)
         if last is None:
             last = ServiceUnavailable("No upstream can take this request now (circuit breakers open or queues "
                                       "full); try again shortly.", code="no_upstream_available", retry_after=1)

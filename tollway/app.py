@@ -26,27 +26,26 @@ from tollway.db import migrate
 from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
+from tollway.gateway.calls import Calls, Limits
 from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from tollway.gateway.policy import PolicyStore
 from tollway.gateway.quota import QuotaService
 from tollway.gateway.reconcile import reconcile
-from tollway.gateway.service import CompletionService, Limits, Routing
+from tollway.gateway.service import CompletionService
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
+from tollway.gateway.tenant_policy import PolicyStore
 from tollway.periodic import Periodic
 from tollway.routing import (
-    Caller,
     Catalog,
-    Health,
     RawUpstream,
-    ResponseCache,
-    RetryBudget,
+    Router,
     SaturationPoller,
     Upstream,
     build_catalog,
+    build_router,
     build_upstream,
     discover,
     load_config,
@@ -77,7 +76,8 @@ class AppState:
     policies: PolicyStore
     quota: QuotaService
     events: BreakerEvents
-    routing: Routing
+    routing: Router
+    shadows: Shadows | None
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -128,18 +128,6 @@ def upstream_configs(settings: Settings) -> list[RawUpstream]:
     extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
              for i, url in enumerate(settings.upstreams, start=1)]
     return [*raw, *extra]
-
-
-def build_routing(catalog: Catalog, upstreams: dict[str, Upstream], redis_client: aioredis.Redis, ledger: Ledger,
-                  pool: AsyncConnectionPool) -> Routing:
-    config = catalog.routing
-    health = Health(upstreams, config.breaker, config.saturation)
-    caller = Caller(upstreams, health, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
-                    max_attempts=config.max_attempts, balance=config.balance)
-    cache = ResponseCache(redis_client, ttl_s=config.cache.ttl_s, max_entry_bytes=config.cache.max_entry_bytes) \
-        if config.cache.enabled else None
-    shadows = Shadows(caller, ledger, pool) if any(r.shadow_percent for r in config.rollouts) else None
-    return Routing(caller=caller, health=health, cache=cache, shadows=shadows)
 
 
 async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: SpanExporter | None,
@@ -195,22 +183,24 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
-    routing = build_routing(catalog, upstreams, redis_client, ledger, pool)
+    routing = build_router(catalog, upstreams, redis_client)
+    shadows = Shadows(routing, ledger, pool) if any(r.shadow_percent for r in catalog.routing.rollouts) else None
     telemetry.observe_replicas(routing.health.replicas)
     poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
     await poller.poll_once()  # the first routing decisions already see the queues
     poller.start()
     stack.push_async_callback(poller.stop)
-    if routing.shadows is not None:
-        stack.push_async_callback(routing.shadows.drain)  # before the ledger stops: shadow rows are written
+    if shadows is not None:
+        stack.push_async_callback(shadows.drain)  # before the ledger stops: shadow rows are written
     stack.push_async_callback(routing.drain)  # before Redis closes: finished streams are cached
-    service = CompletionService(catalog, ledger, telemetry,
-                                Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
-                                routing, policies=policies, quota=quota)
+    calls = Calls(catalog, ledger, telemetry,
+                  Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
+                  policies=policies, quota=quota)
+    service = CompletionService(calls, routing, shadows=shadows)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
-                    policies=policies, quota=quota, events=events, routing=routing)
+                    policies=policies, quota=quota, events=events, routing=routing, shadows=shadows)
 
 
 class Gateway:

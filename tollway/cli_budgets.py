@@ -49,7 +49,7 @@ def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from tollway.gateway.policy import set_budget
+    from tollway.gateway.tenant_policy import set_budget
 
     async def action(conn: Any, settings: Settings) -> int:
         scope, subject = _scope(args)
@@ -62,7 +62,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from tollway.gateway.policy import list_budgets, load_rules, tenant_id
+    from tollway.gateway.tenant_policy import list_budgets, load_rules, tenant_id
 
     async def action(conn: Any, settings: Settings) -> int:
         budgets = await list_budgets(conn, args.tenant)
@@ -77,8 +77,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
 
-    from tollway.gateway.policy import mark_reset
     from tollway.gateway.quota import clear_counters
+    from tollway.gateway.tenant_policy import mark_reset
 
     async def action(conn: Any, settings: Settings) -> int:
         budgets = await mark_reset(conn, args.tenant, args.id)
@@ -135,7 +135,7 @@ def _flag(value: str) -> bool:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from tollway.gateway.policy import set_policy
+    from tollway.gateway.tenant_policy import set_policy
     from tollway.routing import load_config
 
     changes = {name: getattr(args, name) for name in (
@@ -155,7 +155,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_key_limits(args: argparse.Namespace) -> int:
-    from tollway.gateway.policy import set_key_limits
+    from tollway.gateway.tenant_policy import set_key_limits
 
     async def action(conn: Any, settings: Settings) -> int:
         await set_key_limits(conn, args.id, rpm=args.rpm, tpm=args.tpm)

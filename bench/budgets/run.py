@@ -34,8 +34,8 @@ from common import p50_p99
 from tollway.embedded import EmbeddedRedis
 from tollway.errors import QuotaExceeded
 from tollway.gateway.keys import Principal
-from tollway.gateway.policy import Budget, TenantPolicy, TenantRules
 from tollway.gateway.quota import Demand, QuotaService, budget_counter, from_nano
+from tollway.gateway.tenant_policy import Budget, TenantPolicy, TenantRules
 
 
 async def timed(n: int, op) -> list[float]:  # type: ignore[no-untyped-def]

@@ -20,9 +20,9 @@ from decimal import Decimal
 from pathlib import Path
 
 from tollway.routing import Usage, build_catalog, parse_config
+from tollway.routing.decision import BudgetSignal, RouteRequest, TenantRouting, decide
 from tollway.routing.difficulty import assess
 from tollway.routing.difficulty_train import Example, load_examples
-from tollway.routing.policy import BudgetSignal, RouteRequest, TenantRouting, decide
 from tollway.routing.tokens import count_messages
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

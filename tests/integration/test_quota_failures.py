@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 
 from tollway.embedded import EmbeddedRedis
 from tollway.gateway.keys import Principal
-from tollway.gateway.policy import Budget, TenantPolicy, TenantRules
 from tollway.gateway.quota import Demand, QuotaService, budget_counter
+from tollway.gateway.tenant_policy import Budget, TenantPolicy, TenantRules
 
 MSG = "how much does this cost"
 

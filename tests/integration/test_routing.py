@@ -516,7 +516,7 @@ async def test_canary_by_end_user_and_shadow_samples(gateway, sims, make_tenant,
                 served.setdefault(f"user-{user}", set()).add(resp.headers["x-tollway-model"])
         shadowed = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                         json={**ask("shadow me"), "model": "small"})
-        await gw.state.routing.shadows.drain()
+        await gw.state.shadows.drain()
         await gw.state.ledger.flush()
         report = await gw.client.get("/v1/reports/costs", headers=admin.headers,
                                      params={"tenant": tenant.name, "group_by": "model"})

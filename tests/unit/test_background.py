@@ -3,7 +3,7 @@
 import asyncio
 import logging
 
-from tollway.gateway.background import Background
+from tollway.background import Background
 
 
 async def test_drain_waits_for_work_and_for_the_work_it_starts() -> None:

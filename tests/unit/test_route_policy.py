@@ -8,8 +8,7 @@ import pytest
 
 from tollway.errors import InvalidRequest, NotFound, PermissionDenied
 from tollway.routing import build_catalog, parse_config
-from tollway.routing.difficulty import Difficulty
-from tollway.routing.policy import (
+from tollway.routing.decision import (
     BudgetSignal,
     RouteRequest,
     TenantRouting,
@@ -17,6 +16,7 @@ from tollway.routing.policy import (
     candidates,
     decide,
 )
+from tollway.routing.difficulty import Difficulty
 
 
 def catalog(**routing: Any) -> Any:

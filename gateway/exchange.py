@@ -1,0 +1,245 @@
+"""One chat request on its way through the stages (``tollway.gateway.chat``), and the seams where the
+parts that join the path plug in: a prompt renderer, input guards, a retriever, output transformers.
+
+Each seam is a small protocol with a no-op default, so a stage whose part has not landed costs one
+attribute check. What an answer says about itself (the ``tollway`` object and the ``x-tollway-*``
+headers) is defined here once and filled by the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+from tollway.gateway.accounting import Tally, format_cost
+from tollway.gateway.calls import CallContext, JSONResult, StreamResult
+from tollway.gateway.protocol import ChatCompletionRequest
+from tollway.gateway.quota import Admission
+from tollway.gateway.tenant_policy import TenantRules
+from tollway.routing import BudgetSignal, CachedAnswer, ModelEntry, Plan, RouteDecision, Served, Usage
+
+JSON = dict[str, Any]
+BodyReader = Callable[[], Awaitable[bytes]]  # read inside the tally, so an oversized body is accounted too
+# Fields of a chat request that are Tollway's to act on and never go upstream.
+TOLLWAY_FIELDS = frozenset({"prompt", "retrieval"})
+
+
+# -- what the parts hand back -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RenderedPrompt:
+    """A versioned prompt rendered for one request (prompts/)."""
+
+    name: str
+    version: str
+    messages: tuple[JSON, ...]  # go before the request's own messages
+    model: str | None = None  # applies when the request's model is the 'prompt' alias
+    params: JSON = field(default_factory=dict)  # apply unless the request sets them
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """Context found for one request (retrieval/), already packed to its budget."""
+
+    collection: str
+    index_version: str
+    messages: tuple[JSON, ...]  # the packed context with citations, as system message(s)
+    sources: tuple[JSON, ...] = ()
+    context_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuardOutcome:
+    validator: str
+    action: str  # 'pass', 'redact', 'block', 'fallback', 'log'
+    spans: int = 0
+    ms: float = 0.0
+
+    def as_json(self) -> JSON:
+        return {"validator": self.validator, "action": self.action, "spans": self.spans, "ms": round(self.ms, 3)}
+
+
+@dataclass(frozen=True, slots=True)
+class SideCall:
+    """A call made for the request by one of its stages (the retrieval's embedding, a guard's model call):
+    a ledger row of its own (``role``), settled with the request and counted in the tenant's spend."""
+
+    role: str  # 'retrieval', 'guard'
+    model: ModelEntry
+    usage: Usage
+    latency_ms: float
+    replica: str | None = None
+    status: int = 200
+    error_code: str | None = None
+
+
+# -- the seams ----------------------------------------------------------------------------------
+class PromptRenderer(Protocol):
+    async def render(self, ex: Exchange, ref: JSON) -> RenderedPrompt:
+        """``ref``: the request's ``prompt`` object. Raises a 4xx TollwayError for a bad reference."""
+        ...
+
+
+class InputGuard(Protocol):
+    async def check(self, ex: Exchange) -> list[GuardOutcome]:
+        """Raises ``ContentBlocked`` (400) to refuse the request before anything is spent."""
+        ...
+
+
+class Retriever(Protocol):
+    def context_budget(self, ex: Exchange, spec: JSON) -> int:
+        """The most tokens the retrieval may add (planned and reserved as if already there). Raises a 4xx
+        TollwayError for a bad ``retrieval`` object."""
+        ...
+
+    async def index_version(self, ex: Exchange, spec: JSON) -> str:
+        """The collection's current index version (part of the response cache key), before retrieving."""
+        ...
+
+    async def retrieve(self, ex: Exchange, spec: JSON) -> Retrieved | None:
+        """Runs after admission; record embedding calls with ``ex.side_calls``."""
+        ...
+
+
+class OutputFilter(Protocol):
+    """One request's instance of an output transformer: chunks in, chunks out (it may hold some back)."""
+
+    async def chunk(self, chunk: JSON) -> list[JSON]: ...
+
+    async def end(self) -> list[JSON]:
+        """The upstream has finished: release what is held back."""
+        ...
+
+
+class OutputTransformer(Protocol):
+    def start(self, ex: Exchange) -> OutputFilter | None:
+        """A filter for this request, or None when it has nothing to do (then it costs nothing)."""
+        ...
+
+
+@dataclass(slots=True)
+class Parts:
+    """The parts that join the chat path; empty until they land (and in tests, doubles)."""
+
+    prompts: PromptRenderer | None = None
+    input_guards: tuple[InputGuard, ...] = ()
+    retriever: Retriever | None = None
+    output: tuple[OutputTransformer, ...] = ()
+
+
+# -- the exchange --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Exchange:
+    """Everything one chat request gathers on its way: each stage reads what the ones before it set.
+
+    ``data`` is the request as the client sent it and is never edited; what goes upstream is built once
+    from ``messages`` and ``params`` by ``upstream_body`` just before the call."""
+
+    tally: Tally
+    read_body: BodyReader
+    ctx: CallContext
+    body: bytes = b""
+    data: JSON = field(default_factory=dict)
+    request: ChatCompletionRequest | None = None
+    rules: TenantRules | None = None
+    prompt: RenderedPrompt | None = None
+    model: str = ""  # the model asked for (after the prompt's, for the 'prompt' alias)
+    messages: list[JSON] = field(default_factory=list)  # the conversation as it will be sent
+    params: JSON = field(default_factory=dict)  # every other field sent upstream
+    output_cap: int | None = None  # max tokens per choice, the tenant's default injected when unset
+    context_budget: int = 0  # tokens a retrieval may add, planned and reserved before it runs
+    plan: Plan | None = None
+    cache_key: str | None = None
+    admission: Admission | None = None
+    budget: BudgetSignal = field(default_factory=BudgetSignal)
+    retrieved: Retrieved | None = None
+    decision: RouteDecision | None = None
+    sent: JSON | None = None  # the body the upstream got
+    served: Served | None = None
+    answer: JSON | None = None  # a whole answer (upstream JSON, cached, degraded)
+    cached: CachedAnswer | None = None
+    guards: list[GuardOutcome] = field(default_factory=list)
+    filters: list[OutputFilter] = field(default_factory=list)
+    frames: AsyncIterator[bytes] | None = None  # a stream's answer, relayed and settled as it goes
+    cost: Decimal | None = None
+    result: JSONResult | StreamResult | None = None
+
+    @property
+    def req(self) -> ChatCompletionRequest:
+        assert self.request is not None, "the parse stage runs first"
+        return self.request
+
+    def need_rules(self) -> TenantRules:
+        assert self.rules is not None, "the rules stage runs first"
+        return self.rules
+
+    def need_plan(self) -> Plan:
+        assert self.plan is not None, "the plan_route stage runs first"
+        return self.plan
+
+    def side_call(self, call: SideCall) -> Decimal:
+        """Record a stage's own model call (a ledger row of its role, settled with the request)."""
+        return self.tally.side_call(call.role, call.model, call.usage, call.latency_ms, replica=call.replica,
+                                    status=call.status, error_code=call.error_code)
+
+    async def abandon(self) -> None:
+        """The request failed before its answer was handed on: give back an upstream stream that was opened."""
+        served = self.served
+        if self.result is None and served is not None and served.stream is not None:
+            await served.stream.aclose()
+            served.release(False, count=False)
+
+    @property
+    def stream(self) -> bool:
+        return self.request is not None and self.request.stream
+
+    @property
+    def answered(self) -> bool:
+        """An answer exists (a cache hit, a degraded answer, or the upstream's): the request stages are done."""
+        return self.answer is not None or self.served is not None
+
+    def upstream_body(self) -> JSON:
+        """The body sent upstream, built once, just before the call: nothing else edits it."""
+        body = {**self.params, "messages": self.messages}
+        if self.output_cap is not None and "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = self.output_cap  # the tenant's default cap bounds the worst case
+        if self.stream:
+            body["stream_options"] = {**(self.params.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    # -- what the answer says about itself ------------------------------------------------------
+    def info(self, cost: Decimal | None) -> JSON:
+        """The ``tollway`` object of the answer."""
+        row = self.tally.row
+        retrieved = self.retrieved
+        return {
+            "request_id": row.request_id,
+            "model": row.model,
+            "route": row.route_reason,
+            "cost_usd": None if cost is None else format_cost(cost),
+            "prompt": None if self.prompt is None else {"name": self.prompt.name, "version": self.prompt.version},
+            "retrieval": None if retrieved is None else {
+                "collection": retrieved.collection, "index_version": retrieved.index_version,
+                "sources": list(retrieved.sources)},
+            "guards": [g.as_json() for g in self.guards],
+        }
+
+    def headers(self, cost: Decimal | None) -> dict[str, str]:
+        row = self.tally.row
+        headers = {"x-tollway-model": row.model or ""}
+        if row.route_reason:
+            headers["x-tollway-route"] = row.route_reason
+        if cost is not None:
+            headers["x-tollway-cost-usd"] = format_cost(cost)
+        if self.prompt is not None:
+            headers["x-tollway-prompt-version"] = f"{self.prompt.name}@{self.prompt.version}"
+        if self.retrieved is not None:
+            headers["x-tollway-index-version"] = self.retrieved.index_version
+        if row.cache_hit:
+            headers["x-tollway-cache"] = "hit"
+        if row.degraded:
+            headers["x-tollway-degraded"] = "true"
+        if self.admission is not None:
+            headers.update(self.admission.headers)
+        return headers
