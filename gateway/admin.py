@@ -1,7 +1,8 @@
 """Admin and finance routes: budgets, tenant policies, key limits, reconciliation, cost reports.
 
 Admin keys manage any tenant (named in the request); finance keys read their own tenant's reports.
-Changes apply to every replica within the policy cache TTL; no restart.
+Every change is a row in the change channel (``GET /v1/admin/changes``) and applies to every replica at
+once through its notification (within the policy cache TTL if a replica's listener is down); no restart.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from starlette.responses import Response
 
 from tollway.errors import NotFound, PermissionDenied
 from tollway.gateway.api import json_response
-from tollway.gateway.keys import Principal
+from tollway.gateway.changes import history
+from tollway.gateway.keys import Principal, tenant_id
 from tollway.gateway.quota import clear_counters
 from tollway.gateway.reconcile import reconcile
 from tollway.gateway.reports import build_query, cost_report, to_csv
@@ -26,7 +28,6 @@ from tollway.gateway.tenant_policy import (
     set_budget,
     set_key_limits,
     set_policy,
-    tenant_id,
 )
 
 router = APIRouter()
@@ -39,12 +40,18 @@ def _admin(request: Request) -> Principal:
     return principal
 
 
+def author_of(principal: Principal) -> str:
+    """How the change channel names an API caller."""
+    return f"key:{principal.key_id}@{principal.tenant}"
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class BudgetBody(_Body):
     tenant: str
+    reason: str | None = None
     scope: Literal["tenant", "key", "user", "session"] = "tenant"
     subject: str | None = None
     window: Literal["minute", "hour", "day", "month", "lifetime"]
@@ -54,11 +61,13 @@ class BudgetBody(_Body):
 
 class ResetBody(_Body):
     tenant: str
+    reason: str | None = None
     budget_id: int | None = None
 
 
 class PolicyBody(_Body):
     tenant: str
+    reason: str | None = None
     redis_failure: Literal["closed", "open"] | None = None
     default_max_tokens: int | None = Field(default=None, gt=0)
     rpm: int | None = Field(default=None, gt=0)
@@ -75,6 +84,7 @@ class PolicyBody(_Body):
 
 
 class KeyLimitsBody(_Body):
+    reason: str | None = None
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
 
@@ -94,21 +104,22 @@ async def get_budgets(request: Request, tenant: str) -> Response:
 
 @router.put("/v1/admin/budgets", summary="Create or change a budget (applies within seconds)")
 async def put_budget(request: Request, body: BudgetBody) -> Response:
-    _admin(request)
+    principal = _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
         budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
-                                  limit_usd=body.limit_usd, limit_tokens=body.limit_tokens)
+                                  limit_usd=body.limit_usd, limit_tokens=body.limit_tokens,
+                                  author=author_of(principal), reason=body.reason)
     state.policies.forget(budget.tenant_id)
     return json_response(budget.as_json())
 
 
 @router.delete("/v1/admin/budgets/{budget_id}", summary="Delete a budget")
 async def remove_budget(request: Request, budget_id: int, tenant: str) -> Response:
-    _admin(request)
+    principal = _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
-        if not await delete_budget(conn, tenant, budget_id):
+        if not await delete_budget(conn, tenant, budget_id, author=author_of(principal)):
             raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", code="budget_not_found")
         state.policies.forget(await tenant_id(conn, tenant))
     return json_response({"deleted": budget_id})
@@ -116,10 +127,10 @@ async def remove_budget(request: Request, budget_id: int, tenant: str) -> Respon
 
 @router.post("/v1/admin/budgets/reset", summary="Give a fresh allowance for the rest of the current window")
 async def reset_budgets(request: Request, body: ResetBody) -> Response:
-    _admin(request)
+    principal = _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
-        budgets = await mark_reset(conn, body.tenant, body.budget_id)
+        budgets = await mark_reset(conn, body.tenant, body.budget_id, author=author_of(principal), reason=body.reason)
     cleared = await clear_counters(state.redis, budgets)
     for budget in budgets:
         state.policies.forget(budget.tenant_id)
@@ -128,20 +139,24 @@ async def reset_budgets(request: Request, body: ResetBody) -> Response:
 
 @router.put("/v1/admin/policies", summary="Change a tenant's policy (Redis failure mode, limits, breakers)")
 async def put_policy(request: Request, body: PolicyBody) -> Response:
-    _admin(request)
+    principal = _admin(request)
     state = request.app.state.tollway
-    changes = body.model_dump(exclude={"tenant"}, exclude_unset=True)
+    fields = body.model_dump(exclude={"tenant", "reason"}, exclude_unset=True)
     async with state.pool.connection() as conn:
-        policy = await set_policy(conn, body.tenant, tiers=[t.name for t in state.catalog.tiers], **changes)
+        policy = await set_policy(conn, body.tenant, tiers=[t.name for t in state.catalog.tiers],
+                                  author=author_of(principal), reason=body.reason, **fields)
     state.policies.forget(policy.tenant_id)
     return json_response(policy.as_json())
 
 
 @router.put("/v1/admin/keys/{key_id}/limits", summary="Set a key's requests and tokens per minute")
 async def put_key_limits(request: Request, key_id: int, body: KeyLimitsBody) -> Response:
-    _admin(request)
-    async with request.app.state.tollway.pool.connection() as conn:
-        await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm)
+    principal = _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm, author=author_of(principal),
+                             reason=body.reason)
+    state.keys.forget(key_id)
     return json_response({"key_id": key_id, "rpm": body.rpm, "tpm": body.tpm})
 
 
@@ -156,6 +171,15 @@ async def post_reconcile(request: Request, body: ReconcileBody) -> Response:
             ids = [await tenant_id(conn, body.tenant)]
     report = await reconcile(state.pool, state.redis, tenant_ids=ids, allow_decrease=body.allow_decrease)
     return json_response(report.as_json())
+
+
+@router.get("/v1/admin/changes", summary="The change channel (audit log): who changed what, before and after")
+async def get_changes(request: Request, tenant: str | None = None, limit: int = 100) -> Response:
+    _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        tid = None if tenant is None else await tenant_id(conn, tenant)
+        rows = await history(conn, tenant_id=tid, limit=max(1, min(limit, 1000)))
+    return json_response({"object": "list", "data": rows})
 
 
 @router.get("/v1/admin/routing", summary="Upstream replicas: breaker state, in-flight calls, latency, saturation")

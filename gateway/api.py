@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import psycopg
+import psycopg_pool
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from tollway.errors import InvalidRequest, NotFound, TollwayError
+from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, TollwayError
 from tollway.gateway.endpoints import openapi_paths
 from tollway.gateway.service import CompletionService
 
@@ -67,6 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
             err.status = exc.status_code  # type: ignore[misc]
         return await tollway_error(request, err)
 
+    async def store_down(request: Request, exc: Exception) -> Response:
+        """PostgreSQL or Redis unreachable under an admin, report or reconcile route: a 503 to retry."""
+        store = "Redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "The database"
+        return await tollway_error(request, ServiceUnavailable(
+            f"{store} is unreachable right now; nothing was changed. Try again shortly.", code="store_unavailable"))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         return await tollway_error(request, TollwayError("The gateway failed unexpectedly; the request id "
                                                          "identifies it in the logs."))
@@ -74,7 +84,14 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TollwayError, tollway_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    for foreign in STORE_ERRORS:
+        app.add_exception_handler(foreign, store_down)
     app.add_exception_handler(Exception, unexpected)
+
+
+# Foreign errors that mean a store is down (not a bug): mapped to 503 in one place.
+STORE_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg_pool.PoolTimeout,
+                                             RedisConnectionError, RedisTimeoutError)
 
 
 def install_openapi(app: FastAPI) -> None:

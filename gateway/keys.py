@@ -19,6 +19,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
+from tollway.gateway import changes
 
 KEY_PREFIX = "tw-"
 ROLES = ("app", "finance", "admin")
@@ -91,6 +92,15 @@ class KeyStore:
             return principal
         return await asyncio.shield(pending)
 
+    def forget(self, key_id: int | None = None) -> None:
+        """Drop cached lookups of one key (revoked, limits changed), or of every key: the next request
+        reads the database."""
+        if key_id is None:
+            self._cache.clear()
+            return
+        for digest in [d for d, (_, p) in self._cache.items() if p is not None and p.key_id == key_id]:
+            del self._cache[digest]
+
     def _remember(self, digest: bytes, expires: float, principal: Principal | None) -> None:
         self._cache[digest] = (expires, principal)
         self._cache.move_to_end(digest)
@@ -114,40 +124,61 @@ class KeyStore:
                          rpm=row[6], tpm=row[7])
 
 
-async def create_tenant(conn: psycopg.AsyncConnection, name: str) -> int:
+async def tenant_id(conn: psycopg.AsyncConnection, name: str) -> int:
+    """The one lookup of a tenant by name (404 ``tenant_not_found``)."""
+    cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (name,))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"tenant {name!r} does not exist", param="tenant", code="tenant_not_found")
+    return int(row[0])
+
+
+async def create_tenant(conn: psycopg.AsyncConnection, name: str, *, author: str = "system") -> int:
     try:
-        cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) RETURNING id", (name,))
+        async with conn.transaction():
+            cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) RETURNING id", (name,))
+            row = await cur.fetchone()
+            assert row is not None
+            await changes.record(conn, author=author, kind="tenant", subject=name, action="create",
+                                 tenant_id=int(row[0]), after={"name": name})
     except psycopg.errors.UniqueViolation as exc:
         raise InvalidRequest(f"tenant {name!r} already exists", param="name") from exc
     except psycopg.errors.CheckViolation as exc:
         raise InvalidRequest(f"tenant name {name!r} is invalid (letters, digits, _ . -)", param="name") from exc
-    row = await cur.fetchone()
-    assert row is not None
     return int(row[0])
 
 
 async def create_key(conn: psycopg.AsyncConnection, tenant: str, *, role: str = "app",
-                     allowed_models: list[str] | None = None, name: str | None = None) -> NewKey:
+                     allowed_models: list[str] | None = None, name: str | None = None,
+                     author: str = "system") -> NewKey:
     if role not in ROLES:
         raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
-    cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant,))
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound(f"tenant {tenant!r} does not exist", param="tenant", code="tenant_not_found")
     secret = generate_secret()
-    cur = await conn.execute(
-        "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, role, allowed_models)"
-        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-        (row[0], hash_key(secret), secret[:10], name, role, allowed_models))
-    key_row = await cur.fetchone()
-    assert key_row is not None
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute(
+            "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, role, allowed_models)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+            (tid, hash_key(secret), secret[:10], name, role, allowed_models))
+        key_row = await cur.fetchone()
+        assert key_row is not None
+        await changes.record(conn, author=author, kind="key", subject=key_row[0], action="create", tenant_id=tid,
+                             after={"id": key_row[0], "name": name, "role": role, "models": allowed_models})
     return NewKey(id=int(key_row[0]), tenant=tenant, role=role, secret=secret)
 
 
-async def revoke_key(conn: psycopg.AsyncConnection, key_id: int) -> bool:
-    cur = await conn.execute(
-        "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key_id,))
-    return cur.rowcount == 1
+async def revoke_key(conn: psycopg.AsyncConnection, key_id: int, *, author: str = "system",
+                     reason: str | None = None) -> bool:
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL RETURNING tenant_id",
+            (key_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        await changes.record(conn, author=author, kind="key", subject=key_id, action="revoke", tenant_id=row[0],
+                             reason=reason)
+    return True
 
 
 async def bootstrap_default_tenant(conn: psycopg.AsyncConnection) -> NewKey | None:

@@ -1,8 +1,9 @@
 """Tenant policies and budgets: what a tenant may spend, and how the gateway behaves when it cannot tell.
 
-Definitions live in PostgreSQL and are read through a short-TTL cache, so a change made with the admin
-API or ``tollway budgets set`` applies to every replica within ``policy_cache_ttl_s``, without restart.
-Counters live in Redis (``tollway.gateway.quota``).
+Definitions live in PostgreSQL. Every change is recorded in the change channel (``changes``), whose
+notification makes every replica drop its cached rules for that tenant at once; the short-TTL cache
+(``policy_cache_ttl_s``) is the fallback while a replica's listener is disconnected. Counters live in
+Redis (``tollway.gateway.quota``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from tollway.gateway import changes
+from tollway.gateway.keys import tenant_id
 
 PERIODS = ("minute", "hour", "day", "month", "lifetime")
 SCOPES = ("tenant", "key", "user", "session")
@@ -127,14 +130,6 @@ async def load_rules(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> Tena
     return TenantRules(policy, budgets)
 
 
-async def tenant_id(conn: psycopg.AsyncConnection[Any], name: str) -> int:
-    cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (name,))
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound(f"tenant {name!r} does not exist", param="tenant", code="tenant_not_found")
-    return int(row[0])
-
-
 def _check_subject(scope: str, subject: str | None) -> str:
     if scope not in SCOPES:
         raise InvalidRequest(f"scope must be one of {', '.join(SCOPES)}", param="scope")
@@ -148,7 +143,8 @@ def _check_subject(scope: str, subject: str | None) -> str:
 
 
 async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: str, subject: str | None,
-                     period: str, limit_usd: Decimal | None, limit_tokens: int | None) -> Budget:
+                     period: str, limit_usd: Decimal | None, limit_tokens: int | None, author: str = "system",
+                     reason: str | None = None) -> Budget:
     if period not in PERIODS:
         raise InvalidRequest(f"window must be one of {', '.join(PERIODS)}", param="window")
     if limit_usd is None and limit_tokens is None:
@@ -156,75 +152,107 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
     if (limit_usd is not None and limit_usd < 0) or (limit_tokens is not None and limit_tokens < 0):
         raise InvalidRequest("limits cannot be negative", param="limit_usd")
     subject = _check_subject(scope, subject)
-    tid = await tenant_id(conn, tenant)
-    if scope == "key" and subject != EACH:
-        cur = await conn.execute("SELECT 1 FROM api_keys WHERE id = %s AND tenant_id = %s",
-                                 (int(subject) if subject.isdigit() else -1, tid))
-        if await cur.fetchone() is None:
-            raise NotFound(f"key {subject} is not a key of tenant {tenant!r}", param="subject", code="key_not_found")
-    cur = await conn.execute(
-        f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens)"
-        f" VALUES (%s, %s, %s, %s, %s, %s)"
-        f" ON CONFLICT (tenant_id, scope, subject, period) DO UPDATE"
-        f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens, updated_at = now()"
-        f" RETURNING {_BUDGET_COLUMNS}", (tid, scope, subject, period, limit_usd, limit_tokens))
-    row = await cur.fetchone()
-    assert row is not None
-    return Budget(*row)
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        if scope == "key" and subject != EACH:
+            cur = await conn.execute("SELECT 1 FROM api_keys WHERE id = %s AND tenant_id = %s",
+                                     (int(subject) if subject.isdigit() else -1, tid))
+            if await cur.fetchone() is None:
+                raise NotFound(f"key {subject} is not a key of tenant {tenant!r}", param="subject",
+                               code="key_not_found")
+        cur = await conn.execute(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE tenant_id = %s AND scope = %s"
+                                 " AND subject = %s AND period = %s FOR UPDATE", (tid, scope, subject, period))
+        old = await cur.fetchone()
+        cur = await conn.execute(
+            f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens)"
+            f" VALUES (%s, %s, %s, %s, %s, %s)"
+            f" ON CONFLICT (tenant_id, scope, subject, period) DO UPDATE"
+            f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens, updated_at = now()"
+            f" RETURNING {_BUDGET_COLUMNS}", (tid, scope, subject, period, limit_usd, limit_tokens))
+        row = await cur.fetchone()
+        assert row is not None
+        budget = Budget(*row)
+        await changes.record(conn, author=author, kind="budget", subject=budget.id, action="set", tenant_id=tid,
+                             before=None if old is None else Budget(*old).as_json(), after=budget.as_json(),
+                             reason=reason)
+    return budget
 
 
-async def delete_budget(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int) -> bool:
-    tid = await tenant_id(conn, tenant)
-    cur = await conn.execute("DELETE FROM budgets WHERE id = %s AND tenant_id = %s", (budget_id, tid))
-    return cur.rowcount == 1
+async def delete_budget(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int, *, author: str = "system",
+                        reason: str | None = None) -> bool:
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute(f"DELETE FROM budgets WHERE id = %s AND tenant_id = %s RETURNING {_BUDGET_COLUMNS}",
+                                 (budget_id, tid))
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        await changes.record(conn, author=author, kind="budget", subject=budget_id, action="delete", tenant_id=tid,
+                             before=Budget(*row).as_json(), reason=reason)
+    return True
 
 
 async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, *, tiers: Collection[str] | None = None,
-                     **changes: Any) -> TenantPolicy:
+                     author: str = "system", reason: str | None = None, **fields_: Any) -> TenantPolicy:
     """Upsert a tenant's policy fields. With ``tiers`` (the routing config's tier names), a quality floor
     naming no tier is refused instead of silently acting as no floor."""
-    unknown = set(changes) - set(POLICY_FIELDS)
+    unknown = set(fields_) - set(POLICY_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown policy field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
-    floor = changes.get("quality_floor")
+    floor = fields_.get("quality_floor")
     if tiers is not None and floor is not None and floor not in tiers:
         raise InvalidRequest(f"quality_floor {floor!r} is not a routing tier (tiers: {', '.join(tiers)})",
                              param="quality_floor")
-    if changes.get("redis_failure", "closed") not in ("closed", "open"):
+    if fields_.get("redis_failure", "closed") not in ("closed", "open"):
         raise InvalidRequest("redis_failure must be 'closed' or 'open'", param="redis_failure")
-    tid = await tenant_id(conn, tenant)
-    columns = list(changes)
+    columns = list(fields_)
     assignments = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns) or "tenant_id = EXCLUDED.tenant_id"
     try:
-        await conn.execute(
-            f"INSERT INTO tenant_policies (tenant_id{''.join(', ' + c for c in columns)})"
-            f" VALUES (%s{', %s' * len(columns)})"
-            f" ON CONFLICT (tenant_id) DO UPDATE SET {assignments}, updated_at = now()",
-            (tid, *(list(v) if isinstance(v, tuple) else v for v in changes.values())))
+        async with conn.transaction():
+            tid = await tenant_id(conn, tenant)
+            before = (await load_rules(conn, tid)).policy
+            await conn.execute(
+                f"INSERT INTO tenant_policies (tenant_id{''.join(', ' + c for c in columns)})"
+                f" VALUES (%s{', %s' * len(columns)})"
+                f" ON CONFLICT (tenant_id) DO UPDATE SET {assignments}, updated_at = now()",
+                (tid, *(list(v) if isinstance(v, tuple) else v for v in fields_.values())))
+            after = (await load_rules(conn, tid)).policy
+            await changes.record(conn, author=author, kind="policy", subject=tenant, action="set", tenant_id=tid,
+                                 before=before.as_json(), after=after.as_json(), reason=reason)
     except psycopg.errors.CheckViolation as exc:
         raise InvalidRequest(f"invalid policy value: {exc.diag.constraint_name}") from exc
-    return (await load_rules(conn, tid)).policy
+    return after
 
 
 async def set_key_limits(conn: psycopg.AsyncConnection[Any], key_id: int, *, rpm: int | None,
-                         tpm: int | None) -> None:
-    cur = await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s WHERE id = %s", (rpm, tpm, key_id))
-    if cur.rowcount != 1:
-        raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
+                         tpm: int | None, author: str = "system", reason: str | None = None) -> None:
+    async with conn.transaction():
+        cur = await conn.execute("SELECT tenant_id, rpm, tpm FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+        old = await cur.fetchone()
+        if old is None:
+            raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
+        await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s WHERE id = %s", (rpm, tpm, key_id))
+        await changes.record(conn, author=author, kind="key", subject=key_id, action="limits", tenant_id=old[0],
+                             before={"rpm": old[1], "tpm": old[2]}, after={"rpm": rpm, "tpm": tpm}, reason=reason)
 
 
 async def list_budgets(conn: psycopg.AsyncConnection[Any], tenant: str) -> list[Budget]:
     return list((await load_rules(conn, await tenant_id(conn, tenant))).budgets)
 
 
-async def mark_reset(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int | None) -> list[Budget]:
+async def mark_reset(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int | None, *,
+                     author: str = "system", reason: str | None = None) -> list[Budget]:
     """Record a reset (the reconciler counts usage from it); the caller clears the Redis counters."""
-    tid = await tenant_id(conn, tenant)
-    cur = await conn.execute(
-        f"UPDATE budgets SET reset_at = now() WHERE tenant_id = %s AND (%s::bigint IS NULL OR id = %s)"
-        f" RETURNING {_BUDGET_COLUMNS}", (tid, budget_id, budget_id))
-    rows = [Budget(*r) for r in await cur.fetchall()]
-    if budget_id is not None and not rows:
-        raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", param="budget_id",
-                       code="budget_not_found")
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute(
+            f"UPDATE budgets SET reset_at = now() WHERE tenant_id = %s AND (%s::bigint IS NULL OR id = %s)"
+            f" RETURNING {_BUDGET_COLUMNS}", (tid, budget_id, budget_id))
+        rows = [Budget(*r) for r in await cur.fetchall()]
+        if budget_id is not None and not rows:
+            raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", param="budget_id",
+                           code="budget_not_found")
+        for budget in rows:
+            await changes.record(conn, author=author, kind="budget", subject=budget.id, action="reset", tenant_id=tid,
+                                 after=budget.as_json(), reason=reason)
     return rows

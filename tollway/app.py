@@ -27,6 +27,7 @@ from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
 from tollway.gateway.calls import Calls, Limits
+from tollway.gateway.changes import ChangeListener, Note
 from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
@@ -78,6 +79,7 @@ class AppState:
     events: BreakerEvents
     routing: Router
     shadows: Shadows | None
+    changes: ChangeListener
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -113,6 +115,24 @@ def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger:
         await reconcile(pool, redis_client)
 
     return Periodic("budget-reconcile", interval_s, run)
+
+
+async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore) -> ChangeListener:
+    """Every change made anywhere (CLI, any replica's admin API) drops what this process cached about it."""
+
+    def forget(note: Note) -> None:
+        if note.kind == "key":
+            keys.forget(int(note.subject))
+        if note.tenant_id is not None:
+            policies.forget(note.tenant_id)
+
+    listener = ChangeListener(database_url, [forget])
+    listener.start()
+    try:  # changes made right after start-up must not slip past: wait (briefly) until it listens
+        await asyncio.wait_for(listener.connected.wait(), 5)
+    except TimeoutError:
+        log.warning("change listener not connected yet; caches fall back to their TTLs until it is")
+    return listener
 
 
 def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
@@ -175,6 +195,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                   f"    {created.secret}\n", file=sys.stderr, flush=True)
 
     policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
+    changes = await _listen_for_changes(settings.database_url, keys, policies)
+    stack.push_async_callback(changes.stop)
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
@@ -200,7 +222,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
-                    policies=policies, quota=quota, events=events, routing=routing, shadows=shadows)
+                    policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
+                    changes=changes)
 
 
 class Gateway:

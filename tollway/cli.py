@@ -10,13 +10,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from tollway.settings import Settings
+from tollway.cli_common import audited, database, settings_of, with_conn
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,36 +43,6 @@ def _logging(level: str) -> dict[str, Any]:
     }
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {}
-    for name in ("config", "host", "port", "data_dir", "log_level", "workers"):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = value
-    if getattr(args, "upstream", None):
-        overrides["upstreams"] = [*Settings().upstreams, *args.upstream]
-    return Settings(**overrides)
-
-
-@contextlib.contextmanager
-def _database(settings: Settings) -> Iterator[str]:
-    """The configured database, or the embedded one in the data directory (stopped again after use
-    only if this command started it)."""
-    if settings.database_url:
-        yield settings.database_url
-        return
-    from tollway.embedded import EmbeddedPostgres
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    pg = EmbeddedPostgres(settings.data_dir / "postgres")
-    url = pg.start()
-    try:
-        yield url
-    finally:
-        if pg.started_here:
-            pg.stop()
-
-
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -84,11 +53,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tollway.app import SERVE_SETTINGS_ENV, create_app, upstream_configs
     from tollway.embedded import EmbeddedRedis, LocalModelServer
 
-    settings = _settings(args)
+    settings = settings_of(args)
     upstream_configs(settings)  # a bad config file is a clear error now, before anything starts
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        database_url = stack.enter_context(_database(settings))
+        database_url = stack.enter_context(database(settings))
         overrides: dict[str, Any] = {"database_url": database_url}
         if not settings.redis_url:
             redis_server = EmbeddedRedis(settings.data_dir / "redis")
@@ -124,28 +93,18 @@ async def _migrate(url: str) -> list[str]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    with _database(settings) as url:
+    settings = settings_of(args)
+    with database(settings) as url:
         applied = asyncio.run(_migrate(url))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
 
-async def _with_conn(url: str, action: Any) -> Any:
-    import psycopg
-
-    from tollway.db import migrate
-
-    await migrate(url)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        return await action(conn)
-
-
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     from tollway.gateway.keys import create_tenant
 
-    with _database(_settings(args)) as url:
-        tenant_id = asyncio.run(_with_conn(url, lambda c: create_tenant(c, args.name)))
+    with database(settings_of(args)) as url:
+        tenant_id = asyncio.run(with_conn(url, lambda c: create_tenant(c, args.name, author=args.author)))
     print(f"tenant {args.name} created (id {tenant_id})")
     return 0
 
@@ -154,9 +113,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from tollway.gateway.keys import create_key
 
     models = [m for m in args.models.split(",") if m] if args.models else None
-    with _database(_settings(args)) as url:
-        key = asyncio.run(_with_conn(url, lambda c: create_key(c, args.tenant, role=args.role,
-                                                                allowed_models=models, name=args.name)))
+    with database(settings_of(args)) as url:
+        key = asyncio.run(with_conn(url, lambda c: create_key(c, args.tenant, role=args.role, allowed_models=models,
+                                                              name=args.name, author=args.author)))
     print(f"key {key.id} for tenant {key.tenant} (role {key.role}); shown once, store it now:", file=sys.stderr)
     print(key.secret)
     return 0
@@ -165,12 +124,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from tollway.gateway.keys import revoke_key
 
-    with _database(_settings(args)) as url:
-        revoked = asyncio.run(_with_conn(url, lambda c: revoke_key(c, args.id)))
+    with database(settings_of(args)) as url:
+        revoked = asyncio.run(with_conn(url, lambda c: revoke_key(c, args.id, author=args.author,
+                                                                  reason=args.reason)))
     if not revoked:
         print(f"key {args.id} does not exist or is already revoked", file=sys.stderr)
         return 1
-    print(f"key {args.id} revoked (takes effect within the auth cache TTL)")
+    print(f"key {args.id} revoked (every running gateway drops it at once)")
     return 0
 
 
@@ -184,7 +144,7 @@ def cmd_sim_upstream(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tollway.doctor import run_checks
 
-    return run_checks(_settings(args))
+    return run_checks(settings_of(args))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     tcreate = tenants.add_parser("create", help="create a tenant")
     _common(tcreate)
     tcreate.add_argument("name")
+    audited(tcreate)
     tcreate.set_defaults(func=cmd_tenants_create)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
@@ -225,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--role", choices=["app", "finance", "admin"], default="app")
     kcreate.add_argument("--models", help="comma-separated models the key may use (default: all)")
     kcreate.add_argument("--name", help="a label for the key")
+    audited(kcreate)
     kcreate.set_defaults(func=cmd_keys_create)
     krevoke = keys.add_parser("revoke", help="revoke a key by id")
     _common(krevoke)
     krevoke.add_argument("id", type=int)
+    audited(krevoke)
     krevoke.set_defaults(func=cmd_keys_revoke)
 
     from tollway import cli_budgets

@@ -7,10 +7,11 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from tollway.cli_common import audited, database, run_with_conn, settings_of
 from tollway.settings import Settings
 
 
@@ -30,14 +31,6 @@ def _redis_url(settings: Settings) -> str | None:
     return settings.redis_url or EmbeddedRedis.running_url(settings.data_dir / "redis")
 
 
-def _run(args: argparse.Namespace, action: Callable[[Any, Settings], Awaitable[int]]) -> int:
-    from tollway.cli import _database, _settings, _with_conn
-
-    settings = _settings(args)
-    with _database(settings) as url:
-        return int(asyncio.run(_with_conn(url, lambda conn: action(conn, settings))))
-
-
 def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.key is not None:
         return "key", args.key
@@ -54,15 +47,17 @@ def cmd_set(args: argparse.Namespace) -> int:
     async def action(conn: Any, settings: Settings) -> int:
         scope, subject = _scope(args)
         budget = await set_budget(conn, args.tenant, scope=scope, subject=subject, period=args.window,
-                                  limit_usd=args.usd, limit_tokens=args.tokens)
+                                  limit_usd=args.usd, limit_tokens=args.tokens, author=args.author,
+                                  reason=args.reason)
         print(json.dumps(budget.as_json()))
         return 0
 
-    return _run(args, action)
+    return run_with_conn(args, action)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from tollway.gateway.tenant_policy import list_budgets, load_rules, tenant_id
+    from tollway.gateway.keys import tenant_id
+    from tollway.gateway.tenant_policy import list_budgets, load_rules
 
     async def action(conn: Any, settings: Settings) -> int:
         budgets = await list_budgets(conn, args.tenant)
@@ -71,7 +66,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                           "budgets": [b.as_json() for b in budgets]}, indent=2))
         return 0
 
-    return _run(args, action)
+    return run_with_conn(args, action)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -81,7 +76,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     from tollway.gateway.tenant_policy import mark_reset
 
     async def action(conn: Any, settings: Settings) -> int:
-        budgets = await mark_reset(conn, args.tenant, args.id)
+        budgets = await mark_reset(conn, args.tenant, args.id, author=args.author, reason=args.reason)
         url = _redis_url(settings)
         cleared = 0
         if url is not None:
@@ -96,17 +91,16 @@ def cmd_reset(args: argparse.Namespace) -> int:
         print(json.dumps({"reset": [b.id for b in budgets], "counters_cleared": cleared}))
         return 0
 
-    return _run(args, action)
+    return run_with_conn(args, action)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
     from psycopg_pool import AsyncConnectionPool
 
-    from tollway.cli import _database, _settings
     from tollway.gateway.reconcile import reconcile
 
-    settings = _settings(args)
+    settings = settings_of(args)
     url = _redis_url(settings)
     if url is None:
         print("tollway: no Redis to reconcile (set TOLLWAY_REDIS_URL or start `tollway serve`)", file=sys.stderr)
@@ -122,7 +116,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_json(), indent=2))
         return 0
 
-    with _database(settings) as database_url:
+    with database(settings) as database_url:
         return asyncio.run(go(database_url))
 
 
@@ -138,36 +132,36 @@ def cmd_policy(args: argparse.Namespace) -> int:
     from tollway.gateway.tenant_policy import set_policy
     from tollway.routing import load_config
 
-    changes = {name: getattr(args, name) for name in (
+    fields = {name: getattr(args, name) for name in (
         "redis_failure", "default_max_tokens", "rpm", "tpm", "velocity_soft_usd_per_min",
         "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
         "quality_floor", "degraded_answers", "response_cache") if getattr(args, name) is not None}
     if args.allowed_models is not None:
-        changes["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
+        fields["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
 
     async def action(conn: Any, settings: Settings) -> int:
         tiers = [t.name for t in load_config(settings.config).routing.tiers]
-        policy = await set_policy(conn, args.tenant, tiers=tiers, **changes)
+        policy = await set_policy(conn, args.tenant, tiers=tiers, author=args.author, reason=args.reason, **fields)
         print(json.dumps(policy.as_json()))
         return 0
 
-    return _run(args, action)
+    return run_with_conn(args, action)
 
 
 def cmd_key_limits(args: argparse.Namespace) -> int:
     from tollway.gateway.tenant_policy import set_key_limits
 
     async def action(conn: Any, settings: Settings) -> int:
-        await set_key_limits(conn, args.id, rpm=args.rpm, tpm=args.tpm)
+        await set_key_limits(conn, args.id, rpm=args.rpm, tpm=args.tpm, author=args.author, reason=args.reason)
         print(json.dumps({"key_id": args.id, "rpm": args.rpm, "tpm": args.tpm}))
         return 0
 
-    return _run(args, action)
+    return run_with_conn(args, action)
 
 
 def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], tenants: Any, keys: Any) -> None:
     budgets = sub.add_parser("budgets", help="manage budgets").add_subparsers(dest="action", required=True)
-    bset = budgets.add_parser("set", help="create or change a budget (applies within seconds, no restart)")
+    bset = budgets.add_parser("set", help="create or change a budget (every running gateway applies it at once)")
     common(bset)
     bset.add_argument("--tenant", required=True)
     who = bset.add_mutually_exclusive_group()
@@ -177,6 +171,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     bset.add_argument("--window", required=True, choices=["minute", "hour", "day", "month", "lifetime"])
     bset.add_argument("--usd", type=_usd)
     bset.add_argument("--tokens", type=int)
+    audited(bset)
     bset.set_defaults(func=cmd_set)
 
     bshow = budgets.add_parser("show", help="a tenant's budgets and policy")
@@ -188,6 +183,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     common(breset)
     breset.add_argument("--tenant", required=True)
     breset.add_argument("--id", type=int, help="one budget (default: all of the tenant's)")
+    audited(breset)
     breset.set_defaults(func=cmd_reset)
 
     brec = budgets.add_parser("reconcile", help="compare Redis counters with the ledger; correct and report")
@@ -213,6 +209,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     policy.add_argument("--quality-floor", help="the lowest tier this tenant may be routed or fall back to")
     policy.add_argument("--degraded-answers", type=_flag, help="on/off: a marked degraded answer when every tier failed")
     policy.add_argument("--response-cache", type=_flag, help="on/off: exact-match cache for deterministic requests")
+    audited(policy)
     policy.set_defaults(func=cmd_policy)
 
     limits = keys.add_parser("limits", help="a key's requests and tokens per minute")
@@ -220,4 +217,5 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     limits.add_argument("id", type=int)
     limits.add_argument("--rpm", type=int)
     limits.add_argument("--tpm", type=int)
+    audited(limits)
     limits.set_defaults(func=cmd_key_limits)

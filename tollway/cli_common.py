@@ -1,0 +1,70 @@
+"""What the CLI's commands share: settings from flags, the database (configured or embedded), one
+connection for an action, and the audit flags of commands that change something."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from tollway.settings import Settings
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("config", "host", "port", "data_dir", "log_level", "workers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "upstream", None):
+        overrides["upstreams"] = [*Settings().upstreams, *args.upstream]
+    return Settings(**overrides)
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured database, or the embedded one in the data directory (stopped again after use
+    only if this command started it)."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from tollway.embedded import EmbeddedPostgres
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    pg = EmbeddedPostgres(settings.data_dir / "postgres")
+    url = pg.start()
+    try:
+        yield url
+    finally:
+        if pg.started_here:
+            pg.stop()
+
+
+async def with_conn(url: str, action: Any) -> Any:
+    import psycopg
+
+    from tollway.db import migrate
+
+    await migrate(url)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        return await action(conn)
+
+
+
+
+def run_with_conn(args: argparse.Namespace, action: Callable[[Any, Settings], Awaitable[int]]) -> int:
+    """``action(conn, settings)`` on one connection to the configured (or embedded) database."""
+    settings = settings_of(args)
+    with database(settings) as url:
+        return int(asyncio.run(with_conn(url, lambda conn: action(conn, settings))))
+
+
+def audited(parser: argparse.ArgumentParser) -> None:
+    """Flags of a command that changes something: it is recorded in the change channel."""
+    from tollway.gateway.changes import default_author
+
+    parser.add_argument("--author", default=default_author(),
+                        help="who makes this change, for the audit log (default: OS user@host)")
+    parser.add_argument("--reason", help="why, for the audit log")
