@@ -6,7 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # llama-cpp-python compiles llama.cpp on install (about 8 minutes on 2 cores; pip caches the wheel).
+# A portable AVX2 build, not -march=native: on CPUs that advertise AMX the native build crashes in its
+# first decode (the kernel must grant AMX tile state first), and a cached wheel moves between machines.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 
