@@ -156,12 +156,16 @@ class Tally:
         row.input_tokens = self.usage.input_tokens
         row.output_tokens = self.usage.output_tokens
         row.cached_tokens = self.usage.cached_tokens
-        priced = None if row.cache_hit else self.entry  # a cache hit keeps its model and tokens, costs nothing
-        row.cost_usd = priced.price.cost(self.usage) if priced is not None else Decimal(0)
+        row.cost_usd = self.price(self.usage)
         row.latency_ms = (time.perf_counter() - self.started) * 1000
         self.ledger.record(row)
         self._report(row)
         return row.cost_usd
+
+    def price(self, usage: Usage) -> Decimal:
+        """What this request costs for ``usage`` (a cache hit keeps its model and tokens, costs nothing)."""
+        priced = None if self.row.cache_hit else self.entry
+        return priced.price.cost(usage) if priced is not None else Decimal(0)
 
     def close(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
               usage_source: str | None = None) -> Decimal:

@@ -76,6 +76,9 @@ class Chat:
                 await ex.abandon()  # a stream opened upstream that will never be relayed
                 raise
             assert ex.result is not None
+            if ex.settled is not None:  # a whole answer: recorded only once nothing can fail any more
+                self._close(ex, 200, None, *ex.settled)
+                await self._after(ex)
             return ex.result
 
     # -- request stages ---------------------------------------------------------------------------
@@ -254,21 +257,18 @@ class Chat:
         ex.filters = [f for t in self.parts.output if (f := t.start(ex)) is not None]
 
     async def settle(self, ex: Exchange) -> None:
-        """A whole answer: through the output chain, then actual usage replaces the reservation. A stream
-        settles as it ends (``StreamRelay``): here it is set up."""
+        """A whole answer: through the output chain, then actual usage replaces the reservation (priced
+        here, recorded when the run ends, so a failure up to the last moment is still one 500 row). A
+        stream settles as it ends (``StreamRelay``): here it is set up."""
         if ex.stream:
             ex.frames = self._relay(ex)
             return
         assert ex.answer is not None
         payload = await transform_whole(ex.filters, ex.answer)
-        usage, source = self._usage(ex, payload)
         if ex.served is not None:
             payload["model"] = ex.served.step.model.name
-        ex.cost = self._close(ex, 200, None, usage, source)
-        if ex.served is not None:
-            if ex.cache_key is not None:
-                await self.router.store(ex.cache_key, payload, ex.served.step.model.name, ex.cost)
-            self._shadow(ex, choice_text(payload, "message"))
+        ex.settled = self._usage(ex, payload)
+        ex.cost = ex.tally.price(ex.settled[0])
         ex.answer = payload
 
     async def respond(self, ex: Exchange) -> None:
@@ -331,6 +331,14 @@ class Chat:
         return StreamRelay(served.chunks, served.head, accountant=accountant, filters=ex.filters, emitter=emitter,
                            settle=lambda status, code, usage, source: self._close(ex, status, code, usage, source),
                            info=ex.info, close_upstream=stream.aclose, on_close=on_close).frames()
+
+    async def _after(self, ex: Exchange) -> None:
+        """Work after a whole upstream answer: cache it (deterministic requests), sample it for shadows."""
+        if ex.served is None or ex.answer is None:
+            return
+        if ex.cache_key is not None:
+            await self.router.store(ex.cache_key, ex.answer, ex.served.step.model.name, ex.tally.row.cost_usd)
+        self._shadow(ex, choice_text(ex.answer, "message"))
 
     def _shadow(self, ex: Exchange, output: str) -> None:
         if self.shadows is not None and ex.served is not None and ex.sent is not None:

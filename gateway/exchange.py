@@ -162,6 +162,7 @@ class Exchange:
     guards: list[GuardOutcome] = field(default_factory=list)
     filters: list[OutputFilter] = field(default_factory=list)
     frames: AsyncIterator[bytes] | None = None  # a stream's answer, relayed and settled as it goes
+    settled: tuple[Usage, str] | None = None  # a whole answer's usage and its source, recorded last
     cost: Decimal | None = None
     result: JSONResult | StreamResult | None = None
 
@@ -184,9 +185,10 @@ class Exchange:
                                     status=call.status, error_code=call.error_code)
 
     async def abandon(self) -> None:
-        """The request failed before its answer was handed on: give back an upstream stream that was opened."""
+        """The request failed before its answer was handed on (a relay never started): give back an upstream
+        stream that was opened, and its replica."""
         served = self.served
-        if self.result is None and served is not None and served.stream is not None:
+        if served is not None and served.stream is not None:
             await served.stream.aclose()
             served.release(False, count=False)
 

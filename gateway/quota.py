@@ -73,10 +73,12 @@ end
 """
 
 # KEYS: storm, leases zset, leases hash, one counter hash per counter, then (only when velocity is
-#       watched) velocity-over and the velocity buckets, newest first, x6
+#       watched) velocity-over, the velocity buckets, newest first, x6, and velocity-held
 # ARGV: now_ms, lease_ms, rid, storm_limit, storm_window_s, velocity (-2: not watched, -1: read only,
 #       >= 0: the hard line in nano-USD/min), n, then per counter:
-#       lim_usd, lim_tok, lim_req, amt_usd, amt_tok, amt_req, ttl_s
+#       lim_usd, lim_tok, lim_req, amt_usd, amt_tok, amt_req, ttl_s; then this request's worst-case USD
+# Under a hard line, the worst case of every request in flight (velocity-held, a lease like any other
+# reservation) counts toward the velocity: the ceiling holds to within one request's cost.
 RESERVE = _LEASE_LIB + """
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
@@ -94,17 +96,16 @@ if storm_limit > 0 then
     return {2, redis.call('PTTL', KEYS[1]), tonumber(redis.call('HGET', KEYS[1], 'first')), seen}
   end
 end
-local velocity = 0
-if vel_hard >= -1 then
-  local over = 4 + n
-  for b = over + 1, over + 6 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
-  if vel_hard >= 0 and velocity > vel_hard then
-    local since = tonumber(redis.call('GET', KEYS[over])) or now
-    local first = redis.call('SET', KEYS[over] .. ':refused', 1, 'NX', 'EX', 60) and 1 or 0
-    return {3, velocity, since, first}
+local held_key = nil
+if vel_hard >= 0 then held_key = KEYS[4 + n + 7] end
+if n == 0 and not held_key then
+  if vel_hard == -1 then
+    local velocity = 0
+    for b = 5, 10 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
+    return {1, velocity}
   end
+  return {1, 0}
 end
-if n == 0 then return {1, velocity} end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 if #expired > 0 then
   for _, id in ipairs(expired) do
@@ -113,6 +114,19 @@ if #expired > 0 then
     redis.call('HDEL', KEYS[3], id)
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+end
+local velocity = 0
+if vel_hard >= -1 then
+  local over = 4 + n
+  for b = over + 1, over + 6 do velocity = velocity + (tonumber(redis.call('GET', KEYS[b])) or 0) end
+  if held_key then
+    local in_flight = triple(redis.call('HGET', held_key, 'r'))
+    if velocity + in_flight > vel_hard then
+      local since = tonumber(redis.call('GET', KEYS[over])) or now
+      local first = redis.call('SET', KEYS[over] .. ':refused', 1, 'NX', 'EX', 60) and 1 or 0
+      return {3, velocity + in_flight, since, first}
+    end
+  end
 end
 local used = {}
 local fresh = {}
@@ -147,6 +161,13 @@ for i = 0, n - 1 do
   out[#out + 1] = used[3 * i + 1] + u
   out[#out + 1] = used[3 * i + 2] + t
   out[#out + 1] = used[3 * i + 3] + r
+end
+if held_key then
+  local worst = tonumber(ARGV[8 + 7 * n])
+  local a = triple(redis.call('HGET', held_key, 'r'))
+  redis.call('HSET', held_key, 'r', string.format('%d:0:0', a + worst))
+  redis.call('PEXPIRE', held_key, lease * 4)
+  rec[#rec + 1] = string.format('%s,%d,0,0', held_key, worst)
 end
 redis.call('ZADD', KEYS[2], now + lease, rid)
 redis.call('HSET', KEYS[3], rid, table.concat(rec, ';'))
@@ -343,9 +364,10 @@ def counters_for(principal: Principal, rules: TenantRules, *, end_user: str | No
 
 
 def _velocity_keys(tenant_id: int, now_s: float) -> list[str]:
+    """velocity-over, the buckets (newest first), velocity-held (the worst case of requests in flight)."""
     tag = _tenant_tag(tenant_id)
     bucket = int(now_s // VELOCITY_BUCKET_S)
-    return [f"{tag}:vel:over"] + [f"{tag}:vel:{bucket - i}" for i in range(VELOCITY_BUCKETS)]
+    return [f"{tag}:vel:over", *(f"{tag}:vel:{bucket - i}" for i in range(VELOCITY_BUCKETS)), f"{tag}:vel:held"]
 
 
 def _lease_keys(tenant_id: int) -> list[str]:
@@ -367,7 +389,7 @@ class Reservation:
         self.local = local
         self.settled = False
         self._renewal: asyncio.TimerHandle | None = None
-        if counters and not local:
+        if (counters or velocity >= 0) and not local:  # a hard velocity line holds a lease too
             self._schedule_renewal()
 
     def _schedule_renewal(self) -> None:
@@ -462,6 +484,7 @@ class QuotaService:
             args.extend([*counter.limits, *demand.amounts(counter), counter.ttl_s])
         if watch != -2:
             keys.extend(_velocity_keys(principal.tenant_id, now_s))
+        args.append(demand.usd_nano)
         try:
             reply = await self.reserve_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:

@@ -249,12 +249,15 @@ def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: It
             aliases[alias] = model.name
     claimed = {e.name for e in entries}
     served = {(r, e.upstream_model) for e in entries for r in e.replicas}
+    # A model id discovered on several upstreams (two vLLM replicas of one model, the common quick start)
+    # is one model with those upstreams as replicas: balanced, each with its own breaker.
+    found: dict[str, list[str]] = {}
     for upstream, model_ids in discovered.items():
         for model_id in model_ids:
-            if model_id in claimed or (upstream, model_id) in served:
-                continue
-            claimed.add(model_id)
-            kind = "embedding" if "embed" in model_id.lower() else "chat"
-            entries.append(ModelEntry(name=model_id, upstream=upstream, upstream_model=model_id,
-                                      kind=kind, tier=lowest, price=FREE))
+            if model_id not in claimed and (upstream, model_id) not in served:
+                found.setdefault(model_id, []).append(upstream)
+    for model_id, replicas in found.items():
+        kind = "embedding" if "embed" in model_id.lower() else "chat"
+        entries.append(ModelEntry(name=model_id, upstream=replicas[0], upstream_model=model_id, kind=kind,
+                                  tier=lowest, price=FREE, replicas=tuple(replicas)))
     return Catalog(specs, entries, aliases, raw.routing)
