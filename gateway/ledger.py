@@ -164,6 +164,11 @@ class Ledger:
         async with asyncio.timeout(timeout_s):
             await self._idle.wait()  # set only by the writer, with the queue empty and no batch in hand
 
+    @property
+    def in_hand(self) -> int:
+        """Rows the writer has taken off the queue and not yet written."""
+        return len(self._in_hand)
+
     def pending_spill_files(self) -> list[Path]:
         return sorted(self._spill_dir.glob("*.jsonl")) if self._spill_dir.exists() else []
 

@@ -4,7 +4,9 @@ windows, against the real Redis and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import urllib.request
 from decimal import Decimal
 from typing import Any
 
@@ -160,6 +162,11 @@ async def test_mixed_windows_are_all_or_nothing(app_factory, make_tenant, admin,
     assert first.headers["x-tollway-budget-remaining"]
 
 
+def _running(sim: Any) -> int:
+    with urllib.request.urlopen(sim.url.removesuffix("/v1") + "/sim/stats", timeout=5) as resp:
+        return int(json.loads(resp.read())["running"])
+
+
 async def test_budget_change_applies_while_requests_are_in_flight(app_factory, make_tenant, admin, start_sim,
                                                                   helpers, tmp_path):
     slow = start_sim("--ttft-ms", "600")
@@ -168,7 +175,9 @@ async def test_budget_change_applies_while_requests_are_in_flight(app_factory, m
     async with app_factory(config=config, policy_cache_ttl_s=0) as gw:
         await set_budget(gw, admin, tenant, window="hour", limit_usd="1")
         in_flight = [asyncio.create_task(chat(gw, tenant, i)) for i in range(3)]
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(30):
+            while await asyncio.to_thread(_running, slow) < 3:  # noqa: ASYNC110 (a polled gauge of another process)
+                await asyncio.sleep(0.01)
         await set_budget(gw, admin, tenant, window="hour", limit_usd="0.0000001")  # cut to almost nothing
         refused = await chat(gw, tenant, "late")
         done = await asyncio.gather(*in_flight)

@@ -135,7 +135,9 @@ async def test_rows_in_the_writers_hands_survive_shutdown(pg, helpers, tmp_path)
                           endpoint="chat.completions") for i in range(5)]
         for row in rows:
             ledger.record(row)
-        await asyncio.sleep(0.05)  # the writer has taken them off the queue
+        async with asyncio.timeout(30):
+            while ledger.in_hand != 5:  # noqa: ASYNC110 (the writer has taken them off the queue and holds them)
+                await asyncio.sleep(0.001)
         await ledger.stop()
     found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_inhand_%",))
     assert len(found) == 5
