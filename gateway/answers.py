@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 from tollway.gateway.accounting import usage_json
+from tollway.jsontypes import JSON
 from tollway.routing import Usage
 
-JSON = dict[str, Any]
 DEGRADED_MODEL = "tollway-degraded"
 
 

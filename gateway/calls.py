@@ -7,7 +7,6 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from opentelemetry.trace import SpanKind
 
@@ -18,9 +17,9 @@ from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, to_nano
 from tollway.gateway.telemetry import Telemetry
 from tollway.gateway.tenant_policy import PolicyStore, TenantPolicy, TenantRules
+from tollway.jsontypes import JSON
 from tollway.routing import Catalog, ModelEntry, TenantRouting, Usage
 
-JSON = dict[str, Any]
 INFERENCE_ROLES = frozenset({"app", "admin"})
 # Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
 INPUT_MARGIN = 1.10

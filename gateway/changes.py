@@ -25,9 +25,10 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from tollway.jsontypes import JSON
+
 log = logging.getLogger("tollway.changes")
 CHANNEL = "tollway_changes"
-JSON = dict[str, Any]
 
 
 def default_author() -> str:

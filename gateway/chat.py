@@ -34,13 +34,14 @@ from tollway.gateway.calls import (
     reserved_output,
     tags_of,
 )
-from tollway.gateway.exchange import TOLLWAY_FIELDS, BodyReader, Exchange, Parts
+from tollway.gateway.exchange import TOLLWAY_FIELDS, Exchange, Parts
 from tollway.gateway.protocol import ChatCompletionRequest, parse_json_object, validate
 from tollway.gateway.relay import Accountant, Emitter, StreamRelay, as_chunks, choice_text, transform_whole
 from tollway.gateway.shadow import Shadows
+from tollway.gateway.streaming import BodyReader
+from tollway.jsontypes import JSON
 from tollway.routing import Attempt, BudgetSignal, ChainFailed, Router, Usage, count_messages, count_text
 
-JSON = dict[str, Any]
 PROMPT_ALIAS = "prompt"  # the model name that means "the model the prompt names"
 
 

@@ -8,20 +8,20 @@ headers) is defined here once and filled by the stages.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Protocol
 
 from tollway.gateway.accounting import Tally, format_cost
 from tollway.gateway.calls import CallContext, JSONResult, StreamResult
 from tollway.gateway.protocol import ChatCompletionRequest
 from tollway.gateway.quota import Admission
+from tollway.gateway.streaming import BodyReader  # read inside the tally: an oversized body is accounted too
 from tollway.gateway.tenant_policy import TenantRules
+from tollway.jsontypes import JSON
 from tollway.routing import BudgetSignal, CachedAnswer, ModelEntry, Plan, RouteDecision, Served, Usage
 
-JSON = dict[str, Any]
-BodyReader = Callable[[], Awaitable[bytes]]  # read inside the tally, so an oversized body is accounted too
 # Fields of a chat request that are Tollway's to act on and never go upstream.
 TOLLWAY_FIELDS = frozenset({"prompt", "retrieval"})
 

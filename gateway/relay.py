@@ -23,10 +23,10 @@ import orjson
 from tollway.errors import TollwayError
 from tollway.gateway.accounting import CLIENT_CLOSED, INTERNAL_ERROR, Tally, usage_json, usage_of
 from tollway.gateway.exchange import OutputFilter
+from tollway.jsontypes import JSON
 from tollway.routing import Usage, count_text
 
 log = logging.getLogger("tollway.gateway")
-JSON = dict[str, Any]
 DONE = b"data: [DONE]\n\n"
 
 

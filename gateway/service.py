@@ -3,8 +3,6 @@ shared steps in ``tollway.gateway.calls``. Built once in the lifespan; the hot e
 
 from __future__ import annotations
 
-from typing import Any
-
 from tollway.gateway.accounting import format_cost, usage_of
 from tollway.gateway.calls import (
     INPUT_MARGIN,
@@ -17,13 +15,14 @@ from tollway.gateway.calls import (
     reserved_output,
 )
 from tollway.gateway.chat import Chat
-from tollway.gateway.exchange import BodyReader, Parts
+from tollway.gateway.exchange import Parts
 from tollway.gateway.keys import Principal
 from tollway.gateway.protocol import EmbeddingRequest, parse_json_object, validate
 from tollway.gateway.shadow import Shadows
+from tollway.gateway.streaming import BodyReader
+from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, Router, Usage, count_text
 
-JSON = dict[str, Any]
 __all__ = ["INPUT_MARGIN", "INPUT_SLACK", "CallContext", "CompletionService", "JSONResult", "StreamResult",
            "reserved_output"]
 

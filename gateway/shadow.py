@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -24,10 +23,10 @@ from tollway.errors import TollwayError
 from tollway.gateway.accounting import side_row, usage_of
 from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.relay import choice_text
+from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_messages, count_text
 
 log = logging.getLogger("tollway.shadow")
-JSON = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

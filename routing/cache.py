@@ -13,15 +13,16 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tollway.jsontypes import JSON
+from tollway.keyspace import response_cache_key
+
 log = logging.getLogger("tollway.routing.cache")
 
-JSON = dict[str, Any]
 _IGNORED = frozenset({"stream", "stream_options", "user", "metadata"})
 
 
@@ -42,8 +43,7 @@ def cache_key(tenant_id: int, data: JSON, versions: tuple[str | None, ...] = ())
     canonical = orjson.dumps({k: v for k, v in data.items() if k not in _IGNORED}, option=orjson.OPT_SORT_KEYS)
     if any(versions):
         canonical += orjson.dumps(versions)
-    digest = hashlib.blake2b(canonical, digest_size=16).hexdigest()
-    return f"tw:{{t:{tenant_id}}}:rc:{digest}"
+    return response_cache_key(tenant_id, hashlib.blake2b(canonical, digest_size=16).hexdigest())
 
 
 class ResponseCache:

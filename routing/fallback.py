@@ -14,7 +14,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from tollway.errors import (
     ServiceUnavailable,
@@ -24,11 +23,10 @@ from tollway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from tollway.jsontypes import JSON
 from tollway.routing.decision import RouteDecision, Step
 from tollway.routing.health import Health, ReplicaHealth, Ticket
 from tollway.routing.upstream import Upstream, UpstreamStream
-
-JSON = dict[str, Any]
 
 
 def retryable(exc: TollwayError) -> bool:

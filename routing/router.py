@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from tollway.background import Background
+from tollway.jsontypes import JSON
 from tollway.routing.cache import CachedAnswer, ResponseCache, cache_key, deterministic
 from tollway.routing.catalog import Catalog, ModelEntry
 from tollway.routing.decision import (
@@ -33,8 +34,6 @@ from tollway.routing.difficulty import assess
 from tollway.routing.fallback import Caller, Served
 from tollway.routing.health import Health
 from tollway.routing.tokens import count_messages
-
-JSON = dict[str, Any]
 
 
 def needs(body: JSON, messages: list[Any]) -> frozenset[str]:

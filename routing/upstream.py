@@ -25,9 +25,8 @@ from tollway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tollway.jsontypes import JSON
 from tollway.routing.catalog import UpstreamSpec
-
-JSON = dict[str, Any]
 
 
 class UpstreamStream(Protocol):
