@@ -14,9 +14,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from tollway.changes import history
 from tollway.errors import NotFound, PermissionDenied
 from tollway.gateway.api import json_response
-from tollway.gateway.changes import history
 from tollway.gateway.keys import Principal, tenant_id
 from tollway.gateway.quota import clear_counters
 from tollway.gateway.reconcile import reconcile
@@ -38,11 +38,6 @@ def _admin(request: Request) -> Principal:
     if principal.role != "admin":
         raise PermissionDenied("This needs an admin key.", code="role_not_allowed")
     return principal
-
-
-def author_of(principal: Principal) -> str:
-    """How the change channel names an API caller."""
-    return f"key:{principal.key_id}@{principal.tenant}"
 
 
 class _Body(BaseModel):
@@ -109,7 +104,7 @@ async def put_budget(request: Request, body: BudgetBody) -> Response:
     async with state.pool.connection() as conn:
         budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
                                   limit_usd=body.limit_usd, limit_tokens=body.limit_tokens,
-                                  author=author_of(principal), reason=body.reason)
+                                  author=principal.author, reason=body.reason)
     state.policies.forget(budget.tenant_id)
     return json_response(budget.as_json())
 
@@ -119,7 +114,7 @@ async def remove_budget(request: Request, budget_id: int, tenant: str) -> Respon
     principal = _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
-        if not await delete_budget(conn, tenant, budget_id, author=author_of(principal)):
+        if not await delete_budget(conn, tenant, budget_id, author=principal.author):
             raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", code="budget_not_found")
         state.policies.forget(await tenant_id(conn, tenant))
     return json_response({"deleted": budget_id})
@@ -130,7 +125,7 @@ async def reset_budgets(request: Request, body: ResetBody) -> Response:
     principal = _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
-        budgets = await mark_reset(conn, body.tenant, body.budget_id, author=author_of(principal), reason=body.reason)
+        budgets = await mark_reset(conn, body.tenant, body.budget_id, author=principal.author, reason=body.reason)
     cleared = await clear_counters(state.redis, budgets)
     for budget in budgets:
         state.policies.forget(budget.tenant_id)
@@ -144,7 +139,7 @@ async def put_policy(request: Request, body: PolicyBody) -> Response:
     fields = body.model_dump(exclude={"tenant", "reason"}, exclude_unset=True)
     async with state.pool.connection() as conn:
         policy = await set_policy(conn, body.tenant, tiers=[t.name for t in state.catalog.tiers],
-                                  author=author_of(principal), reason=body.reason, **fields)
+                                  author=principal.author, reason=body.reason, **fields)
     state.policies.forget(policy.tenant_id)
     return json_response(policy.as_json())
 
@@ -154,7 +149,7 @@ async def put_key_limits(request: Request, key_id: int, body: KeyLimitsBody) -> 
     principal = _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
-        await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm, author=author_of(principal),
+        await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm, author=principal.author,
                              reason=body.reason)
     state.keys.forget(key_id)
     return json_response({"key_id": key_id, "rpm": body.rpm, "tpm": body.tpm})

@@ -20,7 +20,7 @@ from tollway.gateway.tenant_policy import PolicyStore, TenantPolicy, TenantRules
 from tollway.jsontypes import JSON
 from tollway.routing import Catalog, ModelEntry, TenantRouting, Usage
 
-INFERENCE_ROLES = frozenset({"app", "admin"})
+INFERENCE_ROLES = frozenset({"app", "admin", "prompt_engineer"})  # prompt engineers spend as the tenant
 # Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
 INPUT_MARGIN = 1.10
 INPUT_SLACK = 16

@@ -120,7 +120,10 @@ class Chat:
         prompt = ex.prompt = await self.parts.prompts.render(ex, ref)
         ex.messages = [*prompt.messages, *ex.messages]
         ex.params = {**prompt.params, **ex.params}
-        if ex.model == PROMPT_ALIAS and prompt.model:
+        if ex.model == PROMPT_ALIAS:
+            if not prompt.model:
+                raise InvalidRequest(f"Prompt '{prompt.name}' names no model; name one in the request.",
+                                     param="model")
             ex.model = prompt.model
         ex.tally.row.prompt_name, ex.tally.row.prompt_version = prompt.name, prompt.version
 

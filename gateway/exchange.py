@@ -76,6 +76,10 @@ class SideCall:
 
 # -- the seams ----------------------------------------------------------------------------------
 class PromptRenderer(Protocol):
+    def offers(self, tenant_id: int) -> bool:
+        """Whether this tenant has prompts (then ``/v1/models`` lists the 'prompt' alias)."""
+        ...
+
     async def render(self, ex: Exchange, ref: JSON) -> RenderedPrompt:
         """``ref``: the request's ``prompt`` object. Raises a 4xx TollwayError for a bad reference."""
         ...

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from tollway import changes
 from tollway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
-from tollway.gateway import changes
 
 KEY_PREFIX = "tw-"
-ROLES = ("app", "finance", "admin")
+ROLES = ("app", "finance", "admin", "prompt_engineer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,12 @@ class Principal:
     allowed_models: frozenset[str] | None  # None: every model in the catalog
     rpm: int | None = None
     tpm: int | None = None
+    name: str | None = None  # the key's label: the author of what it writes
+
+    @property
+    def author(self) -> str:
+        """How the change channel and the prompt repository name this caller."""
+        return self.name or f"key:{self.key_id}@{self.tenant}"
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -111,7 +117,7 @@ class KeyStore:
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm"
+                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm, k.name"
                     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
                     " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (digest,))
                 row = await cur.fetchone()
@@ -121,7 +127,7 @@ class KeyStore:
             return None
         allowed = None if row[5] is None else frozenset(row[5])
         return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed,
-                         rpm=row[6], tpm=row[7])
+                         rpm=row[6], tpm=row[7], name=row[8])
 
 
 async def tenant_id(conn: psycopg.AsyncConnection, name: str) -> int:

@@ -14,7 +14,7 @@ from tollway.gateway.calls import (
     reserved_input,
     reserved_output,
 )
-from tollway.gateway.chat import Chat
+from tollway.gateway.chat import PROMPT_ALIAS, Chat
 from tollway.gateway.exchange import Parts
 from tollway.gateway.keys import Principal
 from tollway.gateway.protocol import EmbeddingRequest, parse_json_object, validate
@@ -76,6 +76,9 @@ class CompletionService:
         catalog = self.router.catalog
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream}
                 for m in catalog.models.values() if principal.may_use(m.name)]
-        data += [{"id": alias, "object": "model", "created": 0, "owned_by": "tollway"}
-                 for alias in sorted(catalog.auto_aliases)]
+        aliases = sorted(catalog.auto_aliases)
+        prompts = self.chat.parts.prompts
+        if prompts is not None and prompts.offers(principal.tenant_id):
+            aliases.append(PROMPT_ALIAS)  # "the model the prompt names", once the tenant has prompts
+        data += [{"id": alias, "object": "model", "created": 0, "owned_by": "tollway"} for alias in aliases]
         return {"object": "list", "data": data}

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from tollway import changes
 from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable
-from tollway.gateway import changes
 from tollway.gateway.keys import tenant_id
 
 PERIODS = ("minute", "hour", "day", "month", "lifetime")

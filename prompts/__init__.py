@@ -1,5 +1,17 @@
-"""Git-backed prompt registry with labels and rollbacks. Not built yet."""
+"""Git-versioned prompts: files in a per-tenant git repository (objects kept in PostgreSQL, written through
+dulwich), versions, labels with traffic splits and rollback, the gate on ``production``, and an
+in-memory registry that renders on the request path. Other parts import from here."""
 
 if __name__ != "tollway.prompts":
     raise ImportError("This folder is Tollway's 'tollway.prompts' package; import it by that name "
                       "(pip install -e . maps it), not as a top-level 'prompts'.")
+
+from tollway.prompts.gate import Gate, GateResult
+from tollway.prompts.labels import PRODUCTION, GateRefused, Label, labels_of, move_label, rollback
+from tollway.prompts.registry import Registry, Rendered
+from tollway.prompts.spec import Prompt, PromptError, parse_prompt
+from tollway.prompts.store import StaleParent, Version, submit, version, versions_of
+
+__all__ = ["PRODUCTION", "Gate", "GateRefused", "GateResult", "Label", "Prompt", "PromptError", "Registry",
+           "Rendered", "StaleParent", "Version", "labels_of", "move_label", "parse_prompt", "rollback", "submit",
+           "version", "versions_of"]

@@ -22,16 +22,19 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.types import Receive, Scope, Send
 
 import tollway
+from tollway.changes import ChangeListener, Note
 from tollway.db import migrate
 from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
 from tollway.gateway.calls import Calls, Limits
-from tollway.gateway.changes import ChangeListener, Note
 from tollway.gateway.endpoints import HOT_ROUTES
+from tollway.gateway.exchange import Parts
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from tollway.gateway.prompting import RegistryPrompts
+from tollway.gateway.prompts_api import router as prompts_router
 from tollway.gateway.quota import QuotaService
 from tollway.gateway.reconcile import reconcile
 from tollway.gateway.service import CompletionService
@@ -39,6 +42,7 @@ from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.gateway.tenant_policy import PolicyStore
 from tollway.periodic import Periodic
+from tollway.prompts import Gate, Registry
 from tollway.routing import (
     Catalog,
     RawUpstream,
@@ -80,6 +84,8 @@ class AppState:
     routing: Router
     shadows: Shadows | None
     changes: ChangeListener
+    prompts: Registry
+    prompt_gate: Gate | None = None  # the evals part supplies one; until then production moves say "no gate"
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -117,16 +123,20 @@ def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger:
     return Periodic("budget-reconcile", interval_s, run)
 
 
-async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore) -> ChangeListener:
-    """Every change made anywhere (CLI, any replica's admin API) drops what this process cached about it."""
+async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore,
+                              prompts: Registry) -> ChangeListener:
+    """Every change made anywhere (CLI, any replica's admin API, a git push) drops what this process cached
+    about it, or reloads it (a tenant's prompts)."""
 
-    def forget(note: Note) -> None:
+    async def apply(note: Note) -> None:
         if note.kind == "key":
             keys.forget(int(note.subject))
         if note.tenant_id is not None:
             policies.forget(note.tenant_id)
+            if note.kind in ("prompt", "prompt_label"):
+                await prompts.load(note.tenant_id)
 
-    listener = ChangeListener(database_url, [forget])
+    listener = ChangeListener(database_url, [apply])
     listener.start()
     try:  # changes made right after start-up must not slip past: wait (briefly) until it listens
         await asyncio.wait_for(listener.connected.wait(), 5)
@@ -195,7 +205,9 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                   f"    {created.secret}\n", file=sys.stderr, flush=True)
 
     policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
-    changes = await _listen_for_changes(settings.database_url, keys, policies)
+    prompts = Registry(pool)
+    await prompts.load()
+    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts)
     stack.push_async_callback(changes.stop)
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)
@@ -218,12 +230,12 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     calls = Calls(catalog, ledger, telemetry,
                   Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                   policies=policies, quota=quota)
-    service = CompletionService(calls, routing, shadows=shadows)
+    service = CompletionService(calls, routing, parts=Parts(prompts=RegistryPrompts(prompts)), shadows=shadows)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
-                    changes=changes)
+                    changes=changes, prompts=prompts)
 
 
 class Gateway:
@@ -249,6 +261,7 @@ class Gateway:
                            description="OpenAI-compatible LLM gateway with cost control.")
         self.api.include_router(router)
         self.api.include_router(admin_router)
+        self.api.include_router(prompts_router)
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate = keys.add_parser("create", help="create a key (printed once)")
     _common(kcreate)
     kcreate.add_argument("--tenant", required=True)
-    kcreate.add_argument("--role", choices=["app", "finance", "admin"], default="app")
+    kcreate.add_argument("--role", choices=["app", "finance", "admin", "prompt_engineer"], default="app")
     kcreate.add_argument("--models", help="comma-separated models the key may use (default: all)")
     kcreate.add_argument("--name", help="a label for the key")
     audited(kcreate)
@@ -194,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     audited(krevoke)
     krevoke.set_defaults(func=cmd_keys_revoke)
 
-    from tollway import cli_budgets
+    from tollway import cli_budgets, cli_prompts
 
     cli_budgets.add_commands(sub, _common, tenants, keys)
+    cli_prompts.add_commands(sub, _common)
 
     simp = sub.add_parser("sim-upstream", help="run the scripted OpenAI/vLLM-compatible upstream")
     sim.add_arguments(simp)

@@ -63,7 +63,7 @@ def run_with_conn(args: argparse.Namespace, action: Callable[[Any, Settings], Aw
 
 def audited(parser: argparse.ArgumentParser) -> None:
     """Flags of a command that changes something: it is recorded in the change channel."""
-    from tollway.gateway.changes import default_author
+    from tollway.changes import default_author
 
     parser.add_argument("--author", default=default_author(),
                         help="who makes this change, for the audit log (default: OS user@host)")

@@ -168,11 +168,13 @@ async def test_parts_plug_in_side_rows_and_versions(app_factory, make_tenant, le
 async def test_a_part_that_is_not_there_is_a_clear_400(app_factory, make_tenant):
     tenant = make_tenant()
     async with app_factory() as gw:
-        for extra, param in (({"retrieval": {"collection": "c"}}, "retrieval"),
-                             ({"prompt": {"name": "greet"}}, "prompt"), ({"prompt": "greet"}, "prompt")):
+        for extra, param in (({"retrieval": {"collection": "c"}}, "retrieval"), ({"prompt": "greet"}, "prompt")):
             resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                         json={"model": "sim-small", "messages": MSG, **extra})
             assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+        unknown = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                       json={"model": "sim-small", "messages": MSG, "prompt": {"name": "greet"}})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "prompt.name"
 
 
 # -- one 500 row for an unexpected failure in any stage ---------------------------------------------

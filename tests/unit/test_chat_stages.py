@@ -192,6 +192,9 @@ async def test_parse_keeps_tollway_fields_out_of_the_upstream_body() -> None:
 
 async def test_render_prompt_prepends_messages_and_lets_the_request_win() -> None:
     class Registry:
+        def offers(self, tenant_id: int) -> bool:
+            return True
+
         async def render(self, ex: Any, ref: JSON) -> RenderedPrompt:
             return RenderedPrompt("greet", "abc123", ({"role": "system", "content": f"Greet {ref['variables']['who']}"},),
                                   model="large", params={"temperature": 0.2, "max_tokens": 64})

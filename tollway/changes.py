@@ -16,7 +16,7 @@ import contextlib
 import getpass
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -92,7 +92,7 @@ async def history(conn: psycopg.AsyncConnection[Any], *, tenant_id: int | None =
 class ChangeListener:
     """LISTENs on its own connection and hands every change to the handlers; reconnects with backoff."""
 
-    def __init__(self, database_url: str, handlers: list[Callable[[Note], None]], *,
+    def __init__(self, database_url: str, handlers: list[Callable[[Note], Awaitable[None] | None]], *,
                  retry_s: float = 1.0) -> None:
         self.url = database_url
         self.handlers = handlers
@@ -137,7 +137,9 @@ class ChangeListener:
             return
         for handler in self.handlers:
             try:
-                handler(note)
+                result = handler(note)
+                if result is not None:
+                    await result  # e.g. reloading a tenant's prompts: applied before ``applied`` returns
             except Exception:
                 log.exception("change handler failed for change %s", note.id)
         async with self._seen:

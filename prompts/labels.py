@@ -1,0 +1,134 @@
+"""Labels (``production``, ``staging``, ``canary``, any name) point at versions; a label may split traffic
+between two versions by percentage. Every move is a row in the change channel (who, from, to, when,
+why), which is also how ``rollback`` finds the version a label held before. A move of ``production``
+calls the gate first (``tollway.prompts.gate``)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from tollway import changes
+from tollway.errors import InvalidRequest, NotFound, TollwayError
+from tollway.prompts.gate import Gate, GateResult
+from tollway.prompts.store import version
+
+PRODUCTION = "production"
+GATE_TIMEOUT_S = 600.0
+
+
+class GateRefused(TollwayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "gate_failed"
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def body(self) -> dict[str, Any]:
+        out = super().body()
+        out["error"]["report"] = self.report
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    name: str
+    label: str
+    version: str
+    split_version: str | None = None
+    split_percent: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"prompt": self.name, "label": self.label, "version": self.version,
+                "split_version": self.split_version, "split_percent": self.split_percent}
+
+    def pick(self, subject: str) -> str:
+        """The version this end user (or key) gets: stable per user, salted per prompt, so prompt splits
+        and model canaries do not pick the same users."""
+        if not self.split_version or self.split_percent <= 0:
+            return self.version
+        return self.split_version if bucket(self.name, subject) * 100 < self.split_percent else self.version
+
+
+def bucket(prompt: str, subject: str) -> float:
+    digest = hashlib.blake2b(subject.encode(), digest_size=8, key=prompt.encode()[:64], person=b"tw-prompt").digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+async def labels_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str | None = None) -> list[Label]:
+    cur = await conn.execute(
+        "SELECT name, label, version, split_version, split_percent FROM prompt_labels WHERE tenant_id = %s"
+        " AND (%s::text IS NULL OR name = %s) ORDER BY name, label", (tenant_id, name, name))
+    return [Label(*r) for r in await cur.fetchall()]
+
+
+async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str,
+                     target: str, *, author: str, reason: str | None = None, split_version: str | None = None,
+                     split_percent: float = 0.0, gate: Gate | None = None, admin: bool = False,
+                     override: bool = False) -> tuple[Label, GateResult | None]:
+    """Point ``label`` at ``target`` (a version or another label), optionally splitting ``split_percent``
+    of users to ``split_version``. Moving ``production`` runs the gate (admins may override it, recorded)."""
+    if not 0 <= split_percent <= 100:
+        raise InvalidRequest("split_percent must be between 0 and 100", param="split_percent")
+    to = (await version(conn, tenant_id, name, target)).version
+    split = None if split_version is None else (await version(conn, tenant_id, name, split_version)).version
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT name, label, version, split_version, split_percent FROM prompt_labels"
+            " WHERE tenant_id = %s AND name = %s AND label = %s FOR UPDATE", (tenant_id, name, label))
+        row = await cur.fetchone()
+        before = None if row is None else Label(*row)
+        result = None
+        if label == PRODUCTION:
+            if override and not admin:
+                raise InvalidRequest("Only an admin may override the gate.", param="override")
+            result = await run_gate(gate, tenant, name, to, None if before is None else before.version)
+            if not result.passed and not override:
+                raise GateRefused(f"The gate refused {name}@{to[:12]} for production: {result.summary}",
+                                  result.report)
+        await conn.execute(
+            "INSERT INTO prompt_labels (tenant_id, name, label, version, split_version, split_percent)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (tenant_id, name, label) DO UPDATE SET"
+            " version = EXCLUDED.version, split_version = EXCLUDED.split_version,"
+            " split_percent = EXCLUDED.split_percent, updated_at = now()",
+            (tenant_id, name, label, to, split, split_percent if split else 0.0))
+        after = Label(name, label, to, split, split_percent if split else 0.0)
+        gate_note = None if result is None else {"passed": result.passed, "summary": result.summary,
+                                                 "overridden": override and not result.passed}
+        await changes.record(conn, author=author, kind="prompt_label", subject=f"{name}:{label}", action="move",
+                             tenant_id=tenant_id, before=None if before is None else before.as_json(),
+                             after={**after.as_json(), "gate": gate_note}, reason=reason)
+    return after, result
+
+
+async def rollback(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str, *,
+                   author: str, reason: str | None = None) -> Label:
+    """Move ``label`` back to the version it held before its last move (no gate: going back is the remedy)."""
+    cur = await conn.execute(
+        "SELECT before FROM changes WHERE tenant_id = %s AND kind = 'prompt_label' AND subject = %s"
+        " ORDER BY id DESC LIMIT 1", (tenant_id, f"{name}:{label}"))
+    row = await cur.fetchone()
+    if row is None or row[0] is None:
+        raise NotFound(f"Label '{label}' of prompt '{name}' has no earlier version to roll back to.",
+                       param="label", code="no_previous_version")
+    before = row[0]
+    after, _ = await move_label(conn, tenant_id, tenant, name, label, before["version"], author=author,
+                                reason=reason or "rollback", split_version=before.get("split_version"),
+                                split_percent=float(before.get("split_percent") or 0), gate=None,
+                                admin=True, override=True)
+    return after
+
+
+async def run_gate(gate: Gate | None, tenant: str, name: str, candidate: str, current: str | None) -> GateResult:
+    if gate is None:
+        return GateResult(True, "no gate (always passes)", {"gate": "none"})
+    try:
+        return await asyncio.wait_for(gate.check(tenant, name, candidate, current), GATE_TIMEOUT_S)
+    except TimeoutError:
+        return GateResult(False, f"the gate did not answer within {GATE_TIMEOUT_S:g}s", {"gate": "timeout"})

@@ -1,0 +1,128 @@
+"""What a gateway process holds of every tenant's prompts, to render from memory on the request path:
+version contents, labels, compiled templates (compiled on first use, cached per version). Loaded at
+start-up; a tenant is reloaded when the change channel announces a push or a label move. If a reload
+fails (the store is broken or unreachable), the last good versions keep serving and the failure is kept
+for ``tollway doctor`` and the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import NotFound
+from tollway.jsontypes import JSON
+from tollway.prompts.labels import PRODUCTION, Label
+from tollway.prompts.spec import Prompt, PromptError, parse_prompt
+
+log = logging.getLogger("tollway.prompts")
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    name: str
+    version: str
+    messages: tuple[JSON, ...]
+    model: str | None
+    params: JSON
+
+
+@dataclass(slots=True)
+class TenantPrompts:
+    contents: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> version -> file text
+    labels: dict[tuple[str, str], Label] = field(default_factory=dict)
+    compiled: dict[tuple[str, str], Prompt] = field(default_factory=dict)
+
+    def prompt(self, name: str, version: str) -> Prompt:
+        key = (name, version)
+        found = self.compiled.get(key)
+        if found is None:
+            found = self.compiled[key] = parse_prompt(name, version, self.contents[name][version])
+        return found
+
+
+class Registry:
+    def __init__(self, pool: AsyncConnectionPool | None) -> None:
+        self._pool = pool
+        self._tenants: dict[int, TenantPrompts] = {}
+        self.last_error: str | None = None  # the last failed load, for doctor and logs
+
+    async def load(self, tenant_id: int | None = None) -> None:
+        """Load every tenant (``None``) or one; on failure keep what was loaded before."""
+        assert self._pool is not None, "a registry without a pool is loaded with load_with"
+        try:
+            async with self._pool.connection(timeout=5) as conn:
+                await self.load_with(conn, tenant_id)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("prompt store unavailable (%s); the last good versions keep serving", self.last_error)
+
+    async def load_with(self, conn: Any, tenant_id: int | None = None) -> None:
+        cur = await conn.execute("SELECT tenant_id, name, version, content FROM prompt_versions"
+                                 " WHERE %s::bigint IS NULL OR tenant_id = %s", (tenant_id, tenant_id))
+        versions = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT tenant_id, name, label, version, split_version, split_percent FROM prompt_labels"
+            " WHERE %s::bigint IS NULL OR tenant_id = %s", (tenant_id, tenant_id))
+        labels = await cur.fetchall()
+        fresh: dict[int, TenantPrompts] = {}
+        for tid, name, ver, content in versions:
+            fresh.setdefault(tid, TenantPrompts()).contents.setdefault(name, {})[ver] = content
+        for tid, name, label, ver, split, percent in labels:
+            fresh.setdefault(tid, TenantPrompts()).labels[(name, label)] = Label(name, label, ver, split, percent)
+        for tid, loaded in fresh.items():
+            old = self._tenants.get(tid)
+            if old is not None:  # keep compiled templates of versions that are still there (they never change)
+                loaded.compiled = {k: v for k, v in old.compiled.items() if k[1] in loaded.contents.get(k[0], {})}
+        if tenant_id is None:
+            self._tenants = fresh
+        else:
+            self._tenants[tenant_id] = fresh.get(tenant_id, TenantPrompts())
+        self.last_error = None
+
+    def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
+        """``ref``: the request's ``prompt`` object, ``{name, label | version, variables}``."""
+        name = ref.get("name")
+        if not isinstance(name, str) or not name:
+            raise PromptError("'prompt.name' is required.", param="prompt.name")
+        label, version = ref.get("label"), ref.get("version")
+        if label is not None and version is not None:
+            raise PromptError("Give 'prompt.label' or 'prompt.version', not both.", param="prompt.version")
+        tenant = self._tenants.get(tenant_id)
+        versions = tenant.contents.get(name) if tenant is not None else None
+        if tenant is None or not versions:
+            raise NotFound(f"Prompt '{name}' does not exist.", param="prompt.name", code="prompt_not_found")
+        if version is not None:
+            chosen = _by_id(versions, str(version), name)
+        else:
+            found = tenant.labels.get((name, str(label or PRODUCTION)))
+            if found is None:
+                raise NotFound(f"Prompt '{name}' has no label '{label or PRODUCTION}' (name a version, or move the "
+                               "label first).", param="prompt.label", code="prompt_not_found")
+            chosen = found.pick(subject)
+        prompt = tenant.prompt(name, chosen)
+        return Rendered(name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model, prompt.params)
+
+    def has(self, tenant_id: int) -> bool:
+        tenant = self._tenants.get(tenant_id)
+        return tenant is not None and bool(tenant.contents)
+
+    def label_names(self, tenant_id: int, name: str) -> set[str]:
+        tenant = self._tenants.get(tenant_id)
+        return set() if tenant is None else {label for (n, label) in tenant.labels if n == name}
+
+    def count(self) -> dict[str, Any]:
+        return {"tenants": len(self._tenants),
+                "versions": sum(len(v) for t in self._tenants.values() for v in t.contents.values())}
+
+
+def _by_id(versions: dict[str, str], ref: str, name: str) -> str:
+    if ref in versions:
+        return ref
+    matches = [v for v in versions if len(ref) >= 7 and v.startswith(ref)]
+    if len(matches) != 1:
+        raise NotFound(f"Prompt '{name}' has no version '{ref}'.", param="prompt.version", code="prompt_not_found")
+    return matches[0]

@@ -1,0 +1,185 @@
+"""A prompt file: parsed strictly, its templates compiled in a sandbox, its variables declared and typed.
+
+::
+
+    # greet.yaml
+    model: auto
+    messages:
+      - {role: system, content: "You greet {{ customer }} politely, in {{ language }}."}
+    variables:
+      customer: {type: string}
+      language: {type: string, default: English}
+    params: {temperature: 0.2, max_tokens: 64}
+    golden_set: greet.golden.jsonl      # optional: JSONL in the same repository
+
+Templates run in ``jinja2.sandbox.SandboxedEnvironment`` with ``StrictUndefined``: a template that names
+a variable the file does not declare is refused when the file is submitted, and rendering never reads
+anything but the declared variables. Compiled templates are kept per version, so a request renders
+from memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jinja2
+import orjson
+import yaml
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tollway.errors import InvalidRequest
+from tollway.jsontypes import JSON
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
+                                        "boolean": (bool,), "array": (list,), "object": (dict,)}
+PARAMS = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "response_format", "stop",
+                    "seed", "presence_penalty", "frequency_penalty", "n", "tools", "tool_choice", "logit_bias"})
+
+
+class PromptError(InvalidRequest):
+    """A prompt file (or a reference to one) that cannot be used; ``param`` names the field or variable."""
+
+    code = "invalid_prompt"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RawVariable(_Strict):
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] = "string"
+    default: Any = None
+    description: str | None = None
+
+
+class RawMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class RawPrompt(_Strict):
+    model: str | None = None
+    description: str | None = None
+    messages: list[RawMessage] = Field(min_length=1)
+    variables: dict[str, RawVariable] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    golden_set: str | None = None
+    guards: dict[str, Any] | None = None  # per-prompt guard policy (guardrails issue)
+
+
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One version of one prompt, compiled."""
+
+    name: str
+    version: str
+    raw: RawPrompt
+    templates: tuple[tuple[str, jinja2.Template], ...]  # (role, compiled content)
+
+    @property
+    def model(self) -> str | None:
+        return self.raw.model
+
+    @property
+    def params(self) -> JSON:
+        return dict(self.raw.params)
+
+    def bind(self, given: JSON | None) -> JSON:
+        """The variables for a render: declared ones only, each of its type, defaults filled in."""
+        given = given or {}
+        if not isinstance(given, dict):
+            raise PromptError("'prompt.variables' must be an object.", param="prompt.variables")
+        unknown = sorted(set(given) - set(self.raw.variables))
+        if unknown:
+            raise PromptError(f"Prompt '{self.name}' has no variable '{unknown[0]}' (it declares: "
+                              f"{', '.join(sorted(self.raw.variables)) or 'none'}).",
+                              param=f"prompt.variables.{unknown[0]}")
+        out: JSON = {}
+        for name, var in self.raw.variables.items():
+            if name not in given:
+                if var.default is None:
+                    raise PromptError(f"Prompt '{self.name}' needs variable '{name}' ({var.type}).",
+                                      param=f"prompt.variables.{name}")
+                out[name] = var.default
+                continue
+            value = given[name]
+            ok = isinstance(value, _TYPES[var.type]) and not (var.type in ("integer", "number")
+                                                              and isinstance(value, bool))
+            if not ok:
+                raise PromptError(f"Prompt variable '{name}' must be of type {var.type}.",
+                                  param=f"prompt.variables.{name}")
+            out[name] = value
+        return out
+
+    def render(self, variables: JSON | None) -> list[JSON]:
+        bound = self.bind(variables)
+        try:
+            return [{"role": role, "content": template.render(bound)} for role, template in self.templates]
+        except jinja2.TemplateError as exc:  # a sandbox refusal or a runtime error in the template
+            raise PromptError(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
+
+
+def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
+    """Parse, validate and compile a prompt file; every problem is a PromptError naming what is wrong."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PromptError(f"{name}.yaml is not valid YAML: {str(exc).splitlines()[0]}", param="content") from exc
+    if not isinstance(data, dict):
+        raise PromptError(f"{name}.yaml must be a mapping with at least 'messages'.", param="content")
+    try:
+        raw = RawPrompt.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PromptError(f"{name}.yaml: {where}: {first['msg']}", param=where or "content") from exc
+    unknown_params = sorted(set(raw.params) - PARAMS)
+    if unknown_params:
+        raise PromptError(f"{name}.yaml: params.{unknown_params[0]} is not a request parameter a prompt may set",
+                          param=f"params.{unknown_params[0]}")
+    for var_name, var in raw.variables.items():
+        if var.default is not None and not isinstance(var.default, _TYPES[var.type]):
+            raise PromptError(f"{name}.yaml: variables.{var_name}.default is not of type {var.type}",
+                              param=f"variables.{var_name}")
+    templates = []
+    for i, message in enumerate(raw.messages):
+        try:
+            parsed = _ENV.parse(message.content)
+        except jinja2.TemplateSyntaxError as exc:
+            raise PromptError(f"{name}.yaml: messages[{i}].content: template error at line {exc.lineno}: "
+                              f"{exc.message}", param=f"messages[{i}].content") from exc
+        undeclared = sorted(meta.find_undeclared_variables(parsed) - set(raw.variables))
+        if undeclared:
+            raise PromptError(f"{name}.yaml: messages[{i}].content uses undeclared variable '{undeclared[0]}'",
+                              param=f"messages[{i}].content")
+        templates.append((message.role, _ENV.from_string(message.content)))
+    return Prompt(name, version, raw, tuple(templates))
+
+
+def check_golden_set(path: str, text: str | bytes) -> int:
+    """A golden set as the evals issue runs it: JSONL, each line an object with ``messages`` or
+    ``variables`` and a list of ``checks``. Returns the number of items."""
+    items = 0
+    for number, line in enumerate(text.splitlines() if isinstance(text, str) else text.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise PromptError(f"{path}:{number}: not a JSON object", param="golden_set") from exc
+        if not isinstance(item, dict) or not ({"messages", "variables"} & set(item)):
+            raise PromptError(f"{path}:{number}: needs 'messages' or 'variables'", param="golden_set")
+        checks = item.get("checks")
+        if not isinstance(checks, list) or not all(isinstance(c, dict) and "type" in c for c in checks):
+            raise PromptError(f"{path}:{number}: 'checks' must be a list of objects with a 'type'", param="golden_set")
+        items += 1
+    if not items:
+        raise PromptError(f"{path}: the golden set is empty", param="golden_set")
+    return items

@@ -1,0 +1,229 @@
+"""`tollway prompts ...`: the prompt API's operations from a shell, straight against the database (like
+`tollway keys`): push, list, versions, show, diff, render (a dry run with cost), label, rollback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tollway.cli_common import audited, run_with_conn
+from tollway.settings import Settings
+
+
+async def _tid(conn: Any, tenant: str) -> int:
+    from tollway.gateway.keys import tenant_id
+
+    return await tenant_id(conn, tenant)
+
+
+def _split_ref(text: str) -> tuple[str, str | None]:
+    name, _, ref = text.partition("@")
+    return name, ref or None
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from tollway.prompts import parse_prompt, submit
+
+    path = Path(args.file)
+    content = path.read_text()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    extra: dict[str, str] = {}
+    golden = parse_prompt(name, "new", content).raw.golden_set
+    if golden is not None and (path.parent / golden).is_file():
+        extra[golden] = (path.parent / golden).read_text()  # the golden set it names travels with it
+
+    async def action(conn: Any, settings: Settings) -> int:
+        made = await submit(conn, await _tid(conn, args.tenant), name, content, message=args.message,
+                            author=args.author, parent=args.parent, extra_files=extra)
+        print(f"{made.name}: new version (author {made.author})", file=sys.stderr)
+        print(made.version)
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tollway.prompts import labels_of, versions_of
+
+    async def action(conn: Any, settings: Settings) -> int:
+        tid = await _tid(conn, args.tenant)
+        labels = await labels_of(conn, tid)
+        seen: set[str] = set()
+        for v in await versions_of(conn, tid):
+            if v.name in seen:
+                continue
+            seen.add(v.name)
+            tags = ", ".join(f"{lab.label}={lab.version[:12]}" + (f" ({lab.split_percent:g}% {lab.split_version[:12]})"
+                                                                   if lab.split_version else "")
+                             for lab in labels if lab.name == v.name)
+            print(f"{v.name}\t{v.version[:12]}\t{tags}")
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from tollway.prompts import versions_of
+
+    async def action(conn: Any, settings: Settings) -> int:
+        for v in await versions_of(conn, await _tid(conn, args.tenant), args.name):
+            print(f"{v.version}\t{v.created_at}\t{v.author}\t{v.message}")
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from tollway.prompts import PRODUCTION, version
+
+    name, ref = _split_ref(args.prompt)
+
+    async def action(conn: Any, settings: Settings) -> int:
+        found = await version(conn, await _tid(conn, args.tenant), name, ref or PRODUCTION)
+        print(f"# {found.name}@{found.version} by {found.author}: {found.message}", file=sys.stderr)
+        print(found.content, end="")
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import difflib
+
+    from tollway.prompts import version
+
+    async def action(conn: Any, settings: Settings) -> int:
+        tid = await _tid(conn, args.tenant)
+        a, b = await version(conn, tid, args.name, args.a), await version(conn, tid, args.name, args.b)
+        sys.stdout.writelines(difflib.unified_diff(a.content.splitlines(keepends=True),
+                                                   b.content.splitlines(keepends=True),
+                                                   fromfile=f"{args.name}@{a.version[:12]}",
+                                                   tofile=f"{args.name}@{b.version[:12]}"))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def _var(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--var takes NAME=VALUE, not {text!r}")
+    try:
+        value = json.loads(raw)  # numbers, booleans, lists, objects; anything else is a string
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from tollway.gateway.prompts_api import dry_run, requests_per_day
+    from tollway.prompts import PRODUCTION, Registry
+    from tollway.routing import build_catalog, load_config, resolve_upstream
+
+    name, ref = _split_ref(args.prompt)
+
+    async def action(conn: Any, settings: Settings) -> int:
+        tid = await _tid(conn, args.tenant)
+        raw = load_config(settings.config)
+        catalog = build_catalog(raw, {}, [resolve_upstream(u, timeout_s=1, connect_timeout_s=1) for u in raw.upstreams])
+        registry = Registry(None)
+        await registry.load_with(conn, tid)
+        key = "label" if (ref or PRODUCTION) in registry.label_names(tid, name) else "version"
+        rendered = registry.render(tid, "cli", {"name": name, key: ref or PRODUCTION, "variables": dict(args.var)})
+        out = dry_run(catalog, rendered.name, rendered.version, list(rendered.messages), rendered.params,
+                      await requests_per_day(conn, tid, name))
+        if args.json:
+            print(json.dumps(out, indent=2))
+            return 0
+        print(f"{out['prompt']}@{out['version']}")
+        for m in out["messages"]:
+            print(f"  [{m['role']}] {m['content']}")
+        print(f"traffic: {out['requests_per_day_7d']} requests/day over the last 7 days")
+        for m in out["models"] or [{"model": "(no models in the config)"}]:
+            if "usd_per_request" not in m:
+                print(f"  {m['model']}")
+                continue
+            print(f"  {m['model']:<28} {m['input_tokens']} prompt tokens (+ up to {m['max_output_tokens']} out): "
+                  f"${m['usd_per_request']['prompt_only']}-{m['usd_per_request']['at_max_tokens']} per request, "
+                  f"${m['usd_per_day']['prompt_only']}-{m['usd_per_day']['at_max_tokens']} per day")
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from tollway.prompts import move_label
+
+    split_version, split_percent = None, 0.0
+    if args.split:
+        split_version, _, pct = args.split.rpartition(":")
+        split_percent = float(pct)
+
+    async def action(conn: Any, settings: Settings) -> int:
+        moved, gate = await move_label(conn, await _tid(conn, args.tenant), args.tenant, args.name, args.label,
+                                       args.version, author=args.author, reason=args.reason,
+                                       split_version=split_version or None, split_percent=split_percent,
+                                       admin=True, override=args.override)
+        if gate is not None:
+            print(f"gate: {'passed' if gate.passed else 'FAILED (overridden)'}: {gate.summary}", file=sys.stderr)
+        print(json.dumps(moved.as_json()))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tollway.prompts import rollback
+
+    async def action(conn: Any, settings: Settings) -> int:
+        moved = await rollback(conn, await _tid(conn, args.tenant), args.tenant, args.name, args.label,
+                               author=args.author, reason=args.reason)
+        print(json.dumps(moved.as_json()))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def add_commands(sub: Any, common: Any) -> None:
+    prompts = sub.add_parser("prompts", help="git-versioned prompts").add_subparsers(dest="action", required=True)
+
+    def command(name: str, help_text: str, func: Any, *, changes: bool = False) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = prompts.add_parser(name, help=help_text)
+        common(parser)
+        parser.add_argument("--tenant", required=True)
+        if changes:
+            audited(parser)
+        parser.set_defaults(func=func)
+        return parser
+
+    push = command("push", "submit FILE (NAME.yaml) as a new version; prints the version id last", cmd_push,
+                   changes=True)
+    push.add_argument("file")
+    push.add_argument("-m", "--message", required=True)
+    push.add_argument("--parent", help="the version this edit is based on (refused if the prompt moved on)")
+    command("list", "prompts with their latest version and labels", cmd_list)
+    versions = command("versions", "a prompt's versions, newest first", cmd_versions)
+    versions.add_argument("name")
+    show = command("show", "print NAME[@VERSION|LABEL] (default: production)", cmd_show)
+    show.add_argument("prompt")
+    diff = command("diff", "unified diff between two versions or labels", cmd_diff)
+    diff.add_argument("name")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    render = command("render", "dry run: rendered messages, tokens and cost per model, per request and per day",
+                     cmd_render)
+    render.add_argument("prompt", help="NAME[@VERSION|LABEL]")
+    render.add_argument("--var", type=_var, action="append", default=[], help="NAME=VALUE (JSON or text)")
+    render.add_argument("--json", action="store_true")
+    label = command("label", "point LABEL at VERSION (production: through the gate)", cmd_label, changes=True)
+    label.add_argument("name")
+    label.add_argument("label")
+    label.add_argument("version")
+    label.add_argument("--split", help="VERSION:PERCENT of end users get another version")
+    label.add_argument("--override", action="store_true", help="move production even if the gate fails (recorded)")
+    rollback = command("rollback", "move LABEL back to its previous version", cmd_rollback, changes=True)
+    rollback.add_argument("name")
+    rollback.add_argument("label")
