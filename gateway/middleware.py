@@ -5,6 +5,7 @@ Order, outermost first: RequestId -> BodyLimit -> Auth. Each one is small and do
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable
 from typing import Any
@@ -83,33 +84,45 @@ class BodyLimitMiddleware:
 
 
 class AuthMiddleware:
-    """Resolves ``Authorization: Bearer <key>`` on /v1 paths to a Principal in ``scope["state"]``."""
+    """Resolves the key on /v1 paths to a Principal in ``scope["state"]``: ``Authorization: Bearer <key>``,
+    or HTTP Basic with the key as the password (what git sends for the prompt repository, whose path
+    answers ``WWW-Authenticate: Basic`` so git knows to send it)."""
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], KeyStore]) -> None:
+    def __init__(self, app: ASGIApp, keys: Callable[[], KeyStore], basic_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = keys
+        self.basic_paths = basic_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope["state"]
-        secret = _bearer(scope["headers"])
+        secret = _credential(scope["headers"])
         try:
             if secret is None:
                 raise AuthenticationFailed(
                     "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
             state["principal"] = await self.keys().authenticate(secret)
         except TollwayError as exc:
-            await send_error(send, exc, {"www-authenticate": "Bearer"} if exc.status == 401 else None)
+            challenge = 'Basic realm="Tollway"' if scope["path"].startswith(self.basic_paths) else "Bearer"
+            await send_error(send, exc, {"www-authenticate": challenge} if exc.status == 401 else None)
             return
         await self.app(scope, receive, send)
 
 
-def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
+            if scheme.lower() == "bearer" and token:
+                return token
+            if scheme.lower() == "basic" and token:
+                try:
+                    _, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+                except (ValueError, UnicodeDecodeError):
+                    return None
+                return password or None
+            return None
     return None

@@ -174,6 +174,16 @@ async def _land(conn: psycopg.AsyncConnection[Any], tenant_id: int, repo: Memory
     return versions
 
 
+async def land_push(conn: psycopg.AsyncConnection[Any], tenant_id: int, repo: MemoryRepo, old: bytes | None,
+                    new: bytes, author: str) -> list[Version]:
+    """A checked git push: lands only if ``old`` is still the head (else git's "fetch first")."""
+    async with conn.transaction():
+        head = await _lock_head(conn, tenant_id)
+        if head != old:
+            raise StaleParent("main has moved on since you fetched: fetch first, then push again")
+        return await _land(conn, tenant_id, repo, old, new, author)
+
+
 def _commit(repo: MemoryRepo, parent: bytes | None, files: Mapping[str, bytes], message: str, author: str) -> Commit:
     tree = Tree()
     for path, data in sorted(files.items()):

@@ -30,6 +30,8 @@ from tollway.gateway.breakers import BreakerEvents
 from tollway.gateway.calls import Calls, Limits
 from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.exchange import Parts
+from tollway.gateway.git_http import PREFIX as GIT_PREFIX
+from tollway.gateway.git_http import GitHTTP
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -85,6 +87,7 @@ class AppState:
     shadows: Shadows | None
     changes: ChangeListener
     prompts: Registry
+    git: GitHTTP | None = None
     prompt_gate: Gate | None = None  # the evals part supplies one; until then production moves say "no gate"
 
     async def readiness(self) -> dict[str, bool]:
@@ -227,6 +230,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     if shadows is not None:
         stack.push_async_callback(shadows.drain)  # before the ledger stops: shadow rows are written
     stack.push_async_callback(routing.drain)  # before Redis closes: finished streams are cached
+    git = GitHTTP(pool, prompts.load)
+    stack.callback(git.close)
     calls = Calls(catalog, ledger, telemetry,
                   Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                   policies=policies, quota=quota)
@@ -235,7 +240,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
-                    changes=changes, prompts=prompts)
+                    changes=changes, prompts=prompts, git=git)
 
 
 class Gateway:
@@ -265,7 +270,8 @@ class Gateway:
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(
-            AuthMiddleware(self._dispatch, lambda: self.state.keys), settings.max_body_bytes))
+            AuthMiddleware(self._dispatch, lambda: self.state.keys, basic_paths=(GIT_PREFIX,)),
+            settings.max_body_bytes))
 
     @property
     def state(self) -> AppState:
@@ -278,7 +284,9 @@ class Gateway:
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = HOT_ROUTES.get((scope.get("method", ""), scope["path"]))
-        if handler is None:
+        if handler is None and scope["path"].startswith(GIT_PREFIX + "/") and self.state.git is not None:
+            await self.state.git(scope, receive, send)
+        elif handler is None:
             await self.api(scope, receive, send)
         else:
             await handler(scope, receive, send, self.state.service)

@@ -1,0 +1,113 @@
+"""`git clone` and `git push` against ``/v1/prompts.git``: git's smart HTTP protocol, served by dulwich's
+WSGI server (in a thread, through a2wsgi) over an in-memory repository built from the tenant's objects in
+PostgreSQL for each request. HTTP Basic with a Tollway key as the password (the auth middleware answers
+``WWW-Authenticate: Basic`` on this path so git sends credentials); prompt engineer and admin keys only,
+each on its own tenant's repository.
+
+A push is checked like an API submission before anything is stored: only ``main``, a fast-forward of the
+current head, prompts at the top of the tree, every changed prompt parsing with its golden set. A bad
+push is refused with git's own ``! [remote rejected]`` line naming the file and the problem, and nothing
+changes; a good one lands in one transaction and reaches every replica through the change channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from a2wsgi.wsgi import WSGIResponder
+from dulwich.errors import HookError
+from dulwich.objects import Commit, Tree
+from dulwich.repo import MemoryRepo
+from dulwich.server import DictBackend
+from dulwich.web import HTTPGitApplication
+from psycopg_pool import AsyncConnectionPool
+from starlette.types import Receive, Scope, Send
+
+from tollway.errors import PermissionDenied, TollwayError
+from tollway.gateway.keys import Principal
+from tollway.gateway.middleware import send_error
+from tollway.prompts.spec import PromptError
+from tollway.prompts.store import MAIN, blob_text, land_push, load_objects, memory_repo, tree_files
+from tollway.prompts.store import check_files as check_prompt_files
+
+log = logging.getLogger("tollway.git")
+PREFIX = "/v1/prompts.git"
+ZERO = b"0" * 40
+
+
+class _UpdateHook:
+    """dulwich's ``update`` hook: runs in the WSGI thread, lands the push on the event loop."""
+
+    def __init__(self, repo: MemoryRepo, land: Callable[[bytes | None, bytes], Coroutine[Any, Any, None]],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.repo, self.land, self.loop = repo, land, loop
+
+    def execute(self, ref: bytes, old: bytes, new: bytes) -> tuple[bytes, bytes]:
+        if ref != MAIN:
+            raise HookError(f"only refs/heads/main is kept (not {ref.decode()})")
+        if new == ZERO:
+            raise HookError("main cannot be deleted")
+        try:
+            check_push(self.repo, None if old == ZERO else old, new)
+            asyncio.run_coroutine_threadsafe(self.land(None if old == ZERO else old, new), self.loop).result(60)
+        except (PromptError, TollwayError) as exc:
+            raise HookError(exc.message) from exc
+        return b"", b""
+
+
+def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
+    """Linear history on top of ``old``, prompts at the top level, every changed prompt valid."""
+    sha: bytes | None = new
+    while sha is not None and sha != old:
+        commit = repo.object_store[sha]  # type: ignore[index]
+        assert isinstance(commit, Commit)
+        if len(commit.parents) > 1:
+            raise PromptError("merge commits are not kept: rebase onto main and push again")
+        tree = repo.object_store[commit.tree]
+        assert isinstance(tree, Tree)
+        if any(entry.mode & 0o040000 for entry in tree.iteritems()):
+            raise PromptError("prompts live at the top of the repository: no folders")
+        files = {path: blob_text(repo, blob) for path, blob in tree_files(repo, commit.id).items()}
+        before = tree_files(repo, commit.parents[0]) if commit.parents else {}
+        changed = [p for p, blob in tree_files(repo, commit.id).items() if before.get(p) != blob]
+        check_prompt_files(files, changed)
+        sha = commit.parents[0] if commit.parents else None
+    if sha != old:
+        raise PromptError("the push does not build on the current main: fetch first")
+
+
+class GitHTTP:
+    def __init__(self, pool: AsyncConnectionPool, on_landed: Callable[[int], Awaitable[None]]) -> None:
+        self.pool = pool
+        self.on_landed = on_landed  # reload this process's registry at once
+        self.executor = ThreadPoolExecutor(thread_name_prefix="git", max_workers=4)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal: Principal = scope["state"]["principal"]
+        if principal.role not in ("prompt_engineer", "admin"):
+            await send_error(send, PermissionDenied(f"A {principal.role} key may not use the prompt repository.",
+                                                    code="role_not_allowed"))
+            return
+        async with self.pool.connection() as conn:
+            head, objects = await load_objects(conn, principal.tenant_id)
+        repo = memory_repo(head, objects)
+        loop = asyncio.get_running_loop()
+
+        async def land(old: bytes | None, new: bytes) -> None:
+            async with self.pool.connection() as conn:
+                await land_push(conn, principal.tenant_id, repo, old, new, principal.author)
+            await self.on_landed(principal.tenant_id)
+
+        repo.hooks["update"] = _UpdateHook(repo, land, loop)  # type: ignore[assignment]
+        app = HTTPGitApplication(DictBackend({"/": repo}))  # type: ignore[arg-type]
+        inner = dict(scope, path=scope["path"][len(PREFIX):] or "/", root_path=PREFIX)
+        inner.pop("raw_path", None)
+        responder: Any = WSGIResponder(app, self.executor, 10)  # type: ignore[arg-type]
+        await responder(inner, receive, send)
