@@ -113,6 +113,37 @@ def check_files(files: Mapping[str, bytes], changed: Iterable[str]) -> None:
             check_golden_set(golden, files[golden])
 
 
+async def verify(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> list[str]:
+    """What is wrong with a tenant's repository (empty: nothing): objects that do not parse, the head's
+    history missing objects, versions whose file does not parse."""
+    problems: list[str] = []
+    cur = await conn.execute("SELECT head FROM prompt_heads WHERE tenant_id = %s", (tenant_id,))
+    row = await cur.fetchone()
+    try:
+        head, objects = await load_objects(conn, tenant_id)
+    except Exception as exc:  # an object that does not parse
+        return [f"tenant {tenant_id}: unreadable object ({type(exc).__name__}: {exc})"]
+    repo = memory_repo(head if row and row[0] else None, objects)
+    sha = head if row and row[0] else None
+    while sha is not None:
+        try:
+            commit = repo.object_store[ObjectID(sha)]
+            assert isinstance(commit, Commit)
+            for blob in tree_files(repo, commit.id).values():
+                blob_text(repo, blob)
+        except (KeyError, AssertionError):
+            problems.append(f"tenant {tenant_id}: commit {sha.decode()[:12]} or its files are missing")
+            break
+        sha = commit.parents[0] if commit.parents else None
+    cur = await conn.execute("SELECT name, version, content FROM prompt_versions WHERE tenant_id = %s", (tenant_id,))
+    for name, ver, content in await cur.fetchall():
+        try:
+            parse_prompt(name, ver, content)
+        except PromptError as exc:
+            problems.append(f"tenant {tenant_id}: {name}@{ver[:12]}: {exc.message}")
+    return problems
+
+
 # -- writing --------------------------------------------------------------------------------------
 async def _lock_head(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> bytes | None:
     await conn.execute("INSERT INTO prompt_heads (tenant_id, head) VALUES (%s, '') ON CONFLICT DO NOTHING",

@@ -30,6 +30,24 @@ async def _database(settings: Settings) -> str:
     return str(row[0]).split(",")[0] + " with pgvector"
 
 
+async def _prompts(settings: Settings) -> str:
+    """Every tenant's prompt repository: its head and every object reachable from it present and whole,
+    every version's file parsing. A broken store is reported here; gateways keep serving what they hold."""
+    if not settings.database_url:
+        return "embedded database: checked when it runs"
+    import psycopg
+
+    from tollway.prompts.store import verify
+
+    async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=3) as conn:
+        cur = await conn.execute("SELECT tenant_id FROM prompt_heads WHERE head <> ''")
+        tenants = [r[0] for r in await cur.fetchall()]
+        problems = [p for tid in tenants for p in await verify(conn, tid)]
+    if problems:
+        raise RuntimeError("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return f"{len(tenants)} tenant repositories whole"
+
+
 async def _redis(settings: Settings) -> str:
     if not settings.redis_url:
         from tollway.embedded import redis_server_binary
@@ -88,7 +106,7 @@ async def _run(settings: Settings) -> int:
         return f"{settings.config or '(no config file)'}: {len(raw.upstreams)} upstreams, {len(raw.models)} models"
 
     checks: list[Check] = [("config", config), ("database", lambda: _database(settings)),
-                           ("redis", lambda: _redis(settings))]
+                           ("redis", lambda: _redis(settings)), ("prompts", lambda: _prompts(settings))]
     try:
         checks += _upstream_checks(settings)
     except ConfigError:

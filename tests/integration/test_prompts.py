@@ -257,3 +257,27 @@ async def test_the_cli_round_trip(app_factory, make_tenant, pg, tmp_path, golden
     async with app_factory() as gw:  # what the CLI wrote is what the API serves
         versions = (await gw.client.get("/v1/prompts/greet/versions", headers=eng.headers)).json()["data"]
     assert [(v["version"], v["author"]) for v in versions][1] == (v1, "ada")
+
+
+async def test_a_corrupt_store_is_a_doctor_finding(app_factory, make_tenant, pg, redis_url):
+    from tollway.prompts.store import verify
+
+    eng = make_tenant(role="prompt_engineer")
+    async with app_factory() as gw:
+        await push(gw, eng, "greet", GREET)
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        row = conn.execute("SELECT sha, type_num, data FROM prompt_objects WHERE tenant_id = %s AND type_num = 3",
+                           (eng.id,)).fetchone()
+        assert row is not None
+        conn.execute("DELETE FROM prompt_objects WHERE tenant_id = %s AND sha = %s", (eng.id, row[0]))
+        try:
+            async with await psycopg.AsyncConnection.connect(pg.url) as aconn:
+                problems = await verify(aconn, eng.id)
+            env = {"PATH": "/usr/bin:/bin", "TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url}
+            doctor = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tollway.cli", "doctor"],
+                                             capture_output=True, text=True, env=env, timeout=60)
+        finally:  # the shared test database must stay whole for the other tests' doctor runs
+            conn.execute("INSERT INTO prompt_objects (tenant_id, sha, type_num, data) VALUES (%s, %s, %s, %s)",
+                         (eng.id, *row))
+    assert problems and "files are missing" in problems[0]
+    assert doctor.returncode == 1 and f"FAIL  prompts: RuntimeError: tenant {eng.id}: commit" in doctor.stdout
