@@ -71,6 +71,28 @@ async def load_objects(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> tu
     return (row[0].encode() if row else None), objects
 
 
+async def load_head_tree(conn: psycopg.AsyncConnection[Any], tenant_id: int, head: bytes | None) -> list[ShaFile]:
+    """Only what a new commit on ``head`` needs: the head commit, its tree and the tree's files."""
+    if head is None:
+        return []
+    out: list[ShaFile] = []
+    wanted = [head.decode()]
+    for _ in range(3):  # commit -> tree -> blobs
+        cur = await conn.execute("SELECT type_num, data FROM prompt_objects WHERE tenant_id = %s AND sha = ANY(%s)",
+                                 (tenant_id, wanted))
+        found = [ShaFile.from_raw_string(t, bytes(d)) for t, d in await cur.fetchall()]
+        out += found
+        wanted = []
+        for obj in found:
+            if isinstance(obj, Commit):
+                wanted.append(obj.tree.decode())
+            elif isinstance(obj, Tree):
+                wanted += [entry.sha.decode() for entry in obj.iteritems()]
+        if not wanted:
+            break
+    return out
+
+
 def memory_repo(head: bytes | None, objects: Iterable[ShaFile]) -> MemoryRepo:
     repo = MemoryRepo()
     for obj in objects:
@@ -167,8 +189,6 @@ async def _land(conn: psycopg.AsyncConnection[Any], tenant_id: int, repo: Memory
         sha = commit.parents[0] if commit.parents else None
     if sha != old:
         raise StaleParent("The push does not build on the current head; fetch first.")
-    known = {row[0] for row in await (await conn.execute(
-        "SELECT sha FROM prompt_objects WHERE tenant_id = %s", (tenant_id,))).fetchall()}
     fresh: dict[bytes, ShaFile] = {}
     for commit in chain:
         for obj in (commit, repo.object_store[commit.tree]):
@@ -177,6 +197,9 @@ async def _land(conn: psycopg.AsyncConnection[Any], tenant_id: int, repo: Memory
         assert isinstance(tree, Tree)
         for entry in tree.iteritems():
             fresh[entry.sha] = repo.object_store[entry.sha]
+    known = {row[0] for row in await (await conn.execute(
+        "SELECT sha FROM prompt_objects WHERE tenant_id = %s AND sha = ANY(%s)",
+        (tenant_id, [sha.decode() for sha in fresh]))).fetchall()}
     rows = [(tenant_id, obj.id.decode(), obj.type_num, obj.as_raw_string()) for obj in fresh.values()
             if obj.id.decode() not in known]
     async with conn.cursor() as cur:
@@ -257,8 +280,7 @@ async def submit(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, 
         if parent is not None and parent != current:
             raise StaleParent(f"Prompt '{name}' has changed since version {parent} (now {current}); "
                               "fetch it, merge your edit and submit again.", param="parent")
-        _, objects = await load_objects(conn, tenant_id)
-        repo = memory_repo(head, objects)
+        repo = memory_repo(head, await load_head_tree(conn, tenant_id, head))
         files = {path: blob_text(repo, sha) for path, sha in tree_files(repo, head).items()}
         changed = [p for p, data in files_in.items() if files.get(p) != data]
         if not changed:
