@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from tollway.errors import PermissionDenied
+from tollway.gateway.accounting import format_cost
 from tollway.gateway.api import json_response
 from tollway.gateway.keys import Principal, tenant_id
 from tollway.jsontypes import JSON
@@ -195,9 +196,11 @@ def dry_run(catalog: Catalog, name: str, ver: str, messages: list[JSON], params:
             continue
         low = m.price.cost(Usage(input_tokens=tokens))
         high = m.price.cost(Usage(input_tokens=tokens, output_tokens=int(cap)))
-        models.append({"model": m.name, "tier": m.tier, "input_tokens": tokens, "max_output_tokens": cap,
-                       "usd_per_request": {"prompt_only": str(low), "at_max_tokens": str(high)},
-                       "usd_per_day": {"prompt_only": str(low * Decimal(str(per_day))),
-                                       "at_max_tokens": str(high * Decimal(str(per_day)))}})
+        daily = Decimal(str(per_day))
+        models.append({"model": m.name, "tier": m.tier, "price_source": m.price.source, "input_tokens": tokens,
+                       "max_output_tokens": cap,
+                       "usd_per_request": {"prompt_only": format_cost(low), "at_max_tokens": format_cost(high)},
+                       "usd_per_day": {"prompt_only": format_cost(low * daily),
+                                       "at_max_tokens": format_cost(high * daily)}})
     return {"prompt": name, "version": ver, "messages": messages, "params": params,
             "requests_per_day_7d": round(per_day, 2), "models": models}

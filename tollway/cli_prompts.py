@@ -119,16 +119,35 @@ def _var(text: str) -> tuple[str, Any]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from tollway.app import upstream_configs
     from tollway.gateway.prompts_api import dry_run, requests_per_day
     from tollway.prompts import PRODUCTION, Registry
-    from tollway.routing import build_catalog, load_config, resolve_upstream
+    from tollway.routing import (
+        build_catalog,
+        build_upstream,
+        discover,
+        load_config,
+        new_session,
+        resolve_upstream,
+    )
 
     name, ref = _split_ref(args.prompt)
 
+    async def catalog_of(settings: Settings) -> Any:
+        """The models the gateway would have: the config's, and those its upstreams list (as `serve` does)."""
+        settings = settings.model_copy(update={"upstreams": [*settings.upstreams, *args.upstream]})
+        specs = [resolve_upstream(u, timeout_s=5, connect_timeout_s=2) for u in upstream_configs(settings)]
+        session = new_session()
+        try:
+            upstreams = {spec.name: build_upstream(spec, session) for spec in specs}
+            discovered = await discover(list(upstreams.values()), 5)
+        finally:
+            await session.close()
+        return build_catalog(load_config(settings.config), discovered, specs)
+
     async def action(conn: Any, settings: Settings) -> int:
         tid = await _tid(conn, args.tenant)
-        raw = load_config(settings.config)
-        catalog = build_catalog(raw, {}, [resolve_upstream(u, timeout_s=1, connect_timeout_s=1) for u in raw.upstreams])
+        catalog = await catalog_of(settings)
         registry = Registry(None)
         await registry.load_with(conn, tid)
         key = "label" if (ref or PRODUCTION) in registry.label_names(tid, name) else "version"
@@ -142,11 +161,12 @@ def cmd_render(args: argparse.Namespace) -> int:
         for m in out["messages"]:
             print(f"  [{m['role']}] {m['content']}")
         print(f"traffic: {out['requests_per_day_7d']} requests/day over the last 7 days")
-        for m in out["models"] or [{"model": "(no models in the config)"}]:
+        for m in out["models"] or [{"model": "(no models known: give --config or --upstream URL)"}]:
             if "usd_per_request" not in m:
                 print(f"  {m['model']}")
                 continue
-            print(f"  {m['model']:<28} {m['input_tokens']} prompt tokens (+ up to {m['max_output_tokens']} out): "
+            unpriced = " (unpriced)" if m["price_source"] == "unpriced" else ""
+            print(f"  {m['model'] + unpriced:<28} {m['input_tokens']} prompt tokens (+ up to {m['max_output_tokens']} out): "
                   f"${m['usd_per_request']['prompt_only']}-{m['usd_per_request']['at_max_tokens']} per request, "
                   f"${m['usd_per_day']['prompt_only']}-{m['usd_per_day']['at_max_tokens']} per day")
         return 0
@@ -218,6 +238,8 @@ def add_commands(sub: Any, common: Any) -> None:
     render.add_argument("prompt", help="NAME[@VERSION|LABEL]")
     render.add_argument("--var", type=_var, action="append", default=[], help="NAME=VALUE (JSON or text)")
     render.add_argument("--json", action="store_true")
+    render.add_argument("--upstream", action="append", default=[], metavar="URL",
+                        help="an upstream whose /v1/models lists models to price (as `tollway serve --upstream`)")
     label = command("label", "point LABEL at VERSION (production: through the gate)", cmd_label, changes=True)
     label.add_argument("name")
     label.add_argument("label")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -50,6 +51,8 @@ async def test_submit_label_and_chat_carry_the_version(app_factory, make_tenant,
         resp = await gw.client.post("/v1/chat/completions", headers=eng.headers, json=chat_body())
         models = (await gw.client.get("/v1/models", headers=eng.headers)).json()["data"]
         await gw.state.ledger.flush()
+        dry = (await gw.client.post("/v1/prompts/greet/render", headers=eng.headers,
+                                    json={"variables": {"customer": "Ada"}})).json()
     assert resp.status_code == 200, resp.text
     sent = orjson.loads(sim.get("/sim/last-request?model=sim-large"))
     assert sent["messages"] == [{"role": "system", "content": "You greet Ada politely, in English."},
@@ -60,6 +63,10 @@ async def test_submit_label_and_chat_carry_the_version(app_factory, make_tenant,
     [row] = ledger("request_id = %s", resp.headers["x-request-id"])
     assert (row["prompt_name"], row["prompt_version"], row["model"]) == ("greet", v1, "sim-large")
     assert "prompt" in {m["id"] for m in models}
+    large = next(m for m in dry["models"] if m["model"] == "sim-large")
+    tokens = large["input_tokens"]
+    assert dry["version"] == v1 and dry["requests_per_day_7d"] == round(1 / 7, 2)  # the one chat above
+    assert Decimal(large["usd_per_request"]["at_max_tokens"]) == (tokens * 3 + 16 * 15) / Decimal(10**6)
 
 
 async def test_variables_are_validated_and_name_the_variable(app_factory, make_tenant):
