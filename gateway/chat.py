@@ -17,10 +17,9 @@ The whole run, the JSON tail included, is inside the tally's error handling: one
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 from tollway.errors import InvalidRequest, QuotaExceeded
 from tollway.gateway.accounting import CLIENT_CLOSED, usage_of
@@ -303,7 +302,7 @@ class Chat:
             ex.tally.row.guard_outcome = [g.as_json() for g in ex.guards]
         return ex.tally.close(status, code, usage=usage, usage_source=source)
 
-    def _relay(self, ex: Exchange) -> Any:
+    def _relay(self, ex: Exchange) -> AsyncIterator[bytes]:
         served = ex.served
         wants_usage = bool((ex.data.get("stream_options") or {}).get("include_usage"))
         emitter = Emitter(ex.tally.row.model or "", wants_usage=wants_usage)
