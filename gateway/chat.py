@@ -305,13 +305,17 @@ class Chat:
     def _relay(self, ex: Exchange) -> AsyncIterator[bytes]:
         served = ex.served
         wants_usage = bool((ex.data.get("stream_options") or {}).get("include_usage"))
+
+        def settle(status: int, code: str | None, usage: Usage, source: str) -> Decimal:
+            return self._close(ex, status, code, usage, source)
+
         emitter = Emitter(ex.tally.row.model or "", wants_usage=wants_usage)
         if served is None or served.stream is None:  # a cached or degraded answer, replayed
             assert ex.answer is not None
             chunks = as_chunks(ex.answer, include_usage=True)
             accountant = Accountant(ex.tally, fixed=self._usage(ex, ex.answer))
             return StreamRelay(None, chunks, accountant=accountant, filters=ex.filters, emitter=emitter,
-                               settle=lambda status, code, usage, source: self._close(ex, status, code, usage, source),
+                               settle=settle,
                                info=ex.info).frames()
         n = _int(ex.params, "n") or 1
         cap = ex.output_cap
@@ -332,7 +336,7 @@ class Chat:
 
         assert served.chunks is not None
         return StreamRelay(served.chunks, served.head, accountant=accountant, filters=ex.filters, emitter=emitter,
-                           settle=lambda status, code, usage, source: self._close(ex, status, code, usage, source),
+                           settle=settle,
                            info=ex.info, close_upstream=stream.aclose, on_close=on_close).frames()
 
     async def _after(self, ex: Exchange) -> None:

@@ -102,7 +102,7 @@ class Retriever(Protocol):
         ...
 
     async def retrieve(self, ex: Exchange, spec: JSON) -> Retrieved | None:
-        """Runs after admission; record embedding calls with ``ex.side_calls``."""
+        """Runs after admission; record its embedding calls with ``ex.side_call``."""
         ...
 
 

@@ -71,9 +71,10 @@ def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
         assert isinstance(tree, Tree)
         if any(entry.mode & 0o040000 for entry in tree.iteritems()):
             raise PromptError("prompts live at the top of the repository: no folders")
-        files = {path: blob_text(repo, blob) for path, blob in tree_files(repo, commit.id).items()}
+        blobs = tree_files(repo, commit.id)
+        files = {path: blob_text(repo, blob) for path, blob in blobs.items()}
         before = tree_files(repo, commit.parents[0]) if commit.parents else {}
-        changed = [p for p, blob in tree_files(repo, commit.id).items() if before.get(p) != blob]
+        changed = [p for p, blob in blobs.items() if before.get(p) != blob]
         check_prompt_files(files, changed)
         sha = commit.parents[0] if commit.parents else None
     if sha != old:

@@ -7,7 +7,6 @@ gate, recorded; no other key reads, renders or writes prompts, and no key ever r
 
 from __future__ import annotations
 
-import difflib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -125,9 +124,7 @@ async def diff(request: Request, name: str, tenant: str | None = None) -> Respon
     async with request.app.state.tollway.pool.connection() as conn:
         a = await version(conn, tid, name, params.get("from", ""))
         b = await version(conn, tid, name, params.get("to", PRODUCTION))
-    text = "".join(difflib.unified_diff(a.content.splitlines(keepends=True), b.content.splitlines(keepends=True),
-                                        fromfile=f"{name}@{a.version[:12]}", tofile=f"{name}@{b.version[:12]}"))
-    return json_response({"from": a.version, "to": b.version, "diff": text})
+    return json_response({"from": a.version, "to": b.version, "diff": a.diff(b)})
 
 
 @router.get("/v1/prompts/{name}", summary="One version of a prompt (by version or label; default production)")
@@ -166,10 +163,8 @@ async def post_rollback(request: Request, name: str, label: str, body: RollbackB
 async def render(request: Request, name: str, body: RenderBody) -> Response:
     principal, tid, _ = await _tenant(request, body.tenant)
     state = request.app.state.tollway
-    ref = body.ref or PRODUCTION
-    key = "label" if ref in state.prompts.label_names(tid, name) else "version"
-    rendered = state.prompts.render(tid, f"key:{principal.key_id}", {"name": name, key: ref,
-                                                                    "variables": body.variables})
+    rendered = state.prompts.render_ref(tid, f"key:{principal.key_id}", name, body.ref or PRODUCTION,
+                                        body.variables)
     async with state.pool.connection() as conn:
         per_day = await requests_per_day(conn, tid, name)
     return json_response(dry_run(state.catalog, rendered.name, rendered.version, list(rendered.messages),

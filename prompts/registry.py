@@ -106,6 +106,12 @@ class Registry:
         prompt = tenant.prompt(name, chosen)
         return Rendered(name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model, prompt.params)
 
+    def render_ref(self, tenant_id: int, subject: str, name: str, ref: str, variables: JSON | None) -> Rendered:
+        """Render by one reference that is a label if the prompt has one of that name, else a version
+        (the dry runs of the API and the CLI)."""
+        key = "label" if ref in self.label_names(tenant_id, name) else "version"
+        return self.render(tenant_id, subject, {"name": name, key: ref, "variables": variables})
+
     def has(self, tenant_id: int) -> bool:
         tenant = self._tenants.get(tenant_id)
         return tenant is not None and bool(tenant.contents)

@@ -15,6 +15,7 @@ first" refusal).
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,6 +48,13 @@ class Version:
     author: str
     created_at: str
     content: str
+
+    def diff(self, other: Version) -> str:
+        """A unified diff from this version to ``other`` (API and CLI show the same)."""
+        return "".join(difflib.unified_diff(self.content.splitlines(keepends=True),
+                                            other.content.splitlines(keepends=True),
+                                            fromfile=f"{self.name}@{self.version[:12]}",
+                                            tofile=f"{other.name}@{other.version[:12]}"))
 
     def as_json(self, *, content: bool = False) -> dict[str, Any]:
         out = {"name": self.name, "version": self.version, "message": self.message, "author": self.author,

@@ -91,17 +91,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    import difflib
-
     from tollway.prompts import version
 
     async def action(conn: Any, settings: Settings) -> int:
         tid = await _tid(conn, args.tenant)
         a, b = await version(conn, tid, args.name, args.a), await version(conn, tid, args.name, args.b)
-        sys.stdout.writelines(difflib.unified_diff(a.content.splitlines(keepends=True),
-                                                   b.content.splitlines(keepends=True),
-                                                   fromfile=f"{args.name}@{a.version[:12]}",
-                                                   tofile=f"{args.name}@{b.version[:12]}"))
+        sys.stdout.write(a.diff(b))
         return 0
 
     return run_with_conn(args, action)
@@ -150,8 +145,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         catalog = await catalog_of(settings)
         registry = Registry(None)
         await registry.load_with(conn, tid)
-        key = "label" if (ref or PRODUCTION) in registry.label_names(tid, name) else "version"
-        rendered = registry.render(tid, "cli", {"name": name, key: ref or PRODUCTION, "variables": dict(args.var)})
+        rendered = registry.render_ref(tid, "cli", name, ref or PRODUCTION, dict(args.var))
         out = dry_run(catalog, rendered.name, rendered.version, list(rendered.messages), rendered.params,
                       await requests_per_day(conn, tid, name))
         if args.json:
