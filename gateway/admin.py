@@ -17,7 +17,7 @@ from starlette.responses import Response
 from tollway.changes import history
 from tollway.errors import NotFound, PermissionDenied
 from tollway.gateway.api import json_response
-from tollway.gateway.keys import Principal, tenant_id
+from tollway.gateway.keys import Principal, create_key, tenant_id
 from tollway.gateway.quota import clear_counters
 from tollway.gateway.reconcile import reconcile
 from tollway.gateway.reports import build_query, cost_report, to_csv
@@ -76,6 +76,14 @@ class PolicyBody(_Body):
     quality_floor: str | None = None
     degraded_answers: bool | None = None
     response_cache: bool | None = None
+
+
+class KeyBody(_Body):
+    tenant: str
+    role: str = "app"  # one of keys.ROLES (create_key says so otherwise)
+    models: list[str] | None = None
+    name: str | None = Field(default=None, max_length=200)
+    ingest: bool = False
 
 
 class KeyLimitsBody(_Body):
@@ -142,6 +150,16 @@ async def put_policy(request: Request, body: PolicyBody) -> Response:
                                   author=principal.author, reason=body.reason, **fields)
     state.policies.forget(policy.tenant_id)
     return json_response(policy.as_json())
+
+
+@router.post("/v1/admin/keys", status_code=201, summary="Create a key (its secret is in this answer only)")
+async def post_key(request: Request, body: KeyBody) -> Response:
+    principal = _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        key = await create_key(conn, body.tenant, role=body.role, allowed_models=body.models, name=body.name,
+                               author=principal.author, ingest=body.ingest)
+    return json_response({"object": "key", "id": key.id, "tenant": key.tenant, "role": key.role,
+                          "ingest": key.ingest, "key": key.secret}, status=201)
 
 
 @router.put("/v1/admin/keys/{key_id}/limits", summary="Set a key's requests and tokens per minute")

@@ -47,6 +47,7 @@ class Retrieved:
     messages: tuple[JSON, ...]  # the packed context with citations, as system message(s)
     sources: tuple[JSON, ...] = ()
     context_tokens: int = 0
+    error: str | None = None  # the retrieval failed and the request was answered without context
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +228,8 @@ class Exchange:
             "prompt": None if self.prompt is None else {"name": self.prompt.name, "version": self.prompt.version},
             "retrieval": None if retrieved is None else {
                 "collection": retrieved.collection, "index_version": retrieved.index_version,
-                "sources": list(retrieved.sources)},
+                "context_tokens": retrieved.context_tokens, "sources": list(retrieved.sources),
+                **({"error": retrieved.error} if retrieved.error else {})},
             "guards": [g.as_json() for g in self.guards],
         }
 

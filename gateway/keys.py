@@ -37,6 +37,7 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     name: str | None = None  # the key's label: the author of what it writes
+    ingest: bool = False  # an app key that may also write documents into its tenant's collections
 
     @property
     def author(self) -> str:
@@ -53,6 +54,7 @@ class NewKey:
     tenant: str
     role: str
     secret: str  # shown once, never stored
+    ingest: bool = False
 
 
 def hash_key(secret: str) -> bytes:
@@ -117,7 +119,8 @@ class KeyStore:
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm, k.name"
+                    "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm, k.name,"
+                    " k.ingest"
                     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
                     " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (digest,))
                 row = await cur.fetchone()
@@ -127,7 +130,7 @@ class KeyStore:
             return None
         allowed = None if row[5] is None else frozenset(row[5])
         return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed,
-                         rpm=row[6], tpm=row[7], name=row[8])
+                         rpm=row[6], tpm=row[7], name=row[8], ingest=row[9])
 
 
 async def tenant_id(conn: psycopg.AsyncConnection, name: str) -> int:
@@ -156,21 +159,24 @@ async def create_tenant(conn: psycopg.AsyncConnection, name: str, *, author: str
 
 async def create_key(conn: psycopg.AsyncConnection, tenant: str, *, role: str = "app",
                      allowed_models: list[str] | None = None, name: str | None = None,
-                     author: str = "system") -> NewKey:
+                     author: str = "system", ingest: bool = False) -> NewKey:
     if role not in ROLES:
         raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
+    if ingest and role != "app":
+        raise InvalidRequest("only app keys take --ingest (admin keys may always ingest)", param="ingest")
     secret = generate_secret()
     async with conn.transaction():
         tid = await tenant_id(conn, tenant)
         cur = await conn.execute(
-            "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, role, allowed_models)"
-            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-            (tid, hash_key(secret), secret[:10], name, role, allowed_models))
+            "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, role, allowed_models, ingest)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (tid, hash_key(secret), secret[:10], name, role, allowed_models, ingest))
         key_row = await cur.fetchone()
         assert key_row is not None
         await changes.record(conn, author=author, kind="key", subject=key_row[0], action="create", tenant_id=tid,
-                             after={"id": key_row[0], "name": name, "role": role, "models": allowed_models})
-    return NewKey(id=int(key_row[0]), tenant=tenant, role=role, secret=secret)
+                             after={"id": key_row[0], "name": name, "role": role, "models": allowed_models,
+                                    "ingest": ingest})
+    return NewKey(id=int(key_row[0]), tenant=tenant, role=role, secret=secret, ingest=ingest)
 
 
 async def revoke_key(conn: psycopg.AsyncConnection, key_id: int, *, author: str = "system",
@@ -188,7 +194,8 @@ async def revoke_key(conn: psycopg.AsyncConnection, key_id: int, *, author: str 
 
 
 async def bootstrap_default_tenant(conn: psycopg.AsyncConnection) -> NewKey | None:
-    """On a database with no tenants, create tenant ``default`` with one app key (returned once)."""
+    """On a database with no tenants, create tenant ``default`` with one app key (returned once). The
+    quick start's only key, so it may also ingest documents."""
     async with conn.transaction():
         await conn.execute("LOCK TABLE tenants IN EXCLUSIVE MODE")
         cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM tenants)")
@@ -196,4 +203,4 @@ async def bootstrap_default_tenant(conn: psycopg.AsyncConnection) -> NewKey | No
         if row is not None and row[0]:
             return None
         await create_tenant(conn, "default")
-        return await create_key(conn, "default", role="app", name="bootstrap")
+        return await create_key(conn, "default", role="app", name="bootstrap", ingest=True)

@@ -1,5 +1,40 @@
-"""Hierarchical retrieval (document -> section -> chunk) on pgvector, packed to a token budget. Not built yet."""
+"""Hierarchical retrieval (document -> section -> chunk) on pgvector, packed to a token budget: ingestion,
+embedders (a local CPU default and any embedding model of the catalog), the store with row-level security
+per tenant, and search. Other parts import from here."""
 
 if __name__ != "tollway.retrieval":
     raise ImportError("This folder is Tollway's 'tollway.retrieval' package; import it by that name "
                       "(pip install -e . maps it), not as a top-level 'retrieval'.")
+
+from tollway.retrieval.documents import FORMATS, DocumentError, Parsed, Splitting, decode, guess_format, parse
+from tollway.retrieval.embedders import (
+    LOCAL_DIMS,
+    LOCAL_NAME,
+    Embedded,
+    Embedder,
+    EmbedderError,
+    LocalEmbedder,
+    UpstreamEmbedder,
+)
+from tollway.retrieval.ingest import NewDocument, Prepared, prepare, to_embed, write
+from tollway.retrieval.search import Found, Passage, Query, Searcher, Tuning
+from tollway.retrieval.store import (
+    Collection,
+    StoreError,
+    Written,
+    collection,
+    collections,
+    create_collection,
+    delete_collection,
+    delete_document,
+    documents,
+    ensure_index,
+    stored_text,
+    tenant_tx,
+)
+
+__all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "Collection", "DocumentError", "Embedded", "Embedder",
+           "EmbedderError", "Found", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
+           "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "collection",
+           "collections", "create_collection", "decode", "delete_collection", "delete_document", "documents",
+           "ensure_index", "guess_format", "parse", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]

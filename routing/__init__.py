@@ -11,13 +11,21 @@ if __name__ != "tollway.routing":
 
 from tollway.routing.build import build_router
 from tollway.routing.cache import CachedAnswer
-from tollway.routing.catalog import Catalog, ModelEntry, UpstreamSpec, Usage, build_catalog, resolve_upstream
+from tollway.routing.catalog import (
+    Catalog,
+    ModelEntry,
+    Price,
+    UpstreamSpec,
+    Usage,
+    build_catalog,
+    resolve_upstream,
+)
 from tollway.routing.config import ConfigError, RawConfig, RawUpstream, load_config, parse_config
 from tollway.routing.decision import BudgetSignal, RouteDecision, TenantRouting
 from tollway.routing.fallback import Attempt, ChainFailed, Served
 from tollway.routing.health import SaturationPoller
 from tollway.routing.router import Plan, Router
-from tollway.routing.tokens import count_messages, count_text
+from tollway.routing.tokens import content_texts, count_messages, count_text, encoding
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
 
 __all__ = [
@@ -29,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ModelEntry",
     "Plan",
+    "Price",
     "RawConfig",
     "RawUpstream",
     "RouteDecision",
@@ -43,9 +52,11 @@ __all__ = [
     "build_catalog",
     "build_router",
     "build_upstream",
+    "content_texts",
     "count_messages",
     "count_text",
     "discover",
+    "encoding",
     "load_config",
     "new_session",
     "parse_config",

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 import tollway
 from tollway.changes import ChangeListener, Note
 from tollway.db import migrate
+from tollway.errors import TollwayError
 from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
@@ -38,13 +39,16 @@ from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, Requ
 from tollway.gateway.prompting import RegistryPrompts
 from tollway.gateway.prompts_api import router as prompts_router
 from tollway.gateway.quota import QuotaService
+from tollway.gateway.rag import Rag, RagSettings
 from tollway.gateway.reconcile import reconcile
+from tollway.gateway.retrieval_api import router as retrieval_router
 from tollway.gateway.service import CompletionService
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.gateway.tenant_policy import PolicyStore
 from tollway.periodic import Periodic
 from tollway.prompts import Gate, Registry
+from tollway.retrieval import LocalEmbedder
 from tollway.routing import (
     Catalog,
     RawUpstream,
@@ -87,6 +91,7 @@ class AppState:
     shadows: Shadows | None
     changes: ChangeListener
     prompts: Registry
+    rag: Rag
     git: GitHTTP | None = None
     prompt_gate: Gate | None = None  # the evals part supplies one; until then production moves say "no gate"
 
@@ -235,12 +240,25 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     calls = Calls(catalog, ledger, telemetry,
                   Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                   policies=policies, quota=quota)
-    service = CompletionService(calls, routing, parts=Parts(prompts=RegistryPrompts(prompts)), shadows=shadows)
+    local = LocalEmbedder() if settings.embedder == "local" or settings.local_embedder else None
+    if local is not None:
+        await asyncio.to_thread(local.load)  # here, not in the first request that retrieves
+    rag = Rag(pool, calls, routing, local, RagSettings(
+        default_embedder=settings.embedder, context_tokens=settings.context_tokens,
+        max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,
+        on_failure=settings.retrieval_failure))
+    if settings.embedder != "local":
+        try:
+            rag.entry(settings.embedder)
+        except TollwayError as exc:
+            raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
+    service = CompletionService(calls, routing, parts=Parts(prompts=RegistryPrompts(prompts), retriever=rag),
+                                shadows=shadows)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
-                    changes=changes, prompts=prompts, git=git)
+                    changes=changes, prompts=prompts, rag=rag, git=git)
 
 
 class Gateway:
@@ -267,6 +285,7 @@ class Gateway:
         self.api.include_router(router)
         self.api.include_router(admin_router)
         self.api.include_router(prompts_router)
+        self.api.include_router(retrieval_router)
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(

@@ -1,4 +1,4 @@
-"""The ``tollway`` command: serve, migrate, tenants, keys, sim-upstream, doctor."""
+"""The ``tollway`` command: serve, migrate, tenants, keys, budgets, prompts, ingest, search, sim-upstream, doctor."""
 
 from __future__ import annotations
 
@@ -115,8 +115,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     models = [m for m in args.models.split(",") if m] if args.models else None
     with database(settings_of(args)) as url:
         key = asyncio.run(with_conn(url, lambda c: create_key(c, args.tenant, role=args.role, allowed_models=models,
-                                                              name=args.name, author=args.author)))
-    print(f"key {key.id} for tenant {key.tenant} (role {key.role}); shown once, store it now:", file=sys.stderr)
+                                                              name=args.name, author=args.author,
+                                                              ingest=args.ingest)))
+    rights = f"role {key.role}" + (", may ingest documents" if key.ingest else "")
+    print(f"key {key.id} for tenant {key.tenant} ({rights}); shown once, store it now:", file=sys.stderr)
     print(key.secret)
     return 0
 
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--role", choices=["app", "finance", "admin", "prompt_engineer"], default="app")
     kcreate.add_argument("--models", help="comma-separated models the key may use (default: all)")
     kcreate.add_argument("--name", help="a label for the key")
+    kcreate.add_argument("--ingest", action="store_true",
+                         help="an app key that may also write documents into its tenant's collections")
     audited(kcreate)
     kcreate.set_defaults(func=cmd_keys_create)
     krevoke = keys.add_parser("revoke", help="revoke a key by id")
@@ -194,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     audited(krevoke)
     krevoke.set_defaults(func=cmd_keys_revoke)
 
-    from tollway import cli_budgets, cli_prompts
+    from tollway import cli_budgets, cli_prompts, cli_retrieval
 
     cli_budgets.add_commands(sub, _common, tenants, keys)
     cli_prompts.add_commands(sub, _common)
+    cli_retrieval.add_commands(sub)
 
     simp = sub.add_parser("sim-upstream", help="run the scripted OpenAI/vLLM-compatible upstream")
     sim.add_arguments(simp)

@@ -10,6 +10,7 @@ its HTTP status and its OpenAI ``type`` and ``code``::
     ├── AuthenticationFailed          401 invalid_api_key
     ├── PermissionDenied              403 model_not_allowed / permission_denied
     ├── NotFound                      404 model_not_found
+    ├── Conflict                      409 conflict (it exists already)
     ├── QuotaExceeded                 429 insufficient_quota (a budget would be exceeded; names it)
     ├── RateLimited                   429 rate_limit_exceeded / retry_storm / spend_velocity_exceeded
     ├── ServiceUnavailable            503 service_unavailable / quota_unavailable
@@ -77,6 +78,12 @@ class NotFound(TollwayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class Conflict(TollwayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class QuotaExceeded(TollwayError):

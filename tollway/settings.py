@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     fail_open_share: float = Field(default=0.5, gt=0, le=1)
     reconcile_interval_s: float = Field(default=300.0, gt=0)
 
+    # Retrieval: the embedding model new collections use ('local': the packaged CPU model; or an embedding
+    # model of the catalog), the context budget a request gets when it names none, and its ceiling.
+    embedder: str = "local"
+    local_embedder: bool = True  # load the packaged model even when the default embedder is another
+    context_tokens: int = Field(default=1000, ge=1)
+    max_context_tokens: int = Field(default=16_000, ge=1)
+    max_document_tokens: int = Field(default=200_000, ge=1)
+    # Whether a chat whose retrieval fails is refused ('fail') or answered without context ('answer');
+    # a request may choose for itself with retrieval.on_failure.
+    retrieval_failure: Literal["fail", "answer"] = "fail"
+
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)

