@@ -182,7 +182,10 @@ def _sections_of(blocks: list[Block]) -> tuple[str | None, list[tuple[str, str]]
             path.pop()
         path.append((level, text))
         out.append((" > ".join(h for _, h in path), [text]))  # a section's text opens with its heading
-    return first_h1, [(heading, "\n".join(parts).strip()) for heading, parts in out if "\n".join(parts).strip()]
+    # a heading with nothing under it before the next one is no section of its own
+    bodies = [(heading, parts) for heading, parts in out if "\n".join(parts[1 if heading else 0:]).strip()] or \
+        [(heading, parts) for heading, parts in out if "\n".join(parts).strip()]  # only headings: keep them
+    return first_h1, [(heading, "\n".join(parts).strip()) for heading, parts in bodies]
 
 
 def parse(text: str, fmt: str, *, title: str | None, source: str, splitting: Splitting,

@@ -34,7 +34,12 @@ class StoreError(Exception):
 
 @asynccontextmanager
 async def tenant_tx(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A transaction as ``tollway_rag`` with ``tenant_id`` set: row-level security scopes every statement."""
+    """A transaction as ``tollway_rag`` with ``tenant_id`` set: row-level security scopes every statement.
+
+    It must be a transaction of its own: nested in another, it would be a savepoint, and the role and the
+    tenant would outlive it until the outer transaction ends."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise RuntimeError("tenant_tx needs a connection outside any transaction")
     if conn.adapters.types.get("halfvec") is None:
         await register_vector_async(conn)
     async with conn.transaction():

@@ -159,12 +159,12 @@ def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:
 
     asyncio.run(migrate(pg.url))
 
-    def make(role: str = "app", models: list[str] | None = None) -> Tenant:
+    def make(role: str = "app", models: list[str] | None = None, ingest: bool = False) -> Tenant:
         async def go() -> Tenant:
             name = "t" + secrets.token_hex(4)
             async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
                 tenant_id = await create_tenant(conn, name)
-                key = await create_key(conn, name, role=role, allowed_models=models)
+                key = await create_key(conn, name, role=role, allowed_models=models, ingest=ingest)
             return Tenant(name, tenant_id, key.secret, key.id)
         # Tests call this from inside their event loop: run the async helpers on a thread of their own.
         with ThreadPoolExecutor(1) as pool:
