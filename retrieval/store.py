@@ -324,7 +324,7 @@ async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, q
     """Inside a tenant transaction: the ``n`` chunks nearest the query (HNSW, cosine)."""
     dims = int(coll.dims)
     where, params = filter_sql(filters, "c")
-    cur = await conn.execute(
+    cur = await conn.cursor(binary=True).execute(
         f"WITH nearest AS MATERIALIZED (SELECT c.id, c.embedding::halfvec({dims}) <=> %s AS distance"
         f" FROM rag_chunks c WHERE c.collection_id = %s AND c.dims = {dims}{where}"
         f" ORDER BY c.embedding::halfvec({dims}) <=> %s LIMIT %s)"
@@ -341,12 +341,13 @@ async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, q
 
 async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, text: str, n: int,
                          filters: dict[str, Any] | None) -> list[int]:
-    """Chunk ids by full-text rank (any of the query's words; ``ts_rank_cd``), best first."""
+    """Chunk ids by full-text rank (any of the query's words; ``ts_rank`` with length normalisation:
+    ``ts_rank_cd`` reads positions and costs 25x more on long queries), best first."""
     where, params = filter_sql(filters, "c")
     cur = await conn.execute(
         "WITH q AS (SELECT nullif(replace(plainto_tsquery('english', %s)::text, '&', '|'), '')::tsquery AS q)"
         f" SELECT c.id FROM rag_chunks c, q WHERE q.q IS NOT NULL AND c.collection_id = %s AND c.tsv @@ q.q{where}"
-        " ORDER BY ts_rank_cd(c.tsv, q.q) DESC LIMIT %s", (text, coll.id, *params, n))
+        " ORDER BY ts_rank(c.tsv, q.q, 1) DESC LIMIT %s", (text, coll.id, *params, n))
     return [int(r[0]) for r in await cur.fetchall()]
 
 
@@ -365,7 +366,7 @@ async def nearest_sections(conn: psycopg.AsyncConnection[Any], coll: Collection,
 
 
 async def chunks_by_id(conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -> list[Candidate]:
-    cur = await conn.execute(
+    cur = await conn.cursor(binary=True).execute(
         f"SELECT {_CANDIDATE} FROM rag_chunks k JOIN rag_sections s ON s.id = k.section_id"
         " JOIN rag_documents d ON d.id = k.document_id WHERE k.id = ANY(%s)", (list(ids),))
     return _candidates(await cur.fetchall())
@@ -373,7 +374,7 @@ async def chunks_by_id(conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -
 
 async def chunks_of_sections(conn: psycopg.AsyncConnection[Any], section_ids: Sequence[int],
                              limit: int) -> list[Candidate]:
-    cur = await conn.execute(
+    cur = await conn.cursor(binary=True).execute(
         f"SELECT {_CANDIDATE} FROM rag_chunks k JOIN rag_sections s ON s.id = k.section_id"
         " JOIN rag_documents d ON d.id = k.document_id WHERE k.section_id = ANY(%s) ORDER BY k.section_id, k.ord"
         " LIMIT %s", (list(section_ids), limit))

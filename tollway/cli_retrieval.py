@@ -137,16 +137,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     version = ""
     started = time.perf_counter()
 
-    def send(batch: list[Path]) -> None:
+    def send(docs: list[dict[str, Any]]) -> None:
         nonlocal chunks, tokens, cost, version
-        docs = []
-        for p in batch:
-            try:
-                docs.append(_document(p, args.format, metadata))
-            except (UnicodeDecodeError, OSError) as exc:
-                failures.append((_source(p), f"not UTF-8 text ({exc.__class__.__name__})"))
-        if not docs:
-            return
         body: dict[str, Any] = {"documents": docs}
         if args.tenant:
             body["tenant"] = args.tenant
@@ -154,8 +146,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             out = client.call("POST", f"/collections/{args.collection}/documents", body)
         except ApiError as exc:
             if len(docs) > 1 and exc.status in (400, 413):  # one bad document refuses its batch: find it
-                for p in batch:
-                    send([p])
+                for doc in docs:
+                    send([doc])
                 return
             failures.append((docs[0]["source"] if len(docs) == 1 else f"{len(docs)} documents", str(exc)))
             if exc.status in (401, 403, 404):
@@ -173,7 +165,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
               disable=args.quiet) as bar:
         try:
             for batch in _batches(paths, args.batch):
-                send(batch)
+                docs = []
+                for p in batch:
+                    try:
+                        docs.append(_document(p, args.format, metadata))
+                    except (UnicodeDecodeError, OSError) as exc:
+                        failures.append((_source(p), f"not UTF-8 text ({exc.__class__.__name__})"))
+                if docs:
+                    send(docs)
                 bar.update(len(batch))
         except ApiError as exc:
             print(f"tollway: {exc}", file=sys.stderr)
