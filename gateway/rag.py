@@ -104,7 +104,7 @@ class RetrievalSpec(BaseModel):
     collection: str = Field(min_length=1, max_length=64)
     context_tokens: int | None = Field(default=None, ge=1)
     query: str | None = Field(default=None, min_length=1, max_length=32_000)
-    k: int = Field(default=8, ge=1, le=100)
+    k: int | None = Field(default=None, ge=1, le=100)  # flat: chunks (8); hierarchical: most passages (50)
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
     hybrid: bool = False

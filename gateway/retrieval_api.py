@@ -70,7 +70,7 @@ class SearchBody(_Body):
     collection: str = Field(min_length=1, max_length=64)
     query: str = Field(min_length=1, max_length=32_000)
     context_tokens: int | None = Field(default=None, ge=1)
-    k: int = Field(default=8, ge=1, le=100)
+    k: int | None = Field(default=None, ge=1, le=100)  # flat: chunks (8); hierarchical: most passages (50)
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
     hybrid: bool = False

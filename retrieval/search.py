@@ -26,6 +26,7 @@ from tollway.retrieval.embedders import Embedded, Embedder
 from tollway.retrieval.store import Candidate, Collection
 from tollway.routing import count_text
 
+FLAT_K = 8
 PER_MESSAGE = 4  # what a system message costs besides its text (routing.tokens' count)
 Mode = Literal["hierarchical", "flat"]
 # (collection's embedder name, its dims) -> the embedder
@@ -39,10 +40,15 @@ class Tuning:
     candidates: int = 48  # nearest chunks read per query
     sections: int = 12  # nearest sections whose chunks join the candidates
     section_chunks: int = 240  # at most this many chunks read from those sections
-    section_weight: float = 0.35  # a candidate's score: (1 - w) * its similarity + w * its section's
+    # a candidate's score: its own similarity (the rest), its section's and its document's (centroids)
+    section_weight: float = 0.2
+    document_weight: float = 0.2
+    passages: int = 50  # hierarchical: at most this many passages unless the request says (k)
     mmr_lambda: float = 0.75  # relevance vs novelty
     duplicate: float = 0.95  # cosine above which a candidate repeats one already chosen
     floor: float = 0.80  # candidates scoring under floor x the best score are not packed
+    density: bool = True  # pack by relevance per token (a knapsack's greedy order), not by relevance alone
+    gain_floor: float = 0.5  # relevance counts from this share of the best score up
     rrf_k: int = 60  # reciprocal rank fusion's constant (its usual value)
     ef_search: int = 100
 
@@ -51,7 +57,7 @@ class Tuning:
 class Query:
     text: str
     context_tokens: int
-    k: int = 8  # flat: chunks; hierarchical: at most this many passages
+    k: int | None = None  # flat: chunks (default 8); hierarchical: at most this many passages (default 50)
     filters: dict[str, Any] | None = None
     mode: Mode = "hierarchical"
     hybrid: bool = False
@@ -121,6 +127,7 @@ def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int) -> lis
         if redundancy[best] >= duplicate:
             continue
         chosen.append(best)
+        cands[best].value = float(value[best])
         redundancy = np.maximum(redundancy, gram[best])
     return [cands[i] for i in chosen]
 
@@ -139,9 +146,17 @@ def header(collection: str) -> str:
             "question and cite it as [n].")
 
 
+def _where(title: str, heading: str) -> str:
+    if not heading or heading == title:
+        return title
+    return heading if heading.startswith(title + " > ") else f"{title} > {heading}"
+
+
 def _block(n: int, title: str, heading: str, text: str) -> str:
-    where = title if not heading or heading == title else f"{title} > {heading}"
-    return f"[{n}] {where}\n{text}"
+    last = heading.rsplit(" > ", 1)[-1]
+    if last and text.startswith(last + "\n"):  # the header already names the section
+        text = text[len(last) + 1:].lstrip("\n")
+    return f"[{n}] {_where(title, heading)}\n{text}"
 
 
 def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
@@ -170,6 +185,10 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
             groups, used = trial, tokens
     if not groups:
         return "", [], 0
+    ranked = sorted(groups, key=lambda g: -max(c.score for c in g))  # the most relevant first
+    tokens = count_text(_render(top, ranked)) + PER_MESSAGE
+    if tokens <= budget:  # (the same blocks in another order: tokenised across their seams, rarely longer)
+        groups, used = ranked, tokens
     passages = [_passage(i + 1, g) for i, g in enumerate(groups)]
     return _render(top, groups), passages, used
 
@@ -213,25 +232,28 @@ class Searcher:
         async with store.tenant_tx(conn, tenant_id):
             coll = await store.get_collection(conn, tenant_id, collection)  # this transaction's revision
             await store.set_search(conn, t.ef_search)
-            n = max(t.candidates, query.k * 4)
+            k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
+            n = max(t.candidates, k * 4)
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)
             lexical = await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid else []
             sections = (await store.nearest_sections(conn, coll, q, t.sections, query.filters)
                         if query.mode == "hierarchical" else [])
+            docs = (await store.nearest_documents(conn, coll, q, t.sections, query.filters)
+                    if query.mode == "hierarchical" and t.document_weight else [])
             known = {c.chunk_id for c in near}
             extra = [i for i in lexical if i not in known]
             cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
             if sections:
                 cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
                           if c.chunk_id not in known and c.chunk_id not in extra]
-        ordered = self._order(cands, q, sections, query, lexical)
+        ordered = self._order(cands, q, sections, docs, query, lexical, k)
         floor = t.floor if query.mode == "hierarchical" else None
-        limit = query.k if query.mode == "hierarchical" else len(ordered)
+        limit = k if query.mode == "hierarchical" else len(ordered)
         context, passages, used = pack(ordered, coll.name, query.context_tokens, limit=limit, floor=floor)
         return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
-               query: Query, lexical: list[int]) -> list[Candidate]:
+               docs: list[tuple[int, float]], query: Query, lexical: list[int], k: int) -> list[Candidate]:
         t = self.tuning
         if not cands:
             return []
@@ -248,10 +270,18 @@ class Searcher:
         if query.mode == "flat":
             for c in cands:
                 c.score = c.similarity
-            return sorted(cands, key=lambda c: -c.score)[:query.k]
-        section_sim = dict(sections)
-        fallback = min(section_sim.values()) if section_sim else 0.0
+            return sorted(cands, key=lambda c: -c.score)[:k]
+        section_sim, doc_sim = dict(sections), dict(docs)
+        s_floor = min(section_sim.values()) if section_sim else 0.0
+        d_floor = min(doc_sim.values()) if doc_sim else 0.0
+        own = 1 - t.section_weight - t.document_weight
         for c in cands:
-            c.score = (1 - t.section_weight) * c.similarity + t.section_weight * section_sim.get(c.section_id, fallback)
+            c.score = (own * c.similarity + t.section_weight * section_sim.get(c.section_id, s_floor)
+                       + t.document_weight * doc_sim.get(c.document_id, d_floor))
         cands.sort(key=lambda c: -c.score)
-        return mmr(cands, t.mmr_lambda, t.duplicate, limit=max(query.k * 4, 16))
+        picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16))
+        if t.density and picked:
+            # value above what the floor lets in, per token the passage costs with its citation header
+            base = t.gain_floor * max(c.score for c in picked)
+            picked.sort(key=lambda c: -max(c.score - base, 0.0) / (c.tokens + count_text(_where(c.title, c.heading)) + 4))
+        return picked

@@ -286,6 +286,7 @@ class Candidate:
     vector: np.ndarray[Any, Any]
     similarity: float = 0.0  # cosine with the query
     score: float = 0.0  # after fusion and the hierarchy's evidence
+    value: float = 0.0  # its marginal relevance when chosen (novelty counted)
 
 
 def filter_sql(filters: dict[str, Any] | None, alias: str) -> tuple[str, list[Any]]:
@@ -361,6 +362,19 @@ async def nearest_sections(conn: psycopg.AsyncConnection[Any], coll: Collection,
         f" FROM rag_sections s JOIN rag_documents d ON d.id = s.document_id"
         f" WHERE s.collection_id = %s AND s.dims = {dims}{where}"
         f" ORDER BY s.embedding::halfvec({dims}) <=> %s LIMIT %s) SELECT id, 1 - distance FROM nearest"
+        " ORDER BY distance", (_halfvec(query), coll.id, *params, _halfvec(query), n))
+    return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+
+async def nearest_documents(conn: psycopg.AsyncConnection[Any], coll: Collection, query: np.ndarray[Any, Any],
+                            n: int, filters: dict[str, Any] | None) -> list[tuple[int, float]]:
+    """(document id, cosine similarity) of the ``n`` documents nearest the query (centroid vectors)."""
+    dims = int(coll.dims)
+    where, params = filter_sql(filters, "d")
+    cur = await conn.execute(
+        f"WITH nearest AS MATERIALIZED (SELECT d.id, d.embedding::halfvec({dims}) <=> %s AS distance"
+        f" FROM rag_documents d WHERE d.collection_id = %s AND d.dims = {dims}{where}"
+        f" ORDER BY d.embedding::halfvec({dims}) <=> %s LIMIT %s) SELECT id, 1 - distance FROM nearest"
         " ORDER BY distance", (_halfvec(query), coll.id, *params, _halfvec(query), n))
     return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
 

@@ -191,8 +191,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     client = client_of(args)
-    body: dict[str, Any] = {"collection": args.collection, "query": args.query, "k": args.k, "mode": args.mode,
+    body: dict[str, Any] = {"collection": args.collection, "query": args.query, "mode": args.mode,
                             "hybrid": args.hybrid}
+    if args.k:
+        body["k"] = args.k
     if args.context_tokens:
         body["context_tokens"] = args.context_tokens
     if args.tenant:
@@ -235,7 +237,7 @@ def add_commands(sub: Any) -> None:
     search.add_argument("query")
     client_flags(search)
     search.add_argument("--context-tokens", type=int)
-    search.add_argument("-k", type=int, default=8)
+    search.add_argument("-k", type=int, help="flat: chunks (default 8); hierarchical: most passages (default 50)")
     search.add_argument("--mode", choices=["hierarchical", "flat"], default="hierarchical")
     search.add_argument("--hybrid", action="store_true")
     search.add_argument("--json", action="store_true")

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
@@ -103,7 +102,7 @@ async def run(args: argparse.Namespace) -> None:
                 qv = await embedder.embed(queries)
                 searcher = Searcher(lambda name, dims: embedder)
 
-                async def curve(mode: str, hybrid: bool, settings: list[tuple[int, int]]) -> list[tuple[float, float, float]]:
+                async def curve(mode: str, hybrid: bool, settings: list[tuple[int | None, int]]) -> list[tuple[float, float, float]]:
                     out = []
                     for k, budget in settings:
                         recalls, used, latency = [], [], []
@@ -125,7 +124,7 @@ async def run(args: argparse.Namespace) -> None:
                     tag = "+hybrid" if hybrid else ""
                     results["flat" + tag] = await curve("flat", hybrid, [(k, 10**6) for k in range(1, 11)])
                     labels["flat" + tag] = [f"k={k}" for k in range(1, 11)]
-                    results["hierarchical" + tag] = await curve("hierarchical", hybrid, [(20, b) for b in BUDGETS])
+                    results["hierarchical" + tag] = await curve("hierarchical", hybrid, [(None, b) for b in BUDGETS])
                     labels["hierarchical" + tag] = [f"{b} tok" for b in BUDGETS]
         finally:
             pg.stop()
