@@ -159,7 +159,7 @@ def _html_blocks(text: str) -> tuple[str | None, list[Block]]:
                 if block:
                     body.append("\n\n" if child.name not in ("li", "br", "tr") else "\n")
                 walk(child)
-                if block:
+                if block and child.name not in ("li", "br", "tr"):  # list items and rows: one line each
                     body.append("\n")
 
     walk(soup.body if soup.body is not None else soup)
@@ -211,9 +211,9 @@ def parse(text: str, fmt: str, *, title: str | None, source: str, splitting: Spl
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
-def _units(text: str, limit: int) -> Iterator[tuple[str, int]]:
-    """Paragraphs, and sentences of paragraphs over ``limit`` tokens, and token slices of sentences over it:
-    pieces that each fit in a chunk."""
+def _units(text: str, limit: int, overlap: int = 0) -> Iterator[tuple[str, int]]:
+    """Paragraphs, and sentences of paragraphs over ``limit`` tokens, and token slices of sentences over it
+    (overlapping by ``overlap`` tokens): pieces that each fit in a chunk."""
     for paragraph in re.split(r"\n\s*\n", text):
         paragraph = paragraph.strip()
         if not paragraph:
@@ -228,7 +228,8 @@ def _units(text: str, limit: int) -> Iterator[tuple[str, int]]:
                 yield sentence, m
                 continue
             ids = encoding().encode_ordinary(sentence)
-            for start in range(0, len(ids), limit):
+            step = max(limit - overlap, 1)
+            for start in range(0, max(len(ids) - overlap, 1), step):
                 piece = encoding().decode(ids[start:start + limit])
                 yield piece, count_text(piece)
 
@@ -260,12 +261,12 @@ def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str) -> li
 def _split_section(heading: str, body: str, splitting: Splitting) -> Iterator[Section]:
     """One section, or several of about ``section_tokens`` when it has no headings or is too long; each
     with its chunks."""
-    units = list(_units(body, splitting.chunk_tokens))
+    units = list(_units(body, splitting.chunk_tokens, splitting.chunk_overlap))
     total = count_text(body)
     parts = [(body, total)] if total <= splitting.section_tokens * 1.5 else \
         pack(units, splitting.section_tokens, 0, "\n\n")
     for i, (text, tokens) in enumerate(parts):
-        chunk_units = units if len(parts) == 1 else list(_units(text, splitting.chunk_tokens))
+        chunk_units = units if len(parts) == 1 else list(_units(text, splitting.chunk_tokens, splitting.chunk_overlap))
         chunks = tuple(Chunk(t, n) for t, n in pack(chunk_units, splitting.chunk_tokens,
                                                      splitting.chunk_overlap, "\n\n"))
         label = heading if len(parts) == 1 or not heading else f"{heading} ({i + 1})"
