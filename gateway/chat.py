@@ -33,7 +33,7 @@ from tollway.gateway.calls import (
     reserved_output,
     tags_of,
 )
-from tollway.gateway.exchange import TOLLWAY_FIELDS, Exchange, Parts
+from tollway.gateway.exchange import TOLLWAY_FIELDS, Exchange, Parts, Retrieved
 from tollway.gateway.protocol import ChatCompletionRequest, parse_json_object, validate
 from tollway.gateway.relay import Accountant, Emitter, StreamRelay, as_chunks, choice_text, transform_whole
 from tollway.gateway.shadow import Shadows
@@ -154,8 +154,8 @@ class Chat:
             versions: tuple[str | None, ...] = ()
             if spec is not None:
                 assert self.parts.retriever is not None
-                versions = (None if ex.prompt is None else ex.prompt.version,
-                            await self.parts.retriever.index_version(ex, spec))
+                ex.index_version = await self.parts.retriever.index_version(ex, spec)
+                versions = (None if ex.prompt is None else ex.prompt.version, ex.index_version)
             elif ex.prompt is not None:
                 versions = (ex.prompt.version,)
             ex.cache_key = self.router.cache_key(principal.tenant_id, {**ex.params, "messages": ex.messages},
@@ -174,6 +174,11 @@ class Chat:
         ex.tally.row.cache_hit, ex.tally.row.saved_usd = True, hit.cost_usd
         ex.tally.first_token()
         ex.cached, ex.answer = hit, dict(hit.payload)
+        spec = ex.data.get("retrieval")
+        if ex.index_version is not None and isinstance(spec, dict):  # grounded in this very index version
+            ex.tally.row.index_version = ex.index_version
+            ex.retrieved = Retrieved(collection=str(spec.get("collection")), index_version=ex.index_version,
+                                     messages=(), cached=True)
 
     async def admit(self, ex: Exchange) -> None:
         """Reserve the worst case of the planned chain, or refuse; for a routing alias whose top tier no

@@ -48,6 +48,7 @@ class Retrieved:
     sources: tuple[JSON, ...] = ()
     context_tokens: int = 0
     error: str | None = None  # the retrieval failed and the request was answered without context
+    cached: bool = False  # a cached answer grounded in this index version (its sources are not kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,7 @@ class Exchange:
     params: JSON = field(default_factory=dict)  # every other field sent upstream
     output_cap: int | None = None  # max tokens per choice, the tenant's default injected when unset
     context_budget: int = 0  # tokens a retrieval may add, planned and reserved before it runs
+    index_version: str | None = None  # the collection's, when the cache key needed it
     plan: Plan | None = None
     cache_key: str | None = None
     admission: Admission | None = None
@@ -229,7 +231,8 @@ class Exchange:
             "retrieval": None if retrieved is None else {
                 "collection": retrieved.collection, "index_version": retrieved.index_version,
                 "context_tokens": retrieved.context_tokens, "sources": list(retrieved.sources),
-                **({"error": retrieved.error} if retrieved.error else {})},
+                **({"error": retrieved.error} if retrieved.error else {}),
+                **({"cached": True} if retrieved.cached else {})},
             "guards": [g.as_json() for g in self.guards],
         }
 

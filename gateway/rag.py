@@ -208,11 +208,12 @@ class Rag:
             except StoreError as exc:
                 raise map_store_error(exc) from None
 
-    async def collection(self, tenant_id: int, name: str) -> Collection:
+    async def collection(self, tenant_id: int, name: str, *, param: str = "collection") -> Collection:
         async with self.pool.connection() as conn:
             try:
                 return await get_collection(conn, tenant_id, name)
             except StoreError as exc:
+                exc.param = param
                 raise map_store_error(exc) from None
 
     async def ingest(self, ctx: CallContext, body: bytes, tenant_id: int, name: str,
@@ -284,7 +285,9 @@ class Rag:
         return parsed.context_tokens or self.settings.context_tokens
 
     async def index_version(self, ex: Exchange, spec: JSON) -> str:
-        return (await self.collection(ex.ctx.principal.tenant_id, self.spec(spec).collection)).index_version
+        found = await self.collection(ex.ctx.principal.tenant_id, self.spec(spec).collection,
+                                      param="retrieval.collection")
+        return found.index_version
 
     async def retrieve(self, ex: Exchange, spec: JSON) -> Retrieved | None:
         parsed = self.spec(spec)
@@ -295,7 +298,8 @@ class Rag:
         query = Query(text=text, context_tokens=ex.context_budget, k=parsed.k, filters=parsed.filters,
                       mode=parsed.mode, hybrid=parsed.hybrid)
         tenant = ex.ctx.principal.tenant_id
-        coll = await self.collection(tenant, parsed.collection)  # a wrong name is the caller's error: 404
+        # a wrong name is the caller's error: 404, whatever the failure policy
+        coll = await self.collection(tenant, parsed.collection, param="retrieval.collection")
         entry = self.entry(coll.embedder)
         started = time.perf_counter()
         embedded: Embedded | None = None

@@ -14,6 +14,8 @@ Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is c
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,7 +39,7 @@ EmbedderFor = Callable[[str, int], Embedder]
 class Tuning:
     """Shape, not thresholds fitted to a data set: see README (retrieval) for why each is what it is."""
 
-    candidates: int = 48  # nearest chunks read per query
+    candidates: int = 64  # nearest chunks read per query (flat: at least k)
     sections: int = 12  # nearest sections whose chunks join the candidates
     section_chunks: int = 240  # at most this many chunks read from those sections
     # a candidate's score: its own similarity (the rest), its section's and its document's (centroids)
@@ -49,6 +51,7 @@ class Tuning:
     floor: float = 0.80  # candidates scoring under floor x the best score are not packed
     density: bool = True  # pack by relevance per token (a knapsack's greedy order), not by relevance alone
     gain_floor: float = 0.5  # relevance counts from this share of the best score up
+    tails: bool = True  # the budget's remainder takes the leading sentences of the next passage
     rrf_k: int = 60  # reciprocal rank fusion's constant (its usual value)
     ef_search: int = 100
 
@@ -74,11 +77,13 @@ class Passage:
     source: str
     text: str
     score: float
+    truncated: bool = False  # only its leading sentences fit the budget
 
     def as_json(self) -> dict[str, Any]:
-        return {"n": self.n, "document_id": self.document_id, "section_id": self.section_id,
-                "chunk_id": self.chunk_ids[0], "chunk_ids": list(self.chunk_ids), "title": self.title,
-                "heading": self.heading, "source": self.source, "score": round(self.score, 4), "text": self.text}
+        out = {"n": self.n, "document_id": self.document_id, "section_id": self.section_id,
+               "chunk_id": self.chunk_ids[0], "chunk_ids": list(self.chunk_ids), "title": self.title,
+               "heading": self.heading, "source": self.source, "score": round(self.score, 4), "text": self.text}
+        return out | ({"truncated": True} if self.truncated else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,37 +165,70 @@ def _block(n: int, title: str, heading: str, text: str) -> str:
 
 
 def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
-         floor: float | None) -> tuple[str, list[Passage], int]:
-    """Passages best first into ``budget`` tokens (the system message's text plus its framing). Adjacent
-    chunks of one section become one passage. Returns (context, passages, tokens used)."""
+         floor: float | None, tails: bool = False) -> tuple[str, list[Passage], int]:
+    """Passages in ``ordered``'s order into ``budget`` tokens (the system message's text plus its framing),
+    then shown most relevant first. Adjacent chunks of one section become one passage. Each block is
+    counted on its own as it is added (counting the whole context again for every candidate is what a
+    search would spend its time on); the whole is counted exactly at the end and trimmed if the seams
+    between blocks tokenised longer. Returns (context, passages, tokens used)."""
     top = header(collection)
     best = ordered[0].score if ordered else 0.0
     groups: list[list[Candidate]] = []
-    used = 0
+    sizes: list[int] = []
+    total = count_text(top) + PER_MESSAGE
     for cand in ordered:
         if floor is not None and cand.score < floor * best:
             continue
-        trial = [list(g) for g in groups]
-        for g in trial:
-            if g[0].section_id == cand.section_id and any(abs(c.ord - cand.ord) == 1 for c in g):
-                g.append(cand)
-                g.sort(key=lambda c: c.ord)
-                break
+        at = next((i for i, g in enumerate(groups) if g[0].section_id == cand.section_id and not g[0].truncated
+                   and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
+        if at is None and len(groups) >= limit:
+            continue
+        group = [cand] if at is None else sorted([*groups[at], cand], key=lambda c: c.ord)
+        n = len(groups) + 1 if at is None else at + 1
+        size = count_text("\n\n" + _block(n, group[0].title, group[0].heading, _text(group)))
+        grown = total + size - (0 if at is None else sizes[at])
+        if grown > budget and at is None and tails and budget - total >= MIN_TAIL:
+            # the rest of the budget takes the head of this passage, cut at a sentence
+            head = _head(cand, n, budget - total)
+            if head is not None:
+                group, size = [head], count_text("\n\n" + _block(n, head.title, head.heading, head.text))
+                grown = total + size
+        if grown > budget:
+            continue
+        if at is None:
+            groups.append(group)
+            sizes.append(size)
         else:
-            if len(groups) >= limit:
-                continue
-            trial.append([cand])
-        tokens = count_text(_render(top, trial)) + PER_MESSAGE
-        if tokens <= budget:
-            groups, used = trial, tokens
-    if not groups:
-        return "", [], 0
+            groups[at], sizes[at] = group, size
+        total = grown
     ranked = sorted(groups, key=lambda g: -max(c.score for c in g))  # the most relevant first
-    tokens = count_text(_render(top, ranked)) + PER_MESSAGE
-    if tokens <= budget:  # (the same blocks in another order: tokenised across their seams, rarely longer)
-        groups, used = ranked, tokens
-    passages = [_passage(i + 1, g) for i, g in enumerate(groups)]
-    return _render(top, groups), passages, used
+    while ranked:
+        used = count_text(_render(top, ranked)) + PER_MESSAGE
+        if used <= budget:
+            return _render(top, ranked), [_passage(i + 1, g) for i, g in enumerate(ranked)], used
+        ranked.pop()  # the seams counted longer than the blocks did: the least relevant goes
+    return "", [], 0
+
+
+MIN_TAIL = 32  # tokens: less than this left in the budget is not worth a cut passage
+_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+|\n+")
+
+
+def _head(cand: Candidate, n: int, room: int) -> Candidate | None:
+    """The candidate cut after its last whole sentence (or line) that fits ``room`` tokens with its citation
+    (marked with an ellipsis), or None when not even its first sentence does."""
+    fixed = count_text("\n\n" + _block(n, cand.title, cand.heading, " …"))
+    cut = None
+    for boundary in _SENTENCE_END.finditer(cand.text):
+        if boundary.start() == 0:
+            continue
+        if count_text(cand.text[:boundary.start()]) + fixed > room:
+            break
+        cut = boundary.start()
+    if cut is None:
+        return None
+    text = cand.text[:cut] + " …"
+    return dataclasses.replace(cand, text=text, tokens=count_text(text), truncated=True)
 
 
 def _text(group: list[Candidate]) -> str:
@@ -209,7 +247,8 @@ def _passage(n: int, group: list[Candidate]) -> Passage:
     first = group[0]
     return Passage(n=n, document_id=first.document_id, section_id=first.section_id,
                    chunk_ids=tuple(c.chunk_id for c in group), title=first.title, heading=first.heading,
-                   source=first.source, text=_text(group), score=max(c.score for c in group))
+                   source=first.source, text=_text(group), score=max(c.score for c in group),
+                   truncated=any(c.truncated for c in group))
 
 
 # -- the search ----------------------------------------------------------------------------------
@@ -233,7 +272,7 @@ class Searcher:
             coll = await store.get_collection(conn, tenant_id, collection)  # this transaction's revision
             await store.set_search(conn, t.ef_search)
             k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
-            n = max(t.candidates, k * 4)
+            n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)
             lexical = await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid else []
             sections = (await store.nearest_sections(conn, coll, q, t.sections, query.filters)
@@ -249,7 +288,8 @@ class Searcher:
         ordered = self._order(cands, q, sections, docs, query, lexical, k)
         floor = t.floor if query.mode == "hierarchical" else None
         limit = k if query.mode == "hierarchical" else len(ordered)
-        context, passages, used = pack(ordered, coll.name, query.context_tokens, limit=limit, floor=floor)
+        context, passages, used = pack(ordered, coll.name, query.context_tokens, limit=limit, floor=floor,
+                                       tails=query.mode == "hierarchical" and t.tails)
         return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],

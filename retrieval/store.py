@@ -287,6 +287,7 @@ class Candidate:
     similarity: float = 0.0  # cosine with the query
     score: float = 0.0  # after fusion and the hierarchy's evidence
     value: float = 0.0  # its marginal relevance when chosen (novelty counted)
+    truncated: bool = False  # cut to its leading sentences to fit a budget
 
 
 def filter_sql(filters: dict[str, Any] | None, alias: str) -> tuple[str, list[Any]]:

@@ -154,7 +154,7 @@ async def test_parts_plug_in_side_rows_and_versions(app_factory, make_tenant, le
     assert "retrieval" not in seen  # Tollway's own fields never go upstream
     body = resp.json()
     assert body["choices"][0]["message"]["content"].isupper()
-    assert body["tollway"]["retrieval"] == {"collection": "handbook", "index_version": "v7",
+    assert body["tollway"]["retrieval"] == {"collection": "handbook", "index_version": "v7", "context_tokens": 9,
                                             "sources": [{"document_id": "doc-1", "score": 0.9}]}
     assert body["tollway"]["guards"] == [{"validator": "terms", "action": "log", "spans": 1, "ms": 0.2}]
     assert resp.headers["x-tollway-index-version"] == "v7"
@@ -168,6 +168,7 @@ async def test_parts_plug_in_side_rows_and_versions(app_factory, make_tenant, le
 async def test_a_part_that_is_not_there_is_a_clear_400(app_factory, make_tenant):
     tenant = make_tenant()
     async with app_factory() as gw:
+        gw.state.service.chat.parts.retriever = None  # a gateway without retrieval
         for extra, param in (({"retrieval": {"collection": "c"}}, "retrieval"), ({"prompt": "greet"}, "prompt")):
             resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                         json={"model": "sim-small", "messages": MSG, **extra})

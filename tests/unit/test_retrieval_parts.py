@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 
 import numpy as np
@@ -47,7 +49,7 @@ def test_a_run_on_text_is_cut_by_tokens_with_overlap():
                 splitting=Splitting(chunk_tokens=100, chunk_overlap=20, section_tokens=4000))
     chunks = [c.text for c in doc.sections[0].chunks]
     assert len(chunks) > 3 and all(count_text(c) <= 100 for c in chunks)
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert a.split()[-2] in b.split()[:12]  # neighbours share text
     assert chunks[-1].split()[-1] == "w399"
 
@@ -80,10 +82,28 @@ def test_packing_never_exceeds_the_budget():
     for _ in range(200):
         cands = sorted(_candidates(rng, rng.randint(0, 30)), key=lambda c: -c.score)
         budget = rng.randint(1, 1500)
-        context, passages, used = pack(cands, "kb", budget, limit=rng.randint(1, 40), floor=rng.choice([None, 0.5]))
+        context, passages, used = pack(cands, "kb", budget, limit=rng.randint(1, 40), floor=rng.choice([None, 0.5]),
+                                       tails=rng.random() < 0.5)
         assert used <= budget
         assert used == (count_text(context) + PER_MESSAGE if context else 0)
         assert len({c for p in passages for c in p.chunk_ids}) == sum(len(p.chunk_ids) for p in passages)
+        for p in passages:
+            stored = {c.chunk_id: c.text for c in cands}
+            if p.truncated:  # a cut passage is a leading part of one chunk's text
+                assert len(p.chunk_ids) == 1 and stored[p.chunk_ids[0]].startswith(p.text.removesuffix(" …"))
+
+
+def test_the_budgets_remainder_takes_the_head_of_the_next_passage():
+    rng = random.Random(9)
+    cands = _candidates(rng, 4)
+    long = "First sentence here. " + " ".join(["More words follow."] * 60)
+    cands[1] = dataclasses.replace(cands[1], text=long, tokens=count_text(long), section_id=99, score=0.5)
+    cands[0] = dataclasses.replace(cands[0], score=0.9)
+    budget = count_text(pack(cands[:1], "kb", 10_000, limit=5, floor=None)[0]) + PER_MESSAGE + 60
+    _, whole, _ = pack(cands[:2], "kb", budget, limit=5, floor=None)
+    _, cut, used = pack(cands[:2], "kb", budget, limit=5, floor=None, tails=True)
+    assert len(whole) == 1 and len(cut) == 2 and used <= budget
+    assert cut[1].truncated and cut[1].text.startswith("First sentence here.") and cut[1].text.endswith(" …")
 
 
 def test_mmr_drops_near_duplicates_and_prefers_novelty():
