@@ -198,11 +198,11 @@ class Rag:
                 got = await self._embed(probe, ["dimension probe"])
                 return int(got.vectors.shape[1]), got
 
-            dims, _ = await self._metered(ctx, "collections", b"", entry, 8, measure)
+            dims, _ = await self._metered(ctx, "collections", f"collections:{name}".encode(), entry, 8, measure)
         async with self.pool.connection() as conn:
-            await conn.set_autocommit(True)
             try:
-                await ensure_index(conn, dims)
+                async with conn.transaction():
+                    await ensure_index(conn, dims)
                 return await create_collection(conn, tenant_id, name, embedder=entry.name, dims=dims,
                                                splitting=splitting)
             except StoreError as exc:
@@ -231,8 +231,10 @@ class Rag:
                        InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
         texts = to_embed(prepared)
 
-        async def run(_: Tally) -> tuple[tuple[list[Written], str, Embedded | None], Embedded | None]:
+        async def run(tally: Tally) -> tuple[tuple[list[Written], str, Embedded | None], Embedded | None]:
             embedded = await self._embed(embedder, texts) if texts else None
+            if embedded is not None:  # spent even if writing fails now: the row charges it either way
+                tally.usage = Usage(input_tokens=embedded.tokens)
             async with self.pool.connection() as conn:
                 try:
                     vectors = embedded.vectors if embedded is not None else np.zeros((0, coll.dims), np.float32)
@@ -251,8 +253,9 @@ class Rag:
         coll = await self.collection(tenant_id, name)
         embedder = self.embedder_for(coll.embedder, coll.dims)
 
-        async def run(_: Tally) -> tuple[Found, Embedded | None]:
+        async def run(tally: Tally) -> tuple[Found, Embedded | None]:
             embedded = await self._embed(embedder, [query.text])
+            tally.usage = Usage(input_tokens=embedded.tokens)
             async with self.pool.connection() as conn:
                 try:
                     found = await self.searcher.search_with(conn, tenant_id, name, query, embedded, embedder.name)

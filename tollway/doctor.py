@@ -98,6 +98,22 @@ def _upstream_checks(settings: Settings) -> list[Check]:
     return [(f"upstream {r.name}", check(r)) for r in raws]
 
 
+async def _embedder(settings: Settings) -> str:
+    """The packaged embedding model loads and embeds (where collections use it)."""
+    if settings.embedder != "local" and not settings.local_embedder:
+        return f"default embedder {settings.embedder} (a catalog model: see its upstream)"
+    import time
+
+    from tollway.retrieval import LocalEmbedder
+
+    model = LocalEmbedder()
+    started = time.perf_counter()
+    await asyncio.to_thread(model.load)
+    embedded = await model.embed(["doctor"])
+    return (f"{model.name}: {embedded.vectors.shape[1]} dimensions, loaded and embedded in "
+            f"{(time.perf_counter() - started) * 1000:.0f} ms")
+
+
 async def _run(settings: Settings) -> int:
     failures = 0
 
@@ -106,7 +122,8 @@ async def _run(settings: Settings) -> int:
         return f"{settings.config or '(no config file)'}: {len(raw.upstreams)} upstreams, {len(raw.models)} models"
 
     checks: list[Check] = [("config", config), ("database", lambda: _database(settings)),
-                           ("redis", lambda: _redis(settings)), ("prompts", lambda: _prompts(settings))]
+                           ("redis", lambda: _redis(settings)), ("prompts", lambda: _prompts(settings)),
+                           ("embedder", lambda: _embedder(settings))]
     try:
         checks += _upstream_checks(settings)
     except ConfigError:

@@ -62,6 +62,7 @@ def test_doctor(pg, redis_url, sim, tmp_path):
     assert ok.returncode == 0, ok.stdout
     assert "ok    database: PostgreSQL 18" in ok.stdout and "ok    redis: Redis 6.2" in ok.stdout
     assert "ok    upstream upstream-1" in ok.stdout
+    assert "ok    embedder: local/all-MiniLM-L6-v2-int8: 384 dimensions" in ok.stdout
     broken = tollway("doctor", env={"TOLLWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x",
                                     "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_UPSTREAMS": "http://127.0.0.1:9",
                                     "TOLLWAY_CONFIG": ""})

@@ -94,7 +94,7 @@ def test_catalog_aliases_and_discovery() -> None:
 def test_the_shipped_example_config_is_valid() -> None:
     raw = load_config(Path(__file__).resolve().parents[2] / "deploy" / "tollway.example.yaml")
     assert [u.name for u in raw.upstreams] == ["vllm-large-0", "vllm-large-1", "vllm-small", "openai"]
-    assert {m.name for m in raw.models} == {"llama-3.3-70b", "qwen2.5-7b", "gpt-4o-mini"}
+    assert {m.name for m in raw.models} == {"llama-3.3-70b", "qwen2.5-7b", "gpt-4o-mini", "bge-m3"}
     build = build_catalog(raw, {}, [])
     large = build.get("large")
     assert large is not None and large.price.source == "gpu_hour"

@@ -124,7 +124,6 @@ BEGIN
 END $$;
 GRANT USAGE ON SEQUENCE rag_collections_id_seq, rag_documents_id_seq, rag_sections_id_seq, rag_chunks_id_seq
     TO tollway_rag;
-GRANT SELECT ON tenants TO tollway_rag;
 GRANT EXECUTE ON FUNCTION rag_tenant() TO tollway_rag;
 
 -- App keys that may also write documents (`tollway keys create --ingest`); admin keys always may.
