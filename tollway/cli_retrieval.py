@@ -208,7 +208,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     for s in out["sources"]:
-        print(f"[{s['n']}] {s['score']:.3f}  {s['title']} > {s['heading']}  (document {s['document_id']}, "
+        where = s["heading"] if s["heading"].startswith(s["title"]) else f"{s['title']} > {s['heading']}"
+        print(f"[{s['n']}] {s['score']:.3f}  {where}  (document {s['document_id']}, "
               f"section {s['section_id']}, chunks {','.join(map(str, s['chunk_ids']))})")
     print(f"context: {out['context_tokens_used']} tokens; index version {out['index_version']}")
     return 0
