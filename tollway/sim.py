@@ -14,6 +14,10 @@ word in the model name (``sim-error``, ``big-overloaded``) or for every request 
     flap        every other request fails with a 500 (a replica that flaps)
     reject      400: the upstream calls the request invalid (must not be retried elsewhere)
 
+One behaviour is chosen the same way (``sim-echo``, or ``--echo`` for every request): the answer is the
+last user message, word for word, streamed in pieces of ``--chunk-chars`` characters (default 3) so that
+anything in it (an email address, a card number) is split across frames: guard tests plant exact output.
+
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
 whitespace-separated word of every message's text; the answer is one word per token.
 """
@@ -51,6 +55,8 @@ class SimConfig:
     max_concurrency: int = 0  # 0: unlimited
     fault: str | None = None
     embedding_dims: int = 16
+    echo: bool = False
+    chunk_chars: int = 3
 
 
 @dataclass
@@ -82,6 +88,20 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
         elif isinstance(content, list):
             total += sum(len(p.get("text", "").split()) for p in content if isinstance(p, dict))
     return total
+
+
+def echoes(model: str, config: SimConfig) -> bool:
+    return config.echo or "echo" in model.replace("_", "-").split("-")
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return str(content or "")
+    return ""
 
 
 def fault_of(model: str, config: SimConfig) -> str | None:
@@ -142,16 +162,24 @@ async def chat(request: Request) -> Response:
     if isinstance(max_tokens, int) and fault != "ignoremax":
         n = min(n, max_tokens)
     p_tokens = prompt_tokens(messages)
+    if echoes(model, config):
+        echoed = _last_user_text(messages)
+        n = len(echoed.split())
+        step = max(config.chunk_chars, 1)
+        pieces = [echoed[i:i + step] for i in range(0, len(echoed), step)]
+    else:
+        echoed = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+        pieces = [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(n)]
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(state, model, n, p_tokens, include_usage, fault),
+        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault),
                                  media_type="text/event-stream")
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
         await _pace(n / config.tokens_per_s if config.tokens_per_s else 0)
     if fault == "malformed":
         return Response(b'{"id": "broken", "choices": [', media_type="application/json")
-    text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+    text = echoed
     return _json({
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
         "model": model,
@@ -170,8 +198,9 @@ def _frame(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _stream(state: SimState, model: str, n: int, p_tokens: int, include_usage: bool,
+async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_tokens: int, include_usage: bool,
                   fault: str | None) -> AsyncIterator[bytes]:
+    """``pieces``: the answer's content deltas, one frame each; ``n``: its completion tokens."""
     config = state.config
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
@@ -183,14 +212,14 @@ async def _stream(state: SimState, model: str, n: int, p_tokens: int, include_us
         await _pace(config.ttft_ms / 1000)
         yield _frame(chunk({"role": "assistant", "content": ""}))
         per_token = 1 / config.tokens_per_s if config.tokens_per_s else 0
-        for i in range(n):
-            if fault == "cut" and i == n // 2:
+        for i, piece in enumerate(pieces):
+            if fault == "cut" and i == len(pieces) // 2:
                 await asyncio.sleep(0.2)  # let what was sent arrive, as a real network would
                 raise ConnectionAbortedError("scripted cut")  # the server drops the connection
-            if fault == "malformed" and i == n // 2:
+            if fault == "malformed" and i == len(pieces) // 2:
                 yield b"data: {not json\n\n"
             await _pace(per_token)
-            yield _frame(chunk({"content": ("" if i == 0 else " ") + WORDS[i % len(WORDS)]}))
+            yield _frame(chunk({"content": piece}))
         yield _frame(chunk({}, "stop"))
         if include_usage:
             yield _frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -285,6 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=0, help="0 is unlimited; above it requests queue")
     parser.add_argument("--fault", choices=FAULTS, default=None, help="inject this fault into every request")
     parser.add_argument("--embedding-dims", type=int, default=16)
+    parser.add_argument("--echo", action="store_true", help="every answer is the last user message (see sim-echo)")
+    parser.add_argument("--chunk-chars", type=int, default=3, help="echo: characters per streamed frame")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -292,6 +323,7 @@ def run(args: argparse.Namespace) -> None:
 
     config = SimConfig(models=[m for m in args.models.split(",") if m], ttft_ms=args.ttft_ms,
                        tokens_per_s=args.tokens_per_s, completion_tokens=args.completion_tokens,
-                       max_concurrency=args.max_concurrency, fault=args.fault, embedding_dims=args.embedding_dims)
+                       max_concurrency=args.max_concurrency, fault=args.fault, embedding_dims=args.embedding_dims,
+                       echo=args.echo, chunk_chars=args.chunk_chars)
     uvicorn.run(create_sim_app(config), host=args.host, port=args.port, log_level="warning",
                 access_log=False, loop="uvloop", http="httptools")
