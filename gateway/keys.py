@@ -19,7 +19,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tollway import changes
-from tollway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
+from tollway.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 
 KEY_PREFIX = "tw-"
 ROLES = ("app", "finance", "admin", "prompt_engineer")
@@ -140,6 +146,17 @@ async def tenant_id(conn: psycopg.AsyncConnection, name: str) -> int:
     if row is None:
         raise NotFound(f"tenant {name!r} does not exist", param="tenant", code="tenant_not_found")
     return int(row[0])
+
+
+async def reachable_tenant(pool: AsyncConnectionPool, principal: Principal, named: str | None, what: str) -> int:
+    """The tenant a request acts on: the key's own, or for an admin key the one it names (``what`` says,
+    in the 403 of any other key, what it may only do for its own tenant)."""
+    if named is None or named == principal.tenant:
+        return principal.tenant_id
+    if principal.role != "admin":
+        raise PermissionDenied(f"This key may only {what}.", code="tenant_not_allowed")
+    async with pool.connection() as conn:
+        return await tenant_id(conn, named)
 
 
 async def create_tenant(conn: psycopg.AsyncConnection, name: str, *, author: str = "system") -> int:

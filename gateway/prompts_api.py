@@ -18,7 +18,7 @@ from starlette.responses import Response
 from tollway.errors import PermissionDenied
 from tollway.gateway.accounting import format_cost
 from tollway.gateway.api import json_response
-from tollway.gateway.keys import Principal, tenant_id
+from tollway.gateway.keys import Principal, reachable_tenant
 from tollway.jsontypes import JSON
 from tollway.prompts import (
     PRODUCTION,
@@ -69,12 +69,9 @@ async def _tenant(request: Request, named: str | None) -> tuple[Principal, int, 
     principal: Principal = request.state.principal
     if principal.role not in MANAGERS:
         raise PermissionDenied(f"A {principal.role} key may not manage prompts.", code="role_not_allowed")
-    if named is None or named == principal.tenant:
-        return principal, principal.tenant_id, principal.tenant
-    if principal.role != "admin":
-        raise PermissionDenied("This key may only manage its own tenant's prompts.", code="tenant_not_allowed")
-    async with request.app.state.tollway.pool.connection() as conn:
-        return principal, await tenant_id(conn, named), named
+    tid = await reachable_tenant(request.app.state.tollway.pool, principal, named,
+                                 "manage its own tenant's prompts")
+    return principal, tid, named or principal.tenant
 
 
 async def _reload(request: Request, tid: int) -> None:

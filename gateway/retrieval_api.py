@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from tollway.errors import InvalidJSON, InvalidRequest, PermissionDenied
+from tollway.errors import InvalidJSON, InvalidRequest
 from tollway.gateway.accounting import format_cost
 from tollway.gateway.api import json_response
 from tollway.gateway.calls import CallContext
-from tollway.gateway.keys import Principal, tenant_id
+from tollway.gateway.keys import Principal, reachable_tenant
 from tollway.gateway.ledger import utcnow
 from tollway.gateway.rag import Rag, map_store_error, may_search, may_write
 from tollway.retrieval import (
@@ -92,12 +92,9 @@ def _ctx(request: Request) -> CallContext:
 
 async def _tenant(request: Request, named: str | None) -> tuple[Principal, int]:
     principal: Principal = request.state.principal
-    if named is None or named == principal.tenant:
-        return principal, principal.tenant_id
-    if principal.role != "admin":
-        raise PermissionDenied("This key may only reach its own tenant's collections.", code="tenant_not_allowed")
-    async with request.app.state.tollway.pool.connection() as conn:
-        return principal, await tenant_id(conn, named)
+    tid = await reachable_tenant(request.app.state.tollway.pool, principal, named,
+                                 "reach its own tenant's collections")
+    return principal, tid
 
 
 def _usage(tokens: int, cost: Any) -> dict[str, Any]:

@@ -257,13 +257,6 @@ class Searcher:
         self.embedder_for = embedder_for
         self.tuning = tuning or Tuning()
 
-    async def search(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str,
-                     query: Query) -> Found:
-        coll = await store.collection(conn, tenant_id, collection)
-        embedder = self.embedder_for(coll.embedder, coll.dims)
-        embedded = await embedder.embed([query.text])
-        return await self.search_with(conn, tenant_id, coll.name, query, embedded, embedder.name)
-
     async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
                           embedded: Embedded, embedder: str) -> Found:
         t = self.tuning
@@ -275,9 +268,9 @@ class Searcher:
             n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)
             lexical = await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid else []
-            sections = (await store.nearest_sections(conn, coll, q, t.sections, query.filters)
+            sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
                         if query.mode == "hierarchical" else [])
-            docs = (await store.nearest_documents(conn, coll, q, t.sections, query.filters)
+            docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
                     if query.mode == "hierarchical" and t.document_weight else [])
             known = {c.chunk_id for c in near}
             extra = [i for i in lexical if i not in known]
@@ -321,7 +314,7 @@ class Searcher:
         cands.sort(key=lambda c: -c.score)
         picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16))
         if t.density and picked:
-            # value above what the floor lets in, per token the passage costs with its citation header
+            # relevance above gain_floor x the best, per token the passage costs with its citation header
             base = t.gain_floor * max(c.score for c in picked)
             picked.sort(key=lambda c: -max(c.score - base, 0.0) / (c.tokens + count_text(_where(c.title, c.heading)) + 4))
         return picked

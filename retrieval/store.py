@@ -353,29 +353,23 @@ async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, t
     return [int(r[0]) for r in await cur.fetchall()]
 
 
-async def nearest_sections(conn: psycopg.AsyncConnection[Any], coll: Collection, query: np.ndarray[Any, Any],
-                           n: int, filters: dict[str, Any] | None) -> list[tuple[int, float]]:
-    """(section id, cosine similarity) of the ``n`` sections nearest the query."""
+# the levels above chunks whose centroid vectors are searched: (FROM clause, alias of the level's table)
+_CENTROIDS = {"sections": ("rag_sections s JOIN rag_documents d ON d.id = s.document_id", "s"),
+              "documents": ("rag_documents d", "d")}
+
+
+async def nearest_centroids(conn: psycopg.AsyncConnection[Any], coll: Collection, level: str,
+                            query: np.ndarray[Any, Any], n: int,
+                            filters: dict[str, Any] | None) -> list[tuple[int, float]]:
+    """(id, cosine similarity) of the ``n`` sections or documents whose centroids are nearest the query;
+    metadata filters apply to their documents."""
+    source, alias = _CENTROIDS[level]
     dims = int(coll.dims)
     where, params = filter_sql(filters, "d")
     cur = await conn.execute(
-        f"WITH nearest AS MATERIALIZED (SELECT s.id, s.embedding::halfvec({dims}) <=> %s AS distance"
-        f" FROM rag_sections s JOIN rag_documents d ON d.id = s.document_id"
-        f" WHERE s.collection_id = %s AND s.dims = {dims}{where}"
-        f" ORDER BY s.embedding::halfvec({dims}) <=> %s LIMIT %s) SELECT id, 1 - distance FROM nearest"
-        " ORDER BY distance", (_halfvec(query), coll.id, *params, _halfvec(query), n))
-    return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
-
-
-async def nearest_documents(conn: psycopg.AsyncConnection[Any], coll: Collection, query: np.ndarray[Any, Any],
-                            n: int, filters: dict[str, Any] | None) -> list[tuple[int, float]]:
-    """(document id, cosine similarity) of the ``n`` documents nearest the query (centroid vectors)."""
-    dims = int(coll.dims)
-    where, params = filter_sql(filters, "d")
-    cur = await conn.execute(
-        f"WITH nearest AS MATERIALIZED (SELECT d.id, d.embedding::halfvec({dims}) <=> %s AS distance"
-        f" FROM rag_documents d WHERE d.collection_id = %s AND d.dims = {dims}{where}"
-        f" ORDER BY d.embedding::halfvec({dims}) <=> %s LIMIT %s) SELECT id, 1 - distance FROM nearest"
+        f"WITH nearest AS MATERIALIZED (SELECT {alias}.id, {alias}.embedding::halfvec({dims}) <=> %s AS distance"
+        f" FROM {source} WHERE {alias}.collection_id = %s AND {alias}.dims = {dims}{where}"
+        f" ORDER BY {alias}.embedding::halfvec({dims}) <=> %s LIMIT %s) SELECT id, 1 - distance FROM nearest"
         " ORDER BY distance", (_halfvec(query), coll.id, *params, _halfvec(query), n))
     return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
 
