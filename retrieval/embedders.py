@@ -106,6 +106,10 @@ class LocalEmbedder:
         options = ort.SessionOptions()
         if self._threads:
             options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        # Idle workers sleep instead of spinning: the gateway's event loop shares these cores, and
+        # embeddings come in bursts.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         return ort.InferenceSession(str(_model_file()), options, providers=["CPUExecutionProvider"])
 
@@ -122,6 +126,11 @@ class LocalEmbedder:
         """Load the model now (start-up), not on the first request."""
         with self._lock:
             _ = self._session, self._tokenizer
+
+    def close(self) -> None:
+        """Release the model and its threads (shutdown); a later call loads it again."""
+        with self._lock:
+            self.__dict__.pop("_session", None)
 
     def embed_sync(self, texts: Sequence[str]) -> tuple[Vectors, int]:
         with self._lock:

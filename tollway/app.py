@@ -243,6 +243,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     local = LocalEmbedder() if settings.embedder == "local" or settings.local_embedder else None
     if local is not None:
         await asyncio.to_thread(local.load)  # here, not in the first request that retrieves
+        stack.callback(local.close)
     rag = Rag(pool, calls, routing, local, RagSettings(
         default_embedder=settings.embedder, context_tokens=settings.context_tokens,
         max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,

@@ -70,20 +70,15 @@ def test_doctor(pg, redis_url, sim, tmp_path):
     assert "FAIL  database" in broken.stdout and "FAIL  upstream upstream-1" in broken.stdout
 
 
-def test_our_guardrails_folder_never_shadows_guardrails_ai():
+def test_our_guardrails_folder_never_shadows_guardrails_ai(tmp_path):
+    # anywhere but the repository root, `guardrails` is guardrails-ai (a dependency)
+    elsewhere = subprocess.run([sys.executable, "-c", "import guardrails; print(guardrails.__file__)"], cwd=tmp_path,
+                               capture_output=True, text=True)
+    assert elsewhere.returncode == 0 and "site-packages" in elsewhere.stdout, elsewhere.stderr
+    # at the root (where `python -c` puts the folder first on sys.path) ours says what happened
     result = subprocess.run([sys.executable, "-c", "import guardrails"], cwd=REPO, capture_output=True, text=True)
-    try:
-        import importlib.util
-
-        has_guardrails_ai = importlib.util.find_spec("guardrails") is not None and "site-packages" in str(
-            importlib.util.find_spec("guardrails").origin)
-    except ImportError:
-        has_guardrails_ai = False
-    if has_guardrails_ai:
-        assert result.returncode == 0  # the installed guardrails-ai wins
-    else:
-        assert result.returncode == 1
-        assert "import it by that name" in result.stderr and "tollway.guardrails" in result.stderr
+    assert result.returncode == 1
+    assert "import it by that name" in result.stderr and "tollway.guardrails" in result.stderr
     from tollway import guardrails
 
     assert guardrails.__name__ == "tollway.guardrails"
