@@ -87,3 +87,29 @@ print("connections:", attempts)
     assert result.returncode == 0, result.stderr
     assert "connections: []" in result.stdout
     assert time.monotonic() - started < 10  # with telemetry on, the exporter retries for ~20 s at exit
+
+
+@pytest.mark.parametrize("planted", ["jane.doe@example.com", "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32"])
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_a_span_split_across_chunks_at_every_offset_never_leaks(planted, size):
+    from tollway.guardrails.window import Window
+
+    text = f"Sure. The value is {planted} and nothing else matters here."
+    for offset in range(size):  # the chunk boundaries fall at every position of the span
+        chunks = [text[:offset], *(text[i:i + size] for i in range(offset, len(text), size))]
+        window = Window(("email", "card", "iban"))
+        released = [window.feed(c) for c in chunks] + [window.end()]
+        joined = "".join(released)
+        assert planted not in joined and "[REDACTED:" in joined
+        assert joined.startswith("Sure. The value is [REDACTED:") and joined.endswith("nothing else matters here.")
+        assert all(planted[:6] not in piece for piece in released if "[REDACTED" not in piece)
+
+
+def test_the_window_releases_clean_text_with_a_bounded_delay():
+    from tollway.guardrails.window import Window
+
+    window = Window(("email",), hold=40)
+    text = "word " * 100
+    released = "".join(window.feed(text[i:i + 5]) for i in range(0, len(text), 5))
+    assert len(text) - len(released) <= 40 and text.startswith(released)
+    assert released + window.end() == text
