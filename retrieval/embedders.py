@@ -107,6 +107,7 @@ class LocalEmbedder:
         if self._threads:
             options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = False  # memory back after each batch, not kept for the largest one
         # Idle workers sleep instead of spinning: the gateway's event loop shares these cores, and
         # embeddings come in bursts.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
