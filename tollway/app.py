@@ -254,7 +254,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         except TollwayError as exc:
             raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
     service = CompletionService(calls, routing, parts=Parts(prompts=RegistryPrompts(prompts), retriever=rag),
-                                shadows=shadows)
+                                shadows=shadows, local=local)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -85,3 +86,29 @@ def test_cli_reports_refusals_and_bad_files(gateway, make_tenant, tmp_path):
     assert mixed.returncode == 1
     assert "1 created" in mixed.stdout and "2 failed" in mixed.stdout
     assert "failed: empty.md" in mixed.stderr and "failed: latin1.txt: not UTF-8 text" in mixed.stderr
+
+
+def test_the_local_embedder_is_a_model_like_any_other(gateway, make_tenant, ledger):
+    tenant = make_tenant()
+    sdk = openai.OpenAI(base_url=gateway.url, api_key=tenant.key, max_retries=0)
+    assert "local/all-MiniLM-L6-v2-int8" in {m.id for m in sdk.models.list()}
+    raw = sdk.embeddings.with_raw_response.create(model="local/all-MiniLM-L6-v2-int8",
+                                                  input=["reset my password", "forgot my password", "weather"])
+    got = raw.parse()  # the SDK asks for base64 by default and decodes it
+    vectors = [d.embedding for d in got.data]
+    assert [len(v) for v in vectors] == [384] * 3 and got.usage.prompt_tokens > 0
+    same = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True))
+    other = sum(a * b for a, b in zip(vectors[0], vectors[2], strict=True))
+    assert same > other + 0.2  # normalised: a dot product is the cosine
+    floats = sdk.embeddings.create(model="local/all-MiniLM-L6-v2-int8", input="reset my password",
+                                   encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.embeddings.create(model="local/all-MiniLM-L6-v2-int8", input=[[1, 2, 3]])
+    assert refused.value.body["param"] == "input"
+    deadline = time.monotonic() + 5
+    while not (rows := ledger("request_id = %s", raw.headers["x-request-id"])):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (rows[0]["model"], rows[0]["cost_usd"], rows[0]["input_tokens"]) == (
+        "local/all-MiniLM-L6-v2-int8", 0, got.usage.prompt_tokens)
