@@ -4,7 +4,8 @@ model it may use, the tenant's rules, and admission against budgets (the worst c
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -13,7 +14,7 @@ from opentelemetry.trace import SpanKind
 from tollway.errors import InvalidRequest, NotFound, PermissionDenied
 from tollway.gateway.accounting import Tally
 from tollway.gateway.keys import Principal
-from tollway.gateway.ledger import Ledger, LedgerRow
+from tollway.gateway.ledger import Ledger, LedgerRow, utcnow
 from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, to_nano
 from tollway.gateway.telemetry import Telemetry
 from tollway.gateway.tenant_policy import PolicyStore, TenantPolicy, TenantRules
@@ -48,6 +49,14 @@ class CallContext:
     created_at: datetime
     session: str | None = None
     tags: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, request_id: str, principal: Principal, header: Callable[[str], str | None]) -> CallContext:
+        """A request's context from its headers (``header``: a lookup by lower-case name), starting now."""
+        tags = header("x-tollway-tags")
+        return cls(request_id=request_id, principal=principal, header_user=header("x-tollway-user"),
+                   started=time.perf_counter(), created_at=utcnow(), session=header("x-tollway-session"),
+                   tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +119,15 @@ class Calls:
         return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
                      started=ctx.started)
 
-    def resolve(self, principal: Principal, name: str, kind: str) -> ModelEntry | None:
-        """The model a request names (None for a routing alias such as 'auto'), or the 4xx why not."""
+    def resolve(self, principal: Principal, name: str, kind: str, *,
+                also: ModelEntry | None = None) -> ModelEntry | None:
+        """The model a request names (None for a routing alias such as 'auto'), or the 4xx why not.
+        ``also``: a model served besides the catalog (the packaged embedder), checked the same way."""
         if principal.role not in INFERENCE_ROLES:
             raise PermissionDenied(f"A {principal.role} key may not call models.", code="role_not_allowed")
         if kind == "chat" and name in self.catalog.auto_aliases:
             return None
-        entry = self.catalog.get(name)
+        entry = also if also is not None and name == also.name else self.catalog.get(name)
         if entry is None:
             raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
                            param="model")

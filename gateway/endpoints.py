@@ -9,14 +9,12 @@ pydantic models (``openapi_paths``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import TollwayError
-from tollway.gateway.ledger import utcnow
 from tollway.gateway.middleware import send_error, send_json
 from tollway.gateway.protocol import ChatCompletionRequest, EmbeddingRequest
 from tollway.gateway.service import CallContext, CompletionService, JSONResult, StreamResult
@@ -37,11 +35,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 def endpoint(work: Work) -> Callable[[Scope, Receive, Send, CompletionService], Awaitable[None]]:
     async def handle(scope: Scope, receive: Receive, send: Send, service: CompletionService) -> None:
         state = scope["state"]
-        tags = _header(scope, b"x-tollway-tags")
-        ctx = CallContext(request_id=state["request_id"], principal=state["principal"],
-                          header_user=_header(scope, b"x-tollway-user"), started=time.perf_counter(),
-                          created_at=utcnow(), session=_header(scope, b"x-tollway-session"),
-                          tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
+        ctx = CallContext.of(state["request_id"], state["principal"], lambda name: _header(scope, name.encode()))
         try:
             result = await until_disconnect(receive, lambda read_body: work(service, ctx, read_body))
         except TollwayError as exc:

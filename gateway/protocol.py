@@ -77,11 +77,14 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 M = TypeVar("M", bound=BaseModel)
 
 
-def validate(model: type[M], data: dict[str, Any]) -> M:
+def validate(model: type[M], data: dict[str, Any], *, at: str | None = None) -> M:
+    """``data`` as ``model``, or the 400 naming the first bad field (under ``at`` for a nested object)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = _param(first["loc"])
+        if at is not None:
+            param = f"{at}.{param}" if param else at
         where = f"'{param}'" if param else "body"
         raise InvalidRequest(f"Invalid value for {where}: {first['msg']}.", param=param) from exc

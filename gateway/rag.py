@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tollway.errors import (
     Conflict,
@@ -33,6 +33,7 @@ from tollway.gateway.accounting import Tally
 from tollway.gateway.calls import CallContext, Calls, reserved_input
 from tollway.gateway.exchange import Exchange, Retrieved, SideCall
 from tollway.gateway.keys import Principal
+from tollway.gateway.protocol import validate
 from tollway.jsontypes import JSON
 from tollway.retrieval import (
     LOCAL_NAME,
@@ -271,12 +272,7 @@ class Rag:
         if not isinstance(raw, dict):
             raise InvalidRequest("retrieval must be an object: {\"collection\": ..., \"context_tokens\": ...}",
                                  param="retrieval")
-        try:
-            spec = RetrievalSpec.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(f"retrieval.{field}: {first['msg']}", param=f"retrieval.{field}") from None
+        spec = validate(RetrievalSpec, raw, at="retrieval")
         if spec.context_tokens is not None and spec.context_tokens > self.settings.max_context_tokens:
             raise InvalidRequest(f"retrieval.context_tokens may be at most {self.settings.max_context_tokens}",
                                  param="retrieval.context_tokens")

@@ -6,12 +6,11 @@ query). Writes need an ingest key or an admin key (``tollway.gateway.rag``)."""
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
@@ -20,7 +19,7 @@ from tollway.gateway.accounting import format_cost
 from tollway.gateway.api import json_response
 from tollway.gateway.calls import CallContext
 from tollway.gateway.keys import Principal, reachable_tenant
-from tollway.gateway.ledger import utcnow
+from tollway.gateway.protocol import parse_json_object, validate
 from tollway.gateway.rag import Rag, map_store_error, may_search, may_write
 from tollway.retrieval import (
     DocumentError,
@@ -82,12 +81,7 @@ def _rag(request: Request) -> Rag:
 
 
 def _ctx(request: Request) -> CallContext:
-    headers = request.headers
-    tags = headers.get("x-tollway-tags")
-    return CallContext(request_id=request.state.request_id, principal=request.state.principal,
-                       header_user=headers.get("x-tollway-user"), started=time.perf_counter(), created_at=utcnow(),
-                       session=headers.get("x-tollway-session"),
-                       tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
+    return CallContext.of(request.state.request_id, request.state.principal, request.headers.get)
 
 
 async def _tenant(request: Request, named: str | None) -> tuple[Principal, int]:
@@ -162,23 +156,13 @@ async def _documents(request: Request) -> tuple[str | None, list[NewDocument]]:
                 raise InvalidRequest(f"{name}: {exc}", param="file", code="invalid_document") from None
         tenant = form.get("tenant")
         return (str(tenant) if tenant else None), out
-    try:
-        raw = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise InvalidJSON("The body is not valid JSON (send JSON, or multipart/form-data with files).") from None
-    if not isinstance(raw, dict):
-        raise InvalidRequest("The body must be a JSON object.")
-    try:
-        if "documents" in raw:
-            many = DocumentsBody.model_validate(raw)
-            tenant, bodies = many.tenant, many.documents
-        else:
-            tenant = raw.pop("tenant", None)
-            bodies = [DocumentBody.model_validate(raw)]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"Invalid request: {param}: {first['msg']}.", param=param) from None
+    raw = parse_json_object(await request.body())
+    if "documents" in raw:
+        many = validate(DocumentsBody, raw)
+        tenant, bodies = many.tenant, many.documents
+    else:
+        tenant = raw.pop("tenant", None)
+        bodies = [validate(DocumentBody, raw)]
     out = []
     for d in bodies:
         source = d.source or f"text-{hashlib.sha256(d.text.encode()).hexdigest()[:16]}"  # same text, same name

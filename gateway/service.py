@@ -6,10 +6,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from tollway.errors import InvalidRequest, PermissionDenied, ServiceUnavailable
+from tollway.errors import InvalidRequest, ServiceUnavailable
 from tollway.gateway.accounting import Tally, format_cost, usage_of
 from tollway.gateway.calls import (
-    INFERENCE_ROLES,
     INPUT_MARGIN,
     INPUT_SLACK,
     CallContext,
@@ -28,7 +27,7 @@ from tollway.gateway.shadow import Shadows
 from tollway.gateway.streaming import BodyReader
 from tollway.jsontypes import JSON
 from tollway.retrieval import EmbedderError, LocalEmbedder
-from tollway.routing import ChainFailed, Router, Usage, count_text
+from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_text
 
 __all__ = ["INPUT_MARGIN", "INPUT_SLACK", "CallContext", "CompletionService", "JSONResult", "StreamResult",
            "reserved_output"]
@@ -50,31 +49,24 @@ class CompletionService:
             data = parse_json_object(body)
             req = validate(EmbeddingRequest, data)
             tally.row.end_user = ctx.header_user or req.user
-            if self.local is not None and req.model == self.local.name:
-                return await self._local_embeddings(ctx, tally, body, req, data.get("encoding_format"))
-            entry = calls.resolve(ctx.principal, req.model, "embedding")
+            entry = calls.resolve(ctx.principal, req.model, "embedding",
+                                  also=LOCAL_ENTRY if self.local is not None else None)
             assert entry is not None
-            tally.bind(entry)
+            local = entry is LOCAL_ENTRY
             texts = req.input if isinstance(req.input, list) else [req.input]
+            if local:
+                _check_local(req, texts, data.get("encoding_format"))
+            tally.bind(entry, replica="local" if local else None)
             tokens = sum(count_text(t) if isinstance(t, str) else (len(t) if isinstance(t, list) else 1)
                          for t in texts)
             rules = await calls.rules(ctx.principal.tenant_id)
             worst = Usage(input_tokens=reserved_input(tokens)) if calls.bounded(rules, ctx.principal) else None
             admission = await calls.admit(ctx, tally, rules, body, [entry], worst)
-            # Embedding models are never swapped for one another (their vectors are not comparable):
-            # only the replicas of this model are balanced and retried.
-            try:
-                served = await self.router.call(self.router.direct(entry), dict(data), stream=False,
-                                                endpoint="embeddings")
-            except ChainFailed as failed:
-                raise failed.error from None
-            served.release(True)
-            tally.bind(entry, replica=served.replica)
-            assert served.response is not None
-            response = served.response
-            usage, source = usage_of(response.get("usage")), "upstream"
-            if usage is None:
-                usage, source = Usage(input_tokens=tokens), "estimated"
+            if local:
+                response, usage, source = await self._embed_locally([str(t) for t in texts],
+                                                                    data.get("encoding_format"))
+            else:
+                response, usage, source = await self._embed_upstream(entry, data, tally, tokens)
             response["model"] = entry.name
             cost = tally.close(200, usage=usage, usage_source=source)
             headers = {"x-tollway-model": entry.name, "x-tollway-cost-usd": format_cost(cost)}
@@ -82,44 +74,38 @@ class CompletionService:
                 headers.update(admission.headers)
             return JSONResult(response, headers)
 
-    async def _local_embeddings(self, ctx: CallContext, tally: Tally, body: bytes, req: EmbeddingRequest,
-                                encoding: Any) -> JSONResult:
-        """The packaged embedding model, in process: admitted, metered and answered like any other."""
-        assert self.local is not None
-        principal, calls = ctx.principal, self.calls
-        if principal.role not in INFERENCE_ROLES:
-            raise PermissionDenied(f"A {principal.role} key may not call models.", code="role_not_allowed")
-        if not principal.may_use(self.local.name):
-            raise PermissionDenied(f"This key may not use model '{req.model}'.", param="model", code="model_not_allowed")
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidRequest(f"'{req.model}' embeds text: input must be a string or a list of strings.",
-                                 param="input")
-        if encoding not in (None, "float", "base64"):
-            raise InvalidRequest("encoding_format must be 'float' or 'base64'.", param="encoding_format")
-        tally.bind(LOCAL_ENTRY, replica="local")
-        rules = await calls.rules(principal.tenant_id)
-        strings = [str(t) for t in texts]
-        worst = Usage(input_tokens=reserved_input(sum(count_text(t) for t in strings)))
-        admission = await calls.admit(ctx, tally, rules, body, [LOCAL_ENTRY],
-                                      worst if calls.bounded(rules, principal) else None)
+    async def _embed_upstream(self, entry: ModelEntry, data: JSON, tally: Tally,
+                              tokens: int) -> tuple[JSON, Usage, str]:
+        # Embedding models are never swapped for one another (their vectors are not comparable):
+        # only the replicas of this model are balanced and retried.
         try:
-            embedded = await self.local.embed(strings)
+            served = await self.router.call(self.router.direct(entry), dict(data), stream=False,
+                                            endpoint="embeddings")
+        except ChainFailed as failed:
+            raise failed.error from None
+        served.release(True)
+        tally.bind(entry, replica=served.replica)
+        assert served.response is not None
+        response = served.response
+        usage = usage_of(response.get("usage"))
+        return (response, usage, "upstream") if usage is not None else \
+            (response, Usage(input_tokens=tokens), "estimated")
+
+    async def _embed_locally(self, texts: list[str], encoding: Any) -> tuple[JSON, Usage, str]:
+        """The packaged embedding model, in process, answered in the OpenAI shape."""
+        assert self.local is not None
+        try:
+            embedded = await self.local.embed(texts)
         except EmbedderError as exc:
             raise ServiceUnavailable(f"The embedding model failed: {exc}", code="embedder_failed") from exc
 
         def encode(row: Any) -> Any:
             return base64.b64encode(row.astype("<f4").tobytes()).decode() if encoding == "base64" else row.tolist()
 
-        usage = {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens}
-        response = {"object": "list", "model": self.local.name, "usage": usage,
+        response = {"object": "list", "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens},
                     "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
                              for i, v in enumerate(embedded.vectors)]}
-        cost = tally.close(200, usage=Usage(input_tokens=embedded.tokens), usage_source="local")
-        headers = {"x-tollway-model": self.local.name, "x-tollway-cost-usd": format_cost(cost)}
-        if admission is not None:
-            headers.update(admission.headers)
-        return JSONResult(response, headers)
+        return response, Usage(input_tokens=embedded.tokens), "local"
 
     def models(self, principal: Principal) -> JSON:
         catalog = self.router.catalog
@@ -133,3 +119,12 @@ class CompletionService:
             aliases.append(PROMPT_ALIAS)  # "the model the prompt names", once the tenant has prompts
         data += [{"id": alias, "object": "model", "created": 0, "owned_by": "tollway"} for alias in aliases]
         return {"object": "list", "data": data}
+
+
+def _check_local(req: EmbeddingRequest, texts: list[Any], encoding: Any) -> None:
+    """The packaged model embeds text (not token ids) and answers floats or base64."""
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest(f"'{req.model}' embeds text: input must be a string or a list of strings.",
+                             param="input")
+    if encoding not in (None, "float", "base64"):
+        raise InvalidRequest("encoding_format must be 'float' or 'base64'.", param="encoding_format")

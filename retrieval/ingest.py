@@ -51,7 +51,7 @@ def metadata_key(metadata: dict[str, Any]) -> str:
 async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Sequence[NewDocument],
                   *, max_tokens: int) -> list[Prepared]:
     """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be."""
-    out = []
+    parsed_all: list[tuple[NewDocument, Parsed]] = []
     seen: set[str] = set()
     for i, doc in enumerate(docs):
         if doc.source in seen:
@@ -65,9 +65,10 @@ async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Se
         if parsed.tokens > max_tokens:
             raise DocumentError(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most {max_tokens} "
                                 "are allowed per document")
-        same = await store.unchanged(conn, coll.tenant_id, coll.name, doc.source, parsed.content_hash)
-        out.append(Prepared(doc, parsed, same))
-    return out
+        parsed_all.append((doc, parsed))
+    same = await store.unchanged(conn, coll.tenant_id, coll.name,
+                                 [(doc.source, parsed.content_hash) for doc, parsed in parsed_all])
+    return [Prepared(doc, parsed, same.get(doc.source)) for doc, parsed in parsed_all]
 
 
 def to_embed(prepared: Sequence[Prepared]) -> list[str]:

@@ -164,15 +164,17 @@ class Written:
                 "sections": self.sections, "chunks": self.chunks, "tokens": self.tokens}
 
 
-async def unchanged(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str, source: str,
-                    content_hash: str) -> int | None:
-    """The document's id when ``source`` is stored with this very content (re-ingesting it is a no-op)."""
+async def unchanged(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str,
+                    documents: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """Of ``documents`` (source, content hash), those stored with this very content, by source: their ids
+    (re-ingesting them is a no-op). One query for the whole request."""
     async with tenant_tx(conn, tenant_id):
         cur = await conn.execute(
-            "SELECT d.id FROM rag_documents d JOIN rag_collections c ON c.id = d.collection_id"
-            " WHERE c.name = %s AND d.source = %s AND d.content_hash = %s", (collection_name, source, content_hash))
-        row = await cur.fetchone()
-    return None if row is None else int(row[0])
+            "SELECT d.source, d.id FROM rag_documents d JOIN rag_collections c ON c.id = d.collection_id"
+            " JOIN unnest(%s::text[], %s::text[]) AS given (source, content_hash)"
+            " ON given.source = d.source AND given.content_hash = d.content_hash WHERE c.name = %s",
+            ([s for s, _ in documents], [h for _, h in documents], collection_name))
+        return {str(r[0]): int(r[1]) for r in await cur.fetchall()}
 
 
 def _halfvec(v: np.ndarray[Any, Any]) -> HalfVector:
