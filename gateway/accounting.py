@@ -202,6 +202,9 @@ class Tally:
             tel.cost_usd.add(float(row.cost_usd), {"gen_ai.request.model": row.model or ""})
         if row.cache_hit:
             tel.cache_hits.add(1, {"gen_ai.request.model": row.model or ""})
+        for outcome in row.guard_outcome or ():
+            tel.guards.add(1, {"tollway.tenant_id": row.tenant_id, "tollway.guard.validator": outcome["validator"],
+                               "tollway.guard.action": outcome["action"]})
         if row.input_tokens:
             tel.tokens.add(row.input_tokens, {"gen_ai.token.type": "input"})
         if row.output_tokens:

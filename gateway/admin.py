@@ -1,4 +1,5 @@
-"""Admin and finance routes: budgets, tenant policies, key limits, reconciliation, cost reports.
+"""Admin and finance routes: budgets, tenant policies, guard policies, key limits, reconciliation, cost
+reports.
 
 Admin keys manage any tenant (named in the request); finance keys read their own tenant's reports.
 Every change is a row in the change channel (``GET /v1/admin/changes``) and applies to every replica at
@@ -8,7 +9,7 @@ once through its notification (within the policy cache TTL if a replica's listen
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,9 +27,12 @@ from tollway.gateway.tenant_policy import (
     list_budgets,
     mark_reset,
     set_budget,
+    set_guards,
     set_key_limits,
     set_policy,
 )
+from tollway.gateway.tenant_policy import get_guards as get_tenant_guards
+from tollway.guardrails.policy import BUILTIN, GuardPolicy, resolve
 
 router = APIRouter()
 
@@ -150,6 +154,51 @@ async def put_policy(request: Request, body: PolicyBody) -> Response:
                                   author=principal.author, reason=body.reason, **fields)
     state.policies.forget(policy.tenant_id)
     return json_response(policy.as_json())
+
+
+class GuardsBody(_Body):
+    tenant: str
+    reason: str | None = None
+    policy: dict[str, Any]  # tollway.guardrails.policy.GuardPolicy: input, output, terms, topics, limits
+
+
+@router.get("/v1/admin/guards", summary="A tenant's guard policy, and the policy its requests run under")
+async def get_guards(request: Request, tenant: str) -> Response:
+    _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        policy = await get_tenant_guards(conn, tenant)
+    return json_response(_guards_view(state, tenant, policy))
+
+
+@router.put("/v1/admin/guards", summary="Replace a tenant's guard policy (applies to the next request)")
+async def put_guards(request: Request, body: GuardsBody) -> Response:
+    principal = _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        policy = await set_guards(conn, body.tenant, body.policy, extra=state.guarding.names,
+                                  author=principal.author, reason=body.reason)
+        tid = await tenant_id(conn, body.tenant)
+    state.policies.forget(tid)
+    return json_response(_guards_view(state, body.tenant, policy))
+
+
+@router.delete("/v1/admin/guards", summary="Remove a tenant's guard policy (the config's defaults apply)")
+async def delete_guards(request: Request, tenant: str, reason: str | None = None) -> Response:
+    principal = _admin(request)
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        await set_guards(conn, tenant, None, author=principal.author, reason=reason)
+        tid = await tenant_id(conn, tenant)
+    state.policies.forget(tid)
+    return json_response(_guards_view(state, tenant, None))
+
+
+def _guards_view(state: Any, tenant: str, policy: GuardPolicy | None) -> dict[str, Any]:
+    effective = resolve(state.guarding.config, policy)
+    return {"tenant": tenant, "policy": None if policy is None else policy.model_dump(exclude_none=True),
+            "effective": {"input": effective.input, "output": effective.output},
+            "validators": sorted({*BUILTIN, *state.guarding.names})}
 
 
 @router.post("/v1/admin/keys", status_code=201, summary="Create a key (its secret is in this answer only)")

@@ -1,4 +1,5 @@
-"""The answer the gateway makes itself: the degraded last resort, which says what it is. (A cached answer
+"""The answers the gateway makes itself: the degraded last resort, which says what it is, and an input
+guard's fallback. (A cached answer
 is replayed through the same output chain as any other: ``tollway.gateway.relay``.)"""
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ from tollway.routing import Usage
 DEGRADED_MODEL = "tollway-degraded"
 
 
-def degraded_completion(message: str) -> JSON:
+def gateway_completion(model: str, message: str) -> JSON:
+    """An answer the gateway makes itself (no model was called): it costs nothing."""
     return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-            "model": DEGRADED_MODEL, "system_fingerprint": "tollway-degraded",
+            "model": model, "system_fingerprint": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": "stop"}],
             "usage": usage_json(Usage())}
+
+
+def degraded_completion(message: str) -> JSON:
+    return gateway_completion(DEGRADED_MODEL, message)

@@ -292,8 +292,8 @@ class Chat:
     def _usage(self, ex: Exchange, payload: JSON) -> tuple[Usage, str]:
         if ex.cached is not None:
             return usage_of(payload.get("usage")) or Usage(), "cache"
-        if ex.served is None:
-            return Usage(), "degraded"
+        if ex.served is None:  # the gateway's own answer: degraded, or an input guard's fallback
+            return Usage(), "degraded" if ex.tally.row.degraded else "gateway"
         usage = usage_of(payload.get("usage"))
         if usage is not None:
             return usage, "upstream"
@@ -303,8 +303,8 @@ class Chat:
         return Usage(input_tokens=count_messages(ex.messages), output_tokens=max(produced, count_text(text)))
 
     def _close(self, ex: Exchange, status: int, code: str | None, usage: Usage, source: str) -> Decimal:
-        if ex.guards:
-            ex.tally.row.guard_outcome = [g.as_json() for g in ex.guards]
+        if guards := ex.all_guards():
+            ex.tally.row.guard_outcome = [g.as_json() for g in guards]
         return ex.tally.close(status, code, usage=usage, usage_source=source)
 
     def _relay(self, ex: Exchange) -> AsyncIterator[bytes]:
@@ -334,7 +334,8 @@ class Chat:
             if status != 200:
                 return
             self._shadow(ex, "".join(emitter.text))
-            if ex.cache_key is not None and n == 1 and accountant.plain_text and accountant.finish_reason:
+            if ex.cache_key is not None and n == 1 and accountant.plain_text and accountant.finish_reason \
+                    and not ex.guards_changed():
                 usage, _ = accountant.settled()
                 self.router.remember(ex.cache_key, emitter.answer(accountant.finish_reason, usage), entry.name,
                                      ex.tally.row.cost_usd)
@@ -348,7 +349,7 @@ class Chat:
         """Work after a whole upstream answer: cache it (deterministic requests), sample it for shadows."""
         if ex.served is None or ex.answer is None:
             return
-        if ex.cache_key is not None:
+        if ex.cache_key is not None and not ex.guards_changed():  # what guards changed is not kept
             await self.router.store(ex.cache_key, ex.answer, ex.served.step.model.name, ex.tally.row.cost_usd)
         self._shadow(ex, choice_text(ex.answer, "message"))
 

@@ -8,7 +8,7 @@ headers) is defined here once and filled by the stages.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
@@ -19,6 +19,7 @@ from tollway.gateway.protocol import ChatCompletionRequest
 from tollway.gateway.quota import Admission
 from tollway.gateway.streaming import BodyReader  # read inside the tally: an oversized body is accounted too
 from tollway.gateway.tenant_policy import TenantRules
+from tollway.guardrails.policy import PromptGuards
 from tollway.jsontypes import JSON
 from tollway.routing import BudgetSignal, CachedAnswer, ModelEntry, Plan, RouteDecision, Served, Usage
 
@@ -36,6 +37,7 @@ class RenderedPrompt:
     messages: tuple[JSON, ...]  # go before the request's own messages
     model: str | None = None  # applies when the request's model is the 'prompt' alias
     params: JSON = field(default_factory=dict)  # apply unless the request sets them
+    guards: PromptGuards | None = None  # the prompt's guard policy: overrides the tenant's per validator
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +59,13 @@ class GuardOutcome:
     action: str  # 'pass', 'redact', 'block', 'fallback', 'log'
     spans: int = 0
     ms: float = 0.0
+    detail: str | None = None  # what failed: span kinds, injection rules, the JSON problem
 
     def as_json(self) -> JSON:
-        return {"validator": self.validator, "action": self.action, "spans": self.spans, "ms": round(self.ms, 3)}
+        out: JSON = {"validator": self.validator, "action": self.action, "spans": self.spans, "ms": round(self.ms, 3)}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +115,8 @@ class Retriever(Protocol):
 
 
 class OutputFilter(Protocol):
-    """One request's instance of an output transformer: chunks in, chunks out (it may hold some back)."""
+    """One request's instance of an output transformer: chunks in, chunks out (it may hold some back). A
+    filter with a true ``done`` attribute has ended the answer: the relay stops reading the upstream."""
 
     async def chunk(self, chunk: JSON) -> list[JSON]: ...
 
@@ -166,7 +173,8 @@ class Exchange:
     served: Served | None = None
     answer: JSON | None = None  # a whole answer (upstream JSON, cached, degraded)
     cached: CachedAnswer | None = None
-    guards: list[GuardOutcome] = field(default_factory=list)
+    guards: list[GuardOutcome] = field(default_factory=list)  # the input guards'
+    reports: list[Callable[[], list[GuardOutcome]]] = field(default_factory=list)  # the output guards', when asked
     filters: list[OutputFilter] = field(default_factory=list)
     frames: AsyncIterator[bytes] | None = None  # a stream's answer, relayed and settled as it goes
     settled: tuple[Usage, str] | None = None  # a whole answer's usage and its source, recorded last
@@ -198,6 +206,14 @@ class Exchange:
         if served is not None and served.stream is not None:
             await served.stream.aclose()
             served.release(False, count=False)
+
+    def all_guards(self) -> list[GuardOutcome]:
+        """Every guard outcome so far: the input guards', then the output guards' (as far as they got)."""
+        return [*self.guards, *(o for report in self.reports for o in report())]
+
+    def guards_changed(self) -> bool:
+        """A guard rewrote, withheld or replaced something of this answer (it is not cached)."""
+        return any(g.action in ("redact", "block", "fallback") for g in self.all_guards())
 
     @property
     def stream(self) -> bool:
@@ -233,7 +249,7 @@ class Exchange:
                 "context_tokens": retrieved.context_tokens, "sources": list(retrieved.sources),
                 **({"error": retrieved.error} if retrieved.error else {}),
                 **({"cached": True} if retrieved.cached else {})},
-            "guards": [g.as_json() for g in self.guards],
+            "guards": [g.as_json() for g in self.all_guards()],
         }
 
     def headers(self, cost: Decimal | None) -> dict[str, str]:

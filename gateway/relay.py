@@ -262,6 +262,8 @@ class StreamRelay:
             for out in await through(self.filters, [chunk]) if self.filters else (chunk,):
                 if frame := self.emitter.emit(out):
                     yield frame
+            if self.filters and any(getattr(f, "done", False) for f in self.filters):
+                break  # a guard ended every choice: stop reading (and paying for) the upstream
         for out in await ended(self.filters):
             if frame := self.emitter.emit(out):
                 yield frame

@@ -42,9 +42,12 @@ _SUMS = ("coalesce(sum(l.cost_usd) FILTER (WHERE l.role <> 'shadow'), 0),"
          " count(*) FILTER (WHERE l.role = 'answer' AND l.status >= 400),"
          " count(*) FILTER (WHERE l.cache_hit), coalesce(sum(l.saved_usd), 0),"
          " count(*) FILTER (WHERE l.role = 'attempt'),"
-         " coalesce(sum(l.cost_usd) FILTER (WHERE l.role = 'shadow'), 0)")
+         " coalesce(sum(l.cost_usd) FILTER (WHERE l.role = 'shadow'), 0),"
+         " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"block\"}]'),"
+         " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"fallback\"}]'),"
+         " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"redact\"}]')")
 _FIELDS = ("spend_usd", "input_tokens", "output_tokens", "cached_tokens", "requests", "errors", "cache_hits",
-           "cache_saved_usd", "failed_attempts", "shadow_usd")
+           "cache_saved_usd", "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted")
 _MONEY = frozenset({"spend_usd", "cache_saved_usd", "shadow_usd"})
 
 

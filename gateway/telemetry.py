@@ -42,6 +42,7 @@ class Telemetry:
     duration: Histogram
     failed_attempts: Counter
     cache_hits: Counter
+    guards: Counter
 
     def observe_replicas(self, replicas: Mapping[str, _Replica]) -> None:
         """Per upstream replica, read when metrics are collected: breaker state (0 closed, 1 half-open,
@@ -102,4 +103,7 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
                                              description="Upstream attempts that failed and fell back, by model, "
                                                          "upstream and error"),
         cache_hits=meter.create_counter("tollway.cache.hits", description="Answers served from the response cache"),
+        guards=meter.create_counter("tollway.guard.outcomes",
+                                    description="Guard outcomes by tenant, validator and action (pass, redact, "
+                                                "block, fallback, log)"),
     )

@@ -8,6 +8,7 @@ Redis (``tollway.gateway.quota``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, fields
@@ -16,11 +17,16 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tollway import changes
 from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from tollway.gateway.keys import tenant_id
+from tollway.guardrails.policy import GuardPolicy, PolicyError, parse_policy
+from tollway.jsontypes import JSON
+
+log = logging.getLogger("tollway.gateway")
 
 PERIODS = ("minute", "hour", "day", "month", "lifetime")
 SCOPES = ("tenant", "key", "user", "session")
@@ -89,6 +95,7 @@ POLICY_FIELDS = tuple(f.name for f in fields(TenantPolicy) if f.name != "tenant_
 class TenantRules:
     policy: TenantPolicy
     budgets: tuple[Budget, ...]
+    guards: GuardPolicy | None = None  # the tenant's guard policy (``tollway.guardrails.policy``)
 
 
 _BUDGET_COLUMNS = "id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at"
@@ -127,7 +134,56 @@ async def load_rules(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> Tena
     cur = await conn.execute(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE tenant_id = %s ORDER BY id",
                              (tenant_id,))
     budgets = tuple(Budget(*r) for r in await cur.fetchall())
-    return TenantRules(policy, budgets)
+    cur = await conn.execute("SELECT policy FROM guard_policies WHERE tenant_id = %s", (tenant_id,))
+    guard_row = await cur.fetchone()
+    guards = None
+    if guard_row is not None:
+        try:
+            guards = parse_policy(guard_row[0], extra=_ANY_EXTRA)
+        except PolicyError:
+            log.exception("tenant %s: the stored guard policy no longer parses; its guards are off", tenant_id)
+    return TenantRules(policy, budgets, guards)
+
+
+class _AnyName(frozenset[str]):
+    """Stored policies were checked against the configured validators when they were written."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY_EXTRA = _AnyName()
+
+
+async def set_guards(conn: psycopg.AsyncConnection[Any], tenant: str, policy: JSON | None, *,
+                     extra: frozenset[str] = frozenset(), author: str = "system",
+                     reason: str | None = None) -> GuardPolicy | None:
+    """Replace a tenant's guard policy (None: remove it, and with it every guard of the tenant's own).
+    ``extra``: the names of the validators the config adds, which the policy may name."""
+    try:
+        parsed = None if policy is None else parse_policy(policy, extra=extra)
+    except PolicyError as exc:
+        raise InvalidRequest(str(exc), param="guards", code="invalid_guard_policy") from exc
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute("SELECT policy FROM guard_policies WHERE tenant_id = %s FOR UPDATE", (tid,))
+        old = await cur.fetchone()
+        if parsed is None:
+            await conn.execute("DELETE FROM guard_policies WHERE tenant_id = %s", (tid,))
+        else:
+            await conn.execute(
+                "INSERT INTO guard_policies (tenant_id, policy) VALUES (%s, %s) ON CONFLICT (tenant_id)"
+                " DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+                (tid, Jsonb(parsed.model_dump(exclude_none=True))))
+        await changes.record(conn, author=author, kind="guards", subject=tenant,
+                             action="delete" if parsed is None else "set", tenant_id=tid,
+                             before=None if old is None else old[0],
+                             after=None if parsed is None else parsed.model_dump(exclude_none=True), reason=reason)
+    return parsed
+
+
+async def get_guards(conn: psycopg.AsyncConnection[Any], tenant: str) -> GuardPolicy | None:
+    return (await load_rules(conn, await tenant_id(conn, tenant))).guards
 
 
 def _check_subject(scope: str, subject: str | None) -> str:

@@ -1,7 +1,13 @@
 """Deterministic detectors: text in, spans out. Structured PII is confirmed by its checksum where it has
-one (payment cards by Luhn, IBAN by mod-97, US SSNs by their rules, via python-stdnum; phone numbers by
+one (payment cards by Luhn, IBAN by mod-97, US SSNs by their rules, Spanish, Indian and Italian
+national ids by their check characters, via python-stdnum; phone numbers by
 libphonenumber's metadata), so a 16-digit order number is not a card. Secrets by the shapes providers
-give their keys. Each detector declares the longest span it can match: a stream holds back that much.
+give their keys.
+
+Every detector also says where a span could still be forming at the end of a text (``holds``): a stream
+releases text only up to there. For pattern detectors that is ``regex``'s partial matching (the earliest
+match that runs into the end of the text, complete or not), so a stream holds back a few characters, not
+the longest span a pattern allows.
 
 Pure functions of the text; the guardrails-ai validators (``tollway.guardrails.validators``) and the
 streaming window build on these.
@@ -10,12 +16,17 @@ streaming window build on these.
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
 
 import phonenumbers
+import regex
 from stdnum import iban, luhn
+from stdnum.es import dni
+from stdnum.in_ import aadhaar
+from stdnum.it import codicefiscale
 from stdnum.us import ssn
 
 
@@ -29,27 +40,76 @@ class Span:
         return source[self.start:self.end]
 
 
+class Finder(Protocol):
+    """What a stream's window needs of a detector."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def find(self, text: str) -> list[Span]: ...
+
+    def holds(self, text: str) -> int:
+        """The earliest index from which a span could still form if more text came (``len(text)``: none)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Detector:
+    """A pattern, with an optional check of each match (a checksum)."""
+
     kind: str
-    find: Callable[[str], Iterator[Span]]
-    longest: int  # characters: the longest span it can match (a stream's held-back window)
+    pattern: regex.Pattern[str]
+    check: Callable[[str], bool] | None = None
+
+    def find(self, text: str) -> list[Span]:
+        return [Span(self.kind, m.start(), m.end()) for m in self.pattern.finditer(text)
+                if self.check is None or self.check(m.group(0))]
+
+    def holds(self, text: str) -> int:
+        # A match may still grow (or pass its check with more digits) if one starting where it starts could
+        # run to the end of the text: "GB82 WEST 1234 " followed by more groups.
+        end = len(text)
+        return min((m.start() for m in self.pattern.finditer(text, partial=True)
+                    if m.end() == end or (end - m.end() <= 8
+                                          and self.pattern.fullmatch(text, m.start(), partial=True) is not None)),
+                   default=end)
 
 
-def _regex(kind: str, pattern: str, check: Callable[[str], bool] | None = None,
-           flags: int = 0) -> Callable[[str], Iterator[Span]]:
-    compiled = re.compile(pattern, flags)
+@dataclass(frozen=True, slots=True)
+class PhoneDetector:
+    """libphonenumber's matcher for numbers with or without a + prefix in the common national formats, run
+    only on the runs of digits and separators that could be a number (and memoised per run: a stream's
+    window sees the same run again while it holds it back); a stream holds back a trailing such run."""
 
-    def find(text: str) -> Iterator[Span]:
-        for m in compiled.finditer(text):
-            if check is None or check(m.group(0)):
-                yield Span(kind, m.start(), m.end())
+    kind: str = "phone"
 
-    return find
+    def find(self, text: str) -> list[Span]:
+        return [Span(self.kind, m.start() + a, m.start() + b) for m in _PHONE_CANDIDATE.finditer(text)
+                for a, b in _numbers(m.group())]
+
+    def holds(self, text: str) -> int:
+        return min((m.start() for m in _PHONE_RUN.finditer(text, partial=True) if m.end() == len(text)),
+                   default=len(text))
+
+
+_PHONE_RUN = regex.compile(r"[+(]?\d[\d ().-]{0,24}")
+_PHONE_CANDIDATE = regex.compile(r"(?<![\w+])[+(]?\d[\d ().-]{4,24}\d\)?(?!\w)")
+_REGIONS = ("US", "GB", "DE", "FR", "IN")
+
+
+@lru_cache(maxsize=4096)
+def _numbers(run: str) -> tuple[tuple[int, int], ...]:
+    found = {(m.start, m.end) for region in _REGIONS
+             for m in phonenumbers.PhoneNumberMatcher(run, region, leniency=phonenumbers.Leniency.VALID)}
+    return tuple(sorted(found))
+
+
+def pattern(kind: str, source: str, check: Callable[[str], bool] | None = None, flags: int = 0) -> Detector:
+    return Detector(kind, regex.compile(source, flags), check)
 
 
 def _digits(value: str) -> str:
-    return re.sub(r"\D", "", value)
+    return str(regex.sub(r"\D", "", value))
 
 
 def _card(value: str) -> bool:
@@ -65,18 +125,17 @@ def _ssn(value: str) -> bool:
     return bool(ssn.is_valid(value))
 
 
+def _national_id(value: str) -> bool:
+    """Spain's DNI (check letter), India's Aadhaar (Verhoeff), Italy's codice fiscale (check letter)."""
+    return any(module.is_valid(value) for module in (dni, aadhaar, codicefiscale))
+
+
 def _ip(value: str) -> bool:
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
         return False
     return not (address.is_loopback or address.is_unspecified)
-
-
-def _phones(text: str) -> Iterator[Span]:
-    for region in ("US", "GB", "DE", "FR", "IN"):  # numbers without a + prefix: the common national formats
-        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            yield Span("phone", match.start, match.end)
 
 
 # Provider key shapes (as published by the providers; detect-secrets' plugins list the same families).
@@ -93,23 +152,32 @@ SECRET_PATTERNS = (
     r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----[\s\S]{16,8000}?-----END [A-Z ]{0,40}PRIVATE KEY-----",
 )
 
-DETECTORS: dict[str, Detector] = {
-    "email": Detector("email", _regex("email", r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*"
-                                      r"\.[A-Za-z]{2,24}"), 256),
-    "phone": Detector("phone", _phones, 32),
-    "card": Detector("card", _regex("card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", _card), 40),
-    "iban": Detector("iban", _regex("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", _iban), 48),
-    "ssn": Detector("ssn", _regex("ssn", r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)", _ssn), 11),
-    "ip": Detector("ip", _regex("ip", r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})"
-                                r"(?![\w.:])", _ip), 45),
-    "secret": Detector("secret", _regex("secret", "|".join(f"(?:{p})" for p in SECRET_PATTERNS)), 8200),
+DETECTORS: dict[str, Finder] = {
+    "email": pattern("email", r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}"),
+    "phone": PhoneDetector(),
+    "card": pattern("card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", _card),
+    "iban": pattern("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", _iban),
+    "ssn": pattern("ssn", r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)", _ssn),
+    "national_id": pattern("national_id", r"(?<![\w-])(?:\d{8}-?[A-Z]|[2-9]\d{3} ?\d{4} ?\d{4}"
+                           r"|[A-Z]{6}\d{2}[A-Z]\d{2}[A-Z]\d{3}[A-Z])(?![\w-])", _national_id),
+    "ip": pattern("ip", r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})(?![\w.:])",
+                  _ip),
+    "secret": pattern("secret", "|".join(f"(?:{p})" for p in SECRET_PATTERNS)),
 }
-PII = ("email", "phone", "card", "iban", "ssn", "ip")
+PII = ("email", "phone", "card", "iban", "ssn", "national_id", "ip")
+
+
+def finders(kinds: tuple[str, ...]) -> list[Finder]:
+    return [DETECTORS[k] for k in kinds]
 
 
 def detect(text: str, kinds: tuple[str, ...]) -> list[Span]:
-    """Spans of the given kinds, left to right; where two overlap, the longer one."""
-    spans = sorted((s for kind in kinds for s in DETECTORS[kind].find(text)), key=lambda s: (s.start, -s.end))
+    return spans_of(text, finders(kinds))
+
+
+def spans_of(text: str, found_by: list[Finder]) -> list[Span]:
+    """Spans found by any of ``found_by``, left to right; where two overlap, the longer one."""
+    spans = sorted((s for f in found_by for s in f.find(text)), key=lambda s: (s.start, -s.end))
     out: list[Span] = []
     for span in spans:
         if out and span.start < out[-1].end:
@@ -124,11 +192,7 @@ def redact(text: str, spans: list[Span]) -> str:
     """Each span replaced by ``[REDACTED:KIND]``."""
     out, at = [], 0
     for span in spans:
-        out += [text[at:span.start], f"[REDACTED:{span.kind.upper()}]"]
+        out += [text[at:span.start], f"[REDACTED:{span.kind.split(':')[0].upper()}]"]
         at = span.end
     out.append(text[at:])
     return "".join(out)
-
-
-def longest(kinds: tuple[str, ...]) -> int:
-    return max((DETECTORS[k].longest for k in kinds), default=0)

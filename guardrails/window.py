@@ -1,55 +1,85 @@
-"""A held-back window over streamed text: text is released only once no detector can still match across
-the boundary, so a span split over any number of chunks is caught whole and never reaches the client.
+"""A held-back window over streamed text: text is released only up to where no detector could still be
+forming a span, so a span split over any number of chunks is caught whole and never reaches the client.
 
-The window holds back the longest span its detectors declare; a span found inside the releasable part
-is redacted there, and one that reaches past the boundary moves the boundary to its start. A few released
-characters are kept as left context so a detector's look-behind sees what came before. Pure: the stream
-transformer of the guardrails issue wraps it.
+Each round the window runs its detectors over what it holds (plus a little released text as left context,
+for look-behinds) and releases up to the earliest of: where a detector says a span could still be forming
+(``Finder.holds``), and the start of any span that reaches past that point. Spans inside the released part
+get their action: ``redact`` replaces them, ``log`` lets them through (recorded), ``stop`` ends the answer
+before them. A window over a whole-text check (JSON, a hub validator) releases nothing until the end.
+Pure: the gateway's output guard wraps it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tollway.guardrails.detectors import Span, detect, longest, redact
+from tollway.guardrails.detectors import Finder, Span, redact, spans_of
 
-CONTEXT = 16  # released characters kept for look-behind
+CONTEXT = 32  # released characters kept for look-behind
+
+
+@dataclass(slots=True)
+class Release:
+    text: str  # may go to the client now
+    spans: list[Span] = field(default_factory=list)  # found in what was released (and the stopping one)
+    stop: Span | None = None  # a span whose action ends the answer: ``text`` is what came before it
 
 
 @dataclass(slots=True)
 class Window:
-    kinds: tuple[str, ...]
-    hold: int = 0  # 0: the detectors' longest span
+    finders: list[Finder]
+    action: Callable[[Span], str] = lambda span: "redact"  # 'redact', 'log' or 'stop'
+    whole: bool = False  # hold everything until the end
     pending: str = ""
     context: str = ""
-    found: list[Span] = field(default_factory=list)  # spans redacted so far (offsets in their window)
+    stopped: bool = False
 
-    def __post_init__(self) -> None:
-        self.hold = self.hold or longest(self.kinds)
-
-    def feed(self, text: str) -> str:
-        """Take a chunk; return what may be released now (redacted)."""
+    def feed(self, text: str) -> Release:
+        """Take a chunk; return what may be released now."""
+        if self.stopped:
+            return Release("")
         self.pending += text
-        return self._release(len(self.pending) - self.hold)
+        if self.whole:
+            return Release("")
+        return self._release(final=False)
 
-    def end(self) -> str:
-        """The stream has ended: release the rest (redacted)."""
-        return self._release(len(self.pending))
+    def end(self) -> Release:
+        """The stream has ended: release the rest."""
+        if self.stopped or not self.pending:
+            return Release("")
+        return self._release(final=True)
 
-    def _release(self, cut: int) -> str:
-        if cut <= 0:
-            return ""
+    def _release(self, *, final: bool) -> Release:
         lead = len(self.context)
-        spans = [Span(s.kind, s.start - lead, s.end - lead) for s in detect(self.context + self.pending, self.kinds)
+        text = self.context + self.pending
+        spans = [Span(s.kind, max(s.start - lead, 0), s.end - lead) for s in spans_of(text, self.finders)
                  if s.end > lead]
+        cut = len(self.pending)
+        if not final:
+            cut = min([cut, *(f.holds(text) - lead for f in self.finders)])
         for span in spans:
             if span.start < cut < span.end:  # it may still grow: keep it whole for the next round
-                cut = max(span.start, 0)
+                cut = span.start
         if cut <= 0:
-            return ""
-        inside = [Span(s.kind, max(s.start, 0), s.end) for s in spans if s.end <= cut]
-        released = redact(self.pending[:cut], inside)
-        self.found += inside
+            return Release("")
+        inside, redacted = [], []
+        stop = None
+        for span in spans:
+            if span.end > cut:
+                break
+            act = self.action(span)
+            if act == "stop":
+                stop = span
+                break
+            inside.append(span)
+            if act == "redact":
+                redacted.append(span)
+        if stop is not None:
+            released = redact(self.pending[:stop.start], redacted)
+            self.stopped, self.pending = True, ""
+            return Release(released, [*inside, stop], stop)
+        released = redact(self.pending[:cut], redacted)
         self.context = (self.context + self.pending[:cut])[-CONTEXT:]
         self.pending = self.pending[cut:]
-        return released
+        return Release(released, inside)

@@ -14,6 +14,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import NotFound
+from tollway.guardrails.policy import PromptGuards
 from tollway.jsontypes import JSON
 from tollway.prompts.labels import PRODUCTION, Label
 from tollway.prompts.spec import Prompt, PromptError, parse_prompt
@@ -28,6 +29,7 @@ class Rendered:
     messages: tuple[JSON, ...]
     model: str | None
     params: JSON
+    guards: PromptGuards | None = None
 
 
 @dataclass(slots=True)
@@ -104,7 +106,8 @@ class Registry:
                                "label first).", param="prompt.label", code="prompt_not_found")
             chosen = found.pick(subject)
         prompt = tenant.prompt(name, chosen)
-        return Rendered(name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model, prompt.params)
+        return Rendered(name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model, prompt.params,
+                        prompt.guards)
 
     def render_ref(self, tenant_id: int, subject: str, name: str, ref: str, variables: JSON | None) -> Rendered:
         """Render by one reference that is a label if the prompt has one of that name, else a version

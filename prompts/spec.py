@@ -31,6 +31,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tollway.errors import InvalidRequest
+from tollway.guardrails.policy import PolicyError, PromptGuards, parse_prompt_guards
 from tollway.jsontypes import JSON
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -68,7 +69,7 @@ class RawPrompt(_Strict):
     variables: dict[str, RawVariable] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     golden_set: str | None = None
-    guards: dict[str, Any] | None = None  # per-prompt guard policy (guardrails issue)
+    guards: dict[str, Any] | None = None  # this prompt's guard policy (tollway.guardrails.policy.PromptGuards)
 
 
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
@@ -82,6 +83,7 @@ class Prompt:
     version: str
     raw: RawPrompt
     templates: tuple[tuple[str, jinja2.Template], ...]  # (role, compiled content)
+    guards: PromptGuards | None = None
 
     @property
     def model(self) -> str | None:
@@ -90,6 +92,7 @@ class Prompt:
     @property
     def params(self) -> JSON:
         return dict(self.raw.params)
+
 
     def bind(self, given: JSON | None) -> JSON:
         """The variables for a render: declared ones only, each of its type, defaults filled in."""
@@ -144,6 +147,12 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
     if unknown_params:
         raise PromptError(f"{name}.yaml: params.{unknown_params[0]} is not a request parameter a prompt may set",
                           param=f"params.{unknown_params[0]}")
+    guards = None
+    if raw.guards is not None:
+        try:
+            guards = parse_prompt_guards(raw.guards)
+        except PolicyError as exc:
+            raise PromptError(f"{name}.yaml: {exc}", param="guards") from exc
     for var_name, var in raw.variables.items():
         if var.default is not None and not isinstance(var.default, _TYPES[var.type]):
             raise PromptError(f"{name}.yaml: variables.{var_name}.default is not of type {var.type}",
@@ -160,7 +169,7 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
             raise PromptError(f"{name}.yaml: messages[{i}].content uses undeclared variable '{undeclared[0]}'",
                               param=f"messages[{i}].content")
         templates.append((message.role, _ENV.from_string(message.content)))
-    return Prompt(name, version, raw, tuple(templates))
+    return Prompt(name, version, raw, tuple(templates), guards)
 
 
 def check_golden_set(path: str, text: str | bytes) -> int:

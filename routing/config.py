@@ -178,6 +178,8 @@ class RawConfig(_Strict):
     upstreams: list[RawUpstream] = Field(default_factory=list)
     models: list[RawModel] = Field(default_factory=list)
     routing: RawRouting = Field(default_factory=RawRouting)
+    # Guard policy defaults and extra validators: parsed (as strictly) by ``tollway.guardrails.policy``.
+    guardrails: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> RawConfig:

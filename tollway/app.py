@@ -33,6 +33,7 @@ from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.exchange import Parts
 from tollway.gateway.git_http import PREFIX as GIT_PREFIX
 from tollway.gateway.git_http import GitHTTP
+from tollway.gateway.guarding import Guarding
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -46,6 +47,7 @@ from tollway.gateway.service import CompletionService
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.gateway.tenant_policy import PolicyStore
+from tollway.guardrails.policy import PolicyError
 from tollway.periodic import Periodic
 from tollway.prompts import Gate, Registry
 from tollway.retrieval import LocalEmbedder
@@ -92,6 +94,7 @@ class AppState:
     changes: ChangeListener
     prompts: Registry
     rag: Rag
+    guarding: Guarding
     git: GitHTTP | None = None
     prompt_gate: Gate | None = None  # the evals part supplies one; until then production moves say "no gate"
 
@@ -253,13 +256,17 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             rag.entry(settings.embedder)
         except TollwayError as exc:
             raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
-    service = CompletionService(calls, routing, parts=Parts(prompts=RegistryPrompts(prompts), retriever=rag),
-                                shadows=shadows, local=local)
+    try:
+        guarding = Guarding.from_config(raw_config.guardrails)
+    except PolicyError as exc:
+        raise StartupError(f"{settings.config or 'config'}: {exc}") from None
+    parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
+    service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
-                    changes=changes, prompts=prompts, rag=rag, git=git)
+                    changes=changes, prompts=prompts, rag=rag, guarding=guarding, git=git)
 
 
 class Gateway:

@@ -57,6 +57,13 @@ class InvalidJSON(InvalidRequest):
     code = "invalid_json"
 
 
+class ContentBlocked(InvalidRequest):
+    """An input guard refused the request (``param`` names the validator): nothing was sent upstream and
+    nothing is charged."""
+
+    code = "content_policy_violation"
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "payload_too_large"

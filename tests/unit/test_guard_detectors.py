@@ -89,27 +89,47 @@ print("connections:", attempts)
     assert time.monotonic() - started < 10  # with telemetry on, the exporter retries for ~20 s at exit
 
 
-@pytest.mark.parametrize("planted", ["jane.doe@example.com", "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32"])
+@pytest.mark.parametrize("planted", ["jane.doe@example.com", "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32",
+                                     "+1 415-555-2671", "AKIAIOSFODNN7EXAMPLE"])
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_a_span_split_across_chunks_at_every_offset_never_leaks(planted, size):
+    from tollway.guardrails.detectors import finders
     from tollway.guardrails.window import Window
 
     text = f"Sure. The value is {planted} and nothing else matters here."
     for offset in range(size):  # the chunk boundaries fall at every position of the span
         chunks = [text[:offset], *(text[i:i + size] for i in range(offset, len(text), size))]
-        window = Window(("email", "card", "iban"))
-        released = [window.feed(c) for c in chunks] + [window.end()]
+        window = Window(finders(("email", "card", "iban", "phone", "secret")))
+        released = [window.feed(c).text for c in chunks] + [window.end().text]
         joined = "".join(released)
         assert planted not in joined and "[REDACTED:" in joined
         assert joined.startswith("Sure. The value is [REDACTED:") and joined.endswith("nothing else matters here.")
         assert all(planted[:6] not in piece for piece in released if "[REDACTED" not in piece)
 
 
-def test_the_window_releases_clean_text_with_a_bounded_delay():
+def test_the_window_holds_back_only_what_could_still_become_a_span():
+    """Partial matching: plain words are released as soon as they end, not after a fixed hold."""
+    from tollway.guardrails.detectors import finders
     from tollway.guardrails.window import Window
 
-    window = Window(("email",), hold=40)
+    window = Window(finders(("email", "card", "secret")))
     text = "word " * 100
-    released = "".join(window.feed(text[i:i + 5]) for i in range(0, len(text), 5))
-    assert len(text) - len(released) <= 40 and text.startswith(released)
-    assert released + window.end() == text
+    released = "".join(window.feed(text[i:i + 5]).text for i in range(0, len(text), 5))
+    assert text.startswith(released) and len(text) - len(released) <= 5
+    assert released + window.end().text == text
+    # the start of a private key is held until its end marker arrives (or the stream ends)
+    window = Window(finders(("secret",)))
+    held = window.feed("key: -----BEGIN RSA PRIVATE KEY-----\nMIIEow")
+    assert held.text == "key: "
+    rest = window.feed("IBAAKCAQEA7\n-----END RSA PRIVATE KEY----- done").text + window.end().text
+    assert rest == "[REDACTED:SECRET] done"
+
+
+def test_a_stop_action_releases_only_what_came_before_the_span():
+    from tollway.guardrails.detectors import finders
+    from tollway.guardrails.window import Window
+
+    window = Window(finders(("email",)), action=lambda span: "stop")
+    out = window.feed("write to jane@example.com").text + window.feed(" please").text
+    assert out == "write to " and window.stopped
+    assert window.feed("more").text == "" and window.end().text == ""

@@ -1,0 +1,141 @@
+"""Prompt-injection and jailbreak heuristics: a scored rule set over user content.
+
+Each rule is a family of phrasings of one technique (overriding earlier instructions, extracting the
+system prompt, persona jailbreaks, claims of special modes, forged role markers, refusal suppression,
+obfuscated payloads), with a weight for how strongly it signals an attack on its own. A text's score is
+the sum of the weights of the families it matches, capped at 1 per family, so one phrase repeated
+does not add up while several techniques together do. The text is normalised first (NFKC, zero-width
+characters removed, leetspeak undone, whitespace collapsed), so trivial obfuscation does not hide a
+phrase. The threshold (default 0.8) is a policy setting; the score and the families matched go to the
+guard outcome so a tenant can see why a request was refused.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+import regex
+
+THRESHOLD = 0.8
+
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
+
+# Words a rule's phrases are made of (each an alternation).
+_IGNORE = r"(?:ignore|disregard|forget|skip|bypass|override|overwrite|neglect|abandon|drop|discard|set aside|stop following)"
+_PRIOR = r"(?:all|any|every|the|your|my|these|those|previous|prior|above|earlier|preceding|initial|original|" \
+         r"foregoing|system|default|existing|current|old|safety|developer)"
+_RULES = r"(?:instructions?|rules?|directives?|guidelines?|prompts?|context|constraints?|programming|polic(?:y|ies)|" \
+         r"commands?|orders?|guidance|restrictions?|filters?|training|conditioning|settings?)"
+_REVEAL = r"(?:reveal|show|print|repeat|output|display|dump|leak|recite|tell me|give me|write out|spell out|" \
+          r"list|share|disclose|expose|return|echo|translate)"
+_SECRET = r"(?:system|initial|original|hidden|secret|internal|developer|pre-?prompt|full|exact|verbatim)"
+_FREE = r"(?:unrestricted|unfiltered|uncensored|unlimited|unbound|unchained|jailbroken|amoral|immoral|unethical|" \
+        r"evil|rogue|lawless|without (?:any )?(?:limits|rules|restrictions|filters|boundaries|morals|ethics))"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    weight: float
+    pattern: regex.Pattern[str]
+
+
+def _rule(name: str, weight: float, *sources: str) -> Rule:
+    return Rule(name, weight, regex.compile("|".join(f"(?:{s})" for s in sources), regex.IGNORECASE))
+
+
+RULES: tuple[Rule, ...] = (
+    _rule("override_instructions", 0.9,
+          rf"\b{_IGNORE}\b(?:\W+\w+){{0,3}}?\W+{_PRIOR}\b(?:\W+\w+){{0,3}}?\W+{_RULES}\b",
+          rf"\b{_IGNORE}\W+(?:everything|anything|all)\W+(?:\w+\W+){{0,3}}(?:said|told|above|before|written)",
+          r"\b(?:ignora|olvida)\w*\s+(?:\w+\s+){0,3}instrucci",  # es
+          r"\b(?:ignore[rz]?|oublie[rz]?)\s+(?:\w+\s+){0,3}(?:instructions|consignes|r[eè]gles)",  # fr
+          r"\b(?:ignoriere|vergiss)\w*\s+(?:\w+\s+){0,3}(?:anweisungen|regeln|vorgaben)",  # de
+          r"\b(?:ignora|dimentica)\w*\s+(?:\w+\s+){0,3}(?:istruzioni|regole)",  # it
+          r"\b(?:ignore|esque[cç]a)\w*\s+(?:\w+\s+){0,3}(?:instru[cç][oõ]es|regras)"),  # pt
+    _rule("new_instructions", 0.45,
+          r"\bnew (?:instructions?|rules|directives?|task|objective|persona)\s*[:\-]",
+          r"\b(?:from now on|starting now|henceforth|for the rest of (?:this|our) conversation)\b[^.\n]{0,60}"
+          r"\b(?:you (?:are|will|must|shall|should|can)|act|respond|answer|reply|behave)\b",
+          r"\byour (?:new|real|true|only) (?:instructions?|purpose|goal|task|role|rules?) (?:is|are)\b",
+          r"\b(?:instead|rather),? (?:you (?:will|must|should)|do the following|follow (?:these|my))\b"),
+    _rule("prompt_extraction", 0.8,
+          rf"\b{_REVEAL}\b(?:\W+\w+){{0,4}}?\W+{_SECRET}\W+(?:\w+\W+){{0,2}}(?:prompt|instructions?|message|"
+          rf"rules|guidelines|configuration|directives)",
+          rf"\b{_REVEAL}\b(?:\W+\w+){{0,3}}?\W+(?:the )?(?:text|words|everything|content|instructions?|lines?)\W+"
+          rf"(?:above|before this|preceding|that came before|you were given|at the (?:start|beginning))",
+          r"\bwhat (?:is|are|was|were) (?:your|the) (?:system|initial|original|hidden|secret) "
+          r"(?:prompt|instructions?|message|rules)\b",
+          r"\b(?:begin|start) (?:your (?:reply|answer|response) )?with (?:the words )?[\"']?(?:you are|my instructions)"),
+    _rule("persona_jailbreak", 0.8,
+          r"\b(?:DAN|STAN|DUDE|AIM|KEVIN|BetterDAN|AntiGPT|DevMode|BasedGPT|Maximum|NRAF|APOPHIS)\b"
+          r"[^.\n]{0,80}\b(?:mode|stands for|persona|character|act|jailbreak|anything|unfiltered|no (?:rules|limits))",
+          r"\bdo anything now\b",
+          rf"\b(?:act|behave|respond|pretend|roleplay|role-play|play|answer|function) (?:as|like) (?:an? |the |my )?"
+          rf"(?:\w+[ -]){{0,3}}{_FREE}",
+          rf"\byou are (?:now |no longer |going to be |about to )?(?:an? |the )?(?:\w+[ -]){{0,3}}{_FREE}"
+          rf"(?:[ -]\w+){{0,3}}\b(?:ai|assistant|model|bot|chatbot|version|entity|character|persona)\b",
+          r"\b(?:evil|amoral|unfiltered|uncensored) (?:confidant|assistant|ai|twin|version|mode|character)\b",
+          r"\bstay in character\b", r"\bbreak(?:ing)? character\b[^.\n]{0,40}\b(?:never|don'?t|do not)\b"),
+    _rule("special_mode", 0.6,
+          r"\b(?:developer|dev|debug|god|admin|root|sudo|maintenance|jailbreak|unrestricted|opposite|"
+          r"unlocked|test|dan)[ -]?mode\b(?:[^.\n]{0,40}\b(?:enabled|activated|on|engaged|unlocked)\b)?",
+          r"\bjailbr(?:eak|oken|eaking)\b",
+          r"\b(?:enable|activate|enter|switch to|turn on|unlock)\b[^.\n]{0,30}\b(?:mode|protocol)\b"),
+    _rule("no_restrictions", 0.5,
+          r"\b(?:no|without|free (?:of|from)|beyond|ignore|not bound by|unbound by|released from|freed from|"
+          r"broken free of|don'?t (?:have|follow)|do not (?:have|follow))\b(?:\W+\w+){0,3}?\W+"
+          r"(?:restrictions|limitations|limits|filters|censorship|guidelines|rules|ethics|morals|moral|ethical|"
+          r"safety|boundaries|policies|content polic(?:y|ies))\b",
+          r"\b(?:openai|anthropic|your (?:creators?|developers?|makers?))'?s? (?:content )?(?:polic(?:y|ies)|rules|"
+          r"guidelines|restrictions)\b[^.\n]{0,60}\b(?:don'?t|do not|no longer|not) (?:apply|matter|exist|bind)",
+          r"\b(?:hypothetical(?:ly)?|fictional|imaginary|alternate|parallel)\b[^.\n]{0,60}\bwhere\b[^.\n]{0,40}"
+          r"\b(?:no|without) (?:rules|laws|restrictions|ethics|limits)"),
+    _rule("refusal_suppression", 0.45,
+          r"\b(?:never|don'?t|do not|must not|cannot|can'?t|will not|won'?t|should not|shouldn'?t) "
+          r"(?:ever )?(?:refuse|decline|reject|say (?:no|that you can'?t|you cannot|sorry)|apologi[sz]e|"
+          r"warn|add (?:a |any )?(?:warnings?|disclaimers?|caveats?)|mention (?:ethics|legality|safety))",
+          r"\b(?:always|must) (?:answer|comply|respond|obey)\b[^.\n]{0,30}\b(?:no matter|regardless|every|any|all)\b",
+          r"\bwithout (?:any )?(?:warnings?|disclaimers?|caveats?|moral(?:izing)?|lectur(?:e|ing)|judgment|hesitation)"),
+    _rule("role_markers", 0.6,
+          r"<\|(?:im_start|im_end|system|user|assistant|endoftext|begin_of_text|start_header_id|eot_id)\|>",
+          r"\[/?(?:INST|SYS|SYSTEM)\]", r"<</?SYS>>",
+          r"(?:^|\n)\s*(?:#{2,}\s*)?(?:system|assistant|developer)\s*(?:prompt|message|instructions?)?\s*:\s*\S",
+          r"(?:^|\n)\s*#{2,}\s*(?:new )?(?:instruction|system|task)s?\b",
+          r"\bend of (?:the )?(?:system )?(?:prompt|instructions)\b",
+          r"(?:^|\n)\s*-{3,}\s*(?:end|begin)\b"),
+    _rule("authority_claim", 0.35,
+          r"\bi(?: am|'m) (?:your|the|an?) (?:developer|creator|admin(?:istrator)?|owner|programmer|engineer|"
+          r"operator|supervisor)\b",
+          r"\b(?:authori[sz]ed|official) (?:by|from) (?:openai|anthropic|the developers?|the admin)",
+          r"\bthis is (?:a |an )?(?:authori[sz]ed|sanctioned|official) (?:test|override|red[- ]team)"),
+    _rule("obfuscated_payload", 0.35,
+          r"(?:[A-Za-z0-9+/]{4}){20,}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?",  # a long base64 block
+          r"\b(?:decode|decipher|base64|rot13|hex)\b[^.\n]{0,40}\b(?:and|then)\b[^.\n]{0,20}"
+          r"\b(?:follow|execute|obey|do|run|comply)\b",
+          r"(?:\\x[0-9a-f]{2}){8,}|(?:\\u[0-9a-f]{4}){6,}"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    score: float
+    rules: tuple[str, ...]
+
+    def blocked(self, threshold: float = THRESHOLD) -> bool:
+        return self.score >= threshold
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
+    return str(regex.sub(r"[ \t]+", " ", text))
+
+
+def score(text: str) -> Verdict:
+    """The rule families matched in ``text`` (as written and with leetspeak undone), and their score."""
+    plain = normalise(text)
+    variants = (plain, plain.translate(_LEET)) if regex.search(r"[a-z][013457@$!][a-z]", plain, regex.I) else (plain,)
+    matched = [r for r in RULES if any(r.pattern.search(v) for v in variants)]
+    return Verdict(round(sum(r.weight for r in matched), 3), tuple(r.name for r in matched))
