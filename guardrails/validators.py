@@ -3,11 +3,14 @@
 guardrails-ai sends anonymous spans to its own collector unless ``~/.guardrailsrc`` says otherwise, and
 every ``Guard`` reloads that file; at exit its exporter retries for ~20 s when the collector cannot be
 reached. ``quiet_guard()`` builds a ``Guard`` that never does: the file is not read, metrics collection is
-off for the guard and for the validators it runs (tests watch ``socket.connect``).
+off for the guard and for the validators it runs (tests watch ``socket.connect``). Inside the gateway's event
+loop guardrails-ai's async validator service cannot start a loop of its own: ``GUARDRAILS_RUN_SYNC`` (its
+documented switch) makes it validate sequentially instead of warning on every call.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from guardrails import Guard, settings
@@ -25,6 +28,7 @@ class _QuietGuard(Guard):  # type: ignore[misc]
 
 def quiet_guard(*validators: Validator) -> Guard:
     """A Guard running ``validators``, its telemetry off."""
+    os.environ.setdefault("GUARDRAILS_RUN_SYNC", "true")
     settings.rc = _OFF
     guard = _QuietGuard()
     guard.configure(allow_metrics_collection=False)

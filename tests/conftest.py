@@ -29,7 +29,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIM_MODELS = ["sim-large", "sim-small", "sim-embed", "sim-error", "sim-overloaded", "sim-timeout", "sim-cut",
-              "sim-malformed", "sim-ignoremax"]
+              "sim-malformed", "sim-ignoremax", "sim-echo"]
 # Prices used by the tests: USD per million tokens.
 PRICES = {"sim-large": (3, 15), "sim-small": ("0.15", "0.6")}
 
