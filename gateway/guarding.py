@@ -36,7 +36,7 @@ from tollway.guardrails.policy import (
     parse_config,
     resolve,
 )
-from tollway.guardrails.structure import schema_of
+from tollway.guardrails.structure import schema_of, warm
 from tollway.jsontypes import JSON
 
 log = logging.getLogger("tollway.gateway")
@@ -79,6 +79,7 @@ class Guarding:
         """The config file's ``guardrails:`` section; its extra validators imported and built once (a
         validator that cannot be built is a start-up error, not a failure on the first request)."""
         config = parse_config(data)
+        warm()
         extras = {}
         for name, spec in config.validators.items():
             validator = load_validator(name, spec)

@@ -26,7 +26,7 @@ _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t
 _IGNORE = r"(?:ignore|disregard|forget|skip|bypass|override|overwrite|neglect|abandon|drop|discard|set aside|stop following)"
 _PRIOR = r"(?:all|any|every|the|your|my|these|those|previous|prior|above|earlier|preceding|initial|original|" \
          r"foregoing|system|default|existing|current|old|safety|developer)"
-_RULES = r"(?:instructions?|rules?|directives?|guidelines?|prompts?|context|constraints?|programming|polic(?:y|ies)|" \
+_RULES = r"(?:instructions?|directions?|rules?|directives?|guidelines?|prompts?|context|constraints?|programming|polic(?:y|ies)|" \
          r"commands?|orders?|guidance|restrictions?|filters?|training|conditioning|settings?)"
 _REVEAL = r"(?:reveal|show|print|repeat|output|display|dump|leak|recite|tell me|give me|write out|spell out|" \
           r"list|share|disclose|expose|return|echo|translate)"

@@ -96,7 +96,7 @@ async def test_csv_has_a_header_and_iso_dates(app_factory, make_tenant, pg, admi
     rows = list(csv.DictReader(io.StringIO(resp.text)))
     assert list(rows[0]) == ["group_by", "group", "from", "to", "spend_usd", "input_tokens", "output_tokens",
                              "cached_tokens", "requests", "errors", "cache_hits", "cache_saved_usd",
-                             "failed_attempts", "shadow_usd"]
+                             "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted"]
     assert rows[0]["group"] == date.today().isoformat()
     assert rows[0]["from"].startswith("2026-01-01T00:00:00")
     assert rows[-1]["group"] == "TOTAL"
