@@ -23,7 +23,7 @@ from typing import Protocol
 
 import phonenumbers
 import regex
-from stdnum import iban, luhn
+from stdnum import luhn
 from stdnum.es import dni
 from stdnum.in_ import aadhaar
 from stdnum.it import codicefiscale
@@ -77,9 +77,13 @@ class Detector:
 
 @dataclass(frozen=True, slots=True)
 class PhoneDetector:
-    """libphonenumber's matcher for numbers with or without a + prefix in the common national formats, run
-    only on the runs of digits and separators that could be a number (and memoised per run: a stream's
-    window sees the same run again while it holds it back); a stream holds back a trailing such run."""
+    """libphonenumber's matcher over the runs of digits and separators that could be a number, in the common
+    national formats (US, GB, DE, FR, IN) and international ones. A bare run of digits must be a valid
+    number (an order number is not a phone); a run written like a phone number (a + prefix, parentheses,
+    separators between groups, an extension) needs only a possible one, which catches numbers from ranges
+    libphonenumber does not list. Runs of fewer than 7 digits (postcodes) and dotted quads (IP addresses) are
+    not numbers. Memoised per run: a stream's window sees the same run again while it holds it back; a
+    stream holds back a trailing run that looks like the start of a number."""
 
     kind: str = "phone"
 
@@ -92,15 +96,24 @@ class PhoneDetector:
                    default=len(text))
 
 
-_PHONE_RUN = regex.compile(r"[+(]?\d[\d ().-]{0,24}")
-_PHONE_CANDIDATE = regex.compile(r"(?<![\w+])[+(]?\d[\d ().-]{4,24}\d\)?(?!\w)")
+_PHONE_RUN = regex.compile(r"[+(]?\d[\d ().x-]{0,28}")
+_PHONE_CANDIDATE = regex.compile(r"(?<![\w+])(?<!\d\.)[+(]?\d[\d ().-]{4,24}\d(?:\)|\s?(?:x|ext\.?)\s?\d{1,6})?"
+                                 r"(?!\w)(?!\.\d)")
+# dotted quads (IP addresses), dates, and the US SSN shape are written like numbers but are not phones
+_NOT_A_PHONE = regex.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}|\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}"
+                             r"|\d{3}-\d{2}-\d{4})$")
 _REGIONS = ("US", "GB", "DE", "FR", "IN")
 
 
 @lru_cache(maxsize=4096)
 def _numbers(run: str) -> tuple[tuple[int, int], ...]:
+    digits = sum(c.isdigit() for c in run)
+    if digits < 7 or _NOT_A_PHONE.match(run):
+        return ()
+    formatted = digits >= 9 and not run.isdigit()
+    leniency = phonenumbers.Leniency.POSSIBLE if formatted else phonenumbers.Leniency.VALID
     found = {(m.start, m.end) for region in _REGIONS
-             for m in phonenumbers.PhoneNumberMatcher(run, region, leniency=phonenumbers.Leniency.VALID)}
+             for m in phonenumbers.PhoneNumberMatcher(run, region, leniency=leniency)}
     return tuple(sorted(found))
 
 
@@ -113,12 +126,26 @@ def _digits(value: str) -> str:
 
 
 def _card(value: str) -> bool:
+    """Luhn-valid, 13-19 digits from a card network's ranges; Maestro (50, 56-69, 0604) also has 12; JCB's
+    15-digit 1800 and 2131."""
     digits = _digits(value)
-    return 13 <= len(digits) <= 19 and digits[0] in "2345689" and luhn.is_valid(digits)
+    if not luhn.is_valid(digits):
+        return False
+    if digits[:4] in ("1800", "2131"):
+        return len(digits) == 15
+    if digits[:2] == "50" or "56" <= digits[:2] <= "69" or digits[:4] == "0604":
+        return 12 <= len(digits) <= 19
+    return 13 <= len(digits) <= 19 and digits[0] in "23456"
 
 
 def _iban(value: str) -> bool:
-    return bool(iban.is_valid(value))
+    """ISO 13616's mod-97 check over the rearranged number (not each country's length and format: a
+    malformed IBAN that passes mod-97 is still an account number)."""
+    compact = value.replace(" ", "")
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
 
 
 def _ssn(value: str) -> bool:
@@ -155,16 +182,17 @@ SECRET_PATTERNS = (
 DETECTORS: dict[str, Finder] = {
     "email": pattern("email", r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}"),
     "phone": PhoneDetector(),
-    "card": pattern("card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", _card),
+    "card": pattern("card", r"(?<![\d-])\d(?:[ -]?\d){11,18}(?![\d-])", _card),
     "iban": pattern("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", _iban),
     "ssn": pattern("ssn", r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)", _ssn),
-    "national_id": pattern("national_id", r"(?<![\w-])(?:\d{8}-?[A-Z]|[2-9]\d{3} ?\d{4} ?\d{4}"
+    "national_id": pattern("national_id", r"(?<![\w+-])(?:\d{8}-?[A-Z]|[2-9]\d{3} ?\d{4} ?\d{4}"
                            r"|[A-Z]{6}\d{2}[A-Z]\d{2}[A-Z]\d{3}[A-Z])(?![\w-])", _national_id),
     "ip": pattern("ip", r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})(?![\w.:])",
                   _ip),
     "secret": pattern("secret", "|".join(f"(?:{p})" for p in SECRET_PATTERNS)),
 }
-PII = ("email", "phone", "card", "iban", "ssn", "national_id", "ip")
+# Where two detectors find the same span, the earlier one here names it: checksummed types before phone.
+PII = ("email", "card", "iban", "ssn", "national_id", "ip", "phone")
 
 
 def finders(kinds: tuple[str, ...]) -> list[Finder]:

@@ -27,7 +27,7 @@ _IGNORE = r"(?:ignore|disregard|forget|skip|bypass|override|overwrite|neglect|ab
 _PRIOR = r"(?:all|any|every|the|your|my|these|those|previous|prior|above|earlier|preceding|initial|original|" \
          r"foregoing|system|default|existing|current|old|safety|developer)"
 _RULES = r"(?:instructions?|directions?|rules?|directives?|guidelines?|prompts?|context|constraints?|programming|polic(?:y|ies)|" \
-         r"commands?|orders?|guidance|restrictions?|filters?|training|conditioning|settings?)"
+         r"commands?|orders?|guidance|restrictions?|filters?|training|conditioning|settings?|tos|terms(?: of service)?)"
 _REVEAL = r"(?:reveal|show|print|repeat|output|display|dump|leak|recite|tell me|give me|write out|spell out|" \
           r"list|share|disclose|expose|return|echo|translate)"
 _SECRET = r"(?:system|initial|original|hidden|secret|internal|developer|pre-?prompt|full|exact|verbatim)"
@@ -68,7 +68,11 @@ RULES: tuple[Rule, ...] = (
           rf"(?:above|before this|preceding|that came before|you were given|at the (?:start|beginning))",
           r"\bwhat (?:is|are|was|were) (?:your|the) (?:system|initial|original|hidden|secret) "
           r"(?:prompt|instructions?|message|rules)\b",
-          r"\b(?:begin|start) (?:your (?:reply|answer|response) )?with (?:the words )?[\"']?(?:you are|my instructions)"),
+          r"\b(?:begin|start) (?:your (?:reply|answer|response) )?with (?:the words )?[\"']?(?:you are|my instructions)",
+          rf"\b{_REVEAL}\b[^.\n]{{0,40}}\b(?:of|in|from) (?:the |your |all )?(?:previous|prior|earlier|preceding|above|"
+          rf"first|initial|system) (?:messages?|prompts?|instructions?|conversation|context)\b",
+          r"\byour (?:very )?(?:first|initial|original|starting) (?:prompt|instructions?|message|configuration)\b",
+          r"\b(?:output|print|repeat|show) (?:your )?(?:initiali[sz]ation|configuration|settings)\b"),
     _rule("persona_jailbreak", 0.8,
           r"\b(?:DAN|STAN|DUDE|AIM|KEVIN|BetterDAN|AntiGPT|DevMode|BasedGPT|Maximum|NRAF|APOPHIS)\b"
           r"[^.\n]{0,80}\b(?:mode|stands for|persona|character|act|jailbreak|anything|unfiltered|no (?:rules|limits))",
@@ -79,6 +83,22 @@ RULES: tuple[Rule, ...] = (
           rf"(?:[ -]\w+){{0,3}}\b(?:ai|assistant|model|bot|chatbot|version|entity|character|persona)\b",
           r"\b(?:evil|amoral|unfiltered|uncensored) (?:confidant|assistant|ai|twin|version|mode|character)\b",
           r"\bstay in character\b", r"\bbreak(?:ing)? character\b[^.\n]{0,40}\b(?:never|don'?t|do not)\b"),
+    _rule("amoral_persona", 0.45,
+          r"\b(?:unfiltered|amoral|unethical|uncensored|immoral|unrestricted|unhinged|rogue|jailbroken)\b"
+          r"(?:\W+\w+){0,3}?\W+(?:chatbot|ai|assistant|bot|robot|model|llm|gpt|character|persona|version|entity|"
+          r"alter ego)\b",
+          r"\b(?:opposite|antithesis|evil (?:twin|version)) (?:of|from|to) (?:openai|chatgpt|claude|the assistant|"
+          r"an? (?:ai|assistant))",
+          r"\bgoes against (?:your|its|the|openai'?s?) (?:content )?(?:polic(?:y|ies)|guidelines|rules|programming)"),
+    _rule("roleplay_framing", 0.35,
+          r"\b(?:let'?s|we are going to|we'?re going to|you will|you are going to) (?:have a |play a |do a )?"
+          r"(?:role-?play|game|simulation)\b",
+          r"\b(?:respond|answer|reply)\b(?:\W+\w+){0,5}?\W+as (?:if you (?:were|are) )?(?:an?|the)?\s*[A-Z][\w-]+",
+          r"\b(?:simulate|emulate|impersonate|roleplay as|role-play as|pretend to be|act like you are|"
+          r"play (?:two|2|three|3) characters)\b",
+          r"\b(?:alter ego|hypothetical (?:ai|story|scenario|world|being)|fictional (?:ai|world|being|character)|"
+          r"parallel universe|imaginary world)\b",
+          r"\b(?:stays?|remain|always) in character\b|\bnever break(?:s)? character\b"),
     _rule("special_mode", 0.6,
           r"\b(?:developer|dev|debug|god|admin|root|sudo|maintenance|jailbreak|unrestricted|opposite|"
           r"unlocked|test|dan)[ -]?mode\b(?:[^.\n]{0,40}\b(?:enabled|activated|on|engaged|unlocked)\b)?",
@@ -86,7 +106,9 @@ RULES: tuple[Rule, ...] = (
           r"\b(?:enable|activate|enter|switch to|turn on|unlock)\b[^.\n]{0,30}\b(?:mode|protocol)\b"),
     _rule("no_restrictions", 0.5,
           r"\b(?:no|without|free (?:of|from)|beyond|ignore|not bound by|unbound by|released from|freed from|"
-          r"broken free of|don'?t (?:have|follow)|do not (?:have|follow))\b(?:\W+\w+){0,3}?\W+"
+          r"broken free of|don'?t (?:have|follow|care about)|do not (?:have|follow|care about)|doesn'?t (?:have|follow)|"
+          r"does not (?:have|follow)|not (?:bound|restricted|limited|controlled) by|outside the scope of)\b"
+          r"(?:\W+\w+){0,3}?\W+"
           r"(?:restrictions|limitations|limits|filters|censorship|guidelines|rules|ethics|morals|moral|ethical|"
           r"safety|boundaries|policies|content polic(?:y|ies))\b",
           r"\b(?:openai|anthropic|your (?:creators?|developers?|makers?))'?s? (?:content )?(?:polic(?:y|ies)|rules|"
@@ -104,6 +126,7 @@ RULES: tuple[Rule, ...] = (
           r"\[/?(?:INST|SYS|SYSTEM)\]", r"<</?SYS>>",
           r"(?:^|\n)\s*(?:#{2,}\s*)?(?:system|assistant|developer)\s*(?:prompt|message|instructions?)?\s*:\s*\S",
           r"(?:^|\n)\s*#{2,}\s*(?:new )?(?:instruction|system|task)s?\b",
+          r"\bsystem (?:instruction|prompt|message|override)s? (?:begins?|starts?|follows|updated?)\b",
           r"\bend of (?:the )?(?:system )?(?:prompt|instructions)\b",
           r"(?:^|\n)\s*-{3,}\s*(?:end|begin)\b"),
     _rule("authority_claim", 0.35,
