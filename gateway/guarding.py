@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from tollway.errors import ContentBlocked
@@ -28,6 +29,7 @@ from tollway.gateway.answers import gateway_completion
 from tollway.gateway.exchange import Exchange, GuardOutcome, OutputFilter
 from tollway.guardrails.engine import ChoiceGuard, Extra, Outcome, OutputPlan, check_input
 from tollway.guardrails.policy import (
+    BUILTIN,
     GuardConfig,
     PolicyError,
     PromptGuards,
@@ -103,22 +105,18 @@ class Guarding:
         hit = self._memo.get(key)
         if hit is not None and hit[0] is tenant and hit[1] is prompt:
             return hit[2]
-        resolved: Resolved | None = resolve(self.config, tenant, prompt)
-        assert resolved is not None
-        unknown = [n for side in (resolved.input, resolved.output) for n in side
-                   if n not in self.extras and n not in ("pii", "secrets", "terms", "json", "injection",
-                                                         "length", "leak")]
-        if unknown:
+        resolved = resolve(self.config, tenant, prompt)
+        unknown = {n for side in (resolved.input, resolved.output) for n in side
+                   if n not in self.extras and n not in BUILTIN}
+        if unknown:  # a prompt names a validator this gateway's config does not add
             log.warning("guard validator(s) %s are not configured; they do not run", ", ".join(sorted(unknown)))
-            resolved = Resolved(**{**_fields(resolved),
-                                   "input": {k: v for k, v in resolved.input.items() if k not in unknown},
-                                   "output": {k: v for k, v in resolved.output.items() if k not in unknown}})
-        if resolved.empty:
-            resolved = None
+            resolved = replace(resolved, input={k: v for k, v in resolved.input.items() if k not in unknown},
+                               output={k: v for k, v in resolved.output.items() if k not in unknown})
+        effective = None if resolved.empty else resolved
         if len(self._memo) > 1024:
             self._memo.clear()
-        self._memo[key] = (tenant, prompt, resolved)
-        return resolved
+        self._memo[key] = (tenant, prompt, effective)
+        return effective
 
     # -- input ------------------------------------------------------------------------------------
     async def check(self, ex: Exchange) -> list[GuardOutcome]:
@@ -168,10 +166,6 @@ class Guarding:
         guard_filter = GuardFilter(plan, n)
         ex.reports.append(guard_filter.outcomes)
         return guard_filter
-
-
-def _fields(resolved: Resolved) -> dict[str, Any]:
-    return {name: getattr(resolved, name) for name in resolved.__dataclass_fields__}
 
 
 class GuardFilter:
