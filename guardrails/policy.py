@@ -24,8 +24,9 @@ safe templated answer), ``log`` (record only), ``off`` (a lower level's choice s
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -48,6 +49,9 @@ OUTPUT_ACTIONS: dict[str, frozenset[str]] = {
     "pii": INPUT_ACTIONS["pii"], "secrets": INPUT_ACTIONS["pii"], "terms": INPUT_ACTIONS["pii"],
     "leak": INPUT_ACTIONS["pii"], "json": INPUT_ACTIONS["pii"], "length": INPUT_ACTIONS["pii"],
 }
+
+
+M = TypeVar("M", bound="PromptGuards")
 
 
 class PolicyError(ValueError):
@@ -108,8 +112,6 @@ class GuardConfig(GuardPolicy):
     @field_validator("validators")
     @classmethod
     def _names(cls, value: dict[str, HubValidator]) -> dict[str, HubValidator]:
-        import re
-
         for name in value:
             if name in BUILTIN or not re.match(NAME, name):
                 raise ValueError(f"validator name {name!r} is taken or not a plain lowercase name")
@@ -137,32 +139,30 @@ def _check_names(policy: PromptGuards, extra: frozenset[str], where: str) -> Non
                                   f"(actions: {', '.join(sorted(allowed[name]))})")
 
 
-def parse_policy(data: Any, *, extra: frozenset[str] = frozenset(), where: str = "guards") -> GuardPolicy:
-    """A tenant's policy; ``extra``: the names of the configured extra validators."""
+def _validated(model: type[M], data: Any, where: str) -> M:
     try:
-        policy = GuardPolicy.model_validate(data or {})
+        return model.model_validate(data or {})
     except ValidationError as exc:
         raise PolicyError(_describe(exc, where)) from exc
+
+
+def parse_policy(data: Any, *, extra: frozenset[str] = frozenset(), where: str = "guards") -> GuardPolicy:
+    """A tenant's policy; ``extra``: the names of the configured extra validators."""
+    policy = _validated(GuardPolicy, data, where)
     _check_names(policy, extra, where)
     return policy
 
 
 def parse_prompt_guards(data: Any, *, where: str = "guards") -> PromptGuards:
     """A prompt file's ``guards:``; names beyond the built-in ones are checked when a request uses them."""
-    try:
-        guards = PromptGuards.model_validate(data or {})
-    except ValidationError as exc:
-        raise PolicyError(_describe(exc, where)) from exc
-    names = frozenset(n for side in (guards.input, guards.output) for n in side if n not in BUILTIN)
-    _check_names(guards, names, where)
+    guards = _validated(PromptGuards, data, where)
+    _check_names(guards, frozenset(n for side in (guards.input, guards.output) for n in side if n not in BUILTIN),
+                 where)
     return guards
 
 
 def parse_config(data: Any, *, where: str = "guardrails") -> GuardConfig:
-    try:
-        config = GuardConfig.model_validate(data or {})
-    except ValidationError as exc:
-        raise PolicyError(_describe(exc, where)) from exc
+    config = _validated(GuardConfig, data, where)
     _check_names(config, frozenset(config.validators), where)
     return config
 
