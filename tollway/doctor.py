@@ -114,6 +114,16 @@ async def _embedder(settings: Settings) -> str:
             f"{(time.perf_counter() - started) * 1000:.0f} ms")
 
 
+async def _guardrails(settings: Settings) -> str:
+    """The config's guard defaults parse and its extra validators import and build, as at start-up."""
+    from tollway.gateway.guarding import Guarding
+
+    guarding = await asyncio.to_thread(Guarding.from_config, load_config(settings.config).guardrails)
+    config = guarding.config
+    return (f"defaults: input {config.input or 'none'}, output {config.output or 'none'}; extra validators: "
+            f"{', '.join(sorted(guarding.extras)) or 'none'}")
+
+
 async def _run(settings: Settings) -> int:
     failures = 0
 
@@ -123,7 +133,7 @@ async def _run(settings: Settings) -> int:
 
     checks: list[Check] = [("config", config), ("database", lambda: _database(settings)),
                            ("redis", lambda: _redis(settings)), ("prompts", lambda: _prompts(settings)),
-                           ("embedder", lambda: _embedder(settings))]
+                           ("embedder", lambda: _embedder(settings)), ("guardrails", lambda: _guardrails(settings))]
     try:
         checks += _upstream_checks(settings)
     except ConfigError:

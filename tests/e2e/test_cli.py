@@ -63,6 +63,13 @@ def test_doctor(pg, redis_url, sim, tmp_path):
     assert "ok    database: PostgreSQL 18" in ok.stdout and "ok    redis: Redis 6.2" in ok.stdout
     assert "ok    upstream upstream-1" in ok.stdout
     assert "ok    embedder: local/all-MiniLM-L6-v2-int8: 384 dimensions" in ok.stdout
+    assert "ok    guardrails: defaults: input none, output none; extra validators: none" in ok.stdout
+    config = tmp_path / "guarded.yaml"
+    config.write_text("guardrails:\n  output: {pii: redact}\n  validators:\n"
+                      "    toxic: {use: 'guardrails.hub:ToxicLanguage'}\n")
+    missing = tollway("doctor", env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+                                     "TOLLWAY_UPSTREAMS": sim.url, "TOLLWAY_CONFIG": str(config)})
+    assert missing.returncode == 1 and "FAIL  guardrails" in missing.stdout and "cannot import" in missing.stdout
     broken = tollway("doctor", env={"TOLLWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x",
                                     "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_UPSTREAMS": "http://127.0.0.1:9",
                                     "TOLLWAY_CONFIG": ""})
