@@ -88,6 +88,9 @@ class Chat:
         ex.body = await ex.read_body()
         data = ex.data = parse_json_object(ex.body)
         req = ex.request = validate(ChatCompletionRequest, data)
+        if not req.messages and data.get("prompt") is None:
+            raise InvalidRequest("'messages' must hold at least one message (it may be empty only when the "
+                                 "request names a prompt).", param="messages")
         row = ex.tally.row
         row.stream = req.stream
         row.end_user = ex.ctx.header_user or req.user

@@ -140,7 +140,7 @@ async def put_label(request: Request, name: str, label: str, body: LabelBody) ->
         moved, gate = await move_label(conn, tid, tenant, name, label, body.version, author=principal.author,
                                        reason=body.reason, split_version=body.split_version,
                                        split_percent=body.split_percent, gate=state.prompt_gate,
-                                       admin=principal.role == "admin", override=body.override)
+                                       admin=principal.role == "admin", override=body.override, actor=principal)
     await _reload(request, tid)
     out = moved.as_json()
     out["gate"] = None if gate is None else {"passed": gate.passed, "summary": gate.summary, "report": gate.report}

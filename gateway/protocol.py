@@ -35,7 +35,8 @@ class StreamOptions(_Open):
 
 class ChatCompletionRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
+    # Empty only when the request names a prompt, whose messages come first (checked in the parse stage).
+    messages: list[ChatMessage]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)

@@ -72,9 +72,11 @@ def _parse_time(value: str | None, param: str, default: datetime) -> datetime:
 
 
 async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start: str | None, end: str | None,
-                      group_by: str, tenant: str | None) -> ReportQuery:
-    if principal.role not in ("finance", "admin"):
-        raise PermissionDenied("Cost reports need a finance or admin key.", code="role_not_allowed")
+                      group_by: str, tenant: str | None,
+                      roles: tuple[str, ...] = ("finance", "admin")) -> ReportQuery:
+    """The report's window and tenants; keys of ``roles`` other than admin see their own tenant only."""
+    if principal.role not in roles:
+        raise PermissionDenied(f"This report needs a key of role {' or '.join(roles)}.", code="role_not_allowed")
     if group_by not in GROUPS:
         raise InvalidRequest(f"'group_by' must be one of {', '.join(GROUPS)}", param="group_by")
     now = datetime.now(UTC)

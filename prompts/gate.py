@@ -1,7 +1,7 @@
 """The gate a move of a prompt's ``production`` label must pass: ``check(tenant, prompt, candidate,
-current) -> GateResult``, called with a timeout. The evals issue supplies the real one (the prompt's
-golden set run against both versions); until then there is none, every move passes, and the audit row
-says "no gate"."""
+current, actor) -> GateResult``, called with a timeout. The gateway supplies it
+(``tollway.gateway.evaluating.EvalGate``: the prompt's golden set run against both versions); without
+one every move passes and the audit row says "no gate"."""
 
 from __future__ import annotations
 
@@ -17,4 +17,7 @@ class GateResult:
 
 
 class Gate(Protocol):
-    async def check(self, tenant: str, prompt: str, candidate: str, current: str | None) -> GateResult: ...
+    async def check(self, tenant: str, prompt: str, candidate: str, current: str | None,
+                    actor: Any = None) -> GateResult:
+        """``actor``: who moves the label (the gateway's principal), whose requests the gate may make."""
+        ...

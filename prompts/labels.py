@@ -71,7 +71,7 @@ async def labels_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: st
 async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str,
                      target: str, *, author: str, reason: str | None = None, split_version: str | None = None,
                      split_percent: float = 0.0, gate: Gate | None = None, admin: bool = False,
-                     override: bool = False) -> tuple[Label, GateResult | None]:
+                     override: bool = False, actor: Any = None) -> tuple[Label, GateResult | None]:
     """Point ``label`` at ``target`` (a version or another label), optionally splitting ``split_percent``
     of users to ``split_version``. Moving ``production`` runs the gate (admins may override it, recorded)."""
     if not 0 <= split_percent <= 100:
@@ -88,7 +88,7 @@ async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant:
         if label == PRODUCTION:
             if override and not admin:
                 raise InvalidRequest("Only an admin may override the gate.", param="override")
-            result = await run_gate(gate, tenant, name, to, None if before is None else before.version)
+            result = await run_gate(gate, tenant, name, to, None if before is None else before.version, actor)
             if not result.passed and not override:
                 raise GateRefused(f"The gate refused {name}@{to[:12]} for production: {result.summary}",
                                   result.report)
@@ -125,10 +125,11 @@ async def rollback(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: s
     return after
 
 
-async def run_gate(gate: Gate | None, tenant: str, name: str, candidate: str, current: str | None) -> GateResult:
+async def run_gate(gate: Gate | None, tenant: str, name: str, candidate: str, current: str | None,
+                   actor: Any = None) -> GateResult:
     if gate is None:
         return GateResult(True, "no gate (always passes)", {"gate": "none"})
     try:
-        return await asyncio.wait_for(gate.check(tenant, name, candidate, current), GATE_TIMEOUT_S)
+        return await asyncio.wait_for(gate.check(tenant, name, candidate, current, actor), GATE_TIMEOUT_S)
     except TimeoutError:
         return GateResult(False, f"the gate did not answer within {GATE_TIMEOUT_S:g}s", {"gate": "timeout"})

@@ -115,6 +115,19 @@ class Registry:
         key = "label" if ref in self.label_names(tenant_id, name) else "version"
         return self.render(tenant_id, subject, {"name": name, key: ref, "variables": variables})
 
+    def prompt(self, tenant_id: int, name: str, version: str) -> Prompt:
+        """One version, compiled (NotFound if the registry does not hold it)."""
+        tenant = self._tenants.get(tenant_id)
+        versions = tenant.contents.get(name) if tenant is not None else None
+        if tenant is None or not versions:
+            raise NotFound(f"Prompt '{name}' does not exist.", param="prompt", code="prompt_not_found")
+        return tenant.prompt(name, _by_id(versions, version, name))
+
+    def label_version(self, tenant_id: int, name: str, label: str) -> str | None:
+        tenant = self._tenants.get(tenant_id)
+        found = tenant.labels.get((name, label)) if tenant is not None else None
+        return None if found is None else found.version
+
     def has(self, tenant_id: int) -> bool:
         tenant = self._tenants.get(tenant_id)
         return tenant is not None and bool(tenant.contents)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jinja2
-import orjson
 import yaml
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
@@ -173,22 +172,11 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
 
 
 def check_golden_set(path: str, text: str | bytes) -> int:
-    """A golden set as the evals issue runs it: JSONL, each line an object with ``messages`` or
-    ``variables`` and a list of ``checks``. Returns the number of items."""
-    items = 0
-    for number, line in enumerate(text.splitlines() if isinstance(text, str) else text.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise PromptError(f"{path}:{number}: not a JSON object", param="golden_set") from exc
-        if not isinstance(item, dict) or not ({"messages", "variables"} & set(item)):
-            raise PromptError(f"{path}:{number}: needs 'messages' or 'variables'", param="golden_set")
-        checks = item.get("checks")
-        if not isinstance(checks, list) or not all(isinstance(c, dict) and "type" in c for c in checks):
-            raise PromptError(f"{path}:{number}: 'checks' must be a list of objects with a 'type'", param="golden_set")
-        items += 1
-    if not items:
-        raise PromptError(f"{path}: the golden set is empty", param="golden_set")
-    return items
+    """A golden set as the evals part runs it (``tollway.evals.golden``): JSONL, each line an object with
+    ``messages`` or ``variables`` and a list of ``checks`` it knows. Returns the number of items."""
+    from tollway.evals.golden import GoldenSetError, parse_set
+
+    try:
+        return len(parse_set(text, path).items)
+    except GoldenSetError as exc:
+        raise PromptError(str(exc), param="golden_set") from exc

@@ -128,6 +128,14 @@ def blob_text(repo: MemoryRepo, sha: bytes) -> bytes:
     return blob.data
 
 
+async def file_at(conn: psycopg.AsyncConnection[Any], tenant_id: int, commit: str, path: str) -> bytes | None:
+    """One file of the tree of ``commit`` (a prompt version), or None if it has no such file."""
+    objects = await load_head_tree(conn, tenant_id, commit.encode())
+    repo = memory_repo(None, objects)
+    sha = tree_files(repo, commit.encode()).get(path) if objects else None
+    return None if sha is None else blob_text(repo, sha)
+
+
 def check_files(files: Mapping[str, bytes], changed: Iterable[str]) -> None:
     """Every changed prompt parses and compiles, and the golden set it names is in the tree and well formed.
     Raises PromptError naming the file and the problem."""

@@ -180,6 +180,8 @@ class RawConfig(_Strict):
     routing: RawRouting = Field(default_factory=RawRouting)
     # Guard policy defaults and extra validators: parsed (as strictly) by ``tollway.guardrails.policy``.
     guardrails: dict[str, Any] | None = None
+    # Eval runs and the production gate's thresholds: parsed by ``tollway.gateway.evaluating``.
+    evals: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> RawConfig:

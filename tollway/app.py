@@ -30,6 +30,8 @@ from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
 from tollway.gateway.calls import Calls, Limits
 from tollway.gateway.endpoints import HOT_ROUTES
+from tollway.gateway.evals_api import router as evals_router
+from tollway.gateway.evaluating import EvalGate, Evals, eval_settings
 from tollway.gateway.exchange import Parts
 from tollway.gateway.git_http import PREFIX as GIT_PREFIX
 from tollway.gateway.git_http import GitHTTP
@@ -95,8 +97,9 @@ class AppState:
     prompts: Registry
     rag: Rag
     guarding: Guarding
+    evals: Evals
     git: GitHTTP | None = None
-    prompt_gate: Gate | None = None  # the evals part supplies one; until then production moves say "no gate"
+    prompt_gate: Gate | None = None  # runs a prompt's golden set when production moves (EvalGate)
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -262,11 +265,14 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         raise StartupError(f"{settings.config or 'config'}: {exc}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
     service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local)
+    evals = Evals(pool, service, prompts, eval_settings(raw_config.evals))
+    stack.push_async_callback(evals.background.drain)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
-                    changes=changes, prompts=prompts, rag=rag, guarding=guarding, git=git)
+                    changes=changes, prompts=prompts, rag=rag, guarding=guarding, evals=evals, git=git,
+                    prompt_gate=EvalGate(evals, pool))
 
 
 class Gateway:
@@ -294,6 +300,7 @@ class Gateway:
         self.api.include_router(admin_router)
         self.api.include_router(prompts_router)
         self.api.include_router(retrieval_router)
+        self.api.include_router(evals_router)
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(

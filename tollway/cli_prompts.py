@@ -168,6 +168,25 @@ def cmd_render(args: argparse.Namespace) -> int:
     return run_with_conn(args, action)
 
 
+class _OfflineGate:
+    """The CLI writes the database directly, with no gateway to run a golden set through: a version that
+    names one may take ``production`` only by an override (recorded); the API's move runs the real gate."""
+
+    def __init__(self, conn: Any, tenant_id: int) -> None:
+        self.conn, self.tenant_id = conn, tenant_id
+
+    async def check(self, tenant: str, prompt: str, candidate: str, current: str | None, actor: Any = None) -> Any:
+        from tollway.prompts import GateResult, parse_prompt, version
+
+        found = await version(self.conn, self.tenant_id, prompt, candidate)
+        golden = parse_prompt(prompt, found.version, found.content).raw.golden_set
+        if golden is None:
+            return GateResult(True, "no golden set: nothing to judge (the move passes)", {"gate": "offline"})
+        return GateResult(False, f"version names golden set {golden}, which only the gateway can run: move production "
+                                 "through the API (PUT /v1/prompts/NAME/labels/production), or pass --override",
+                          {"gate": "offline"})
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from tollway.prompts import move_label
 
@@ -177,10 +196,11 @@ def cmd_label(args: argparse.Namespace) -> int:
         split_percent = float(pct)
 
     async def action(conn: Any, settings: Settings) -> int:
-        moved, gate = await move_label(conn, await _tid(conn, args.tenant), args.tenant, args.name, args.label,
+        tid = await _tid(conn, args.tenant)
+        moved, gate = await move_label(conn, tid, args.tenant, args.name, args.label,
                                        args.version, author=args.author, reason=args.reason,
                                        split_version=split_version or None, split_percent=split_percent,
-                                       admin=True, override=args.override)
+                                       gate=_OfflineGate(conn, tid), admin=True, override=args.override)
         if gate is not None:
             print(f"gate: {'passed' if gate.passed else 'FAILED (overridden)'}: {gate.summary}", file=sys.stderr)
         print(json.dumps(moved.as_json()))

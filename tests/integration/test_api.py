@@ -132,6 +132,7 @@ BAD_INPUTS = [
      "invalid_request", "max_tokens"),
     ("bad role", orjson.dumps({"model": "sim-large", "messages": [{"role": "robot", "content": "x"}]}), 400,
      "invalid_request", "messages[0].role"),
+    ("no messages", orjson.dumps({"model": "sim-large", "messages": []}), 400, "invalid_request", "messages"),
     ("unknown model", orjson.dumps({"model": "gpt-17", "messages": MSG}), 404, "model_not_found", "model"),
     ("embedding model for chat", orjson.dumps({"model": "sim-embed", "messages": MSG}), 400,
      "model_not_supported", "model"),

@@ -47,7 +47,7 @@ async def test_submit_label_and_chat_carry_the_version(app_factory, make_tenant,
     async with app_factory() as gw:
         v1 = (await push(gw, eng, "greet", GREET, message="first")).json()["version"]
         moved = await label(gw, eng, "greet", "production", v1)
-        assert moved.status_code == 200 and moved.json()["gate"]["summary"].startswith("no gate")
+        assert moved.status_code == 200 and moved.json()["gate"]["summary"].startswith("no golden set")
         resp = await gw.client.post("/v1/chat/completions", headers=eng.headers, json=chat_body())
         models = (await gw.client.get("/v1/models", headers=eng.headers)).json()["data"]
         await gw.state.ledger.flush()
@@ -161,7 +161,8 @@ async def test_roles_and_tenants(app_factory, make_tenant, admin):
 
 
 class Refuse:
-    async def check(self, tenant: str, prompt: str, candidate: str, current: str | None) -> GateResult:
+    async def check(self, tenant: str, prompt: str, candidate: str, current: str | None,
+                    actor: Any = None) -> GateResult:
         return GateResult(False, "pass rate 3/10 below 8/10", {"pass_rate": 0.3})
 
 

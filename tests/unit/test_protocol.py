@@ -14,7 +14,6 @@ def test_error_shape() -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": "m"}, "messages"),
-    ({"model": "m", "messages": []}, "messages"),
     ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, "max_tokens"),
