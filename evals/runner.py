@@ -225,7 +225,9 @@ def decide(candidate: dict[str, Any], comparison: Comparison | None, t: GateThre
     rate = float(candidate["pass_rate"])
     reasons = []
     if rate < t.min_pass_rate:
-        reasons.append(f"pass rate {rate:.0%} < {t.min_pass_rate:.0%}")
+        errors = int(candidate.get("errors") or 0)
+        reasons.append(f"pass rate {rate:.0%} < {t.min_pass_rate:.0%}"
+                       + (f" ({errors} of its requests failed: see the run)" if errors else ""))
     if comparison is not None:
         drop = comparison.pass_rate_a - comparison.pass_rate_b
         real = comparison.passes.significant(t.alpha) or not t.require_significance

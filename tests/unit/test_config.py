@@ -107,6 +107,9 @@ def test_the_shipped_example_config_is_valid() -> None:
 
     guarding = Guarding.from_config(raw.guardrails)  # the guard section parses and builds as the gateway's does
     assert guarding.config.output == {"pii": "redact", "secrets": "redact", "leak": "redact"}
+    from tollway.gateway.evaluating import eval_settings
+
+    assert eval_settings(raw.evals).gate.min_pass_rate == 0.8
 
 
 @pytest.mark.parametrize(("models", "routing", "problem"), [
