@@ -250,8 +250,12 @@ async def test_the_cli_round_trip(app_factory, make_tenant, pg, tmp_path, golden
     v1 = (await asyncio.to_thread(_cli, pg, "push", str(path), "-m", "first", *t, "--author", "ada")).stdout.strip()
     path.write_text(GREET_V2 + "golden_set: greet.golden.jsonl\n")
     v2 = (await asyncio.to_thread(_cli, pg, "push", str(path), "-m", "warmer", *t)).stdout.strip().splitlines()[-1]
-    await asyncio.to_thread(_cli, pg, "label", "greet", "production", v1, *t)
-    await asyncio.to_thread(_cli, pg, "label", "greet", "production", v2, *t)
+    # the golden set runs in the gateway only: the CLI, writing the database directly, moves production by
+    # an override (recorded), and says so otherwise
+    gated = await asyncio.to_thread(_cli, pg, "label", "greet", "production", v1, *t, check=False)
+    assert gated.returncode != 0 and "only the gateway can run" in gated.stderr
+    await asyncio.to_thread(_cli, pg, "label", "greet", "production", v1, *t, "--override")
+    await asyncio.to_thread(_cli, pg, "label", "greet", "production", v2, *t, "--override")
     back = (await asyncio.to_thread(_cli, pg, "rollback", "greet", "production", *t)).stdout
     shown = (await asyncio.to_thread(_cli, pg, "show", "greet@production", *t)).stdout
     diff = (await asyncio.to_thread(_cli, pg, "diff", "greet", v1, v2, *t)).stdout
