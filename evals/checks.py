@@ -21,6 +21,7 @@ from tollway.evals.golden import (
     Regex,
     RetrievalRecall,
 )
+from tollway.jsontypes import jsonschema
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +131,8 @@ def _json(text: str, schema: dict[str, Any] | None) -> tuple[bool, None, str]:
         return False, None, "not valid JSON"
     if schema is None:
         return True, None, "valid JSON"
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    module = jsonschema()
+    error = module.exceptions.best_match(module.Draft202012Validator(schema).iter_errors(value))
     if error is None:
         return True, None, "valid JSON matching the schema"
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
