@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +189,60 @@ class _OfflineGate:
                           {"gate": "offline"})
 
 
+def print_gate(gate: dict[str, Any], out: Any = sys.stderr) -> None:
+    """A gate's verdict and, for the evals gate, its runs side by side."""
+    passed = gate.get("passed")
+    summary = gate.get("summary")
+    print(f"gate: {'passed' if passed else 'FAILED'}{': ' + summary if summary else ''}", file=out)
+    report = gate.get("report") or {}
+    cand, cur = report.get("candidate"), report.get("current")
+    if not cand:
+        return
+    rows: list[tuple[str, str, Callable[[Any], str]]] = [
+            ("version", "version", lambda v: str(v)[:12]), ("run", "run", str), ("items", "items", str),
+            ("pass rate", "pass_rate", lambda v: f"{v:.0%}"), ("errors", "errors", str),
+            ("mean score", "mean_score", lambda v: "-" if v is None else f"{v:.2f}"),
+            ("judge skipped", "judge_skipped", str), ("cost $", "cost_usd", lambda v: f"{v:.6f}")]
+    print(f"\n{'':<14} {'candidate':>14} {'current':>14}", file=out)
+    for title, key, fmt in rows:
+        a = fmt(cand.get(key)) if cand.get(key) is not None or key == "mean_score" else "-"
+        b = "-" if not cur else (fmt(cur.get(key)) if cur.get(key) is not None or key == "mean_score" else "-")
+        print(f"{title:<14} {a:>14} {b:>14}", file=out)
+    comparison = report.get("comparison") or {}
+    if comparison:
+        passes = comparison["passes"]
+        print(f"\nregressions: {', '.join(comparison['regressions']) or 'none'}; improvements: "
+              f"{', '.join(comparison['improvements']) or 'none'}; McNemar p = {passes['p_value']:.4g}", file=out)
+    t = report.get("thresholds") or {}
+    if t:
+        print(f"thresholds: pass rate >= {t['min_pass_rate']:.0%}, regression <= {t['max_regression']:.0%} "
+              f"at alpha {t['alpha']}", file=out)
+
+
+def _label_through_gateway(args: argparse.Namespace, split_version: str | None, split_percent: float) -> int:
+    """With an API key the move goes through the running gateway, which runs the gate (the golden set)."""
+    from tollway.cli_retrieval import ApiError, Client
+
+    base = args.base_url or os.environ.get("TOLLWAY_BASE_URL") or "http://127.0.0.1:8080/v1"
+    client = Client(base, args.api_key or os.environ["TOLLWAY_API_KEY"])
+    body: dict[str, Any] = {"version": args.version, "override": args.override, "tenant": args.tenant,
+                            "reason": args.reason, "split_percent": split_percent}
+    if split_version:
+        body["split_version"] = split_version
+    try:
+        moved = client.call("PUT", f"/prompts/{args.name}/labels/{args.label}", body)
+    except ApiError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        if exc.code == "gate_failed":
+            print_gate({"passed": False, "summary": "", "report": exc.body.get("error", {}).get("report")})
+        return 1
+    gate = moved.pop("gate", None)
+    if gate is not None:
+        print_gate(gate)
+    print(json.dumps(moved))
+    return 0
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from tollway.prompts import move_label
 
@@ -194,6 +250,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     if args.split:
         split_version, _, pct = args.split.rpartition(":")
         split_percent = float(pct)
+    if not args.offline and (args.api_key or os.environ.get("TOLLWAY_API_KEY")):
+        return _label_through_gateway(args, split_version or None, split_percent)
 
     async def action(conn: Any, settings: Settings) -> int:
         tid = await _tid(conn, args.tenant)
@@ -260,6 +318,12 @@ def add_commands(sub: Any, common: Any) -> None:
     label.add_argument("version")
     label.add_argument("--split", help="VERSION:PERCENT of end users get another version")
     label.add_argument("--override", action="store_true", help="move production even if the gate fails (recorded)")
+    label.add_argument("--api-key", help="TOLLWAY_API_KEY: move through the running gateway, which runs the gate "
+                                         "(the golden set, candidate against current)")
+    label.add_argument("--base-url", help="the gateway's /v1 URL; TOLLWAY_BASE_URL (default http://127.0.0.1:8080/v1)")
+    label.add_argument("--offline", action="store_true",
+                       help="write the database directly even with an API key (production then needs --override "
+                            "when the version names a golden set)")
     rollback = command("rollback", "move LABEL back to its previous version", cmd_rollback, changes=True)
     rollback.add_argument("name")
     rollback.add_argument("label")

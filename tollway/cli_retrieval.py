@@ -24,7 +24,7 @@ class ApiError(Exception):
         raw = body.get("error")
         error: dict[str, Any] = raw if isinstance(raw, dict) else {}
         super().__init__(f"{status}: {error.get('message') or body}")
-        self.status, self.code = status, error.get("code")
+        self.status, self.code, self.body = status, error.get("code"), body
 
 
 class Client:

@@ -51,3 +51,40 @@ def test_run_prints_a_table_and_the_pass_rate_then_compare_reports_the_regressio
     missing = tollway("evals", "run", str(tmp_path / "nope.jsonl"), "--model", "sim-echo", key=tenant.key,
                       url=gateway.url, cwd=tmp_path)
     assert missing.returncode != 0 and "no such file" in missing.stderr
+
+
+PROMPT = """\
+model: sim-echo
+messages:
+  - {role: user, content: "%s"}
+variables:
+  country: {type: string}
+golden_set: capitals.golden.jsonl
+"""
+GOLDEN = "\n".join(json.dumps({"id": c, "variables": {"country": c}, "checks": [{"type": "contains", "value": "yes"}]})
+                   for c in ("France", "Peru", "Japan", "Kenya", "Chile", "Spain", "Egypt", "Nepal"))
+
+
+def test_a_production_move_from_the_cli_runs_the_gate_in_the_gateway_and_prints_its_table(gateway, make_tenant,
+                                                                                         tmp_path):
+    import httpx
+
+    eng = make_tenant(role="prompt_engineer")
+
+    def push(text: str) -> str:
+        resp = httpx.post(gateway.url + "/prompts/capitals/versions", headers=eng.headers, timeout=30, json={
+            "content": PROMPT % text, "message": "edit", "files": {"capitals.golden.jsonl": GOLDEN}})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["version"])
+
+    good, bad = push("{{ country }}: yes"), push("{{ country }}: no idea")
+    label = ("prompts", "label", "capitals", "production")
+    first = tollway(*label, good, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "gate: passed" in first.stderr and "pass rate" in first.stderr
+    refused = tollway(*label, bad, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "gate_failed" not in refused.stdout and "The gate refused capitals@" in refused.stderr
+    table = refused.stderr
+    assert "candidate" in table and "current" in table and "regressions: Chile, Egypt, France" in table
+    assert "100%" in table and "0%" in table
