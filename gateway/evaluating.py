@@ -6,6 +6,7 @@ with the (prompt version, model, index version) that answered. The production ga
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -97,6 +98,7 @@ class Evals:
                  settings: EvalSettings) -> None:
         self.pool, self.service, self.prompts, self.settings = pool, service, prompts, settings
         self.background = Background("eval run", drain_s=30)
+        self._running: dict[int, asyncio.Task[Any]] = {}
 
     # -- running ----------------------------------------------------------------------------------
     def _complete(self, principal: Principal, tags: tuple[str, ...]) -> Any:
@@ -142,8 +144,10 @@ class Evals:
             row = await cur.fetchone()
         assert row is not None
         run = _run_json(row)
-        self.background.spawn(self._execute(run["id"], principal, tenant_id, golden, target, concurrency),
-                              name=f"eval-run-{run['id']}")
+        task = self.background.spawn(self._execute(run["id"], principal, tenant_id, golden, target, concurrency),
+                                     name=f"eval-run-{run['id']}")
+        self._running[run["id"]] = task
+        task.add_done_callback(lambda _: self._running.pop(run["id"], None))
         return run
 
     async def run(self, principal: Principal, tenant_id: int, golden: GoldenSet, target: Target, *,
@@ -154,9 +158,10 @@ class Evals:
         return await self.get(tenant_id, run["id"], results=True)
 
     async def wait(self, run_id: int) -> None:
-        for task in list(self.background._tasks):
-            if task.get_name() == f"eval-run-{run_id}":
-                await task
+        """Until a run this process started has finished (at once for any other)."""
+        task = self._running.get(run_id)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def _execute(self, run_id: int, principal: Principal, tenant_id: int, golden: GoldenSet, target: Target,
                        concurrency: int) -> None:
@@ -181,6 +186,11 @@ class Evals:
                     "UPDATE eval_runs SET status = 'done', summary = %s, models = %s, prompt_version = %s,"
                     " index_version = %s, finished_at = now() WHERE id = %s",
                     (Jsonb(summary(results)), models, prompt_version, index_version, run_id))
+        except asyncio.CancelledError:  # shutdown ran out of patience: say so rather than "running" forever
+            async with self.pool.connection() as conn:
+                await conn.execute("UPDATE eval_runs SET status = 'failed', error = 'interrupted: the gateway shut"
+                                   " down during the run', finished_at = now() WHERE id = %s", (run_id,))
+            raise
         except Exception as exc:
             log.exception("eval run %s failed", run_id)
             async with self.pool.connection() as conn:
