@@ -89,38 +89,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"tollway: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(run, indent=2))
-    else:
-        print_run(run)
+    _show(run, args.json)
     if run["status"] != "done":
         print(f"tollway: the run {run['status']}: {run.get('error')}", file=sys.stderr)
         return 1
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    client = client_of(args)
-    try:
-        run = client.call("GET", f"/evals/runs/{args.run}" + (f"?tenant={args.tenant}" if args.tenant else ""))
-    except ApiError as exc:
-        print(f"tollway: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
+def _show(run: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(run, indent=2))
     else:
         print_run(run)
+
+
+def _get(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
+    """One GET of the eval API (the tenant named for admin keys); None after printing the error."""
+    tenant = f"{'&' if '?' in path else '?'}tenant={args.tenant}" if args.tenant else ""
+    try:
+        return client_of(args).call("GET", path + tenant)
+    except ApiError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    run = _get(args, f"/evals/runs/{args.run}")
+    if run is None:
+        return 1
+    _show(run, args.json)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    client = client_of(args)
-    query = f"/evals/compare?a={args.a}&b={args.b}" + (f"&alpha={args.alpha}" if args.alpha else "") + \
-        (f"&tenant={args.tenant}" if args.tenant else "")
-    try:
-        report = client.call("GET", query)
-    except ApiError as exc:
-        print(f"tollway: {exc}", file=sys.stderr)
+    report = _get(args, f"/evals/compare?a={args.a}&b={args.b}" + (f"&alpha={args.alpha}" if args.alpha else ""))
+    if report is None:
         return 1
     if args.json:
         print(json.dumps(report, indent=2))
