@@ -18,7 +18,7 @@ from starlette.responses import Response
 from tollway.changes import history
 from tollway.errors import NotFound, PermissionDenied
 from tollway.gateway.api import json_response
-from tollway.gateway.keys import Principal, create_key, tenant_id
+from tollway.gateway.keys import Principal, create_key, list_keys, list_tenants, tenant_id
 from tollway.gateway.quota import clear_counters
 from tollway.gateway.reconcile import reconcile
 from tollway.gateway.reports import build_query, cost_report, to_csv
@@ -199,6 +199,20 @@ def _guards_view(state: Any, tenant: str, policy: GuardPolicy | None) -> dict[st
     return {"tenant": tenant, "policy": None if policy is None else policy.model_dump(exclude_none=True),
             "effective": {"input": effective.input, "output": effective.output},
             "validators": sorted({*BUILTIN, *state.guarding.names})}
+
+
+@router.get("/v1/admin/tenants", summary="Tenants, with their active keys")
+async def get_tenants(request: Request) -> Response:
+    _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        return json_response({"object": "list", "data": await list_tenants(conn)})
+
+
+@router.get("/v1/admin/keys", summary="Keys (never their secrets): role, models, created, last used, revoked")
+async def get_keys(request: Request, tenant: str | None = None) -> Response:
+    _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        return json_response({"object": "list", "data": await list_keys(conn, tenant)})
 
 
 @router.post("/v1/admin/keys", status_code=201, summary="Create a key (its secret is in this answer only)")

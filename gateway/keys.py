@@ -14,6 +14,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -130,6 +131,10 @@ class KeyStore:
                     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
                     " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (digest,))
                 row = await cur.fetchone()
+                if row is not None:  # at most once a minute per key (lookups are cached for seconds)
+                    await conn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s AND"
+                                       " (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+                                       (row[0],))
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise ServiceUnavailable("The key store is unavailable; try again shortly.") from exc
         if row is None or not hmac.compare_digest(bytes(row[1]), digest):
@@ -137,6 +142,29 @@ class KeyStore:
         allowed = None if row[5] is None else frozenset(row[5])
         return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed,
                          rpm=row[6], tpm=row[7], name=row[8], ingest=row[9])
+
+
+async def list_tenants(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+    cur = await conn.execute(
+        "SELECT t.id, t.name, t.created_at, count(k.id) FILTER (WHERE k.revoked_at IS NULL)"
+        " FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id GROUP BY t.id ORDER BY t.name")
+    return [{"id": i, "name": n, "created_at": c.isoformat(), "active_keys": k} for i, n, c, k in await cur.fetchall()]
+
+
+async def list_keys(conn: psycopg.AsyncConnection, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Keys without their secrets: id, tenant, name, role, models, created, last used, revoked."""
+    tid = None if tenant is None else await tenant_id(conn, tenant)
+    cur = await conn.execute(
+        "SELECT k.id, t.name, k.name, k.role, k.allowed_models, k.ingest, k.prefix, k.created_at, k.last_used_at,"
+        " k.revoked_at FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+        " WHERE %s::bigint IS NULL OR k.tenant_id = %s ORDER BY t.name, k.id", (tid, tid))
+    out = []
+    for kid, tname, name, role, models, ingest, prefix, created, used, revoked in await cur.fetchall():
+        out.append({"id": kid, "tenant": tname, "name": name, "role": role, "models": models, "ingest": ingest,
+                    "prefix": prefix, "created_at": created.isoformat(),
+                    "last_used_at": None if used is None else used.isoformat(),
+                    "revoked_at": None if revoked is None else revoked.isoformat()})
+    return out
 
 
 async def tenant_id(conn: psycopg.AsyncConnection, name: str) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tollway.cli_common import audited, database, settings_of, with_conn
+from tollway.cli_common import audited, database, run_with_conn, settings_of, with_conn
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,6 +149,38 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_checks(settings_of(args))
 
 
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[("-" if r.get(c) is None else ",".join(r[c]) if isinstance(r.get(c), list) else str(r[c]))[:40]
+              for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    from tollway.gateway.keys import list_tenants
+
+    async def action(conn: Any, settings: Any) -> int:
+        rows = await list_tenants(conn)
+        print(json.dumps(rows, indent=2) if args.json else _table(rows, ["id", "name", "active_keys", "created_at"]))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from tollway.gateway.keys import list_keys
+
+    async def action(conn: Any, settings: Any) -> int:
+        rows = await list_keys(conn, args.tenant)
+        print(json.dumps(rows, indent=2) if args.json else _table(
+            rows, ["id", "tenant", "name", "role", "models", "prefix", "created_at", "last_used_at", "revoked_at"]))
+        return 0
+
+    return run_with_conn(args, action)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="routing config file (YAML); TOLLWAY_CONFIG")
     parser.add_argument("--data-dir", type=Path, help="where embedded PostgreSQL/Redis keep data; TOLLWAY_DATA_DIR")
@@ -181,7 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     audited(tcreate)
     tcreate.set_defaults(func=cmd_tenants_create)
 
+    tlist = tenants.add_parser("list", help="tenants, with their active keys")
+    _common(tlist)
+    tlist.add_argument("--json", action="store_true")
+    tlist.set_defaults(func=cmd_tenants_list)
+
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    klist = keys.add_parser("list", help="keys (never their secrets): id, name, role, models, created, last used")
+    _common(klist)
+    klist.add_argument("--tenant")
+    klist.add_argument("--json", action="store_true")
+    klist.set_defaults(func=cmd_keys_list)
     kcreate = keys.add_parser("create", help="create a key (printed once)")
     _common(kcreate)
     kcreate.add_argument("--tenant", required=True)

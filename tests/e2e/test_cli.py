@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -38,6 +39,14 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, helpers, tmp_path):
                                                  "TOLLWAY_AUTH_CACHE_TTL_S": "0.2", "TOLLWAY_BOOTSTRAP": "0"})
     headers = {"authorization": f"Bearer {secret}"}
     assert [m["id"] for m in httpx.get(served.url + "/models", headers=headers).json()["data"]] == ["sim-small", "auto"]
+    # the id `keys revoke` needs, found by `keys list` (never the secret); the lookup above marked it used
+    listed = json.loads(tollway("keys", "list", "--tenant", "cli-tenant", "--json", env=env).stdout)
+    assert [(k["id"], k["role"], k["models"]) for k in listed] == [(int(key_id), "app", ["sim-small"])]
+    assert listed[0]["last_used_at"] is not None and secret not in json.dumps(listed)
+    table = tollway("keys", "list", "--tenant", "cli-tenant", env=env).stdout
+    assert table.splitlines()[0].split()[:4] == ["id", "tenant", "name", "role"] and key_id in table
+    tenants = tollway("tenants", "list", env=env).stdout
+    assert "cli-tenant" in tenants
     revoked = tollway("keys", "revoke", key_id, env=env)
     assert revoked.returncode == 0, revoked.stderr
     assert tollway("keys", "revoke", key_id, env=env).returncode == 1

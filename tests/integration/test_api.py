@@ -299,3 +299,17 @@ async def test_health_ready_and_openapi(app_factory):
     body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
     assert "messages" in body["schema"]["properties"]
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+
+
+async def test_admins_list_tenants_and_keys_without_secrets(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await gw.client.get("/v1/models", headers=tenant.headers)  # a use of the key
+        keys = await gw.client.get("/v1/admin/keys", headers=admin.headers, params={"tenant": tenant.name})
+        tenants = await gw.client.get("/v1/admin/tenants", headers=admin.headers)
+        refused = await gw.client.get("/v1/admin/keys", headers=tenant.headers)
+    [key] = keys.json()["data"]
+    assert (key["id"], key["tenant"], key["role"]) == (tenant.key_id, tenant.name, "app")
+    assert key["last_used_at"] is not None and key["revoked_at"] is None and tenant.key not in keys.text
+    assert {"id": tenant.id, "name": tenant.name} in [{"id": t["id"], "name": t["name"]} for t in tenants.json()["data"]]
+    assert refused.status_code == 403
