@@ -1,4 +1,6 @@
-"""Golden-set runner, promotion gates, shadow evaluation and drift detection. Not built yet."""
+"""Golden sets and their checks (the LLM judge among them), the runner, paired comparisons and the
+production gate's decision. The gateway runs them through its chat path (``tollway.gateway.evaluating``);
+live sampling and drift detection come with the live quality loop."""
 
 if __name__ != "tollway.evals":
     raise ImportError("This folder is Tollway's 'tollway.evals' package; import it by that name "
