@@ -266,11 +266,29 @@ def bootstrap_key(served: Served, timeout: float = 10) -> str:
 
 
 @pytest.fixture(scope="session")
+def gateway(serve: Callable[..., Served], sim: Process, pg: EmbeddedPostgres, redis_url: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Served:
+    """`tollway serve` as a real process with the test config (the scripted upstream's models), shared by
+    the end-to-end tests that drive it with the openai SDK and the CLI (each with tenants of its own)."""
+    config = write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
+    return serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+                                               "TOLLWAY_BOOTSTRAP": "false"})
+
+
+def client_cli(*args: str, key: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A `tollway` command that is a client of a running gateway (TOLLWAY_API_KEY, TOLLWAY_BASE_URL)."""
+    env = {"TOLLWAY_API_KEY": key, "TOLLWAY_BASE_URL": url, "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.fixture(scope="session")
 def helpers() -> Any:
     """Plain functions for tests (importlib import mode keeps test modules from importing conftest)."""
     from types import SimpleNamespace
 
     return SimpleNamespace(write_config=write_config, bootstrap_key=bootstrap_key, ledger_rows=ledger_rows,
+                           cli=client_cli,
                            prices=PRICES, sim_models=SIM_MODELS)
 
 

@@ -12,13 +12,6 @@ import pytest
 MSG = [{"role": "user", "content": "how much does this cost"}]
 
 
-@pytest.fixture(scope="module")
-def gateway(serve, sim, pg, redis_url, helpers, tmp_path_factory):
-    config = helpers.write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
-    return serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
-                                               "TOLLWAY_BOOTSTRAP": "false"})
-
-
 @pytest.fixture
 def client(gateway, make_tenant):
     tenant = make_tenant()
