@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from tollway.alerts import list_alerts
 from tollway.changes import history
 from tollway.errors import NotFound, PermissionDenied
 from tollway.gateway.api import json_response
@@ -199,6 +200,14 @@ def _guards_view(state: Any, tenant: str, policy: GuardPolicy | None) -> dict[st
     return {"tenant": tenant, "policy": None if policy is None else policy.model_dump(exclude_none=True),
             "effective": {"input": effective.input, "output": effective.output},
             "validators": sorted({*BUILTIN, *state.guarding.names})}
+
+
+@router.get("/v1/admin/alerts", summary="Alerts (budget thresholds, drift), newest first, with their evidence")
+async def get_alerts(request: Request, tenant: str | None = None, limit: int = 100) -> Response:
+    _admin(request)
+    async with request.app.state.tollway.pool.connection() as conn:
+        tid = None if tenant is None else await tenant_id(conn, tenant)
+        return json_response({"object": "list", "data": await list_alerts(conn, tid, limit)})
 
 
 @router.get("/v1/admin/tenants", summary="Tenants, with their active keys")

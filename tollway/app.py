@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.types import Receive, Scope, Send
 
 import tollway
+from tollway.alerts import Delivery, Webhook
 from tollway.changes import ChangeListener, Note
 from tollway.db import migrate
 from tollway.errors import TollwayError
@@ -228,6 +229,18 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
                          on_trip=events.trip)
     stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
+    if settings.alert_webhook_url:
+        if not settings.alert_webhook_secret:
+            raise StartupError("TOLLWAY_ALERT_WEBHOOK_URL needs TOLLWAY_ALERT_WEBHOOK_SECRET (alerts are signed).")
+        delivery = Delivery(pool, session, Webhook(settings.alert_webhook_url, settings.alert_webhook_secret,
+                                                   settings.alert_webhook_max_attempts))
+
+        async def deliver() -> None:
+            await delivery.sweep()
+
+        sweeper = Periodic("alert-delivery", 2.0, deliver)
+        sweeper.start()
+        stack.push_async_callback(sweeper.stop)
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
     reconciler.start()
     stack.push_async_callback(reconciler.stop)

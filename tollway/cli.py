@@ -169,6 +169,20 @@ def cmd_tenants_list(args: argparse.Namespace) -> int:
     return run_with_conn(args, action)
 
 
+def cmd_alerts_list(args: argparse.Namespace) -> int:
+    from tollway.alerts import list_alerts
+    from tollway.gateway.keys import tenant_id
+
+    async def action(conn: Any, settings: Any) -> int:
+        tid = None if args.tenant is None else await tenant_id(conn, args.tenant)
+        rows = await list_alerts(conn, tid, args.limit)
+        print(json.dumps(rows, indent=2, default=str) if args.json else _table(
+            rows, ["id", "kind", "subject", "message", "created_at", "delivered_at", "attempts", "last_error"]))
+        return 0
+
+    return run_with_conn(args, action)
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from tollway.gateway.keys import list_keys
 
@@ -212,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     tcreate.add_argument("name")
     audited(tcreate)
     tcreate.set_defaults(func=cmd_tenants_create)
+
+    alerts = sub.add_parser("alerts", help="alerts (budget thresholds, drift)").add_subparsers(dest="action",
+                                                                                            required=True)
+    alist = alerts.add_parser("list", help="alerts, newest first, with delivery state")
+    _common(alist)
+    alist.add_argument("--tenant")
+    alist.add_argument("--limit", type=int, default=100)
+    alist.add_argument("--json", action="store_true")
+    alist.set_defaults(func=cmd_alerts_list)
 
     tlist = tenants.add_parser("list", help="tenants, with their active keys")
     _common(tlist)

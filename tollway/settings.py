@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # a request may choose for itself with retrieval.on_failure.
     retrieval_failure: Literal["fail", "answer"] = "fail"
 
+    # Alerts (budget thresholds, drift) are also POSTed here, signed with the secret (see tollway.alerts).
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: str | None = None
+    alert_webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)

@@ -1,0 +1,87 @@
+"""Alerts against the real PostgreSQL and a real webhook receiver on loopback: raised once per key,
+delivered signed, retried with backoff after a failure, listed by the admin API and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import aiohttp
+import psycopg
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.alerts import Delivery, Webhook, raise_alert, sign, verify
+
+SECRET = "s3cret"
+
+
+async def receiver(statuses: list[int]) -> tuple[web.AppRunner, str, list[tuple[bytes, str]]]:
+    """A webhook endpoint answering ``statuses`` in turn (then 200), keeping what it got."""
+    got: list[tuple[bytes, str]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append((await request.read(), request.headers.get("x-tollway-signature", "")))
+        return web.Response(status=statuses.pop(0) if statuses else 200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/hook", got
+
+
+async def test_an_alert_is_raised_once_delivered_signed_and_retried(pg, make_tenant):
+    tenant = make_tenant()
+    runner, url, got = await receiver([503])
+    async with AsyncConnectionPool(pg.url, open=False) as pool, aiohttp.ClientSession() as session:
+        async with pool.connection() as conn:
+            first = await raise_alert(conn, tenant_id=tenant.id, kind="budget", subject="7",
+                                      dedupe_key=f"budget:{tenant.id}:80:2026-11", message="80% of the budget used",
+                                      evidence={"used_usd": "8.00", "limit_usd": "10.00"})
+            again = await raise_alert(conn, tenant_id=tenant.id, kind="budget", subject="7",
+                                      dedupe_key=f"budget:{tenant.id}:80:2026-11", message="80% again")
+        delivery = Delivery(pool, session, Webhook(url, SECRET))
+        assert await delivery.sweep() == 0  # the receiver answered 503: retried later, not now
+        assert await delivery.sweep() == 0
+        await asyncio.sleep(1.1)  # the first backoff is one second
+        assert await delivery.sweep() == 1
+        assert await delivery.sweep() == 0  # delivered once
+    await runner.cleanup()
+    assert first is not None and again is None
+    assert len(got) == 2
+    body, signature = got[-1]
+    assert verify(SECRET, body, signature) and not verify("other", body, signature)
+    assert not verify(SECRET, body, sign(SECRET, body, at=1))  # a replayed old signature
+    payload = json.loads(body)
+    assert (payload["kind"], payload["message"], payload["evidence"]["limit_usd"]) == \
+        ("budget", "80% of the budget used", "10.00")
+    with psycopg.connect(pg.url) as conn:
+        attempts, error, delivered = conn.execute("SELECT attempts, last_error, delivered_at FROM alerts"
+                                                  " WHERE id = %s", (first,)).fetchone()
+    assert attempts == 2 and error is None and delivered is not None
+
+
+async def test_alerts_are_listed_by_the_admin_api_and_the_cli(app_factory, make_tenant, admin, pg):
+    tenant = make_tenant()
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO alerts (tenant_id, kind, subject, dedupe_key, message) VALUES"
+                     " (%s, 'drift', 'route sim-large', %s, 'pass rate fell')", (tenant.id, f"drift:{tenant.id}"))
+    async with app_factory() as gw:
+        listed = await gw.client.get("/v1/admin/alerts", headers=admin.headers, params={"tenant": tenant.name})
+        refused = await gw.client.get("/v1/admin/alerts", headers=tenant.headers)
+    [alert] = listed.json()["data"]
+    assert (alert["kind"], alert["message"], alert["delivered_at"]) == ("drift", "pass rate fell", None)
+    assert refused.status_code == 403
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tollway.cli", "alerts", "list", "--tenant",
+                                                   tenant.name, "--json"], capture_output=True, text=True,
+                                  env={"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert [a["message"] for a in json.loads(out.stdout)] == ["pass rate fell"]
+
+
