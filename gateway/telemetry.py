@@ -43,6 +43,7 @@ class Telemetry:
     failed_attempts: Counter
     cache_hits: Counter
     guards: Counter
+    alerts: Counter
 
     def observe_replicas(self, replicas: Mapping[str, _Replica]) -> None:
         """Per upstream replica, read when metrics are collected: breaker state (0 closed, 1 half-open,
@@ -106,4 +107,5 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
         guards=meter.create_counter("tollway.guard.outcomes",
                                     description="Guard outcomes by tenant, validator and action (pass, redact, "
                                                 "block, fallback, log)"),
+        alerts=meter.create_counter("tollway.alerts", description="Alerts raised, by kind"),
     )

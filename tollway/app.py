@@ -29,6 +29,7 @@ from tollway.errors import TollwayError
 from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
+from tollway.gateway.budget_alerts import check_budgets
 from tollway.gateway.calls import Calls, Limits
 from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.evals_api import router as evals_router
@@ -241,6 +242,15 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         sweeper = Periodic("alert-delivery", 2.0, deliver)
         sweeper.start()
         stack.push_async_callback(sweeper.stop)
+    if settings.budget_alerts:
+        async def budget_check() -> None:
+            await ledger.flush()
+            await check_budgets(pool, settings.budget_alert_thresholds, forecast="forecast" in settings.budget_alerts,
+                                on_alert=lambda kind: telemetry.alerts.add(1, {"tollway.alert.kind": kind}))
+
+        budget_watch = Periodic("budget-alerts", settings.budget_alert_interval_s, budget_check)
+        budget_watch.start()
+        stack.push_async_callback(budget_watch.stop)
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
     reconciler.start()
     stack.push_async_callback(reconciler.stop)

@@ -68,10 +68,33 @@ class Settings(BaseSettings):
     alert_webhook_url: str | None = None
     alert_webhook_secret: str | None = None
     alert_webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    # Budget alerts: shares of a budget's limit that raise an alert once per window, and whether a forecast
+    # over the limit does ("0.8,1.0,forecast"; empty: none), checked every interval from the ledger.
+    budget_alerts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["0.8", "1.0", "forecast"])
+    budget_alert_interval_s: float = Field(default=60.0, gt=0)
 
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("budget_alerts", mode="before")
+    @classmethod
+    def _alerts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for part in value if isinstance(value, list) else []:
+            if part != "forecast":
+                try:
+                    share = float(part)
+                except ValueError:
+                    raise ValueError(f"{part!r}: give shares of the limit (0.8) or 'forecast'") from None
+                if not 0 < share <= 10:
+                    raise ValueError(f"{part!r}: a share of the limit is between 0 and 10")
+        return value
+
+    @property
+    def budget_alert_thresholds(self) -> tuple[float, ...]:
+        return tuple(sorted(float(p) for p in self.budget_alerts if p != "forecast"))
 
     @field_validator("upstreams", mode="before")
     @classmethod

@@ -85,3 +85,50 @@ async def test_alerts_are_listed_by_the_admin_api_and_the_cli(app_factory, make_
     assert [a["message"] for a in json.loads(out.stdout)] == ["pass rate fell"]
 
 
+
+
+async def test_budget_alerts_fire_once_per_threshold_and_window(app_factory, make_tenant, admin, pg):
+    from datetime import UTC, datetime
+
+    from tollway.gateway.budget_alerts import check_budgets
+
+    tenant = make_tenant()
+    body = {"model": "sim-large", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
+    async with app_factory(budget_alerts="") as gw:  # the periodic check off: this test drives it
+        budget = (await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={
+            "tenant": tenant.name, "window": "day", "limit_tokens": 500})).json()
+        pool = gw.state.pool
+
+        sent = 0
+
+        async def spend(requests: int) -> int:
+            nonlocal sent
+            for _ in range(requests):
+                sent += 1  # each one different: the same body 20 times in 10 s is a retry storm
+                ask = {**body, "messages": [{"role": "user", "content": f"hello there {sent}"}]}
+                resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+                assert resp.status_code == 200, resp.text
+            await gw.state.ledger.flush()
+            with psycopg.connect(pg.url) as conn:
+                return int(conn.execute("SELECT sum(input_tokens + output_tokens) FROM ledger WHERE tenant_id = %s",
+                                        (tenant.id,)).fetchone()[0])
+
+        now = datetime.now(UTC)
+        used = await spend(10)
+        assert used < 400  # under 80%
+        first = await check_budgets(pool, (0.8, 1.0), forecast=False, now=now)
+        while used < 400:
+            used = await spend(1)
+        second = await check_budgets(pool, (0.8, 1.0), forecast=False, now=now)
+        third = await check_budgets(pool, (0.8, 1.0), forecast=False, now=now)
+        late = await check_budgets(pool, (0.8, 1.0), forecast=True, now=now.replace(hour=23, minute=0))
+        forecast = await check_budgets(pool, (0.8, 1.0), forecast=True, now=now.replace(hour=12, minute=0))
+    with psycopg.connect(pg.url) as conn:
+        alerts = dict(conn.execute("SELECT dedupe_key, message FROM alerts WHERE tenant_id = %s ORDER BY id",
+                                   (tenant.id,)).fetchall())
+    day = f"{now:%Y%m%d}T0000"  # the window's label: its start
+    key = f"budget:{budget['id']}::0.8:{day}"
+    assert (first, second, third) == (0, 1, 0)  # once per threshold and window
+    assert f"is at {used / 500:.0%} of its limit ({used} tokens of 500 tokens)" in alerts[key]
+    # over 80% used: at 23:00 the day's rate carried to midnight stays under the limit; at noon it passes it
+    assert late == 0 and forecast == 1 and f"budget:{budget['id']}::forecast:{day}" in alerts
