@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # Budget alerts: shares of a budget's limit that raise an alert once per window, and whether a forecast
     # over the limit does ("0.8,1.0,forecast"; empty: none), checked every interval from the ledger.
     budget_alerts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["0.8", "1.0", "forecast"])
-    budget_alert_interval_s: float = Field(default=60.0, gt=0)
+    budget_alert_interval_s: float = Field(default=300.0, gt=0)  # each pass sums every budget's window in the ledger
 
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
