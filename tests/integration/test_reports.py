@@ -103,3 +103,30 @@ async def test_csv_has_a_header_and_iso_dates(app_factory, make_tenant, pg, admi
     assert Decimal(rows[-1]["spend_usd"]) == ledger_totals(pg.url, tenant.id)[0]
     assert [b.status_code for b in bad] == [400, 400, 400, 400]
     assert [b.json()["error"]["param"] for b in bad] == ["group_by", "from", "format", "from"]
+
+
+async def test_the_cli_prints_the_same_report_as_the_api(app_factory, make_tenant, admin, pg):
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        api = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                   params={"tenant": tenant.name, "group_by": "model"})).json()
+
+    def cli(*extra: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "tollway.cli", "reports", "costs", "--tenant", tenant.name,
+                              "--group-by", "model", *extra], capture_output=True, text=True, timeout=60,
+                             env={"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    as_json = json.loads(await asyncio.to_thread(cli, "--format", "json"))
+    assert as_json["totals"] == api["totals"] and as_json["groups"] == api["groups"]
+    table = await asyncio.to_thread(cli)
+    total_line = next(line for line in table.splitlines() if line.startswith("TOTAL"))
+    assert api["totals"]["spend_usd"] in total_line and "sim-large" in table
+    assert (await asyncio.to_thread(cli, "--format", "csv")).splitlines()[-1].split(",")[1] == "TOTAL"

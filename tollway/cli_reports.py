@@ -1,0 +1,67 @@
+"""`tollway reports costs`: the cost report (the API's ``GET /v1/reports/costs``) from a shell, straight
+against the database, as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from tollway.cli_common import database, settings_of
+
+_COLUMNS = ("group", "spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits",
+            "cache_saved_usd", "failed_attempts", "guard_blocked")
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [[str(g.get(c, "")) for c in _COLUMNS] for g in report["groups"]]
+    rows.append(["TOTAL", *(str(report["totals"].get(c, "")) for c in _COLUMNS[1:])])
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
+    head = f"costs by {report['group_by']}, {report['from']} .. {report['to']} ({report['currency']})"
+    lines = [head, "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+              for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    from psycopg_pool import AsyncConnectionPool
+
+    from tollway.db import migrate
+    from tollway.gateway.keys import Principal
+    from tollway.gateway.reports import build_query, cost_report, to_csv
+
+    operator = Principal(key_id=0, tenant_id=0, tenant="", role="admin", allowed_models=None)
+
+    async def go(url: str) -> int:
+        await migrate(url)
+        async with AsyncConnectionPool(url, min_size=1, max_size=2, open=False) as pool:
+            await pool.open(wait=True)
+            query = await build_query(pool, operator, start=args.start, end=args.end, group_by=args.group_by,
+                                      tenant=args.tenant)
+            report = await cost_report(pool, query)
+        if args.format == "json":
+            print(json.dumps(report, indent=2))
+        elif args.format == "csv":
+            print(to_csv(report), end="")
+        else:
+            print(table(report))
+        return 0
+
+    settings = settings_of(args)
+    with database(settings) as url:
+        return asyncio.run(go(url))
+
+
+def add_commands(sub: Any, common: Any) -> None:
+    reports = sub.add_parser("reports", help="cost reports from the ledger").add_subparsers(dest="action",
+                                                                                          required=True)
+    costs = reports.add_parser("costs", help="spend, tokens and requests per group (the API's cost report)")
+    common(costs)
+    costs.add_argument("--tenant", help="one tenant (default: every tenant)")
+    costs.add_argument("--group-by", default="day", choices=["day", "model", "key", "user", "tag", "tenant"])
+    costs.add_argument("--from", dest="start", help="ISO date or date-time (default: 30 days before --to)")
+    costs.add_argument("--to", dest="end", help="ISO date (that whole day) or date-time (default: now)")
+    costs.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    costs.set_defaults(func=cmd_costs)
