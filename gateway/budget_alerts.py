@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollway.alerts import raise_alert
 from tollway.gateway.quota import window
-from tollway.gateway.reconcile import _subjects, ledger_usage
+from tollway.gateway.reconcile import ledger_usage, subjects
 from tollway.gateway.tenant_policy import Budget, load_rules
 
 FORECAST_AFTER = 0.1  # share of the window that must have passed before a forecast is trusted
@@ -52,7 +52,7 @@ async def check_budgets(pool: AsyncConnectionPool, thresholds: tuple[float, ...]
                 start, end = win.bounds()
                 if budget.reset_at is not None and budget.reset_at > start:
                     start = budget.reset_at
-                for subject in await _subjects(conn, budget, start, end):
+                for subject in await subjects(conn, budget, start, end):
                     usd, tokens, _ = await ledger_usage(conn, budget, subject, start, end)
                     share, used, limit = _use(budget, usd, tokens)
                     who = budget.describe(tenant) if not subject or budget.subject != "*" else \

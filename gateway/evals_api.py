@@ -92,7 +92,7 @@ async def post_run(request: Request, body: RunBody) -> Response:
 @router.get("/v1/evals/runs", summary="Eval runs, newest first")
 async def get_runs(request: Request, tenant: str | None = None, limit: int = 50) -> Response:
     _, tid = await _runner(request, tenant)
-    return json_response({"object": "list", "data": await request.app.state.tollway.evals.list(tid, limit)})
+    return json_response({"object": "list", "data": await request.app.state.tollway.evals.recent(tid, limit)})
 
 
 @router.get("/v1/evals/runs/{run_id}", summary="One eval run: progress, summary, and its items' results")

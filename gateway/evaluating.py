@@ -45,6 +45,7 @@ from tollway.routing import ConfigError
 log = logging.getLogger("tollway.gateway")
 _RUN_COLUMNS = ("id, purpose, set_name, set_digest, prompt, prompt_version, model, models, index_version, status,"
                 " items, done, passed, summary, error, author, created_at, finished_at")
+_RUN_NAMES = tuple(c.strip() for c in _RUN_COLUMNS.split(","))
 
 
 class _Strict(BaseModel):
@@ -86,7 +87,7 @@ class EvalSettings:
 
 
 def _run_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    out = dict(zip([c.strip() for c in _RUN_COLUMNS.split(",")], row, strict=True))
+    out = dict(zip(_RUN_NAMES, row, strict=True))
     out["object"] = "eval.run"
     for key in ("created_at", "finished_at"):
         out[key] = None if out[key] is None else out[key].isoformat()
@@ -212,7 +213,7 @@ class Evals:
                 run["results"] = [r[0] for r in await cur.fetchall()]
         return run
 
-    async def list(self, tenant_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    async def recent(self, tenant_id: int, limit: int = 50) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(f"SELECT {_RUN_COLUMNS} FROM eval_runs WHERE tenant_id = %s"
                                      " ORDER BY id DESC LIMIT %s", (tenant_id, max(1, min(limit, 500))))

@@ -74,7 +74,9 @@ class ReconcileReport:
                 "drifts": [d.as_json() for d in self.drifts]}
 
 
-async def _subjects(conn: Any, budget: Budget, start: datetime, end: datetime) -> list[str]:
+async def subjects(conn: Any, budget: Budget, start: datetime, end: datetime) -> list[str]:
+    """Whom a budget counts in [start, end): "" for a tenant budget, its one subject, or (a budget for each
+    key / user / session) those the ledger saw."""
     if budget.scope == "tenant":
         return [""]
     if budget.subject != EACH:
@@ -115,7 +117,7 @@ async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, 
                 start, end = win.bounds()
                 if budget.reset_at is not None and budget.reset_at > start:
                     start = budget.reset_at
-                for subject in await _subjects(conn, budget, start, end):
+                for subject in await subjects(conn, budget, start, end):
                     report.checked += 1
                     usd, tokens, requests = await ledger_usage(conn, budget, subject, start, end)
                     counter = budget_counter(budget, subject, now)

@@ -22,7 +22,7 @@ from typing import Any
 from tollway.guardrails.detectors import Finder, Span, finders, redact, spans_of
 from tollway.guardrails.injection import score
 from tollway.guardrails.leak import LeakDetector
-from tollway.guardrails.policy import Resolved
+from tollway.guardrails.policy import INPUT_ACTIONS, Resolved
 from tollway.guardrails.structure import check_json
 from tollway.guardrails.terms import term_finders
 from tollway.guardrails.window import Window
@@ -163,7 +163,7 @@ class InputResult:
 
 def check_input(policy: Resolved, texts: list[str], extras: Mapping[str, Extra]) -> InputResult:
     actions = policy.input
-    record = Record(n for n in actions if n in extras or n in ("pii", "secrets", "terms", "injection", "length"))
+    record = Record(n for n in actions if n in extras or n in INPUT_ACTIONS)
     out = list(texts)
     if "length" in actions and policy.max_input_chars is not None:
         started = time.perf_counter()

@@ -27,6 +27,11 @@ from tollway.jsontypes import JSON
 
 log = logging.getLogger("tollway.alerts")
 _COLUMNS = "id, tenant_id, kind, subject, message, evidence, created_at, delivered_at, attempts, last_error"
+_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
+
+
+def _alert(row: tuple[Any, ...]) -> JSON:
+    return dict(zip(_NAMES, row, strict=True))
 
 
 async def raise_alert(conn: psycopg.AsyncConnection[Any], *, tenant_id: int | None, kind: str, subject: str,
@@ -46,7 +51,7 @@ async def list_alerts(conn: psycopg.AsyncConnection[Any], tenant_id: int | None 
                              " ORDER BY id DESC LIMIT %s", (tenant_id, tenant_id, max(1, min(limit, 1000))))
     out = []
     for row in await cur.fetchall():
-        item = dict(zip([c.strip() for c in _COLUMNS.split(",")], row, strict=True))
+        item = _alert(row)
         for key in ("created_at", "delivered_at"):
             item[key] = None if item[key] is None else item[key].isoformat()
         out.append(item)
@@ -94,7 +99,7 @@ class Delivery:
                 (self.webhook.max_attempts, batch))
             rows = await cur.fetchall()
             for row in rows:
-                alert = dict(zip([c.strip() for c in _COLUMNS.split(",")], row, strict=True))
+                alert = _alert(row)
                 error = await self._post(alert)
                 if error is None:
                     delivered += 1

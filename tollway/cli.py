@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tollway.cli_common import audited, database, run_with_conn, settings_of, with_conn
+from tollway.cli_common import audited, database, run_with_conn, settings_of, table, with_conn
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,21 +149,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_checks(settings_of(args))
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[("-" if r.get(c) is None else ",".join(r[c]) if isinstance(r.get(c), list) else str(r[c]))[:40]
-              for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
 def cmd_tenants_list(args: argparse.Namespace) -> int:
     from tollway.gateway.keys import list_tenants
 
     async def action(conn: Any, settings: Any) -> int:
         rows = await list_tenants(conn)
-        print(json.dumps(rows, indent=2) if args.json else _table(rows, ["id", "name", "active_keys", "created_at"]))
+        print(json.dumps(rows, indent=2) if args.json else table(rows, ["id", "name", "active_keys", "created_at"]))
         return 0
 
     return run_with_conn(args, action)
@@ -176,7 +167,7 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
     async def action(conn: Any, settings: Any) -> int:
         tid = None if args.tenant is None else await tenant_id(conn, args.tenant)
         rows = await list_alerts(conn, tid, args.limit)
-        print(json.dumps(rows, indent=2, default=str) if args.json else _table(
+        print(json.dumps(rows, indent=2, default=str) if args.json else table(
             rows, ["id", "kind", "subject", "message", "created_at", "delivered_at", "attempts", "last_error"]))
         return 0
 
@@ -188,7 +179,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
     async def action(conn: Any, settings: Any) -> int:
         rows = await list_keys(conn, args.tenant)
-        print(json.dumps(rows, indent=2) if args.json else _table(
+        print(json.dumps(rows, indent=2) if args.json else table(
             rows, ["id", "tenant", "name", "role", "models", "prefix", "created_at", "last_used_at", "revoked_at"]))
         return 0
 

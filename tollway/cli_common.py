@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from tollway.settings import Settings
@@ -68,3 +68,22 @@ def audited(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--author", default=default_author(),
                         help="who makes this change, for the audit log (default: OS user@host)")
     parser.add_argument("--reason", help="why, for the audit log")
+
+
+def table(rows: list[dict[str, Any]], columns: Sequence[str], *, right: Collection[str] = (),
+          cut: int | None = 40) -> str:
+    """Rows as aligned plain-text columns (``right``: aligned right, for numbers); None shows as "-", lists
+    comma-joined, cells cut at ``cut`` characters."""
+    def cell(value: Any) -> str:
+        text = "-" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        return text if cut is None else text[:cut]
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if c in right else v.ljust(w)
+                         for v, w, c in zip(values, widths, columns, strict=True))
+
+    return "\n".join([line(list(columns)), *(line(row) for row in cells)])
+

@@ -8,21 +8,16 @@ import asyncio
 import json
 from typing import Any
 
-from tollway.cli_common import database, settings_of
+from tollway.cli_common import database, settings_of, table
 
 _COLUMNS = ("group", "spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits",
             "cache_saved_usd", "failed_attempts", "guard_blocked")
 
 
-def table(report: dict[str, Any]) -> str:
-    rows = [[str(g.get(c, "")) for c in _COLUMNS] for g in report["groups"]]
-    rows.append(["TOTAL", *(str(report["totals"].get(c, "")) for c in _COLUMNS[1:])])
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
+def report_table(report: dict[str, Any]) -> str:
     head = f"costs by {report['group_by']}, {report['from']} .. {report['to']} ({report['currency']})"
-    lines = [head, "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
-              for r in rows]
-    return "\n".join(lines)
+    rows = [*report["groups"], {**report["totals"], "group": "TOTAL"}]
+    return head + "\n" + table(rows, _COLUMNS, right=_COLUMNS[1:], cut=None)
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
@@ -46,7 +41,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
         elif args.format == "csv":
             print(to_csv(report), end="")
         else:
-            print(table(report))
+            print(report_table(report))
         return 0
 
     settings = settings_of(args)

@@ -33,7 +33,7 @@ def test_run_prints_a_table_and_the_pass_rate_then_compare_reports_the_regressio
     assert "regressions (6): q0, q1, q2, q3, q4, q5" in compared.stdout
     assert "pass rate 100% -> 25%" in compared.stdout and ": significant at alpha 0.05" in compared.stdout
     missing = helpers.cli("evals", "run", str(tmp_path / "nope.jsonl"), "--model", "sim-echo", key=tenant.key,
-                      url=gateway.url, cwd=tmp_path)
+                          url=gateway.url, cwd=tmp_path)
     assert missing.returncode != 0 and "no such file" in missing.stderr
 
 
