@@ -248,7 +248,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             await check_budgets(pool, settings.budget_alert_thresholds, forecast="forecast" in settings.budget_alerts,
                                 on_alert=lambda kind: telemetry.alerts.add(1, {"tollway.alert.kind": kind}))
 
-        budget_watch = Periodic("budget-alerts", settings.budget_alert_interval_s, budget_check)
+        # not at start-up: each pass sums the ledger, and a restart has no alert to catch up on sooner
+        budget_watch = Periodic("budget-alerts", settings.budget_alert_interval_s, budget_check, at_start=False)
         budget_watch.start()
         stack.push_async_callback(budget_watch.stop)
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)

@@ -17,8 +17,9 @@ log = logging.getLogger("tollway.periodic")
 
 class Periodic:
     def __init__(self, name: str, interval_s: float, work: Callable[[], Awaitable[None]], *,
-                 stop_s: float = 10) -> None:
+                 stop_s: float = 10, at_start: bool = True) -> None:
         self.name = name
+        self.at_start = at_start  # False: the first run waits an interval (nothing to catch up on at start-up)
         self.interval_s = interval_s
         self.work = work
         self.stop_s = stop_s  # how long stop() waits for a run in progress
@@ -35,11 +36,16 @@ class Periodic:
             await asyncio.wait({self._task}, timeout=self.stop_s)
 
     async def _run(self) -> None:
+        if not self.at_start:
+            await self._pause()
         while not self._stop.is_set():
             try:
                 await self.work()
             except Exception:
                 log.exception("%s failed; it will run again", self.name)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval_s):
-                    await self._stop.wait()
+            await self._pause()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.interval_s):
+                await self._stop.wait()

@@ -38,3 +38,17 @@ async def test_stop_does_not_wait_for_the_next_interval() -> None:
     await asyncio.wait_for(ran.wait(), 30)
     await asyncio.wait_for(job.stop(), 30)  # an hour's interval: returning at all shows it did not wait
     assert job._task is not None and job._task.done()
+
+
+async def test_a_job_that_does_not_run_at_start_waits_one_interval_first() -> None:
+    ran = asyncio.Event()
+    started = time.monotonic()
+
+    async def work() -> None:
+        ran.set()
+
+    job = Periodic("later", 0.2, work, at_start=False)
+    job.start()
+    await asyncio.wait_for(ran.wait(), 10)
+    await job.stop()
+    assert time.monotonic() - started >= 0.2
