@@ -159,10 +159,12 @@ async def get_feedback_report(request: Request, group_by: Literal["prompt_versio
     tenants = query.tenant_ids
     async with state.pool.connection() as conn:
         cur = await conn.execute(
-            f"SELECT {expr} AS grp, count(*), avg(score), count(score),"
+            # per group and label first, then per group: each label counted once, scores averaged over all
+            f"SELECT grp, sum(n)::bigint, sum(total) / nullif(sum(scored), 0), sum(scored)::bigint,"
             f" coalesce(jsonb_object_agg(label, n) FILTER (WHERE label IS NOT NULL), '{{}}')"
-            f" FROM (SELECT *, count(*) OVER (PARTITION BY {expr}, label) AS n FROM feedback"
-            f" WHERE created_at >= %s AND created_at < %s AND (%s::bigint[] IS NULL OR tenant_id = ANY(%s))) f"
+            f" FROM (SELECT {expr} AS grp, label, count(*) AS n, sum(score) AS total, count(score) AS scored"
+            f" FROM feedback WHERE created_at >= %s AND created_at < %s"
+            f" AND (%s::bigint[] IS NULL OR tenant_id = ANY(%s)) GROUP BY 1, 2) f"
             f" GROUP BY grp ORDER BY grp", (query.start, query.end, tenants, tenants))
         rows = await cur.fetchall()
     return json_response({"object": "report.feedback", "group_by": group_by, "from": _iso(query.start),
