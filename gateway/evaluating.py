@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from tollway.evals.runner import (
 from tollway.gateway.calls import CallContext, JSONResult
 from tollway.gateway.keys import Principal
 from tollway.gateway.ledger import utcnow
+from tollway.gateway.middleware import new_request_id
 from tollway.gateway.relay import choice_text
 from tollway.gateway.service import CompletionService
 from tollway.prompts import GateResult, Registry
@@ -104,7 +104,7 @@ class Evals:
     # -- running ----------------------------------------------------------------------------------
     def _complete(self, principal: Principal, tags: tuple[str, ...]) -> Any:
         async def complete(body: dict[str, Any]) -> Answer:
-            ctx = CallContext(request_id="req_" + os.urandom(12).hex(), principal=principal, header_user=None,
+            ctx = CallContext(request_id=new_request_id(), principal=principal, header_user=None,
                               started=time.perf_counter(), created_at=utcnow(), tags=tags)
             raw = orjson.dumps(body)
 

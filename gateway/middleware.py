@@ -17,6 +17,12 @@ from tollway.errors import AuthenticationFailed, PayloadTooLarge, TollwayError
 from tollway.gateway.keys import KeyStore
 
 
+def new_request_id() -> str:
+    """A request's id, as clients see it in ``x-request-id`` and the ledger keys it (also for the requests
+    the gateway makes itself, such as eval items)."""
+    return "req_" + os.urandom(12).hex()
+
+
 async def send_json(send: Send, payload: Any, headers: dict[str, str], status: int = 200) -> None:
     body = orjson.dumps(payload)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -39,7 +45,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = "req_" + os.urandom(12).hex()
+        request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
 
