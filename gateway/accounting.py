@@ -22,7 +22,7 @@ from tollway.gateway.ledger import Ledger, LedgerRow
 from tollway.gateway.quota import QuotaService, Reservation
 from tollway.gateway.streaming import ClientDisconnected
 from tollway.gateway.telemetry import Telemetry
-from tollway.routing import ModelEntry, Usage
+from tollway.routing import ModelEntry, Price, Usage
 
 _COST_QUANTUM = Decimal("1e-10")
 CLIENT_CLOSED = 499  # nginx's convention; recorded in the ledger, never sent
@@ -75,6 +75,8 @@ class Tally:
     row: LedgerRow
     span: Span
     started: float
+    tenant: str = ""
+    baseline: Price | None = None  # the top tier's price, for what routing saved (chat answers only)
     entry: ModelEntry | None = None
     usage: Usage = field(default_factory=Usage)
     reservation: Reservation | None = None
@@ -157,6 +159,9 @@ class Tally:
         row.output_tokens = self.usage.output_tokens
         row.cached_tokens = self.usage.cached_tokens
         row.cost_usd = self.price(self.usage)
+        if self.baseline is not None and self.entry is not None and row.role == "answer" and not row.cache_hit \
+                and status < 400:
+            row.baseline_usd = self.baseline.cost(self.usage)
         row.latency_ms = (time.perf_counter() - self.started) * 1000
         self.ledger.record(row)
         self._report(row)

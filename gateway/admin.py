@@ -22,7 +22,7 @@ from tollway.gateway.api import json_response
 from tollway.gateway.keys import Principal, create_key, list_keys, list_tenants, tenant_id
 from tollway.gateway.quota import clear_counters
 from tollway.gateway.reconcile import reconcile
-from tollway.gateway.reports import build_query, cost_report, to_csv
+from tollway.gateway.reports import build_query, cost_report, to_csv, top_tier
 from tollway.gateway.tenant_policy import (
     delete_budget,
     list_budgets,
@@ -285,7 +285,7 @@ async def get_cost_report(request: Request, group_by: str = "day", format: str =
     params = request.query_params
     state = request.app.state.tollway
     query = await build_query(state.pool, request.state.principal, start=params.get("from"), end=params.get("to"),
-                              group_by=group_by, tenant=tenant)
+                              group_by=group_by, tenant=tenant, top_tier=top_tier(state.catalog))
     if format not in ("json", "csv"):
         from tollway.errors import InvalidRequest
 

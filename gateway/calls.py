@@ -19,7 +19,7 @@ from tollway.gateway.quota import Admission, Demand, QuotaService, fingerprint, 
 from tollway.gateway.telemetry import Telemetry
 from tollway.gateway.tenant_policy import PolicyStore, TenantPolicy, TenantRules
 from tollway.jsontypes import JSON
-from tollway.routing import Catalog, ModelEntry, TenantRouting, Usage
+from tollway.routing import Catalog, ModelEntry, Price, TenantRouting, Usage
 
 INFERENCE_ROLES = frozenset({"app", "admin", "prompt_engineer"})  # prompt engineers spend as the tenant
 # Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
@@ -107,6 +107,9 @@ class Calls:
         self.limits = limits
         self.policies = policies
         self.quota = quota
+        # what an answer would have cost on the top tier (the cheapest chat model there): routing savings
+        top = catalog.in_tier(0)
+        self.baseline: Price | None = top[0].price if top else None
 
     def open(self, ctx: CallContext, endpoint: str) -> Tally:
         p = ctx.principal
@@ -117,7 +120,8 @@ class Calls:
                         key_id=p.key_id, endpoint=endpoint, end_user=ctx.header_user, session_id=ctx.session,
                         tags=list(ctx.tags) or None)
         return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
-                     started=ctx.started)
+                     started=ctx.started, tenant=p.tenant,
+                     baseline=self.baseline if endpoint == "chat.completions" else None)
 
     def resolve(self, principal: Principal, name: str, kind: str, *,
                 also: ModelEntry | None = None) -> ModelEntry | None:

@@ -65,12 +65,14 @@ class LedgerRow:
     degraded: bool = False
     rollout: str | None = None
     guard_outcome: list[dict[str, Any]] | None = None  # [{validator, action, spans, ms}]
+    baseline_usd: Decimal = Decimal(0)  # an answer a model served, at the top tier's prices (routing savings)
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
         data["created_at"] = self.created_at.isoformat()
         data["cost_usd"] = str(self.cost_usd)
         data["saved_usd"] = str(self.saved_usd)
+        data["baseline_usd"] = str(self.baseline_usd)
         return orjson.dumps(data)
 
     @classmethod
@@ -79,6 +81,7 @@ class LedgerRow:
         data["created_at"] = datetime.fromisoformat(data["created_at"])
         data["cost_usd"] = Decimal(data["cost_usd"])
         data["saved_usd"] = Decimal(data.get("saved_usd", "0"))
+        data["baseline_usd"] = Decimal(data.get("baseline_usd", "0"))
         return cls(**data)
 
 

@@ -18,14 +18,22 @@ from tollway.gateway.keys import Principal
 from tollway.gateway.quota import window
 from tollway.gateway.reconcile import ledger_usage
 from tollway.gateway.tenant_policy import EACH, load_rules
+from tollway.routing import Catalog
 
-GROUPS = ("day", "model", "key", "user", "tag", "tenant")
+GROUPS = ("day", "model", "tier", "key", "user", "tag", "prompt", "route", "role", "tenant")
+# The route kind (ledger_route_kind in migration 0011); 'auto' splits into auto-large (the top tier) and
+# auto-small here, where the top tier is known.
+_ROUTE_KIND = "ledger_route_kind(l.role, l.cache_hit, l.degraded, l.attempt, l.route_reason)"
 _EXPR = {
     "day": "to_char(l.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "model": "coalesce(l.model, '(none)')",
+    "tier": "coalesce(l.tier, '')",
     "key": "l.key_id::text",
     "user": "coalesce(l.end_user, '(none)')",
     "tag": "t.tag",
+    "prompt": "coalesce(l.prompt_name || '@' || l.prompt_version, '(none)')",
+    "route": f"{_ROUTE_KIND} || '/' || coalesce(l.tier, '')",
+    "role": "l.role",
     "tenant": "tn.name",
 }
 _FROM = {
@@ -45,10 +53,24 @@ _SUMS = ("coalesce(sum(l.cost_usd) FILTER (WHERE l.role <> 'shadow'), 0),"
          " coalesce(sum(l.cost_usd) FILTER (WHERE l.role = 'shadow'), 0),"
          " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"block\"}]'),"
          " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"fallback\"}]'),"
-         " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"redact\"}]')")
-_FIELDS = ("spend_usd", "input_tokens", "output_tokens", "cached_tokens", "requests", "errors", "cache_hits",
-           "cache_saved_usd", "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted")
-_MONEY = frozenset({"spend_usd", "cache_saved_usd", "shadow_usd"})
+         " count(*) FILTER (WHERE l.role = 'answer' AND l.guard_outcome @> '[{\"action\": \"redact\"}]'),"
+         " coalesce(sum(l.cost_usd) FILTER (WHERE l.role = 'answer' AND NOT l.cache_hit AND l.status < 400), 0),"
+         " coalesce(sum(l.baseline_usd), 0)")
+_SUMMED = ("spend_usd", "input_tokens", "output_tokens", "cached_tokens", "requests", "errors", "cache_hits",
+           "cache_saved_usd", "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted",
+           "served_usd", "top_tier_usd")
+# The same sums from the daily rollup (ledger_daily: one row per day, tenant and dimension value).
+_ROLLED = ", ".join(f"coalesce(sum(r.{c}), 0)" for c in (*_SUMMED[:-1], "baseline_usd"))
+# What a report shows per group: the sums, and what routing saved (the served answers at the top tier's
+# prices minus what they cost).
+_FIELDS = (*_SUMMED[:13], "top_tier_usd", "routing_saved_usd")
+_MONEY = frozenset({"spend_usd", "cache_saved_usd", "shadow_usd", "served_usd", "top_tier_usd",
+                    "routing_saved_usd"})
+# Report groups read from which rollup dimension, by which column.
+_ROLLUP = {"day": ("model", "r.day::text"), "model": ("model", "r.value"), "tier": ("model", "r.tier"),
+           "tenant": ("model", "tn.name"), "key": ("key", "r.value"), "user": ("user", "r.value"),
+           "tag": ("tag", "r.value"), "prompt": ("prompt", "r.value"), "route": ("route", "r.value || '/' || r.tier"),
+           "role": ("role", "r.value")}
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,12 @@ class ReportQuery:
     end: datetime
     group_by: str
     tenant_ids: list[int] | None  # None: every tenant (admin)
+    top_tier: str | None = None  # the catalog's top tier: route kind 'auto' splits by it
+
+    @property
+    def whole_days(self) -> bool:
+        """Both ends at midnight UTC: the daily rollup answers (the same sums, read from far fewer rows)."""
+        return all(t.astimezone(UTC).time() == time() for t in (self.start, self.end))
 
 
 def _parse_time(value: str | None, param: str, default: datetime) -> datetime:
@@ -72,7 +100,7 @@ def _parse_time(value: str | None, param: str, default: datetime) -> datetime:
 
 
 async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start: str | None, end: str | None,
-                      group_by: str, tenant: str | None,
+                      group_by: str, tenant: str | None, top_tier: str | None = None,
                       roles: tuple[str, ...] = ("finance", "admin")) -> ReportQuery:
     """The report's window and tenants; keys of ``roles`` other than admin see their own tenant only."""
     if principal.role not in roles:
@@ -89,44 +117,99 @@ async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start:
     if principal.role != "admin":
         if group_by == "tenant" or (tenant is not None and tenant != principal.tenant):
             raise PermissionDenied("A finance key sees its own tenant only.", code="tenant_not_allowed")
-        return ReportQuery(start_at, end_at, group_by, [principal.tenant_id])
+        return ReportQuery(start_at, end_at, group_by, [principal.tenant_id], top_tier)
     if tenant is None:
-        return ReportQuery(start_at, end_at, group_by, None)
+        return ReportQuery(start_at, end_at, group_by, None, top_tier)
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant,))
         row = await cur.fetchone()
     if row is None:
         raise InvalidRequest(f"tenant {tenant!r} does not exist", param="tenant", code="tenant_not_found")
-    return ReportQuery(start_at, end_at, group_by, [int(row[0])])
+    return ReportQuery(start_at, end_at, group_by, [int(row[0])], top_tier)
 
 
-def _where(q: ReportQuery) -> tuple[str, list[Any]]:
-    where = "l.created_at >= %s AND l.created_at < %s"
-    params: list[Any] = [q.start, q.end]
+def _where(q: ReportQuery, alias: str = "l", column: str = "created_at") -> tuple[str, list[Any]]:
+    if column == "day":
+        where, params = f"{alias}.day >= %s AND {alias}.day < %s", [q.start.date(), q.end.date()]
+    else:
+        where, params = f"{alias}.{column} >= %s AND {alias}.{column} < %s", [q.start, q.end]
     if q.tenant_ids is not None:
-        where += " AND l.tenant_id = ANY(%s)"
+        where += f" AND {alias}.tenant_id = ANY(%s)"
         params.append(q.tenant_ids)
     return where, params
 
 
 def _numbers(row: tuple[Any, ...]) -> dict[str, Any]:
-    out = dict(zip(_FIELDS, row, strict=True))
+    out = dict(zip(_SUMMED, row, strict=True))
+    out["routing_saved_usd"] = Decimal(out["top_tier_usd"]) - Decimal(out.pop("served_usd"))
     return {k: (str(Decimal(v).normalize() if v else Decimal(0)) if k in _MONEY else int(v)) for k, v in out.items()}
 
 
-async def cost_report(pool: AsyncConnectionPool, q: ReportQuery) -> dict[str, Any]:
-    where, params = _where(q)
-    source = _FROM.get(q.group_by, "ledger l")
-    async with pool.connection() as conn:
-        cur = await conn.execute(f"SELECT {_EXPR[q.group_by]} AS grp, {_SUMS} FROM {source} WHERE {where}"
-                                 " GROUP BY grp ORDER BY grp", params)
-        groups = [{"group": r[0], **_numbers(r[1:])} for r in await cur.fetchall()]
+def top_tier(catalog: Catalog) -> str | None:
+    return catalog.tiers[0].name if catalog.tiers else None
+
+
+def route_label(kind_and_tier: str, top_tier: str | None) -> str:
+    """'auto/large' -> 'auto-large' when large is the top tier, else 'auto-small'; other kinds as they are."""
+    kind, _, tier = kind_and_tier.partition("/")
+    if kind == "auto":
+        return "auto-large" if top_tier is not None and tier == top_tier else "auto-small"
+    return kind.replace("_", "-")
+
+
+def _merge(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Groups with the same label summed (route kinds of several tiers), in label order."""
+    merged: dict[str, dict[str, Any]] = {}
+    for label, numbers in groups:
+        if label in merged:
+            into = merged[label]
+            for k, v in numbers.items():
+                into[k] = str((Decimal(into[k]) + Decimal(v)).normalize()) if k in _MONEY else into[k] + v
+        else:
+            merged[label] = dict(numbers)
+    return [{"group": k, **merged[k]} for k in sorted(merged)]
+
+
+async def grouped(conn: Any, q: ReportQuery, group_by: str) -> list[dict[str, Any]]:
+    """One group per value of ``group_by`` with its sums: from the daily rollup when the window is whole
+    UTC days, else from the ledger (the same numbers either way)."""
+    if q.whole_days:
+        dim, expr = _ROLLUP[group_by]
+        where, params = _where(q, "r", "day")
+        source = "ledger_daily r" + (" JOIN tenants tn ON tn.id = r.tenant_id" if group_by == "tenant" else "")
+        sql = f"SELECT {expr} AS grp, {_ROLLED} FROM {source} WHERE r.dim = %s AND {where} GROUP BY grp"
+        params = [dim, *params]
+    else:
+        where, params = _where(q)
+        sql = (f"SELECT {_EXPR[group_by]} AS grp, {_SUMS} FROM {_FROM.get(group_by, 'ledger l')} WHERE {where}"
+               " GROUP BY grp")
+    cur = await conn.execute(sql, params)
+    rows = [(str(r[0]), _numbers(r[1:])) for r in await cur.fetchall()]
+    if group_by == "route":
+        rows = [(route_label(label, q.top_tier), numbers) for label, numbers in rows]
+    elif group_by == "tier":
+        rows = [(label or "(none)", numbers) for label, numbers in rows]
+    return _merge(rows)
+
+
+async def totals(conn: Any, q: ReportQuery) -> dict[str, Any]:
+    if q.whole_days:
+        where, params = _where(q, "r", "day")
+        cur = await conn.execute(f"SELECT {_ROLLED} FROM ledger_daily r WHERE r.dim = 'model' AND {where}", params)
+    else:
+        where, params = _where(q)
         cur = await conn.execute(f"SELECT {_SUMS} FROM ledger l WHERE {where}", params)
-        totals = _numbers(await cur.fetchone() or ())
+    return _numbers(await cur.fetchone() or ())
+
+
+async def cost_report(pool: AsyncConnectionPool, q: ReportQuery) -> dict[str, Any]:
+    async with pool.connection() as conn:
+        groups = await grouped(conn, q, q.group_by)
+        total = await totals(conn, q)
         if q.tenant_ids is not None and len(q.tenant_ids) == 1 and q.group_by in ("key", "user", "day"):
             await _budget_use(conn, q, groups)
     return {"object": "cost_report", "currency": "USD", "from": q.start.isoformat(), "to": q.end.isoformat(),
-            "group_by": q.group_by, "groups": groups, "totals": totals}
+            "group_by": q.group_by, "groups": groups, "totals": total}
 
 
 async def _budget_use(conn: Any, q: ReportQuery, groups: list[dict[str, Any]]) -> None:

@@ -9,9 +9,11 @@ import json
 from typing import Any
 
 from tollway.cli_common import database, settings_of, table
+from tollway.gateway.reports import GROUPS
+from tollway.routing import load_config
 
 _COLUMNS = ("group", "spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits",
-            "cache_saved_usd", "failed_attempts", "guard_blocked")
+            "cache_saved_usd", "routing_saved_usd", "failed_attempts", "guard_blocked")
 
 
 def report_table(report: dict[str, Any]) -> str:
@@ -34,7 +36,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
         async with AsyncConnectionPool(url, min_size=1, max_size=2, open=False) as pool:
             await pool.open(wait=True)
             query = await build_query(pool, operator, start=args.start, end=args.end, group_by=args.group_by,
-                                      tenant=args.tenant)
+                                      tenant=args.tenant, top_tier=top)
             report = await cost_report(pool, query)
         if args.format == "json":
             print(json.dumps(report, indent=2))
@@ -45,6 +47,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
         return 0
 
     settings = settings_of(args)
+    top = load_config(settings.config).routing.tiers[0].name  # route kind 'auto' splits by the top tier
     with database(settings) as url:
         return asyncio.run(go(url))
 
@@ -55,7 +58,7 @@ def add_commands(sub: Any, common: Any) -> None:
     costs = reports.add_parser("costs", help="spend, tokens and requests per group (the API's cost report)")
     common(costs)
     costs.add_argument("--tenant", help="one tenant (default: every tenant)")
-    costs.add_argument("--group-by", default="day", choices=["day", "model", "key", "user", "tag", "tenant"])
+    costs.add_argument("--group-by", default="day", choices=GROUPS)
     costs.add_argument("--from", dest="start", help="ISO date or date-time (default: 30 days before --to)")
     costs.add_argument("--to", dest="end", help="ISO date (that whole day) or date-time (default: now)")
     costs.add_argument("--format", default="table", choices=["table", "csv", "json"])

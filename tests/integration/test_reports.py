@@ -96,7 +96,8 @@ async def test_csv_has_a_header_and_iso_dates(app_factory, make_tenant, pg, admi
     rows = list(csv.DictReader(io.StringIO(resp.text)))
     assert list(rows[0]) == ["group_by", "group", "from", "to", "spend_usd", "input_tokens", "output_tokens",
                              "cached_tokens", "requests", "errors", "cache_hits", "cache_saved_usd",
-                             "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted"]
+                             "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted",
+                                 "top_tier_usd", "routing_saved_usd"]
     assert rows[0]["group"] == date.today().isoformat()
     assert rows[0]["from"].startswith("2026-01-01T00:00:00")
     assert rows[-1]["group"] == "TOTAL"
@@ -130,3 +131,35 @@ async def test_the_cli_prints_the_same_report_as_the_api(app_factory, make_tenan
     total_line = next(line for line in table.splitlines() if line.startswith("TOTAL"))
     assert api["totals"]["spend_usd"] in total_line and "sim-large" in table
     assert (await asyncio.to_thread(cli, "--format", "csv")).splitlines()[-1].split(",")[1] == "TOTAL"
+
+
+async def test_daily_rollup_and_ledger_give_the_same_report_for_every_group(app_factory, make_tenant, pg, admin):
+    """Whole UTC days are read from the rollup the ledger's trigger keeps; a window that is not is summed
+    from the ledger itself: both give the same numbers, and the routing savings price served answers at
+    the top tier."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        today = date.today().isoformat()
+        for group in ("day", "model", "tier", "key", "user", "tag", "prompt", "route", "role"):
+            by_day = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
+                "group_by": group, "tenant": tenant.name, "from": today, "to": today})
+            by_time = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
+                "group_by": group, "tenant": tenant.name, "from": f"{today}T00:00:00.000001Z",
+                "to": f"{today}T23:59:59.999999Z"})
+            assert by_day.status_code == by_time.status_code == 200, by_day.text
+            a, b = by_day.json(), by_time.json()
+            for g in (*a["groups"], *b["groups"]):
+                g.pop("budgets", None)
+            assert a["groups"] == b["groups"] and a["totals"] == b["totals"], group
+    spend, _, _ = ledger_totals(pg.url, tenant.id)
+    assert Decimal(a["totals"]["spend_usd"]) == spend
+    assert {g["group"] for g in a["groups"]} == {"answer"}  # the last group: by ledger role
+    with psycopg.connect(pg.url) as conn:
+        rows = conn.execute("SELECT model, input_tokens, output_tokens, cost_usd, baseline_usd FROM ledger"
+                            " WHERE tenant_id = %s AND role = 'answer' AND status < 400", (tenant.id,)).fetchall()
+    large_in, large_out = (Decimal(p) / 1_000_000 for p in (3, 15))  # sim-large is the top tier in the tests
+    for _model, tin, tout, _cost, baseline in rows:
+        assert baseline == tin * large_in + tout * large_out
+    saved = sum(b - c for _, _, _, c, b in rows)
+    assert Decimal(a["totals"]["routing_saved_usd"]) == saved
