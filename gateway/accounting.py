@@ -109,6 +109,7 @@ class Tally:
         self._charge(row)
         self.telemetry.failed_attempts.add(1, {"gen_ai.request.model": entry.name, "tollway.upstream": replica,
                                                 "error.type": error_code})
+        self.telemetry.prometheus.failed_attempts.labels(entry.name, replica, error_code).inc()
         self.row.attempt = self.attempts + 1
 
     def side_call(self, role: str, entry: ModelEntry, usage: Usage, latency_ms: float, *, replica: str | None = None,
@@ -124,6 +125,8 @@ class Tally:
 
     def _charge(self, row: LedgerRow) -> None:
         self.ledger.record(row)
+        if row.cost_usd:
+            self.telemetry.prometheus.cost.labels(self.tenant, row.model or "").inc(float(row.cost_usd))
         self.side_cost += row.cost_usd
         self.side_tokens += row.input_tokens + row.output_tokens
 
@@ -210,6 +213,10 @@ class Tally:
         for outcome in row.guard_outcome or ():
             tel.guards.add(1, {"tollway.tenant_id": row.tenant_id, "tollway.guard.validator": outcome["validator"],
                                "tollway.guard.action": outcome["action"]})
+            tel.prometheus.guards.labels(self.tenant, outcome["validator"], outcome["action"]).inc()
+        tel.prometheus.request(self.tenant, row.model or "", row.status, row.latency_ms / 1000,
+                               None if row.ttft_ms is None else row.ttft_ms / 1000, float(row.cost_usd),
+                               row.input_tokens, row.output_tokens, row.cache_hit)
         if row.input_tokens:
             tel.tokens.add(row.input_tokens, {"gen_ai.token.type": "input"})
         if row.output_tokens:

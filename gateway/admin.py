@@ -57,6 +57,8 @@ class BudgetBody(_Body):
     window: Literal["minute", "hour", "day", "month", "lifetime"]
     limit_usd: Decimal | None = Field(default=None, ge=0)
     limit_tokens: int | None = Field(default=None, ge=0)
+    # alerts once per window at these shares of the limit, and/or "forecast"; absent: the gateway's defaults
+    alerts: list[str] | None = None
 
 
 class ResetBody(_Body):
@@ -117,7 +119,7 @@ async def put_budget(request: Request, body: BudgetBody) -> Response:
     async with state.pool.connection() as conn:
         budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
                                   limit_usd=body.limit_usd, limit_tokens=body.limit_tokens,
-                                  author=principal.author, reason=body.reason)
+                                  author=principal.author, reason=body.reason, alerts=body.alerts)
     state.policies.forget(budget.tenant_id)
     return json_response(budget.as_json())
 

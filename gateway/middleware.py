@@ -104,7 +104,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope["state"]
-        secret = _credential(scope["headers"])
+        secret = credential(scope["headers"])
         try:
             if secret is None:
                 raise AuthenticationFailed(
@@ -117,7 +117,7 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
+def credential(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -42,6 +42,7 @@ def _text(value: bytes | str | None) -> str:
 
 
 _SUBJECT_COLUMN = {"key": "key_id::text", "user": "end_user", "session": "session_id"}
+_ROLLUP_DIM = {"tenant": "model", "key": "key", "user": "user"}  # ledger_daily dimensions per budget scope
 
 
 @dataclass
@@ -81,6 +82,11 @@ async def subjects(conn: Any, budget: Budget, start: datetime, end: datetime) ->
         return [""]
     if budget.subject != EACH:
         return [budget.subject]
+    dim = _ROLLUP_DIM.get(budget.scope)
+    if dim is not None and start.astimezone(UTC).time() == time() and end > datetime.now(UTC):
+        cur = await conn.execute("SELECT DISTINCT value FROM ledger_daily WHERE tenant_id = %s AND dim = %s"
+                                 " AND day >= %s AND value <> '(none)'", (budget.tenant_id, dim, start.date()))
+        return [str(r[0]) for r in await cur.fetchall()]
     column = _SUBJECT_COLUMN[budget.scope]
     cur = await conn.execute(
         f"SELECT DISTINCT {column} FROM ledger WHERE tenant_id = %s AND {column} IS NOT NULL"
@@ -90,14 +96,27 @@ async def subjects(conn: Any, budget: Budget, start: datetime, end: datetime) ->
 
 async def ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
                        end: datetime) -> tuple[Decimal, int, int]:
-    """What the ledger says one budget subject used in [start, end): USD, tokens, requests."""
-    where = "tenant_id = %s AND created_at >= %s AND created_at < %s AND role <> 'shadow'"
-    params: list[Any] = [budget.tenant_id, start, end]
-    if budget.scope != "tenant":
-        where += f" AND {_SUBJECT_COLUMN[budget.scope]} = %s"
-        params.append(subject)
-    cur = await conn.execute(f"SELECT coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens + output_tokens), 0),"
-                             f" count(*) FILTER (WHERE role = 'answer') FROM ledger WHERE {where}", params)
+    """What the ledger says one budget subject used in [start, end): USD, tokens, requests. A window that
+    starts at midnight UTC and has not ended (a day, a month, a lifetime) is read from the daily rollup,
+    which the ledger's inserts keep exact; the same sums from thousands of rows instead of millions."""
+    now = datetime.now(UTC)
+    dim = _ROLLUP_DIM.get(budget.scope)
+    if dim is not None and start.astimezone(UTC).time() == time() and end > now:
+        where = "tenant_id = %s AND dim = %s AND day >= %s"
+        params: list[Any] = [budget.tenant_id, dim, start.astimezone(UTC).date()]
+        if budget.scope != "tenant":
+            where += " AND value = %s"
+            params.append(subject)
+        cur = await conn.execute("SELECT coalesce(sum(spend_usd), 0), coalesce(sum(input_tokens + output_tokens), 0),"
+                                 f" coalesce(sum(requests), 0) FROM ledger_daily WHERE {where}", params)
+    else:
+        where = "tenant_id = %s AND created_at >= %s AND created_at < %s AND role <> 'shadow'"
+        params = [budget.tenant_id, start, end]
+        if budget.scope != "tenant":
+            where += f" AND {_SUBJECT_COLUMN[budget.scope]} = %s"
+            params.append(subject)
+        cur = await conn.execute(f"SELECT coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens + output_tokens), 0),"
+                                 f" count(*) FILTER (WHERE role = 'answer') FROM ledger WHERE {where}", params)
     row = await cur.fetchone()
     return Decimal(row[0]), int(row[1]), int(row[2])
 

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import NoOpTracer, Tracer
 
 import tollway
+from tollway.gateway.prometheus import Metrics
 
 # breaker states as gauge values: higher is worse
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -44,6 +45,7 @@ class Telemetry:
     cache_hits: Counter
     guards: Counter
     alerts: Counter
+    prometheus: Metrics
 
     def observe_replicas(self, replicas: Mapping[str, _Replica]) -> None:
         """Per upstream replica, read when metrics are collected: breaker state (0 closed, 1 half-open,
@@ -65,9 +67,14 @@ class Telemetry:
             "tollway.routing.breaker.trips", callbacks=observe(lambda r: r.trips),
             description="Times each replica's circuit breaker opened")
 
+    def alert(self, kind: str) -> None:
+        self.alerts.add(1, {"tollway.alert.kind": kind})
+        self.prometheus.alerts.labels(kind).inc()
+
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+        self.prometheus.close()
 
 
 def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | None = None,
@@ -108,4 +115,6 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
                                     description="Guard outcomes by tenant, validator and action (pass, redact, "
                                                 "block, fallback, log)"),
         alerts=meter.create_counter("tollway.alerts", description="Alerts raised, by kind"),
+        prometheus=Metrics(),
     )
+

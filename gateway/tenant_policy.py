@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
@@ -43,6 +43,14 @@ class Budget:
     limit_usd: Decimal | None
     limit_tokens: int | None
     reset_at: datetime | None = None
+    # alerts: shares of the limit, and whether a forecast past it alerts; None: the gateway's defaults
+    alert_thresholds: Sequence[float] | None = None
+    alert_forecast: bool | None = None
+
+    def alerts(self, default: tuple[tuple[float, ...], bool]) -> tuple[tuple[float, ...], bool]:
+        if self.alert_thresholds is None and self.alert_forecast is None:
+            return default
+        return tuple(self.alert_thresholds or ()), bool(self.alert_forecast)
 
     def describe(self, tenant: str) -> str:
         who = {"tenant": f"tenant '{tenant}'", "key": f"key {self.subject}", "user": f"user '{self.subject}'",
@@ -55,7 +63,31 @@ class Budget:
         return {"id": self.id, "scope": self.scope, "subject": self.subject, "window": self.period,
                 "limit_usd": None if self.limit_usd is None else str(self.limit_usd),
                 "limit_tokens": self.limit_tokens,
-                "reset_at": None if self.reset_at is None else self.reset_at.isoformat()}
+                "reset_at": None if self.reset_at is None else self.reset_at.isoformat(),
+                "alerts": None if self.alert_thresholds is None and self.alert_forecast is None else
+                [*(f"{t:g}" for t in self.alert_thresholds or ()), *(["forecast"] if self.alert_forecast else [])]}
+
+
+def parse_alerts(values: Sequence[str] | None, param: str = "alerts") -> tuple[tuple[float, ...], bool] | None:
+    """["0.8", "1", "forecast"] -> ((0.8, 1.0), True): shares of a budget's limit that raise an alert once
+    per window, and whether a forecast past the limit does. None stays None (the gateway's defaults)."""
+    if values is None:
+        return None
+    shares: list[float] = []
+    forecast = False
+    for value in (v.strip() for v in values):
+        if value == "forecast":
+            forecast = True
+            continue
+        try:
+            share = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 10:
+            raise InvalidRequest(f"an alert is a share of the limit such as 0.8 or 80%, or 'forecast' (got {value!r})",
+                                 param=param)
+        shares.append(share)
+    return tuple(sorted(set(shares))), forecast
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +130,8 @@ class TenantRules:
     guards: GuardPolicy | None = None  # the tenant's guard policy (``tollway.guardrails.policy``)
 
 
-_BUDGET_COLUMNS = "id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at"
+_BUDGET_COLUMNS = ("id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at, alert_thresholds,"
+                   " alert_forecast")
 
 
 class PolicyStore:
@@ -200,7 +233,7 @@ def _check_subject(scope: str, subject: str | None) -> str:
 
 async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: str, subject: str | None,
                      period: str, limit_usd: Decimal | None, limit_tokens: int | None, author: str = "system",
-                     reason: str | None = None) -> Budget:
+                     reason: str | None = None, alerts: Sequence[str] | None = None) -> Budget:
     if period not in PERIODS:
         raise InvalidRequest(f"window must be one of {', '.join(PERIODS)}", param="window")
     if limit_usd is None and limit_tokens is None:
@@ -208,6 +241,7 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
     if (limit_usd is not None and limit_usd < 0) or (limit_tokens is not None and limit_tokens < 0):
         raise InvalidRequest("limits cannot be negative", param="limit_usd")
     subject = _check_subject(scope, subject)
+    thresholds, forecast = parse_alerts(alerts) or (None, None)
     async with conn.transaction():
         tid = await tenant_id(conn, tenant)
         if scope == "key" and subject != EACH:
@@ -220,11 +254,14 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
                                  " AND subject = %s AND period = %s FOR UPDATE", (tid, scope, subject, period))
         old = await cur.fetchone()
         cur = await conn.execute(
-            f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens)"
-            f" VALUES (%s, %s, %s, %s, %s, %s)"
+            f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens, alert_thresholds,"
+            f" alert_forecast) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
             f" ON CONFLICT (tenant_id, scope, subject, period) DO UPDATE"
-            f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens, updated_at = now()"
-            f" RETURNING {_BUDGET_COLUMNS}", (tid, scope, subject, period, limit_usd, limit_tokens))
+            f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens,"
+            f" alert_thresholds = EXCLUDED.alert_thresholds, alert_forecast = EXCLUDED.alert_forecast,"
+            f" updated_at = now() RETURNING {_BUDGET_COLUMNS}",
+            (tid, scope, subject, period, limit_usd, limit_tokens,
+             None if thresholds is None else list(thresholds), forecast))
         row = await cur.fetchone()
         assert row is not None
         budget = Budget(*row)

@@ -8,9 +8,10 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -29,8 +30,9 @@ from tollway.errors import TollwayError
 from tollway.gateway.admin import router as admin_router
 from tollway.gateway.api import install_error_handlers, install_openapi, router
 from tollway.gateway.breakers import BreakerEvents
-from tollway.gateway.budget_alerts import check_budgets
+from tollway.gateway.budget_alerts import budget_uses, check_budgets
 from tollway.gateway.calls import Calls, Limits
+from tollway.gateway.console import router as console_router
 from tollway.gateway.endpoints import HOT_ROUTES
 from tollway.gateway.evals_api import router as evals_router
 from tollway.gateway.evaluating import EvalGate, Evals, eval_settings
@@ -40,8 +42,10 @@ from tollway.gateway.git_http import GitHTTP
 from tollway.gateway.guarding import Guarding
 from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
+from tollway.gateway.metrics_api import router as metrics_router
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from tollway.gateway.prompting import RegistryPrompts
+from tollway.gateway.prometheus import Metrics, multiprocess
 from tollway.gateway.prompts_api import router as prompts_router
 from tollway.gateway.quota import QuotaService
 from tollway.gateway.rag import Rag, RagSettings
@@ -242,22 +246,23 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         sweeper = Periodic("alert-delivery", 2.0, deliver)
         sweeper.start()
         stack.push_async_callback(sweeper.stop)
-    if settings.budget_alerts:
-        async def budget_check() -> None:
-            await ledger.flush()
-            await check_budgets(pool, settings.budget_alert_thresholds, forecast="forecast" in settings.budget_alerts,
-                                on_alert=lambda kind: telemetry.alerts.add(1, {"tollway.alert.kind": kind}))
 
-        # not at start-up: each pass sums the ledger, and a restart has no alert to catch up on sooner
-        budget_watch = Periodic("budget-alerts", settings.budget_alert_interval_s, budget_check, at_start=False)
-        budget_watch.start()
-        stack.push_async_callback(budget_watch.stop)
+    async def budget_check() -> None:  # budgets may set their own thresholds: runs even with no defaults
+        await ledger.flush()
+        await check_budgets(pool, (settings.budget_alert_thresholds, "forecast" in settings.budget_alerts),
+                            on_alert=telemetry.alert)
+
+    # not at start-up: each pass sums the ledger, and a restart has no alert to catch up on sooner
+    budget_watch = Periodic("budget-alerts", settings.budget_alert_interval_s, budget_check, at_start=False)
+    budget_watch.start()
+    stack.push_async_callback(budget_watch.stop)
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
     routing = build_router(catalog, upstreams, redis_client)
     shadows = Shadows(routing, ledger, pool) if any(r.shadow_percent for r in catalog.routing.rollouts) else None
     telemetry.observe_replicas(routing.health.replicas)
+    await _export_metrics(settings, stack, pool, telemetry.prometheus, routing.health.replicas, ledger)
     poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
     await poller.poll_once()  # the first routing decisions already see the queues
     poller.start()
@@ -299,6 +304,36 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                     prompt_gate=EvalGate(evals, pool))
 
 
+async def _export_metrics(settings: Settings, stack: AsyncExitStack, pool: AsyncConnectionPool, metrics: Metrics,
+                          replicas: Mapping[str, Any], ledger: Ledger) -> None:
+    """Gauges read from this process's state every few seconds (and at each scrape it serves), budget use
+    every ``TOLLWAY_METRICS_BUDGET_INTERVAL_S``; the unauthenticated metrics port when one is set (with
+    --workers N the parent serves it)."""
+
+    async def gauges() -> None:
+        metrics.replicas(replicas)
+        metrics.ledger(ledger.in_hand, ledger.pending_spill_files())
+
+    async def budgets() -> None:
+        now = datetime.now(UTC)
+        async with pool.connection() as conn:
+            highest: dict[tuple[str, int, str, str], float] = {}
+            async for use in budget_uses(conn, now):
+                key = (use.tenant, use.budget.id, use.budget.scope, use.budget.period)
+                highest[key] = max(highest.get(key, 0.0), use.share)
+        metrics.budgets((*key, share) for key, share in highest.items())
+
+    for job in (Periodic("metrics-gauges", 5.0, gauges), Periodic("metrics-budgets",
+                                                                  settings.metrics_budget_interval_s, budgets)):
+        job.start()
+        stack.push_async_callback(job.stop)
+    if settings.metrics_port and not multiprocess():
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(settings.metrics_port, settings.host, registry=metrics.registry)
+        stack.callback(server.shutdown)
+
+
 class Gateway:
     """The ASGI application: our middleware, then the hot endpoints, then FastAPI for the rest.
 
@@ -325,6 +360,8 @@ class Gateway:
         self.api.include_router(prompts_router)
         self.api.include_router(retrieval_router)
         self.api.include_router(evals_router)
+        self.api.include_router(console_router)
+        self.api.include_router(metrics_router)
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tollway.app import SERVE_SETTINGS_ENV, create_app, upstream_configs
     from tollway.embedded import EmbeddedRedis, LocalModelServer
+    from tollway.gateway.prometheus import MULTIPROC_ENV, shared_registry
 
     settings = settings_of(args)
     upstream_configs(settings)  # a bad config file is a clear error now, before anything starts
@@ -79,6 +81,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if final.workers == 1:
             uvicorn.run(create_app(final), **common)
         else:
+            # One scrape covers every worker: they write their metrics to one folder, any scrape sums it.
+            prom_dir = final.data_dir / "prometheus"
+            shutil.rmtree(prom_dir, ignore_errors=True)
+            prom_dir.mkdir(parents=True)
+            os.environ[MULTIPROC_ENV] = str(prom_dir.resolve())
+            if final.metrics_port:
+                from prometheus_client import start_http_server
+
+                server, _ = start_http_server(final.metrics_port, final.host, registry=shared_registry())
+                stack.callback(server.shutdown)
             # Workers are fresh processes: they get the resolved settings (embedded URLs included) whole.
             # The supervisor turns SIGTERM into a graceful stop of every worker and then returns here.
             os.environ[SERVE_SETTINGS_ENV] = final.model_dump_json()

@@ -48,7 +48,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         scope, subject = _scope(args)
         budget = await set_budget(conn, args.tenant, scope=scope, subject=subject, period=args.window,
                                   limit_usd=args.usd, limit_tokens=args.tokens, author=args.author,
-                                  reason=args.reason)
+                                  reason=args.reason, alerts=None if args.alerts is None else args.alerts.split(","))
         print(json.dumps(budget.as_json()))
         return 0
 
@@ -171,6 +171,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     bset.add_argument("--window", required=True, choices=["minute", "hour", "day", "month", "lifetime"])
     bset.add_argument("--usd", type=_usd)
     bset.add_argument("--tokens", type=int)
+    bset.add_argument("--alerts", help="alert once per window at these shares of the limit and/or on a forecast "
+                                       "past it, e.g. 0.5,0.9,1,forecast (default: TOLLWAY_BUDGET_ALERTS)")
     audited(bset)
     bset.set_defaults(func=cmd_set)
 

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     budget_alerts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["0.8", "1.0", "forecast"])
     budget_alert_interval_s: float = Field(default=300.0, gt=0)  # each pass sums every budget's window in the ledger
 
+    # Prometheus: /metrics on the main port needs an admin key; this port serves it without auth (for a
+    # scraper inside the cluster; with --workers N the parent serves it, summing every worker).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_budget_interval_s: float = Field(default=60.0, gt=0)  # how often budget use ratios are re-read
+    # The console's sign-in session lasts this long (then sign in again); a revoked key ends it at once.
+    console_session_ttl_s: int = Field(default=8 * 3600, ge=60)
+
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)

@@ -116,13 +116,13 @@ async def test_budget_alerts_fire_once_per_threshold_and_window(app_factory, mak
         now = datetime.now(UTC)
         used = await spend(10)
         assert used < 400  # under 80%
-        first = await check_budgets(pool, (0.8, 1.0), forecast=False, now=now)
+        first = await check_budgets(pool, ((0.8, 1.0), False), now=now)
         while used < 400:
             used = await spend(1)
-        second = await check_budgets(pool, (0.8, 1.0), forecast=False, now=now)
-        third = await check_budgets(pool, (0.8, 1.0), forecast=False, now=now)
-        late = await check_budgets(pool, (0.8, 1.0), forecast=True, now=now.replace(hour=23, minute=0))
-        forecast = await check_budgets(pool, (0.8, 1.0), forecast=True, now=now.replace(hour=12, minute=0))
+        second = await check_budgets(pool, ((0.8, 1.0), False), now=now)
+        third = await check_budgets(pool, ((0.8, 1.0), False), now=now)
+        late = await check_budgets(pool, ((0.8, 1.0), True), now=now.replace(hour=23, minute=0))
+        forecast = await check_budgets(pool, ((0.8, 1.0), True), now=now.replace(hour=12, minute=0))
     with psycopg.connect(pg.url) as conn:
         alerts = dict(conn.execute("SELECT dedupe_key, message FROM alerts WHERE tenant_id = %s ORDER BY id",
                                    (tenant.id,)).fetchall())

@@ -1,0 +1,505 @@
+"""The console at ``/console``: server-rendered pages (Jinja2, inline SVG charts) for finance and operators.
+
+Sign-in posts a Tollway key (field ``key``) to ``/console/login``; finance keys see their own tenant, admin
+keys every tenant (as in the API), other keys are refused. A sign-in is a row in ``console_sessions``
+(the cookie holds a random token, the table its hash): the cookie is HttpOnly, SameSite=Strict, scoped to
+/console and ends after ``TOLLWAY_CONSOLE_SESSION_TTL_S``, at sign-out, or when the key is revoked. Forms
+that change something also carry a token derived from the session (CSRF).
+
+Pages read what the API reads (cost reports, budget use, the change channel), so their numbers are the
+API's; the Costs page reads the daily rollup and downloads as CSV or JSON exactly the tables it shows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from tollway.alerts import list_alerts
+from tollway.changes import history
+from tollway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, TollwayError
+from tollway.gateway import charts
+from tollway.gateway.budget_alerts import BudgetUse, budget_uses
+from tollway.gateway.keys import Principal, list_keys, list_tenants, revoke_key, tenant_id
+from tollway.gateway.reports import ReportQuery, build_query, grouped, top_tier, totals
+
+router = APIRouter(include_in_schema=False)
+COOKIE = "tollway_console"
+TOP = 20  # rows per table before the rest are summed into one "(N others)" row
+SECTIONS = (("model", "Model"), ("tier", "Tier"), ("route", "Route kind"), ("role", "Ledger role"),
+            ("key", "Key"), ("user", "End user"), ("tag", "Tag"), ("prompt", "Prompt version"))
+COLUMNS = ("spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits", "cache_saved_usd",
+           "routing_saved_usd", "failed_attempts")
+MONEY = frozenset({"spend_usd", "cache_saved_usd", "routing_saved_usd", "top_tier_usd", "shadow_usd"})
+
+_env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(),
+                   trim_blocks=True, lstrip_blocks=True)
+
+
+def money(value: Any) -> str:
+    """Dollars to the micro-dollar, grouped: what every page shows (CSV and JSON carry the exact value)."""
+    return f"${Decimal(value):,.6f}"
+
+
+def number(value: Any) -> str:
+    return f"{int(value):,}"
+
+
+_env.filters["money"] = money
+_env.filters["number"] = number
+
+
+@dataclass(frozen=True)
+class Session:
+    principal: Principal
+    token: str
+
+    @property
+    def csrf(self) -> str:
+        return hmac.new(self.token.encode(), b"console-form", hashlib.sha256).hexdigest()
+
+    @property
+    def admin(self) -> bool:
+        return self.principal.role == "admin"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def _session(request: Request) -> Session | None:
+    token = request.cookies.get(COOKIE)
+    if not token or len(token) > 200:
+        return None
+    async with request.app.state.tollway.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT k.id, k.tenant_id, t.name, k.role, k.name FROM console_sessions s"
+            " JOIN api_keys k ON k.id = s.key_id JOIN tenants t ON t.id = k.tenant_id"
+            " WHERE s.token_hash = %s AND s.expires_at > now() AND k.revoked_at IS NULL", (_digest(token),))
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return Session(Principal(key_id=row[0], tenant_id=row[1], tenant=row[2], role=row[3], allowed_models=None,
+                             name=row[4]), token)
+
+
+def _page(name: str, code: int = 200, **context: Any) -> HTMLResponse:
+    html = _env.get_template(name).render(page=name, **context)
+    return HTMLResponse(html, status_code=code, headers={
+        "cache-control": "no-store", "x-frame-options": "DENY", "referrer-policy": "same-origin",
+        "content-security-policy": "default-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+                                   " form-action 'self'; frame-ancestors 'none'"})
+
+
+def _to_login() -> Response:
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/console")
+    return response
+
+
+def _error(session: Session | None, exc: TollwayError) -> HTMLResponse:
+    return _page("error.html", exc.status, session=session, message=exc.message, status=exc.status)
+
+
+async def _signed_in(request: Request, *, admin: bool = False) -> Session | Response:
+    session = await _session(request)
+    if session is None:
+        return _to_login()
+    if admin and not session.admin:
+        return _error(session, PermissionDenied("This page is for platform operators (admin keys)."))
+    return session
+
+
+# -- sign-in -------------------------------------------------------------------------------------------
+
+
+@router.get("/console")
+async def home(request: Request) -> Response:
+    return RedirectResponse("/console/costs" if await _session(request) else "/console/login", status_code=303)
+
+
+@router.get("/console/login")
+async def login_form(request: Request) -> Response:
+    return _page("login.html", session=None, error=None)
+
+
+@router.post("/console/login")
+async def login(request: Request) -> Response:
+    state = request.app.state.tollway
+    form = await request.form()
+    secret = str(form.get("key") or "").strip()
+    try:
+        if not secret:
+            raise AuthenticationFailed("Paste a Tollway key to sign in.")
+        principal = await state.keys.authenticate(secret)
+        if principal.role not in ("finance", "admin"):
+            raise PermissionDenied("The console is for finance and admin keys; this key is an "
+                                   f"{principal.role} key.", code="role_not_allowed")
+    except TollwayError as exc:
+        return _page("login.html", exc.status, session=None, error=exc.message)
+    token = secrets.token_urlsafe(32)
+    ttl = state.settings.console_session_ttl_s
+    async with state.pool.connection() as conn:
+        await conn.execute("DELETE FROM console_sessions WHERE expires_at < now()")
+        await conn.execute("INSERT INTO console_sessions (token_hash, key_id, expires_at)"
+                           " VALUES (%s, %s, now() + make_interval(secs => %s))", (_digest(token), principal.key_id, ttl))
+    response = RedirectResponse("/console/costs", status_code=303)
+    response.set_cookie(COOKIE, token, max_age=ttl, path="/console", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/console/logout")
+async def logout(request: Request) -> Response:
+    token = request.cookies.get(COOKIE)
+    if token:
+        async with request.app.state.tollway.pool.connection() as conn:
+            await conn.execute("DELETE FROM console_sessions WHERE token_hash = %s", (_digest(token),))
+    return _to_login()
+
+
+async def _form_checked(request: Request, session: Session) -> dict[str, Any]:
+    form = dict(await request.form())
+    if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+        raise PermissionDenied("This form has expired; reload the page and try again.", code="csrf_failed")
+    return form
+
+
+# -- costs ---------------------------------------------------------------------------------------------
+
+
+def _period(params: Any) -> tuple[str, str]:
+    """The period as ISO dates, both days included; default: the current month so far."""
+    today = datetime.now(UTC).date()
+    start, end = params.get("from") or today.replace(day=1).isoformat(), params.get("to") or today.isoformat()
+    for value, name in ((start, "from"), (end, "to")):
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()}", param=name) from None
+        if len(value) != 10:
+            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()}", param=name)
+    return start, end
+
+
+async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str, Any]:
+    """Everything the Costs page shows, as plain data (the page, its CSV and its JSON are this)."""
+    start, end = _period(params)
+    tenant = params.get("tenant") or None
+    stack = params.get("stack") if params.get("stack") in ("model", "tier") else "model"
+    q = await build_query(state.pool, principal, start=start, end=end, group_by="day", tenant=tenant,
+                          top_tier=top_tier(state.catalog))
+    async with state.pool.connection() as conn:
+        total = await totals(conn, q)
+        sections = []
+        for group, title in SECTIONS:
+            rows = await grouped(conn, q, group)
+            if group == "key":
+                rows = await _key_labels(conn, rows)
+            sections.append({"group": group, "title": title, "rows": _top(rows)})
+        days, series, values = await _daily(conn, q, stack)
+    return {"tenant": tenant if principal.role == "admin" else principal.tenant, "from": start, "to": end,
+            "stack": stack, "currency": "USD", "totals": total, "sections": sections,
+            "daily": {"days": days, "series": series,
+                      "spend_usd": {f"{d}|{s}": str(v) for (d, s), v in values.items()}}}
+
+
+def _top(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The TOP biggest spenders, the rest summed in one row (so a table always adds up to the total)."""
+    rows = sorted(rows, key=lambda r: (-Decimal(r["spend_usd"]), r["group"]))
+    if len(rows) <= TOP + 1:
+        return rows
+    rest = rows[TOP:]
+    other: dict[str, Any] = {"group": f"({len(rest)} others)"}
+    for field in COLUMNS:
+        if field in MONEY:
+            other[field] = str(sum((Decimal(r[field]) for r in rest), Decimal(0)).normalize())
+        else:
+            other[field] = sum(int(r[field]) for r in rest)
+    return [*rows[:TOP], other]
+
+
+async def _key_labels(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ids = [int(r["group"]) for r in rows if r["group"].isdigit()]
+    cur = await conn.execute("SELECT id, coalesce(name, prefix || '…') FROM api_keys WHERE id = ANY(%s)", (ids,))
+    names = {str(i): n for i, n in await cur.fetchall()}
+    return [{**r, "group": f"{names.get(r['group'], 'key')} (#{r['group']})"} for r in rows]
+
+
+async def _daily(conn: Any, q: ReportQuery, by: str) -> tuple[list[str], list[str], dict[tuple[str, str], Decimal]]:
+    column = "r.value" if by == "model" else "nullif(r.tier, '')"
+    cur = await conn.execute(
+        f"SELECT r.day::text, coalesce({column}, '(none)'), sum(r.spend_usd) FROM ledger_daily r"
+        " WHERE r.dim = 'model' AND r.day >= %s AND r.day < %s AND (%s::bigint[] IS NULL OR r.tenant_id = ANY(%s))"
+        " GROUP BY 1, 2", (q.start.date(), q.end.date(), q.tenant_ids, q.tenant_ids))
+    values = {(d, s): Decimal(v) for d, s, v in await cur.fetchall() if v}
+    days, day = [], q.start.date()
+    while day < q.end.date():
+        days.append(day.isoformat())
+        day += timedelta(days=1)
+    by_spend: dict[str, Decimal] = {}
+    for (_, s), v in values.items():
+        by_spend[s] = by_spend.get(s, Decimal(0)) + v
+    series = sorted(by_spend, key=lambda s: (-by_spend[s], s))
+    return days, series, values
+
+
+def costs_csv(view: dict[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["tenant", "from", "to", "section", "group", *COLUMNS])
+    head = [view["tenant"] or "(all tenants)", view["from"], view["to"]]
+    writer.writerow([*head, "total", "TOTAL", *(view["totals"][c] for c in COLUMNS)])
+    for section in view["sections"]:
+        for row in section["rows"]:
+            writer.writerow([*head, section["group"], row["group"], *(row[c] for c in COLUMNS)])
+    daily = view["daily"]
+    for day in daily["days"]:
+        for name in daily["series"]:
+            value = daily["spend_usd"].get(f"{day}|{name}")
+            if value is not None:
+                writer.writerow([*head, f"day_by_{view['stack']}", f"{day} {name}", value,
+                                 *([""] * (len(COLUMNS) - 1))])
+    return out.getvalue()
+
+
+async def _tenant_names(state: Any) -> list[str]:
+    async with state.pool.connection() as conn:
+        return [t["name"] for t in await list_tenants(conn)]
+
+
+@router.get("/console/costs")
+async def costs(request: Request) -> Response:
+    session = await _signed_in(request)
+    if not isinstance(session, Session):
+        return session
+    state = request.app.state.tollway
+    try:
+        view = await costs_view(state, session.principal, request.query_params)
+    except TollwayError as exc:
+        return _error(session, exc)
+    daily = view["daily"]
+    values = {tuple(k.split("|", 1)): Decimal(v) for k, v in daily["spend_usd"].items()}
+    chart = charts.stacked_bars(f"Spend per day by {view['stack']}", daily["days"], daily["series"], values)
+    query = request.url.query
+    return _page("costs.html", session=session, view=view, chart=chart, columns=COLUMNS, money_columns=MONEY,
+                 tenants=await _tenant_names(state) if session.admin else [], query=query,
+                 day_rows=[(d, [values.get((d, s)) for s in daily["series"]]) for d in daily["days"]])
+
+
+@router.get("/console/costs.csv")
+async def costs_download_csv(request: Request) -> Response:
+    return await _download(request, "csv")
+
+
+@router.get("/console/costs.json")
+async def costs_download_json(request: Request) -> Response:
+    return await _download(request, "json")
+
+
+async def _download(request: Request, kind: str) -> Response:
+    session = await _signed_in(request)
+    if not isinstance(session, Session):
+        return session
+    try:
+        view = await costs_view(request.app.state.tollway, session.principal, request.query_params)
+    except TollwayError as exc:
+        return _error(session, exc)
+    name = f"tollway-costs-{view['tenant'] or 'all'}-{view['from']}-{view['to']}.{kind}"
+    headers = {"content-disposition": f'attachment; filename="{name}"', "cache-control": "no-store"}
+    if kind == "csv":
+        return Response(costs_csv(view), media_type="text/csv; charset=utf-8", headers=headers)
+    return Response(orjson.dumps(view), media_type="application/json", headers=headers)
+
+
+# -- budgets -------------------------------------------------------------------------------------------
+
+
+async def _tenant_scope(state: Any, session: Session, tenant: str | None) -> list[int] | None:
+    if not session.admin:
+        if tenant not in (None, "", session.principal.tenant):
+            raise PermissionDenied("A finance key sees its own tenant only.", code="tenant_not_allowed")
+        return [session.principal.tenant_id]
+    if not tenant:
+        return None
+    async with state.pool.connection() as conn:
+        return [await tenant_id(conn, tenant)]
+
+
+async def _burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, Decimal]]:
+    """Cumulative spend over the window so far: per day (month) or hour (day), as (window share, USD)."""
+    budget = use.budget
+    if use.window.start is None or budget.period not in ("day", "month"):
+        return []
+    unit = "hour" if budget.period == "day" else "day"
+    where, params = "tenant_id = %s AND created_at >= %s AND created_at < %s AND role <> 'shadow'", \
+        [budget.tenant_id, use.start, now]
+    column = {"key": "key_id::text", "user": "end_user", "session": "session_id"}.get(budget.scope)
+    if column is not None:
+        where += f" AND {column} = %s"
+        params.append(use.subject)
+    if unit == "day" and budget.scope in ("tenant", "key", "user") and use.start == use.window.start:
+        dim = {"tenant": "model", "key": "key", "user": "user"}[budget.scope]
+        sql = ("SELECT day::timestamp AT TIME ZONE 'UTC', sum(spend_usd) FROM ledger_daily WHERE tenant_id = %s"
+               " AND dim = %s AND day >= %s" + ("" if budget.scope == "tenant" else " AND value = %s") + " GROUP BY 1")
+        args: list[Any] = [budget.tenant_id, dim, use.start.date()] + ([] if budget.scope == "tenant" else [use.subject])
+    else:
+        sql, args = f"SELECT date_trunc('{unit}', created_at), sum(cost_usd) FROM ledger WHERE {where} GROUP BY 1", params
+    cur = await conn.execute(sql + " ORDER BY 1", args)
+    length = (use.end - use.start).total_seconds()
+    step = timedelta(hours=1) if unit == "hour" else timedelta(days=1)
+    points, running = [(0.0, Decimal(0))], Decimal(0)
+    for at, spent in await cur.fetchall():
+        running += Decimal(spent or 0)
+        points.append((min((at + step - use.start).total_seconds(), (now - use.start).total_seconds()) / length,
+                       running))
+    return points
+
+
+@router.get("/console/budgets")
+async def budgets(request: Request) -> Response:
+    session = await _signed_in(request)
+    if not isinstance(session, Session):
+        return session
+    state = request.app.state.tollway
+    now = datetime.now(UTC)
+    tenant = request.query_params.get("tenant") or None
+    try:
+        ids = await _tenant_scope(state, session, tenant)
+    except TollwayError as exc:
+        return _error(session, exc)
+    defaults = (state.settings.budget_alert_thresholds, "forecast" in state.settings.budget_alerts)
+    rows, cards = [], []
+    async with state.pool.connection() as conn:
+        async for use in budget_uses(conn, now, ids):
+            forecast_share = use.forecast(now)
+            thresholds, forecast_alert = use.budget.alerts(defaults)
+            row = {"tenant": use.tenant, "budget": use.budget, "who": use.who, "subject": use.subject,
+                   "window": use.window.label, "used": use.used, "limit": use.limit, "share": use.share,
+                   "forecast": forecast_share, "alerts": [f"{t:.0%}" for t in thresholds]
+                   + (["forecast"] if forecast_alert else []), "ends": use.end if use.window.start else None}
+            rows.append(row)
+            if use.budget.limit_usd is not None and (use.budget.subject != "*" or len(cards) < 12):
+                points = await _burn(conn, use, now)
+                if points:
+                    projected = None if forecast_share is None else use.budget.limit_usd * Decimal(str(forecast_share))
+                    cards.append({**row, "points": points, "chart": charts.burn_down(
+                        f"{use.who}: {use.window.label}", points, use.budget.limit_usd, projected,
+                        (use.start.strftime("%Y-%m-%d %H:%M"), use.end.strftime("%Y-%m-%d %H:%M"))),
+                        "projected": projected})
+        cur = await conn.execute(
+            "SELECT b.id, t.name, b.kind, b.first_offense_at, b.contained_at, b.detail FROM breaker_events b"
+            " LEFT JOIN tenants t ON t.id = b.tenant_id WHERE b.contained_at > now() - interval '30 days'"
+            " AND (%s::bigint[] IS NULL OR b.tenant_id = ANY(%s)) ORDER BY b.contained_at DESC LIMIT 50", (ids, ids))
+        events = [dict(zip(("id", "tenant", "kind", "first", "contained", "detail"), r, strict=True))
+                  for r in await cur.fetchall()]
+        alerts = []
+        for tid in ids or [None]:
+            alerts += [a for a in await list_alerts(conn, tid, 50) if a["kind"].startswith("budget")]
+    return _page("budgets.html", session=session, rows=rows, cards=cards, events=events, alerts=alerts,
+                 tenant=tenant if session.admin else session.principal.tenant, now=now,
+                 tenants=await _tenant_names(state) if session.admin else [])
+
+
+# -- operations, audit, keys (admin) -------------------------------------------------------------------
+
+
+@router.get("/console/operations")
+async def operations(request: Request) -> Response:
+    session = await _signed_in(request, admin=True)
+    if not isinstance(session, Session):
+        return session
+    state = request.app.state.tollway
+    replicas = []
+    for name, r in sorted(state.routing.health.replicas.items()):
+        replicas.append({"name": name, "state": r.state, "latency_ms": r.latency_ms, "ttft_ms": r.ttft_ms,
+                         "error_rate": (r.failures / r.calls) if r.calls else None, "calls": r.calls,
+                         "failures": r.failures, "in_flight": r.outstanding, "waiting": r.waiting,
+                         "running": r.running, "kv_cache": r.kv_cache, "trips": r.trips})
+    async with state.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT l.created_at, t.name, l.model, l.upstream, l.status, l.error_code, l.latency_ms, l.request_id"
+            " FROM ledger l LEFT JOIN tenants t ON t.id = l.tenant_id WHERE l.role = 'attempt'"
+            " ORDER BY l.created_at DESC LIMIT 25")
+        attempts = [dict(zip(("at", "tenant", "model", "upstream", "status", "error", "latency_ms", "request_id"),
+                             r, strict=True)) for r in await cur.fetchall()]
+    ledger = state.ledger
+    return _page("operations.html", session=session, replicas=replicas, attempts=attempts,
+                 ledger={"queued": ledger.in_hand, "spill_files": len(ledger.pending_spill_files())},
+                 retry_budget=round(state.routing.caller.retry_budget.tokens, 2),
+                 workers=state.settings.workers)
+
+
+@router.get("/console/audit")
+async def audit(request: Request) -> Response:
+    session = await _signed_in(request, admin=True)
+    if not isinstance(session, Session):
+        return session
+    state = request.app.state.tollway
+    tenant = request.query_params.get("tenant") or None
+    kind = request.query_params.get("kind") or None
+    try:
+        ids = await _tenant_scope(state, session, tenant)
+    except TollwayError as exc:
+        return _error(session, exc)
+    async with state.pool.connection() as conn:
+        rows = await history(conn, tenant_id=None if ids is None else ids[0], limit=500)
+        cur = await conn.execute("SELECT id, name FROM tenants")
+        names = dict(await cur.fetchall())
+    rows = [{**r, "tenant": names.get(r["tenant_id"]),
+             "before_json": None if r["before"] is None else orjson.dumps(r["before"], option=orjson.OPT_INDENT_2
+                                                                          | orjson.OPT_SORT_KEYS).decode(),
+             "after_json": None if r["after"] is None else orjson.dumps(r["after"], option=orjson.OPT_INDENT_2
+                                                                        | orjson.OPT_SORT_KEYS).decode()}
+            for r in rows if kind is None or r["kind"] == kind][:200]
+    return _page("audit.html", session=session, rows=rows, tenant=tenant, kind=kind,
+                 tenants=await _tenant_names(state))
+
+
+@router.get("/console/keys")
+async def keys(request: Request) -> Response:
+    session = await _signed_in(request, admin=True)
+    if not isinstance(session, Session):
+        return session
+    state = request.app.state.tollway
+    tenant = request.query_params.get("tenant") or None
+    try:
+        async with state.pool.connection() as conn:
+            rows = await list_keys(conn, tenant)
+            tenants = await list_tenants(conn)
+    except TollwayError as exc:
+        return _error(session, exc)
+    return _page("keys.html", session=session, rows=rows, tenants=tenants, tenant=tenant,
+                 notice=request.query_params.get("revoked"))
+
+
+@router.post("/console/keys/{key_id}/revoke")
+async def revoke(request: Request, key_id: int) -> Response:
+    session = await _signed_in(request, admin=True)
+    if not isinstance(session, Session):
+        return session
+    state = request.app.state.tollway
+    try:
+        form = await _form_checked(request, session)
+        if key_id == session.principal.key_id:
+            raise InvalidRequest("This is the key you signed in with; sign in with another admin key to revoke it.")
+        async with state.pool.connection() as conn:
+            done = await revoke_key(conn, key_id, author=session.principal.author,
+                                    reason=str(form.get("reason") or "") or "revoked in the console")
+    except TollwayError as exc:
+        return _error(session, exc)
+    state.keys.forget(key_id)
+    return RedirectResponse(f"/console/keys?revoked={key_id if done else ''}", status_code=303)
