@@ -4,6 +4,7 @@ per-budget alert thresholds; /metrics in Prometheus format, behind an admin key 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import random
@@ -222,13 +223,14 @@ async def test_metrics_are_prometheus_text_behind_an_admin_key_and_open_on_the_m
         app_factory, make_tenant, admin):
     tenant = make_tenant()
     port = free_port()
-    async with app_factory(metrics_port=port) as gw:
+    async with app_factory(metrics_port=port, metrics_budget_interval_s=0.2) as gw:
         await gw.client.put("/v1/admin/budgets", headers=admin.headers,
                             json={"tenant": tenant.name, "window": "month", "limit_usd": "10"})
         for model in ("sim-small", "sim-large", "sim-error"):
             await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
                 "model": model, "messages": [{"role": "user", "content": "metrics"}], "max_tokens": 4})
         await gw.state.ledger.flush()
+        await asyncio.sleep(0.5)  # budget use is re-read every metrics_budget_interval_s
         anonymous = await gw.client.get("/metrics")
         app_key = await gw.client.get("/metrics", headers=tenant.headers)
         resp = await gw.client.get("/metrics", headers=admin.headers)
