@@ -382,7 +382,8 @@ async def budgets(request: Request) -> Response:
     except TollwayError as exc:
         return _error(session, exc)
     defaults = (state.settings.budget_alert_thresholds, "forecast" in state.settings.budget_alerts)
-    rows, cards = [], []
+    rows: list[dict[str, Any]] = []
+    cards: list[dict[str, Any]] = []
     async with state.pool.connection() as conn:
         async for use in budget_uses(conn, now, ids):
             forecast_share = use.forecast(now)
@@ -407,7 +408,7 @@ async def budgets(request: Request) -> Response:
         events = [dict(zip(("id", "tenant", "kind", "first", "contained", "detail"), r, strict=True))
                   for r in await cur.fetchall()]
         alerts = []
-        for tid in ids or [None]:
+        for tid in ids or (None,):
             alerts += [a for a in await list_alerts(conn, tid, 50) if a["kind"].startswith("budget")]
     return _page("budgets.html", session=session, rows=rows, cards=cards, events=events, alerts=alerts,
                  tenant=tenant if session.admin else session.principal.tenant, now=now,

@@ -129,6 +129,7 @@ async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start:
 
 
 def _where(q: ReportQuery, alias: str = "l", column: str = "created_at") -> tuple[str, list[Any]]:
+    params: list[Any]
     if column == "day":
         where, params = f"{alias}.day >= %s AND {alias}.day < %s", [q.start.date(), q.end.date()]
     else:

@@ -44,8 +44,8 @@ from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.metrics_api import router as metrics_router
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from tollway.gateway.prompting import RegistryPrompts
 from tollway.gateway.prometheus import Metrics, multiprocess
+from tollway.gateway.prompting import RegistryPrompts
 from tollway.gateway.prompts_api import router as prompts_router
 from tollway.gateway.quota import QuotaService
 from tollway.gateway.rag import Rag, RagSettings

@@ -9,11 +9,11 @@ import csv
 import io
 import random
 import re
-import urllib.request
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -236,8 +236,9 @@ async def test_metrics_are_prometheus_text_behind_an_admin_key_and_open_on_the_m
         resp = await gw.client.get("/metrics", headers=admin.headers)
         assert anonymous.status_code == 401 and app_key.status_code == 403
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as open_port:
-            assert b"tollway_requests_total" in open_port.read()
+        async with httpx.AsyncClient() as plain:  # the metrics port: no key
+            open_port = await plain.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert open_port.status_code == 200 and "tollway_requests_total" in open_port.text
     families = {f.name: f for f in text_string_to_metric_families(resp.text)}
     for name in ("tollway_requests", "tollway_tokens", "tollway_cost_usd", "tollway_request_duration_seconds",
                  "tollway_upstream_breaker_state", "tollway_upstream_in_flight", "tollway_guard_outcomes",
