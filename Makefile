@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck bench clean
+.PHONY: install run test lint typecheck browser bench clean
 
 install: $(STAMP)
 
@@ -39,7 +39,13 @@ typecheck: install
 	for p in gateway routing retrieval guardrails prompts evals; do ln -s ../../../$$p build/typecheck/tollway/$$p; done
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p tollway
 
-test: lint typecheck
+# The console's browser tests drive Debian's chromium through its chromedriver (never a downloaded browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: lint typecheck browser
 	$(BIN)/pytest
 
 bench: install
