@@ -27,9 +27,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import free_port, wait_http  # noqa: E402
+from common import free_port, wait_http
 
-from tollway.embedded import EmbeddedPostgres  # noqa: E402
+from tollway.embedded import EmbeddedPostgres
 
 INSERT = """
 INSERT INTO ledger (request_id, created_at, tenant_id, key_id, end_user, endpoint, model, tier, route_reason, role,
