@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import io
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -33,7 +34,8 @@ from tollway.changes import history
 from tollway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, TollwayError
 from tollway.gateway import charts
 from tollway.gateway.budget_alerts import BudgetUse, budget_uses
-from tollway.gateway.keys import Principal, list_keys, list_tenants, revoke_key, tenant_id
+from tollway.gateway.keys import Principal, list_keys, list_tenants, reachable_tenant, revoke_key
+from tollway.gateway.reconcile import SUBJECT_COLUMN, rollup_dim
 from tollway.gateway.reports import ReportQuery, build_query, grouped, top_tier, totals
 
 router = APIRouter(include_in_schema=False)
@@ -114,13 +116,19 @@ def _error(session: Session | None, exc: TollwayError) -> HTMLResponse:
     return _page("error.html", exc.status, session=session, message=exc.message, status=exc.status)
 
 
-async def _signed_in(request: Request, *, admin: bool = False) -> Session | Response:
+async def _serve(request: Request, render: Callable[[Session], Awaitable[Response]], *,
+                 admin: bool = False) -> Response:
+    """A page for a signed-in session (else to the sign-in form; ``admin``: admin keys only); a Tollway
+    error becomes an error page with its status."""
     session = await _session(request)
     if session is None:
         return _to_login()
-    if admin and not session.admin:
-        return _error(session, PermissionDenied("This page is for platform operators (admin keys)."))
-    return session
+    try:
+        if admin and not session.admin:
+            raise PermissionDenied("This page is for platform operators (admin keys).")
+        return await render(session)
+    except TollwayError as exc:
+        return _error(session, exc)
 
 
 # -- sign-in -------------------------------------------------------------------------------------------
@@ -283,14 +291,12 @@ async def _tenant_names(state: Any) -> list[str]:
 
 @router.get("/console/costs")
 async def costs(request: Request) -> Response:
-    session = await _signed_in(request)
-    if not isinstance(session, Session):
-        return session
+    return await _serve(request, lambda session: _costs_page(request, session))
+
+
+async def _costs_page(request: Request, session: Session) -> Response:
     state = request.app.state.tollway
-    try:
-        view = await costs_view(state, session.principal, request.query_params)
-    except TollwayError as exc:
-        return _error(session, exc)
+    view = await costs_view(state, session.principal, request.query_params)
     daily = view["daily"]
     values = {tuple(k.split("|", 1)): Decimal(v) for k, v in daily["spend_usd"].items()}
     chart = charts.stacked_bars(f"Spend per day by {view['stack']}", daily["days"], daily["series"], values)
@@ -302,22 +308,16 @@ async def costs(request: Request) -> Response:
 
 @router.get("/console/costs.csv")
 async def costs_download_csv(request: Request) -> Response:
-    return await _download(request, "csv")
+    return await _serve(request, lambda session: _download(request, session, "csv"))
 
 
 @router.get("/console/costs.json")
 async def costs_download_json(request: Request) -> Response:
-    return await _download(request, "json")
+    return await _serve(request, lambda session: _download(request, session, "json"))
 
 
-async def _download(request: Request, kind: str) -> Response:
-    session = await _signed_in(request)
-    if not isinstance(session, Session):
-        return session
-    try:
-        view = await costs_view(request.app.state.tollway, session.principal, request.query_params)
-    except TollwayError as exc:
-        return _error(session, exc)
+async def _download(request: Request, session: Session, kind: str) -> Response:
+    view = await costs_view(request.app.state.tollway, session.principal, request.query_params)
     name = f"tollway-costs-{view['tenant'] or 'all'}-{view['from']}-{view['to']}.{kind}"
     headers = {"content-disposition": f'attachment; filename="{name}"', "cache-control": "no-store"}
     if kind == "csv":
@@ -329,14 +329,10 @@ async def _download(request: Request, kind: str) -> Response:
 
 
 async def _tenant_scope(state: Any, session: Session, tenant: str | None) -> list[int] | None:
-    if not session.admin:
-        if tenant not in (None, "", session.principal.tenant):
-            raise PermissionDenied("A finance key sees its own tenant only.", code="tenant_not_allowed")
-        return [session.principal.tenant_id]
-    if not tenant:
+    """The tenants a page shows: an admin's choice (None: all), a finance key's own (403 for another)."""
+    if session.admin and not tenant:
         return None
-    async with state.pool.connection() as conn:
-        return [await tenant_id(conn, tenant)]
+    return [await reachable_tenant(state.pool, session.principal, tenant, "see its own tenant")]
 
 
 async def _burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, Decimal]]:
@@ -345,20 +341,18 @@ async def _burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, D
     if use.window.start is None or budget.period not in ("day", "month"):
         return []
     unit = "hour" if budget.period == "day" else "day"
-    where, params = "tenant_id = %s AND created_at >= %s AND created_at < %s AND role <> 'shadow'", \
-        [budget.tenant_id, use.start, now]
-    column = {"key": "key_id::text", "user": "end_user", "session": "session_id"}.get(budget.scope)
-    if column is not None:
-        where += f" AND {column} = %s"
-        params.append(use.subject)
-    if unit == "day" and budget.scope in ("tenant", "key", "user") and use.start == use.window.start:
-        dim = {"tenant": "model", "key": "key", "user": "user"}[budget.scope]
-        sql = ("SELECT day::timestamp AT TIME ZONE 'UTC', sum(spend_usd) FROM ledger_daily WHERE tenant_id = %s"
-               " AND dim = %s AND day >= %s" + ("" if budget.scope == "tenant" else " AND value = %s") + " GROUP BY 1")
-        args: list[Any] = [budget.tenant_id, dim, use.start.date()] + ([] if budget.scope == "tenant" else [use.subject])
+    dim = rollup_dim(budget, use.start, use.end) if unit == "day" else None
+    by_subject = budget.scope != "tenant"
+    if dim is not None:
+        sql = ("SELECT day::timestamp AT TIME ZONE 'UTC', sum(spend_usd) FROM ledger_daily"
+               " WHERE tenant_id = %s AND dim = %s AND day >= %s" + (" AND value = %s" if by_subject else ""))
+        args: list[Any] = [budget.tenant_id, dim, use.start.date()]
     else:
-        sql, args = f"SELECT date_trunc('{unit}', created_at), sum(cost_usd) FROM ledger WHERE {where} GROUP BY 1", params
-    cur = await conn.execute(sql + " ORDER BY 1", args)
+        sql = (f"SELECT date_trunc('{unit}', created_at), sum(cost_usd) FROM ledger WHERE tenant_id = %s"
+               " AND created_at >= %s AND created_at < %s AND role <> 'shadow'"
+               + (f" AND {SUBJECT_COLUMN[budget.scope]} = %s" if by_subject else ""))
+        args = [budget.tenant_id, use.start, now]
+    cur = await conn.execute(sql + " GROUP BY 1 ORDER BY 1", args + ([use.subject] if by_subject else []))
     length = (use.end - use.start).total_seconds()
     step = timedelta(hours=1) if unit == "hour" else timedelta(days=1)
     points, running = [(0.0, Decimal(0))], Decimal(0)
@@ -371,16 +365,14 @@ async def _burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, D
 
 @router.get("/console/budgets")
 async def budgets(request: Request) -> Response:
-    session = await _signed_in(request)
-    if not isinstance(session, Session):
-        return session
+    return await _serve(request, lambda session: _budgets_page(request, session))
+
+
+async def _budgets_page(request: Request, session: Session) -> Response:
     state = request.app.state.tollway
     now = datetime.now(UTC)
     tenant = request.query_params.get("tenant") or None
-    try:
-        ids = await _tenant_scope(state, session, tenant)
-    except TollwayError as exc:
-        return _error(session, exc)
+    ids = await _tenant_scope(state, session, tenant)
     defaults = (state.settings.budget_alert_thresholds, "forecast" in state.settings.budget_alerts)
     rows: list[dict[str, Any]] = []
     cards: list[dict[str, Any]] = []
@@ -420,16 +412,13 @@ async def budgets(request: Request) -> Response:
 
 @router.get("/console/operations")
 async def operations(request: Request) -> Response:
-    session = await _signed_in(request, admin=True)
-    if not isinstance(session, Session):
-        return session
+    return await _serve(request, lambda session: _operations_page(request, session), admin=True)
+
+
+async def _operations_page(request: Request, session: Session) -> Response:
     state = request.app.state.tollway
-    replicas = []
-    for name, r in sorted(state.routing.health.replicas.items()):
-        replicas.append({"name": name, "state": r.state, "latency_ms": r.latency_ms, "ttft_ms": r.ttft_ms,
-                         "error_rate": (r.failures / r.calls) if r.calls else None, "calls": r.calls,
-                         "failures": r.failures, "in_flight": r.outstanding, "waiting": r.waiting,
-                         "running": r.running, "kv_cache": r.kv_cache, "trips": r.trips})
+    replicas = [{**r.describe(), "name": name, "error_rate": (r.failures / r.calls) if r.calls else None}
+                for name, r in sorted(state.routing.health.replicas.items())]
     async with state.pool.connection() as conn:
         cur = await conn.execute(
             "SELECT l.created_at, t.name, l.model, l.upstream, l.status, l.error_code, l.latency_ms, l.request_id"
@@ -446,61 +435,55 @@ async def operations(request: Request) -> Response:
 
 @router.get("/console/audit")
 async def audit(request: Request) -> Response:
-    session = await _signed_in(request, admin=True)
-    if not isinstance(session, Session):
-        return session
+    return await _serve(request, lambda session: _audit_page(request, session), admin=True)
+
+
+def _pretty(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+
+
+async def _audit_page(request: Request, session: Session) -> Response:
     state = request.app.state.tollway
     tenant = request.query_params.get("tenant") or None
     kind = request.query_params.get("kind") or None
-    try:
-        ids = await _tenant_scope(state, session, tenant)
-    except TollwayError as exc:
-        return _error(session, exc)
+    ids = await _tenant_scope(state, session, tenant)
     async with state.pool.connection() as conn:
         rows = await history(conn, tenant_id=None if ids is None else ids[0], limit=500)
         cur = await conn.execute("SELECT id, name FROM tenants")
         names = dict(await cur.fetchall())
-    rows = [{**r, "tenant": names.get(r["tenant_id"]),
-             "before_json": None if r["before"] is None else orjson.dumps(r["before"], option=orjson.OPT_INDENT_2
-                                                                          | orjson.OPT_SORT_KEYS).decode(),
-             "after_json": None if r["after"] is None else orjson.dumps(r["after"], option=orjson.OPT_INDENT_2
-                                                                        | orjson.OPT_SORT_KEYS).decode()}
-            for r in rows if kind is None or r["kind"] == kind][:200]
+    rows = [{**r, "tenant": names.get(r["tenant_id"]), "before_json": _pretty(r["before"]),
+             "after_json": _pretty(r["after"])} for r in rows if kind is None or r["kind"] == kind][:200]
     return _page("audit.html", session=session, rows=rows, tenant=tenant, kind=kind,
                  tenants=await _tenant_names(state))
 
 
 @router.get("/console/keys")
 async def keys(request: Request) -> Response:
-    session = await _signed_in(request, admin=True)
-    if not isinstance(session, Session):
-        return session
+    return await _serve(request, lambda session: _keys_page(request, session), admin=True)
+
+
+async def _keys_page(request: Request, session: Session) -> Response:
     state = request.app.state.tollway
     tenant = request.query_params.get("tenant") or None
-    try:
-        async with state.pool.connection() as conn:
-            rows = await list_keys(conn, tenant)
-            tenants = await list_tenants(conn)
-    except TollwayError as exc:
-        return _error(session, exc)
+    async with state.pool.connection() as conn:
+        rows = await list_keys(conn, tenant)
+        tenants = await list_tenants(conn)
     return _page("keys.html", session=session, rows=rows, tenants=tenants, tenant=tenant,
                  notice=request.query_params.get("revoked"))
 
 
 @router.post("/console/keys/{key_id}/revoke")
 async def revoke(request: Request, key_id: int) -> Response:
-    session = await _signed_in(request, admin=True)
-    if not isinstance(session, Session):
-        return session
+    return await _serve(request, lambda session: _revoke(request, session, key_id), admin=True)
+
+
+async def _revoke(request: Request, session: Session, key_id: int) -> Response:
     state = request.app.state.tollway
-    try:
-        form = await _form_checked(request, session)
-        if key_id == session.principal.key_id:
-            raise InvalidRequest("This is the key you signed in with; sign in with another admin key to revoke it.")
-        async with state.pool.connection() as conn:
-            done = await revoke_key(conn, key_id, author=session.principal.author,
-                                    reason=str(form.get("reason") or "") or "revoked in the console")
-    except TollwayError as exc:
-        return _error(session, exc)
+    form = await _form_checked(request, session)
+    if key_id == session.principal.key_id:
+        raise InvalidRequest("This is the key you signed in with; sign in with another admin key to revoke it.")
+    async with state.pool.connection() as conn:
+        done = await revoke_key(conn, key_id, author=session.principal.author,
+                                reason=str(form.get("reason") or "") or "revoked in the console")
     state.keys.forget(key_id)
     return RedirectResponse(f"/console/keys?revoked={key_id if done else ''}", status_code=303)

@@ -25,6 +25,5 @@ async def metrics(request: Request) -> Response:
     if principal.role != "admin":
         raise PermissionDenied("/metrics shows every tenant's spend: it needs an admin key.", code="role_not_allowed")
     prom = state.telemetry.prometheus
-    prom.replicas(state.routing.health.replicas)
-    prom.ledger(state.ledger.in_hand, state.ledger.pending_spill_files())
+    prom.observe(state.routing.health.replicas, state.ledger)
     return Response(prom.exposition(), media_type=CONTENT_TYPE)

@@ -27,6 +27,13 @@ _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+class _Ledger(Protocol):
+    @property
+    def in_hand(self) -> int: ...
+
+    def pending_spill_files(self) -> list[Path]: ...
+
+
 class _Replica(Protocol):
     state: str
     outstanding: int
@@ -107,6 +114,11 @@ class Metrics:
             self.tokens.labels(tenant, model, "output").inc(output_tokens)
         if cache_hit:
             self.cache_hits.labels(tenant).inc()
+
+    def observe(self, replicas: Mapping[str, _Replica], ledger: _Ledger) -> None:
+        """This process's gauges from its state: every few seconds, and before each scrape it serves."""
+        self.replicas(replicas)
+        self.ledger(ledger.in_hand, ledger.pending_spill_files())
 
     def replicas(self, replicas: Mapping[str, _Replica]) -> None:
         for name, r in replicas.items():

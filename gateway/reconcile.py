@@ -41,8 +41,16 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_SUBJECT_COLUMN = {"key": "key_id::text", "user": "end_user", "session": "session_id"}
+SUBJECT_COLUMN = {"key": "key_id::text", "user": "end_user", "session": "session_id"}  # ledger column per scope
 _ROLLUP_DIM = {"tenant": "model", "key": "key", "user": "user"}  # ledger_daily dimensions per budget scope
+
+
+def rollup_dim(budget: Budget, start: datetime, end: datetime) -> str | None:
+    """The ``ledger_daily`` dimension that answers for this budget over [start, end), when the window starts
+    at midnight UTC and has not ended (a day, a month, a lifetime); None: read the ledger itself."""
+    if start.astimezone(UTC).time() != time() or end <= datetime.now(UTC):
+        return None
+    return _ROLLUP_DIM.get(budget.scope)
 
 
 @dataclass
@@ -82,12 +90,12 @@ async def subjects(conn: Any, budget: Budget, start: datetime, end: datetime) ->
         return [""]
     if budget.subject != EACH:
         return [budget.subject]
-    dim = _ROLLUP_DIM.get(budget.scope)
-    if dim is not None and start.astimezone(UTC).time() == time() and end > datetime.now(UTC):
+    dim = rollup_dim(budget, start, end)
+    if dim is not None:
         cur = await conn.execute("SELECT DISTINCT value FROM ledger_daily WHERE tenant_id = %s AND dim = %s"
                                  " AND day >= %s AND value <> '(none)'", (budget.tenant_id, dim, start.date()))
         return [str(r[0]) for r in await cur.fetchall()]
-    column = _SUBJECT_COLUMN[budget.scope]
+    column = SUBJECT_COLUMN[budget.scope]
     cur = await conn.execute(
         f"SELECT DISTINCT {column} FROM ledger WHERE tenant_id = %s AND {column} IS NOT NULL"
         " AND created_at >= %s AND created_at < %s", (budget.tenant_id, start, end))
@@ -99,9 +107,8 @@ async def ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
     """What the ledger says one budget subject used in [start, end): USD, tokens, requests. A window that
     starts at midnight UTC and has not ended (a day, a month, a lifetime) is read from the daily rollup,
     which the ledger's inserts keep exact; the same sums from thousands of rows instead of millions."""
-    now = datetime.now(UTC)
-    dim = _ROLLUP_DIM.get(budget.scope)
-    if dim is not None and start.astimezone(UTC).time() == time() and end > now:
+    dim = rollup_dim(budget, start, end)
+    if dim is not None:
         where = "tenant_id = %s AND dim = %s AND day >= %s"
         params: list[Any] = [budget.tenant_id, dim, start.astimezone(UTC).date()]
         if budget.scope != "tenant":
@@ -113,7 +120,7 @@ async def ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
         where = "tenant_id = %s AND created_at >= %s AND created_at < %s AND role <> 'shadow'"
         params = [budget.tenant_id, start, end]
         if budget.scope != "tenant":
-            where += f" AND {_SUBJECT_COLUMN[budget.scope]} = %s"
+            where += f" AND {SUBJECT_COLUMN[budget.scope]} = %s"
             params.append(subject)
         cur = await conn.execute(f"SELECT coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens + output_tokens), 0),"
                                  f" count(*) FILTER (WHERE role = 'answer') FROM ledger WHERE {where}", params)

@@ -19,10 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import NoOpTracer, Tracer
 
 import tollway
-from tollway.gateway.prometheus import Metrics
-
-# breaker states as gauge values: higher is worse
-BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+from tollway.gateway.prometheus import BREAKER_VALUES, Metrics
 
 
 class _Replica(Protocol):
@@ -117,4 +114,3 @@ def build_telemetry(*, otlp_endpoint: str | None, span_exporter: SpanExporter | 
         alerts=meter.create_counter("tollway.alerts", description="Alerts raised, by kind"),
         prometheus=Metrics(),
     )
-

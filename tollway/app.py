@@ -311,8 +311,7 @@ async def _export_metrics(settings: Settings, stack: AsyncExitStack, pool: Async
     --workers N the parent serves it)."""
 
     async def gauges() -> None:
-        metrics.replicas(replicas)
-        metrics.ledger(ledger.in_hand, ledger.pending_spill_files())
+        metrics.observe(replicas, ledger)
 
     async def budgets() -> None:
         now = datetime.now(UTC)
