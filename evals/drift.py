@@ -30,6 +30,8 @@ class BernoulliSPRT:
     llr: float = 0.0
     n: int = 0
     decision: str | None = None  # 'drop' (H1), 'no_drop' (H0), or None: keep sampling
+    decided_llr: float = 0.0  # the ratio and sample count when the last decision was made (its evidence)
+    decided_n: int = 0
     upper: float = field(init=False)  # log boundaries: reject H0 above, accept it below
     lower: float = field(init=False)
     _pass: float = field(init=False)  # the log-likelihood ratio a passed / failed sample adds
@@ -53,6 +55,7 @@ class BernoulliSPRT:
             self.decision = "no_drop"
         else:
             return None
+        self.decided_llr, self.decided_n = self.llr, self.n
         decided, self.llr, self.n = self.decision, 0.0, 0
         return decided
 

@@ -83,6 +83,8 @@ class PolicyBody(_Body):
     quality_floor: str | None = None
     degraded_answers: bool | None = None
     response_cache: bool | None = None
+    store_content: bool | None = None
+    content_retention_days: int | None = Field(default=None, gt=0)
 
 
 class KeyBody(_Body):

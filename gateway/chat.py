@@ -35,6 +35,7 @@ from tollway.gateway.calls import (
 )
 from tollway.gateway.exchange import TOLLWAY_FIELDS, Exchange, Parts, Retrieved
 from tollway.gateway.protocol import ChatCompletionRequest, parse_json_object, validate
+from tollway.gateway.quality import LiveQuality
 from tollway.gateway.relay import Accountant, Emitter, StreamRelay, as_chunks, choice_text, transform_whole
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.streaming import BodyReader
@@ -58,12 +59,13 @@ def _int(params: JSON, name: str) -> int | None:
 
 class Chat:
     def __init__(self, calls: Calls, router: Router, *, parts: Parts | None = None,
-                 shadows: Shadows | None = None) -> None:
+                 shadows: Shadows | None = None, quality: LiveQuality | None = None) -> None:
         self.calls = calls
         self.router = router
         self.catalog = router.catalog
         self.parts = parts or Parts()
         self.shadows = shadows
+        self.quality = quality
 
     async def __call__(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
         ex = Exchange(tally=self.calls.open(ctx, "chat.completions"), read_body=read_body, ctx=ctx)
@@ -336,7 +338,11 @@ class Chat:
             served.release(status == 200, count=status != CLIENT_CLOSED)
             if status != 200:
                 return
-            self._shadow(ex, "".join(emitter.text))
+            text = "".join(emitter.text)
+            self._shadow(ex, text)
+            if self.quality is not None and accountant.finish_reason:
+                usage, _ = accountant.settled()
+                self.quality.offer(ex, text, emitter.answer(accountant.finish_reason, usage))
             if ex.cache_key is not None and n == 1 and accountant.plain_text and accountant.finish_reason \
                     and not ex.guards_changed():
                 usage, _ = accountant.settled()
@@ -349,16 +355,22 @@ class Chat:
                            info=ex.info, close_upstream=stream.aclose, on_close=on_close).frames()
 
     async def _after(self, ex: Exchange) -> None:
-        """Work after a whole upstream answer: cache it (deterministic requests), sample it for shadows."""
+        """Work after a whole upstream answer: cache it (deterministic requests), sample it for shadows and
+        for live scoring."""
         if ex.served is None or ex.answer is None:
             return
         if ex.cache_key is not None and not ex.guards_changed():  # what guards changed is not kept
             await self.router.store(ex.cache_key, ex.answer, ex.served.step.model.name, ex.tally.row.cost_usd)
-        self._shadow(ex, choice_text(ex.answer, "message"))
+        text = choice_text(ex.answer, "message")
+        self._shadow(ex, text)
+        if self.quality is not None:
+            self.quality.offer(ex, text, ex.answer)
 
     def _shadow(self, ex: Exchange, output: str) -> None:
         if self.shadows is not None and ex.served is not None and ex.sent is not None:
-            self.shadows.maybe(ex.tally.row, ex.served.step.model, ex.sent, output)
+            rules = ex.rules
+            self.shadows.maybe(ex.tally.row, ex.served.step.model, ex.sent, output,
+                               store_content=bool(rules is not None and rules.policy.store_content))
 
 
 CHAT_STAGES: tuple[Stage, ...] = (

@@ -38,6 +38,7 @@ class RenderedPrompt:
     model: str | None = None  # applies when the request's model is the 'prompt' alias
     params: JSON = field(default_factory=dict)  # apply unless the request sets them
     guards: PromptGuards | None = None  # the prompt's guard policy: overrides the tenant's per validator
+    label: str | None = None  # the label the request named (None: it named a version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,8 @@ class Metrics:
         self.guards = counter("tollway_guard_outcomes", "Guard outcomes by tenant, validator and action",
                               ("tenant", "validator", "action"))
         self.alerts = counter("tollway_alerts", "Alerts raised, by kind", ("kind",))
+        self.quality = counter("tollway_quality_samples", "Live answers sampled for scoring, by model and outcome "
+                               "(passed, failed, unchecked; dropped: the scoring queue was full)", ("model", "outcome"))
         self.breaker = gauge("tollway_upstream_breaker_state",
                              "Circuit breaker per upstream replica: 0 closed, 1 half-open, 2 open", ("upstream",), "max")
         self.in_flight = gauge("tollway_upstream_in_flight", "Calls in flight per upstream replica", ("upstream",),

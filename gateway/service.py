@@ -22,6 +22,7 @@ from tollway.gateway.chat import PROMPT_ALIAS, Chat
 from tollway.gateway.exchange import Parts
 from tollway.gateway.keys import Principal
 from tollway.gateway.protocol import EmbeddingRequest, parse_json_object, validate
+from tollway.gateway.quality import LiveQuality
 from tollway.gateway.rag import LOCAL_ENTRY
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.streaming import BodyReader
@@ -35,11 +36,12 @@ __all__ = ["INPUT_MARGIN", "INPUT_SLACK", "CallContext", "CompletionService", "J
 
 class CompletionService:
     def __init__(self, calls: Calls, router: Router, *, parts: Parts | None = None,
-                 shadows: Shadows | None = None, local: LocalEmbedder | None = None) -> None:
+                 shadows: Shadows | None = None, local: LocalEmbedder | None = None,
+                 quality: LiveQuality | None = None) -> None:
         self.calls = calls
         self.router = router
         self.local = local  # the packaged embedding model, served in process
-        self.chat = Chat(calls, router, parts=parts, shadows=shadows)
+        self.chat = Chat(calls, router, parts=parts, shadows=shadows, quality=quality)
 
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         calls = self.calls

@@ -36,6 +36,7 @@ class ShadowJob:
     wire: JSON  # the request as sent upstream, non-streamed
     primary_output: str
     primary_latency_ms: float
+    store_content: bool = False  # the tenant's content policy: keep both answers, or scores and metadata only
 
 
 class Shadows:
@@ -47,16 +48,17 @@ class Shadows:
         self.skipped = 0
         self.background = Background("shadow call", drain_s=30)
 
-    def maybe(self, row: LedgerRow, served: ModelEntry, wire: JSON, output: str) -> None:
+    def maybe(self, row: LedgerRow, served: ModelEntry, wire: JSON, output: str, store_content: bool = False) -> None:
         """Sample an answered request for each shadow rollout of the model that answered it."""
         catalog = self.router.catalog
-        for rollout in catalog.routing.rollouts:
+        for rollout in catalog.rollouts:
             if rollout.model != served.name or rollout.shadow_percent <= 0:
                 continue
             if self.router.rng.random() * 100 >= rollout.shadow_percent:
                 continue
             self.submit(ShadowJob(row=dataclasses.replace(row), candidate=catalog.models[rollout.candidate],
-                                  wire=wire, primary_output=output, primary_latency_ms=row.latency_ms))
+                                  wire=wire, primary_output=output, primary_latency_ms=row.latency_ms,
+                                  store_content=store_content))
 
     def submit(self, job: ShadowJob) -> bool:
         if len(self.background) >= self.max_in_flight:
@@ -99,10 +101,11 @@ class Shadows:
         try:
             async with self.pool.connection(timeout=5) as conn:
                 await conn.execute(
-                    "INSERT INTO shadow_samples (request_id, tenant_id, model, candidate, status, error_code,"
+                    "INSERT INTO shadow_samples (request_id, tenant_id, end_user, model, candidate, status, error_code,"
                     " primary_output, candidate_output, primary_latency_ms, candidate_latency_ms, candidate_cost_usd)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (job.row.request_id, job.row.tenant_id, job.row.model, entry.name, status, code,
-                     job.primary_output, output, job.primary_latency_ms, latency_ms, cost))
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (job.row.request_id, job.row.tenant_id, job.row.end_user, job.row.model, entry.name, status, code,
+                     job.primary_output if job.store_content else None, output if job.store_content else None,
+                     job.primary_latency_ms, latency_ms, cost))
         except Exception:  # evaluation data: its loss is logged; the money is in the ledger row above
             log.exception("could not record the shadow sample of %s", job.row.request_id)

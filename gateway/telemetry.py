@@ -64,6 +64,9 @@ class Telemetry:
             "tollway.routing.breaker.trips", callbacks=observe(lambda r: r.trips),
             description="Times each replica's circuit breaker opened")
 
+    def quality_sample(self, model: str, outcome: str) -> None:
+        self.prometheus.quality.labels(model, outcome).inc()
+
     def alert(self, kind: str) -> None:
         self.alerts.add(1, {"tollway.alert.kind": kind})
         self.prometheus.alerts.labels(kind).inc()

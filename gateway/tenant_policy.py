@@ -106,6 +106,8 @@ class TenantPolicy:
     quality_floor: str | None = None
     degraded_answers: bool = False
     response_cache: bool = True
+    store_content: bool = False  # prompts and answers of live/shadow samples and eval items may be kept
+    content_retention_days: int = 30  # for this long
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_models, list):  # from the database's text[]

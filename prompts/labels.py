@@ -71,7 +71,7 @@ async def labels_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: st
 async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str,
                      target: str, *, author: str, reason: str | None = None, split_version: str | None = None,
                      split_percent: float = 0.0, gate: Gate | None = None, admin: bool = False,
-                     override: bool = False, actor: Any = None) -> tuple[Label, GateResult | None]:
+                     override: bool = False, actor: Any = None, note: Any = None) -> tuple[Label, GateResult | None]:
     """Point ``label`` at ``target`` (a version or another label), optionally splitting ``split_percent``
     of users to ``split_version``. Moving ``production`` runs the gate (admins may override it, recorded)."""
     if not 0 <= split_percent <= 100:
@@ -103,12 +103,13 @@ async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant:
                                                  "overridden": override and not result.passed}
         await changes.record(conn, author=author, kind="prompt_label", subject=f"{name}:{label}", action="move",
                              tenant_id=tenant_id, before=None if before is None else before.as_json(),
-                             after={**after.as_json(), "gate": gate_note}, reason=reason)
+                             after={**after.as_json(), "gate": gate_note, **({"evidence": note} if note else {})},
+                             reason=reason)
     return after, result
 
 
 async def rollback(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str, *,
-                   author: str, reason: str | None = None) -> Label:
+                   author: str, reason: str | None = None, note: Any = None) -> Label:
     """Move ``label`` back to the version it held before its last move (no gate: going back is the remedy)."""
     cur = await conn.execute(
         "SELECT before FROM changes WHERE tenant_id = %s AND kind = 'prompt_label' AND subject = %s"
@@ -121,7 +122,7 @@ async def rollback(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: s
     after, _ = await move_label(conn, tenant_id, tenant, name, label, before["version"], author=author,
                                 reason=reason or "rollback", split_version=before.get("split_version"),
                                 split_percent=float(before.get("split_percent") or 0), gate=None,
-                                admin=True, override=True)
+                                admin=True, override=True, note=note)
     return after
 
 

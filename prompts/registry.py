@@ -30,6 +30,7 @@ class Rendered:
     model: str | None
     params: JSON
     guards: PromptGuards | None = None
+    label: str | None = None  # the label that chose the version (None: the request named a version)
 
 
 @dataclass(slots=True)
@@ -97,9 +98,11 @@ class Registry:
         versions = tenant.contents.get(name) if tenant is not None else None
         if tenant is None or not versions:
             raise NotFound(f"Prompt '{name}' does not exist.", param="prompt.name", code="prompt_not_found")
+        label_name = None
         if version is not None:
             chosen = _by_id(versions, str(version), name)
         else:
+            label_name = str(label or PRODUCTION)
             found = tenant.labels.get((name, str(label or PRODUCTION)))
             if found is None:
                 raise NotFound(f"Prompt '{name}' has no label '{label or PRODUCTION}' (name a version, or move the "
@@ -107,7 +110,7 @@ class Registry:
             chosen = found.pick(subject)
         prompt = tenant.prompt(name, chosen)
         return Rendered(name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model, prompt.params,
-                        prompt.guards)
+                        prompt.guards, label_name)
 
     def render_ref(self, tenant_id: int, subject: str, name: str, ref: str, variables: JSON | None) -> Rendered:
         """Render by one reference that is a label if the prompt has one of that name, else a version

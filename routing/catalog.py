@@ -15,7 +15,15 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
-from tollway.routing.config import ConfigError, RawConfig, RawPrice, RawRouting, RawTier, RawUpstream
+from tollway.routing.config import (
+    ConfigError,
+    RawConfig,
+    RawPrice,
+    RawRollout,
+    RawRouting,
+    RawTier,
+    RawUpstream,
+)
 
 _MTOK = Decimal(1_000_000)
 _HOUR = Decimal(3600)
@@ -162,7 +170,9 @@ class Catalog:
         self._rank = {t.name: i for i, t in enumerate(self.tiers)}
         self.auto_aliases = frozenset(self.routing.auto_aliases)
         self.has_context_windows = any(m.context_window is not None for m in self.models.values())
-        self.has_canaries = any(r.canary_percent > 0 for r in self.routing.rollouts)
+        self.rollouts: tuple[RawRollout, ...] = ()
+        self.has_canaries = False
+        self.set_rollouts(self.routing.rollouts)
         self._tiered: dict[tuple[int, str], list[ModelEntry]] = {}
         for m in sorted(self.models.values(), key=lambda m: (m.unit_cost(), m.name)):
             self._tiered.setdefault((self.rank(m.tier), m.kind), []).append(m)
@@ -174,6 +184,13 @@ class Catalog:
                 raise ConfigError(f"alias {alias!r} points at unknown model {target!r}")
             if alias in self.models:
                 raise ConfigError(f"alias {alias!r} collides with a model name")
+
+    def set_rollouts(self, rollouts: Iterable[RawRollout]) -> None:
+        """Model canaries and shadows, changeable at run time (``tollway.gateway.rollouts``): one assignment,
+        so a request sees either the old set or the new one. Rollouts naming a model this catalog lacks
+        are left out."""
+        known = tuple(r for r in rollouts if r.model in self.models and r.candidate in self.models)
+        self.rollouts, self.has_canaries = known, any(r.canary_percent > 0 for r in known)
 
     def get(self, name: str) -> ModelEntry | None:
         entry = self.models.get(name)

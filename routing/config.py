@@ -182,6 +182,8 @@ class RawConfig(_Strict):
     guardrails: dict[str, Any] | None = None
     # Eval runs and the production gate's thresholds: parsed by ``tollway.gateway.evaluating``.
     evals: dict[str, Any] | None = None
+    # The live quality loop (sampling, drift detection, automatic rollback): ``tollway.gateway.quality``.
+    quality: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> RawConfig:

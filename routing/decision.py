@@ -62,6 +62,7 @@ class RouteDecision:
     reason: str
     degraded_allowed: bool = False
     rollout: str | None = None  # 'canary' when the target is a rollout candidate
+    rollout_of: str | None = None  # then: the model it stands in for
 
     @property
     def target(self) -> ModelEntry:
@@ -92,8 +93,8 @@ def candidates(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> li
     else:
         below = [m for m in catalog.models.values() if catalog.rank(m.tier) > rank]
     # canary candidates too (a shadow's cost is not the tenant's); only what the tenant may use
-    canaries = [catalog.models[r.candidate] for r in catalog.routing.rollouts
-                if r.model == entry.name and r.canary_percent > 0]
+    canaries = [catalog.models[r.candidate] for r in catalog.rollouts
+                if r.model == entry.name and r.canary_percent > 0 and r.candidate in catalog.models]
     return [entry, *(m for m in (*below, *canaries) if _eligible(catalog, m, req, tenant))]
 
 
@@ -184,15 +185,16 @@ def _requested(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, healt
 
 def _canary(catalog: Catalog, chain: list[ModelEntry], req: RouteRequest, tenant: TenantRouting,
             bucket: float | None, reasons: list[str]) -> str | None:
+    """The model the canary stands in for, when this end user's bucket puts the request on one."""
     if bucket is None:
         return None
-    for rollout in catalog.routing.rollouts:
+    for rollout in catalog.rollouts:
         if rollout.model == chain[0].name and bucket * 100 < rollout.canary_percent:
-            candidate = catalog.models[rollout.candidate]
-            if _eligible(catalog, candidate, req, tenant):
+            candidate = catalog.models.get(rollout.candidate)
+            if candidate is not None and _eligible(catalog, candidate, req, tenant):
                 chain.insert(0, candidate)
                 reasons.append(f"canary:{candidate.name}")
-                return "canary"
+                return rollout.model
     return None
 
 
@@ -219,10 +221,11 @@ def decide(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: B
             reasons.append("velocity_soft")  # recorded; a named model is not swapped for a cheaper one
     if not chain:
         raise no_model_fits(req)
-    rollout = _canary(catalog, chain, req, tenant, canary, reasons)
+    rollout_of = _canary(catalog, chain, req, tenant, canary, reasons)
     ordered = _by_health(chain, health, reasons)
     steps = tuple(Step.of(catalog, m) for m in ordered)
     if steps and steps[0].model is not chain[0]:
         reasons.append(f"target={steps[0].model.name}")
     return RouteDecision(steps=steps, reason=";".join(reasons), degraded_allowed=tenant.degraded_answers,
-                         rollout=rollout if steps and steps[0].model is chain[0] else None)
+                         **({"rollout": "canary", "rollout_of": rollout_of}
+                            if rollout_of is not None and steps and steps[0].model is chain[0] else {}))

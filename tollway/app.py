@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,20 +47,27 @@ from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, Requ
 from tollway.gateway.prometheus import Metrics, multiprocess
 from tollway.gateway.prompting import RegistryPrompts
 from tollway.gateway.prompts_api import router as prompts_router
+from tollway.gateway.quality import LiveQuality, apply_retention, quality_settings
+from tollway.gateway.quality_api import router as quality_router
 from tollway.gateway.quota import QuotaService
 from tollway.gateway.rag import Rag, RagSettings
 from tollway.gateway.reconcile import reconcile
 from tollway.gateway.retrieval_api import router as retrieval_router
+from tollway.gateway.rollouts import KIND as ROLLOUT
+from tollway.gateway.rollouts import load_into as load_rollouts
+from tollway.gateway.rollouts import seed as seed_rollouts
 from tollway.gateway.service import CompletionService
 from tollway.gateway.shadow import Shadows
 from tollway.gateway.telemetry import Telemetry, build_telemetry
 from tollway.gateway.tenant_policy import PolicyStore
+from tollway.gateway.watch import Monitor
 from tollway.guardrails.policy import PolicyError
 from tollway.periodic import Periodic
 from tollway.prompts import Gate, Registry
 from tollway.retrieval import LocalEmbedder
 from tollway.routing import (
     Catalog,
+    ConfigError,
     RawUpstream,
     Router,
     SaturationPoller,
@@ -98,12 +105,14 @@ class AppState:
     quota: QuotaService
     events: BreakerEvents
     routing: Router
-    shadows: Shadows | None
+    shadows: Shadows
     changes: ChangeListener
     prompts: Registry
     rag: Rag
     guarding: Guarding
     evals: Evals
+    quality: LiveQuality
+    monitor: Monitor
     git: GitHTTP | None = None
     prompt_gate: Gate | None = None  # runs a prompt's golden set when production moves (EvalGate)
 
@@ -144,13 +153,16 @@ def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger:
 
 
 async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore,
-                              prompts: Registry) -> ChangeListener:
-    """Every change made anywhere (CLI, any replica's admin API, a git push) drops what this process cached
-    about it, or reloads it (a tenant's prompts)."""
+                              prompts: Registry, pool: AsyncConnectionPool, catalog: Catalog) -> ChangeListener:
+    """Every change made anywhere (CLI, any replica's admin API, a git push, the quality monitor) drops what
+    this process cached about it, or reloads it (a tenant's prompts, the model rollouts)."""
 
     async def apply(note: Note) -> None:
         if note.kind == "key":
             keys.forget(int(note.subject))
+        if note.kind == ROLLOUT:
+            async with pool.connection() as conn:
+                await load_rollouts(conn, catalog)
         if note.tenant_id is not None:
             policies.forget(note.tenant_id)
             if note.kind in ("prompt", "prompt_label"):
@@ -227,7 +239,10 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
     prompts = Registry(pool)
     await prompts.load()
-    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts)
+    async with pool.connection() as conn:  # the config's rollouts are the starting point; the table wins
+        await seed_rollouts(conn, catalog)
+        await load_rollouts(conn, catalog)
+    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog)
     stack.push_async_callback(changes.stop)
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)
@@ -260,15 +275,29 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
     routing = build_router(catalog, upstreams, redis_client)
-    shadows = Shadows(routing, ledger, pool) if any(r.shadow_percent for r in catalog.routing.rollouts) else None
+    shadows = Shadows(routing, ledger, pool)  # always: rollouts change at run time
     telemetry.observe_replicas(routing.health.replicas)
     await _export_metrics(settings, stack, pool, telemetry.prometheus, routing.health.replicas, ledger)
     poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
     await poller.poll_once()  # the first routing decisions already see the queues
     poller.start()
     stack.push_async_callback(poller.stop)
-    if shadows is not None:
-        stack.push_async_callback(shadows.drain)  # before the ledger stops: shadow rows are written
+    stack.push_async_callback(shadows.drain)  # before the ledger stops: shadow rows are written
+    try:
+        quality_conf = quality_settings(raw_config.quality)
+    except ConfigError as exc:
+        raise StartupError(f"{settings.config or 'config'}: {exc}") from None
+    quality = LiveQuality(pool, routing, ledger, telemetry, quality_conf)
+    await quality.refresh_rates()
+    quality.start()
+    stack.push_async_callback(quality.stop)  # before the ledger stops: judge rows are written
+    monitor = Monitor(pool, settings.database_url, quality_conf, quality, telemetry)
+    stack.push_async_callback(monitor.close)
+    if quality_conf.enabled:
+        for job in (Periodic("quality-monitor", quality_conf.interval_s, monitor.tick, at_start=False),
+                    Periodic("content-retention", quality_conf.retention_interval_s, _retention(pool))):
+            job.start()
+            stack.push_async_callback(job.stop)
     stack.push_async_callback(routing.drain)  # before Redis closes: finished streams are cached
     git = GitHTTP(pool, prompts.load)
     stack.callback(git.close)
@@ -293,7 +322,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     except PolicyError as exc:
         raise StartupError(f"{settings.config or 'config'}: {exc}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
-    service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local)
+    service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality)
     evals = Evals(pool, service, prompts, eval_settings(raw_config.evals))
     stack.push_async_callback(evals.background.drain)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
@@ -301,7 +330,19 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
                     changes=changes, prompts=prompts, rag=rag, guarding=guarding, evals=evals, git=git,
-                    prompt_gate=EvalGate(evals, pool))
+                    prompt_gate=EvalGate(evals, pool), quality=quality, monitor=monitor)
+
+
+def _retention(pool: AsyncConnectionPool) -> Callable[[], Awaitable[None]]:
+    """The content policy's retention: stored prompts and answers older than their tenant allows go."""
+
+    async def run() -> None:
+        async with pool.connection() as conn:
+            removed = await apply_retention(conn)
+        if any(removed.values()):
+            log.info("content retention: %s", removed)
+
+    return run
 
 
 async def _export_metrics(settings: Settings, stack: AsyncExitStack, pool: AsyncConnectionPool, metrics: Metrics,
@@ -361,6 +402,7 @@ class Gateway:
         self.api.include_router(evals_router)
         self.api.include_router(console_router)
         self.api.include_router(metrics_router)
+        self.api.include_router(quality_router)
         install_error_handlers(self.api)
         install_openapi(self.api)
         self._stack = RequestIdMiddleware(BodyLimitMiddleware(

@@ -135,7 +135,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name) for name in (
         "redis_failure", "default_max_tokens", "rpm", "tpm", "velocity_soft_usd_per_min",
         "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
-        "quality_floor", "degraded_answers", "response_cache") if getattr(args, name) is not None}
+        "quality_floor", "degraded_answers", "response_cache", "store_content", "content_retention_days")
+        if getattr(args, name) is not None}
     if args.allowed_models is not None:
         fields["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
 
@@ -211,6 +212,9 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     policy.add_argument("--quality-floor", help="the lowest tier this tenant may be routed or fall back to")
     policy.add_argument("--degraded-answers", type=_flag, help="on/off: a marked degraded answer when every tier failed")
     policy.add_argument("--response-cache", type=_flag, help="on/off: exact-match cache for deterministic requests")
+    policy.add_argument("--store-content", type=_flag, help="on/off: keep prompts and answers of live and shadow "
+                        "samples and eval items (off: scores and metadata only)")
+    policy.add_argument("--content-retention-days", type=int, help="how long stored content is kept (default 30)")
     audited(policy)
     policy.set_defaults(func=cmd_policy)
 

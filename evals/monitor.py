@@ -1,0 +1,326 @@
+"""Drift detection for one route: its detectors against a baseline window, and how hard to sample it.
+
+A ``RouteTest`` holds every detector of a route and spends the route's false-alarm budget ``alpha``
+across them (Bonferroni): half goes to the sequential test of the pass rate, the other half is shared by
+the window tests present in the baseline.
+
+- **Pass rate** (and the judge's score, read as pass at ``judge_pass``): with ``pass_drop`` set, Wald's
+  SPRT for "the rate fell by that much" (H0: p0 from the baseline, H1: p0 - drop); it restarts each time
+  it accepts H0, which is also what a progressive rollout waits for (evidence of no regression). Without
+  a specified drop, the always-valid mSPRT, which never accepts but may be looked at after every sample.
+- **Distributions**, per window of ``window`` samples against the baseline: two-sample KS for output
+  length, tokens per request, cost per request, retrieval score and judge score; a one-sided test of
+  a rise (chi-squared, or Fisher's exact test where expected counts are small) for the refusal and the
+  guard-failure rates, with the PSI of the two as evidence.
+
+Sampling rate: ``progress()`` says how close the nearest detector is to its threshold (0: nowhere, 1:
+there); ``SamplingPolicy.rate`` turns it into a rate between the base rate and a bound. The choice to
+sample depends only on earlier samples, never on the one being drawn, so samples stay independent draws
+of the route's traffic and the tests keep their error rates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tollway.evals.drift import BernoulliMSPRT, BernoulliSPRT, ks, psi
+
+CONTINUOUS = ("output_chars", "tokens", "cost", "retrieval", "judge")
+RATES = ("refusal", "guard_failed")
+MIN_VALUES = 20  # a window test needs this many values on each side
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One live sample's scores and numbers (None: not measured for this sample)."""
+
+    passed: bool | None
+    refusal: bool = False
+    guard_failed: bool = False
+    output_chars: float = 0.0
+    tokens: float = 0.0
+    cost: float = 0.0
+    retrieval: float | None = None
+    judge: float | None = None
+
+    def value(self, name: str) -> float | None:
+        v = getattr(self, name)
+        return None if v is None else float(v)
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSettings:
+    alpha: float = 0.005  # a route's false-alarm budget per test cycle, across all its detectors
+    pass_drop: float | None = 0.05  # the pass-rate drop the SPRT is specified for (None: the mSPRT)
+    beta: float = 0.01  # the SPRT's chance of missing a drop of that size (small: longer clean cycles)
+    window: int = 200  # samples per window of the distribution tests
+    baseline_samples: int = 1000  # a steady route is tested once its baseline has this many
+    baseline_max: int = 5000  # the trailing baseline keeps at most this many
+    min_samples: int = 200  # a progressive rollout's step needs this many scored samples
+    judge_pass: float = 0.5  # a judge score at or above this counts as a pass
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A breach and its evidence."""
+
+    detector: str
+    test: str
+    statistic: float
+    threshold: float
+    samples: int  # current samples the test read
+    baseline: float | None  # the baseline's rate or median
+    current: float | None
+    p_value: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"detector": self.detector, "test": self.test, "statistic": round(self.statistic, 6),
+                "threshold": round(self.threshold, 6), "samples": self.samples, "baseline": self.baseline,
+                "current": self.current, "p_value": self.p_value, **self.extra}
+
+
+def _rate(values: Iterable[bool]) -> tuple[int, int]:
+    vs = list(values)
+    return sum(vs), len(vs)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def rise_p_value(base_hits: int, base_n: int, hits: int, n: int) -> float:
+    """One-sided p-value of "the current rate is higher than the baseline's": chi-squared (halved, with
+    the direction checked) where every expected count is at least 5, else Fisher's exact test."""
+    from scipy import stats
+
+    table = [[hits, n - hits], [base_hits, base_n - base_hits]]
+    if hits * base_n <= base_hits * n:
+        return 1.0
+    total = n + base_n
+    col = (hits + base_hits, total - hits - base_hits)
+    if min(r * c / total for r in (n, base_n) for c in col) >= 5:
+        chi = stats.chi2_contingency(table, correction=True)
+        return float(chi.pvalue) / 2
+    return float(stats.fisher_exact(table, alternative="greater").pvalue)
+
+
+class PassTest:
+    """The sequential test of a pass rate against the baseline's: SPRT for a specified drop, else mSPRT."""
+
+    def __init__(self, name: str, p0: float, alpha: float, settings: DriftSettings) -> None:
+        self.name, self.alpha, self.settings = name, alpha, settings
+        self.accepted = 0  # times the SPRT accepted "no drop" (a cycle ended cleanly)
+        self.n = self.hits = 0
+        self.anchor(p0)
+
+    def anchor(self, p0: float) -> None:
+        """(Re)start against a baseline rate ``p0``."""
+        self.p0 = min(max(p0, 0.01), 0.99)
+        drop = self.settings.pass_drop
+        self.sprt = BernoulliSPRT(self.p0, self.p0 - drop, alpha=self.alpha, beta=self.settings.beta) \
+            if drop is not None and self.p0 - drop > 0.005 else None
+        self.msprt = None if self.sprt is not None else BernoulliMSPRT(self.p0, alpha=self.alpha)
+
+    def update(self, passed: bool) -> tuple[Finding | None, bool]:
+        """A finding on a drop; and whether a cycle ended ("no drop" accepted: re-anchor if you like)."""
+        self.n += 1
+        self.hits += passed
+        if self.sprt is not None:
+            decided = self.sprt.update(passed)
+            if decided == "no_drop":
+                self.accepted += 1
+                return None, True
+            if decided == "drop":
+                return Finding(self.name, "sprt", self.sprt.decided_llr, self.sprt.upper, self.sprt.decided_n,
+                               round(self.p0, 4), round(self.hits / self.n, 4),
+                               extra={"p1": round(self.sprt.p1, 4), "alpha": self.alpha}), False
+            return None, False
+        assert self.msprt is not None
+        if self.msprt.update(passed) and self.msprt.total < 0:
+            found = Finding(self.name, "msprt", self.msprt.log_ratio(), math.log(1 / self.alpha), self.msprt.n,
+                            round(self.p0, 4), round(self.hits / self.n, 4), p_value=self.msprt.p_value(),
+                            extra={"alpha": self.alpha})
+            self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
+            return found, False
+        if self.msprt.rejected:  # an improvement: not a regression, start again
+            self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
+        return None, False
+
+    def progress(self) -> float:
+        if self.sprt is not None:
+            return max(0.0, self.sprt.llr / self.sprt.upper)
+        assert self.msprt is not None
+        if self.msprt.total >= 0:
+            return 0.0
+        return max(0.0, self.msprt.log_ratio() / math.log(1 / self.alpha))
+
+
+def _pass_value(name: str, s: Scored, judge_pass: float) -> bool | None:
+    if name == "pass_rate":
+        return s.passed
+    return None if s.judge is None else s.judge >= judge_pass
+
+
+class RouteTest:
+    """Every detector of one route against a baseline window. The baseline may grow while the test runs
+    (a canary's primary keeps answering; a steady route's trailing window moves on): window tests read it
+    as it is when their window ends, and a sequential test re-anchors on it each time it accepts."""
+
+    def __init__(self, baseline: Sequence[Scored], settings: DriftSettings) -> None:
+        self.settings = settings
+        self.baseline = baseline
+        self.n = 0
+        self.findings: list[Finding] = []
+        self._window: list[Scored] = []
+        self._window_progress = 0.0
+        self.windowed = [name for name in CONTINUOUS if len(self._values(name)) >= MIN_VALUES] + list(RATES)
+        self.pass_tests: list[PassTest] = []
+        sequential = [name for name in ("pass_rate", "judge_pass") if len(self._passes(name)) >= MIN_VALUES]
+        for name in sequential:
+            self.pass_tests.append(PassTest(name, self._p0(name), settings.alpha / 2 / len(sequential), settings))
+        self.window_alpha = settings.alpha / (2 if sequential else 1) / max(len(self.windowed), 1)
+
+    def _values(self, name: str) -> list[float]:
+        return [v for s in self.baseline if (v := s.value(name)) is not None]
+
+    def _passes(self, name: str) -> list[bool]:
+        return [v for s in self.baseline if (v := _pass_value(name, s, self.settings.judge_pass)) is not None]
+
+    def _p0(self, name: str) -> float:
+        values = self._passes(name)
+        return sum(values) / len(values)
+
+    @property
+    def detectors(self) -> list[str]:
+        return [t.name for t in self.pass_tests] + self.windowed
+
+    def update(self, s: Scored) -> list[Finding]:
+        self.n += 1
+        found: list[Finding] = []
+        for test in self.pass_tests:
+            value = _pass_value(test.name, s, self.settings.judge_pass)
+            if value is None:
+                continue
+            finding, cycle_ended = test.update(value)
+            if finding is not None:
+                found.append(finding)
+            elif cycle_ended:
+                test.anchor(self._p0(test.name))
+        self._window.append(s)
+        if len(self._window) >= self.settings.window:
+            found += self._test_window()
+            self._window = []
+        self.findings += found
+        return found
+
+    def _test_window(self) -> list[Finding]:
+        found, closest = [], 0.0
+        base_v: float | None
+        cur_v: float | None
+        log_alpha = math.log(self.window_alpha)
+        for name in self.windowed:
+            evidence: dict[str, Any] = {}
+            if name in RATES:
+                base_hits, base_n = _rate(bool(getattr(s, name)) for s in self.baseline)
+                hits, n = _rate(bool(getattr(s, name)) for s in self._window)
+                if not base_n:
+                    continue
+                p = stat = rise_p_value(base_hits, base_n, hits, n)
+                evidence["psi"] = round(psi(["y"] * base_hits + ["n"] * (base_n - base_hits),
+                                            ["y"] * hits + ["n"] * (n - hits)), 6)
+                test = "rise"
+                base_v, cur_v = round(base_hits / base_n, 4), round(hits / n, 4)
+            else:
+                base = self._values(name)
+                values = [v for s in self._window if (v := s.value(name)) is not None]
+                if len(values) < MIN_VALUES or len(base) < MIN_VALUES:
+                    continue
+                result = ks(base, values)
+                p, stat, test = result.p_value, result.statistic, "ks"
+                base_m, cur_m = _median(base), _median(values)
+                base_v = None if base_m is None else round(base_m, 6)
+                cur_v = None if cur_m is None else round(cur_m, 6)
+            closest = max(closest, min(1.0, math.log(max(p, 1e-300)) / log_alpha))
+            if p < self.window_alpha:
+                found.append(Finding(name, test, stat, self.window_alpha, len(self._window), base_v, cur_v,
+                                     p_value=p, extra={"window": self.settings.window, "alpha": self.window_alpha,
+                                                       **evidence}))
+        self._window_progress = closest
+        return found
+
+    def progress(self) -> float:
+        """How close the nearest detector is to raising a breach, 0..1."""
+        return min(1.0, max([self._window_progress, *(t.progress() for t in self.pass_tests)]))
+
+    def no_regression(self) -> bool:
+        """Evidence enough to move a progressive rollout on: ``min_samples`` samples, no breach, and each
+        SPRT has accepted "no drop" at least once (an mSPRT never accepts: its silence is the evidence)."""
+        return self.n >= self.settings.min_samples and not self.findings and all(
+            t.accepted > 0 or t.sprt is None for t in self.pass_tests)
+
+
+class SteadyWatch:
+    """A route with no change in flight, against its own trailing baseline: the first
+    ``baseline_samples`` samples, then every sample once it is ``lag`` samples old (so a shift the tests
+    have not yet seen does not leak into what they compare with), at most ``baseline_max``. After a breach
+    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window)."""
+
+    def __init__(self, settings: DriftSettings, lag: int | None = None) -> None:
+        self.settings = settings
+        self.lag = lag if lag is not None else 3 * settings.window
+        self.baseline: deque[Scored] = deque(maxlen=settings.baseline_max)
+        self.pending: deque[Scored] = deque()
+        self.test: RouteTest | None = None
+
+    def seed(self, history: Sequence[Scored]) -> None:
+        """The route's earlier samples, oldest first, as its baseline (a monitor taking over)."""
+        self.baseline.extend(history)
+        if len(self.baseline) >= self.settings.baseline_samples:
+            self.test = RouteTest(self.baseline, self.settings)
+
+    def observe(self, s: Scored) -> list[Finding]:
+        if self.test is None:
+            self.baseline.append(s)
+            if len(self.baseline) >= self.settings.baseline_samples:
+                self.test = RouteTest(self.baseline, self.settings)
+            return []
+        found = self.test.update(s)
+        self.pending.append(s)
+        if found:
+            self.baseline = deque(self.pending, maxlen=self.settings.baseline_max)
+            self.pending.clear()
+            self.test = None
+            return found
+        while len(self.pending) > self.lag:
+            self.baseline.append(self.pending.popleft())
+        return found
+
+    def progress(self) -> float:
+        return 0.0 if self.test is None else self.test.progress()
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingPolicy:
+    """The share of a route's live answers to score: ``base`` while its detectors are far from their
+    thresholds, rising linearly to ``ceiling`` as the nearest one gets from ``start`` to ``full`` of
+    the way there."""
+
+    base: float = 0.02
+    ceiling: float = 0.25
+    start: float = 0.15
+    full: float = 0.45
+
+    def rate(self, progress: float) -> float:
+        if progress <= self.start or self.ceiling <= self.base:
+            return self.base
+        share = min(1.0, (progress - self.start) / max(self.full - self.start, 1e-9))
+        return self.base + (self.ceiling - self.base) * share
