@@ -167,10 +167,13 @@ class Evals:
     async def _execute(self, run_id: int, principal: Principal, tenant_id: int, golden: GoldenSet, target: Target,
                        concurrency: int) -> None:
         async def store(result: ItemResult) -> None:
+            item = result.as_json()
+            if not (await self.service.calls.rules(tenant_id)).policy.store_content:
+                item.pop("answer", None)  # the content policy: scores and metadata only
             async with self.pool.connection() as conn:
                 await conn.execute(
                     "INSERT INTO eval_results (run_id, item_id, passed, score, result) VALUES (%s, %s, %s, %s, %s)",
-                    (run_id, result.item_id, result.passed, result.score, Jsonb(result.as_json())))
+                    (run_id, result.item_id, result.passed, result.score, Jsonb(item)))
                 await conn.execute("UPDATE eval_runs SET done = done + 1, passed = passed + %s WHERE id = %s",
                                    (int(result.passed), run_id))
 

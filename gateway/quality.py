@@ -175,9 +175,10 @@ class LiveQuality:
 
     async def stop(self, drain_s: float = 10.0) -> None:
         """Score what is queued (for at most ``drain_s``), then stop."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(drain_s):
-                await self.queue.join()
+        if any(not t.done() for t in self._workers):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_s):
+                    await self.queue.join()
         for task in self._workers:
             task.cancel()
         for task in self._workers:

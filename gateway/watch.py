@@ -184,7 +184,7 @@ class Monitor:
                             continue
                         found = watch.feed(row)
                         if found:
-                            raised.append(await self._breach(conn, watch, found))
+                            raised.append(await self._breach(conn, watch, found, row.id))
                         elif watch.test is not None and self._advances(watch):
                             await self._advance(conn, watch)
                 if len(rows) < BATCH:
@@ -307,7 +307,9 @@ class Monitor:
         progressive = (w.rollout is not None and w.rollout.progressive) or bool(w.prompt and w.prompt["progressive"])
         return progressive and w.test.no_regression()
 
-    async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding]) -> JSON:
+    async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding], at: int) -> JSON:
+        """``at``: the sample that completed the evidence (a steady route's alerts are one per shift; a
+        change's, one per change: two monitors that both saw it raise one alert)."""
         test = w.steady.test if w.steady is not None else w.test
         evidence: JSON = {"watch": w.key, "kind": w.kind, "findings": [f.as_json() for f in found],
                           "samples": 0 if test is None else test.n,
@@ -323,7 +325,8 @@ class Monitor:
         evidence["action"] = action
         async with conn.transaction():
             alert_id = await raise_alert(conn, tenant_id=w.tenant_id, kind="drift", subject=w.subject,
-                                         dedupe_key=f"drift:{w.key}:{self.cursor}", message=message, evidence=evidence)
+                                         dedupe_key=f"drift:{w.key}" + (f":{at}" if w.steady is not None else ""),
+                                         message=message, evidence=evidence)
         self.telemetry.alert("drift")
         log.warning("%s (alert %s)", message, alert_id)
         if action == "rollback":
@@ -367,6 +370,13 @@ class Monitor:
             return
         tenant = str(row[0])
         reason = f"{why} (quality monitor)"
+        cur = await conn.execute("SELECT version, split_version FROM prompt_labels WHERE tenant_id = %s AND name = %s"
+                                 " AND label = %s", (tenant_id, name, label))
+        held = await cur.fetchone()
+        if held is None or (held[1] if p["split"] else held[0]) != p["version"]:
+            log.info("prompt %s@%s moved meanwhile: the monitor leaves it", name, label)
+            return
+        step = p["step"]
         if action == "rollback":
             if p["split"]:  # the split goes: every user back on the version the label holds
                 await labels.move_label(conn, tenant_id, tenant, name, label, p["previous"], author=AUTHOR,
@@ -376,7 +386,7 @@ class Monitor:
                                       note=evidence)
             state = "rolled_back"
         else:
-            steps, step = p["steps"], p["step"]
+            steps = p["steps"]
             nxt = next((i for i, s in enumerate(steps) if s > p["split_percent"]), None)
             if nxt is None or steps[nxt] >= 100:
                 await labels.move_label(conn, tenant_id, tenant, name, label, p["version"], author=AUTHOR,

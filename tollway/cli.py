@@ -266,7 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     audited(krevoke)
     krevoke.set_defaults(func=cmd_keys_revoke)
 
-    from tollway import cli_budgets, cli_evals, cli_guards, cli_prompts, cli_reports, cli_retrieval
+    from tollway import (
+        cli_budgets,
+        cli_evals,
+        cli_guards,
+        cli_prompts,
+        cli_quality,
+        cli_reports,
+        cli_retrieval,
+    )
 
     cli_budgets.add_commands(sub, _common, tenants, keys)
     cli_guards.add_commands(_common, tenants)
@@ -274,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_retrieval.add_commands(sub)
     cli_evals.add_commands(sub)
     cli_reports.add_commands(sub, _common)
+    cli_quality.add_commands(sub, _common)
 
     simp = sub.add_parser("sim-upstream", help="run the scripted OpenAI/vLLM-compatible upstream")
     sim.add_arguments(simp)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from tollway.cli_common import audited, database, run_with_conn, settings_of
+from tollway.cli_common import audited, database, flag, run_with_conn, settings_of
 from tollway.settings import Settings
 
 
@@ -120,14 +120,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return asyncio.run(go(database_url))
 
 
-def _flag(value: str) -> bool:
-    if value.lower() in ("on", "true", "yes", "1"):
-        return True
-    if value.lower() in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError("use on or off")
-
-
 def cmd_policy(args: argparse.Namespace) -> int:
     from tollway.gateway.tenant_policy import set_policy
     from tollway.routing import load_config
@@ -210,9 +202,9 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
                         "the top tier (0 always, 1 never)")
     policy.add_argument("--allowed-models", help="comma-separated models the router may pick ('' for all)")
     policy.add_argument("--quality-floor", help="the lowest tier this tenant may be routed or fall back to")
-    policy.add_argument("--degraded-answers", type=_flag, help="on/off: a marked degraded answer when every tier failed")
-    policy.add_argument("--response-cache", type=_flag, help="on/off: exact-match cache for deterministic requests")
-    policy.add_argument("--store-content", type=_flag, help="on/off: keep prompts and answers of live and shadow "
+    policy.add_argument("--degraded-answers", type=flag, help="on/off: a marked degraded answer when every tier failed")
+    policy.add_argument("--response-cache", type=flag, help="on/off: exact-match cache for deterministic requests")
+    policy.add_argument("--store-content", type=flag, help="on/off: keep prompts and answers of live and shadow "
                         "samples and eval items (off: scores and metadata only)")
     policy.add_argument("--content-retention-days", type=int, help="how long stored content is kept (default 30)")
     audited(policy)

@@ -87,3 +87,11 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str], *, right: Collecti
 
     return "\n".join([line(list(columns)), *(line(row) for row in cells)])
 
+
+def flag(value: str) -> bool:
+    """on/off (true/false, yes/no, 1/0) for a command-line flag."""
+    if value.lower() in ("on", "true", "yes", "1"):
+        return True
+    if value.lower() in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError("use on or off")

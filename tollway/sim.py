@@ -18,6 +18,15 @@ One behaviour is chosen the same way (``sim-echo``, or ``--echo`` for every requ
 last user message, word for word, streamed in pieces of ``--chunk-chars`` characters (default 3) so that
 anything in it (an email address, a card number) is split across frames: guard tests plant exact output.
 
+Another answers from a fixture file (``--fixture FILE``, or ``sim-fixture`` in the model name with
+``--fixture``): a JSON object with an ``answer``, a ``wrong`` answer and an ``error_rate``, and ``rules``
+that override them for requests of one ``model`` and/or whose messages contain a string (``contains``):
+each request gets the wrong answer with the matching rule's error rate (seeded: ``seed``). The file is
+re-read when it changes, so a test can plant a regression in a running upstream:
+
+    {"answer": "Paris is the capital of France.", "wrong": "I'm sorry, I can't help with that.",
+     "error_rate": 0.05, "seed": 7, "rules": [{"contains": "prompt v2", "error_rate": 0.5}]}
+
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
 whitespace-separated word of every message's text; the answer is one word per token.
 """
@@ -27,12 +36,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import random
 import struct
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -57,6 +68,31 @@ class SimConfig:
     embedding_dims: int = 16
     echo: bool = False
     chunk_chars: int = 3
+    fixture: Path | None = None
+
+
+@dataclass
+class Fixture:
+    """The fixture behaviour's file, re-read when its modification time changes."""
+
+    path: Path
+    mtime: float = -1.0
+    data: dict[str, Any] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def answer(self, model: str, messages: list[Any]) -> str:
+        mtime = self.path.stat().st_mtime
+        if mtime != self.mtime:
+            self.data, self.mtime = orjson.loads(self.path.read_bytes()), mtime
+            self.rng = random.Random(self.data.get("seed"))
+        text = " ".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
+        rule = dict(self.data)
+        for r in self.data.get("rules") or []:
+            if r.get("model", model) == model and str(r.get("contains", "")) in text:
+                rule.update(r)
+                break
+        wrong = self.rng.random() < float(rule.get("error_rate") or 0)
+        return str(rule.get("wrong") if wrong else rule.get("answer"))
 
 
 @dataclass
@@ -67,6 +103,7 @@ class SimState:
     requests: Counter[str] = field(default_factory=Counter)
     last_body: dict[str, dict[str, Any]] = field(default_factory=dict)  # by model, for tests
     semaphore: asyncio.Semaphore | None = None
+    fixture: Fixture | None = None
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -162,7 +199,11 @@ async def chat(request: Request) -> Response:
     if isinstance(max_tokens, int) and fault != "ignoremax":
         n = min(n, max_tokens)
     p_tokens = prompt_tokens(messages)
-    if echoes(model, config):
+    if state.fixture is not None and fault is None:
+        echoed = state.fixture.answer(model, messages)
+        n = len(echoed.split())
+        pieces = [("" if i == 0 else " ") + w for i, w in enumerate(echoed.split())]
+    elif echoes(model, config):
         echoed = _last_user_text(messages)
         n = len(echoed.split())
         step = max(config.chunk_chars, 1)
@@ -299,6 +340,8 @@ def create_sim_app(config: SimConfig) -> Starlette:
     state = SimState(config)
     if config.max_concurrency:
         state.semaphore = asyncio.Semaphore(config.max_concurrency)
+    if config.fixture is not None:
+        state.fixture = Fixture(config.fixture)
     app.state.sim = state
     return app
 
@@ -316,6 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dims", type=int, default=16)
     parser.add_argument("--echo", action="store_true", help="every answer is the last user message (see sim-echo)")
     parser.add_argument("--chunk-chars", type=int, default=3, help="echo: characters per streamed frame")
+    parser.add_argument("--fixture", type=Path, help="answer from this JSON file with its error rates (see above)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -324,6 +368,6 @@ def run(args: argparse.Namespace) -> None:
     config = SimConfig(models=[m for m in args.models.split(",") if m], ttft_ms=args.ttft_ms,
                        tokens_per_s=args.tokens_per_s, completion_tokens=args.completion_tokens,
                        max_concurrency=args.max_concurrency, fault=args.fault, embedding_dims=args.embedding_dims,
-                       echo=args.echo, chunk_chars=args.chunk_chars)
+                       echo=args.echo, chunk_chars=args.chunk_chars, fixture=args.fixture)
     uvicorn.run(create_sim_app(config), host=args.host, port=args.port, log_level="warning",
                 access_log=False, loop="uvloop", http="httptools")

@@ -1,0 +1,264 @@
+"""The live quality loop against the real PostgreSQL, Redis and a scripted upstream that answers from a
+fixture file with configurable error rates (a planted regression): live sampling, drift alerts, the
+automatic rollback of a prompt label and of a model canary, a progressive rollout that advances on good
+traffic and rolls back on bad, rollouts changed at run time, and the content policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.conftest import write_config
+
+GOOD = "Paris is the capital of France."
+BAD = "I'm sorry, I can't help with that."
+QUALITY = {"sample_rate": 1.0, "max_sample_rate": 1.0, "interval_s": 3600, "baseline_samples": 40,
+           "window": 40, "min_samples": 40, "pass_drop": 0.2, "alpha": 0.01}
+PROMPT_V1 = "model: sim-large\nmessages:\n  - {role: system, content: \"Answer briefly (prompt v1).\"}\n"
+PROMPT_V2 = PROMPT_V1.replace("prompt v1", "prompt v2")
+
+
+@pytest.fixture(scope="module")
+def fixture_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fixture") / "answers.json"
+    path.write_text(json.dumps({
+        "answer": GOOD, "wrong": BAD, "error_rate": 0.03, "seed": 11,
+        "rules": [{"contains": "prompt v2", "error_rate": 0.6},   # the regression a promotion plants
+                  {"model": "sim-cand", "error_rate": 0.6},        # a bad canary
+                  {"model": "sim-good", "error_rate": 0.03}]}))     # a good one
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_sim(start_sim: Any, fixture_file: Path) -> Any:
+    return start_sim("--fixture", str(fixture_file))
+
+
+@pytest.fixture
+def quality_app(app_factory: Any, fixture_sim: Any, tmp_path: Path) -> Any:
+    def make(**quality: Any) -> Any:
+        path = write_config(tmp_path / "tollway.yaml", fixture_sim.url, extra_models=[
+            {"name": n, "upstream": "sim", "tier": "large", "price": {"input_per_mtok": "3", "output_per_mtok": "15"}}
+            for n in ("sim-cand", "sim-good")])
+        config = yaml.safe_load(path.read_text())
+        config["quality"] = {**QUALITY, **quality}
+        path.write_text(yaml.safe_dump(config))
+        return app_factory(config=path)
+    return make
+
+
+async def chat(gw: Any, who: Any, n: int, *, start: int = 0, **body: Any) -> None:
+    for i in range(start, start + n):
+        resp = await gw.client.post("/v1/chat/completions", headers=who.headers, json={
+            "model": "sim-large", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "user": f"user-{i}", **body})
+        assert resp.status_code == 200, resp.text
+
+
+async def settle(gw: Any) -> list[dict[str, Any]]:
+    """Every sample scored, then one monitor pass; the alerts it raised."""
+    await gw.state.quality.queue.join()
+    raised: list[dict[str, Any]] = await gw.state.monitor.run_pass()
+    return raised
+
+
+async def until_alert(gw: Any, who: Any, rounds: int, per_round: int = 10, **body: Any) -> list[dict[str, Any]]:
+    for r in range(rounds):
+        await chat(gw, who, per_round, start=1000 + r * per_round, **body)
+        if raised := await settle(gw):
+            return raised
+    return []
+
+
+def rows(pg: Any, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.url) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+async def test_a_promoted_prompt_that_regresses_is_alerted_and_rolled_back(quality_app, make_tenant, admin, pg):
+    eng = make_tenant(role="prompt_engineer")
+    async with quality_app() as gw:
+        v1 = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                   json={"content": PROMPT_V1, "message": "v1"})).json()["version"]
+        v2 = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                   json={"content": PROMPT_V2, "message": "v2"})).json()["version"]
+        assert (await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers,
+                                    json={"version": v1})).status_code == 200
+        prompt = {"model": "prompt", "prompt": {"name": "faq"}}
+        await chat(gw, eng, 60, **prompt)
+        assert await settle(gw) == []  # the baseline: v1's answers, nothing to report
+        moved = await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": v2})
+        assert moved.status_code == 200
+        await settle(gw)  # the monitor sees the move: a watch of v2 against v1
+        raised = await until_alert(gw, eng, 12, **prompt)
+        await gw.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+        served = await gw.client.post("/v1/chat/completions", headers=eng.headers, json={
+            "model": "prompt", "prompt": {"name": "faq"}, "messages": [{"role": "user", "content": "hi"}]})
+        listed = (await gw.client.get("/v1/admin/alerts", headers=admin.headers,
+                                      params={"tenant": eng.name})).json()["data"]
+    assert raised, "the regression was not detected within 120 requests"
+    alert = raised[0]
+    assert alert["kind"] == "prompt" and alert["action"] == "rollback"
+    assert any(f["detector"] == "pass_rate" for f in alert["findings"])
+    finding = next(f for f in alert["findings"] if f["detector"] == "pass_rate")
+    assert finding["baseline"] > 0.85 and finding["current"] < finding["baseline"]
+    assert listed[0]["kind"] == "drift" and listed[0]["evidence"]["findings"] == alert["findings"]
+    label, = rows(pg, "SELECT version FROM prompt_labels WHERE tenant_id = %s AND name = 'faq'", eng.id)
+    assert label[0] == v1  # rolled back
+    assert served.json()["tollway"]["prompt"]["version"] == v1
+    author, after, reason = rows(pg, "SELECT author, after, reason FROM changes WHERE tenant_id = %s AND kind ="
+                                     " 'prompt_label' ORDER BY id DESC LIMIT 1", eng.id)[0]
+    assert author == "tollway-quality" and after["evidence"]["alert"] == alert["alert"] and "quality monitor" in reason
+
+
+async def test_a_bad_model_canary_is_rolled_back_on_every_replica(quality_app, make_tenant, admin, pg):
+    app = make_tenant()
+    async with quality_app() as gw:
+        async with quality_app() as other:  # a second replica: the change reaches it through the channel
+            await chat(gw, app, 60)  # the primary's answers: the canary's baseline
+            await settle(gw)
+            put = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                      json={"candidate": "sim-cand", "percent": 50, "reason": "try cand"})
+            assert put.status_code == 200, put.text
+            change_id = rows(pg, "SELECT max(id) FROM changes")[0][0]
+            await other.state.changes.applied(change_id)
+            assert other.state.catalog.has_canaries
+            raised = await until_alert(gw, app, 15)
+            await other.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+            listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+            other_canaries = other.state.catalog.has_canaries
+    assert raised and raised[0]["kind"] == "canary" and raised[0]["action"] == "rollback"
+    rollout = next(r for r in listed if r["model"] == "sim-large")
+    assert (rollout["state"], rollout["canary_percent"]) == ("rolled_back", 0)
+    assert not other_canaries
+    canary_rows = rows(pg, "SELECT count(*) FROM quality_samples WHERE tenant_id = %s AND rollout_of = 'sim-large'"
+                           " AND model = 'sim-cand'", app.id)[0][0]
+    assert canary_rows >= 5
+    action, after = rows(pg, "SELECT action, after FROM changes WHERE kind = 'rollout' AND subject = 'sim-large'"
+                             " ORDER BY id DESC LIMIT 1")[0]
+    assert action == "rollback" and after["evidence"]["findings"]
+
+
+async def test_a_progressive_rollout_advances_on_good_traffic_and_rolls_back_on_bad(quality_app, make_tenant,
+                                                                                      admin, pg):
+    app = make_tenant()
+    async with quality_app() as gw:
+        await chat(gw, app, 60)
+        await settle(gw)
+        put = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                  json={"candidate": "sim-good", "steps": [30, 60, 100], "min_samples": 25})
+        assert put.json()["canary_percent"] == 30
+        seen = []
+        for r in range(40):
+            await chat(gw, app, 10, start=5000 + 10 * r)
+            assert await settle(gw) == []  # good traffic: no alert
+            state = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+            now = next(x for x in state if x["model"] == "sim-large")
+            if not seen or seen[-1] != (now["step"], now["state"]):
+                seen.append((now["step"], now["state"]))
+            if now["state"] == "complete":
+                break
+        assert seen[-1] == (2, "complete") and [s for s, _ in seen] == [0, 1, 2, 2]
+        steps = rows(pg, "SELECT action, after->'evidence'->>'samples' FROM changes WHERE kind = 'rollout' AND"
+                         " subject = 'sim-large' AND action = 'advance' ORDER BY id DESC LIMIT 3")
+        assert len(steps) == 3 and all(int(n) >= 25 for _, n in steps)
+        # the same steps with a bad candidate: rolled back at the first step
+        await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                            json={"candidate": "sim-cand", "steps": [30, 60, 100], "min_samples": 25})
+        raised = await until_alert(gw, app, 20)
+        listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+    assert raised and raised[0]["action"] == "rollback"
+    bad = next(x for x in listed if x["model"] == "sim-large")
+    assert (bad["candidate"], bad["state"], bad["step"], bad["canary_percent"]) == ("sim-cand", "rolled_back", 0, 0)
+
+
+async def test_rollouts_are_checked_and_the_cli_sets_and_lists_them(quality_app, admin, pg, tmp_path):
+    async with quality_app() as gw:
+        unknown = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                      json={"candidate": "nope"})
+        steps = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                    json={"candidate": "sim-good", "steps": [50, 20]})
+        same = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                   json={"candidate": "sim-large"})
+        app_key = await gw.client.get("/v1/admin/rollouts", headers={"authorization": "Bearer nope"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "candidate"
+    assert steps.status_code == 400 and steps.json()["error"]["param"] == "steps"
+    assert same.status_code == 400 and app_key.status_code == 401
+    import subprocess
+    import sys
+
+    env_args = ["--data-dir", str(tmp_path)]
+    base = [sys.executable, "-m", "tollway.cli"]
+    env = {"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([*base, "rollouts", "set", "sim-small", "--candidate", "sim-good", "--steps", "5,20,50,100",
+                          "--shadow-percent", "10", *env_args], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout)["canary_percent"] == 5
+    listed = subprocess.run([*base, "rollouts", "list", "--json", *env_args], capture_output=True, text=True,
+                            env=env, check=True)
+    mine = next(r for r in json.loads(listed.stdout) if r["model"] == "sim-small")
+    assert (mine["steps"], mine["shadow_percent"], mine["state"]) == ([5, 20, 50, 100], 10, "active")
+    bad = subprocess.run([*base, "rollouts", "set", "sim-small", "--candidate", "sim-good", "--steps", "0,200",
+                          *env_args], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "steps" in bad.stderr
+    subprocess.run([*base, "rollouts", "delete", "sim-small", *env_args], capture_output=True, text=True, env=env,
+                   check=True)
+
+
+async def test_content_follows_the_tenant_policy_and_is_erased_on_request(quality_app, make_tenant, admin, pg):
+    app = make_tenant()
+    async with quality_app() as gw:
+        await chat(gw, app, 3)  # default policy: scores and metadata only
+        await gw.state.quality.queue.join()
+        policy = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                     json={"tenant": app.name, "store_content": True, "content_retention_days": 1})
+        assert policy.status_code == 200, policy.text
+        await gw.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+        await chat(gw, app, 4)
+        await gw.state.quality.queue.join()
+        stored = rows(pg, "SELECT end_user, output_text, prompt_text, passed FROM quality_samples WHERE tenant_id = %s"
+                          " ORDER BY id", app.id)
+        assert [r[1] for r in stored[:3]] == [None] * 3 and all(r[3] is not None for r in stored)
+        assert all(r[1] == GOOD or r[1] == BAD for r in stored[3:]) and "capital" in stored[3][2]
+        erased = await gw.client.post("/v1/admin/content/erase", headers=admin.headers,
+                                      json={"tenant": app.name, "user": stored[3][0]})
+        assert erased.status_code == 200 and erased.json()["erased"]["quality_samples"] == 1
+        left = rows(pg, "SELECT end_user FROM quality_samples WHERE tenant_id = %s AND output_text IS NOT NULL",
+                    app.id)
+        assert len(left) == 3 and stored[3][0] not in {r[0] for r in left}
+        with psycopg.connect(pg.url) as conn:  # two days old: past the tenant's retention of one day
+            conn.execute("UPDATE quality_samples SET created_at = now() - interval '2 days' WHERE request_id IN"
+                         " (SELECT request_id FROM quality_samples WHERE tenant_id = %s ORDER BY id DESC LIMIT 1)",
+                         (app.id,))
+        from tollway.gateway.quality import apply_retention
+
+        async with gw.state.pool.connection() as conn:
+            removed = await apply_retention(conn)
+        assert removed["quality_samples"] >= 1
+        assert len(rows(pg, "SELECT 1 FROM quality_samples WHERE tenant_id = %s AND output_text IS NOT NULL",
+                        app.id)) == 2
+        whole = await gw.client.post("/v1/admin/content/erase", headers=admin.headers, json={"tenant": app.name})
+        unknown = await gw.client.post("/v1/admin/content/erase", headers=admin.headers, json={"tenant": "nobody"})
+        not_admin = await gw.client.post("/v1/admin/content/erase", headers=app.headers, json={"tenant": app.name})
+    assert whole.json()["erased"]["quality_samples"] == 2
+    assert unknown.status_code == 404 and not_admin.status_code == 403
+    assert not rows(pg, "SELECT 1 FROM quality_samples WHERE tenant_id = %s AND output_text IS NOT NULL", app.id)
+    erasure, = rows(pg, "SELECT author FROM changes WHERE tenant_id = %s AND kind = 'content' AND subject = %s",
+                    app.id, app.name)
+    assert erasure[0]
+
+
+async def test_a_full_queue_drops_and_counts_and_never_delays(quality_app, make_tenant):
+    app = make_tenant()
+    async with quality_app(queue_size=1, scorers=1) as gw:
+        gw.state.quality.rng.seed(1)
+        for task in gw.state.quality._workers:  # scorers stopped: the queue fills
+            task.cancel()
+        await chat(gw, app, 5)
+        dropped = gw.state.quality.dropped
+        quality = (await gw.client.get("/v1/admin/quality", headers={"authorization": "Bearer x"})).status_code
+    assert dropped == 4 and quality == 401
