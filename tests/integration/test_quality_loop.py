@@ -6,6 +6,8 @@ traffic and rolls back on bad, rollouts changed at run time, and the content pol
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +179,7 @@ async def test_a_progressive_rollout_advances_on_good_traffic_and_rolls_back_on_
     assert (bad["candidate"], bad["state"], bad["step"], bad["canary_percent"]) == ("sim-cand", "rolled_back", 0, 0)
 
 
-async def test_rollouts_are_checked_and_the_cli_sets_and_lists_them(quality_app, admin, pg, tmp_path):
+async def test_rollouts_are_checked(quality_app, admin, pg, tmp_path):
     async with quality_app() as gw:
         unknown = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
                                       json={"candidate": "nope"})
@@ -189,9 +191,9 @@ async def test_rollouts_are_checked_and_the_cli_sets_and_lists_them(quality_app,
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "candidate"
     assert steps.status_code == 400 and steps.json()["error"]["param"] == "steps"
     assert same.status_code == 400 and app_key.status_code == 401
-    import subprocess
-    import sys
 
+
+def test_the_cli_sets_lists_and_deletes_rollouts(pg, tmp_path):
     env_args = ["--data-dir", str(tmp_path)]
     base = [sys.executable, "-m", "tollway.cli"]
     env = {"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"}

@@ -1,0 +1,134 @@
+"""The live loop's detectors and checks: against scipy as the reference, planted changes, a long seeded run of
+unchanged traffic, the sampling policy, and the reference-free checks of one answer."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from scipy import stats
+
+from tollway.evals.checks import Answer
+from tollway.evals.live import check_answer, grounding
+from tollway.evals.monitor import DriftSettings, RouteTest, SamplingPolicy, Scored, SteadyWatch, rise_p_value
+
+
+def draw(rng: random.Random, *, pass_rate: float = 0.9, token_scale: float = 1.0, refusal: float = 0.03) -> Scored:
+    tokens = rng.lognormvariate(math.log(400), 0.5) * token_scale
+    return Scored(passed=rng.random() < pass_rate, refusal=rng.random() < refusal, guard_failed=rng.random() < 0.01,
+                  output_chars=tokens * 2, tokens=tokens, cost=tokens * 2e-6)
+
+
+def test_rise_p_value_is_scipys_one_sided_test():
+    # large counts: chi-squared (Yates), halved for the direction
+    chi = stats.chi2_contingency([[30, 170], [50, 950]], correction=True).pvalue / 2
+    assert rise_p_value(50, 1000, 30, 200) == pytest.approx(chi)
+    # small counts: Fisher's exact test, one-sided
+    fisher = stats.fisher_exact([[3, 37], [2, 98]], alternative="greater").pvalue
+    assert rise_p_value(2, 100, 3, 40) == pytest.approx(fisher)
+    assert rise_p_value(50, 1000, 5, 200) == 1.0  # a fall is not a rise
+
+
+def test_a_planted_drop_is_found_by_the_sprt_and_the_alpha_is_split():
+    rng = random.Random(3)
+    settings = DriftSettings(window=200)
+    test = RouteTest([draw(rng) for _ in range(2000)], settings)
+    assert test.detectors[0] == "pass_rate" and "tokens" in test.detectors and "refusal" in test.detectors
+    assert test.pass_tests[0].alpha == pytest.approx(settings.alpha / 2)
+    assert test.window_alpha * len(test.windowed) == pytest.approx(settings.alpha / 2)
+    for n in range(1, 5000):
+        if found := test.update(draw(rng, pass_rate=0.80)):
+            break
+    assert found[0].detector == "pass_rate" and found[0].test == "sprt" and n < 1500
+    assert found[0].statistic >= found[0].threshold and found[0].baseline == pytest.approx(0.9, abs=0.02)
+
+
+def test_a_token_rise_is_found_by_ks():
+    rng = random.Random(5)
+    test = RouteTest([draw(rng) for _ in range(2000)], DriftSettings(window=200))
+    found = []
+    for _ in range(2000):
+        found = test.update(draw(rng, token_scale=1.3))
+        if found:
+            break
+    assert {f.detector for f in found} & {"tokens", "output_chars", "cost"}
+    tokens = next(f for f in found if f.test == "ks")
+    assert tokens.p_value is not None and tokens.p_value < tokens.threshold and tokens.current > tokens.baseline
+
+
+def test_a_refusal_rise_is_found():
+    rng = random.Random(8)
+    test = RouteTest([draw(rng) for _ in range(2000)], DriftSettings(window=200, pass_drop=None))
+    found = []
+    for _ in range(1000):
+        if found := [f for f in test.update(draw(rng, refusal=0.15)) if f.detector == "refusal"]:
+            break
+    assert found and found[0].test == "rise" and found[0].extra["psi"] > 0
+
+
+def test_no_alarm_on_a_long_seeded_run_of_unchanged_traffic():
+    rng = random.Random(2026)
+    watch = SteadyWatch(DriftSettings())
+    alarms = [f for _ in range(20_000) for f in watch.observe(draw(rng))]  # about 100 days at 2% of 10k/day
+    assert alarms == [] and watch.test is not None and watch.test.n == 20_000 - DriftSettings().baseline_samples
+
+
+def test_the_msprt_stays_quiet_on_an_improvement_and_fires_on_a_drop():
+    rng = random.Random(4)
+    settings = DriftSettings(pass_drop=None)
+    better = RouteTest([draw(rng) for _ in range(1000)], settings)
+    assert not any(f.detector == "pass_rate" for _ in range(3000) for f in better.update(draw(rng, pass_rate=0.99)))
+    worse = RouteTest([draw(rng) for _ in range(1000)], settings)
+    hits = [f for _ in range(3000) for f in worse.update(draw(rng, pass_rate=0.75)) if f.detector == "pass_rate"]
+    assert hits and hits[0].test == "msprt" and hits[0].p_value is not None and hits[0].p_value <= 0.0025
+
+
+def test_no_regression_needs_samples_and_an_accepted_cycle():
+    rng = random.Random(9)
+    test = RouteTest([draw(rng) for _ in range(500)], DriftSettings(min_samples=100, pass_drop=0.2))
+    for _ in range(99):
+        test.update(draw(rng))
+    assert not test.no_regression()  # 99 samples: not yet
+    for _ in range(300):
+        test.update(draw(rng))
+    assert test.pass_tests[0].accepted > 0 and test.no_regression()
+
+
+def test_the_sampling_rate_rises_with_progress_and_is_bounded():
+    policy = SamplingPolicy(base=0.02, ceiling=0.25, start=0.15, full=0.45)
+    assert policy.rate(0) == policy.rate(0.15) == 0.02
+    assert policy.rate(0.3) == pytest.approx(0.02 + 0.23 / 2)
+    assert policy.rate(0.45) == policy.rate(1.0) == 0.25
+    rng = random.Random(1)
+    test = RouteTest([draw(rng) for _ in range(1000)], DriftSettings())
+    progress = []
+    for _ in range(300):
+        test.update(draw(rng, pass_rate=0.8))
+        progress.append(test.progress())
+    assert max(progress) > 0.45  # a real drop drives the rate to its bound before the alarm
+
+
+def test_reference_free_checks():
+    ok = check_answer(Answer("Paris is the capital of France.", {"choices": [{"finish_reason": "stop"}]}))
+    assert ok.passed and not ok.refusal
+    refused = check_answer(Answer("I'm sorry, I can't help with that."))
+    assert not refused.passed and refused.refusal
+    cut = check_answer(Answer("Paris is", {"choices": [{"finish_reason": "length"}]}))
+    assert not cut.passed and cut.checks[0]["detail"] == "stopped at the token limit"
+    schema = {"type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["city"]}}}
+    assert check_answer(Answer('{"city": "Oslo"}'), response_format=schema).passed
+    bad = check_answer(Answer('{"town": "Oslo"}'), response_format=schema)
+    assert not bad.passed and "city" in next(c for c in bad.checks if c["name"] == "json_schema")["detail"]
+    assert not check_answer(Answer("{nope"), response_format={"type": "json_object"}).passed
+    redacted = check_answer(Answer("fine"), guard_actions=["pass", "redact"])
+    assert redacted.guard_failed and not redacted.passed
+
+
+def test_grounding_in_the_retrieved_passages():
+    passages = ["The Eiffel Tower was completed in 1889 for the World's Fair in Paris."]
+    assert grounding("The Eiffel Tower was completed in 1889. It stands in Paris for the fair.", passages) == 1.0
+    assert grounding("Bananas contain potassium and grow in tropical plantations.", passages) == 0.0
+    checked = check_answer(Answer("Bananas contain potassium and grow in tropical plantations."),
+                           sources=[{"text": passages[0], "score": 0.82}])
+    assert not checked.passed and checked.retrieval_score == 0.82 and checked.grounded == 0.0
