@@ -37,7 +37,7 @@ def test_a_planted_drop_is_found_by_the_sprt_and_the_alpha_is_split():
     assert test.detectors[0] == "pass_rate" and "tokens" in test.detectors and "refusal" in test.detectors
     assert test.pass_tests[0].alpha == pytest.approx(settings.alpha / 2)
     assert test.window_alpha * len(test.windowed) == pytest.approx(settings.alpha / 2)
-    for n in range(1, 5000):
+    for n in range(1, 5000):  # noqa: B007  (n is read after the loop)
         if found := test.update(draw(rng, pass_rate=0.80)):
             break
     assert found[0].detector == "pass_rate" and found[0].test == "sprt" and n < 1500
