@@ -27,6 +27,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tollway import changes
 from tollway.errors import TollwayError
 from tollway.evals.checks import JUDGE_SYSTEM, Answer, judge_score
 from tollway.evals.live import check_answer
@@ -290,9 +291,11 @@ _EVAL_ANSWERS = ("UPDATE eval_results r SET result = r.result - 'answer' FROM ev
                  " r.result ? 'answer'")
 
 
-async def erase(conn: psycopg.AsyncConnection[Any], tenant_id: int, end_user: str | None = None) -> dict[str, int]:
+async def erase(conn: psycopg.AsyncConnection[Any], tenant_id: int, end_user: str | None = None, *,
+                author: str, subject: str, reason: str | None = None) -> dict[str, int]:
     """Delete the stored content of a tenant, or of one of its end users: live samples, shadow samples and
-    (tenant-wide only: eval items belong to no end user) the answers of eval runs. Scores stay."""
+    (tenant-wide only: eval items belong to no end user) the answers of eval runs. Scores stay. Recorded in
+    the change channel."""
     out = {}
     async with conn.transaction():
         for table, columns, where in _CONTENT:
@@ -303,4 +306,6 @@ async def erase(conn: psycopg.AsyncConnection[Any], tenant_id: int, end_user: st
         if end_user is None:
             cur = await conn.execute(_EVAL_ANSWERS + " AND e.tenant_id = %s", (tenant_id,))
             out["eval_results"] = cur.rowcount
+        await changes.record(conn, author=author, kind="content", subject=subject, action="erase",
+                             tenant_id=tenant_id, after={"user": end_user, "erased": out}, reason=reason)
     return out

@@ -125,13 +125,8 @@ async def get_quality(request: Request) -> Response:
 async def erase_content(request: Request, body: EraseBody) -> Response:
     principal = _admin(request)
     state = request.app.state.tollway
-    from tollway import changes
-
     async with state.pool.connection() as conn:
         tid = await tenant_id(conn, body.tenant)
-        async with conn.transaction():
-            erased = await erase(conn, tid, body.user)
-            await changes.record(conn, author=principal.author, kind="content", subject=body.user or body.tenant,
-                                 action="erase", tenant_id=tid, after={"user": body.user, "erased": erased},
-                                 reason=body.reason)
+        erased = await erase(conn, tid, body.user, author=principal.author, subject=body.user or body.tenant,
+                             reason=body.reason)
     return json_response({"object": "content.erasure", "tenant": body.tenant, "user": body.user, "erased": erased})

@@ -70,17 +70,13 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from tollway import changes
     from tollway.gateway.keys import tenant_id
     from tollway.gateway.quality import erase
 
     async def action(conn: Any, settings: Settings) -> int:
         tid = await tenant_id(conn, args.tenant)
-        async with conn.transaction():
-            erased = await erase(conn, tid, args.user)
-            await changes.record(conn, author=args.author, kind="content", subject=args.user or args.tenant,
-                                 action="erase", tenant_id=tid, after={"user": args.user, "erased": erased},
-                                 reason=args.reason)
+        erased = await erase(conn, tid, args.user, author=args.author, subject=args.user or args.tenant,
+                             reason=args.reason)
         print(json.dumps({"tenant": args.tenant, "user": args.user, "erased": erased}, indent=2))
         return 0
 
