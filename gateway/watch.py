@@ -122,6 +122,7 @@ class Monitor:
                  quality: LiveQuality, telemetry: Telemetry) -> None:
         self.pool, self.url, self.settings, self.quality, self.telemetry = pool, database_url, settings, quality, telemetry
         self.watches: dict[str, Watch] = {}
+        self.ended: set[str] = set()  # watches that breached or stepped: their rollout or change is done with
         self.cursor = -1  # the last sample fed (-1: none yet; a new leader starts at the newest)
         self._lock: psycopg.AsyncConnection[Any] | None = None
 
@@ -147,7 +148,7 @@ class Monitor:
         if row is None or not row[0]:
             await conn.close()
             return False
-        self._lock, self.watches, self.cursor = conn, {}, -1  # new leadership: state rebuilt from the samples
+        self._lock, self.watches, self.ended, self.cursor = conn, {}, set(), -1  # new leadership: rebuilt
         return True
 
     async def tick(self) -> None:
@@ -189,6 +190,7 @@ class Monitor:
                             await self._advance(conn, watch)
                 if len(rows) < BATCH:
                     break
+            self.ended |= {k for k, w in self.watches.items() if w.done}
             self.watches = {k: w for k, w in self.watches.items() if not w.done}
             await self._rates(conn)
         return raised
@@ -211,7 +213,7 @@ class Monitor:
         for key in [k for k, w in self.watches.items() if w.kind != "steady" and k not in wanted]:
             del self.watches[key]  # rolled back, completed, moved again: its test ends
         for key, w in wanted.items():
-            if key not in self.watches:
+            if key not in self.watches and key not in self.ended:  # e.g. a breach with auto_rollback off
                 await self._load(conn, w)
                 self.watches[key] = w
 
@@ -327,8 +329,9 @@ class Monitor:
             alert_id = await raise_alert(conn, tenant_id=w.tenant_id, kind="drift", subject=w.subject,
                                          dedupe_key=f"drift:{w.key}" + (f":{at}" if w.steady is not None else ""),
                                          message=message, evidence=evidence)
-        self.telemetry.alert("drift")
-        log.warning("%s (alert %s)", message, alert_id)
+        if alert_id is not None:  # not raised already (by another monitor, before a leadership change)
+            self.telemetry.alert("drift")
+            log.warning("%s (alert %s)", message, alert_id)
         if action == "rollback":
             await self._rollback(conn, w, {**evidence, "alert": alert_id}, message)
         if w.steady is None:

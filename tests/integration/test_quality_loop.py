@@ -264,3 +264,19 @@ async def test_a_full_queue_drops_and_counts_and_never_delays(quality_app, make_
         dropped = gw.state.quality.dropped
         quality = (await gw.client.get("/v1/admin/quality", headers={"authorization": "Bearer x"})).status_code
     assert dropped == 4 and quality == 401
+
+
+async def test_without_auto_rollback_a_breach_is_alerted_once_and_the_canary_stays(quality_app, make_tenant, admin):
+    app = make_tenant()
+    async with quality_app() as gw:
+        await chat(gw, app, 60)
+        await settle(gw)
+        await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                            json={"candidate": "sim-cand", "percent": 50, "auto_rollback": False})
+        raised = await until_alert(gw, app, 15)
+        await chat(gw, app, 40, start=9000)
+        again = await settle(gw)  # the same rollout, more bad answers: no second alert, no rollback
+        listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+    assert raised and raised[0]["action"] is None and again == []
+    rollout = next(r for r in listed if r["model"] == "sim-large")
+    assert (rollout["state"], rollout["canary_percent"]) == ("active", 50)
