@@ -340,14 +340,18 @@ class Chat:
                 return
             text = "".join(emitter.text)
             self._shadow(ex, text)
-            if self.quality is not None and accountant.finish_reason:
-                usage, _ = accountant.settled()
-                self.quality.offer(ex, text, emitter.answer(accountant.finish_reason, usage))
-            if ex.cache_key is not None and n == 1 and accountant.plain_text and accountant.finish_reason \
-                    and not ex.guards_changed():
-                usage, _ = accountant.settled()
-                self.router.remember(ex.cache_key, emitter.answer(accountant.finish_reason, usage), entry.name,
-                                     ex.tally.row.cost_usd)
+            finish = accountant.finish_reason
+            if not finish:
+                return
+            usage, _ = accountant.settled()
+
+            def answer() -> JSON:
+                return emitter.answer(finish, usage)
+
+            if self.quality is not None:
+                self.quality.offer(ex, text, answer)  # built only for a sampled answer
+            if ex.cache_key is not None and n == 1 and accountant.plain_text and not ex.guards_changed():
+                self.router.remember(ex.cache_key, answer(), entry.name, ex.tally.row.cost_usd)
 
         assert served.chunks is not None
         return StreamRelay(served.chunks, served.head, accountant=accountant, filters=ex.filters, emitter=emitter,
@@ -364,7 +368,8 @@ class Chat:
         text = choice_text(ex.answer, "message")
         self._shadow(ex, text)
         if self.quality is not None:
-            self.quality.offer(ex, text, ex.answer)
+            answer = ex.answer
+            self.quality.offer(ex, text, lambda: answer)
 
     def _shadow(self, ex: Exchange, output: str) -> None:
         if self.shadows is not None and ex.served is not None and ex.sent is not None:

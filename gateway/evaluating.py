@@ -16,7 +16,7 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tollway.background import Background
 from tollway.errors import InvalidRequest, NotFound, TollwayError
@@ -40,7 +40,7 @@ from tollway.gateway.relay import choice_text
 from tollway.gateway.service import CompletionService
 from tollway.prompts import GateResult, Registry
 from tollway.prompts.store import file_at
-from tollway.routing import ConfigError
+from tollway.routing.config import parse_section
 
 log = logging.getLogger("tollway.gateway")
 _RUN_COLUMNS = ("id, purpose, set_name, set_digest, prompt, prompt_version, model, models, index_version, status,"
@@ -68,11 +68,7 @@ class RawEvals(_Strict):
 
 def eval_settings(data: Any) -> EvalSettings:
     """The config file's ``evals:`` section."""
-    try:
-        raw = RawEvals.model_validate(data or {})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise ConfigError(f"evals.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+    raw = parse_section(RawEvals, data, "evals")
     g = raw.gate
     return EvalSettings(raw.concurrency, raw.max_concurrency,
                         GateThresholds(g.min_pass_rate, g.max_regression, g.alpha, g.require_significance), g.model)

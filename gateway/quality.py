@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tollway import changes
 from tollway.errors import TollwayError
@@ -39,6 +40,7 @@ from tollway.gateway.relay import choice_text
 from tollway.gateway.telemetry import Telemetry
 from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, ConfigError, Router, Usage, count_messages, count_text
+from tollway.routing.config import parse_section
 
 log = logging.getLogger("tollway.quality")
 JUDGE_RUBRIC = ("Does the answer respond to the user's last message helpfully and correctly, without inventing "
@@ -86,11 +88,7 @@ class QualitySettings:
 
 def quality_settings(data: Any) -> QualitySettings:
     """The config file's ``quality:`` section."""
-    try:
-        raw = RawQuality.model_validate(data or {})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise ConfigError(f"quality.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+    raw = parse_section(RawQuality, data, "quality")
     if raw.max_sample_rate < raw.sample_rate:
         raise ConfigError("quality.max_sample_rate must be at least quality.sample_rate")
     drift = DriftSettings(alpha=raw.alpha, pass_drop=raw.pass_drop, window=raw.window,
@@ -143,8 +141,9 @@ class LiveQuality:
             rate = max(rate, self.rates.get(prompt_key(tenant_id, prompt, label), 0.0))
         return rate
 
-    def offer(self, ex: Exchange, output: str, payload: JSON | None) -> None:
-        """An answered request: maybe a sample of it (after the answer went out, so it delays nothing)."""
+    def offer(self, ex: Exchange, output: str, payload: Callable[[], JSON | None]) -> None:
+        """An answered request: maybe a sample of it (after the answer went out, so it delays nothing).
+        ``payload`` makes the chat.completion the checks read, for a sampled answer only."""
         row = ex.tally.row
         if not self.settings.enabled or row.status != 200 or row.model is None or row.cache_hit or row.degraded:
             return
@@ -158,7 +157,7 @@ class LiveQuality:
         rules = ex.rules
         sample = LiveSample(
             row=dataclasses.replace(row, tags=None if row.tags is None else list(row.tags)), label=label,
-            rollout_of=rollout_of, messages=list(ex.messages), output=output, payload=payload,
+            rollout_of=rollout_of, messages=list(ex.messages), output=output, payload=payload(),
             response_format=ex.params.get("response_format"),
             guard_actions=tuple(g.action for g in ex.all_guards()),
             sources=tuple(ex.retrieved.sources) if ex.retrieved is not None else (), rate=rate,

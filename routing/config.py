@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -211,6 +211,19 @@ class RawConfig(_Strict):
 
 def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_section(model: type[M], data: Any, name: str) -> M:
+    """A section the config keeps as a plain mapping (``evals:``, ``quality:``), parsed by the part that owns
+    it; the first problem is named by its path in the file."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError(f"{name}.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
 
 
 def parse_config(data: object, source: str = "<config>") -> RawConfig:
