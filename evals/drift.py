@@ -3,6 +3,8 @@
 - ``BernoulliSPRT``: Wald's sequential probability ratio test of a pass rate, H0: p = p0 against a
   specified drop H1: p = p1 < p0, with error rates alpha and beta; its expected sample sizes (Wald's
   approximations) say what an optimal detector needs.
+- ``BernoulliCUSUM``: Page's CUSUM, the SPRT's ratio restarted at zero, for a drop that may start at any
+  time in steady traffic (the fastest detector for a given rate of false alarms).
 - ``BernoulliMSPRT``: a mixture SPRT (normal mixture over the effect, on the centred observations), an
   always-valid test of "the rate is no longer p0" when no drop is specified: looking after every sample
   does not inflate its false-alarm rate (Johari, Pekelis and Walsh's construction).
@@ -67,6 +69,72 @@ class BernoulliSPRT:
         if under == "h1":
             return (b * self.lower + (1 - b) * self.upper) / drift
         return ((1 - a) * self.lower + a * self.upper) / drift
+
+
+@dataclass(slots=True)
+class BernoulliCUSUM:
+    """Page's CUSUM for a drop of a pass rate from p0 to p1 that may start at any time: the SPRT's
+    log-likelihood ratio, restarted at zero whenever it falls below it (an SPRT with its lower boundary
+    at zero, so it never spends samples climbing out of an accepted "no drop"). It signals at ``h``,
+    chosen for an average run of ``arl0`` samples between false alarms on unchanged traffic (Siegmund's
+    approximation, conservative for Bernoulli steps: their overshoot lengthens the run). Lorden and
+    Moustakides: for that false-alarm rate no test finds the drop sooner in the worst case."""
+
+    p0: float
+    p1: float
+    arl0: float = 80_000.0
+    llr: float = 0.0
+    run: int = 0  # samples since the statistic last stood at zero (the evidence of a signal)
+    run_passes: int = 0  # passes among them
+    h: float = field(init=False)
+    _pass: float = field(init=False)
+    _fail: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p1 < self.p0 < 1:
+            raise ValueError("need 0 < p1 < p0 < 1")
+        if self.arl0 <= 1:
+            raise ValueError("arl0 must exceed 1")
+        self._pass = math.log(self.p1 / self.p0)
+        self._fail = math.log((1 - self.p1) / (1 - self.p0))
+        self.h = cusum_threshold(self.arl0, self.kl0())
+
+    def kl0(self) -> float:
+        """The information per sample against H1 while nothing changed, KL(p0 || p1)."""
+        return -(self.p0 * self._pass + (1 - self.p0) * self._fail)
+
+    def kl1(self) -> float:
+        """The information per sample for H1 once the drop happened, KL(p1 || p0)."""
+        return self.p1 * self._pass + (1 - self.p1) * self._fail
+
+    def update(self, passed: bool) -> bool:
+        """One scored sample; True when the statistic reaches ``h`` (then it restarts from zero)."""
+        self.llr = max(0.0, self.llr + (self._pass if passed else self._fail))
+        if self.llr > 0:
+            self.run += 1
+            self.run_passes += passed
+        else:
+            self.run = self.run_passes = 0
+        return self.llr >= self.h
+
+    def restart(self) -> None:
+        self.llr, self.run, self.run_passes = 0.0, 0, 0
+
+    def expected_delay(self) -> float:
+        """Siegmund's approximation of the mean samples from a drop (statistic at zero) to the signal."""
+        return (self.h + math.exp(-self.h) - 1) / self.kl1()
+
+
+def cusum_threshold(arl0: float, kl0: float) -> float:
+    """The CUSUM threshold h with (e^h - h - 1) / KL(p0 || p1) = arl0 (Siegmund), by bisection."""
+    target = arl0 * kl0
+    lo, hi = 0.0, 1.0
+    while math.exp(hi) - hi - 1 < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.exp(mid) - mid - 1 < target else (lo, mid)
+    return hi
 
 
 @dataclass(slots=True)

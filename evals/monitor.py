@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollway.evals.drift import BernoulliMSPRT, BernoulliSPRT, ks, psi
+from tollway.evals.drift import BernoulliCUSUM, BernoulliMSPRT, BernoulliSPRT, ks, psi
 
 CONTINUOUS = ("output_chars", "tokens", "cost", "retrieval", "judge")
 RATES = ("refusal", "guard_failed")
@@ -54,7 +54,7 @@ class Scored:
 
 @dataclass(frozen=True, slots=True)
 class DriftSettings:
-    alpha: float = 0.005  # a route's false-alarm budget per test cycle, across all its detectors
+    alpha: float = 0.0025  # a route's false-alarm budget per window of samples (a change: per test), all detectors
     pass_drop: float | None = 0.05  # the pass-rate drop the SPRT is specified for (None: the mSPRT)
     beta: float = 0.01  # the SPRT's chance of missing a drop of that size (small: longer clean cycles)
     window: int = 200  # samples per window of the distribution tests
@@ -62,6 +62,7 @@ class DriftSettings:
     baseline_max: int = 5000  # the trailing baseline keeps at most this many
     min_samples: int = 200  # a progressive rollout's step needs this many scored samples
     judge_pass: float = 0.5  # a judge score at or above this counts as a pass
+    sequential_share: float = 0.5  # the share of alpha the sequential tests get (the windows: the rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +115,14 @@ def rise_p_value(base_hits: int, base_n: int, hits: int, n: int) -> float:
 
 
 class PassTest:
-    """The sequential test of a pass rate against the baseline's: SPRT for a specified drop, else mSPRT."""
+    """The sequential test of a pass rate against the baseline's. With a specified drop: Wald's SPRT (a
+    change under test: it decides, and an accepted "no drop" is a clean cycle) or, on a steady route where
+    a drop may begin at any time, Page's CUSUM (the SPRT's ratio restarted at zero). Without one: the
+    mSPRT. ``alpha`` is the false-alarm budget per cycle, for the CUSUM per ``window`` samples (an
+    average run of window / alpha samples between false alarms)."""
 
-    def __init__(self, name: str, p0: float, alpha: float, settings: DriftSettings) -> None:
-        self.name, self.alpha, self.settings = name, alpha, settings
+    def __init__(self, name: str, p0: float, alpha: float, settings: DriftSettings, *, steady: bool = False) -> None:
+        self.name, self.alpha, self.settings, self.steady = name, alpha, settings, steady
         self.accepted = 0  # times the SPRT accepted "no drop" (a cycle ended cleanly)
         self.n = self.hits = 0
         self.anchor(p0)
@@ -125,15 +130,31 @@ class PassTest:
     def anchor(self, p0: float) -> None:
         """(Re)start against a baseline rate ``p0``."""
         self.p0 = min(max(p0, 0.01), 0.99)
+        self.anchored = self.n
         drop = self.settings.pass_drop
-        self.sprt = BernoulliSPRT(self.p0, self.p0 - drop, alpha=self.alpha, beta=self.settings.beta) \
-            if drop is not None and self.p0 - drop > 0.005 else None
-        self.msprt = None if self.sprt is not None else BernoulliMSPRT(self.p0, alpha=self.alpha)
+        specified = drop is not None and self.p0 - drop > 0.005
+        self.sprt = self.cusum = self.msprt = None
+        if specified and self.steady:
+            self.cusum = BernoulliCUSUM(self.p0, self.p0 - drop, arl0=self.settings.window / self.alpha)
+        elif specified:
+            self.sprt = BernoulliSPRT(self.p0, self.p0 - drop, alpha=self.alpha, beta=self.settings.beta)
+        else:
+            self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
 
     def update(self, passed: bool) -> tuple[Finding | None, bool]:
-        """A finding on a drop; and whether a cycle ended ("no drop" accepted: re-anchor if you like)."""
+        """A finding on a drop; and whether a cycle ended (re-anchor on the baseline if you like): the
+        SPRT accepted "no drop", or the CUSUM stands at zero a window after its last anchoring."""
         self.n += 1
         self.hits += passed
+        if self.cusum is not None:
+            if self.cusum.update(passed):
+                found = Finding(self.name, "cusum", self.cusum.llr, self.cusum.h, self.cusum.run,
+                                round(self.p0, 4), round(self.cusum.run_passes / self.cusum.run, 4),
+                                extra={"p1": round(self.cusum.p1, 4), "arl0": round(self.cusum.arl0),
+                                       "alpha": self.alpha})
+                self.cusum.restart()
+                return found, False
+            return None, self.cusum.llr == 0 and self.n - self.anchored >= self.settings.window
         if self.sprt is not None:
             decided = self.sprt.update(passed)
             if decided == "no_drop":
@@ -156,6 +177,8 @@ class PassTest:
         return None, False
 
     def progress(self) -> float:
+        if self.cusum is not None:
+            return max(0.0, self.cusum.llr / self.cusum.h)
         if self.sprt is not None:
             return max(0.0, self.sprt.llr / self.sprt.upper)
         assert self.msprt is not None
@@ -175,7 +198,7 @@ class RouteTest:
     (a canary's primary keeps answering; a steady route's trailing window moves on): window tests read it
     as it is when their window ends, and a sequential test re-anchors on it each time it accepts."""
 
-    def __init__(self, baseline: Sequence[Scored], settings: DriftSettings) -> None:
+    def __init__(self, baseline: Sequence[Scored], settings: DriftSettings, *, steady: bool = False) -> None:
         self.settings = settings
         self.baseline = baseline
         self.n = 0
@@ -186,8 +209,10 @@ class RouteTest:
         self.pass_tests: list[PassTest] = []
         sequential = [name for name in ("pass_rate", "judge_pass") if len(self._passes(name)) >= MIN_VALUES]
         for name in sequential:
-            self.pass_tests.append(PassTest(name, self._p0(name), settings.alpha / 2 / len(sequential), settings))
-        self.window_alpha = settings.alpha / (2 if sequential else 1) / max(len(self.windowed), 1)
+            self.pass_tests.append(PassTest(name, self._p0(name), settings.alpha * settings.sequential_share
+                                            / len(sequential), settings, steady=steady))
+        self.window_alpha = settings.alpha * ((1 - settings.sequential_share) if sequential else 1) / max(
+            len(self.windowed), 1)
 
     def _values(self, name: str) -> list[float]:
         return [v for s in self.baseline if (v := s.value(name)) is not None]
@@ -285,13 +310,13 @@ class SteadyWatch:
         """The route's earlier samples, oldest first, as its baseline (a monitor taking over)."""
         self.baseline.extend(history)
         if len(self.baseline) >= self.settings.baseline_samples:
-            self.test = RouteTest(self.baseline, self.settings)
+            self.test = RouteTest(self.baseline, self.settings, steady=True)
 
     def observe(self, s: Scored) -> list[Finding]:
         if self.test is None:
             self.baseline.append(s)
             if len(self.baseline) >= self.settings.baseline_samples:
-                self.test = RouteTest(self.baseline, self.settings)
+                self.test = RouteTest(self.baseline, self.settings, steady=True)
             return []
         found = self.test.update(s)
         self.pending.append(s)

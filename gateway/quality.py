@@ -60,8 +60,9 @@ class RawQuality(_Strict):
     judge_model: str | None = None  # scores answers where set (a ledger row of role 'eval' each)
     judge_rubric: str = JUDGE_RUBRIC
     interval_s: float = Field(default=10.0, gt=0)  # how often the monitor reads new samples
-    alpha: float = Field(default=0.005, gt=0, lt=0.5)  # a route's false-alarm budget, across its detectors
+    alpha: float = Field(default=0.0025, gt=0, lt=0.5)  # a route's false-alarm budget, across its detectors
     pass_drop: float | None = Field(default=0.05, gt=0, lt=1)  # the drop the SPRT looks for (null: mSPRT)
+    sequential_share: float = Field(default=0.5, gt=0, lt=1)  # alpha's share for the pass-rate tests
     window: int = Field(default=200, ge=20)
     baseline_samples: int = Field(default=1000, ge=20)
     baseline_max: int = Field(default=5000, ge=20)
@@ -91,7 +92,8 @@ def quality_settings(data: Any) -> QualitySettings:
     raw = parse_section(RawQuality, data, "quality")
     if raw.max_sample_rate < raw.sample_rate:
         raise ConfigError("quality.max_sample_rate must be at least quality.sample_rate")
-    drift = DriftSettings(alpha=raw.alpha, pass_drop=raw.pass_drop, window=raw.window,
+    drift = DriftSettings(alpha=raw.alpha, pass_drop=raw.pass_drop, sequential_share=raw.sequential_share,
+                          window=raw.window,
                           baseline_samples=raw.baseline_samples, baseline_max=max(raw.baseline_max, raw.baseline_samples),
                           min_samples=raw.min_samples)
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,

@@ -2,7 +2,8 @@
 regression, with and without adaptive sampling, and how often it cries wolf on unchanged traffic.
 
 The detectors are the gateway's own (``tollway.evals.monitor.SteadyWatch``: the route's trailing
-baseline, the SPRT of the pass rate and the window tests, the false-alarm budget split across them);
+baseline, the CUSUM of the pass rate and the window tests, the false-alarm budget split across them;
+beside it ``RouteTest`` as a canary or prompt watch runs it, an SPRT started when the change starts);
 the sampling policy is the gateway's (``SamplingPolicy``: 2% base rate, rising with the detectors'
 progress). Traffic: a pass rate of 90%, tokens per request log-normal (median 400, sigma 0.5), output
 length and cost following the tokens, a 3% refusal rate and a 1% guard-failure rate. Each run warms
@@ -12,8 +13,9 @@ the change, the scored samples and the live requests until the route's detectors
     python bench/drift/detect.py [--runs 200] [--days 1000] [--seed 1]
 
 Prints, per change (a 5-point pass-rate drop; a 20% rise in tokens per request), the median and p90 of
-scored samples and of live requests to detection, for the SPRT with the drop specified, the mSPRT
-(nothing specified), each with fixed 2% and adaptive sampling; beside them, Wald's expected sample size
+scored samples and of live requests to detection, for the steady route's CUSUM with the drop specified,
+the mSPRT (nothing specified), each with fixed 2% and adaptive sampling, and the SPRT of a watch that
+starts with the change; beside them, Wald's expected sample size
 of the SPRT for the drop at alpha 0.01, beta 0.05 (the optimum the issue quotes); then false alarms
 per simulated day of unchanged traffic at 10k requests/day across all detectors.
 """
@@ -28,7 +30,7 @@ import statistics
 import time
 
 from tollway.evals.drift import BernoulliSPRT
-from tollway.evals.monitor import DriftSettings, SamplingPolicy, Scored, SteadyWatch
+from tollway.evals.monitor import DriftSettings, RouteTest, SamplingPolicy, Scored, SteadyWatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,22 @@ def detect(seed: int, change: Traffic, settings: DriftSettings, policy: Sampling
             return samples, requests
         if found:  # another detector fired first (its own false alarm): keep watching the route
             continue
+    return samples, requests
+
+
+def detect_watch(seed: int, change: Traffic, settings: DriftSettings, policy: SamplingPolicy, detector: str,
+                 limit: int = 200_000) -> tuple[int, int]:
+    """The same for a watch that starts with the change (a canary, a moved prompt label): an SPRT from
+    zero against the baseline's rate, as the monitor runs it."""
+    rng = random.Random(seed)
+    before = Traffic()
+    test = RouteTest([before.draw(rng) for _ in range(settings.baseline_samples)], settings)
+    samples = requests = 0
+    while samples < limit:
+        requests += gap(rng, policy.rate(test.progress()))
+        samples += 1
+        if any(f.detector == detector for f in test.update(change.draw(rng))):
+            return samples, requests
     return samples, requests
 
 
@@ -120,20 +138,22 @@ def main() -> None:
                ("tokens per request +20%", Traffic(token_scale=1.2), "tokens"))
     for title, change, detector in changes:
         print(title)
-        for name, settings in (("SPRT (drop specified)", specified), ("mSPRT (unspecified)", unspecified)):
-            if detector != "pass_rate" and settings is unspecified:
+        runs = (("CUSUM (drop specified)", specified, detect), ("mSPRT (unspecified)", unspecified, detect),
+                ("SPRT, watch from change", specified, detect_watch))
+        for name, settings, how in runs:
+            if detector != "pass_rate" and (how is not detect or settings is unspecified):
                 continue
             results = {}
             for label, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
                 started = time.perf_counter()
-                results[label] = [detect(args.seed * 100_000 + i, change, settings, policy, detector)
+                results[label] = [how(args.seed * 100_000 + i, change, settings, policy, detector)
                                   for i in range(args.runs)]
-                print(f"  {name:22s} {label:9s} {summary(results[label])}   ({time.perf_counter() - started:.0f} s)")
+                print(f"  {name:24s} {label:9s} {summary(results[label])}   ({time.perf_counter() - started:.0f} s)")
             ratio = statistics.median(r for _, r in results["fixed 2%"]) / statistics.median(
                 r for _, r in results["adaptive"])
             med = statistics.median(s for s, _ in results["fixed 2%"])
-            print(f"  {'':22s} adaptive needs {ratio:.1f}x fewer live requests; fixed-rate median = "
-                  f"{med / wald:.2f}x Wald's optimum")
+            versus = f"; fixed-rate median = {med / wald:.2f}x Wald's optimum" if detector == "pass_rate" else ""
+            print(f"  {'':24s} adaptive needs {ratio:.1f}x fewer live requests{versus}")
     print(f"\nunchanged traffic, 10k requests/day, {args.days} simulated days per policy:")
     for label, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
         started = time.perf_counter()

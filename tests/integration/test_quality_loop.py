@@ -23,6 +23,7 @@ QUALITY = {"sample_rate": 1.0, "max_sample_rate": 1.0, "interval_s": 3600, "base
            "window": 40, "min_samples": 40, "pass_drop": 0.2, "alpha": 0.01}
 PROMPT_V1 = "model: sim-large\nmessages:\n  - {role: system, content: \"Answer briefly (prompt v1).\"}\n"
 PROMPT_V2 = PROMPT_V1.replace("prompt v1", "prompt v2")
+PROMPT_V3 = PROMPT_V1.replace("prompt v1", "prompt v3")  # as good as v1
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,58 @@ async def test_a_progressive_rollout_advances_on_good_traffic_and_rolls_back_on_
     assert raised and raised[0]["action"] == "rollback"
     bad = next(x for x in listed if x["model"] == "sim-large")
     assert (bad["candidate"], bad["state"], bad["step"], bad["canary_percent"]) == ("sim-cand", "rolled_back", 0, 0)
+
+
+async def test_a_progressive_prompt_rollout_steps_the_split_then_moves_the_label_or_rolls_back(
+        quality_app, make_tenant, admin, pg):
+    eng = make_tenant(role="prompt_engineer")
+    prompt = {"model": "prompt", "prompt": {"name": "faq"}}
+
+    async def post(version: str) -> Any:
+        return await gw.client.post("/v1/admin/prompt-rollouts", headers=admin.headers, json={
+            "tenant": eng.name, "prompt": "faq", "label": "production", "version": version, "steps": [30, 60, 100],
+            "min_samples": 25})
+
+    async with quality_app() as gw:
+        made = {}
+        for name, content in (("v1", PROMPT_V1), ("v2", PROMPT_V2), ("v3", PROMPT_V3)):
+            made[name] = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                               json={"content": content, "message": name})).json()["version"]
+        await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": made["v1"]})
+        await chat(gw, eng, 60, **prompt)
+        assert await settle(gw) == []
+        started = await post(made["v3"])
+        assert started.status_code == 200, started.text
+        assert started.json()["split"]["split_percent"] == 30 and started.json()["split"]["version"] == made["v1"]
+        seen: list[tuple[int, str, float]] = []
+        for r in range(40):
+            await chat(gw, eng, 10, start=7000 + 10 * r, **prompt)
+            assert await settle(gw) == []  # a good candidate: no alert at any step
+            now = (await gw.client.get("/v1/admin/prompt-rollouts", headers=admin.headers,
+                                       params={"tenant": eng.name})).json()["data"][0]
+            label = rows(pg, "SELECT version, split_version, split_percent FROM prompt_labels WHERE tenant_id = %s"
+                             " AND name = 'faq' AND label = 'production'", eng.id)[0]
+            share = float(label[2] or 0) if label[1] == made["v3"] else (100.0 if label[0] == made["v3"] else 0.0)
+            if not seen or seen[-1][:2] != (now["step"], now["state"]):
+                seen.append((now["step"], now["state"], share))
+            if now["state"] == "complete":
+                break
+        assert [(s, st) for s, st, _ in seen] == [(0, "active"), (1, "active"), (2, "complete")], seen
+        assert [share for *_, share in seen] == [30, 60, 100]  # the split, then the label itself
+        advances = rows(pg, "SELECT after->'evidence'->>'samples', author FROM changes WHERE tenant_id = %s AND"
+                            " kind = 'prompt_label' AND reason LIKE 'no regression%%' ORDER BY id", eng.id)
+        assert len(advances) == 2 and all(int(n) >= 25 and a == "tollway-quality" for n, a in advances)
+        # a bad candidate from the new production version: rolled back at its first step, the label untouched
+        assert (await post(made["v2"])).status_code == 200
+        raised = await until_alert(gw, eng, 30, **prompt)
+        await gw.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+        listed = (await gw.client.get("/v1/admin/prompt-rollouts", headers=admin.headers,
+                                      params={"tenant": eng.name})).json()["data"]
+    assert raised and raised[0]["kind"] == "prompt" and raised[0]["action"] == "rollback"
+    assert (listed[0]["candidate"], listed[0]["state"], listed[0]["step"]) == (made["v2"], "rolled_back", 0)
+    label = rows(pg, "SELECT version, split_version, split_percent FROM prompt_labels WHERE tenant_id = %s"
+                     " AND name = 'faq' AND label = 'production'", eng.id)[0]
+    assert label[0] == made["v3"] and not label[1] and not label[2]
 
 
 async def test_rollouts_are_checked(quality_app, admin, pg, tmp_path):

@@ -44,6 +44,24 @@ def test_a_planted_drop_is_found_by_the_sprt_and_the_alpha_is_split():
     assert found[0].statistic >= found[0].threshold and found[0].baseline == pytest.approx(0.9, abs=0.02)
 
 
+def test_a_steady_route_finds_a_drop_that_starts_at_any_time_with_the_cusum():
+    rng = random.Random(6)
+    settings = DriftSettings(window=200)
+    watch = SteadyWatch(settings)
+    for _ in range(settings.baseline_samples + 3000):  # long unchanged traffic first: the drop starts mid-run
+        assert watch.observe(draw(rng)) == []
+    assert watch.test is not None
+    cusum = watch.test.pass_tests[0].cusum
+    assert cusum is not None and cusum.arl0 == pytest.approx(settings.window / (settings.alpha / 2))
+    for n in range(1, 5000):  # noqa: B007  (n is read after the loop)
+        if found := [f for f in watch.observe(draw(rng, pass_rate=0.80)) if f.detector == "pass_rate"]:
+            break
+    assert found[0].test == "cusum" and found[0].statistic >= found[0].threshold == pytest.approx(cusum.h)
+    # the evidence is the run since the statistic last stood at zero (it may have begun before the drop)
+    assert found[0].samples > 0 and found[0].current < found[0].baseline and n < 1500
+    assert watch.test is None  # the route starts over on its new baseline
+
+
 def test_a_token_rise_is_found_by_ks():
     rng = random.Random(5)
     test = RouteTest([draw(rng) for _ in range(2000)], DriftSettings(window=200))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tollway.evals.drift import BernoulliMSPRT, BernoulliSPRT, ks, psi
+from tollway.evals.drift import BernoulliCUSUM, BernoulliMSPRT, BernoulliSPRT, cusum_threshold, ks, psi
 
 
 def test_sprt_expected_samples_match_walds_formula():
@@ -36,6 +36,39 @@ def test_sprt_error_rates_and_sample_sizes_hold_in_simulation():
     assert false_alarms <= 0.03 and misses <= 0.10  # alpha 0.01, beta 0.05, with simulation slack
     mean_n = sum(n for _, n in under_h1) / len(under_h1)
     assert mean_n == pytest.approx(BernoulliSPRT(0.90, 0.85).expected_samples("h1"), rel=0.25)
+
+
+def test_cusum_threshold_solves_siegmunds_formula_and_the_recursion_restarts_at_zero():
+    test = BernoulliCUSUM(0.90, 0.85, arl0=80_000)
+    kl0 = 0.90 * math.log(0.90 / 0.85) + 0.10 * math.log(0.10 / 0.15)
+    assert test.kl0() == pytest.approx(kl0)
+    assert (math.exp(test.h) - test.h - 1) / kl0 == pytest.approx(80_000, rel=1e-6)
+    assert cusum_threshold(160_000, kl0) > test.h  # fewer false alarms: a higher bar
+    fail, ok = math.log(0.15 / 0.10), math.log(0.85 / 0.90)
+    test.update(False)
+    test.update(True)
+    assert test.llr == pytest.approx(fail + ok) and test.run == 2
+    for _ in range(20):
+        test.update(True)
+    assert test.llr == 0.0 and test.run == 0  # passes never push it below zero
+
+
+def _cusum_run(p: float, test: BernoulliCUSUM, rng: random.Random) -> int:
+    test.restart()
+    n = 0
+    while True:
+        n += 1
+        if test.update(rng.random() < p):
+            return n
+
+
+def test_cusum_false_alarm_run_and_delay_hold_in_simulation():
+    rng = random.Random(13)
+    test = BernoulliCUSUM(0.90, 0.85, arl0=5_000)
+    arl0 = sum(_cusum_run(0.90, test, rng) for _ in range(200)) / 200
+    assert 0.7 * 5_000 < arl0 < 1.6 * 5_000  # Siegmund's approximation, with simulation slack
+    delay = sum(_cusum_run(0.85, test, rng) for _ in range(400)) / 400
+    assert delay == pytest.approx(test.expected_delay(), rel=0.2)
 
 
 def test_msprt_is_always_valid_under_h0_and_finds_a_drop():
