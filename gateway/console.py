@@ -37,6 +37,8 @@ from tollway.gateway.budget_alerts import BudgetUse, budget_uses
 from tollway.gateway.keys import Principal, list_keys, list_tenants, reachable_tenant, revoke_key
 from tollway.gateway.reconcile import SUBJECT_COLUMN, rollup_dim
 from tollway.gateway.reports import ReportQuery, build_query, grouped, top_tier, totals
+from tollway.gateway.rollouts import list_rollouts
+from tollway.jsontypes import JSON
 
 router = APIRouter(include_in_schema=False)
 COOKIE = "tollway_console"
@@ -431,6 +433,47 @@ async def _operations_page(request: Request, session: Session) -> Response:
                  ledger={"queued": ledger.in_hand, "spill_files": len(ledger.pending_spill_files())},
                  retry_budget=round(state.routing.caller.retry_budget.tokens, 2),
                  workers=state.settings.workers)
+
+
+@router.get("/console/quality")
+async def quality(request: Request) -> Response:
+    return await _serve(request, lambda session: _quality_page(request, session), admin=True)
+
+
+def _findings(evidence: Any) -> list[JSON]:
+    findings = evidence.get("findings") if isinstance(evidence, dict) else None
+    return [f for f in findings or [] if isinstance(f, dict)]
+
+
+async def _quality_page(request: Request, session: Session) -> Response:
+    """The live quality loop: rollouts in flight, drift alerts with their evidence, the sampling rates the
+    monitor asks for, and (on the replica that leads the monitor) its watches."""
+    state = request.app.state.tollway
+    async with state.pool.connection() as conn:
+        rollouts = [r.as_json() for r in await list_rollouts(conn)]
+        cur = await conn.execute(
+            "SELECT t.name, r.name, r.label, r.candidate, r.previous, r.steps, r.step, r.min_samples, r.state,"
+            " r.updated_at FROM prompt_rollouts r JOIN tenants t ON t.id = r.tenant_id ORDER BY r.updated_at DESC"
+            " LIMIT 100")
+        prompt_rollouts = [dict(zip(("tenant", "prompt", "label", "candidate", "previous", "steps", "step",
+                                     "min_samples", "state", "updated_at"), r, strict=True))
+                           for r in await cur.fetchall()]
+        cur = await conn.execute("SELECT key, rate, progress, updated_at FROM quality_rates ORDER BY rate DESC, key")
+        rates = [dict(zip(("key", "rate", "progress", "updated_at"), r, strict=True)) for r in await cur.fetchall()]
+        alerts = await list_alerts(conn, None, 50, kind="drift")
+        cur = await conn.execute("SELECT id, name FROM tenants")
+        names = dict(await cur.fetchall())
+    for alert in alerts:
+        alert["tenant"] = names.get(alert["tenant_id"])
+        alert["findings"] = _findings(alert["evidence"])
+        alert["action"] = (alert["evidence"] or {}).get("action")
+    live = state.quality
+    return _page("quality.html", session=session, rollouts=rollouts, prompt_rollouts=prompt_rollouts, rates=rates,
+                 alerts=alerts, enabled=live.settings.enabled, leader=state.monitor.leading,
+                 watches=state.monitor.describe(),
+                 base_rate=live.settings.policy.base,
+                 queue={"depth": live.queue.qsize(), "size": live.queue.maxsize, "dropped": live.dropped,
+                        "scored": live.scored})
 
 
 @router.get("/console/audit")

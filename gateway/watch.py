@@ -265,15 +265,17 @@ class Monitor:
             def match(s: Row) -> bool:
                 return s.model == row.model and s.prompt_name is None and s.rollout_of is None
         elif row.prompt_label is not None:
-            key = f"steady:prompt:{row.tenant_id}:{row.prompt_name}:{row.prompt_label}"
-            subject = f"prompt {row.prompt_name}@{row.prompt_label}"
+            # per version: a label that moves starts a new steady watch (the move is the prompt watch's)
+            key = f"steady:prompt:{row.tenant_id}:{row.prompt_name}:{row.prompt_label}:{row.prompt_version}"
+            subject = f"prompt {row.prompt_name}@{row.prompt_label} version {str(row.prompt_version)[:12]}"
             rate_key, tenant_id = prompt_key(row.tenant_id, row.prompt_name, row.prompt_label), row.tenant_id
-            where = "tenant_id = %s AND prompt_name = %s AND prompt_label = %s"
-            args = [row.tenant_id, row.prompt_name, row.prompt_label]
+            where = "tenant_id = %s AND prompt_name = %s AND prompt_label = %s AND prompt_version = %s"
+            args = [row.tenant_id, row.prompt_name, row.prompt_label, row.prompt_version]
 
             def match(s: Row) -> bool:
                 return (s.tenant_id == row.tenant_id and s.prompt_name == row.prompt_name
-                        and s.prompt_label == row.prompt_label and s.rollout_of is None)
+                        and s.prompt_label == row.prompt_label and s.prompt_version == row.prompt_version
+                        and s.rollout_of is None)
         else:
             return
         if key in self.watches:

@@ -46,9 +46,10 @@ async def raise_alert(conn: psycopg.AsyncConnection[Any], *, tenant_id: int | No
 
 
 async def list_alerts(conn: psycopg.AsyncConnection[Any], tenant_id: int | None = None,
-                      limit: int = 100) -> list[JSON]:
-    cur = await conn.execute(f"SELECT {_COLUMNS} FROM alerts WHERE %s::bigint IS NULL OR tenant_id = %s"
-                             " ORDER BY id DESC LIMIT %s", (tenant_id, tenant_id, max(1, min(limit, 1000))))
+                      limit: int = 100, *, kind: str | None = None) -> list[JSON]:
+    cur = await conn.execute(f"SELECT {_COLUMNS} FROM alerts WHERE (%s::bigint IS NULL OR tenant_id = %s)"
+                             " AND (%s::text IS NULL OR kind = %s) ORDER BY id DESC LIMIT %s",
+                             (tenant_id, tenant_id, kind, kind, max(1, min(limit, 1000))))
     out = []
     for row in await cur.fetchall():
         item = _alert(row)

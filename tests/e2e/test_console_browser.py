@@ -188,6 +188,19 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
     changes = rows(browser, "table-audit")
     assert any(row[3].startswith("budget ") and row[3].endswith(": set") and '"limit_usd": "0.0100000000"' in row[5]
                for row in changes), changes
+    # a progressive rollout set through the admin API shows on the quality page at the next load
+    with httpx.Client(base_url=base, timeout=30) as client:
+        put = client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                         json={"candidate": "sim-small", "steps": [5, 50, 100], "min_samples": 50})
+        assert put.status_code == 200, put.text
+        try:
+            browser.get(f"{base}/console/quality")
+            shown = table(browser, "table-rollouts")
+            assert fits(browser)
+            browser.save_screenshot(str(OUTPUT / "console-quality.png"))
+        finally:
+            client.delete("/v1/admin/rollouts/sim-large", headers=admin.headers)
+    assert shown["sim-large"][:5] == ["sim-small", "5%", "0%", "5 → 50 → 100 (min 50)", "active"], shown
 
 
 def test_one_scrape_of_the_metrics_port_covers_every_worker(served, make_tenant):

@@ -111,6 +111,8 @@ async def test_a_promoted_prompt_that_regresses_is_alerted_and_rolled_back(quali
     finding = next(f for f in alert["findings"] if f["detector"] == "pass_rate")
     assert finding["baseline"] > 0.85 and finding["current"] < finding["baseline"]
     assert listed[0]["kind"] == "drift" and listed[0]["evidence"]["findings"] == alert["findings"]
+    # one alert for one move: the label's steady watch is per version, so it does not report the move too
+    assert len([a for a in listed if a["kind"] == "drift"]) == 1, listed
     label, = rows(pg, "SELECT version FROM prompt_labels WHERE tenant_id = %s AND name = 'faq'", eng.id)
     assert label[0] == v1  # rolled back
     assert served.json()["tollway"]["prompt"]["version"] == v1
@@ -135,7 +137,16 @@ async def test_a_bad_model_canary_is_rolled_back_on_every_replica(quality_app, m
             await other.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
             listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
             other_canaries = other.state.catalog.has_canaries
+            # the console of the other replica (not the monitor's leader) shows the same rollout and alert
+            signed = await other.client.post("/console/login", data={"key": admin.key}, follow_redirects=False)
+            assert signed.status_code == 303
+            page = (await other.client.get("/console/quality")).text
     assert raised and raised[0]["kind"] == "canary" and raised[0]["action"] == "rollback"
+    drift_rows = page.split('id="table-drift"')[1].split("</table>")[0]
+    rollout_rows = page.split('id="table-rollouts"')[1].split("</table>")[0]
+    assert raised[0]["message"] in drift_rows and "pass_rate (sprt)" in drift_rows and "rollback" in drift_rows
+    assert "sim-cand" in rollout_rows and "rolled back" in rollout_rows
+    assert "This replica does not lead the quality monitor" in page
     rollout = next(r for r in listed if r["model"] == "sim-large")
     assert (rollout["state"], rollout["canary_percent"]) == ("rolled_back", 0)
     assert not other_canaries
