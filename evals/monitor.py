@@ -132,12 +132,12 @@ class PassTest:
         self.p0 = min(max(p0, 0.01), 0.99)
         self.anchored = self.n
         drop = self.settings.pass_drop
-        specified = drop is not None and self.p0 - drop > 0.005
+        p1 = None if drop is None or self.p0 - drop <= 0.005 else self.p0 - drop
         self.sprt = self.cusum = self.msprt = None
-        if specified and self.steady:
-            self.cusum = BernoulliCUSUM(self.p0, self.p0 - drop, arl0=self.settings.window / self.alpha)
-        elif specified:
-            self.sprt = BernoulliSPRT(self.p0, self.p0 - drop, alpha=self.alpha, beta=self.settings.beta)
+        if p1 is not None and self.steady:
+            self.cusum = BernoulliCUSUM(self.p0, p1, arl0=self.settings.window / self.alpha)
+        elif p1 is not None:
+            self.sprt = BernoulliSPRT(self.p0, p1, alpha=self.alpha, beta=self.settings.beta)
         else:
             self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
 

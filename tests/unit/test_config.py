@@ -110,6 +110,10 @@ def test_the_shipped_example_config_is_valid() -> None:
     from tollway.gateway.evaluating import eval_settings
 
     assert eval_settings(raw.evals).gate.min_pass_rate == 0.8
+    from tollway.gateway.quality import quality_settings
+
+    quality = quality_settings(raw.quality)
+    assert quality.drift.alpha == 0.0025 and quality.drift.sequential_share == 0.5 and quality.policy.ceiling == 0.25
 
 
 @pytest.mark.parametrize(("models", "routing", "problem"), [
