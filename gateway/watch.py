@@ -123,6 +123,7 @@ class Monitor:
         self.pool, self.url, self.settings, self.quality, self.telemetry = pool, database_url, settings, quality, telemetry
         self.watches: dict[str, Watch] = {}
         self.ended: set[str] = set()  # watches that breached or stepped: their rollout or change is done with
+        self.completed: dict[str, str] = {}  # model -> the candidate of its completed rollout
         self.cursor = -1  # the last sample fed (-1: none yet; a new leader starts at the newest)
         self._lock: psycopg.AsyncConnection[Any] | None = None
 
@@ -197,7 +198,9 @@ class Monitor:
 
     async def _sync(self, conn: psycopg.AsyncConnection[Any]) -> None:
         wanted: dict[str, Watch] = {}
-        for rollout in await list_rollouts(conn):
+        rollouts = await list_rollouts(conn)
+        self.completed = {r.model: r.candidate for r in rollouts if r.state == "complete"}
+        for rollout in rollouts:
             if rollout.state == "active" and rollout.canary_percent > 0:
                 w = self._canary(rollout)
                 wanted[w.key] = w
@@ -254,7 +257,7 @@ class Monitor:
     async def _steady_for(self, conn: psycopg.AsyncConnection[Any], row: Row) -> None:
         """The steady watch of this sample's route, made on its first sample since this monitor leads and
         seeded with the route's earlier samples (a canary's answers have their own watch)."""
-        if row.rollout_of is not None:
+        if not self._settled(row):
             return
         args: list[Any]
         if row.prompt_name is None:
@@ -263,7 +266,7 @@ class Monitor:
             where, args = "model = %s AND prompt_name IS NULL", [row.model]
 
             def match(s: Row) -> bool:
-                return s.model == row.model and s.prompt_name is None and s.rollout_of is None
+                return s.model == row.model and s.prompt_name is None and self._settled(s)
         elif row.prompt_label is not None:
             # per version: a label that moves starts a new steady watch (the move is the prompt watch's)
             key = f"steady:prompt:{row.tenant_id}:{row.prompt_name}:{row.prompt_label}:{row.prompt_version}"
@@ -275,18 +278,24 @@ class Monitor:
             def match(s: Row) -> bool:
                 return (s.tenant_id == row.tenant_id and s.prompt_name == row.prompt_name
                         and s.prompt_label == row.prompt_label and s.prompt_version == row.prompt_version
-                        and s.rollout_of is None)
+                        and self._settled(s))
         else:
             return
         if key in self.watches:
             return
         steady = SteadyWatch(self.settings.drift)
         cur = await conn.execute(
-            f"SELECT {_SAMPLE} FROM (SELECT {_SAMPLE} FROM quality_samples WHERE {where} AND rollout_of IS NULL"
-            " AND id < %s ORDER BY id DESC LIMIT %s) s ORDER BY id", (*args, row.id, self.settings.drift.baseline_max))
+            f"SELECT {_SAMPLE} FROM (SELECT {_SAMPLE} FROM quality_samples WHERE {where} AND (rollout_of IS NULL"
+            " OR rollout_of || ' ' || model = ANY(%s)) AND id < %s ORDER BY id DESC LIMIT %s) s ORDER BY id",
+            (*args, [f"{m} {c}" for m, c in self.completed.items()], row.id, self.settings.drift.baseline_max))
         steady.seed([_row(r).scored for r in await cur.fetchall()])
         self.watches[key] = Watch(key=key, kind="steady", subject=subject, rate_key=rate_key, tenant_id=tenant_id,
                                   candidate=match, settings=self.settings.drift, steady=steady)
+
+    def _settled(self, row: Row) -> bool:
+        """Whether a sample is its route's steady traffic: not a canary's answer under test (a canary has
+        its own watch), or the answer of a candidate whose rollout completed (now the model's traffic)."""
+        return row.rollout_of is None or self.completed.get(row.rollout_of) == row.model
 
     async def _load(self, conn: psycopg.AsyncConnection[Any], w: Watch) -> None:
         """A new watch's history: its baseline and its candidate's samples so far (up to the cursor)."""

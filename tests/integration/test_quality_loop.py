@@ -181,6 +181,11 @@ async def test_a_progressive_rollout_advances_on_good_traffic_and_rolls_back_on_
         steps = rows(pg, "SELECT action, after->'evidence'->>'samples' FROM changes WHERE kind = 'rollout' AND"
                          " subject = 'sim-large' AND action = 'advance' ORDER BY id DESC LIMIT 3")
         assert len(steps) == 3 and all(int(n) >= 25 for _, n in steps)
+        # the completed candidate is the model's traffic now: its steady watch takes it on
+        await chat(gw, app, 10, start=9000)
+        await settle(gw)
+        watched = {w["subject"]: w for w in gw.state.monitor.describe() if w["kind"] == "steady"}
+        assert watched["model sim-good"]["baseline_samples"] >= 25, watched
         # the same steps with a bad candidate: rolled back at the first step
         await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
                             json={"candidate": "sim-cand", "steps": [30, 60, 100], "min_samples": 25})
