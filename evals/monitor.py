@@ -10,8 +10,8 @@ the window tests present in the baseline.
   a specified drop, the always-valid mSPRT, which never accepts but may be looked at after every sample.
 - **Distributions**, per window of ``window`` samples against the baseline: two-sample KS for output
   length, tokens per request, cost per request, retrieval score and judge score; a one-sided test of
-  a rise (chi-squared, or Fisher's exact test where expected counts are small) for the refusal and the
-  guard-failure rates, with the PSI of the two as evidence.
+  a rise (Fisher's exact test; the chi-squared statistic and the PSI as evidence) for the refusal and the
+  guard-failure rates.
 
 Sampling rate: ``progress()`` says how close the nearest detector is to its threshold (0: nowhere, 1:
 there); ``SamplingPolicy.rate`` turns it into a rate between the base rate and a bound. The choice to
@@ -99,19 +99,25 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def rise_p_value(base_hits: int, base_n: int, hits: int, n: int) -> float:
-    """One-sided p-value of "the current rate is higher than the baseline's": chi-squared (halved, with
-    the direction checked) where every expected count is at least 5, else Fisher's exact test."""
+    """One-sided p-value of "the current rate is higher than the baseline's": Fisher's exact test. (The
+    chi-squared approximation, halved, is far too small in the tail a small alpha reads when the rate is
+    rare: at a 3% refusal rate and 200-sample windows it raised five times its nominal false alarms.)"""
+    from scipy import stats
+
+    if hits * base_n <= base_hits * n:
+        return 1.0
+    table = [[hits, n - hits], [base_hits, base_n - base_hits]]
+    return float(stats.fisher_exact(table, alternative="greater").pvalue)
+
+
+def chi_squared(base_hits: int, base_n: int, hits: int, n: int) -> float:
+    """The chi-squared statistic (Yates) of the two rates: evidence beside the exact p-value and the PSI."""
     from scipy import stats
 
     table = [[hits, n - hits], [base_hits, base_n - base_hits]]
-    if hits * base_n <= base_hits * n:
-        return 1.0
-    total = n + base_n
-    col = (hits + base_hits, total - hits - base_hits)
-    if min(r * c / total for r in (n, base_n) for c in col) >= 5:
-        chi = stats.chi2_contingency(table, correction=True)
-        return float(chi.pvalue) / 2
-    return float(stats.fisher_exact(table, alternative="greater").pvalue)
+    if min(hits + base_hits, n + base_n - hits - base_hits) == 0:
+        return 0.0
+    return float(stats.chi2_contingency(table, correction=True).statistic)
 
 
 class PassTest:
@@ -259,7 +265,7 @@ class RouteTest:
                 hits, n = _rate(bool(getattr(s, name)) for s in self._window)
                 if not base_n:
                     continue
-                p = stat = rise_p_value(base_hits, base_n, hits, n)
+                p, stat = rise_p_value(base_hits, base_n, hits, n), chi_squared(base_hits, base_n, hits, n)
                 evidence["psi"] = round(psi(["y"] * base_hits + ["n"] * (base_n - base_hits),
                                             ["y"] * hits + ["n"] * (n - hits)), 6)
                 test = "rise"

@@ -11,7 +11,15 @@ from scipy import stats
 
 from tollway.evals.checks import Answer
 from tollway.evals.live import check_answer, grounding
-from tollway.evals.monitor import DriftSettings, RouteTest, SamplingPolicy, Scored, SteadyWatch, rise_p_value
+from tollway.evals.monitor import (
+    DriftSettings,
+    RouteTest,
+    SamplingPolicy,
+    Scored,
+    SteadyWatch,
+    chi_squared,
+    rise_p_value,
+)
 
 
 def draw(rng: random.Random, *, pass_rate: float = 0.9, token_scale: float = 1.0, refusal: float = 0.03) -> Scored:
@@ -20,14 +28,28 @@ def draw(rng: random.Random, *, pass_rate: float = 0.9, token_scale: float = 1.0
                   output_chars=tokens * 2, tokens=tokens, cost=tokens * 2e-6)
 
 
-def test_rise_p_value_is_scipys_one_sided_test():
-    # large counts: chi-squared (Yates), halved for the direction
-    chi = stats.chi2_contingency([[30, 170], [50, 950]], correction=True).pvalue / 2
-    assert rise_p_value(50, 1000, 30, 200) == pytest.approx(chi)
-    # small counts: Fisher's exact test, one-sided
-    fisher = stats.fisher_exact([[3, 37], [2, 98]], alternative="greater").pvalue
-    assert rise_p_value(2, 100, 3, 40) == pytest.approx(fisher)
+def test_rise_p_value_is_fishers_one_sided_exact_test():
+    for table in ([[30, 170], [50, 950]], [[3, 37], [2, 98]]):
+        fisher = stats.fisher_exact(table, alternative="greater").pvalue
+        (hits, misses), (base_hits, base_misses) = table
+        assert rise_p_value(base_hits, base_hits + base_misses, hits, hits + misses) == pytest.approx(fisher)
     assert rise_p_value(50, 1000, 5, 200) == 1.0  # a fall is not a rise
+    chi = stats.chi2_contingency([[30, 170], [50, 950]], correction=True).statistic
+    assert chi_squared(50, 1000, 30, 200) == pytest.approx(chi)
+
+
+def test_the_rise_test_keeps_its_false_alarm_rate_for_a_rare_rate():
+    # 3% refusals, 200-sample windows against a 5000-sample baseline, alpha 0.00025 (a window test's share):
+    # the exact test stays under its nominal rate; the halved chi-squared approximation rejected 26 where
+    # 10 were nominal on these draws
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    alpha, windows = 0.00025, 40_000
+    base, hits = rng.binomial(5000, 0.03, windows), rng.binomial(200, 0.03, windows)
+    assert rise_p_value(int(base.min()), 5000, 9, 200) > 100 * alpha  # fewer than 10 can never reject here
+    rejected = sum(rise_p_value(int(b), 5000, int(h), 200) < alpha for b, h in zip(base, hits, strict=True) if h >= 10)
+    assert rejected <= 1.3 * alpha * windows
 
 
 def test_a_planted_drop_is_found_by_the_sprt_and_the_alpha_is_split():
