@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,8 @@ LOCK = 0x746F6C6C7761  # the advisory lock of the leading monitor
 _SAMPLE = ("id, tenant_id, model, rollout_of, prompt_name, prompt_label, prompt_version, passed, refusal,"
            " guard_failed, output_chars, tokens, cost_usd, retrieval_score, judge_score")
 BATCH = 10_000
+STEADY_IDLE_S = 3600.0  # a steady watch with no sample this long goes (a moved label's old version, a retired
+#                        model); it is rebuilt from the stored samples if its route comes back
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +88,14 @@ class Watch:
     test: RouteTest | None = None
     steady: SteadyWatch | None = None
     done: bool = False
+    fed_at: float = field(default_factory=time.monotonic)  # when its last sample came
 
     def feed(self, row: Row) -> list[Finding]:
         if self.steady is not None:
-            return self.steady.observe(row.scored) if self.candidate(row) else []
+            if not self.candidate(row):
+                return []
+            self.fed_at = time.monotonic()
+            return self.steady.observe(row.scored)
         if self.baseline is not None and self.baseline(row):
             self.base.append(row.scored)
         if not self.candidate(row):
@@ -192,7 +199,9 @@ class Monitor:
                 if len(rows) < BATCH:
                     break
             self.ended |= {k for k, w in self.watches.items() if w.done}
-            self.watches = {k: w for k, w in self.watches.items() if not w.done}
+            idle = time.monotonic() - STEADY_IDLE_S  # else an old version's watch would hold its label's rate up
+            self.watches = {k: w for k, w in self.watches.items()
+                            if not w.done and (w.steady is None or w.fed_at > idle)}
             await self._rates(conn)
         return raised
 

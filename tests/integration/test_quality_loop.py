@@ -5,6 +5,7 @@ traffic and rolls back on bad, rollouts changed at run time, and the content pol
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -197,7 +198,7 @@ async def test_a_progressive_rollout_advances_on_good_traffic_and_rolls_back_on_
 
 
 async def test_a_progressive_prompt_rollout_steps_the_split_then_moves_the_label_or_rolls_back(
-        quality_app, make_tenant, admin, pg):
+        quality_app, make_tenant, admin, pg, monkeypatch):
     eng = make_tenant(role="prompt_engineer")
     prompt = {"model": "prompt", "prompt": {"name": "faq"}}
 
@@ -235,6 +236,15 @@ async def test_a_progressive_prompt_rollout_steps_the_split_then_moves_the_label
         advances = rows(pg, "SELECT after->'evidence'->>'samples', author FROM changes WHERE tenant_id = %s AND"
                             " kind = 'prompt_label' AND reason LIKE 'no regression%%' ORDER BY id", eng.id)
         assert len(advances) == 2 and all(int(n) >= 25 and a == "tollway-quality" for n, a in advances)
+        # the old version's steady watch goes once it is idle (it would hold the label's sampling rate up)
+        steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
+        assert any(made["v1"][:12] in subject for subject in steady), steady
+        monkeypatch.setattr("tollway.gateway.watch.STEADY_IDLE_S", 0.5)
+        await asyncio.sleep(0.6)
+        await chat(gw, eng, 5, start=8500, **prompt)
+        await settle(gw)
+        steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
+        assert steady and all(made["v3"][:12] in subject for subject in steady), steady
         # a bad candidate from the new production version: rolled back at its first step, the label untouched
         assert (await post(made["v2"])).status_code == 200
         raised = await until_alert(gw, eng, 30, **prompt)
