@@ -70,13 +70,25 @@ def sign_in(driver: Any, base: str, key: str) -> None:
 
 def submit(driver: Any, selector: str) -> None:
     """Click and wait for the next page (the old one goes stale)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, selector).click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
+
+    def gone(_: Any) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:  # chromium, when the check lands mid-navigation
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+        return False
+
+    WebDriverWait(driver, 10).until(gone)
 
 
 def rows(driver: Any, table_id: str) -> list[list[str]]:
