@@ -35,9 +35,10 @@ from tollway.errors import AuthenticationFailed, InvalidRequest, PermissionDenie
 from tollway.gateway import charts
 from tollway.gateway.budget_alerts import BudgetUse, budget_uses
 from tollway.gateway.keys import Principal, list_keys, list_tenants, reachable_tenant, revoke_key
+from tollway.gateway.quality import list_rates
 from tollway.gateway.reconcile import SUBJECT_COLUMN, rollup_dim
 from tollway.gateway.reports import ReportQuery, build_query, grouped, top_tier, totals
-from tollway.gateway.rollouts import list_rollouts
+from tollway.gateway.rollouts import list_prompt_rollouts, list_rollouts
 from tollway.jsontypes import JSON
 
 router = APIRouter(include_in_schema=False)
@@ -451,15 +452,8 @@ async def _quality_page(request: Request, session: Session) -> Response:
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
         rollouts = [r.as_json() for r in await list_rollouts(conn)]
-        cur = await conn.execute(
-            "SELECT t.name, r.name, r.label, r.candidate, r.previous, r.steps, r.step, r.min_samples, r.state,"
-            " r.updated_at FROM prompt_rollouts r JOIN tenants t ON t.id = r.tenant_id ORDER BY r.updated_at DESC"
-            " LIMIT 100")
-        prompt_rollouts = [dict(zip(("tenant", "prompt", "label", "candidate", "previous", "steps", "step",
-                                     "min_samples", "state", "updated_at"), r, strict=True))
-                           for r in await cur.fetchall()]
-        cur = await conn.execute("SELECT key, rate, progress, updated_at FROM quality_rates ORDER BY rate DESC, key")
-        rates = [dict(zip(("key", "rate", "progress", "updated_at"), r, strict=True)) for r in await cur.fetchall()]
+        prompt_rollouts = await list_prompt_rollouts(conn)
+        rates = await list_rates(conn)
         alerts = await list_alerts(conn, None, 50, kind="drift")
         cur = await conn.execute("SELECT id, name FROM tenants")
         names = dict(await cur.fetchall())

@@ -87,6 +87,12 @@ class QualitySettings:
     retention_interval_s: float = 3600.0
 
 
+async def list_rates(conn: psycopg.AsyncConnection[Any]) -> list[JSON]:
+    """The sampling rates the monitor asks for above the base rate (every replica reads them)."""
+    cur = await conn.execute("SELECT key, rate, progress, updated_at FROM quality_rates ORDER BY key")
+    return [{"key": k, "rate": r, "progress": p, "updated_at": u.isoformat()} for k, r, p, u in await cur.fetchall()]
+
+
 def quality_settings(data: Any) -> QualitySettings:
     """The config file's ``quality:`` section."""
     raw = parse_section(RawQuality, data, "quality")

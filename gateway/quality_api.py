@@ -11,7 +11,7 @@ from starlette.responses import Response
 from tollway.gateway.admin import _admin
 from tollway.gateway.api import json_response
 from tollway.gateway.keys import tenant_id
-from tollway.gateway.quality import erase
+from tollway.gateway.quality import erase, list_rates
 from tollway.gateway.rollouts import (
     delete_rollout,
     list_prompt_rollouts,
@@ -111,8 +111,7 @@ async def get_quality(request: Request) -> Response:
     _admin(request)
     state = request.app.state.tollway
     async with state.pool.connection() as conn:
-        cur = await conn.execute("SELECT key, rate, progress, updated_at FROM quality_rates ORDER BY key")
-        rates = [{"key": k, "rate": r, "progress": p, "updated_at": u.isoformat()} for k, r, p, u in await cur.fetchall()]
+        rates = await list_rates(conn)
     quality = state.quality
     return json_response({"object": "quality", "base_rate": quality.settings.policy.base,
                           "max_rate": quality.settings.policy.ceiling, "rates": rates,

@@ -246,10 +246,12 @@ async def start_prompt_rollout(conn: psycopg.AsyncConnection[Any], tenant_id: in
             "state": "active", "split": after.as_json()}
 
 
-async def list_prompt_rollouts(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> list[JSON]:
+async def list_prompt_rollouts(conn: psycopg.AsyncConnection[Any], tenant_id: int | None = None) -> list[JSON]:
+    """A tenant's prompt rollouts (None: every tenant's)."""
     cur = await conn.execute(
-        "SELECT name, label, candidate, previous, steps, step, min_samples, state, updated_at FROM prompt_rollouts"
-        " WHERE tenant_id = %s ORDER BY name, label", (tenant_id,))
-    return [{"object": "prompt.rollout", "prompt": r[0], "label": r[1], "candidate": r[2], "previous": r[3],
-             "steps": list(r[4]), "step": r[5], "min_samples": r[6], "state": r[7], "updated_at": r[8].isoformat()}
-            for r in await cur.fetchall()]
+        "SELECT r.name, r.label, r.candidate, r.previous, r.steps, r.step, r.min_samples, r.state, r.updated_at,"
+        " t.name FROM prompt_rollouts r JOIN tenants t ON t.id = r.tenant_id WHERE %s::bigint IS NULL"
+        " OR r.tenant_id = %s ORDER BY t.name, r.name, r.label", (tenant_id, tenant_id))
+    return [{"object": "prompt.rollout", "tenant": r[9], "prompt": r[0], "label": r[1], "candidate": r[2],
+             "previous": r[3], "steps": list(r[4]), "step": r[5], "min_samples": r[6], "state": r[7],
+             "updated_at": r[8].isoformat()} for r in await cur.fetchall()]
