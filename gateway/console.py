@@ -465,9 +465,7 @@ async def _quality_page(request: Request, session: Session) -> Response:
     return _page("quality.html", session=session, rollouts=rollouts, prompt_rollouts=prompt_rollouts, rates=rates,
                  alerts=alerts, enabled=live.settings.enabled, leader=state.monitor.leading,
                  watches=state.monitor.describe(),
-                 base_rate=live.settings.policy.base,
-                 queue={"depth": live.queue.qsize(), "size": live.queue.maxsize, "dropped": live.dropped,
-                        "scored": live.scored})
+                 base_rate=live.settings.policy.base, queue=live.queue_state())
 
 
 @router.get("/console/audit")

@@ -142,6 +142,11 @@ class LiveQuality:
         self.scored = 0
         self._workers: list[asyncio.Task[None]] = []
 
+    def queue_state(self) -> JSON:
+        """This replica's scoring queue (the admin API and the console show it)."""
+        return {"depth": self.queue.qsize(), "size": self.queue.maxsize, "dropped": self.dropped,
+                "scored": self.scored}
+
     # -- the request side: cheap, never waits -----------------------------------------------------
     def rate(self, model: str, tenant_id: int, prompt: str | None, label: str | None) -> float:
         rate = max(self.settings.policy.base, self.rates.get(model_key(model), 0.0))
