@@ -232,8 +232,9 @@ async def get_keys(request: Request, tenant: str | None = None) -> Response:
 async def post_key(request: Request, body: KeyBody) -> Response:
     principal = _admin(request)
     async with request.app.state.tollway.pool.connection() as conn:
-        key = await create_key(conn, body.tenant, role=body.role, allowed_models=body.models, name=body.name,
-                               author=principal.author, ingest=body.ingest)
+        key = await create_key(conn, body.tenant, hasher=request.app.state.tollway.keys.hasher, role=body.role,
+                               allowed_models=body.models, name=body.name, author=principal.author,
+                               ingest=body.ingest)
     return json_response({"object": "key", "id": key.id, "tenant": key.tenant, "role": key.role,
                           "ingest": key.ingest, "key": key.secret}, status=201)
 

@@ -77,6 +77,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return await tollway_error(request, ServiceUnavailable(
             f"{store} is unreachable right now; nothing was changed. Try again shortly.", code="store_unavailable"))
 
+    async def bad_value(request: Request, exc: Exception) -> Response:
+        """A value PostgreSQL refuses as data (a NUL in text, a number out of range): the client's input,
+        mapped here once; the routes validate what they know of first."""
+        return await tollway_error(request, InvalidRequest(
+            "A value in the request cannot be stored or searched (for example a NUL character or a number out "
+            "of range).", code="invalid_value"))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         return await tollway_error(request, TollwayError("The gateway failed unexpectedly; the request id "
                                                          "identifies it in the logs."))
@@ -86,6 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, http_error)
     for foreign in STORE_ERRORS:
         app.add_exception_handler(foreign, store_down)
+    app.add_exception_handler(psycopg.DataError, bad_value)
     app.add_exception_handler(Exception, unexpected)
 
 

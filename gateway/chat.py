@@ -106,6 +106,7 @@ class Chat:
         ex.model = req.model
         ex.messages = list(data["messages"])
         ex.params = {k: v for k, v in data.items() if k != "messages" and k not in TOLLWAY_FIELDS}
+        self.router.check_fields("chat", ex.params)
 
     async def rules(self, ex: Exchange) -> None:
         ex.rules = await self.calls.rules(ex.ctx.principal.tenant_id)

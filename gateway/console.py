@@ -12,7 +12,6 @@ API's; the Costs page reads the daily rollup and downloads as CSV or JSON exactl
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
 import io
@@ -37,7 +36,7 @@ from tollway.gateway.budget_alerts import BudgetUse, budget_uses
 from tollway.gateway.keys import Principal, list_keys, list_tenants, reachable_tenant, revoke_key
 from tollway.gateway.quality import list_rates
 from tollway.gateway.reconcile import SUBJECT_COLUMN, rollup_dim
-from tollway.gateway.reports import ReportQuery, build_query, grouped, top_tier, totals
+from tollway.gateway.reports import CSVWriter, ReportQuery, build_query, grouped, top_tier, totals
 from tollway.gateway.rollouts import list_prompt_rollouts, list_rollouts
 from tollway.jsontypes import JSON
 
@@ -147,9 +146,26 @@ async def login_form(request: Request) -> Response:
     return _page("login.html", session=None, error=None)
 
 
+def same_origin(request: Request) -> bool:
+    """A browser's POST from this console, not from another site: its Origin (or, where a browser sends
+    none, Sec-Fetch-Site) names this host. Clients that send neither (curl, scripts) are not browsers."""
+    origin = request.headers.get("origin")
+    if origin is not None:
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        return hmac.compare_digest(origin.lower().rstrip("/"), own.lower())
+    return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+
+
+def _cross_site() -> HTMLResponse:
+    return _page("error.html", 403, session=None, status=403,
+                 message="This form was sent from another site; sign in from the console itself.")
+
+
 @router.post("/console/login")
 async def login(request: Request) -> Response:
     state = request.app.state.tollway
+    if not same_origin(request):
+        return _cross_site()
     form = await request.form()
     secret = str(form.get("key") or "").strip()
     try:
@@ -175,6 +191,8 @@ async def login(request: Request) -> Response:
 
 @router.post("/console/logout")
 async def logout(request: Request) -> Response:
+    if not same_origin(request):
+        return _cross_site()
     token = request.cookies.get(COOKIE)
     if token:
         async with request.app.state.tollway.pool.connection() as conn:
@@ -183,6 +201,8 @@ async def logout(request: Request) -> Response:
 
 
 async def _form_checked(request: Request, session: Session) -> dict[str, Any]:
+    if not same_origin(request):
+        raise PermissionDenied("This form was sent from another site.", code="cross_site")
     form = dict(await request.form())
     if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
         raise PermissionDenied("This form has expired; reload the page and try again.", code="csrf_failed")
@@ -270,7 +290,7 @@ async def _daily(conn: Any, q: ReportQuery, by: str) -> tuple[list[str], list[st
 
 def costs_csv(view: dict[str, Any]) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
+    writer = CSVWriter(out)
     writer.writerow(["tenant", "from", "to", "section", "group", *COLUMNS])
     head = [view["tenant"] or "(all tenants)", view["from"], view["to"]]
     writer.writerow([*head, "total", "TOTAL", *(view["totals"][c] for c in COLUMNS)])

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from tollway.errors import PermissionDenied, TollwayError
 from tollway.gateway.keys import Principal
 from tollway.gateway.middleware import send_error
+from tollway.prompts.paths import FILE_MODES, check_tree
 from tollway.prompts.spec import PromptError
 from tollway.prompts.store import MAIN, blob_text, land_push, load_objects, memory_repo, tree_files
 from tollway.prompts.store import check_files as check_prompt_files
@@ -56,7 +57,15 @@ class _UpdateHook:
             asyncio.run_coroutine_threadsafe(self.land(None if old == ZERO else old, new), self.loop).result(60)
         except (PromptError, TollwayError) as exc:
             raise HookError(exc.message) from exc
+        except Exception as exc:  # never a traceback to git: its rejected line, and the log
+            log.exception("push to %s failed unexpectedly", ref.decode(errors="replace"))
+            raise HookError("the push could not be checked; the gateway's log has the reason") from exc
         return b"", b""
+
+
+def _size(repo: MemoryRepo, sha: bytes, mode: int) -> int:
+    obj = repo.object_store[sha] if mode in FILE_MODES else None  # type: ignore[index]
+    return len(obj.as_raw_string()) if obj is not None else 0
 
 
 def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
@@ -69,8 +78,7 @@ def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
             raise PromptError("merge commits are not kept: rebase onto main and push again")
         tree = repo.object_store[commit.tree]
         assert isinstance(tree, Tree)
-        if any(entry.mode & 0o040000 for entry in tree.iteritems()):
-            raise PromptError("prompts live at the top of the repository: no folders")
+        check_tree([(entry.path, entry.mode, _size(repo, entry.sha, entry.mode)) for entry in tree.iteritems()])
         blobs = tree_files(repo, commit.id)
         files = {path: blob_text(repo, blob) for path, blob in blobs.items()}
         before = tree_files(repo, commit.parents[0]) if commit.parents else {}
@@ -110,5 +118,8 @@ class GitHTTP:
         app = HTTPGitApplication(DictBackend({"/": repo}))  # type: ignore[arg-type]
         inner = dict(scope, path=scope["path"][len(PREFIX):] or "/", root_path=PREFIX)
         inner.pop("raw_path", None)
+        # The ASGI server has already undone git's chunked transfer encoding (a push over 1 MiB is sent
+        # chunked), and the body limit counted the result: dulwich must not de-chunk it a second time.
+        inner["headers"] = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"]
         responder: Any = WSGIResponder(app, self.executor, 10)  # type: ignore[arg-type]
         await responder(inner, receive, send)

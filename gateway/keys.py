@@ -1,8 +1,15 @@
 """Tenants and API keys: creation, revocation, and authentication with a short-TTL cache.
 
-Only SHA-256 hashes of keys are stored. Keys carry 256 bits of randomness, so a fast hash is the
-right tool (a password KDF would only slow every request). The looked-up hash is compared again with
+Keys are stored as a keyed hash: ``HMAC-SHA256(server secret, SHA-256(key))`` (``KeyHasher``), so a copy of
+the database alone cannot confirm a key. Keys carry 256 bits of randomness, so a fast hash is the right tool
+(a password KDF would only slow every request). The looked-up hash is compared again with
 ``hmac.compare_digest`` so no branch depends on how much of a guess matched.
+
+The server secret comes from ``TOLLWAY_KEY_SECRET`` or, when that is unset, from ``<data dir>/key-secret``
+(made on first use; shared by ``--workers``; replicas set the variable). Rows from before the keyed hash
+hold the plain SHA-256 digest: they are re-keyed at start (HMAC over the stored digest) and on use. Rotation:
+set the new secret and keep the old one in ``TOLLWAY_KEY_SECRET_PREVIOUS``; a key is re-keyed the first time
+it is used; ``tollway keys rekey-status`` counts the keys still on the old secret.
 """
 
 from __future__ import annotations
@@ -10,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -64,8 +73,75 @@ class NewKey:
     ingest: bool = False
 
 
-def hash_key(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+def secret_id(server: bytes) -> str:
+    """A name for a server secret that does not reveal it (stored beside each key hash)."""
+    return hashlib.sha256(b"tollway-key-secret:" + server).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHasher:
+    """The keyed hash of API keys, with the secret before a rotation still accepted."""
+
+    current: bytes = field(repr=False)
+    previous: bytes | None = field(default=None, repr=False)
+
+    def digest(self, secret: str, server: bytes | None = None) -> bytes:
+        return hmac.new(server or self.current, hashlib.sha256(secret.encode()).digest(), hashlib.sha256).digest()
+
+    @property
+    def current_id(self) -> str:
+        return secret_id(self.current)
+
+    def candidates(self, secret: str) -> list[bytes]:
+        """What a stored row may hold for this key: current secret, previous one, plain SHA-256 (legacy)."""
+        out = [self.digest(secret)]
+        if self.previous is not None:
+            out.append(self.digest(secret, self.previous))
+        out.append(hashlib.sha256(secret.encode()).digest())
+        return out
+
+
+def load_key_hasher(env_secret: str | None, env_previous: str | None, data_dir: Path) -> KeyHasher:
+    """The process's key hasher: the environment's secret, or the data directory's (made once, 0600)."""
+    if env_secret:
+        current = env_secret.encode()
+    else:
+        path = data_dir / "key-secret"
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32) + "\n")
+        current = b""
+        for _ in range(50):  # another worker may be writing it this very moment
+            current = path.read_bytes().strip()
+            if current:
+                break
+            time.sleep(0.01)
+        if not current:
+            raise RuntimeError(f"{path} is empty: delete it or set TOLLWAY_KEY_SECRET")
+    return KeyHasher(current, env_previous.encode() if env_previous else None)
+
+
+async def rekey_legacy(conn: psycopg.AsyncConnection, hasher: KeyHasher) -> int:
+    """Rows still holding a plain SHA-256 digest get the keyed hash (HMAC over the stored digest)."""
+    cur = await conn.execute("SELECT id, key_hash FROM api_keys WHERE key_secret_id IS NULL")
+    rows = await cur.fetchall()
+    for key_id, digest in rows:
+        keyed = hmac.new(hasher.current, bytes(digest), hashlib.sha256).digest()
+        await conn.execute("UPDATE api_keys SET key_hash = %s, key_secret_id = %s WHERE id = %s AND"
+                           " key_secret_id IS NULL", (keyed, hasher.current_id, key_id))
+    return len(rows)
+
+
+async def rekey_status(conn: psycopg.AsyncConnection, hasher: KeyHasher) -> dict[str, int]:
+    cur = await conn.execute("SELECT key_secret_id = %s, count(*) FROM api_keys WHERE revoked_at IS NULL"
+                             " GROUP BY 1", (hasher.current_id,))
+    counts = {bool(on_current): int(n) for on_current, n in await cur.fetchall()}
+    return {"current_secret": counts.get(True, 0), "other_secret": counts.get(False, 0)}
 
 
 def generate_secret() -> str:
@@ -73,31 +149,58 @@ def generate_secret() -> str:
 
 
 class KeyStore:
-    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, cache_size: int = 10_000) -> None:
+    """Key lookups, cached for ``cache_ttl_s`` (a change on the channel drops an entry at once).
+
+    While the database is unreachable a known key keeps working: its last good entry is served for up to
+    ``stale_max_s`` after it expired, and for ``retry_s`` after a failed lookup no request waits on the
+    database again. Once the database answers, every lookup is fresh again, so a revocation made before
+    or during the outage applies with the first request after it."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, cache_size: int = 10_000,
+                 hasher: KeyHasher, stale_max_s: float = 3600.0, lookup_timeout_s: float = 2.0,
+                 retry_s: float = 1.0) -> None:
         self._pool = pool
         self._ttl = cache_ttl_s
         self._size = cache_size
+        self._stale_max = stale_max_s
+        self._lookup_timeout = lookup_timeout_s
+        self._retry = retry_s
+        self._down_until = 0.0
+        self._hasher = hasher
         self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Principal | None]] = {}
 
+    @property
+    def hasher(self) -> KeyHasher:
+        return self._hasher
+
     async def authenticate(self, secret: str) -> Principal:
-        digest = hash_key(secret)
+        digest = self._hasher.digest(secret)
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             principal = hit[1]
         else:
-            principal = await self._lookup_once(digest, now)
+            stale = hit[1] if hit is not None and now - hit[0] <= self._stale_max else None
+            if stale is not None and now < self._down_until:
+                return stale  # the store failed a moment ago: do not make this request wait on it
+            try:
+                principal = await self._lookup_once(digest, secret, now)
+            except ServiceUnavailable:
+                self._down_until = time.monotonic() + self._retry
+                if stale is None:
+                    raise
+                return stale
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal
 
-    async def _lookup_once(self, digest: bytes, now: float) -> Principal | None:
+    async def _lookup_once(self, digest: bytes, secret: str, now: float) -> Principal | None:
         """One database lookup per key at a time: when a hot key's cache entry expires, the requests
         that arrive meanwhile wait for the same answer instead of each asking Postgres."""
         pending = self._inflight.get(digest)
         if pending is None:
-            pending = asyncio.ensure_future(self._lookup(digest))
+            pending = asyncio.ensure_future(self._lookup(secret))
             self._inflight[digest] = pending
             try:
                 principal = await asyncio.shield(pending)
@@ -122,22 +225,26 @@ class KeyStore:
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, digest: bytes) -> Principal | None:
+    async def _lookup(self, secret: str) -> Principal | None:
+        candidates = self._hasher.candidates(secret)
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=self._lookup_timeout) as conn:
                 cur = await conn.execute(
                     "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm, k.name,"
-                    " k.ingest"
+                    " k.ingest, k.key_secret_id"
                     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
-                    " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (digest,))
+                    " WHERE k.key_hash = ANY(%s) AND k.revoked_at IS NULL", (candidates,))
                 row = await cur.fetchone()
+                if row is not None and row[10] != self._hasher.current_id:  # an old secret's or a plain digest
+                    await conn.execute("UPDATE api_keys SET key_hash = %s, key_secret_id = %s WHERE id = %s",
+                                       (candidates[0], self._hasher.current_id, row[0]))
                 if row is not None:  # at most once a minute per key (lookups are cached for seconds)
                     await conn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s AND"
                                        " (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
                                        (row[0],))
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise ServiceUnavailable("The key store is unavailable; try again shortly.") from exc
-        if row is None or not hmac.compare_digest(bytes(row[1]), digest):
+        if row is None or not any(hmac.compare_digest(bytes(row[1]), c) for c in candidates):
             return None
         allowed = None if row[5] is None else frozenset(row[5])
         return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed,
@@ -202,7 +309,7 @@ async def create_tenant(conn: psycopg.AsyncConnection, name: str, *, author: str
     return int(row[0])
 
 
-async def create_key(conn: psycopg.AsyncConnection, tenant: str, *, role: str = "app",
+async def create_key(conn: psycopg.AsyncConnection, tenant: str, *, hasher: KeyHasher, role: str = "app",
                      allowed_models: list[str] | None = None, name: str | None = None,
                      author: str = "system", ingest: bool = False) -> NewKey:
     if role not in ROLES:
@@ -213,9 +320,9 @@ async def create_key(conn: psycopg.AsyncConnection, tenant: str, *, role: str = 
     async with conn.transaction():
         tid = await tenant_id(conn, tenant)
         cur = await conn.execute(
-            "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, role, allowed_models, ingest)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (tid, hash_key(secret), secret[:10], name, role, allowed_models, ingest))
+            "INSERT INTO api_keys (tenant_id, key_hash, key_secret_id, prefix, name, role, allowed_models, ingest)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (tid, hasher.digest(secret), hasher.current_id, secret[:10], name, role, allowed_models, ingest))
         key_row = await cur.fetchone()
         assert key_row is not None
         await changes.record(conn, author=author, kind="key", subject=key_row[0], action="create", tenant_id=tid,
@@ -238,7 +345,7 @@ async def revoke_key(conn: psycopg.AsyncConnection, key_id: int, *, author: str 
     return True
 
 
-async def bootstrap_default_tenant(conn: psycopg.AsyncConnection) -> NewKey | None:
+async def bootstrap_default_tenant(conn: psycopg.AsyncConnection, hasher: KeyHasher) -> NewKey | None:
     """On a database with no tenants, create tenant ``default`` with one app key (returned once). The
     quick start's only key, so it may also ingest documents."""
     async with conn.transaction():
@@ -248,4 +355,4 @@ async def bootstrap_default_tenant(conn: psycopg.AsyncConnection) -> NewKey | No
         if row is not None and row[0]:
             return None
         await create_tenant(conn, "default")
-        return await create_key(conn, "default", role="app", name="bootstrap", ingest=True)
+        return await create_key(conn, "default", hasher=hasher, role="app", name="bootstrap", ingest=True)

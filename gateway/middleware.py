@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tollway.errors import AuthenticationFailed, PayloadTooLarge, TollwayError
+from tollway.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TollwayError
 from tollway.gateway.keys import KeyStore
 
 
@@ -58,7 +58,8 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, whether announced by Content-Length or sent chunked."""
+    """413 for bodies over the limit, whether announced by Content-Length or sent chunked; 400 for a URL
+    holding a NUL character."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -67,6 +68,11 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # no name, id or query the gateway serves holds a NUL character (PostgreSQL text cannot)
+            await send_error(send, InvalidRequest("The URL may not contain a NUL character (%00).",
+                                                  code="invalid_url"))
             return
         too_large = PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
         for name, value in scope["headers"]:

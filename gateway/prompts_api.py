@@ -25,6 +25,7 @@ from tollway.prompts import (
     Registry,
     labels_of,
     move_label,
+    repair,
     rollback,
     submit,
     version,
@@ -88,6 +89,17 @@ async def post_version(request: Request, name: str, body: VersionBody) -> Respon
                             parent=body.parent, extra_files=body.files)
     await _reload(request, tid)
     return json_response(made.as_json(), status=201)
+
+
+@router.post("/v1/prompts/repair", summary="Admin: drop entries a prompt repository may not hold (a commit on main)")
+async def post_repair(request: Request, body: _Body) -> Response:
+    principal, tid, _ = await _tenant(request, body.tenant)
+    if principal.role != "admin":
+        raise PermissionDenied("Only an admin key may repair a prompt repository.", code="role_not_allowed")
+    async with request.app.state.tollway.pool.connection() as conn:
+        dropped = await repair(conn, tid, principal.author)
+    await _reload(request, tid)
+    return json_response({"dropped": dropped})
 
 
 @router.get("/v1/prompts", summary="Prompts with their latest version and labels")
@@ -160,7 +172,7 @@ async def post_rollback(request: Request, name: str, label: str, body: RollbackB
 async def render(request: Request, name: str, body: RenderBody) -> Response:
     principal, tid, _ = await _tenant(request, body.tenant)
     state = request.app.state.tollway
-    rendered = state.prompts.render_ref(tid, f"key:{principal.key_id}", name, body.ref or PRODUCTION,
+    rendered = await state.prompts.render_ref(tid, f"key:{principal.key_id}", name, body.ref or PRODUCTION,
                                         body.variables)
     async with state.pool.connection() as conn:
         per_day = await requests_per_day(conn, tid, name)

@@ -1,8 +1,10 @@
 """OpenAI request shapes, validated once at the edge.
 
-Models allow extra fields: anything OpenAI accepts that Tollway does not act on (tools,
-response_format, logprobs, seed, ...) is forwarded to the upstream unchanged. Fields Tollway does act
-on are typed strictly, so ``"max_tokens": "5"`` is a 400, not a silent coercion.
+Models allow extra fields here: OpenAI fields Tollway does not act on (tools, response_format, logprobs,
+seed, ...) and the inference servers' decoding extras pass validation, and ``tollway.routing.wire`` then
+decides, by allow-list, which of them an upstream may receive (a transport or credential field such as
+``api_base`` is a 400). Fields Tollway does act on are typed strictly, so ``"max_tokens": "5"`` is a 400,
+not a silent coercion.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ from tollway.retrieval import (
     StoreError,
     UpstreamEmbedder,
     Written,
+    check_filters,
+    check_text,
     create_collection,
     ensure_index,
     prepare,
@@ -212,6 +214,7 @@ class Rag:
     async def collection(self, tenant_id: int, name: str, *, param: str = "collection") -> Collection:
         async with self.pool.connection() as conn:
             try:
+                check_text(name, param)
                 return await get_collection(conn, tenant_id, name)
             except StoreError as exc:
                 exc.param = param
@@ -273,6 +276,13 @@ class Rag:
             raise InvalidRequest("retrieval must be an object: {\"collection\": ..., \"context_tokens\": ...}",
                                  param="retrieval")
         spec = validate(RetrievalSpec, raw, at="retrieval")
+        try:
+            check_filters(spec.filters, "retrieval.filters")
+            check_text(spec.collection, "retrieval.collection")
+            if spec.query is not None:
+                check_text(spec.query, "retrieval.query")
+        except StoreError as exc:
+            raise map_store_error(exc) from None
         if spec.context_tokens is not None and spec.context_tokens > self.settings.max_context_tokens:
             raise InvalidRequest(f"retrieval.context_tokens may be at most {self.settings.max_context_tokens}",
                                  param="retrieval.context_tokens")
@@ -290,7 +300,7 @@ class Rag:
 
     async def retrieve(self, ex: Exchange, spec: JSON) -> Retrieved | None:
         parsed = self.spec(spec)
-        text = parsed.query or _last_user_text(ex.messages)
+        text = (parsed.query or _last_user_text(ex.messages)).replace("\x00", "")
         if not text:
             raise InvalidRequest("retrieval needs a query: the request has no user message text; give "
                                  "retrieval.query", param="retrieval.query")

@@ -240,9 +240,30 @@ async def _budget_use(conn: Any, q: ReportQuery, groups: list[dict[str, Any]]) -
         group["budgets"] = uses
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet will not run: text that starts with a formula character gets a leading ``'``
+    (OWASP's CSV-injection advice). Numbers are left as they are; every CSV the product writes uses this."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+class CSVWriter:
+    """``csv.writer`` whose every cell goes through ``csv_cell``."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._writer = csv.writer(out, lineterminator="\r\n")
+
+    def writerow(self, row: list[Any]) -> None:
+        self._writer.writerow([csv_cell(v) for v in row])
+
+
 def to_csv(report: dict[str, Any]) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
+    writer = CSVWriter(out)
     writer.writerow(["group_by", "group", "from", "to", *_FIELDS])
     for g in report["groups"]:
         writer.writerow([report["group_by"], g["group"], report["from"], report["to"], *(g[f] for f in _FIELDS)])

@@ -27,6 +27,8 @@ from tollway.retrieval import (
     Query,
     Splitting,
     StoreError,
+    check_filters,
+    check_text,
     decode,
     delete_collection,
     delete_document,
@@ -226,6 +228,11 @@ async def search(request: Request, body: SearchBody) -> Response:
     if budget > rag.settings.max_context_tokens:
         raise InvalidRequest(f"context_tokens may be at most {rag.settings.max_context_tokens}",
                              param="context_tokens")
+    try:
+        check_filters(body.filters)
+        check_text(body.query, "query")
+    except StoreError as exc:
+        raise map_store_error(exc) from None
     query = Query(text=body.query, context_tokens=budget, k=body.k, filters=body.filters, mode=body.mode,
                   hybrid=body.hybrid)
     found, cost = await rag.search(_ctx(request), orjson.dumps(body.model_dump()), tid, body.collection, query)

@@ -50,6 +50,7 @@ class CompletionService:
             body = await read_body()
             data = parse_json_object(body)
             req = validate(EmbeddingRequest, data)
+            self.router.check_fields("embeddings", data)
             tally.row.end_user = ctx.header_user or req.user
             entry = calls.resolve(ctx.principal, req.model, "embedding",
                                   also=LOCAL_ENTRY if self.local is not None else None)

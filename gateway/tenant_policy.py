@@ -137,20 +137,27 @@ _BUDGET_COLUMNS = ("id, tenant_id, scope, subject, period, limit_usd, limit_toke
 
 
 class PolicyStore:
-    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float) -> None:
+    """A tenant's rules, cached for ``cache_ttl_s`` (a change on the channel drops them at once). While the
+    database is unreachable the last good rules keep serving, and for ``retry_s`` after a failed read no
+    request waits on the database again."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, retry_s: float = 1.0) -> None:
         self._pool = pool
         self._ttl = cache_ttl_s
+        self._retry = retry_s
+        self._down_until = 0.0
         self._cache: dict[int, tuple[float, TenantRules]] = {}
 
     async def rules(self, tenant_id: int) -> TenantRules:
         now = time.monotonic()
         hit = self._cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
+        if hit is not None and (hit[0] > now or now < self._down_until):
             return hit[1]
         try:
             async with self._pool.connection(timeout=2) as conn:
                 rules = await load_rules(conn, tenant_id)
         except (psycopg.OperationalError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + self._retry
             if hit is not None:
                 return hit[1]  # the last known rules beat refusing everyone while Postgres blinks
             raise ServiceUnavailable("Tenant policies are unavailable; try again shortly.") from exc

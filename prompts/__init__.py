@@ -8,10 +8,12 @@ if __name__ != "tollway.prompts":
 
 from tollway.prompts.gate import Gate, GateResult
 from tollway.prompts.labels import PRODUCTION, GateRefused, Label, labels_of, move_label, rollback
+from tollway.prompts.paths import check_name, check_path
 from tollway.prompts.registry import Registry, Rendered
+from tollway.prompts.render import RenderPool
 from tollway.prompts.spec import Prompt, PromptError, parse_prompt
-from tollway.prompts.store import StaleParent, Version, submit, version, versions_of
+from tollway.prompts.store import StaleParent, Version, repair, submit, version, versions_of
 
 __all__ = ["PRODUCTION", "Gate", "GateRefused", "GateResult", "Label", "Prompt", "PromptError", "Registry",
-           "Rendered", "StaleParent", "Version", "labels_of", "move_label", "parse_prompt", "rollback", "submit",
+           "RenderPool", "Rendered", "StaleParent", "Version", "check_name", "check_path", "labels_of", "move_label", "parse_prompt", "repair", "rollback", "submit",
            "version", "versions_of"]

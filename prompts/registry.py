@@ -17,6 +17,7 @@ from tollway.errors import NotFound
 from tollway.guardrails.policy import PromptGuards
 from tollway.jsontypes import JSON
 from tollway.prompts.labels import PRODUCTION, Label
+from tollway.prompts.render import RenderPool
 from tollway.prompts.spec import Prompt, PromptError, parse_prompt
 
 log = logging.getLogger("tollway.prompts")
@@ -48,8 +49,9 @@ class TenantPrompts:
 
 
 class Registry:
-    def __init__(self, pool: AsyncConnectionPool | None) -> None:
+    def __init__(self, pool: AsyncConnectionPool | None, renderer: RenderPool | None = None) -> None:
         self._pool = pool
+        self.renderer = renderer  # bounds the time of templates that are not plain (None: in process)
         self._tenants: dict[int, TenantPrompts] = {}
         self.last_error: str | None = None  # the last failed load, for doctor and logs
 
@@ -87,7 +89,19 @@ class Registry:
         self.last_error = None
 
     def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
-        """``ref``: the request's ``prompt`` object, ``{name, label | version, variables}``."""
+        """``ref``: the request's ``prompt`` object, ``{name, label | version, variables}``; rendered in this
+        process (size-bounded; ``render_async`` bounds time too)."""
+        prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
+        return Rendered(prompt.name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model,
+                        prompt.params, prompt.guards, label_name)
+
+    async def render_async(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
+        """As ``render``; a template that is not plain renders in the render pool, bounded in time."""
+        prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
+        messages = await prompt.render_in(self.renderer, ref.get("variables"))
+        return Rendered(prompt.name, chosen, tuple(messages), prompt.model, prompt.params, prompt.guards, label_name)
+
+    def _resolve(self, tenant_id: int, subject: str, ref: JSON) -> tuple[Prompt, str, str | None]:
         name = ref.get("name")
         if not isinstance(name, str) or not name:
             raise PromptError("'prompt.name' is required.", param="prompt.name")
@@ -108,15 +122,14 @@ class Registry:
                 raise NotFound(f"Prompt '{name}' has no label '{label or PRODUCTION}' (name a version, or move the "
                                "label first).", param="prompt.label", code="prompt_not_found")
             chosen = found.pick(subject)
-        prompt = tenant.prompt(name, chosen)
-        return Rendered(name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model, prompt.params,
-                        prompt.guards, label_name)
+        return tenant.prompt(name, chosen), chosen, label_name
 
-    def render_ref(self, tenant_id: int, subject: str, name: str, ref: str, variables: JSON | None) -> Rendered:
+    async def render_ref(self, tenant_id: int, subject: str, name: str, ref: str,
+                         variables: JSON | None) -> Rendered:
         """Render by one reference that is a label if the prompt has one of that name, else a version
         (the dry runs of the API and the CLI)."""
         key = "label" if ref in self.label_names(tenant_id, name) else "version"
-        return self.render(tenant_id, subject, {"name": name, key: ref, "variables": variables})
+        return await self.render_async(tenant_id, subject, {"name": name, key: ref, "variables": variables})
 
     def prompt(self, tenant_id: int, name: str, version: str) -> Prompt:
         """One version, compiled (NotFound if the registry does not hold it)."""

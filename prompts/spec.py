@@ -12,10 +12,11 @@
     params: {temperature: 0.2, max_tokens: 64}
     golden_set: greet.golden.jsonl      # optional: JSONL in the same repository
 
-Templates run in ``jinja2.sandbox.SandboxedEnvironment`` with ``StrictUndefined``: a template that names
-a variable the file does not declare is refused when the file is submitted, and rendering never reads
-anything but the declared variables. Compiled templates are kept per version, so a request renders
-from memory.
+Templates run in a bounded ``jinja2.sandbox.SandboxedEnvironment`` (``tollway.prompts.render``) with
+``StrictUndefined``: a template that names a variable the file does not declare is refused when the file is
+submitted, and rendering never reads anything but the declared variables, within limits of size and time.
+Compiled templates are kept per version, so a request renders from memory. The YAML is read without
+aliases.
 """
 
 from __future__ import annotations
@@ -26,12 +27,22 @@ from typing import Any, Literal
 import jinja2
 import yaml
 from jinja2 import meta
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tollway.errors import InvalidRequest
 from tollway.guardrails.policy import PolicyError, PromptGuards, parse_prompt_guards
 from tollway.jsontypes import JSON
+from tollway.prompts.render import (
+    ENV,
+    MAX_OUTPUT,
+    RenderLimit,
+    RenderPool,
+    is_plain,
+    load_yaml,
+    plain_bound,
+    render_all,
+    uses,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
@@ -71,7 +82,8 @@ class RawPrompt(_Strict):
     guards: dict[str, Any] | None = None  # this prompt's guard policy (tollway.guardrails.policy.PromptGuards)
 
 
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+class RenderRefused(PromptError):
+    code = "prompt_render_limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,8 @@ class Prompt:
     raw: RawPrompt
     templates: tuple[tuple[str, jinja2.Template], ...]  # (role, compiled content)
     guards: PromptGuards | None = None
+    plain: bool = True  # every template's work bounded by its size (``tollway.prompts.render.is_plain``)
+    counts: tuple[tuple[str, int], ...] = ()  # variable -> uses, over all templates
 
     @property
     def model(self) -> str | None:
@@ -121,17 +135,43 @@ class Prompt:
         return out
 
     def render(self, variables: JSON | None) -> list[JSON]:
+        """In this process, within the size limits (the time limit needs ``render_in``'s pool)."""
         bound = self.bind(variables)
+        self._check_plain_size(bound)
         try:
-            return [{"role": role, "content": template.render(bound)} for role, template in self.templates]
+            return render_all(self.templates, bound)
+        except RenderLimit as exc:
+            raise RenderRefused(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
         except jinja2.TemplateError as exc:  # a sandbox refusal or a runtime error in the template
             raise PromptError(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
+        except (TypeError, ValueError, LookupError, ArithmeticError) as exc:  # the template's own runtime errors
+            raise PromptError(f"Prompt '{self.name}' could not be rendered: {type(exc).__name__}: {exc}.",
+                              param="prompt") from exc
+
+    async def render_in(self, pool: RenderPool | None, variables: JSON | None) -> list[JSON]:
+        """A plain template in process; any other in ``pool``'s processes, bounded in time as well."""
+        if self.plain or pool is None:
+            return self.render(variables)
+        bound = self.bind(variables)
+        sources = tuple((m.role, m.content) for m in self.raw.messages)
+        try:
+            return await pool.render(sources, bound)
+        except RenderLimit as exc:
+            raise RenderRefused(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
+
+    def _check_plain_size(self, bound: JSON) -> None:
+        if not self.plain:
+            return
+        size = plain_bound(sum(len(m.content) for m in self.raw.messages), dict(self.counts), bound)
+        if size > MAX_OUTPUT:
+            raise RenderRefused(f"Prompt '{self.name}' could not be rendered: with these variables it could produce "
+                                f"{size} characters; a rendered prompt is limited to {MAX_OUTPUT}.", param="prompt")
 
 
 def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
     """Parse, validate and compile a prompt file; every problem is a PromptError naming what is wrong."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise PromptError(f"{name}.yaml is not valid YAML: {str(exc).splitlines()[0]}", param="content") from exc
     if not isinstance(data, dict):
@@ -157,9 +197,11 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
             raise PromptError(f"{name}.yaml: variables.{var_name}.default is not of type {var.type}",
                               param=f"variables.{var_name}")
     templates = []
+    plain = True
+    counts: dict[str, int] = {}
     for i, message in enumerate(raw.messages):
         try:
-            parsed = _ENV.parse(message.content)
+            parsed = ENV.parse(message.content)
         except jinja2.TemplateSyntaxError as exc:
             raise PromptError(f"{name}.yaml: messages[{i}].content: template error at line {exc.lineno}: "
                               f"{exc.message}", param=f"messages[{i}].content") from exc
@@ -167,8 +209,11 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
         if undeclared:
             raise PromptError(f"{name}.yaml: messages[{i}].content uses undeclared variable '{undeclared[0]}'",
                               param=f"messages[{i}].content")
-        templates.append((message.role, _ENV.from_string(message.content)))
-    return Prompt(name, version, raw, tuple(templates), guards)
+        templates.append((message.role, ENV.from_string(message.content)))
+        plain = plain and is_plain(parsed)
+        for used, times in uses(parsed).items():
+            counts[used] = counts.get(used, 0) + times
+    return Prompt(name, version, raw, tuple(templates), guards, plain, tuple(sorted(counts.items())))
 
 
 def check_golden_set(path: str, text: str | bytes) -> int:

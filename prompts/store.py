@@ -28,6 +28,7 @@ from dulwich.repo import MemoryRepo
 
 from tollway import changes
 from tollway.errors import NotFound, TollwayError
+from tollway.prompts.paths import check_name, check_path, check_tree, path_problem
 from tollway.prompts.spec import PromptError, check_golden_set, parse_prompt
 
 MAIN = Ref(b"refs/heads/main")
@@ -119,7 +120,8 @@ def tree_files(repo: MemoryRepo, commit_sha: bytes | None) -> dict[str, bytes]:
     assert isinstance(commit, Commit)
     tree = repo.object_store[commit.tree]
     assert isinstance(tree, Tree)
-    return {entry.path.decode(): entry.sha for entry in tree.iteritems()}
+    # surrogateescape: a repository from before the path check may hold a name that is not UTF-8 (repair)
+    return {entry.path.decode("utf-8", "surrogateescape"): entry.sha for entry in tree.iteritems()}
 
 
 def blob_text(repo: MemoryRepo, sha: bytes) -> bytes:
@@ -287,9 +289,10 @@ async def submit(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, 
 
     ``parent``: the version this edit was based on; if the prompt has moved on since, StaleParent (409).
     Other files having changed is fine: the commit goes on the current head (rebased)."""
+    check_name(name)
+    for path in extra_files or {}:
+        check_path(path)
     files_in = {f"{name}{SUFFIX}": content.encode(), **{p: t.encode() for p, t in (extra_files or {}).items()}}
-    if prompt_name(f"{name}{SUFFIX}") is None:
-        raise PromptError(f"'{name}' is not a valid prompt name", param="name")
     async with conn.transaction():
         head = await _lock_head(conn, tenant_id)
         current = await latest_version(conn, tenant_id, name)
@@ -303,10 +306,39 @@ async def submit(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, 
             raise PromptError(f"Nothing changed: {name}{SUFFIX} is already this content.", param="content",
                               code="no_change")
         files.update(files_in)
+        check_tree([(p.encode(), 0o100644, len(data)) for p, data in files.items()])
         check_files(files, changed)
         commit = _commit(repo, head, files, message, author)
         versions = await _land(conn, tenant_id, repo, head, commit.id, author)
     return next(v for v in versions if v.name == name)
+
+
+async def repair(conn: psycopg.AsyncConnection[Any], tenant_id: int, author: str) -> list[str]:
+    """Mend a repository that holds entries the path check refuses (from before it existed): a commit on
+    main keeping the valid entries, dropping the others. Returns what was dropped (empty: nothing to do)."""
+    async with conn.transaction():
+        head = await _lock_head(conn, tenant_id)
+        if head is None:
+            return []
+        repo = memory_repo(head, await load_head_tree(conn, tenant_id, head))
+        commit = repo.object_store[ObjectID(head)]
+        assert isinstance(commit, Commit)
+        tree = repo.object_store[commit.tree]
+        assert isinstance(tree, Tree)
+        keep: dict[str, bytes] = {}
+        dropped: list[str] = []
+        for entry in tree.iteritems():
+            problem = path_problem(entry.path, entry.mode)
+            if problem is None and entry.sha in repo.object_store:
+                keep[entry.path.decode()] = blob_text(repo, entry.sha)
+            else:
+                dropped.append(entry.path.decode("utf-8", "backslashreplace"))
+        if not dropped:
+            return []
+        fixed = _commit(repo, head, keep, "Repair: drop entries a prompt repository may not hold: "
+                        + ", ".join(ascii(d) for d in dropped), author)
+        await _land(conn, tenant_id, repo, head, fixed.id, author)
+    return dropped
 
 
 async def versions_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str | None = None) -> list[Version]:

@@ -17,7 +17,7 @@ from tollway.retrieval.embedders import (
     UpstreamEmbedder,
 )
 from tollway.retrieval.ingest import NewDocument, Prepared, prepare, to_embed, write
-from tollway.retrieval.search import Found, Passage, Query, Searcher, Tuning
+from tollway.retrieval.search import Found, Passage, Query, Searcher, Tuning, check_filters, check_text
 from tollway.retrieval.store import (
     Collection,
     StoreError,
@@ -35,6 +35,6 @@ from tollway.retrieval.store import (
 
 __all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "Collection", "DocumentError", "Embedded", "Embedder",
            "EmbedderError", "Found", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
-           "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "collection",
+           "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "check_filters", "check_text", "collection",
            "collections", "create_collection", "decode", "delete_collection", "delete_document", "documents",
            "ensure_index", "guess_format", "parse", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]

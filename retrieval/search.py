@@ -56,6 +56,38 @@ class Tuning:
     ef_search: int = 100
 
 
+MAX_FILTER_KEYS = 16
+MAX_FILTER_OPTIONS = 100
+
+
+def check_text(value: str, param: str) -> None:
+    """Text that goes into a query: PostgreSQL text holds no NUL character."""
+    if "\x00" in value:
+        raise store.StoreError(f"'{param}' may not contain a NUL character", "invalid_value", param)
+
+
+def check_filters(filters: dict[str, Any] | None, param: str = "filters") -> None:
+    """Metadata filters a query may carry: up to 16 keys, each a scalar or a non-empty list of up to 100
+    scalars (strings, numbers, booleans); no NUL characters. Refused with a 400 naming the key."""
+    if filters is None:
+        return
+    if not isinstance(filters, dict) or len(filters) > MAX_FILTER_KEYS:
+        raise store.StoreError(f"'{param}' is an object of at most {MAX_FILTER_KEYS} keys", "invalid_filter", param)
+    for key, value in filters.items():
+        where = f"{param}.{key}"
+        if not key or len(key) > 128 or "\x00" in key:
+            raise store.StoreError(f"'{param}' keys are 1-128 characters without NUL", "invalid_filter", param)
+        options = value if isinstance(value, list) else [value]
+        if not options or len(options) > MAX_FILTER_OPTIONS:
+            raise store.StoreError(f"'{where}' lists 1 to {MAX_FILTER_OPTIONS} values (an empty list matches "
+                                   "nothing; leave the key out instead)", "invalid_filter", where)
+        for option in options:
+            if not isinstance(option, str | int | float | bool) or (isinstance(option, str) and (
+                    "\x00" in option or len(option) > 1024)):
+                raise store.StoreError(f"'{where}' values are strings (at most 1024 characters, no NUL), numbers "
+                                       "or booleans", "invalid_filter", where)
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     text: str

@@ -144,6 +144,7 @@ class ModelEntry:
     replicas: tuple[str, ...] = ()
     capabilities: frozenset[str] | None = None  # None: not declared
     fallbacks: tuple[str, ...] | None = None  # None: the cheapest model of each lower tier
+    forward_fields: frozenset[str] = frozenset()  # body fields its upstream takes beyond the allow-list
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -170,6 +171,8 @@ class Catalog:
         self._rank = {t.name: i for i, t in enumerate(self.tiers)}
         self.auto_aliases = frozenset(self.routing.auto_aliases)
         self.has_context_windows = any(m.context_window is not None for m in self.models.values())
+        # Body fields some model's config forwards: a client may send them (each attempt keeps its model's).
+        self.forward_fields: frozenset[str] = frozenset().union(*(m.forward_fields for m in self.models.values()))
         self.rollouts: tuple[RawRollout, ...] = ()
         self.has_canaries = False
         self.set_rollouts(self.routing.rollouts)
@@ -259,6 +262,7 @@ def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: It
             replicas=tuple(model.replicas),
             capabilities=None if model.capabilities is None else frozenset(model.capabilities),
             fallbacks=None if model.fallbacks is None else tuple(model.fallbacks),
+            forward_fields=frozenset(model.forward_fields),
         ))
         for alias in model.aliases:
             if alias in aliases:

@@ -94,6 +94,20 @@ class RawModel(_Strict):
     aliases: list[str] = Field(default_factory=list)
     # Models to try, in order, when this one fails; default: the cheapest model of each lower tier.
     fallbacks: list[str] | None = None
+    # Request body fields this model's upstream accepts beyond OpenAI's and the documented decoding extras
+    # (``tollway.routing.wire``); clients may send them for this model. Never transport settings.
+    forward_fields: list[str] = Field(default_factory=list)
+
+    @field_validator("forward_fields")
+    @classmethod
+    def _body_fields_only(cls, value: list[str]) -> list[str]:
+        from tollway.routing.wire import forbidden_config_fields
+
+        bad = forbidden_config_fields(value)
+        if bad:
+            raise ValueError(f"{bad[0]!r} is a transport or credential setting, not a body field; set it on the "
+                             "upstream")
+        return value
 
     @model_validator(mode="after")
     def _one_placement(self) -> RawModel:

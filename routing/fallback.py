@@ -27,6 +27,7 @@ from tollway.jsontypes import JSON
 from tollway.routing.decision import RouteDecision, Step
 from tollway.routing.health import Health, ReplicaHealth, Ticket
 from tollway.routing.upstream import Upstream, UpstreamStream
+from tollway.routing.wire import upstream_body
 
 
 def retryable(exc: TollwayError) -> bool:
@@ -147,8 +148,7 @@ class Caller:
             ticket = replica.start()
             if ticket is None:
                 continue  # its breaker closed the door since it was picked
-            body = dict(wire)
-            body["model"] = step.model.upstream_model
+            body = upstream_body(endpoint, wire, step.model.upstream_model, step.model.forward_fields)
             started = clock()
             try:
                 if stream:

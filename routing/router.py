@@ -34,6 +34,7 @@ from tollway.routing.difficulty import assess
 from tollway.routing.fallback import Caller, Served
 from tollway.routing.health import Health
 from tollway.routing.tokens import count_messages
+from tollway.routing.wire import check_client_fields
 
 
 def needs(body: JSON, messages: list[Any]) -> frozenset[str]:
@@ -118,6 +119,11 @@ class Router:
     def direct(self, model: ModelEntry, reason: str = "requested") -> RouteDecision:
         """A route to one model and its replicas only (embeddings, shadow calls): never another model."""
         return RouteDecision((Step.of(self.catalog, model),), reason)
+
+    def check_fields(self, endpoint: str, body: JSON) -> None:
+        """A 400 naming the first field of a client's body that no upstream may receive
+        (``tollway.routing.wire``): called where a request is parsed, before anything is spent."""
+        check_client_fields(endpoint, body, self.catalog.forward_fields)
 
     def affinity(self, messages: list[Any]) -> str | None:
         return affinity_of(messages) if self.catalog.routing.prefix_affinity else None

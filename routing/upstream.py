@@ -1,7 +1,7 @@
 """Upstream clients behind one interface.
 
 ``OpenAIUpstream`` is the fast path for OpenAI-compatible servers (vLLM, llama.cpp, the scripted
-upstream): one pooled aiohttp session, bodies forwarded as they came. ``LiteLLMUpstream`` is for
+upstream): one pooled aiohttp session, bodies as ``tollway.routing.wire`` built them. ``LiteLLMUpstream`` is for
 providers that need translation. Foreign errors become ``tollway.errors`` here and nowhere else:
 ``map_upstream_errors`` for transport errors, ``raise_for_upstream_status`` for HTTP answers,
 ``_map_litellm_error`` for litellm's exception tree.
@@ -27,6 +27,7 @@ from tollway.errors import (
 )
 from tollway.jsontypes import JSON
 from tollway.routing.catalog import UpstreamSpec
+from tollway.routing.wire import TRANSPORT
 
 
 class UpstreamStream(Protocol):
@@ -243,7 +244,9 @@ class LiteLLMUpstream:
         self.spec = spec
 
     def _kwargs(self, body: JSON) -> JSON:
-        kwargs = dict(body)
+        # The fallback chain built ``body`` from the allow-list; transport settings are dropped here as well,
+        # since litellm would take them from its keyword arguments.
+        kwargs = {k: v for k, v in body.items() if k not in TRANSPORT}
         kwargs["timeout"] = self.spec.timeout_s
         kwargs["num_retries"] = 0
         if self.spec.base_url:

@@ -27,6 +27,15 @@ from tollway.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_un
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The keyed hash of API keys: one server secret for the in-process apps, the gateways the tests start and
+# the keys the fixtures write (tollway.gateway.keys.KeyHasher).
+os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + secrets.token_hex(8))
+
+
+def key_hasher() -> Any:
+    from tollway.gateway.keys import KeyHasher
+
+    return KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode())
 
 SIM_MODELS = ["sim-large", "sim-small", "sim-embed", "sim-error", "sim-overloaded", "sim-timeout", "sim-cut",
               "sim-malformed", "sim-ignoremax", "sim-echo"]
@@ -164,9 +173,27 @@ def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:
             name = "t" + secrets.token_hex(4)
             async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
                 tenant_id = await create_tenant(conn, name)
-                key = await create_key(conn, name, role=role, allowed_models=models, ingest=ingest)
+                key = await create_key(conn, name, hasher=key_hasher(), role=role, allowed_models=models,
+                                       ingest=ingest)
             return Tenant(name, tenant_id, key.secret, key.id)
         # Tests call this from inside their event loop: run the async helpers on a thread of their own.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, go()).result()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_key(pg: EmbeddedPostgres) -> Callable[..., str]:
+    """Another key of an existing tenant: returns its secret."""
+    import asyncio
+
+    from tollway.gateway.keys import create_key
+
+    def make(tenant: str, role: str = "app") -> str:
+        async def go() -> str:
+            async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
+                return (await create_key(conn, tenant, hasher=key_hasher(), role=role)).secret
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, go()).result()
 

@@ -40,7 +40,7 @@ from tollway.gateway.exchange import Parts
 from tollway.gateway.git_http import PREFIX as GIT_PREFIX
 from tollway.gateway.git_http import GitHTTP
 from tollway.gateway.guarding import Guarding
-from tollway.gateway.keys import KeyStore, bootstrap_default_tenant
+from tollway.gateway.keys import KeyStore, bootstrap_default_tenant, load_key_hasher, rekey_legacy
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.metrics_api import router as metrics_router
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -63,7 +63,7 @@ from tollway.gateway.tenant_policy import PolicyStore
 from tollway.gateway.watch import Monitor
 from tollway.guardrails.policy import PolicyError
 from tollway.periodic import Periodic
-from tollway.prompts import Gate, Registry
+from tollway.prompts import Gate, Registry, RenderPool
 from tollway.retrieval import LocalEmbedder
 from tollway.routing import (
     Catalog,
@@ -222,7 +222,11 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     discovered = await discover(list(upstreams.values()), settings.discovery_timeout_s)
     catalog = build_catalog(raw_config, discovered, specs)
 
-    keys = KeyStore(pool, cache_ttl_s=settings.auth_cache_ttl_s)
+    hasher = load_key_hasher(settings.key_secret, settings.key_secret_previous, settings.data_dir)
+    async with pool.connection() as conn:  # rows from before the keyed hash (one UPDATE each, once)
+        await rekey_legacy(conn, hasher)
+    keys = KeyStore(pool, cache_ttl_s=settings.auth_cache_ttl_s, hasher=hasher,
+                    stale_max_s=settings.auth_stale_max_s)
     ledger = Ledger(pool, settings.spill_dir, queue_size=settings.ledger_queue_size,
                     batch_size=settings.ledger_batch_size, flush_interval_s=settings.ledger_flush_interval_s,
                     retry_interval_s=settings.ledger_retry_interval_s)
@@ -231,13 +235,15 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
 
     if settings.bootstrap:
         async with pool.connection() as conn:
-            created = await bootstrap_default_tenant(conn)
+            created = await bootstrap_default_tenant(conn, hasher)
         if created is not None:
             print(f"\nTollway created tenant 'default' with an app key (shown once, store it now):\n\n"
                   f"    {created.secret}\n", file=sys.stderr, flush=True)
 
     policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
-    prompts = Registry(pool)
+    renderer = RenderPool()  # started on the first template that needs it
+    stack.callback(renderer.close)
+    prompts = Registry(pool, renderer)
     await prompts.load()
     async with pool.connection() as conn:  # the config's rollouts are the starting point; the table wins
         await seed_rollouts(conn, catalog)

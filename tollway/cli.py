@@ -77,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _exit_on_signal)
         common: dict[str, Any] = {"host": final.host, "port": final.port, "log_config": _logging(final.log_level),
                                   "loop": "uvloop", "http": "httptools", "access_log": False,
-                                  "proxy_headers": False, "timeout_graceful_shutdown": 30}
+                                  "proxy_headers": bool(final.forwarded_allow_ips),
+                                  "forwarded_allow_ips": ",".join(final.forwarded_allow_ips) or None,
+                                  "timeout_graceful_shutdown": 30}
         if final.workers == 1:
             uvicorn.run(create_app(final), **common)
         else:
@@ -122,13 +124,15 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from tollway.gateway.keys import create_key
+    from tollway.gateway.keys import create_key, load_key_hasher
 
     models = [m for m in args.models.split(",") if m] if args.models else None
-    with database(settings_of(args)) as url:
-        key = asyncio.run(with_conn(url, lambda c: create_key(c, args.tenant, role=args.role, allowed_models=models,
-                                                              name=args.name, author=args.author,
-                                                              ingest=args.ingest)))
+    settings = settings_of(args)
+    hasher = load_key_hasher(settings.key_secret, settings.key_secret_previous, settings.data_dir)
+    with database(settings) as url:
+        key = asyncio.run(with_conn(url, lambda c: create_key(c, args.tenant, hasher=hasher, role=args.role,
+                                                              allowed_models=models, name=args.name,
+                                                              author=args.author, ingest=args.ingest)))
     rights = f"role {key.role}" + (", may ingest documents" if key.ingest else "")
     print(f"key {key.id} for tenant {key.tenant} ({rights}); shown once, store it now:", file=sys.stderr)
     print(key.secret)
@@ -181,6 +185,18 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
         rows = await list_alerts(conn, tid, args.limit)
         print(json.dumps(rows, indent=2, default=str) if args.json else table(
             rows, ["id", "kind", "subject", "message", "created_at", "delivered_at", "attempts", "last_error"]))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_keys_rekey_status(args: argparse.Namespace) -> int:
+    from tollway.gateway.keys import load_key_hasher, rekey_legacy, rekey_status
+
+    async def action(conn: Any, settings: Any) -> int:
+        hasher = load_key_hasher(settings.key_secret, settings.key_secret_previous, settings.data_dir)
+        await rekey_legacy(conn, hasher)
+        print(json.dumps(await rekey_status(conn, hasher)))
         return 0
 
     return run_with_conn(args, action)
@@ -260,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an app key that may also write documents into its tenant's collections")
     audited(kcreate)
     kcreate.set_defaults(func=cmd_keys_create)
+    krekey = keys.add_parser("rekey-status", help="active keys under the current key secret and under another "
+                                                  "(during a rotation of TOLLWAY_KEY_SECRET)")
+    _common(krekey)
+    krekey.set_defaults(func=cmd_keys_rekey_status)
     krevoke = keys.add_parser("revoke", help="revoke a key by id")
     _common(krevoke)
     krevoke.add_argument("id", type=int)

@@ -1,5 +1,5 @@
 """`tollway prompts ...`: the prompt API's operations from a shell, straight against the database (like
-`tollway keys`): push, list, versions, show, diff, render (a dry run with cost), label, rollback."""
+`tollway keys`): push, list, versions, show, diff, render (a dry run with cost), label, rollback, repair."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         catalog = await catalog_of(settings)
         registry = Registry(None)
         await registry.load_with(conn, tid)
-        rendered = registry.render_ref(tid, "cli", name, ref or PRODUCTION, dict(args.var))
+        rendered = await registry.render_ref(tid, "cli", name, ref or PRODUCTION, dict(args.var))
         out = dry_run(catalog, rendered.name, rendered.version, list(rendered.messages), rendered.params,
                       await requests_per_day(conn, tid, name))
         if args.json:
@@ -279,6 +279,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return run_with_conn(args, action)
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from tollway.prompts import repair
+
+    async def action(conn: Any, settings: Settings) -> int:
+        dropped = await repair(conn, await _tid(conn, args.tenant), args.author)
+        for path in dropped:
+            print(f"dropped {path!a}", file=sys.stderr)
+        print(json.dumps({"dropped": dropped}))
+        return 0
+
+    return run_with_conn(args, action)
+
+
 def add_commands(sub: Any, common: Any) -> None:
     prompts = sub.add_parser("prompts", help="git-versioned prompts").add_subparsers(dest="action", required=True)
 
@@ -324,6 +337,8 @@ def add_commands(sub: Any, common: Any) -> None:
     label.add_argument("--offline", action="store_true",
                        help="write the database directly even with an API key (production then needs --override "
                             "when the version names a golden set)")
+    command("repair", "drop entries a prompt repository may not hold (bad names or paths from before the "
+            "check): a commit on main keeping the rest", cmd_repair, changes=True)
     rollback = command("rollback", "move LABEL back to its previous version", cmd_rollback, changes=True)
     rollback.add_argument("name")
     rollback.add_argument("label")

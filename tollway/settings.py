@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     config: Path | None = None
     data_dir: Path = Path(".tollway")
     host: str = "127.0.0.1"
+    # Proxies (addresses, comma-separated, or "*") whose X-Forwarded-Proto / -For this gateway believes, as
+    # uvicorn's forwarded_allow_ips: behind a TLS proxy the console's cookie is then marked Secure. Empty:
+    # no proxy is trusted.
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
     port: int = Field(default=8080, ge=0, le=65535)
     # Worker processes behind the one port; embedded services are started once, by the parent.
     workers: int = Field(default=1, ge=1, le=64)
@@ -37,6 +41,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     auth_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # While the database is unreachable, a known key's last good entry serves for up to this long.
+    auth_stale_max_s: float = Field(default=3600.0, ge=0)
+    # The server secret of the keyed hash API keys are stored under (default: <data_dir>/key-secret, made
+    # once); every replica sets the same one. The previous secret, during a rotation (tollway.gateway.keys).
+    key_secret: str | None = Field(default=None, repr=False)
+    key_secret_previous: str | None = Field(default=None, repr=False)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=2048, ge=1)
     max_tokens_limit: int = Field(default=262_144, ge=1)
@@ -103,7 +113,7 @@ class Settings(BaseSettings):
     def budget_alert_thresholds(self) -> tuple[float, ...]:
         return tuple(sorted(float(p) for p in self.budget_alerts if p != "forecast"))
 
-    @field_validator("upstreams", mode="before")
+    @field_validator("upstreams", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -103,17 +103,18 @@ def main() -> None:
         import psycopg
 
         from tollway.db import migrate
-        from tollway.gateway.keys import create_key, create_tenant
+        from tollway.gateway.keys import create_key, create_tenant, load_key_hasher
 
         asyncio.run(migrate(pg.url))
+        hasher = load_key_hasher(os.environ.get("TOLLWAY_KEY_SECRET"), None, work / "data")  # the gateway below reads the same data dir
 
         async def keys() -> tuple[int, int, str]:
             async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
                 tid = await create_tenant(conn, "bench")
-                first = await create_key(conn, "bench", role="app")
+                first = await create_key(conn, "bench", hasher=hasher, role="app")
                 for _ in range(19):
-                    await create_key(conn, "bench", role="app")
-                finance = await create_key(conn, "bench", role="finance")
+                    await create_key(conn, "bench", hasher=hasher, role="app")
+                finance = await create_key(conn, "bench", hasher=hasher, role="finance")
             return tid, first.id, finance.secret
 
         tenant, first_key, finance = asyncio.run(keys())

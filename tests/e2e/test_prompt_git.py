@@ -89,3 +89,107 @@ def test_only_prompt_keys_reach_the_repository(gateway, make_tenant, tmp_path):
     assert git(tmp_path, "clone", url, "nope", check=False).returncode != 0
     challenge = httpx.get(gateway.url + "/prompts.git/info/refs?service=git-upload-pack")
     assert challenge.status_code == 401 and challenge.headers["www-authenticate"].startswith("Basic")
+
+
+def _push_tree(tmp_path: Path, url: str, entries: list[tuple[bytes, int, bytes]]) -> subprocess.CompletedProcess[str]:
+    """A commit whose tree holds exactly ``entries`` (name, mode, blob data or a sub-entry's name), made with
+    dulwich because git itself will not write such names, pushed with git onto the current main."""
+    from dulwich.objects import Blob, Commit, Tree
+    from dulwich.repo import Repo
+
+    work = tmp_path / f"crafted-{len(list(tmp_path.iterdir()))}"
+    git(tmp_path, "clone", url, work.name)
+    repo = Repo(str(work))
+    head = repo.head() if b"refs/heads/main" in repo.refs else None
+    tree = Tree()
+    if head is not None:
+        for item in repo[repo[head].tree].iteritems():
+            tree.add(item.path, item.mode, item.sha)
+    for name, mode, data in entries:
+        if mode == 0o040000:
+            sub, blob = Tree(), Blob.from_string(b"x")
+            repo.object_store.add_object(blob)
+            sub.add(data, 0o100644, blob.id)
+            repo.object_store.add_object(sub)
+            tree.add(name, mode, sub.id)
+        else:
+            blob = Blob.from_string(data)
+            repo.object_store.add_object(blob)
+            tree.add(name, mode, blob.id)
+    repo.object_store.add_object(tree)
+    commit = Commit()
+    commit.tree, commit.parents = tree.id, [head] if head is not None else []
+    commit.author = commit.committer = b"Ada <ada@example.com>"
+    commit.author_time = commit.commit_time = 1_700_000_000
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"crafted\n"
+    repo.object_store.add_object(commit)
+    repo.refs[b"refs/heads/crafted"] = commit.id
+    return git(work, "push", "origin", "crafted:main", check=False)
+
+
+@pytest.mark.parametrize(("name", "mode", "data"), [
+    (b"..", 0o100644, b"x"), (b"", 0o100644, b"x"), (b".git", 0o100644, b"x"), (b".gitmodules", 0o100644, b"x"),
+    (b"sub", 0o040000, b"dir.txt"), (b"\xff\xfe.yaml", 0o100644, GREET.encode()),
+    (b"<img src=x onerror=alert(1)>.yaml", 0o100644, GREET.encode()), (b"two\nlines.yaml", 0o100644, GREET.encode()),
+    (b"a" * 300 + b".yaml", 0o100644, GREET.encode()), (b"link", 0o120000, b"/etc/passwd"),
+])
+def test_pushes_with_bad_names_are_refused_and_clones_keep_working(gateway, make_tenant, tmp_path, name, mode, data):
+    eng = make_tenant(role="prompt_engineer")
+    url = gateway.url.replace("http://", f"http://git:{eng.key}@") + "/prompts.git"
+    pushed = _push_tree(tmp_path, url, [(b"greet.yaml", 0o100644, GREET.encode())])
+    assert pushed.returncode == 0, pushed.stderr
+    refused = _push_tree(tmp_path, url, [(name, mode, data)])
+    assert refused.returncode != 0
+    assert "remote rejected" in refused.stderr
+    assert git(tmp_path, "clone", url, "after").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "after").iterdir() if p.name != ".git") == ["greet.yaml"]
+
+
+def test_a_push_of_two_megabytes_works_with_git_defaults(gateway, make_tenant, tmp_path):
+    import base64
+
+    eng = make_tenant(role="prompt_engineer")
+    url = gateway.url.replace("http://", f"http://git:{eng.key}@") + "/prompts.git"
+    git(tmp_path, "clone", url, "repo")
+    repo = tmp_path / "repo"
+    (repo / "greet.yaml").write_text(GREET)
+    for i in range(4):  # incompressible: the pack is about 2 MB, so git sends it chunked
+        (repo / f"data-{i}.txt").write_text(base64.b64encode(os.urandom(520_000)).decode())
+    git(repo, "add", ".")
+    git(repo, "commit", "-m", "a large prompt set")
+    pushed = git(repo, "push", "origin", "HEAD:main", check=False)
+    assert pushed.returncode == 0, pushed.stderr
+    assert git(tmp_path, "clone", url, "copy").returncode == 0
+    assert (tmp_path / "copy" / "data-3.txt").read_text() == (repo / "data-3.txt").read_text()
+
+
+def test_an_admin_repairs_a_repository_that_holds_bad_entries(gateway, make_tenant, make_key, pg, tmp_path):
+    """A repository written before the path check (entries put in the store directly) is mended by an
+    admin's repair: a commit that keeps the valid files; clones work again."""
+    import asyncio
+
+    import psycopg
+
+    from tollway.prompts.store import _commit, _land, _lock_head, load_head_tree, memory_repo
+
+    eng = make_tenant(role="prompt_engineer")
+    admin_key = make_key(eng.name, "admin")
+
+    async def plant() -> None:
+        async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
+            async with conn.transaction():
+                head = await _lock_head(conn, eng.id)
+                repo = memory_repo(head, await load_head_tree(conn, eng.id, head))
+                bad = _commit(repo, head, {"greet.yaml": GREET.encode(), "": b"x", "..": b"y"}, "legacy", "old")
+                await _land(conn, eng.id, repo, head, bad.id, "old")
+
+    asyncio.run(plant())
+    url = gateway.url.replace("http://", f"http://git:{eng.key}@") + "/prompts.git"
+    assert git(tmp_path, "clone", url, "broken", check=False).returncode != 0
+    repaired = httpx.post(gateway.url + "/prompts/repair", headers={"authorization": f"Bearer {admin_key}"},
+                          json={})
+    assert repaired.status_code == 200, repaired.text
+    assert sorted(repaired.json()["dropped"]) == ["", ".."]
+    assert git(tmp_path, "clone", url, "fixed").returncode == 0
+    assert (tmp_path / "fixed" / "greet.yaml").read_text() == GREET

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,12 +29,12 @@ async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, helpe
     import psycopg
 
     from tollway.db import migrate
-    from tollway.gateway.keys import create_key, create_tenant
+    from tollway.gateway.keys import KeyHasher, create_key, create_tenant
 
     await migrate(own_pg.url)
     async with await psycopg.AsyncConnection.connect(own_pg.url, autocommit=True) as conn:
         await create_tenant(conn, "outage")
-        key = await create_key(conn, "outage")
+        key = await create_key(conn, "outage", hasher=KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode()))
     headers = {"authorization": f"Bearer {key.secret}"}
 
     async with app_factory(database_url=own_pg.url, auth_cache_ttl_s=600) as gw:

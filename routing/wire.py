@@ -1,0 +1,94 @@
+"""What a client may send to an upstream: an allow-list of body fields per endpoint.
+
+Every body that reaches an upstream is built here (``upstream_body``, called by the fallback chain for each
+attempt), so every endpoint, present and future, inherits the same rule: the OpenAI request fields, the
+decoding extras the inference servers behind Tollway document (vLLM, llama.cpp), and the fields a model's
+config entry adds for its own upstream (``forward_fields``). Nothing else is forwarded.
+
+Transport and credential settings (``api_base``, ``base_url``, ``api_key``, ``extra_headers`` ...) never come
+from a client: litellm reads them from its keyword arguments, so a body passed through would send the
+provider's key wherever the client asked. ``check_client_fields`` refuses them, and any other field outside
+the list, with a 400 naming the field before anything is reserved or sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tollway.errors import InvalidRequest
+
+# OpenAI's chat completions request (the fields the SDK sends; ``model`` is set per attempt).
+OPENAI_CHAT = frozenset({
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+    "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+})
+
+# Decoding extras documented by vLLM's OpenAI server (sampling and structured output) and llama.cpp's
+# server. Left out on purpose: vLLM's ``priority`` (one tenant would jump every other's queue),
+# ``chat_template`` (a client-supplied template run on the shared server), ``logits_processors`` (names
+# of classes the server imports), ``request_id``, ``kv_transfer_params`` and ``vllm_xargs``.
+INFERENCE_EXTRAS = frozenset({
+    # vLLM
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "best_of", "use_beam_search", "stop_token_ids",
+    "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "prompt_logprobs", "allowed_token_ids",
+    "bad_words", "echo", "add_generation_prompt", "continue_final_message", "add_special_tokens", "documents",
+    "chat_template_kwargs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag", "return_tokens_as_token_ids",
+    # llama.cpp
+    "typical_p", "repeat_penalty", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta", "grammar",
+    "json_schema", "n_probs", "cache_prompt", "dynatemp_range", "dynatemp_exponent", "dry_multiplier",
+    "dry_base", "dry_allowed_length", "xtc_probability", "xtc_threshold",
+})
+
+OPENAI_EMBEDDINGS = frozenset({"input", "model", "dimensions", "encoding_format", "user"})
+EMBEDDING_EXTRAS = frozenset({"truncate_prompt_tokens", "add_special_tokens"})
+
+ALLOWED: Mapping[str, frozenset[str]] = {
+    "chat": OPENAI_CHAT | INFERENCE_EXTRAS,
+    "embeddings": OPENAI_EMBEDDINGS | EMBEDDING_EXTRAS,
+}
+
+# Where the request goes and with which credentials: the operator's alone. Named so the 400 says why, and so
+# a config entry cannot list them as body fields either.
+TRANSPORT = frozenset({
+    "api_base", "base_url", "api_key", "api_version", "extra_headers", "headers", "extra_body", "extra_query",
+    "timeout", "request_timeout", "custom_llm_provider", "proxy", "proxies", "organization", "azure_ad_token",
+    "azure_ad_token_provider", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "aws_region_name", "vertex_credentials", "vertex_project", "vertex_location", "num_retries", "max_retries",
+    "mock_response", "input_cost_per_token", "output_cost_per_token", "litellm_logging_obj", "deployment_id",
+    "client", "http_client", "callbacks", "api_type", "base_model",
+})
+
+
+def forbidden_config_fields(names: Iterable[str]) -> list[str]:
+    """The transport settings among a config entry's ``forward_fields`` (refused at start-up)."""
+    return sorted(set(names) & TRANSPORT)
+
+
+def check_client_fields(endpoint: str, body: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> None:
+    """A 400 naming the first field a client may not send to this endpoint's upstream."""
+    allowed = ALLOWED[endpoint] | extra
+    for name in body:
+        if name in allowed:
+            continue
+        if name in TRANSPORT:
+            raise InvalidRequest(f"'{name}' is a transport or credential setting; where a request goes and with "
+                                 "which credentials is set in the gateway's config, never by a client.",
+                                 param=name, code="forbidden_field")
+        raise InvalidRequest(f"Unsupported field '{name}': it is not an OpenAI request field, a documented "
+                             "decoding extra, or a field this gateway's config forwards.", param=name,
+                             code="unsupported_field")
+
+
+def upstream_body(endpoint: str, body: Mapping[str, Any], model: str, extra: frozenset[str] = frozenset()) -> \
+        dict[str, Any]:
+    """The body one attempt sends: the allowed fields of ``body`` with the upstream's model name."""
+    allowed = ALLOWED[endpoint] | extra
+    out = {k: v for k, v in body.items() if k in allowed and k not in TRANSPORT}
+    out["model"] = model
+    return out

