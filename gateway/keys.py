@@ -152,19 +152,21 @@ class KeyStore:
     """Key lookups, cached for ``cache_ttl_s`` (a change on the channel drops an entry at once).
 
     While the database is unreachable a known key keeps working: its last good entry is served for up to
-    ``stale_max_s`` after it expired, and for ``retry_s`` after a failed lookup no request waits on the
-    database again. Once the database answers, every lookup is fresh again, so a revocation made before
-    or during the outage applies with the first request after it."""
+    ``stale_max_s`` after it expired; a request waits at most ``stale_wait_s`` for a lookup (which goes on in
+    the background), and for ``retry_s`` after a failed lookup no request waits on the database again. Once
+    the database answers, every lookup is fresh again, so a revocation made before or during the outage
+    applies with the first request after it."""
 
     def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, cache_size: int = 10_000,
                  hasher: KeyHasher, stale_max_s: float = 3600.0, lookup_timeout_s: float = 2.0,
-                 retry_s: float = 1.0) -> None:
+                 stale_wait_s: float = 0.25, retry_s: float = 2.0) -> None:
         self._pool = pool
         self._ttl = cache_ttl_s
         self._size = cache_size
         self._stale_max = stale_max_s
         self._lookup_timeout = lookup_timeout_s
         self._retry = retry_s
+        self._stale_wait = stale_wait_s
         self._down_until = 0.0
         self._hasher = hasher
         self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
@@ -184,10 +186,12 @@ class KeyStore:
             stale = hit[1] if hit is not None and now - hit[0] <= self._stale_max else None
             if stale is not None and now < self._down_until:
                 return stale  # the store failed a moment ago: do not make this request wait on it
+            refresh = self._refresh(digest, secret)
             try:
-                principal = await self._lookup_once(digest, secret, now)
-            except ServiceUnavailable:
-                self._down_until = time.monotonic() + self._retry
+                # A known key waits briefly for the database; past that its refresh goes on without it.
+                principal = await asyncio.wait_for(asyncio.shield(refresh), None if stale is None else
+                                                   self._stale_wait)
+            except (ServiceUnavailable, TimeoutError):
                 if stale is None:
                     raise
                 return stale
@@ -195,20 +199,25 @@ class KeyStore:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal
 
-    async def _lookup_once(self, digest: bytes, secret: str, now: float) -> Principal | None:
+    def _refresh(self, digest: bytes, secret: str) -> asyncio.Future[Principal | None]:
         """One database lookup per key at a time: when a hot key's cache entry expires, the requests
-        that arrive meanwhile wait for the same answer instead of each asking Postgres."""
+        that arrive meanwhile wait for the same answer instead of each asking Postgres. The lookup
+        remembers its answer, or marks the store down for ``retry_s``, whoever is still waiting."""
         pending = self._inflight.get(digest)
         if pending is None:
             pending = asyncio.ensure_future(self._lookup(secret))
             self._inflight[digest] = pending
-            try:
-                principal = await asyncio.shield(pending)
-            finally:
-                del self._inflight[digest]
-            self._remember(digest, now + self._ttl, principal)
-            return principal
-        return await asyncio.shield(pending)
+            pending.add_done_callback(lambda done: self._landed(digest, done))
+        return pending
+
+    def _landed(self, digest: bytes, done: asyncio.Future[Principal | None]) -> None:
+        self._inflight.pop(digest, None)
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            self._down_until = time.monotonic() + self._retry
+            return
+        self._remember(digest, time.monotonic() + self._ttl, done.result())
 
     def forget(self, key_id: int | None = None) -> None:
         """Drop cached lookups of one key (revoked, limits changed), or of every key: the next request

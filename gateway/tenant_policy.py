@@ -8,6 +8,7 @@ Redis (``tollway.gateway.quota``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Collection, Sequence
@@ -138,31 +139,50 @@ _BUDGET_COLUMNS = ("id, tenant_id, scope, subject, period, limit_usd, limit_toke
 
 class PolicyStore:
     """A tenant's rules, cached for ``cache_ttl_s`` (a change on the channel drops them at once). While the
-    database is unreachable the last good rules keep serving, and for ``retry_s`` after a failed read no
-    request waits on the database again."""
+    database is unreachable the last good rules keep serving: a request waits at most ``stale_wait_s`` for a
+    reload (which goes on in the background), and for ``retry_s`` after a failed one none waits again."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, retry_s: float = 1.0) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, stale_wait_s: float = 0.25,
+                 retry_s: float = 2.0) -> None:
         self._pool = pool
         self._ttl = cache_ttl_s
+        self._stale_wait = stale_wait_s
         self._retry = retry_s
         self._down_until = 0.0
         self._cache: dict[int, tuple[float, TenantRules]] = {}
+        self._inflight: dict[int, asyncio.Future[TenantRules]] = {}
 
     async def rules(self, tenant_id: int) -> TenantRules:
         now = time.monotonic()
         hit = self._cache.get(tenant_id)
         if hit is not None and (hit[0] > now or now < self._down_until):
             return hit[1]
+        pending = self._inflight.get(tenant_id)
+        if pending is None:
+            pending = self._inflight[tenant_id] = asyncio.ensure_future(self._load(tenant_id))
+            pending.add_done_callback(lambda done: self._landed(tenant_id, done))
         try:
-            async with self._pool.connection(timeout=2) as conn:
-                rules = await load_rules(conn, tenant_id)
-        except (psycopg.OperationalError, TimeoutError) as exc:
-            self._down_until = time.monotonic() + self._retry
+            return await asyncio.wait_for(asyncio.shield(pending), None if hit is None else self._stale_wait)
+        except (ServiceUnavailable, TimeoutError):
             if hit is not None:
                 return hit[1]  # the last known rules beat refusing everyone while Postgres blinks
+            raise
+
+    async def _load(self, tenant_id: int) -> TenantRules:
+        try:
+            async with self._pool.connection(timeout=2) as conn:
+                return await load_rules(conn, tenant_id)
+        except (psycopg.OperationalError, TimeoutError) as exc:
             raise ServiceUnavailable("Tenant policies are unavailable; try again shortly.") from exc
-        self._cache[tenant_id] = (now + self._ttl, rules)
-        return rules
+
+    def _landed(self, tenant_id: int, done: asyncio.Future[TenantRules]) -> None:
+        self._inflight.pop(tenant_id, None)
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            self._down_until = time.monotonic() + self._retry
+            return
+        self._cache[tenant_id] = (time.monotonic() + self._ttl, done.result())
 
     def forget(self, tenant_id: int) -> None:
         self._cache.pop(tenant_id, None)

@@ -314,31 +314,65 @@ async def submit(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, 
 
 
 async def repair(conn: psycopg.AsyncConnection[Any], tenant_id: int, author: str) -> list[str]:
-    """Mend a repository that holds entries the path check refuses (from before it existed): a commit on
-    main keeping the valid entries, dropping the others. Returns what was dropped (empty: nothing to do)."""
+    """Mend a repository that holds entries the path check refuses (written before it existed). Every clone
+    fetches the whole history, so the history is rewritten (as ``git filter-repo`` would): each commit keeps
+    its valid entries, and from the first bad one on, commits get new ids. Prompt versions, labels and
+    prompt rollouts follow their versions to the new ids; records of the past (ledger, eval runs, samples)
+    keep the old ones, and the change log holds the mapping. Returns what was dropped (empty: nothing)."""
     async with conn.transaction():
         head = await _lock_head(conn, tenant_id)
         if head is None:
             return []
-        repo = memory_repo(head, await load_head_tree(conn, tenant_id, head))
-        commit = repo.object_store[ObjectID(head)]
-        assert isinstance(commit, Commit)
-        tree = repo.object_store[commit.tree]
-        assert isinstance(tree, Tree)
-        keep: dict[str, bytes] = {}
-        dropped: list[str] = []
-        for entry in tree.iteritems():
-            problem = path_problem(entry.path, entry.mode)
-            if problem is None and entry.sha in repo.object_store:
-                keep[entry.path.decode()] = blob_text(repo, entry.sha)
-            else:
-                dropped.append(entry.path.decode("utf-8", "backslashreplace"))
+        _, objects = await load_objects(conn, tenant_id)
+        repo = memory_repo(head, objects)
+        chain: list[Commit] = []
+        sha: bytes | None = head
+        while sha is not None:
+            commit = repo.object_store[ObjectID(sha)]
+            assert isinstance(commit, Commit)
+            chain.append(commit)
+            sha = commit.parents[0] if commit.parents else None
+        dropped: set[str] = set()
+        mapping: dict[str, str] = {}
+        fresh: list[ShaFile] = []
+        parent: bytes | None = None
+        for old in reversed(chain):
+            tree = repo.object_store[old.tree]
+            assert isinstance(tree, Tree)
+            kept = Tree()
+            for entry in tree.iteritems():
+                if path_problem(entry.path, entry.mode) is None:
+                    kept.add(entry.path, entry.mode, entry.sha)
+                else:
+                    dropped.add(entry.path.decode("utf-8", "backslashreplace"))
+            new = old.copy()
+            new.tree = kept.id
+            new.parents = [ObjectID(parent)] if parent is not None else []
+            fresh += [kept, new]
+            mapping[old.id.decode()] = new.id.decode()
+            parent = new.id
         if not dropped:
             return []
-        fixed = _commit(repo, head, keep, "Repair: drop entries a prompt repository may not hold: "
-                        + ", ".join(ascii(d) for d in dropped), author)
-        await _land(conn, tenant_id, repo, head, fixed.id, author)
-    return dropped
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO prompt_objects (tenant_id, sha, type_num, data) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                [(tenant_id, obj.id.decode(), obj.type_num, obj.as_raw_string()) for obj in fresh])
+            moved = [(new, tenant_id, old) for old, new in mapping.items() if old != new]
+            for statement in ("UPDATE prompt_versions SET version = %s WHERE tenant_id = %s AND version = %s",
+                              "UPDATE prompt_labels SET version = %s WHERE tenant_id = %s AND version = %s",
+                              "UPDATE prompt_labels SET split_version = %s WHERE tenant_id = %s AND split_version = %s",
+                              "UPDATE prompt_rollouts SET candidate = %s WHERE tenant_id = %s AND candidate = %s",
+                              "UPDATE prompt_rollouts SET previous = %s WHERE tenant_id = %s AND previous = %s"):
+                await cur.executemany(statement, moved)
+        assert parent is not None
+        await conn.execute("UPDATE prompt_heads SET head = %s, updated_at = now() WHERE tenant_id = %s",
+                           (parent.decode(), tenant_id))
+        await changes.record(conn, author=author, kind="prompt", subject="-", action="repair", tenant_id=tenant_id,
+                             before={"head": head.decode()},
+                             after={"head": parent.decode(), "dropped": sorted(dropped),
+                                    "versions": {o: n for o, n in mapping.items() if o != n}})
+    return sorted(dropped)
 
 
 async def versions_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str | None = None) -> list[Version]:

@@ -129,7 +129,7 @@ def _push_tree(tmp_path: Path, url: str, entries: list[tuple[bytes, int, bytes]]
 
 
 @pytest.mark.parametrize(("name", "mode", "data"), [
-    (b"..", 0o100644, b"x"), (b"", 0o100644, b"x"), (b".git", 0o100644, b"x"), (b".gitmodules", 0o100644, b"x"),
+    (b"..", 0o100644, b"x"), (b".git", 0o100644, b"x"), (b".gitmodules", 0o100644, b"x"),
     (b"sub", 0o040000, b"dir.txt"), (b"\xff\xfe.yaml", 0o100644, GREET.encode()),
     (b"<img src=x onerror=alert(1)>.yaml", 0o100644, GREET.encode()), (b"two\nlines.yaml", 0o100644, GREET.encode()),
     (b"a" * 300 + b".yaml", 0o100644, GREET.encode()), (b"link", 0o120000, b"/etc/passwd"),

@@ -7,6 +7,7 @@ import statistics
 import time
 
 import pytest
+import yaml
 
 GREET = """model: sim-large
 messages:
@@ -27,8 +28,9 @@ params:
 """
 
 
-def template(content: str, variables: str = "v: {type: string, default: x}") -> str:
-    return f"model: sim-large\nmessages:\n  - role: user\n    content: {content!r}\nvariables:\n  {variables}\n"
+def template(content: str) -> str:
+    return yaml.safe_dump({"model": "sim-large", "messages": [{"role": "user", "content": content}],
+                           "variables": {"v": {"type": "string", "default": "x"}}})
 
 
 @pytest.mark.parametrize("path", BAD_PATHS)
@@ -66,7 +68,7 @@ async def test_yaml_alias_bombs_are_refused_at_submit(app_factory, make_tenant):
 
 async def _submit_and_call(gw, eng, app, name: str, content: str, variables: dict | None = None):
     made = await gw.client.post(f"/v1/prompts/{name}/versions", headers=eng.headers,
-                                json={"content": content, "message": "m"})
+                                json={"content": template(content), "message": "m"})
     assert made.status_code == 201, made.text
     started = time.perf_counter()
     resp = await gw.client.post("/v1/chat/completions", headers=app.headers, json={

@@ -18,6 +18,12 @@ TRANSPORT = ["api_base", "base_url", "api_key", "extra_headers", "headers", "tim
              "proxy", "organization", "mock_response"]
 
 
+def last_request(sim: Any, model: str) -> dict[str, Any]:
+    """The body the scripted upstream last received for ``model``."""
+    body: dict[str, Any] = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": model}).json()
+    return body
+
+
 class Canary:
     """An HTTP server on loopback that records every request it gets (and answers like an upstream)."""
 
@@ -124,8 +130,7 @@ async def test_decoding_extras_and_configured_fields_are_forwarded(provider_gate
             "model": "sim-hinted", "messages": MSG, "sim_hint": "short"})
     assert extras.status_code == 200, extras.text
     assert hinted.status_code == 200, hinted.text
-    large = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-large"}).json()
-    echo = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-echo"}).json()
+    large, echo = last_request(sim, "sim-large"), last_request(sim, "sim-echo")
     assert (large["top_k"], large["min_p"], large["chat_template_kwargs"]) == (5, 0.1, {"x": 1})
     assert echo["sim_hint"] == "short"
 
@@ -137,7 +142,7 @@ async def test_a_field_forwarded_for_one_model_is_dropped_for_another(provider_g
         resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
             "model": "sim-small", "messages": MSG, "sim_hint": "short"})
     assert resp.status_code == 200, resp.text
-    small = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-small"}).json()
+    small = last_request(sim, "sim-small")
     assert "sim_hint" not in small
 
 

@@ -135,7 +135,7 @@ async def test_the_render_pool_stops_a_render_at_its_time_limit():
     try:
         ok = await pool.render((("user", "{{ v }}!"),), {"v": "hi"})
         started = time.perf_counter()
-        with pytest.raises(RenderLimit, match="limited to 0.3s"):
+        with pytest.raises(RenderLimit, match=r"limited to 0\.3s"):
             await pool.render((("user", "{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}"
                                         "{% endfor %}"),), {})
         took = time.perf_counter() - started
