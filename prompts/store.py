@@ -346,6 +346,7 @@ async def repair(conn: psycopg.AsyncConnection[Any], tenant_id: int, author: str
                 else:
                     dropped.add(entry.path.decode("utf-8", "backslashreplace"))
             new = old.copy()
+            assert isinstance(new, Commit)
             new.tree = kept.id
             new.parents = [ObjectID(parent)] if parent is not None else []
             fresh += [kept, new]
