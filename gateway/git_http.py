@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -89,6 +89,56 @@ def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
         raise PromptError("the push does not build on the current main: fetch first")
 
 
+BUFFER_BYTES = 8 << 20
+
+
+def _answer_whole(app: Any) -> Any:
+    """WSGI around dulwich's git services: the answer is produced before it is sent, up to 8 MiB (a push's
+    status report, a small repository's pack), so a request dulwich cannot parse becomes a 400 instead of a
+    200 that breaks off mid-answer. A larger answer streams on from there."""
+
+    def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+        if not environ.get("PATH_INFO", "").endswith(("git-receive-pack", "git-upload-pack")):
+            return app(environ, start_response)
+        started: list[Any] = []
+        written: list[bytes] = []  # dulwich answers through start_response's write() as well
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            started[:] = [status, headers]
+            return written.append
+
+        chunks: Iterator[bytes] | None = None
+        try:
+            chunks = iter(app(environ, capture))
+            size = 0
+            for chunk in chunks:  # in the order produced, write() calls included
+                written.append(chunk)
+                size += len(chunk)
+                if size > BUFFER_BYTES:
+                    break
+            else:
+                chunks = None
+        except Exception as exc:
+            log.warning("a git request could not be read (%s: %s)", type(exc).__name__, exc)
+            start_response("400 Bad Request", [("content-type", "text/plain")])
+            return [b"malformed git request\n"]
+        start_response(*started)
+        if chunks is None:
+            return written
+        return _stream_on(written, chunks)
+
+    return wrapped
+
+
+def _stream_on(written: list[bytes], chunks: Iterator[bytes]) -> Iterator[bytes]:
+    sent = 0
+    for chunk in chunks:
+        yield from written[sent:]
+        sent = len(written)
+        yield chunk
+    yield from written[sent:]
+
+
 class GitHTTP:
     def __init__(self, pool: AsyncConnectionPool, on_landed: Callable[[int], Awaitable[None]]) -> None:
         self.pool = pool
@@ -115,7 +165,7 @@ class GitHTTP:
             await self.on_landed(principal.tenant_id)
 
         repo.hooks["update"] = _UpdateHook(repo, land, loop)  # type: ignore[assignment]
-        app = HTTPGitApplication(DictBackend({"/": repo}))  # type: ignore[arg-type]
+        app = _answer_whole(HTTPGitApplication(DictBackend({"/": repo})))  # type: ignore[arg-type]
         inner = dict(scope, path=scope["path"][len(PREFIX):] or "/", root_path=PREFIX)
         inner.pop("raw_path", None)
         # The ASGI server has already undone git's chunked transfer encoding (a push over 1 MiB is sent

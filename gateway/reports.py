@@ -87,16 +87,25 @@ class ReportQuery:
         return all(t.astimezone(UTC).time() == time() for t in (self.start, self.end))
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+MAX_WINDOW = timedelta(days=3700)  # a report covers at most about ten years
+
+
 def _parse_time(value: str | None, param: str, default: datetime) -> datetime:
     if value is None or value == "":
         return default
     try:
         if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value), time(), UTC)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = datetime.combine(date.fromisoformat(value), time(), UTC)
+        else:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
         raise InvalidRequest(f"'{param}' must be an ISO date or date-time, e.g. 2026-11-01", param=param) from exc
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if not EARLIEST <= parsed < LATEST:
+        raise InvalidRequest(f"'{param}' must be between 1970 and 2999", param=param)
+    return parsed
 
 
 async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start: str | None, end: str | None,
@@ -114,6 +123,8 @@ async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start:
     start_at = _parse_time(start, "from", end_at - timedelta(days=30))
     if start_at >= end_at:
         raise InvalidRequest("'from' must be before 'to'", param="from")
+    if end_at - start_at > MAX_WINDOW:
+        raise InvalidRequest(f"a report covers at most {MAX_WINDOW.days} days", param="from")
     if principal.role != "admin":
         if group_by == "tenant" or (tenant is not None and tenant != principal.tenant):
             raise PermissionDenied("A finance key sees its own tenant only.", code="tenant_not_allowed")

@@ -193,3 +193,30 @@ def test_an_admin_repairs_a_repository_that_holds_bad_entries(gateway, make_tena
     assert sorted(repaired.json()["dropped"]) == ["", ".."]
     assert git(tmp_path, "clone", url, "fixed").returncode == 0
     assert (tmp_path / "fixed" / "greet.yaml").read_text() == GREET
+
+
+def test_hostile_git_requests_get_no_500(gateway, make_tenant):
+    eng = make_tenant(role="prompt_engineer")
+    auth = ("git", eng.key)
+    base = gateway.url + "/prompts.git"
+    def post(path: str, body: bytes, **named: str) -> httpx.Response:
+        headers = {k.replace("_", "-"): v for k, v in named.items()}
+        try:
+            return httpx.post(base + path, content=body, auth=auth, headers=headers)
+        except httpx.RemoteProtocolError as exc:
+            raise AssertionError(f"{path} {body[:20]!r} {headers}: the response broke off ({exc})") from exc
+
+    answers = [
+        httpx.get(base + "/info/refs", params={"service": "git-evil-pack"}, auth=auth),
+        httpx.get(base + "/info/refs", params={"service": "git-upload-pack\x00"}, auth=auth),
+        httpx.get(base + "/../../etc/passwd", auth=auth),
+        httpx.get(base + "/objects/../../../etc/passwd", auth=auth),
+        post("/git-receive-pack", b"\x00garbage" * 100, content_type="application/x-git-receive-pack-request"),
+        post("/git-upload-pack", b"0032want " + b"f" * 40 + b"\n0000",
+             content_type="application/x-git-upload-pack-request"),
+        post("/git-receive-pack", b"zzzz", content_type="application/x-git-receive-pack-request",
+             content_encoding="gzip"),
+    ]
+    for resp in answers:
+        resp.read()
+        assert resp.status_code < 500, (resp.request.url, resp.status_code, resp.text[:200])

@@ -86,3 +86,28 @@ def test_the_session_cookie_is_secure_behind_a_trusted_tls_proxy(serve, sim, pg,
 
     assert "; secure" in cookie(gateway.url)
     assert "; secure" not in cookie(plain.url)  # an untrusted X-Forwarded-Proto changes nothing
+
+
+async def test_hostile_console_requests_get_no_500(app_factory, make_tenant):
+    finance = make_tenant(role="finance")
+    async with app_factory() as gw:
+        anonymous = [
+            await gw.client.post("/console/login", content=b"key=\xff\xfe%00", follow_redirects=False,
+                                 headers={"content-type": "application/x-www-form-urlencoded"}),
+            await gw.client.post("/console/login", data={"key": "x" * 100_000}, follow_redirects=False),
+            await gw.client.post("/console/login", content=b"\x00" * 64, follow_redirects=False,
+                                 headers={"content-type": "multipart/form-data; boundary=zz"}),
+            await gw.client.get("/console/costs", headers={"cookie": "tollway_console=" + "\x7f" * 300},
+                                follow_redirects=False),
+        ]
+        await gw.client.post("/console/login", data={"key": finance.key}, follow_redirects=False)
+        signed_in = [await gw.client.get(path, params=params, follow_redirects=False) for path, params in [
+            ("/console/costs", {"from": "2026-13-45"}), ("/console/costs", {"from": "9999-12-31", "to": "0001-01-01"}),
+            ("/console/costs", {"from": "'; DROP TABLE ledger; --"}), ("/console/costs.csv", {"tenant": "\u202e"}),
+            ("/console/costs.json", {"stack": "<script>"}), ("/console/budgets", {"tenant": "x" * 5000}),
+            ("/console/audit", {"limit": "-1"}), ("/console/keys", {}), ("/console/quality", {}),
+        ]]
+        revoke = await gw.client.post("/console/keys/99999999999999999999/revoke", data={"csrf": "x"},
+                                      follow_redirects=False)
+    for resp in [*anonymous, *signed_in, revoke]:
+        assert resp.status_code < 500, (resp.request.url, resp.status_code, resp.text[:200])
