@@ -171,5 +171,5 @@ class GitHTTP:
         # The ASGI server has already undone git's chunked transfer encoding (a push over 1 MiB is sent
         # chunked), and the body limit counted the result: dulwich must not de-chunk it a second time.
         inner["headers"] = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"]
-        responder: Any = WSGIResponder(app, self.executor, 10)  # type: ignore[arg-type]
+        responder: Any = WSGIResponder(app, self.executor, 10)
         await responder(inner, receive, send)

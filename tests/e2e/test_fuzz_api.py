@@ -86,7 +86,7 @@ def test_no_operation_answers_a_500_or_an_error_of_another_shape(serve, sim, red
                     resp = case.call(base_url=base, session=session, timeout=30,
                                      headers={**(case.headers or {}), "authorization": f"Bearer {keys[role]}"})
                     statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-                    problem = _problem(case.method.upper(), operation.path, resp)
+                    problem = _problem(case.method.upper(), case.operation.path, resp)
                     if problem is not None:
                         problems.append(f"{role} {case.method.upper()} {case.formatted_path}: {problem}")
 
