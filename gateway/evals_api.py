@@ -96,13 +96,13 @@ async def get_runs(request: Request, tenant: str | None = None, limit: int = 50)
 
 
 @router.get("/v1/evals/runs/{run_id}", summary="One eval run: progress, summary, and its items' results")
-async def get_run(request: Request, run_id: int, tenant: str | None = None, results: bool = True) -> Response:
+async def get_run(request: Request, run_id: str, tenant: str | None = None, results: bool = True) -> Response:
     _, tid = await _runner(request, tenant)
     return json_response(await request.app.state.tollway.evals.get(tid, run_id, results=results))
 
 
 @router.get("/v1/evals/compare", summary="Two runs paired item by item: regressions, improvements, significance")
-async def get_compare(request: Request, a: int, b: int, alpha: float | None = None,
+async def get_compare(request: Request, a: str, b: str, alpha: float | None = None,
                       tenant: str | None = None) -> Response:
     _, tid = await _runner(request, tenant)
     if alpha is not None and not 0 < alpha < 1:
@@ -141,7 +141,8 @@ async def post_feedback(request: Request, body: FeedbackBody) -> Response:
             (principal.tenant_id, principal.key_id, body.request_id, body.score, body.label, body.comment, *row))
         created = await cur.fetchone()
     assert created is not None
-    return json_response({"object": "feedback", "id": created[0], "request_id": body.request_id,
+    return json_response({"object": "feedback", "id": state.evals.ids.encode("fb", created[0]),
+                          "request_id": body.request_id,
                           "score": body.score, "label": body.label, "prompt_name": row[0], "prompt_version": row[1],
                           "model": row[2], "created_at": created[1].isoformat()}, status=201)
 

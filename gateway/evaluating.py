@@ -40,6 +40,7 @@ from tollway.gateway.relay import choice_text
 from tollway.gateway.service import CompletionService
 from tollway.prompts import GateResult, Registry
 from tollway.prompts.store import file_at
+from tollway.publicids import PublicIds
 from tollway.routing.config import parse_section
 
 log = logging.getLogger("tollway.gateway")
@@ -82,8 +83,9 @@ class EvalSettings:
     gate_model: str | None = None  # the model a gate runs the prompt on (None: the prompt's own)
 
 
-def _run_json(row: tuple[Any, ...]) -> dict[str, Any]:
+def _run_json(row: tuple[Any, ...], ids: PublicIds) -> dict[str, Any]:
     out = dict(zip(_RUN_NAMES, row, strict=True))
+    out["id"] = ids.encode("run", out["id"])
     out["object"] = "eval.run"
     for key in ("created_at", "finished_at"):
         out[key] = None if out[key] is None else out[key].isoformat()
@@ -92,8 +94,9 @@ def _run_json(row: tuple[Any, ...]) -> dict[str, Any]:
 
 class Evals:
     def __init__(self, pool: AsyncConnectionPool, service: CompletionService, prompts: Registry,
-                 settings: EvalSettings) -> None:
+                 settings: EvalSettings, ids: PublicIds) -> None:
         self.pool, self.service, self.prompts, self.settings = pool, service, prompts, settings
+        self.ids = ids  # run ids as clients see them (tollway.publicids)
         self.background = Background("eval run", drain_s=30)
         self._running: dict[int, asyncio.Task[Any]] = {}
 
@@ -140,11 +143,11 @@ class Evals:
                  target.model, len(golden.items)))
             row = await cur.fetchone()
         assert row is not None
-        run = _run_json(row)
-        task = self.background.spawn(self._execute(run["id"], principal, tenant_id, golden, target, concurrency),
-                                     name=f"eval-run-{run['id']}")
-        self._running[run["id"]] = task
-        task.add_done_callback(lambda _: self._running.pop(run["id"], None))
+        run, number = _run_json(row, self.ids), int(row[0])
+        task = self.background.spawn(self._execute(number, run["id"], principal, tenant_id, golden, target,
+                                                   concurrency), name=f"eval-run-{run['id']}")
+        self._running[number] = task
+        task.add_done_callback(lambda _: self._running.pop(number, None))
         return run
 
     async def run(self, principal: Principal, tenant_id: int, golden: GoldenSet, target: Target, *,
@@ -154,14 +157,21 @@ class Evals:
         await self.wait(run["id"])
         return await self.get(tenant_id, run["id"], results=True)
 
-    async def wait(self, run_id: int) -> None:
+    def _number(self, run_id: str) -> int:
+        number = self.ids.decode("run", run_id)
+        if number is None:
+            raise NotFound(f"Eval run {run_id} does not exist.", param="run", code="run_not_found")
+        return number
+
+    async def wait(self, run_id: str) -> None:
         """Until a run this process started has finished (at once for any other)."""
-        task = self._running.get(run_id)
+        task = self._running.get(self._number(run_id))
         if task is not None:
             await asyncio.shield(task)
 
-    async def _execute(self, run_id: int, principal: Principal, tenant_id: int, golden: GoldenSet, target: Target,
-                       concurrency: int) -> None:
+    async def _execute(self, run_id: int, public: str, principal: Principal, tenant_id: int, golden: GoldenSet,
+                       target: Target, concurrency: int) -> None:
+        """``run_id``: the row; ``public``: the id the tenant sees, also in its requests' tags."""
         async def store(result: ItemResult) -> None:
             item = result.as_json()
             if not (await self.service.calls.rules(tenant_id)).policy.store_content:
@@ -174,9 +184,9 @@ class Evals:
                                    (int(result.passed), run_id))
 
         try:
-            results = await run_set(golden, target, self._complete(principal, ("eval", f"eval-run:{run_id}")),
+            results = await run_set(golden, target, self._complete(principal, ("eval", f"eval-run:{public}")),
                                     concurrency=concurrency, labels=self._labels(tenant_id, target.prompt),
-                                    tags=["eval", f"eval-run:{run_id}"], on_item=store)
+                                    tags=["eval", f"eval-run:{public}"], on_item=store)
             versions = [r.versions for r in results if r.status == 200]
             models = sorted({str(v["model"]) for v in versions if v.get("model")})
             prompt_version = next((v["prompt_version"] for v in versions if v.get("prompt_version")), None)
@@ -192,23 +202,24 @@ class Evals:
                                    " down during the run', finished_at = now() WHERE id = %s", (run_id,))
             raise
         except Exception as exc:
-            log.exception("eval run %s failed", run_id)
+            log.exception("eval run %s failed", public)
             async with self.pool.connection() as conn:
                 await conn.execute("UPDATE eval_runs SET status = 'failed', error = %s, finished_at = now()"
                                    " WHERE id = %s", (f"{type(exc).__name__}: {exc}", run_id))
 
     # -- reading ----------------------------------------------------------------------------------
-    async def get(self, tenant_id: int, run_id: int, *, results: bool = False) -> dict[str, Any]:
+    async def get(self, tenant_id: int, run_id: str, *, results: bool = False) -> dict[str, Any]:
+        number = self._number(run_id)
         async with self.pool.connection() as conn:
             cur = await conn.execute(f"SELECT {_RUN_COLUMNS} FROM eval_runs WHERE id = %s AND tenant_id = %s",
-                                     (run_id, tenant_id))
+                                     (number, tenant_id))
             row = await cur.fetchone()
             if row is None:
                 raise NotFound(f"Eval run {run_id} does not exist.", param="run", code="run_not_found")
-            run = _run_json(row)
+            run = _run_json(row, self.ids)
             if results:
                 cur = await conn.execute("SELECT result FROM eval_results WHERE run_id = %s ORDER BY item_id",
-                                         (run_id,))
+                                         (number,))
                 run["results"] = [r[0] for r in await cur.fetchall()]
         return run
 
@@ -216,9 +227,9 @@ class Evals:
         async with self.pool.connection() as conn:
             cur = await conn.execute(f"SELECT {_RUN_COLUMNS} FROM eval_runs WHERE tenant_id = %s"
                                      " ORDER BY id DESC LIMIT %s", (tenant_id, max(1, min(limit, 500))))
-            return [_run_json(r) for r in await cur.fetchall()]
+            return [_run_json(r, self.ids) for r in await cur.fetchall()]
 
-    async def compare(self, tenant_id: int, a: int, b: int, alpha: float | None = None) -> dict[str, Any]:
+    async def compare(self, tenant_id: int, a: str, b: str, alpha: float | None = None) -> dict[str, Any]:
         run_a = await self.get(tenant_id, a, results=True)
         run_b = await self.get(tenant_id, b, results=True)
         for run in (run_a, run_b):

@@ -35,6 +35,7 @@ from tollway.gateway.exchange import Exchange, Retrieved, SideCall
 from tollway.gateway.keys import Principal
 from tollway.gateway.protocol import validate
 from tollway.jsontypes import JSON
+from tollway.publicids import PublicIds
 from tollway.retrieval import (
     LOCAL_NAME,
     Collection,
@@ -116,8 +117,9 @@ class RetrievalSpec(BaseModel):
 
 class Rag:
     def __init__(self, pool: AsyncConnectionPool, calls: Calls, router: Router, local: LocalEmbedder | None,
-                 settings: RagSettings) -> None:
+                 settings: RagSettings, ids: PublicIds) -> None:
         self.pool, self.calls, self.router, self.local, self.settings = pool, calls, router, local, settings
+        self.ids = ids  # the ids clients see (tollway.publicids)
         self.searcher = Searcher(self.embedder_for)
 
     # -- embedders ---------------------------------------------------------------------------------
@@ -333,7 +335,7 @@ class Rag:
                              context_tokens=0, error=error.code)
         messages = ({"role": "system", "content": found.context},) if found.context else ()
         return Retrieved(collection=coll.name, index_version=found.index_version, messages=messages,
-                         sources=tuple(p.as_json() for p in found.passages), context_tokens=found.context_tokens)
+                         sources=tuple(p.as_json(self.ids) for p in found.passages), context_tokens=found.context_tokens)
 
 
 def _last_user_text(messages: list[JSON]) -> str:

@@ -103,7 +103,7 @@ async def post_collection(request: Request, body: CollectionBody) -> Response:
     may_write(principal)
     made = await _rag(request).create(_ctx(request), tid, body.name, embedder=body.embedder,
                                       splitting=Splitting(body.chunk_tokens, body.chunk_overlap, body.section_tokens))
-    return json_response(made.as_json(), status=201)
+    return json_response(made.as_json(_rag(request).ids), status=201)
 
 
 @router.get("/v1/collections", summary="The tenant's collections with their document and chunk counts")
@@ -112,14 +112,15 @@ async def get_collections(request: Request, tenant: str | None = None) -> Respon
     may_search(principal)
     async with request.app.state.tollway.pool.connection() as conn:
         found = await list_collections(conn, tid)
-    return json_response({"object": "list", "data": [c.as_json() for c in found]})
+    return json_response({"object": "list", "data": [c.as_json(_rag(request).ids) for c in found]})
 
 
 @router.get("/v1/collections/{name}", summary="One collection")
 async def get_collection(request: Request, name: str, tenant: str | None = None) -> Response:
     principal, tid = await _tenant(request, tenant)
     may_search(principal)
-    return json_response((await _rag(request).collection(tid, name)).as_json())
+    rag = _rag(request)
+    return json_response((await rag.collection(tid, name)).as_json(rag.ids))
 
 
 @router.delete("/v1/collections/{name}", summary="Delete a collection and everything in it")
@@ -185,38 +186,46 @@ async def post_documents(request: Request, name: str) -> Response:
     same = orjson.dumps([name, *[(d.source, hashlib.sha256(d.text.encode()).hexdigest()) for d in docs]])
     written, version, embedded, cost = await _rag(request).ingest(_ctx(request), same, tid, name, docs)
     tokens = embedded.tokens if embedded is not None else 0
-    return json_response({"object": "list", "data": [w.as_json() for w in written], "index_version": version,
+    return json_response({"object": "list", "data": [w.as_json(_rag(request).ids) for w in written], "index_version": version,
                           "usage": _usage(tokens, cost)},
                          headers={"x-tollway-index-version": version, "x-tollway-cost-usd": format_cost(cost)})
 
 
-@router.get("/v1/collections/{name}/documents", summary="A collection's documents, by id")
+@router.get("/v1/collections/{name}/documents", summary="A collection's documents, oldest first")
 async def get_documents(request: Request, name: str, tenant: str | None = None, limit: int = 100,
-                        after: int = 0) -> Response:
+                        after: str | None = None) -> Response:
     principal, tid = await _tenant(request, tenant)
     may_search(principal)
     if not 1 <= limit <= 1000:
         raise InvalidRequest("limit must be between 1 and 1000", param="limit")
+    ids = _rag(request).ids
+    start = 0 if after is None else ids.decode("doc", after)
+    if start is None:
+        raise InvalidRequest("'after' is a document id from an earlier page (doc_...)", param="after")
     async with request.app.state.tollway.pool.connection() as conn:
         try:
-            found = await documents(conn, tid, name, limit=limit, after=after)
+            found = await documents(conn, tid, name, limit=limit, after=start)
         except StoreError as exc:
             raise map_store_error(exc) from None
-    return json_response({"object": "list", "data": found, "has_more": len(found) == limit,
-                          "last_id": found[-1]["id"] if found else None})
+    data = [{**d, "id": ids.encode("doc", d["id"])} for d in found]
+    return json_response({"object": "list", "data": data, "has_more": len(found) == limit,
+                          "last_id": data[-1]["id"] if data else None})
 
 
-@router.delete("/v1/collections/{name}/documents/{document_id}", summary="Delete a document")
-async def remove_document(request: Request, name: str, document_id: int, tenant: str | None = None) -> Response:
+@router.delete("/v1/collections/{name}/documents/{document:path}",
+               summary="Delete a document (by its id, or by its source)")
+async def remove_document(request: Request, name: str, document: str, tenant: str | None = None) -> Response:
     principal, tid = await _tenant(request, tenant)
     may_write(principal)
+    ids = _rag(request).ids
+    document_id = ids.decode("doc", document)
     async with request.app.state.tollway.pool.connection() as conn:
         try:
-            version = await delete_document(conn, tid, name, document_id)
+            version, document_id = await delete_document(conn, tid, name, document_id, source=document)
         except StoreError as exc:
             raise map_store_error(exc) from None
-    return json_response({"object": "document", "id": document_id, "deleted": True, "index_version": version},
-                         headers={"x-tollway-index-version": version})
+    return json_response({"object": "document", "id": ids.encode("doc", document_id), "deleted": True,
+                          "index_version": version}, headers={"x-tollway-index-version": version})
 
 
 @router.post("/v1/retrieval/search", summary="Search a collection; the context packed into a token budget")
@@ -236,6 +245,6 @@ async def search(request: Request, body: SearchBody) -> Response:
     query = Query(text=body.query, context_tokens=budget, k=body.k, filters=body.filters, mode=body.mode,
                   hybrid=body.hybrid)
     found, cost = await rag.search(_ctx(request), orjson.dumps(body.model_dump()), tid, body.collection, query)
-    return json_response(found.as_json() | {"usage": _usage(found.embedded.tokens, cost)},
+    return json_response(found.as_json(rag.ids) | {"usage": _usage(found.embedded.tokens, cost)},
                          headers={"x-tollway-index-version": found.index_version,
                                   "x-tollway-cost-usd": format_cost(cost)})

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import psycopg
 
+from tollway.publicids import PublicIds
 from tollway.retrieval import store
 from tollway.retrieval.embedders import Embedded, Embedder
 from tollway.retrieval.store import Candidate, Collection
@@ -111,9 +112,11 @@ class Passage:
     score: float
     truncated: bool = False  # only its leading sentences fit the budget
 
-    def as_json(self) -> dict[str, Any]:
-        out = {"n": self.n, "document_id": self.document_id, "section_id": self.section_id,
-               "chunk_id": self.chunk_ids[0], "chunk_ids": list(self.chunk_ids), "title": self.title,
+    def as_json(self, ids: PublicIds) -> dict[str, Any]:
+        chunks = [ids.encode("chk", c) for c in self.chunk_ids]
+        out = {"n": self.n, "document_id": ids.encode("doc", self.document_id),
+               "section_id": ids.encode("sec", self.section_id), "chunk_id": chunks[0], "chunk_ids": chunks,
+               "title": self.title,
                "heading": self.heading, "source": self.source, "score": round(self.score, 4), "text": self.text}
         return out | ({"truncated": True} if self.truncated else {})
 
@@ -128,8 +131,8 @@ class Found:
     embedded: Embedded
     embedder: str
 
-    def as_json(self, *, texts: bool = True) -> dict[str, Any]:
-        sources = [p.as_json() for p in self.passages]
+    def as_json(self, ids: PublicIds, *, texts: bool = True) -> dict[str, Any]:
+        sources = [p.as_json(ids) for p in self.passages]
         if not texts:
             for s in sources:
                 s.pop("text")

@@ -18,6 +18,7 @@ from pgvector import HalfVector
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
+from tollway.publicids import PublicIds
 from tollway.retrieval.documents import Parsed, Splitting
 from tollway.retrieval.embedders import Vectors
 
@@ -66,8 +67,8 @@ class Collection:
         """Changes whenever the collection's content does, and with the embedding model."""
         return f"{self.name}@{self.revision}+{self.embedder}"
 
-    def as_json(self) -> dict[str, Any]:
-        out = {"object": "collection", "id": self.id, "name": self.name, "embedder": self.embedder,
+    def as_json(self, ids: PublicIds) -> dict[str, Any]:
+        out = {"object": "collection", "id": ids.encode("col", self.id), "name": self.name, "embedder": self.embedder,
                "dims": self.dims, "chunk_tokens": self.splitting.chunk_tokens,
                "chunk_overlap": self.splitting.chunk_overlap, "section_tokens": self.splitting.section_tokens,
                "index_version": self.index_version, "created_at": int(self.created_at.timestamp())}
@@ -159,8 +160,8 @@ class Written:
     tokens: int
     index_version: str
 
-    def as_json(self) -> dict[str, Any]:
-        return {"object": "document", "id": self.id, "source": self.source, "status": self.status,
+    def as_json(self, ids: PublicIds) -> dict[str, Any]:
+        return {"object": "document", "id": ids.encode("doc", self.id), "source": self.source, "status": self.status,
                 "sections": self.sections, "chunks": self.chunks, "tokens": self.tokens}
 
 
@@ -246,17 +247,23 @@ async def _bump(conn: psycopg.AsyncConnection[Any], collection_id: int) -> int:
 
 
 async def delete_document(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str,
-                          document_id: int) -> str:
-    """Returns the collection's new index version."""
+                          document_id: int | None, *, source: str | None = None) -> tuple[str, int]:
+    """Delete a document by its row id or, where the id is None, by its source (the name a user gave it).
+    Returns the collection's new index version and the deleted row's id."""
+    if "\x00" in (source or ""):
+        raise StoreError("a document source holds no NUL character", "invalid_value", "document")
     async with tenant_tx(conn, tenant_id):
         coll = await get_collection(conn, tenant_id, collection_name, lock=True)
-        cur = await conn.execute("DELETE FROM rag_documents WHERE id = %s AND collection_id = %s",
-                                 (document_id, coll.id))
-        if cur.rowcount == 0:
-            raise StoreError(f"document {document_id} is not in collection {collection_name!r}",
-                             "document_not_found", "id")
+        cur = await conn.execute("DELETE FROM rag_documents WHERE collection_id = %s AND"
+                                 " CASE WHEN %s::bigint IS NULL THEN source = %s ELSE id = %s END RETURNING id",
+                                 (coll.id, document_id, source, document_id))
+        row = await cur.fetchone()
+        if row is None:
+            what = repr(source) if document_id is None else "with that id"
+            raise StoreError(f"no document {what} in collection {collection_name!r}", "document_not_found",
+                             "document")
         revision = await _bump(conn, coll.id)
-    return f"{coll.name}@{revision}+{coll.embedder}"
+    return f"{coll.name}@{revision}+{coll.embedder}", int(row[0])
 
 
 async def documents(conn: psycopg.AsyncConnection[Any], tenant_id: int, collection_name: str, *,

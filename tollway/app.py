@@ -64,6 +64,7 @@ from tollway.gateway.watch import Monitor
 from tollway.guardrails.policy import PolicyError
 from tollway.periodic import Periodic
 from tollway.prompts import Gate, Registry, RenderPool
+from tollway.publicids import load_public_ids
 from tollway.retrieval import LocalEmbedder
 from tollway.routing import (
     Catalog,
@@ -225,6 +226,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     hasher = load_key_hasher(settings.key_secret, settings.key_secret_previous, settings.data_dir)
     async with pool.connection() as conn:  # rows from before the keyed hash (one UPDATE each, once)
         await rekey_legacy(conn, hasher)
+        ids = await load_public_ids(conn)
     keys = KeyStore(pool, cache_ttl_s=settings.auth_cache_ttl_s, hasher=hasher,
                     stale_max_s=settings.auth_stale_max_s)
     ledger = Ledger(pool, settings.spill_dir, queue_size=settings.ledger_queue_size,
@@ -317,7 +319,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     rag = Rag(pool, calls, routing, local, RagSettings(
         default_embedder=settings.embedder, context_tokens=settings.context_tokens,
         max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,
-        on_failure=settings.retrieval_failure))
+        on_failure=settings.retrieval_failure), ids)
     if settings.embedder != "local":
         try:
             rag.entry(settings.embedder)
@@ -329,7 +331,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         raise StartupError(f"{settings.config or 'config'}: {exc}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
     service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality)
-    evals = Evals(pool, service, prompts, eval_settings(raw_config.evals))
+    evals = Evals(pool, service, prompts, eval_settings(raw_config.evals), ids)
     stack.push_async_callback(evals.background.drain)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,

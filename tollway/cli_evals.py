@@ -171,13 +171,13 @@ def add_commands(sub: Any) -> None:
     run.set_defaults(func=cmd_run)
 
     show = actions.add_parser("show", help="one run, with its items' results")
-    show.add_argument("run", type=int)
+    show.add_argument("run", help="a run id (run_...)")
     client_flags(show)
     show.set_defaults(func=cmd_show)
 
     compare = actions.add_parser("compare", help="two runs paired item by item: regressions and significance")
-    compare.add_argument("a", type=int, metavar="RUN_A")
-    compare.add_argument("b", type=int, metavar="RUN_B")
+    compare.add_argument("a", metavar="RUN_A")
+    compare.add_argument("b", metavar="RUN_B")
     compare.add_argument("--alpha", type=float)
     client_flags(compare)
     compare.set_defaults(func=cmd_compare)

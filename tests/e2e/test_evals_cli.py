@@ -27,7 +27,8 @@ def test_run_prints_a_table_and_the_pass_rate_then_compare_reports_the_regressio
                          url=gateway.url, cwd=tmp_path)
     assert second.stdout.rstrip().endswith("pass rate: 2/8"), second.stdout
     assert "FAIL" in second.stdout and "missing ['yes']" in second.stdout
-    ids = [int(out.stdout.split()[1].rstrip(":")) for out in (first, second)]
+    ids = [out.stdout.split()[1].rstrip(":") for out in (first, second)]
+    assert all(i.startswith("run_") for i in ids)
     compared = helpers.cli("evals", "compare", str(ids[0]), str(ids[1]), key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     assert "regressions (6): q0, q1, q2, q3, q4, q5" in compared.stdout

@@ -14,6 +14,7 @@ import orjson
 import psycopg
 import pytest
 
+from tollway.publicids import load_public_ids
 from tollway.retrieval import LOCAL_NAME
 from tollway.routing import count_text
 
@@ -245,7 +246,9 @@ async def test_packing_never_exceeds_the_budget_and_citations_resolve(app_factor
     async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
         cur = await conn.execute("SELECT id, text, document_id, section_id FROM rag_chunks WHERE tenant_id = %s",
                                  (tenant.id,))
-        stored = {r[0]: r[1:] for r in await cur.fetchall()}
+        ids = await load_public_ids(conn)  # the API's ids are the rows' numbers through a keyed permutation
+        stored = {ids.encode("chk", r[0]): (r[1], ids.encode("doc", r[2]), ids.encode("sec", r[3]))
+                  for r in await cur.fetchall()}
     assert results[1]["sources"] == [] and results[1]["context_tokens_used"] == 0
     for budget, found in results.items():
         used = found["context_tokens_used"]
