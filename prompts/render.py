@@ -9,8 +9,8 @@ A template is the tenant's code. Three bounds hold for every render:
   a short list) renders in a small process pool (``RenderPool``): a thread would still hold the event loop's
   GIL. The worker stops itself at ``time_limit_s`` (a timer signal raises inside the render) and runs under a
   memory limit; the gateway's event loop only awaits it. A plain template (variables, conditions, safe
-  filters) renders in process: its output is at most its text plus each variable's size times its uses,
-  checked before rendering, so its time is bounded by the same size limit.
+  filters) renders in process when its output, at most its text plus each variable's size times its uses
+  (``plain_bound``), is within the size limit, so its time is bounded too; a larger one goes to the pool.
 - **YAML.** Prompt files are parsed with aliases refused (``NoAliasLoader``): a 423-byte alias bomb would
   otherwise expand to megabytes before any size check.
 

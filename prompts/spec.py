@@ -135,9 +135,25 @@ class Prompt:
         return out
 
     def render(self, variables: JSON | None) -> list[JSON]:
-        """In this process, within the size limits (the time limit needs ``render_in``'s pool)."""
+        """In this process, within the size limits (``render_in`` bounds time as well)."""
+        return self._render_here(self.bind(variables))
+
+    async def render_in(self, pool: RenderPool | None, variables: JSON | None) -> list[JSON]:
+        """In process when the template is plain and its output is bounded by the limit (its time then is
+        too); otherwise in ``pool``'s processes, bounded in time as well as size."""
         bound = self.bind(variables)
-        self._check_plain_size(bound)
+        if pool is None or (self.plain and self._bound(bound) <= MAX_OUTPUT):
+            return self._render_here(bound)
+        sources = tuple((m.role, m.content) for m in self.raw.messages)
+        try:
+            return await pool.render(sources, bound)
+        except RenderLimit as exc:
+            raise RenderRefused(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
+
+    def _bound(self, bound: JSON) -> int:
+        return plain_bound(sum(len(m.content) for m in self.raw.messages), dict(self.counts), bound)
+
+    def _render_here(self, bound: JSON) -> list[JSON]:
         try:
             return render_all(self.templates, bound)
         except RenderLimit as exc:
@@ -147,25 +163,6 @@ class Prompt:
         except (TypeError, ValueError, LookupError, ArithmeticError) as exc:  # the template's own runtime errors
             raise PromptError(f"Prompt '{self.name}' could not be rendered: {type(exc).__name__}: {exc}.",
                               param="prompt") from exc
-
-    async def render_in(self, pool: RenderPool | None, variables: JSON | None) -> list[JSON]:
-        """A plain template in process; any other in ``pool``'s processes, bounded in time as well."""
-        if self.plain or pool is None:
-            return self.render(variables)
-        bound = self.bind(variables)
-        sources = tuple((m.role, m.content) for m in self.raw.messages)
-        try:
-            return await pool.render(sources, bound)
-        except RenderLimit as exc:
-            raise RenderRefused(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
-
-    def _check_plain_size(self, bound: JSON) -> None:
-        if not self.plain:
-            return
-        size = plain_bound(sum(len(m.content) for m in self.raw.messages), dict(self.counts), bound)
-        if size > MAX_OUTPUT:
-            raise RenderRefused(f"Prompt '{self.name}' could not be rendered: with these variables it could produce "
-                                f"{size} characters; a rendered prompt is limited to {MAX_OUTPUT}.", param="prompt")
 
 
 def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:

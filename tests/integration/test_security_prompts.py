@@ -87,7 +87,7 @@ async def test_a_repetition_past_the_limit_is_a_400(app_factory, make_tenant, ma
     assert took < 1.0
 
 
-async def test_a_plain_template_past_the_output_limit_is_refused_before_rendering(app_factory, make_tenant,
+async def test_a_plain_template_past_the_output_limit_is_refused(app_factory, make_tenant,
                                                                                   make_key):
     eng = make_tenant(role="prompt_engineer")
     app = _Key(make_key(eng.name))
