@@ -40,7 +40,13 @@ from tollway.gateway.exchange import Parts
 from tollway.gateway.git_http import PREFIX as GIT_PREFIX
 from tollway.gateway.git_http import GitHTTP
 from tollway.gateway.guarding import Guarding
-from tollway.gateway.keys import KeyStore, bootstrap_default_tenant, load_key_hasher, rekey_legacy
+from tollway.gateway.keys import (
+    KeyStore,
+    bootstrap_default_tenant,
+    load_key_hasher,
+    rekey_legacy,
+    rekey_status,
+)
 from tollway.gateway.ledger import Ledger
 from tollway.gateway.metrics_api import router as metrics_router
 from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -226,7 +232,12 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     hasher = load_key_hasher(settings.key_secret, settings.key_secret_previous, settings.data_dir)
     async with pool.connection() as conn:  # rows from before the keyed hash (one UPDATE each, once)
         await rekey_legacy(conn, hasher)
+        keyed = await rekey_status(conn, hasher)
         ids = await load_public_ids(conn)
+    if keyed["other_secret"] and not keyed["current_secret"] and hasher.previous is None:
+        raise StartupError("Every API key in this database is stored under another key secret: set "
+                           "TOLLWAY_KEY_SECRET to the one the other replicas use (or, rotating, the old one in "
+                           "TOLLWAY_KEY_SECRET_PREVIOUS). See docs/security.md.")
     keys = KeyStore(pool, cache_ttl_s=settings.auth_cache_ttl_s, hasher=hasher,
                     stale_max_s=settings.auth_stale_max_s)
     ledger = Ledger(pool, settings.spill_dir, queue_size=settings.ledger_queue_size,

@@ -62,19 +62,21 @@ def test_sigkilled_gateway_releases_its_reservations_within_the_lease(
         client.close()
 
     second = serve("--config", str(config), env=env)
+    ready_after = time.monotonic() - killed_at  # a loaded machine may take longer than the lease to start it
     blocked = httpx.post(second.url + "/chat/completions", headers=tenant.headers, json=body("y"), timeout=10)
     if time.monotonic() - killed_at < 2.5:
         assert blocked.status_code == 429  # the dead gateway's leases still hold the budget
-    deadline = killed_at + 3 + 5
-    while time.monotonic() < deadline:
+    deadline = max(killed_at + 3 + 5, time.monotonic() + 2)
+    while True:  # at least one attempt, however late the second gateway came up
         sent = time.monotonic()
         resp = httpx.post(second.url + "/chat/completions", headers=tenant.headers, json=body(sent), timeout=30)
-        if resp.status_code != 429:
+        if resp.status_code != 429 or time.monotonic() >= deadline:
             break  # admitted (the slow upstream may still time out: that is not the budget's doing)
         time.sleep(0.25)
     admitted_after = sent - killed_at
     assert resp.status_code != 429, resp.text
-    assert admitted_after < 3 + 3  # usable again within the lease (plus a little slack)
+    # usable again within the lease (plus a little slack), or at once if the gateway came up after it
+    assert admitted_after < max(3 + 3, ready_after + 1.5)
 
 
 @pytest.fixture
