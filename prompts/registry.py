@@ -98,7 +98,7 @@ class Registry:
     async def render_async(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
         """As ``render``; a template that is not plain renders in the render pool, bounded in time."""
         prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
-        messages = await prompt.render_in(self.renderer, ref.get("variables"))
+        messages = await prompt.render_in(self.renderer, ref.get("variables"), tenant_id)
         return Rendered(prompt.name, chosen, tuple(messages), prompt.model, prompt.params, prompt.guards, label_name)
 
     def _resolve(self, tenant_id: int, subject: str, ref: JSON) -> tuple[Prompt, str, str | None]:

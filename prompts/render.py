@@ -178,6 +178,10 @@ def _worker_init(memory: int) -> None:
         pass
 
 
+def _ready() -> None:
+    """A task that only makes the pool start a worker."""
+
+
 def _render_in_worker(sources: tuple[tuple[str, str], ...], variables: dict[str, Any],
                       time_limit_s: float) -> list[dict[str, Any]] | str:
     """Runs in a pool process: the messages, or the reason the render failed (a str)."""
@@ -207,15 +211,33 @@ class RenderPool:
         self.time_limit_s = time_limit_s
         self.memory = memory
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        # One render in the pool per tenant at a time: a tenant's flood queues behind itself, and with two
+        # or more workers another tenant always finds one free.
+        self._owners: dict[object, tuple[asyncio.Lock, list[int]]] = {}  # owner -> (turn, [renders waiting])
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                 initargs=(self.memory,))
+            for _ in range(self.workers):  # start every worker now: a process starts in a few hundred ms
+                self._pool.submit(_ready)
         return self._pool
 
-    async def render(self, sources: tuple[tuple[str, str], ...], variables: dict[str, Any]) -> list[dict[str, Any]]:
+    async def render(self, sources: tuple[tuple[str, str], ...], variables: dict[str, Any],
+                     owner: object = None) -> list[dict[str, Any]]:
+        """``owner`` (a tenant): whose renders take turns with each other."""
+        lock, users = self._owners.setdefault(owner, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._render(sources, variables)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._owners[owner]
+
+    async def _render(self, sources: tuple[tuple[str, str], ...], variables: dict[str, Any]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         pool = self._executor()
         future = loop.run_in_executor(pool, _render_in_worker, sources, variables, self.time_limit_s)

@@ -138,7 +138,7 @@ class Prompt:
         """In this process, within the size limits (``render_in`` bounds time as well)."""
         return self._render_here(self.bind(variables))
 
-    async def render_in(self, pool: RenderPool | None, variables: JSON | None) -> list[JSON]:
+    async def render_in(self, pool: RenderPool | None, variables: JSON | None, owner: object = None) -> list[JSON]:
         """In process when the template is plain and its output is bounded by the limit (its time then is
         too); otherwise in ``pool``'s processes, bounded in time as well as size."""
         bound = self.bind(variables)
@@ -146,7 +146,7 @@ class Prompt:
             return self._render_here(bound)
         sources = tuple((m.role, m.content) for m in self.raw.messages)
         try:
-            return await pool.render(sources, bound)
+            return await pool.render(sources, bound, owner)
         except RenderLimit as exc:
             raise RenderRefused(f"Prompt '{self.name}' could not be rendered: {exc}.", param="prompt") from exc
 

@@ -184,3 +184,32 @@ def test_good_filters_pass():
     from tollway.retrieval import check_filters
 
     check_filters({"team": ["a", "b"], "year": 2024, "public": True})
+
+
+async def test_one_owner_renders_at_a_time_and_another_is_not_queued_behind_it():
+    import asyncio
+    import time
+
+    from tollway.prompts.render import RenderLimit, RenderPool
+
+    slow = (("user", "{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}"),)
+    pool = RenderPool(workers=2, time_limit_s=0.4)
+    try:
+        await pool.render((("user", "warm"),), {}, "a")
+        await pool.render((("user", "warm"),), {}, "b")
+
+        async def flood() -> None:
+            for result in await asyncio.gather(*(pool.render(slow, {}, "a") for _ in range(4)),
+                                               return_exceptions=True):
+                assert isinstance(result, RenderLimit)
+
+        flooding = asyncio.create_task(flood())
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        other = await pool.render((("user", "{{ v }}"),), {"v": "b's"}, "b")
+        waited = time.perf_counter() - started
+        await flooding
+    finally:
+        pool.close()
+    assert other == [{"role": "user", "content": "b's"}]
+    assert waited < 0.3  # a free worker, not behind a's four renders of 0.4 s
