@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import sse_payloads
 
 MSG = [{"role": "user", "content": "how much does this cost"}]  # 5 prompt tokens at the sim
 
@@ -59,10 +60,6 @@ async def test_alias_resolves_and_unknown_fields_pass_through(app_factory, make_
         assert seen[key] == value
 
 
-def sse_payloads(text: str) -> list[Any]:
-    frames = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
-    assert frames[-1] == "[DONE]"
-    return [orjson.loads(f) for f in frames[:-1]]
 
 
 async def test_stream_with_usage(app_factory, make_tenant, ledger, helpers):

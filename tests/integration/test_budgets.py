@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from support import sse_frames
 
 from tollway.gateway.service import INPUT_MARGIN, INPUT_SLACK, reserved_output
 from tollway.routing.tokens import count_messages
@@ -115,8 +116,7 @@ async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_fact
         resp = await chat(gw, tenant, 1, stream=True, max_tokens=5, model="sim-ignoremax")
         await gw.state.ledger.flush()
     assert resp.status_code == 200
-    frames = [f.removeprefix("data: ") for f in resp.text.split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
+    frames = sse_frames(resp.text)
     assert '"code":"reservation_exceeded"' in frames[-2]
     text = "".join(__import__("json").loads(f)["choices"][0]["delta"].get("content", "")
                    for f in frames[:-2] if '"choices":[{' in f)

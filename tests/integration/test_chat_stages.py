@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from support import sse_payloads
 
 from tollway.gateway import chat as chat_module
 from tollway.gateway.exchange import GuardOutcome, Parts, Retrieved, SideCall
@@ -22,10 +23,6 @@ from tollway.gateway.exchange import GuardOutcome, Parts, Retrieved, SideCall
 MSG = [{"role": "user", "content": "how much does this cost"}]
 
 
-def sse_payloads(text: str) -> list[Any]:
-    frames = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
-    assert frames[-1] == "[DONE]"
-    return [orjson.loads(f) for f in frames[:-1]]
 
 
 # -- what an answer says about itself ----------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from support import sse_payloads as sse
 
 from tollway.gateway.guarding import GuardFilter, Guarding
 from tollway.gateway.relay import through
@@ -25,10 +26,6 @@ PLANTED = {
 }
 
 
-def sse(text: str) -> list[dict[str, Any]]:
-    frames = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
-    assert frames[-1] == "[DONE]", text[-200:]
-    return [orjson.loads(f) for f in frames[:-1]]
 
 
 def content(chunks: list[dict[str, Any]]) -> str:

@@ -10,9 +10,9 @@ import io
 from decimal import Decimal
 from typing import Any
 
-import orjson
 import psycopg
 import pytest
+from support import sse_payloads as sse
 
 from tollway.publicids import load_public_ids
 from tollway.retrieval import LOCAL_NAME
@@ -39,10 +39,6 @@ async def ingest(gw: Any, headers: dict[str, str], collection: str = "kb", docs:
     return await gw.client.post(f"/v1/collections/{collection}/documents", headers=headers, json=body)
 
 
-def sse(text: str) -> list[Any]:
-    frames = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
-    assert frames[-1] == "[DONE]"
-    return [orjson.loads(f) for f in frames[:-1]]
 
 
 # -- isolation: PostgreSQL's, not a WHERE clause's ---------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-import orjson
+from support import sse_payloads
 
 PLANTED = "mail jane.doe@example.com or card 4111 1111 1111 1111"
 
@@ -17,7 +17,7 @@ def test_echo_answers_the_last_user_message_in_small_frames(sim):
     assert whole["usage"]["completion_tokens"] == len(PLANTED.split())
     streamed = httpx.post(sim.url + "/chat/completions",
                           json={**body, "stream": True, "stream_options": {"include_usage": True}}).text
-    frames = [orjson.loads(f.removeprefix("data: ")) for f in streamed.split("\n\n") if f and f != "data: [DONE]"]
+    frames = sse_payloads(streamed)
     pieces = [f["choices"][0]["delta"].get("content") for f in frames if f["choices"]]
     pieces = [p for p in pieces if p]
     assert "".join(pieces) == PLANTED and {len(p) for p in pieces[:-1]} == {3}  # the address spans frames

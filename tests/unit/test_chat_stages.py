@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import sse_payloads
 
 from tollway.errors import InvalidRequest, PermissionDenied, QuotaExceeded, UpstreamUnavailable
 from tollway.gateway.calls import CallContext, Calls, JSONResult, Limits, StreamResult
@@ -329,9 +330,7 @@ async def test_output_transformers_see_json_answers_and_streams_alike() -> None:
     assert whole.payload["choices"][0]["message"]["content"] == "spend stays [REDACTED]"
     streamed = await r.run({"model": "small", "messages": MSG, "stream": True})
     assert isinstance(streamed, StreamResult)
-    frames = [f async for f in streamed.frames]
-    payloads = [orjson.loads(p.removeprefix(b"data: ")) for f in frames for p in f.split(b"\n\n")
-                if p and p != b"data: [DONE]"]
+    payloads = sse_payloads(b"".join([f async for f in streamed.frames]).decode())
     assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"]) == \
         "spend stays [REDACTED] "
     assert [i for i, p in enumerate(payloads) if "tollway" in p] == [len(payloads) - 1]
