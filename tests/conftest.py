@@ -82,13 +82,22 @@ class Process:
         return 0.0
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_all([self])
+
+
+def stop_all(processes: list[Process]) -> None:
+    """SIGTERM to every process at once, then wait for each (20 s, then SIGKILL): a session's servers drain
+    in parallel, not one after another."""
+    running = [p for p in processes if p.process.poll() is None]
+    for p in running:
+        p.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for p in running:
+        try:
+            p.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.process.kill()
+            p.process.wait()
 
 
 def _ready(url: str) -> Callable[[], bool]:
@@ -118,8 +127,7 @@ def start_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
         return sim
 
     yield start
-    for sim in started:
-        sim.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -278,8 +286,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
         return served
 
     yield start
-    for served in started:
-        served.stop()
+    stop_all(list(started))
 
 
 def bootstrap_key(served: Served, timeout: float = 10) -> str:

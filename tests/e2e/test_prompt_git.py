@@ -22,13 +22,6 @@ variables:
 """
 
 
-@pytest.fixture(scope="module")
-def gateway(serve, sim, pg, redis_url, helpers, tmp_path_factory):
-    config = helpers.write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
-    return serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
-                                               "TOLLWAY_BOOTSTRAP": "false"})
-
-
 def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "HOME": str(cwd), "GIT_TERMINAL_PROMPT": "0",
            "GIT_CONFIG_NOSYSTEM": "1"}
