@@ -7,21 +7,19 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-import yaml
+from support.config import SIM_MODELS, write_config
+from support.processes import Process, Served, ready, stop_all
+from support.tenants import Tenant, key_hasher, ledger_rows
 
 from tollway.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 
@@ -31,16 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the keys the fixtures write (tollway.gateway.keys.KeyHasher).
 os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + secrets.token_hex(8))
 
-
-def key_hasher() -> Any:
-    from tollway.gateway.keys import KeyHasher
-
-    return KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode())
-
-SIM_MODELS = ["sim-large", "sim-small", "sim-embed", "sim-error", "sim-overloaded", "sim-timeout", "sim-cut",
-              "sim-malformed", "sim-ignoremax", "sim-echo"]
-# Prices used by the tests: USD per million tokens.
-PRICES = {"sim-large": (3, 15), "sim-small": ("0.15", "0.6")}
 
 
 @pytest.fixture(scope="session")
@@ -64,52 +52,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-@dataclass
-class Process:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def get(self, path: str) -> bytes:
-        base = self.url.removesuffix("/v1")
-        with urllib.request.urlopen(base + path, timeout=5) as resp:
-            return bytes(resp.read())
-
-    def metric(self, name: str) -> float:
-        for line in self.get("/metrics").decode().splitlines():
-            if line.startswith(name):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> None:
-        stop_all([self])
-
-
-def stop_all(processes: list[Process]) -> None:
-    """SIGTERM to every process at once, then wait for each (20 s, then SIGKILL): a session's servers drain
-    in parallel, not one after another."""
-    running = [p for p in processes if p.process.poll() is None]
-    for p in running:
-        p.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for p in running:
-        try:
-            p.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.process.kill()
-            p.process.wait()
-
-
-def _ready(url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-    return check
-
-
 @pytest.fixture(scope="session")
 def start_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
@@ -123,7 +65,7 @@ def start_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         sim = Process(f"http://127.0.0.1:{port}/v1", proc, log)
         started.append(sim)
-        wait_until(_ready(sim.url + "/models"), 30, "sim-upstream", log)
+        wait_until(ready(sim.url + "/models"), 30, "sim-upstream", log)
         return sim
 
     yield start
@@ -133,38 +75,6 @@ def start_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
 @pytest.fixture(scope="session")
 def sim(start_sim: Callable[..., Process]) -> Process:
     return start_sim()
-
-
-def write_config(path: Path, sim_url: str, *, extra_models: list[dict[str, Any]] | None = None,
-                 extra_upstreams: list[dict[str, Any]] | None = None) -> Path:
-    models: list[dict[str, Any]] = [
-        {"name": name, "upstream": "sim", "tier": "large" if "large" in name else "small",
-         "price": {"input_per_mtok": str(inp), "output_per_mtok": str(out)}}
-        for name, (inp, out) in PRICES.items()
-    ]
-    models[0]["aliases"] = ["big"]
-    models += [{"name": "sim-embed", "upstream": "sim", "kind": "embedding",
-                "price": {"input_per_mtok": "0.02"}}]
-    models += [{"name": m, "upstream": "sim", "price": {"input_per_mtok": "1", "output_per_mtok": "2"}}
-               for m in SIM_MODELS if m not in PRICES and m != "sim-embed"]
-    models += extra_models or []
-    config = {"upstreams": [{"name": "sim", "base_url": sim_url, "timeout_s": 3}, *(extra_upstreams or [])],
-              "models": models}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@dataclass
-class Tenant:
-    name: str
-    id: int
-    key: str
-    key_id: int
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """This tenant's key as request headers."""
-        return {"authorization": f"Bearer {self.key}"}
 
 
 @pytest.fixture(scope="session")
@@ -208,13 +118,6 @@ def make_key(pg: EmbeddedPostgres) -> Callable[..., str]:
     return make
 
 
-def ledger_rows(database_url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    with psycopg.connect(database_url) as conn:
-        cur = conn.execute(f"SELECT * FROM ledger WHERE {where} ORDER BY created_at", params)
-        cols = [c.name for c in cur.description or []]
-        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-
-
 @pytest.fixture
 def ledger(pg: EmbeddedPostgres) -> Callable[..., list[dict[str, Any]]]:
     def rows(where: str, *params: Any) -> list[dict[str, Any]]:
@@ -256,11 +159,6 @@ def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
     return make
 
 
-@dataclass
-class Served(Process):
-    env: dict[str, str]
-
-
 @pytest.fixture(scope="session")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
     """Start `tollway serve` as a real subprocess; yields a starter."""
@@ -280,23 +178,13 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"tollway serve exited:\n{log.read_text()}")
-            return _ready(f"http://127.0.0.1:{port}/healthz")()
+            return ready(f"http://127.0.0.1:{port}/healthz")()
 
         wait_until(up, ready_timeout, "tollway serve", log)
         return served
 
     yield start
     stop_all(list(started))
-
-
-def bootstrap_key(served: Served, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in served.log.read_text().splitlines():
-            if line.strip().startswith("tw-"):
-                return line.strip()
-        time.sleep(0.1)
-    raise AssertionError("no bootstrap key printed:\n" + served.log.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -307,23 +195,6 @@ def gateway(serve: Callable[..., Served], sim: Process, pg: EmbeddedPostgres, re
     config = write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
     return serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
                                                "TOLLWAY_BOOTSTRAP": "false"})
-
-
-def client_cli(*args: str, key: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """A `tollway` command that is a client of a running gateway (TOLLWAY_API_KEY, TOLLWAY_BASE_URL)."""
-    env = {"TOLLWAY_API_KEY": key, "TOLLWAY_BASE_URL": url, "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=120)
-
-
-@pytest.fixture(scope="session")
-def helpers() -> Any:
-    """Plain functions for tests (importlib import mode keeps test modules from importing conftest)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(write_config=write_config, bootstrap_key=bootstrap_key, ledger_rows=ledger_rows,
-                           cli=client_cli,
-                           prices=PRICES, sim_models=SIM_MODELS)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+from support.config import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,7 @@ def tollway(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
                           timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
-def test_tenants_and_keys(pg, sim, redis_url, serve, helpers, tmp_path):
+def test_tenants_and_keys(pg, sim, redis_url, serve, tmp_path):
     env = {"TOLLWAY_DATABASE_URL": pg.url}
     created = tollway("tenants", "create", "cli-tenant", env=env)
     assert created.returncode == 0, created.stderr
@@ -34,7 +35,7 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, helpers, tmp_path):
     missing = tollway("keys", "create", "--tenant", "nobody", env=env)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
-    config = helpers.write_config(tmp_path / "tollway.yaml", sim.url)
+    config = write_config(tmp_path / "tollway.yaml", sim.url)
     served = serve("--config", str(config), env={**env, "TOLLWAY_REDIS_URL": redis_url,
                                                  "TOLLWAY_AUTH_CACHE_TTL_S": "0.2", "TOLLWAY_BOOTSTRAP": "0"})
     headers = {"authorization": f"Bearer {secret}"}
@@ -158,7 +159,7 @@ def test_sigterm_stops_the_embedded_services_too(serve, sim):
     assert not (data / "postgres" / "postmaster.pid").exists()
 
 
-def test_workers_share_one_port_and_the_embedded_services(serve, sim, helpers):
+def test_workers_share_one_port_and_the_embedded_services(serve, sim):
     """`--workers 2`: embedded PostgreSQL and Redis are started once by the parent; both workers answer;
     the bootstrap key is created once; SIGTERM stops the workers, then the embedded services."""
     import subprocess

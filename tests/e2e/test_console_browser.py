@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.config import write_config
 
 from tollway.embedded import free_port
 
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 
 
 @pytest.fixture(scope="module")
-def served(serve: Any, sim: Any, pg: Any, redis_url: str, helpers: Any, tmp_path_factory: Any) -> Any:
-    config = helpers.write_config(tmp_path_factory.mktemp("console") / "tollway.yaml", sim.url)
+def served(serve: Any, sim: Any, pg: Any, redis_url: str, tmp_path_factory: Any) -> Any:
+    config = write_config(tmp_path_factory.mktemp("console") / "tollway.yaml", sim.url)
     metrics_port = free_port()
     proc = serve("--config", str(config), "--workers", "2", env={
         "TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false",

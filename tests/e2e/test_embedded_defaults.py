@@ -8,15 +8,16 @@ import time
 import openai
 import psycopg
 import pytest
+from support.processes import bootstrap_key
 
 from tollway.embedded import LOCAL_MODEL_NAME
 
 
 @pytest.fixture(scope="module")
-def embedded(serve, helpers):
+def embedded(serve):
     env = {"TOLLWAY_DATABASE_URL": "", "TOLLWAY_REDIS_URL": "", "TOLLWAY_UPSTREAMS": "", "TOLLWAY_CONFIG": ""}
     served = serve(env=env, ready_timeout=240)
-    return served, helpers.bootstrap_key(served)
+    return served, bootstrap_key(served)
 
 
 def test_local_model_answers_streaming_and_not(embedded):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from support.processes import client_cli
+
 
 def write_set(path: Path, answers: dict[str, str]) -> Path:
     lines = [json.dumps({"id": item, "messages": [{"role": "user", "content": text}],
@@ -14,26 +16,26 @@ def write_set(path: Path, answers: dict[str, str]) -> Path:
     return path
 
 
-def test_run_prints_a_table_and_the_pass_rate_then_compare_reports_the_regressions(helpers, gateway, make_tenant,
+def test_run_prints_a_table_and_the_pass_rate_then_compare_reports_the_regressions(gateway, make_tenant,
                                                                                    tmp_path):
     tenant = make_tenant()
     good = write_set(tmp_path / "good.jsonl", {f"q{i}": f"{i}: yes" for i in range(8)})
     worse = write_set(tmp_path / "worse.jsonl", {f"q{i}": f"{i}: {'no' if i < 6 else 'yes'}" for i in range(8)})
-    first = helpers.cli("evals", "run", str(good), "--model", "sim-echo", key=tenant.key, url=gateway.url, cwd=tmp_path)
+    first = client_cli("evals", "run", str(good), "--model", "sim-echo", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.rstrip().endswith("pass rate: 8/8")
     assert "contains" in first.stdout and "q0" in first.stdout
-    second = helpers.cli("evals", "run", str(worse), "--model", "sim-echo", "--concurrency", "3", key=tenant.key,
+    second = client_cli("evals", "run", str(worse), "--model", "sim-echo", "--concurrency", "3", key=tenant.key,
                          url=gateway.url, cwd=tmp_path)
     assert second.stdout.rstrip().endswith("pass rate: 2/8"), second.stdout
     assert "FAIL" in second.stdout and "missing ['yes']" in second.stdout
     ids = [out.stdout.split()[1].rstrip(":") for out in (first, second)]
     assert all(i.startswith("run_") for i in ids)
-    compared = helpers.cli("evals", "compare", str(ids[0]), str(ids[1]), key=tenant.key, url=gateway.url, cwd=tmp_path)
+    compared = client_cli("evals", "compare", str(ids[0]), str(ids[1]), key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     assert "regressions (6): q0, q1, q2, q3, q4, q5" in compared.stdout
     assert "pass rate 100% -> 25%" in compared.stdout and ": significant at alpha 0.05" in compared.stdout
-    missing = helpers.cli("evals", "run", str(tmp_path / "nope.jsonl"), "--model", "sim-echo", key=tenant.key,
+    missing = client_cli("evals", "run", str(tmp_path / "nope.jsonl"), "--model", "sim-echo", key=tenant.key,
                           url=gateway.url, cwd=tmp_path)
     assert missing.returncode != 0 and "no such file" in missing.stderr
 
@@ -50,7 +52,7 @@ GOLDEN = "\n".join(json.dumps({"id": c, "variables": {"country": c}, "checks": [
                    for c in ("France", "Peru", "Japan", "Kenya", "Chile", "Spain", "Egypt", "Nepal"))
 
 
-def test_a_production_move_from_the_cli_runs_the_gate_in_the_gateway_and_prints_its_table(helpers, gateway, make_tenant,
+def test_a_production_move_from_the_cli_runs_the_gate_in_the_gateway_and_prints_its_table(gateway, make_tenant,
                                                                                          tmp_path):
     import httpx
 
@@ -64,10 +66,10 @@ def test_a_production_move_from_the_cli_runs_the_gate_in_the_gateway_and_prints_
 
     good, bad = push("{{ country }}: yes"), push("{{ country }}: no idea")
     label = ("prompts", "label", "capitals", "production")
-    first = helpers.cli(*label, good, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
+    first = client_cli(*label, good, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "gate: passed" in first.stderr and "pass rate" in first.stderr
-    refused = helpers.cli(*label, bad, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
+    refused = client_cli(*label, bad, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
     assert refused.returncode == 1
     assert "gate_failed" not in refused.stdout and "The gate refused capitals@" in refused.stderr
     table = refused.stderr

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import requests
+from support.config import write_config
+from support.tenants import key_hasher
 
 from tollway.embedded import EmbeddedPostgres
 
@@ -33,10 +35,10 @@ async def _keys(url: str) -> dict[str, str]:
     import psycopg
 
     from tollway.db import migrate
-    from tollway.gateway.keys import KeyHasher, create_key, create_tenant
+    from tollway.gateway.keys import create_key, create_tenant
 
     await migrate(url)
-    hasher = KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode())
+    hasher = key_hasher()
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await create_tenant(conn, "fuzz")
         await create_tenant(conn, "other")
@@ -57,14 +59,14 @@ def _problem(method: str, path: str, resp: requests.Response) -> str | None:
     return None
 
 
-def test_no_operation_answers_a_500_or_an_error_of_another_shape(serve, sim, redis_url, helpers, throwaway,
+def test_no_operation_answers_a_500_or_an_error_of_another_shape(serve, sim, redis_url, throwaway,
                                                                   tmp_path):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
 
     keys = asyncio.run(_keys(throwaway.url))
-    config = helpers.write_config(tmp_path / "tollway.yaml", sim.url)
+    config = write_config(tmp_path / "tollway.yaml", sim.url)
     gateway = serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": throwaway.url,
                                                   "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false"})
     base = gateway.url.removesuffix("/v1")

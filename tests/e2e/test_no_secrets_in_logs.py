@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import httpx
 import openai
+from support.config import write_config
 
 
-def test_no_key_or_provider_secret_reaches_a_log_line(serve, sim, pg, redis_url, helpers, make_tenant, make_key,
+def test_no_key_or_provider_secret_reaches_a_log_line(serve, sim, pg, redis_url, make_tenant, make_key,
                                                       tmp_path):
     provider_key = "sk-provider-" + "9" * 24
-    config = helpers.write_config(
+    config = write_config(
         tmp_path / "tollway.yaml", sim.url,
         extra_upstreams=[{"name": "provider", "kind": "litellm", "base_url": sim.url,
                           "api_key": "env::TW_PROVIDER_KEY"}],

@@ -8,6 +8,7 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+from support.config import PRICES, write_config
 
 MSG = [{"role": "user", "content": "how much does this cost"}]
 
@@ -18,14 +19,14 @@ def client(gateway, make_tenant):
     return openai.OpenAI(base_url=gateway.url, api_key=tenant.key, max_retries=0), tenant
 
 
-def test_non_streaming_completion_and_cost_header(client, helpers, ledger):
+def test_non_streaming_completion_and_cost_header(client, ledger):
     sdk, tenant = client
     raw = sdk.chat.completions.with_raw_response.create(model="sim-large", messages=MSG, max_tokens=6)
     completion = raw.parse()
     assert completion.model == "sim-large"
     assert completion.choices[0].message.content == "the gateway keeps spend within budget"
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (5, 6)
-    inp, out = (Decimal(p) for p in map(str, helpers.prices["sim-large"]))
+    inp, out = (Decimal(p) for p in map(str, PRICES["sim-large"]))
     expected = (5 * inp + 6 * out) / 10**6
     assert Decimal(raw.headers["x-tollway-cost-usd"]) == expected
     request_id = raw.headers["x-request-id"]
@@ -72,10 +73,10 @@ def test_errors_reach_the_sdk_as_its_own_exceptions(gateway, client):
     assert "broke off" in str(mid_stream.value) or "upstream" in str(mid_stream.value)
 
 
-def test_client_disconnect_cancels_the_upstream_and_settles(serve, start_sim, pg, redis_url, helpers,
+def test_client_disconnect_cancels_the_upstream_and_settles(serve, start_sim, pg, redis_url,
                                                             make_tenant, ledger, tmp_path):
     slow = start_sim("--tokens-per-s", "20", "--completion-tokens", "400")
-    config = helpers.write_config(tmp_path / "slow.yaml", slow.url)
+    config = write_config(tmp_path / "slow.yaml", slow.url)
     served = serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
                                                  "TOLLWAY_BOOTSTRAP": "false"})
     tenant = make_tenant()

@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+from support.processes import client_cli
 
 DOCS = {
     "handbook/fees.md": "# Fees\n\n## Overdraft\n\nAn overdraft costs 35 dollars per item, at most three a day.\n\n"
@@ -20,19 +21,19 @@ DOCS = {
 }
 
 
-def test_ingest_a_folder_then_ask_with_the_openai_sdk(helpers, gateway, make_tenant, sim, tmp_path):
+def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim, tmp_path):
     tenant = make_tenant(ingest=True)
     for name, text in DOCS.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    first = helpers.cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
+    first = client_cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "3 documents in" in first.stdout and "3 created, 0 replaced, 0 unchanged, 0 failed" in first.stdout
     assert "documents/s" in first.stdout and "index version: kb@3+local/all-MiniLM-L6-v2-int8" in first.stdout
     (tmp_path / "handbook/notes.txt").write_text("Branches open at eight now.")
-    again = helpers.cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
+    again = client_cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert "0 created, 1 replaced, 2 unchanged, 0 failed" in again.stdout, again.stdout + again.stderr
-    found = helpers.cli("search", "what does an overdraft cost", "--collection", "kb", "--json", key=tenant.key,
+    found = client_cli("search", "what does an overdraft cost", "--collection", "kb", "--json", key=tenant.key,
                     url=gateway.url, cwd=tmp_path)
     assert json.loads(found.stdout)["sources"][0]["source"] == "handbook/fees.md"
 
@@ -57,15 +58,15 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(helpers, gateway, make_ten
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-def test_cli_reports_refusals_and_bad_files(helpers, gateway, make_tenant, tmp_path):
+def test_cli_reports_refusals_and_bad_files(gateway, make_tenant, tmp_path):
     tenant = make_tenant()  # no --ingest
     (tmp_path / "a.md").write_text("# A\n\ntext")
-    refused = helpers.cli("ingest", "a.md", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
+    refused = client_cli("ingest", "a.md", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert refused.returncode == 2 and "ingest" in refused.stderr
     writer = make_tenant(ingest=True)
     (tmp_path / "empty.md").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    mixed = helpers.cli("ingest", "a.md", "empty.md", "latin1.txt", "--collection", "kb", key=writer.key,
+    mixed = client_cli("ingest", "a.md", "empty.md", "latin1.txt", "--collection", "kb", key=writer.key,
                     url=gateway.url, cwd=tmp_path)
     assert mixed.returncode == 1
     assert "1 created" in mixed.stdout and "2 failed" in mixed.stdout

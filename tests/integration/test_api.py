@@ -11,6 +11,7 @@ import orjson
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import sse_payloads
+from support.config import PRICES
 
 MSG = [{"role": "user", "content": "how much does this cost"}]  # 5 prompt tokens at the sim
 
@@ -21,7 +22,7 @@ def cost(model_prices: tuple[Any, Any], prompt: int, completion: int) -> Decimal
     return (prompt * inp + completion * out) / Decimal(10**6)
 
 
-async def test_chat_completion_costs_what_the_price_table_says(app_factory, make_tenant, ledger, helpers):
+async def test_chat_completion_costs_what_the_price_table_says(app_factory, make_tenant, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:
         resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
@@ -30,7 +31,7 @@ async def test_chat_completion_costs_what_the_price_table_says(app_factory, make
         body = resp.json()
         assert body["model"] == "sim-large"
         assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
-        expected = cost(helpers.prices["sim-large"], 5, 7)
+        expected = cost(PRICES["sim-large"], 5, 7)
         assert resp.headers["x-tollway-model"] == "sim-large"
         assert Decimal(resp.headers["x-tollway-cost-usd"]) == expected
         request_id = resp.headers["x-request-id"]
@@ -62,7 +63,7 @@ async def test_alias_resolves_and_unknown_fields_pass_through(app_factory, make_
 
 
 
-async def test_stream_with_usage(app_factory, make_tenant, ledger, helpers):
+async def test_stream_with_usage(app_factory, make_tenant, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:
         resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
@@ -79,10 +80,10 @@ async def test_stream_with_usage(app_factory, make_tenant, ledger, helpers):
     assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
     [row] = ledger("request_id = %s", resp.headers["x-request-id"])
     assert row["stream"] is True and row["status"] == 200 and row["ttft_ms"] is not None
-    assert row["cost_usd"] == cost(helpers.prices["sim-small"], 5, 4)
+    assert row["cost_usd"] == cost(PRICES["sim-small"], 5, 4)
 
 
-async def test_stream_without_usage_hides_it_but_still_charges(app_factory, make_tenant, ledger, sim, helpers):
+async def test_stream_without_usage_hides_it_but_still_charges(app_factory, make_tenant, ledger, sim):
     tenant = make_tenant()
     async with app_factory() as gw:
         resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
@@ -95,7 +96,7 @@ async def test_stream_without_usage_hides_it_but_still_charges(app_factory, make
     assert orjson.loads(sim.get("/sim/last-request?model=sim-small"))["stream_options"] == {"include_usage": True}
     [row] = ledger("request_id = %s", resp.headers["x-request-id"])
     assert (row["input_tokens"], row["output_tokens"]) == (5, 3)
-    assert row["cost_usd"] == cost(helpers.prices["sim-small"], 5, 3)
+    assert row["cost_usd"] == cost(PRICES["sim-small"], 5, 3)
 
 
 async def test_embeddings(app_factory, make_tenant, ledger):

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from support import sse_frames
+from support.config import write_config
 
 from tollway.gateway.service import INPUT_MARGIN, INPUT_SLACK, reserved_output
 from tollway.routing.tokens import count_messages
@@ -175,11 +176,10 @@ def _running(sim: Any) -> int:
         return int(json.loads(resp.read())["running"])
 
 
-async def test_budget_change_applies_while_requests_are_in_flight(app_factory, make_tenant, admin, start_sim,
-                                                                  helpers, tmp_path):
+async def test_budget_change_applies_while_requests_are_in_flight(app_factory, make_tenant, admin, start_sim, tmp_path):
     slow = start_sim("--ttft-ms", "600")
     tenant = make_tenant()
-    config = helpers.write_config(tmp_path / "slow.yaml", slow.url)
+    config = write_config(tmp_path / "slow.yaml", slow.url)
     async with app_factory(config=config, policy_cache_ttl_s=0) as gw:
         await set_budget(gw, admin, tenant, window="hour", limit_usd="1")
         in_flight = [asyncio.create_task(chat(gw, tenant, i)) for i in range(3)]

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import yaml
 from support import sse_payloads as sse
+from support.config import write_config
 
 from tollway.gateway.guarding import GuardFilter, Guarding
 from tollway.gateway.relay import through
@@ -48,11 +49,11 @@ def sim_stats(sim: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def guarded_config(helpers, sim, tmp_path):
+def guarded_config(sim, tmp_path):
     """A config file with a ``guardrails:`` section."""
 
     def write(section: dict[str, Any]) -> str:
-        path = helpers.write_config(tmp_path / "tollway.yaml", sim.url)
+        path = write_config(tmp_path / "tollway.yaml", sim.url)
         config = yaml.safe_load(path.read_text())
         config["guardrails"] = section
         path.write_text(yaml.safe_dump(config))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
+from support.config import PRICES
+from support.tenants import key_hasher, ledger_rows
 
 from tollway.embedded import EmbeddedPostgres
 from tollway.gateway.ledger import Ledger, LedgerRow
@@ -25,16 +26,16 @@ def own_pg(tmp_path):
     server.stop()
 
 
-async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, helpers, tmp_path):
+async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, tmp_path):
     import psycopg
 
     from tollway.db import migrate
-    from tollway.gateway.keys import KeyHasher, create_key, create_tenant
+    from tollway.gateway.keys import create_key, create_tenant
 
     await migrate(own_pg.url)
     async with await psycopg.AsyncConnection.connect(own_pg.url, autocommit=True) as conn:
         await create_tenant(conn, "outage")
-        key = await create_key(conn, "outage", hasher=KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode()))
+        key = await create_key(conn, "outage", hasher=key_hasher())
     headers = {"authorization": f"Bearer {key.secret}"}
 
     async with app_factory(database_url=own_pg.url, auth_cache_ttl_s=600) as gw:
@@ -64,10 +65,10 @@ async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, helpe
         await gw.state.ledger.flush()
         assert not gw.state.ledger.pending_spill_files()
 
-    rows = helpers.ledger_rows(own_pg.url, "request_id = ANY(%s)", (ids,))
+    rows = ledger_rows(own_pg.url, "request_id = ANY(%s)", (ids,))
     assert len(ids) == 80
     assert sorted(r["request_id"] for r in rows) == sorted(ids)  # every row, exactly once
-    price_in, price_out = (Decimal(p) for p in helpers.prices["sim-small"])
+    price_in, price_out = (Decimal(p) for p in PRICES["sim-small"])
     assert all(r["cost_usd"] == (3 * price_in + 2 * price_out) / 10**6 for r in rows)
 
 
@@ -76,7 +77,7 @@ def _row(i: int, prefix: str = "req_replay_") -> LedgerRow:
                      endpoint="chat.completions", latency_ms=1.0, cost_usd=Decimal("0.000001"))
 
 
-async def test_replaying_a_spill_file_twice_inserts_once(pg, helpers, tmp_path):
+async def test_replaying_a_spill_file_twice_inserts_once(pg, tmp_path):
     spill = tmp_path / "spill"
     async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
         ledger = Ledger(pool, spill, queue_size=10, batch_size=7, flush_interval_s=0.01, retry_interval_s=60)
@@ -90,11 +91,11 @@ async def test_replaying_a_spill_file_twice_inserts_once(pg, helpers, tmp_path):
         shutil.copy(copy, spill / "replay-crashed.jsonl")
         assert await ledger.replay() == 25
         assert ledger.pending_spill_files() == []
-    found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_replay_%",))
+    found = ledger_rows(pg.url, "request_id LIKE %s", ("req_replay_%",))
     assert sorted(r["request_id"] for r in found) == sorted(r.request_id for r in rows)
 
 
-async def test_full_queue_spills_instead_of_blocking(pg, helpers, tmp_path):
+async def test_full_queue_spills_instead_of_blocking(pg, tmp_path):
     async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
         ledger = Ledger(pool, tmp_path / "spill", queue_size=3, batch_size=100, flush_interval_s=0.01,
                         retry_interval_s=0.05)
@@ -105,11 +106,11 @@ async def test_full_queue_spills_instead_of_blocking(pg, helpers, tmp_path):
         assert ledger.stats.spilled == 7
         await ledger.start()
         await ledger.stop()  # drains the queue and replays the spill
-    found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_full_%",))
+    found = ledger_rows(pg.url, "request_id LIKE %s", ("req_full_%",))
     assert len(found) == 10
 
 
-async def test_a_row_written_twice_lands_once(pg, helpers, tmp_path):
+async def test_a_row_written_twice_lands_once(pg, tmp_path):
     async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
         ledger = Ledger(pool, tmp_path / "spill", queue_size=10, batch_size=10, flush_interval_s=0.01,
                         retry_interval_s=60)
@@ -123,10 +124,10 @@ async def test_a_row_written_twice_lands_once(pg, helpers, tmp_path):
         await ledger.flush()
         await ledger.stop()
         assert ledger.stats.spilled == 0
-    assert len(helpers.ledger_rows(pg.url, "request_id = ANY(%s)", (["req_twice", "req_replay_999"],))) == 2
+    assert len(ledger_rows(pg.url, "request_id = ANY(%s)", (["req_twice", "req_replay_999"],))) == 2
 
 
-async def test_rows_in_the_writers_hands_survive_shutdown(pg, helpers, tmp_path):
+async def test_rows_in_the_writers_hands_survive_shutdown(pg, tmp_path):
     async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
         # A long flush interval: the writer holds the batch, waiting for more, when stop() arrives.
         ledger = Ledger(pool, tmp_path / "spill", queue_size=100, batch_size=50, flush_interval_s=30,
@@ -140,11 +141,11 @@ async def test_rows_in_the_writers_hands_survive_shutdown(pg, helpers, tmp_path)
             while ledger.in_hand != 5:  # noqa: ASYNC110 (the writer has taken them off the queue and holds them)
                 await asyncio.sleep(0.001)
         await ledger.stop()
-    found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_inhand_%",))
+    found = ledger_rows(pg.url, "request_id LIKE %s", ("req_inhand_%",))
     assert len(found) == 5
 
 
-async def test_workers_replaying_the_same_dead_process_files_land_each_row_once(pg, helpers, tmp_path):
+async def test_workers_replaying_the_same_dead_process_files_land_each_row_once(pg, tmp_path):
     """`serve --workers N`: every worker's replay loop sees a dead process's spill files; whichever takes a
     file first replays it, the others skip it, and no row is lost or doubled."""
     spill = tmp_path / "spill"
@@ -157,5 +158,5 @@ async def test_workers_replaying_the_same_dead_process_files_land_each_row_once(
                    for _ in range(3)]
         replayed = await asyncio.gather(*(w.replay() for w in workers))
     assert sum(replayed) >= 30 and list(spill.iterdir()) == []
-    found = helpers.ledger_rows(pg.url, "request_id LIKE %s", ("req_workers_%",))
+    found = ledger_rows(pg.url, "request_id LIKE %s", ("req_workers_%",))
     assert sorted(r["request_id"] for r in found) == sorted(r.request_id for r in rows)

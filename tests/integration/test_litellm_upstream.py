@@ -5,14 +5,15 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from support.config import write_config
 
 MSG = [{"role": "user", "content": "through the translator"}]
 
 
 @pytest.fixture
-def litellm_gateway(app_factory, sim, helpers, tmp_path, monkeypatch):
+def litellm_gateway(app_factory, sim, tmp_path, monkeypatch):
     monkeypatch.setenv("TW_SIM_KEY", "sk-test")
-    config = helpers.write_config(
+    config = write_config(
         tmp_path / "c.yaml", sim.url,
         extra_upstreams=[{"name": "translated", "kind": "litellm", "base_url": sim.url, "api_key": "env::TW_SIM_KEY"}],
         extra_models=[

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from support.config import write_config
 
 from tollway.embedded import EmbeddedRedis
 from tollway.gateway.keys import Principal
@@ -35,9 +36,9 @@ def admin_put(url: str, admin: Any, path: str, payload: dict[str, Any]) -> None:
 
 
 def test_sigkilled_gateway_releases_its_reservations_within_the_lease(
-        serve, start_sim, pg, redis_url, helpers, make_tenant, admin, tmp_path):
+        serve, start_sim, pg, redis_url, make_tenant, admin, tmp_path):
     slow = start_sim("--tokens-per-s", "4", "--completion-tokens", "200")
-    config = helpers.write_config(tmp_path / "slow.yaml", slow.url)
+    config = write_config(tmp_path / "slow.yaml", slow.url)
     env = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "0",
            "TOLLWAY_LEASE_S": "3", "TOLLWAY_POLICY_CACHE_TTL_S": "0"}
     first = serve("--config", str(config), env=env)

