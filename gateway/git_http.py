@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -89,54 +89,33 @@ def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
         raise PromptError("the push does not build on the current main: fetch first")
 
 
-BUFFER_BYTES = 8 << 20
-
-
 def _answer_whole(app: Any) -> Any:
-    """WSGI around dulwich's git services: the answer is produced before it is sent, up to 8 MiB (a push's
-    status report, a small repository's pack), so a request dulwich cannot parse becomes a 400 instead of a
-    200 that breaks off mid-answer. A larger answer streams on from there."""
+    """WSGI around dulwich's git services: the answer (a push's status report, a clone's pack, which dulwich
+    writes through start_response's write()) is produced whole before anything is sent, so a request dulwich
+    cannot parse becomes a 400 instead of a 200 that breaks off mid-answer. Prompt repositories are small (at
+    most 1,000 files of 1 MiB at the head, pushes of at most TOLLWAY_MAX_BODY_BYTES)."""
 
     def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
         if not environ.get("PATH_INFO", "").endswith(("git-receive-pack", "git-upload-pack")):
             return app(environ, start_response)
         started: list[Any] = []
-        written: list[bytes] = []  # dulwich answers through start_response's write() as well
+        written: list[bytes] = []
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             started[:] = [status, headers]
             return written.append
 
-        chunks: Iterator[bytes] | None = None
         try:
-            chunks = iter(app(environ, capture))
-            size = 0
-            for chunk in chunks:  # in the order produced, write() calls included
+            for chunk in app(environ, capture):  # in the order produced, write() calls included
                 written.append(chunk)
-                size += len(chunk)
-                if size > BUFFER_BYTES:
-                    break
-            else:
-                chunks = None
         except Exception as exc:
             log.warning("a git request could not be read (%s: %s)", type(exc).__name__, exc)
             start_response("400 Bad Request", [("content-type", "text/plain")])
             return [b"malformed git request\n"]
         start_response(*started)
-        if chunks is None:
-            return written
-        return _stream_on(written, chunks)
+        return written
 
     return wrapped
-
-
-def _stream_on(written: list[bytes], chunks: Iterator[bytes]) -> Iterator[bytes]:
-    sent = 0
-    for chunk in chunks:
-        yield from written[sent:]
-        sent = len(written)
-        yield chunk
-    yield from written[sent:]
 
 
 class GitHTTP:
