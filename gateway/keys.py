@@ -14,13 +14,11 @@ it is used; ``tollway keys rekey-status`` counts the keys still on the old secre
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import os
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from tollway.errors import (
     PermissionDenied,
     ServiceUnavailable,
 )
+from tollway.lastgood import LastGood
 
 KEY_PREFIX = "tw-"
 ROLES = ("app", "finance", "admin", "prompt_engineer")
@@ -85,8 +84,13 @@ class KeyHasher:
     current: bytes = field(repr=False)
     previous: bytes | None = field(default=None, repr=False)
 
-    def digest(self, secret: str, server: bytes | None = None) -> bytes:
-        return hmac.new(server or self.current, hashlib.sha256(secret.encode()).digest(), hashlib.sha256).digest()
+    def digest(self, secret: str) -> bytes:
+        """What a key is stored as under the current secret."""
+        return self.keyed(hashlib.sha256(secret.encode()).digest())
+
+    def keyed(self, sha: bytes, server: bytes | None = None) -> bytes:
+        """The keyed hash of a key's SHA-256 digest (the form rows from before the keyed hash hold)."""
+        return hmac.new(server or self.current, sha, hashlib.sha256).digest()
 
     @property
     def current_id(self) -> str:
@@ -94,11 +98,11 @@ class KeyHasher:
 
     def candidates(self, secret: str) -> list[bytes]:
         """What a stored row may hold for this key: current secret, previous one, plain SHA-256 (legacy)."""
-        out = [self.digest(secret)]
+        sha = hashlib.sha256(secret.encode()).digest()
+        out = [self.keyed(sha)]
         if self.previous is not None:
-            out.append(self.digest(secret, self.previous))
-        out.append(hashlib.sha256(secret.encode()).digest())
-        return out
+            out.append(self.keyed(sha, self.previous))
+        return [*out, sha]
 
 
 def load_key_hasher(env_secret: str | None, env_previous: str | None, data_dir: Path) -> KeyHasher:
@@ -131,9 +135,8 @@ async def rekey_legacy(conn: psycopg.AsyncConnection, hasher: KeyHasher) -> int:
     cur = await conn.execute("SELECT id, key_hash FROM api_keys WHERE key_secret_id IS NULL")
     rows = await cur.fetchall()
     for key_id, digest in rows:
-        keyed = hmac.new(hasher.current, bytes(digest), hashlib.sha256).digest()
         await conn.execute("UPDATE api_keys SET key_hash = %s, key_secret_id = %s WHERE id = %s AND"
-                           " key_secret_id IS NULL", (keyed, hasher.current_id, key_id))
+                           " key_secret_id IS NULL", (hasher.keyed(bytes(digest)), hasher.current_id, key_id))
     return len(rows)
 
 
@@ -161,78 +164,29 @@ class KeyStore:
                  hasher: KeyHasher, stale_max_s: float = 3600.0, lookup_timeout_s: float = 2.0,
                  stale_wait_s: float = 0.25, retry_s: float = 2.0) -> None:
         self._pool = pool
-        self._ttl = cache_ttl_s
-        self._size = cache_size
-        self._stale_max = stale_max_s
         self._lookup_timeout = lookup_timeout_s
-        self._retry = retry_s
-        self._stale_wait = stale_wait_s
-        self._down_until = 0.0
         self._hasher = hasher
-        self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[Principal | None]] = {}
+        self._cache: LastGood[bytes, Principal | None] = LastGood(
+            ttl_s=cache_ttl_s, down=ServiceUnavailable, stale_max_s=stale_max_s, stale_wait_s=stale_wait_s,
+            retry_s=retry_s, max_size=cache_size)
 
     @property
     def hasher(self) -> KeyHasher:
         return self._hasher
 
     async def authenticate(self, secret: str) -> Principal:
-        digest = self._hasher.digest(secret)
-        now = time.monotonic()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            principal = hit[1]
-        else:
-            stale = hit[1] if hit is not None and now - hit[0] <= self._stale_max else None
-            if stale is not None and now < self._down_until:
-                return stale  # the store failed a moment ago: do not make this request wait on it
-            refresh = self._refresh(digest, secret)
-            try:
-                # A known key waits briefly for the database; past that its refresh goes on without it.
-                principal = await asyncio.wait_for(asyncio.shield(refresh), None if stale is None else
-                                                   self._stale_wait)
-            except (ServiceUnavailable, TimeoutError):
-                if stale is None:
-                    raise
-                return stale
+        principal = await self._cache.get(self._hasher.digest(secret), lambda: self._lookup(secret))
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal
-
-    def _refresh(self, digest: bytes, secret: str) -> asyncio.Future[Principal | None]:
-        """One database lookup per key at a time: when a hot key's cache entry expires, the requests
-        that arrive meanwhile wait for the same answer instead of each asking Postgres. The lookup
-        remembers its answer, or marks the store down for ``retry_s``, whoever is still waiting."""
-        pending = self._inflight.get(digest)
-        if pending is None:
-            pending = asyncio.ensure_future(self._lookup(secret))
-            self._inflight[digest] = pending
-            pending.add_done_callback(lambda done: self._landed(digest, done))
-        return pending
-
-    def _landed(self, digest: bytes, done: asyncio.Future[Principal | None]) -> None:
-        self._inflight.pop(digest, None)
-        if done.cancelled():
-            return
-        if done.exception() is not None:
-            self._down_until = time.monotonic() + self._retry
-            return
-        self._remember(digest, time.monotonic() + self._ttl, done.result())
 
     def forget(self, key_id: int | None = None) -> None:
         """Drop cached lookups of one key (revoked, limits changed), or of every key: the next request
         reads the database."""
         if key_id is None:
             self._cache.clear()
-            return
-        for digest in [d for d, (_, p) in self._cache.items() if p is not None and p.key_id == key_id]:
-            del self._cache[digest]
-
-    def _remember(self, digest: bytes, expires: float, principal: Principal | None) -> None:
-        self._cache[digest] = (expires, principal)
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        else:
+            self._cache.drop_where(lambda p: p is not None and p.key_id == key_id)
 
     async def _lookup(self, secret: str) -> Principal | None:
         candidates = self._hasher.candidates(secret)

@@ -8,9 +8,7 @@ Redis (``tollway.gateway.quota``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -26,6 +24,7 @@ from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from tollway.gateway.keys import tenant_id
 from tollway.guardrails.policy import GuardPolicy, PolicyError, parse_policy
 from tollway.jsontypes import JSON
+from tollway.lastgood import LastGood
 
 log = logging.getLogger("tollway.gateway")
 
@@ -145,28 +144,11 @@ class PolicyStore:
     def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, stale_wait_s: float = 0.25,
                  retry_s: float = 2.0) -> None:
         self._pool = pool
-        self._ttl = cache_ttl_s
-        self._stale_wait = stale_wait_s
-        self._retry = retry_s
-        self._down_until = 0.0
-        self._cache: dict[int, tuple[float, TenantRules]] = {}
-        self._inflight: dict[int, asyncio.Future[TenantRules]] = {}
+        self._cache: LastGood[int, TenantRules] = LastGood(ttl_s=cache_ttl_s, down=ServiceUnavailable,
+                                                           stale_wait_s=stale_wait_s, retry_s=retry_s)
 
     async def rules(self, tenant_id: int) -> TenantRules:
-        now = time.monotonic()
-        hit = self._cache.get(tenant_id)
-        if hit is not None and (hit[0] > now or now < self._down_until):
-            return hit[1]
-        pending = self._inflight.get(tenant_id)
-        if pending is None:
-            pending = self._inflight[tenant_id] = asyncio.ensure_future(self._load(tenant_id))
-            pending.add_done_callback(lambda done: self._landed(tenant_id, done))
-        try:
-            return await asyncio.wait_for(asyncio.shield(pending), None if hit is None else self._stale_wait)
-        except (ServiceUnavailable, TimeoutError):
-            if hit is not None:
-                return hit[1]  # the last known rules beat refusing everyone while Postgres blinks
-            raise
+        return await self._cache.get(tenant_id, lambda: self._load(tenant_id))
 
     async def _load(self, tenant_id: int) -> TenantRules:
         try:
@@ -175,17 +157,8 @@ class PolicyStore:
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise ServiceUnavailable("Tenant policies are unavailable; try again shortly.") from exc
 
-    def _landed(self, tenant_id: int, done: asyncio.Future[TenantRules]) -> None:
-        self._inflight.pop(tenant_id, None)
-        if done.cancelled():
-            return
-        if done.exception() is not None:
-            self._down_until = time.monotonic() + self._retry
-            return
-        self._cache[tenant_id] = (time.monotonic() + self._ttl, done.result())
-
     def forget(self, tenant_id: int) -> None:
-        self._cache.pop(tenant_id, None)
+        self._cache.drop(tenant_id)
 
 
 async def load_rules(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> TenantRules:

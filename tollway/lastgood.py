@@ -1,0 +1,78 @@
+"""A cache of what a store last said, for reads that must keep answering while the store is unreachable
+(API keys, tenant rules).
+
+An entry is fresh for ``ttl_s``. Past that, the next read reloads it, once per key however many requests
+ask at the same moment (they share one load). While the store fails, the entry's last good value keeps
+serving for up to ``stale_max_s``: a request waits at most ``stale_wait_s`` for the reload (which goes on
+in the background and lands when it can), and for ``retry_s`` after a failed reload no request waits on
+the store at all. A key with no value yet waits for its load and sees its failure. A ``None`` value (say,
+"no such key") is never served past its TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LastGood(Generic[K, V]):
+    def __init__(self, *, ttl_s: float, down: type[Exception], stale_max_s: float = math.inf,
+                 stale_wait_s: float = 0.25, retry_s: float = 2.0, max_size: int | None = None) -> None:
+        """``down``: the exception a load raises when the store is unreachable (others propagate)."""
+        self.ttl_s = ttl_s
+        self._down_error = down
+        self._stale_max = stale_max_s
+        self._stale_wait = stale_wait_s
+        self._retry = retry_s
+        self._max_size = max_size
+        self._down_until = 0.0
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()  # key -> (fresh until, value)
+        self._inflight: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        stale = hit if hit is not None and hit[1] is not None and now - hit[0] <= self._stale_max else None
+        if stale is not None and now < self._down_until:
+            return stale[1]  # the store failed a moment ago: do not make this request wait on it
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = self._inflight[key] = asyncio.ensure_future(load())
+            pending.add_done_callback(lambda done: self._landed(key, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), None if stale is None else self._stale_wait)
+        except (self._down_error, TimeoutError):
+            if stale is None:
+                raise
+            return stale[1]
+
+    def _landed(self, key: K, done: asyncio.Future[V]) -> None:
+        self._inflight.pop(key, None)
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            self._down_until = time.monotonic() + self._retry
+            return
+        self._entries[key] = (time.monotonic() + self.ttl_s, done.result())
+        self._entries.move_to_end(key)
+        while self._max_size is not None and len(self._entries) > self._max_size:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def drop_where(self, matches: Callable[[V], bool]) -> None:
+        for key in [k for k, (_, value) in self._entries.items() if matches(value)]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
