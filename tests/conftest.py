@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,6 +41,15 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     server.start()
     asyncio.run(migrate(server.url))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of the test's own, for tests that stop it or need an empty database."""
+    server = EmbeddedPostgres(tmp_path / "pg")
+    server.start()
     yield server
     server.stop()
 

@@ -26,7 +26,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import free_port, wait_http
+from common import Processes, free_port, p50_p99, wait_http
 
 TEMPLATES = {
     "repetition past the limit": "{{ v * 1000000 }}",
@@ -39,11 +39,6 @@ TEMPLATES = {
 def prompt_file(content: str) -> str:
     return yaml.safe_dump({"model": "sim-small", "messages": [{"role": "user", "content": content}],
                            "variables": {"v": {"type": "string", "default": "x"}}})
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(samples, n=100)
-    return q[49] * 1000, q[98] * 1000
 
 
 def probe(base: str, key: str, seconds: float) -> dict[str, tuple[float, float]]:
@@ -64,7 +59,7 @@ def probe(base: str, key: str, seconds: float) -> dict[str, tuple[float, float]]
             }).raise_for_status()
             chats.append(time.perf_counter() - t)
             time.sleep(0.01)
-    return {"models": percentiles(models), "chat": percentiles(chats)}
+    return {"models": p50_p99(models, 1000), "chat": p50_p99(chats, 1000)}
 
 
 def render_loop(base: str, key: str, name: str, version: str, stop: threading.Event,
@@ -88,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tollway-bench-render-"))
     env = {**os.environ, "TOLLWAY_DATA_DIR": str(work / "data"), "TOLLWAY_BOOTSTRAP": "false"}
-    procs: list[subprocess.Popen[bytes]] = []
+    procs = Processes(work, env)
 
     def cli(*argv: str) -> str:
         return subprocess.run([sys.executable, "-m", "tollway.cli", *argv], env=env, check=True,
@@ -96,16 +91,13 @@ def main() -> None:
 
     try:
         sim_port, port = free_port(), free_port()
-        log = work / "sim.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port),
-                                       "--models", "sim-small"], stdout=log.open("wb"), stderr=subprocess.STDOUT))
-        wait_http(f"http://127.0.0.1:{sim_port}/v1/models", 30, procs[-1], log)
-        log = work / "serve.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "tollway.cli", "serve", "--port", str(port),
-                                       "--upstream", f"http://127.0.0.1:{sim_port}/v1"], env=env,
-                                      stdout=log.open("wb"), stderr=subprocess.STDOUT))
+        sim, log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port),
+                                "--models", "sim-small"], "sim")
+        wait_http(f"http://127.0.0.1:{sim_port}/v1/models", 30, sim, log)
+        serve, log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(port), "--upstream",
+                                  f"http://127.0.0.1:{sim_port}/v1"], "serve")
         base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", 120, procs[-1], log)
+        wait_http(f"{base}/healthz", 120, serve, log)
         for name in ("a", "b"):
             cli("tenants", "create", name)
         engineer = cli("keys", "create", "--tenant", "a", "--role", "prompt_engineer")
@@ -147,9 +139,7 @@ def main() -> None:
         print(f"\ntarget: tenant B's p99 rises by <= 50 ms during the worst render: "
               f"{'met' if worst <= 50 else 'NOT met'} (worst rise {worst:+.1f} ms)")
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(20)
+        procs.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

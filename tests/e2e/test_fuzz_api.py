@@ -1,5 +1,5 @@
 """A schema-driven fuzz run (schemathesis, on hypothesis) against every operation `/openapi.json` lists, on a
-`tollway serve` with a throwaway database: each generated request (valid and schema-violating) is sent with
+`tollway serve` with a own_pg database: each generated request (valid and schema-violating) is sent with
 every role's key; no answer is a 500, and every error is in the OpenAI shape."""
 
 from __future__ import annotations
@@ -8,12 +8,9 @@ import asyncio
 import os
 from typing import Any
 
-import pytest
 import requests
 from support.config import write_config
 from support.tenants import key_hasher
-
-from tollway.embedded import EmbeddedPostgres
 
 ROLES = ("app", "finance", "admin", "prompt_engineer")
 EXAMPLES = int(os.environ.get("TOLLWAY_FUZZ_EXAMPLES", "12"))
@@ -21,14 +18,6 @@ EXAMPLES = int(os.environ.get("TOLLWAY_FUZZ_EXAMPLES", "12"))
 # models answer 502/503/504 through the gateway like any failing upstream.
 NOT_A_BUG = {("GET", "/readyz"): {503}, ("POST", "/v1/chat/completions"): {502, 503, 504},
              ("POST", "/v1/embeddings"): {502, 503, 504}, ("POST", "/v1/evals/runs"): {502, 503, 504}}
-
-
-@pytest.fixture
-def throwaway(tmp_path) -> Any:
-    server = EmbeddedPostgres(tmp_path / "pg")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def _keys(url: str) -> dict[str, str]:
@@ -59,15 +48,15 @@ def _problem(method: str, path: str, resp: requests.Response) -> str | None:
     return None
 
 
-def test_no_operation_answers_a_500_or_an_error_of_another_shape(serve, sim, redis_url, throwaway,
+def test_no_operation_answers_a_500_or_an_error_of_another_shape(serve, sim, redis_url, own_pg,
                                                                   tmp_path):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
 
-    keys = asyncio.run(_keys(throwaway.url))
+    keys = asyncio.run(_keys(own_pg.url))
     config = write_config(tmp_path / "tollway.yaml", sim.url)
-    gateway = serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": throwaway.url,
+    gateway = serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": own_pg.url,
                                                   "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false"})
     base = gateway.url.removesuffix("/v1")
     schema = schemathesis.openapi.from_url(base + "/openapi.json")

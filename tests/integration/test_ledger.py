@@ -7,23 +7,13 @@ import shutil
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import pytest
 from psycopg_pool import AsyncConnectionPool
 from support.config import PRICES
 from support.tenants import key_hasher, ledger_rows
 
-from tollway.embedded import EmbeddedPostgres
 from tollway.gateway.ledger import Ledger, LedgerRow
 
 MSG = [{"role": "user", "content": "count me"}]
-
-
-@pytest.fixture
-def own_pg(tmp_path):
-    server = EmbeddedPostgres(tmp_path / "pg")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_postgres_down_mid_traffic_loses_no_row(app_factory, own_pg, tmp_path):

@@ -9,16 +9,6 @@ import os
 import psycopg
 import pytest
 
-from tollway.embedded import EmbeddedPostgres
-
-
-@pytest.fixture
-def own_pg(tmp_path):
-    server = EmbeddedPostgres(tmp_path / "pg")
-    server.start()
-    yield server
-    server.stop()
-
 
 async def _setup(url: str, secret: bytes) -> tuple[str, int]:
     from tollway.db import migrate

@@ -6,18 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 from support.tenants import key_hasher, ledger_rows
-
-from tollway.embedded import EmbeddedPostgres
-
-
-@pytest.fixture
-def own_pg(tmp_path):
-    server = EmbeddedPostgres(tmp_path / "pg")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def _keys(url: str, names: list[str]) -> dict[str, tuple[str, int]]:
