@@ -17,5 +17,5 @@ class RegistryPrompts:
 
     async def render(self, ex: Exchange, ref: JSON) -> RenderedPrompt:
         subject = ex.tally.row.end_user or f"key:{ex.ctx.principal.key_id}"  # whose split bucket applies
-        r = await self.registry.render_async(ex.ctx.principal.tenant_id, subject, ref)
+        r = await self.registry.render(ex.ctx.principal.tenant_id, subject, ref)
         return RenderedPrompt(r.name, r.version, r.messages, r.model, r.params, r.guards, r.label)

@@ -88,15 +88,9 @@ class Registry:
             self._tenants[tenant_id] = fresh.get(tenant_id, TenantPrompts())
         self.last_error = None
 
-    def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
-        """``ref``: the request's ``prompt`` object, ``{name, label | version, variables}``; rendered in this
-        process (size-bounded; ``render_async`` bounds time too)."""
-        prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
-        return Rendered(prompt.name, chosen, tuple(prompt.render(ref.get("variables"))), prompt.model,
-                        prompt.params, prompt.guards, label_name)
-
-    async def render_async(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
-        """As ``render``; a template that is not plain renders in the render pool, bounded in time."""
+    async def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
+        """``ref``: the request's ``prompt`` object, ``{name, label | version, variables}``. A template that is
+        not plain renders in the render pool, bounded in time (in this process when the registry has none)."""
         prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
         messages = await prompt.render_in(self.renderer, ref.get("variables"), tenant_id)
         return Rendered(prompt.name, chosen, tuple(messages), prompt.model, prompt.params, prompt.guards, label_name)
@@ -129,7 +123,7 @@ class Registry:
         """Render by one reference that is a label if the prompt has one of that name, else a version
         (the dry runs of the API and the CLI)."""
         key = "label" if ref in self.label_names(tenant_id, name) else "version"
-        return await self.render_async(tenant_id, subject, {"name": name, key: ref, "variables": variables})
+        return await self.render(tenant_id, subject, {"name": name, key: ref, "variables": variables})
 
     def prompt(self, tenant_id: int, name: str, version: str) -> Prompt:
         """One version, compiled (NotFound if the registry does not hold it)."""

@@ -72,9 +72,9 @@ def forbidden_config_fields(names: Iterable[str]) -> list[str]:
 
 def check_client_fields(endpoint: str, body: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> None:
     """A 400 naming the first field a client may not send to this endpoint's upstream."""
-    allowed = ALLOWED[endpoint] | extra
+    allowed = ALLOWED[endpoint]
     for name in body:
-        if name in allowed:
+        if name in allowed or name in extra:
             continue
         if name in TRANSPORT:
             raise InvalidRequest(f"'{name}' is a transport or credential setting; where a request goes and with "
@@ -88,7 +88,7 @@ def check_client_fields(endpoint: str, body: Mapping[str, Any], extra: frozenset
 def upstream_body(endpoint: str, body: Mapping[str, Any], model: str, extra: frozenset[str] = frozenset()) -> \
         dict[str, Any]:
     """The body one attempt sends: the allowed fields of ``body`` with the upstream's model name."""
-    allowed = ALLOWED[endpoint] | extra
-    out = {k: v for k, v in body.items() if k in allowed and k not in TRANSPORT}
+    allowed = ALLOWED[endpoint]  # not merged with ``extra``: no set is built per attempt
+    out = {k: v for k, v in body.items() if (k in allowed or k in extra) and k not in TRANSPORT}
     out["model"] = model
     return out

@@ -67,18 +67,18 @@ async def render_bench(database_url: str, prompts: int, versions: int, renders: 
         load_s = time.perf_counter() - started
     variables = {"customer": "Ada", "question": "How much does this cost?"}
     for i in range(prompts):  # first use compiles; the steady state is what a request pays
-        registry.render(tid, "warm", {"name": f"p{i}", "variables": variables})
+        await registry.render(tid, "warm", {"name": f"p{i}", "variables": variables})
     samples = []
     for n in range(renders):
         ref = {"name": f"p{n % prompts}", "variables": variables}
         t0 = time.perf_counter()
-        rendered = registry.render(tid, f"user-{n}", ref)
+        rendered = await registry.render(tid, f"user-{n}", ref)
         count_messages(list(rendered.messages))
         samples.append(time.perf_counter() - t0)
     cold = []
     for i in range(min(prompts, 500)):  # a version not yet compiled: first render of it
         t0 = time.perf_counter()
-        registry.render(tid, "cold", {"name": f"p{i}", "version": f"{i:05d}{0:035d}", "variables": variables})
+        await registry.render(tid, "cold", {"name": f"p{i}", "version": f"{i:05d}{0:035d}", "variables": variables})
         cold.append(time.perf_counter() - t0)
     p50, p99 = p50_p99(samples, 1e6)
     c50, c99 = p50_p99(cold, 1e6)
