@@ -24,7 +24,7 @@ import concurrent.futures
 import multiprocessing
 import operator
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -266,6 +266,3 @@ class RenderPool:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-
-
-Renderer = Callable[[tuple[tuple[str, str], ...], dict[str, Any]], Any]
