@@ -7,13 +7,50 @@ if __name__ != "tollway.prompts":
                       "(pip install -e . maps it), not as a top-level 'prompts'.")
 
 from tollway.prompts.gate import Gate, GateResult
+from tollway.prompts.git import GitServer
 from tollway.prompts.labels import PRODUCTION, GateRefused, Label, labels_of, move_label, rollback
 from tollway.prompts.paths import check_name, check_path
 from tollway.prompts.registry import Registry, Rendered
 from tollway.prompts.render import RenderPool
+from tollway.prompts.rollouts import list_prompt_rollouts, start_prompt_rollout
 from tollway.prompts.spec import Prompt, PromptError, parse_prompt
-from tollway.prompts.store import StaleParent, Version, repair, submit, version, versions_of
+from tollway.prompts.store import (
+    StaleParent,
+    Version,
+    file_at,
+    repair,
+    submit,
+    verify,
+    version,
+    versions_of,
+)
 
-__all__ = ["PRODUCTION", "Gate", "GateRefused", "GateResult", "Label", "Prompt", "PromptError", "Registry",
-           "RenderPool", "Rendered", "StaleParent", "Version", "check_name", "check_path", "labels_of", "move_label", "parse_prompt", "repair", "rollback", "submit",
-           "version", "versions_of"]
+__all__ = [
+    "PRODUCTION",
+    "Gate",
+    "GateRefused",
+    "GateResult",
+    "GitServer",
+    "Label",
+    "Prompt",
+    "PromptError",
+    "Registry",
+    "RenderPool",
+    "Rendered",
+    "StaleParent",
+    "Version",
+    "check_name",
+    "check_path",
+    "file_at",
+    "labels_of",
+    "list_prompt_rollouts",
+    "move_label",
+    "parse_prompt",
+    "repair",
+    "rollback",
+    "start_prompt_rollout",
+    "submit",
+    "verify",
+    "version",
+    "versions_of",
+]

@@ -1,6 +1,6 @@
 """The gate a move of a prompt's ``production`` label must pass: ``check(tenant, prompt, candidate,
 current, actor) -> GateResult``, called with a timeout. The gateway supplies it
-(``tollway.gateway.evaluating.EvalGate``: the prompt's golden set run against both versions); without
+(``tollway.gateway.parts.evaluating.EvalGate``: the prompt's golden set run against both versions); without
 one every move passes and the audit row says "no gate"."""
 
 from __future__ import annotations

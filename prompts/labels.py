@@ -12,8 +12,8 @@ from typing import Any
 
 import psycopg
 
-from tollway import changes
 from tollway.errors import InvalidRequest, NotFound, TollwayError
+from tollway.infra import changes
 from tollway.prompts.gate import Gate, GateResult
 from tollway.prompts.store import version
 

@@ -14,7 +14,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import NotFound
-from tollway.guardrails.policy import PromptGuards
+from tollway.guardrails import PromptGuards
 from tollway.jsontypes import JSON
 from tollway.prompts.labels import PRODUCTION, Label
 from tollway.prompts.render import RenderPool

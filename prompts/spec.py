@@ -30,7 +30,7 @@ from jinja2 import meta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tollway.errors import InvalidRequest
-from tollway.guardrails.policy import PolicyError, PromptGuards, parse_prompt_guards
+from tollway.guardrails import PolicyError, PromptGuards, parse_prompt_guards
 from tollway.jsontypes import JSON
 from tollway.prompts.render import (
     ENV,
@@ -216,7 +216,7 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
 def check_golden_set(path: str, text: str | bytes) -> int:
     """A golden set as the evals part runs it (``tollway.evals.golden``): JSONL, each line an object with
     ``messages`` or ``variables`` and a list of ``checks`` it knows. Returns the number of items."""
-    from tollway.evals.golden import GoldenSetError, parse_set
+    from tollway.evals import GoldenSetError, parse_set
 
     try:
         return len(parse_set(text, path).items)

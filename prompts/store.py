@@ -26,8 +26,8 @@ from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
 from dulwich.refs import Ref
 from dulwich.repo import MemoryRepo
 
-from tollway import changes
 from tollway.errors import NotFound, TollwayError
+from tollway.infra import changes
 from tollway.prompts.paths import check_name, check_path, check_tree, path_problem
 from tollway.prompts.spec import PromptError, check_golden_set, parse_prompt
 

@@ -9,6 +9,7 @@ if __name__ != "tollway.routing":
     raise ImportError("This folder is Tollway's 'tollway.routing' package; import it by that name "
                       "(pip install -e . maps it), not as a top-level 'routing'.")
 
+from tollway.config import ConfigError, RawConfig, RawUpstream, load_config, parse_config
 from tollway.routing.build import build_router
 from tollway.routing.cache import CachedAnswer
 from tollway.routing.catalog import (
@@ -20,15 +21,26 @@ from tollway.routing.catalog import (
     build_catalog,
     resolve_upstream,
 )
-from tollway.routing.config import ConfigError, RawConfig, RawUpstream, load_config, parse_config
 from tollway.routing.decision import BudgetSignal, RouteDecision, TenantRouting
 from tollway.routing.fallback import Attempt, ChainFailed, Served
 from tollway.routing.health import SaturationPoller
+from tollway.routing.rollouts import (
+    ROLLOUT_KIND,
+    Rollout,
+    delete_rollout,
+    list_rollouts,
+    load_rollouts,
+    move_rollout,
+    seed_rollouts,
+    set_rollout,
+)
 from tollway.routing.router import Plan, Router
 from tollway.routing.tokens import content_texts, count_messages, count_text, encoding
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
+from tollway.routing.wire import forbidden_config_fields
 
 __all__ = [
+    "ROLLOUT_KIND",
     "Attempt",
     "BudgetSignal",
     "CachedAnswer",
@@ -40,6 +52,7 @@ __all__ = [
     "Price",
     "RawConfig",
     "RawUpstream",
+    "Rollout",
     "RouteDecision",
     "Router",
     "SaturationPoller",
@@ -55,10 +68,17 @@ __all__ = [
     "content_texts",
     "count_messages",
     "count_text",
+    "delete_rollout",
     "discover",
     "encoding",
+    "forbidden_config_fields",
+    "list_rollouts",
     "load_config",
+    "load_rollouts",
+    "move_rollout",
     "new_session",
     "parse_config",
     "resolve_upstream",
+    "seed_rollouts",
+    "set_rollout",
 ]

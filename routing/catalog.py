@@ -15,7 +15,7 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
-from tollway.routing.config import (
+from tollway.config import (
     ConfigError,
     RawConfig,
     RawPrice,
@@ -189,7 +189,7 @@ class Catalog:
                 raise ConfigError(f"alias {alias!r} collides with a model name")
 
     def set_rollouts(self, rollouts: Iterable[RawRollout]) -> None:
-        """Model canaries and shadows, changeable at run time (``tollway.gateway.rollouts``): one assignment,
+        """Model canaries and shadows, changeable at run time (``tollway.routing.rollouts``): one assignment,
         so a request sees either the old set or the new one. Rollouts naming a model this catalog lacks
         are left out."""
         known = tuple(r for r in rollouts if r.model in self.models and r.candidate in self.models)

@@ -6,7 +6,7 @@ Data: FreshQA (``inspect-evals`` ships ``abstention_bench/data/freshqa/FreshQA_v
 600 questions labelled one-hop or multi-hop; a multi-hop question is "hard" (needs the large model).
 The split is fixed by a hash of the question id (70% train, 30% held out), so training is
 reproducible and the held-out figures in the model file can be checked by anyone
-(``tests/unit/test_difficulty.py`` re-evaluates them; ``bench/routing`` routes the held-out set).
+(``tests/unit/routing/test_difficulty.py`` re-evaluates them; ``bench/routing`` routes the held-out set).
 Needs scikit-learn (a test dependency), not at run time: the gateway only reads the weights.
 """
 

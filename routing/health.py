@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from tollway.periodic import Periodic
+from tollway.config import RawBreaker, RawSaturation
+from tollway.infra.periodic import Periodic
 from tollway.routing.catalog import UpstreamSpec
-from tollway.routing.config import RawBreaker, RawSaturation
 
 log = logging.getLogger("tollway.routing.health")
 

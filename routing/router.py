@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from tollway.background import Background
+from tollway.infra.background import Background
 from tollway.jsontypes import JSON
 from tollway.routing.cache import CachedAnswer, ResponseCache, cache_key, deterministic
 from tollway.routing.catalog import Catalog, ModelEntry

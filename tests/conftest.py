@@ -22,12 +22,12 @@ from support.config import SIM_MODELS, write_config
 from support.processes import Process, Served, ready, stop_all
 from support.tenants import Tenant, key_hasher, ledger_rows
 
-from tollway.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
+from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The keyed hash of API keys: one server secret for the in-process apps, the gateways the tests start and
-# the keys the fixtures write (tollway.gateway.keys.KeyHasher).
+# the keys the fixtures write (tollway.gateway.tenancy.keys.KeyHasher).
 os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + secrets.token_hex(8))
 
 
@@ -36,7 +36,7 @@ os.environ.setdefault("TOLLWAY_KEY_SECRET", "test-key-secret-" + secrets.token_h
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     import asyncio
 
-    from tollway.db import migrate
+    from tollway.infra.db import migrate
 
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     server.start()
@@ -91,8 +91,8 @@ def sim(start_sim: Callable[..., Process]) -> Process:
 def make_tenant(pg: EmbeddedPostgres) -> Callable[..., Tenant]:
     import asyncio
 
-    from tollway.db import migrate
-    from tollway.gateway.keys import create_key, create_tenant
+    from tollway.gateway.tenancy.keys import create_key, create_tenant
+    from tollway.infra.db import migrate
 
     asyncio.run(migrate(pg.url))
 
@@ -116,7 +116,7 @@ def make_key(pg: EmbeddedPostgres) -> Callable[..., str]:
     """Another key of an existing tenant: returns its secret."""
     import asyncio
 
-    from tollway.gateway.keys import create_key
+    from tollway.gateway.tenancy.keys import create_key
 
     def make(tenant: str, role: str = "app") -> str:
         async def go() -> str:

@@ -3,394 +3,34 @@ and held by one ``AppState``, reachable as ``app.state.tollway``; nothing is bui
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
-from psycopg_pool import AsyncConnectionPool
 from starlette.types import Receive, Scope, Send
 
 import tollway
-from tollway.alerts import Delivery, Webhook
-from tollway.changes import ChangeListener, Note
-from tollway.db import migrate
-from tollway.errors import TollwayError
-from tollway.gateway.admin import router as admin_router
-from tollway.gateway.api import install_error_handlers, install_openapi, router
-from tollway.gateway.breakers import BreakerEvents
-from tollway.gateway.budget_alerts import budget_uses, check_budgets
-from tollway.gateway.calls import Calls, Limits
-from tollway.gateway.console import router as console_router
-from tollway.gateway.endpoints import HOT_ROUTES
-from tollway.gateway.evals_api import router as evals_router
-from tollway.gateway.evaluating import EvalGate, Evals, eval_settings
-from tollway.gateway.exchange import Parts
-from tollway.gateway.git_http import PREFIX as GIT_PREFIX
-from tollway.gateway.git_http import GitHTTP
-from tollway.gateway.guarding import Guarding
-from tollway.gateway.keys import (
-    KeyStore,
-    bootstrap_default_tenant,
-    load_key_hasher,
-    rekey_legacy,
-    rekey_status,
-)
-from tollway.gateway.ledger import Ledger
-from tollway.gateway.metrics_api import router as metrics_router
-from tollway.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from tollway.gateway.prometheus import Metrics, multiprocess
-from tollway.gateway.prompting import RegistryPrompts
-from tollway.gateway.prompts_api import router as prompts_router
-from tollway.gateway.quality import LiveQuality, apply_retention, quality_settings
-from tollway.gateway.quality_api import router as quality_router
-from tollway.gateway.quota import QuotaService
-from tollway.gateway.rag import Rag, RagSettings
-from tollway.gateway.reconcile import reconcile
-from tollway.gateway.retrieval_api import router as retrieval_router
-from tollway.gateway.rollouts import KIND as ROLLOUT
-from tollway.gateway.rollouts import load_into as load_rollouts
-from tollway.gateway.rollouts import seed as seed_rollouts
-from tollway.gateway.service import CompletionService
-from tollway.gateway.shadow import Shadows
-from tollway.gateway.telemetry import Telemetry, build_telemetry
-from tollway.gateway.tenant_policy import PolicyStore
-from tollway.gateway.watch import Monitor
-from tollway.guardrails.policy import PolicyError
-from tollway.periodic import Periodic
-from tollway.prompts import Gate, Registry, RenderPool
-from tollway.publicids import load_public_ids
-from tollway.retrieval import LocalEmbedder
-from tollway.routing import (
-    Catalog,
-    ConfigError,
-    RawUpstream,
-    Router,
-    SaturationPoller,
-    Upstream,
-    build_catalog,
-    build_router,
-    build_upstream,
-    discover,
-    load_config,
-    new_session,
-    resolve_upstream,
-)
+from tollway.gateway.console.routes import router as console_router
+from tollway.gateway.http.api import install_error_handlers, install_openapi, router
+from tollway.gateway.http.endpoints import HOT_ROUTES
+from tollway.gateway.http.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from tollway.gateway.http.routes import budgets, guards, operations, reports, tenants
+from tollway.gateway.http.routes.evals import router as evals_router
+from tollway.gateway.http.routes.metrics import router as metrics_router
+from tollway.gateway.http.routes.prompts import router as prompts_router
+from tollway.gateway.http.routes.prompts_git import PREFIX as GIT_PREFIX
+from tollway.gateway.http.routes.quality import router as quality_router
+from tollway.gateway.http.routes.retrieval import router as retrieval_router
 from tollway.settings import Settings
+from tollway.state import AppState, StartupError, build_state, upstream_configs
 
 log = logging.getLogger("tollway")
-
-
-class StartupError(Exception):
-    """Tollway cannot start as configured; the message says what to change."""
-
-
-@dataclass
-class AppState:
-    settings: Settings
-    pool: AsyncConnectionPool
-    redis: aioredis.Redis
-    session: aiohttp.ClientSession
-    telemetry: Telemetry
-    catalog: Catalog
-    upstreams: dict[str, Upstream]
-    keys: KeyStore
-    ledger: Ledger
-    service: CompletionService
-    policies: PolicyStore
-    quota: QuotaService
-    events: BreakerEvents
-    routing: Router
-    shadows: Shadows
-    changes: ChangeListener
-    prompts: Registry
-    rag: Rag
-    guarding: Guarding
-    evals: Evals
-    quality: LiveQuality
-    monitor: Monitor
-    git: GitHTTP | None = None
-    prompt_gate: Gate | None = None  # runs a prompt's golden set when production moves (EvalGate)
-
-    async def readiness(self) -> dict[str, bool]:
-        async def database() -> bool:
-            async with self.pool.connection(timeout=2) as conn:
-                await conn.execute("SELECT 1")
-            return True
-
-        async def cache() -> bool:
-            return bool(await self.redis.ping())
-
-        async def upstream() -> bool:
-            for candidate in self.upstreams.values():
-                try:
-                    await asyncio.wait_for(candidate.list_models(), 2)
-                    return True
-                except Exception:
-                    continue
-            return False
-
-        names = ("database", "redis", "upstream")
-        results = await asyncio.gather(*(asyncio.wait_for(c(), 3) for c in (database, cache, upstream)),
-                                       return_exceptions=True)
-        return {n: r is True for n, r in zip(names, results, strict=True)}
-
-
-def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger: Ledger,
-                interval_s: float) -> Periodic:
-    """At start-up (an embedded Redis starts empty) and then periodically, raise any budget counter that
-    fell behind the ledger."""
-
-    async def run() -> None:
-        await ledger.flush()
-        await reconcile(pool, redis_client)
-
-    return Periodic("budget-reconcile", interval_s, run)
-
-
-async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore,
-                              prompts: Registry, pool: AsyncConnectionPool, catalog: Catalog) -> ChangeListener:
-    """Every change made anywhere (CLI, any replica's admin API, a git push, the quality monitor) drops what
-    this process cached about it, or reloads it (a tenant's prompts, the model rollouts)."""
-
-    async def apply(note: Note) -> None:
-        if note.kind == "key":
-            keys.forget(int(note.subject))
-        if note.kind == ROLLOUT:
-            async with pool.connection() as conn:
-                await load_rollouts(conn, catalog)
-        if note.tenant_id is not None:
-            policies.forget(note.tenant_id)
-            if note.kind in ("prompt", "prompt_label"):
-                await prompts.load(note.tenant_id)
-
-    listener = ChangeListener(database_url, [apply])
-    listener.start()
-    try:  # changes made right after start-up must not slip past: wait (briefly) until it listens
-        await asyncio.wait_for(listener.connected.wait(), 5)
-    except TimeoutError:
-        log.warning("change listener not connected yet; caches fall back to their TTLs until it is")
-    return listener
-
-
-def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
-    """A pool that makes callers wait for a free connection (redis-py's default pool raises instead,
-    which under load would read as "Redis is down")."""
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=2,
-                                                    socket_timeout=2, socket_connect_timeout=2)
-    return aioredis.Redis(connection_pool=pool)
-
-
-def upstream_configs(settings: Settings) -> list[RawUpstream]:
-    raw = load_config(settings.config).upstreams
-    extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
-             for i, url in enumerate(settings.upstreams, start=1)]
-    return [*raw, *extra]
-
-
-async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: SpanExporter | None,
-                      metric_reader: MetricReader | None = None) -> AppState:
-    if not settings.database_url or not settings.redis_url:
-        raise StartupError("TOLLWAY_DATABASE_URL and TOLLWAY_REDIS_URL must be set "
-                           "(`tollway serve` starts embedded ones when they are not).")
-    raw_config = load_config(settings.config)
-    raw_upstreams = upstream_configs(settings)
-    if not raw_upstreams:
-        raise StartupError("No upstream is configured: give --upstream URL, TOLLWAY_UPSTREAMS or a config file.")
-
-    await migrate(settings.database_url)
-    telemetry = build_telemetry(otlp_endpoint=settings.otlp_endpoint, span_exporter=span_exporter,
-                                metric_reader=metric_reader)
-    stack.callback(telemetry.shutdown)
-
-    pool = AsyncConnectionPool(settings.database_url, min_size=4, max_size=16, open=False, timeout=5,
-                               check=AsyncConnectionPool.check_connection)
-    await pool.open(wait=True, timeout=10)
-    stack.push_async_callback(pool.close)
-    redis_client = redis_client_for(settings.redis_url, settings.redis_max_connections)
-    stack.push_async_callback(redis_client.aclose)
-    session = new_session()
-    stack.push_async_callback(session.close)
-
-    specs = [resolve_upstream(u, timeout_s=settings.upstream_timeout_s,
-                              connect_timeout_s=settings.upstream_connect_timeout_s) for u in raw_upstreams]
-    upstreams = {s.name: build_upstream(s, session) for s in specs}
-    discovered = await discover(list(upstreams.values()), settings.discovery_timeout_s)
-    catalog = build_catalog(raw_config, discovered, specs)
-
-    hasher = load_key_hasher(settings.key_secret, settings.key_secret_previous, settings.data_dir)
-    async with pool.connection() as conn:  # rows from before the keyed hash (one UPDATE each, once)
-        await rekey_legacy(conn, hasher)
-        keyed = await rekey_status(conn, hasher)
-        ids = await load_public_ids(conn)
-    if keyed["other_secret"] and not keyed["current_secret"] and hasher.previous is None:
-        raise StartupError("Every API key in this database is stored under another key secret: set "
-                           "TOLLWAY_KEY_SECRET to the one the other replicas use (or, rotating, the old one in "
-                           "TOLLWAY_KEY_SECRET_PREVIOUS). See docs/security.md.")
-    keys = KeyStore(pool, cache_ttl_s=settings.auth_cache_ttl_s, hasher=hasher,
-                    stale_max_s=settings.auth_stale_max_s)
-    ledger = Ledger(pool, settings.spill_dir, queue_size=settings.ledger_queue_size,
-                    batch_size=settings.ledger_batch_size, flush_interval_s=settings.ledger_flush_interval_s,
-                    retry_interval_s=settings.ledger_retry_interval_s)
-    await ledger.start()
-    stack.push_async_callback(ledger.stop)  # runs first on shutdown: the ledger drains while the pool is open
-
-    if settings.bootstrap:
-        async with pool.connection() as conn:
-            created = await bootstrap_default_tenant(conn, hasher)
-        if created is not None:
-            print(f"\nTollway created tenant 'default' with an app key (shown once, store it now):\n\n"
-                  f"    {created.secret}\n", file=sys.stderr, flush=True)
-
-    policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
-    renderer = RenderPool()  # started on the first template that needs it
-    stack.callback(renderer.close)
-    prompts = Registry(pool, renderer)
-    await prompts.load()
-    async with pool.connection() as conn:  # the config's rollouts are the starting point; the table wins
-        await seed_rollouts(conn, catalog)
-        await load_rollouts(conn, catalog)
-    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog)
-    stack.push_async_callback(changes.stop)
-    events = BreakerEvents(pool, telemetry)
-    stack.push_async_callback(events.drain)
-    quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
-                         on_trip=events.trip)
-    stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
-    if settings.alert_webhook_url:
-        if not settings.alert_webhook_secret:
-            raise StartupError("TOLLWAY_ALERT_WEBHOOK_URL needs TOLLWAY_ALERT_WEBHOOK_SECRET (alerts are signed).")
-        delivery = Delivery(pool, session, Webhook(settings.alert_webhook_url, settings.alert_webhook_secret,
-                                                   settings.alert_webhook_max_attempts))
-
-        async def deliver() -> None:
-            await delivery.sweep()
-
-        sweeper = Periodic("alert-delivery", 2.0, deliver)
-        sweeper.start()
-        stack.push_async_callback(sweeper.stop)
-
-    async def budget_check() -> None:  # budgets may set their own thresholds: runs even with no defaults
-        await ledger.flush()
-        await check_budgets(pool, (settings.budget_alert_thresholds, "forecast" in settings.budget_alerts),
-                            on_alert=telemetry.alert)
-
-    # not at start-up: each pass sums the ledger, and a restart has no alert to catch up on sooner
-    budget_watch = Periodic("budget-alerts", settings.budget_alert_interval_s, budget_check, at_start=False)
-    budget_watch.start()
-    stack.push_async_callback(budget_watch.stop)
-    reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
-    reconciler.start()
-    stack.push_async_callback(reconciler.stop)
-    routing = build_router(catalog, upstreams, redis_client)
-    shadows = Shadows(routing, ledger, pool)  # always: rollouts change at run time
-    telemetry.observe_replicas(routing.health.replicas)
-    await _export_metrics(settings, stack, pool, telemetry.prometheus, routing.health.replicas, ledger)
-    poller = SaturationPoller(routing.health, specs, session, catalog.routing.saturation.poll_interval_s)
-    await poller.poll_once()  # the first routing decisions already see the queues
-    poller.start()
-    stack.push_async_callback(poller.stop)
-    stack.push_async_callback(shadows.drain)  # before the ledger stops: shadow rows are written
-    try:
-        quality_conf = quality_settings(raw_config.quality)
-    except ConfigError as exc:
-        raise StartupError(f"{settings.config or 'config'}: {exc}") from None
-    quality = LiveQuality(pool, routing, ledger, telemetry, quality_conf)
-    await quality.refresh_rates()
-    quality.start()
-    stack.push_async_callback(quality.stop)  # before the ledger stops: judge rows are written
-    monitor = Monitor(pool, settings.database_url, quality_conf, quality, telemetry)
-    stack.push_async_callback(monitor.close)
-    if quality_conf.enabled:
-        for job in (Periodic("quality-monitor", quality_conf.interval_s, monitor.tick, at_start=False),
-                    Periodic("content-retention", quality_conf.retention_interval_s, _retention(pool))):
-            job.start()
-            stack.push_async_callback(job.stop)
-    stack.push_async_callback(routing.drain)  # before Redis closes: finished streams are cached
-    git = GitHTTP(pool, prompts.load)
-    stack.callback(git.close)
-    calls = Calls(catalog, ledger, telemetry,
-                  Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
-                  policies=policies, quota=quota)
-    local = LocalEmbedder() if settings.embedder == "local" or settings.local_embedder else None
-    if local is not None:
-        await asyncio.to_thread(local.load)  # here, not in the first request that retrieves
-        stack.callback(local.close)
-    rag = Rag(pool, calls, routing, local, RagSettings(
-        default_embedder=settings.embedder, context_tokens=settings.context_tokens,
-        max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,
-        on_failure=settings.retrieval_failure), ids)
-    if settings.embedder != "local":
-        try:
-            rag.entry(settings.embedder)
-        except TollwayError as exc:
-            raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
-    try:
-        guarding = Guarding.from_config(raw_config.guardrails)
-    except PolicyError as exc:
-        raise StartupError(f"{settings.config or 'config'}: {exc}") from None
-    parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
-    service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality)
-    evals = Evals(pool, service, prompts, eval_settings(raw_config.evals), ids)
-    stack.push_async_callback(evals.background.drain)
-    log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
-    return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
-                    catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
-                    policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
-                    changes=changes, prompts=prompts, rag=rag, guarding=guarding, evals=evals, git=git,
-                    prompt_gate=EvalGate(evals, pool), quality=quality, monitor=monitor)
-
-
-def _retention(pool: AsyncConnectionPool) -> Callable[[], Awaitable[None]]:
-    """The content policy's retention: stored prompts and answers older than their tenant allows go."""
-
-    async def run() -> None:
-        async with pool.connection() as conn:
-            removed = await apply_retention(conn)
-        if any(removed.values()):
-            log.info("content retention: %s", removed)
-
-    return run
-
-
-async def _export_metrics(settings: Settings, stack: AsyncExitStack, pool: AsyncConnectionPool, metrics: Metrics,
-                          replicas: Mapping[str, Any], ledger: Ledger) -> None:
-    """Gauges read from this process's state every few seconds (and at each scrape it serves), budget use
-    every ``TOLLWAY_METRICS_BUDGET_INTERVAL_S``; the unauthenticated metrics port when one is set (with
-    --workers N the parent serves it)."""
-
-    async def gauges() -> None:
-        metrics.observe(replicas, ledger)
-
-    async def budgets() -> None:
-        now = datetime.now(UTC)
-        async with pool.connection() as conn:
-            highest: dict[tuple[str, int, str, str], float] = {}
-            async for use in budget_uses(conn, now):
-                key = (use.tenant, use.budget.id, use.budget.scope, use.budget.period)
-                highest[key] = max(highest.get(key, 0.0), use.share)
-        metrics.budgets((*key, share) for key, share in highest.items())
-
-    for job in (Periodic("metrics-gauges", 5.0, gauges), Periodic("metrics-budgets",
-                                                                  settings.metrics_budget_interval_s, budgets)):
-        job.start()
-        stack.push_async_callback(job.stop)
-    if settings.metrics_port and not multiprocess():
-        from prometheus_client import start_http_server
-
-        server, _ = start_http_server(settings.metrics_port, settings.host, registry=metrics.registry)
-        stack.callback(server.shutdown)
 
 
 class Gateway:
@@ -415,7 +55,8 @@ class Gateway:
         self.api = FastAPI(title="Tollway", version=tollway.__version__, lifespan=lifespan, redoc_url=None,
                            description="OpenAI-compatible LLM gateway with cost control.")
         self.api.include_router(router)
-        self.api.include_router(admin_router)
+        for surface in (budgets, guards, tenants, operations, reports):
+            self.api.include_router(surface.router)
         self.api.include_router(prompts_router)
         self.api.include_router(retrieval_router)
         self.api.include_router(evals_router)
@@ -467,4 +108,4 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
     return Gateway(settings or Settings(), span_exporter, metric_reader)
 
 
-__all__ = ["AppState", "Gateway", "StartupError", "create_app", "create_app_from_env"]
+__all__ = ["AppState", "Gateway", "StartupError", "create_app", "create_app_from_env", "upstream_configs"]

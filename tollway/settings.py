@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # While the database is unreachable, a known key's last good entry serves for up to this long.
     auth_stale_max_s: float = Field(default=3600.0, ge=0)
     # The server secret of the keyed hash API keys are stored under (default: <data_dir>/key-secret, made
-    # once); every replica sets the same one. The previous secret, during a rotation (tollway.gateway.keys).
+    # once); every replica sets the same one. The previous secret, during a rotation (tollway.gateway.tenancy.keys).
     key_secret: str | None = Field(default=None, repr=False)
     key_secret_previous: str | None = Field(default=None, repr=False)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # a request may choose for itself with retrieval.on_failure.
     retrieval_failure: Literal["fail", "answer"] = "fail"
 
-    # Alerts (budget thresholds, drift) are also POSTed here, signed with the secret (see tollway.alerts).
+    # Alerts (budget thresholds, drift) are also POSTed here, signed with the secret (see tollway.infra.alerts).
     alert_webhook_url: str | None = None
     alert_webhook_secret: str | None = None
     alert_webhook_max_attempts: int = Field(default=8, ge=1, le=100)

@@ -26,16 +26,16 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from tollway.app import redis_client_for
+from tollway.state import redis_client_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import p50_p99
 
-from tollway.embedded import EmbeddedRedis
 from tollway.errors import QuotaExceeded
-from tollway.gateway.keys import Principal
-from tollway.gateway.quota import Demand, QuotaService, budget_counter, from_nano
-from tollway.gateway.tenant_policy import Budget, TenantPolicy, TenantRules
+from tollway.gateway.metering.quota import Demand, QuotaService, budget_counter, from_nano
+from tollway.gateway.tenancy.keys import Principal
+from tollway.gateway.tenancy.policy import Budget, TenantPolicy, TenantRules
+from tollway.local.embedded import EmbeddedRedis
 
 
 async def timed(n: int, op) -> list[float]:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import free_port, wait_http
 
-from tollway.embedded import EmbeddedPostgres
+from tollway.local.embedded import EmbeddedPostgres
 
 INSERT = """
 INSERT INTO ledger (request_id, created_at, tenant_id, key_id, end_user, endpoint, model, tier, route_reason, role,
@@ -102,8 +102,8 @@ def main() -> None:
 
         import psycopg
 
-        from tollway.db import migrate
-        from tollway.gateway.keys import create_key, create_tenant, load_key_hasher
+        from tollway.gateway.tenancy.keys import create_key, create_tenant, load_key_hasher
+        from tollway.infra.db import migrate
 
         asyncio.run(migrate(pg.url))
         hasher = load_key_hasher(os.environ.get("TOLLWAY_KEY_SECRET"), None, work / "data")  # the gateway below reads the same data dir

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import Processes, free_port, p50_p99, wait_http  # noqa: E402
 
-from tollway.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
+from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
 
 DEADLINE_S, TTFT_DEADLINE_S = 0.5, 0.3
 BREAKER = {"consecutive_failures": 5, "open_s": 2.0, "half_open_probes": 1}

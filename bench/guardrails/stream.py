@@ -1,6 +1,6 @@
 """What output guards cost a stream, side by side in one run.
 
-1. In process, per chunk: the output guard (``tollway.gateway.guarding.GuardFilter``) over answers of
+1. In process, per chunk: the output guard (``tollway.gateway.parts.guarding.GuardFilter``) over answers of
    Faker prose with planted PII and secrets, in 4-character chunks (about a token each); p50/p99 time per
    chunk for two policies, against calling a guardrails-ai ``Guard`` on the held window at every chunk (the
    approach the hot path avoids), and how much text the window holds back.
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import Processes, free_port, p50_p99, wait_http  # noqa: E402  (bench/common.py)
 
-from tollway.gateway.guarding import GuardFilter  # noqa: E402
+from tollway.gateway.parts.guarding import GuardFilter  # noqa: E402
 from tollway.guardrails.engine import OutputPlan  # noqa: E402
 from tollway.guardrails.policy import parse_policy, resolve  # noqa: E402
 

@@ -46,8 +46,8 @@ params: {{temperature: 0.2, max_tokens: 64}}
 async def render_bench(database_url: str, prompts: int, versions: int, renders: int) -> dict[str, float]:
     import psycopg
 
-    from tollway.db import migrate
-    from tollway.gateway.keys import create_tenant
+    from tollway.gateway.tenancy.keys import create_tenant
+    from tollway.infra.db import migrate
     from tollway.prompts import Registry
     from tollway.routing import count_messages
 
@@ -104,7 +104,7 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1"}
     procs = Processes(work, env)
     try:
-        from tollway.embedded import EmbeddedPostgres, EmbeddedRedis
+        from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
 
         pg = EmbeddedPostgres(work / "data" / "postgres")
         database_url = pg.start()

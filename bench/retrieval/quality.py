@@ -26,8 +26,8 @@ from pathlib import Path
 
 import psycopg
 
-from tollway.db import migrate
-from tollway.embedded import EmbeddedPostgres
+from tollway.infra.db import migrate
+from tollway.local.embedded import EmbeddedPostgres
 from tollway.retrieval import (
     LocalEmbedder,
     NewDocument,

@@ -29,8 +29,8 @@ import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector_async
 
-from tollway.db import migrate
-from tollway.embedded import EmbeddedPostgres
+from tollway.infra.db import migrate
+from tollway.local.embedded import EmbeddedPostgres
 from tollway.retrieval import Splitting, create_collection, store, tenant_tx
 
 DIMS = 384

@@ -26,14 +26,17 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, tmp_path):
     created = tollway("tenants", "create", "cli-tenant", env=env)
     assert created.returncode == 0, created.stderr
     again = tollway("tenants", "create", "cli-tenant", env=env)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
     key = tollway("keys", "create", "--tenant", "cli-tenant", "--models", "sim-small", env=env)
     assert key.returncode == 0, key.stderr
     secret = key.stdout.strip()
-    assert secret.startswith("tw-") and "shown once" in key.stderr
+    assert secret.startswith("tw-")
+    assert "shown once" in key.stderr
     key_id = key.stderr.split()[1]
     missing = tollway("keys", "create", "--tenant", "nobody", env=env)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert missing.returncode == 2
+    assert "does not exist" in missing.stderr
 
     config = write_config(tmp_path / "tollway.yaml", sim.url)
     served = serve("--config", str(config), env={**env, "TOLLWAY_REDIS_URL": redis_url,
@@ -43,9 +46,11 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, tmp_path):
     # the id `keys revoke` needs, found by `keys list` (never the secret); the lookup above marked it used
     listed = json.loads(tollway("keys", "list", "--tenant", "cli-tenant", "--json", env=env).stdout)
     assert [(k["id"], k["role"], k["models"]) for k in listed] == [(int(key_id), "app", ["sim-small"])]
-    assert listed[0]["last_used_at"] is not None and secret not in json.dumps(listed)
+    assert listed[0]["last_used_at"] is not None
+    assert secret not in json.dumps(listed)
     table = tollway("keys", "list", "--tenant", "cli-tenant", env=env).stdout
-    assert table.splitlines()[0].split()[:4] == ["id", "tenant", "name", "role"] and key_id in table
+    assert table.splitlines()[0].split()[:4] == ["id", "tenant", "name", "role"]
+    assert key_id in table
     tenants = tollway("tenants", "list", env=env).stdout
     assert "cli-tenant" in tenants
     revoked = tollway("keys", "revoke", key_id, env=env)
@@ -70,7 +75,8 @@ def test_doctor(pg, redis_url, sim, tmp_path):
     ok = tollway("doctor", env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
                                 "TOLLWAY_UPSTREAMS": sim.url, "TOLLWAY_CONFIG": ""})
     assert ok.returncode == 0, ok.stdout
-    assert "ok    database: PostgreSQL 18" in ok.stdout and "ok    redis: Redis 6.2" in ok.stdout
+    assert "ok    database: PostgreSQL 18" in ok.stdout
+    assert "ok    redis: Redis 6.2" in ok.stdout
     assert "ok    upstream upstream-1" in ok.stdout
     assert "ok    embedder: local/all-MiniLM-L6-v2-int8: 384 dimensions" in ok.stdout
     assert "ok    guardrails: defaults: input none, output none; extra validators: none" in ok.stdout
@@ -79,12 +85,15 @@ def test_doctor(pg, redis_url, sim, tmp_path):
                       "    toxic: {use: 'guardrails.hub:ToxicLanguage'}\n")
     missing = tollway("doctor", env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
                                      "TOLLWAY_UPSTREAMS": sim.url, "TOLLWAY_CONFIG": str(config)})
-    assert missing.returncode == 1 and "FAIL  guardrails" in missing.stdout and "cannot import" in missing.stdout
+    assert missing.returncode == 1
+    assert "FAIL  guardrails" in missing.stdout
+    assert "cannot import" in missing.stdout
     broken = tollway("doctor", env={"TOLLWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/x",
                                     "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_UPSTREAMS": "http://127.0.0.1:9",
                                     "TOLLWAY_CONFIG": ""})
     assert broken.returncode == 1
-    assert "FAIL  database" in broken.stdout and "FAIL  upstream upstream-1" in broken.stdout
+    assert "FAIL  database" in broken.stdout
+    assert "FAIL  upstream upstream-1" in broken.stdout
 
 
 def test_our_guardrails_folder_never_shadows_guardrails_ai(tmp_path):
@@ -95,7 +104,8 @@ def test_our_guardrails_folder_never_shadows_guardrails_ai(tmp_path):
     # at the root (where `python -c` puts the folder first on sys.path) ours says what happened
     result = subprocess.run([sys.executable, "-c", "import guardrails"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
-    assert "import it by that name" in result.stderr and "tollway.guardrails" in result.stderr
+    assert "import it by that name" in result.stderr
+    assert "tollway.guardrails" in result.stderr
     from tollway import guardrails
 
     assert guardrails.__name__ == "tollway.guardrails"
@@ -114,7 +124,8 @@ def test_budget_commands(pg, redis_url, make_tenant):
                        "--tokens", "1000", env=env)
     assert per_user.returncode == 0, per_user.stderr
     policy = tollway("tenants", "policy", "--tenant", tenant.name, "--redis-failure", "open", "--rpm", "60", env=env)
-    assert policy.returncode == 0 and json.loads(policy.stdout)["redis_failure"] == "open"
+    assert policy.returncode == 0
+    assert json.loads(policy.stdout)["redis_failure"] == "open"
     routing = tollway("tenants", "policy", "--tenant", tenant.name, "--route-threshold", "0.3", "--allowed-models",
                       "sim-small,sim-large", "--quality-floor", "large", "--degraded-answers", "on",
                       "--response-cache", "off", env=env)
@@ -124,9 +135,11 @@ def test_budget_commands(pg, redis_url, make_tenant):
         "route_threshold": 0.3, "allowed_models": ["sim-small", "sim-large"], "quality_floor": "large",
         "degraded_answers": True, "response_cache": False, "rpm": 60}
     bad = tollway("tenants", "policy", "--tenant", tenant.name, "--route-threshold", "1.5", env=env)
-    assert bad.returncode != 0 and "route_threshold" in bad.stderr
+    assert bad.returncode != 0
+    assert "route_threshold" in bad.stderr
     typo = tollway("tenants", "policy", "--tenant", tenant.name, "--quality-floor", "lagre", env=env)
-    assert typo.returncode != 0 and "'lagre' is not a routing tier (tiers: large, small)" in typo.stderr
+    assert typo.returncode != 0
+    assert "'lagre' is not a routing tier (tiers: large, small)" in typo.stderr
     limits = tollway("keys", "limits", str(tenant.key_id), "--rpm", "10", env=env)
     assert limits.returncode == 0, limits.stderr
     shown = json.loads(tollway("budgets", "show", "--tenant", tenant.name, env=env).stdout)
@@ -134,14 +147,17 @@ def test_budget_commands(pg, redis_url, make_tenant):
         ("tenant", "", "day"), ("user", "*", "hour")]
     assert shown["policy"]["rpm"] == 60
     reset = tollway("budgets", "reset", "--tenant", tenant.name, "--id", str(budget["id"]), env=env)
-    assert reset.returncode == 0 and json.loads(reset.stdout)["reset"] == [budget["id"]]
+    assert reset.returncode == 0
+    assert json.loads(reset.stdout)["reset"] == [budget["id"]]
     reconciled = tollway("budgets", "reconcile", env=env)
     assert reconciled.returncode == 0, reconciled.stderr
     assert json.loads(reconciled.stdout)["checked"] >= 1
     bad = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", env=env)
-    assert bad.returncode == 2 and "give a USD limit" in bad.stderr
+    assert bad.returncode == 2
+    assert "give a USD limit" in bad.stderr
     negative = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--usd", "-1", env=env)
-    assert negative.returncode == 2 and "negative" in negative.stderr
+    assert negative.returncode == 2
+    assert "negative" in negative.stderr
 
 
 def test_sigterm_stops_the_embedded_services_too(serve, sim):

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.config import write_config
 
-from tollway.embedded import free_port
+from tollway.local.embedded import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 OUTPUT = Path(__file__).resolve().parents[2] / "build" / "test-output"
@@ -168,13 +168,15 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
         time.sleep(0.1)
     [downloaded] = list(browser.downloads.glob("*.csv"))
     lines = list(csv.DictReader(downloaded.open()))
-    assert lines[0]["section"] == "total" and Decimal(lines[0]["spend_usd"]) == Decimal(api["model"]["totals"]["spend_usd"])
+    assert lines[0]["section"] == "total"
+    assert Decimal(lines[0]["spend_usd"]) == Decimal(api["model"]["totals"]["spend_usd"])
     assert {r["group"]: money(r["spend_usd"]) for r in lines if r["section"] == "model"} == \
            {k: v[0] for k, v in by_model.items()}
 
     browser.get(f"{base}/console/budgets")
     budgets = table(browser, "table-budgets")
-    assert len(budgets) == 1 and "50%, forecast" in next(iter(budgets.values()))[-1]
+    assert len(budgets) == 1
+    assert "50%, forecast" in next(iter(budgets.values()))[-1]
     assert browser.find_elements(By.CSS_SELECTOR, "figure svg.chart polyline")
     browser.save_screenshot(str(OUTPUT / "console-budgets.png"))
     browser.get(f"{base}/console/costs?tenant={app.name}")
@@ -196,7 +198,8 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
         browser.save_screenshot(str(OUTPUT / f"console-{page}.png"))
     browser.get(f"{base}/console/operations")
     replicas = table(browser, "table-replicas")
-    assert "sim" in replicas and replicas["sim"][0] in ("closed", "half-open", "open")
+    assert "sim" in replicas
+    assert replicas["sim"][0] in ("closed", "half-open", "open")
     browser.get(f"{base}/console/audit?tenant={finance.name}")
     changes = rows(browser, "table-audit")
     assert any(row[3].startswith("budget ") and row[3].endswith(": set") and '"limit_usd": "0.0100000000"' in row[5]

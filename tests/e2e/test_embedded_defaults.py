@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from support.processes import bootstrap_key
 
-from tollway.embedded import LOCAL_MODEL_NAME
+from tollway.local.embedded import LOCAL_MODEL_NAME
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +27,15 @@ def test_local_model_answers_streaming_and_not(embedded):
     msg = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     completion = sdk.chat.completions.create(model=LOCAL_MODEL_NAME, messages=msg, max_tokens=12, temperature=0)
     assert completion.choices[0].message.content.strip()
-    assert completion.usage.prompt_tokens > 0 and 0 < completion.usage.completion_tokens <= 12
+    assert completion.usage.prompt_tokens > 0
+    assert 0 < completion.usage.completion_tokens <= 12
     chunks = list(sdk.chat.completions.create(model=LOCAL_MODEL_NAME, messages=msg, max_tokens=8, stream=True,
                                               stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     # llama.cpp sends no usage in streams: the gateway estimates it and still gives the promised chunk.
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens > 0
 
 
 def test_embedded_database_holds_the_ledger(embedded):

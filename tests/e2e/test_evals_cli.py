@@ -24,20 +24,24 @@ def test_run_prints_a_table_and_the_pass_rate_then_compare_reports_the_regressio
     first = client_cli("evals", "run", str(good), "--model", "sim-echo", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.rstrip().endswith("pass rate: 8/8")
-    assert "contains" in first.stdout and "q0" in first.stdout
+    assert "contains" in first.stdout
+    assert "q0" in first.stdout
     second = client_cli("evals", "run", str(worse), "--model", "sim-echo", "--concurrency", "3", key=tenant.key,
                          url=gateway.url, cwd=tmp_path)
     assert second.stdout.rstrip().endswith("pass rate: 2/8"), second.stdout
-    assert "FAIL" in second.stdout and "missing ['yes']" in second.stdout
+    assert "FAIL" in second.stdout
+    assert "missing ['yes']" in second.stdout
     ids = [out.stdout.split()[1].rstrip(":") for out in (first, second)]
     assert all(i.startswith("run_") for i in ids)
     compared = client_cli("evals", "compare", str(ids[0]), str(ids[1]), key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     assert "regressions (6): q0, q1, q2, q3, q4, q5" in compared.stdout
-    assert "pass rate 100% -> 25%" in compared.stdout and ": significant at alpha 0.05" in compared.stdout
+    assert "pass rate 100% -> 25%" in compared.stdout
+    assert ": significant at alpha 0.05" in compared.stdout
     missing = client_cli("evals", "run", str(tmp_path / "nope.jsonl"), "--model", "sim-echo", key=tenant.key,
                           url=gateway.url, cwd=tmp_path)
-    assert missing.returncode != 0 and "no such file" in missing.stderr
+    assert missing.returncode != 0
+    assert "no such file" in missing.stderr
 
 
 PROMPT = """\
@@ -68,10 +72,15 @@ def test_a_production_move_from_the_cli_runs_the_gate_in_the_gateway_and_prints_
     label = ("prompts", "label", "capitals", "production")
     first = client_cli(*label, good, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "gate: passed" in first.stderr and "pass rate" in first.stderr
+    assert "gate: passed" in first.stderr
+    assert "pass rate" in first.stderr
     refused = client_cli(*label, bad, "--tenant", eng.name, key=eng.key, url=gateway.url, cwd=tmp_path)
     assert refused.returncode == 1
-    assert "gate_failed" not in refused.stdout and "The gate refused capitals@" in refused.stderr
+    assert "gate_failed" not in refused.stdout
+    assert "The gate refused capitals@" in refused.stderr
     table = refused.stderr
-    assert "candidate" in table and "current" in table and "regressions: Chile, Egypt, France" in table
-    assert "100%" in table and "0%" in table
+    assert "candidate" in table
+    assert "current" in table
+    assert "regressions: Chile, Egypt, France" in table
+    assert "100%" in table
+    assert "0%" in table

@@ -23,8 +23,8 @@ NOT_A_BUG = {("GET", "/readyz"): {503}, ("POST", "/v1/chat/completions"): {502, 
 async def _keys(url: str) -> dict[str, str]:
     import psycopg
 
-    from tollway.db import migrate
-    from tollway.gateway.keys import create_key, create_tenant
+    from tollway.gateway.tenancy.keys import create_key, create_tenant
+    from tollway.infra.db import migrate
 
     await migrate(url)
     hasher = key_hasher()

@@ -81,7 +81,8 @@ def test_only_prompt_keys_reach_the_repository(gateway, make_tenant, tmp_path):
     url = gateway.url.replace("http://", f"http://git:{app.key}@") + "/prompts.git"
     assert git(tmp_path, "clone", url, "nope", check=False).returncode != 0
     challenge = httpx.get(gateway.url + "/prompts.git/info/refs?service=git-upload-pack")
-    assert challenge.status_code == 401 and challenge.headers["www-authenticate"].startswith("Basic")
+    assert challenge.status_code == 401
+    assert challenge.headers["www-authenticate"].startswith("Basic")
 
 
 def _push_tree(tmp_path: Path, url: str, entries: list[tuple[bytes, int, bytes]]) -> subprocess.CompletedProcess[str]:

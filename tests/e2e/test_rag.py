@@ -28,8 +28,10 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim,
         (tmp_path / name).write_text(text)
     first = client_cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "3 documents in" in first.stdout and "3 created, 0 replaced, 0 unchanged, 0 failed" in first.stdout
-    assert "documents/s" in first.stdout and "index version: kb@3+local/all-MiniLM-L6-v2-int8" in first.stdout
+    assert "3 documents in" in first.stdout
+    assert "3 created, 0 replaced, 0 unchanged, 0 failed" in first.stdout
+    assert "documents/s" in first.stdout
+    assert "index version: kb@3+local/all-MiniLM-L6-v2-int8" in first.stdout
     (tmp_path / "handbook/notes.txt").write_text("Branches open at eight now.")
     again = client_cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert "0 created, 1 replaced, 2 unchanged, 0 failed" in again.stdout, again.stdout + again.stderr
@@ -43,10 +45,12 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim,
         extra_body={"retrieval": {"collection": "kb", "context_tokens": 300}})
     completion = raw.parse()
     info = completion.model_extra["tollway"]["retrieval"]
-    assert info["sources"][0]["source"] == "handbook/fees.md" and info["index_version"] == "kb@4+local/all-MiniLM-L6-v2-int8"
+    assert info["sources"][0]["source"] == "handbook/fees.md"
+    assert info["index_version"] == "kb@4+local/all-MiniLM-L6-v2-int8"
     assert raw.headers["x-tollway-index-version"] == info["index_version"]
     sent = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-large"}).json()
-    assert sent["messages"][0]["role"] == "system" and "35 dollars" in sent["messages"][0]["content"]
+    assert sent["messages"][0]["role"] == "system"
+    assert "35 dollars" in sent["messages"][0]["content"]
     assert "retrieval" not in sent
 
     stream = sdk.chat.completions.create(
@@ -62,15 +66,18 @@ def test_cli_reports_refusals_and_bad_files(gateway, make_tenant, tmp_path):
     tenant = make_tenant()  # no --ingest
     (tmp_path / "a.md").write_text("# A\n\ntext")
     refused = client_cli("ingest", "a.md", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
-    assert refused.returncode == 2 and "ingest" in refused.stderr
+    assert refused.returncode == 2
+    assert "ingest" in refused.stderr
     writer = make_tenant(ingest=True)
     (tmp_path / "empty.md").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     mixed = client_cli("ingest", "a.md", "empty.md", "latin1.txt", "--collection", "kb", key=writer.key,
                     url=gateway.url, cwd=tmp_path)
     assert mixed.returncode == 1
-    assert "1 created" in mixed.stdout and "2 failed" in mixed.stdout
-    assert "failed: empty.md" in mixed.stderr and "failed: latin1.txt: not UTF-8 text" in mixed.stderr
+    assert "1 created" in mixed.stdout
+    assert "2 failed" in mixed.stdout
+    assert "failed: empty.md" in mixed.stderr
+    assert "failed: latin1.txt: not UTF-8 text" in mixed.stderr
 
 
 def test_the_local_embedder_is_a_model_like_any_other(gateway, make_tenant, ledger):
@@ -81,7 +88,8 @@ def test_the_local_embedder_is_a_model_like_any_other(gateway, make_tenant, ledg
                                                   input=["reset my password", "forgot my password", "weather"])
     got = raw.parse()  # the SDK asks for base64 by default and decodes it
     vectors = [d.embedding for d in got.data]
-    assert [len(v) for v in vectors] == [384] * 3 and got.usage.prompt_tokens > 0
+    assert [len(v) for v in vectors] == [384] * 3
+    assert got.usage.prompt_tokens > 0
     same = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True))
     other = sum(a * b for a, b in zip(vectors[0], vectors[2], strict=True))
     assert same > other + 0.2  # normalised: a dot product is the cosine

@@ -11,7 +11,7 @@ import psycopg
 
 def key_hasher() -> Any:
     """The keyed hash under the test run's key secret (conftest sets TOLLWAY_KEY_SECRET for every process)."""
-    from tollway.gateway.keys import KeyHasher
+    from tollway.gateway.tenancy.keys import KeyHasher
 
     return KeyHasher(os.environ["TOLLWAY_KEY_SECRET"].encode())
 

@@ -1,0 +1,189 @@
+"""What every model call shares, chat and embeddings alike: who is calling, the ledger row it opens, the
+model it may use, the tenant's rules, and admission against budgets (the worst case reserved)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from opentelemetry.trace import SpanKind
+
+from tollway.errors import InvalidRequest, NotFound, PermissionDenied
+from tollway.gateway.metering.accounting import Tally
+from tollway.gateway.metering.ledger import Ledger, LedgerRow, utcnow
+from tollway.gateway.metering.quota import Admission, Demand, QuotaService, fingerprint, to_nano
+from tollway.gateway.observability.telemetry import Telemetry
+from tollway.gateway.tenancy.keys import Principal
+from tollway.gateway.tenancy.policy import PolicyStore, TenantPolicy, TenantRules
+from tollway.gateway.tenancy.roles import Can, require
+from tollway.jsontypes import JSON
+from tollway.routing import Catalog, ModelEntry, Price, TenantRouting, Usage
+
+# Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
+INPUT_MARGIN = 1.10
+INPUT_SLACK = 16
+# Worst-case output: max_tokens in the upstream's tokens, which tiktoken may count a little higher.
+# Streams are counted with tiktoken and cut at this figure, so a compliant upstream is never cut and
+# one that ignores max_tokens never outgrows its reservation.
+OUTPUT_MARGIN = 1.25
+OUTPUT_SLACK = 8
+
+
+def reserved_input(tokens: int) -> int:
+    return math.ceil(tokens * INPUT_MARGIN) + INPUT_SLACK
+
+
+def reserved_output(max_tokens: int, n: int = 1) -> int:
+    return (math.ceil(max_tokens * OUTPUT_MARGIN) + OUTPUT_SLACK) * n
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    request_id: str
+    principal: Principal
+    header_user: str | None
+    started: float  # time.perf_counter()
+    created_at: datetime
+    session: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, request_id: str, principal: Principal, header: Callable[[str], str | None]) -> CallContext:
+        """A request's context from its headers (``header``: a lookup by lower-case name), starting now."""
+        tags = header("x-tollway-tags")
+        return cls(request_id=request_id, principal=principal, header_user=header("x-tollway-user"),
+                   started=time.perf_counter(), created_at=utcnow(), session=header("x-tollway-session"),
+                   tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_messages: int
+    max_tokens: int
+
+
+@dataclass(slots=True)
+class JSONResult:
+    payload: JSON
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class StreamResult:
+    frames: AsyncIterator[bytes]
+    headers: dict[str, str]
+
+
+def tags_of(ctx: CallContext, data: JSON) -> list[str] | None:
+    """The request's feature tags: ``x-tollway-tags`` and ``metadata.tags``."""
+    tags = list(ctx.tags)
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict):
+        raw = metadata.get("tags")
+        if isinstance(raw, str):
+            tags += [t.strip() for t in raw.split(",") if t.strip()]
+        elif isinstance(raw, list):
+            tags += [str(t) for t in raw if str(t).strip()]
+    return sorted(set(tags)) or None
+
+
+def _needs_bound(rules: TenantRules, principal: Principal) -> bool:
+    policy = rules.policy
+    return bool(rules.budgets or policy.tpm or policy.rpm or principal.tpm or principal.rpm
+                or policy.velocity_hard_usd_per_min or policy.velocity_soft_usd_per_min)
+
+
+class Calls:
+    """The shared steps, built once in the lifespan."""
+
+    def __init__(self, catalog: Catalog, ledger: Ledger, telemetry: Telemetry, limits: Limits,
+                 policies: PolicyStore | None = None, quota: QuotaService | None = None) -> None:
+        self.catalog = catalog
+        self.ledger = ledger
+        self.telemetry = telemetry
+        self.limits = limits
+        self.policies = policies
+        self.quota = quota
+        # what an answer would have cost on the top tier (the cheapest chat model there): routing savings
+        top = catalog.in_tier(0)
+        self.baseline: Price | None = top[0].price if top else None
+
+    def open(self, ctx: CallContext, endpoint: str) -> Tally:
+        p = ctx.principal
+        span = self.telemetry.tracer.start_span(endpoint, kind=SpanKind.SERVER, attributes={
+            "gen_ai.operation.name": "chat" if endpoint == "chat.completions" else "embeddings",
+            "tollway.request_id": ctx.request_id, "tollway.tenant": p.tenant})
+        row = LedgerRow(request_id=ctx.request_id, created_at=ctx.created_at, tenant_id=p.tenant_id,
+                        key_id=p.key_id, endpoint=endpoint, end_user=ctx.header_user, session_id=ctx.session,
+                        tags=list(ctx.tags) or None)
+        return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
+                     started=ctx.started, tenant=p.tenant,
+                     baseline=self.baseline if endpoint == "chat.completions" else None)
+
+    def resolve(self, principal: Principal, name: str, kind: str, *,
+                also: ModelEntry | None = None) -> ModelEntry | None:
+        """The model a request names (None for a routing alias such as 'auto'), or the 4xx why not.
+        ``also``: a model served besides the catalog (the packaged embedder), checked the same way."""
+        require(principal.role, Can.CALL_MODELS, f"A {principal.role} key may not call models.")
+        if kind == "chat" and name in self.catalog.auto_aliases:
+            return None
+        entry = also if also is not None and name == also.name else self.catalog.get(name)
+        if entry is None:
+            raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
+                           param="model")
+        if not principal.may_use(entry.name):
+            raise PermissionDenied(f"This key may not use model '{name}'.", param="model",
+                                   code="model_not_allowed")
+        if entry.kind != kind:
+            raise InvalidRequest(f"The model '{name}' is an {entry.kind} model; it cannot serve {kind}.",
+                                 param="model", code="model_not_supported")
+        return entry
+
+    def check_messages(self, count: int) -> None:
+        if count > self.limits.max_messages:
+            raise InvalidRequest(f"At most {self.limits.max_messages} messages are allowed.", param="messages")
+
+    def check_max_tokens(self, name: str, value: int | None) -> None:
+        if value is not None and value > self.limits.max_tokens:
+            raise InvalidRequest(f"'{name}' may be at most {self.limits.max_tokens}.", param=name)
+
+    async def rules(self, tenant_id: int) -> TenantRules:
+        if self.policies is None:
+            return TenantRules(TenantPolicy(tenant_id), ())
+        return await self.policies.rules(tenant_id)
+
+    @staticmethod
+    def tenant_routing(rules: TenantRules, principal: Principal) -> TenantRouting:
+        policy = rules.policy
+        allowed = None if policy.allowed_models is None else frozenset(policy.allowed_models)
+        if principal.allowed_models is not None:
+            keyed = frozenset(principal.allowed_models)
+            allowed = keyed if allowed is None else allowed & keyed
+        return TenantRouting(threshold=policy.route_threshold, allowed_models=allowed,
+                             quality_floor=policy.quality_floor, degraded_answers=policy.degraded_answers)
+
+    def bounded(self, rules: TenantRules, principal: Principal) -> bool:
+        """Whether anything limits this request (then its worst case is computed and reserved)."""
+        return self.quota is not None and _needs_bound(rules, principal)
+
+    async def admit(self, ctx: CallContext, tally: Tally, rules: TenantRules, body: bytes,
+                    models: Sequence[ModelEntry], worst: Usage | None, *, retries: int = 0,
+                    count_storm: bool = True) -> Admission | None:
+        """Reserve the worst case in every budget and limit that applies, or refuse (429/503). ``worst``:
+        the request's worst-case usage (None: nothing bounds it), priced at the dearest of ``models``;
+        ``retries``: failed attempts whose prompt a stream may be billed before it succeeds."""
+        if self.quota is None:
+            return None
+        demand = Demand(0, 0)
+        if worst is not None:
+            prompt_only = Usage(input_tokens=worst.input_tokens)
+            usd = max(m.price.cost(worst) for m in models) + retries * max(m.price.cost(prompt_only) for m in models)
+            demand = Demand(to_nano(usd), worst.input_tokens * (1 + retries) + worst.output_tokens)
+        admission = await self.quota.admit(
+            ctx.principal, rules, rid=ctx.request_id, end_user=tally.row.end_user, session=ctx.session,
+            fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand, count_storm=count_storm)
+        tally.reservation = admission.reservation
+        return admission

@@ -1,0 +1,98 @@
+"""What the Costs page shows, as plain data: the page, its CSV download and its JSON download are this
+one view, so they always agree."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from tollway.errors import InvalidRequest
+from tollway.gateway.console.queries import daily, key_labels
+from tollway.gateway.metering.reports import CSVWriter, build_query, grouped, top_tier, totals
+from tollway.gateway.tenancy.keys import Principal
+from tollway.gateway.tenancy.roles import Can, may
+
+TOP = 20  # rows per table before the rest are summed into one "(N others)" row
+
+
+SECTIONS = (("model", "Model"), ("tier", "Tier"), ("route", "Route kind"), ("role", "Ledger role"),
+            ("key", "Key"), ("user", "End user"), ("tag", "Tag"), ("prompt", "Prompt version"))
+
+
+COLUMNS = ("spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits", "cache_saved_usd",
+           "routing_saved_usd", "failed_attempts")
+
+
+MONEY = frozenset({"spend_usd", "cache_saved_usd", "routing_saved_usd", "top_tier_usd", "shadow_usd"})
+
+
+def _period(params: Any) -> tuple[str, str]:
+    """The period as ISO dates, both days included; default: the current month so far."""
+    today = datetime.now(UTC).date()
+    start, end = params.get("from") or today.replace(day=1).isoformat(), params.get("to") or today.isoformat()
+    for value, name in ((start, "from"), (end, "to")):
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()}", param=name) from None
+        if len(value) != 10:
+            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()}", param=name)
+    return start, end
+
+
+async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str, Any]:
+    """Everything the Costs page shows, as plain data (the page, its CSV and its JSON are this)."""
+    start, end = _period(params)
+    tenant = params.get("tenant") or None
+    stack = params.get("stack") if params.get("stack") in ("model", "tier") else "model"
+    q = await build_query(state.pool, principal, start=start, end=end, group_by="day", tenant=tenant,
+                          top_tier=top_tier(state.catalog))
+    async with state.pool.connection() as conn:
+        total = await totals(conn, q)
+        sections = []
+        for group, title in SECTIONS:
+            rows = await grouped(conn, q, group)
+            if group == "key":
+                rows = await key_labels(conn, rows)
+            sections.append({"group": group, "title": title, "rows": _top(rows)})
+        days, series, values = await daily(conn, q, stack)
+    return {"tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
+            "stack": stack, "currency": "USD", "totals": total, "sections": sections,
+            "daily": {"days": days, "series": series,
+                      "spend_usd": {f"{d}|{s}": str(v) for (d, s), v in values.items()}}}
+
+
+def _top(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The TOP biggest spenders, the rest summed in one row (so a table always adds up to the total)."""
+    rows = sorted(rows, key=lambda r: (-Decimal(r["spend_usd"]), r["group"]))
+    if len(rows) <= TOP + 1:
+        return rows
+    rest = rows[TOP:]
+    other: dict[str, Any] = {"group": f"({len(rest)} others)"}
+    for field in COLUMNS:
+        if field in MONEY:
+            other[field] = str(sum((Decimal(r[field]) for r in rest), Decimal(0)).normalize())
+        else:
+            other[field] = sum(int(r[field]) for r in rest)
+    return [*rows[:TOP], other]
+
+
+def costs_csv(view: dict[str, Any]) -> str:
+    out = io.StringIO()
+    writer = CSVWriter(out)
+    writer.writerow(["tenant", "from", "to", "section", "group", *COLUMNS])
+    head = [view["tenant"] or "(all tenants)", view["from"], view["to"]]
+    writer.writerow([*head, "total", "TOTAL", *(view["totals"][c] for c in COLUMNS)])
+    for section in view["sections"]:
+        for row in section["rows"]:
+            writer.writerow([*head, section["group"], row["group"], *(row[c] for c in COLUMNS)])
+    daily = view["daily"]
+    for day in daily["days"]:
+        for name in daily["series"]:
+            value = daily["spend_usd"].get(f"{day}|{name}")
+            if value is not None:
+                writer.writerow([*head, f"day_by_{view['stack']}", f"{day} {name}", value,
+                                 *([""] * (len(COLUMNS) - 1))])
+    return out.getvalue()

@@ -1,0 +1,120 @@
+"""FastAPI routes (everything but the two hot endpoints in ``endpoints``): parse, call one service,
+shape the answer. Also the error handlers and the OpenAPI document for the whole gateway."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg_pool
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, TollwayError
+from tollway.gateway.chat.service import CompletionService
+from tollway.gateway.http.deps import app_state
+from tollway.gateway.http.endpoints import openapi_paths
+
+router = APIRouter()
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
+
+
+def _service(request: Request) -> CompletionService:
+    service: CompletionService = app_state(request).service
+    return service
+
+
+@router.get("/v1/models", summary="List the models this key may use")
+async def models(request: Request) -> Response:
+    return json_response(_service(request).models(request.state.principal))
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness: database, Redis and an upstream reachable")
+async def readyz(request: Request) -> Response:
+    checks = await app_state(request).readiness()
+    ready = all(checks.values())
+    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
+                         status=200 if ready else 503)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error a client sees is in the OpenAI shape; no traceback ever reaches the wire."""
+
+    async def tollway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TollwayError)
+        return json_response(exc.body(), status=exc.status, headers=exc.headers or None)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return await tollway_error(request, InvalidRequest(f"Invalid request: {first['msg']}.", param=param))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            err: TollwayError = NotFound(f"Unknown path {request.url.path}.", code="unknown_url")
+        else:
+            err = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
+            err.status = exc.status_code  # type: ignore[misc]
+        return await tollway_error(request, err)
+
+    async def store_down(request: Request, exc: Exception) -> Response:
+        """PostgreSQL or Redis unreachable under an admin, report or reconcile route: a 503 to retry."""
+        store = "Redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "The database"
+        return await tollway_error(request, ServiceUnavailable(
+            f"{store} is unreachable right now; nothing was changed. Try again shortly.", code="store_unavailable"))
+
+    async def bad_value(request: Request, exc: Exception) -> Response:
+        """A value PostgreSQL refuses as data (a NUL in text, a number out of range): the client's input,
+        mapped here once; the routes validate what they know of first."""
+        return await tollway_error(request, InvalidRequest(
+            "A value in the request cannot be stored or searched (for example a NUL character or a number out "
+            "of range).", code="invalid_value"))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return await tollway_error(request, TollwayError("The gateway failed unexpectedly; the request id "
+                                                         "identifies it in the logs."))
+
+    app.add_exception_handler(TollwayError, tollway_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    for foreign in STORE_ERRORS:
+        app.add_exception_handler(foreign, store_down)
+    app.add_exception_handler(psycopg.DataError, bad_value)
+    app.add_exception_handler(Exception, unexpected)
+
+
+# Foreign errors that mean a store is down (not a bug): mapped to 503 in one place.
+STORE_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg_pool.PoolTimeout,
+                                             RedisConnectionError, RedisTimeoutError)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The FastAPI document plus the hot endpoints, which are served in front of FastAPI."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema["paths"] = {**openapi_paths(), **schema.get("paths", {})}
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http",
+                                                                                 "scheme": "bearer"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,140 @@
+"""Budgets and tenant policies: list, set, delete and reset budgets; a tenant's policy (failure mode,
+limits, breakers); reconciliation of the Redis counters with the ledger. Admin keys, any tenant named in
+the request. Every change is a row in the change channel and reaches every replica through its
+notification (within the policy cache TTL if a replica's listener is down); no restart."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+from starlette.responses import Response
+
+from tollway.errors import NotFound
+from tollway.gateway.http.api import json_response
+from tollway.gateway.http.deps import Body, admin, app_state
+from tollway.gateway.metering.quota import clear_counters
+from tollway.gateway.metering.reconcile import reconcile
+from tollway.gateway.tenancy.keys import tenant_id
+from tollway.gateway.tenancy.policy import (
+    delete_budget,
+    list_budgets,
+    mark_reset,
+    set_budget,
+    set_policy,
+)
+
+router = APIRouter()
+
+
+class BudgetBody(Body):
+    tenant: str
+    reason: str | None = None
+    scope: Literal["tenant", "key", "user", "session"] = "tenant"
+    subject: str | None = None
+    window: Literal["minute", "hour", "day", "month", "lifetime"]
+    limit_usd: Decimal | None = Field(default=None, ge=0)
+    limit_tokens: int | None = Field(default=None, ge=0)
+    # alerts once per window at these shares of the limit, and/or "forecast"; absent: the gateway's defaults
+    alerts: list[str] | None = None
+
+
+class ResetBody(Body):
+    tenant: str
+    reason: str | None = None
+    budget_id: int | None = None
+
+
+class PolicyBody(Body):
+    tenant: str
+    reason: str | None = None
+    redis_failure: Literal["closed", "open"] | None = None
+    default_max_tokens: int | None = Field(default=None, gt=0)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    velocity_soft_usd_per_min: Decimal | None = Field(default=None, gt=0)
+    velocity_hard_usd_per_min: Decimal | None = Field(default=None, gt=0)
+    retry_storm_limit: int | None = Field(default=None, ge=0)
+    retry_storm_window_s: int | None = Field(default=None, gt=0)
+    route_threshold: float | None = Field(default=None, ge=0, le=1)
+    allowed_models: list[str] | None = None
+    quality_floor: str | None = None
+    degraded_answers: bool | None = None
+    response_cache: bool | None = None
+    store_content: bool | None = None
+    content_retention_days: int | None = Field(default=None, gt=0)
+
+
+class ReconcileBody(Body):
+    tenant: str | None = None
+    allow_decrease: bool = False
+
+
+@router.get("/v1/admin/budgets", summary="List a tenant's budgets")
+async def get_budgets(request: Request, tenant: str) -> Response:
+    admin(request)
+    async with app_state(request).pool.connection() as conn:
+        budgets = await list_budgets(conn, tenant)
+    return json_response({"object": "list", "data": [b.as_json() for b in budgets]})
+
+
+@router.put("/v1/admin/budgets", summary="Create or change a budget (applies within seconds)")
+async def put_budget(request: Request, body: BudgetBody) -> Response:
+    principal = admin(request)
+    state = app_state(request)
+    async with state.pool.connection() as conn:
+        budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
+                                  limit_usd=body.limit_usd, limit_tokens=body.limit_tokens,
+                                  author=principal.author, reason=body.reason, alerts=body.alerts)
+    state.policies.forget(budget.tenant_id)
+    return json_response(budget.as_json())
+
+
+@router.delete("/v1/admin/budgets/{budget_id}", summary="Delete a budget")
+async def remove_budget(request: Request, budget_id: int, tenant: str) -> Response:
+    principal = admin(request)
+    state = app_state(request)
+    async with state.pool.connection() as conn:
+        if not await delete_budget(conn, tenant, budget_id, author=principal.author):
+            raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", code="budget_not_found")
+        state.policies.forget(await tenant_id(conn, tenant))
+    return json_response({"deleted": budget_id})
+
+
+@router.post("/v1/admin/budgets/reset", summary="Give a fresh allowance for the rest of the current window")
+async def reset_budgets(request: Request, body: ResetBody) -> Response:
+    principal = admin(request)
+    state = app_state(request)
+    async with state.pool.connection() as conn:
+        budgets = await mark_reset(conn, body.tenant, body.budget_id, author=principal.author, reason=body.reason)
+    cleared = await clear_counters(state.redis, budgets)
+    for budget in budgets:
+        state.policies.forget(budget.tenant_id)
+    return json_response({"reset": [b.id for b in budgets], "counters_cleared": cleared})
+
+
+@router.put("/v1/admin/policies", summary="Change a tenant's policy (Redis failure mode, limits, breakers)")
+async def put_policy(request: Request, body: PolicyBody) -> Response:
+    principal = admin(request)
+    state = app_state(request)
+    fields = body.model_dump(exclude={"tenant", "reason"}, exclude_unset=True)
+    async with state.pool.connection() as conn:
+        policy = await set_policy(conn, body.tenant, tiers=[t.name for t in state.catalog.tiers],
+                                  author=principal.author, reason=body.reason, **fields)
+    state.policies.forget(policy.tenant_id)
+    return json_response(policy.as_json())
+
+
+@router.post("/v1/admin/reconcile", summary="Compare Redis counters with the ledger; correct and report drift")
+async def post_reconcile(request: Request, body: ReconcileBody) -> Response:
+    admin(request)
+    state = app_state(request)
+    await state.ledger.flush()
+    ids = None
+    if body.tenant is not None:
+        async with state.pool.connection() as conn:
+            ids = [await tenant_id(conn, body.tenant)]
+    report = await reconcile(state.pool, state.redis, tenant_ids=ids, allow_decrease=body.allow_decrease)
+    return json_response(report.as_json())

@@ -1,0 +1,344 @@
+"""Retrieval inside the gateway: collections, ingestion and search as metered requests (each a ledger row,
+admitted against the tenant's budgets like any model call), and the chat path's retriever.
+
+Who may: app keys search and chat with their own tenant's collections; writing (collections, documents)
+needs an app key made with ``--ingest`` or an admin key, which names the tenant; prompt engineers may
+search (they test prompts that retrieve); finance keys never read documents.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ConfigDict, Field
+
+from tollway.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+    TollwayError,
+    UpstreamBadResponse,
+)
+from tollway.gateway.chat.calls import CallContext, Calls, reserved_input
+from tollway.gateway.chat.exchange import ChatView, Retrieved, SideCall
+from tollway.gateway.http.protocol import validate
+from tollway.gateway.metering.accounting import Tally
+from tollway.gateway.tenancy.keys import Principal
+from tollway.gateway.tenancy.roles import Can, Role, may, require
+from tollway.jsontypes import JSON
+from tollway.publicids import PublicIds
+from tollway.retrieval import (
+    LOCAL_NAME,
+    Collection,
+    DocumentError,
+    Embedded,
+    Embedder,
+    EmbedderError,
+    Found,
+    LocalEmbedder,
+    NewDocument,
+    Query,
+    Searcher,
+    Splitting,
+    StoreError,
+    UpstreamEmbedder,
+    Written,
+    check_filters,
+    check_text,
+    create_collection,
+    ensure_index,
+    prepare,
+    to_embed,
+    write,
+)
+from tollway.retrieval import collection as get_collection
+from tollway.routing import ChainFailed, ModelEntry, Price, Router, Usage, content_texts, count_text
+
+T = TypeVar("T")
+
+# The packaged embedder as a model: its calls are ledger rows like any other (they cost nothing).
+LOCAL_ENTRY = ModelEntry(name=LOCAL_NAME, upstream="local", upstream_model="all-MiniLM-L6-v2-onnx-int8",
+                         kind="embedding", tier="local", price=Price(source="local"))
+
+
+@dataclass(frozen=True, slots=True)
+class RagSettings:
+    default_embedder: str = "local"
+    context_tokens: int = 1000
+    max_context_tokens: int = 16_000
+    max_document_tokens: int = 200_000
+    on_failure: Literal["fail", "answer"] = "fail"
+
+
+def map_store_error(exc: StoreError) -> TollwayError:
+    """The store's refusals in the OpenAI error shape (one place)."""
+    if exc.kind in ("collection_not_found", "document_not_found"):
+        return NotFound(str(exc), param=exc.param, code=exc.kind)
+    if exc.kind == "exists":
+        return Conflict(str(exc), param=exc.param, code="collection_exists")
+    return InvalidRequest(str(exc), param=exc.param, code=exc.kind)
+
+
+def may_write(principal: Principal) -> None:
+    if may(principal.role, Can.ADMINISTER) or (principal.role == Role.APP and principal.ingest):
+        return
+    raise PermissionDenied(f"This {principal.role} key may not write documents; create an app key with "
+                           "--ingest, or use an admin key.", code="ingest_not_allowed")
+
+
+def may_search(principal: Principal) -> None:
+    require(principal.role, Can.SEARCH, f"A {principal.role} key may not read documents.")
+
+
+class RetrievalSpec(BaseModel):
+    """The ``retrieval`` object of a chat request."""
+
+    model_config = ConfigDict(extra="forbid")
+    collection: str = Field(min_length=1, max_length=64)
+    context_tokens: int | None = Field(default=None, ge=1)
+    query: str | None = Field(default=None, min_length=1, max_length=32_000)
+    k: int | None = Field(default=None, ge=1, le=100)  # flat: chunks (8); hierarchical: most passages (50)
+    filters: dict[str, Any] | None = None
+    mode: Literal["hierarchical", "flat"] = "hierarchical"
+    hybrid: bool = False
+    on_failure: Literal["fail", "answer"] | None = None
+
+
+class Rag:
+    def __init__(self, pool: AsyncConnectionPool, calls: Calls, router: Router, local: LocalEmbedder | None,
+                 settings: RagSettings, ids: PublicIds) -> None:
+        self.pool, self.calls, self.router, self.local, self.settings = pool, calls, router, local, settings
+        self.ids = ids  # the ids clients see (tollway.publicids)
+        self.searcher = Searcher(self.embedder_for)
+
+    # -- embedders ---------------------------------------------------------------------------------
+    def entry(self, name: str) -> ModelEntry:
+        if name in ("local", LOCAL_NAME):
+            if self.local is None:
+                raise InvalidRequest("The local embedder is not enabled on this gateway.", param="embedder",
+                                     code="embedder_unavailable")
+            return LOCAL_ENTRY
+        entry = self.calls.catalog.get(name)
+        if entry is None or entry.kind != "embedding":
+            raise InvalidRequest(f"{name!r} is not an embedding model of this gateway ('local' is the packaged "
+                                 "one).", param="embedder", code="embedder_unavailable")
+        return entry
+
+    def embedder_for(self, name: str, dims: int) -> Embedder:
+        entry = self.entry(name)
+        if entry is LOCAL_ENTRY:
+            assert self.local is not None
+            return self.local
+        return UpstreamEmbedder(entry.name, dims, self._upstream(entry), count_text)
+
+    def _upstream(self, entry: ModelEntry) -> Callable[[list[str]], Awaitable[tuple[list[list[float]], int | None,
+                                                                                   str | None]]]:
+        async def call(texts: list[str]) -> tuple[list[list[float]], int | None, str | None]:
+            try:
+                served = await self.router.call(self.router.direct(entry), {"model": entry.name, "input": texts},
+                                                stream=False, endpoint="embeddings")
+            except ChainFailed as failed:
+                raise failed.error from None
+            served.release(True)
+            response = served.response or {}
+            try:
+                rows = sorted(response["data"], key=lambda d: d.get("index", 0))
+                vectors = [list(map(float, d["embedding"])) for d in rows]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise UpstreamBadResponse(f"{entry.name} answered embeddings without vectors") from None
+            usage = response.get("usage")
+            tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            return vectors, int(tokens) if isinstance(tokens, int) else None, served.replica
+
+        return call
+
+    async def _embed(self, embedder: Embedder, texts: Sequence[str]) -> Embedded:
+        try:
+            return await embedder.embed(texts)
+        except EmbedderError as exc:
+            raise (exc.cause if isinstance(exc.cause, TollwayError) else
+                   ServiceUnavailable(f"The embedding model failed: {exc}", code="embedder_failed")) from exc
+
+    # -- metered requests --------------------------------------------------------------------------
+    async def _metered(self, ctx: CallContext, endpoint: str, body: bytes, entry: ModelEntry, tokens: int,
+                       work: Callable[[Tally], Awaitable[tuple[T, Embedded | None]]]) -> tuple[T, Decimal]:
+        """One request's ledger row: admitted for ``tokens`` of ``entry`` at worst, closed with what the
+        embedding model actually used."""
+        calls = self.calls
+        tally = calls.open(ctx, endpoint)
+        with tally.closed_on_error():
+            tally.bind(entry)
+            rules = await calls.rules(ctx.principal.tenant_id)
+            worst = Usage(input_tokens=reserved_input(tokens)) if calls.bounded(rules, ctx.principal) else None
+            await calls.admit(ctx, tally, rules, body, [entry], worst)
+            result, embedded = await work(tally)
+            if embedded is not None and embedded.replica:
+                tally.replica(embedded.replica)
+            usage = Usage(input_tokens=embedded.tokens if embedded is not None else 0)
+            cost = tally.close(200, usage=usage, usage_source="local" if entry is LOCAL_ENTRY else "upstream")
+        return result, cost
+
+    async def create(self, ctx: CallContext, tenant_id: int, name: str, *, embedder: str | None,
+                     splitting: Splitting) -> Collection:
+        entry = self.entry(embedder or self.settings.default_embedder)
+        if splitting.chunk_overlap >= splitting.chunk_tokens:
+            raise InvalidRequest("chunk_overlap must be smaller than chunk_tokens", param="chunk_overlap")
+        if entry is LOCAL_ENTRY:
+            dims = self.local.dims if self.local is not None else 0
+        else:  # the width of a catalog model's vectors: one probe (a ledger row of its own)
+            probe = self.embedder_for(entry.name, 0)
+
+            async def measure(_: Tally) -> tuple[int, Embedded | None]:
+                got = await self._embed(probe, ["dimension probe"])
+                return int(got.vectors.shape[1]), got
+
+            dims, _ = await self._metered(ctx, "collections", f"collections:{name}".encode(), entry, 8, measure)
+        async with self.pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await ensure_index(conn, dims)
+                return await create_collection(conn, tenant_id, name, embedder=entry.name, dims=dims,
+                                               splitting=splitting)
+            except StoreError as exc:
+                raise map_store_error(exc) from None
+
+    async def collection(self, tenant_id: int, name: str, *, param: str = "collection") -> Collection:
+        async with self.pool.connection() as conn:
+            try:
+                check_text(name, param)
+                return await get_collection(conn, tenant_id, name)
+            except StoreError as exc:
+                exc.param = param
+                raise map_store_error(exc) from None
+
+    async def ingest(self, ctx: CallContext, body: bytes, tenant_id: int, name: str,
+                     docs: Sequence[NewDocument]) -> tuple[list[Written], str, Embedded | None, Decimal]:
+        """Parse everything first (a bad document writes nothing), skip unchanged ones, embed the rest in
+        batches off the event loop, write each changed document in one transaction."""
+        coll = await self.collection(tenant_id, name)
+        embedder = self.embedder_for(coll.embedder, coll.dims)
+        async with self.pool.connection() as conn:
+            try:
+                prepared = await prepare(conn, coll, docs, max_tokens=self.settings.max_document_tokens)
+            except DocumentError as exc:
+                too_big = "tokens; at most" in str(exc)
+                raise (PayloadTooLarge(str(exc), param="documents") if too_big else
+                       InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
+        texts = to_embed(prepared)
+
+        async def run(tally: Tally) -> tuple[tuple[list[Written], str, Embedded | None], Embedded | None]:
+            embedded = await self._embed(embedder, texts) if texts else None
+            if embedded is not None:  # spent even if writing fails now: the row charges it either way
+                tally.usage = Usage(input_tokens=embedded.tokens)
+            async with self.pool.connection() as conn:
+                try:
+                    vectors = embedded.vectors if embedded is not None else np.zeros((0, coll.dims), np.float32)
+                    written = await write(conn, coll, prepared, vectors, embedder)
+                except StoreError as exc:
+                    raise map_store_error(exc) from None
+                latest = await get_collection(conn, tenant_id, name)
+            return (written, latest.index_version, embedded), embedded
+
+        entry = self.entry(coll.embedder)
+        (written, version, embedded), cost = await self._metered(
+            ctx, "ingest", body, entry, sum(count_text(t) for t in texts), run)
+        return written, version, embedded, cost
+
+    async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query) -> tuple[Found, Decimal]:
+        coll = await self.collection(tenant_id, name)
+        embedder = self.embedder_for(coll.embedder, coll.dims)
+
+        async def run(tally: Tally) -> tuple[Found, Embedded | None]:
+            embedded = await self._embed(embedder, [query.text])
+            tally.usage = Usage(input_tokens=embedded.tokens)
+            async with self.pool.connection() as conn:
+                try:
+                    found = await self.searcher.search_with(conn, tenant_id, name, query, embedded, embedder.name)
+                except StoreError as exc:
+                    raise map_store_error(exc) from None
+            return found, embedded
+
+        return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder), count_text(query.text),
+                                   run)
+
+    # -- the chat path's retriever (tollway.gateway.chat.exchange.Retriever) ------------------------------
+    def spec(self, raw: JSON) -> RetrievalSpec:
+        if not isinstance(raw, dict):
+            raise InvalidRequest("retrieval must be an object: {\"collection\": ..., \"context_tokens\": ...}",
+                                 param="retrieval")
+        spec = validate(RetrievalSpec, raw, at="retrieval")
+        try:
+            check_filters(spec.filters, "retrieval.filters")
+            check_text(spec.collection, "retrieval.collection")
+            if spec.query is not None:
+                check_text(spec.query, "retrieval.query")
+        except StoreError as exc:
+            raise map_store_error(exc) from None
+        if spec.context_tokens is not None and spec.context_tokens > self.settings.max_context_tokens:
+            raise InvalidRequest(f"retrieval.context_tokens may be at most {self.settings.max_context_tokens}",
+                                 param="retrieval.context_tokens")
+        return spec
+
+    def context_budget(self, view: ChatView, spec: JSON) -> int:
+        may_search(view.principal)
+        parsed = self.spec(spec)
+        return parsed.context_tokens or self.settings.context_tokens
+
+    async def index_version(self, view: ChatView, spec: JSON) -> str:
+        found = await self.collection(view.tenant_id, self.spec(spec).collection,
+                                      param="retrieval.collection")
+        return found.index_version
+
+    async def retrieve(self, view: ChatView, spec: JSON, calls: list[SideCall]) -> Retrieved | None:
+        parsed = self.spec(spec)
+        text = (parsed.query or _last_user_text(view.messages)).replace("\x00", "")
+        if not text:
+            raise InvalidRequest("retrieval needs a query: the request has no user message text; give "
+                                 "retrieval.query", param="retrieval.query")
+        query = Query(text=text, context_tokens=view.context_budget, k=parsed.k, filters=parsed.filters,
+                      mode=parsed.mode, hybrid=parsed.hybrid)
+        tenant = view.tenant_id
+        # a wrong name is the caller's error: 404, whatever the failure policy
+        coll = await self.collection(tenant, parsed.collection, param="retrieval.collection")
+        entry = self.entry(coll.embedder)
+        started = time.perf_counter()
+        embedded: Embedded | None = None
+        try:
+            embedder = self.embedder_for(coll.embedder, coll.dims)
+            embedded = await self._embed(embedder, [text])
+            calls.append(SideCall(role="retrieval", model=entry, usage=Usage(input_tokens=embedded.tokens),
+                                  latency_ms=embedded.latency_ms, replica=embedded.replica))
+            async with self.pool.connection() as conn:
+                found = await self.searcher.search_with(conn, tenant, coll.name, query, embedded, embedder.name)
+        except (TollwayError, psycopg.Error, StoreError) as exc:
+            error = exc if isinstance(exc, TollwayError) else \
+                map_store_error(exc) if isinstance(exc, StoreError) else \
+                ServiceUnavailable("The retrieval store is unavailable.", code="retrieval_unavailable")
+            if embedded is None:  # the failed embedding call is a side row too (what it cost, if anything)
+                calls.append(SideCall(role="retrieval", model=entry, usage=Usage(),
+                                      latency_ms=(time.perf_counter() - started) * 1000, status=error.status,
+                                      error_code=error.code))
+            if (parsed.on_failure or self.settings.on_failure) == "fail" or isinstance(exc, StoreError):
+                raise error from exc
+            return Retrieved(collection=coll.name, index_version=coll.index_version, messages=(), sources=(),
+                             context_tokens=0, error=error.code)
+        messages = ({"role": "system", "content": found.context},) if found.context else ()
+        return Retrieved(collection=coll.name, index_version=found.index_version, messages=messages,
+                         sources=tuple(p.as_json(self.ids) for p in found.passages), context_tokens=found.context_tokens)
+
+
+def _last_user_text(messages: Sequence[JSON]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return "\n".join(content_texts(message.get("content"))).strip()
+    return ""

@@ -1,0 +1,373 @@
+"""The quality monitor: drift detection per route over the scored live samples, alerts, automatic rollback
+and progressive rollouts.
+
+Every replica runs it; one at a time leads (a PostgreSQL advisory lock held on a connection of its own;
+when the leader goes, another takes over and rebuilds its state from the samples). Each pass the leader
+reads the samples scored since the last one, in order, and feeds them to its watches:
+
+- **canary** (a model rollout with a canary share): the candidate's answers against the answers of the
+  model it stands in for, served meanwhile (``RouteTest``);
+- **prompt** (a prompt label moved in the last ``watch_days``, or split between two versions): the
+  label's new version against the version it held before (or the split's two versions);
+- **steady** (every model's traffic without a prompt, every prompt label): the route against its own
+  trailing baseline (``SteadyWatch``).
+
+A breach raises an alert with its evidence (``tollway.infra.alerts``; OpenTelemetry counter; webhook). On a
+canary with ``auto_rollback`` the rollout goes to 0% (``rolled_back``); on a moved prompt label, with
+``quality.auto_rollback``, the label goes back to its previous version; both recorded in the change
+channel with the alert and its evidence. A progressive rollout (model steps, or a prompt rollout's split
+steps) moves to its next step once its test shows no regression over ``min_samples`` samples.
+
+Each pass also writes the sampling rate each watch asks for (``quality_rates``), read by every replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import NotFound
+from tollway.evals import Finding, SteadyWatch
+from tollway.gateway.observability.telemetry import Telemetry
+from tollway.gateway.quality.sampling import LiveQuality, QualitySettings, model_key, prompt_key
+from tollway.gateway.quality.watches import SAMPLE_COLUMNS, Row, Watch, row_of
+from tollway.infra.alerts import raise_alert
+from tollway.jsontypes import JSON
+from tollway.prompts import move_label, rollback
+from tollway.routing import Rollout, list_rollouts, move_rollout
+
+log = logging.getLogger("tollway.quality")
+AUTHOR = "tollway-quality"  # what the monitor's own changes are recorded as
+LOCK = 0x746F6C6C7761  # the advisory lock of the leading monitor
+BATCH = 10_000
+STEADY_IDLE_S = 3600.0  # a steady watch with no sample this long goes (a moved label's old version, a retired
+#                        model); it is rebuilt from the stored samples if its route comes back
+
+
+class Monitor:
+    def __init__(self, pool: AsyncConnectionPool, database_url: str, settings: QualitySettings,
+                 quality: LiveQuality, telemetry: Telemetry) -> None:
+        self.pool, self.url, self.settings, self.quality, self.telemetry = pool, database_url, settings, quality, telemetry
+        self.watches: dict[str, Watch] = {}
+        self.ended: set[str] = set()  # watches that breached or stepped: their rollout or change is done with
+        self.completed: dict[str, str] = {}  # model -> the candidate of its completed rollout
+        self.cursor = -1  # the last sample fed (-1: none yet; a new leader starts at the newest)
+        self._lock: psycopg.AsyncConnection[Any] | None = None
+
+    async def close(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._lock.close()
+            self._lock = None
+
+    @property
+    def leading(self) -> bool:
+        return self._lock is not None and not self._lock.closed
+
+    async def leads(self) -> bool:
+        if self._lock is not None and not self._lock.closed:
+            return True
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        except psycopg.Error:
+            return False
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK,))
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            await conn.close()
+            return False
+        self._lock, self.watches, self.ended, self.cursor = conn, {}, set(), -1  # new leadership: rebuilt
+        return True
+
+    async def tick(self) -> None:
+        """One pass (a periodic job calls it): lead if nobody does, then read the rates every replica uses."""
+        try:
+            if await self.leads():
+                await self.run_pass()
+        except psycopg.OperationalError:
+            await self.close()  # the lock's connection may be gone: lead again next pass if we can
+            raise
+        finally:
+            await self.quality.refresh_rates()
+
+    # -- one pass ---------------------------------------------------------------------------------
+    async def run_pass(self) -> list[JSON]:
+        """Sync the watches with what is rolled out, feed them the new samples, act on what they find.
+        Returns the alerts raised."""
+        raised: list[JSON] = []
+        async with self.pool.connection() as conn:
+            if self.cursor < 0:  # a new leader starts at the newest sample; the watches load their history
+                cur = await conn.execute("SELECT coalesce(max(id), 0) FROM quality_samples")
+                first = await cur.fetchone()
+                self.cursor = int(first[0]) if first else 0
+            await self._sync(conn)
+            while True:
+                cur = await conn.execute(f"SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE id > %s ORDER BY id LIMIT %s",
+                                         (self.cursor, BATCH))
+                rows = [row_of(r) for r in await cur.fetchall()]
+                for row in rows:
+                    self.cursor = row.id
+                    await self._steady_for(conn, row)
+                    for watch in list(self.watches.values()):
+                        if watch.done:
+                            continue
+                        found = watch.feed(row)
+                        if found:
+                            raised.append(await self._breach(conn, watch, found, row.id))
+                        elif watch.test is not None and self._advances(watch):
+                            await self._advance(conn, watch)
+                if len(rows) < BATCH:
+                    break
+            self.ended |= {k for k, w in self.watches.items() if w.done}
+            idle = time.monotonic() - STEADY_IDLE_S  # else an old version's watch would hold its label's rate up
+            self.watches = {k: w for k, w in self.watches.items()
+                            if not w.done and (w.steady is None or w.fed_at > idle)}
+            await self._rates(conn)
+        return raised
+
+    async def _sync(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        wanted: dict[str, Watch] = {}
+        rollouts = await list_rollouts(conn)
+        self.completed = {r.model: r.candidate for r in rollouts if r.state == "complete"}
+        for rollout in rollouts:
+            if rollout.state == "active" and rollout.canary_percent > 0:
+                w = self._canary(rollout)
+                wanted[w.key] = w
+        cur = await conn.execute(
+            "SELECT DISTINCT ON (c.tenant_id, c.subject) c.id, c.tenant_id, c.before, c.after, c.author, r.candidate,"
+            " r.previous, r.steps, r.step, r.min_samples, r.state FROM changes c LEFT JOIN prompt_rollouts r ON"
+            " r.tenant_id = c.tenant_id AND c.subject = r.name || ':' || r.label WHERE c.kind = 'prompt_label'"
+            " AND c.at > now() - make_interval(secs => %s) ORDER BY c.tenant_id, c.subject, c.id DESC",
+            (self.settings.watch_days * 86400,))
+        for change in await cur.fetchall():
+            if (pw := self._prompt(*change)) is not None:
+                wanted[pw.key] = pw
+        for key in [k for k, w in self.watches.items() if w.kind != "steady" and k not in wanted]:
+            del self.watches[key]  # rolled back, completed, moved again: its test ends
+        for key, w in wanted.items():
+            if key not in self.watches and key not in self.ended:  # e.g. a breach with auto_rollback off
+                await self._load(conn, w)
+                self.watches[key] = w
+
+    def _canary(self, r: Rollout) -> Watch:
+        settings = replace(self.settings.drift, min_samples=r.min_samples)
+        return Watch(
+            key=f"canary:{r.model}:{r.candidate}:{r.updated_at.timestamp()}", kind="canary",
+            subject=f"canary {r.candidate} for {r.model} at {r.canary_percent:g}%", rate_key=model_key(r.candidate),
+            tenant_id=None, settings=settings, rollout=r,
+            candidate=lambda s: s.model == r.candidate and s.rollout_of == r.model and s.id >= r.first_sample,
+            baseline=lambda s: s.model == r.model and s.rollout_of is None)
+
+    def _prompt(self, change_id: int, tenant_id: int, before: JSON | None, after: JSON | None, author: str,
+                candidate: str | None, previous: str | None, steps: list[float] | None, step: int | None,
+                min_samples: int | None, state: str | None) -> Watch | None:
+        if after is None:
+            return None
+        name, label, version = after.get("prompt"), after.get("label"), after.get("version")
+        split, share = after.get("split_version"), float(after.get("split_percent") or 0)
+        progressive = state == "active" and candidate is not None and candidate == split
+        if split and share > 0:
+            new, old = split, version
+        elif before is not None and before.get("version") != version and author != AUTHOR:
+            new, old = version, before.get("version")
+        else:
+            return None
+        settings = self.settings.drift if min_samples is None else replace(self.settings.drift, min_samples=min_samples)
+        info = {"tenant_id": tenant_id, "name": name, "label": label, "version": new, "previous": old,
+                "change": change_id, "split": bool(split and share > 0), "split_percent": share,
+                "progressive": progressive, "steps": steps or [], "step": step or 0}
+        return Watch(
+            key=f"prompt:{tenant_id}:{name}:{label}:{change_id}", kind="prompt",
+            subject=f"prompt {name}@{label} version {str(new)[:12]} (was {str(old)[:12]})",
+            rate_key=prompt_key(tenant_id, str(name), str(label)), tenant_id=tenant_id, settings=settings, prompt=info,
+            candidate=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == new,
+            baseline=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == old)
+
+    async def _steady_for(self, conn: psycopg.AsyncConnection[Any], row: Row) -> None:
+        """The steady watch of this sample's route, made on its first sample since this monitor leads and
+        seeded with the route's earlier samples (a canary's answers have their own watch)."""
+        if not self._settled(row):
+            return
+        args: list[Any]
+        if row.prompt_name is None:
+            key, subject, rate_key = f"steady:model:{row.model}", f"model {row.model}", model_key(row.model)
+            tenant_id: int | None = None
+            where, args = "model = %s AND prompt_name IS NULL", [row.model]
+
+            def match(s: Row) -> bool:
+                return s.model == row.model and s.prompt_name is None and self._settled(s)
+        elif row.prompt_label is not None:
+            # per version: a label that moves starts a new steady watch (the move is the prompt watch's)
+            key = f"steady:prompt:{row.tenant_id}:{row.prompt_name}:{row.prompt_label}:{row.prompt_version}"
+            subject = f"prompt {row.prompt_name}@{row.prompt_label} version {str(row.prompt_version)[:12]}"
+            rate_key, tenant_id = prompt_key(row.tenant_id, row.prompt_name, row.prompt_label), row.tenant_id
+            where = "tenant_id = %s AND prompt_name = %s AND prompt_label = %s AND prompt_version = %s"
+            args = [row.tenant_id, row.prompt_name, row.prompt_label, row.prompt_version]
+
+            def match(s: Row) -> bool:
+                return (s.tenant_id == row.tenant_id and s.prompt_name == row.prompt_name
+                        and s.prompt_label == row.prompt_label and s.prompt_version == row.prompt_version
+                        and self._settled(s))
+        else:
+            return
+        if key in self.watches:
+            return
+        steady = SteadyWatch(self.settings.drift)
+        cur = await conn.execute(
+            f"SELECT {SAMPLE_COLUMNS} FROM (SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE {where} AND (rollout_of IS NULL"
+            " OR rollout_of || ' ' || model = ANY(%s)) AND id < %s ORDER BY id DESC LIMIT %s) s ORDER BY id",
+            (*args, [f"{m} {c}" for m, c in self.completed.items()], row.id, self.settings.drift.baseline_max))
+        steady.seed([row_of(r).scored for r in await cur.fetchall()])
+        self.watches[key] = Watch(key=key, kind="steady", subject=subject, rate_key=rate_key, tenant_id=tenant_id,
+                                  candidate=match, settings=self.settings.drift, steady=steady)
+
+    def _settled(self, row: Row) -> bool:
+        """Whether a sample is its route's steady traffic: not a canary's answer under test (a canary has
+        its own watch), or the answer of a candidate whose rollout completed (now the model's traffic)."""
+        return row.rollout_of is None or self.completed.get(row.rollout_of) == row.model
+
+    async def _load(self, conn: psycopg.AsyncConnection[Any], w: Watch) -> None:
+        """A new watch's history: its baseline and its candidate's samples so far (up to the cursor)."""
+        assert w.baseline is not None
+        models = None if w.rollout is None else [w.rollout.model, w.rollout.candidate]
+        cur = await conn.execute(
+            f"SELECT {SAMPLE_COLUMNS} FROM (SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE id <= %s AND (%s::text[] IS NULL"
+            " OR model = ANY(%s)) AND (%s::bigint IS NULL OR tenant_id = %s) ORDER BY id DESC LIMIT %s) s ORDER BY id",
+            (self.cursor, models, models, w.tenant_id, w.tenant_id, 4 * self.settings.drift.baseline_max))
+        w.base = deque(maxlen=w.settings.baseline_max)
+        rows = [row_of(r) for r in await cur.fetchall()]
+        for row in rows:
+            if w.baseline(row) and not w.candidate(row):
+                w.base.append(row.scored)
+        for row in rows:
+            if w.candidate(row):
+                w.feed(row)
+
+    # -- acting ---------------------------------------------------------------------------------
+    def _advances(self, w: Watch) -> bool:
+        assert w.test is not None
+        progressive = (w.rollout is not None and w.rollout.progressive) or bool(w.prompt and w.prompt["progressive"])
+        return progressive and w.test.no_regression()
+
+    async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding], at: int) -> JSON:
+        """``at``: the sample that completed the evidence (a steady route's alerts are one per shift; a
+        change's, one per change: two monitors that both saw it raise one alert)."""
+        test = w.steady.test if w.steady is not None else w.test
+        evidence: JSON = {"watch": w.key, "kind": w.kind, "findings": [f.as_json() for f in found],
+                          "samples": 0 if test is None else test.n,
+                          "baseline_samples": len(w.steady.baseline) if w.steady is not None else len(w.base),
+                          "alpha": w.settings.alpha, "detectors": [] if test is None else test.detectors}
+        names = ", ".join(f"{f.detector} ({f.test})" for f in found)
+        message = f"Quality drift on {w.subject}: {names}"
+        action = None
+        if w.rollout is not None and w.rollout.auto_rollback:
+            action = "rollback"
+        elif w.prompt is not None and (self.settings.auto_rollback or w.prompt["progressive"]):
+            action = "rollback"
+        evidence["action"] = action
+        async with conn.transaction():
+            alert_id = await raise_alert(conn, tenant_id=w.tenant_id, kind="drift", subject=w.subject,
+                                         dedupe_key=f"drift:{w.key}" + (f":{at}" if w.steady is not None else ""),
+                                         message=message, evidence=evidence)
+        if alert_id is not None:  # not raised already (by another monitor, before a leadership change)
+            self.telemetry.alert("drift")
+            log.warning("%s (alert %s)", message, alert_id)
+        if action == "rollback":
+            await self._rollback(conn, w, {**evidence, "alert": alert_id}, message)
+        if w.steady is None:
+            w.done = True
+        return {"alert": alert_id, "message": message, **evidence}
+
+    async def _rollback(self, conn: psycopg.AsyncConnection[Any], w: Watch, evidence: JSON, why: str) -> None:
+        try:
+            if w.rollout is not None:
+                await move_rollout(conn, w.rollout, action="rollback", author=AUTHOR, reason=why, evidence=evidence)
+            elif w.prompt is not None:
+                await self._move_prompt(conn, w.prompt, "rollback", why, evidence)
+        except NotFound as exc:  # someone changed it meanwhile: theirs stands
+            log.info("no rollback of %s: %s", w.subject, exc.message)
+
+    async def _advance(self, conn: psycopg.AsyncConnection[Any], w: Watch) -> None:
+        assert w.test is not None
+        evidence: JSON = {"watch": w.key, "samples": w.test.n, "baseline_samples": len(w.base),
+                          "detectors": w.test.detectors,
+                          "accepted": {t.name: t.accepted for t in w.test.pass_tests}}
+        why = f"no regression over {w.test.n} scored samples"
+        try:
+            if w.rollout is not None:
+                after = await move_rollout(conn, w.rollout, action="advance", author=AUTHOR, reason=why,
+                                           evidence=evidence)
+                log.info("rollout of %s: %s (%s%%)", w.rollout.model, after.state, after.canary_percent)
+            elif w.prompt is not None:
+                await self._move_prompt(conn, w.prompt, "advance", why, evidence)
+        except NotFound as exc:
+            log.info("no step for %s: %s", w.subject, exc.message)
+        w.done = True  # the next step is a new watch (next pass), from its first sample
+
+    async def _move_prompt(self, conn: psycopg.AsyncConnection[Any], p: JSON, action: str, why: str,
+                           evidence: JSON) -> None:
+        tenant_id, name, label = p["tenant_id"], p["name"], p["label"]
+        cur = await conn.execute("SELECT name FROM tenants WHERE id = %s", (tenant_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return
+        tenant = str(row[0])
+        reason = f"{why} (quality monitor)"
+        cur = await conn.execute("SELECT version, split_version FROM prompt_labels WHERE tenant_id = %s AND name = %s"
+                                 " AND label = %s", (tenant_id, name, label))
+        held = await cur.fetchone()
+        if held is None or (held[1] if p["split"] else held[0]) != p["version"]:
+            log.info("prompt %s@%s moved meanwhile: the monitor leaves it", name, label)
+            return
+        step = p["step"]
+        if action == "rollback":
+            if p["split"]:  # the split goes: every user back on the version the label holds
+                await move_label(conn, tenant_id, tenant, name, label, p["previous"], author=AUTHOR,
+                                        reason=reason, admin=True, override=True, note=evidence)
+            else:
+                await rollback(conn, tenant_id, tenant, name, label, author=AUTHOR, reason=reason,
+                                      note=evidence)
+            state = "rolled_back"
+        else:
+            steps = p["steps"]
+            nxt = next((i for i, s in enumerate(steps) if s > p["split_percent"]), None)
+            if nxt is None or steps[nxt] >= 100:
+                await move_label(conn, tenant_id, tenant, name, label, p["version"], author=AUTHOR,
+                                        reason=reason, admin=True, override=True, note=evidence)
+                state, step = "complete", len(steps) - 1
+            else:
+                await move_label(conn, tenant_id, tenant, name, label, p["previous"], author=AUTHOR,
+                                        reason=reason, split_version=p["version"], split_percent=steps[nxt],
+                                        admin=True, override=True, note=evidence)
+                state, step = "active", nxt
+        await conn.execute("UPDATE prompt_rollouts SET state = CASE WHEN state = 'active' THEN %s ELSE state END,"
+                           " step = %s, updated_at = now() WHERE tenant_id = %s AND name = %s AND label = %s"
+                           " AND candidate = %s", (state, step, tenant_id, name, label, p["version"]))
+
+    async def _rates(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        policy = self.settings.policy
+        rates: dict[str, tuple[float, float]] = {}
+        for w in self.watches.values():
+            progress = w.progress()
+            rate = policy.rate(progress)
+            if rate > rates.get(w.rate_key, (0.0, 0.0))[0]:
+                rates[w.rate_key] = (rate, progress)
+        async with conn.transaction():
+            await conn.execute("DELETE FROM quality_rates WHERE NOT (key = ANY(%s))", (list(rates),))
+            for key, (rate, progress) in rates.items():
+                if rate > policy.base or progress > 0:
+                    await conn.execute(
+                        "INSERT INTO quality_rates (key, rate, progress) VALUES (%s, %s, %s) ON CONFLICT (key)"
+                        " DO UPDATE SET rate = EXCLUDED.rate, progress = EXCLUDED.progress, updated_at = now()",
+                        (key, max(rate, 1e-6), progress))
+
+    def describe(self) -> list[JSON]:
+        return [w.state() for w in self.watches.values()]
+

@@ -1,0 +1,353 @@
+"""Tenant policies and budgets: what a tenant may spend, and how the gateway behaves when it cannot tell.
+
+Definitions live in PostgreSQL. Every change is recorded in the change channel (``changes``), whose
+notification makes every replica drop its cached rules for that tenant at once; the short-TTL cache
+(``policy_cache_ttl_s``) is the fallback while a replica's listener is disconnected. Counters live in
+Redis (``tollway.gateway.metering.quota``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from tollway.gateway.tenancy.keys import tenant_id
+from tollway.guardrails import GuardPolicy, PolicyError, parse_policy
+from tollway.infra import changes
+from tollway.jsontypes import JSON
+from tollway.lastgood import LastGood
+
+log = logging.getLogger("tollway.gateway")
+
+PERIODS = ("minute", "hour", "day", "month", "lifetime")
+SCOPES = ("tenant", "key", "user", "session")
+EACH = "*"  # a budget for each key / user / session
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    id: int
+    tenant_id: int
+    scope: str
+    subject: str
+    period: str
+    limit_usd: Decimal | None
+    limit_tokens: int | None
+    reset_at: datetime | None = None
+    # alerts: shares of the limit, and whether a forecast past it alerts; None: the gateway's defaults
+    alert_thresholds: Sequence[float] | None = None
+    alert_forecast: bool | None = None
+
+    def alerts(self, default: tuple[tuple[float, ...], bool]) -> tuple[tuple[float, ...], bool]:
+        if self.alert_thresholds is None and self.alert_forecast is None:
+            return default
+        return tuple(self.alert_thresholds or ()), bool(self.alert_forecast)
+
+    def describe(self, tenant: str) -> str:
+        who = {"tenant": f"tenant '{tenant}'", "key": f"key {self.subject}", "user": f"user '{self.subject}'",
+               "session": f"session '{self.subject}'"}[self.scope]
+        if self.subject == EACH:
+            who = f"each {self.scope} of tenant '{tenant}'"
+        return f"the {self.period} budget of {who}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scope": self.scope, "subject": self.subject, "window": self.period,
+                "limit_usd": None if self.limit_usd is None else str(self.limit_usd),
+                "limit_tokens": self.limit_tokens,
+                "reset_at": None if self.reset_at is None else self.reset_at.isoformat(),
+                "alerts": None if self.alert_thresholds is None and self.alert_forecast is None else
+                [*(f"{t:g}" for t in self.alert_thresholds or ()), *(["forecast"] if self.alert_forecast else [])]}
+
+
+def parse_alerts(values: Sequence[str] | None, param: str = "alerts") -> tuple[tuple[float, ...], bool] | None:
+    """["0.8", "1", "forecast"] -> ((0.8, 1.0), True): shares of a budget's limit that raise an alert once
+    per window, and whether a forecast past the limit does. None stays None (the gateway's defaults)."""
+    if values is None:
+        return None
+    shares: list[float] = []
+    forecast = False
+    for value in (v.strip() for v in values):
+        if value == "forecast":
+            forecast = True
+            continue
+        try:
+            share = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 10:
+            raise InvalidRequest(f"an alert is a share of the limit such as 0.8 or 80%, or 'forecast' (got {value!r})",
+                                 param=param)
+        shares.append(share)
+    return tuple(sorted(set(shares))), forecast
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    tenant_id: int
+    redis_failure: str = "closed"
+    default_max_tokens: int = 4096
+    rpm: int | None = None
+    tpm: int | None = None
+    velocity_soft_usd_per_min: Decimal | None = None
+    velocity_hard_usd_per_min: Decimal | None = None
+    retry_storm_limit: int = 20
+    retry_storm_window_s: int = 10
+    route_threshold: float = 0.5
+    allowed_models: tuple[str, ...] | None = None
+    quality_floor: str | None = None
+    degraded_answers: bool = False
+    response_cache: bool = True
+    store_content: bool = False  # prompts and answers of live/shadow samples and eval items may be kept
+    content_retention_days: int = 30  # for this long
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_models, list):  # from the database's text[]
+            object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Decimal) else \
+                list(value) if isinstance(value, tuple) else value
+        return out
+
+
+POLICY_FIELDS = tuple(f.name for f in fields(TenantPolicy) if f.name != "tenant_id")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRules:
+    policy: TenantPolicy
+    budgets: tuple[Budget, ...]
+    guards: GuardPolicy | None = None  # the tenant's guard policy (``tollway.guardrails.policy``)
+
+
+_BUDGET_COLUMNS = ("id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at, alert_thresholds,"
+                   " alert_forecast")
+
+
+class PolicyStore:
+    """A tenant's rules, cached for ``cache_ttl_s`` (a change on the channel drops them at once). While the
+    database is unreachable the last good rules keep serving: a request waits at most ``stale_wait_s`` for a
+    reload (which goes on in the background), and for ``retry_s`` after a failed one none waits again."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, stale_wait_s: float = 0.25,
+                 retry_s: float = 2.0) -> None:
+        self._pool = pool
+        self._cache: LastGood[int, TenantRules] = LastGood(ttl_s=cache_ttl_s, down=ServiceUnavailable,
+                                                           stale_wait_s=stale_wait_s, retry_s=retry_s)
+
+    async def rules(self, tenant_id: int) -> TenantRules:
+        return await self._cache.get(tenant_id, lambda: self._load(tenant_id))
+
+    async def _load(self, tenant_id: int) -> TenantRules:
+        try:
+            async with self._pool.connection(timeout=2) as conn:
+                return await load_rules(conn, tenant_id)
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise ServiceUnavailable("Tenant policies are unavailable; try again shortly.") from exc
+
+    def forget(self, tenant_id: int) -> None:
+        self._cache.drop(tenant_id)
+
+
+async def load_rules(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> TenantRules:
+    cur = await conn.execute(f"SELECT tenant_id, {', '.join(POLICY_FIELDS)} FROM tenant_policies"
+                             " WHERE tenant_id = %s", (tenant_id,))
+    row = await cur.fetchone()
+    policy = TenantPolicy(*row) if row is not None else TenantPolicy(tenant_id)
+    cur = await conn.execute(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE tenant_id = %s ORDER BY id",
+                             (tenant_id,))
+    budgets = tuple(Budget(*r) for r in await cur.fetchall())
+    cur = await conn.execute("SELECT policy FROM guard_policies WHERE tenant_id = %s", (tenant_id,))
+    guard_row = await cur.fetchone()
+    guards = None
+    if guard_row is not None:
+        try:
+            guards = parse_policy(guard_row[0], extra=_ANY_EXTRA)
+        except PolicyError:
+            log.exception("tenant %s: the stored guard policy no longer parses; its guards are off", tenant_id)
+    return TenantRules(policy, budgets, guards)
+
+
+class _AnyName(frozenset[str]):
+    """Stored policies were checked against the configured validators when they were written."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY_EXTRA = _AnyName()
+
+
+async def set_guards(conn: psycopg.AsyncConnection[Any], tenant: str, policy: JSON | None, *,
+                     extra: frozenset[str] = frozenset(), author: str = "system",
+                     reason: str | None = None) -> GuardPolicy | None:
+    """Replace a tenant's guard policy (None: remove it, and with it every guard of the tenant's own).
+    ``extra``: the names of the validators the config adds, which the policy may name."""
+    try:
+        parsed = None if policy is None else parse_policy(policy, extra=extra)
+    except PolicyError as exc:
+        raise InvalidRequest(str(exc), param="guards", code="invalid_guard_policy") from exc
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute("SELECT policy FROM guard_policies WHERE tenant_id = %s FOR UPDATE", (tid,))
+        old = await cur.fetchone()
+        if parsed is None:
+            await conn.execute("DELETE FROM guard_policies WHERE tenant_id = %s", (tid,))
+        else:
+            await conn.execute(
+                "INSERT INTO guard_policies (tenant_id, policy) VALUES (%s, %s) ON CONFLICT (tenant_id)"
+                " DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+                (tid, Jsonb(parsed.model_dump(exclude_none=True))))
+        await changes.record(conn, author=author, kind="guards", subject=tenant,
+                             action="delete" if parsed is None else "set", tenant_id=tid,
+                             before=None if old is None else old[0],
+                             after=None if parsed is None else parsed.model_dump(exclude_none=True), reason=reason)
+    return parsed
+
+
+async def get_guards(conn: psycopg.AsyncConnection[Any], tenant: str) -> GuardPolicy | None:
+    return (await load_rules(conn, await tenant_id(conn, tenant))).guards
+
+
+def _check_subject(scope: str, subject: str | None) -> str:
+    if scope not in SCOPES:
+        raise InvalidRequest(f"scope must be one of {', '.join(SCOPES)}", param="scope")
+    if scope == "tenant":
+        if subject:
+            raise InvalidRequest("a tenant budget has no subject", param="subject")
+        return ""
+    if not subject:
+        raise InvalidRequest(f"a {scope} budget needs a subject ('{EACH}' for each {scope})", param="subject")
+    return subject
+
+
+async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: str, subject: str | None,
+                     period: str, limit_usd: Decimal | None, limit_tokens: int | None, author: str = "system",
+                     reason: str | None = None, alerts: Sequence[str] | None = None) -> Budget:
+    if period not in PERIODS:
+        raise InvalidRequest(f"window must be one of {', '.join(PERIODS)}", param="window")
+    if limit_usd is None and limit_tokens is None:
+        raise InvalidRequest("give a USD limit, a token limit, or both", param="limit_usd")
+    if (limit_usd is not None and limit_usd < 0) or (limit_tokens is not None and limit_tokens < 0):
+        raise InvalidRequest("limits cannot be negative", param="limit_usd")
+    subject = _check_subject(scope, subject)
+    thresholds, forecast = parse_alerts(alerts) or (None, None)
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        if scope == "key" and subject != EACH:
+            cur = await conn.execute("SELECT 1 FROM api_keys WHERE id = %s AND tenant_id = %s",
+                                     (int(subject) if subject.isdigit() else -1, tid))
+            if await cur.fetchone() is None:
+                raise NotFound(f"key {subject} is not a key of tenant {tenant!r}", param="subject",
+                               code="key_not_found")
+        cur = await conn.execute(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE tenant_id = %s AND scope = %s"
+                                 " AND subject = %s AND period = %s FOR UPDATE", (tid, scope, subject, period))
+        old = await cur.fetchone()
+        cur = await conn.execute(
+            f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens, alert_thresholds,"
+            f" alert_forecast) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            f" ON CONFLICT (tenant_id, scope, subject, period) DO UPDATE"
+            f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens,"
+            f" alert_thresholds = EXCLUDED.alert_thresholds, alert_forecast = EXCLUDED.alert_forecast,"
+            f" updated_at = now() RETURNING {_BUDGET_COLUMNS}",
+            (tid, scope, subject, period, limit_usd, limit_tokens,
+             None if thresholds is None else list(thresholds), forecast))
+        row = await cur.fetchone()
+        assert row is not None
+        budget = Budget(*row)
+        await changes.record(conn, author=author, kind="budget", subject=budget.id, action="set", tenant_id=tid,
+                             before=None if old is None else Budget(*old).as_json(), after=budget.as_json(),
+                             reason=reason)
+    return budget
+
+
+async def delete_budget(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int, *, author: str = "system",
+                        reason: str | None = None) -> bool:
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute(f"DELETE FROM budgets WHERE id = %s AND tenant_id = %s RETURNING {_BUDGET_COLUMNS}",
+                                 (budget_id, tid))
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        await changes.record(conn, author=author, kind="budget", subject=budget_id, action="delete", tenant_id=tid,
+                             before=Budget(*row).as_json(), reason=reason)
+    return True
+
+
+async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, *, tiers: Collection[str] | None = None,
+                     author: str = "system", reason: str | None = None, **fields_: Any) -> TenantPolicy:
+    """Upsert a tenant's policy fields. With ``tiers`` (the routing config's tier names), a quality floor
+    naming no tier is refused instead of silently acting as no floor."""
+    unknown = set(fields_) - set(POLICY_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown policy field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    floor = fields_.get("quality_floor")
+    if tiers is not None and floor is not None and floor not in tiers:
+        raise InvalidRequest(f"quality_floor {floor!r} is not a routing tier (tiers: {', '.join(tiers)})",
+                             param="quality_floor")
+    if fields_.get("redis_failure", "closed") not in ("closed", "open"):
+        raise InvalidRequest("redis_failure must be 'closed' or 'open'", param="redis_failure")
+    columns = list(fields_)
+    assignments = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns) or "tenant_id = EXCLUDED.tenant_id"
+    try:
+        async with conn.transaction():
+            tid = await tenant_id(conn, tenant)
+            before = (await load_rules(conn, tid)).policy
+            await conn.execute(
+                f"INSERT INTO tenant_policies (tenant_id{''.join(', ' + c for c in columns)})"
+                f" VALUES (%s{', %s' * len(columns)})"
+                f" ON CONFLICT (tenant_id) DO UPDATE SET {assignments}, updated_at = now()",
+                (tid, *(list(v) if isinstance(v, tuple) else v for v in fields_.values())))
+            after = (await load_rules(conn, tid)).policy
+            await changes.record(conn, author=author, kind="policy", subject=tenant, action="set", tenant_id=tid,
+                                 before=before.as_json(), after=after.as_json(), reason=reason)
+    except psycopg.errors.CheckViolation as exc:
+        raise InvalidRequest(f"invalid policy value: {exc.diag.constraint_name}") from exc
+    return after
+
+
+async def set_key_limits(conn: psycopg.AsyncConnection[Any], key_id: int, *, rpm: int | None,
+                         tpm: int | None, author: str = "system", reason: str | None = None) -> None:
+    async with conn.transaction():
+        cur = await conn.execute("SELECT tenant_id, rpm, tpm FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+        old = await cur.fetchone()
+        if old is None:
+            raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
+        await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s WHERE id = %s", (rpm, tpm, key_id))
+        await changes.record(conn, author=author, kind="key", subject=key_id, action="limits", tenant_id=old[0],
+                             before={"rpm": old[1], "tpm": old[2]}, after={"rpm": rpm, "tpm": tpm}, reason=reason)
+
+
+async def list_budgets(conn: psycopg.AsyncConnection[Any], tenant: str) -> list[Budget]:
+    return list((await load_rules(conn, await tenant_id(conn, tenant))).budgets)
+
+
+async def mark_reset(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int | None, *,
+                     author: str = "system", reason: str | None = None) -> list[Budget]:
+    """Record a reset (the reconciler counts usage from it); the caller clears the Redis counters."""
+    async with conn.transaction():
+        tid = await tenant_id(conn, tenant)
+        cur = await conn.execute(
+            f"UPDATE budgets SET reset_at = now() WHERE tenant_id = %s AND (%s::bigint IS NULL OR id = %s)"
+            f" RETURNING {_BUDGET_COLUMNS}", (tid, budget_id, budget_id))
+        rows = [Budget(*r) for r in await cur.fetchall()]
+        if budget_id is not None and not rows:
+            raise NotFound(f"budget {budget_id} does not exist for tenant {tenant!r}", param="budget_id",
+                           code="budget_not_found")
+        for budget in rows:
+            await changes.record(conn, author=author, kind="budget", subject=budget.id, action="reset", tenant_id=tid,
+                                 after=budget.as_json(), reason=reason)
+    return rows

@@ -1,0 +1,149 @@
+"""`git clone` and `git push` against ``/v1/prompts.git``: git's smart HTTP protocol, served by dulwich's
+WSGI server (in a thread, through a2wsgi) over an in-memory repository built from the tenant's objects in
+PostgreSQL for each request. The gateway mounts it (``tollway.gateway.http.routes.prompts_git``)
+behind its authentication: each request on its own tenant's repository.
+
+A push is checked like an API submission before anything is stored: only ``main``, a fast-forward of the
+current head, prompts at the top of the tree, every changed prompt parsing with its golden set. A bad
+push is refused with git's own ``! [remote rejected]`` line naming the file and the problem, and nothing
+changes; a good one lands in one transaction and reaches every replica through the change channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from a2wsgi.wsgi import WSGIResponder
+from dulwich.errors import HookError
+from dulwich.objects import Commit, Tree
+from dulwich.repo import MemoryRepo
+from dulwich.server import DictBackend
+from dulwich.web import HTTPGitApplication
+from psycopg_pool import AsyncConnectionPool
+from starlette.types import Receive, Scope, Send
+
+from tollway.errors import TollwayError
+from tollway.prompts.paths import FILE_MODES, check_tree
+from tollway.prompts.spec import PromptError
+from tollway.prompts.store import MAIN, blob_text, land_push, load_objects, memory_repo, tree_files
+from tollway.prompts.store import check_files as check_prompt_files
+
+log = logging.getLogger("tollway.git")
+ZERO = b"0" * 40
+
+
+class _UpdateHook:
+    """dulwich's ``update`` hook: runs in the WSGI thread, lands the push on the event loop."""
+
+    def __init__(self, repo: MemoryRepo, land: Callable[[bytes | None, bytes], Coroutine[Any, Any, None]],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.repo, self.land, self.loop = repo, land, loop
+
+    def execute(self, ref: bytes, old: bytes, new: bytes) -> tuple[bytes, bytes]:
+        if ref != MAIN:
+            raise HookError(f"only refs/heads/main is kept (not {ref.decode()})")
+        if new == ZERO:
+            raise HookError("main cannot be deleted")
+        try:
+            check_push(self.repo, None if old == ZERO else old, new)
+            asyncio.run_coroutine_threadsafe(self.land(None if old == ZERO else old, new), self.loop).result(60)
+        except (PromptError, TollwayError) as exc:
+            raise HookError(exc.message) from exc
+        except Exception as exc:  # never a traceback to git: its rejected line, and the log
+            log.exception("push to %s failed unexpectedly", ref.decode(errors="replace"))
+            raise HookError("the push could not be checked; the gateway's log has the reason") from exc
+        return b"", b""
+
+
+def _size(repo: MemoryRepo, sha: bytes, mode: int) -> int:
+    obj = repo.object_store[sha] if mode in FILE_MODES else None  # type: ignore[index]
+    return len(obj.as_raw_string()) if obj is not None else 0
+
+
+def check_push(repo: MemoryRepo, old: bytes | None, new: bytes) -> None:
+    """Linear history on top of ``old``, prompts at the top level, every changed prompt valid."""
+    sha: bytes | None = new
+    while sha is not None and sha != old:
+        commit = repo.object_store[sha]  # type: ignore[index]
+        assert isinstance(commit, Commit)
+        if len(commit.parents) > 1:
+            raise PromptError("merge commits are not kept: rebase onto main and push again")
+        tree = repo.object_store[commit.tree]
+        assert isinstance(tree, Tree)
+        check_tree([(entry.path, entry.mode, _size(repo, entry.sha, entry.mode)) for entry in tree.iteritems()])
+        blobs = tree_files(repo, commit.id)
+        files = {path: blob_text(repo, blob) for path, blob in blobs.items()}
+        before = tree_files(repo, commit.parents[0]) if commit.parents else {}
+        changed = [p for p, blob in blobs.items() if before.get(p) != blob]
+        check_prompt_files(files, changed)
+        sha = commit.parents[0] if commit.parents else None
+    if sha != old:
+        raise PromptError("the push does not build on the current main: fetch first")
+
+
+def _answer_whole(app: Any) -> Any:
+    """WSGI around dulwich's git services: the answer (a push's status report, a clone's pack, which dulwich
+    writes through start_response's write()) is produced whole before anything is sent, so a request dulwich
+    cannot parse becomes a 400 instead of a 200 that breaks off mid-answer. Prompt repositories are small (at
+    most 1,000 files of 1 MiB at the head, pushes of at most TOLLWAY_MAX_BODY_BYTES)."""
+
+    def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+        if not environ.get("PATH_INFO", "").endswith(("git-receive-pack", "git-upload-pack")):
+            return app(environ, start_response)
+        started: list[Any] = []
+        written: list[bytes] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            started[:] = [status, headers]
+            return written.append
+
+        try:
+            for chunk in app(environ, capture):  # in the order produced, write() calls included
+                written.append(chunk)
+        except Exception as exc:
+            log.warning("a git request could not be read (%s: %s)", type(exc).__name__, exc)
+            start_response("400 Bad Request", [("content-type", "text/plain")])
+            return [b"malformed git request\n"]
+        start_response(*started)
+        return written
+
+    return wrapped
+
+
+class GitServer:
+    """One tenant's prompt repository over git's smart HTTP, for one request at a time."""
+
+    def __init__(self, pool: AsyncConnectionPool, on_landed: Callable[[int], Awaitable[None]]) -> None:
+        self.pool = pool
+        self.on_landed = on_landed  # reload this process's registry at once
+        self.executor = ThreadPoolExecutor(thread_name_prefix="git", max_workers=4)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, *, prefix: str, tenant_id: int,
+                    author: str) -> None:
+        """Serve one git request under ``prefix`` on ``tenant_id``'s repository; a push lands as ``author``."""
+        async with self.pool.connection() as conn:
+            head, objects = await load_objects(conn, tenant_id)
+        repo = memory_repo(head, objects)
+        loop = asyncio.get_running_loop()
+
+        async def land(old: bytes | None, new: bytes) -> None:
+            async with self.pool.connection() as conn:
+                await land_push(conn, tenant_id, repo, old, new, author)
+            await self.on_landed(tenant_id)
+
+        repo.hooks["update"] = _UpdateHook(repo, land, loop)  # type: ignore[assignment]
+        app = _answer_whole(HTTPGitApplication(DictBackend({"/": repo})))  # type: ignore[arg-type]
+        inner = dict(scope, path=scope["path"][len(prefix):] or "/", root_path=prefix)
+        inner.pop("raw_path", None)
+        # The ASGI server has already undone git's chunked transfer encoding (a push over 1 MiB is sent
+        # chunked), and the body limit counted the result: dulwich must not de-chunk it a second time.
+        inner["headers"] = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"]
+        responder: Any = WSGIResponder(app, self.executor, 10)
+        await responder(inner, receive, send)

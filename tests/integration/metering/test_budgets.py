@@ -1,0 +1,286 @@
+"""Hard budgets under concurrency and streaming, refusals that name the budget, and atomicity across
+windows, against the real Redis and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import urllib.request
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from support import sse_frames
+from support.config import write_config
+
+from tollway.gateway.chat.service import INPUT_MARGIN, INPUT_SLACK, reserved_output
+from tollway.routing.tokens import count_messages
+
+PRICE = (Decimal(3), Decimal(15))  # sim-large, USD per million tokens (conftest PRICES)
+
+
+def msg(i: Any) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"how much does request {i} cost"}]
+
+
+def worst_case_usd(messages: list[dict[str, str]], max_tokens: int) -> Decimal:
+    prompt = math.ceil(count_messages(messages) * INPUT_MARGIN) + INPUT_SLACK
+    return (prompt * PRICE[0] + reserved_output(max_tokens) * PRICE[1]) / 10**6
+
+
+
+async def set_budget(gw: Any, admin: Any, tenant: Any, **body: Any) -> dict[str, Any]:
+    resp = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={"tenant": tenant.name, **body})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+async def chat(gw: Any, tenant: Any, i: Any, *, stream: bool = False, max_tokens: int = 16,
+               model: str = "sim-large", headers: dict[str, str] | None = None) -> Any:
+    body: dict[str, Any] = {"model": model, "messages": msg(i), "max_tokens": max_tokens, "stream": stream}
+    return await gw.client.post("/v1/chat/completions", headers={**tenant.headers, **(headers or {})}, json=body)
+
+
+async def test_refusal_names_the_budget_and_sends_nothing(app_factory, make_tenant, admin, ledger, sim):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="0.0001")
+        before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
+        resp = await chat(gw, tenant, 1)
+        await gw.state.ledger.flush()
+    assert resp.status_code == 429
+    error = resp.json()["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert f"the day budget of tenant '{tenant.name}'" in error["message"]
+    assert "limit $0.0001" in error["message"]
+    assert int(resp.headers["retry-after"]) > 0
+    assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert (row["status"], row["error_code"], row["cost_usd"]) == (429, "insufficient_quota", 0)
+
+
+async def test_a_reset_clears_the_budgets_counters_and_admits_again(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        budget = await set_budget(gw, admin, tenant, window="day", limit_usd=str(worst_case_usd(msg(1), 16) * 2))
+        spent = []
+        for i in range(5):
+            spent.append(await chat(gw, tenant, i))
+            await gw.state.quota.drain()
+        reset = await gw.client.post("/v1/admin/budgets/reset", headers=admin.headers,
+                                     json={"tenant": tenant.name, "budget_id": budget["id"]})
+        after = await chat(gw, tenant, 1)
+    assert [r.status_code for r in spent][-1] == 429
+    assert reset.status_code == 200, reset.text
+    assert reset.json() == {"reset": [budget["id"]], "counters_cleared": 1}
+    assert after.status_code == 200
+
+
+@pytest.mark.parametrize("ample", [False, True], ids=["tight budget", "ample budget"])
+async def test_200_concurrent_requests_never_overspend(app_factory, make_tenant, admin, ledger, ample):
+    tenant = make_tenant()
+    per_request = worst_case_usd(msg(100), 16)
+    limit = per_request * (10_000 if ample else 10)
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="month", limit_usd=str(limit))
+        results = await asyncio.gather(*(chat(gw, tenant, i, stream=i % 2 == 0) for i in range(100, 300)))
+        # once the burst has settled, what it did not spend is there to spend (one at a time, until refused)
+        later = [await chat(gw, tenant, i) for i in range(300, 330)] if not ample else []
+        await gw.state.ledger.flush()
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(ok) + len(refused) == 200
+    assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+    assert all(r.text.rstrip().endswith("data: [DONE]") for r in ok if r.headers["content-type"].startswith("text"))
+    rows = ledger("tenant_id = %s", tenant.id)
+    assert len(rows) == 200 + len(later)  # a row for every request, refusals included
+    spent = sum(r["cost_usd"] for r in rows)
+    assert spent <= limit
+    if ample:
+        assert not refused
+    else:
+        # what fits at once: the worst cases of streams (their fallback prompts too) and of plain requests
+        prompt = math.ceil(count_messages(msg(100)) * INPUT_MARGIN) + INPUT_SLACK
+        stream_worst = worst_case_usd(msg(100), 16) + 2 * prompt * PRICE[0] / 10**6
+        assert len(ok) >= int(limit / stream_worst)
+        assert len(ok) < 200
+        assert any(r.status_code == 200 for r in later)  # the burst's unspent reservations came back
+        assert later[-1].status_code == 429
+        assert spent > limit * Decimal("0.7")  # and the budget is used, not left idle
+
+
+async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        resp = await chat(gw, tenant, 1, stream=True, max_tokens=5, model="sim-ignoremax")
+        await gw.state.ledger.flush()
+    assert resp.status_code == 200
+    frames = sse_frames(resp.text)
+    assert '"code":"reservation_exceeded"' in frames[-2]
+    text = "".join(__import__("json").loads(f)["choices"][0]["delta"].get("content", "")
+                   for f in frames[:-2] if '"choices":[{' in f)
+    reserved = reserved_output(5)  # 15: max_tokens plus the tokenizer margin
+    assert len(text.split()) == reserved  # exactly the reserved tokens reached the client, no more
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert (row["status"], row["error_code"], row["output_tokens"]) == (502, "reservation_exceeded", reserved)
+
+
+async def test_a_request_without_max_tokens_gets_the_tenant_cap(app_factory, make_tenant, admin, sim):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        resp = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                   json={"tenant": tenant.name, "default_max_tokens": 7})
+        assert resp.status_code == 200
+        assert resp.json()["default_max_tokens"] == 7
+        typo = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                   json={"tenant": tenant.name, "quality_floor": "lagre"})
+        assert typo.status_code == 400
+        assert typo.json()["error"]["param"] == "quality_floor"
+        ok = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                  json={"model": "sim-small", "messages": msg("cap")})
+    assert ok.status_code == 200
+    import orjson
+
+    assert orjson.loads(sim.get("/sim/last-request?model=sim-small"))["max_tokens"] == 7
+
+
+async def test_mixed_windows_are_all_or_nothing(app_factory, make_tenant, admin, pg, redis_url):
+    import redis
+
+    tenant = make_tenant()
+    per_request = worst_case_usd(msg(1), 16)
+    async with app_factory() as gw:
+        day = await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        key = await set_budget(gw, admin, tenant, scope="key", subject=str(tenant.key_id), window="month",
+                               limit_usd="1")
+        minute = await set_budget(gw, admin, tenant, scope="user", subject="*", window="minute",
+                                  limit_usd=str(per_request * Decimal("1.2")))
+        first = await chat(gw, tenant, 1, headers={"x-tollway-user": "alice"})
+        second = await chat(gw, tenant, 2, headers={"x-tollway-user": "alice"})
+        other_user = await chat(gw, tenant, 3, headers={"x-tollway-user": "bob"})
+    assert first.status_code == 200
+    assert other_user.status_code == 200
+    assert second.status_code == 429
+    assert "the minute budget of each user" in second.json()["error"]["message"]
+    client = redis.Redis.from_url(redis_url)
+    [day_key] = list(client.scan_iter(f"tw:{{t:{tenant.id}}}:b:{day['id']}:*"))
+    # The refused request reserved nothing anywhere: the day budget saw two requests, settled.
+    assert client.hget(day_key, "r") == b"0:0:0"
+    assert int(client.hget(day_key, "s_req")) == 2
+    assert key["window"] == "month"
+    assert minute["subject"] == "*"
+    assert first.headers["x-tollway-budget-remaining"]
+
+
+def _running(sim: Any) -> int:
+    with urllib.request.urlopen(sim.url.removesuffix("/v1") + "/sim/stats", timeout=5) as resp:
+        return int(json.loads(resp.read())["running"])
+
+
+async def test_budget_change_applies_while_requests_are_in_flight(app_factory, make_tenant, admin, start_sim, tmp_path):
+    slow = start_sim("--ttft-ms", "600")
+    tenant = make_tenant()
+    config = write_config(tmp_path / "slow.yaml", slow.url)
+    async with app_factory(config=config, policy_cache_ttl_s=0) as gw:
+        await set_budget(gw, admin, tenant, window="hour", limit_usd="1")
+        in_flight = [asyncio.create_task(chat(gw, tenant, i)) for i in range(3)]
+        async with asyncio.timeout(30):
+            while await asyncio.to_thread(_running, slow) < 3:  # noqa: ASYNC110 (a polled gauge of another process)
+                await asyncio.sleep(0.01)
+        await set_budget(gw, admin, tenant, window="hour", limit_usd="0.0000001")  # cut to almost nothing
+        refused = await chat(gw, tenant, "late")
+        done = await asyncio.gather(*in_flight)
+        await set_budget(gw, admin, tenant, window="hour", limit_usd="1")
+        again = await chat(gw, tenant, "again")
+    assert [r.status_code for r in done] == [200, 200, 200]  # admitted under the old limit, completed
+    assert refused.status_code == 429
+    assert again.status_code == 200
+
+
+async def test_rate_limits_and_headers(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        resp = await gw.client.put(f"/v1/admin/keys/{tenant.key_id}/limits", headers=admin.headers,
+                                   json={"rpm": 3, "tpm": 100000})
+        assert resp.status_code == 200
+        gw.state.keys._cache.clear()  # the key's limits are read with the key
+        results = [await chat(gw, tenant, i) for i in range(4)]
+    assert [r.status_code for r in results] == [200, 200, 200, 429]
+    assert results[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert results[0].headers["x-ratelimit-remaining-requests"] == "2"
+    assert results[2].headers["x-ratelimit-remaining-requests"] == "0"
+    assert results[0].headers["x-ratelimit-limit-tokens"] == "100000"
+    assert results[0].headers["x-ratelimit-reset-requests"].endswith("s")
+    error = results[3].json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert 1 <= int(results[3].headers["retry-after"]) <= 60
+
+
+async def test_retry_storm_is_refused_and_recorded(app_factory, make_tenant, admin, pg):
+    import psycopg
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                            json={"tenant": tenant.name, "retry_storm_limit": 5, "retry_storm_window_s": 30})
+        results = [await chat(gw, tenant, "same") for _ in range(8)]
+        different = await chat(gw, tenant, "different")
+        await gw.state.events.drain()
+    assert [r.status_code for r in results] == [200] * 5 + [429] * 3
+    assert results[5].json()["error"]["code"] == "retry_storm"
+    assert 1 <= int(results[5].headers["retry-after"]) <= 30
+    assert different.status_code == 200
+    with psycopg.connect(pg.url) as conn:
+        events = conn.execute("SELECT kind, contained_at - first_offense_at FROM breaker_events"
+                              " WHERE tenant_id = %s", (tenant.id,)).fetchall()
+    assert len(events) == 1
+    assert events[0][0] == "retry_storm"
+    assert events[0][1].total_seconds() >= 0
+
+
+async def test_spend_velocity_soft_steps_down_and_hard_refuses(app_factory, make_tenant, admin, pg, ledger):
+    import psycopg
+
+    tenant = make_tenant()
+    per_request = worst_case_usd(msg(1), 16)
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/policies", headers=admin.headers, json={
+            "tenant": tenant.name, "velocity_soft_usd_per_min": str(per_request),
+            "velocity_hard_usd_per_min": str(per_request * 2)})
+        results = []
+        for i in range(10):
+            results.append(await chat(gw, tenant, i))
+            await gw.state.quota.drain()  # settlement runs after each answer; let it land
+        await gw.state.events.drain()
+        await gw.state.ledger.flush()
+    codes = [r.status_code for r in results]
+    assert codes[:2] == [200, 200]
+    assert 429 in codes
+    refused = next(r for r in results if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "spend_velocity_exceeded"
+    rows = ledger("tenant_id = %s AND status = 200", tenant.id)
+    assert rows[0]["route_reason"] == "requested"
+    # A named model is kept above the soft line (only 'auto' steps down); the crossing is recorded.
+    assert any(r["route_reason"] == "requested;velocity_soft" for r in rows[1:])
+    spent = sum(r["cost_usd"] for r in rows)
+    assert spent <= per_request * 3  # contained within one request of the hard line
+    with psycopg.connect(pg.url) as conn:
+        kinds = [r[0] for r in conn.execute("SELECT kind FROM breaker_events WHERE tenant_id = %s",
+                                            (tenant.id,)).fetchall()]
+    assert kinds == ["spend_velocity"]
+
+
+async def test_admin_routes_need_an_admin_key(app_factory, make_tenant):
+    tenant, finance = make_tenant(), make_tenant(role="finance")
+    async with app_factory() as gw:
+        for who in (tenant, finance):
+            resp = await gw.client.put("/v1/admin/budgets", headers=who.headers,
+                                       json={"tenant": who.name, "window": "day", "limit_usd": "1"})
+            assert resp.status_code == 403
+        bad = await gw.client.put("/v1/admin/budgets", headers=make_tenant(role="admin").headers,
+                                  json={"tenant": tenant.name, "window": "fortnight", "limit_usd": "1"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "window"

@@ -1,0 +1,220 @@
+"""Budgets when things break: a gateway killed mid-request, Redis stopped mid-traffic, windows rolling
+over, counters that drifted from the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from support.config import write_config
+
+from tollway.gateway.metering.quota import Demand, QuotaService, budget_counter
+from tollway.gateway.tenancy.keys import Principal
+from tollway.gateway.tenancy.policy import Budget, TenantPolicy, TenantRules
+from tollway.local.embedded import EmbeddedRedis
+
+MSG = "how much does this cost"
+
+
+
+def body(i: Any, **extra: Any) -> dict[str, Any]:
+    return {"model": "sim-large", "messages": [{"role": "user", "content": f"{MSG} {i}"}], "max_tokens": 16,
+            **extra}
+
+
+def admin_put(url: str, admin: Any, path: str, payload: dict[str, Any]) -> None:
+    resp = httpx.put(url.removesuffix("/v1") + path, headers=admin.headers, json=payload, timeout=10)
+    assert resp.status_code == 200, resp.text
+
+
+def test_sigkilled_gateway_releases_its_reservations_within_the_lease(
+        serve, start_sim, pg, redis_url, make_tenant, admin, tmp_path):
+    slow = start_sim("--tokens-per-s", "4", "--completion-tokens", "200")
+    config = write_config(tmp_path / "slow.yaml", slow.url)
+    env = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "0",
+           "TOLLWAY_LEASE_S": "3", "TOLLWAY_POLICY_CACHE_TTL_S": "0"}
+    first = serve("--config", str(config), env=env)
+    second = serve("--config", str(config), env=env)  # up before the kill: it sees the leases at once
+    tenant = make_tenant()
+    # Room for three worst cases, not four: 28 reserved output tokens each at $15/M plus a short prompt,
+    # and for a stream the prompt of each of the two fallback attempts it might make.
+    admin_put(first.url, admin, "/v1/admin/budgets", {"tenant": tenant.name, "window": "day", "limit_usd": "0.0022"})
+    streams = []
+    for i in range(3):
+        client = httpx.Client(timeout=30)
+        response = client.send(client.build_request("POST", first.url + "/chat/completions", headers=tenant.headers,
+                                                    json=body(i, stream=True)), stream=True)
+        assert response.status_code == 200
+        streams.append((client, response))
+    refused = httpx.post(first.url + "/chat/completions", headers=tenant.headers, json=body("x"), timeout=10)
+    assert refused.status_code == 429, "three reservations must fill the budget"
+    os.kill(first.process.pid, signal.SIGKILL)  # no shutdown, no settlement
+    first.process.wait()
+    killed_at = time.monotonic()
+    for client, response in streams:
+        response.close()
+        client.close()
+
+    # Leases are renewed every lease/3 (1 s) while their gateway lives, so the dead one's expire between 2 s
+    # and 3 s after the kill: meanwhile they hold the budget; by 3 s (plus slack) it is usable again.
+    refused_at: list[float] = []
+    while True:
+        sent = time.monotonic()
+        resp = httpx.post(second.url + "/chat/completions", headers=tenant.headers, json=body(sent), timeout=30)
+        if resp.status_code != 429 or time.monotonic() >= killed_at + 3 + 5:
+            break  # admitted (the slow upstream may still time out: that is not the budget's doing)
+        refused_at.append(sent - killed_at)
+        time.sleep(0.25)
+    admitted_after = sent - killed_at
+    assert resp.status_code != 429, resp.text
+    assert refused_at[0] < 1.0  # the dead gateway's leases held the budget right after the kill
+    assert admitted_after >= 1.5  # and went on holding it until they expired (renewed up to 1 s before it)
+    assert admitted_after < 3 + 1.5, refused_at  # usable again within the lease, plus a little slack
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_redis_stopped_mid_traffic_follows_each_tenants_policy(app_factory, own_redis, make_tenant, admin,
+                                                                     ledger, sim):
+    closed, fail_open = make_tenant(), make_tenant()
+    per_request_limit = Decimal("0.01")
+    async with app_factory(redis_url=own_redis.url) as gw:
+        for tenant in (closed, fail_open):
+            r = await gw.client.put("/v1/admin/budgets", headers=admin.headers,
+                                    json={"tenant": tenant.name, "window": "day", "limit_usd": str(per_request_limit)})
+            assert r.status_code == 200
+        r = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                json={"tenant": fail_open.name, "redis_failure": "open"})
+        assert r.status_code == 200
+        for i in range(3):
+            for tenant in (closed, fail_open):
+                assert (await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body(i))).status_code == 200
+        await asyncio.to_thread(own_redis.stop)
+        before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
+        refused = await gw.client.post("/v1/chat/completions", headers=closed.headers, json=body("down"))
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "quota_unavailable"
+        assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before  # nothing sent upstream
+        open_results = [await gw.client.post("/v1/chat/completions", headers=fail_open.headers, json=body(f"o{i}"))
+                        for i in range(60)]
+        await gw.state.ledger.flush()
+    statuses = [r.status_code for r in open_results]
+    assert statuses[0] == 200 and 429 in statuses  # served on local counters, then stopped: never unlimited
+    assert all(r.headers.get("x-tollway-budget-mode") == "local" for r in open_results if r.status_code == 200)
+    spent = sum(r["cost_usd"] for r in ledger("tenant_id = %s", fail_open.id))
+    assert spent <= per_request_limit
+    closed_rows = ledger("tenant_id = %s AND status = 503", closed.id)
+    assert [(r["error_code"], r["cost_usd"]) for r in closed_rows] == [("quota_unavailable", 0)]
+
+
+def solo_tenant(base: int, name: str, period: str, limit_usd: str) -> tuple[Principal, Budget, TenantRules]:
+    """A tenant of its own (ids from ``base``, varied per run) with one USD budget and no storm breaker."""
+    tenant_id = base + int(time.time()) % 10_000
+    principal = Principal(key_id=1, tenant_id=tenant_id, tenant=name, role="app", allowed_models=None)
+    budget = Budget(id=tenant_id, tenant_id=tenant_id, scope="tenant", subject="", period=period,
+                    limit_usd=Decimal(limit_usd), limit_tokens=None)
+    return principal, budget, TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0), (budget,))
+
+
+async def test_minute_window_rolls_over(redis_url):
+    client = aioredis.from_url(redis_url)
+    now = [datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC)]
+    quota = QuotaService(client, lease_s=30, fail_open_share=0.5, clock=lambda: now[0])
+    principal, budget, rules = solo_tenant(900_000, "roll", "minute", "0.000002")
+
+    async def admit(rid: str) -> Any:
+        return await quota.admit(principal, rules, rid=rid, end_user=None, session=None, fingerprint=rid,
+                                 demand=Demand(usd_nano=1500, tokens=10))
+
+    first = await admit("a")
+    await first.reservation.settle(Decimal("0.0000015"), 10)
+    now[0] = datetime(2026, 11, 22, 10, 0, 59, 900000, tzinfo=UTC)
+    with pytest.raises(Exception) as refused:
+        await admit("b")
+    assert "minute budget" in str(refused.value)
+    assert refused.value.headers["retry-after"] == "1"
+    now[0] = datetime(2026, 11, 22, 10, 1, 0, tzinfo=UTC)
+    second = await admit("c")  # a new minute, a new allowance
+    await second.reservation.settle(Decimal("0.000001"), 10)
+    old = budget_counter(budget, "", datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC))
+    new = budget_counter(budget, "", now[0])
+    assert int(await client.hget(old.key, "s_usd")) == 1500
+    assert int(await client.hget(new.key, "s_usd")) == 1000
+    assert 0 < await client.ttl(new.key) <= 60 + 3600
+    await client.aclose()
+
+
+async def test_expired_lease_frees_the_budget_without_settlement(redis_url):
+    client = aioredis.from_url(redis_url)
+    now = [datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)]
+    quota = QuotaService(client, lease_s=5, fail_open_share=0.5, clock=lambda: now[0])
+    principal, _, rules = solo_tenant(910_000, "lease", "day", "0.000001")
+    demand = Demand(usd_nano=1000, tokens=1)
+    held = await quota.admit(principal, rules, rid="held", end_user=None, session=None, fingerprint="f", demand=demand)
+    held.reservation.settled = True  # as if its gateway died: never settled, never renewed
+    with pytest.raises(Exception, match="day budget"):
+        await quota.admit(principal, rules, rid="next", end_user=None, session=None, fingerprint="f", demand=demand)
+    now[0] += timedelta(seconds=6)
+    await quota.admit(principal, rules, rid="after", end_user=None, session=None, fingerprint="f", demand=demand)
+    await client.aclose()
+
+
+async def test_reconciliation_raises_counters_that_fell_behind_the_ledger(app_factory, make_tenant, admin, redis_url):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        r = await gw.client.put("/v1/admin/budgets", headers=admin.headers,
+                                json={"tenant": tenant.name, "window": "month", "limit_usd": "5"})
+        budget_id = r.json()["id"]
+        for i in range(3):
+            assert (await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body(i))).status_code == 200
+        client = aioredis.from_url(redis_url)
+        keys = [k async for k in client.scan_iter(f"tw:{{t:{tenant.id}}}:b:{budget_id}:*")]
+        settled = {k: await client.hget(k, "s_usd") for k in keys if await client.type(k) == b"hash"}
+        counter_key, value = next((k, v) for k, v in settled.items() if v is not None)
+        await client.delete(counter_key)  # the settlements are lost (a Redis restart without persistence)
+        resp = await gw.client.post("/v1/admin/reconcile", headers=admin.headers, json={"tenant": tenant.name})
+        assert resp.status_code == 200
+        report = resp.json()
+        assert report["corrected"] == 1
+        [drift] = report["drifts"]
+        assert drift["redis_usd"] == "0"
+        assert Decimal(drift["ledger_usd"]) == Decimal(int(value)) / 10**9
+        assert await client.hget(counter_key, "s_usd") == value  # restored from the ledger
+        again = await gw.client.post("/v1/admin/reconcile", headers=admin.headers, json={"tenant": tenant.name})
+        assert again.json()["drifts"] == []
+        await client.aclose()
+
+
+async def test_settling_zero_amounts_releases_every_counter(redis_url):
+    """A token-only budget and a rate limit reserve zero dollars; settling them must still work."""
+    client = aioredis.from_url(redis_url)
+    quota = QuotaService(client, lease_s=30, fail_open_share=0.5)
+    tenant_id = 920_000 + int(time.time()) % 10_000
+    principal = Principal(key_id=3, tenant_id=tenant_id, tenant="zero", role="app", allowed_models=None,
+                          rpm=100, tpm=None)
+    budget = Budget(id=tenant_id, tenant_id=tenant_id, scope="tenant", subject="", period="hour",
+                    limit_usd=None, limit_tokens=10_000)
+    rules = TenantRules(TenantPolicy(tenant_id, retry_storm_limit=0), (budget,))
+    admission = await quota.admit(principal, rules, rid="z", end_user=None, session=None, fingerprint="z",
+                                  demand=Demand(usd_nano=0, tokens=500))
+    assert admission.headers["x-ratelimit-remaining-requests"] == "99"
+    await admission.reservation.settle(Decimal(0), 120)
+    for counter in admission.reservation.counters:
+        assert await client.hget(counter.key, "r") == b"0:0:0"
+    token_counter = admission.reservation.counters[0]
+    assert int(await client.hget(token_counter.key, "s_tok")) == 120
+    await client.aclose()

@@ -1,0 +1,169 @@
+"""Cost reports for finance: totals equal the ledger, CSV opens in a spreadsheet, tenants stay apart."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+
+async def traffic(gw: Any, tenant: Any) -> None:
+    plan = [("sim-large", "alice", "search,beta"), ("sim-large", "bob", "search"), ("sim-small", "alice", None),
+            ("sim-small", None, "chat"), ("no-such-model", "bob", None)]
+    for i, (model, user, tags) in enumerate(plan):
+        headers = {**tenant.headers, **({"x-tollway-user": user} if user else {}),
+                   **({"x-tollway-tags": tags} if tags else {})}
+        await gw.client.post("/v1/chat/completions", headers=headers, json={
+            "model": model, "messages": [{"role": "user", "content": f"report line {i}"}], "max_tokens": 3 + i})
+    await gw.state.ledger.flush()
+
+
+def ledger_totals(pg_url: str, tenant_id: int) -> tuple[Decimal, int, int]:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT sum(cost_usd), sum(input_tokens), count(*) FROM ledger WHERE tenant_id = %s",
+                           (tenant_id,)).fetchone()
+    assert row is not None
+    return Decimal(row[0]), int(row[1]), int(row[2])
+
+
+async def test_report_totals_equal_the_ledger(app_factory, make_tenant, pg, admin):
+    tenant = make_tenant()
+    finance = make_tenant(role="finance")
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        reports = {}
+        for group in ("day", "model", "key", "user", "tag"):
+            resp = await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                       params={"group_by": group, "tenant": tenant.name})
+            assert resp.status_code == 200, resp.text
+            reports[group] = resp.json()
+        other = await gw.client.get("/v1/reports/costs", headers=finance.headers, params={"tenant": tenant.name})
+        own = await gw.client.get("/v1/reports/costs", headers=finance.headers)
+        by_tenant = await gw.client.get("/v1/reports/costs", headers=finance.headers, params={"group_by": "tenant"})
+        app_key = await gw.client.get("/v1/reports/costs", headers=tenant.headers)
+    spend, input_tokens, requests = ledger_totals(pg.url, tenant.id)
+    for group, report in reports.items():
+        totals = report["totals"]
+        assert Decimal(totals["spend_usd"]) == spend, group
+        assert (totals["input_tokens"], totals["requests"]) == (input_tokens, requests)
+        if group != "tag":  # a row with two tags counts in both tag groups
+            assert sum(Decimal(g["spend_usd"]) for g in report["groups"]) == spend
+    models = {g["group"]: g for g in reports["model"]["groups"]}
+    assert set(models) == {"sim-large", "sim-small", "(none)"}  # the refused request named no known model
+    assert reports["day"]["groups"][0]["group"] == date.today().isoformat()
+    assert {g["group"] for g in reports["tag"]["groups"]} == {"search", "beta", "chat", "(none)"}
+    assert {g["group"] for g in reports["user"]["groups"]} == {"alice", "bob", "(none)"}
+    errors = sum(g["errors"] for g in reports["model"]["groups"])
+    assert errors == 1
+    assert other.status_code == 403
+    assert by_tenant.status_code == 403
+    assert app_key.status_code == 403
+    assert own.status_code == 200 and own.json()["totals"]["requests"] == 0  # the finance tenant spent nothing
+
+
+async def test_admin_groups_by_tenant_and_budget_use_is_reported(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/budgets", headers=admin.headers,
+                            json={"tenant": tenant.name, "scope": "user", "subject": "*", "window": "month",
+                                  "limit_usd": "0.5"})
+        await traffic(gw, tenant)
+        by_tenant = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                         params={"group_by": "tenant"})).json()
+        by_user = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                       params={"group_by": "user", "tenant": tenant.name})).json()
+    assert tenant.name in {g["group"] for g in by_tenant["groups"]}
+    alice = next(g for g in by_user["groups"] if g["group"] == "alice")
+    [use] = alice["budgets"]
+    assert (use["window"], use["limit_usd"]) == ("month", "0.5000000000")
+    assert Decimal(use["used_usd"]) == Decimal(alice["spend_usd"])
+    assert use["used_pct"] == float(round(Decimal(alice["spend_usd"]) / Decimal("0.5") * 100, 2))
+
+
+async def test_csv_has_a_header_and_iso_dates(app_factory, make_tenant, pg, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        resp = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
+            "group_by": "day", "format": "csv", "tenant": tenant.name, "from": "2026-01-01"})
+        bad = [await gw.client.get("/v1/reports/costs", headers=admin.headers, params=p) for p in (
+            {"group_by": "planet"}, {"from": "yesterday"}, {"format": "xlsx"}, {"from": "2026-02-01", "to": "2026-01-01"})]
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/csv")
+    assert "attachment" in resp.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(resp.text)))
+    assert list(rows[0]) == ["group_by", "group", "from", "to", "spend_usd", "input_tokens", "output_tokens",
+                             "cached_tokens", "requests", "errors", "cache_hits", "cache_saved_usd",
+                             "failed_attempts", "shadow_usd", "guard_blocked", "guard_fallbacks", "guard_redacted",
+                                 "top_tier_usd", "routing_saved_usd"]
+    assert rows[0]["group"] == date.today().isoformat()
+    assert rows[0]["from"].startswith("2026-01-01T00:00:00")
+    assert rows[-1]["group"] == "TOTAL"
+    assert Decimal(rows[-1]["spend_usd"]) == ledger_totals(pg.url, tenant.id)[0]
+    assert [b.status_code for b in bad] == [400, 400, 400, 400]
+    assert [b.json()["error"]["param"] for b in bad] == ["group_by", "from", "format", "from"]
+
+
+async def test_the_cli_prints_the_same_report_as_the_api(app_factory, make_tenant, admin, pg):
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        api = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                   params={"tenant": tenant.name, "group_by": "model"})).json()
+
+    def cli(*extra: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "tollway.cli", "reports", "costs", "--tenant", tenant.name,
+                              "--group-by", "model", *extra], capture_output=True, text=True, timeout=60,
+                             env={"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    as_json = json.loads(await asyncio.to_thread(cli, "--format", "json"))
+    assert as_json["totals"] == api["totals"]
+    assert as_json["groups"] == api["groups"]
+    table = await asyncio.to_thread(cli)
+    total_line = next(line for line in table.splitlines() if line.startswith("TOTAL"))
+    assert api["totals"]["spend_usd"] in total_line
+    assert "sim-large" in table
+    assert (await asyncio.to_thread(cli, "--format", "csv")).splitlines()[-1].split(",")[1] == "TOTAL"
+
+
+async def test_daily_rollup_and_ledger_give_the_same_report_for_every_group(app_factory, make_tenant, pg, admin):
+    """Whole UTC days are read from the rollup the ledger's trigger keeps; a window that is not is summed
+    from the ledger itself: both give the same numbers, and the routing savings price served answers at
+    the top tier."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        today = date.today().isoformat()
+        for group in ("day", "model", "tier", "key", "user", "tag", "prompt", "route", "role"):
+            by_day = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
+                "group_by": group, "tenant": tenant.name, "from": today, "to": today})
+            by_time = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
+                "group_by": group, "tenant": tenant.name, "from": f"{today}T00:00:00.000001Z",
+                "to": f"{today}T23:59:59.999999Z"})
+            assert by_day.status_code == by_time.status_code == 200, by_day.text
+            a, b = by_day.json(), by_time.json()
+            for g in (*a["groups"], *b["groups"]):
+                g.pop("budgets", None)
+            assert a["groups"] == b["groups"] and a["totals"] == b["totals"], group
+    spend, _, _ = ledger_totals(pg.url, tenant.id)
+    assert Decimal(a["totals"]["spend_usd"]) == spend
+    assert {g["group"] for g in a["groups"]} == {"answer"}  # the last group: by ledger role
+    with psycopg.connect(pg.url) as conn:
+        rows = conn.execute("SELECT model, input_tokens, output_tokens, cost_usd, baseline_usd FROM ledger"
+                            " WHERE tenant_id = %s AND role = 'answer' AND status < 400", (tenant.id,)).fetchall()
+    large_in, large_out = (Decimal(p) / 1_000_000 for p in (3, 15))  # sim-large is the top tier in the tests
+    for _model, tin, tout, _cost, baseline in rows:
+        assert baseline == tin * large_in + tout * large_out
+    saved = sum(b - c for _, _, _, c, b in rows)
+    assert Decimal(a["totals"]["routing_saved_usd"]) == saved

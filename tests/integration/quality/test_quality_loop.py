@@ -1,0 +1,393 @@
+"""The live quality loop against the real PostgreSQL, Redis and a scripted upstream that answers from a
+fixture file with configurable error rates (a planted regression): live sampling, drift alerts, the
+automatic rollback of a prompt label and of a model canary, a progressive rollout that advances on good
+traffic and rolls back on bad, rollouts changed at run time, and the content policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.conftest import write_config
+
+GOOD = "Paris is the capital of France."
+BAD = "I'm sorry, I can't help with that."
+QUALITY = {"sample_rate": 1.0, "max_sample_rate": 1.0, "interval_s": 3600, "baseline_samples": 40,
+           "window": 40, "min_samples": 40, "pass_drop": 0.2, "alpha": 0.01}
+PROMPT_V1 = "model: sim-large\nmessages:\n  - {role: system, content: \"Answer briefly (prompt v1).\"}\n"
+PROMPT_V2 = PROMPT_V1.replace("prompt v1", "prompt v2")
+PROMPT_V3 = PROMPT_V1.replace("prompt v1", "prompt v3")  # as good as v1
+
+
+@pytest.fixture(scope="module")
+def fixture_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fixture") / "answers.json"
+    path.write_text(json.dumps({
+        "answer": GOOD, "wrong": BAD, "error_rate": 0.03, "seed": 11,
+        "rules": [{"contains": "prompt v2", "error_rate": 0.6},   # the regression a promotion plants
+                  {"model": "sim-cand", "error_rate": 0.6},        # a bad canary
+                  {"model": "sim-good", "error_rate": 0.03}]}))     # a good one
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_sim(start_sim: Any, fixture_file: Path) -> Any:
+    return start_sim("--fixture", str(fixture_file))
+
+
+@pytest.fixture
+def quality_app(app_factory: Any, fixture_sim: Any, tmp_path: Path) -> Any:
+    def make(**quality: Any) -> Any:
+        path = write_config(tmp_path / "tollway.yaml", fixture_sim.url, extra_models=[
+            {"name": n, "upstream": "sim", "tier": "large", "price": {"input_per_mtok": "3", "output_per_mtok": "15"}}
+            for n in ("sim-cand", "sim-good")])
+        config = yaml.safe_load(path.read_text())
+        config["quality"] = {**QUALITY, **quality}
+        path.write_text(yaml.safe_dump(config))
+        return app_factory(config=path)
+    return make
+
+
+async def chat(gw: Any, who: Any, n: int, *, start: int = 0, **body: Any) -> None:
+    for i in range(start, start + n):
+        resp = await gw.client.post("/v1/chat/completions", headers=who.headers, json={
+            "model": "sim-large", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "user": f"user-{i}", **body})
+        assert resp.status_code == 200, resp.text
+
+
+async def settle(gw: Any) -> list[dict[str, Any]]:
+    """Every sample scored, then one monitor pass; the alerts it raised."""
+    await gw.state.quality.queue.join()
+    raised: list[dict[str, Any]] = await gw.state.monitor.run_pass()
+    return raised
+
+
+async def until_alert(gw: Any, who: Any, rounds: int, per_round: int = 10, **body: Any) -> list[dict[str, Any]]:
+    for r in range(rounds):
+        await chat(gw, who, per_round, start=1000 + r * per_round, **body)
+        if raised := await settle(gw):
+            return raised
+    return []
+
+
+def rows(pg: Any, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.url) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+async def test_a_promoted_prompt_that_regresses_is_alerted_and_rolled_back(quality_app, make_tenant, admin, pg):
+    eng = make_tenant(role="prompt_engineer")
+    async with quality_app() as gw:
+        v1 = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                   json={"content": PROMPT_V1, "message": "v1"})).json()["version"]
+        v2 = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                   json={"content": PROMPT_V2, "message": "v2"})).json()["version"]
+        assert (await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers,
+                                    json={"version": v1})).status_code == 200
+        prompt = {"model": "prompt", "prompt": {"name": "faq"}}
+        await chat(gw, eng, 60, **prompt)
+        assert await settle(gw) == []  # the baseline: v1's answers, nothing to report
+        moved = await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": v2})
+        assert moved.status_code == 200
+        await settle(gw)  # the monitor sees the move: a watch of v2 against v1
+        raised = await until_alert(gw, eng, 12, **prompt)
+        await gw.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+        served = await gw.client.post("/v1/chat/completions", headers=eng.headers, json={
+            "model": "prompt", "prompt": {"name": "faq"}, "messages": [{"role": "user", "content": "hi"}]})
+        listed = (await gw.client.get("/v1/admin/alerts", headers=admin.headers,
+                                      params={"tenant": eng.name})).json()["data"]
+    assert raised, "the regression was not detected within 120 requests"
+    alert = raised[0]
+    assert alert["kind"] == "prompt"
+    assert alert["action"] == "rollback"
+    assert any(f["detector"] == "pass_rate" for f in alert["findings"])
+    finding = next(f for f in alert["findings"] if f["detector"] == "pass_rate")
+    assert finding["baseline"] > 0.85
+    assert finding["current"] < finding["baseline"]
+    assert listed[0]["kind"] == "drift"
+    assert listed[0]["evidence"]["findings"] == alert["findings"]
+    # one alert for one move: the label's steady watch is per version, so it does not report the move too
+    assert len([a for a in listed if a["kind"] == "drift"]) == 1, listed
+    label, = rows(pg, "SELECT version FROM prompt_labels WHERE tenant_id = %s AND name = 'faq'", eng.id)
+    assert label[0] == v1  # rolled back
+    assert served.json()["tollway"]["prompt"]["version"] == v1
+    author, after, reason = rows(pg, "SELECT author, after, reason FROM changes WHERE tenant_id = %s AND kind ="
+                                     " 'prompt_label' ORDER BY id DESC LIMIT 1", eng.id)[0]
+    assert author == "tollway-quality"
+    assert after["evidence"]["alert"] == alert["alert"]
+    assert "quality monitor" in reason
+
+
+async def test_a_bad_model_canary_is_rolled_back_on_every_replica(quality_app, make_tenant, admin, pg):
+    app = make_tenant()
+    async with quality_app() as gw:
+        async with quality_app() as other:  # a second replica: the change reaches it through the channel
+            await chat(gw, app, 60)  # the primary's answers: the canary's baseline
+            await settle(gw)
+            put = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                      json={"candidate": "sim-cand", "percent": 50, "reason": "try cand"})
+            assert put.status_code == 200, put.text
+            change_id = rows(pg, "SELECT max(id) FROM changes")[0][0]
+            await other.state.changes.applied(change_id)
+            assert other.state.catalog.has_canaries
+            raised = await until_alert(gw, app, 15)
+            await other.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+            listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+            other_canaries = other.state.catalog.has_canaries
+            # the console of the other replica (not the monitor's leader) shows the same rollout and alert
+            signed = await other.client.post("/console/login", data={"key": admin.key}, follow_redirects=False)
+            assert signed.status_code == 303
+            page = (await other.client.get("/console/quality")).text
+    assert raised
+    assert raised[0]["kind"] == "canary"
+    assert raised[0]["action"] == "rollback"
+    drift_rows = page.split('id="table-drift"')[1].split("</table>")[0]
+    rollout_rows = page.split('id="table-rollouts"')[1].split("</table>")[0]
+    assert raised[0]["message"] in drift_rows
+    assert "pass_rate (sprt)" in drift_rows
+    assert "rollback" in drift_rows
+    assert "sim-cand" in rollout_rows
+    assert "rolled back" in rollout_rows
+    assert "This replica does not lead the quality monitor" in page
+    rollout = next(r for r in listed if r["model"] == "sim-large")
+    assert (rollout["state"], rollout["canary_percent"]) == ("rolled_back", 0)
+    assert not other_canaries
+    canary_rows = rows(pg, "SELECT count(*) FROM quality_samples WHERE tenant_id = %s AND rollout_of = 'sim-large'"
+                           " AND model = 'sim-cand'", app.id)[0][0]
+    assert canary_rows >= 5
+    action, after = rows(pg, "SELECT action, after FROM changes WHERE kind = 'rollout' AND subject = 'sim-large'"
+                             " ORDER BY id DESC LIMIT 1")[0]
+    assert action == "rollback"
+    assert after["evidence"]["findings"]
+
+
+async def test_a_progressive_rollout_advances_on_good_traffic_and_rolls_back_on_bad(quality_app, make_tenant,
+                                                                                      admin, pg):
+    app = make_tenant()
+    async with quality_app() as gw:
+        await chat(gw, app, 60)
+        await settle(gw)
+        put = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                  json={"candidate": "sim-good", "steps": [30, 60, 100], "min_samples": 25})
+        assert put.json()["canary_percent"] == 30
+        seen = []
+        for r in range(40):
+            await chat(gw, app, 10, start=5000 + 10 * r)
+            assert await settle(gw) == []  # good traffic: no alert
+            state = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+            now = next(x for x in state if x["model"] == "sim-large")
+            if not seen or seen[-1] != (now["step"], now["state"]):
+                seen.append((now["step"], now["state"]))
+            if now["state"] == "complete":
+                break
+        assert seen[-1] == (2, "complete")
+        assert [s for s, _ in seen] == [0, 1, 2, 2]
+        steps = rows(pg, "SELECT action, after->'evidence'->>'samples' FROM changes WHERE kind = 'rollout' AND"
+                         " subject = 'sim-large' AND action = 'advance' ORDER BY id DESC LIMIT 3")
+        assert len(steps) == 3
+        assert all(int(n) >= 25 for _, n in steps)
+        # the completed candidate is the model's traffic now: its steady watch takes it on
+        await chat(gw, app, 10, start=9000)
+        await settle(gw)
+        watched = {w["subject"]: w for w in gw.state.monitor.describe() if w["kind"] == "steady"}
+        assert watched["model sim-good"]["baseline_samples"] >= 25, watched
+        # the same steps with a bad candidate: rolled back at the first step
+        await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                            json={"candidate": "sim-cand", "steps": [30, 60, 100], "min_samples": 25})
+        raised = await until_alert(gw, app, 20)
+        listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+    assert raised
+    assert raised[0]["action"] == "rollback"
+    bad = next(x for x in listed if x["model"] == "sim-large")
+    assert (bad["candidate"], bad["state"], bad["step"], bad["canary_percent"]) == ("sim-cand", "rolled_back", 0, 0)
+
+
+async def test_a_progressive_prompt_rollout_steps_the_split_then_moves_the_label_or_rolls_back(
+        quality_app, make_tenant, admin, pg, monkeypatch):
+    eng = make_tenant(role="prompt_engineer")
+    prompt = {"model": "prompt", "prompt": {"name": "faq"}}
+
+    async def post(version: str) -> Any:
+        return await gw.client.post("/v1/admin/prompt-rollouts", headers=admin.headers, json={
+            "tenant": eng.name, "prompt": "faq", "label": "production", "version": version, "steps": [30, 60, 100],
+            "min_samples": 25})
+
+    async with quality_app() as gw:
+        made = {}
+        for name, content in (("v1", PROMPT_V1), ("v2", PROMPT_V2), ("v3", PROMPT_V3)):
+            made[name] = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                               json={"content": content, "message": name})).json()["version"]
+        await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": made["v1"]})
+        await chat(gw, eng, 60, **prompt)
+        assert await settle(gw) == []
+        started = await post(made["v3"])
+        assert started.status_code == 200, started.text
+        assert started.json()["split"]["split_percent"] == 30
+        assert started.json()["split"]["version"] == made["v1"]
+        seen: list[tuple[int, str, float]] = []
+        for r in range(40):
+            await chat(gw, eng, 10, start=7000 + 10 * r, **prompt)
+            assert await settle(gw) == []  # a good candidate: no alert at any step
+            now = (await gw.client.get("/v1/admin/prompt-rollouts", headers=admin.headers,
+                                       params={"tenant": eng.name})).json()["data"][0]
+            label = rows(pg, "SELECT version, split_version, split_percent FROM prompt_labels WHERE tenant_id = %s"
+                             " AND name = 'faq' AND label = 'production'", eng.id)[0]
+            share = float(label[2] or 0) if label[1] == made["v3"] else (100.0 if label[0] == made["v3"] else 0.0)
+            if not seen or seen[-1][:2] != (now["step"], now["state"]):
+                seen.append((now["step"], now["state"], share))
+            if now["state"] == "complete":
+                break
+        assert [(s, st) for s, st, _ in seen] == [(0, "active"), (1, "active"), (2, "complete")], seen
+        assert [share for *_, share in seen] == [30, 60, 100]  # the split, then the label itself
+        advances = rows(pg, "SELECT after->'evidence'->>'samples', author FROM changes WHERE tenant_id = %s AND"
+                            " kind = 'prompt_label' AND reason LIKE 'no regression%%' ORDER BY id", eng.id)
+        assert len(advances) == 2
+        assert all(int(n) >= 25 and a == "tollway-quality" for n, a in advances)
+        # the old version's steady watch goes once it is idle (it would hold the label's sampling rate up)
+        steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
+        assert any(made["v1"][:12] in subject for subject in steady), steady
+        monkeypatch.setattr("tollway.gateway.quality.watch.STEADY_IDLE_S", 0.5)
+        await asyncio.sleep(0.6)
+        await chat(gw, eng, 5, start=8500, **prompt)
+        await settle(gw)
+        steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
+        assert steady and all(made["v3"][:12] in subject for subject in steady), steady
+        # a bad candidate from the new production version: rolled back at its first step, the label untouched
+        assert (await post(made["v2"])).status_code == 200
+        raised = await until_alert(gw, eng, 30, **prompt)
+        await gw.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+        listed = (await gw.client.get("/v1/admin/prompt-rollouts", headers=admin.headers,
+                                      params={"tenant": eng.name})).json()["data"]
+    assert raised
+    assert raised[0]["kind"] == "prompt"
+    assert raised[0]["action"] == "rollback"
+    assert (listed[0]["candidate"], listed[0]["state"], listed[0]["step"]) == (made["v2"], "rolled_back", 0)
+    label = rows(pg, "SELECT version, split_version, split_percent FROM prompt_labels WHERE tenant_id = %s"
+                     " AND name = 'faq' AND label = 'production'", eng.id)[0]
+    assert label[0] == made["v3"]
+    assert not label[1]
+    assert not label[2]
+
+
+async def test_rollouts_are_checked(quality_app, admin, pg, tmp_path):
+    async with quality_app() as gw:
+        unknown = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                      json={"candidate": "nope"})
+        steps = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                    json={"candidate": "sim-good", "steps": [50, 20]})
+        same = await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                                   json={"candidate": "sim-large"})
+        app_key = await gw.client.get("/v1/admin/rollouts", headers={"authorization": "Bearer nope"})
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["param"] == "candidate"
+    assert steps.status_code == 400
+    assert steps.json()["error"]["param"] == "steps"
+    assert same.status_code == 400
+    assert app_key.status_code == 401
+
+
+def test_the_cli_sets_lists_and_deletes_rollouts(pg, tmp_path):
+    env_args = ["--data-dir", str(tmp_path)]
+    base = [sys.executable, "-m", "tollway.cli"]
+    env = {"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([*base, "rollouts", "set", "sim-small", "--candidate", "sim-good", "--steps", "5,20,50,100",
+                          "--shadow-percent", "10", *env_args], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout)["canary_percent"] == 5
+    listed = subprocess.run([*base, "rollouts", "list", "--json", *env_args], capture_output=True, text=True,
+                            env=env, check=True)
+    mine = next(r for r in json.loads(listed.stdout) if r["model"] == "sim-small")
+    assert (mine["steps"], mine["shadow_percent"], mine["state"]) == ([5, 20, 50, 100], 10, "active")
+    bad = subprocess.run([*base, "rollouts", "set", "sim-small", "--candidate", "sim-good", "--steps", "0,200",
+                          *env_args], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert "steps" in bad.stderr
+    subprocess.run([*base, "rollouts", "delete", "sim-small", *env_args], capture_output=True, text=True, env=env,
+                   check=True)
+
+
+async def test_content_follows_the_tenant_policy_and_is_erased_on_request(quality_app, make_tenant, admin, pg):
+    app = make_tenant()
+    async with quality_app() as gw:
+        await chat(gw, app, 3)  # default policy: scores and metadata only
+        await gw.state.quality.queue.join()
+        policy = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                     json={"tenant": app.name, "store_content": True, "content_retention_days": 1})
+        assert policy.status_code == 200, policy.text
+        await gw.state.changes.applied(rows(pg, "SELECT max(id) FROM changes")[0][0])
+        await chat(gw, app, 4)
+        await gw.state.quality.queue.join()
+        stored = rows(pg, "SELECT end_user, output_text, prompt_text, passed FROM quality_samples WHERE tenant_id = %s"
+                          " ORDER BY id", app.id)
+        assert [r[1] for r in stored[:3]] == [None] * 3
+        assert all(r[3] is not None for r in stored)
+        assert all(r[1] == GOOD or r[1] == BAD for r in stored[3:])
+        assert "capital" in stored[3][2]
+        erased = await gw.client.post("/v1/admin/content/erase", headers=admin.headers,
+                                      json={"tenant": app.name, "user": stored[3][0]})
+        assert erased.status_code == 200
+        assert erased.json()["erased"]["quality_samples"] == 1
+        left = rows(pg, "SELECT end_user FROM quality_samples WHERE tenant_id = %s AND output_text IS NOT NULL",
+                    app.id)
+        assert len(left) == 3
+        assert stored[3][0] not in {r[0] for r in left}
+        with psycopg.connect(pg.url) as conn:  # two days old: past the tenant's retention of one day
+            conn.execute("UPDATE quality_samples SET created_at = now() - interval '2 days' WHERE request_id IN"
+                         " (SELECT request_id FROM quality_samples WHERE tenant_id = %s ORDER BY id DESC LIMIT 1)",
+                         (app.id,))
+        from tollway.gateway.quality.sampling import apply_retention
+
+        async with gw.state.pool.connection() as conn:
+            removed = await apply_retention(conn)
+        assert removed["quality_samples"] >= 1
+        assert len(rows(pg, "SELECT 1 FROM quality_samples WHERE tenant_id = %s AND output_text IS NOT NULL",
+                        app.id)) == 2
+        whole = await gw.client.post("/v1/admin/content/erase", headers=admin.headers, json={"tenant": app.name})
+        unknown = await gw.client.post("/v1/admin/content/erase", headers=admin.headers, json={"tenant": "nobody"})
+        not_admin = await gw.client.post("/v1/admin/content/erase", headers=app.headers, json={"tenant": app.name})
+    assert whole.json()["erased"]["quality_samples"] == 2
+    assert unknown.status_code == 404
+    assert not_admin.status_code == 403
+    assert not rows(pg, "SELECT 1 FROM quality_samples WHERE tenant_id = %s AND output_text IS NOT NULL", app.id)
+    erasure, = rows(pg, "SELECT author FROM changes WHERE tenant_id = %s AND kind = 'content' AND subject = %s",
+                    app.id, app.name)
+    assert erasure[0]
+
+
+async def test_a_full_queue_drops_and_counts_and_never_delays(quality_app, make_tenant):
+    app = make_tenant()
+    async with quality_app(queue_size=1, scorers=1) as gw:
+        gw.state.quality.rng.seed(1)
+        for task in gw.state.quality._workers:  # scorers stopped: the queue fills
+            task.cancel()
+        await chat(gw, app, 5)
+        dropped = gw.state.quality.dropped
+        quality = (await gw.client.get("/v1/admin/quality", headers={"authorization": "Bearer x"})).status_code
+    assert dropped == 4
+    assert quality == 401
+
+
+async def test_without_auto_rollback_a_breach_is_alerted_once_and_the_canary_stays(quality_app, make_tenant, admin):
+    app = make_tenant()
+    async with quality_app() as gw:
+        await chat(gw, app, 60)
+        await settle(gw)
+        await gw.client.put("/v1/admin/rollouts/sim-large", headers=admin.headers,
+                            json={"candidate": "sim-cand", "percent": 50, "auto_rollback": False})
+        raised = await until_alert(gw, app, 15)
+        await chat(gw, app, 40, start=9000)
+        again = await settle(gw)  # the same rollout, more bad answers: no second alert, no rollback
+        listed = (await gw.client.get("/v1/admin/rollouts", headers=admin.headers)).json()["data"]
+    assert raised
+    assert raised[0]["action"] is None
+    assert again == []
+    rollout = next(r for r in listed if r["model"] == "sim-large")
+    assert (rollout["state"], rollout["canary_percent"]) == ("active", 50)

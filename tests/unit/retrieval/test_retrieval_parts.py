@@ -1,0 +1,125 @@
+"""The pure parts of retrieval: documents into sections and chunks, merging overlaps, packing into a budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from tollway.retrieval import DocumentError, Splitting, decode, parse
+from tollway.retrieval.search import PER_MESSAGE, merge_overlap, mmr, pack
+from tollway.retrieval.store import Candidate
+from tollway.routing import count_text
+
+
+def test_markdown_sections_follow_headings_not_code():
+    text = ("# Guide\n\nIntro words.\n\n## Setup\n\nRun it.\n\n```\n# not a heading\n```\n\n"
+            "### Deep\n\nDeeper.\n\n## Use\n\nUse it.")
+    doc = parse(text, "markdown", title=None, source="docs/guide.md", splitting=Splitting())
+    assert doc.title == "Guide"
+    assert [s.heading for s in doc.sections] == ["Guide", "Guide > Setup", "Guide > Setup > Deep", "Guide > Use"]
+    assert "# not a heading" in doc.sections[1].text
+
+
+def test_html_drops_scripts_and_navigation_and_splits_by_headings():
+    html = ("<html><head><title>T</title><style>p{}</style></head><body><nav>menu</nav><h1>A</h1><p>one</p>"
+            "<script>evil()</script><h2>B</h2><ul><li>x</li><li>y</li></ul></body></html>")
+    doc = parse(html, "html", title=None, source="a.html", splitting=Splitting())
+    assert doc.title == "T"
+    assert [(s.heading, s.text) for s in doc.sections] == [("A", "A\none"), ("A > B", "B\nx\ny")]
+
+
+def test_text_without_headings_is_cut_into_sections_by_size_and_chunks_overlap():
+    paragraphs = [" ".join(f"word{j}" for j in range(i % 7, i % 7 + 20)) + "." for i in range(60)]
+    doc = parse("\n\n".join(paragraphs), "text", title="Plain", source="p.txt",
+                splitting=Splitting(chunk_tokens=120, chunk_overlap=60, section_tokens=400))
+    assert len(doc.sections) > 1
+    assert all(s.tokens <= 400 * 1.5 for s in doc.sections)
+    for section in doc.sections:
+        assert all(c.tokens <= 120 for c in section.chunks)
+        assert len(section.chunks) > 1
+        for a, b in zip(section.chunks, section.chunks[1:], strict=False):
+            assert a.text.split("\n\n")[-1] == b.text.split("\n\n")[0]  # the overlap carried over
+
+
+def test_a_run_on_text_is_cut_by_tokens_with_overlap():
+    words = [f"w{i}" for i in range(400)]
+    doc = parse(" ".join(words), "text", title="Run-on", source="r.txt",
+                splitting=Splitting(chunk_tokens=100, chunk_overlap=20, section_tokens=4000))
+    chunks = [c.text for c in doc.sections[0].chunks]
+    assert len(chunks) > 3
+    assert all(count_text(c) <= 100 for c in chunks)
+    for a, b in itertools.pairwise(chunks):
+        assert a.split()[-2] in b.split()[:12]  # neighbours share text
+    assert chunks[-1].split()[-1] == "w399"
+
+
+@pytest.mark.parametrize("raw", [b"", b"  \n\t ", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "caf\xe9".encode("latin-1")])
+def test_empty_and_binary_documents_are_refused(raw):
+    with pytest.raises(DocumentError):
+        parse(decode(raw), "text", title=None, source="x", splitting=Splitting())
+
+
+def test_merge_overlap_counts_shared_text_once():
+    assert merge_overlap("alpha beta gamma", "beta gamma delta") == "alpha beta gamma delta"
+    assert merge_overlap("alpha", "delta") == "alpha\n\ndelta"
+
+
+def _candidates(rng: random.Random, n: int) -> list[Candidate]:
+    out = []
+    for i in range(n):
+        words = " ".join(rng.choice(["fee", "card", "loan", "rate", "42", "é", "—"]) for _ in range(rng.randint(1, 90)))
+        vector = np.asarray([rng.random() for _ in range(8)], dtype=np.float32)
+        out.append(Candidate(chunk_id=i, document_id=i // 3, section_id=i // 2, ord=i % 2, text=words,
+                             tokens=count_text(words), title=f"Doc {i // 3}", heading=f"Part {i // 2}",
+                             source=f"d{i // 3}.md", vector=vector / np.linalg.norm(vector),
+                             score=rng.random()))
+    return out
+
+
+def test_packing_never_exceeds_the_budget():
+    rng = random.Random(5)
+    for _ in range(200):
+        cands = sorted(_candidates(rng, rng.randint(0, 30)), key=lambda c: -c.score)
+        budget = rng.randint(1, 1500)
+        context, passages, used = pack(cands, "kb", budget, limit=rng.randint(1, 40), floor=rng.choice([None, 0.5]),
+                                       tails=rng.random() < 0.5)
+        assert used <= budget
+        assert used == (count_text(context) + PER_MESSAGE if context else 0)
+        assert len({c for p in passages for c in p.chunk_ids}) == sum(len(p.chunk_ids) for p in passages)
+        for p in passages:
+            stored = {c.chunk_id: c.text for c in cands}
+            if p.truncated:  # a cut passage is a leading part of one chunk's text
+                assert len(p.chunk_ids) == 1
+                assert stored[p.chunk_ids[0]].startswith(p.text.removesuffix(" …"))
+
+
+def test_the_budgets_remainder_takes_the_head_of_the_next_passage():
+    rng = random.Random(9)
+    cands = _candidates(rng, 4)
+    long = "First sentence here. " + " ".join(["More words follow."] * 60)
+    cands[1] = dataclasses.replace(cands[1], text=long, tokens=count_text(long), section_id=99, score=0.5)
+    cands[0] = dataclasses.replace(cands[0], score=0.9)
+    budget = count_text(pack(cands[:1], "kb", 10_000, limit=5, floor=None)[0]) + PER_MESSAGE + 60
+    _, whole, _ = pack(cands[:2], "kb", budget, limit=5, floor=None)
+    _, cut, used = pack(cands[:2], "kb", budget, limit=5, floor=None, tails=True)
+    assert len(whole) == 1
+    assert len(cut) == 2
+    assert used <= budget
+    assert cut[1].truncated
+    assert cut[1].text.startswith("First sentence here.")
+    assert cut[1].text.endswith(" …")
+
+
+def test_mmr_drops_near_duplicates_and_prefers_novelty():
+    base = np.asarray([1, 0, 0, 0], dtype=np.float32)
+    other = np.asarray([0, 1, 0, 0], dtype=np.float32)
+
+    def cand(i: int, v: np.ndarray, score: float) -> Candidate:
+        return Candidate(i, i, i, 0, "t", 1, "T", "", "s", v, score=score)
+
+    picked = mmr([cand(0, base, 0.9), cand(1, base, 0.89), cand(2, other, 0.7)], lam=0.75, duplicate=0.95, limit=5)
+    assert [c.chunk_id for c in picked] == [0, 2]

@@ -1,0 +1,215 @@
+"""The security seams one by one: the upstream allow-list, CSV cells, repository paths, bounded rendering,
+the keyed hash of API keys, metadata filters."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import stat
+
+import pytest
+
+from tollway.errors import InvalidRequest
+
+
+# -- what reaches an upstream ---------------------------------------------------------------------------
+def test_upstream_body_keeps_allowed_fields_and_drops_transport():
+    from tollway.routing.wire import upstream_body
+
+    body = {"messages": [], "model": "public", "temperature": 0.1, "top_k": 3, "api_base": "http://evil",
+            "extra_headers": {"a": "b"}, "custom": 1}
+    assert upstream_body("chat", body, "served") == {"messages": [], "model": "served", "temperature": 0.1,
+                                                      "top_k": 3}
+    assert upstream_body("chat", body, "served", frozenset({"custom"}))["custom"] == 1
+
+
+@pytest.mark.parametrize("field", ["api_base", "base_url", "api_key", "extra_headers", "headers", "timeout",
+                                   "custom_llm_provider", "proxy"])
+def test_transport_fields_are_a_400_naming_the_field(field):
+    from tollway.routing.wire import check_client_fields
+
+    with pytest.raises(InvalidRequest) as refused:
+        check_client_fields("chat", {"messages": [], field: "x"})
+    assert (refused.value.param, refused.value.code, refused.value.status) == (field, "forbidden_field", 400)
+
+
+def test_a_config_entry_may_not_forward_transport_fields():
+    from tollway.config import RawModel
+
+    with pytest.raises(ValueError, match="transport or credential"):
+        RawModel(name="m", upstream="u", forward_fields=["api_base"])
+
+
+def test_the_litellm_upstream_never_takes_api_base_from_a_body():
+    from tollway.routing.catalog import UpstreamSpec
+    from tollway.routing.upstream import LiteLLMUpstream
+
+    spec = UpstreamSpec("p", "litellm", None, "sk-secret", 5.0, 1.0, False)
+    kwargs = LiteLLMUpstream(spec)._kwargs({"model": "openai/x", "messages": [], "api_base": "http://evil",
+                                            "base_url": "http://evil", "extra_headers": {"x": "y"}})
+    assert "api_base" not in kwargs
+    assert "base_url" not in kwargs
+    assert "extra_headers" not in kwargs
+    assert kwargs["api_key"] == "sk-secret"
+
+
+# -- CSV ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"])
+def test_formula_cells_get_a_leading_quote(cell):
+    from tollway.gateway.metering.reports import csv_cell
+
+    assert csv_cell(cell) == "'" + cell
+
+
+def test_other_cells_are_unchanged():
+    from decimal import Decimal
+
+    from tollway.gateway.metering.reports import csv_cell
+
+    assert [csv_cell(v) for v in ["model", Decimal("-1.5"), 3, None]] == ["model", Decimal("-1.5"), 3, None]
+
+
+# -- repository paths -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["../../evil.txt", "/etc/passwd", ".git/config", "..", "", "a\x00b", "sub/dir.txt",
+                                  b"\xff.yaml", "x" * 101, "<img src=x onerror=alert(1)>.yaml", "two\nlines.yaml"])
+def test_bad_paths_are_refused(path):
+    from tollway.prompts.paths import path_problem
+
+    assert path_problem(path) is not None
+
+
+@pytest.mark.parametrize("path", ["greet.yaml", "greet.golden.jsonl", "README.md", "v1.2-final_draft.yaml"])
+def test_good_paths_pass(path):
+    from tollway.prompts.paths import path_problem
+
+    assert path_problem(path) is None
+
+
+def test_folders_links_and_submodules_are_refused():
+    from tollway.prompts.paths import path_problem
+
+    assert [path_problem("a", mode) is not None for mode in (0o040000, 0o120000, 0o160000, 0o100755)] == \
+        [True, True, True, False]
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+def test_yaml_aliases_are_refused():
+    from tollway.prompts import PromptError, parse_prompt
+
+    with pytest.raises(PromptError, match="aliases"):
+        parse_prompt("p", "v", "messages: &m [{role: user, content: hi}]\ndescription: *m\n")
+
+
+def test_plain_and_bounded_templates_are_told_apart():
+    from tollway.prompts import parse_prompt
+
+    def prompt(content: str):
+        return parse_prompt("p", "v", f"messages: [{{role: user, content: {content!r}}}]\n"
+                                      "variables: {v: {type: string, default: x}}\n")
+
+    assert prompt("Hello {{ v|upper }}{% if v %}!{% endif %}").plain
+    assert not prompt("{% for i in range(3) %}{{ v }}{% endfor %}").plain
+    assert not prompt("{{ v * 3 }}").plain
+    assert not prompt("{{ v.center(100) }}").plain
+    assert not prompt("{{ v|center(100) }}").plain
+
+
+def test_a_repetition_or_range_past_the_limit_is_refused_in_process():
+    from tollway.prompts import PromptError, parse_prompt
+
+    rep = parse_prompt("p", "v", "messages: [{role: user, content: '{{ v * 1000000 }}'}]\n"
+                                 "variables: {v: {type: string, default: ab}}\n")
+    rng = parse_prompt("p", "v", "messages: [{role: user, content: '{% for i in range(10**7) %}{% endfor %}'}]\n")
+    for prompt in (rep, rng):
+        with pytest.raises(PromptError) as refused:
+            prompt.render({})
+        assert refused.value.code == "prompt_render_limit"
+
+
+async def test_the_render_pool_stops_a_render_at_its_time_limit():
+    import time
+
+    from tollway.prompts.render import RenderLimit, RenderPool
+
+    pool = RenderPool(workers=1, time_limit_s=0.3)
+    try:
+        ok = await pool.render((("user", "{{ v }}!"),), {"v": "hi"})
+        started = time.perf_counter()
+        with pytest.raises(RenderLimit, match=r"limited to 0\.3s"):
+            await pool.render((("user", "{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}"
+                                        "{% endfor %}"),), {})
+        took = time.perf_counter() - started
+        again = await pool.render((("user", "{{ v }}?"),), {"v": "yes"})  # the worker lives on
+    finally:
+        pool.close()
+    assert ok == [{"role": "user", "content": "hi!"}]
+    assert took < 1.5
+    assert again == [{"role": "user", "content": "yes?"}]
+
+
+# -- the keyed hash of API keys ------------------------------------------------------------------------------
+def test_a_key_is_stored_as_hmac_over_its_sha256():
+    from tollway.gateway.tenancy.keys import KeyHasher
+
+    hasher = KeyHasher(b"server", b"old")
+    sha = hashlib.sha256(b"tw-key").digest()
+    assert hasher.digest("tw-key") == hmac.new(b"server", sha, hashlib.sha256).digest()
+    assert hasher.candidates("tw-key") == [hasher.digest("tw-key"), hmac.new(b"old", sha, hashlib.sha256).digest(),
+                                           sha]
+    assert hasher.digest("tw-key") != sha
+
+
+def test_the_data_directory_secret_is_made_once_and_private(tmp_path):
+    from tollway.gateway.tenancy.keys import load_key_hasher
+
+    first = load_key_hasher(None, None, tmp_path)
+    second = load_key_hasher(None, None, tmp_path)
+    assert first.current == second.current
+    assert len(first.current) == 64
+    assert stat.S_IMODE((tmp_path / "key-secret").stat().st_mode) == 0o600
+    assert load_key_hasher("from-env", None, tmp_path).current == b"from-env"
+
+
+# -- metadata filters --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("filters", [{"team": []}, {"team": ["a\x00"]}, {"team": {"$ne": 1}}, {"": 1},
+                                     {f"k{i}": 1 for i in range(17)}, {"team": list(range(101))}])
+def test_bad_filters_are_refused_before_sql(filters):
+    from tollway.retrieval import StoreError, check_filters
+
+    with pytest.raises(StoreError):
+        check_filters(filters)
+
+
+def test_good_filters_pass():
+    from tollway.retrieval import check_filters
+
+    check_filters({"team": ["a", "b"], "year": 2024, "public": True})
+
+
+async def test_one_owner_renders_at_a_time_and_another_is_not_queued_behind_it():
+    import asyncio
+    import time
+
+    from tollway.prompts.render import RenderLimit, RenderPool
+
+    slow = (("user", "{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}"),)
+    pool = RenderPool(workers=2, time_limit_s=0.4)
+    try:
+        await pool.render((("user", "warm"),), {}, "a")
+        await pool.render((("user", "warm"),), {}, "b")
+
+        async def flood() -> None:
+            for result in await asyncio.gather(*(pool.render(slow, {}, "a") for _ in range(4)),
+                                               return_exceptions=True):
+                assert isinstance(result, RenderLimit)
+
+        flooding = asyncio.create_task(flood())
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        other = await pool.render((("user", "{{ v }}"),), {"v": "b's"}, "b")
+        waited = time.perf_counter() - started
+        await flooding
+    finally:
+        pool.close()
+    assert other == [{"role": "user", "content": "b's"}]
+    assert waited < 0.3  # a free worker, not behind a's four renders of 0.4 s

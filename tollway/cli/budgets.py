@@ -1,0 +1,219 @@
+"""`tollway budgets ...`, `tollway tenants policy`, `tollway keys limits`: the admin API's operations
+from a shell, straight against the database (and Redis where counters are touched)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from tollway.cli.common import audited, database, flag, run_with_conn, settings_of
+from tollway.settings import Settings
+
+
+def _usd(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r}") from None
+    if amount < 0:
+        raise argparse.ArgumentTypeError("amounts cannot be negative")
+    return amount
+
+
+def _redis_url(settings: Settings) -> str | None:
+    from tollway.local.embedded import EmbeddedRedis
+
+    return settings.redis_url or EmbeddedRedis.running_url(settings.data_dir / "redis")
+
+
+def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
+    if args.key is not None:
+        return "key", args.key
+    if args.user is not None:
+        return "user", args.user
+    if args.session is not None:
+        return "session", args.session
+    return "tenant", None
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from tollway.gateway.tenancy.policy import set_budget
+
+    async def action(conn: Any, settings: Settings) -> int:
+        scope, subject = _scope(args)
+        budget = await set_budget(conn, args.tenant, scope=scope, subject=subject, period=args.window,
+                                  limit_usd=args.usd, limit_tokens=args.tokens, author=args.author,
+                                  reason=args.reason, alerts=None if args.alerts is None else args.alerts.split(","))
+        print(json.dumps(budget.as_json()))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from tollway.gateway.tenancy.keys import tenant_id
+    from tollway.gateway.tenancy.policy import list_budgets, load_rules
+
+    async def action(conn: Any, settings: Settings) -> int:
+        budgets = await list_budgets(conn, args.tenant)
+        policy = (await load_rules(conn, await tenant_id(conn, args.tenant))).policy
+        print(json.dumps({"tenant": args.tenant, "policy": policy.as_json(),
+                          "budgets": [b.as_json() for b in budgets]}, indent=2))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from tollway.gateway.metering.quota import clear_counters
+    from tollway.gateway.tenancy.policy import mark_reset
+
+    async def action(conn: Any, settings: Settings) -> int:
+        budgets = await mark_reset(conn, args.tenant, args.id, author=args.author, reason=args.reason)
+        url = _redis_url(settings)
+        cleared = 0
+        if url is not None:
+            client = aioredis.from_url(url)
+            try:
+                cleared = await clear_counters(client, budgets)
+            finally:
+                await client.aclose()
+        else:
+            print("no Redis reachable: the reset is recorded and applies when the counters are next "
+                  "reconciled", file=sys.stderr)
+        print(json.dumps({"reset": [b.id for b in budgets], "counters_cleared": cleared}))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+    from psycopg_pool import AsyncConnectionPool
+
+    from tollway.gateway.metering.reconcile import reconcile
+
+    settings = settings_of(args)
+    url = _redis_url(settings)
+    if url is None:
+        print("tollway: no Redis to reconcile (set TOLLWAY_REDIS_URL or start `tollway serve`)", file=sys.stderr)
+        return 2
+
+    async def go(database_url: str) -> int:
+        client = aioredis.from_url(url)
+        try:
+            async with AsyncConnectionPool(database_url, min_size=1, max_size=2, open=False) as pool:
+                report = await reconcile(pool, client, allow_decrease=args.allow_decrease)
+        finally:
+            await client.aclose()
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+
+    with database(settings) as database_url:
+        return asyncio.run(go(database_url))
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from tollway.gateway.tenancy.policy import set_policy
+    from tollway.routing import load_config
+
+    fields = {name: getattr(args, name) for name in (
+        "redis_failure", "default_max_tokens", "rpm", "tpm", "velocity_soft_usd_per_min",
+        "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
+        "quality_floor", "degraded_answers", "response_cache", "store_content", "content_retention_days")
+        if getattr(args, name) is not None}
+    if args.allowed_models is not None:
+        fields["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
+
+    async def action(conn: Any, settings: Settings) -> int:
+        tiers = [t.name for t in load_config(settings.config).routing.tiers]
+        policy = await set_policy(conn, args.tenant, tiers=tiers, author=args.author, reason=args.reason, **fields)
+        print(json.dumps(policy.as_json()))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def cmd_key_limits(args: argparse.Namespace) -> int:
+    from tollway.gateway.tenancy.policy import set_key_limits
+
+    async def action(conn: Any, settings: Settings) -> int:
+        await set_key_limits(conn, args.id, rpm=args.rpm, tpm=args.tpm, author=args.author, reason=args.reason)
+        print(json.dumps({"key_id": args.id, "rpm": args.rpm, "tpm": args.tpm}))
+        return 0
+
+    return run_with_conn(args, action)
+
+
+def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], tenants: Any, keys: Any) -> None:
+    budgets = sub.add_parser("budgets", help="manage budgets").add_subparsers(dest="action", required=True)
+    bset = budgets.add_parser("set", help="create or change a budget (every running gateway applies it at once)")
+    common(bset)
+    bset.add_argument("--tenant", required=True)
+    who = bset.add_mutually_exclusive_group()
+    who.add_argument("--key", help="a key id, or * for each key")
+    who.add_argument("--user", help="an end user (OpenAI `user` or x-tollway-user), or * for each user")
+    who.add_argument("--session", help="a session (x-tollway-session), or * for each session")
+    bset.add_argument("--window", required=True, choices=["minute", "hour", "day", "month", "lifetime"])
+    bset.add_argument("--usd", type=_usd)
+    bset.add_argument("--tokens", type=int)
+    bset.add_argument("--alerts", help="alert once per window at these shares of the limit and/or on a forecast "
+                                       "past it, e.g. 0.5,0.9,1,forecast (default: TOLLWAY_BUDGET_ALERTS)")
+    audited(bset)
+    bset.set_defaults(func=cmd_set)
+
+    bshow = budgets.add_parser("show", help="a tenant's budgets and policy")
+    common(bshow)
+    bshow.add_argument("--tenant", required=True)
+    bshow.set_defaults(func=cmd_show)
+
+    breset = budgets.add_parser("reset", help="a fresh allowance for the rest of the current window")
+    common(breset)
+    breset.add_argument("--tenant", required=True)
+    breset.add_argument("--id", type=int, help="one budget (default: all of the tenant's)")
+    audited(breset)
+    breset.set_defaults(func=cmd_reset)
+
+    brec = budgets.add_parser("reconcile", help="compare Redis counters with the ledger; correct and report")
+    common(brec)
+    brec.add_argument("--allow-decrease", action="store_true",
+                      help="also lower counters that are ahead of the ledger (only when no ledger rows are pending)")
+    brec.set_defaults(func=cmd_reconcile)
+
+    policy = tenants.add_parser("policy", help="a tenant's Redis failure mode, default cap, rate limits, breakers")
+    common(policy)
+    policy.add_argument("--tenant", required=True)
+    policy.add_argument("--redis-failure", choices=["closed", "open"])
+    policy.add_argument("--default-max-tokens", type=int)
+    policy.add_argument("--rpm", type=int)
+    policy.add_argument("--tpm", type=int)
+    policy.add_argument("--velocity-soft-usd-per-min", type=_usd)
+    policy.add_argument("--velocity-hard-usd-per-min", type=_usd)
+    policy.add_argument("--retry-storm-limit", type=int)
+    policy.add_argument("--retry-storm-window-s", type=int)
+    policy.add_argument("--route-threshold", type=float, help="model 'auto': difficulty at or above it goes to "
+                        "the top tier (0 always, 1 never)")
+    policy.add_argument("--allowed-models", help="comma-separated models the router may pick ('' for all)")
+    policy.add_argument("--quality-floor", help="the lowest tier this tenant may be routed or fall back to")
+    policy.add_argument("--degraded-answers", type=flag, help="on/off: a marked degraded answer when every tier failed")
+    policy.add_argument("--response-cache", type=flag, help="on/off: exact-match cache for deterministic requests")
+    policy.add_argument("--store-content", type=flag, help="on/off: keep prompts and answers of live and shadow "
+                        "samples and eval items (off: scores and metadata only)")
+    policy.add_argument("--content-retention-days", type=int, help="how long stored content is kept (default 30)")
+    audited(policy)
+    policy.set_defaults(func=cmd_policy)
+
+    limits = keys.add_parser("limits", help="a key's requests and tokens per minute")
+    common(limits)
+    limits.add_argument("id", type=int)
+    limits.add_argument("--rpm", type=int)
+    limits.add_argument("--tpm", type=int)
+    audited(limits)
+    limits.set_defaults(func=cmd_key_limits)
