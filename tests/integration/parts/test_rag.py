@@ -1,0 +1,228 @@
+"""Retrieval in use, against the real embedded PostgreSQL + pgvector, the local embedder and the scripted
+upstream: packing within the budget, citations that resolve to stored text, RAG inside chat (JSON and
+stream) with its side row and index version, the response cache keyed by the index version, and who may
+do what."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import psycopg
+import pytest
+from support import sse_payloads as sse
+from support.config import write_config
+from support.retrieval import ASK, KB, ingest
+
+from tollway.publicids import load_public_ids
+from tollway.retrieval import LOCAL_NAME
+from tollway.routing import count_text
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "flat"])
+@pytest.mark.parametrize("hybrid", [False, True])
+async def test_packing_never_exceeds_the_budget_and_citations_resolve(app_factory, make_tenant, pg, mode, hybrid):
+    tenant = make_tenant(ingest=True)
+    async with app_factory() as gw:
+        await ingest(gw, tenant.headers, chunk_tokens=24, chunk_overlap=6)
+        results = {}
+        for budget in (1, 30, 60, 120, 250, 600):
+            resp = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+                "collection": "kb", "query": ASK, "context_tokens": budget, "k": 10, "mode": mode, "hybrid": hybrid})
+            assert resp.status_code == 200, resp.text
+            results[budget] = resp.json()
+    async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT id, text, document_id, section_id FROM rag_chunks WHERE tenant_id = %s",
+                                 (tenant.id,))
+        ids = await load_public_ids(conn)  # the API's ids are the rows' numbers through a keyed permutation
+        stored = {ids.encode("chk", r[0]): (r[1], ids.encode("doc", r[2]), ids.encode("sec", r[3]))
+                  for r in await cur.fetchall()}
+    assert results[1]["sources"] == []
+    assert results[1]["context_tokens_used"] == 0
+    for budget, found in results.items():
+        used = found["context_tokens_used"]
+        assert used <= budget
+        if found["context"]:
+            assert used == count_text(found["context"]) + 4  # the system message, framing included
+        for s in found["sources"]:
+            texts = [stored[c][0] for c in s["chunk_ids"]]
+            assert all(stored[c][1:] == (s["document_id"], s["section_id"]) for c in s["chunk_ids"])
+            if s.get("truncated"):  # the budget's remainder: the leading sentences of one chunk
+                assert len(texts) == 1
+                assert texts[0].startswith(s["text"].removesuffix(" …"))
+            else:
+                assert all(t in s["text"] for t in (texts[0][:40], texts[-1][-40:]))  # merged, overlap once
+            # in the context under its citation (the header names the section, so its heading line goes)
+            assert f"[{s['n']}]" in found["context"]
+            assert s["text"][-30:] in found["context"]
+    best = results[600]["sources"][0]
+    assert best["source"] == "fees.md"
+    assert "35 dollars" in best["text"]
+    assert len(results[600]["sources"]) > len(results[60]["sources"]) or mode == "hierarchical"
+
+
+# -- RAG inside chat -------------------------------------------------------------------------------
+async def test_rag_chat_injects_context_and_returns_sources(app_factory, make_tenant, ledger, sim):
+    import httpx
+
+    tenant = make_tenant(ingest=True)
+    async with app_factory() as gw:
+        await ingest(gw, tenant.headers)
+        body = {"model": "sim-large", "max_tokens": 5, "temperature": 0.7,
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ASK}],
+                "retrieval": {"collection": "kb", "context_tokens": 200}}
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+        async with httpx.AsyncClient() as plain:
+            sent = (await plain.get(sim.url.removesuffix("/v1") + "/sim/last-request",
+                                    params={"model": "sim-large"})).json()
+        streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={**body, "stream": True})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 200, resp.text
+    info = resp.json()["tollway"]["retrieval"]
+    assert info["collection"] == "kb"
+    assert info["index_version"] == resp.headers["x-tollway-index-version"]
+    assert info["sources"][0]["source"] == "fees.md"
+    assert 0 < info["context_tokens"] <= 200
+    # the system prompt first, then the context, then the question; Tollway's field never goes upstream
+    assert [m["role"] for m in sent["messages"]] == ["system", "system", "user"]
+    assert "35 dollars" in sent["messages"][1]["content"]
+    assert "[1]" in sent["messages"][1]["content"]
+    assert "retrieval" not in sent
+    final = sse(streamed.text)[-1]
+    assert final["tollway"]["retrieval"]["sources"] == info["sources"]
+    rows = ledger("request_id IN (%s, %s)", resp.headers["x-request-id"],
+                  resp.headers["x-request-id"] + ".r1")
+    answer, side = rows if rows[0]["role"] == "answer" else rows[::-1]
+    assert (answer["index_version"], answer["role"]) == (info["index_version"], "answer")
+    assert (side["role"], side["model"], side["cost_usd"], side["status"]) == ("retrieval", LOCAL_NAME, 0, 200)
+    assert side["input_tokens"] > 0
+    # the reservation counted the budget: the prompt as sent stayed within what was planned
+    assert answer["input_tokens"] <= 200 + 40
+
+
+async def test_rag_answers_from_a_catalog_embedder_and_meter_it(app_factory, make_tenant, ledger):
+    tenant = make_tenant(ingest=True)
+    async with app_factory() as gw:
+        made = await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "remote",
+                                                                                     "embedder": "sim-embed"})
+        assert made.status_code == 201, made.text
+        assert (made.json()["embedder"], made.json()["dims"]) == ("sim-embed", 16)
+        docs = await gw.client.post("/v1/collections/remote/documents", headers=tenant.headers,
+                                    json={"documents": [{"source": k, "text": v} for k, v in KB.items()]})
+        chat = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": ASK}],
+            "retrieval": {"collection": "remote", "context_tokens": 150}})
+        await gw.state.ledger.flush()
+    assert docs.status_code == 200
+    assert float(docs.json()["usage"]["cost_usd"]) > 0
+    assert chat.status_code == 200
+    assert chat.json()["tollway"]["retrieval"]["sources"]
+    [side] = ledger("request_id = %s", chat.headers["x-request-id"] + ".r1")
+    assert (side["model"], side["role"]) == ("sim-embed", "retrieval")
+    assert side["cost_usd"] > 0
+    [ingested] = ledger("request_id = %s", docs.headers["x-request-id"])
+    assert ingested["cost_usd"] == Decimal(docs.json()["usage"]["cost_usd"])
+
+
+@pytest.mark.parametrize("on_failure", ["fail", "answer"])
+async def test_a_failing_retrieval_follows_the_request_policy(app_factory, make_tenant, ledger, tmp_path,
+                                                             sim, on_failure):
+    tenant = make_tenant(ingest=True)
+    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
+        {"name": "flaky-embed", "upstream": "sim", "upstream_model": "sim-embed", "kind": "embedding",
+         "price": {"input_per_mtok": "0.02"}}])
+    async with app_factory(config=config) as gw:
+        await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "kb", "embedder": "flaky-embed"})
+        await gw.client.post("/v1/collections/kb/documents", headers=tenant.headers, json={"text": KB["fees.md"]})
+    config = write_config(tmp_path / "c2.yaml", sim.url, extra_models=[
+        {"name": "flaky-embed", "upstream": "sim", "upstream_model": "sim-error", "kind": "embedding",
+         "price": {"input_per_mtok": "0.02"}}])
+    async with app_factory(config=config) as gw:  # the same model now fails
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": ASK}],
+            "retrieval": {"collection": "kb", "on_failure": on_failure}})
+        await gw.state.ledger.flush()
+    rows = {r["role"]: r for r in ledger("request_id LIKE %s", resp.headers["x-request-id"] + "%")}
+    assert rows["retrieval"]["status"] >= 500
+    assert rows["retrieval"]["cost_usd"] == 0
+    if on_failure == "fail":
+        assert resp.status_code >= 500
+        assert resp.json()["error"]["type"] == "api_error"
+        assert rows["answer"]["status"] == resp.status_code
+        assert rows["answer"]["cost_usd"] == 0
+    else:
+        assert resp.status_code == 200
+        info = resp.json()["tollway"]["retrieval"]
+        assert info["sources"] == []
+        assert info["error"] == rows["retrieval"]["error_code"]
+        assert rows["answer"]["status"] == 200
+
+
+async def test_the_response_cache_never_serves_an_answer_grounded_in_old_text(app_factory, make_tenant):
+    tenant = make_tenant(ingest=True)
+    body = {"model": "sim-small", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": ASK}],
+            "retrieval": {"collection": "kb", "context_tokens": 200}}
+    async with app_factory() as gw:
+        await ingest(gw, tenant.headers)
+        first = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+        second = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+        await ingest(gw, tenant.headers, docs={"fees.md": KB["fees.md"].replace("35", "29")})
+        third = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+        fourth = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+    assert "x-tollway-cache" not in first.headers
+    assert second.headers.get("x-tollway-cache") == "hit"
+    assert "x-tollway-cache" not in third.headers
+    assert fourth.headers.get("x-tollway-cache") == "hit"
+    assert third.headers["x-tollway-index-version"] != first.headers["x-tollway-index-version"]
+    # a hit still says which index version grounded it (its sources are not kept with the answer)
+    assert fourth.headers["x-tollway-index-version"] == third.headers["x-tollway-index-version"]
+    assert fourth.json()["tollway"]["retrieval"]["cached"] is True
+
+
+@pytest.mark.parametrize(("retrieval", "param"), [
+    ("kb", "retrieval"),
+    ({"collection": "kb", "context_tokens": 0}, "retrieval.context_tokens"),
+    ({"collection": "kb", "context_tokens": 10 ** 6}, "retrieval.context_tokens"),
+    ({"collection": "kb", "mode": "sideways"}, "retrieval.mode"),
+    ({"collection": "kb", "colour": "red"}, "retrieval.colour"),
+    ({}, "retrieval.collection"),
+])
+async def test_a_bad_retrieval_object_is_a_400_that_costs_nothing(app_factory, make_tenant, ledger, retrieval, param):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "messages": [{"role": "user", "content": ASK}], "retrieval": retrieval})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    assert [(r["status"], r["cost_usd"]) for r in ledger("tenant_id = %s", tenant.id)] == [(400, 0)]
+
+
+# -- who may do what -------------------------------------------------------------------------------
+async def test_roles(app_factory, make_tenant, admin):
+    owner = make_tenant(ingest=True)
+    async with app_factory() as gw:
+        await ingest(gw, owner.headers)
+        keys = {}
+        for role, ingest_flag in (("app", False), ("finance", False), ("prompt_engineer", False)):
+            made = await gw.client.post("/v1/admin/keys", headers=admin.headers,
+                                        json={"tenant": owner.name, "role": role, "ingest": ingest_flag})
+            assert made.status_code == 201, made.text
+            keys[role] = {"authorization": f"Bearer {made.json()['key']}"}
+        refused = await gw.client.post("/v1/admin/keys", headers=admin.headers,
+                                       json={"tenant": owner.name, "role": "finance", "ingest": True})
+        by_app = await gw.client.post("/v1/admin/keys", headers=owner.headers, json={"tenant": owner.name})
+        search = {"collection": "kb", "query": ASK}
+        out = {role: (await gw.client.post("/v1/retrieval/search", headers=h, json=search)).status_code
+               for role, h in keys.items()}
+        writes = {role: (await gw.client.post("/v1/collections/kb/documents", headers=h,
+                                              json={"source": "n.md", "text": "# New"})).status_code
+                  for role, h in keys.items()}
+        finance_list = await gw.client.get("/v1/collections/kb/documents", headers=keys["finance"])
+        admin_write = await gw.client.post("/v1/collections/kb/documents", headers=admin.headers,
+                                           json={"source": "n.md", "text": "# New", "tenant": owner.name})
+    assert out == {"app": 200, "finance": 403, "prompt_engineer": 200}
+    assert writes == {"app": 403, "finance": 403, "prompt_engineer": 403}
+    assert finance_list.status_code == 403
+    assert refused.status_code == 400
+    assert by_app.status_code == 403
+    assert admin_write.status_code == 200
+    assert admin_write.json()["data"][0]["status"] == "created"
