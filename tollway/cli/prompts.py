@@ -117,7 +117,7 @@ def _var(text: str) -> tuple[str, Any]:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from tollway.app import upstream_configs
-    from tollway.gateway.http.routes.prompts import dry_run, requests_per_day
+    from tollway.gateway.parts.prompting import dry_run, requests_per_day
     from tollway.prompts import PRODUCTION, Registry
     from tollway.routing import (
         build_catalog,

@@ -7,7 +7,6 @@ request id of an answer they got; it is accepted only for the caller's own tenan
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ from tollway.evals import GoldenSetError, Target, parse_prompt_ref, set_from_ite
 from tollway.gateway.http.api import json_response
 from tollway.gateway.http.deps import app_state
 from tollway.gateway.metering.reports import build_query
+from tollway.gateway.parts import feedback
 from tollway.gateway.tenancy.keys import Principal, reachable_tenant
 from tollway.gateway.tenancy.roles import Can, require
 
@@ -117,32 +117,13 @@ async def post_feedback(request: Request, body: FeedbackBody) -> Response:
     if body.score is None and body.label is None:
         raise InvalidRequest("Give a score (0 to 1), a label, or both.", param="score")
     state = app_state(request)
-    row = None
-    for attempt in range(8):  # the answer's ledger row may still be on its way (the ledger writes in batches)
-        async with state.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT prompt_name, prompt_version, model FROM ledger WHERE request_id = %s AND tenant_id = %s"
-                " AND role = 'answer' LIMIT 1", (body.request_id, principal.tenant_id))
-            row = await cur.fetchone()
-        if row is not None:
-            break
-        if attempt == 0:
-            await state.ledger.flush()
-        else:
-            await asyncio.sleep(0.25)
-    if row is None:  # another tenant's request is as unknown as one that never was
-        raise NotFound(f"No request {body.request_id} of this tenant.", param="request_id", code="request_not_found")
-    async with state.pool.connection() as conn:
-        cur = await conn.execute(
-            "INSERT INTO feedback (tenant_id, key_id, request_id, score, label, comment, prompt_name, prompt_version,"
-            " model) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id, created_at",
-            (principal.tenant_id, principal.key_id, body.request_id, body.score, body.label, body.comment, *row))
-        created = await cur.fetchone()
-    assert created is not None
-    return json_response({"object": "feedback", "id": state.evals.ids.encode("fb", created[0]),
-                          "request_id": body.request_id,
-                          "score": body.score, "label": body.label, "prompt_name": row[0], "prompt_version": row[1],
-                          "model": row[2], "created_at": created[1].isoformat()}, status=201)
+    answer = await feedback.answered_by(state.pool, state.ledger, principal.tenant_id, body.request_id)
+    fid, created = await feedback.record(state.pool, principal, body.request_id, body.score, body.label,
+                                         body.comment, answer)
+    return json_response({"object": "feedback", "id": state.evals.ids.encode("fb", fid),
+                          "request_id": body.request_id, "score": body.score, "label": body.label,
+                          "prompt_name": answer[0], "prompt_version": answer[1], "model": answer[2],
+                          "created_at": created.isoformat()}, status=201)
 
 
 @router.get("/v1/reports/feedback", summary="Feedback per prompt version or model: count, mean score, labels")
@@ -153,23 +134,10 @@ async def get_feedback_report(request: Request, group_by: Literal["prompt_versio
     params = request.query_params
     query = await build_query(state.pool, principal, tenant=tenant, start=params.get("from"), end=params.get("to"),
                               group_by="day", can=Can.READ_FEEDBACK)
-    expr = "coalesce(prompt_name || '@' || prompt_version, '(no prompt)')" if group_by == "prompt_version" \
-        else "coalesce(model, '(none)')"
-    tenants = query.tenant_ids
-    async with state.pool.connection() as conn:
-        cur = await conn.execute(
-            # per group and label first, then per group: each label counted once, scores averaged over all
-            f"SELECT grp, sum(n)::bigint, sum(total) / nullif(sum(scored), 0), sum(scored)::bigint,"
-            f" coalesce(jsonb_object_agg(label, n) FILTER (WHERE label IS NOT NULL), '{{}}')"
-            f" FROM (SELECT {expr} AS grp, label, count(*) AS n, sum(score) AS total, count(score) AS scored"
-            f" FROM feedback WHERE created_at >= %s AND created_at < %s"
-            f" AND (%s::bigint[] IS NULL OR tenant_id = ANY(%s)) GROUP BY 1, 2) f"
-            f" GROUP BY grp ORDER BY grp", (query.start, query.end, tenants, tenants))
-        rows = await cur.fetchall()
+    groups = await feedback.report(state.pool, query, group_by)
     return json_response({"object": "report.feedback", "group_by": group_by, "from": _iso(query.start),
                           "to": _iso(query.end),
-                          "groups": [{"group": g, "feedback": n, "mean_score": None if avg is None else round(avg, 4),
-                                      "scored": scored, "labels": labels} for g, n, avg, scored, labels in rows]})
+                          "groups": groups})
 
 
 def _iso(value: datetime) -> str:

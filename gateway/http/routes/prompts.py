@@ -7,17 +7,13 @@ gate, recorded; no other key reads, renders or writes prompts, and no key ever r
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from tollway.gateway.http.api import json_response
 from tollway.gateway.http.deps import app_state
-from tollway.gateway.metering.accounting import format_cost
+from tollway.gateway.parts.prompting import dry_run, requests_per_day
 from tollway.gateway.tenancy.keys import Principal, reachable_tenant
 from tollway.gateway.tenancy.roles import Can, may, require
 from tollway.jsontypes import JSON
@@ -32,7 +28,6 @@ from tollway.prompts import (
     version,
     versions_of,
 )
-from tollway.routing import Catalog, Usage, count_messages
 
 router = APIRouter()
 
@@ -178,31 +173,3 @@ async def render(request: Request, name: str, body: RenderBody) -> Response:
                                  rendered.params, per_day))
 
 
-async def requests_per_day(conn: Any, tid: int, name: str) -> float:
-    """The prompt's traffic over the last 7 days, from the ledger."""
-    since = datetime.now(UTC) - timedelta(days=7)
-    cur = await conn.execute("SELECT count(*) FROM ledger WHERE tenant_id = %s AND prompt_name = %s"
-                             " AND role = 'answer' AND created_at >= %s", (tid, name, since))
-    row = await cur.fetchone()
-    return float(row[0]) / 7 if row else 0.0
-
-
-def dry_run(catalog: Catalog, name: str, ver: str, messages: list[JSON], params: JSON, per_day: float) -> JSON:
-    """What a request with this prompt costs on each chat model: its prompt tokens (tiktoken) plus, at most,
-    its ``max_tokens``; and per day at the prompt's recent traffic."""
-    tokens = count_messages(messages)
-    cap = params.get("max_completion_tokens") or params.get("max_tokens") or 0
-    models = []
-    for m in catalog.models.values():
-        if m.kind != "chat":
-            continue
-        low = m.price.cost(Usage(input_tokens=tokens))
-        high = m.price.cost(Usage(input_tokens=tokens, output_tokens=int(cap)))
-        daily = Decimal(str(per_day))
-        models.append({"model": m.name, "tier": m.tier, "price_source": m.price.source, "input_tokens": tokens,
-                       "max_output_tokens": cap,
-                       "usd_per_request": {"prompt_only": format_cost(low), "at_max_tokens": format_cost(high)},
-                       "usd_per_day": {"prompt_only": format_cost(low * daily),
-                                       "at_max_tokens": format_cost(high * daily)}})
-    return {"prompt": name, "version": ver, "messages": messages, "params": params,
-            "requests_per_day_7d": round(per_day, 2), "models": models}
