@@ -6,6 +6,7 @@ The routing config file (upstreams, models, prices) is parsed separately and str
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,11 +14,20 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def default_data_dir() -> Path:
+    """Where the embedded stores live unless told: one place per user, whatever the current folder
+    (``$XDG_DATA_HOME/tollway``, else ``~/.local/share/tollway``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tollway"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLWAY_", extra="forbid", frozen=True, env_ignore_empty=True)
 
     config: Path | None = None
-    data_dir: Path = Path(".tollway")
+    # The embedded stores, the key secret, the ledger's spill files; a relative path is taken from the
+    # folder the command starts in and made absolute at once (so every worker and later command agree).
+    data_dir: Path = Field(default_factory=default_data_dir)
     host: str = "127.0.0.1"
     # Proxies (addresses, comma-separated, or "*") whose X-Forwarded-Proto / -For this gateway believes, as
     # uvicorn's forwarded_allow_ips: behind a TLS proxy the console's cookie is then marked Secure. Empty:
@@ -93,6 +103,11 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
 
     @field_validator("budget_alerts", mode="before")
     @classmethod

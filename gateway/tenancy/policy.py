@@ -24,6 +24,7 @@ from tollway.gateway.tenancy.keys import tenant_id
 from tollway.guardrails import GuardPolicy, PolicyError, parse_policy
 from tollway.infra import changes
 from tollway.jsontypes import JSON
+from tollway.keep import KEEP, Keep
 from tollway.lastgood import LastGood
 
 log = logging.getLogger("tollway.gateway")
@@ -234,16 +235,18 @@ def _check_subject(scope: str, subject: str | None) -> str:
 
 
 async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: str, subject: str | None,
-                     period: str, limit_usd: Decimal | None, limit_tokens: int | None, author: str = "system",
-                     reason: str | None = None, alerts: Sequence[str] | None = None) -> Budget:
+                     period: str, limit_usd: Decimal | Keep | None = KEEP, limit_tokens: int | Keep | None = KEEP,
+                     author: str = "system", reason: str | None = None,
+                     alerts: Sequence[str] | Keep | None = KEEP) -> Budget:
+    """Create a budget, or change only what is given of an existing one (``None`` clears a limit; alerts
+    ``None`` means the gateway's defaults). A budget keeps at least one limit."""
     if period not in PERIODS:
         raise InvalidRequest(f"window must be one of {', '.join(PERIODS)}", param="window")
-    if limit_usd is None and limit_tokens is None:
-        raise InvalidRequest("give a USD limit, a token limit, or both", param="limit_usd")
-    if (limit_usd is not None and limit_usd < 0) or (limit_tokens is not None and limit_tokens < 0):
-        raise InvalidRequest("limits cannot be negative", param="limit_usd")
+    for value in (limit_usd, limit_tokens):
+        if isinstance(value, Decimal | int) and value < 0:
+            raise InvalidRequest("limits cannot be negative", param="limit_usd")
     subject = _check_subject(scope, subject)
-    thresholds, forecast = parse_alerts(alerts) or (None, None)
+    parsed = KEEP if isinstance(alerts, Keep) else (parse_alerts(alerts) or (None, None))
     async with conn.transaction():
         tid = await tenant_id(conn, tenant)
         if scope == "key" and subject != EACH:
@@ -255,6 +258,18 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
         cur = await conn.execute(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE tenant_id = %s AND scope = %s"
                                  " AND subject = %s AND period = %s FOR UPDATE", (tid, scope, subject, period))
         old = await cur.fetchone()
+        before = None if old is None else Budget(*old)
+        usd = (before.limit_usd if before else None) if isinstance(limit_usd, Keep) else limit_usd
+        tokens = (before.limit_tokens if before else None) if isinstance(limit_tokens, Keep) else limit_tokens
+        if isinstance(parsed, Keep):
+            thresholds = None if before is None or before.alert_thresholds is None else list(before.alert_thresholds)
+            forecast = None if before is None else before.alert_forecast
+        else:
+            thresholds = None if parsed[0] is None else list(parsed[0])
+            forecast = parsed[1]
+        if usd is None and tokens is None:
+            raise InvalidRequest("a budget needs a USD limit, a token limit, or both (to remove it, delete it)",
+                                 param="limit_usd")
         cur = await conn.execute(
             f"INSERT INTO budgets (tenant_id, scope, subject, period, limit_usd, limit_tokens, alert_thresholds,"
             f" alert_forecast) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
@@ -262,13 +277,12 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
             f" SET limit_usd = EXCLUDED.limit_usd, limit_tokens = EXCLUDED.limit_tokens,"
             f" alert_thresholds = EXCLUDED.alert_thresholds, alert_forecast = EXCLUDED.alert_forecast,"
             f" updated_at = now() RETURNING {_BUDGET_COLUMNS}",
-            (tid, scope, subject, period, limit_usd, limit_tokens,
-             None if thresholds is None else list(thresholds), forecast))
+            (tid, scope, subject, period, usd, tokens, thresholds, forecast))
         row = await cur.fetchone()
         assert row is not None
         budget = Budget(*row)
         await changes.record(conn, author=author, kind="budget", subject=budget.id, action="set", tenant_id=tid,
-                             before=None if old is None else Budget(*old).as_json(), after=budget.as_json(),
+                             before=None if before is None else before.as_json(), after=budget.as_json(),
                              reason=reason)
     return budget
 

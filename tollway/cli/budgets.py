@@ -12,6 +12,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from tollway.cli.common import audited, database, flag, run_with_conn, settings_of
+from tollway.keep import KEEP
 from tollway.settings import Settings
 
 
@@ -23,6 +24,26 @@ def _usd(value: str) -> Decimal:
     if amount < 0:
         raise argparse.ArgumentTypeError("amounts cannot be negative")
     return amount
+
+
+def _usd_or_none(value: str) -> Decimal | None:
+    return None if value.lower() == "none" else _usd(value)
+
+
+def _tokens_or_none(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {value!r}") from None
+    if tokens < 0:
+        raise argparse.ArgumentTypeError("limits cannot be negative")
+    return tokens
+
+
+def _alerts(value: str) -> list[str] | None:
+    return None if value.lower() == "default" else value.split(",")
 
 
 def _redis_url(settings: Settings) -> str | None:
@@ -47,23 +68,45 @@ def cmd_set(args: argparse.Namespace) -> int:
     async def action(conn: Any, settings: Settings) -> int:
         scope, subject = _scope(args)
         budget = await set_budget(conn, args.tenant, scope=scope, subject=subject, period=args.window,
-                                  limit_usd=args.usd, limit_tokens=args.tokens, author=args.author,
-                                  reason=args.reason, alerts=None if args.alerts is None else args.alerts.split(","))
+                                  limit_usd=args.usd, limit_tokens=args.tokens, alerts=args.alerts,
+                                  author=args.author, reason=args.reason)
         print(json.dumps(budget.as_json()))
         return 0
 
     return run_with_conn(args, action)
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    from tollway.gateway.tenancy.policy import delete_budget
+
+    async def action(conn: Any, settings: Settings) -> int:
+        if not await delete_budget(conn, args.tenant, args.id, author=args.author, reason=args.reason):
+            print(f"tollway: tenant {args.tenant!r} has no budget {args.id}", file=sys.stderr)
+            return 1
+        print(json.dumps({"deleted": args.id}))
+        return 0
+
+    return run_with_conn(args, action)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from tollway.gateway.metering.budget_alerts import budget_uses
     from tollway.gateway.tenancy.keys import tenant_id
     from tollway.gateway.tenancy.policy import list_budgets, load_rules
 
     async def action(conn: Any, settings: Settings) -> int:
+        tid = await tenant_id(conn, args.tenant)
         budgets = await list_budgets(conn, args.tenant)
-        policy = (await load_rules(conn, await tenant_id(conn, args.tenant))).policy
+        policy = (await load_rules(conn, tid)).policy
+        uses: dict[int, list[Any]] = {}
+        async for use in budget_uses(conn, datetime.now(UTC), [tid]):  # from the ledger, like the console
+            uses.setdefault(use.budget.id, []).append(
+                {**use.evidence(), "usd": str(use.usd), "tokens": use.tokens, "from": use.start.isoformat(),
+                 "to": use.end.isoformat()})
         print(json.dumps({"tenant": args.tenant, "policy": policy.as_json(),
-                          "budgets": [b.as_json() for b in budgets]}, indent=2))
+                          "budgets": [{**b.as_json(), "use": uses.get(b.id, [])} for b in budgets]}, indent=2))
         return 0
 
     return run_with_conn(args, action)
@@ -162,14 +205,24 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     who.add_argument("--user", help="an end user (OpenAI `user` or x-tollway-user), or * for each user")
     who.add_argument("--session", help="a session (x-tollway-session), or * for each session")
     bset.add_argument("--window", required=True, choices=["minute", "hour", "day", "month", "lifetime"])
-    bset.add_argument("--usd", type=_usd)
-    bset.add_argument("--tokens", type=int)
-    bset.add_argument("--alerts", help="alert once per window at these shares of the limit and/or on a forecast "
-                                       "past it, e.g. 0.5,0.9,1,forecast (default: TOLLWAY_BUDGET_ALERTS)")
+    bset.add_argument("--usd", type=_usd_or_none, default=KEEP,
+                      help="the USD limit, or 'none' to remove it (absent: unchanged)")
+    bset.add_argument("--tokens", type=_tokens_or_none, default=KEEP,
+                      help="the token limit, or 'none' to remove it (absent: unchanged)")
+    bset.add_argument("--alerts", type=_alerts, default=KEEP,
+                      help="alert once per window at these shares of the limit and/or on a forecast past it, e.g. "
+                           "0.5,0.9,1,forecast; 'default' for TOLLWAY_BUDGET_ALERTS (absent: unchanged)")
     audited(bset)
     bset.set_defaults(func=cmd_set)
 
-    bshow = budgets.add_parser("show", help="a tenant's budgets and policy")
+    bdel = budgets.add_parser("delete", help="delete a budget by id (`budgets show` lists them)")
+    common(bdel)
+    bdel.add_argument("--tenant", required=True)
+    bdel.add_argument("--id", type=int, required=True)
+    audited(bdel)
+    bdel.set_defaults(func=cmd_delete)
+
+    bshow = budgets.add_parser("show", help="a tenant's budgets with their use in the current window, and its policy")
     common(bshow)
     bshow.add_argument("--tenant", required=True)
     bshow.set_defaults(func=cmd_show)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from tollway.settings import Settings
@@ -20,20 +23,40 @@ def settings_of(args: argparse.Namespace) -> Settings:
             overrides[name] = value
     if getattr(args, "upstream", None):
         overrides["upstreams"] = [*Settings().upstreams, *args.upstream]
-    return Settings(**overrides)
+    settings = Settings(**overrides)
+    _legacy_notice(settings, explicit="data_dir" in overrides or bool(os.environ.get("TOLLWAY_DATA_DIR")))
+    return settings
+
+
+def _legacy_notice(settings: Settings, *, explicit: bool) -> None:
+    """Earlier versions kept the data directory in ./.tollway of wherever they were started."""
+    legacy = Path(".tollway").resolve()
+    if not explicit and legacy != settings.data_dir and (legacy / "postgres" / "PG_VERSION").exists():
+        print(f"tollway: note: {legacy} holds a data directory from an earlier version; this command uses "
+              f"{settings.data_dir}. To keep using the old one: --data-dir {legacy} (or TOLLWAY_DATA_DIR).",
+              file=sys.stderr)
+
+
+class NoStore(Exception):
+    """A command that reads or changes a store found none where it looked (it never creates one)."""
 
 
 @contextlib.contextmanager
-def database(settings: Settings) -> Iterator[str]:
+def database(settings: Settings, *, create: bool = False) -> Iterator[str]:
     """The configured database, or the embedded one in the data directory (stopped again after use
-    only if this command started it)."""
+    only if this command started it). Only ``create`` commands (serve, migrate, tenants create) make an
+    empty one; the others say where they looked and stop."""
     if settings.database_url:
         yield settings.database_url
         return
     from tollway.local.embedded import EmbeddedPostgres
 
+    where = settings.data_dir / "postgres"
+    if not create and not (where / "PG_VERSION").exists():
+        raise NoStore(f"no Tollway database in {settings.data_dir} (the data directory: --data-dir or "
+                      "TOLLWAY_DATA_DIR; or set TOLLWAY_DATABASE_URL). `tollway serve` creates one there.")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    pg = EmbeddedPostgres(settings.data_dir / "postgres")
+    pg = EmbeddedPostgres(where)
     url = pg.start()
     try:
         yield url
@@ -95,3 +118,26 @@ def flag(value: str) -> bool:
     if value.lower() in ("off", "false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError("use on or off")
+
+
+class _Once(argparse._StoreAction):
+    """A flag that takes one value: given twice, the command stops with an error instead of silently
+    keeping the last one."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        seen = namespace.__dict__.setdefault("_given", set())
+        if option_string is not None and self.dest in seen:
+            parser.error(f"{option_string} was given twice: give it once")
+        seen.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class Parser(argparse.ArgumentParser):
+    """The CLI's parser (and its subcommands'): single-value flags refuse repeats; list flags accumulate
+    (``action="extend"`` or ``"append"``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from tollway.cli.common import audited, run_with_conn
+from tollway.errors import InvalidRequest
 from tollway.settings import Settings
 
 
@@ -35,10 +36,15 @@ def _list(value: str) -> list[str]:
 
 
 def edited(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The stored policy with the command's changes."""
+    """The stored policy with the command's changes (repeated flags add up; one validator given two
+    different actions is refused)."""
     policy: dict[str, Any] = json.loads(json.dumps(current))
     for side in ("input", "output"):
+        given: dict[str, str] = {}
         for name, action in getattr(args, side) or []:
+            if given.setdefault(name, action) != action:
+                raise InvalidRequest(f"--{side} gives '{name}' two actions ({given[name]}, {action}): give one",
+                                     param=side)
             policy.setdefault(side, {})[name] = action
     for field in ("terms", "competitors"):
         value = getattr(args, field)
@@ -96,19 +102,19 @@ def add_commands(common: Any, tenants: Any) -> None:
                     "Actions: redact, block, fallback, log, off.")
     common(guards)
     guards.add_argument("--tenant", required=True)
-    guards.add_argument("--input", nargs="+", type=_pair, metavar="VALIDATOR=ACTION",
+    guards.add_argument("--input", nargs="+", action="extend", type=_pair, metavar="VALIDATOR=ACTION",
                         help="input guards, e.g. injection=block pii=redact")
-    guards.add_argument("--output", nargs="+", type=_pair, metavar="VALIDATOR=ACTION",
+    guards.add_argument("--output", nargs="+", action="extend", type=_pair, metavar="VALIDATOR=ACTION",
                         help="output guards, e.g. pii=redact secrets=block json=block")
     guards.add_argument("--terms", type=_list, help="restricted terms, comma-separated ('' for none)")
     guards.add_argument("--competitors", type=_list, help="competitor names, comma-separated ('' for none)")
-    guards.add_argument("--topic", nargs="+", type=_topic, metavar="NAME=WORDS",
+    guards.add_argument("--topic", nargs="+", action="extend", type=_topic, metavar="NAME=WORDS",
                         help="a restricted topic and the words that signal it: medical=diagnosis,prescription")
     guards.add_argument("--max-input-chars", type=int)
     guards.add_argument("--max-output-chars", type=int)
     guards.add_argument("--injection-threshold", type=float, help="score at which injection fails (default 0.8)")
     guards.add_argument("--fallback-message", help="the safe answer a 'fallback' action gives")
-    guards.add_argument("--unset", nargs="+", metavar="FIELD", help="remove settings (input, output, terms, ...)")
+    guards.add_argument("--unset", nargs="+", action="extend", metavar="FIELD", help="remove settings (input, output, terms, ...)")
     guards.add_argument("--clear", action="store_true", help="remove the tenant's guard policy")
     audited(guards)
     guards.set_defaults(func=cmd_guards)

@@ -16,7 +16,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tollway.cli.common import audited, database, run_with_conn, settings_of, table, with_conn
+from tollway.cli.common import (
+    NoStore,
+    Parser,
+    audited,
+    database,
+    run_with_conn,
+    settings_of,
+    table,
+    with_conn,
+)
 from tollway.gateway.tenancy.roles import ROLES
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -60,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upstream_configs(settings)  # a bad config file is a clear error now, before anything starts
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        database_url = stack.enter_context(database(settings))
+        database_url = stack.enter_context(database(settings, create=True))
         overrides: dict[str, Any] = {"database_url": database_url}
         if not settings.redis_url:
             redis_server = EmbeddedRedis(settings.data_dir / "redis")
@@ -109,7 +118,7 @@ async def _migrate(url: str) -> list[str]:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    with database(settings) as url:
+    with database(settings, create=True) as url:
         applied = asyncio.run(_migrate(url))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
@@ -118,7 +127,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     from tollway.gateway.tenancy.keys import create_tenant
 
-    with database(settings_of(args)) as url:
+    with database(settings_of(args), create=True) as url:
         tenant_id = asyncio.run(with_conn(url, lambda c: create_tenant(c, args.name, author=args.author)))
     print(f"tenant {args.name} created (id {tenant_id})")
     return 0
@@ -223,7 +232,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from tollway.local import sim
 
-    parser = argparse.ArgumentParser(prog="tollway", description="OpenAI-compatible LLM gateway with cost control")
+    parser = Parser(prog="tollway", description="OpenAI-compatible LLM gateway with cost control")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway (embedded Postgres, Redis and model when unset)")
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ValidationError as exc:
         print(f"tollway: invalid settings: {exc}", file=sys.stderr)
-    except (ConfigError, EmbeddedError) as exc:
+    except (ConfigError, EmbeddedError, NoStore) as exc:
         print(f"tollway: {exc}", file=sys.stderr)
     except TollwayError as exc:
         print(f"tollway: {exc.message}", file=sys.stderr)

@@ -25,6 +25,7 @@ from tollway.gateway.tenancy.policy import (
     set_budget,
     set_policy,
 )
+from tollway.keep import KEEP
 
 router = APIRouter()
 
@@ -80,14 +81,17 @@ async def get_budgets(request: Request, tenant: str) -> Response:
     return json_response({"object": "list", "data": [b.as_json() for b in budgets]})
 
 
-@router.put("/v1/admin/budgets", summary="Create or change a budget (applies within seconds)")
+@router.put("/v1/admin/budgets", summary="Create a budget, or change only the fields given (null clears a limit)")
 async def put_budget(request: Request, body: BudgetBody) -> Response:
     principal = admin(request)
     state = app_state(request)
+    given = body.model_fields_set  # an absent field keeps its value; an explicit null clears it
     async with state.pool.connection() as conn:
-        budget = await set_budget(conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
-                                  limit_usd=body.limit_usd, limit_tokens=body.limit_tokens,
-                                  author=principal.author, reason=body.reason, alerts=body.alerts)
+        budget = await set_budget(
+            conn, body.tenant, scope=body.scope, subject=body.subject, period=body.window,
+            limit_usd=body.limit_usd if "limit_usd" in given else KEEP,
+            limit_tokens=body.limit_tokens if "limit_tokens" in given else KEEP,
+            alerts=body.alerts if "alerts" in given else KEEP, author=principal.author, reason=body.reason)
     state.policies.forget(budget.tenant_id)
     return json_response(budget.as_json())
 

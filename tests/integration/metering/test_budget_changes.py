@@ -1,0 +1,88 @@
+"""Changing a budget changes only what the change gives, over the API and from the CLI alike; a CLI flag is
+never silently dropped; a command that finds no store says so instead of creating an empty one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **env}, cwd=cwd, timeout=120)
+
+
+async def test_the_api_changes_only_the_fields_a_body_gives(app_factory, make_tenant, admin):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        async def put(**body: Any) -> Any:
+            return await gw.client.put("/v1/admin/budgets", headers=admin.headers,
+                                       json={"tenant": tenant.name, "window": "day", **body})
+
+        first = await put(limit_usd="5", alerts=["0.5", "forecast"])
+        assert first.status_code == 200, first.text
+        tokens = (await put(limit_tokens=600)).json()
+        assert Decimal(tokens["limit_usd"]) == 5  # kept: the body did not give it
+        assert tokens["limit_tokens"] == 600
+        assert tokens["alerts"] == first.json()["alerts"]
+        cleared = (await put(limit_usd=None)).json()  # an explicit null clears
+        assert cleared["limit_usd"] is None
+        assert cleared["limit_tokens"] == 600
+        last = await put(limit_tokens=None)  # nothing would be left: refused, nothing changes
+        assert last.status_code == 400
+        assert "delete it" in last.json()["error"]["message"]
+        listed = (await gw.client.get(f"/v1/admin/budgets?tenant={tenant.name}", headers=admin.headers)).json()
+        assert [(b["limit_usd"], b["limit_tokens"]) for b in listed["data"]] == [(None, 600)]
+
+
+def test_the_cli_changes_only_what_its_flags_give_and_refuses_a_flag_given_twice(pg, make_tenant, tmp_path):
+    tenant = make_tenant()
+    env = {"TOLLWAY_DATABASE_URL": pg.url}
+    base = ["budgets", "set", "--tenant", tenant.name, "--window", "day"]
+    assert cli(*base, "--usd", "5", env=env, cwd=tmp_path).returncode == 0
+    out = cli(*base, "--tokens", "600", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    budget = json.loads(out.stdout)
+    assert (Decimal(budget["limit_usd"]), budget["limit_tokens"]) == (5, 600)  # --usd kept
+    cleared = json.loads(cli(*base, "--usd", "none", env=env, cwd=tmp_path).stdout)
+    assert (cleared["limit_usd"], cleared["limit_tokens"]) == (None, 600)
+    twice = cli(*base, "--usd", "1", "--usd", "2", env=env, cwd=tmp_path)
+    assert twice.returncode == 2
+    assert "--usd was given twice" in twice.stderr
+    shown = json.loads(cli("budgets", "show", "--tenant", tenant.name, env=env, cwd=tmp_path).stdout)
+    [entry] = shown["budgets"]
+    assert entry["limit_tokens"] == 600
+    assert entry["use"][0]["tokens"] == 0  # its use in the current window, from the ledger
+    gone = cli("budgets", "delete", "--tenant", tenant.name, "--id", str(entry["id"]), env=env, cwd=tmp_path)
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(cli("budgets", "show", "--tenant", tenant.name, env=env, cwd=tmp_path).stdout)["budgets"] == []
+
+
+def test_repeated_guard_flags_add_up(pg, make_tenant, tmp_path):
+    tenant = make_tenant()
+    env = {"TOLLWAY_DATABASE_URL": pg.url}
+    out = cli("tenants", "guards", "--tenant", tenant.name, "--output", "pii=redact", "--output", "secrets=redact",
+              env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["policy"]["output"] == {"pii": "redact", "secrets": "redact"}
+    clash = cli("tenants", "guards", "--tenant", tenant.name, "--output", "pii=redact", "--output", "pii=block",
+                env=env, cwd=tmp_path)
+    assert clash.returncode == 2
+    assert "two actions" in clash.stderr
+
+
+def test_a_read_command_in_another_folder_finds_the_same_store_or_says_it_found_none(tmp_path):
+    home = tmp_path / "home"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    env = {"HOME": str(home), "TOLLWAY_KEY_SECRET": os.environ["TOLLWAY_KEY_SECRET"]}
+    out = cli("prompts", "list", "--tenant", "default", env=env, cwd=elsewhere)
+    assert out.returncode == 2
+    assert f"no Tollway database in {home}/.local/share/tollway" in out.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing created where it ran
+    assert not (home / ".local").exists()  # nor where it looked
