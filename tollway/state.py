@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
 
 from tollway.errors import TollwayError
 from tollway.gateway.chat.calls import Calls, Limits
@@ -28,7 +29,7 @@ from tollway.gateway.metering.breakers import BreakerEvents
 from tollway.gateway.metering.budget_alerts import budget_uses, check_budgets
 from tollway.gateway.metering.ledger import Ledger
 from tollway.gateway.metering.quota import QuotaService
-from tollway.gateway.metering.reconcile import reconcile
+from tollway.gateway.metering.reconcile import reconcile, seed_budget
 from tollway.gateway.observability.prometheus import Metrics, multiprocess
 from tollway.gateway.observability.telemetry import Telemetry, build_telemetry
 from tollway.gateway.parts.evaluating import EvalGate, Evals, eval_settings
@@ -144,8 +145,9 @@ def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger:
     return Periodic("budget-reconcile", interval_s, run)
 
 
-async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore,
-                              prompts: Registry, pool: AsyncConnectionPool, catalog: Catalog) -> ChangeListener:
+async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore, prompts: Registry,
+                              pool: AsyncConnectionPool, catalog: Catalog,
+                              seed: Callable[[int, int], Awaitable[None]]) -> ChangeListener:
     """Every change made anywhere (CLI, any replica's admin API, a git push, the quality monitor) drops what
     this process cached about it, or reloads it (a tenant's prompts, the model rollouts)."""
 
@@ -159,6 +161,8 @@ async def _listen_for_changes(database_url: str, keys: KeyStore, policies: Polic
             policies.forget(note.tenant_id)
             if note.kind in ("prompt", "prompt_label"):
                 await prompts.load(note.tenant_id)
+            if note.kind == "budget" and note.subject.isdigit():
+                await seed(note.tenant_id, int(note.subject))
 
     listener = ChangeListener(database_url, [apply])
     listener.start()
@@ -246,7 +250,14 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     async with pool.connection() as conn:  # the config's rollouts are the starting point; the table wins
         await seed_rollouts(conn, catalog)
         await load_rollouts(conn, catalog)
-    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog)
+    async def seed(tenant_id: int, budget_id: int) -> None:  # a new budget counts its window's spend at once
+        await ledger.flush()
+        try:
+            await seed_budget(pool, redis_client, tenant_id, budget_id)
+        except (RedisError, OSError) as exc:  # the periodic reconciliation catches up
+            log.warning("could not seed budget %s from the ledger: %s", budget_id, exc)
+
+    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog, seed)
     stack.push_async_callback(changes.stop)
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)

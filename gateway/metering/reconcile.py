@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from decimal import Decimal
@@ -129,7 +130,10 @@ async def ledger_usage(conn: Any, budget: Budget, subject: str, start: datetime,
 
 
 async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, tenant_ids: list[int] | None = None,
-                    allow_decrease: bool = False, now: datetime | None = None) -> ReconcileReport:
+                    budget_ids: Collection[int] | None = None, allow_decrease: bool = False,
+                    now: datetime | None = None, record: bool = True) -> ReconcileReport:
+    """Compare each budget's counters with the ledger over its current window and correct them (raise only,
+    unless ``allow_decrease``). ``budget_ids``: only those; ``record``: store the run (a seeding is not)."""
     now = now or datetime.now(UTC)
     report = ReconcileReport()
     script = redis_client.register_script(_SET_IF_UNCHANGED)
@@ -139,6 +143,8 @@ async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, 
             tenant_ids = [int(r[0]) for r in await cur.fetchall()]
         for tid in tenant_ids:
             for budget in (await load_rules(conn, tid)).budgets:
+                if budget_ids is not None and budget.id not in budget_ids:
+                    continue
                 win = window(budget.period, now)
                 start, end = win.bounds()
                 if budget.reset_at is not None and budget.reset_at > start:
@@ -162,6 +168,8 @@ async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, 
                             max(l_usd, r_usd) if not allow_decrease else l_usd,
                             max(tokens, r_tok) if not allow_decrease else tokens, counter.ttl_s]))
                     report.drifts.append(Drift(budget.id, subject, from_nano(r_usd), usd, r_tok, tokens, corrected))
+        if not record:
+            return report
         drift_total = sum((abs(d.redis_usd - d.ledger_usd) for d in report.drifts), Decimal(0))
         await conn.execute("INSERT INTO reconciliation_runs (checked, corrected, drift_usd, detail)"
                            " VALUES (%s, %s, %s, %s)", (report.checked, report.corrected, drift_total,
@@ -171,3 +179,11 @@ async def reconcile(pool: AsyncConnectionPool, redis_client: aioredis.Redis, *, 
         log.warning("reconciliation: %d counters drifted from the ledger, %d corrected: %s", len(report.drifts),
                     report.corrected, [d.as_json() for d in report.drifts[:5]])
     return report
+
+
+async def seed_budget(pool: AsyncConnectionPool, redis_client: aioredis.Redis, tenant_id: int, budget_id: int) -> None:
+    """A budget created (or raised) mid-window starts from what the ledger says its window has already
+    spent, not from zero: its counters are raised to the ledger at once."""
+    report = await reconcile(pool, redis_client, tenant_ids=[tenant_id], budget_ids={budget_id}, record=False)
+    if report.drifts:
+        log.info("budget %s seeded from the ledger: %s", budget_id, [d.as_json() for d in report.drifts[:5]])

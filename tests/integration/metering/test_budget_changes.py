@@ -86,3 +86,29 @@ def test_a_read_command_in_another_folder_finds_the_same_store_or_says_it_found_
     assert f"no Tollway database in {home}/.local/share/tollway" in out.stderr
     assert list(elsewhere.iterdir()) == []  # nothing created where it ran
     assert not (home / ".local").exists()  # nor where it looked
+
+
+async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_factory, make_tenant, pg, ledger,
+                                                                            tmp_path):
+    """Set from the CLI (no Redis access there): the gateway seeds the new budget's counter from the ledger
+    when the change reaches it, so the next request is judged against the day's real spend."""
+    import asyncio
+
+    tenant = make_tenant()
+    ask = {"model": "sim-large", "messages": [{"role": "user", "content": "how much is left"}], "max_tokens": 16}
+    async with app_factory() as gw:
+        for _ in range(4):
+            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+            assert resp.status_code == 200, resp.text
+        await gw.state.ledger.flush()
+        rows = ledger("tenant_id = %s", tenant.id)
+        spent = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+        per_request = spent // len(rows)
+        # room for one more request by tokens actually used, not for its worst case (prompt + max_tokens)
+        out = cli("budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens", str(spent + per_request),
+                  env={"TOLLWAY_DATABASE_URL": pg.url}, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        await asyncio.sleep(1.5)  # the change channel's notification, and the seeding it starts
+        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+    assert refused.status_code == 429, refused.text  # a counter starting at zero would have admitted it
+    assert refused.json()["error"]["code"] == "insufficient_quota"
