@@ -24,6 +24,16 @@ from tollway.routing.catalog import (
 from tollway.routing.decision import BudgetSignal, RouteDecision, TenantRouting
 from tollway.routing.fallback import Attempt, ChainFailed, Served
 from tollway.routing.health import SaturationPoller
+from tollway.routing.prices import (
+    PRICE_KIND,
+    delete_price,
+    load_prices,
+    model_prices,
+    parse_price,
+    price_json,
+    set_default_prices,
+    set_price,
+)
 from tollway.routing.rollouts import (
     ROLLOUT_KIND,
     Rollout,
@@ -40,6 +50,7 @@ from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, d
 from tollway.routing.wire import forbidden_config_fields
 
 __all__ = [
+    "PRICE_KIND",
     "ROLLOUT_KIND",
     "Attempt",
     "BudgetSignal",
@@ -68,17 +79,24 @@ __all__ = [
     "content_texts",
     "count_messages",
     "count_text",
+    "delete_price",
     "delete_rollout",
     "discover",
     "encoding",
     "forbidden_config_fields",
     "list_rollouts",
     "load_config",
+    "load_prices",
     "load_rollouts",
+    "model_prices",
     "move_rollout",
     "new_session",
     "parse_config",
+    "parse_price",
+    "price_json",
     "resolve_upstream",
     "seed_rollouts",
+    "set_default_prices",
+    "set_price",
     "set_rollout",
 ]

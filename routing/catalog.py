@@ -6,6 +6,7 @@ Prices are ``Decimal`` end to end so finance's totals add up to the cent.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -39,24 +40,25 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per token, or USD per GPU-second with the throughput that attributes GPU time to a request."""
+    """USD per token, or USD per machine-second (a GPU's or a CPU's) with the throughput that attributes
+    machine time to a request."""
 
     input_per_token: Decimal = ZERO
     output_per_token: Decimal = ZERO
     cached_input_per_token: Decimal | None = None
-    gpu_second_usd: Decimal | None = None
+    machine_second_usd: Decimal | None = None
     prefill_tokens_per_s: Decimal | None = None
     decode_tokens_per_s: Decimal | None = None
     source: str = "unpriced"
 
     def cost(self, usage: Usage) -> Decimal:
-        if self.gpu_second_usd is not None:
+        if self.machine_second_usd is not None:
             assert self.prefill_tokens_per_s is not None and self.decode_tokens_per_s is not None
-            gpu_seconds = (
+            seconds = (
                 Decimal(usage.input_tokens) / self.prefill_tokens_per_s
                 + Decimal(usage.output_tokens) / self.decode_tokens_per_s
             )
-            return gpu_seconds * self.gpu_second_usd
+            return seconds * self.machine_second_usd
         cached = min(usage.cached_tokens, usage.input_tokens)
         cached_rate = self.input_per_token if self.cached_input_per_token is None else self.cached_input_per_token
         return (
@@ -105,12 +107,13 @@ def resolve_price(raw: RawPrice | None) -> Price:
         return FREE
     if raw.litellm is not None:
         return litellm_price(raw.litellm)
-    if raw.gpu_hour_usd is not None:
+    hourly = raw.gpu_hour_usd if raw.gpu_hour_usd is not None else raw.cpu_hour_usd
+    if hourly is not None:
         return Price(
-            gpu_second_usd=raw.gpu_hour_usd / _HOUR,
+            machine_second_usd=hourly / _HOUR,
             prefill_tokens_per_s=raw.prefill_tokens_per_s,
             decode_tokens_per_s=raw.decode_tokens_per_s,
-            source="gpu_hour",
+            source="gpu_hour" if raw.gpu_hour_usd is not None else "cpu_hour",
         )
     return Price(
         input_per_token=(raw.input_per_mtok or ZERO) / _MTOK,
@@ -159,7 +162,9 @@ class ModelEntry:
 
 
 class Catalog:
-    """Public model names (and aliases) to entries, tiers top first, routing settings; immutable once built."""
+    """Public model names (and aliases) to entries, tiers top first, routing settings. Built once; two
+    things change at run time, each in one assignment so a request sees the old state or the new one:
+    rollouts (``set_rollouts``) and prices set over the API or CLI (``set_prices``)."""
 
     def __init__(self, upstreams: Iterable[UpstreamSpec], models: Iterable[ModelEntry],
                  aliases: Mapping[str, str] | None = None, routing: RawRouting | None = None) -> None:
@@ -176,9 +181,11 @@ class Catalog:
         self.rollouts: tuple[RawRollout, ...] = ()
         self.has_canaries = False
         self.set_rollouts(self.routing.rollouts)
+        self.configured_prices = {name: m.price for name, m in self.models.items()}  # the config's (or none)
+        self.default_prices: dict[str, Price] = {}  # for models without one (the local model's)
         self._tiered: dict[tuple[int, str], list[ModelEntry]] = {}
-        for m in sorted(self.models.values(), key=lambda m: (m.unit_cost(), m.name)):
-            self._tiered.setdefault((self.rank(m.tier), m.kind), []).append(m)
+        self.baseline: Price | None = None
+        self._index()
         for alias in self.auto_aliases:
             if alias in self.models or alias in self._aliases:
                 raise ConfigError(f"the routing alias {alias!r} collides with a model or alias")
@@ -194,6 +201,23 @@ class Catalog:
         are left out."""
         known = tuple(r for r in rollouts if r.model in self.models and r.candidate in self.models)
         self.rollouts, self.has_canaries = known, any(r.canary_percent > 0 for r in known)
+
+    def _index(self) -> None:
+        tiered: dict[tuple[int, str], list[ModelEntry]] = {}
+        for m in sorted(self.models.values(), key=lambda m: (m.unit_cost(), m.name)):
+            tiered.setdefault((self.rank(m.tier), m.kind), []).append(m)
+        self._tiered = tiered
+        top = tiered.get((0, "chat"), [])
+        # what an answer would have cost on the top tier (its cheapest chat model): routing savings
+        self.baseline = top[0].price if top else None
+
+    def set_prices(self, prices: Mapping[str, Price]) -> None:
+        """Prices set at run time (``tollway.routing.prices``) over the config's; a model not named goes
+        back to its configured price. Names this catalog lacks are ignored."""
+        models = {name: m if m.price == (want := prices.get(name, self.configured_prices[name]))
+                  else dataclasses.replace(m, price=want) for name, m in self.models.items()}
+        self.models = models
+        self._index()
 
     def get(self, name: str) -> ModelEntry | None:
         entry = self.models.get(name)

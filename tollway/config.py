@@ -57,13 +57,15 @@ class RawUpstream(_Strict):
 
 
 class RawPrice(_Strict):
-    """Per-token prices (USD per million tokens), a GPU-hour price with measured throughput,
-    or a key into litellm's bundled price table."""
+    """Per-token prices (USD per million tokens); the price of an hour of the machine that serves the model
+    (a GPU's, or a CPU's for a model on the gateway's own host) with its measured throughput, which
+    attributes machine time to each request; or a key into litellm's bundled price table."""
 
     input_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_per_mtok: Decimal | None = Field(default=None, ge=0)
     cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
     gpu_hour_usd: Decimal | None = Field(default=None, ge=0)
+    cpu_hour_usd: Decimal | None = Field(default=None, ge=0)
     prefill_tokens_per_s: Decimal | None = Field(default=None, gt=0)
     decode_tokens_per_s: Decimal | None = Field(default=None, gt=0)
     litellm: str | None = None
@@ -71,12 +73,13 @@ class RawPrice(_Strict):
     @model_validator(mode="after")
     def _one_scheme(self) -> RawPrice:
         per_token = self.input_per_mtok is not None or self.output_per_mtok is not None
-        gpu = self.gpu_hour_usd is not None
-        schemes = sum([per_token, gpu, self.litellm is not None])
+        hourly = [name for name in ("gpu_hour_usd", "cpu_hour_usd") if getattr(self, name) is not None]
+        schemes = sum([per_token, len(hourly), self.litellm is not None])
         if schemes != 1:
-            raise ValueError("give exactly one of: input_per_mtok/output_per_mtok, gpu_hour_usd, litellm")
-        if gpu and (self.prefill_tokens_per_s is None or self.decode_tokens_per_s is None):
-            raise ValueError("gpu_hour_usd needs prefill_tokens_per_s and decode_tokens_per_s")
+            raise ValueError("give exactly one of: input_per_mtok/output_per_mtok, gpu_hour_usd, cpu_hour_usd, "
+                             "litellm")
+        if hourly and (self.prefill_tokens_per_s is None or self.decode_tokens_per_s is None):
+            raise ValueError(f"{hourly[0]} needs prefill_tokens_per_s and decode_tokens_per_s")
         return self
 
 

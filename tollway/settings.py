@@ -7,6 +7,7 @@ The routing config file (upstreams, models, prices) is parsed separately and str
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Start the packaged llama.cpp model when nothing else is configured.
     local_model: bool = True
+    # Its price, by the machine time it uses (until one is set with `tollway models price`): an hour of the
+    # host (about a 2-vCPU cloud VM on demand) and the throughput measured on 2 cores (bench/RESULTS.md).
+    local_cpu_hour_usd: Decimal = Field(default=Decimal("0.09"), ge=0)
+    local_prefill_tokens_per_s: Decimal = Field(default=Decimal(250), gt=0)
+    local_decode_tokens_per_s: Decimal = Field(default=Decimal(70), gt=0)
     # On a database with no tenants, create tenant 'default' and print one app key.
     bootstrap: bool = True
 

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
+from tollway.config import RawPrice
 from tollway.errors import TollwayError
 from tollway.gateway.chat.calls import Calls, Limits
 from tollway.gateway.chat.exchange import Parts
@@ -52,11 +53,12 @@ from tollway.infra.alerts import Delivery, Webhook
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
+from tollway.local.embedded import LOCAL_MODEL_NAME
 from tollway.prompts import Gate, Registry, RenderPool
 from tollway.publicids import load_public_ids
 from tollway.retrieval import LocalEmbedder
-from tollway.routing import ROLLOUT_KIND as ROLLOUT
 from tollway.routing import (
+    PRICE_KIND,
     Catalog,
     ConfigError,
     RawUpstream,
@@ -68,11 +70,14 @@ from tollway.routing import (
     build_upstream,
     discover,
     load_config,
+    load_prices,
     load_rollouts,
     new_session,
     resolve_upstream,
     seed_rollouts,
+    set_default_prices,
 )
+from tollway.routing import ROLLOUT_KIND as ROLLOUT
 from tollway.settings import Settings
 
 log = logging.getLogger("tollway")
@@ -157,6 +162,9 @@ async def _listen_for_changes(database_url: str, keys: KeyStore, policies: Polic
         if note.kind == ROLLOUT:
             async with pool.connection() as conn:
                 await load_rollouts(conn, catalog)
+        if note.kind == PRICE_KIND:
+            async with pool.connection() as conn:
+                await load_prices(conn, catalog)
         if note.tenant_id is not None:
             policies.forget(note.tenant_id)
             if note.kind in ("prompt", "prompt_label"):
@@ -247,9 +255,13 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     stack.callback(renderer.close)
     prompts = Registry(pool, renderer)
     await prompts.load()
+    set_default_prices(catalog, {LOCAL_MODEL_NAME: RawPrice(  # the local CPU model: by the machine time it uses
+        cpu_hour_usd=settings.local_cpu_hour_usd, prefill_tokens_per_s=settings.local_prefill_tokens_per_s,
+        decode_tokens_per_s=settings.local_decode_tokens_per_s)})
     async with pool.connection() as conn:  # the config's rollouts are the starting point; the table wins
         await seed_rollouts(conn, catalog)
         await load_rollouts(conn, catalog)
+        await load_prices(conn, catalog)
     async def seed(tenant_id: int, budget_id: int) -> None:  # a new budget counts its window's spend at once
         await ledger.flush()
         try:

@@ -20,7 +20,7 @@ from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.policy import PolicyStore, TenantPolicy, TenantRules
 from tollway.gateway.tenancy.roles import Can, require
 from tollway.jsontypes import JSON
-from tollway.routing import Catalog, ModelEntry, Price, TenantRouting, Usage
+from tollway.routing import Catalog, ModelEntry, TenantRouting, Usage
 
 # Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
 INPUT_MARGIN = 1.10
@@ -107,9 +107,6 @@ class Calls:
         self.limits = limits
         self.policies = policies
         self.quota = quota
-        # what an answer would have cost on the top tier (the cheapest chat model there): routing savings
-        top = catalog.in_tier(0)
-        self.baseline: Price | None = top[0].price if top else None
 
     def open(self, ctx: CallContext, endpoint: str) -> Tally:
         p = ctx.principal
@@ -121,7 +118,7 @@ class Calls:
                         tags=list(ctx.tags) or None)
         return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
                      started=ctx.started, tenant=p.tenant,
-                     baseline=self.baseline if endpoint == "chat.completions" else None)
+                     baseline=self.catalog.baseline if endpoint == "chat.completions" else None)
 
     def resolve(self, principal: Principal, name: str, kind: str, *,
                 also: ModelEntry | None = None) -> ModelEntry | None:

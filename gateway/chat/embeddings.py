@@ -119,7 +119,8 @@ class Embeddings:
         entry = em.need_entry()
         usage, source = em.usage
         cost = em.tally.close(200, usage=usage, usage_source=source)
-        headers = {"x-tollway-model": entry.name, "x-tollway-cost-usd": format_cost(cost)}
+        headers = {"x-tollway-model": entry.name, "x-tollway-cost-usd": format_cost(cost),
+                   "x-tollway-price-source": entry.price.source}
         if em.admission is not None:
             headers.update(em.admission.headers)
         em.result = JSONResult({**em.answer, "model": entry.name}, headers)

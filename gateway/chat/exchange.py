@@ -254,6 +254,7 @@ class Exchange:
     served: Served | None = None
     answer: JSON | None = None  # a whole answer (upstream JSON, cached, degraded)
     answered_by: str | None = None  # the model name the answer carries (a served, cached or gateway answer)
+    price_source: str | None = None  # where that model's price comes from ('unpriced': it costs $0 here)
     route: str | None = None  # why it was routed there
     degraded: bool = False
     cached: CachedAnswer | None = None
@@ -331,6 +332,7 @@ class Exchange:
             "model": self.answered_by,
             "route": self.route,
             "cost_usd": None if cost is None else format_cost(cost),
+            "price_source": self.price_source,
             "prompt": None if self.prompt is None else {"name": self.prompt.name, "version": self.prompt.version},
             "retrieval": None if retrieved is None else {
                 "collection": retrieved.collection, "index_version": retrieved.index_version,
@@ -346,6 +348,8 @@ class Exchange:
             headers["x-tollway-route"] = self.route
         if cost is not None:
             headers["x-tollway-cost-usd"] = format_cost(cost)
+        if self.price_source is not None:
+            headers["x-tollway-price-source"] = self.price_source
         if self.prompt is not None:
             headers["x-tollway-prompt-version"] = f"{self.prompt.name}@{self.prompt.version}"
         if self.retrieved is not None:

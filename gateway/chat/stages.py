@@ -203,6 +203,7 @@ class Chat:
         ex.tally.cache_hit(hit.cost_usd)
         ex.tally.first_token()
         ex.cached, ex.answer, ex.answered_by, ex.route = hit, dict(hit.payload), entry.name, "cache_hit"
+        ex.price_source = entry.price.source
         spec = ex.data.get("retrieval")
         if ex.index_version is not None and isinstance(spec, dict):  # grounded in this very index version
             ex.tally.index(ex.index_version)
@@ -278,6 +279,7 @@ class Chat:
             ex.answer = degraded_completion(self.catalog.routing.degraded_message)
             return
         ex.served, ex.sent, ex.answered_by = served, body, served.step.model.name
+        ex.price_source = served.step.model.price.source
         self._record_attempts(ex, served.attempts)
         ex.tally.bind(served.step.model, replica=served.replica, reason=decision.reason)
         if decision.rollout is not None and served.step.model is decision.target:

@@ -49,8 +49,12 @@ _env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
 
 
 def money(value: Any) -> str:
-    """Dollars to the micro-dollar, grouped: what every page shows (CSV and JSON carry the exact value)."""
-    return f"${Decimal(value):,.6f}"
+    """Dollars to the micro-dollar, grouped: what every page shows (CSV and JSON carry the exact value). A
+    real cost below half a micro-dollar shows as such, never as $0."""
+    amount = Decimal(value)
+    if 0 < abs(amount) < Decimal("0.0000005"):
+        return "<$0.000001" if amount > 0 else "-<$0.000001"
+    return f"${amount:,.6f}"
 
 
 def number(value: Any) -> str:

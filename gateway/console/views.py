@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from tollway.errors import InvalidRequest
-from tollway.gateway.console.queries import daily, key_labels
+from tollway.gateway.console.queries import daily, key_labels, unpriced
 from tollway.gateway.metering.reports import CSVWriter, build_query, grouped, top_tier, totals
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.roles import Can, may
@@ -58,7 +58,8 @@ async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str,
                 rows = await key_labels(conn, rows)
             sections.append({"group": group, "title": title, "rows": _top(rows)})
         days, series, values = await daily(conn, q, stack)
-    return {"tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
+        unpriced_models = await unpriced(conn, q)
+    return {"unpriced": [{"model": m, "requests": n} for m, n in unpriced_models], "tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
             "stack": stack, "currency": "USD", "totals": total, "sections": sections,
             "daily": {"days": days, "series": series,
                       "spend_usd": {f"{d}|{s}": str(v) for (d, s), v in values.items()}}}

@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tollway.cli import budgets as cli_budgets
     from tollway.cli import evals as cli_evals
     from tollway.cli import guards as cli_guards
+    from tollway.cli import models as cli_models
     from tollway.cli import prompts as cli_prompts
     from tollway.cli import quality as cli_quality
     from tollway.cli import reports as cli_reports
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_retrieval.add_commands(sub)
     cli_evals.add_commands(sub)
     cli_reports.add_commands(sub, _common)
+    cli_models.add_commands(sub, _common)
     cli_quality.add_commands(sub, _common)
 
     simp = sub.add_parser("sim-upstream", help="run the scripted OpenAI/vLLM-compatible upstream")

@@ -105,8 +105,8 @@ async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_
         spent = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
         per_request = spent // len(rows)
         # room for one more request by tokens actually used, not for its worst case (prompt + max_tokens)
-        out = cli("budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens", str(spent + per_request),
-                  env={"TOLLWAY_DATABASE_URL": pg.url}, cwd=tmp_path)
+        out = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens",
+                                      str(spent + per_request), env={"TOLLWAY_DATABASE_URL": pg.url}, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         await asyncio.sleep(1.5)  # the change channel's notification, and the seeding it starts
         refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
