@@ -10,7 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
@@ -25,6 +25,7 @@ from tollway.config import (
     RawTier,
     RawUpstream,
 )
+from tollway.jsontypes import JSON
 
 _MTOK = Decimal(1_000_000)
 _HOUR = Decimal(3600)
@@ -183,6 +184,9 @@ class Catalog:
         self.set_rollouts(self.routing.rollouts)
         self.configured_prices = {name: m.price for name, m in self.models.items()}  # the config's (or none)
         self.default_prices: dict[str, Price] = {}  # for models without one (the local model's)
+        # a model's own prompt count (its tokenizer and chat template), where the gateway has one: what a
+        # stream is charged when the upstream sends no usage (else tiktoken over the messages)
+        self.prompt_counters: dict[str, Callable[[Sequence[JSON]], int]] = {}
         self._tiered: dict[tuple[int, str], list[ModelEntry]] = {}
         self.baseline: Price | None = None
         self._index()

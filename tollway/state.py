@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,7 +53,8 @@ from tollway.infra.alerts import Delivery, Webhook
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
-from tollway.local.embedded import LOCAL_MODEL_NAME
+from tollway.jsontypes import JSON
+from tollway.local.embedded import LOCAL_MODEL_NAME, EmbeddedError
 from tollway.prompts import Gate, Registry, RenderPool
 from tollway.publicids import load_public_ids
 from tollway.retrieval import LocalEmbedder
@@ -181,6 +182,14 @@ async def _listen_for_changes(database_url: str, keys: KeyStore, policies: Polic
     return listener
 
 
+def local_prompt_counter() -> Callable[[Sequence[JSON]], int]:
+    """The local model's own prompt count (its tokenizer and chat template), loaded only when it is served."""
+    from tollway.local.counting import TemplateCounter
+    from tollway.local.embedded import local_model_path
+
+    return TemplateCounter(local_model_path())
+
+
 def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
     """A pool that makes callers wait for a free connection (redis-py's default pool raises instead,
     which under load would read as "Redis is down")."""
@@ -258,6 +267,11 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     set_default_prices(catalog, {LOCAL_MODEL_NAME: RawPrice(  # the local CPU model: by the machine time it uses
         cpu_hour_usd=settings.local_cpu_hour_usd, prefill_tokens_per_s=settings.local_prefill_tokens_per_s,
         decode_tokens_per_s=settings.local_decode_tokens_per_s)})
+    if LOCAL_MODEL_NAME in catalog.models:
+        try:
+            catalog.prompt_counters[LOCAL_MODEL_NAME] = await asyncio.to_thread(local_prompt_counter)
+        except (ImportError, EmbeddedError, ValueError, OSError) as exc:  # streams then count with tiktoken
+            log.warning("the local model's prompt counter is unavailable (%s): streams are estimated", exc)
     async with pool.connection() as conn:  # the config's rollouts are the starting point; the table wins
         await seed_rollouts(conn, catalog)
         await load_rollouts(conn, catalog)

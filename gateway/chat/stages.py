@@ -340,7 +340,11 @@ class Chat:
         return self.estimate(ex, choice_text(payload, "message")), "estimated"
 
     def estimate(self, ex: Exchange, text: str, produced: int = 0) -> Usage:
-        return Usage(input_tokens=count_messages(ex.messages), output_tokens=max(produced, count_text(text)))
+        """Usage the upstream did not report: the prompt as the answering model counts it where the gateway
+        can (``Catalog.prompt_counters``), else tiktoken; the output from what was produced."""
+        counter = self.catalog.prompt_counters.get(ex.answered_by or "")
+        prompt = counter(ex.messages) if counter is not None else count_messages(ex.messages)
+        return Usage(input_tokens=prompt, output_tokens=max(produced, count_text(text)))
 
     def close(self, ex: Exchange, status: int, code: str | None, usage: Usage, source: str) -> Decimal:
         if guards := ex.all_guards():

@@ -33,6 +33,12 @@ def format_cost(cost: Decimal) -> str:
     return format(cost.quantize(_COST_QUANTUM), "f")
 
 
+def charged(cost: Decimal) -> Decimal:
+    """A cost as it is recorded and reported: to the tenth of a nano-dollar, so the ledger holds exactly
+    what the answer's headers said."""
+    return cost.quantize(_COST_QUANTUM)
+
+
 def side_row(row: LedgerRow, *, suffix: str, role: str, attempt: int, entry: ModelEntry, replica: str, status: int,
              error_code: str | None, usage: Usage, usage_source: str | None, latency_ms: float,
              **extra: Any) -> LedgerRow:
@@ -43,7 +49,7 @@ def side_row(row: LedgerRow, *, suffix: str, role: str, attempt: int, entry: Mod
         row, request_id=f"{row.request_id}.{suffix}", role=role, attempt=attempt, model=entry.name,
         upstream=replica, upstream_model=entry.upstream_model, tier=entry.tier, price_source=entry.price.source,
         status=status, error_code=error_code, latency_ms=latency_ms, ttft_ms=None, input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens, cost_usd=entry.price.cost(usage),
+        output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens, cost_usd=charged(entry.price.cost(usage)),
         usage_source=usage_source, tags=None if row.tags is None else list(row.tags), **extra)
 
 
@@ -186,7 +192,7 @@ class Tally:
     def price(self, usage: Usage) -> Decimal:
         """What this request costs for ``usage`` (a cache hit keeps its model and tokens, costs nothing)."""
         priced = None if self.row.cache_hit else self.entry
-        return priced.price.cost(usage) if priced is not None else Decimal(0)
+        return charged(priced.price.cost(usage)) if priced is not None else Decimal(0)
 
     def close(self, status: int, error_code: str | None = None, *, usage: Usage | None = None,
               usage_source: str | None = None) -> Decimal:

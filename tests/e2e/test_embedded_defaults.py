@@ -4,6 +4,7 @@ the local SmolLM2 model, prints a key once, and answers the openai SDK."""
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 import openai
 import psycopg
@@ -33,9 +34,11 @@ def test_local_model_answers_streaming_and_not(embedded):
                                               stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    # llama.cpp sends no usage in streams: the gateway estimates it and still gives the promised chunk.
+    # llama.cpp sends no usage in streams: the gateway counts the prompt as the model does (its tokenizer
+    # over its chat template) and still gives the promised chunk.
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage.prompt_tokens == completion.usage.prompt_tokens  # streamed = not streamed
 
 
 def test_embedded_database_holds_the_ledger(embedded):
@@ -44,13 +47,16 @@ def test_embedded_database_holds_the_ledger(embedded):
     raw = sdk.chat.completions.with_raw_response.create(
         model=LOCAL_MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     request_id = raw.headers["x-request-id"]
+    # priced by the machine time it uses, with no configuration: the quick start shows real costs
+    assert raw.headers["x-tollway-price-source"] == "default:cpu_hour"
+    assert Decimal(raw.headers["x-tollway-cost-usd"]) > 0
     port = (served.log.parent / "data" / "postgres.port").read_text().strip()
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     deadline = time.monotonic() + 5
     rows: list[tuple[object, ...]] = []
     while not rows and time.monotonic() < deadline:
         with psycopg.connect(url) as conn:
-            rows = conn.execute("SELECT model, status, usage_source FROM ledger WHERE request_id = %s",
+            rows = conn.execute("SELECT model, status, usage_source, cost_usd FROM ledger WHERE request_id = %s",
                                 (request_id,)).fetchall()
         time.sleep(0.05)
-    assert rows == [(LOCAL_MODEL_NAME, 200, "upstream")]
+    assert rows == [(LOCAL_MODEL_NAME, 200, "upstream", Decimal(raw.headers["x-tollway-cost-usd"]))]
