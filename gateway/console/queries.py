@@ -72,7 +72,7 @@ async def daily(conn: Any, q: ReportQuery, by: str) -> tuple[list[str], list[str
         f"SELECT r.day::text, coalesce({column}, '(none)'), sum(r.spend_usd) FROM ledger_daily r"
         " WHERE r.dim = 'model' AND r.day >= %s AND r.day < %s AND (%s::bigint[] IS NULL OR r.tenant_id = ANY(%s))"
         " GROUP BY 1, 2", (q.start.date(), q.end.date(), q.tenant_ids, q.tenant_ids))
-    values = {(d, s): Decimal(v) for d, s, v in await cur.fetchall() if v}
+    values = {(d, s): Decimal(v) for d, s, v in await cur.fetchall() if v is not None}  # $0 days show too
     days, day = [], q.start.date()
     while day < q.end.date():
         days.append(day.isoformat())

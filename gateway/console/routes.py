@@ -274,7 +274,7 @@ async def _budgets_page(request: Request, session: Session) -> Response:
             forecast_share = use.forecast(now)
             thresholds, forecast_alert = use.budget.alerts(defaults)
             row = {"tenant": use.tenant, "budget": use.budget, "who": use.who, "subject": use.subject,
-                   "window": use.window.label, "used": use.used, "limit": use.limit, "share": use.share,
+                   "window": use.window_text, "used": use.used, "limit": use.limit, "share": use.share,
                    "forecast": forecast_share, "alerts": [f"{t:.0%}" for t in thresholds]
                    + (["forecast"] if forecast_alert else []), "ends": use.end if use.window.start else None}
             rows.append(row)
@@ -283,7 +283,7 @@ async def _budgets_page(request: Request, session: Session) -> Response:
                 if points:
                     projected = None if forecast_share is None else use.budget.limit_usd * Decimal(str(forecast_share))
                     cards.append({**row, "points": points, "chart": charts.burn_down(
-                        f"{use.who}: {use.window.label}", points, use.budget.limit_usd, projected,
+                        f"{use.who}: {use.window_text}", points, use.budget.limit_usd, projected,
                         (use.start.strftime("%Y-%m-%d %H:%M"), use.end.strftime("%Y-%m-%d %H:%M"))),
                         "projected": projected})
         events = await queries.breaker_events(conn, ids)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tollway.errors import InvalidRequest
 from tollway.gateway.console.queries import daily, key_labels, unpriced
-from tollway.gateway.metering.reports import CSVWriter, build_query, grouped, top_tier, totals
+from tollway.gateway.metering.reports import CSVWriter, build_query, default_period, grouped, top_tier, totals
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.roles import Can, may
 
@@ -31,7 +31,8 @@ MONEY = frozenset({"spend_usd", "cache_saved_usd", "routing_saved_usd", "top_tie
 def _period(params: Any) -> tuple[str, str]:
     """The period as ISO dates, both days included; default: the current month so far."""
     today = datetime.now(UTC).date()
-    start, end = params.get("from") or today.replace(day=1).isoformat(), params.get("to") or today.isoformat()
+    first, last = default_period(datetime.now(UTC))
+    start, end = params.get("from") or first.isoformat(), params.get("to") or last.isoformat()
     for value, name in ((start, "from"), (end, "to")):
         try:
             date.fromisoformat(value)

@@ -41,6 +41,10 @@ class BudgetUse:
     limit: str
 
     @property
+    def window_text(self) -> str:
+        return self.window.describe(self.budget.period)
+
+    @property
     def who(self) -> str:
         base = self.budget.describe(self.tenant)
         return base if not self.subject or self.budget.subject != EACH else f"{base} ({self.budget.scope} {self.subject})"
@@ -61,13 +65,18 @@ class BudgetUse:
 
 
 def _use(budget: Budget, usd: Decimal, tokens: int) -> tuple[float, str, str]:
-    """The larger of the USD and token shares of the limit, and both sides as text."""
-    shares = []
-    if budget.limit_usd:
-        shares.append((float(usd / budget.limit_usd), f"${usd:.4f}", f"${budget.limit_usd}"))
-    if budget.limit_tokens:
-        shares.append((tokens / budget.limit_tokens, f"{tokens} tokens", f"{budget.limit_tokens} tokens"))
-    return max(shares) if shares else (0.0, "", "")
+    """The larger of the USD and token shares of the limit, and both sides as text: every limit the budget
+    has, dollars to the micro-dollar and tokens, grouped by thousands."""
+    shares, used, limits = [], [], []
+    if budget.limit_usd is not None:
+        shares.append(float(usd / budget.limit_usd) if budget.limit_usd else float(usd > 0))
+        used.append(f"${usd:,.6f}")
+        limits.append(f"${budget.limit_usd:,.6f}")
+    if budget.limit_tokens is not None:
+        shares.append(tokens / budget.limit_tokens if budget.limit_tokens else float(tokens > 0))
+        used.append(f"{tokens:,} tokens")
+        limits.append(f"{budget.limit_tokens:,} tokens")
+    return (max(shares) if shares else 0.0), " · ".join(used), " · ".join(limits)
 
 
 async def budget_uses(conn: Any, now: datetime, tenant_ids: list[int] | None = None) -> AsyncIterator[BudgetUse]:

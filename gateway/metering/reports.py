@@ -109,6 +109,13 @@ def _parse_time(value: str | None, param: str, default: datetime) -> datetime:
     return parsed
 
 
+def default_period(now: datetime) -> tuple[date, date]:
+    """The period a report covers when it is not told: the current calendar month (UTC) so far, both days
+    included. The API, the CLI and the console all use this one."""
+    today = now.astimezone(UTC).date()
+    return today.replace(day=1), today
+
+
 async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start: str | None, end: str | None,
                       group_by: str, tenant: str | None, top_tier: str | None = None,
                       can: Can = Can.READ_COSTS) -> ReportQuery:
@@ -116,11 +123,12 @@ async def build_query(pool: AsyncConnectionPool, principal: Principal, *, start:
     require(principal.role, can, f"This report needs a key of role {' or '.join(roles_that(can))}.")
     if group_by not in GROUPS:
         raise InvalidRequest(f"'group_by' must be one of {', '.join(GROUPS)}", param="group_by")
-    now = datetime.now(UTC)
-    end_at = _parse_time(end, "to", now)
-    if end is not None and len(end) == 10:
+    first, last = default_period(datetime.now(UTC))
+    end = end or last.isoformat()
+    end_at = _parse_time(end, "to", datetime.now(UTC))
+    if len(end) == 10:
         end_at += timedelta(days=1)  # a date as 'to' includes that whole day
-    start_at = _parse_time(start, "from", end_at - timedelta(days=30))
+    start_at = _parse_time(start, "from", datetime.combine(first, time(), UTC))
     if start_at >= end_at:
         raise InvalidRequest("'from' must be before 'to'", param="from")
     if end_at - start_at > MAX_WINDOW:

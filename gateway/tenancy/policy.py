@@ -242,6 +242,8 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
     ``None`` means the gateway's defaults). A budget keeps at least one limit."""
     if period not in PERIODS:
         raise InvalidRequest(f"window must be one of {', '.join(PERIODS)}", param="window")
+    if all(isinstance(v, Keep) for v in (limit_usd, limit_tokens, alerts)):
+        raise InvalidRequest("nothing to change: give a USD limit, a token limit or alerts", param="limit_usd")
     for value in (limit_usd, limit_tokens):
         if isinstance(value, Decimal | int) and value < 0:
             raise InvalidRequest("limits cannot be negative", param="limit_usd")

@@ -14,6 +14,13 @@ class Window:
     end: datetime | None
     ttl_s: int  # how long the counter outlives now (0: forever)
 
+    def describe(self, period: str) -> str:
+        """The window as a person reads it: "day 2026-12-03", "month 2026-12", "hour 2026-12-03 14:00" (UTC)."""
+        if self.start is None:
+            return "lifetime"
+        shape = {"minute": "%Y-%m-%d %H:%M", "hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}[period]
+        return f"{period} {self.start.strftime(shape)}"
+
     def bounds(self) -> tuple[datetime, datetime]:
         """[start, end) for queries; a lifetime window spans all time."""
         return (self.start or datetime.min.replace(tzinfo=UTC), self.end or datetime.max.replace(tzinfo=UTC))

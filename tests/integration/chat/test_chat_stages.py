@@ -37,7 +37,8 @@ async def test_json_answer_carries_the_tollway_object_and_headers(app_factory, m
     request_id = resp.headers["x-request-id"]
     [row] = ledger("request_id = %s", request_id)
     assert info == {"request_id": request_id, "model": "sim-large", "route": "requested",
-                    "cost_usd": resp.headers["x-tollway-cost-usd"], "prompt": None, "retrieval": None, "guards": []}
+                    "cost_usd": resp.headers["x-tollway-cost-usd"], "price_source": "config", "prompt": None,
+                    "retrieval": None, "guards": []}
     assert Decimal(info["cost_usd"]) == row["cost_usd"]
     assert resp.headers["x-tollway-route"] == "requested"
     assert resp.headers["x-tollway-model"] == "sim-large"
