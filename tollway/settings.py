@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # host (about a 2-vCPU cloud VM on demand) and the throughput measured on 2 cores (bench/RESULTS.md).
     local_cpu_hour_usd: Decimal = Field(default=Decimal("0.09"), ge=0)
     local_prefill_tokens_per_s: Decimal = Field(default=Decimal(250), gt=0)
-    local_decode_tokens_per_s: Decimal = Field(default=Decimal(70), gt=0)
+    local_decode_tokens_per_s: Decimal = Field(default=Decimal(80), gt=0)
     # On a database with no tenants, create tenant 'default' and print one app key.
     bootstrap: bool = True
 
