@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps inspect-evals==0.26.0
 	touch $(STAMP)
 
+PORT ?= 8080
 run: install
-	$(BIN)/tollway serve
+	$(BIN)/tollway serve --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .
