@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck browser bench clean
+.PHONY: install run test lint typecheck docs browser bench clean
 
 install: $(STAMP)
 
@@ -40,13 +40,17 @@ typecheck: install
 	for p in gateway routing retrieval guardrails prompts evals; do ln -s ../../../$$p build/typecheck/tollway/$$p; done
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p tollway
 
+# The docs site (docs/, mkdocs-material) in strict mode: a broken link or a page left out of the nav fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 # The console's browser tests drive Debian's chromium through its chromedriver (never a downloaded browser).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
-test: lint typecheck browser
+test: lint typecheck docs browser
 	$(BIN)/pytest
 
 bench: install

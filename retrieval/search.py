@@ -38,7 +38,7 @@ EmbedderFor = Callable[[str, int], Embedder]
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    """Shape, not thresholds fitted to a data set: see README (retrieval) for why each is what it is."""
+    """Shape, not thresholds fitted to a data set: see docs/reference/retrieval.md for why each is what it is."""
 
     candidates: int = 64  # nearest chunks read per query (flat: at least k)
     sections: int = 12  # nearest sections whose chunks join the candidates

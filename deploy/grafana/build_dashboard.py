@@ -3,7 +3,7 @@ generated from Grafana's own dashboard schema (so a field Grafana does not know 
 
     .venv/bin/python deploy/grafana/build_dashboard.py    # rewrites the JSON next to this file
 
-Panels use Tollway's Prometheus series (README: "Operating Tollway"); tests/unit/deploy/test_grafana_dashboard.py
+Panels use Tollway's Prometheus series (docs/reference/operating.md); tests/unit/deploy/test_grafana_dashboard.py
 checks that the committed JSON is this script's output and survives Grafana's models unchanged.
 """
 

@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `tollway ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ValidationError as exc:
         print(f"tollway: invalid settings: {exc}", file=sys.stderr)
     except (ConfigError, EmbeddedError, NoStore) as exc:
