@@ -10,7 +10,18 @@ from typing import Any
 
 from tollway.errors import InvalidRequest
 from tollway.gateway.console.queries import daily, key_labels, unpriced
-from tollway.gateway.metering.reports import CSVWriter, build_query, default_period, grouped, top_tier, totals
+from tollway.gateway.metering.reports import (
+    CSV_COLUMNS,
+    CSV_FIELDS,
+    MONEY_FIELDS,
+    CSVWriter,
+    build_query,
+    csv_rows,
+    default_period,
+    grouped,
+    top_tier,
+    totals,
+)
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.roles import Can, may
 
@@ -25,7 +36,7 @@ COLUMNS = ("spend_usd", "requests", "errors", "input_tokens", "output_tokens", "
            "routing_saved_usd", "failed_attempts")
 
 
-MONEY = frozenset({"spend_usd", "cache_saved_usd", "routing_saved_usd", "top_tier_usd", "shadow_usd"})
+MONEY = MONEY_FIELDS
 
 
 def _period(params: Any) -> tuple[str, str]:
@@ -60,7 +71,9 @@ async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str,
             sections.append({"group": group, "title": title, "rows": _top(rows)})
         days, series, values = await daily(conn, q, stack)
         unpriced_models = await unpriced(conn, q)
-    return {"unpriced": [{"model": m, "requests": n} for m, n in unpriced_models], "tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
+    return {"unpriced": [{"model": m, "requests": n} for m, n in unpriced_models],
+            "tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
+            "period": {"from": q.start.isoformat(), "to": q.end.isoformat()},
             "stack": stack, "currency": "USD", "totals": total, "sections": sections,
             "daily": {"days": days, "series": series,
                       "spend_usd": {f"{d}|{s}": str(v) for (d, s), v in values.items()}}}
@@ -73,7 +86,7 @@ def _top(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return rows
     rest = rows[TOP:]
     other: dict[str, Any] = {"group": f"({len(rest)} others)"}
-    for field in COLUMNS:
+    for field in CSV_FIELDS:
         if field in MONEY:
             other[field] = str(sum((Decimal(r[field]) for r in rest), Decimal(0)).normalize())
         else:
@@ -82,19 +95,20 @@ def _top(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def costs_csv(view: dict[str, Any]) -> str:
+    """The page's tables in the cost report's one CSV shape (``reports.CSV_COLUMNS``): each table is what
+    ``GET /v1/reports/costs?group_by=...&format=csv`` answers for the same period, one after the other;
+    then the daily series (``group_by`` ``day_by_model`` or ``day_by_tier``: spend only)."""
     out = io.StringIO()
     writer = CSVWriter(out)
-    writer.writerow(["tenant", "from", "to", "section", "group", *COLUMNS])
-    head = [view["tenant"] or "(all tenants)", view["from"], view["to"]]
-    writer.writerow([*head, "total", "TOTAL", *(view["totals"][c] for c in COLUMNS)])
+    writer.writerow(CSV_COLUMNS)
+    start, end = view["period"]["from"], view["period"]["to"]
     for section in view["sections"]:
-        for row in section["rows"]:
-            writer.writerow([*head, section["group"], row["group"], *(row[c] for c in COLUMNS)])
+        writer.writerows(csv_rows(section["group"], section["rows"], view["totals"], start, end))
     daily = view["daily"]
+    blank = [""] * (len(CSV_FIELDS) - 1)
     for day in daily["days"]:
         for name in daily["series"]:
             value = daily["spend_usd"].get(f"{day}|{name}")
             if value is not None:
-                writer.writerow([*head, f"day_by_{view['stack']}", f"{day} {name}", value,
-                                 *([""] * (len(COLUMNS) - 1))])
+                writer.writerow([f"day_by_{view['stack']}", f"{day} {name}", start, end, value, *blank])
     return out.getvalue()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -276,16 +277,30 @@ class CSVWriter:
     def __init__(self, out: io.StringIO) -> None:
         self._writer = csv.writer(out, lineterminator="\r\n")
 
-    def writerow(self, row: list[Any]) -> None:
+    def writerow(self, row: Sequence[Any]) -> None:
         self._writer.writerow([csv_cell(v) for v in row])
+
+    def writerows(self, rows: Iterable[Sequence[Any]]) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
+# The one CSV shape of a cost report, for the API, the CLI and the console: a row per group, then the TOTAL
+# row of that grouping. The console writes one such table per table on its page, one after the other.
+CSV_FIELDS = _FIELDS
+CSV_COLUMNS = ("group_by", "group", "from", "to", *CSV_FIELDS)
+MONEY_FIELDS = _MONEY
+
+
+def csv_rows(group_by: str, groups: list[dict[str, Any]], total: dict[str, Any], start: str,
+             end: str) -> list[list[Any]]:
+    rows = [[group_by, g["group"], start, end, *(g.get(f, "") for f in CSV_FIELDS)] for g in groups]
+    return [*rows, [group_by, "TOTAL", start, end, *(total[f] for f in CSV_FIELDS)]]
 
 
 def to_csv(report: dict[str, Any]) -> str:
     out = io.StringIO()
     writer = CSVWriter(out)
-    writer.writerow(["group_by", "group", "from", "to", *_FIELDS])
-    for g in report["groups"]:
-        writer.writerow([report["group_by"], g["group"], report["from"], report["to"], *(g[f] for f in _FIELDS)])
-    writer.writerow([report["group_by"], "TOTAL", report["from"], report["to"],
-                     *(report["totals"][f] for f in _FIELDS)])
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_rows(report["group_by"], report["groups"], report["totals"], report["from"], report["to"]))
     return out.getvalue()

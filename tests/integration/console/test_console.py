@@ -91,6 +91,9 @@ async def test_costs_page_equals_the_ledger_and_the_api_and_downloads_what_it_sh
         api = {g: (await gw.client.get("/v1/reports/costs", headers=tenant.headers,
                                        params={**period, "group_by": g})).json()
                for g in ("model", "route", "role", "user", "tag", "prompt")}
+        api_csvs = {g: (await gw.client.get("/v1/reports/costs", headers=tenant.headers,
+                                            params={**period, "group_by": g, "format": "csv"})).text
+                    for g in ("model", "route", "role")}
     spend = ledger_spend(pg.url, tenant.id, start, today)
     assert Decimal(as_json["totals"]["spend_usd"]) == spend == Decimal(api["model"]["totals"]["spend_usd"])
     html = page.text
@@ -105,15 +108,18 @@ async def test_costs_page_equals_the_ledger_and_the_api_and_downloads_what_it_sh
     assert "auto-large" in {r["group"] for r in sections["route"]}  # sim-large is the top tier
     for row in sections["model"]:
         assert money(row["spend_usd"]) in html
-    # the CSV holds exactly the tables on the page: the total, every section's rows, the daily series
+    # the CSV holds exactly the tables on the page, each in the cost report's one CSV shape: the same
+    # columns and rows as the API's CSV for that grouping, TOTAL row included
     rows = list(csv.DictReader(io.StringIO(as_csv)))
-    assert rows[0]["section"] == "total"
-    assert Decimal(rows[0]["spend_usd"]) == spend
+    api_csv = {g: list(csv.DictReader(io.StringIO(text))) for g, text in api_csvs.items()}
+    assert list(rows[0]) == list(api_csv["model"][0])  # one set of columns
     for group, expected in sections.items():
-        got = [r for r in rows if r["section"] == group]
+        got = [r for r in rows if r["group_by"] == group]
         assert [(r["group"], Decimal(r["spend_usd"])) for r in got] == \
-               [(r["group"], Decimal(r["spend_usd"])) for r in expected], group
-    daily = [r for r in rows if r["section"] == "day_by_model"]
+               [*((r["group"], Decimal(r["spend_usd"])) for r in expected), ("TOTAL", spend)], group
+        if group in api_csv:  # the same rows (the page orders them by spend)
+            assert sorted(got, key=lambda r: r["group"]) == sorted(api_csv[group], key=lambda r: r["group"]), group
+    daily = [r for r in rows if r["group_by"] == "day_by_model"]
     assert sum(Decimal(r["spend_usd"]) for r in daily) == spend
     assert len({r["group"].split()[0] for r in daily}) == 3
 
