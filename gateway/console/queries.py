@@ -111,11 +111,3 @@ async def burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, De
                        running))
     return points
 
-
-async def unpriced(conn: Any, q: ReportQuery) -> list[tuple[str, int]]:
-    """Models that answered in the period with no price (their requests counted at $0), with how many."""
-    cur = await conn.execute(
-        "SELECT model, count(*) FROM ledger WHERE price_source = 'unpriced' AND role = 'answer'"
-        " AND created_at >= %s AND created_at < %s AND (%s::bigint[] IS NULL OR tenant_id = ANY(%s))"
-        " GROUP BY model ORDER BY 2 DESC LIMIT 20", (q.start, q.end, q.tenant_ids, q.tenant_ids))
-    return [(str(m), int(n)) for m, n in await cur.fetchall()]

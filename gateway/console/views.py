@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from tollway.errors import InvalidRequest
-from tollway.gateway.console.queries import daily, key_labels, unpriced
+from tollway.gateway.console.queries import daily, key_labels
 from tollway.gateway.metering.reports import (
     CSV_COLUMNS,
     CSV_FIELDS,
@@ -63,15 +63,19 @@ async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str,
                           top_tier=top_tier(state.catalog))
     async with state.pool.connection() as conn:
         total = await totals(conn, q)
-        sections = []
+        sections: list[dict[str, Any]] = []
         for group, title in SECTIONS:
             rows = await grouped(conn, q, group)
             if group == "key":
                 rows = await key_labels(conn, rows)
             sections.append({"group": group, "title": title, "rows": _top(rows)})
         days, series, values = await daily(conn, q, stack)
-        unpriced_models = await unpriced(conn, q)
-    return {"unpriced": [{"model": m, "requests": n} for m, n in unpriced_models],
+    by_model = next(sec["rows"] for sec in sections if sec["group"] == "model")
+    # models without a price now that answered in the period (from the rollup's per-model rows: no ledger scan)
+    unpriced = [{"model": r["group"], "requests": r["requests"]} for r in by_model
+                if (m := state.catalog.models.get(r["group"])) is not None and m.price.source == "unpriced"
+                and r["requests"]]
+    return {"unpriced": unpriced,
             "tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
             "period": {"from": q.start.isoformat(), "to": q.end.isoformat()},
             "stack": stack, "currency": "USD", "totals": total, "sections": sections,

@@ -5,6 +5,7 @@ to the last decimal; amounts travel as decimal strings, never floats."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,39 @@ class ReportQuery:
     def whole_days(self) -> bool:
         """Both ends at midnight UTC: the daily rollup answers (the same sums, read from far fewer rows)."""
         return all(t.astimezone(UTC).time() == time() for t in (self.start, self.end))
+
+    def parts(self) -> list[tuple[ReportQuery, int]]:
+        """The window as sums to add (+1) or take away (-1), each over whole UTC days (read from the rollup)
+        or a part of one day (read from the ledger): the whole days inside it; for a part day at either end,
+        the part itself when it is at most half the day, else the whole day less the rest of it. Any window
+        then reads at most half a day of ledger rows at each end."""
+        if self.whole_days:
+            return [(self, 1)]
+        first, last = _midnight(self.start), _midnight(self.end)
+        if first == last:
+            return self._part_day(first, self.start, self.end)
+        out: list[tuple[ReportQuery, int]] = []
+        whole_from = first
+        if self.start > first:
+            whole_from = first + timedelta(days=1)
+            out += self._part_day(first, self.start, whole_from)
+        if last > whole_from:
+            out.append((dataclasses.replace(self, start=whole_from, end=last), 1))
+        if self.end > last:
+            out += self._part_day(last, last, self.end)
+        return out
+
+    def _part_day(self, day: datetime, a: datetime, b: datetime) -> list[tuple[ReportQuery, int]]:
+        nxt = day + timedelta(days=1)
+        if b - a <= timedelta(hours=12):
+            return [(dataclasses.replace(self, start=a, end=b), 1)]
+        rest = [(x, y) for x, y in ((day, a), (b, nxt)) if x < y]
+        return [(dataclasses.replace(self, start=day, end=nxt), 1),
+                *((dataclasses.replace(self, start=x, end=y), -1) for x, y in rest)]
+
+
+def _midnight(t: datetime) -> datetime:
+    return datetime.combine(t.astimezone(UTC).date(), time(), UTC)
 
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -178,6 +212,17 @@ def route_label(kind_and_tier: str, top_tier: str | None) -> str:
     return kind.replace("_", "-")
 
 
+def _signed(numbers: dict[str, Any], sign: int) -> dict[str, Any]:
+    """Sums to take away (a whole day's, less what lies outside the window) as negative numbers."""
+    if sign == 1:
+        return numbers
+    return {k: _money(-Decimal(v)) if k in _MONEY else -v for k, v in numbers.items()}
+
+
+def _money(amount: Decimal) -> str:
+    return str(amount.normalize()) if amount else "0"  # never "-0" or "0E-10"
+
+
 def _merge(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Groups with the same label summed (route kinds of several tiers), in label order."""
     merged: dict[str, dict[str, Any]] = {}
@@ -185,15 +230,22 @@ def _merge(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         if label in merged:
             into = merged[label]
             for k, v in numbers.items():
-                into[k] = str((Decimal(into[k]) + Decimal(v)).normalize()) if k in _MONEY else into[k] + v
+                into[k] = _money(Decimal(into[k]) + Decimal(v)) if k in _MONEY else into[k] + v
         else:
             merged[label] = dict(numbers)
     return [{"group": k, **merged[k]} for k in sorted(merged)]
 
 
 async def grouped(conn: Any, q: ReportQuery, group_by: str) -> list[dict[str, Any]]:
-    """One group per value of ``group_by`` with its sums: from the daily rollup when the window is whole
-    UTC days, else from the ledger (the same numbers either way)."""
+    """One group per value of ``group_by`` with its sums: whole UTC days from the daily rollup, part days
+    from the ledger (the same numbers either way), added up."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for part, sign in q.parts():
+        rows += [(label, _signed(numbers, sign)) for label, numbers in await _grouped_part(conn, part, group_by)]
+    return [g for g in _merge(rows) if any(Decimal(v) != 0 for k, v in g.items() if k != "group")]
+
+
+async def _grouped_part(conn: Any, q: ReportQuery, group_by: str) -> list[tuple[str, dict[str, Any]]]:
     if q.whole_days:
         dim, expr = _ROLLUP[group_by]
         where, params = _where(q, "r", "day")
@@ -210,17 +262,23 @@ async def grouped(conn: Any, q: ReportQuery, group_by: str) -> list[dict[str, An
         rows = [(route_label(label, q.top_tier), numbers) for label, numbers in rows]
     elif group_by == "tier":
         rows = [(label or "(none)", numbers) for label, numbers in rows]
-    return _merge(rows)
+    return rows
 
 
 async def totals(conn: Any, q: ReportQuery) -> dict[str, Any]:
-    if q.whole_days:
-        where, params = _where(q, "r", "day")
-        cur = await conn.execute(f"SELECT {_ROLLED} FROM ledger_daily r WHERE r.dim = 'model' AND {where}", params)
-    else:
-        where, params = _where(q)
-        cur = await conn.execute(f"SELECT {_SUMS} FROM ledger l WHERE {where}", params)
-    return _numbers(await cur.fetchone() or ())
+    parts = []
+    for part, sign in q.parts():
+        if part.whole_days:
+            where, params = _where(part, "r", "day")
+            cur = await conn.execute(f"SELECT {_ROLLED} FROM ledger_daily r WHERE r.dim = 'model' AND {where}",
+                                     params)
+        else:
+            where, params = _where(part)
+            cur = await conn.execute(f"SELECT {_SUMS} FROM ledger l WHERE {where}", params)
+        parts.append(("", _signed(_numbers(await cur.fetchone() or ()), sign)))
+    [total] = _merge(parts)  # one label: the parts added up
+    del total["group"]
+    return total
 
 
 async def cost_report(pool: AsyncConnectionPool, q: ReportQuery) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -167,3 +167,31 @@ async def test_daily_rollup_and_ledger_give_the_same_report_for_every_group(app_
         assert baseline == tin * large_in + tout * large_out
     saved = sum(b - c for _, _, _, c, b in rows)
     assert Decimal(a["totals"]["routing_saved_usd"]) == saved
+
+
+async def test_a_window_of_part_days_adds_the_rollup_of_its_whole_days_to_the_ledger_of_its_ends(
+        app_factory, make_tenant, pg, admin):
+    """Three days of seeded rows; a window from the first day's 06:30 to the last day's 02:15 is read as
+    one whole day from the rollup and two part days from the ledger: every number equals the ledger's."""
+    from support.ledger import seed
+
+    tenant = make_tenant()
+    seed(pg.url, tenant, days=3, rows=300)
+    today = datetime.now(UTC).date()
+    start = datetime.combine(today - timedelta(days=2), time(6, 30), UTC)
+    end = datetime.combine(today, time(2, 15), UTC)
+    async with app_factory() as gw:
+        resp = await gw.client.get("/v1/reports/costs", headers=admin.headers, params={
+            "group_by": "model", "tenant": tenant.name, "from": start.isoformat(), "to": end.isoformat()})
+    assert resp.status_code == 200, resp.text
+    report = resp.json()
+    with psycopg.connect(pg.url) as conn:
+        rows = conn.execute(
+            "SELECT model, sum(cost_usd) FILTER (WHERE role <> 'shadow'), count(*) FILTER (WHERE role = 'answer'),"
+            " sum(input_tokens) FILTER (WHERE role <> 'shadow') FROM ledger WHERE tenant_id = %s"
+            " AND created_at >= %s AND created_at < %s GROUP BY model", (tenant.id, start, end)).fetchall()
+    assert rows  # the window holds rows from all three days' parts
+    expected = {m: (Decimal(spend), int(n), int(tokens)) for m, spend, n, tokens in rows}
+    got = {g["group"]: (Decimal(g["spend_usd"]), g["requests"], g["input_tokens"]) for g in report["groups"]}
+    assert got == expected
+    assert Decimal(report["totals"]["spend_usd"]) == sum(s for s, _, _ in expected.values())
