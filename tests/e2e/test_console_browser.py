@@ -175,6 +175,9 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
     browser.get(f"{base}/console/budgets")
     budgets = table(browser, "table-budgets")
     assert len(budgets) == 1
+    assert fits(browser)  # at 1280 px: no horizontal overflow
+    [(_, cells)] = budgets.items()
+    assert cells[0] == datetime.now(UTC).strftime("month %Y-%m")  # the window as a person reads it
     assert "50%, forecast" in next(iter(budgets.values()))[-1]
     assert browser.find_elements(By.CSS_SELECTOR, "figure svg.chart polyline")
     browser.save_screenshot(str(OUTPUT / "console-budgets.png"))
@@ -182,8 +185,9 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
     assert "own tenant" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
 
     browser.set_window_size(390, 844)  # a phone
-    browser.get(f"{base}/console/costs")
-    assert fits(browser)
+    for page in ("costs", "budgets"):
+        browser.get(f"{base}/console/{page}")
+        assert fits(browser), page
     browser.save_screenshot(str(OUTPUT / "console-costs-phone.png"))
     browser.set_window_size(1280, 1000)
     submit(browser, "form[action='/console/logout'] button")
