@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from support import sse_payloads
 from support.config import write_config
 
 MSG = [{"role": "user", "content": "through the translator"}]
@@ -46,6 +47,10 @@ async def test_completion_through_litellm_is_priced_from_its_table(litellm_gatew
     assert stream.status_code == 200
     assert "the" in stream.text
     assert stream.text.rstrip().endswith("data: [DONE]")
+    [usage] = [p["usage"] for p in sse_payloads(stream.text) if p.get("usage")]
+    assert usage["prompt_tokens"] == body["usage"]["prompt_tokens"]  # streamed = not streamed
+    [streamed] = ledger("request_id = %s", stream.headers["x-request-id"])
+    assert streamed["input_tokens"] == row["input_tokens"]
 
 
 @pytest.mark.parametrize(("model", "status"), [("via-litellm-error", 502), ("via-litellm-overloaded", 503)])
