@@ -60,3 +60,40 @@ def test_embedded_database_holds_the_ledger(embedded):
                                 (request_id,)).fetchall()
         time.sleep(0.05)
     assert rows == [(LOCAL_MODEL_NAME, 200, "upstream", Decimal(raw.headers["x-tollway-cost-usd"]))]
+
+
+def test_the_console_shows_what_the_quick_start_charged(embedded):
+    """Three SDK requests to the local model on a fresh quick start: the console's spend for the model grows
+    by exactly what their headers said, and it is not zero."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    served, key = embedded
+    made = subprocess.run([sys.executable, "-m", "tollway.cli", "keys", "create", "--tenant", "default", "--role",
+                           "finance"], capture_output=True, text=True, env=served.env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    finance = made.stdout.strip().splitlines()[-1]
+    base = served.url.removesuffix("/v1")
+
+    def spent(client: httpx.Client) -> Decimal:
+        view = client.get("/console/costs.json").json()
+        rows = next(s["rows"] for s in view["sections"] if s["group"] == "model")
+        return sum((Decimal(r["spend_usd"]) for r in rows if r["group"] == LOCAL_MODEL_NAME), Decimal(0))
+
+    with httpx.Client(base_url=base, timeout=30) as console:
+        signed = console.post("/console/login", data={"key": finance}, follow_redirects=False)
+        assert signed.status_code == 303, signed.text
+        before = spent(console)
+        sdk = openai.OpenAI(base_url=served.url, api_key=key, max_retries=0, timeout=60)
+        charged = Decimal(0)
+        for question in ("Name a color.", "Name a fruit.", "Name a city."):
+            raw = sdk.chat.completions.with_raw_response.create(
+                model=LOCAL_MODEL_NAME, messages=[{"role": "user", "content": question}], max_tokens=6)
+            charged += Decimal(raw.headers["x-tollway-cost-usd"])
+        assert charged > 0
+        deadline = time.monotonic() + 5
+        while spent(console) - before != charged and time.monotonic() < deadline:  # the ledger writes behind
+            time.sleep(0.1)
+        assert spent(console) - before == charged
