@@ -72,8 +72,15 @@ def stacked_bars(title: str, days: Sequence[str], series: Sequence[str],
 
 
 def burn_down(title: str, points: Sequence[tuple[float, Decimal]], limit: Decimal | None,
-              forecast: Decimal | None, labels: tuple[str, str]) -> Markup:
-    """Cumulative use over the window (x from 0 to 1), the limit as a solid line, the forecast dashed."""
+              forecast: Decimal | None, labels: tuple[str, str], measure: str = "usd") -> Markup:
+    """Cumulative use over the window (x from 0 to 1), the limit as a solid line, the forecast dashed;
+    ``measure``: dollars ("usd") or tokens."""
+
+    def amount(value: Decimal | float, axis: bool = False) -> str:
+        if measure == "usd":
+            return f"${float(value):.4g}" if axis else f"${Decimal(value):,.6f}"
+        return f"{float(value):,.0f} tokens"
+
     top = float(max([p[1] for p in points] + [limit or Decimal(0), forecast or Decimal(0)], default=Decimal(0))) or 1.0
     top *= 1.1
     plot_w, plot_h = W - PAD_L, H - PAD_B - PAD_T
@@ -81,20 +88,20 @@ def burn_down(title: str, points: Sequence[tuple[float, Decimal]], limit: Decima
     def xy(x: float, v: Decimal | float) -> str:
         return f"{PAD_L + x * plot_w:.1f},{H - PAD_B - float(v) / top * plot_h:.1f}"
 
-    parts = [_axis(top, "${:.4g}")]
+    parts = [_axis(top, "${:.4g}" if measure == "usd" else "{:,.0f}")]
     if points:
         path = " ".join(xy(x, v) for x, v in points)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{PALETTE[0]}" stroke-width="2.5">'
-                     f'<title>used so far: ${points[-1][1]:.6f}</title></polyline>')
+                     f'<title>used so far: {amount(points[-1][1])}</title></polyline>')
         if forecast is not None:
             parts.append(f'<line x1="{xy(points[-1][0], points[-1][1]).split(",")[0]}" '
                          f'y1="{xy(points[-1][0], points[-1][1]).split(",")[1]}" x2="{xy(1, forecast).split(",")[0]}" '
                          f'y2="{xy(1, forecast).split(",")[1]}" stroke="{PALETTE[1]}" stroke-width="2" '
-                         f'stroke-dasharray="6 4"><title>forecast at the window end: ${forecast:.6f}</title></line>')
+                         f'stroke-dasharray="6 4"><title>forecast at the window end: {amount(forecast)}</title></line>')
     if limit is not None:
         y = xy(0, limit).split(",")[1]
         parts.append(f'<line x1="{PAD_L}" x2="{W}" y1="{y}" y2="{y}" stroke="{PALETTE[5]}" stroke-width="1.5">'
-                     f'<title>limit: ${limit}</title></line><text x="{W - 4}" y="{float(y) - 4:.1f}" '
+                     f'<title>limit: {amount(limit)}</title></line><text x="{W - 4}" y="{float(y) - 4:.1f}" '
                      f'text-anchor="end">limit</text>')
     parts.append(f'<text x="{PAD_L}" y="{H - PAD_B + 16}">{escape(labels[0])}</text>'
                  f'<text x="{W}" y="{H - PAD_B + 16}" text-anchor="end">{escape(labels[1])}</text>')

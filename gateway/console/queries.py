@@ -84,8 +84,9 @@ async def daily(conn: Any, q: ReportQuery, by: str) -> tuple[list[str], list[str
     return days, series, values
 
 
-async def burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, Decimal]]:
-    """Cumulative spend over the window so far: per day (month) or hour (day), as (window share, USD)."""
+async def burn(conn: Any, use: BudgetUse, now: datetime, measure: str = "usd") -> list[tuple[float, Decimal]]:
+    """Cumulative use over the window so far: per day (month) or hour (day), as (window share, amount):
+    ``measure`` "usd" (spend) or "tokens" (input plus output), as the budget counts them."""
     budget = use.budget
     if use.window.start is None or budget.period not in ("day", "month"):
         return []
@@ -93,11 +94,13 @@ async def burn(conn: Any, use: BudgetUse, now: datetime) -> list[tuple[float, De
     dim = rollup_dim(budget, use.start, use.end) if unit == "day" else None
     by_subject = budget.scope != "tenant"
     if dim is not None:
-        sql = ("SELECT day::timestamp AT TIME ZONE 'UTC', sum(spend_usd) FROM ledger_daily"
+        amount = "spend_usd" if measure == "usd" else "input_tokens + output_tokens"
+        sql = (f"SELECT day::timestamp AT TIME ZONE 'UTC', sum({amount}) FROM ledger_daily"
                " WHERE tenant_id = %s AND dim = %s AND day >= %s" + (" AND value = %s" if by_subject else ""))
         args: list[Any] = [budget.tenant_id, dim, use.start.date()]
     else:
-        sql = (f"SELECT date_trunc('{unit}', created_at), sum(cost_usd) FROM ledger WHERE tenant_id = %s"
+        amount = "cost_usd" if measure == "usd" else "input_tokens + output_tokens"
+        sql = (f"SELECT date_trunc('{unit}', created_at), sum({amount}) FROM ledger WHERE tenant_id = %s"
                " AND created_at >= %s AND created_at < %s AND role <> 'shadow'"
                + (f" AND {SUBJECT_COLUMN[budget.scope]} = %s" if by_subject else ""))
         args = [budget.tenant_id, use.start, now]

@@ -61,7 +61,13 @@ def number(value: Any) -> str:
     return f"{int(value):,}"
 
 
+def amount(value: Any, measure: str) -> str:
+    """A budget amount: dollars as ``money``, tokens as a grouped count."""
+    return money(value) if measure == "usd" else f"{int(value):,} tokens"
+
+
 _env.filters["money"] = money
+_env.filters["amount"] = amount
 _env.filters["number"] = number
 
 
@@ -278,14 +284,26 @@ async def _budgets_page(request: Request, session: Session) -> Response:
                    "forecast": forecast_share, "alerts": [f"{t:.0%}" for t in thresholds]
                    + (["forecast"] if forecast_alert else []), "ends": use.end if use.window.start else None}
             rows.append(row)
-            if use.budget.limit_usd is not None and (use.budget.subject != "*" or len(cards) < 12):
-                points = await queries.burn(conn, use, now)
-                if points:
-                    projected = None if forecast_share is None else use.budget.limit_usd * Decimal(str(forecast_share))
-                    cards.append({**row, "points": points, "chart": charts.burn_down(
-                        f"{use.who}: {use.window_text}", points, use.budget.limit_usd, projected,
-                        (use.start.strftime("%Y-%m-%d %H:%M"), use.end.strftime("%Y-%m-%d %H:%M"))),
-                        "projected": projected})
+            if use.budget.subject == "*" and len(cards) >= 12:
+                continue
+            # a chart per limit the budget has: dollars, tokens, or both
+            limits = [("usd", use.budget.limit_usd),
+                      ("tokens", None if use.budget.limit_tokens is None else Decimal(use.budget.limit_tokens))]
+            for measure, limit in limits:
+                if limit is None:
+                    continue
+                points = await queries.burn(conn, use, now, measure)
+                if not points:
+                    continue
+                used = points[-1][1]
+                share = None if forecast_share is None or not use.share else forecast_share * float(
+                    used / limit if limit else 0) / use.share  # this limit's own forecast share
+                projected = None if share is None else limit * Decimal(str(share))
+                cards.append({**row, "points": points, "measure": measure, "limit_amount": limit,
+                              "projected": projected, "chart": charts.burn_down(
+                                  f"{use.who}: {use.window_text}", points, limit, projected,
+                                  (use.start.strftime("%Y-%m-%d %H:%M"), use.end.strftime("%Y-%m-%d %H:%M")),
+                                  measure)})
         events = await queries.breaker_events(conn, ids)
         alerts = []
         for tid in ids or (None,):

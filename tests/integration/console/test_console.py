@@ -239,3 +239,22 @@ async def test_metrics_are_prometheus_text_behind_an_admin_key_and_open_on_the_m
     for family in families.values():  # no per-request or per-user labels
         for sample in family.samples:
             assert not {"request_id", "user", "key", "tag"} & set(sample.labels)
+
+
+async def test_a_budget_draws_a_burn_down_for_each_of_its_limits(app_factory, make_tenant, admin, pg):
+    """Dollars and tokens: one chart each, in its own unit, beside a token-only budget's."""
+    tenant = make_tenant()
+    seed(pg.url, tenant, days=1, rows=40)
+    async with app_factory() as gw:
+        for body in ({"window": "day", "limit_usd": "5", "limit_tokens": 90_000},
+                     {"scope": "user", "subject": "u1", "window": "month", "limit_tokens": 50_000}):
+            put = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={"tenant": tenant.name, **body})
+            assert put.status_code == 200, put.text
+        assert (await sign_in(gw.client, admin.key)).status_code == 303
+        page = (await gw.client.get("/console/budgets", params={"tenant": tenant.name})).text
+    figures = re.findall(r"<figure.*?</figure>", page, re.S)
+    assert len(figures) == 3  # day: dollars and tokens; month, one user: tokens
+    assert sum("limit: $5.000000" in f for f in figures) == 1
+    assert sum("limit: 90,000 tokens" in f for f in figures) == 1
+    assert sum("limit: 50,000 tokens" in f for f in figures) == 1
+    assert all("<polyline" in f for f in figures)
