@@ -108,7 +108,21 @@ async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_
         out = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens",
                                       str(spent + per_request), env={"TOLLWAY_DATABASE_URL": pg.url}, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        await asyncio.sleep(1.5)  # the change channel's notification, and the seeding it starts
+        # the change channel's notification, and the seeding it starts: watch the budget's counter (no request
+        # is spent while waiting), then ask
+        from datetime import UTC, datetime
+
+        from tollway.gateway.metering.quota import budget_counter
+        from tollway.gateway.tenancy.policy import Budget
+
+        made = json.loads(out.stdout)
+        budget = Budget(made["id"], tenant.id, "tenant", "", "day", None, spent + per_request)
+        key = budget_counter(budget, "", datetime.now(UTC)).key
+        for _ in range(100):
+            counted = await gw.state.redis.hget(key, "s_tok")
+            if counted is not None and int(counted) >= spent:
+                break
+            await asyncio.sleep(0.1)
         refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
     assert refused.status_code == 429, refused.text  # a counter starting at zero would have admitted it
     assert refused.json()["error"]["code"] == "insufficient_quota"
