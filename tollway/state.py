@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import psycopg
 import redis.asyncio as aioredis
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -50,6 +51,7 @@ from tollway.gateway.tenancy.keys import (
 from tollway.gateway.tenancy.policy import PolicyStore
 from tollway.guardrails import PolicyError
 from tollway.infra.alerts import Delivery, Webhook
+from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
@@ -153,7 +155,7 @@ def _reconciler(pool: AsyncConnectionPool, redis_client: aioredis.Redis, ledger:
 
 async def _listen_for_changes(database_url: str, keys: KeyStore, policies: PolicyStore, prompts: Registry,
                               pool: AsyncConnectionPool, catalog: Catalog,
-                              seed: Callable[[int, int], Awaitable[None]]) -> ChangeListener:
+                              seed: Callable[[int, int], None]) -> ChangeListener:
     """Every change made anywhere (CLI, any replica's admin API, a git push, the quality monitor) drops what
     this process cached about it, or reloads it (a tenant's prompts, the model rollouts)."""
 
@@ -171,7 +173,7 @@ async def _listen_for_changes(database_url: str, keys: KeyStore, policies: Polic
             if note.kind in ("prompt", "prompt_label"):
                 await prompts.load(note.tenant_id)
             if note.kind == "budget" and note.subject.isdigit():
-                await seed(note.tenant_id, int(note.subject))
+                seed(note.tenant_id, int(note.subject))
 
     listener = ChangeListener(database_url, [apply])
     listener.start()
@@ -276,14 +278,22 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         await seed_rollouts(conn, catalog)
         await load_rollouts(conn, catalog)
         await load_prices(conn, catalog)
-    async def seed(tenant_id: int, budget_id: int) -> None:  # a new budget counts its window's spend at once
-        await ledger.flush()
+    # A new budget counts its window's spend at once: seeded off the listener (which goes on applying other
+    # changes meanwhile), drained for at most 5 s at shutdown, before the ledger and the pool close.
+    seeding = Background("budget seeding", drain_s=5)
+    stack.push_async_callback(seeding.stop)
+
+    async def seed(tenant_id: int, budget_id: int) -> None:
         try:
+            await ledger.flush()
             await seed_budget(pool, redis_client, tenant_id, budget_id)
-        except (RedisError, OSError) as exc:  # the periodic reconciliation catches up
+        except (RedisError, OSError, psycopg.Error) as exc:  # the periodic reconciliation catches up
             log.warning("could not seed budget %s from the ledger: %s", budget_id, exc)
 
-    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog, seed)
+    def start_seed(tenant_id: int, budget_id: int) -> None:
+        seeding.spawn(seed(tenant_id, budget_id), name=f"seed-budget-{budget_id}")
+
+    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog, start_seed)
     stack.push_async_callback(changes.stop)
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)

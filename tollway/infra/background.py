@@ -41,3 +41,12 @@ class Background:
             async with asyncio.timeout(self.drain_s):
                 while self._tasks:
                     await asyncio.wait(set(self._tasks))
+
+    async def stop(self) -> None:
+        """``drain``, then cancel what is still running (shutdown must not wait on it any longer)."""
+        await self.drain()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
