@@ -7,6 +7,7 @@ is stored.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import psycopg
@@ -66,12 +67,7 @@ async def load_prices(conn: psycopg.AsyncConnection[Any], catalog: Catalog) -> N
 def _marked(price: Price, how: str) -> Price:
     """``set`` (stored over the API or CLI) or ``default``, with the scheme when it is not per token."""
     scheme = "" if price.source == "config" else f":{price.source}"
-    return Price(**{**_fields(price), "source": how + scheme})
-
-
-def _fields(price: Price) -> dict[str, Any]:
-    return {f: getattr(price, f) for f in ("input_per_token", "output_per_token", "cached_input_per_token",
-                                           "machine_second_usd", "prefill_tokens_per_s", "decode_tokens_per_s")}
+    return dataclasses.replace(price, source=how + scheme)
 
 
 async def set_price(conn: psycopg.AsyncConnection[Any], catalog: Catalog | None, model: str, raw: RawPrice, *,

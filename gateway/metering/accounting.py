@@ -30,7 +30,7 @@ INTERNAL_ERROR = "internal_error"
 
 
 def format_cost(cost: Decimal) -> str:
-    return format(cost.quantize(_COST_QUANTUM), "f")
+    return format(charged(cost), "f")
 
 
 def charged(cost: Decimal) -> Decimal:

@@ -197,7 +197,7 @@ def _where(q: ReportQuery, alias: str = "l", column: str = "created_at") -> tupl
 def _numbers(row: tuple[Any, ...]) -> dict[str, Any]:
     out = dict(zip(_SUMMED, row, strict=True))
     out["routing_saved_usd"] = Decimal(out["top_tier_usd"]) - Decimal(out.pop("served_usd"))
-    return {k: (str(Decimal(v).normalize() if v else Decimal(0)) if k in _MONEY else int(v)) for k, v in out.items()}
+    return {k: _money(Decimal(v or 0)) if k in _MONEY else int(v) for k, v in out.items()}
 
 
 def top_tier(catalog: Catalog) -> str | None:
