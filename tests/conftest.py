@@ -118,10 +118,10 @@ def make_key(pg: EmbeddedPostgres) -> Callable[..., str]:
 
     from tollway.gateway.tenancy.keys import create_key
 
-    def make(tenant: str, role: str = "app") -> str:
+    def make(tenant: str, role: str = "app", ingest: bool = False) -> str:
         async def go() -> str:
             async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
-                return (await create_key(conn, tenant, hasher=key_hasher(), role=role)).secret
+                return (await create_key(conn, tenant, hasher=key_hasher(), role=role, ingest=ingest)).secret
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, go()).result()
 

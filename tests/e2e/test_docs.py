@@ -1,8 +1,11 @@
 """Docs that run: every shell and Python block of every page of docs/ runs against a real gateway on the
 scripted upstream, in order, one working folder per page; each `# expect: REGEX` comment of a block must
 match what the block printed. A block preceded by a line starting `*Not run in CI` is skipped (the page
-shows that line and its reason). The guides run as a tenant of their own; the other pages as the quick
-start's tenant `default`. The site itself builds in strict mode (`make docs`)."""
+shows that line and its reason). A block with a title (```` ```yaml title="greet.yaml" ````, shown as the
+file's name above it) is written to that file in the page's folder when the runner reaches it. Each page's
+folder starts as a clone's would for what the docs read: the repository's README.md and docs/. The guides
+run as a tenant of their own; the other pages as the quick start's tenant `default`. The site itself builds
+in strict mode (`make docs`)."""
 
 from __future__ import annotations
 
@@ -16,23 +19,30 @@ from typing import Any
 import psycopg
 import pytest
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
 GUIDES = sorted(p for p in (DOCS / "guides").glob("*.md") if p.name != "index.md")
 PAGES = sorted(p for p in DOCS.rglob("*.md") if p.parent.name != "guides")
-FENCE = re.compile(r"^```(sh|python)\n(.*?)^```", re.M | re.S)
+FENCE = re.compile(r'^```(\w*)(?: title="([\w.-]+)")?\n(.*?)^```', re.M | re.S)
 SKIP = "*Not run in CI"
+
+
+def steps(page: Path) -> list[tuple[str, str, int]]:
+    """(language or "file:NAME", code, line) of each block that runs or is written, in page order."""
+    text = page.read_text()
+    out = []
+    for m in FENCE.finditer(text):
+        language, title, code = m.groups()
+        before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        if before.startswith(SKIP) or not (title or language in ("sh", "python")):
+            continue
+        out.append((f"file:{title}" if title else language, code, text[:m.start()].count("\n") + 1))
+    return out
 
 
 def blocks(page: Path) -> list[tuple[str, str, int]]:
     """(language, code, line) of each block that runs."""
-    text = page.read_text()
-    out = []
-    for m in FENCE.finditer(text):
-        before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        if before.startswith(SKIP):
-            continue
-        out.append((m.group(1), m.group(2), text[:m.start()].count("\n") + 1))
-    return out
+    return [step for step in steps(page) if not step[0].startswith("file:")]
 
 
 def expectations(code: str) -> list[str]:
@@ -53,7 +63,12 @@ def run_page(page: Path, tenant: str, key: str, admin: Any, gateway: Any, pg: An
            "TOLLWAY_TENANT": tenant, "TOLLWAY_ADMIN_KEY": admin.key, "TOLLWAY_MODEL": "sim-large",
            "TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_CONFIG": "",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    for language, code, line in blocks(page):
+    (cwd / "README.md").symlink_to(ROOT / "README.md")
+    (cwd / "docs").symlink_to(DOCS, target_is_directory=True)
+    for language, code, line in steps(page):
+        if language.startswith("file:"):
+            (cwd / language.removeprefix("file:")).write_text(code)
+            continue
         argv = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable, "-c", code]
         done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
         where = f"{page.name}:{line} ({language})"
@@ -80,7 +95,7 @@ def default_tenant(pg: Any, make_key: Any) -> str:
                               capture_output=True, text=True, env={**os.environ, "TOLLWAY_DATABASE_URL": pg.url},
                               timeout=120)
         assert made.returncode == 0, made.stderr
-    return str(make_key("default", role="app"))
+    return str(make_key("default", role="app", ingest=True))  # as the quick start's bootstrap key
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: p.stem)
