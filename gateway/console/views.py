@@ -40,18 +40,24 @@ MONEY = MONEY_FIELDS
 
 
 def _period(params: Any) -> tuple[str, str]:
-    """The period as ISO dates, both days included; default: the current month so far."""
+    """The period as the API takes it: ISO dates (both days included) or date-times (UTC unless they say;
+    shown and passed on as UTC to the second); default: the current month so far."""
     today = datetime.now(UTC).date()
     first, last = default_period(datetime.now(UTC))
     start, end = params.get("from") or first.isoformat(), params.get("to") or last.isoformat()
+    out = []
     for value, name in ((start, "from"), (end, "to")):
         try:
-            date.fromisoformat(value)
+            if len(value) == 10:
+                out.append(date.fromisoformat(value).isoformat())
+                continue
+            instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()}", param=name) from None
-        if len(value) != 10:
-            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()}", param=name)
-    return start, end
+            raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()} or a date-time such as "
+                                 f"{today.isoformat()}T09:30", param=name) from None
+        instant = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+        out.append(instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return out[0], out[1]
 
 
 async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str, Any]:

@@ -107,6 +107,15 @@ def table(driver: Any, table_id: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in rows(driver, table_id)}
 
 
+GREET = """\
+model: sim-small
+messages:
+  - {role: system, content: "You greet {{ customer }} politely."}
+variables:
+  customer: {type: string}
+"""
+
+
 def money(value: str) -> str:
     return f"${Decimal(value):,.6f}"
 
@@ -133,6 +142,15 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
                                json={"model": model, "max_tokens": 5 + i,
                                      "messages": [{"role": "user", "content": f"browser line {i}"}]})
             assert resp.status_code == 200, resp.text
+        # and one through a versioned prompt: its 40-character version id is a row of the by-prompt table
+        pushed = client.post("/v1/prompts/greet/versions", headers=admin.headers, json={
+            "tenant": finance.name, "message": "greet", "content": GREET})
+        assert pushed.status_code == 201, pushed.text
+        version = pushed.json()["version"]
+        resp = client.post("/v1/chat/completions", headers={"authorization": f"Bearer {finance_app}"}, json={
+            "model": "prompt", "messages": [{"role": "user", "content": "hi"}],
+            "prompt": {"name": "greet", "version": version, "variables": {"customer": "Ada"}}})
+        assert resp.status_code == 200, resp.text
         client.put("/v1/admin/budgets", headers=admin.headers,
                    json={"tenant": finance.name, "window": "month", "limit_usd": "0.01", "alerts": ["0.5", "forecast"]})
         today = datetime.now(UTC).date()
@@ -141,10 +159,10 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
         while True:  # the ledger writes in the background
             api = {g: client.get("/v1/reports/costs", headers=finance.headers, params={**period, "group_by": g}).json()
                    for g in ("model", "route")}
-            if api["model"]["totals"]["requests"] == 5 or time.monotonic() > deadline:
+            if api["model"]["totals"]["requests"] == 6 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert api["model"]["totals"]["requests"] == 5
+        assert api["model"]["totals"]["requests"] == 6
 
     # an app key is refused at sign-in
     sign_in(browser, base, app.key)
@@ -153,12 +171,15 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
     sign_in(browser, base, finance.key)
     assert browser.current_url.endswith("/console/costs")
     assert browser.find_element(By.ID, "total-spend").text == money(api["model"]["totals"]["spend_usd"])
-    assert browser.find_element(By.ID, "total-requests").text == "5"
+    assert browser.find_element(By.ID, "total-requests").text == "6"
     assert browser.find_element(By.ID, "total-routing-saved").text == money(api["model"]["totals"]["routing_saved_usd"])
     by_model = table(browser, "table-model")
     assert {k: v[0] for k, v in by_model.items()} == {g["group"]: money(g["spend_usd"]) for g in api["model"]["groups"]}
     by_route = table(browser, "table-route")
     assert {k: v[0] for k, v in by_route.items()} == {g["group"]: money(g["spend_usd"]) for g in api["route"]["groups"]}
+    by_prompt = table(browser, "table-prompt")
+    assert f"greet@{version}" in by_prompt and len(version) == 40
+    assert fits(browser)  # at 1280 px, with the 40-character version id in its table
     assert browser.find_elements(By.CSS_SELECTOR, "svg.chart rect")
     browser.save_screenshot(str(OUTPUT / "console-costs.png"))
 

@@ -50,6 +50,11 @@ async def test_costs_page_equals_the_ledger_and_the_api_and_downloads_what_it_sh
         api = {g: (await gw.client.get("/v1/reports/costs", headers=tenant.headers,
                                        params={**period, "group_by": g})).json()
                for g in ("model", "route", "role", "user", "tag", "prompt")}
+        instants = {"from": f"{start.isoformat()}T07:00:00+01:00", "to": f"{today.isoformat()}T12:30:00Z"}
+        timed = {"console": (await gw.client.get("/console/costs.json", params=instants)).json(),
+                 "page": (await gw.client.get("/console/costs", params=instants)).text,
+                 "api": (await gw.client.get("/v1/reports/costs", headers=tenant.headers,
+                                             params={**instants, "group_by": "model"})).json()}
         api_csvs = {g: (await gw.client.get("/v1/reports/costs", headers=tenant.headers,
                                             params={**period, "group_by": g, "format": "csv"})).text
                     for g in ("model", "route", "role")}
@@ -78,6 +83,11 @@ async def test_costs_page_equals_the_ledger_and_the_api_and_downloads_what_it_sh
                [*((r["group"], Decimal(r["spend_usd"])) for r in expected), ("TOTAL", spend)], group
         if group in api_csv:  # the same rows (the page orders them by spend)
             assert sorted(got, key=lambda r: r["group"]) == sorted(api_csv[group], key=lambda r: r["group"]), group
+    # a period of date-times (UTC, the API's), from the console's form as from the API
+    assert Decimal(timed["console"]["totals"]["spend_usd"]) == Decimal(timed["api"]["totals"]["spend_usd"])
+    assert timed["console"]["totals"]["requests"] == timed["api"]["totals"]["requests"] > 0
+    assert timed["console"]["from"] == f"{start.isoformat()}T06:00:00"  # shown as UTC, to the second
+    assert 'type="datetime-local"' in timed["page"]
     daily = [r for r in rows if r["group_by"] == "day_by_model"]
     assert sum(Decimal(r["spend_usd"]) for r in daily) == spend
     assert len({r["group"].split()[0] for r in daily}) == 3
