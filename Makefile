@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck docs browser bench clean
+.PHONY: install run test lint typecheck docs browser bench bench-retrieval clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ test: lint typecheck docs browser
 
 bench: install
 	$(BIN)/python bench/overhead/run.py
+
+# Retrieval against BM25 on four public corpora: three of them ship in Debian's packages (bench/retrieval/corpora.py).
+bench-retrieval: install
+	@[ -d /usr/share/doc/debian/FAQ ] && [ -f /usr/share/dictd/foldoc.dict.dz ] && [ -d /usr/share/doc/postgresql-doc-15/html ] || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq debian-faq dict-foldoc postgresql-doc-15; }
+	$(BIN)/python bench/retrieval/versus_bm25.py
 
 clean:
 	rm -rf $(VENV) build .tollway .pytest_cache .ruff_cache .mypy_cache

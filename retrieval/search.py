@@ -2,13 +2,16 @@
 
 Hierarchical (the default):
   1. the sections nearest the query (their vectors are the centroids of their chunks), and the chunks
-     nearest it (HNSW; with ``hybrid``, fused with a full-text ranking by reciprocal rank fusion);
+     nearest it (HNSW; with ``hybrid``, the default, also the chunks BM25 ranks first, each level's dense
+     evidence fused with its lexical evidence);
   2. the chunks inside the best sections join the candidates; each candidate is scored by its own
-     similarity and its section's, so a chunk that merely looks alike in an unrelated section sinks;
+     evidence and its section's and document's, so a chunk that merely looks alike in an unrelated
+     section sinks; lexical evidence weighs by how much of the query BM25 read (``Lexical.coverage``);
   3. maximal marginal relevance orders them, dropping near-duplicates; adjacent chunks of one section
      are merged (their overlap counted once);
-  4. passages go into the budget best first, with a citation header each; a candidate whose score falls
-     far below the best one's is left out even when it would fit: a budget is a ceiling, not a target.
+  4. passages go into the budget best first, with a citation header each; a candidate scoring under half
+     the best one's is left out even when it would fit: a budget is a ceiling, not a target.
+The settings (bench/retrieval/versus_bm25.py) were chosen on three corpora and checked on a held-out fourth.
 Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is compared with.
 """
 
@@ -38,7 +41,8 @@ EmbedderFor = Callable[[str, int], Embedder]
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    """Shape, not thresholds fitted to a data set: see docs/reference/retrieval.md for why each is what it is."""
+    """Round numbers chosen on the sum of three corpora of different shapes, not on one (floor, density and
+    lexical_weight by bench/retrieval/versus_bm25.py; see bench/RESULTS.md), checked on a held-out fourth."""
 
     candidates: int = 64  # nearest chunks read per query (flat: at least k)
     sections: int = 12  # nearest sections whose chunks join the candidates
@@ -49,11 +53,11 @@ class Tuning:
     passages: int = 50  # hierarchical: at most this many passages unless the request says (k)
     mmr_lambda: float = 0.75  # relevance vs novelty
     duplicate: float = 0.95  # cosine above which a candidate repeats one already chosen
-    floor: float = 0.80  # candidates scoring under floor x the best score are not packed
-    density: bool = True  # pack by relevance per token (a knapsack's greedy order), not by relevance alone
+    floor: float = 0.5  # candidates scoring under floor x the best score are not packed
+    density: bool = False  # True: pack by relevance per token (a knapsack's greedy order), not relevance alone
     gain_floor: float = 0.5  # relevance counts from this share of the best score up
     tails: bool = True  # the budget's remainder takes the leading sentences of the next passage
-    rrf_k: int = 60  # reciprocal rank fusion's constant (its usual value)
+    lexical_weight: float = 0.65  # hybrid: the lexical (BM25) share of each level's fused evidence, at most
     ef_search: int = 100
 
 
@@ -96,7 +100,7 @@ class Query:
     k: int | None = None  # flat: chunks (default 8); hierarchical: at most this many passages (default 50)
     filters: dict[str, Any] | None = None
     mode: Mode = "hierarchical"
-    hybrid: bool = False
+    hybrid: bool = True  # dense and BM25 evidence fused at every level (False: dense only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +146,19 @@ class Found:
 
 
 # -- scoring -------------------------------------------------------------------------------------
-def _rrf(*rankings: list[int], k: int) -> dict[int, float]:
-    fused: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, item in enumerate(ranking):
-            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank + 1)
-    return fused
+def _normalised(values: dict[int, float]) -> dict[int, float]:
+    low, high = min(values.values()), max(values.values())
+    span = high - low
+    return {key: (v - low) / span if span > 0 else (1.0 if high > 0 else 0.0) for key, v in values.items()}
+
+
+def _fuse(dense: dict[int, float], lexical: dict[int, float], weight: float) -> dict[int, float]:
+    """Dense and lexical evidence of the same items, each min-max normalised over them, mixed ``weight`` to
+    lexical (a convex combination of normalised scores), then put back on the dense scores' range: with no
+    lexical weight the scores are the cosines, so the floor and the packing read them the same either way."""
+    d, lex = _normalised(dense), _normalised(lexical)
+    low, high = min(dense.values()), max(dense.values())
+    return {key: low + (high - low) * ((1 - weight) * d[key] + weight * lex[key]) for key in dense}
 
 
 def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int) -> list[Candidate]:
@@ -302,13 +313,14 @@ class Searcher:
             k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
             n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)
-            lexical = await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid else []
+            lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid
+                       else store.Lexical([]))
             sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
                         if query.mode == "hierarchical" else [])
             docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
                     if query.mode == "hierarchical" and t.document_weight else [])
             known = {c.chunk_id for c in near}
-            extra = [i for i in lexical if i not in known]
+            extra = [i for i, _ in lexical.scores if i not in known]
             cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
             if sections:
                 cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
@@ -321,31 +333,46 @@ class Searcher:
         return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
-               docs: list[tuple[int, float]], query: Query, lexical: list[int], k: int) -> list[Candidate]:
+               docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int) -> list[Candidate]:
         t = self.tuning
         if not cands:
             return []
         sims = np.stack([c.vector for c in cands]) @ q
         for c, s in zip(cands, sims, strict=True):
             c.similarity = float(s)
-        by_vector = [c.chunk_id for c in sorted(cands, key=lambda c: -c.similarity)]
+        section_sim, doc_sim = dict(sections), dict(docs)
+        s_floor = min(section_sim.values()) if section_sim else 0.0
+        d_floor = min(doc_sim.values()) if doc_sim else 0.0
+        chunk_of = {c.chunk_id: c.similarity for c in cands}
+        section_of = {c.section_id: section_sim.get(c.section_id, s_floor) for c in cands}
+        doc_of = {c.document_id: doc_sim.get(c.document_id, d_floor) for c in cands}
         if query.hybrid:
-            fused = _rrf(by_vector, lexical, k=t.rrf_k)
-            # back onto the cosine scale, so the section evidence and the floor read the same either way
-            top = max(fused.values())
+            # each level's dense evidence fused with its lexical evidence (a section's or document's: its best
+            # chunk's BM25), both min-max normalised over this query's candidates: a confident lexical match
+            # (a rare term) stands out as far as a confident dense one does, which rank fusion flattens
+            bm25 = dict(lexical.scores)
+            lex = {c.chunk_id: bm25.get(c.chunk_id, 0.0) for c in cands}
+            # lexical evidence weighs as much of its share as the query it read: all of a short question's
+            # terms, a few of a 500-word scenario's
+            weight = t.lexical_weight * min(1.0, lexical.coverage)
+            lex_section: dict[int, float] = {}
+            lex_doc: dict[int, float] = {}
             for c in cands:
-                c.similarity = float(fused.get(c.chunk_id, 0.0) / top) * max(float(sims.max()), 1e-6)
+                lex_section[c.section_id] = max(lex_section.get(c.section_id, 0.0), lex[c.chunk_id])
+                lex_doc[c.document_id] = max(lex_doc.get(c.document_id, 0.0), lex[c.chunk_id])
+            chunk_of = _fuse(chunk_of, lex, weight)
+            section_of = _fuse(section_of, lex_section, weight)
+            doc_of = _fuse(doc_of, lex_doc, weight)
+            for c in cands:
+                c.similarity = chunk_of[c.chunk_id]
         if query.mode == "flat":
             for c in cands:
                 c.score = c.similarity
             return sorted(cands, key=lambda c: -c.score)[:k]
-        section_sim, doc_sim = dict(sections), dict(docs)
-        s_floor = min(section_sim.values()) if section_sim else 0.0
-        d_floor = min(doc_sim.values()) if doc_sim else 0.0
         own = 1 - t.section_weight - t.document_weight
         for c in cands:
-            c.score = (own * c.similarity + t.section_weight * section_sim.get(c.section_id, s_floor)
-                       + t.document_weight * doc_sim.get(c.document_id, d_floor))
+            c.score = (own * chunk_of[c.chunk_id] + t.section_weight * section_of[c.section_id]
+                       + t.document_weight * doc_of[c.document_id])
         cands.sort(key=lambda c: -c.score)
         picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16))
         if t.density and picked:

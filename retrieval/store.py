@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import psycopg
@@ -215,7 +215,7 @@ async def write_document(conn: psycopg.AsyncConnection[Any], tenant_id: int, col
              coll.dims, _halfvec(_centroid(vectors))))
         doc = await cur.fetchone()
         assert doc is not None
-        offset = 0
+        offset, rows = 0, []
         async with conn.cursor() as cur:
             for ord_, section in enumerate(parsed.sections):
                 mine = vectors[offset:offset + len(section.chunks)]
@@ -226,16 +226,25 @@ async def write_document(conn: psycopg.AsyncConnection[Any], tenant_id: int, col
                      _halfvec(_centroid(mine))))
                 sec = await cur.fetchone()
                 assert sec is not None
-                await cur.executemany(
-                    "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
-                    " token_count, metadata, dims, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(tenant_id, coll.id, doc[0], sec[0], j, chunk.text, chunk.tokens, meta, coll.dims,
-                      _halfvec(mine[j])) for j, chunk in enumerate(section.chunks)])
+                head = f"{parsed.title} {section.heading}"
+                rows += [(tenant_id, coll.id, doc[0], sec[0], j, chunk.text, head, chunk.tokens, meta, coll.dims,
+                          _halfvec(mine[j])) for j, chunk in enumerate(section.chunks)]
                 offset += len(section.chunks)
+            # a few statements for the whole document: the term statistics' trigger runs once per statement
+            for start in range(0, len(rows), CHUNK_ROWS):
+                batch = rows[start:start + CHUNK_ROWS]
+                await cur.execute(
+                    "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text, lex_head,"
+                    " token_count, metadata, dims, embedding) VALUES "
+                    + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(batch)),
+                    [v for row in batch for v in row])
         revision = await _bump(conn, coll.id)
     status = "created" if old is None else "replaced"
     return Written(int(doc[0]), source, status, len(parsed.sections), parsed.chunks, parsed.tokens,
                    f"{coll.name}@{revision}+{coll.embedder}")
+
+
+CHUNK_ROWS = 2000  # rows per INSERT (11 parameters each, under PostgreSQL's 65,535)
 
 
 async def _bump(conn: psycopg.AsyncConnection[Any], collection_id: int) -> int:
@@ -299,19 +308,29 @@ class Candidate:
     truncated: bool = False  # cut to its leading sentences to fit a budget
 
 
-def filter_sql(filters: dict[str, Any] | None, alias: str) -> tuple[str, list[Any]]:
-    """Metadata filters -> SQL: every key must match; a list is any of its values (GIN, containment)."""
+@overload
+def filter_sql(filters: dict[str, Any] | None, alias: str) -> tuple[str, list[Any]]: ...
+@overload
+def filter_sql(filters: dict[str, Any] | None, alias: str, *, named: Literal[True]) -> tuple[str, dict[str, Any]]: ...
+
+
+def filter_sql(filters: dict[str, Any] | None, alias: str, *, named: bool = False) -> tuple[str, Any]:
+    """Metadata filters -> SQL: every key must match; a list is any of its values (GIN, containment).
+    Positional parameters, or ``named`` ones (``%(f0)s``...) for a query that names its others."""
     if not filters:
-        return "", []
-    clauses, params = [], []
+        return "", {} if named else []
+    clauses: list[str] = []
+    values: list[str] = []
     for key, value in filters.items():
         options = value if isinstance(value, list) else [value]
         ors = []
         for option in options:
-            ors.append(f"{alias}.metadata @> %s::jsonb")
-            params.append(json.dumps({key: option}))
+            ors.append(f"{alias}.metadata @> %({'f' + str(len(values))})s::jsonb" if named
+                       else f"{alias}.metadata @> %s::jsonb")
+            values.append(json.dumps({key: option}))
         clauses.append("(" + " OR ".join(ors) + ")")
-    return " AND " + " AND ".join(clauses), params
+    where = " AND " + " AND ".join(clauses)
+    return (where, {f"f{i}": v for i, v in enumerate(values)}) if named else (where, values)
 
 
 _CANDIDATE = ("k.id, k.document_id, k.section_id, k.ord, k.text, k.token_count, d.title, s.heading, d.source,"
@@ -350,16 +369,56 @@ async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, q
     return found
 
 
+BM25_K1, BM25_B = 1.2, 0.75  # the usual constants (Robertson and Zaragoza; Lucene's defaults)
+QUERY_TERMS = 32  # at most this many of a query's terms rank, the rarest: a 250-word question costs what a short one does
+QUERY_POSTINGS = 20_000  # and, rarest first, only while their postings add up to this (the first always ranks)
+# The query's terms (English stemming, stop words out) that the collection holds, rarest first, while their
+# postings fit; their idf from the collection's statistics; the postings of those terms, scored by Okapi BM25.
+# A term past the postings budget is one most chunks hold: its idf is small, and reading its postings would
+# cost more than all the others. Below the budget (every collection under ~1,000 chunks) the score is exact.
+_BM25 = """
+WITH q AS (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector('english', %(text)s)) u),
+t AS (SELECT r.term, r.df::float8 AS df, sum(r.df) OVER (ORDER BY r.df, r.term) - r.df AS before
+      FROM rag_terms r JOIN q ON q.lexeme = r.term WHERE r.collection_id = %(coll)s ORDER BY r.df, r.term LIMIT %(terms)s),
+k AS (SELECT lex_chunks::float8 AS n, greatest(lex_length::float8 / nullif(lex_chunks, 0), 1) AS avgdl
+      FROM rag_collections WHERE id = %(coll)s),
+w AS (SELECT t.term, ln(1 + (k.n - t.df + 0.5) / (t.df + 0.5)) AS idf FROM t, k WHERE t.before < %(postings)s)
+SELECT p.chunk_id, sum(w.idf * p.tf * (%(k1)s + 1) / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.len / k.avgdl))) AS score,
+       (SELECT count(*) FROM w) AS ranked, (SELECT count(*) FROM q) AS asked
+FROM w JOIN rag_postings p ON p.collection_id = %(coll)s AND p.term = w.term CROSS JOIN k {join}
+GROUP BY p.chunk_id ORDER BY score DESC, p.chunk_id LIMIT %(n)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Lexical:
+    """BM25's answer: (chunk id, score) best first, and how much of the query it ranked on."""
+
+    scores: list[tuple[int, float]]
+    ranked_terms: int = 0  # the query's terms that ranked (the rarest, within the budgets)
+    query_terms: int = 0  # the query's distinct terms (stop words out)
+
+    @property
+    def coverage(self) -> float:
+        """The share of the query's terms the ranking read: a long, wordy question is ranked on its rarest
+        few terms (names, numbers), which say less about what it asks than a short question's terms do."""
+        return self.ranked_terms / self.query_terms if self.query_terms else 0.0
+
+
 async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, text: str, n: int,
-                         filters: dict[str, Any] | None) -> list[int]:
-    """Chunk ids by full-text rank (any of the query's words; ``ts_rank`` with length normalisation:
-    ``ts_rank_cd`` reads positions and costs 25x more on long queries), best first."""
-    where, params = filter_sql(filters, "c")
-    cur = await conn.execute(
-        "WITH q AS (SELECT nullif(replace(plainto_tsquery('english', %s)::text, '&', '|'), '')::tsquery AS q)"
-        f" SELECT c.id FROM rag_chunks c, q WHERE q.q IS NOT NULL AND c.collection_id = %s AND c.tsv @@ q.q{where}"
-        " ORDER BY ts_rank(c.tsv, q.q, 1) DESC LIMIT %s", (text, coll.id, *params, n))
-    return [int(r[0]) for r in await cur.fetchall()]
+                         filters: dict[str, Any] | None) -> Lexical:
+    """(chunk id, BM25 score), best first: Okapi BM25 over the chunks' title, heading and text, with idf and
+    average length from the collection's term statistics and the postings of the query's informative terms
+    (kept at ingest, migration 0016). Metadata filters apply to the chunks the postings name."""
+    where, params = filter_sql(filters, "c", named=True)
+    join = f"JOIN rag_chunks c ON c.id = p.chunk_id {where.replace(' AND ', ' WHERE ', 1)}" if where else ""
+    cur = await conn.execute(_BM25.format(join=join), {
+        "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": QUERY_POSTINGS, "k1": BM25_K1, "b": BM25_B,
+        "n": n, **params})
+    rows = await cur.fetchall()
+    if not rows:
+        return Lexical([])
+    return Lexical([(int(r[0]), float(r[1])) for r in rows], int(rows[0][2]), int(rows[0][3]))
 
 
 # the levels above chunks whose centroid vectors are searched: (FROM clause, alias of the level's table)

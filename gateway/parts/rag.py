@@ -110,7 +110,7 @@ class RetrievalSpec(BaseModel):
     k: int | None = Field(default=None, ge=1, le=100)  # flat: chunks (8); hierarchical: most passages (50)
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
-    hybrid: bool = False
+    hybrid: bool = True  # dense and BM25 evidence fused (false: dense only)
     on_failure: Literal["fail", "answer"] | None = None
 
 

@@ -240,6 +240,7 @@ def add_commands(sub: Any) -> None:
     search.add_argument("--context-tokens", type=int)
     search.add_argument("-k", type=int, help="flat: chunks (default 8); hierarchical: most passages (default 50)")
     search.add_argument("--mode", choices=["hierarchical", "flat"], default="hierarchical")
-    search.add_argument("--hybrid", action="store_true")
+    search.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True,
+                        help="fuse BM25 with the dense ranking (the default); --no-hybrid: dense only")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)

@@ -75,7 +75,7 @@ class SearchBody(_Body):
     k: int | None = Field(default=None, ge=1, le=100)  # flat: chunks (8); hierarchical: most passages (50)
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
-    hybrid: bool = False
+    hybrid: bool = True  # dense and BM25 evidence fused (false: dense only)
 
 
 def _rag(request: Request) -> Rag:

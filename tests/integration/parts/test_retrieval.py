@@ -31,7 +31,8 @@ async def test_row_level_security_hides_other_tenants_from_queries_without_a_ten
                     await conn.execute("SELECT set_config('tollway.tenant_id', %s, true)", (str(tenant.id),))
                 # no tenant in any WHERE clause: row-level security alone decides
                 cur = await conn.execute("SELECT DISTINCT tenant_id FROM rag_chunks UNION "
-                                         "SELECT tenant_id FROM rag_documents UNION SELECT tenant_id FROM rag_collections")
+                                         "SELECT tenant_id FROM rag_documents UNION SELECT tenant_id FROM rag_collections"
+                                         " UNION SELECT tenant_id FROM rag_terms")
                 counts[tenant.name if tenant else None] = sorted(r[0] for r in await cur.fetchall())
         assert counts == {a.name: [a.id], b.name: [b.id], None: []}
         with pytest.raises(psycopg.errors.InsufficientPrivilege):  # nor can it write into another tenant

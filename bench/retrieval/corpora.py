@@ -1,0 +1,164 @@
+"""Public corpora of different shapes that ship inside packages, each as documents and queries with the
+documents that answer them (gold). Nothing here is written by hand: the queries are the corpus's own
+(tau2's task scenarios, the FAQ's questions) or cut out of it by the inverse cloze task (a sentence taken
+out of a passage is the query; the passage without it is the gold), a standard construction that favours
+neither lexical nor dense retrieval by design.
+
+- ``banking``: tau2's banking_knowledge (inspect-evals, PyPI): 698 long markdown policy documents with
+  sections; 97 long, noisy user scenarios, each needing about 10 documents.
+- ``faq``: the Debian FAQ (Debian's ``debian-faq``): each answer a document under its chapter; its question
+  (never in the document) is the query. Short questions, one gold each.
+- ``foldoc``: the Free On-line Dictionary of Computing (Debian's ``dict-foldoc``): short encyclopedic
+  entries; inverse cloze queries.
+- ``pgdocs``: PostgreSQL's manual (Debian's ``postgresql-doc-15``): long HTML technical pages with
+  headings; inverse cloze queries. **Held out**: never used while choosing the default settings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bs4 import BeautifulSoup
+
+
+@dataclass(frozen=True)
+class Doc:
+    source: str
+    title: str
+    text: str
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Ask:
+    text: str
+    gold: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    shape: str
+    docs: list[Doc]
+    asks: list[Ask]
+    held_out: bool = False
+
+
+DEBIAN = {"faq": ("debian-faq", Path("/usr/share/doc/debian/FAQ")),
+          "foldoc": ("dict-foldoc", Path("/usr/share/dictd/foldoc.dict.dz")),
+          "pgdocs": ("postgresql-doc-15", Path("/usr/share/doc/postgresql-doc-15/html"))}
+_SENTENCE = re.compile(r"(?<=[.!?])(\s+)(?=[A-Z(\"'])")  # the separator kept (a split leaves it between)
+
+
+def missing() -> list[str]:
+    """The Debian packages a corpus needs that are not installed."""
+    return [package for package, path in DEBIAN.values() if not path.exists()]
+
+
+def banking(limit: int | None = None) -> Corpus:
+    spec = importlib.util.find_spec("inspect_evals")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("inspect-evals is not installed (make install installs it)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tau2/data/domains/banking_knowledge"
+    docs = json.loads(gzip.open(folder / "documents.json.gz").read())
+    tasks = json.loads((folder / "tasks.json").read_text())[:limit]
+    return Corpus("banking", "long policy documents with sections; long noisy queries, ~10 gold each",
+                  [Doc(d["id"], d["title"], d["content"], "markdown") for d in docs],
+                  [Ask(t["user_scenario"]["instructions"], frozenset(t["required_documents"])) for t in tasks])
+
+
+def faq() -> Corpus:
+    docs, asks = [], []
+    for page in sorted(DEBIAN["faq"][1].glob("*.en.html")):
+        soup = BeautifulSoup(page.read_text(errors="replace"), "html.parser")
+        chapter = soup.find("h1")
+        chapter_title = re.sub(r"^\d+\.\s*", "", chapter.get_text(" ", strip=True)) if chapter else page.stem
+        for h2 in soup.find_all("h2", class_="title"):
+            question = re.sub(r"^[\d.]+\s*", "", h2.get_text(" ", strip=True))
+            section = h2.find_parent("div", class_="section")
+            if section is None:
+                continue
+            h2.decompose()
+            answer = section.get_text(" ", strip=True)
+            if len(answer.split()) < 15 or not question.endswith("?"):
+                continue
+            source = f"faq/{page.stem}/{len(docs)}"
+            docs.append(Doc(source, chapter_title, answer))
+            asks.append(Ask(question, frozenset([source])))
+    return Corpus("faq", "FAQ answers (one gold each); the question is the query", docs, asks)
+
+
+def _cloze(name: str, shape: str, entries: list[tuple[str, str, str, str]], queries: int, seed: int,
+           held_out: bool = False) -> Corpus:
+    """Inverse cloze: for ``queries`` entries (seeded), one sentence of 8-40 words, not the first, becomes
+    the query and leaves the entry; the rest of the entries are kept whole as distractors."""
+    rng = random.Random(seed)
+    order = list(range(len(entries)))
+    rng.shuffle(order)
+    docs, asks = [], []
+    for i in order:
+        source, title, text, fmt = entries[i]
+        parts = _SENTENCE.split(text)  # sentence, separator, sentence, ...
+        sentences = parts[::2]
+        usable = [j for j, s in enumerate(sentences) if j > 0 and 8 <= len(s.split()) <= 40 and "\n" not in s
+                  and not s.lstrip().startswith("#")]
+        if len(asks) < queries and len(sentences) >= 3 and usable:
+            j = rng.choice(usable)
+            asks.append(Ask(sentences[j], frozenset([source])))
+            text = "".join(parts[:2 * j - 1] + parts[2 * j:])  # the sentence and the separator before it
+        docs.append(Doc(source, title, text, fmt))
+    return Corpus(name, shape, docs, asks, held_out)
+
+
+def foldoc(entries: int = 2500, queries: int = 400, seed: int = 7) -> Corpus:
+    raw = gzip.open(DEBIAN["foldoc"][1]).read().decode("utf-8", errors="replace")
+    found: list[tuple[str, str, str, str]] = []
+    for block in re.split(r"\n(?=\S)", raw):
+        head, _, body = block.partition("\n")
+        if head.startswith("00-") or not body.strip():
+            continue
+        text = re.sub(r"<[^>]{1,40}>", "", body)  # "<programming>" categories
+        text = re.sub(r"[{}]", "", text)  # cross-reference braces
+        text = re.sub(r"\s+", " ", text).strip()
+        text = re.sub(r"\(\d{4}-\d{2}-\d{2}\)$", "", text).strip()  # the entry's date
+        if len(text.split()) >= 40:
+            found.append((f"foldoc/{head.strip()}", head.strip(), text, "text"))
+    rng = random.Random(seed)
+    rng.shuffle(found)
+    return _cloze("foldoc", "short encyclopedic entries; inverse cloze queries", found[:entries], queries, seed)
+
+
+def pgdocs(pages: int = 300, queries: int = 300, seed: int = 11) -> Corpus:
+    files = sorted(DEBIAN["pgdocs"][1].glob("*.html"))
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    found = []
+    for path in files:
+        soup = BeautifulSoup(path.read_text(errors="replace"), "html.parser")
+        for tag in soup.select(".navheader, .navfooter, script, style"):
+            tag.decompose()
+        title = soup.title.get_text(strip=True) if soup.title else path.stem
+        for level in range(1, 5):
+            for h in soup.find_all(f"h{level}"):
+                h.replace_with(f"\n\n{'#' * level} {h.get_text(' ', strip=True)}\n\n")
+        for block in soup.find_all(["p", "pre", "li", "dt", "dd", "tr"]):
+            block.insert_after("\n\n")
+        text = re.sub(r"[ \t]+", " ", soup.get_text())
+        text = re.sub(r"\s*\n\s*\n\s*", "\n\n", text).strip()
+        if len(text.split()) >= 200:
+            found.append((f"pg/{path.stem}", title, text, "markdown"))
+        if len(found) >= pages:
+            break
+    return _cloze("pgdocs", "long technical manual pages; inverse cloze queries", found, queries, seed,
+                  held_out=True)
+
+
+def load(names: list[str], banking_tasks: int | None = None) -> list[Corpus]:
+    makers = {"banking": lambda: banking(banking_tasks), "faq": faq, "foldoc": foldoc, "pgdocs": pgdocs}
+    return [makers[n]() for n in names]

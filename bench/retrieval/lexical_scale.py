@@ -1,0 +1,129 @@
+"""BM25 inside PostgreSQL at scale: what the term statistics cost at ingest, and what a lexical query and a
+whole hybrid search cost, at 100k (and more) chunks of real prose.
+
+Chunks are made of sentences of the Free On-line Dictionary of Computing (Debian's ``dict-foldoc``), six
+drawn at random per chunk (about 120 words), 50 chunks per document; vectors are random (this measures the
+lexical side; bench/retrieval/scale.py measures the vector side). Queries: 200 single sentences of the same
+source (about 20 words) and 50 long ones of 250 words (the length that cost ``ts_rank`` 90 ms). Each query
+runs through the store's real function inside a tenant transaction (row-level security on).
+
+    .venv/bin/python bench/retrieval/lexical_scale.py [--sizes 100000] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from pgvector import HalfVector
+from pgvector.psycopg import register_vector_async
+
+sys.path.insert(0, str(Path(__file__).parent))
+import corpora
+
+from tollway.infra.db import migrate
+from tollway.local.embedded import EmbeddedPostgres
+from tollway.retrieval import Query, Searcher, Splitting, create_collection, store, tenant_tx
+from tollway.retrieval.embedders import Embedded
+
+DIMS = 384
+PER_DOC = 50
+
+
+def sentences() -> list[str]:
+    corpus = corpora.foldoc(entries=100_000, queries=0)
+    out = []
+    for doc in corpus.docs:
+        out += [s for s in corpora._SENTENCE.split(doc.text)[::2] if 5 <= len(s.split()) <= 40]
+    return out
+
+
+def ms(values: list[float]) -> str:
+    values = sorted(values)
+    return (f"p50 {statistics.median(values):6.1f} ms  p95 {values[int(0.95 * (len(values) - 1))]:6.1f} ms  "
+            f"max {values[-1]:6.1f} ms")
+
+
+async def run(args: argparse.Namespace) -> None:
+    rng = random.Random(5)
+    pool = sentences()
+    print(f"# {len(pool):,} sentences of FOLDOC to draw from")
+    for size in (int(s) for s in args.sizes.split(",")):
+        with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
+            pg = EmbeddedPostgres(Path(tmp) / "pg")
+            url = pg.start()
+            try:
+                await migrate(url)
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await register_vector_async(conn)
+                    tid = (await (await conn.execute(
+                        "INSERT INTO tenants (name) VALUES ('bench') RETURNING id")).fetchone())[0]  # type: ignore[index]
+                    coll = await create_collection(conn, tid, "big", embedder="bench", dims=DIMS, splitting=Splitting())
+                    vec = HalfVector(np.ones(DIMS, dtype=np.float32) / np.sqrt(DIMS))
+                    t0 = time.perf_counter()
+                    for d in range(size // PER_DOC):
+                        texts = [" ".join(rng.sample(pool, 6)) for _ in range(PER_DOC)]
+                        async with tenant_tx(conn, tid):
+                            doc = (await (await conn.execute(
+                                "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash,"
+                                " token_count, dims, embedding) VALUES (%s, %s, %s, %s, 'text', 'x', 0, %s, %s)"
+                                " RETURNING id", (tid, coll.id, f"d{d}", f"Document {d}", DIMS, vec))).fetchone())[0]  # type: ignore[index]
+                            sec = (await (await conn.execute(
+                                "INSERT INTO rag_sections (tenant_id, collection_id, document_id, ord, heading, text,"
+                                " token_count, dims, embedding) VALUES (%s, %s, %s, 0, '', '', 0, %s, %s) RETURNING id",
+                                (tid, coll.id, doc, DIMS, vec))).fetchone())[0]  # type: ignore[index]
+                            rows = [(tid, coll.id, doc, sec, j, t, f"Document {d}", 0, "{}", DIMS, vec)
+                                    for j, t in enumerate(texts)]
+                            await conn.execute(
+                                "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
+                                " lex_head, token_count, metadata, dims, embedding) VALUES "
+                                + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows)),
+                                [v for r in rows for v in r])
+                    took = time.perf_counter() - t0
+                    await conn.execute("VACUUM ANALYZE rag_postings")
+                    await conn.execute("VACUUM ANALYZE rag_terms")
+                    sizes = await (await conn.execute(
+                        "SELECT pg_size_pretty(pg_total_relation_size('rag_postings')),"
+                        " pg_size_pretty(pg_total_relation_size('rag_terms')), (SELECT count(*) FROM rag_terms)")).fetchone()
+                    print(f"\n## {size:,} chunks: written with their term statistics at {size / took:,.0f} chunks/s "
+                          f"(one INSERT of {PER_DOC} per document); postings {sizes[0]}, terms {sizes[1]} "  # type: ignore[index]
+                          f"({sizes[2]:,} distinct)")  # type: ignore[index]
+                    short = rng.sample(pool, args.queries)
+                    long = [" ".join(rng.sample(pool, 15))[:1800] for _ in range(50)]
+                    long = [" ".join(q.split()[:250]) for q in long]
+                    searcher = Searcher(lambda name, dims: None)  # type: ignore[arg-type,return-value]
+                    for name, queries in (("short (~20 words)", short), ("long (250 words)", long)):
+                        lexical, whole = [], []
+                        for text in queries:
+                            async with tenant_tx(conn, tid):
+                                s = time.perf_counter()
+                                await store.lexical_chunks(conn, coll, text, 64, None)
+                                lexical.append((time.perf_counter() - s) * 1000)
+                            q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
+                            q /= np.linalg.norm(q)
+                            s = time.perf_counter()
+                            await searcher.search_with(conn, tid, "big", Query(text=text, context_tokens=600),
+                                                       Embedded(q[None, :], 0, 0.0), "bench")
+                            whole.append((time.perf_counter() - s) * 1000)
+                        print(f"{name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}")
+            finally:
+                pg.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000")
+    parser.add_argument("--queries", type=int, default=200)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
