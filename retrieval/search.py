@@ -58,6 +58,7 @@ class Tuning:
     gain_floor: float = 0.5  # relevance counts from this share of the best score up
     tails: bool = True  # the budget's remainder takes the leading sentences of the next passage
     lexical_weight: float = 0.65  # hybrid: the lexical (BM25) share of each level's fused evidence, at most
+    lexical_postings: int = store.QUERY_POSTINGS  # hybrid: the postings a query reads, rarest terms first
     ef_search: int = 100
 
 
@@ -313,7 +314,8 @@ class Searcher:
             k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
             n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)
-            lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters) if query.hybrid
+            lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
+                       if query.hybrid
                        else store.Lexical([]))
             sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
                         if query.mode == "hierarchical" else [])

@@ -371,11 +371,12 @@ async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, q
 
 BM25_K1, BM25_B = 1.2, 0.75  # the usual constants (Robertson and Zaragoza; Lucene's defaults)
 QUERY_TERMS = 32  # at most this many of a query's terms rank, the rarest: a 250-word question costs what a short one does
-QUERY_POSTINGS = 20_000  # and, rarest first, only while their postings add up to this (the first always ranks)
+QUERY_POSTINGS = 5_000  # and, rarest first, only while their postings add up to this (the first always ranks)
 # The query's terms (English stemming, stop words out) that the collection holds, rarest first, while their
 # postings fit; their idf from the collection's statistics; the postings of those terms, scored by Okapi BM25.
 # A term past the postings budget is one most chunks hold: its idf is small, and reading its postings would
-# cost more than all the others. Below the budget (every collection under ~1,000 chunks) the score is exact.
+# cost more than all the others. Below the budget the score is exact Okapi BM25 (bench/retrieval/lexical_scale.py
+# measures what the budget costs in agreement with exact BM25 at 100k chunks).
 _BM25 = """
 WITH q AS (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector('english', %(text)s)) u),
 t AS (SELECT r.term, r.df::float8 AS df, sum(r.df) OVER (ORDER BY r.df, r.term) - r.df AS before
@@ -406,14 +407,14 @@ class Lexical:
 
 
 async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, text: str, n: int,
-                         filters: dict[str, Any] | None) -> Lexical:
+                         filters: dict[str, Any] | None, postings: int = QUERY_POSTINGS) -> Lexical:
     """(chunk id, BM25 score), best first: Okapi BM25 over the chunks' title, heading and text, with idf and
     average length from the collection's term statistics and the postings of the query's informative terms
     (kept at ingest, migration 0016). Metadata filters apply to the chunks the postings name."""
     where, params = filter_sql(filters, "c", named=True)
     join = f"JOIN rag_chunks c ON c.id = p.chunk_id {where.replace(' AND ', ' WHERE ', 1)}" if where else ""
     cur = await conn.execute(_BM25.format(join=join), {
-        "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": QUERY_POSTINGS, "k1": BM25_K1, "b": BM25_B,
+        "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": postings, "k1": BM25_K1, "b": BM25_B,
         "n": n, **params})
     rows = await cur.fetchall()
     if not rows:

@@ -7,7 +7,7 @@ lexical side; bench/retrieval/scale.py measures the vector side). Queries: 200 s
 source (about 20 words) and 50 long ones of 250 words (the length that cost ``ts_rank`` 90 ms). Each query
 runs through the store's real function inside a tenant transaction (row-level security on).
 
-    .venv/bin/python bench/retrieval/lexical_scale.py [--sizes 100000] [--queries 200]
+    .venv/bin/python bench/retrieval/lexical_scale.py [--sizes 100000] [--queries 200] [--postings 20000,5000,2000]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import corpora
 
 from tollway.infra.db import migrate
 from tollway.local.embedded import EmbeddedPostgres
-from tollway.retrieval import Query, Searcher, Splitting, create_collection, store, tenant_tx
+from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
 from tollway.retrieval.embedders import Embedded
 
 DIMS = 384
@@ -99,21 +99,27 @@ async def run(args: argparse.Namespace) -> None:
                     short = rng.sample(pool, args.queries)
                     long = [" ".join(rng.sample(pool, 15))[:1800] for _ in range(50)]
                     long = [" ".join(q.split()[:250]) for q in long]
-                    searcher = Searcher(lambda name, dims: None)  # type: ignore[arg-type,return-value]
-                    for name, queries in (("short (~20 words)", short), ("long (250 words)", long)):
-                        lexical, whole = [], []
-                        for text in queries:
-                            async with tenant_tx(conn, tid):
+                    for budget in (int(b) for b in args.postings.split(",")):
+                        searcher = Searcher(lambda name, dims: None, Tuning(lexical_postings=budget))  # type: ignore[arg-type,return-value]
+                        print(f"postings budget {budget:,}:")
+                        for name, queries in (("short (~20 words)", short), ("long (250 words)", long)):
+                            lexical, whole, overlap = [], [], []
+                            for text in queries:
+                                async with tenant_tx(conn, tid):
+                                    s = time.perf_counter()
+                                    got = await store.lexical_chunks(conn, coll, text, 64, None, budget)
+                                    lexical.append((time.perf_counter() - s) * 1000)
+                                    exact = await store.lexical_chunks(conn, coll, text, 10, None, 10**9)
+                                top = {i for i, _ in exact.scores}
+                                overlap.append(len(top & {i for i, _ in got.scores[:10]}) / max(len(top), 1))
+                                q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
+                                q /= np.linalg.norm(q)
                                 s = time.perf_counter()
-                                await store.lexical_chunks(conn, coll, text, 64, None)
-                                lexical.append((time.perf_counter() - s) * 1000)
-                            q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
-                            q /= np.linalg.norm(q)
-                            s = time.perf_counter()
-                            await searcher.search_with(conn, tid, "big", Query(text=text, context_tokens=600),
-                                                       Embedded(q[None, :], 0, 0.0), "bench")
-                            whole.append((time.perf_counter() - s) * 1000)
-                        print(f"{name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}")
+                                await searcher.search_with(conn, tid, "big", Query(text=text, context_tokens=600),
+                                                           Embedded(q[None, :], 0, 0.0), "bench")
+                                whole.append((time.perf_counter() - s) * 1000)
+                            print(f"  {name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}   "
+                                  f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
             finally:
                 pg.stop()
 
@@ -122,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--postings", default="20000,5000,2000", help="postings budgets to compare (Tuning)")
     asyncio.run(run(parser.parse_args()))
 
 
