@@ -412,7 +412,7 @@ async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, t
     average length from the collection's term statistics and the postings of the query's informative terms
     (kept at ingest, migration 0016). Metadata filters apply to the chunks the postings name."""
     where, params = filter_sql(filters, "c", named=True)
-    join = f"JOIN rag_chunks c ON c.id = p.chunk_id {where.replace(' AND ', ' WHERE ', 1)}" if where else ""
+    join = f"JOIN rag_chunks c ON c.id = p.chunk_id{where}" if where else ""  # the filters, on the chunk
     cur = await conn.execute(_BM25.format(join=join), {
         "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": postings, "k1": BM25_K1, "b": BM25_B,
         "n": n, **params})

@@ -4,7 +4,7 @@ one view, so they always agree."""
 from __future__ import annotations
 
 import io
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -19,6 +19,7 @@ from tollway.gateway.metering.reports import (
     csv_rows,
     default_period,
     grouped,
+    parse_instant,
     top_tier,
     totals,
 )
@@ -40,23 +41,18 @@ MONEY = MONEY_FIELDS
 
 
 def _period(params: Any) -> tuple[str, str]:
-    """The period as the API takes it: ISO dates (both days included) or date-times (UTC unless they say;
-    shown and passed on as UTC to the second); default: the current month so far."""
+    """The period as the API takes it (``parse_instant``: ISO dates, both days included, or date-times, UTC
+    unless they say), shown as dates or as UTC date-times to the second; default: the current month so far."""
     today = datetime.now(UTC).date()
     first, last = default_period(datetime.now(UTC))
-    start, end = params.get("from") or first.isoformat(), params.get("to") or last.isoformat()
     out = []
-    for value, name in ((start, "from"), (end, "to")):
+    for value, name in ((params.get("from") or first.isoformat(), "from"), (params.get("to") or last.isoformat(), "to")):
         try:
-            if len(value) == 10:
-                out.append(date.fromisoformat(value).isoformat())
-                continue
-            instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            instant = parse_instant(value)
         except ValueError:
             raise InvalidRequest(f"'{name}' must be a date such as {today.isoformat()} or a date-time such as "
                                  f"{today.isoformat()}T09:30", param=name) from None
-        instant = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
-        out.append(instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        out.append(value if len(value) == 10 else instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     return out[0], out[1]
 
 

@@ -128,17 +128,22 @@ LATEST = datetime(3000, 1, 1, tzinfo=UTC)
 MAX_WINDOW = timedelta(days=3700)  # a report covers at most about ten years
 
 
+def parse_instant(value: str) -> datetime:
+    """A report bound: an ISO date (its midnight, UTC) or date-time (UTC unless it names a zone). ValueError
+    when it is neither. The API, the CLI and the console read a period through this."""
+    if len(value) == 10:
+        return datetime.combine(date.fromisoformat(value), time(), UTC)
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def _parse_time(value: str | None, param: str, default: datetime) -> datetime:
     if value is None or value == "":
         return default
     try:
-        if len(value) == 10:
-            parsed = datetime.combine(date.fromisoformat(value), time(), UTC)
-        else:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = parse_instant(value)
     except ValueError as exc:
         raise InvalidRequest(f"'{param}' must be an ISO date or date-time, e.g. 2026-11-01", param=param) from exc
-    parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
     if not EARLIEST <= parsed < LATEST:
         raise InvalidRequest(f"'{param}' must be between 1970 and 2999", param=param)
     return parsed
