@@ -6,9 +6,13 @@ import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -67,3 +71,27 @@ class Processes:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+@asynccontextmanager
+async def bench_tenant(folder: Path | str | None = None) -> AsyncIterator[tuple[Any, int]]:
+    """An embedded PostgreSQL, migrated, holding the tenant 'bench': (an autocommit connection, the tenant's
+    id). In a temporary folder, or in ``folder``, kept between runs (the tenant made before is the one)."""
+    import psycopg
+
+    from tollway.infra.db import migrate
+    from tollway.local.embedded import EmbeddedPostgres
+
+    with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
+        pg = EmbeddedPostgres(Path(folder or tmp) / "pg")
+        url = pg.start()
+        try:
+            await migrate(url)
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                cur = await conn.execute("INSERT INTO tenants (name) VALUES ('bench') ON CONFLICT (name) DO UPDATE"
+                                         " SET name = excluded.name RETURNING id")
+                row = await cur.fetchone()
+                assert row is not None
+                yield conn, int(row[0])
+        finally:
+            pg.stop()

@@ -17,20 +17,17 @@ import asyncio
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector_async
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
+from common import bench_tenant
 
-from tollway.infra.db import migrate
-from tollway.local.embedded import EmbeddedPostgres
 from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
 from tollway.retrieval.embedders import Embedded
 
@@ -57,71 +54,62 @@ async def run(args: argparse.Namespace) -> None:
     pool = sentences()
     print(f"# {len(pool):,} sentences of FOLDOC to draw from")
     for size in (int(s) for s in args.sizes.split(",")):
-        with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
-            pg = EmbeddedPostgres(Path(tmp) / "pg")
-            url = pg.start()
-            try:
-                await migrate(url)
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                    await register_vector_async(conn)
-                    tid = (await (await conn.execute(
-                        "INSERT INTO tenants (name) VALUES ('bench') RETURNING id")).fetchone())[0]  # type: ignore[index]
-                    coll = await create_collection(conn, tid, "big", embedder="bench", dims=DIMS, splitting=Splitting())
-                    vec = HalfVector(np.ones(DIMS, dtype=np.float32) / np.sqrt(DIMS))
-                    t0 = time.perf_counter()
-                    for d in range(size // PER_DOC):
-                        texts = [" ".join(rng.sample(pool, 6)) for _ in range(PER_DOC)]
+        async with bench_tenant() as (conn, tid):
+            await register_vector_async(conn)
+            coll = await create_collection(conn, tid, "big", embedder="bench", dims=DIMS, splitting=Splitting())
+            vec = HalfVector(np.ones(DIMS, dtype=np.float32) / np.sqrt(DIMS))
+            t0 = time.perf_counter()
+            for d in range(size // PER_DOC):
+                texts = [" ".join(rng.sample(pool, 6)) for _ in range(PER_DOC)]
+                async with tenant_tx(conn, tid):
+                    doc = (await (await conn.execute(
+                        "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash,"
+                        " token_count, dims, embedding) VALUES (%s, %s, %s, %s, 'text', 'x', 0, %s, %s)"
+                        " RETURNING id", (tid, coll.id, f"d{d}", f"Document {d}", DIMS, vec))).fetchone())[0]  # type: ignore[index]
+                    sec = (await (await conn.execute(
+                        "INSERT INTO rag_sections (tenant_id, collection_id, document_id, ord, heading, text,"
+                        " token_count, dims, embedding) VALUES (%s, %s, %s, 0, '', '', 0, %s, %s) RETURNING id",
+                        (tid, coll.id, doc, DIMS, vec))).fetchone())[0]  # type: ignore[index]
+                    rows = [(tid, coll.id, doc, sec, j, t, f"Document {d}", 0, "{}", DIMS, vec)
+                            for j, t in enumerate(texts)]
+                    await conn.execute(
+                        "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
+                        " lex_head, token_count, metadata, dims, embedding) VALUES "
+                        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows)),
+                        [v for r in rows for v in r])
+            took = time.perf_counter() - t0
+            await conn.execute("VACUUM ANALYZE rag_postings")
+            await conn.execute("VACUUM ANALYZE rag_terms")
+            sizes = await (await conn.execute(
+                "SELECT pg_size_pretty(pg_total_relation_size('rag_postings')),"
+                " pg_size_pretty(pg_total_relation_size('rag_terms')), (SELECT count(*) FROM rag_terms)")).fetchone()
+            print(f"\n## {size:,} chunks: written with their term statistics at {size / took:,.0f} chunks/s "
+                  f"(one INSERT of {PER_DOC} per document); postings {sizes[0]}, terms {sizes[1]} "  # type: ignore[index]
+                  f"({sizes[2]:,} distinct)")  # type: ignore[index]
+            short = rng.sample(pool, args.queries)
+            long = [" ".join(rng.sample(pool, 15))[:1800] for _ in range(50)]
+            long = [" ".join(q.split()[:250]) for q in long]
+            for budget in (int(b) for b in args.postings.split(",")):
+                searcher = Searcher(lambda name, dims: None, Tuning(lexical_postings=budget))  # type: ignore[arg-type,return-value]
+                print(f"postings budget {budget:,}:")
+                for name, queries in (("short (~20 words)", short), ("long (250 words)", long)):
+                    lexical, whole, overlap = [], [], []
+                    for text in queries:
                         async with tenant_tx(conn, tid):
-                            doc = (await (await conn.execute(
-                                "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash,"
-                                " token_count, dims, embedding) VALUES (%s, %s, %s, %s, 'text', 'x', 0, %s, %s)"
-                                " RETURNING id", (tid, coll.id, f"d{d}", f"Document {d}", DIMS, vec))).fetchone())[0]  # type: ignore[index]
-                            sec = (await (await conn.execute(
-                                "INSERT INTO rag_sections (tenant_id, collection_id, document_id, ord, heading, text,"
-                                " token_count, dims, embedding) VALUES (%s, %s, %s, 0, '', '', 0, %s, %s) RETURNING id",
-                                (tid, coll.id, doc, DIMS, vec))).fetchone())[0]  # type: ignore[index]
-                            rows = [(tid, coll.id, doc, sec, j, t, f"Document {d}", 0, "{}", DIMS, vec)
-                                    for j, t in enumerate(texts)]
-                            await conn.execute(
-                                "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
-                                " lex_head, token_count, metadata, dims, embedding) VALUES "
-                                + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows)),
-                                [v for r in rows for v in r])
-                    took = time.perf_counter() - t0
-                    await conn.execute("VACUUM ANALYZE rag_postings")
-                    await conn.execute("VACUUM ANALYZE rag_terms")
-                    sizes = await (await conn.execute(
-                        "SELECT pg_size_pretty(pg_total_relation_size('rag_postings')),"
-                        " pg_size_pretty(pg_total_relation_size('rag_terms')), (SELECT count(*) FROM rag_terms)")).fetchone()
-                    print(f"\n## {size:,} chunks: written with their term statistics at {size / took:,.0f} chunks/s "
-                          f"(one INSERT of {PER_DOC} per document); postings {sizes[0]}, terms {sizes[1]} "  # type: ignore[index]
-                          f"({sizes[2]:,} distinct)")  # type: ignore[index]
-                    short = rng.sample(pool, args.queries)
-                    long = [" ".join(rng.sample(pool, 15))[:1800] for _ in range(50)]
-                    long = [" ".join(q.split()[:250]) for q in long]
-                    for budget in (int(b) for b in args.postings.split(",")):
-                        searcher = Searcher(lambda name, dims: None, Tuning(lexical_postings=budget))  # type: ignore[arg-type,return-value]
-                        print(f"postings budget {budget:,}:")
-                        for name, queries in (("short (~20 words)", short), ("long (250 words)", long)):
-                            lexical, whole, overlap = [], [], []
-                            for text in queries:
-                                async with tenant_tx(conn, tid):
-                                    s = time.perf_counter()
-                                    got = await store.lexical_chunks(conn, coll, text, 64, None, budget)
-                                    lexical.append((time.perf_counter() - s) * 1000)
-                                    exact = await store.lexical_chunks(conn, coll, text, 10, None, 10**9)
-                                top = {i for i, _ in exact.scores}
-                                overlap.append(len(top & {i for i, _ in got.scores[:10]}) / max(len(top), 1))
-                                q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
-                                q /= np.linalg.norm(q)
-                                s = time.perf_counter()
-                                await searcher.search_with(conn, tid, "big", Query(text=text, context_tokens=600),
-                                                           Embedded(q[None, :], 0, 0.0), "bench")
-                                whole.append((time.perf_counter() - s) * 1000)
-                            print(f"  {name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}   "
-                                  f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
-            finally:
-                pg.stop()
+                            s = time.perf_counter()
+                            got = await store.lexical_chunks(conn, coll, text, 64, None, budget)
+                            lexical.append((time.perf_counter() - s) * 1000)
+                            exact = await store.lexical_chunks(conn, coll, text, 10, None, 10**9)
+                        top = {i for i, _ in exact.scores}
+                        overlap.append(len(top & {i for i, _ in got.scores[:10]}) / max(len(top), 1))
+                        q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
+                        q /= np.linalg.norm(q)
+                        s = time.perf_counter()
+                        await searcher.search_with(conn, tid, "big", Query(text=text, context_tokens=600),
+                                                   Embedded(q[None, :], 0, 0.0), "bench")
+                        whole.append((time.perf_counter() - s) * 1000)
+                    print(f"  {name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}   "
+                          f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
 
 
 def main() -> None:

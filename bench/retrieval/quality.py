@@ -20,14 +20,12 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psycopg
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
+from common import bench_tenant
 
-from tollway.infra.db import migrate
-from tollway.local.embedded import EmbeddedPostgres
 from tollway.retrieval import (
     LocalEmbedder,
     NewDocument,
@@ -71,63 +69,54 @@ async def run(args: argparse.Namespace) -> None:
     tasks = json.loads((folder / "tasks.json").read_text())[: args.tasks]
     embedder = LocalEmbedder()
     embedder.load()
-    with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
-        pg = EmbeddedPostgres(Path(tmp) / "pg")
-        url = pg.start()
-        try:
-            await migrate(url)
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                cur = await conn.execute("INSERT INTO tenants (name) VALUES ('bench') RETURNING id")
-                tid = (await cur.fetchone())[0]  # type: ignore[index]
-                coll = await create_collection(conn, tid, "bank", embedder=embedder.name, dims=embedder.dims,
-                                               splitting=Splitting())
-                new = [NewDocument(source=d["id"], text=d["content"], format="markdown", title=d["title"]) for d in docs]
-                t0 = time.perf_counter()
-                prepared = await prepare(conn, coll, new, max_tokens=10**6)
-                t1 = time.perf_counter()
-                texts = to_embed(prepared)
-                embedded = await embedder.embed(texts)
-                t2 = time.perf_counter()
-                await write(conn, coll, prepared, embedded.vectors, embedder)
-                t3 = time.perf_counter()
-                chunks = len(texts)
-                sections = sum(len(p.parsed.sections) for p in prepared)
-                tokens = sum(p.parsed.tokens for p in prepared)
-                print(f"# ingestion: {len(docs)} documents, {sections} sections, {chunks} chunks, {tokens:,} tokens"
-                      f" in {t3 - t0:.1f} s = {len(docs) / (t3 - t0):.1f} documents/s, {chunks / (t3 - t0):.1f}"
-                      f" chunks/s (parse+split {t1 - t0:.1f} s, embed {t2 - t1:.1f} s = {chunks / (t2 - t1):.1f}"
-                      f" chunks/s, write {t3 - t2:.1f} s)", flush=True)
-                queries = [t["user_scenario"]["instructions"] for t in tasks]
-                wanted = [set(t["required_documents"]) for t in tasks]
-                qv = await embedder.embed(queries)
-                searcher = Searcher(lambda name, dims: embedder)
+    async with bench_tenant() as (conn, tid):
+        coll = await create_collection(conn, tid, "bank", embedder=embedder.name, dims=embedder.dims,
+                                       splitting=Splitting())
+        new = [NewDocument(source=d["id"], text=d["content"], format="markdown", title=d["title"]) for d in docs]
+        t0 = time.perf_counter()
+        prepared = await prepare(conn, coll, new, max_tokens=10**6)
+        t1 = time.perf_counter()
+        texts = to_embed(prepared)
+        embedded = await embedder.embed(texts)
+        t2 = time.perf_counter()
+        await write(conn, coll, prepared, embedded.vectors, embedder)
+        t3 = time.perf_counter()
+        chunks = len(texts)
+        sections = sum(len(p.parsed.sections) for p in prepared)
+        tokens = sum(p.parsed.tokens for p in prepared)
+        print(f"# ingestion: {len(docs)} documents, {sections} sections, {chunks} chunks, {tokens:,} tokens"
+              f" in {t3 - t0:.1f} s = {len(docs) / (t3 - t0):.1f} documents/s, {chunks / (t3 - t0):.1f}"
+              f" chunks/s (parse+split {t1 - t0:.1f} s, embed {t2 - t1:.1f} s = {chunks / (t2 - t1):.1f}"
+              f" chunks/s, write {t3 - t2:.1f} s)", flush=True)
+        queries = [t["user_scenario"]["instructions"] for t in tasks]
+        wanted = [set(t["required_documents"]) for t in tasks]
+        qv = await embedder.embed(queries)
+        searcher = Searcher(lambda name, dims: embedder)
 
-                async def curve(mode: str, hybrid: bool, settings: list[tuple[int | None, int]]) -> list[tuple[float, float, float]]:
-                    out = []
-                    for k, budget in settings:
-                        recalls, used, latency = [], [], []
-                        for i, (text, want) in enumerate(zip(queries, wanted, strict=True)):
-                            one = Embedded(qv.vectors[i:i + 1], 0, 0.0)
-                            q = Query(text=text, context_tokens=budget, k=k, mode=mode, hybrid=hybrid)  # type: ignore[arg-type]
-                            s = time.perf_counter()
-                            found = await searcher.search_with(conn, tid, "bank", q, one, embedder.name)
-                            latency.append((time.perf_counter() - s) * 1000)
-                            got = {p.source for p in found.passages}
-                            recalls.append(len(got & want) / len(want))
-                            used.append(found.context_tokens)
-                        out.append((statistics.mean(used), statistics.mean(recalls), statistics.median(latency)))
-                    return out
+        async def curve(mode: str, hybrid: bool, settings: list[tuple[int | None, int]]) -> list[tuple[float, float, float]]:
+            out = []
+            for k, budget in settings:
+                recalls, used, latency = [], [], []
+                for i, (text, want) in enumerate(zip(queries, wanted, strict=True)):
+                    one = Embedded(qv.vectors[i:i + 1], 0, 0.0)
+                    q = Query(text=text, context_tokens=budget, k=k, mode=mode, hybrid=hybrid)  # type: ignore[arg-type]
+                    s = time.perf_counter()
+                    found = await searcher.search_with(conn, tid, "bank", q, one, embedder.name)
+                    latency.append((time.perf_counter() - s) * 1000)
+                    got = {p.source for p in found.passages}
+                    recalls.append(len(got & want) / len(want))
+                    used.append(found.context_tokens)
+                out.append((statistics.mean(used), statistics.mean(recalls), statistics.median(latency)))
+            return out
 
-                results: dict[str, list[tuple[float, float, float]]] = {}
-                labels: dict[str, list[str]] = {}
-                for hybrid in (False, True):
-                    tag = "+hybrid" if hybrid else ""
-                    results["flat" + tag] = await curve("flat", hybrid, [(k, 10**6) for k in range(1, 11)])
-                    labels["flat" + tag] = [f"k={k}" for k in range(1, 11)]
-                    results["hierarchical" + tag] = await curve("hierarchical", hybrid, [(None, b) for b in BUDGETS])
-                    labels["hierarchical" + tag] = [f"{b} tok" for b in BUDGETS]
-        finally:
-            pg.stop()
+        results: dict[str, list[tuple[float, float, float]]] = {}
+        labels: dict[str, list[str]] = {}
+        for hybrid in (False, True):
+            tag = "+hybrid" if hybrid else ""
+            results["flat" + tag] = await curve("flat", hybrid, [(k, 10**6) for k in range(1, 11)])
+            labels["flat" + tag] = [f"k={k}" for k in range(1, 11)]
+            results["hierarchical" + tag] = await curve("hierarchical", hybrid, [(None, b) for b in BUDGETS])
+            labels["hierarchical" + tag] = [f"{b} tok" for b in BUDGETS]
 
     print(f"\n{'curve':<20} {'point':>9} {'context tokens':>15} {'recall':>7} {'search p50 ms':>14}")
     for name, points in results.items():

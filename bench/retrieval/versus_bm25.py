@@ -23,7 +23,6 @@ import asyncio
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,10 @@ import psycopg
 from rank_bm25 import BM25Okapi
 from scipy.stats import binomtest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
+from common import bench_tenant
 
-from tollway.infra.db import migrate
-from tollway.local.embedded import EmbeddedPostgres
 from tollway.retrieval import (
     LocalEmbedder,
     NewDocument,
@@ -100,68 +98,58 @@ async def run(args: argparse.Namespace) -> None:
     tuning = Tuning(**{k: _setting(getattr(Tuning(), k), v) for k, v in (kv.split("=", 1) for kv in args.tuning)})
     print(f"# default search: mode={default.mode} hybrid={default.hybrid}; {tuning}")
     summary: dict[tuple[str, int], dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
-        pg = EmbeddedPostgres(Path(args.data or tmp) / "pg")
-        url = pg.start()
-        try:
-            await migrate(url)
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                cur = await conn.execute("INSERT INTO tenants (name) VALUES ('bench') ON CONFLICT (name) DO UPDATE"
-                                         " SET name = excluded.name RETURNING id")
-                tid = (await cur.fetchone())[0]  # type: ignore[index]
-                searcher = Searcher(lambda name, dims: embedder, tuning)
-                for corpus in corpora.load(names, args.tasks):
-                    async with tenant_tx(conn, tid):
-                        kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s",
-                                                         (corpus.name,))).fetchone()
-                    # --data keeps what it ingested: a later run with other search settings reads it again
-                    took = 0.0 if kept else await ingest(conn, tid, corpus, embedder, Splitting())
-                    chunks = await all_chunks(conn, tid, corpus.name)
-                    bm25 = BM25Okapi([bm25_tokens(_where(c.title, c.heading) + "\n" + c.text) for c in chunks],
-                                     k1=1.5, b=0.75)
-                    qv = await embedder.embed([a.text for a in corpus.asks])
-                    tag = " (HELD OUT)" if corpus.held_out else ""
-                    print(f"\n## {corpus.name}{tag}: {corpus.shape}; {len(corpus.docs)} documents, {len(chunks)} chunks,"
-                          f" {len(corpus.asks)} queries; ingest {took:.0f} s", flush=True)
-                    print(f"{'budget':>6} " + " ".join(f"{m:>17}" for m in [*modes, "bm25"])
-                          + f" {'default/bm25':>13} {'sign p':>8}")
-                    for budget in budgets:
-                        recall: dict[str, list[float]] = {m: [] for m in [*modes, "bm25"]}
-                        tokens: dict[str, list[int]] = {m: [] for m in recall}
-                        latency: list[float] = []
-                        for i, ask in enumerate(corpus.asks):
-                            one = Embedded(qv.vectors[i:i + 1], 0, 0.0)
-                            for m, how in modes.items():
-                                q = (Query(text=ask.text, context_tokens=budget) if how is None else
-                                     Query(text=ask.text, context_tokens=budget, mode=how[0], hybrid=how[1]))  # type: ignore[arg-type]
-                                s = time.perf_counter()
-                                found = await searcher.search_with(conn, tid, corpus.name, q, one, embedder.name)
-                                if how is None:
-                                    latency.append((time.perf_counter() - s) * 1000)
-                                got = {p.source for p in found.passages}
-                                recall[m].append(len(got & ask.gold) / len(ask.gold))
-                                tokens[m].append(found.context_tokens)
-                            scores = bm25.get_scores(bm25_tokens(ask.text))
-                            top = sorted(range(len(chunks)), key=lambda j: -scores[j])[:64]
-                            ordered = [chunks[j] for j in top if scores[j] > 0]
-                            for c, j in zip(ordered, top, strict=False):
-                                c.score = float(scores[j])
-                            _, passages, used = pack(ordered, corpus.name, budget, limit=len(ordered) or 1,
-                                                     floor=None, tails=True)
-                            got = {p.source for p in passages}
-                            recall["bm25"].append(len(got & ask.gold) / len(ask.gold))
-                            tokens["bm25"].append(used)
-                        wins = sum(a > b for a, b in zip(recall["default"], recall["bm25"], strict=True))
-                        losses = sum(a < b for a, b in zip(recall["default"], recall["bm25"], strict=True))
-                        p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
-                        means = {m: statistics.mean(v) for m, v in recall.items()}
-                        rel = means["default"] / means["bm25"] - 1 if means["bm25"] else 0.0
-                        cells = " ".join(f"{means[m]:>7.3f} / {statistics.mean(tokens[m]):>5.0f}t" for m in recall)
-                        print(f"{budget:>6} {cells} {rel:>+12.1%} {p:>8.2g}   (default p50 "
-                              f"{statistics.median(latency):.1f} ms)", flush=True)
-                        summary[(corpus.name, budget)] = means | {"held_out": float(corpus.held_out)}
-        finally:
-            pg.stop()
+    async with bench_tenant(args.data) as (conn, tid):
+        searcher = Searcher(lambda name, dims: embedder, tuning)
+        for corpus in corpora.load(names, args.tasks):
+            async with tenant_tx(conn, tid):
+                kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s",
+                                                 (corpus.name,))).fetchone()
+            # --data keeps what it ingested: a later run with other search settings reads it again
+            took = 0.0 if kept else await ingest(conn, tid, corpus, embedder, Splitting())
+            chunks = await all_chunks(conn, tid, corpus.name)
+            bm25 = BM25Okapi([bm25_tokens(_where(c.title, c.heading) + "\n" + c.text) for c in chunks],
+                             k1=1.5, b=0.75)
+            qv = await embedder.embed([a.text for a in corpus.asks])
+            tag = " (HELD OUT)" if corpus.held_out else ""
+            print(f"\n## {corpus.name}{tag}: {corpus.shape}; {len(corpus.docs)} documents, {len(chunks)} chunks,"
+                  f" {len(corpus.asks)} queries; ingest {took:.0f} s", flush=True)
+            print(f"{'budget':>6} " + " ".join(f"{m:>17}" for m in [*modes, "bm25"])
+                  + f" {'default/bm25':>13} {'sign p':>8}")
+            for budget in budgets:
+                recall: dict[str, list[float]] = {m: [] for m in [*modes, "bm25"]}
+                tokens: dict[str, list[int]] = {m: [] for m in recall}
+                latency: list[float] = []
+                for i, ask in enumerate(corpus.asks):
+                    one = Embedded(qv.vectors[i:i + 1], 0, 0.0)
+                    for m, how in modes.items():
+                        q = (Query(text=ask.text, context_tokens=budget) if how is None else
+                             Query(text=ask.text, context_tokens=budget, mode=how[0], hybrid=how[1]))  # type: ignore[arg-type]
+                        s = time.perf_counter()
+                        found = await searcher.search_with(conn, tid, corpus.name, q, one, embedder.name)
+                        if how is None:
+                            latency.append((time.perf_counter() - s) * 1000)
+                        got = {p.source for p in found.passages}
+                        recall[m].append(len(got & ask.gold) / len(ask.gold))
+                        tokens[m].append(found.context_tokens)
+                    scores = bm25.get_scores(bm25_tokens(ask.text))
+                    top = sorted(range(len(chunks)), key=lambda j: -scores[j])[:64]
+                    ordered = [chunks[j] for j in top if scores[j] > 0]
+                    for c, j in zip(ordered, top, strict=False):
+                        c.score = float(scores[j])
+                    _, passages, used = pack(ordered, corpus.name, budget, limit=len(ordered) or 1,
+                                             floor=None, tails=True)
+                    got = {p.source for p in passages}
+                    recall["bm25"].append(len(got & ask.gold) / len(ask.gold))
+                    tokens["bm25"].append(used)
+                wins = sum(a > b for a, b in zip(recall["default"], recall["bm25"], strict=True))
+                losses = sum(a < b for a, b in zip(recall["default"], recall["bm25"], strict=True))
+                p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+                means = {m: statistics.mean(v) for m, v in recall.items()}
+                rel = means["default"] / means["bm25"] - 1 if means["bm25"] else 0.0
+                cells = " ".join(f"{means[m]:>7.3f} / {statistics.mean(tokens[m]):>5.0f}t" for m in recall)
+                print(f"{budget:>6} {cells} {rel:>+12.1%} {p:>8.2g}   (default p50 "
+                      f"{statistics.median(latency):.1f} ms)", flush=True)
+                summary[(corpus.name, budget)] = means | {"held_out": float(corpus.held_out)}
     print("\n## relative to bm25, mean over corpora (tuned on / held out)")
     for budget in budgets:
         for held in (0.0, 1.0):
