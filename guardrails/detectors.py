@@ -29,6 +29,8 @@ from stdnum.in_ import aadhaar
 from stdnum.it import codicefiscale
 from stdnum.us import ssn
 
+from tollway.guardrails.fold import Folded, fold
+
 
 @dataclass(frozen=True, slots=True)
 class Span:
@@ -61,9 +63,25 @@ class Detector:
     pattern: regex.Pattern[str]
     check: Callable[[str], bool] | None = None
 
+    shrink: bool = False  # a match failing its check may be a shorter one followed by more words
+
     def find(self, text: str) -> list[Span]:
-        return [Span(self.kind, m.start(), m.end()) for m in self.pattern.finditer(text)
-                if self.check is None or self.check(m.group(0))]
+        out = []
+        for m in self.pattern.finditer(text):
+            if self.check is None or self.check(m.group(0)):
+                out.append(Span(self.kind, m.start(), m.end()))
+            elif self.shrink and (end := self._shorter(text, m.start(), m.end())) is not None:
+                out.append(Span(self.kind, m.start(), end))
+        return out
+
+    def _shorter(self, text: str, start: int, end: int) -> int | None:
+        """The longest prefix of a failed match that ends a word and passes the check (``gb82 west ... 32
+        now`` in any case: the pattern's last groups took ``now``)."""
+        assert self.check is not None
+        for stop in range(end - 1, start, -1):
+            if text[stop - 1].isalnum() and not text[stop].isalnum() and self.check(text[start:stop]):
+                return stop
+        return None
 
     def holds(self, text: str) -> int:
         # A match may still grow (or pass its check with more digits) if one starting where it starts could
@@ -117,8 +135,9 @@ def _numbers(run: str) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(found))
 
 
-def pattern(kind: str, source: str, check: Callable[[str], bool] | None = None, flags: int = 0) -> Detector:
-    return Detector(kind, regex.compile(source, flags), check)
+def pattern(kind: str, source: str, check: Callable[[str], bool] | None = None, flags: int = 0,
+            shrink: bool = False) -> Detector:
+    return Detector(kind, regex.compile(source, flags), check, shrink)
 
 
 def _digits(value: str) -> str:
@@ -138,11 +157,21 @@ def _card(value: str) -> bool:
     return 13 <= len(digits) <= 19 and digits[0] in "23456"
 
 
+@lru_cache(maxsize=1)
+def _iban_countries() -> frozenset[str]:
+    """The country codes of SWIFT's IBAN registry (python-stdnum's copy)."""
+    from importlib.resources import files
+
+    text = files("stdnum").joinpath("iban.dat").read_text()
+    return frozenset(line[:2] for line in text.splitlines() if regex.match(r"[A-Z]{2} ", line))
+
+
 def _iban(value: str) -> bool:
-    """ISO 13616's mod-97 check over the rearranged number (not each country's length and format: a
-    malformed IBAN that passes mod-97 is still an account number)."""
-    compact = value.replace(" ", "")
-    if not 15 <= len(compact) <= 34:
+    """ISO 13616's mod-97 check over the rearranged number, in any case (``gb82west...`` is the same account),
+    from a country in the IBAN registry (not each country's length and format: a malformed IBAN that passes
+    mod-97 is still an account number)."""
+    compact = value.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34 or compact[:2] not in _iban_countries():
         return False
     rearranged = compact[4:] + compact[:4]
     return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
@@ -183,7 +212,7 @@ DETECTORS: dict[str, Finder] = {
     "email": pattern("email", r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}"),
     "phone": PhoneDetector(),
     "card": pattern("card", r"(?<![\d-])\d(?:[ -]?\d){11,18}(?![\d-])", _card),
-    "iban": pattern("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", _iban),
+    "iban": pattern("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", _iban, regex.IGNORECASE, shrink=True),
     "ssn": pattern("ssn", r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)", _ssn),
     "national_id": pattern("national_id", r"(?<![\w+-])(?:\d{8}-?[A-Z]|[2-9]\d{3} ?\d{4} ?\d{4}"
                            r"|[A-Z]{6}\d{2}[A-Z]\d{2}[A-Z]\d{3}[A-Z])(?![\w-])", _national_id),
@@ -203,9 +232,12 @@ def detect(text: str, kinds: tuple[str, ...]) -> list[Span]:
     return spans_of(text, finders(kinds))
 
 
-def spans_of(text: str, found_by: list[Finder]) -> list[Span]:
-    """Spans found by any of ``found_by``, left to right; where two overlap, the longer one."""
-    spans = sorted((s for f in found_by for s in f.find(text)), key=lambda s: (s.start, -s.end))
+def spans_of(text: str, found_by: list[Finder], folded: Folded | None = None) -> list[Span]:
+    """Spans found by any of ``found_by`` in the folded text (``tollway.guardrails.fold``: zero-width
+    characters dropped, NFKC, JSON escapes decoded), left to right, where two overlap the longer one, each
+    mapped back onto ``text``."""
+    folded = folded or fold(text)
+    spans = sorted((s for f in found_by for s in f.find(folded.text)), key=lambda s: (s.start, -s.end))
     out: list[Span] = []
     for span in spans:
         if out and span.start < out[-1].end:
@@ -213,7 +245,9 @@ def spans_of(text: str, found_by: list[Finder]) -> list[Span]:
                 out[-1] = span
             continue
         out.append(span)
-    return out
+    if folded.starts is None:
+        return out
+    return [Span(s.kind, folded.start(s.start), folded.end(s.end)) for s in out]
 
 
 def redact(text: str, spans: list[Span]) -> str:

@@ -1,7 +1,9 @@
 """A held-back window over streamed text: text is released only up to where no detector could still be
 forming a span, so a span split over any number of chunks is caught whole and never reaches the client.
 
-Each round the window runs its detectors over what it holds (plus a little released text as left context,
+Each round the window runs its detectors over the folded text of what it holds (``tollway.guardrails.fold``:
+spans hidden by zero-width characters, compatibility forms or JSON escapes are found, and land on the
+original characters) (plus a little released text as left context,
 for look-behinds) and releases up to the earliest of: where a detector says a span could still be forming
 (``Finder.holds``), and the start of any span that reaches past that point. Spans inside the released part
 get their action: ``redact`` replaces them, ``log`` lets them through (recorded), ``stop`` ends the answer
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tollway.guardrails.detectors import Finder, Span, redact, spans_of
+from tollway.guardrails.fold import fold
 
 CONTEXT = 32  # released characters kept for look-behind
 
@@ -53,11 +56,14 @@ class Window:
     def _release(self, *, final: bool) -> Release:
         lead = len(self.context)
         text = self.context + self.pending
-        spans = [Span(s.kind, max(s.start - lead, 0), s.end - lead) for s in spans_of(text, self.finders)
+        folded = fold(text, final=final)
+        spans = [Span(s.kind, max(s.start - lead, 0), s.end - lead) for s in spans_of(text, self.finders, folded)
                  if s.end > lead]
         cut = len(self.pending)
         if not final:
-            cut = min([cut, *(f.holds(text) - lead for f in self.finders)])
+            # where a span could still be forming, in the folded text, is held back on the original (with
+            # the characters folding dropped inside it, and an escape not finished yet)
+            cut = min([cut, folded.stop - lead, *(folded.start(f.holds(folded.text)) - lead for f in self.finders)])
         for span in spans:
             if span.start < cut < span.end:  # it may still grow: keep it whole for the next round
                 cut = span.start

@@ -138,3 +138,51 @@ def test_a_stop_action_releases_only_what_came_before_the_span():
     assert window.stopped
     assert window.feed("more").text == ""
     assert window.end().text == ""
+
+
+# -- obfuscation: found on the folded text, redacted on the original ------------------------------------
+def _escaped(text: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+OBFUSCATED = {
+    "zero-width joiner after @": ("john\u200d@example.com", "EMAIL"),
+    "soft hyphen in the domain": ("john@exam\u00adple.com", "EMAIL"),
+    "zero-width spaces in a card": ("4111\u200b1111\u200b1111\u200b1111", "CARD"),
+    "full-width digits, ungrouped": ("４１１１１１１１１１１１１１１１", "CARD"),
+    "full-width at sign": ("john＠example.com", "EMAIL"),
+    "lowercase IBAN": ("gb82 west 1234 5698 7654 32", "IBAN"),
+    "JSON-escaped at sign": ("john\\u0040example.com", "EMAIL"),
+    "a wholly escaped email": (_escaped("john@example.com"), "EMAIL"),
+    "wholly escaped card digits": (_escaped("4111111111111111"), "CARD"),
+}
+
+
+@pytest.mark.parametrize("name", list(OBFUSCATED))
+@pytest.mark.parametrize("size", [1, 3, None])  # None: the whole text at once (a JSON answer)
+def test_obfuscated_pii_is_caught_and_redacted_on_the_original_characters(name, size):
+    from tollway.guardrails.detectors import finders
+    from tollway.guardrails.window import Window
+
+    planted, kind = OBFUSCATED[name]
+    text = f'{{"note": "Sure \u00e9t\u00e9, it is {planted} and that is all."}}'
+    expected = f'{{"note": "Sure \u00e9t\u00e9, it is [REDACTED:{kind}] and that is all."}}'
+    if size is None:
+        assert redact(text, detect(text, PII)) == expected
+        return
+    for offset in range(size):
+        chunks = [text[:offset], *(text[i:i + size] for i in range(offset, len(text), size))]
+        window = Window(finders(PII))
+        released = [window.feed(c).text for c in chunks] + [window.end().text]
+        assert "".join(released) == expected, (name, size, offset)
+
+
+def test_folding_keeps_benign_text_as_it_is():
+    from tollway.guardrails.fold import fold
+
+    for text in ["plain ascii", "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e", "a\\nb \\t tab", "emoji \U0001f600 ok"]:
+        folded = fold(text)
+        assert folded.text == text
+        assert detect(text, PII) == []
+    # a lowercase run that only looks like an IBAN (not a registry country, or failing mod-97) is left alone
+    assert detect("hash zz12abcdef9876543 and ab12cdef0123456789abcdef01", PII) == []

