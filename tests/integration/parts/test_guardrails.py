@@ -12,6 +12,7 @@ import orjson
 import pytest
 import yaml
 from support import sse_payloads as sse
+from support.obfuscation import OBFUSCATED  # the unit tests' cases (1- and 3-character chunks there)
 from support.config import write_config
 
 from tollway.gateway.chat.relay import through
@@ -123,6 +124,23 @@ async def test_a_json_answer_is_redacted_and_a_tenant_without_policy_pays_nothin
     # no policy: no output filter was built (a built one reports 'pass' outcomes)
     assert untouched["choices"][0]["message"]["content"] == text
     assert untouched["tollway"]["guards"] == []
+
+
+async def test_obfuscated_pii_is_redacted_in_streams_and_json_answers(app_factory, make_tenant, admin):
+    """Each obfuscation, streamed in the echo model's 3-character frames and as a whole JSON answer (JSON mode
+    included): the span is redacted, every other character reaches the client as it was."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_guards(gw, admin, tenant, {"output": {"pii": "redact"}})
+        for name, (planted, kind) in OBFUSCATED.items():
+            text = f'{{"note": "Sure \u00e9t\u00e9, it is {planted} and that is all."}}'
+            expected = text.replace(planted, f"[REDACTED:{kind}]")
+            streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                            json=echo(text, stream=True))
+            whole = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                         json=echo(text, response_format={"type": "json_object"}))
+            assert content(sse(streamed.text)) == expected, name
+            assert whole.json()["choices"][0]["message"]["content"] == expected, name
 
 
 # -- input ---------------------------------------------------------------------------------------

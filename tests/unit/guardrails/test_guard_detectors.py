@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from support.obfuscation import OBFUSCATED
+
 from tollway.guardrails.detectors import PII, detect, redact
 
 
@@ -141,23 +143,6 @@ def test_a_stop_action_releases_only_what_came_before_the_span():
 
 
 # -- obfuscation: found on the folded text, redacted on the original ------------------------------------
-def _escaped(text: str) -> str:
-    return "".join(f"\\u{ord(c):04x}" for c in text)
-
-
-OBFUSCATED = {
-    "zero-width joiner after @": ("john\u200d@example.com", "EMAIL"),
-    "soft hyphen in the domain": ("john@exam\u00adple.com", "EMAIL"),
-    "zero-width spaces in a card": ("4111\u200b1111\u200b1111\u200b1111", "CARD"),
-    "full-width digits, ungrouped": ("４１１１１１１１１１１１１１１１", "CARD"),
-    "full-width at sign": ("john＠example.com", "EMAIL"),
-    "lowercase IBAN": ("gb82 west 1234 5698 7654 32", "IBAN"),
-    "JSON-escaped at sign": ("john\\u0040example.com", "EMAIL"),
-    "a wholly escaped email": (_escaped("john@example.com"), "EMAIL"),
-    "wholly escaped card digits": (_escaped("4111111111111111"), "CARD"),
-}
-
-
 @pytest.mark.parametrize("name", list(OBFUSCATED))
 @pytest.mark.parametrize("size", [1, 3, None])  # None: the whole text at once (a JSON answer)
 def test_obfuscated_pii_is_caught_and_redacted_on_the_original_characters(name, size):
