@@ -9,6 +9,7 @@ if __name__ != "tollway.guardrails":
 
 from tollway.guardrails.detectors import DETECTORS, PII, Detector, Finder, Span, detect, redact
 from tollway.guardrails.engine import ChoiceGuard, Extra, Outcome, OutputPlan, check_input
+from tollway.guardrails.moderation import Moderation, moderate
 from tollway.guardrails.policy import (
     BUILTIN,
     GuardConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "Finder",
     "GuardConfig",
     "GuardPolicy",
+    "Moderation",
     "Outcome",
     "OutputPlan",
     "PolicyError",
@@ -43,6 +45,7 @@ __all__ = [
     "check_input",
     "detect",
     "load_validator",
+    "moderate",
     "parse_config",
     "parse_policy",
     "parse_prompt_guards",

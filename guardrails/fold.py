@@ -2,7 +2,7 @@
 
 Obfuscation that a reader does not see must not hide a span from the detectors: zero-width characters and
 soft hyphens (``a@\u200dexample.com``, ``exam\u00adple.com``, ``4111\u200b1111...``) are dropped; compatibility
-forms are folded by Unicode NFKC (full-width ``４１１１``, ``＠``); JSON string escapes ``\\uXXXX`` (an email
+forms are folded by Unicode NFKC (full-width digits and at sign, U+FF10-FF19 and U+FF20); JSON string escapes ``\\uXXXX`` (an email
 written ``john\\u0040example.com`` or wholly escaped, as a model may in JSON mode, and surrogate pairs)
 are decoded. ``fold`` returns the folded text with, for each of its characters, the range of original
 characters it came from, so a span found in the folded text is redacted on the original: what the client

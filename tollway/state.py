@@ -373,7 +373,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     except PolicyError as exc:
         raise StartupError(f"{settings.config or 'config'}: {exc}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
-    service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality)
+    service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality,
+                                moderator=guarding.moderate)
     evals = Evals(pool, service, prompts, eval_settings(raw_config.evals), ids)
     stack.push_async_callback(evals.background.drain)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))

@@ -238,7 +238,8 @@ def agentdojo(dojo: zipfile.ZipFile, rng: random.Random) -> list[str]:
     fields = {"user": "Emma Johnson", "model": "GPT-4", "tools": "", "task": "the task"}
     for template in templates:
         for goal in rng.sample(goals, min(8, len(goals))):
-            injected = _FIELD.sub(lambda m: goal if m.group(1) == "goal" else fields.get(m.group(1), ""), template)
+            injected = _FIELD.sub(lambda m, goal=goal: goal if m.group(1) == "goal" else fields.get(m.group(1), ""),
+                                  template)
             host = rng.choice(hosts) if hosts else ""
             out.append(f"{host}\n{injected}" if rng.random() < 0.7 else injected)
     return out
@@ -259,7 +260,7 @@ def spikee(zf: zipfile.ZipFile, rng: random.Random) -> list[str]:
         if folder.endswith("-fp"):
             continue
 
-        def rows(name: str) -> list[dict]:
+        def rows(name: str, folder: str = folder) -> list[dict]:
             path = f"{root}{folder}/{name}"
             if path not in zf.namelist():
                 return []

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from injection_sources import HELD_OUT, Sample, load
 from learned_model import BITS, Model, grams
+
 from tollway.guardrails.injection import score as rules
 
 TARGET_FP = 0.01
@@ -62,7 +63,7 @@ def fit(x: sparse.csr_matrix, y: np.ndarray, c: float, sources: np.ndarray) -> t
     a 40-prompt one), and the two classes weighing the same."""
     from sklearn.linear_model import LogisticRegression
 
-    names, index, counts = np.unique(sources, return_inverse=True, return_counts=True)
+    _, index, counts = np.unique(sources, return_inverse=True, return_counts=True)
     weight = 1.0 / counts[index]
     for label in (0, 1):
         weight[y == label] *= len(y) / 2 / weight[y == label].sum()
@@ -149,7 +150,7 @@ def main() -> None:
     })
     model.save(args.out)
     cut = offset + LOGIT_DEFAULT
-    flagged = {id(s): l >= cut for s, l in zip(train, logits, strict=True)}
+    flagged = {id(s): v >= cut for s, v in zip(train, logits, strict=True)}
     flagged |= {id(s): v >= DEFAULT for s, v in zip(held, held_scores, strict=True)}
     print(f"\nC={c}, offset {offset:.3f}. Share flagged at the default threshold {DEFAULT} (recall for attacks, "
           "false positives for benign); model = leave-one-source-out for training sources, the final model "

@@ -15,6 +15,7 @@ from tollway.gateway.chat.calls import (
 )
 from tollway.gateway.chat.embeddings import Embeddings
 from tollway.gateway.chat.exchange import Parts
+from tollway.gateway.chat.moderations import Moderations, Moderator
 from tollway.gateway.chat.stages import PROMPT_ALIAS, Chat
 from tollway.gateway.http.streaming import BodyReader
 from tollway.gateway.quality.sampling import LiveQuality
@@ -31,15 +32,19 @@ __all__ = ["INPUT_MARGIN", "INPUT_SLACK", "CallContext", "CompletionService", "J
 class CompletionService:
     def __init__(self, calls: Calls, router: Router, *, parts: Parts | None = None,
                  shadows: Shadows | None = None, local: LocalEmbedder | None = None,
-                 quality: LiveQuality | None = None) -> None:
+                 quality: LiveQuality | None = None, moderator: Moderator | None = None) -> None:
         self.calls = calls
         self.router = router
         self.local = local  # the packaged embedding model, served in process
         self.chat = Chat(calls, router, parts=parts, shadows=shadows, quality=quality)
         self._embeddings = Embeddings(calls, router, local)
+        self._moderations = Moderations(calls, moderator)
 
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         return await self._embeddings(ctx, read_body)
+
+    async def moderations(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
+        return await self._moderations(ctx, read_body)
 
     def models(self, principal: Principal) -> JSON:
         catalog = self.router.catalog

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from tollway.errors import TollwayError
 from tollway.gateway.chat.service import CallContext, CompletionService, JSONResult, StreamResult
 from tollway.gateway.http.middleware import send_error, send_json
-from tollway.gateway.http.protocol import ChatCompletionRequest, EmbeddingRequest
+from tollway.gateway.http.protocol import ChatCompletionRequest, EmbeddingRequest, ModerationRequest
 from tollway.gateway.http.streaming import BodyReader, ClientDisconnected, send_event_stream, until_disconnect
 
 log = logging.getLogger("tollway.gateway")
@@ -59,7 +59,10 @@ def endpoint(work: Work) -> Callable[[Scope, Receive, Send, CompletionService], 
 chat_completions = endpoint(lambda service, ctx, read_body: service.chat(ctx, read_body))
 embeddings = endpoint(lambda service, ctx, read_body: service.embeddings(ctx, read_body))
 
-HOT_ROUTES = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings}
+moderations = endpoint(lambda service, ctx, read_body: service.moderations(ctx, read_body))
+
+HOT_ROUTES = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings,
+              ("POST", "/v1/moderations"): moderations}
 
 
 def _operation(model: type[Any], summary: str) -> dict[str, Any]:
@@ -81,4 +84,6 @@ def openapi_paths() -> dict[str, Any]:
         "/v1/chat/completions": _operation(ChatCompletionRequest,
                                            "Create a chat completion (OpenAI-compatible, streaming or not)"),
         "/v1/embeddings": _operation(EmbeddingRequest, "Create embeddings (OpenAI-compatible)"),
+        "/v1/moderations": _operation(ModerationRequest, "Classify texts with the tenant's guards "
+                                                         "(OpenAI-compatible shape)"),
     }

@@ -55,12 +55,22 @@ class EmbeddingRequest(_Open):
     user: str | None = Field(default=None, max_length=256)
 
 
+class ModerationPart(_Open):
+    type: str = Field(max_length=32)
+    text: str | None = None
+
+
+class ModerationRequest(_Open):
+    input: str | list[str] | list[ModerationPart]
+    model: str | None = Field(default=None, max_length=256)
+
+
 def _param(loc: tuple[int | str, ...]) -> str | None:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[ContentPart]", "list[str]", "list[int]", "list[list[int]]", "float", "int"):
+        elif part in ("str", "list[ContentPart]", "list[ModerationPart]", "list[str]", "list[int]", "list[list[int]]", "float", "int"):
             continue  # union branch names, not fields
         else:
             out += f".{part}" if out else str(part)

@@ -32,6 +32,8 @@ from tollway.guardrails import (
     ChoiceGuard,
     Extra,
     GuardConfig,
+    GuardPolicy,
+    Moderation,
     Outcome,
     OutputPlan,
     PolicyError,
@@ -39,6 +41,7 @@ from tollway.guardrails import (
     Resolved,
     check_input,
     load_validator,
+    moderate,
     parse_config,
     resolve,
     schema_of,
@@ -106,6 +109,15 @@ class Guarding:
         """This request's policy (None: no guard runs), resolved once per tenant policy and prompt pair."""
         tenant = view.rules.guards if view.rules is not None else None
         prompt: PromptGuards | None = view.prompt.guards if view.prompt is not None else None
+        return self.resolved(tenant, prompt)
+
+    def moderate(self, tenant: GuardPolicy | None, texts: list[str]) -> list[Moderation]:
+        """``/v1/moderations``: each text through the detectors, flagged as the tenant's input policy (the
+        config's defaults under the tenant's own) would treat it in a chat request."""
+        policy = self.resolved(tenant, None)
+        return [moderate(policy, text, self.extras) for text in texts]
+
+    def resolved(self, tenant: GuardPolicy | None, prompt: PromptGuards | None) -> Resolved | None:
         key = (id(tenant), id(prompt))
         hit = self._memo.get(key)
         if hit is not None and hit[0] is tenant and hit[1] is prompt:

@@ -12,8 +12,8 @@ import orjson
 import pytest
 import yaml
 from support import sse_payloads as sse
-from support.obfuscation import OBFUSCATED  # the unit tests' cases (1- and 3-character chunks there)
 from support.config import write_config
+from support.obfuscation import OBFUSCATED  # the unit tests' cases (1- and 3-character chunks there)
 
 from tollway.gateway.chat.relay import through
 from tollway.gateway.parts.guarding import GuardFilter, Guarding

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from support.obfuscation import OBFUSCATED
 
 from tollway.guardrails.detectors import PII, detect, redact
