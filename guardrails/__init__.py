@@ -8,7 +8,7 @@ if __name__ != "tollway.guardrails":
                       "(pip install -e . maps it), not as a top-level 'guardrails'. A bare 'import guardrails' means guardrails-ai: run from outside the repository root.")
 
 from tollway.guardrails.detectors import DETECTORS, PII, Detector, Finder, Span, detect, redact
-from tollway.guardrails.engine import ChoiceGuard, Extra, Outcome, OutputPlan, check_input
+from tollway.guardrails.engine import ChoiceGuard, Extra, Outcome, OutputPlan, PassageScreen, check_input
 from tollway.guardrails.moderation import Moderation, moderate
 from tollway.guardrails.policy import (
     BUILTIN,
@@ -38,6 +38,7 @@ __all__ = [
     "Moderation",
     "Outcome",
     "OutputPlan",
+    "PassageScreen",
     "PolicyError",
     "PromptGuards",
     "Resolved",

@@ -161,9 +161,14 @@ class InputResult:
     stop: Outcome | None = None  # a validator whose action (block or fallback) refuses the request
 
 
-def check_input(policy: Resolved, texts: list[str], extras: Mapping[str, Extra]) -> InputResult:
+AT_RETRIEVAL = ("passage_injection",)  # input-side validators that run on retrieved passages, not here
+
+
+def check_input(policy: Resolved, texts: list[str], extras: Mapping[str, Extra], tools: list[str] | None = None
+                ) -> InputResult:
+    """The user's ``texts`` (and the request's tool results, ``tools``, for ``tool_injection``)."""
     actions = policy.input
-    record = Record(n for n in actions if n in extras or n in INPUT_ACTIONS)
+    record = Record(n for n in actions if (n in extras or n in INPUT_ACTIONS) and n not in AT_RETRIEVAL)
     out = list(texts)
     if "length" in actions and policy.max_input_chars is not None:
         started = time.perf_counter()
@@ -178,6 +183,13 @@ def check_input(policy: Resolved, texts: list[str], extras: Mapping[str, Extra])
             record.fail("injection", actions["injection"], spans=len(worst.rules),
                         detail=f"score {worst.score}: {', '.join(worst.rules)}")
         record.time("injection", started)
+    if "tool_injection" in actions and tools:
+        started = time.perf_counter()
+        worst = max((score(t) for t in tools), key=lambda v: v.score)
+        if worst.blocked(policy.injection_threshold):
+            record.fail("tool_injection", actions["tool_injection"], spans=len(worst.rules),
+                        detail=f"a tool result, score {worst.score}: {', '.join(worst.rules)}")
+        record.time("tool_injection", started)
     spanned = {n: a for n, a in actions.items() if n in SPAN_VALIDATORS}
     if spanned:
         timed: list[Finder] = [_Timed(f, record, validator_of(f.kind)) for f in span_finders(policy, spanned)]
@@ -202,6 +214,30 @@ def check_input(policy: Resolved, texts: list[str], extras: Mapping[str, Extra])
     stop = next((o for o in outcomes if o.action == "block"), None) or \
         next((o for o in outcomes if o.action == "fallback"), None)
     return InputResult(out, outcomes, stop)
+
+
+@dataclass(frozen=True, slots=True)
+class PassageScreen:
+    """``passage_injection``: each retrieved passage scored before it is packed."""
+
+    action: str  # 'drop' or 'log'
+    threshold: float
+
+    @classmethod
+    def of(cls, policy: Resolved | None) -> PassageScreen | None:
+        action = policy.input.get("passage_injection") if policy is not None else None
+        return cls(action, policy.injection_threshold) if action and policy is not None else None
+
+    @property
+    def key(self) -> str:
+        """What a cached answer's context depended on (part of the response cache key)."""
+        return f"passage_injection={self.action}@{self.threshold}"
+
+    def reason(self, text: str) -> str | None:
+        """Why ``text`` is flagged (None: it is not)."""
+        verdict = score(text)
+        return f"injection score {verdict.score}: {', '.join(verdict.rules)}" \
+            if verdict.blocked(self.threshold) else None
 
 
 # -- output -----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ not merge lists): the config file's ``guardrails:`` defaults < the tenant's poli
 prompt file's ``guards:``. Term, competitor and topic lists live in the tenant's policy (or the config's
 defaults); a prompt chooses validators and actions, not lists::
 
-    input:  {injection: block, pii: redact}
+    input:  {injection: block, pii: redact, tool_injection: block, passage_injection: drop}
     output: {pii: redact, secrets: block, json: block, leak: redact}
     terms: ["Project Falcon"]        # restricted terms, exact and fuzzy
     competitors: ["Globex"]
@@ -19,6 +19,11 @@ Actions: ``redact`` (output: replace the span; JSON: repair; length: truncate; i
 before anything is sent), ``block`` (output: the answer is withheld, ``finish_reason: content_filter``;
 input: 400 ``content_policy_violation``, nothing sent, nothing charged), ``fallback`` (the policy's
 safe templated answer), ``log`` (record only), ``off`` (a lower level's choice switched off).
+
+Indirect injection, where agent attacks arrive: ``tool_injection`` scores the request's tool results (``tool``
+and ``function`` messages) like the user's text (``block`` refuses the request, ``log`` flags it);
+``passage_injection`` scores each retrieved passage before it is packed (``drop`` leaves it out and its room
+goes to the next passage, ``log`` keeps it and flags it). Both use ``injection_threshold``.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tollway.guardrails.detectors import PII
 
-Action = Literal["redact", "block", "fallback", "log", "off"]
-BUILTIN = ("pii", "secrets", "terms", "json", "injection", "length", "leak")
+Action = Literal["redact", "block", "fallback", "log", "off", "drop"]
+BUILTIN = ("pii", "secrets", "terms", "json", "injection", "length", "leak", "tool_injection", "passage_injection")
 NAME = r"^[a-z][a-z0-9_-]{0,39}$"
 FALLBACK_MESSAGE = "I'm sorry, but I can't help with that request."
 
@@ -44,6 +49,8 @@ INPUT_ACTIONS: dict[str, frozenset[str]] = {
     "terms": frozenset({"redact", "block", "fallback", "log", "off"}),
     "injection": frozenset({"block", "fallback", "log", "off"}),
     "length": frozenset({"block", "fallback", "log", "off"}),
+    "tool_injection": frozenset({"block", "log", "off"}),
+    "passage_injection": frozenset({"drop", "log", "off"}),
 }
 OUTPUT_ACTIONS: dict[str, frozenset[str]] = {
     "pii": INPUT_ACTIONS["pii"], "secrets": INPUT_ACTIONS["pii"], "terms": INPUT_ACTIONS["pii"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -126,6 +127,27 @@ class Passage:
         return out | ({"truncated": True} if self.truncated else {})
 
 
+Screen = Callable[[str], "str | None"]  # why a passage's text must not be trusted (None: it may be)
+
+
+@dataclass(frozen=True, slots=True)
+class Flagged:
+    """A passage the screen flagged on its way into the context (dropped, or kept and flagged)."""
+
+    document_id: int
+    section_id: int
+    chunk_id: int
+    title: str
+    source: str
+    reason: str
+    dropped: bool
+
+    def as_json(self, ids: PublicIds) -> dict[str, Any]:
+        return {"n": None, "document_id": ids.encode("doc", self.document_id),
+                "section_id": ids.encode("sec", self.section_id), "chunk_id": ids.encode("chk", self.chunk_id),
+                "title": self.title, "source": self.source, "flagged": self.reason, "dropped": self.dropped}
+
+
 @dataclass(frozen=True, slots=True)
 class Found:
     collection: Collection
@@ -135,6 +157,8 @@ class Found:
     context_tokens: int  # of the system message, framing included: never above the budget
     embedded: Embedded
     embedder: str
+    flagged: tuple[Flagged, ...] = ()  # by the screen, in the order they were met
+    screen_ms: float = 0.0
 
     def as_json(self, ids: PublicIds, *, texts: bool = True) -> dict[str, Any]:
         sources = [p.as_json(ids) for p in self.passages]
@@ -212,12 +236,16 @@ def _block(n: int, title: str, heading: str, text: str) -> str:
 
 
 def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
-         floor: float | None, tails: bool = False) -> tuple[str, list[Passage], int]:
+         floor: float | None, tails: bool = False, screen: Screen | None = None, drop: bool = True,
+         flagged: list[Flagged] | None = None) -> tuple[str, list[Passage], int]:
     """Passages in ``ordered``'s order into ``budget`` tokens (the system message's text plus its framing),
     then shown most relevant first. Adjacent chunks of one section become one passage. Each block is
     counted on its own as it is added (counting the whole context again for every candidate is what a
     search would spend its time on); the whole is counted exactly at the end and trimmed if the seams
-    between blocks tokenised longer. Returns (context, passages, tokens used)."""
+    between blocks tokenised longer. Returns (context, passages, tokens used).
+
+    ``screen`` (an injection check) reads each candidate as it would enter the context: a flagged one is
+    appended to ``flagged`` and, with ``drop``, left out, so its room goes to the next candidate."""
     top = header(collection)
     best = ordered[0].score if ordered else 0.0
     groups: list[list[Candidate]] = []
@@ -242,6 +270,15 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
                 grown = total + size
         if grown > budget:
             continue
+        if screen is not None:
+            entering = group[0] if at is None else cand
+            reason = screen(entering.text)
+            if reason is not None:
+                if flagged is not None and all(f.chunk_id != entering.chunk_id for f in flagged):
+                    flagged.append(Flagged(entering.document_id, entering.section_id, entering.chunk_id,
+                                           entering.title, entering.source, reason, drop))
+                if drop:
+                    continue
         if at is None:
             groups.append(group)
             sizes.append(size)
@@ -305,7 +342,8 @@ class Searcher:
         self.tuning = tuning or Tuning()
 
     async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
-                          embedded: Embedded, embedder: str) -> Found:
+                          embedded: Embedded, embedder: str, *, screen: Screen | None = None,
+                          drop: bool = True) -> Found:
         t = self.tuning
         q = embedded.vectors[0]
         async with store.tenant_tx(conn, tenant_id):
@@ -330,9 +368,22 @@ class Searcher:
         ordered = self._order(cands, q, sections, docs, query, lexical, k)
         floor = t.floor if query.mode == "hierarchical" else None
         limit = k if query.mode == "hierarchical" else len(ordered)
+        flagged: list[Flagged] = []
+        spent = [0.0]  # seconds in the screen
+
+        def timed(text: str) -> str | None:
+            assert screen is not None
+            began = time.perf_counter()
+            try:
+                return screen(text)
+            finally:
+                spent[0] += time.perf_counter() - began
+
         context, passages, used = pack(ordered, coll.name, query.context_tokens, limit=limit, floor=floor,
-                                       tails=query.mode == "hierarchical" and t.tails)
-        return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder)
+                                       tails=query.mode == "hierarchical" and t.tails,
+                                       screen=timed if screen is not None else None, drop=drop, flagged=flagged)
+        return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder, tuple(flagged),
+                     spent[0] * 1000)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
                docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int) -> list[Candidate]:

@@ -359,19 +359,19 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     if local is not None:
         await asyncio.to_thread(local.load)  # here, not in the first request that retrieves
         stack.callback(local.close)
+    try:
+        guarding = Guarding.from_config(raw_config.guardrails)
+    except PolicyError as exc:
+        raise StartupError(f"{settings.config or 'config'}: {exc}") from None
     rag = Rag(pool, calls, routing, local, RagSettings(
         default_embedder=settings.embedder, context_tokens=settings.context_tokens,
         max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,
-        on_failure=settings.retrieval_failure), ids)
+        on_failure=settings.retrieval_failure), ids, screen_for=guarding.passage_screen)
     if settings.embedder != "local":
         try:
             rag.entry(settings.embedder)
         except TollwayError as exc:
             raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
-    try:
-        guarding = Guarding.from_config(raw_config.guardrails)
-    except PolicyError as exc:
-        raise StartupError(f"{settings.config or 'config'}: {exc}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
     service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality,
                                 moderator=guarding.moderate)

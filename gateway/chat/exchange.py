@@ -68,6 +68,7 @@ class Retrieved:
     context_tokens: int = 0
     error: str | None = None  # the retrieval failed and the request was answered without context
     cached: bool = False  # a cached answer grounded in this index version (its sources are not kept)
+    guards: tuple[GuardOutcome, ...] = ()  # the passage screen's (passage_injection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,10 @@ class Retriever(Protocol):
 
     async def index_version(self, view: ChatView, spec: JSON) -> str:
         """The collection's current index version (part of the response cache key), before retrieving."""
+        ...
+
+    def screening(self, view: ChatView) -> str | None:
+        """How the passages are screened for injections (part of the response cache key), or None."""
         ...
 
     async def retrieve(self, view: ChatView, spec: JSON, calls: list[SideCall]) -> Retrieved | None:

@@ -184,7 +184,8 @@ class Chat:
             if spec is not None:
                 assert self.parts.retriever is not None
                 ex.index_version = await self.parts.retriever.index_version(ex.view(), spec)
-                versions = (None if ex.prompt is None else ex.prompt.version, ex.index_version)
+                versions = (None if ex.prompt is None else ex.prompt.version, ex.index_version,
+                            self.parts.retriever.screening(ex.view()))
             elif ex.prompt is not None:
                 versions = (ex.prompt.version,)
             ex.cache_key = self.router.cache_key(principal.tenant_id, {**ex.params, "messages": ex.messages},
@@ -250,6 +251,8 @@ class Chat:
                                    error_code=c.error_code)
         if found is None:
             return
+        if found.guards:
+            ex.guards = (*ex.guards, *found.guards)
         lead = next((i for i, m in enumerate(ex.messages) if m.get("role") not in ("system", "developer")),
                     len(ex.messages))
         ex.messages = [*ex.messages[:lead], *found.messages, *ex.messages[lead:]]

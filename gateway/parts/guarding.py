@@ -36,6 +36,7 @@ from tollway.guardrails import (
     Moderation,
     Outcome,
     OutputPlan,
+    PassageScreen,
     PolicyError,
     PromptGuards,
     Resolved,
@@ -111,6 +112,10 @@ class Guarding:
         prompt: PromptGuards | None = view.prompt.guards if view.prompt is not None else None
         return self.resolved(tenant, prompt)
 
+    def passage_screen(self, view: ChatView) -> PassageScreen | None:
+        """How this request's retrieved passages are screened for injections (None: they are not)."""
+        return PassageScreen.of(self.policy(view))
+
     def moderate(self, tenant: GuardPolicy | None, texts: list[str]) -> list[Moderation]:
         """``/v1/moderations``: each text through the detectors, flagged as the tenant's input policy (the
         config's defaults under the tenant's own) would treat it in a chat request."""
@@ -147,7 +152,9 @@ class Guarding:
         slots = [(i, part, text) for i in range(first, len(messages))
                  if isinstance(m := messages[i], dict) and m.get("role") == "user"
                  for part, text in _texts(m.get("content"))]
-        result = check_input(policy, [text for _, _, text in slots], self.extras)
+        tools = [text for m in messages[first:] if isinstance(m, dict) and m.get("role") in ("tool", "function")
+                 for _, text in _texts(m.get("content"))]
+        result = check_input(policy, [text for _, _, text in slots], self.extras, tools)
         changed = False
         for (i, part, text), new in zip(slots, result.texts, strict=True):
             if new != text:

@@ -30,11 +30,12 @@ from tollway.errors import (
     UpstreamBadResponse,
 )
 from tollway.gateway.chat.calls import CallContext, Calls, reserved_input
-from tollway.gateway.chat.exchange import ChatView, Retrieved, SideCall
+from tollway.gateway.chat.exchange import ChatView, GuardOutcome, Retrieved, SideCall
 from tollway.gateway.http.protocol import validate
 from tollway.gateway.metering.accounting import Tally
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.roles import Can, Role, may, require
+from tollway.guardrails import PassageScreen
 from tollway.jsontypes import JSON
 from tollway.publicids import PublicIds
 from tollway.retrieval import (
@@ -116,9 +117,11 @@ class RetrievalSpec(BaseModel):
 
 class Rag:
     def __init__(self, pool: AsyncConnectionPool, calls: Calls, router: Router, local: LocalEmbedder | None,
-                 settings: RagSettings, ids: PublicIds) -> None:
+                 settings: RagSettings, ids: PublicIds,
+                 screen_for: Callable[[ChatView], PassageScreen | None] | None = None) -> None:
         self.pool, self.calls, self.router, self.local, self.settings = pool, calls, router, local, settings
         self.ids = ids  # the ids clients see (tollway.publicids)
+        self.screen_for = screen_for  # the guard policy's passage_injection screen for a chat request
         self.searcher = Searcher(self.embedder_for)
 
     # -- embedders ---------------------------------------------------------------------------------
@@ -308,6 +311,7 @@ class Rag:
         query = Query(text=text, context_tokens=view.context_budget, k=parsed.k, filters=parsed.filters,
                       mode=parsed.mode, hybrid=parsed.hybrid)
         tenant = view.tenant_id
+        screen = self.screen_for(view) if self.screen_for is not None else None
         # a wrong name is the caller's error: 404, whatever the failure policy
         coll = await self.collection(tenant, parsed.collection, param="retrieval.collection")
         entry = self.entry(coll.embedder)
@@ -319,7 +323,9 @@ class Rag:
             calls.append(SideCall(role="retrieval", model=entry, usage=Usage(input_tokens=embedded.tokens),
                                   latency_ms=embedded.latency_ms, replica=embedded.replica))
             async with self.pool.connection() as conn:
-                found = await self.searcher.search_with(conn, tenant, coll.name, query, embedded, embedder.name)
+                found = await self.searcher.search_with(conn, tenant, coll.name, query, embedded, embedder.name,
+                                                        screen=screen.reason if screen is not None else None,
+                                                        drop=screen is None or screen.action == "drop")
         except (TollwayError, psycopg.Error, StoreError) as exc:
             error = exc if isinstance(exc, TollwayError) else \
                 map_store_error(exc) if isinstance(exc, StoreError) else \
@@ -333,8 +339,21 @@ class Rag:
             return Retrieved(collection=coll.name, index_version=coll.index_version, messages=(), sources=(),
                              context_tokens=0, error=error.code)
         messages = ({"role": "system", "content": found.context},) if found.context else ()
+        guards: tuple[GuardOutcome, ...] = ()
+        if screen is not None:
+            flagged = found.flagged
+            guards = (GuardOutcome("passage_injection", screen.action if flagged else "pass", len(flagged),
+                                   found.screen_ms, "; ".join(f.reason for f in flagged) or None),)
         return Retrieved(collection=coll.name, index_version=found.index_version, messages=messages,
-                         sources=tuple(p.as_json(self.ids) for p in found.passages), context_tokens=found.context_tokens)
+                         sources=(*(p.as_json(self.ids) for p in found.passages),
+                                  *(f.as_json(self.ids) for f in found.flagged)),
+                         context_tokens=found.context_tokens, guards=guards)
+
+    def screening(self, view: ChatView) -> str | None:
+        """How this request's passages are screened (part of the response cache key with the index version:
+        the same question under another screen is another context)."""
+        screen = self.screen_for(view) if self.screen_for is not None else None
+        return screen.key if screen is not None else None
 
 
 def _last_user_text(messages: Sequence[JSON]) -> str:

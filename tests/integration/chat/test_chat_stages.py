@@ -125,6 +125,10 @@ class Library:
     def context_budget(self, view: Any, spec: dict[str, Any]) -> int:
         return int(spec.get("context_tokens", 100))
 
+    def screening(self, view: Any) -> None:
+        return None
+
+
     async def index_version(self, view: Any, spec: dict[str, Any]) -> str:
         return "v7"
 

@@ -174,6 +174,10 @@ async def test_parse_keeps_tollway_fields_out_of_the_upstream_body() -> None:
         def context_budget(self, view: Any, spec: JSON) -> int:
             return 10
 
+        def screening(self, view: Any) -> None:
+            return None
+
+
         async def index_version(self, view: Any, spec: JSON) -> str:
             return "v1"
 
@@ -245,6 +249,10 @@ async def test_plan_counts_the_retrieval_budget_before_it_runs() -> None:
         def context_budget(self, view: Any, spec: JSON) -> int:
             return 5000  # more than the large model's 4,000-token window
 
+        def screening(self, view: Any) -> None:
+            return None
+
+
         async def index_version(self, view: Any, spec: JSON) -> str:
             return "v1"
 
@@ -292,6 +300,10 @@ async def test_retrieve_places_context_after_the_system_messages_and_records_the
     class Library:
         def context_budget(self, view: Any, spec: JSON) -> int:
             return 50
+
+        def screening(self, view: Any) -> None:
+            return None
+
 
         async def index_version(self, view: Any, spec: JSON) -> str:
             return "v9"
