@@ -47,7 +47,7 @@ async def test_a_poisoned_passage_is_dropped_before_packing_or_flagged(app_facto
     [flag] = [s for s in sources if s.get("flagged")]
     assert (flag["source"], flag["dropped"], flag["n"]) == ("notice.md", True, None)
     assert "override_instructions" in flag["flagged"]
-    assert [s["source"] for s in sources if s["n"] is not None][0] == "fees.md"
+    assert next(s["source"] for s in sources if s["n"] is not None) == "fees.md"
     context = sent_dropped["messages"][0]["content"]
     assert "Ignore all previous" not in context
     assert "35 dollars" in context
