@@ -12,6 +12,7 @@ guard outcome so a tenant can see why a request was refused.
 
 from __future__ import annotations
 
+import threading
 import unicodedata
 from dataclasses import dataclass
 
@@ -40,10 +41,11 @@ class Rule:
     name: str
     weight: float
     pattern: regex.Pattern[str]
+    sources: tuple[str, ...]  # the pattern's alternatives (the prefilter compiles each)
 
 
 def _rule(name: str, weight: float, *sources: str) -> Rule:
-    return Rule(name, weight, regex.compile("|".join(f"(?:{s})" for s in sources), regex.IGNORECASE))
+    return Rule(name, weight, regex.compile("|".join(f"(?:{s})" for s in sources), regex.IGNORECASE), sources)
 
 
 RULES: tuple[Rule, ...] = (
@@ -156,9 +158,92 @@ def normalise(text: str) -> str:
     return str(regex.sub(r"[ \t]+", " ", text))
 
 
-def score(text: str) -> Verdict:
-    """The rule families matched in ``text`` (as written and with leetspeak undone), and their score."""
+class _Prefilter:
+    """Hyperscan over every rule's alternatives at once, in prefiltering mode (it may report a rule that
+    does not match, never miss one that does): one pass over the text names the few rules worth running,
+    and the rules' own regexes decide. Compiled with ASCII classes (``\\w``, ``\\b``: Unicode classes make the
+    compile take a minute); it scans ``ascii_view`` of the text. A 4k-token prompt costs ~2 ms instead of ~20
+    for twelve regex scans (bench/guardrails)."""
+
+    def __init__(self) -> None:
+        import hyperscan
+
+        expressions = [source.encode() for rule in RULES for source in rule.sources]
+        ids = [i for i, rule in enumerate(RULES) for _ in rule.sources]
+        flags = (hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_PREFILTER
+                 | hyperscan.HS_FLAG_SINGLEMATCH)
+        self.db = hyperscan.Database()
+        self.db.compile(expressions=expressions, ids=ids, elements=len(expressions), flags=[flags] * len(ids))
+        self._scratch = hyperscan.Scratch
+        self._local = threading.local()  # a scan's scratch space is per thread
+
+    def candidates(self, text: str) -> set[int]:
+        found: set[int] = set()
+
+        def hit(rule: int, start: int, end: int, flags: int, context: object) -> None:
+            found.add(rule)
+
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = self._scratch(self.db)
+        self.db.scan(text.encode(), match_event_handler=hit, scratch=scratch)
+        return found
+
+
+_BUILT: list[_Prefilter | None] = []  # [the prefilter, or None where hyperscan is missing] once built
+_BUILDING = threading.Lock()
+
+
+def _build() -> None:
+    with _BUILDING:
+        if not _BUILT:
+            try:
+                _BUILT.append(_Prefilter())
+            except ImportError:  # hyperscan is x86-64 only: every rule runs, with the same result
+                _BUILT.append(None)
+
+
+def start_prefilter() -> None:
+    """Build the prefilter in the background (about 2 s of one core at start-up); until it is ready, every
+    rule runs."""
+    if not _BUILT:
+        threading.Thread(target=_build, name="injection-prefilter", daemon=True).start()
+
+
+def prefilter(*, wait: bool = False) -> _Prefilter | None:
+    """The prefilter if it is built (``wait``: build it now if need be)."""
+    if wait:
+        _build()
+    return _BUILT[0] if _BUILT else None
+
+
+_OTHER = regex.compile(r"[^\x00-\x7f\w\s]")
+_LETTER = regex.compile(r"[^\x00-\x7f\s]")  # (what is left beyond ASCII after _OTHER: word characters)
+_SPACE = regex.compile(r"[^\x00-\x7f]|[\x1c-\x1f]")  # (and then: spaces; and the separators Python calls \\s)
+_UNICODE_RULES = frozenset(i for i, rule in enumerate(RULES) if not all(src.isascii() for src in rule.sources))
+
+
+def ascii_view(text: str) -> str:
+    """``text`` with each character beyond ASCII replaced by one the prefilter's ASCII classes see the same
+    way (``x`` for a word character, a space for a space, ``#`` for anything else): a word stays a word, a
+    boundary a boundary. Rules with letters beyond ASCII in them always run on such a text."""
+    if text.isascii() and not _SPACE.search(text):
+        return text
+    return str(_SPACE.sub(" ", _LETTER.sub("x", _OTHER.sub("#", text))))
+
+
+def score(text: str, *, exhaustive: bool = False) -> Verdict:
+    """The rule families matched in ``text`` (as written and with leetspeak undone), and their score.
+    ``exhaustive``: every rule runs, without the prefilter (the same result, slower: tests compare)."""
     plain = normalise(text)
     variants = (plain, plain.translate(_LEET)) if regex.search(r"[a-z][013457@$!][a-z]", plain, regex.I) else (plain,)
-    matched = [r for r in RULES if any(r.pattern.search(v) for v in variants)]
+    screen = None if exhaustive else prefilter()
+    if screen is None:
+        matched = [r for r in RULES if any(r.pattern.search(v) for v in variants)]
+    else:
+        views = [ascii_view(v) for v in variants]
+        ids = set().union(*(screen.candidates(v) for v in views))
+        if any(view is not v for view, v in zip(views, variants, strict=True)):
+            ids |= _UNICODE_RULES
+        matched = [r for i, r in enumerate(RULES) if i in ids and any(r.pattern.search(v) for v in variants)]
     return Verdict(round(sum(r.weight for r in matched), 3), tuple(r.name for r in matched))
