@@ -47,8 +47,10 @@ log = logging.getLogger("tollway.quality")
 AUTHOR = "tollway-quality"  # what the monitor's own changes are recorded as
 LOCK = 0x746F6C6C7761  # the advisory lock of the leading monitor
 BATCH = 10_000
-STEADY_IDLE_S = 3600.0  # a steady watch with no sample this long goes (a moved label's old version, a retired
-#                        model); it is rebuilt from the stored samples if its route comes back
+STEADY_IDLE_S = 3600.0  # a steady watch with no sample this long no longer sets its route's sampling rate (a
+#                        moved label's old version, a retired model, a route quiet at night); it keeps its state
+STEADY_FORGET_S = 7 * 86400.0  # ... and after this long it goes; if its route comes back it is rebuilt from the
+#                               stored samples the way it runs: a lagged baseline, the newest samples replayed
 
 
 class Monitor:
@@ -114,7 +116,9 @@ class Monitor:
                 rows = [row_of(r) for r in await cur.fetchall()]
                 for row in rows:
                     self.cursor = row.id
-                    await self._steady_for(conn, row)
+                    rebuilt = await self._steady_for(conn, row)
+                    if rebuilt is not None and rebuilt[1]:  # the replayed newest samples already breach
+                        raised.append(await self._breach(conn, rebuilt[0], rebuilt[1], row.id))
                     for watch in list(self.watches.values()):
                         if watch.done:
                             continue
@@ -126,9 +130,9 @@ class Monitor:
                 if len(rows) < BATCH:
                     break
             self.ended |= {k for k, w in self.watches.items() if w.done}
-            idle = time.monotonic() - STEADY_IDLE_S  # else an old version's watch would hold its label's rate up
+            forget = time.monotonic() - STEADY_FORGET_S
             self.watches = {k: w for k, w in self.watches.items()
-                            if not w.done and (w.steady is None or w.fed_at > idle)}
+                            if not w.done and (w.steady is None or w.fed_at > forget)}
             await self._rates(conn)
         return raised
 
@@ -190,11 +194,15 @@ class Monitor:
             candidate=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == new,
             baseline=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == old)
 
-    async def _steady_for(self, conn: psycopg.AsyncConnection[Any], row: Row) -> None:
-        """The steady watch of this sample's route, made on its first sample since this monitor leads and
-        seeded with the route's earlier samples (a canary's answers have their own watch)."""
+    async def _steady_for(self, conn: psycopg.AsyncConnection[Any], row: Row) -> tuple[Watch, list[Finding]] | None:
+        """The steady watch of this sample's route, made on its first sample since this monitor leads (or
+        since the watch was forgotten) from the route's earlier samples, as the watch would hold them had it
+        run all along: the older ones its baseline, the newest ``lag`` replayed through its tests (never a
+        baseline that takes in samples after a change the tests have not judged; a route with too few samples
+        for both has its baseline still forming, and all of them join it). Returns the new watch and what the
+        replay found (a canary's answers have their own watch)."""
         if not self._settled(row):
-            return
+            return None
         args: list[Any]
         if row.prompt_name is None:
             key, subject, rate_key = f"steady:model:{row.model}", f"model {row.model}", model_key(row.model)
@@ -216,17 +224,25 @@ class Monitor:
                         and s.prompt_label == row.prompt_label and s.prompt_version == row.prompt_version
                         and self._settled(s))
         else:
-            return
+            return None
         if key in self.watches:
-            return
+            return None
         steady = SteadyWatch(self.settings.drift)
         cur = await conn.execute(
             f"SELECT {SAMPLE_COLUMNS} FROM (SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE {where} AND (rollout_of IS NULL"
             " OR rollout_of || ' ' || model = ANY(%s)) AND id < %s ORDER BY id DESC LIMIT %s) s ORDER BY id",
-            (*args, [f"{m} {c}" for m, c in self.completed.items()], row.id, self.settings.drift.baseline_max))
-        steady.seed([row_of(r).scored for r in await cur.fetchall()])
-        self.watches[key] = Watch(key=key, kind="steady", subject=subject, rate_key=rate_key, tenant_id=tenant_id,
-                                  candidate=match, settings=self.settings.drift, steady=steady)
+            (*args, [f"{m} {c}" for m, c in self.completed.items()], row.id,
+             self.settings.drift.baseline_max + steady.lag))
+        history = [row_of(r).scored for r in await cur.fetchall()]
+        cut = len(history) - steady.lag
+        if cut < self.settings.drift.baseline_samples:
+            cut = len(history)  # its baseline is still forming: every sample joins it, as on a new route
+        steady.seed(history[:cut])
+        found = [f for s in history[cut:] for f in steady.observe(s)]
+        watch = self.watches[key] = Watch(key=key, kind="steady", subject=subject, rate_key=rate_key,
+                                          tenant_id=tenant_id, candidate=match, settings=self.settings.drift,
+                                          steady=steady)
+        return watch, found
 
     def _settled(self, row: Row) -> bool:
         """Whether a sample is its route's steady traffic: not a canary's answer under test (a canary has
@@ -354,7 +370,10 @@ class Monitor:
     async def _rates(self, conn: psycopg.AsyncConnection[Any]) -> None:
         policy = self.settings.policy
         rates: dict[str, tuple[float, float]] = {}
+        idle = time.monotonic() - STEADY_IDLE_S
         for w in self.watches.values():
+            if w.steady is not None and w.fed_at < idle:
+                continue  # a quiet or retired route's watch keeps its evidence, not its route's rate
             progress = w.progress()
             rate = policy.rate(progress)
             if rate > rates.get(w.rate_key, (0.0, 0.0))[0]:
@@ -369,5 +388,6 @@ class Monitor:
                         (key, max(rate, 1e-6), progress))
 
     def describe(self) -> list[JSON]:
-        return [w.state() for w in self.watches.values()]
+        idle = time.monotonic() - STEADY_IDLE_S
+        return [{**w.state(), "idle": w.steady is not None and w.fed_at < idle} for w in self.watches.values()]
 

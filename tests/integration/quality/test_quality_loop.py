@@ -252,15 +252,17 @@ async def test_a_progressive_prompt_rollout_steps_the_split_then_moves_the_label
                             " kind = 'prompt_label' AND reason LIKE 'no regression%%' ORDER BY id", eng.id)
         assert len(advances) == 2
         assert all(int(n) >= 25 and a == "tollway-quality" for n, a in advances)
-        # the old version's steady watch goes once it is idle (it would hold the label's sampling rate up)
+        # the old version's steady watch stops setting the label's sampling rate once it is idle (it keeps its
+        # evidence: a route may only be quiet)
         steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
         assert any(made["v1"][:12] in subject for subject in steady), steady
         monkeypatch.setattr("tollway.gateway.quality.watch.STEADY_IDLE_S", 0.5)
         await asyncio.sleep(0.6)
         await chat(gw, eng, 5, start=8500, **prompt)
         await settle(gw)
-        steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
-        assert steady and all(made["v3"][:12] in subject for subject in steady), steady
+        steady = [w for w in gw.state.monitor.describe() if w["kind"] == "steady"]
+        assert all(w["idle"] for w in steady if made["v1"][:12] in w["subject"]), steady
+        assert [w["idle"] for w in steady if made["v3"][:12] in w["subject"]] == [False], steady
         # a bad candidate from the new production version: rolled back at its first step, the label untouched
         assert (await post(made["v2"])).status_code == 200
         raised = await until_alert(gw, eng, 30, **prompt)
@@ -391,3 +393,56 @@ async def test_without_auto_rollback_a_breach_is_alerted_once_and_the_canary_sta
     assert again == []
     rollout = next(r for r in listed if r["model"] == "sim-large")
     assert (rollout["state"], rollout["canary_percent"]) == ("active", 50)
+
+
+def insert_samples(pg: Any, tenant_id: int, model: str, passes: list[bool]) -> None:
+    with psycopg.connect(pg.url) as conn:
+        for ok in passes:
+            conn.execute("INSERT INTO quality_samples (tenant_id, request_id, model, passed, refusal, guard_failed,"
+                         " output_chars, tokens, cost_usd, sample_rate) VALUES (%s, 'r', %s, %s, false, false, 30,"
+                         " 10, 0.0001, 1.0)", (tenant_id, model, ok))
+
+
+BASELINE = [i % 25 != 0 for i in range(100)]  # a 96% pass rate; five failures in a row breach it (window 40)
+
+
+async def test_a_route_quiet_for_hours_keeps_its_evidence(quality_app, make_tenant, pg):
+    """A drop that starts in the evening and goes on after a quiet night is found: the steady watch keeps
+    its baseline and its CUSUM through the night (it used to be dropped after an idle hour and rebuilt from
+    the newest samples, the drop's included, with its CUSUM at zero)."""
+    tenant = make_tenant()
+    async with quality_app() as gw:
+        monitor = gw.state.monitor
+        await monitor.run_pass()  # leads from the newest sample
+        insert_samples(pg, tenant.id, "sim-night", BASELINE)
+        await monitor.run_pass()
+        insert_samples(pg, tenant.id, "sim-night", [False] * 3)  # the drop begins: not yet evidence enough
+        assert await monitor.run_pass() == []
+        watch = monitor.watches["steady:model:sim-night"]
+        watch.fed_at -= 5 * 3600  # five quiet hours
+        assert await monitor.run_pass() == []
+        [state] = [w for w in monitor.describe() if w["watch"] == "steady:model:sim-night"]
+        assert state["idle"] is True  # it no longer sets the route's sampling rate...
+        assert monitor.watches["steady:model:sim-night"] is watch  # ...and keeps its evidence
+        insert_samples(pg, tenant.id, "sim-night", [False] * 2)  # morning: the drop goes on
+        raised = await monitor.run_pass()
+    assert [r["watch"] for r in raised] == ["steady:model:sim-night"]
+    assert raised[0]["findings"][0]["detector"] == "pass_rate"
+
+
+async def test_a_rebuilt_steady_watch_replays_the_newest_samples_instead_of_learning_them(quality_app,
+                                                                                          make_tenant, pg):
+    """A watch rebuilt from the stored samples (a new leader, a route back after a week) is what the watch
+    would be had it run all along: the newest ``lag`` samples go through its tests, not into its baseline."""
+    tenant = make_tenant()
+    async with quality_app() as gw:
+        monitor = gw.state.monitor
+        await monitor.run_pass()
+        insert_samples(pg, tenant.id, "sim-rebuilt", [*BASELINE, *BASELINE, False, False, False])
+        await monitor.run_pass()
+        del monitor.watches["steady:model:sim-rebuilt"]  # forgotten (or another replica leads now)
+        insert_samples(pg, tenant.id, "sim-rebuilt", [False, False])
+        raised = await monitor.run_pass()
+    # seeded with all 203 earlier samples (the old way) its baseline would have taken in the three failures
+    # and its CUSUM would start at zero: two more failures are not evidence enough then
+    assert [r["watch"] for r in raised] == ["steady:model:sim-rebuilt"]
