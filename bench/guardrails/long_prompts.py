@@ -1,0 +1,77 @@
+"""The injection rules on long prompts: with the Hyperscan prefilter (the gateway's path) and every rule run
+(``exhaustive``), side by side in one run; and whether the two ever disagree, over every text of the
+injection bench's sources (``injection_sources``: public attack and benign sets from PyPI wheels).
+
+    .venv/bin/python bench/guardrails/long_prompts.py [--prompts 20] [--tokens 4000] [--no-sources]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from faker import Faker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tollway.guardrails.injection import prefilter, score  # noqa: E402
+from tollway.routing import count_text  # noqa: E402
+
+LOCALES = ("en_US", "de_DE", "fr_FR", "ru_RU", "ja_JP")
+
+
+def prompts(locale: str, n: int, tokens: int) -> list[str]:
+    fake = Faker(locale)
+    fake.seed_instance(3)
+    out = []
+    for _ in range(n):
+        text = " ".join(fake.paragraph(nb_sentences=8) for _ in range(10))
+        while count_text(text) < tokens:
+            text += " " + fake.paragraph(nb_sentences=8)
+        out.append(text)
+    return out
+
+
+def timed(texts: list[str], exhaustive: bool, rounds: int = 3) -> tuple[float, float]:
+    times = []
+    for _ in range(rounds):
+        for text in texts:
+            started = time.perf_counter()
+            score(text, exhaustive=exhaustive)
+            times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return times[len(times) // 2], times[max(int(len(times) * 0.99) - 1, 0)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=4000)
+    parser.add_argument("--no-sources", action="store_true", help="skip the agreement check over the sources")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    ready = prefilter(wait=True)
+    print(f"prefilter: {'hyperscan' if ready else 'not available (every rule runs)'}, built in "
+          f"{time.perf_counter() - started:.1f} s\n")
+    print(f"| prose ({args.tokens} tokens) | characters | prefiltered p50 / p99 | every rule p50 / p99 |")
+    print("|---|---|---|---|")
+    for locale in LOCALES:
+        texts = prompts(locale, args.prompts, args.tokens)
+        fast, slow = timed(texts, False), timed(texts, True)
+        chars = sum(map(len, texts)) // len(texts)
+        print(f"| {locale} | {chars:,} | {fast[0]:.2f} / {fast[1]:.2f} ms | {slow[0]:.2f} / {slow[1]:.2f} ms |")
+    if args.no_sources:
+        return
+    from injection_sources import load
+
+    samples = load()
+    differ = [s for s in samples if score(s.text) != score(s.text, exhaustive=True)]
+    print(f"\nagreement over the sources: {len(samples) - len(differ)} of {len(samples)} texts scored the same")
+    for s in differ[:5]:
+        print("  differs:", s.source, repr(s.text[:80]))
+
+
+if __name__ == "__main__":
+    main()
