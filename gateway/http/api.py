@@ -42,12 +42,21 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: database, Redis and an upstream reachable")
-async def readyz(request: Request) -> Response:
+@router.get("/readyz", summary="Readiness: this replica can serve; its database, Redis and upstreams reported")
+async def readyz(request: Request, require: str | None = None) -> Response:
+    """200 once the replica has started: it serves through an outage of what it shares with the others
+    (known keys keep working without the database, fail-open tenants without Redis, degraded answers
+    without an upstream), and taking every replica out of a load balancer at once would turn those
+    answers into connection errors. ``checks`` says what is reachable (``status: degraded`` when something
+    is not); ``?require=database,redis,upstream`` makes those conditions (503 when one fails)."""
     checks = await app_state(request).readiness()
-    ready = all(checks.values())
-    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
-                         status=200 if ready else 503)
+    needed = [n for n in (require or "").split(",") if n]
+    unknown = [n for n in needed if n not in checks]
+    if unknown:
+        raise InvalidRequest(f"require names {', '.join(unknown)}; it takes {', '.join(checks)}.", param="require")
+    ready = all(checks[n] for n in needed)
+    status = "not_ready" if not ready else "ready" if all(checks.values()) else "degraded"
+    return json_response({"status": status, "checks": checks}, status=200 if ready else 503)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -57,7 +57,10 @@ async def test_ten_seconds_without_postgres_fail_no_known_key_and_lose_no_row(ap
         senders = [asyncio.create_task(traffic(secret, stop)) for secret, _ in keys.values()]
         await asyncio.sleep(1.5)
         await asyncio.to_thread(own_pg.stop)
-        await asyncio.sleep(10)
+        await asyncio.sleep(5)
+        ready = await gw.client.get("/readyz")  # the replica still serves: a balancer keeps it
+        strict = await gw.client.get("/readyz", params={"require": "database"})
+        await asyncio.sleep(5)
         await asyncio.to_thread(own_pg.start)
         await asyncio.sleep(1.5)
         stop.set()
@@ -68,6 +71,8 @@ async def test_ten_seconds_without_postgres_fail_no_known_key_and_lose_no_row(ap
                 break
             await asyncio.sleep(0.1)
         await gw.state.ledger.flush()
+    assert (ready.status_code, ready.json()["status"], ready.json()["checks"]["database"]) == (200, "degraded", False)
+    assert strict.status_code == 503
     assert len(statuses) > 200, [t for t in took if t[1] > 0.2]
     assert [s for s in statuses if s != 200] == []
     rows = ledger_rows(own_pg.url, "request_id = ANY(%s)", (ids,))
