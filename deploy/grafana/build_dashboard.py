@@ -18,6 +18,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
 
 OUT = Path(__file__).with_name("tollway-dashboard.json")
+K8S_COPY = Path(__file__).parents[1] / "k8s" / "base" / "tollway-dashboard.json"  # kustomize reads below its root
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 TENANT = 'tenant=~"$tenant"'
 
@@ -105,8 +106,10 @@ def build() -> dict[str, Any]:
 
 
 def main() -> None:
-    OUT.write_text(json.dumps(build(), indent=2, sort_keys=True) + "\n")
-    print(f"wrote {OUT}")
+    text = json.dumps(build(), indent=2, sort_keys=True) + "\n"
+    for path in (OUT, K8S_COPY):
+        path.write_text(text)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
