@@ -16,8 +16,8 @@ from faker import Faker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tollway.guardrails.injection import prefilter, score  # noqa: E402
-from tollway.routing import count_text  # noqa: E402
+from tollway.guardrails.injection import prefilter, score
+from tollway.routing import count_text
 
 LOCALES = ("en_US", "de_DE", "fr_FR", "ru_RU", "ja_JP")
 

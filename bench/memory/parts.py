@@ -26,8 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Processes, free_port, wait_http  # noqa: E402
-
+from common import Processes, free_port, wait_http
 
 CLI = [sys.executable, "-m", "tollway.cli"]
 
