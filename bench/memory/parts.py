@@ -57,9 +57,9 @@ async def measure(url: str, key: str, data: Path, pid: int, requests: int) -> li
     async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
         await traffic(client, requests, chat)
         out.append((f"after {requests} chat requests", rss_mib(pid)))
-        subprocess.run([*CLI, "tenants", "guards", "--data-dir", str(data), "--tenant", "default", "--input",
-                        "injection=block", "pii=redact", "--output", "pii=redact", "secrets=redact"], check=True,
-                       capture_output=True)
+        await asyncio.to_thread(subprocess.run, [*CLI, "tenants", "guards", "--data-dir", str(data), "--tenant",
+                                "default", "--input", "injection=block", "pii=redact", "--output", "pii=redact",
+                                "secrets=redact"], check=True, capture_output=True)
         await asyncio.sleep(2.5)  # the policy cache
         await traffic(client, 200, {**chat, "messages": [{"role": "user", "content": "mail jane@example.com"}]})
         out.append(("+ guards (pii, secrets, injection), 200 guarded requests", rss_mib(pid)))
