@@ -45,6 +45,7 @@ from tollway.routing.rollouts import (
     set_rollout,
 )
 from tollway.routing.router import Plan, Router
+from tollway.routing.shared import SharedBreakers
 from tollway.routing.tokens import content_texts, count_messages, count_text, encoding
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
 from tollway.routing.wire import forbidden_config_fields
@@ -68,6 +69,7 @@ __all__ = [
     "Router",
     "SaturationPoller",
     "Served",
+    "SharedBreakers",
     "TenantRouting",
     "Upstream",
     "UpstreamSpec",

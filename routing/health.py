@@ -69,6 +69,8 @@ class ReplicaHealth:
     probes: int = 0
     trips: int = 0
     calls_at_first_trip: int | None = None
+    adopted: int = 0  # trips learned from another gateway process (``adopt``)
+    on_trip: Callable[[str], None] | None = None  # told of each trip of this process's own (shared breakers)
 
     def _cooled_down(self) -> bool:
         return self.state == OPEN and self.clock() - self.opened_at >= self.breaker.open_s
@@ -145,20 +147,36 @@ class ReplicaHealth:
         return len(window) >= self.breaker.window and window.count(False) / len(window) >= self.breaker.error_rate
 
     def _trip(self) -> None:
-        if self.state != OPEN:
+        opening = self.state != OPEN
+        if opening:
             log.warning("upstream %s: circuit breaker open for %.1fs", self.name, self.breaker.open_s)
         self.trips += 1
         if self.calls_at_first_trip is None:
             self.calls_at_first_trip = self.calls
         self.state, self.opened_at = OPEN, self.clock()
         self.outcomes.clear()
+        if opening and self.on_trip is not None:
+            self.on_trip(self.name)
+
+    def adopt(self) -> bool:
+        """Another gateway process found this upstream failing: open the breaker here too, for the same
+        cool-down, without a call of our own (then half-open and probe as usual). False: already open."""
+        if self.state == OPEN and not self._cooled_down():
+            return False
+        log.warning("upstream %s: circuit breaker open for %.1fs (tripped by another gateway)", self.name,
+                    self.breaker.open_s)
+        self.adopted += 1
+        self.state, self.opened_at = OPEN, self.clock()
+        self.outcomes.clear()
+        self.consecutive_failures = 0
+        return True
 
     def describe(self) -> dict[str, object]:
         return {"state": self.state, "outstanding": self.outstanding, "latency_ms": self.latency_ms,
                 "ttft_ms": self.ttft_ms, "waiting": self.waiting, "running": self.running,
                 "kv_cache": self.kv_cache, "calls": self.calls, "failures": self.failures,
                 "refused_open": self.refused_open, "probes": self.probes, "trips": self.trips,
-                "calls_at_first_trip": self.calls_at_first_trip,
+                "calls_at_first_trip": self.calls_at_first_trip, "adopted": self.adopted,
                 "saturated": self.saturated()}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 VELOCITY_BUCKET_S = 10
+BREAKER_CHANNEL = "tw:breakers"  # pub/sub: an upstream's breaker opened in one gateway process (routing.shared)
 VELOCITY_BUCKETS = 6  # one minute
 
 

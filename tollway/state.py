@@ -67,6 +67,7 @@ from tollway.routing import (
     RawUpstream,
     Router,
     SaturationPoller,
+    SharedBreakers,
     Upstream,
     build_catalog,
     build_router,
@@ -326,6 +327,9 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
     routing = build_router(catalog, upstreams, redis_client)
+    shared = SharedBreakers(redis_client, routing.health)  # one process's breaker trips reach all of them
+    shared.start()
+    stack.push_async_callback(shared.stop)
     shadows = Shadows(routing, ledger, pool)  # always: rollouts change at run time
     telemetry.observe_replicas(routing.health.replicas)
     await _export_metrics(settings, stack, pool, telemetry.prometheus, routing.health.replicas, ledger)

@@ -1,0 +1,95 @@
+"""Breaker trips shared by every gateway process (replicas and ``--workers``) through Redis pub/sub.
+
+When a process's breaker for an upstream opens on its own failed calls, it publishes the upstream's name;
+every other process opens its breaker for that upstream too, for the same cool-down, before sending it
+anything (``ReplicaHealth.adopt``), so an upstream one replica found dead gets no more traffic from the
+others within the time a message takes (milliseconds), instead of each replica paying its own
+``consecutive_failures`` failed attempts. After the cool-down each process probes for itself: a recovery
+is not shared (one replica's successful probe does not close the others'), which errs toward caution.
+
+What is not shared: latency estimates, calls in flight and vLLM saturation readings (each process reads
+those itself). Redis being unreachable costs nothing but the sharing: each process's own breakers work as
+before, and the listener reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tollway.keyspace import BREAKER_CHANNEL
+from tollway.routing.health import Health
+
+log = logging.getLogger("tollway.routing.shared")
+RECONNECT_S = 1.0
+
+
+class SharedBreakers:
+    def __init__(self, redis_client: aioredis.Redis, health: Health) -> None:
+        self.redis, self.health = redis_client, health
+        self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this process: its own messages are skipped
+        self._listener: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[Any]] = set()
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        for replica in self.health.replicas.values():
+            replica.on_trip = self._tripped
+        self._listener = asyncio.create_task(self._listen(), name="shared-breakers")
+
+    async def stop(self) -> None:
+        for replica in self.health.replicas.values():
+            replica.on_trip = None
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
+
+    def _tripped(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish(name))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _publish(self, name: str) -> None:
+        try:
+            await self.redis.publish(BREAKER_CHANNEL, orjson.dumps({"upstream": name, "origin": self.origin}))
+        except (RedisError, OSError) as exc:
+            log.info("breaker trip of %s not shared (Redis: %s)", name, exc)
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(BREAKER_CHANNEL)
+                self.subscribed.set()
+                async for message in pubsub.listen():
+                    self._received(message.get("data"))
+            except (RedisError, OSError) as exc:
+                self.subscribed.clear()
+                log.info("shared breakers: Redis unreachable (%s); retrying", exc)
+                await asyncio.sleep(RECONNECT_S)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _received(self, data: Any) -> None:
+        try:
+            event = orjson.loads(data)
+            name, origin = event["upstream"], event["origin"]
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            return
+        if origin == self.origin or not isinstance(name, str):
+            return
+        replica = self.health.replicas.get(name)
+        if replica is not None:
+            replica.adopt()

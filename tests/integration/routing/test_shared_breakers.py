@@ -1,0 +1,48 @@
+"""Breakers shared between gateway processes: two gateways on one Redis; when the first finds an upstream
+dead (its breaker opens on its own failed attempts), the second opens its breaker for that upstream within
+a second and sends it nothing, without a failed attempt of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from support.config import write_config
+
+from tollway.local.embedded import free_port
+
+
+async def test_an_upstream_one_gateway_finds_dead_gets_nothing_from_another(app_factory, sim, make_tenant, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    config = write_config(tmp_path / "tollway.yaml", sim.url,
+                          extra_upstreams=[{"name": "dead", "base_url": dead, "timeout_s": 1}],
+                          extra_models=[{"name": "dead-model", "upstream": "dead", "tier": "small",
+                                         "price": {"input_per_mtok": "1", "output_per_mtok": "2"}}])
+    tenant = make_tenant()
+    body = {"model": "dead-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    async with app_factory(config=config) as first, app_factory(config=config) as second:
+        await asyncio.sleep(0.3)  # both listeners subscribed
+        seen_by_first = first.state.routing.health["dead"]
+        seen_by_second = second.state.routing.health["dead"]
+        statuses = []
+        for _ in range(20):
+            statuses.append((await first.client.post("/v1/chat/completions", headers=tenant.headers,
+                                                     json=body)).status_code)
+            if seen_by_first.state == "open":
+                break
+        tripped = time.monotonic()
+        while seen_by_second.state != "open" and time.monotonic() - tripped < 2:
+            await asyncio.sleep(0.005)
+        learned_in = time.monotonic() - tripped
+        started = time.monotonic()
+        refused = await second.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+        refused_in = time.monotonic() - started
+    assert seen_by_first.state == "open", statuses
+    assert seen_by_first.failures >= 1
+    assert learned_in < 1.0
+    assert (seen_by_second.adopted, seen_by_second.calls, seen_by_second.failures) == (1, 0, 0)
+    assert refused.status_code >= 500  # no replica of the model is available: an OpenAI-shaped error at once
+    assert "error" in refused.json()
+    assert refused_in < 0.5
+    # sim, the other upstream, was never touched by the trip
+    assert first.state.routing.health["sim"].state == second.state.routing.health["sim"].state == "closed"
