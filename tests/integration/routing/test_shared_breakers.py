@@ -31,7 +31,9 @@ async def test_an_upstream_one_gateway_finds_dead_gets_nothing_from_another(app_
             if seen_by_first.state == "open":
                 break
         tripped = time.monotonic()
-        while seen_by_second.state != "open" and time.monotonic() - tripped < 2:
+        for _ in range(400):  # up to 2 s
+            if seen_by_second.state == "open":
+                break
             await asyncio.sleep(0.005)
         learned_in = time.monotonic() - tripped
         started = time.monotonic()
