@@ -98,8 +98,9 @@ def add_commands(common: Any, tenants: Any) -> None:
     guards = tenants.add_parser(
         "guards", help="a tenant's guard policy: validators on input and output, and what a failure does",
         description="Without changes, print the tenant's guard policy and the one its requests run under. "
-                    "Validators: pii, secrets, terms, json, injection, length, leak, and any the config adds. "
-                    "Actions: redact, block, fallback, log, off.")
+                    "Validators: pii, secrets, terms, json, injection, length, leak, tool_injection, "
+                    "passage_injection, and any the config adds. Actions: redact, block, fallback, log, off "
+                    "(passage_injection: drop, log, off).")
     common(guards)
     guards.add_argument("--tenant", required=True)
     guards.add_argument("--input", nargs="+", action="extend", type=_pair, metavar="VALIDATOR=ACTION",
