@@ -65,6 +65,10 @@ class Limits:
     max_tokens: int
 
 
+# OpenTelemetry's GenAI operation names, per endpoint
+OPERATIONS = {"chat.completions": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+
+
 @dataclass(slots=True)
 class JSONResult:
     payload: JSON
@@ -111,14 +115,14 @@ class Calls:
     def open(self, ctx: CallContext, endpoint: str) -> Tally:
         p = ctx.principal
         span = self.telemetry.tracer.start_span(endpoint, kind=SpanKind.SERVER, attributes={
-            "gen_ai.operation.name": "chat" if endpoint == "chat.completions" else "embeddings",
+            "gen_ai.operation.name": OPERATIONS.get(endpoint, endpoint),
             "tollway.request_id": ctx.request_id, "tollway.tenant": p.tenant})
         row = LedgerRow(request_id=ctx.request_id, created_at=ctx.created_at, tenant_id=p.tenant_id,
                         key_id=p.key_id, endpoint=endpoint, end_user=ctx.header_user, session_id=ctx.session,
                         tags=list(ctx.tags) or None)
         return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
                      started=ctx.started, tenant=p.tenant,
-                     baseline=self.catalog.baseline if endpoint == "chat.completions" else None)
+                     baseline=self.catalog.baseline if endpoint in ("chat.completions", "completions") else None)
 
     def resolve(self, principal: Principal, name: str, kind: str, *,
                 also: ModelEntry | None = None) -> ModelEntry | None:

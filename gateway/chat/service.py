@@ -13,6 +13,7 @@ from tollway.gateway.chat.calls import (
     StreamResult,
     reserved_output,
 )
+from tollway.gateway.chat.completions import completions
 from tollway.gateway.chat.embeddings import Embeddings
 from tollway.gateway.chat.exchange import Parts
 from tollway.gateway.chat.moderations import Moderations, Moderator
@@ -42,6 +43,9 @@ class CompletionService:
 
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         return await self._embeddings(ctx, read_body)
+
+    async def completions(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
+        return await completions(self.chat, ctx, read_body)
 
     async def moderations(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         return await self._moderations(ctx, read_body)

@@ -79,8 +79,10 @@ class Chat:
         self.shadows = shadows
         self.quality = quality
 
-    async def __call__(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
-        ex = Exchange(tally=self.calls.open(ctx, "chat.completions"), read_body=read_body, ctx=ctx)
+    async def __call__(self, ctx: CallContext, read_body: BodyReader, *, endpoint: str = "chat.completions"
+                       ) -> JSONResult | StreamResult:
+        """``endpoint``: what the ledger row names (``completions`` when the legacy endpoint translated it)."""
+        ex = Exchange(tally=self.calls.open(ctx, endpoint), read_body=read_body, ctx=ctx)
         with ex.tally.closed_on_error():
             try:
                 for stage in CHAT_STAGES:

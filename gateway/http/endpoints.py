@@ -17,7 +17,12 @@ from starlette.types import Receive, Scope, Send
 from tollway.errors import TollwayError
 from tollway.gateway.chat.service import CallContext, CompletionService, JSONResult, StreamResult
 from tollway.gateway.http.middleware import send_error, send_json
-from tollway.gateway.http.protocol import ChatCompletionRequest, EmbeddingRequest, ModerationRequest
+from tollway.gateway.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModerationRequest,
+)
 from tollway.gateway.http.streaming import BodyReader, ClientDisconnected, send_event_stream, until_disconnect
 
 log = logging.getLogger("tollway.gateway")
@@ -60,9 +65,10 @@ chat_completions = endpoint(lambda service, ctx, read_body: service.chat(ctx, re
 embeddings = endpoint(lambda service, ctx, read_body: service.embeddings(ctx, read_body))
 
 moderations = endpoint(lambda service, ctx, read_body: service.moderations(ctx, read_body))
+completions = endpoint(lambda service, ctx, read_body: service.completions(ctx, read_body))
 
 HOT_ROUTES = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings,
-              ("POST", "/v1/moderations"): moderations}
+              ("POST", "/v1/moderations"): moderations, ("POST", "/v1/completions"): completions}
 
 
 def _operation(model: type[Any], summary: str) -> dict[str, Any]:
@@ -83,6 +89,8 @@ def openapi_paths() -> dict[str, Any]:
     return {
         "/v1/chat/completions": _operation(ChatCompletionRequest,
                                            "Create a chat completion (OpenAI-compatible, streaming or not)"),
+        "/v1/completions": _operation(CompletionRequest, "Create a text completion (OpenAI's legacy endpoint, "
+                                                         "served through the chat path)"),
         "/v1/embeddings": _operation(EmbeddingRequest, "Create embeddings (OpenAI-compatible)"),
         "/v1/moderations": _operation(ModerationRequest, "Classify texts with the tenant's guards "
                                                          "(OpenAI-compatible shape)"),

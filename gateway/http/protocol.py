@@ -49,6 +49,19 @@ class ChatCompletionRequest(_Open):
     user: str | None = Field(default=None, max_length=256)
 
 
+class CompletionRequest(_Open):
+    """``/v1/completions`` as documented (the endpoint translates it into a chat request: gateway/chat/completions)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=16)
+    temperature: float | int | None = Field(default=None, ge=0, le=2)
+    top_p: float | int | None = Field(default=None, ge=0, le=1)
+    user: str | None = Field(default=None, max_length=256)
+
+
 class EmbeddingRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] | list[int] | list[list[int]]

@@ -205,3 +205,36 @@ def test_moderations_through_the_sdk_match_the_tenant_guard_decision(gateway, ma
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.moderations.create(input=[])
     assert bad.value.param == "input"
+
+
+def test_legacy_completions_through_the_sdk_streamed_and_not(client, ledger):
+    """``client.completions.create``: the prompt goes through the chat path (budgets, routing, ledger) and
+    comes back as a text completion; the ledger row names the endpoint; what has no chat equivalent is a
+    400 naming the field."""
+    sdk, tenant = client
+    raw = sdk.completions.with_raw_response.create(model="sim-large", prompt="how much does this cost",
+                                                   max_tokens=6)
+    completion = raw.parse()
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text == "the gateway keeps spend within budget"
+    assert completion.choices[0].finish_reason == "length"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (5, 6)
+    assert Decimal(raw.headers["x-tollway-cost-usd"]) > 0
+    chunks = list(sdk.completions.create(model="sim-small", prompt="how much does this cost", max_tokens=5,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "the gateway keeps spend within"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+    default = sdk.completions.create(model="sim-large", prompt="how much does this cost")
+    assert default.usage.completion_tokens <= 16  # OpenAI's default max_tokens for this endpoint
+    request_id = raw.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while not (rows := ledger("request_id = %s", request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(r["endpoint"], r["tenant_id"]) for r in rows] == [("completions", tenant.id)]
+    for bad, param in [({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, 2, 3]}, "prompt"),
+                       ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "suffix": "y"}, "suffix")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.completions.create(model="sim-large", **bad)
+        assert refused.value.param == param
