@@ -66,7 +66,8 @@ class Limits:
 
 
 # OpenTelemetry's GenAI operation names, per endpoint
-OPERATIONS = {"chat.completions": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+OPERATIONS = {"chat.completions": "chat", "completions": "text_completion", "messages": "chat",
+              "embeddings": "embeddings"}
 
 
 @dataclass(slots=True)
@@ -122,7 +123,8 @@ class Calls:
                         tags=list(ctx.tags) or None)
         return Tally(ledger=self.ledger, telemetry=self.telemetry, quota=self.quota, row=row, span=span,
                      started=ctx.started, tenant=p.tenant,
-                     baseline=self.catalog.baseline if endpoint in ("chat.completions", "completions") else None)
+                     baseline=self.catalog.baseline if endpoint in ("chat.completions", "completions", "messages")
+                     else None)
 
     def resolve(self, principal: Principal, name: str, kind: str, *,
                 also: ModelEntry | None = None) -> ModelEntry | None:

@@ -16,6 +16,7 @@ from tollway.gateway.chat.calls import (
 from tollway.gateway.chat.completions import completions
 from tollway.gateway.chat.embeddings import Embeddings
 from tollway.gateway.chat.exchange import Parts
+from tollway.gateway.chat.messages import messages
 from tollway.gateway.chat.moderations import Moderations, Moderator
 from tollway.gateway.chat.stages import PROMPT_ALIAS, Chat
 from tollway.gateway.http.streaming import BodyReader
@@ -46,6 +47,9 @@ class CompletionService:
 
     async def completions(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
         return await completions(self.chat, ctx, read_body)
+
+    async def messages(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
+        return await messages(self.chat, ctx, read_body)
 
     async def moderations(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         return await self._moderations(ctx, read_body)

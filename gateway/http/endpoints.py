@@ -38,20 +38,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def endpoint(work: Work) -> Callable[[Scope, Receive, Send, CompletionService], Awaitable[None]]:
+    """Errors in the shape of the API the path belongs to (``send_error``)."""
+
     async def handle(scope: Scope, receive: Receive, send: Send, service: CompletionService) -> None:
         state = scope["state"]
         ctx = CallContext.of(state["request_id"], state["principal"], lambda name: _header(scope, name.encode()))
         try:
             result = await until_disconnect(receive, lambda read_body: work(service, ctx, read_body))
         except TollwayError as exc:
-            await send_error(send, exc)
+            await send_error(send, exc, path=scope["path"])
             return
         except ClientDisconnected:
             return
         except Exception:
             log.exception("unexpected failure serving %s", ctx.request_id)
             await send_error(send, TollwayError("The gateway failed unexpectedly; the request id identifies "
-                                                "it in the logs."))
+                                                "it in the logs."), path=scope["path"])
             return
         if isinstance(result, JSONResult):
             await send_json(send, result.payload, result.headers)
@@ -66,9 +68,11 @@ embeddings = endpoint(lambda service, ctx, read_body: service.embeddings(ctx, re
 
 moderations = endpoint(lambda service, ctx, read_body: service.moderations(ctx, read_body))
 completions = endpoint(lambda service, ctx, read_body: service.completions(ctx, read_body))
+messages = endpoint(lambda service, ctx, read_body: service.messages(ctx, read_body))
 
 HOT_ROUTES = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings,
-              ("POST", "/v1/moderations"): moderations, ("POST", "/v1/completions"): completions}
+              ("POST", "/v1/moderations"): moderations, ("POST", "/v1/completions"): completions,
+              ("POST", "/v1/messages"): messages}
 
 
 def _operation(model: type[Any], summary: str) -> dict[str, Any]:

@@ -25,8 +25,23 @@ async def send_json(send: Send, payload: Any, headers: dict[str, str], status: i
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, exc: TollwayError, headers: dict[str, str] | None = None) -> None:
-    await send_json(send, exc.body(), {**exc.headers, **(headers or {})}, exc.status)
+async def send_error(send: Send, exc: TollwayError, headers: dict[str, str] | None = None, *,
+                     path: str | None = None) -> None:
+    """The error in the shape of the API ``path`` belongs to (Anthropic's on /v1/messages, else OpenAI's)."""
+    body = anthropic_error(exc) if path == ANTHROPIC_PATH else exc.body()
+    await send_json(send, body, {**exc.headers, **(headers or {})}, exc.status)
+
+
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(exc: TollwayError) -> dict[str, Any]:
+    """A Tollway error in Anthropic's shape (its code and param kept beside Anthropic's fields)."""
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(exc.status, "api_error"),
+                                       "message": exc.message, "code": exc.code, "param": exc.param}}
 
 
 class RequestIdMiddleware:
@@ -72,7 +87,7 @@ class BodyLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.max_bytes:
-                    await send_error(send, too_large, {"connection": "close"})
+                    await send_error(send, too_large, {"connection": "close"}, path=scope["path"])
                     return
         seen = 0
 
@@ -112,12 +127,25 @@ class AuthMiddleware:
             state["principal"] = await self.keys().authenticate(secret)
         except TollwayError as exc:
             challenge = 'Basic realm="Tollway"' if scope["path"].startswith(self.basic_paths) else "Bearer"
-            await send_error(send, exc, {"www-authenticate": challenge} if exc.status == 401 else None)
+            await send_error(send, exc, {"www-authenticate": challenge} if exc.status == 401 else None,
+                             path=scope["path"])
             return
         await self.app(scope, receive, send)
 
 
 def credential(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key of ``Authorization: Bearer`` (or Basic's password, for git), else of ``x-api-key`` (as
+    Anthropic's clients send it)."""
+    found = _authorization(headers)
+    if found is not None:
+        return found
+    for name, value in headers:
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip() or None
+    return None
+
+
+def _authorization(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")

@@ -238,3 +238,49 @@ def test_legacy_completions_through_the_sdk_streamed_and_not(client, ledger):
         with pytest.raises(openai.BadRequestError) as refused:
             sdk.completions.create(model="sim-large", **bad)
         assert refused.value.param == param
+
+
+def test_anthropic_messages_through_the_official_sdk(gateway, make_tenant, ledger):
+    """``anthropic.Anthropic(base_url=..., api_key=KEY)`` unchanged: ``messages.create`` and
+    ``messages.stream`` through the chat path; the key in ``x-api-key``; errors in Anthropic's shape."""
+    import anthropic
+
+    tenant = make_tenant()
+    client = anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key=tenant.key, max_retries=0)
+    raw = client.messages.with_raw_response.create(
+        model="sim-large", max_tokens=6, system="Be brief.", metadata={"user_id": "ada"},
+        messages=[{"role": "user", "content": "how much does this cost"}])
+    message = raw.parse()
+    assert message.type == "message"
+    assert message.role == "assistant"
+    assert [b.type for b in message.content] == ["text"]
+    assert message.content[0].text == "the gateway keeps spend within budget"
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 6
+    with client.messages.stream(model="sim-small", max_tokens=5,
+                                messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "the gateway keeps spend within"
+    assert final.stop_reason == "end_turn"  # the scripted upstream's streams end with finish_reason "stop"
+    assert final.usage.output_tokens == 5
+    # a tool result from an earlier turn reaches the model as a tool message
+    agent = client.messages.create(model="sim-large", max_tokens=4, tools=[
+        {"name": "lookup", "description": "look a fee up", "input_schema": {"type": "object"}}], messages=[
+        {"role": "user", "content": "fee?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "lookup", "input": {"q": "fee"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "35 dollars"}]}])
+    assert agent.content[0].type == "text"
+    request_id = raw.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while not (rows := ledger("request_id = %s", request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(r["endpoint"], r["end_user"]) for r in rows] == [("messages", "ada")]
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="sim-large", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    assert bad.value.body["type"] == "error"
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.AuthenticationError) as denied:
+        anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="tw-wrong", max_retries=0).messages.create(
+            model="sim-large", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    assert denied.value.body["error"]["type"] == "authentication_error"

@@ -1,0 +1,105 @@
+"""The legacy completions and Anthropic Messages endpoints translate into the chat path and back: request
+bodies, whole answers, and streams (tool calls, and a stream cut by a budget or a guard)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from tollway.errors import InvalidRequest
+from tollway.gateway.chat import completions, messages
+
+
+def frames(*chunks: object) -> AsyncIterator[bytes]:
+    async def gen() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk if isinstance(chunk, bytes) else b"data: " + orjson.dumps(chunk) + b"\n\n"
+    return gen()
+
+
+def collect(stream: AsyncIterator[bytes]) -> list[bytes]:
+    async def run() -> list[bytes]:
+        return [piece async for piece in stream]
+    return asyncio.run(run())
+
+
+def chunk(delta: dict, finish: str | None = None, **extra: object) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+def test_a_messages_request_becomes_the_chat_request_it_stands_for():
+    body = messages.chat_body({
+        "model": "m", "max_tokens": 9, "system": [{"type": "text", "text": "Be brief."}],
+        "metadata": {"user_id": "ada"}, "stop_sequences": ["END"], "tool_choice": {"type": "any"},
+        "tools": [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "fee?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
+                                              {"type": "tool_use", "id": "t1", "name": "lookup", "input": {"q": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "35"},
+                                         {"type": "text", "text": "and?"}]}]})
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "tool", "user"]
+    assert body["messages"][2]["tool_calls"][0]["function"] == {"name": "lookup", "arguments": '{"q":1}'}
+    assert body["messages"][3] == {"role": "tool", "tool_call_id": "t1", "content": "35"}
+    assert (body["user"], body["stop"], body["tool_choice"]) == ("ada", ["END"], "required")
+    assert body["tools"][0]["function"]["parameters"] == {"type": "object"}
+
+
+@pytest.mark.parametrize(("data", "param"), [
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+    ({"model": "m", "max_tokens": 5, "messages": []}, "messages"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]},
+     "messages[0].content[0].type"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "thinking": {}}, "thinking"),
+])
+def test_what_has_no_chat_equivalent_is_a_400_naming_the_field(data, param):
+    with pytest.raises(InvalidRequest) as refused:
+        messages.chat_body(data)
+    assert refused.value.param == param
+
+
+def test_a_stream_becomes_anthropic_events_with_tool_calls_and_usage():
+    out = collect(messages.events(frames(
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Looking"}),
+        chunk({"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "lookup", "arguments": '{"q"'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": ': 1}'}}]}),
+        chunk({}, "tool_calls"),
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [],
+         "usage": {"prompt_tokens": 4, "completion_tokens": 7}},
+        b"data: [DONE]\n\n")))
+    events = [orjson.loads(e.split(b"\ndata: ", 1)[1]) for e in out]
+    assert [e["type"] for e in events] == [
+        "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop"]
+    assert events[4]["content_block"] == {"type": "tool_use", "id": "c1", "name": "lookup", "input": {}}
+    assert "".join(e["delta"].get("partial_json", "") for e in events[5:7]) == '{"q": 1}'
+    assert events[8]["delta"]["stop_reason"] == "tool_use"
+    assert events[8]["usage"] == {"input_tokens": 4, "output_tokens": 7}
+
+
+def test_a_cut_stream_ends_with_an_error_event():
+    out = collect(messages.events(frames(
+        chunk({"content": "Partial"}),
+        {"error": {"message": "budget exhausted", "type": "insufficient_quota", "code": "budget_exceeded"}},
+        b"data: [DONE]\n\n")))
+    last = out[-1]
+    assert last.startswith(b"event: error\n")
+    assert orjson.loads(last.split(b"\ndata: ", 1)[1])["error"]["code"] == "budget_exceeded"
+
+
+def test_a_completions_stream_keeps_text_errors_and_done():
+    out = collect(completions.text_frames(frames(
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}), chunk({}, "stop"),
+        {"error": {"message": "cut"}}, b"data: [DONE]\n\n")))
+    payloads = [orjson.loads(p[6:]) for p in out if p.startswith(b"data: {")]
+    assert [p.get("object") for p in payloads] == ["text_completion", "text_completion", None]
+    assert payloads[0]["choices"][0]["text"] == "Hi"
+    assert payloads[1]["choices"][0]["finish_reason"] == "stop"
+    assert out[-1] == b"data: [DONE]\n\n"
