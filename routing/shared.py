@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -80,7 +80,7 @@ class SharedBreakers:
                 await asyncio.sleep(RECONNECT_S)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await cast(Any, pubsub).aclose()  # typed in newer redis-py, untyped in older
 
     def _received(self, data: Any) -> None:
         try:
