@@ -69,14 +69,16 @@ class Sample:
     source: str
 
 
-def wheel(name: str, cache: Path = CACHE) -> zipfile.ZipFile:
+def wheel(name: str, cache: Path = CACHE, version: str | None = None) -> zipfile.ZipFile:
+    """A package's wheel (``version``, else this module's pin), downloaded once into ``cache``."""
+    version = version or WHEELS[name]
     cache.mkdir(parents=True, exist_ok=True)
     stem = name.replace("-", "_")
-    found = sorted(cache.glob(f"{stem}-{WHEELS[name]}-*.whl"))
+    found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
-                        f"{name}=={WHEELS[name]}"], check=True)
-        found = sorted(cache.glob(f"{stem}-{WHEELS[name]}-*.whl"))
+                        f"{name}=={version}"], check=True)
+        found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     return zipfile.ZipFile(found[0])
 
 

