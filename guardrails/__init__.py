@@ -9,7 +9,6 @@ if __name__ != "tollway.guardrails":
 
 from tollway.guardrails.detectors import DETECTORS, PII, Detector, Finder, Span, detect, redact
 from tollway.guardrails.engine import ChoiceGuard, Extra, Outcome, OutputPlan, PassageScreen, check_input
-from tollway.guardrails.injection import start_prefilter
 from tollway.guardrails.moderation import Moderation, moderate
 from tollway.guardrails.policy import (
     BUILTIN,
@@ -54,6 +53,5 @@ __all__ = [
     "redact",
     "resolve",
     "schema_of",
-    "start_prefilter",
     "warm",
 ]

@@ -192,6 +192,7 @@ class _Prefilter:
 
 _BUILT: list[_Prefilter | None] = []  # [the prefilter, or None where hyperscan is missing] once built
 _BUILDING = threading.Lock()
+_STARTED = threading.Event()
 
 
 def _build() -> None:
@@ -203,17 +204,15 @@ def _build() -> None:
                 _BUILT.append(None)
 
 
-def start_prefilter() -> None:
-    """Build the prefilter in the background (about 2 s of one core at start-up); until it is ready, every
-    rule runs."""
-    if not _BUILT:
-        threading.Thread(target=_build, name="injection-prefilter", daemon=True).start()
-
-
 def prefilter(*, wait: bool = False) -> _Prefilter | None:
-    """The prefilter if it is built (``wait``: build it now if need be)."""
+    """The prefilter if it is built. The first call starts building it in the background (about 2 s of one
+    core: paid by a gateway whose policies use the injection rules, when they first do); until it is ready
+    every rule runs. ``wait``: build it now if need be."""
     if wait:
         _build()
+    elif not _BUILT and not _STARTED.is_set():
+        _STARTED.set()
+        threading.Thread(target=_build, name="injection-prefilter", daemon=True).start()
     return _BUILT[0] if _BUILT else None
 
 

@@ -46,7 +46,6 @@ from tollway.guardrails import (
     parse_config,
     resolve,
     schema_of,
-    start_prefilter,
     warm,
 )
 from tollway.jsontypes import JSON
@@ -92,7 +91,6 @@ class Guarding:
         validator that cannot be built is a start-up error, not a failure on the first request)."""
         config = parse_config(data)
         warm()
-        start_prefilter()  # the injection rules' one-pass prefilter, built in the background
         extras = {}
         for name, spec in config.validators.items():
             validator = load_validator(name, spec)
