@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tollway.guardrails.detectors import PII, detect, spans_of
+from tollway.guardrails.detectors import PII, finders, spans_of
 from tollway.guardrails.engine import Extra, Outcome, check_input, span_finders
+from tollway.guardrails.fold import fold
 from tollway.guardrails.injection import THRESHOLD, score
 from tollway.guardrails.policy import Resolved
 
@@ -47,10 +48,12 @@ def moderate(policy: Resolved | None, text: str, extras: Mapping[str, Extra] | N
     categories["injection"] = verdict.blocked(threshold)
     scores["injection"] = min(verdict.score, 1.0)
     kinds = policy.pii_kinds if policy is not None else PII
-    for name, found in (("pii", detect(text, kinds)), ("secrets", detect(text, ("secret",)))):
+    folded = fold(text)  # once, for every span detector below
+    for name, found in (("pii", spans_of(text, finders(kinds), folded)),
+                        ("secrets", spans_of(text, finders(("secret",)), folded))):
         categories[name], scores[name] = bool(found), 1.0 if found else 0.0
     if policy is not None and (policy.terms or policy.competitors or policy.topics):
-        found = spans_of(text, span_finders(policy, {"terms": "log"}))
+        found = spans_of(text, span_finders(policy, {"terms": "log"}), folded)
         categories["terms"], scores["terms"] = bool(found), 1.0 if found else 0.0
     if policy is None or not policy.input:
         return Moderation(False, categories, scores)

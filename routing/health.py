@@ -153,8 +153,7 @@ class ReplicaHealth:
         self.trips += 1
         if self.calls_at_first_trip is None:
             self.calls_at_first_trip = self.calls
-        self.state, self.opened_at = OPEN, self.clock()
-        self.outcomes.clear()
+        self._open()
         if opening and self.on_trip is not None:
             self.on_trip(self.name)
 
@@ -166,10 +165,14 @@ class ReplicaHealth:
         log.warning("upstream %s: circuit breaker open for %.1fs (tripped by another gateway)", self.name,
                     self.breaker.open_s)
         self.adopted += 1
-        self.state, self.opened_at = OPEN, self.clock()
-        self.outcomes.clear()
+        self._open()
         self.consecutive_failures = 0
         return True
+
+    def _open(self) -> None:
+        """Open now, for ``open_s``, with a fresh window of outcomes."""
+        self.state, self.opened_at = OPEN, self.clock()
+        self.outcomes.clear()
 
     def describe(self) -> dict[str, object]:
         return {"state": self.state, "outstanding": self.outstanding, "latency_ms": self.latency_ms,
