@@ -103,3 +103,15 @@ def test_a_completions_stream_keeps_text_errors_and_done():
     assert payloads[0]["choices"][0]["text"] == "Hi"
     assert payloads[1]["choices"][0]["finish_reason"] == "stop"
     assert out[-1] == b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("field", ["api_base", "base_url", "extra_headers", "api_key"])
+def test_transport_fields_never_pass_through_either_translation(field):
+    """What a client sends to the legacy or Anthropic endpoint is an allow-list: a transport setting is a 400
+    naming it, never a chat field that could reach an upstream."""
+    with pytest.raises(InvalidRequest) as on_completions:
+        completions.chat_body({"model": "m", "prompt": "x", field: "http://attacker.example"})
+    with pytest.raises(InvalidRequest) as on_messages:
+        messages.chat_body({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                            field: "http://attacker.example"})
+    assert on_completions.value.param == on_messages.value.param == field
