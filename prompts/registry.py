@@ -89,8 +89,9 @@ class Registry:
         self.last_error = None
 
     async def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
-        """``ref``: the request's ``prompt`` object, ``{name, label | version, variables}``. A template that is
-        not plain renders in the render pool, bounded in time (in this process when the registry has none)."""
+        """``ref``: the request's ``prompt`` object, ``{name, label | version | ref, variables}`` (``ref``: a
+        label if the prompt has one of that name, else a version). A template that is not plain renders in the
+        render pool, bounded in time (in this process when the registry has none)."""
         prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
         messages = await prompt.render_in(self.renderer, ref.get("variables"), tenant_id)
         return Rendered(prompt.name, chosen, tuple(messages), prompt.model, prompt.params, prompt.guards, label_name)
@@ -99,9 +100,12 @@ class Registry:
         name = ref.get("name")
         if not isinstance(name, str) or not name:
             raise PromptError("'prompt.name' is required.", param="prompt.name")
-        label, version = ref.get("label"), ref.get("version")
-        if label is not None and version is not None:
-            raise PromptError("Give 'prompt.label' or 'prompt.version', not both.", param="prompt.version")
+        label, version, either = ref.get("label"), ref.get("version"), ref.get("ref")
+        if sum(x is not None for x in (label, version, either)) > 1:
+            raise PromptError("Give one of 'prompt.label', 'prompt.version' or 'prompt.ref'.", param="prompt.version")
+        if either is not None:  # a label of this prompt if it has one of that name, else a version
+            key = "label" if str(either) in self.label_names(tenant_id, name) else "version"
+            label, version = (str(either), None) if key == "label" else (None, str(either))
         tenant = self._tenants.get(tenant_id)
         versions = tenant.contents.get(name) if tenant is not None else None
         if tenant is None or not versions:
@@ -122,8 +126,7 @@ class Registry:
                          variables: JSON | None) -> Rendered:
         """Render by one reference that is a label if the prompt has one of that name, else a version
         (the dry runs of the API and the CLI)."""
-        key = "label" if ref in self.label_names(tenant_id, name) else "version"
-        return await self.render(tenant_id, subject, {"name": name, key: ref, "variables": variables})
+        return await self.render(tenant_id, subject, {"name": name, "ref": ref, "variables": variables})
 
     def prompt(self, tenant_id: int, name: str, version: str) -> Prompt:
         """One version, compiled (NotFound if the registry does not hold it)."""

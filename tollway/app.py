@@ -20,7 +20,7 @@ from tollway.gateway.console.routes import router as console_router
 from tollway.gateway.http.api import install_error_handlers, install_openapi, router
 from tollway.gateway.http.endpoints import HOT_ROUTES
 from tollway.gateway.http.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from tollway.gateway.http.routes import budgets, guards, models, operations, reports, tenants
+from tollway.gateway.http.routes import budgets, guards, models, operations, reports, responses, tenants
 from tollway.gateway.http.routes.evals import router as evals_router
 from tollway.gateway.http.routes.metrics import router as metrics_router
 from tollway.gateway.http.routes.prompts import router as prompts_router
@@ -55,7 +55,7 @@ class Gateway:
         self.api = FastAPI(title="Tollway", version=tollway.__version__, lifespan=lifespan, redoc_url=None,
                            description="OpenAI-compatible LLM gateway with cost control.")
         self.api.include_router(router)
-        for surface in (budgets, guards, tenants, models, operations, reports):
+        for surface in (budgets, guards, tenants, models, operations, reports, responses):
             self.api.include_router(surface.router)
         self.api.include_router(prompts_router)
         self.api.include_router(retrieval_router)

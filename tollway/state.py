@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from tollway.config import RawPrice
 from tollway.errors import TollwayError
+from tollway.gateway.apis.stored import ResponseStore
 from tollway.gateway.chat.calls import Calls, Limits
 from tollway.gateway.chat.exchange import Parts
 from tollway.gateway.chat.service import CompletionService
@@ -383,7 +384,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
     service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality,
-                                moderator=guarding.moderate)
+                                moderator=guarding.moderate, stored=ResponseStore(pool))
     evals = Evals(pool, service, prompts, eval_settings(raw_config.evals), ids)
     stack.push_async_callback(evals.background.drain)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))

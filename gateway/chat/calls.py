@@ -66,7 +66,7 @@ class Limits:
 
 
 # OpenTelemetry's GenAI operation names, per endpoint
-OPERATIONS = {"chat.completions": "chat", "completions": "text_completion", "messages": "chat",
+OPERATIONS = {"chat.completions": "chat", "completions": "text_completion", "messages": "chat", "responses": "chat",
               "embeddings": "embeddings"}
 
 

@@ -4,6 +4,10 @@
 
 from __future__ import annotations
 
+from tollway.gateway.apis.completions import completions
+from tollway.gateway.apis.messages import messages
+from tollway.gateway.apis.responses import Responses
+from tollway.gateway.apis.stored import ResponseStore
 from tollway.gateway.chat.calls import (
     INPUT_MARGIN,
     INPUT_SLACK,
@@ -13,10 +17,8 @@ from tollway.gateway.chat.calls import (
     StreamResult,
     reserved_output,
 )
-from tollway.gateway.chat.completions import completions
 from tollway.gateway.chat.embeddings import Embeddings
 from tollway.gateway.chat.exchange import Parts
-from tollway.gateway.chat.messages import messages
 from tollway.gateway.chat.moderations import Moderations, Moderator
 from tollway.gateway.chat.stages import PROMPT_ALIAS, Chat
 from tollway.gateway.http.streaming import BodyReader
@@ -34,13 +36,16 @@ __all__ = ["INPUT_MARGIN", "INPUT_SLACK", "CallContext", "CompletionService", "J
 class CompletionService:
     def __init__(self, calls: Calls, router: Router, *, parts: Parts | None = None,
                  shadows: Shadows | None = None, local: LocalEmbedder | None = None,
-                 quality: LiveQuality | None = None, moderator: Moderator | None = None) -> None:
+                 quality: LiveQuality | None = None, moderator: Moderator | None = None,
+                 stored: ResponseStore | None = None) -> None:
         self.calls = calls
         self.router = router
         self.local = local  # the packaged embedding model, served in process
         self.chat = Chat(calls, router, parts=parts, shadows=shadows, quality=quality)
         self._embeddings = Embeddings(calls, router, local)
         self._moderations = Moderations(calls, moderator)
+        self.stored = stored  # the Responses API's stored responses (None: none are stored)
+        self._responses = Responses(self.chat, stored)
 
     async def embeddings(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         return await self._embeddings(ctx, read_body)
@@ -50,6 +55,9 @@ class CompletionService:
 
     async def messages(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
         return await messages(self.chat, ctx, read_body)
+
+    async def responses(self, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:
+        return await self._responses(ctx, read_body)
 
     async def moderations(self, ctx: CallContext, read_body: BodyReader) -> JSONResult:
         return await self._moderations(ctx, read_body)

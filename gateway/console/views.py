@@ -30,7 +30,7 @@ TOP = 20  # rows per table before the rest are summed into one "(N others)" row
 
 
 SECTIONS = (("model", "Model"), ("tier", "Tier"), ("route", "Route kind"), ("role", "Ledger role"),
-            ("key", "Key"), ("user", "End user"), ("tag", "Tag"), ("prompt", "Prompt version"))
+            ("endpoint", "Endpoint"), ("key", "Key"), ("user", "End user"), ("tag", "Tag"), ("prompt", "Prompt version"))
 
 
 COLUMNS = ("spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits", "cache_saved_usd",

@@ -121,8 +121,9 @@ def install_openapi(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schema["paths"] = {**openapi_paths(), **schema.get("paths", {})}
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http",
-                                                                                 "scheme": "bearer"}}
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "api_key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -21,7 +21,9 @@ from tollway.gateway.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    MessagesRequest,
     ModerationRequest,
+    ResponseRequest,
 )
 from tollway.gateway.http.streaming import BodyReader, ClientDisconnected, send_event_stream, until_disconnect
 
@@ -69,20 +71,26 @@ embeddings = endpoint(lambda service, ctx, read_body: service.embeddings(ctx, re
 moderations = endpoint(lambda service, ctx, read_body: service.moderations(ctx, read_body))
 completions = endpoint(lambda service, ctx, read_body: service.completions(ctx, read_body))
 messages = endpoint(lambda service, ctx, read_body: service.messages(ctx, read_body))
+responses = endpoint(lambda service, ctx, read_body: service.responses(ctx, read_body))
 
 HOT_ROUTES = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings,
               ("POST", "/v1/moderations"): moderations, ("POST", "/v1/completions"): completions,
-              ("POST", "/v1/messages"): messages}
+              ("POST", "/v1/messages"): messages, ("POST", "/v1/responses"): responses}
 
 
-def _operation(model: type[Any], summary: str) -> dict[str, Any]:
-    error = {"description": "OpenAI-shaped error", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "object", "properties": {
-            "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-            "code": {"type": ["string", "null"]}}}}}}}}
+_ERROR = {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+    "code": {"type": ["string", "null"]}}}
+
+
+def _operation(model: type[Any], summary: str, *, anthropic: bool = False) -> dict[str, Any]:
+    shape = {"type": "object", "properties": {"type": {"const": "error"}, "error": _ERROR}} if anthropic else \
+        {"type": "object", "properties": {"error": _ERROR}}
+    error = {"description": "Anthropic-shaped error" if anthropic else "OpenAI-shaped error",
+             "content": {"application/json": {"schema": shape}}}
     return {"post": {
         "summary": summary,
-        "security": [{"bearer": []}],
+        "security": [{"api_key": []}, {"bearer": []}] if anthropic else [{"bearer": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
         "responses": {"200": {"description": "JSON, or server-sent events when stream is true"},
                       **{str(code): error for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}},
@@ -98,4 +106,8 @@ def openapi_paths() -> dict[str, Any]:
         "/v1/embeddings": _operation(EmbeddingRequest, "Create embeddings (OpenAI-compatible)"),
         "/v1/moderations": _operation(ModerationRequest, "Classify texts with the tenant's guards "
                                                          "(OpenAI-compatible shape)"),
+        "/v1/responses": _operation(ResponseRequest, "Create a response (OpenAI's Responses API, served "
+                                                     "through the chat path; stored per the content policy)"),
+        "/v1/messages": _operation(MessagesRequest, "Create a message (Anthropic's Messages API, served through "
+                                                    "the chat path; x-api-key or bearer)", anthropic=True),
     }

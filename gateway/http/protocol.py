@@ -50,7 +50,7 @@ class ChatCompletionRequest(_Open):
 
 
 class CompletionRequest(_Open):
-    """``/v1/completions`` as documented (the endpoint translates it into a chat request: gateway/chat/completions)."""
+    """``/v1/completions`` as documented (the endpoint translates it into a chat request: gateway/apis/completions)."""
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str]
@@ -60,6 +60,33 @@ class CompletionRequest(_Open):
     temperature: float | int | None = Field(default=None, ge=0, le=2)
     top_p: float | int | None = Field(default=None, ge=0, le=1)
     user: str | None = Field(default=None, max_length=256)
+
+
+class ResponseRequest(_Open):
+    """``/v1/responses`` as documented (translated into a chat request: gateway/apis/responses)."""
+
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = Field(default=None, max_length=128)
+    prompt: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=256)
+
+
+class MessagesRequest(_Open):
+    """Anthropic's ``/v1/messages`` as documented (translated into a chat request: gateway/apis/messages)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int = Field(ge=1)
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(_Open):

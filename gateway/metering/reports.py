@@ -23,7 +23,7 @@ from tollway.gateway.tenancy.policy import EACH, load_rules
 from tollway.gateway.tenancy.roles import Can, may, require, roles_that
 from tollway.routing import Catalog
 
-GROUPS = ("day", "model", "tier", "key", "user", "tag", "prompt", "route", "role", "tenant")
+GROUPS = ("day", "model", "tier", "key", "user", "tag", "prompt", "route", "role", "endpoint", "tenant")
 # The route kind (ledger_route_kind in migration 0011); 'auto' splits into auto-large (the top tier) and
 # auto-small here, where the top tier is known.
 _ROUTE_KIND = "ledger_route_kind(l.role, l.cache_hit, l.degraded, l.attempt, l.route_reason)"
@@ -37,6 +37,7 @@ _EXPR = {
     "prompt": "coalesce(l.prompt_name || '@' || l.prompt_version, '(none)')",
     "route": f"{_ROUTE_KIND} || '/' || coalesce(l.tier, '')",
     "role": "l.role",
+    "endpoint": "l.endpoint",
     "tenant": "tn.name",
 }
 _FROM = {
@@ -73,7 +74,7 @@ _MONEY = frozenset({"spend_usd", "cache_saved_usd", "shadow_usd", "served_usd", 
 _ROLLUP = {"day": ("model", "r.day::text"), "model": ("model", "r.value"), "tier": ("model", "r.tier"),
            "tenant": ("model", "tn.name"), "key": ("key", "r.value"), "user": ("user", "r.value"),
            "tag": ("tag", "r.value"), "prompt": ("prompt", "r.value"), "route": ("route", "r.value || '/' || r.tier"),
-           "role": ("role", "r.value")}
+           "role": ("role", "r.value"), "endpoint": ("endpoint", "r.value")}
 
 
 @dataclass(frozen=True)

@@ -269,7 +269,8 @@ class LiveQuality:
 
 # -- the content policy ---------------------------------------------------------------------------
 async def apply_retention(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
-    """Delete stored content older than each tenant's retention (scores and metadata stay)."""
+    """Delete stored content older than each tenant's retention (scores and metadata stay; a stored
+    response is content through and through, so it goes whole)."""
     out = {}
     for table, columns, where in _CONTENT:
         cur = await conn.execute(
@@ -280,6 +281,11 @@ async def apply_retention(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
     cur = await conn.execute(_EVAL_ANSWERS + " AND e.created_at < now() - make_interval(days =>"
                              " coalesce(p.content_retention_days, 30))")
     out["eval_results"] = cur.rowcount
+    cur = await conn.execute(
+        "DELETE FROM stored_responses s USING tenants tn LEFT JOIN tenant_policies p ON p.tenant_id = tn.id"
+        " WHERE s.tenant_id = tn.id AND s.created_at < now() - make_interval(days =>"
+        " coalesce(p.content_retention_days, 30))")
+    out["stored_responses"] = cur.rowcount
     return out
 
 
@@ -295,9 +301,9 @@ _EVAL_ANSWERS = ("UPDATE eval_results r SET result = r.result - 'answer' FROM ev
 
 async def erase(conn: psycopg.AsyncConnection[Any], tenant_id: int, end_user: str | None = None, *,
                 author: str, subject: str, reason: str | None = None) -> dict[str, int]:
-    """Delete the stored content of a tenant, or of one of its end users: live samples, shadow samples and
-    (tenant-wide only: eval items belong to no end user) the answers of eval runs. Scores stay. Recorded in
-    the change channel."""
+    """Delete the stored content of a tenant, or of one of its end users: live samples, shadow samples,
+    stored responses (the Responses API's) and (tenant-wide only: eval items belong to no end user) the
+    answers of eval runs. Scores stay. Recorded in the change channel."""
     out = {}
     async with conn.transaction():
         for table, columns, where in _CONTENT:
@@ -308,6 +314,9 @@ async def erase(conn: psycopg.AsyncConnection[Any], tenant_id: int, end_user: st
         if end_user is None:
             cur = await conn.execute(_EVAL_ANSWERS + " AND e.tenant_id = %s", (tenant_id,))
             out["eval_results"] = cur.rowcount
+        cur = await conn.execute("DELETE FROM stored_responses WHERE tenant_id = %s AND (%s::text IS NULL OR"
+                                 " end_user = %s)", (tenant_id, end_user, end_user))
+        out["stored_responses"] = cur.rowcount
         await changes.record(conn, author=author, kind="content", subject=subject, action="erase",
                              tenant_id=tenant_id, after={"user": end_user, "erased": out}, reason=reason)
     return out

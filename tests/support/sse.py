@@ -19,3 +19,10 @@ def sse_frames(text: str) -> list[str]:
 def sse_payloads(text: str) -> list[Any]:
     """The JSON of every frame before ``[DONE]``."""
     return [orjson.loads(frame) for frame in sse_frames(text)[:-1]]
+
+
+def event_payloads(text: str) -> list[Any]:
+    """The JSON of every ``data:`` line of a stream of named events (the Responses and Messages APIs', which
+    end without ``[DONE]``)."""
+    return [orjson.loads(line[6:]) for frame in text.split("\n\n") for line in frame.split("\n")
+            if line.startswith("data: {")]

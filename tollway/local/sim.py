@@ -27,6 +27,10 @@ re-read when it changes, so a test can plant a regression in a running upstream:
     {"answer": "Paris is the capital of France.", "wrong": "I'm sorry, I can't help with that.",
      "error_rate": 0.05, "seed": 7, "rules": [{"contains": "prompt v2", "error_rate": 0.5}]}
 
+A model with ``tools`` in its name (``sim-tools``) calls the request's first function tool, with the last
+user message as ``{"query": ...}``, unless the last message is already a tool result (then it answers
+as usual): for agent loops through the gateway's APIs.
+
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
 whitespace-separated word of every message's text; the answer is one word per token.
 """
@@ -211,21 +215,26 @@ async def chat(request: Request) -> Response:
     else:
         echoed = " ".join(WORDS[i % len(WORDS)] for i in range(n))
         pieces = [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(n)]
+    call = _tool_call(model, body, messages)
+    if call is not None:
+        n = len(call["function"]["arguments"].split())
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault),
+        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call),
                                  media_type="text/event-stream")
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
         await _pace(n / config.tokens_per_s if config.tokens_per_s else 0)
     if fault == "malformed":
         return Response(b'{"id": "broken", "choices": [', media_type="application/json")
-    text = echoed
+    message: dict[str, Any] = {"role": "assistant", "content": echoed}
+    finish = "length" if n == max_tokens else "stop"
+    if call is not None:
+        message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
     return _json({
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "length" if n == max_tokens else "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": {"prompt_tokens": p_tokens, "completion_tokens": n, "total_tokens": p_tokens + n},
     })
 
@@ -239,9 +248,22 @@ def _frame(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def _tool_call(model: str, body: dict[str, Any], messages: list[Any]) -> dict[str, Any] | None:
+    """The tool call a ``tools`` model makes (see the module's docstring), or None."""
+    tools = body.get("tools")
+    if "tools" not in model.split("-") or not isinstance(tools, list) or not tools:
+        return None
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
+        return None
+    name = ((tools[0] or {}).get("function") or {}).get("name") or "tool"
+    return {"id": "call_" + uuid.uuid4().hex[:12], "type": "function",
+            "function": {"name": name, "arguments": orjson.dumps({"query": _last_user_text(messages)}).decode()}}
+
+
 async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_tokens: int, include_usage: bool,
-                  fault: str | None) -> AsyncIterator[bytes]:
-    """``pieces``: the answer's content deltas, one frame each; ``n``: its completion tokens."""
+                  fault: str | None, call: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+    """``pieces``: the answer's content deltas, one frame each; ``n``: its completion tokens; ``call``: a
+    tool call to stream instead (its arguments in pieces of three characters)."""
     config = state.config
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
@@ -252,6 +274,14 @@ async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_toke
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
         yield _frame(chunk({"role": "assistant", "content": ""}))
+        if call is not None:
+            function = call["function"]
+            yield _frame(chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                                "function": {"name": function["name"], "arguments": ""}}]}))
+            arguments = function["arguments"]
+            for i in range(0, len(arguments), 3):
+                yield _frame(chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[i:i + 3]}}]}))
+            pieces = []
         per_token = 1 / config.tokens_per_s if config.tokens_per_s else 0
         for i, piece in enumerate(pieces):
             if fault == "cut" and i == len(pieces) // 2:
@@ -261,7 +291,7 @@ async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_toke
                 yield b"data: {not json\n\n"
             await _pace(per_token)
             yield _frame(chunk({"content": piece}))
-        yield _frame(chunk({}, "stop"))
+        yield _frame(chunk({}, "stop" if call is None else "tool_calls"))
         if include_usage:
             yield _frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": [], "usage": {"prompt_tokens": p_tokens, "completion_tokens": n,

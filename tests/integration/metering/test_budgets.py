@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from support import sse_frames
+from support import event_payloads, sse_frames
 from support.config import write_config
 
 from tollway.gateway.chat.service import INPUT_MARGIN, INPUT_SLACK, reserved_output
@@ -284,3 +284,29 @@ async def test_admin_routes_need_an_admin_key(app_factory, make_tenant):
                                   json={"tenant": tenant.name, "window": "fortnight", "limit_usd": "1"})
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "window"
+
+
+async def test_other_apis_streams_cut_at_the_reservation_end_with_their_own_error_event(app_factory, make_tenant,
+                                                                                        admin, ledger):
+    """The Responses API and Anthropic's Messages, streamed from an upstream that ignores max_tokens: cut at
+    the same reservation as chat, ending with that API's error event; the ledger row says so."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        responses = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+            "model": "sim-ignoremax", "input": "go on", "max_output_tokens": 5, "stream": True})
+        messages = await gw.client.post("/v1/messages", headers=tenant.headers, json={
+            "model": "sim-ignoremax", "max_tokens": 5, "stream": True,
+            "messages": [{"role": "user", "content": "go on"}]})
+        await gw.state.ledger.flush()
+    events = event_payloads(responses.text)
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2]["code"] == "reservation_exceeded"
+    assert events[-1]["response"]["status"] == "failed"
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert len(text.split()) == reserved_output(5)
+    last = event_payloads(messages.text)[-1]
+    assert (last["type"], last["error"]["code"]) == ("error", "reservation_exceeded")
+    for resp, endpoint in ((responses, "responses"), (messages, "messages")):
+        [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+        assert (row["endpoint"], row["status"], row["error_code"]) == (endpoint, 502, "reservation_exceeded")

@@ -195,3 +195,34 @@ async def test_a_window_of_part_days_adds_the_rollup_of_its_whole_days_to_the_le
     got = {g["group"]: (Decimal(g["spend_usd"]), g["requests"], g["input_tokens"]) for g in report["groups"]}
     assert got == expected
     assert Decimal(report["totals"]["spend_usd"]) == sum(s for s, _, _ in expected.values())
+
+
+async def test_the_endpoint_rollup_is_backfilled_from_the_ledger(app_factory, make_tenant, pg, admin):
+    """Migration 0017 rolls the ledger up by endpoint: written by the ledger's own trigger from then on, and
+    for the rows before it by the same rollup over the ledger (``ledger_rollup_sql(source, dims)``); both
+    equal a count straight from the ledger."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        await gw.client.post("/v1/completions", headers=tenant.headers,
+                             json={"model": "sim-small", "prompt": "legacy", "max_tokens": 2})
+        await gw.state.ledger.flush()
+    query = ("SELECT value, sum(requests), sum(output_tokens), sum(spend_usd) FROM ledger_daily"
+             " WHERE tenant_id = %s AND dim = 'endpoint' GROUP BY value ORDER BY value")
+    truth = ("SELECT endpoint, count(*) FILTER (WHERE role = 'answer'), sum(output_tokens), sum(cost_usd)"
+             " FROM ledger WHERE tenant_id = %s GROUP BY endpoint ORDER BY endpoint")
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        expected = conn.execute(truth, (tenant.id,)).fetchall()
+        by_trigger = conn.execute(query, (tenant.id,)).fetchall()
+        with conn.transaction():  # as the migration backfilled: this tenant's rows, that dimension only
+            conn.execute("DELETE FROM ledger_daily WHERE tenant_id = %s AND dim = 'endpoint'", (tenant.id,))
+            conn.execute("CREATE TEMP TABLE before_0017 ON COMMIT DROP AS SELECT * FROM ledger WHERE tenant_id = %s",
+                         (tenant.id,))
+            [sql] = conn.execute("SELECT ledger_rollup_sql('before_0017', ARRAY['endpoint'])").fetchone()
+            conn.execute(sql)
+            others = conn.execute("SELECT count(*) FROM ledger_daily WHERE tenant_id = %s AND dim <> 'endpoint'"
+                                  " AND requests > 0", (tenant.id,)).fetchone()
+        backfilled = conn.execute(query, (tenant.id,)).fetchall()
+    assert {row[0] for row in expected} == {"chat.completions", "completions"}
+    assert by_trigger == backfilled == expected
+    assert others[0] > 0  # the other dimensions were left as they were (not doubled: compared in the tests above)

@@ -304,3 +304,27 @@ async def test_a_corrupt_store_is_a_doctor_finding(app_factory, make_tenant, pg,
     assert "files are missing" in problems[0]
     assert doctor.returncode == 1
     assert f"FAIL  prompts: RuntimeError: tenant {eng.id}: commit" in doctor.stdout
+
+
+async def test_the_responses_api_prompt_names_a_version_or_a_label(app_factory, make_tenant, ledger, sim):
+    """``prompt: {id, version, variables}`` of the Responses API: id is the prompt's name, version a label of
+    it or a version; with no model the prompt's applies."""
+    eng = make_tenant(role="prompt_engineer")
+    async with app_factory() as gw:
+        v1 = (await push(gw, eng, "greet", GREET, message="first")).json()["version"]
+        v2 = (await push(gw, eng, "greet", GREET_V2, message="second")).json()["version"]
+        await label(gw, eng, "greet", "production", v1)
+        answers = {}
+        for ref in ("production", v2, None):
+            prompt = {"id": "greet", "variables": {"customer": "Ada"}, **({"version": ref} if ref else {})}
+            resp = await gw.client.post("/v1/responses", headers=eng.headers, json={"prompt": prompt, "input": "hi"})
+            assert resp.status_code == 200, resp.text
+            answers[ref] = (resp.json()["tollway"]["prompt"]["version"],
+                            orjson.loads(sim.get("/sim/last-request?model=sim-large"))["messages"][0]["content"])
+        missing = await gw.client.post("/v1/responses", headers=eng.headers,
+                                       json={"prompt": {"id": "greet", "version": "staging"}, "input": "hi"})
+    assert answers == {"production": (v1, "You greet Ada politely, in English."),
+                       v2: (v2, "You greet Ada warmly, in English."),
+                       None: (v1, "You greet Ada politely, in English.")}
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "prompt_not_found"

@@ -23,8 +23,8 @@ from typing import Any
 import orjson
 
 from tollway.errors import InvalidRequest
+from tollway.gateway.apis.completions import sse_frames, through_chat
 from tollway.gateway.chat.calls import CallContext, JSONResult, StreamResult
-from tollway.gateway.chat.completions import through_chat
 from tollway.gateway.http.streaming import BodyReader
 from tollway.jsontypes import JSON
 
@@ -230,31 +230,31 @@ class _Stream:
 
 
 async def events(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chat stream's frames as Anthropic's events. The chat stream is read to its end even after the last
+    event (its ledger row is written there)."""
     stream = _Stream()
-    pending = b""
-    async for piece in frames:
-        pending += piece
-        while b"\n\n" in pending:
-            event, pending = pending.split(b"\n\n", 1)
-            if not event.startswith(b"data: "):
-                continue
-            if event.startswith(b"data: [DONE]"):
-                for out in stream.end():
-                    yield out
-                return
-            try:
-                chunk = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(chunk, dict) and "error" in chunk:  # the stream was cut (a budget, a guard, the upstream)
-                error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-                yield _event("error", {"error": {"type": "api_error" if error.get("type") != "invalid_request_error"
-                                                 else "invalid_request_error", "message": error.get("message", ""),
-                                                 "code": error.get("code")}})
-                return
-            if isinstance(chunk, dict):
-                for out in stream.chunk(chunk):
-                    yield out
+    ended = False
+    async for event in sse_frames(frames):
+        if ended or not event.startswith(b"data: "):
+            continue
+        if event.startswith(b"data: [DONE]"):
+            ended = True
+            for out in stream.end():
+                yield out
+            continue
+        try:
+            chunk = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(chunk, dict) and "error" in chunk:  # the stream was cut (a budget, a guard, the upstream)
+            ended = True
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            yield _event("error", {"error": {"type": "api_error" if error.get("type") != "invalid_request_error"
+                                             else "invalid_request_error", "message": error.get("message", ""),
+                                             "code": error.get("code")}})
+        elif isinstance(chunk, dict):
+            for out in stream.chunk(chunk):
+                yield out
 
 
 async def messages(chat: Any, ctx: CallContext, read_body: BodyReader) -> JSONResult | StreamResult:

@@ -76,18 +76,22 @@ def text_completion(answer: JSON) -> JSON:
 async def text_frames(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """A chat stream's SSE frames as a text completion stream's: chunks translated, a chunk that only
     announces the role dropped, errors and ``[DONE]`` as they are."""
+    async for event in sse_frames(frames):
+        out = _event(event)
+        if out is not None:
+            yield out
+
+
+async def sse_frames(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Server-sent events, one whole frame at a time (without its blank line), from pieces cut anywhere."""
     pending = b""
     async for piece in frames:
         pending += piece
         while b"\n\n" in pending:
-            event, pending = pending.split(b"\n\n", 1)
-            out = _event(event)
-            if out is not None:
-                yield out
-    if pending:
-        out = _event(pending)
-        if out is not None:
-            yield out
+            frame, pending = pending.split(b"\n\n", 1)
+            yield frame
+    if pending.strip():
+        yield pending
 
 
 def _event(event: bytes) -> bytes | None:

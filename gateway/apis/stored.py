@@ -1,0 +1,80 @@
+"""The Responses API's stored responses, per tenant in PostgreSQL (migration 0017): what
+``previous_response_id`` continues and ``GET``/``DELETE /v1/responses/{id}`` read. Each row holds one turn
+(its input and its output as chat messages) and the response object as it was returned; a conversation is
+the chain of turns back through ``previous_id``. Stored only under a content policy that keeps content
+(``store_content``), deleted whole at its retention or by an erasure (``tollway.gateway.quality.sampling``).
+Every read names the tenant: another tenant's id is not found."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tollway.errors import NotFound
+from tollway.jsontypes import JSON
+
+MAX_TURNS = 1000  # a conversation longer than this is refused by the chat path's message limit long before
+
+
+class ResponseStore:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def save(self, tenant_id: int, response: JSON, turn: list[JSON], *, previous_id: str | None,
+                   end_user: str | None, request_id: str) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO stored_responses (tenant_id, id, previous_id, end_user, request_id, turn, response)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (tenant_id, response["id"], previous_id, end_user, request_id, Jsonb(turn), Jsonb(response)))
+
+    async def conversation(self, tenant_id: int, response_id: str) -> list[JSON]:
+        """The chat messages of every turn up to and including ``response_id``'s, oldest first; NotFound
+        when it, or a response earlier in its conversation, is not stored (never stored, another tenant's,
+        deleted, erased or past retention)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "WITH RECURSIVE chain (id, previous_id, turn, depth) AS ("
+                " SELECT id, previous_id, turn, 1 FROM stored_responses WHERE tenant_id = %s AND id = %s"
+                " UNION ALL SELECT s.id, s.previous_id, s.turn, c.depth + 1 FROM chain c JOIN stored_responses s"
+                " ON s.tenant_id = %s AND s.id = c.previous_id WHERE c.depth < %s)"
+                " SELECT id, previous_id, turn FROM chain ORDER BY depth DESC",
+                (tenant_id, response_id, tenant_id, MAX_TURNS))
+            rows = await cur.fetchall()
+        if not rows:
+            raise NotFound(f"No stored response '{response_id}' (responses are stored when the request sets "
+                           "store and the tenant's content policy keeps content).", param="previous_response_id",
+                           code="response_not_found")
+        first_previous = rows[0][1]
+        if first_previous is not None and len(rows) < MAX_TURNS:
+            raise NotFound(f"Response '{first_previous}', earlier in this conversation, is no longer stored.",
+                           param="previous_response_id", code="response_not_found")
+        return [message for row in rows for message in _json(row[2])]
+
+    async def get(self, tenant_id: int, response_id: str) -> JSON:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT response FROM stored_responses WHERE tenant_id = %s AND id = %s",
+                                     (tenant_id, response_id))
+            row = await cur.fetchone()
+        if row is None:
+            raise _not_found(response_id)
+        out: JSON = _json(row[0])
+        return out
+
+    async def delete(self, tenant_id: int, response_id: str) -> None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM stored_responses WHERE tenant_id = %s AND id = %s",
+                                     (tenant_id, response_id))
+            if cur.rowcount == 0:
+                raise _not_found(response_id)
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(f"No stored response '{response_id}'.", param="response_id", code="response_not_found")
