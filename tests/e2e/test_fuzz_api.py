@@ -17,7 +17,8 @@ EXAMPLES = int(os.environ.get("TOLLWAY_FUZZ_EXAMPLES", "12"))
 # What may be a 5xx by contract: readiness says 503 while a store is down; the scripted upstream's fault
 # models answer 502/503/504 through the gateway like any failing upstream.
 NOT_A_BUG = {("GET", "/readyz"): {503}, ("POST", "/v1/chat/completions"): {502, 503, 504},
-             ("POST", "/v1/embeddings"): {502, 503, 504}, ("POST", "/v1/evals/runs"): {502, 503, 504}}
+             ("POST", "/v1/embeddings"): {502, 503, 504}, ("POST", "/v1/evals/runs"): {502, 503, 504},
+             **{("POST", path): {502, 503, 504} for path in ("/v1/completions", "/v1/messages", "/v1/responses")}}
 
 
 async def _keys(url: str) -> dict[str, str]:

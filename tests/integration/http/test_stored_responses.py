@@ -1,0 +1,54 @@
+"""The Responses API's stored responses under the content policy: an end user's erasure deletes theirs and
+nothing else, retention deletes the old ones whole, a tenant's erasure deletes the rest; a conversation whose
+earlier turn is gone cannot be continued."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tollway.gateway.quality.sampling import apply_retention
+
+
+async def respond(gw, tenant, user: str, previous: str | None = None) -> dict:
+    resp = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+        "model": "sim-small", "input": f"hello from {user}", "safety_identifier": user, "max_output_tokens": 3,
+        **({"previous_response_id": previous} if previous else {})})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+async def test_erasure_and_retention_delete_stored_responses(app_factory, make_tenant, admin, pg):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        policy = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                     json={"tenant": tenant.name, "store_content": True, "content_retention_days": 1})
+        assert policy.status_code == 200, policy.text
+        ada = await respond(gw, tenant, "ada")
+        ada_2 = await respond(gw, tenant, "ada", previous=ada["id"])
+        bob = await respond(gw, tenant, "bob")
+        bob_2 = await respond(gw, tenant, "bob", previous=bob["id"])
+        old = await respond(gw, tenant, "cy")
+        assert all(r["store"] for r in (ada, ada_2, bob, bob_2, old))
+
+        async def stored(response: dict) -> int:
+            return (await gw.client.get(f"/v1/responses/{response['id']}", headers=tenant.headers)).status_code
+
+        assert [await stored(r) for r in (ada, ada_2, bob, bob_2, old)] == [200] * 5
+        erased = await gw.client.post("/v1/admin/content/erase", headers=admin.headers,
+                                      json={"tenant": tenant.name, "user": "ada"})
+        assert erased.json()["erased"]["stored_responses"] == 2
+        assert [await stored(r) for r in (ada, ada_2, bob, bob_2)] == [404, 404, 200, 200]
+        with psycopg.connect(pg.url, autocommit=True) as conn:  # two days old: past the retention of one day
+            conn.execute("UPDATE stored_responses SET created_at = now() - interval '2 days' WHERE id = %s",
+                         (old["id"],))
+        async with gw.state.pool.connection() as conn:
+            removed = await apply_retention(conn)
+        assert removed["stored_responses"] >= 1
+        assert await stored(old) == 404
+        assert await stored(bob_2) == 200
+        whole = await gw.client.post("/v1/admin/content/erase", headers=admin.headers, json={"tenant": tenant.name})
+        assert whole.json()["erased"]["stored_responses"] == 2
+        gone = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+            "model": "sim-small", "input": "more", "previous_response_id": bob_2["id"]})
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == "response_not_found"
