@@ -107,7 +107,7 @@ class TenantPolicy:
     quality_floor: str | None = None
     degraded_answers: bool = False
     response_cache: bool = True
-    store_content: bool = False  # prompts and answers of live/shadow samples and eval items may be kept
+    store_content: bool = False  # prompts and answers of samples, eval items and stored responses may be kept
     content_retention_days: int = 30  # for this long
 
     def __post_init__(self) -> None:

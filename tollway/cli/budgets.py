@@ -258,7 +258,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     policy.add_argument("--degraded-answers", type=flag, help="on/off: a marked degraded answer when every tier failed")
     policy.add_argument("--response-cache", type=flag, help="on/off: exact-match cache for deterministic requests")
     policy.add_argument("--store-content", type=flag, help="on/off: keep prompts and answers of live and shadow "
-                        "samples and eval items (off: scores and metadata only)")
+                        "samples and eval items, and Responses API responses (off: scores and metadata only)")
     policy.add_argument("--content-retention-days", type=int, help="how long stored content is kept (default 30)")
     audited(policy)
     policy.set_defaults(func=cmd_policy)
