@@ -226,3 +226,32 @@ async def test_roles(app_factory, make_tenant, admin):
     assert by_app.status_code == 403
     assert admin_write.status_code == 200
     assert admin_write.json()["data"][0]["status"] == "created"
+
+
+async def test_rag_through_the_other_apis_as_an_extra_field(app_factory, make_tenant, sim):
+    """``retrieval`` sent as an extra field on the Responses API and on Anthropic's Messages grounds the answer
+    the same way, with the sources on the ``tollway`` object (the Responses stream: on its completed event)."""
+    import httpx
+    from support import event_payloads
+
+    tenant = make_tenant(ingest=True)
+    retrieval = {"collection": "kb", "context_tokens": 200}
+    async with app_factory() as gw:
+        await ingest(gw, tenant.headers)
+        answered = {}
+        for path, body in (("/v1/responses", {"model": "sim-large", "input": ASK, "max_output_tokens": 5}),
+                           ("/v1/messages", {"model": "sim-large", "max_tokens": 5,
+                                             "messages": [{"role": "user", "content": ASK}]})):
+            resp = await gw.client.post(path, headers=tenant.headers, json={**body, "retrieval": retrieval})
+            assert resp.status_code == 200, resp.text
+            async with httpx.AsyncClient() as plain:
+                sent = (await plain.get(sim.url.removesuffix("/v1") + "/sim/last-request",
+                                        params={"model": "sim-large"})).json()
+            answered[path] = (resp.json()["tollway"]["retrieval"]["sources"][0]["source"],
+                              "35 dollars" in sent["messages"][0]["content"])
+        streamed = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+            "model": "sim-large", "input": ASK, "max_output_tokens": 5, "stream": True, "retrieval": retrieval})
+    assert answered == {"/v1/responses": ("fees.md", True), "/v1/messages": ("fees.md", True)}
+    completed = event_payloads(streamed.text)[-1]
+    assert completed["type"] == "response.completed"
+    assert completed["response"]["tollway"]["retrieval"]["sources"][0]["source"] == "fees.md"
