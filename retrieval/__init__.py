@@ -17,7 +17,17 @@ from tollway.retrieval.embedders import (
     UpstreamEmbedder,
 )
 from tollway.retrieval.ingest import NewDocument, Prepared, prepare, to_embed, write
-from tollway.retrieval.search import Found, Passage, Query, Searcher, Tuning, check_filters, check_text
+from tollway.retrieval.search import (
+    RERANK_CANDIDATES,
+    Found,
+    Passage,
+    Query,
+    Reranker,
+    Searcher,
+    Tuning,
+    check_filters,
+    check_text,
+)
 from tollway.retrieval.store import (
     Collection,
     StoreError,
@@ -33,8 +43,8 @@ from tollway.retrieval.store import (
     tenant_tx,
 )
 
-__all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "Collection", "DocumentError", "Embedded", "Embedder",
+__all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "RERANK_CANDIDATES", "Collection", "DocumentError", "Embedded", "Embedder",
            "EmbedderError", "Found", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
-           "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "check_filters", "check_text", "collection",
+           "Reranker", "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "check_filters", "check_text", "collection",
            "collections", "create_collection", "decode", "delete_collection", "delete_document", "documents",
            "ensure_index", "guess_format", "parse", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]

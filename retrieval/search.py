@@ -11,6 +11,9 @@ Hierarchical (the default):
      are merged (their overlap counted once);
   4. passages go into the budget best first, with a citation header each; a candidate scoring under half
      the best one's is left out even when it would fit: a budget is a ceiling, not a target.
+  5. optionally (``rerank``), a reranking model orders the best candidates before packing: a cross-encoder an
+     upstream serves (``/v1/rerank``, a catalog model of kind ``rerank``); it reorders, the fused scores stay
+     the scale the floor is measured on, and a failing reranker leaves the fused order (``rerank_error``).
 The settings (bench/retrieval/versus_bm25.py) were chosen on three corpora and checked on a held-out fourth.
 Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is compared with.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +41,9 @@ PER_MESSAGE = 4  # what a system message costs besides its text (routing.tokens'
 Mode = Literal["hierarchical", "flat"]
 # (collection's embedder name, its dims) -> the embedder
 EmbedderFor = Callable[[str, int], Embedder]
+# (query, candidate texts) -> a relevance score per text, higher is better (a reranking model's call)
+Reranker = Callable[[str, list[str]], Awaitable[list[float]]]
+RERANK_CANDIDATES = 20  # the best candidates a reranker reorders, unless the request says
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +109,7 @@ class Query:
     filters: dict[str, Any] | None = None
     mode: Mode = "hierarchical"
     hybrid: bool = True  # dense and BM25 evidence fused at every level (False: dense only)
+    rerank_candidates: int = RERANK_CANDIDATES  # with a reranker: the best candidates it reorders
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,15 +166,17 @@ class Found:
     embedder: str
     flagged: tuple[Flagged, ...] = ()  # by the screen, in the order they were met
     screen_ms: float = 0.0
+    rerank_error: str | None = None  # the reranker failed: the fused order was packed (its error's message)
 
     def as_json(self, ids: PublicIds, *, texts: bool = True) -> dict[str, Any]:
         sources = [p.as_json(ids) for p in self.passages]
         if not texts:
             for s in sources:
                 s.pop("text")
-        return {"object": "retrieval.result", "collection": self.collection.name,
-                "index_version": self.index_version, "context": self.context, "sources": sources,
-                "context_tokens_used": self.context_tokens, "embedding_tokens": self.embedded.tokens}
+        out = {"object": "retrieval.result", "collection": self.collection.name,
+               "index_version": self.index_version, "context": self.context, "sources": sources,
+               "context_tokens_used": self.context_tokens, "embedding_tokens": self.embedded.tokens}
+        return out | ({"rerank_error": self.rerank_error} if self.rerank_error else {})
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -336,6 +345,22 @@ def _passage(n: int, group: list[Candidate]) -> Passage:
 
 
 # -- the search ----------------------------------------------------------------------------------
+async def reranked(ordered: list[Candidate], text: str, rerank: Reranker, n: int) -> list[Candidate]:
+    """The best ``n`` candidates in the reranker's order, then the rest as they were. The reordered ones take
+    the fused scores in order (the best score to the reranker's first), so the packer's floor keeps its
+    scale whatever range the reranker's scores have."""
+    top, rest = ordered[:n], ordered[n:]
+    scores = await rerank(text, [c.text for c in top])
+    if len(scores) != len(top):
+        raise ValueError(f"the reranker scored {len(scores)} of {len(top)} passages")
+    fused = sorted((c.score for c in top), reverse=True)
+    order = sorted(range(len(top)), key=lambda i: -scores[i])
+    out = [top[i] for i in order]
+    for c, score in zip(out, fused, strict=True):
+        c.score = score
+    return out + rest
+
+
 class Searcher:
     def __init__(self, embedder_for: EmbedderFor, tuning: Tuning | None = None) -> None:
         self.embedder_for = embedder_for
@@ -343,7 +368,7 @@ class Searcher:
 
     async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
                           embedded: Embedded, embedder: str, *, screen: Screen | None = None,
-                          drop: bool = True) -> Found:
+                          drop: bool = True, rerank: Reranker | None = None) -> Found:
         t = self.tuning
         q = embedded.vectors[0]
         async with store.tenant_tx(conn, tenant_id):
@@ -366,6 +391,12 @@ class Searcher:
                 cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
                           if c.chunk_id not in known and c.chunk_id not in extra]
         ordered = self._order(cands, q, sections, docs, query, lexical, k)
+        rerank_error = None
+        if rerank is not None and ordered:
+            try:
+                ordered = await reranked(ordered, query.text, rerank, query.rerank_candidates)
+            except Exception as exc:  # a reranker is an improvement, never a dependency: pack the fused order
+                rerank_error = str(exc) or type(exc).__name__
         floor = t.floor if query.mode == "hierarchical" else None
         limit = k if query.mode == "hierarchical" else len(ordered)
         flagged: list[Flagged] = []
@@ -383,7 +414,7 @@ class Searcher:
                                        tails=query.mode == "hierarchical" and t.tails,
                                        screen=timed if screen is not None else None, drop=drop, flagged=flagged)
         return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder, tuple(flagged),
-                     spent[0] * 1000)
+                     spent[0] * 1000, rerank_error)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
                docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int) -> list[Candidate]:

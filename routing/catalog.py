@@ -306,7 +306,8 @@ def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: It
             if model_id not in claimed and (upstream, model_id) not in served:
                 found.setdefault(model_id, []).append(upstream)
     for model_id, replicas in found.items():
-        kind = "embedding" if "embed" in model_id.lower() else "chat"
+        lower = model_id.lower()
+        kind = "embedding" if "embed" in lower else "rerank" if "rerank" in lower else "chat"
         entries.append(ModelEntry(name=model_id, upstream=replicas[0], upstream_model=model_id, kind=kind,
                                   tier=lowest, price=FREE, replicas=tuple(replicas)))
     return Catalog(specs, entries, aliases, raw.routing)

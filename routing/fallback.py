@@ -155,7 +155,8 @@ class Caller:
                     return await self._open(step, replica, ticket, body, attempts, started, clock)
                 upstream = self.upstreams[replica.name]
                 async with asyncio.timeout(step.deadline_s):
-                    response = await (upstream.embed(body) if endpoint == "embeddings" else upstream.complete(body))
+                    response = await (upstream.embed(body) if endpoint == "embeddings" else
+                                      upstream.rerank(body) if endpoint == "rerank" else upstream.complete(body))
             except TimeoutError:  # a non-streamed call past its deadline (a stream's is a _Failed)
                 last = UpstreamTimeout(f"upstream {replica.name} missed its {step.deadline_s:g}s deadline")
                 replica.finish(ticket, False)

@@ -47,6 +47,8 @@ class Upstream(Protocol):
 
     async def embed(self, body: JSON) -> JSON: ...
 
+    async def rerank(self, body: JSON) -> JSON: ...
+
     async def list_models(self) -> list[str]: ...
 
     async def aclose(self) -> None: ...
@@ -169,6 +171,10 @@ class OpenAIUpstream:
     async def embed(self, body: JSON) -> JSON:
         return await self._post_json("/embeddings", body)
 
+    async def rerank(self, body: JSON) -> JSON:
+        """``/rerank`` under the upstream's base URL (vLLM's ``/v1/rerank``; Jina's and Cohere's v1 shape)."""
+        return await self._post_json("/rerank", body)
+
     async def open_stream(self, body: JSON) -> UpstreamStream:
         with map_upstream_errors(self.spec.name):
             resp = await self._session.post(self._base + "/chat/completions", data=orjson.dumps(body),
@@ -283,6 +289,16 @@ class LiteLLMUpstream:
         except Exception as exc:
             raise _map_litellm_error(self.spec.name, exc) from exc
         result: JSON = response.model_dump(exclude_none=True)
+        return result
+
+    async def rerank(self, body: JSON) -> JSON:
+        import litellm
+
+        try:
+            response = await litellm.arerank(**self._kwargs(body))
+        except Exception as exc:
+            raise _map_litellm_error(self.spec.name, exc) from exc
+        result: JSON = response.model_dump(exclude_none=True) if hasattr(response, "model_dump") else dict(response)
         return result
 
     async def list_models(self) -> list[str]:

@@ -47,10 +47,13 @@ INFERENCE_EXTRAS = frozenset({
 
 OPENAI_EMBEDDINGS = frozenset({"input", "model", "dimensions", "encoding_format", "user"})
 EMBEDDING_EXTRAS = frozenset({"truncate_prompt_tokens", "add_special_tokens"})
+# The rerank API vLLM, Cohere, Jina and Infinity serve: the gateway builds these bodies itself (retrieval).
+RERANK = frozenset({"model", "query", "documents", "top_n", "return_documents"})
 
 ALLOWED: Mapping[str, frozenset[str]] = {
     "chat": OPENAI_CHAT | INFERENCE_EXTRAS,
     "embeddings": OPENAI_EMBEDDINGS | EMBEDDING_EXTRAS,
+    "rerank": RERANK,
 }
 
 # Where the request goes and with which credentials: the operator's alone. Named so the 400 says why, and so

@@ -92,7 +92,7 @@ class RawModel(_Strict):
     upstream: str | None = None
     upstreams: list[str] = Field(default_factory=list)
     upstream_model: str | None = None
-    kind: Literal["chat", "embedding"] = "chat"
+    kind: Literal["chat", "embedding", "rerank"] = "chat"  # rerank: an upstream /v1/rerank (retrieval)
     tier: str | None = None  # default: the lowest tier
     price: RawPrice | None = None
     context_window: int | None = Field(default=None, gt=0)

@@ -69,6 +69,7 @@ class Retrieved:
     error: str | None = None  # the retrieval failed and the request was answered without context
     cached: bool = False  # a cached answer grounded in this index version (its sources are not kept)
     guards: tuple[GuardOutcome, ...] = ()  # the passage screen's (passage_injection)
+    rerank_error: str | None = None  # the reranker failed and the fused order was packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +344,7 @@ class Exchange:
                 "collection": retrieved.collection, "index_version": retrieved.index_version,
                 "context_tokens": retrieved.context_tokens, "sources": list(retrieved.sources),
                 **({"error": retrieved.error} if retrieved.error else {}),
+                **({"rerank_error": retrieved.rerank_error} if retrieved.rerank_error else {}),
                 **({"cached": True} if retrieved.cached else {})},
             "guards": [g.as_json() for g in self.all_guards()],
         }

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+import orjson
+
 from tollway.errors import InvalidRequest, QuotaExceeded
 from tollway.gateway.chat.answers import DEGRADED_MODEL, degraded_completion
 from tollway.gateway.chat.calls import (
@@ -186,8 +188,10 @@ class Chat:
             if spec is not None:
                 assert self.parts.retriever is not None
                 ex.index_version = await self.parts.retriever.index_version(ex.view(), spec)
+                # the retrieval object itself too: another budget, mode or reranker is another context
                 versions = (None if ex.prompt is None else ex.prompt.version, ex.index_version,
-                            self.parts.retriever.screening(ex.view()))
+                            self.parts.retriever.screening(ex.view()),
+                            orjson.dumps(spec, option=orjson.OPT_SORT_KEYS).decode())
             elif ex.prompt is not None:
                 versions = (ex.prompt.version,)
             ex.cache_key = self.router.cache_key(principal.tenant_id, {**ex.params, "messages": ex.messages},

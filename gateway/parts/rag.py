@@ -40,6 +40,7 @@ from tollway.jsontypes import JSON
 from tollway.publicids import PublicIds
 from tollway.retrieval import (
     LOCAL_NAME,
+    RERANK_CANDIDATES,
     Collection,
     DocumentError,
     Embedded,
@@ -49,6 +50,7 @@ from tollway.retrieval import (
     LocalEmbedder,
     NewDocument,
     Query,
+    Reranker,
     Searcher,
     Splitting,
     StoreError,
@@ -112,6 +114,8 @@ class RetrievalSpec(BaseModel):
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
     hybrid: bool = True  # dense and BM25 evidence fused (false: dense only)
+    rerank: str | None = Field(default=None, min_length=1, max_length=256)  # a catalog model of kind rerank
+    rerank_candidates: int | None = Field(default=None, ge=2, le=100)  # the best candidates it reorders (20)
     on_failure: Literal["fail", "answer"] | None = None
 
 
@@ -162,6 +166,46 @@ class Rag:
             usage = response.get("usage")
             tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
             return vectors, int(tokens) if isinstance(tokens, int) else None, served.replica
+
+        return call
+
+    def reranker(self, principal: Principal, name: str | None, record: Callable[[SideCall], None],
+                 param: str = "rerank") -> Reranker | None:
+        """The reranking model a search names (a catalog model of kind ``rerank`` this key may use), as a
+        call that records what it cost (``record``: a side row of role ``retrieval``); None when none is named."""
+        if name is None:
+            return None
+        try:
+            entry = self.calls.resolve(principal, name, "rerank")
+        except TollwayError as exc:
+            exc.param = param
+            raise
+        assert entry is not None
+
+        async def call(query: str, texts: list[str]) -> list[float]:
+            started = time.perf_counter()
+            try:
+                served = await self.router.call(self.router.direct(entry), {
+                    "model": entry.name, "query": query, "documents": texts}, stream=False, endpoint="rerank")
+            except ChainFailed as failed:
+                record(SideCall(role="retrieval", model=entry, usage=Usage(), status=failed.error.status,
+                                latency_ms=(time.perf_counter() - started) * 1000, error_code=failed.error.code))
+                raise failed.error from None
+            served.release(True)
+            response = served.response or {}
+            usage = response.get("usage")
+            tokens = (usage.get("total_tokens") or usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+            if not isinstance(tokens, int):  # an upstream that says nothing is charged what it read
+                tokens = count_text(query) * len(texts) + sum(count_text(t) for t in texts)
+            record(SideCall(role="retrieval", model=entry, usage=Usage(input_tokens=tokens), replica=served.replica,
+                            latency_ms=(time.perf_counter() - started) * 1000))
+            scores = [float("-inf")] * len(texts)
+            try:
+                for result in response["results"]:
+                    scores[int(result["index"])] = float(result["relevance_score"])
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise UpstreamBadResponse(f"{entry.name} answered a rerank without results") from None
+            return scores
 
         return call
 
@@ -257,18 +301,26 @@ class Rag:
             ctx, "ingest", body, entry, sum(count_text(t) for t in texts), run)
         return written, version, embedded, cost
 
-    async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query) -> tuple[Found, Decimal]:
+    async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
+                     rerank: str | None = None) -> tuple[Found, Decimal]:
         coll = await self.collection(tenant_id, name)
         embedder = self.embedder_for(coll.embedder, coll.dims)
+        sides: list[SideCall] = []
+        reranker = self.reranker(ctx.principal, rerank, sides.append)
 
         async def run(tally: Tally) -> tuple[Found, Embedded | None]:
             embedded = await self._embed(embedder, [query.text])
             tally.usage = Usage(input_tokens=embedded.tokens)
             async with self.pool.connection() as conn:
                 try:
-                    found = await self.searcher.search_with(conn, tenant_id, name, query, embedded, embedder.name)
+                    found = await self.searcher.search_with(conn, tenant_id, name, query, embedded, embedder.name,
+                                                            rerank=reranker)
                 except StoreError as exc:
                     raise map_store_error(exc) from None
+                finally:
+                    for side in sides:  # the reranker's call, a row of its own
+                        tally.side_call(side.role, side.model, side.usage, side.latency_ms, replica=side.replica,
+                                        status=side.status, error_code=side.error_code)
             return found, embedded
 
         return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder), count_text(query.text),
@@ -309,7 +361,9 @@ class Rag:
             raise InvalidRequest("retrieval needs a query: the request has no user message text; give "
                                  "retrieval.query", param="retrieval.query")
         query = Query(text=text, context_tokens=view.context_budget, k=parsed.k, filters=parsed.filters,
-                      mode=parsed.mode, hybrid=parsed.hybrid)
+                      mode=parsed.mode, hybrid=parsed.hybrid,
+                      rerank_candidates=parsed.rerank_candidates or RERANK_CANDIDATES)
+        reranker = self.reranker(view.principal, parsed.rerank, calls.append, "retrieval.rerank")
         tenant = view.tenant_id
         screen = self.screen_for(view) if self.screen_for is not None else None
         # a wrong name is the caller's error: 404, whatever the failure policy
@@ -325,7 +379,8 @@ class Rag:
             async with self.pool.connection() as conn:
                 found = await self.searcher.search_with(conn, tenant, coll.name, query, embedded, embedder.name,
                                                         screen=screen.reason if screen is not None else None,
-                                                        drop=screen is None or screen.action == "drop")
+                                                        drop=screen is None or screen.action == "drop",
+                                                        rerank=reranker)
         except (TollwayError, psycopg.Error, StoreError) as exc:
             error = exc if isinstance(exc, TollwayError) else \
                 map_store_error(exc) if isinstance(exc, StoreError) else \
@@ -347,7 +402,7 @@ class Rag:
         return Retrieved(collection=coll.name, index_version=found.index_version, messages=messages,
                          sources=(*(p.as_json(self.ids) for p in found.passages),
                                   *(f.as_json(self.ids) for f in found.flagged)),
-                         context_tokens=found.context_tokens, guards=guards)
+                         context_tokens=found.context_tokens, guards=guards, rerank_error=found.rerank_error)
 
     def screening(self, view: ChatView) -> str | None:
         """How this request's passages are screened (part of the response cache key with the index version:

@@ -31,6 +31,8 @@ A model with ``tools`` in its name (``sim-tools``) calls the request's first fun
 user message as ``{"query": ...}``, unless the last message is already a tool result (then it answers
 as usual): for agent loops through the gateway's APIs.
 
+It also serves ``/v1/rerank`` (vLLM's shape): relevance is the share of the query's words a document holds.
+
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
 whitespace-separated word of every message's text; the answer is one word per token.
 """
@@ -41,6 +43,7 @@ import argparse
 import asyncio
 import hashlib
 import random
+import re
 import struct
 import time
 import uuid
@@ -326,6 +329,32 @@ async def embeddings(request: Request) -> Response:
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
+_WORD = re.compile(r"\w+")
+
+
+async def rerank(request: Request) -> Response:
+    """``/v1/rerank`` as vLLM serves it: a document's relevance is the share of the query's words it holds
+    (ties: the shorter first); usage counts words, as chat does."""
+    state = _state(request)
+    try:
+        body = orjson.loads(await request.body())
+        model, query, documents = str(body["model"]), str(body["query"]), list(body["documents"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return _error(400, "body must be JSON with model, query and documents", "invalid_request")
+    state.requests[model] += 1
+    state.last_body[model] = body
+    if fault_of(model, state.config) == "error":
+        return _error(500, "scripted failure", "internal_error")
+    words = set(_WORD.findall(query.lower()))
+    texts = [d if isinstance(d, str) else str((d or {}).get("text", "")) for d in documents]
+    scores = [len(words & set(_WORD.findall(t.lower()))) / max(len(words), 1) - len(t) * 1e-9 for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -scores[i])[:body.get("top_n") or len(texts)]
+    tokens = len(query.split()) * len(texts) + sum(len(t.split()) for t in texts)
+    return _json({"id": "rerank-" + uuid.uuid4().hex, "model": model,
+                  "results": [{"index": i, "relevance_score": round(scores[i], 6)} for i in order],
+                  "usage": {"total_tokens": tokens}})
+
+
 async def models(request: Request) -> Response:
     names = _state(request).config.models
     return _json({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "sim"}
@@ -364,6 +393,7 @@ def create_sim_app(config: SimConfig) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/sim/last-request", last_request, methods=["GET"]),
+        Route("/v1/rerank", rerank, methods=["POST"]),
         Route("/sim/stats", stats, methods=["GET"]),
         Route("/health", lambda request: Response("ok"), methods=["GET"]),
     ])

@@ -23,6 +23,7 @@ from tollway.gateway.metering.accounting import format_cost
 from tollway.gateway.parts.rag import Rag, map_store_error, may_search, may_write
 from tollway.gateway.tenancy.keys import Principal, reachable_tenant
 from tollway.retrieval import (
+    RERANK_CANDIDATES,
     DocumentError,
     NewDocument,
     Query,
@@ -76,6 +77,8 @@ class SearchBody(_Body):
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
     hybrid: bool = True  # dense and BM25 evidence fused (false: dense only)
+    rerank: str | None = Field(default=None, min_length=1, max_length=256)  # a catalog model of kind rerank
+    rerank_candidates: int = Field(default=RERANK_CANDIDATES, ge=2, le=100)  # the best candidates it reorders
 
 
 def _rag(request: Request) -> Rag:
@@ -244,8 +247,9 @@ async def search(request: Request, body: SearchBody) -> Response:
     except StoreError as exc:
         raise map_store_error(exc) from None
     query = Query(text=body.query, context_tokens=budget, k=body.k, filters=body.filters, mode=body.mode,
-                  hybrid=body.hybrid)
-    found, cost = await rag.search(_ctx(request), orjson.dumps(body.model_dump()), tid, body.collection, query)
+                  hybrid=body.hybrid, rerank_candidates=body.rerank_candidates)
+    found, cost = await rag.search(_ctx(request), orjson.dumps(body.model_dump()), tid, body.collection, query,
+                                   rerank=body.rerank)
     return json_response(found.as_json(rag.ids) | {"usage": _usage(found.embedded.tokens, cost)},
                          headers={"x-tollway-index-version": found.index_version,
                                   "x-tollway-cost-usd": format_cost(cost)})

@@ -5,6 +5,7 @@ do what."""
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import psycopg
@@ -255,3 +256,58 @@ async def test_rag_through_the_other_apis_as_an_extra_field(app_factory, make_te
     completed = event_payloads(streamed.text)[-1]
     assert completed["type"] == "response.completed"
     assert completed["response"]["tollway"]["retrieval"]["sources"][0]["source"] == "fees.md"
+
+
+async def test_a_reranking_model_orders_the_candidates_and_is_metered(app_factory, make_tenant, ledger, tmp_path, sim):
+    """``rerank`` names a catalog model of kind ``rerank`` (an upstream's ``/v1/rerank``): it reorders the best
+    candidates before packing, in search and in chat; its call is a ledger row priced like any; a failing
+    reranker leaves the fused order and says so; a name that is not a reranker is the caller's 4xx."""
+    import httpx
+
+    tenant = make_tenant(ingest=True)
+    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
+        {"name": "sim-rerank", "upstream": "sim", "kind": "rerank", "price": {"input_per_mtok": "2"}},
+        {"name": "broken-rerank", "upstream": "sim", "upstream_model": "sim-error", "kind": "rerank",
+         "price": {"input_per_mtok": "2"}}])
+    question = "what does express shipping of a replacement card cost"
+    async with app_factory(config=config) as gw:
+        await ingest(gw, tenant.headers)
+        search = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+            "collection": "kb", "query": question, "context_tokens": 400, "rerank": "sim-rerank",
+            "rerank_candidates": 4})
+        async with httpx.AsyncClient() as plain:
+            sent = (await plain.get(sim.url.removesuffix("/v1") + "/sim/last-request",
+                                    params={"model": "sim-rerank"})).json()
+        chat = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": question}],
+            "retrieval": {"collection": "kb", "context_tokens": 400, "rerank": "sim-rerank"}})
+        broken = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+            "collection": "kb", "query": question, "rerank": "broken-rerank"})
+        plain_search = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+            "collection": "kb", "query": question})
+        unknown = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "messages": [{"role": "user", "content": question}],
+            "retrieval": {"collection": "kb", "rerank": "no-such-reranker"}})
+        not_a_reranker = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+            "collection": "kb", "query": question, "rerank": "sim-small"})
+        await gw.state.ledger.flush()
+    assert search.status_code == 200, search.text
+    assert sent["query"] == question
+    assert len(sent["documents"]) == 4  # the best four candidates, as asked
+    words = set(re.findall(r"\w+", question.lower()))
+    best = max(sent["documents"], key=lambda d: (len(words & set(re.findall(r"\w+", d.lower()))), -len(d)))
+    assert best in search.json()["sources"][0]["text"]  # the reranker's first is packed first
+    [side] = ledger("request_id = %s", search.headers["x-request-id"] + ".r1")
+    assert (side["model"], side["role"], side["status"]) == ("sim-rerank", "retrieval", 200)
+    assert side["cost_usd"] == Decimal(side["input_tokens"]) * 2 / 10**6 > 0
+    assert chat.status_code == 200, chat.text
+    roles = {r["model"]: r for r in ledger("request_id LIKE %s", chat.headers["x-request-id"] + ".r%")}
+    assert roles["sim-rerank"]["cost_usd"] > 0
+    assert LOCAL_NAME in roles  # the query's embedding, beside it
+    assert broken.status_code == 200, broken.text
+    assert "rerank_error" in broken.json()
+    assert [s["text"] for s in broken.json()["sources"]] == [s["text"] for s in plain_search.json()["sources"]]
+    [failed] = ledger("request_id = %s", broken.headers["x-request-id"] + ".r1")
+    assert (failed["status"], failed["cost_usd"]) == (502, 0)  # the upstream's 500, as the gateway reports it
+    assert (unknown.status_code, unknown.json()["error"]["param"]) == (404, "retrieval.rerank")
+    assert (not_a_reranker.status_code, not_a_reranker.json()["error"]["code"]) == (400, "model_not_supported")

@@ -123,3 +123,28 @@ def test_mmr_drops_near_duplicates_and_prefers_novelty():
 
     picked = mmr([cand(0, base, 0.9), cand(1, base, 0.89), cand(2, other, 0.7)], lam=0.75, duplicate=0.95, limit=5)
     assert [c.chunk_id for c in picked] == [0, 2]
+
+
+def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
+    import asyncio
+
+    from tollway.retrieval.search import reranked
+
+    def cand(i: int, score: float) -> Candidate:
+        return Candidate(chunk_id=i, document_id=i, section_id=i, ord=0, text=f"text {i}", tokens=3, title="t",
+                         heading="h", source="s", vector=np.zeros(2, np.float32), score=score)
+
+    ordered = [cand(1, 0.9), cand(2, 0.8), cand(3, 0.7), cand(4, 0.1)]
+
+    async def rerank(query: str, texts: list[str]) -> list[float]:
+        assert query == "q"
+        return [{"text 1": -2.0, "text 2": 5.0, "text 3": 1.0}[t] for t in texts]
+
+    out = asyncio.run(reranked(ordered, "q", rerank, 3))
+    assert [(c.chunk_id, c.score) for c in out] == [(2, 0.9), (3, 0.8), (1, 0.7), (4, 0.1)]
+
+    async def short(query: str, texts: list[str]) -> list[float]:
+        return [1.0]
+
+    with pytest.raises(ValueError):
+        asyncio.run(reranked(ordered, "q", short, 3))
