@@ -52,10 +52,18 @@ class Splitting:
     chunk_tokens: int = 200
     chunk_overlap: int = 32
     section_tokens: int = 1024  # a section without headings, or an oversized one, is cut at about this
+    whole_tokens: int = 300  # a document of at most this many tokens is one chunk, never split (0: off)
+
+    @property
+    def tag(self) -> str:
+        """The settings in a few characters (part of the index version): c200o32s1024w300."""
+        return f"c{self.chunk_tokens}o{self.chunk_overlap}s{self.section_tokens}w{self.whole_tokens}"
 
 
-def content_hash(text: str, fmt: str, title: str, metadata: str) -> str:
-    return hashlib.sha256("\x00".join((fmt, title, metadata, text)).encode()).hexdigest()
+def content_hash(text: str, fmt: str, title: str, metadata: str, settings: str = "") -> str:
+    """What decides a document's chunks: the same hash is an unchanged document (not written again). The
+    splitting settings are part of it, so a document re-ingested under new settings is split anew."""
+    return hashlib.sha256("\x00".join((fmt, title, metadata, text, settings)).encode()).hexdigest()
 
 
 def guess_format(name: str, declared: str | None = None) -> str:
@@ -202,8 +210,15 @@ def parse(text: str, fmt: str, *, title: str | None, source: str, splitting: Spl
     if not raw:
         raise DocumentError("the document has no text")
     name = (title or html_title or first_h1 or source.rsplit("/", 1)[-1]).strip()[:512] or source[:512]
-    sections = tuple(s for heading, body in raw for s in _split_section(heading, body, splitting))
-    return Parsed(title=name, format=fmt, content_hash=content_hash(text, fmt, name, metadata_key),
+    whole = "\n\n".join(body for _, body in raw)
+    tokens = count_text(whole) if splitting.whole_tokens else 0
+    if splitting.whole_tokens and tokens <= splitting.whole_tokens:
+        # a short document is one chunk: an answer, an entry, a note is retrieved whole or not at all
+        sections: tuple[Section, ...] = (Section(raw[0][0] if len(raw) == 1 else "", whole, tokens,
+                                                 (Chunk(whole, tokens),)),)
+    else:
+        sections = tuple(s for heading, body in raw for s in _split_section(heading, body, splitting))
+    return Parsed(title=name, format=fmt, content_hash=content_hash(text, fmt, name, metadata_key, splitting.tag),
                   tokens=sum(s.tokens for s in sections), sections=sections)
 
 

@@ -64,27 +64,29 @@ class Collection:
 
     @property
     def index_version(self) -> str:
-        """Changes whenever the collection's content does, and with the embedding model."""
-        return f"{self.name}@{self.revision}+{self.embedder}"
+        """Changes whenever the collection's content does, with the embedding model and with the splitting
+        settings that build its chunks (``Splitting.tag``)."""
+        return f"{self.name}@{self.revision}+{self.embedder}+{self.splitting.tag}"
 
     def as_json(self, ids: PublicIds) -> dict[str, Any]:
         out = {"object": "collection", "id": ids.encode("col", self.id), "name": self.name, "embedder": self.embedder,
                "dims": self.dims, "chunk_tokens": self.splitting.chunk_tokens,
                "chunk_overlap": self.splitting.chunk_overlap, "section_tokens": self.splitting.section_tokens,
+               "whole_tokens": self.splitting.whole_tokens,
                "index_version": self.index_version, "created_at": int(self.created_at.timestamp())}
         if self.documents is not None:
             out |= {"documents": self.documents, "chunks": self.chunks}
         return out
 
 
-_COLLECTION = ("id, tenant_id, name, embedder, dims, chunk_tokens, chunk_overlap, section_tokens, revision,"
-               " created_at")
+_COLLECTION = ("id, tenant_id, name, embedder, dims, chunk_tokens, chunk_overlap, section_tokens, whole_tokens,"
+               " revision, created_at")
 
 
 def _collection(row: dict[str, Any]) -> Collection:
     return Collection(id=row["id"], tenant_id=row["tenant_id"], name=row["name"], embedder=row["embedder"],
                       dims=row["dims"], splitting=Splitting(row["chunk_tokens"], row["chunk_overlap"],
-                                                            row["section_tokens"]),
+                                                            row["section_tokens"], row["whole_tokens"]),
                       revision=row["revision"], created_at=row["created_at"], documents=row.get("documents"),
                       chunks=row.get("chunks"))
 
@@ -104,9 +106,9 @@ async def create_collection(conn: psycopg.AsyncConnection[Any], tenant_id: int, 
         async with tenant_tx(conn, tenant_id):
             cur = await conn.cursor(row_factory=dict_row).execute(
                 "INSERT INTO rag_collections (tenant_id, name, embedder, dims, chunk_tokens, chunk_overlap,"
-                " section_tokens) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING " + _COLLECTION,
+                " section_tokens, whole_tokens) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING " + _COLLECTION,
                 (tenant_id, name, embedder, dims, splitting.chunk_tokens, splitting.chunk_overlap,
-                 splitting.section_tokens))
+                 splitting.section_tokens, splitting.whole_tokens))
             row = await cur.fetchone()
     except psycopg.errors.UniqueViolation:
         raise StoreError(f"collection {name!r} already exists", "exists", "name") from None

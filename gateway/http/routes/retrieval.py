@@ -54,6 +54,7 @@ class CollectionBody(_Body):
     chunk_tokens: int = Field(default=200, ge=16, le=8192)
     chunk_overlap: int = Field(default=32, ge=0, le=4096)
     section_tokens: int = Field(default=1024, ge=16, le=65536)
+    whole_tokens: int = Field(default=300, ge=0, le=8192)  # a document this short is one chunk (0: always split)
 
 
 class DocumentBody(BaseModel):
@@ -106,7 +107,8 @@ async def post_collection(request: Request, body: CollectionBody) -> Response:
     principal, tid = await _tenant(request, body.tenant)
     may_write(principal)
     made = await _rag(request).create(_ctx(request), tid, body.name, embedder=body.embedder,
-                                      splitting=Splitting(body.chunk_tokens, body.chunk_overlap, body.section_tokens))
+                                      splitting=Splitting(body.chunk_tokens, body.chunk_overlap, body.section_tokens,
+                                                          body.whole_tokens))
     return json_response(made.as_json(_rag(request).ids), status=201)
 
 

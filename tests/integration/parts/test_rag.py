@@ -271,7 +271,7 @@ async def test_a_reranking_model_orders_the_candidates_and_is_metered(app_factor
          "price": {"input_per_mtok": "2"}}])
     question = "what does express shipping of a replacement card cost"
     async with app_factory(config=config) as gw:
-        await ingest(gw, tenant.headers)
+        await ingest(gw, tenant.headers, whole_tokens=0)  # a chunk per section: more candidates than it reorders
         search = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
             "collection": "kb", "query": question, "context_tokens": 400, "rerank": "sim-rerank",
             "rerank_candidates": 4})

@@ -82,7 +82,7 @@ async def test_reingesting_is_a_noop_and_a_change_replaces_the_document(app_fact
     assert again.json()["usage"]["prompt_tokens"] == 0  # nothing embedded
     assert [d["status"] for d in third.json()["data"]] == ["replaced", "unchanged", "unchanged"]
     assert third.json()["index_version"] != first.json()["index_version"]
-    assert third.json()["index_version"].endswith("+" + LOCAL_NAME)
+    assert third.json()["index_version"].endswith("+" + LOCAL_NAME + "+c200o32s1024w300")
     old_id, new_id = first.json()["data"][0]["id"], third.json()["data"][0]["id"]
     docs = listing.json()["data"]
     assert len(docs) == 3
@@ -91,6 +91,30 @@ async def test_reingesting_is_a_noop_and_a_change_replaces_the_document(app_fact
     rows = ledger("tenant_id = %s AND endpoint = 'ingest'", tenant.id)
     assert [r["input_tokens"] > 0 for r in rows] == [True, False, True]
     assert {(r["model"], r["cost_usd"], r["status"]) for r in rows} == {(LOCAL_NAME, 0, 200)}
+
+
+async def test_short_documents_are_one_chunk_and_new_settings_apply_to_what_is_reingested(app_factory, make_tenant,
+                                                                                           pg):
+    """Every document of the knowledge base is short: one chunk each under the default settings, split by its
+    headings with ``whole_tokens: 0``. A settings change (here written as a later migration would) applies to
+    the documents re-ingested after it: the same text is split anew, and the index version names it."""
+    tenant = make_tenant(ingest=True)
+    async with app_factory() as gw:
+        whole = await ingest(gw, tenant.headers)
+        split = await ingest(gw, tenant.headers, collection="split", whole_tokens=0)
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute("UPDATE rag_collections SET whole_tokens = 0 WHERE tenant_id = %s AND name = 'kb'",
+                         (tenant.id,))
+        again = await ingest(gw, tenant.headers)
+        hit = await gw.client.post("/v1/retrieval/search", headers=tenant.headers,
+                                   json={"collection": "kb", "query": "wire transfers international"})
+    assert [d["chunks"] for d in whole.json()["data"]] == [1, 1, 1]
+    assert all(d["chunks"] > 1 for d in split.json()["data"])
+    assert whole.json()["index_version"].endswith("w300")
+    assert [d["status"] for d in again.json()["data"]] == ["replaced"] * 3  # the same text, split anew
+    assert [d["chunks"] for d in again.json()["data"]] == [d["chunks"] for d in split.json()["data"]]
+    assert again.json()["index_version"].endswith("w0")
+    assert hit.json()["sources"][0]["heading"].endswith("Wire transfers")  # BM25 reads the new chunks
 
 
 async def test_readers_never_see_half_a_document_while_writers_replace_it(app_factory, make_tenant, pg):
@@ -112,7 +136,7 @@ async def test_readers_never_see_half_a_document_while_writers_replace_it(app_fa
                 await asyncio.sleep(0)
 
     async with app_factory() as gw:
-        await ingest(gw, tenant.headers, docs={"policy.md": versions[3]})
+        await ingest(gw, tenant.headers, docs={"policy.md": versions[3]}, whole_tokens=0)  # a chunk per part
         reader = asyncio.create_task(read())
         for n in (7, 3, 7, 3, 7):
             writes = [ingest(gw, tenant.headers, docs={"policy.md": versions[m]}) for m in (n, 10 - n)]
@@ -182,7 +206,7 @@ async def test_oversized_binary_and_unknown_targets_get_clear_errors(app_factory
 async def test_multipart_upload_and_delete(app_factory, make_tenant):
     tenant = make_tenant(ingest=True)
     async with app_factory() as gw:
-        await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "kb"})
+        await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "kb", "whole_tokens": 0})
         resp = await gw.client.post("/v1/collections/kb/documents", headers=tenant.headers,
                                     data={"metadata": '{"team": "support"}'},
                                     files=[("file", ("cards.md", KB["cards.md"].encode())),

@@ -18,16 +18,30 @@ from tollway.routing import count_text
 def test_markdown_sections_follow_headings_not_code():
     text = ("# Guide\n\nIntro words.\n\n## Setup\n\nRun it.\n\n```\n# not a heading\n```\n\n"
             "### Deep\n\nDeeper.\n\n## Use\n\nUse it.")
-    doc = parse(text, "markdown", title=None, source="docs/guide.md", splitting=Splitting())
+    doc = parse(text, "markdown", title=None, source="docs/guide.md", splitting=Splitting(whole_tokens=0))
     assert doc.title == "Guide"
     assert [s.heading for s in doc.sections] == ["Guide", "Guide > Setup", "Guide > Setup > Deep", "Guide > Use"]
     assert "# not a heading" in doc.sections[1].text
 
 
+def test_a_short_document_is_one_chunk_and_its_hash_names_the_settings():
+    words = " ".join(f"Word {i}." for i in range(70))  # ~280 tokens of sentences: more than one chunk of 200
+    text = f"# Note\n\n{words}\n\n## Detail\n\nMore words here."
+    whole = parse(text, "markdown", title=None, source="n.md", splitting=Splitting())
+    split = parse(text, "markdown", title=None, source="n.md", splitting=Splitting(whole_tokens=0))
+    short = parse(text, "markdown", title=None, source="n.md", splitting=Splitting(whole_tokens=50))
+    assert whole.tokens <= Splitting().whole_tokens
+    assert [len(s.chunks) for s in whole.sections] == [1]
+    assert "Word 0." in whole.sections[0].chunks[0].text and "More words here." in whole.sections[0].chunks[0].text
+    assert split.chunks > 1 and short.chunks > 1  # off, or longer than the setting: split as before
+    assert len({whole.content_hash, split.content_hash, short.content_hash}) == 3  # re-ingest re-splits
+    assert Splitting().tag == "c200o32s1024w300"
+
+
 def test_html_drops_scripts_and_navigation_and_splits_by_headings():
     html = ("<html><head><title>T</title><style>p{}</style></head><body><nav>menu</nav><h1>A</h1><p>one</p>"
             "<script>evil()</script><h2>B</h2><ul><li>x</li><li>y</li></ul></body></html>")
-    doc = parse(html, "html", title=None, source="a.html", splitting=Splitting())
+    doc = parse(html, "html", title=None, source="a.html", splitting=Splitting(whole_tokens=0))
     assert doc.title == "T"
     assert [(s.heading, s.text) for s in doc.sections] == [("A", "A\none"), ("A > B", "B\nx\ny")]
 
