@@ -61,8 +61,10 @@ bench: install
 
 # Retrieval against BM25 on four public corpora: three of them ship in Debian's packages (bench/retrieval/corpora.py).
 bench-retrieval: install
-	@[ -d /usr/share/doc/debian/FAQ ] && [ -f /usr/share/dictd/foldoc.dict.dz ] && [ -d /usr/share/doc/postgresql-doc-15/html ] || { \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq debian-faq dict-foldoc postgresql-doc-15; }
+	@[ -d /usr/share/doc/debian/FAQ ] && [ -f /usr/share/dictd/foldoc.dict.dz ] && [ -d /usr/share/doc/postgresql-doc-15/html ] \
+	  && [ -f /usr/share/dictd/jargon.dict.dz ] && [ -d /usr/share/debian-reference ] || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq debian-faq dict-foldoc \
+	    postgresql-doc-15 dict-jargon debian-reference-en; }
 	$(BIN)/python bench/retrieval/versus_bm25.py
 
 clean:

@@ -13,7 +13,8 @@ tokens at each budget, for
 A paired sign test compares the default with bm25 per query at each budget. The held-out corpus (pgdocs) was
 not used while choosing the default settings; its rows are marked.
 
-    .venv/bin/python bench/retrieval/versus_bm25.py [--corpora banking,faq,foldoc,pgdocs] [--budgets 150,300,600]
+    .venv/bin/python bench/retrieval/versus_bm25.py [--corpora banking,faq,foldoc,pgdocs,jargon,debref]
+        [--budgets 150,300,600] [--splitting whole_tokens=0] [--tuning lexical_weight=0.8]
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def bm25_tokens(text: str) -> list[str]:
     return TOKEN.findall(text.lower())
 
 
-async def ingest(conn: psycopg.AsyncConnection[Any], tid: int, corpus: corpora.Corpus, embedder: LocalEmbedder,
-                 splitting: Splitting) -> float:
-    coll = await create_collection(conn, tid, corpus.name, embedder=embedder.name, dims=embedder.dims,
+async def ingest(conn: psycopg.AsyncConnection[Any], tid: int, name: str, corpus: corpora.Corpus,
+                 embedder: LocalEmbedder, splitting: Splitting) -> float:
+    coll = await create_collection(conn, tid, name, embedder=embedder.name, dims=embedder.dims,
                                    splitting=splitting)
     new = [NewDocument(source=d.source, text=d.text, format=d.format, title=d.title) for d in corpus.docs]
     t0 = time.perf_counter()
@@ -96,17 +97,19 @@ async def run(args: argparse.Namespace) -> None:
     embedder.load()
     default = Query(text="", context_tokens=1)
     tuning = Tuning(**{k: _setting(getattr(Tuning(), k), v) for k, v in (kv.split("=", 1) for kv in args.tuning)})
-    print(f"# default search: mode={default.mode} hybrid={default.hybrid}; {tuning}")
+    splitting = Splitting(**{k: int(v) for k, v in (kv.split("=", 1) for kv in args.splitting)})
+    print(f"# default search: mode={default.mode} hybrid={default.hybrid}; {tuning}; {splitting}")
     summary: dict[tuple[str, int], dict[str, float]] = {}
     async with bench_tenant(args.data) as (conn, tid):
         searcher = Searcher(lambda name, dims: embedder, tuning)
         for corpus in corpora.load(names, args.tasks):
+            name = f"{corpus.name}-{splitting.tag}"  # one collection per corpus and splitting
             async with tenant_tx(conn, tid):
                 kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s",
-                                                 (corpus.name,))).fetchone()
+                                                 (name,))).fetchone()
             # --data keeps what it ingested: a later run with other search settings reads it again
-            took = 0.0 if kept else await ingest(conn, tid, corpus, embedder, Splitting())
-            chunks = await all_chunks(conn, tid, corpus.name)
+            took = 0.0 if kept else await ingest(conn, tid, name, corpus, embedder, splitting)
+            chunks = await all_chunks(conn, tid, name)
             bm25 = BM25Okapi([bm25_tokens(_where(c.title, c.heading) + "\n" + c.text) for c in chunks],
                              k1=1.5, b=0.75)
             qv = await embedder.embed([a.text for a in corpus.asks])
@@ -125,7 +128,7 @@ async def run(args: argparse.Namespace) -> None:
                         q = (Query(text=ask.text, context_tokens=budget) if how is None else
                              Query(text=ask.text, context_tokens=budget, mode=how[0], hybrid=how[1]))  # type: ignore[arg-type]
                         s = time.perf_counter()
-                        found = await searcher.search_with(conn, tid, corpus.name, q, one, embedder.name)
+                        found = await searcher.search_with(conn, tid, name, q, one, embedder.name)
                         if how is None:
                             latency.append((time.perf_counter() - s) * 1000)
                         got = {p.source for p in found.passages}
@@ -136,7 +139,7 @@ async def run(args: argparse.Namespace) -> None:
                     ordered = [chunks[j] for j in top if scores[j] > 0]
                     for c, j in zip(ordered, top, strict=False):
                         c.score = float(scores[j])
-                    _, passages, used = pack(ordered, corpus.name, budget, limit=len(ordered) or 1,
+                    _, passages, used = pack(ordered, name, budget, limit=len(ordered) or 1,
                                              floor=None, tails=True)
                     got = {p.source for p in passages}
                     recall["bm25"].append(len(got & ask.gold) / len(ask.gold))
@@ -165,13 +168,15 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpora", default="banking,faq,foldoc,pgdocs")
+    parser.add_argument("--corpora", default="banking,faq,foldoc,pgdocs,jargon,debref")
     parser.add_argument("--budgets", default="150,300,600,1000")
     parser.add_argument("--modes", default=",".join(MODES), help="which of the product's modes to run besides the default")
     parser.add_argument("--tasks", type=int, default=None, help="banking: the first N tasks")
     parser.add_argument("--data", help="a folder that keeps the database between runs (ingest once)")
     parser.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="search settings other than the defaults (retrieval.search.Tuning)")
+    parser.add_argument("--splitting", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="chunking settings other than the defaults (retrieval.Splitting)")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -53,11 +53,11 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncation": ("disabled",), "include": ([],), "background": (False,), "reasoning": ({},),
     "service_tier": ("auto", "default"), "stream_options": ({}, {"include_obfuscation": False},
                                                               {"include_obfuscation": True}),
-    "max_tool_calls": (), "conversation": (), "top_logprobs": (0,), "prompt_cache_key": (),
+    "max_tool_calls": (), "conversation": (), "top_logprobs": (0,),
 }
 _FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
            "max_output_tokens", "metadata", "user", "safety_identifier", "temperature", "top_p", "stream",
-           "store", "previous_response_id", "prompt", "retrieval", *_NEUTRAL}
+           "store", "previous_response_id", "prompt", "retrieval", "prompt_cache_key", *_NEUTRAL}
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -212,6 +212,9 @@ def parse(data: JSON) -> ResponsesRequest:
         if name in data and data[name] not in neutral:
             raise InvalidRequest(f"'{name}' is not served on /v1/responses (leave it out).", param=name,
                                  code="unsupported_field")
+    key = data.get("prompt_cache_key")  # a hint for OpenAI's prompt cache: accepted, and not sent on
+    if key is not None and not (isinstance(key, str) and len(key) <= 64):
+        raise InvalidRequest("prompt_cache_key must be a string of at most 64 characters.", param="prompt_cache_key")
     chat: JSON = {}
     if "prompt" in data:
         chat["prompt"] = _prompt(data["prompt"])
