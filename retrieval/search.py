@@ -59,6 +59,7 @@ class Tuning:
     document_weight: float = 0.2
     passages: int = 50  # hierarchical: at most this many passages unless the request says (k)
     mmr_lambda: float = 0.75  # relevance vs novelty
+    mmr_within_documents: bool = False  # novelty against the same document's chosen passages only
     duplicate: float = 0.95  # cosine above which a candidate repeats one already chosen
     floor: float = 0.5  # candidates scoring under floor x the best score are not packed
     density: bool = False  # True: pack by relevance per token (a knapsack's greedy order), not relevance alone
@@ -195,25 +196,34 @@ def _fuse(dense: dict[int, float], lexical: dict[int, float], weight: float) -> 
     return {key: low + (high - low) * ((1 - weight) * d[key] + weight * lex[key]) for key in dense}
 
 
-def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int) -> list[Candidate]:
-    """Candidates in maximal-marginal-relevance order (by ``score``), near-duplicates dropped."""
+def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, within_documents: bool = False
+        ) -> list[Candidate]:
+    """Candidates in maximal-marginal-relevance order (by ``score``), near-duplicates dropped (a cosine of
+    ``duplicate`` or more with one already chosen, in any document). ``within_documents``: novelty is
+    measured against the chosen passages of the same document only, so another document's passage is never
+    pushed down for resembling this one (what a reader gains from a second passage of one document is what
+    the penalty is for)."""
     if not cands:
         return []
     vectors = np.stack([c.vector for c in cands])
     gram = vectors @ vectors.T
     scores = np.array([c.score for c in cands])
+    documents = np.array([c.document_id for c in cands])
     chosen: list[int] = []
-    redundancy = np.full(len(cands), -1.0)
+    nearest = np.full(len(cands), -1.0)  # to any chosen passage: the duplicate test
+    redundancy = np.full(len(cands), -1.0)  # to the chosen passages that count for novelty
     alive = np.ones(len(cands), dtype=bool)
     while len(chosen) < limit and alive.any():
         value = np.where(alive, lam * scores - (1 - lam) * np.maximum(redundancy, 0), -np.inf)
         best = int(np.argmax(value))
         alive[best] = False
-        if redundancy[best] >= duplicate:
+        if nearest[best] >= duplicate:
             continue
         chosen.append(best)
         cands[best].value = float(value[best])
-        redundancy = np.maximum(redundancy, gram[best])
+        nearest = np.maximum(nearest, gram[best])
+        redundancy = np.maximum(redundancy, np.where(documents == documents[best], gram[best], -1.0)
+                                if within_documents else gram[best])
     return [cands[i] for i in chosen]
 
 
@@ -458,7 +468,7 @@ class Searcher:
             c.score = (own * chunk_of[c.chunk_id] + t.section_weight * section_of[c.section_id]
                        + t.document_weight * doc_of[c.document_id])
         cands.sort(key=lambda c: -c.score)
-        picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16))
+        picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16), within_documents=t.mmr_within_documents)
         if t.density and picked:
             # relevance above gain_floor x the best, per token the passage costs with its citation header
             base = t.gain_floor * max(c.score for c in picked)
