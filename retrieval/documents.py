@@ -52,7 +52,9 @@ class Splitting:
     chunk_tokens: int = 200
     chunk_overlap: int = 32
     section_tokens: int = 1024  # a section without headings, or an oversized one, is cut at about this
-    whole_tokens: int = 300  # a document of at most this many tokens is one chunk, never split (0: off)
+    # a document of at most this many tokens is one chunk, never split (0: off); about what the packaged
+    # embedder reads of a text (256 word pieces), so a whole document is embedded whole
+    whole_tokens: int = 240
 
     @property
     def tag(self) -> str:

@@ -7,14 +7,15 @@ Hierarchical (the default):
   2. the chunks inside the best sections join the candidates; each candidate is scored by its own
      evidence and its section's and document's, so a chunk that merely looks alike in an unrelated
      section sinks; lexical evidence weighs by how much of the query BM25 read (``Lexical.coverage``);
-  3. maximal marginal relevance orders them, dropping near-duplicates; adjacent chunks of one section
-     are merged (their overlap counted once);
+  3. maximal marginal relevance orders them, dropping near-duplicates; novelty is measured within a
+     document (a second passage of one document weighs less; another document's never does); adjacent
+     chunks of one section are merged (their overlap counted once);
   4. passages go into the budget best first, with a citation header each; a candidate scoring under half
      the best one's is left out even when it would fit: a budget is a ceiling, not a target.
   5. optionally (``rerank``), a reranking model orders the best candidates before packing: a cross-encoder an
      upstream serves (``/v1/rerank``, a catalog model of kind ``rerank``); it reorders, the fused scores stay
      the scale the floor is measured on, and a failing reranker leaves the fused order (``rerank_error``).
-The settings (bench/retrieval/versus_bm25.py) were chosen on three corpora and checked on a held-out fourth.
+The settings (bench/retrieval/versus_bm25.py) were chosen on three corpora and checked on three held out.
 Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is compared with.
 """
 
@@ -48,8 +49,9 @@ RERANK_CANDIDATES = 20  # the best candidates a reranker reorders, unless the re
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    """Round numbers chosen on the sum of three corpora of different shapes, not on one (floor, density and
-    lexical_weight by bench/retrieval/versus_bm25.py; see bench/RESULTS.md), checked on a held-out fourth."""
+    """Round numbers chosen on the sum of three corpora of different shapes, not on one (floor, density,
+    lexical_weight and the MMR's scope by bench/retrieval/versus_bm25.py; see bench/RESULTS.md), checked on
+    three held out."""
 
     candidates: int = 64  # nearest chunks read per query (flat: at least k)
     sections: int = 12  # nearest sections whose chunks join the candidates
@@ -59,7 +61,7 @@ class Tuning:
     document_weight: float = 0.2
     passages: int = 50  # hierarchical: at most this many passages unless the request says (k)
     mmr_lambda: float = 0.75  # relevance vs novelty
-    mmr_within_documents: bool = False  # novelty against the same document's chosen passages only
+    mmr_within_documents: bool = True  # novelty against the same document's chosen passages only
     duplicate: float = 0.95  # cosine above which a candidate repeats one already chosen
     floor: float = 0.5  # candidates scoring under floor x the best score are not packed
     density: bool = False  # True: pack by relevance per token (a knapsack's greedy order), not relevance alone

@@ -31,7 +31,7 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim,
     assert "3 documents in" in first.stdout
     assert "3 created, 0 replaced, 0 unchanged, 0 failed" in first.stdout
     assert "documents/s" in first.stdout
-    assert "index version: kb@3+local/all-MiniLM-L6-v2-int8+c200o32s1024w300" in first.stdout
+    assert "index version: kb@3+local/all-MiniLM-L6-v2-int8+c200o32s1024w240" in first.stdout
     (tmp_path / "handbook/notes.txt").write_text("Branches open at eight now.")
     again = client_cli("ingest", "handbook", "--collection", "kb", key=tenant.key, url=gateway.url, cwd=tmp_path)
     assert "0 created, 1 replaced, 2 unchanged, 0 failed" in again.stdout, again.stdout + again.stderr
@@ -46,7 +46,7 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim,
     completion = raw.parse()
     info = completion.model_extra["tollway"]["retrieval"]
     assert info["sources"][0]["source"] == "handbook/fees.md"
-    assert info["index_version"] == "kb@4+local/all-MiniLM-L6-v2-int8+c200o32s1024w300"
+    assert info["index_version"] == "kb@4+local/all-MiniLM-L6-v2-int8+c200o32s1024w240"
     assert raw.headers["x-tollway-index-version"] == info["index_version"]
     sent = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-large"}).json()
     assert sent["messages"][0]["role"] == "system"

@@ -54,7 +54,7 @@ class CollectionBody(_Body):
     chunk_tokens: int = Field(default=200, ge=16, le=8192)
     chunk_overlap: int = Field(default=32, ge=0, le=4096)
     section_tokens: int = Field(default=1024, ge=16, le=65536)
-    whole_tokens: int = Field(default=300, ge=0, le=8192)  # a document this short is one chunk (0: always split)
+    whole_tokens: int = Field(default=240, ge=0, le=8192)  # a document this short is one chunk (0: always split)
 
 
 class DocumentBody(BaseModel):

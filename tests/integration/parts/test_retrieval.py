@@ -82,7 +82,7 @@ async def test_reingesting_is_a_noop_and_a_change_replaces_the_document(app_fact
     assert again.json()["usage"]["prompt_tokens"] == 0  # nothing embedded
     assert [d["status"] for d in third.json()["data"]] == ["replaced", "unchanged", "unchanged"]
     assert third.json()["index_version"] != first.json()["index_version"]
-    assert third.json()["index_version"].endswith("+" + LOCAL_NAME + "+c200o32s1024w300")
+    assert third.json()["index_version"].endswith("+" + LOCAL_NAME + "+c200o32s1024w240")
     old_id, new_id = first.json()["data"][0]["id"], third.json()["data"][0]["id"]
     docs = listing.json()["data"]
     assert len(docs) == 3
@@ -110,7 +110,7 @@ async def test_short_documents_are_one_chunk_and_new_settings_apply_to_what_is_r
                                    json={"collection": "kb", "query": "wire transfers international"})
     assert [d["chunks"] for d in whole.json()["data"]] == [1, 1, 1]
     assert all(d["chunks"] > 1 for d in split.json()["data"])
-    assert whole.json()["index_version"].endswith("w300")
+    assert whole.json()["index_version"].endswith("w240")
     assert [d["status"] for d in again.json()["data"]] == ["replaced"] * 3  # the same text, split anew
     assert [d["chunks"] for d in again.json()["data"]] == [d["chunks"] for d in split.json()["data"]]
     assert again.json()["index_version"].endswith("w0")

@@ -25,7 +25,7 @@ def test_markdown_sections_follow_headings_not_code():
 
 
 def test_a_short_document_is_one_chunk_and_its_hash_names_the_settings():
-    words = " ".join(f"Word {i}." for i in range(70))  # ~280 tokens of sentences: more than one chunk of 200
+    words = " ".join(f"Word {i}." for i in range(52))  # ~220 tokens of sentences: more than one chunk of 200
     text = f"# Note\n\n{words}\n\n## Detail\n\nMore words here."
     whole = parse(text, "markdown", title=None, source="n.md", splitting=Splitting())
     split = parse(text, "markdown", title=None, source="n.md", splitting=Splitting(whole_tokens=0))
@@ -35,7 +35,7 @@ def test_a_short_document_is_one_chunk_and_its_hash_names_the_settings():
     assert "Word 0." in whole.sections[0].chunks[0].text and "More words here." in whole.sections[0].chunks[0].text
     assert split.chunks > 1 and short.chunks > 1  # off, or longer than the setting: split as before
     assert len({whole.content_hash, split.content_hash, short.content_hash}) == 3  # re-ingest re-splits
-    assert Splitting().tag == "c200o32s1024w300"
+    assert Splitting().tag == "c200o32s1024w240"
 
 
 def test_html_drops_scripts_and_navigation_and_splits_by_headings():
@@ -137,6 +137,23 @@ def test_mmr_drops_near_duplicates_and_prefers_novelty():
 
     picked = mmr([cand(0, base, 0.9), cand(1, base, 0.89), cand(2, other, 0.7)], lam=0.75, duplicate=0.95, limit=5)
     assert [c.chunk_id for c in picked] == [0, 2]
+
+
+def test_mmr_within_documents_penalises_a_second_passage_of_one_document_only():
+    near = np.asarray([0.8, 0.6, 0, 0], dtype=np.float32)  # cosine 0.8 with ``base``: alike, not a duplicate
+    base = np.asarray([1, 0, 0, 0], dtype=np.float32)
+    other = np.asarray([0, 0, 1, 0], dtype=np.float32)
+
+    def cand(i: int, doc: int, v: np.ndarray, score: float) -> Candidate:
+        return Candidate(i, doc, i, 0, "t", 1, "T", "", "s", v, score=score)
+
+    def order(within: bool) -> list[int]:
+        also = np.asarray([0.8, 0, 0.6, 0], dtype=np.float32)  # alike ``base`` too, in its own document
+        cands = [cand(0, 1, base, 0.9), cand(1, 2, near, 0.85), cand(2, 1, also, 0.84), cand(3, 3, other, 0.7)]
+        return [c.chunk_id for c in mmr(cands, lam=0.75, duplicate=0.95, limit=5, within_documents=within)]
+
+    assert order(within=False) == [0, 3, 1, 2]  # every alike passage pushed down, another document's too
+    assert order(within=True) == [0, 1, 3, 2]  # only the first document's second passage is
 
 
 def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
