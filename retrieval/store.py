@@ -373,8 +373,7 @@ async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, q
 
 BM25_K1, BM25_B = 1.2, 0.75  # the usual constants (Robertson and Zaragoza; Lucene's defaults)
 QUERY_TERMS = 32  # at most this many of a query's terms rank, the rarest: a 250-word question costs what a short one does
-QUERY_POSTINGS = 5_000  # and, rarest first, only while their postings add up to this (the first always ranks),
-# each term's postings read best first (their impact, migration 0019) and at most this many of them
+QUERY_POSTINGS = 5_000  # and, rarest first, only while their postings add up to this (the first always ranks)
 # The query's terms (English stemming, stop words out) that the collection holds, rarest first, while their
 # postings fit; their idf from the collection's statistics; the postings of those terms, scored by Okapi BM25.
 # A term past the postings budget is one most chunks hold: its idf is small, and reading its postings would
@@ -389,9 +388,7 @@ k AS (SELECT lex_chunks::float8 AS n, greatest(lex_length::float8 / nullif(lex_c
 w AS (SELECT t.term, ln(1 + (k.n - t.df + 0.5) / (t.df + 0.5)) AS idf FROM t, k WHERE t.before < %(postings)s)
 SELECT p.chunk_id, sum(w.idf * p.tf * (%(k1)s + 1) / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.len / k.avgdl))) AS score,
        (SELECT count(*) FROM w) AS ranked, (SELECT count(*) FROM q) AS asked
-FROM w CROSS JOIN LATERAL (
-    SELECT p.chunk_id, p.tf, p.len FROM rag_postings p {join}
-    WHERE p.collection_id = %(coll)s AND p.term = w.term ORDER BY p.impact DESC LIMIT %(postings)s) p CROSS JOIN k
+FROM w JOIN rag_postings p ON p.collection_id = %(coll)s AND p.term = w.term CROSS JOIN k {join}
 GROUP BY p.chunk_id ORDER BY score DESC, p.chunk_id LIMIT %(n)s
 """
 

@@ -4,7 +4,6 @@ BM25 over them (filters included); the statistics are a tenant's own under row-l
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -94,26 +93,6 @@ async def test_the_ranking_is_okapi_bm25_over_the_statistics(app_factory, make_t
     assert lexical.query_terms == len(terms) and lexical.ranked_terms == len([t for (t,) in terms if t in df])
     for chunk_id, score in ranked:
         assert math.isclose(score, expected[chunk_id], rel_tol=1e-9)
-
-
-async def test_a_common_term_is_read_best_postings_first_within_the_budget(app_factory, make_tenant, pg):
-    """With a postings budget smaller than a term's postings (migration 0019), the ones read are its best by
-    BM25's term-frequency part: a one-term query's top results equal exact BM25's, however little is read."""
-    tenant = make_tenant(ingest=True)
-    docs = {f"n{i}.md": f"# Note {i}\n\n" + " ".join(["ledger"] * (1 + i % 5) + [f"filler{j}" for j in range(i % 7 * 9)])
-            for i in range(40)}
-    async with app_factory() as gw, await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
-        await ingest(gw, tenant.headers, docs=docs)
-        async with store.tenant_tx(conn, tenant.id):
-            coll = await store.get_collection(conn, tenant.id, "kb")
-            exact = await store.lexical_chunks(conn, coll, "ledger", 5, None, postings=10**6)
-            capped = await store.lexical_chunks(conn, coll, "ledger", 5, None, postings=5)
-            read = await (await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + store._BM25.format(join=""), {
-                "text": "ledger", "coll": coll.id, "terms": 32, "postings": 5, "k1": 1.2, "b": 0.75, "n": 5})).fetchone()
-    assert len(exact.scores) == 5
-    assert capped.scores == exact.scores  # the five best of forty postings, exactly scored
-    plan = json.dumps(read[0])
-    assert "rag_postings_impact" in plan  # read through the impact index, best first
 
 
 async def test_a_tenant_reads_only_its_own_term_statistics(app_factory, make_tenant, pg):
