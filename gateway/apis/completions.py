@@ -82,6 +82,35 @@ async def text_frames(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield out
 
 
+async def chat_stream(frames: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, Any]]:
+    """A chat stream for another API's translation, one item per frame: ``("chunk", dict)``, ``("done", None)``
+    at ``[DONE]``, ``("error", value)`` when the stream was cut (a budget, a guard, the upstream; ``value``: the
+    frame's ``error``), ``("comment", frame)`` for a keep-alive. Nothing follows a done or an error, but the chat
+    stream is still read to its end: its ledger row is written there."""
+    ended = False
+    async for frame in sse_frames(frames):
+        if ended:
+            continue
+        if frame.startswith(b":"):
+            yield "comment", frame
+            continue
+        if not frame.startswith(b"data: "):
+            continue
+        if frame.startswith(b"data: [DONE]"):
+            ended = True
+            yield "done", None
+            continue
+        try:
+            chunk = orjson.loads(frame[6:])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(chunk, dict) and "error" in chunk:
+            ended = True
+            yield "error", chunk["error"]
+        elif isinstance(chunk, dict):
+            yield "chunk", chunk
+
+
 async def sse_frames(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Server-sent events, one whole frame at a time (without its blank line), from pieces cut anywhere."""
     pending = b""

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from tollway.errors import InvalidRequest
-from tollway.gateway.apis.completions import sse_frames, through_chat
+from tollway.gateway.apis.completions import chat_stream, through_chat
 from tollway.gateway.chat.calls import CallContext, JSONResult, StreamResult
 from tollway.gateway.http.streaming import BodyReader
 from tollway.jsontypes import JSON
@@ -230,30 +230,19 @@ class _Stream:
 
 
 async def events(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The chat stream's frames as Anthropic's events. The chat stream is read to its end even after the last
-    event (its ledger row is written there)."""
+    """The chat stream's frames as Anthropic's events (``chat_stream`` reads it to its end)."""
     stream = _Stream()
-    ended = False
-    async for event in sse_frames(frames):
-        if ended or not event.startswith(b"data: "):
-            continue
-        if event.startswith(b"data: [DONE]"):
-            ended = True
+    async for kind, value in chat_stream(frames):
+        if kind == "done":
             for out in stream.end():
                 yield out
-            continue
-        try:
-            chunk = orjson.loads(event[6:])
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict) and "error" in chunk:  # the stream was cut (a budget, a guard, the upstream)
-            ended = True
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+        elif kind == "error":
+            error = value if isinstance(value, dict) else {}
             yield _event("error", {"error": {"type": "api_error" if error.get("type") != "invalid_request_error"
                                              else "invalid_request_error", "message": error.get("message", ""),
                                              "code": error.get("code")}})
-        elif isinstance(chunk, dict):
-            for out in stream.chunk(chunk):
+        elif kind == "chunk":
+            for out in stream.chunk(value):
                 yield out
 
 

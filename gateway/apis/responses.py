@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from tollway.errors import InvalidRequest
-from tollway.gateway.apis.completions import sse_frames
+from tollway.gateway.apis.completions import chat_stream
 from tollway.gateway.apis.stored import ResponseStore
 from tollway.gateway.chat.calls import CallContext, JSONResult, StreamResult
 from tollway.gateway.http.protocol import parse_json_object
@@ -350,7 +350,6 @@ class _Events:
         self.outcome = Outcome()
         self.open: tuple[str, int] | None = None  # ('text', 0) or ('tool', the call's index)
         self.started = False
-        self.ended = False  # completed or failed: nothing more goes to the client
 
     def event(self, kind: str, **payload: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **payload}
@@ -450,37 +449,23 @@ Save = Callable[[JSON, Outcome], Awaitable[None]]
 
 
 async def events(frames: AsyncIterator[bytes], state: _Events, save: Save | None) -> AsyncIterator[bytes]:
-    """The chat stream's frames as Responses events; ``save`` stores the completed response before
-    ``response.completed`` goes out, so the client's next turn finds it. The chat stream is read to its end
-    even after the last event (its ledger row is written there)."""
-    async for frame in sse_frames(frames):
-        if state.ended:
-            continue
-        if frame.startswith(b":"):
-            yield frame + b"\n\n"  # a keep-alive comment
-            continue
-        if not frame.startswith(b"data: "):
-            continue
-        if frame.startswith(b"data: [DONE]"):
-            state.ended = True
+    """The chat stream's frames as Responses events (``chat_stream`` reads it to its end); ``save`` stores the
+    completed response before ``response.completed`` goes out, so the client's next turn finds it."""
+    async for kind, value in chat_stream(frames):
+        if kind == "comment":
+            yield value + b"\n\n"  # a keep-alive
+        elif kind == "done":
             for out in state.end():
                 yield out
             done = state.snapshot(state.outcome)
             if save is not None:
                 await save(done, state.outcome)
             yield state.event("response.completed", response=done)
-            continue
-        try:
-            chunk = orjson.loads(frame[6:])
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict) and "error" in chunk:  # the stream was cut (a budget, a guard, the upstream)
-            state.ended = True
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            for out in state.fail(error):
+        elif kind == "error":
+            for out in state.fail(value if isinstance(value, dict) else {"message": str(value)}):
                 yield out
-        elif isinstance(chunk, dict):
-            for out in state.chunk(chunk):
+        else:
+            for out in state.chunk(value):
                 yield out
 
 
