@@ -46,6 +46,8 @@ class Scored:
     cost: float = 0.0
     retrieval: float | None = None
     judge: float | None = None
+    at: float | None = None  # when it was answered (epoch seconds; None: time unknown, evidence is per sample)
+    rate: float | None = None  # the sampling rate it was drawn at
 
     def value(self, name: str) -> float | None:
         v = getattr(self, name)

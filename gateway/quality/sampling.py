@@ -35,6 +35,7 @@ from tollway.gateway.chat.wire import choice_text, usage_of
 from tollway.gateway.metering.accounting import side_row
 from tollway.gateway.metering.ledger import Ledger, LedgerRow
 from tollway.gateway.observability.telemetry import Telemetry
+from tollway.gateway.quality.watches import model_key, prompt_key
 from tollway.infra import changes
 from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, ConfigError, Router, Usage, count_messages, count_text
@@ -102,14 +103,6 @@ def quality_settings(data: Any) -> QualitySettings:
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,
                            raw.queue_size, raw.scorers, raw.judge_model, raw.judge_rubric, raw.interval_s,
                            raw.watch_days, raw.auto_rollback, raw.retention_interval_s)
-
-
-def model_key(model: str) -> str:
-    return f"model:{model}"
-
-
-def prompt_key(tenant_id: int, name: str, label: str) -> str:
-    return f"prompt:{tenant_id}:{name}:{label}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,10 +34,19 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import NotFound
-from tollway.evals import Finding, SteadyWatch
+from tollway.evals import Finding, Scored
 from tollway.gateway.observability.telemetry import Telemetry
-from tollway.gateway.quality.sampling import LiveQuality, QualitySettings, model_key, prompt_key
-from tollway.gateway.quality.watches import SAMPLE_COLUMNS, Row, Watch, row_of
+from tollway.gateway.quality.sampling import LiveQuality, QualitySettings
+from tollway.gateway.quality.watches import (
+    SAMPLE_COLUMNS,
+    Route,
+    Row,
+    Watch,
+    Watches,
+    model_key,
+    prompt_key,
+    row_of,
+)
 from tollway.infra.alerts import raise_alert
 from tollway.jsontypes import JSON
 from tollway.prompts import move_label, rollback
@@ -47,21 +56,19 @@ log = logging.getLogger("tollway.quality")
 AUTHOR = "tollway-quality"  # what the monitor's own changes are recorded as
 LOCK = 0x746F6C6C7761  # the advisory lock of the leading monitor
 BATCH = 10_000
-STEADY_IDLE_S = 3600.0  # a steady watch with no sample this long no longer sets its route's sampling rate (a
-#                        moved label's old version, a retired model, a route quiet at night); it keeps its state
-STEADY_FORGET_S = 7 * 86400.0  # ... and after this long it goes; if its route comes back it is rebuilt from the
-#                               stored samples the way it runs: a lagged baseline, the newest samples replayed
 
 
 class Monitor:
     def __init__(self, pool: AsyncConnectionPool, database_url: str, settings: QualitySettings,
                  quality: LiveQuality, telemetry: Telemetry) -> None:
         self.pool, self.url, self.settings, self.quality, self.telemetry = pool, database_url, settings, quality, telemetry
-        self.watches: dict[str, Watch] = {}
-        self.ended: set[str] = set()  # watches that breached or stepped: their rollout or change is done with
-        self.completed: dict[str, str] = {}  # model -> the candidate of its completed rollout
+        self.core = Watches(settings.drift, settings.policy)
         self.cursor = -1  # the last sample fed (-1: none yet; a new leader starts at the newest)
         self._lock: psycopg.AsyncConnection[Any] | None = None
+
+    @property
+    def watches(self) -> dict[str, Watch]:
+        return self.core.watches
 
     async def close(self) -> None:
         if self._lock is not None:
@@ -85,7 +92,8 @@ class Monitor:
         if row is None or not row[0]:
             await conn.close()
             return False
-        self._lock, self.watches, self.ended, self.cursor = conn, {}, set(), -1  # new leadership: rebuilt
+        self._lock, self.cursor = conn, -1  # new leadership: rebuilt
+        self.core = Watches(self.settings.drift, self.settings.policy)
         return True
 
     async def tick(self) -> None:
@@ -116,30 +124,25 @@ class Monitor:
                 rows = [row_of(r) for r in await cur.fetchall()]
                 for row in rows:
                     self.cursor = row.id
-                    rebuilt = await self._steady_for(conn, row)
-                    if rebuilt is not None and rebuilt[1]:  # the replayed newest samples already breach
-                        raised.append(await self._breach(conn, rebuilt[0], rebuilt[1], row.id))
-                    for watch in list(self.watches.values()):
-                        if watch.done:
-                            continue
-                        found = watch.feed(row)
+                    if (route := self.core.route(row)) is not None:
+                        watch, replayed = self.core.start(route, await self._history(conn, route, row))
+                        if replayed:  # the replayed newest samples already breach
+                            raised.append(await self._breach(conn, watch, replayed, row.id))
+                    for watch, found in self.core.feed(row):
                         if found:
                             raised.append(await self._breach(conn, watch, found, row.id))
-                        elif watch.test is not None and self._advances(watch):
+                        else:
                             await self._advance(conn, watch)
                 if len(rows) < BATCH:
                     break
-            self.ended |= {k for k, w in self.watches.items() if w.done}
-            forget = time.monotonic() - STEADY_FORGET_S
-            self.watches = {k: w for k, w in self.watches.items()
-                            if not w.done and (w.steady is None or w.fed_at > forget)}
+            self.core.tidy(time.time())
             await self._rates(conn)
         return raised
 
     async def _sync(self, conn: psycopg.AsyncConnection[Any]) -> None:
         wanted: dict[str, Watch] = {}
         rollouts = await list_rollouts(conn)
-        self.completed = {r.model: r.candidate for r in rollouts if r.state == "complete"}
+        self.core.completed = {r.model: r.candidate for r in rollouts if r.state == "complete"}
         for rollout in rollouts:
             if rollout.state == "active" and rollout.canary_percent > 0:
                 w = self._canary(rollout)
@@ -153,12 +156,13 @@ class Monitor:
         for change in await cur.fetchall():
             if (pw := self._prompt(*change)) is not None:
                 wanted[pw.key] = pw
-        for key in [k for k, w in self.watches.items() if w.kind != "steady" and k not in wanted]:
-            del self.watches[key]  # rolled back, completed, moved again: its test ends
+        watches = self.core.watches
+        for key in [k for k, w in watches.items() if w.kind != "steady" and k not in wanted]:
+            del watches[key]  # rolled back, completed, moved again: its test ends
         for key, w in wanted.items():
-            if key not in self.watches and key not in self.ended:  # e.g. a breach with auto_rollback off
+            if key not in watches and key not in self.core.ended:  # e.g. a breach with auto_rollback off
                 await self._load(conn, w)
-                self.watches[key] = w
+                watches[key] = w
 
     def _canary(self, r: Rollout) -> Watch:
         settings = replace(self.settings.drift, min_samples=r.min_samples)
@@ -194,67 +198,22 @@ class Monitor:
             candidate=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == new,
             baseline=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == old)
 
-    async def _steady_for(self, conn: psycopg.AsyncConnection[Any], row: Row) -> tuple[Watch, list[Finding]] | None:
-        """The steady watch of this sample's route, made on its first sample since this monitor leads (or
-        since the watch was forgotten) from the route's earlier samples, as the watch would hold them had it
-        run all along: the older ones its baseline, the newest ``lag`` replayed through its tests (never a
-        baseline that takes in samples after a change the tests have not judged; a route with too few samples
-        for both has its baseline still forming, and all of them join it). Returns the new watch and what the
-        replay found (a canary's answers have their own watch)."""
-        if not self._settled(row):
-            return None
-        args: list[Any]
-        if row.prompt_name is None:
-            key, subject, rate_key = f"steady:model:{row.model}", f"model {row.model}", model_key(row.model)
-            tenant_id: int | None = None
-            where, args = "model = %s AND prompt_name IS NULL", [row.model]
-
-            def match(s: Row) -> bool:
-                return s.model == row.model and s.prompt_name is None and self._settled(s)
-        elif row.prompt_label is not None:
-            # per version: a label that moves starts a new steady watch (the move is the prompt watch's)
-            key = f"steady:prompt:{row.tenant_id}:{row.prompt_name}:{row.prompt_label}:{row.prompt_version}"
-            subject = f"prompt {row.prompt_name}@{row.prompt_label} version {str(row.prompt_version)[:12]}"
-            rate_key, tenant_id = prompt_key(row.tenant_id, row.prompt_name, row.prompt_label), row.tenant_id
-            where = "tenant_id = %s AND prompt_name = %s AND prompt_label = %s AND prompt_version = %s"
-            args = [row.tenant_id, row.prompt_name, row.prompt_label, row.prompt_version]
-
-            def match(s: Row) -> bool:
-                return (s.tenant_id == row.tenant_id and s.prompt_name == row.prompt_name
-                        and s.prompt_label == row.prompt_label and s.prompt_version == row.prompt_version
-                        and self._settled(s))
-        else:
-            return None
-        if key in self.watches:
-            return None
-        steady = SteadyWatch(self.settings.drift)
+    async def _history(self, conn: psycopg.AsyncConnection[Any], route: Route, row: Row) -> list[Scored]:
+        """A route's stored samples before ``row``, oldest first, as many as its new watch reads (a
+        completed rollout's candidate answers count as the model's)."""
         cur = await conn.execute(
-            f"SELECT {SAMPLE_COLUMNS} FROM (SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE {where} AND (rollout_of IS NULL"
-            " OR rollout_of || ' ' || model = ANY(%s)) AND id < %s ORDER BY id DESC LIMIT %s) s ORDER BY id",
-            (*args, [f"{m} {c}" for m, c in self.completed.items()], row.id,
-             self.settings.drift.baseline_max + steady.lag))
-        history = [row_of(r).scored for r in await cur.fetchall()]
-        cut = len(history) - steady.lag
-        if cut < self.settings.drift.baseline_samples:
-            cut = len(history)  # its baseline is still forming: every sample joins it, as on a new route
-        steady.seed(history[:cut])
-        found = [f for s in history[cut:] for f in steady.observe(s)]
-        watch = self.watches[key] = Watch(key=key, kind="steady", subject=subject, rate_key=rate_key,
-                                          tenant_id=tenant_id, candidate=match, settings=self.settings.drift,
-                                          steady=steady)
-        return watch, found
-
-    def _settled(self, row: Row) -> bool:
-        """Whether a sample is its route's steady traffic: not a canary's answer under test (a canary has
-        its own watch), or the answer of a candidate whose rollout completed (now the model's traffic)."""
-        return row.rollout_of is None or self.completed.get(row.rollout_of) == row.model
+            f"SELECT {SAMPLE_COLUMNS} FROM (SELECT * FROM quality_samples WHERE {route.where} AND"
+            " (rollout_of IS NULL OR rollout_of || ' ' || model = ANY(%s)) AND id < %s ORDER BY id DESC LIMIT %s) s"
+            " ORDER BY id",
+            (*route.args, [f"{m} {c}" for m, c in self.core.completed.items()], row.id, self.core.history_size()))
+        return [row_of(r).scored for r in await cur.fetchall()]
 
     async def _load(self, conn: psycopg.AsyncConnection[Any], w: Watch) -> None:
         """A new watch's history: its baseline and its candidate's samples so far (up to the cursor)."""
         assert w.baseline is not None
         models = None if w.rollout is None else [w.rollout.model, w.rollout.candidate]
         cur = await conn.execute(
-            f"SELECT {SAMPLE_COLUMNS} FROM (SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE id <= %s AND (%s::text[] IS NULL"
+            f"SELECT {SAMPLE_COLUMNS} FROM (SELECT * FROM quality_samples WHERE id <= %s AND (%s::text[] IS NULL"
             " OR model = ANY(%s)) AND (%s::bigint IS NULL OR tenant_id = %s) ORDER BY id DESC LIMIT %s) s ORDER BY id",
             (self.cursor, models, models, w.tenant_id, w.tenant_id, 4 * self.settings.drift.baseline_max))
         w.base = deque(maxlen=w.settings.baseline_max)
@@ -267,11 +226,6 @@ class Monitor:
                 w.feed(row)
 
     # -- acting ---------------------------------------------------------------------------------
-    def _advances(self, w: Watch) -> bool:
-        assert w.test is not None
-        progressive = (w.rollout is not None and w.rollout.progressive) or bool(w.prompt and w.prompt["progressive"])
-        return progressive and w.test.no_regression()
-
     async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding], at: int) -> JSON:
         """``at``: the sample that completed the evidence (a steady route's alerts are one per shift; a
         change's, one per change: two monitors that both saw it raise one alert)."""
@@ -369,15 +323,7 @@ class Monitor:
 
     async def _rates(self, conn: psycopg.AsyncConnection[Any]) -> None:
         policy = self.settings.policy
-        rates: dict[str, tuple[float, float]] = {}
-        idle = time.monotonic() - STEADY_IDLE_S
-        for w in self.watches.values():
-            if w.steady is not None and w.fed_at < idle:
-                continue  # a quiet or retired route's watch keeps its evidence, not its route's rate
-            progress = w.progress()
-            rate = policy.rate(progress)
-            if rate > rates.get(w.rate_key, (0.0, 0.0))[0]:
-                rates[w.rate_key] = (rate, progress)
+        rates = self.core.rates(time.time())
         async with conn.transaction():
             await conn.execute("DELETE FROM quality_rates WHERE NOT (key = ANY(%s))", (list(rates),))
             for key, (rate, progress) in rates.items():
@@ -388,6 +334,6 @@ class Monitor:
                         (key, max(rate, 1e-6), progress))
 
     def describe(self) -> list[JSON]:
-        idle = time.monotonic() - STEADY_IDLE_S
-        return [{**w.state(), "idle": w.steady is not None and w.fed_at < idle} for w in self.watches.values()]
+        now = time.time()
+        return [{**w.state(), "idle": self.core.idle(w, now)} for w in self.watches.values()]
 

@@ -1,6 +1,9 @@
-"""What the quality monitor watches: a scored live sample as the monitor reads it (``Row``), and one
-watch over a route (``Watch``): a canary against the model it stands in for, a moved or split prompt label
-against its previous version, or a route against its own trailing baseline."""
+"""What the quality monitor watches: a scored live sample as the monitor reads it (``Row``), one watch over
+a route (``Watch``): a canary against the model it stands in for, a moved or split prompt label against its
+previous version, or a route against its own trailing baseline; and every watch of the leading monitor with
+the half of its pass that needs no database (``Watches``: feed the samples in order, say what they found,
+the sampling rate each route asks for). The monitor drives it from PostgreSQL; bench/drift drives the same
+code with simulated traffic."""
 
 from __future__ import annotations
 
@@ -10,12 +13,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollway.evals import DriftSettings, Finding, RouteTest, Scored, SteadyWatch
+from tollway.evals import DriftSettings, Finding, RouteTest, SamplingPolicy, Scored, SteadyWatch
 from tollway.jsontypes import JSON
 from tollway.routing import Rollout
 
 SAMPLE_COLUMNS = ("id, tenant_id, model, rollout_of, prompt_name, prompt_label, prompt_version, passed, refusal,"
-           " guard_failed, output_chars, tokens, cost_usd, retrieval_score, judge_score")
+                  " guard_failed, output_chars, tokens, cost_usd, retrieval_score, judge_score,"
+                  " extract(epoch FROM created_at)::float8 AS at, sample_rate")
+STEADY_IDLE_S = 3600.0  # a steady watch with no sample this long no longer sets its route's sampling rate (a
+#                        moved label's old version, a retired model, a route quiet at night); it keeps its state
+STEADY_FORGET_S = 7 * 86400.0  # ... and after this long it goes; if its route comes back it is rebuilt from the
+#                               stored samples the way it runs: a lagged baseline, the newest samples replayed
+
+
+def model_key(model: str) -> str:
+    return f"model:{model}"
+
+
+def prompt_key(tenant_id: int, name: str, label: str) -> str:
+    return f"prompt:{tenant_id}:{name}:{label}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +49,8 @@ class Row:
 def row_of(r: Sequence[Any]) -> Row:
     return Row(int(r[0]), int(r[1]), r[2], r[3], r[4], r[5], r[6],
                Scored(passed=r[7], refusal=bool(r[8]), guard_failed=bool(r[9]), output_chars=float(r[10]),
-                      tokens=float(r[11]), cost=float(r[12]), retrieval=r[13], judge=r[14]))
+                      tokens=float(r[11]), cost=float(r[12]), retrieval=r[13], judge=r[14], at=float(r[15]),
+                      rate=float(r[16])))
 
 
 @dataclass(slots=True)
@@ -53,13 +70,13 @@ class Watch:
     test: RouteTest | None = None
     steady: SteadyWatch | None = None
     done: bool = False
-    fed_at: float = field(default_factory=time.monotonic)  # when its last sample came
+    fed_at: float = field(default_factory=time.time)  # when its last sample came (the sample's time)
 
     def feed(self, row: Row) -> list[Finding]:
         if self.steady is not None:
             if not self.candidate(row):
                 return []
-            self.fed_at = time.monotonic()
+            self.fed_at = row.scored.at if row.scored.at is not None else time.time()
             return self.steady.observe(row.scored)
         if self.baseline is not None and self.baseline(row):
             self.base.append(row.scored)
@@ -76,6 +93,13 @@ class Watch:
             return found
         return self.test.update(row.scored)
 
+    def advances(self) -> bool:
+        """Evidence enough to move a progressive rollout (a model's canary steps, a prompt's split steps) on."""
+        assert self.test is not None
+        progressive = (self.rollout is not None and self.rollout.progressive) or bool(
+            self.prompt and self.prompt["progressive"])
+        return progressive and self.test.no_regression()
+
     def progress(self) -> float:
         if self.steady is not None:
             return self.steady.progress()
@@ -87,3 +111,121 @@ class Watch:
                 "samples": 0 if test is None else test.n, "baseline_samples": len(
                     self.steady.baseline if self.steady is not None else self.base),
                 "detectors": [] if test is None else test.detectors}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The steady route a sample belongs to, and how to find its stored samples (``where``/``args``)."""
+
+    key: str
+    subject: str
+    rate_key: str
+    tenant_id: int | None
+    where: str
+    args: tuple[Any, ...]
+    match: Callable[[Row], bool]
+
+
+class Watches:
+    """Every watch of the leading monitor and the pure half of its pass. Per sample, in order: ``route``
+    (a steady route with no watch yet: the caller loads its history and calls ``start``), then ``feed``
+    (what each watch found; a change's watch that breached or may advance is done with). ``rates``: the
+    sampling rate each route asks for now."""
+
+    def __init__(self, drift: DriftSettings, policy: SamplingPolicy) -> None:
+        self.drift, self.policy = drift, policy
+        self.watches: dict[str, Watch] = {}
+        self.ended: set[str] = set()  # watches that breached or stepped: their rollout or change is done with
+        self.completed: dict[str, str] = {}  # model -> the candidate of its completed rollout
+
+    def settled(self, row: Row) -> bool:
+        """Whether a sample is its route's steady traffic: not a canary's answer under test (a canary has
+        its own watch), or the answer of a candidate whose rollout completed (now the model's traffic)."""
+        return row.rollout_of is None or self.completed.get(row.rollout_of) == row.model
+
+    def route(self, row: Row) -> Route | None:
+        """The steady route of this sample when it has no watch yet."""
+        if not self.settled(row):
+            return None
+        if row.prompt_name is None:
+            model = row.model
+
+            def by_model(s: Row) -> bool:
+                return s.model == model and s.prompt_name is None and self.settled(s)
+            route = Route(f"steady:model:{model}", f"model {model}", model_key(model), None,
+                          "model = %s AND prompt_name IS NULL", (model,), by_model)
+        elif row.prompt_label is not None:
+            # per version: a label that moves starts a new steady watch (the move is the prompt watch's)
+            t, name, label, version = row.tenant_id, row.prompt_name, row.prompt_label, row.prompt_version
+
+            def by_prompt(s: Row) -> bool:
+                return (s.tenant_id == t and s.prompt_name == name and s.prompt_label == label
+                        and s.prompt_version == version and self.settled(s))
+            route = Route(f"steady:prompt:{t}:{name}:{label}:{version}",
+                          f"prompt {name}@{label} version {str(version)[:12]}", prompt_key(t, name, label), t,
+                          "tenant_id = %s AND prompt_name = %s AND prompt_label = %s AND prompt_version = %s",
+                          (t, name, label, version), by_prompt)
+        else:
+            return None
+        return None if route.key in self.watches else route
+
+    def history_size(self) -> int:
+        """How many of a route's latest samples ``start`` reads."""
+        return self.drift.baseline_max + SteadyWatch(self.drift).lag
+
+    def start(self, route: Route, history: Sequence[Scored]) -> tuple[Watch, list[Finding]]:
+        """A route's steady watch, made from its earlier samples (oldest first) as the watch would hold them
+        had it run all along: the older ones its baseline, the newest ``lag`` replayed through its tests
+        (never a baseline that takes in samples after a change the tests have not judged; a route with too
+        few samples for both has its baseline still forming, and all of them join it). Returns the watch
+        and what the replay found."""
+        steady = SteadyWatch(self.drift)
+        cut = len(history) - steady.lag
+        if cut < self.drift.baseline_samples:
+            cut = len(history)  # its baseline is still forming: every sample joins it, as on a new route
+        steady.seed(history[:cut])
+        found = [f for s in history[cut:] for f in steady.observe(s)]
+        watch = self.watches[route.key] = Watch(
+            key=route.key, kind="steady", subject=route.subject, rate_key=route.rate_key, tenant_id=route.tenant_id,
+            candidate=route.match, settings=self.drift, steady=steady)
+        return watch, found
+
+    def feed(self, row: Row) -> list[tuple[Watch, list[Finding]]]:
+        """One sample to every watch. Returns the watches that breached, with their findings, and those a
+        progressive rollout may advance, with none; a change's watch in either is done with (the monitor
+        acts on it; its next step, if any, is a new watch)."""
+        out: list[tuple[Watch, list[Finding]]] = []
+        for watch in list(self.watches.values()):
+            if watch.done:
+                continue
+            found = watch.feed(row)
+            if found:
+                out.append((watch, found))
+                watch.done = watch.steady is None
+            elif watch.test is not None and watch.advances():
+                out.append((watch, []))
+                watch.done = True
+        return out
+
+    def tidy(self, now: float) -> None:
+        """After a pass: drop the watches done with, and steady watches quiet for ``STEADY_FORGET_S``."""
+        self.ended |= {k for k, w in self.watches.items() if w.done}
+        forget = now - STEADY_FORGET_S
+        self.watches = {k: w for k, w in self.watches.items()
+                        if not w.done and (w.steady is None or w.fed_at > forget)}
+
+    def idle(self, w: Watch, now: float) -> bool:
+        return w.steady is not None and w.fed_at < now - STEADY_IDLE_S
+
+    def rates(self, now: float) -> dict[str, tuple[float, float]]:
+        """Per sampling key, the rate its nearest-to-breach watch asks for, and that watch's progress (a
+        quiet or retired route's watch keeps its evidence, not its route's rate)."""
+        rates: dict[str, tuple[float, float]] = {}
+        for w in self.watches.values():
+            if self.idle(w, now):
+                continue
+            progress = w.progress()
+            rate = self.policy.rate(progress)
+            if rate > rates.get(w.rate_key, (0.0, 0.0))[0]:
+                rates[w.rate_key] = (rate, progress)
+        return rates

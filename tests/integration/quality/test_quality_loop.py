@@ -256,7 +256,7 @@ async def test_a_progressive_prompt_rollout_steps_the_split_then_moves_the_label
         # evidence: a route may only be quiet)
         steady = [w["subject"] for w in gw.state.monitor.describe() if w["kind"] == "steady"]
         assert any(made["v1"][:12] in subject for subject in steady), steady
-        monkeypatch.setattr("tollway.gateway.quality.watch.STEADY_IDLE_S", 0.5)
+        monkeypatch.setattr("tollway.gateway.quality.watches.STEADY_IDLE_S", 0.5)
         await asyncio.sleep(0.6)
         await chat(gw, eng, 5, start=8500, **prompt)
         await settle(gw)
