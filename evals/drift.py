@@ -18,7 +18,7 @@ Pure; the live loop feeds them per route.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,10 +47,13 @@ class BernoulliSPRT:
         self.upper = math.log((1 - self.beta) / self.alpha)
         self.lower = math.log(self.beta / (1 - self.alpha))
 
-    def update(self, passed: bool) -> str | None:
-        """One scored sample; the decision once a boundary is crossed (then the test restarts)."""
+    def update(self, passed: bool, ceiling: float | None = None) -> str | None:
+        """One scored sample; the decision once a boundary is crossed (then the test restarts). ``ceiling``:
+        the most the ratio may stand at after it (evidence arriving faster than the caller allows)."""
         self.n += 1
         self.llr += self._pass if passed else self._fail
+        if ceiling is not None and self.llr > ceiling:
+            self.llr = ceiling
         if self.llr >= self.upper:
             self.decision = "drop"
         elif self.llr <= self.lower:
@@ -107,9 +110,12 @@ class BernoulliCUSUM:
         """The information per sample for H1 once the drop happened, KL(p1 || p0)."""
         return self.p1 * self._pass + (1 - self.p1) * self._fail
 
-    def update(self, passed: bool) -> bool:
-        """One scored sample; True when the statistic reaches ``h`` (then it restarts from zero)."""
+    def update(self, passed: bool, ceiling: float | None = None) -> bool:
+        """One scored sample; True when the statistic reaches ``h`` (then it restarts from zero).
+        ``ceiling``: the most the statistic may stand at after it (see ``RiseLimit``)."""
         self.llr = max(0.0, self.llr + (self._pass if passed else self._fail))
+        if ceiling is not None and self.llr > ceiling:
+            self.llr = ceiling
         if self.llr > 0:
             self.run += 1
             self.run_passes += passed
@@ -123,6 +129,36 @@ class BernoulliCUSUM:
     def expected_delay(self) -> float:
         """Siegmund's approximation of the mean samples from a drop (statistic at zero) to the signal."""
         return (self.h + math.exp(-self.h) - 1) / self.kl1()
+
+
+class RiseLimit:
+    """How fast a sequential statistic may climb in time: at most ``limit`` above where it stood
+    ``span_s`` seconds before (its value at the last sample at least that old). A drop that lasts climbs
+    at its own pace until the limit binds, then ``limit`` per ``span_s``; a burst of failures lasting
+    minutes (an upstream hiccup, the sampling rate raised by the first of them) adds at most ``limit``
+    per span, however many samples it brings. Samples with no time are not limited."""
+
+    __slots__ = ("before", "limit", "recent", "span_s")
+
+    def __init__(self, limit: float, span_s: float = 3600.0) -> None:
+        self.limit, self.span_s = limit, span_s
+        self.recent: deque[tuple[float, float]] = deque()  # (time, value) of the last span
+        self.before = 0.0  # the value at the last sample older than the span (a fresh statistic: zero)
+
+    def ceiling(self, at: float | None, value: float) -> float | None:
+        """The statistic stands at ``value`` when a sample of time ``at`` comes: the most it may stand at
+        after that sample."""
+        if at is None:
+            return None
+        recent = self.recent
+        recent.append((at, value))
+        while recent[0][0] < at - self.span_s:
+            self.before = recent.popleft()[1]
+        return self.before + self.limit
+
+    def reset(self) -> None:
+        self.recent.clear()
+        self.before = 0.0
 
 
 def cusum_threshold(arl0: float, kl0: float) -> float:

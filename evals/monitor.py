@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollway.evals.drift import BernoulliCUSUM, BernoulliMSPRT, BernoulliSPRT, ks, psi
+from tollway.evals.drift import BernoulliCUSUM, BernoulliMSPRT, BernoulliSPRT, RiseLimit, ks, psi
 
 CONTINUOUS = ("output_chars", "tokens", "cost", "retrieval", "judge")
 RATES = ("refusal", "guard_failed")
@@ -65,6 +65,9 @@ class DriftSettings:
     min_samples: int = 200  # a progressive rollout's step needs this many scored samples
     judge_pass: float = 0.5  # a judge score at or above this counts as a pass
     sequential_share: float = 0.5  # the share of alpha the sequential tests get (the windows: the rest)
+    evidence_hours: float = 3.0  # a pass-rate test climbs at most 1/this of its threshold per hour (0: no limit)
+    alarm_days: float = 1000.0  # a steady route's window tests together: at most one false alarm in this many
+    #                          days at the samples a day its baseline holds (0: per window only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,16 @@ def chi_squared(base_hits: int, base_n: int, hits: int, n: int) -> float:
     return float(stats.chi2_contingency(table, correction=True).statistic)
 
 
+def samples_per_day(samples: Sequence[Scored]) -> float | None:
+    """How many samples a day a route's baseline held (None: no times, or under an hour of them)."""
+    if len(samples) < 2:
+        return None
+    first, last = samples[0].at, samples[-1].at
+    if first is None or last is None or last - first < 3600:
+        return None
+    return (len(samples) - 1) * 86400 / (last - first)
+
+
 class PassTest:
     """The sequential test of a pass rate against the baseline's. With a specified drop: Wald's SPRT (a
     change under test: it decides, and an accepted "no drop" is a clean cycle) or, on a steady route where
@@ -142,36 +155,46 @@ class PassTest:
         drop = self.settings.pass_drop
         p1 = None if drop is None or self.p0 - drop <= 0.005 else self.p0 - drop
         self.sprt = self.cusum = self.msprt = None
+        self.limit: RiseLimit | None = None
+        hours = self.settings.evidence_hours
         if p1 is not None and self.steady:
             self.cusum = BernoulliCUSUM(self.p0, p1, arl0=self.settings.window / self.alpha)
-        elif p1 is not None:
-            self.sprt = BernoulliSPRT(self.p0, p1, alpha=self.alpha, beta=self.settings.beta)
+            self.limit = RiseLimit(self.cusum.h / hours) if hours > 0 else None
+        elif p1 is not None:  # each clean cycle halves the next one's alpha: a watch spends 2 alpha at most
+            self.sprt = BernoulliSPRT(self.p0, p1, alpha=self.alpha / 2 ** self.accepted, beta=self.settings.beta)
+            self.limit = RiseLimit(self.sprt.upper / hours) if hours > 0 else None
         else:
             self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
 
-    def update(self, passed: bool) -> tuple[Finding | None, bool]:
+    def update(self, passed: bool, at: float | None = None) -> tuple[Finding | None, bool]:
         """A finding on a drop; and whether a cycle ended (re-anchor on the baseline if you like): the
-        SPRT accepted "no drop", or the CUSUM stands at zero a window after its last anchoring."""
+        SPRT accepted "no drop", or the CUSUM stands at zero a window after its last anchoring. ``at``:
+        the sample's time (the statistic's climb is limited per hour, ``evidence_hours``)."""
         self.n += 1
         self.hits += passed
         if self.cusum is not None:
-            if self.cusum.update(passed):
+            ceiling = None if self.limit is None else self.limit.ceiling(at, self.cusum.llr)
+            if self.cusum.update(passed, ceiling):
                 found = Finding(self.name, "cusum", self.cusum.llr, self.cusum.h, self.cusum.run,
                                 round(self.p0, 4), round(self.cusum.run_passes / self.cusum.run, 4),
                                 extra={"p1": round(self.cusum.p1, 4), "arl0": round(self.cusum.arl0),
                                        "alpha": self.alpha})
                 self.cusum.restart()
+                if self.limit is not None:
+                    self.limit.reset()
                 return found, False
             return None, self.cusum.llr == 0 and self.n - self.anchored >= self.settings.window
         if self.sprt is not None:
-            decided = self.sprt.update(passed)
+            decided = self.sprt.update(passed, None if self.limit is None else self.limit.ceiling(at, self.sprt.llr))
+            if decided is not None and self.limit is not None:
+                self.limit.reset()
             if decided == "no_drop":
                 self.accepted += 1
                 return None, True
             if decided == "drop":
                 return Finding(self.name, "sprt", self.sprt.decided_llr, self.sprt.upper, self.sprt.decided_n,
                                round(self.p0, 4), round(self.hits / self.n, 4),
-                               extra={"p1": round(self.sprt.p1, 4), "alpha": self.alpha}), False
+                               extra={"p1": round(self.sprt.p1, 4), "alpha": self.sprt.alpha}), False
             return None, False
         assert self.msprt is not None
         if self.msprt.update(passed) and self.msprt.total < 0:
@@ -221,6 +244,10 @@ class RouteTest:
                                             / len(sequential), settings, steady=steady))
         self.window_alpha = settings.alpha * ((1 - settings.sequential_share) if sequential else 1) / max(
             len(self.windowed), 1)
+        per_day = samples_per_day(baseline) if steady and settings.alarm_days > 0 else None
+        if per_day:  # a busy route runs many windows a day: their budget is per day, not per window
+            self.window_alpha = min(self.window_alpha, settings.window / (
+                settings.alarm_days * per_day * max(len(self.windowed), 1)))
 
     def _values(self, name: str) -> list[float]:
         return [v for s in self.baseline if (v := s.value(name)) is not None]
@@ -243,7 +270,7 @@ class RouteTest:
             value = _pass_value(test.name, s, self.settings.judge_pass)
             if value is None:
                 continue
-            finding, cycle_ended = test.update(value)
+            finding, cycle_ended = test.update(value, s.at)
             if finding is not None:
                 found.append(finding)
             elif cycle_ended:
@@ -303,8 +330,9 @@ class RouteTest:
 
 class SteadyWatch:
     """A route with no change in flight, against its own trailing baseline: the first
-    ``baseline_samples`` samples, then every sample once it is ``lag`` samples old (so a shift the tests
-    have not yet seen does not leak into what they compare with), at most ``baseline_max``. After a breach
+    ``baseline_samples`` samples, then every sample once it is ``lag`` samples and twice
+    ``evidence_hours`` old (so a shift the tests have not yet judged, at the pace the rise limit lets
+    them, does not leak into what they compare with), at most ``baseline_max``. After a breach
     the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window)."""
 
     def __init__(self, settings: DriftSettings, lag: int | None = None) -> None:
@@ -333,7 +361,8 @@ class SteadyWatch:
             self.pending.clear()
             self.test = None
             return found
-        while len(self.pending) > self.lag:
+        hold = None if s.at is None else s.at - 2 * 3600 * self.settings.evidence_hours
+        while len(self.pending) > self.lag and (hold is None or (self.pending[0].at or 0.0) < hold):
             self.baseline.append(self.pending.popleft())
         return found
 

@@ -43,6 +43,7 @@ from tollway.routing import ChainFailed, ConfigError, Router, Usage, count_messa
 log = logging.getLogger("tollway.quality")
 JUDGE_RUBRIC = ("Does the answer respond to the user's last message helpfully and correctly, without inventing "
                 "facts? 10: fully; 0: not at all.")
+_DRIFT = DriftSettings()  # the detectors' defaults
 
 
 class _Strict(BaseModel):
@@ -64,6 +65,8 @@ class RawQuality(_Strict):
     window: int = Field(default=200, ge=20)
     baseline_samples: int = Field(default=1000, ge=20)
     baseline_max: int = Field(default=5000, ge=20)
+    evidence_hours: float = Field(default=_DRIFT.evidence_hours, ge=0)  # a pass-rate test climbs 1/this per hour
+    alarm_days: float = Field(default=_DRIFT.alarm_days, ge=0)  # window tests: one false alarm in this many days
     min_samples: int = Field(default=200, ge=1)  # scored samples per progressive step (the rollout's own wins)
     watch_days: float = Field(default=7.0, gt=0)  # a moved prompt label is compared with its last version this long
     auto_rollback: bool = True  # a breach on a moved prompt label moves it back (rollouts: their own flag)
@@ -99,6 +102,7 @@ def quality_settings(data: Any) -> QualitySettings:
     drift = DriftSettings(alpha=raw.alpha, pass_drop=raw.pass_drop, sequential_share=raw.sequential_share,
                           window=raw.window,
                           baseline_samples=raw.baseline_samples, baseline_max=max(raw.baseline_max, raw.baseline_samples),
+                          evidence_hours=raw.evidence_hours, alarm_days=raw.alarm_days,
                           min_samples=raw.min_samples)
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,
                            raw.queue_size, raw.scorers, raw.judge_model, raw.judge_rubric, raw.interval_s,

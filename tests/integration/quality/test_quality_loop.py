@@ -21,7 +21,8 @@ from tests.conftest import write_config
 GOOD = "Paris is the capital of France."
 BAD = "I'm sorry, I can't help with that."
 QUALITY = {"sample_rate": 1.0, "max_sample_rate": 1.0, "interval_s": 3600, "baseline_samples": 40,
-           "window": 40, "min_samples": 40, "pass_drop": 0.2, "alpha": 0.01}
+           "window": 40, "min_samples": 40, "pass_drop": 0.2, "alpha": 0.01,
+           "evidence_hours": 0}  # these tests pack days of traffic into seconds: evidence per sample
 PROMPT_V1 = "model: sim-large\nmessages:\n  - {role: system, content: \"Answer briefly (prompt v1).\"}\n"
 PROMPT_V2 = PROMPT_V1.replace("prompt v1", "prompt v2")
 PROMPT_V3 = PROMPT_V1.replace("prompt v1", "prompt v3")  # as good as v1
@@ -395,12 +396,16 @@ async def test_without_auto_rollback_a_breach_is_alerted_once_and_the_canary_sta
     assert (rollout["state"], rollout["canary_percent"]) == ("active", 50)
 
 
-def insert_samples(pg: Any, tenant_id: int, model: str, passes: list[bool]) -> None:
+def insert_samples(pg: Any, tenant_id: int, model: str, passes: list[bool], *, start_h: float | None = None,
+                   every_s: float = 0.0) -> None:
+    """Scored samples of a route; ``start_h`` hours ago, one every ``every_s`` seconds (default: now)."""
     with psycopg.connect(pg.url) as conn:
-        for ok in passes:
+        for i, ok in enumerate(passes):
+            ago = None if start_h is None else start_h * 3600 - i * every_s
             conn.execute("INSERT INTO quality_samples (tenant_id, request_id, model, passed, refusal, guard_failed,"
-                         " output_chars, tokens, cost_usd, sample_rate) VALUES (%s, 'r', %s, %s, false, false, 30,"
-                         " 10, 0.0001, 1.0)", (tenant_id, model, ok))
+                         " output_chars, tokens, cost_usd, sample_rate, created_at) VALUES (%s, 'r', %s, %s, false,"
+                         " false, 30, 10, 0.0001, 1.0, now() - make_interval(secs => coalesce(%s, 0)))",
+                         (tenant_id, model, ok, ago))
 
 
 BASELINE = [i % 25 != 0 for i in range(100)]  # a 96% pass rate; five failures in a row breach it (window 40)
@@ -446,3 +451,25 @@ async def test_a_rebuilt_steady_watch_replays_the_newest_samples_instead_of_lear
     # seeded with all 203 earlier samples (the old way) its baseline would have taken in the three failures
     # and its CUSUM would start at zero: two more failures are not evidence enough then
     assert [r["watch"] for r in raised] == ["steady:model:sim-rebuilt"]
+
+
+async def test_failures_packed_into_minutes_wait_for_hours_of_evidence(quality_app, make_tenant, pg):
+    """The monitor paces evidence by the samples' times: the same failures that breach at once when they
+    come within minutes of each other (an upstream hiccup sampled at a raised rate) breach only when they
+    span hours (a drop that lasts)."""
+    tenant = make_tenant()
+    failures = [False] * 8 + [True, False] * 4  # well past the threshold, counted per sample
+    async with quality_app(evidence_hours=3) as gw:
+        monitor = gw.state.monitor
+        await monitor.run_pass()
+        insert_samples(pg, tenant.id, "sim-burst", BASELINE, start_h=60, every_s=1800)  # two days, every half hour
+        insert_samples(pg, tenant.id, "sim-lasting", BASELINE, start_h=60, every_s=1800)
+        await monitor.run_pass()
+        insert_samples(pg, tenant.id, "sim-burst", failures, start_h=8, every_s=30)  # eight minutes
+        insert_samples(pg, tenant.id, "sim-lasting", failures, start_h=8, every_s=1800)  # eight hours
+        raised = await monitor.run_pass()
+        burst = monitor.watches["steady:model:sim-burst"].steady
+    assert [r["watch"] for r in raised] == ["steady:model:sim-lasting"]
+    assert burst is not None and burst.test is not None
+    cusum = burst.test.pass_tests[0].cusum
+    assert cusum is not None and 0 < cusum.llr <= cusum.h / 3 + 1e-9  # it climbed a third of the way, no more

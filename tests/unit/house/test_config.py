@@ -118,6 +118,7 @@ def test_the_shipped_example_config_is_valid() -> None:
     quality = quality_settings(raw.quality)
     assert quality.drift.alpha == 0.0025
     assert quality.drift.sequential_share == 0.5
+    assert (quality.drift.evidence_hours, quality.drift.alarm_days) == (3, 1000)
     assert quality.policy.ceiling == 0.25
 
 

@@ -198,3 +198,75 @@ def test_grounding_in_the_retrieved_passages():
     assert not checked.passed
     assert checked.retrieval_score == 0.82
     assert checked.grounded == 0.0
+
+
+def timed(rng: random.Random, at: float | None, *, pass_rate: float = 0.9) -> Scored:
+    s = draw(rng, pass_rate=pass_rate)
+    return Scored(passed=s.passed, refusal=s.refusal, guard_failed=s.guard_failed, output_chars=s.output_chars,
+                  tokens=s.tokens, cost=s.cost, at=at)
+
+
+def test_the_rise_limit_is_the_value_an_hour_before_plus_the_limit():
+    from tollway.evals.drift import RiseLimit
+
+    limit = RiseLimit(2.0, span_s=3600)
+    assert limit.ceiling(None, 5.0) is None  # no time: no limit
+    assert limit.ceiling(0, 0.0) == 2.0  # a fresh statistic stood at zero
+    assert limit.ceiling(600, 2.0) == 2.0
+    assert limit.ceiling(3000, 1.5) == 2.0
+    assert limit.ceiling(3700, 1.8) == 2.0  # the value at t=0 left the hour: it is where it stood an hour before
+    assert limit.ceiling(4300, 1.9) == 4.0  # ... then the value at t=600
+    limit.reset()
+    assert limit.ceiling(9000, 0.0) == 2.0
+
+
+def test_an_hour_long_burst_oversampled_is_not_a_drop_but_a_lasting_drop_is():
+    """Twelve samples a minute for an hour at a 63% pass rate (a hiccup sampled at the raised rate) after a
+    day at 90%: the CUSUM climbs at most a third of its threshold that hour. Without times it is an alarm;
+    the same drop going on for hours is still found."""
+    rng = random.Random(8)
+    settings = DriftSettings(window=200)
+
+    def run(with_time: bool, burst_minutes: int) -> list[str]:
+        watch = SteadyWatch(settings)
+        at = 0.0
+        for _ in range(settings.baseline_samples + 2000):  # a sample every three minutes
+            at += 180
+            watch.observe(timed(rng, at if with_time else None))
+        found: list[str] = []
+        for _ in range(burst_minutes * 12):
+            at += 5
+            found += [f.detector for f in watch.observe(timed(rng, at if with_time else None, pass_rate=0.63))]
+        return found
+
+    assert "pass_rate" in run(False, 60)
+    assert "pass_rate" not in run(True, 60)
+    assert "pass_rate" in run(True, 6 * 60)
+
+
+def test_a_change_watch_halves_its_alpha_after_each_clean_cycle():
+    """A moved label watched for a week at a busy route's rate runs many SPRT cycles; each "no drop" halves
+    the next cycle's alpha, so the watch as a whole spends at most twice its alpha (it used to spend alpha per
+    cycle: an equally good version was rolled back in 3% of moves at 10k requests a day)."""
+    rng = random.Random(9)
+    test = RouteTest([draw(rng) for _ in range(2000)], DriftSettings(window=200))
+    [sequential] = test.pass_tests
+    for _ in range(6000):
+        assert [f for f in test.update(draw(rng)) if f.detector == "pass_rate"] == []
+    assert sequential.accepted >= 3
+    assert sequential.sprt is not None
+    assert sequential.sprt.alpha == pytest.approx(sequential.alpha / 2 ** sequential.accepted)
+
+
+def test_a_busy_steady_route_spends_its_window_budget_per_day():
+    rng = random.Random(10)
+    per_day = DriftSettings(window=200, alarm_days=1000)
+    hourly = [timed(rng, i * 3600.0) for i in range(2000)]  # 24 samples a day: the per-window alpha binds
+    minutely = [timed(rng, i * 60.0) for i in range(2000)]  # 1440 a day: the per-day budget binds
+    plain = RouteTest(hourly, DriftSettings(window=200), steady=True)
+    assert RouteTest(hourly, per_day, steady=True).window_alpha == plain.window_alpha
+    busy = RouteTest(minutely, per_day, steady=True)
+    assert busy.window_alpha == pytest.approx(200 / (1000 * 1440 * len(busy.windowed)), rel=0.01)
+    assert busy.window_alpha < plain.window_alpha / 5
+    assert busy.pass_tests[0].alpha == plain.pass_tests[0].alpha  # the CUSUM is limited per hour instead
+    assert RouteTest(minutely, per_day).window_alpha == plain.window_alpha  # a change's watch: per test

@@ -1,0 +1,363 @@
+"""The live quality loop on traffic shapes: quiet nights, weekends, upstream bursts, a wandering base rate.
+
+Drives the monitor's own pass (``tollway.gateway.quality.watches.Watches``: the steady watch each route
+gets, what each watch finds, the sampling rate each route asks for, read back every simulated minute)
+with simulated traffic, minute by minute:
+
+- **volume**: 2k, 10k or 30k requests a day; **curve**: ``flat``, ``day`` (a day curve peaking at 14:00
+  at 12x its 02:00 trough, weekends at 45% of a weekday) or ``office`` (two peaks, 10:00 and 15:30, a
+  lunch dip, nights at 3%, weekends at 20%: held out, see below);
+- **bursts**: once a week at a random time, ``burst`` minutes in which a share of answers fail on top of
+  the usual failures (an upstream hiccup, not a regression);
+- **wander**: the base pass rate drifting by up to +/- ``wander`` points over weeks (two slow waves of
+  random phase);
+- **base** pass rates 60-97%; **drops** of 3, 5 and 10 points.
+
+Each sample is the detectors' ``Scored`` (pass, refusal 3%, guard failures 1%, log-normal tokens as in
+``detect.py``) with its time. Three measures:
+
+- ``detect``: after a warm-up long enough for the route's baseline, a drop at a random time of the week;
+  the scored samples and live requests until the route's steady watch raises it (missed: not within 30
+  days), with fixed 2% sampling and with the adaptive policy, beside Wald's expected SPRT sample size
+  for the drop at alpha 0.01, beta 0.05;
+- ``alarms``: unchanged traffic (bursts and wander included), every alarm of every detector, per 100 days;
+- ``moves``: a prompt label moved to a version exactly as good as the old one, watched for seven days
+  (the monitor's prompt watch: the SPRT against the old version's samples) with bursts: the share of
+  moves rolled back.
+
+    python bench/drift/shapes.py [--runs 100] [--days 400] [--moves 200] [--jobs 2] [--held-out]
+
+Without ``--held-out`` it runs the tuning shapes; with it, only the held-out ones (``office`` curve,
+45-minute bursts at 40% failures, base 75%), which no setting was chosen on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import math
+import random
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+
+from tollway.evals import DriftSettings, SamplingPolicy, Scored
+from tollway.evals.drift import BernoulliSPRT
+from tollway.gateway.quality.watches import Row, Watch, Watches, prompt_key
+
+DAY = 1440  # minutes
+WEEK = 7 * DAY
+MAX_DAYS = 30  # a drop not found within this many days is missed
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    per_day: int = 10_000
+    curve: str = "day"
+    base: float = 0.90
+    wander: float = 0.0  # points of the base rate's slow drift, either way
+    burst: int = 0  # minutes of a weekly burst (0: none)
+    burst_fail: float = 0.30  # the share of answers a burst fails on top of the usual failures
+
+    def label(self) -> str:
+        parts = [f"{self.per_day // 1000}k/day", self.curve, f"base {self.base:.0%}"]
+        if self.wander:
+            parts.append(f"wander +/-{self.wander * 100:.0f}")
+        if self.burst:
+            parts.append(f"bursts {self.burst} min at {self.burst_fail:.0%}")
+        return ", ".join(parts)
+
+
+def _relative(kind: str, minutes: np.ndarray) -> np.ndarray:
+    hour = (minutes % DAY) / 60.0
+    weekday = (minutes // DAY) % 7 < 5
+    if kind == "flat":
+        return np.ones_like(hour)
+    if kind == "day":  # peak 14:00 at 12x the 02:00 trough; weekends 45%
+        return (1 + 11 * ((1 - np.cos(2 * np.pi * (hour - 2) / 24)) / 2) ** 2) * np.where(weekday, 1.0, 0.45)
+    if kind == "office":  # two peaks and a lunch dip; nights 3%; weekends 20%
+        peaks = np.exp(-((hour - 10) ** 2) / 3) + 0.8 * np.exp(-((hour - 15.5) ** 2) / 4)
+        return (0.03 + peaks) * np.where(weekday, 1.0, 0.2)
+    raise ValueError(kind)
+
+
+def curve(kind: str, minutes: np.ndarray) -> np.ndarray:
+    """Relative traffic per minute (mean 1 over a week)."""
+    return _relative(kind, minutes) / float(np.mean(_relative(kind, np.arange(WEEK))))
+
+
+class Traffic:
+    """One route's simulated traffic: per minute, the live requests and the pass rate they have."""
+
+    def __init__(self, shape: Shape, minutes: int, rng: np.random.Generator, *, drop_at: int | None = None,
+                 drop: float = 0.0, first_burst_after: int = 0) -> None:
+        self.shape, self.rng = shape, rng
+        t = np.arange(minutes)
+        self.requests = rng.poisson(shape.per_day / DAY * curve(shape.curve, t))
+        p = np.full(minutes, shape.base)
+        if shape.wander:
+            phases = rng.uniform(0, 2 * np.pi, 2)
+            p += shape.wander * (0.6 * np.sin(2 * np.pi * t / (40 * DAY) + phases[0])
+                                 + 0.4 * np.sin(2 * np.pi * t / (19 * DAY) + phases[1]))
+        if drop_at is not None:
+            p[drop_at:] -= drop
+        self.bursts: list[tuple[int, int]] = []
+        if shape.burst:
+            for week_start in range(0, minutes, WEEK):
+                start = week_start + int(rng.integers(0, WEEK))
+                if start >= first_burst_after:
+                    self.bursts.append((start, start + shape.burst))
+                    p[start:start + shape.burst] *= 1 - shape.burst_fail
+        self.p = np.clip(p, 0.0, 1.0)
+
+
+def draw(rng: random.Random, p: float, at: float, rate: float) -> Scored:
+    tokens = rng.lognormvariate(math.log(400), 0.5)
+    return Scored(passed=rng.random() < p, refusal=rng.random() < 0.03, guard_failed=rng.random() < 0.01,
+                  output_chars=tokens * rng.uniform(0.4, 0.6) * 4, tokens=tokens, cost=tokens * 2e-6, at=at,
+                  rate=rate)
+
+
+def samples(traffic: Traffic, start: int, end: int, rate_of: Iterator[float] | None, rng: random.Random,
+            nrng: np.random.Generator, fixed: float) -> Iterator[tuple[int, Scored]]:
+    """The sampled answers of minutes [start, end), in time order, at the rate the monitor asks for (read
+    each minute from ``rate_of``; fixed where it is None). Yields (minute, sample); the caller feeds them."""
+    for minute in range(start, end):
+        n = int(traffic.requests[minute])
+        if not n:
+            continue
+        rate = fixed if rate_of is None else next(rate_of)
+        k = int(nrng.binomial(n, rate)) if rate < 1 else n
+        for at in sorted(rng.random() for _ in range(k)):
+            yield minute, draw(rng, float(traffic.p[minute]), (minute + at) * 60.0, rate)
+
+
+class Route:
+    """The monitor's pass over one simulated route (a model's steady traffic, or a prompt's versions)."""
+
+    def __init__(self, settings: DriftSettings, policy: SamplingPolicy) -> None:
+        self.core = Watches(settings, policy)
+        self.policy = policy
+        self.ids = 0
+        self.now = 0.0
+
+    def rate(self, key: str) -> float:
+        rate, _ = self.core.rates(self.now).get(key, (self.policy.base, 0.0))
+        return max(rate, self.policy.base)
+
+    def feed(self, s: Scored, version: str | None = None) -> list[tuple[Watch, list]]:
+        self.ids += 1
+        self.now = s.at or 0.0
+        row = Row(self.ids, 1, "m", None, None if version is None else "faq", None if version is None else "prod",
+                  version, s)
+        if (route := self.core.route(row)) is not None:
+            self.core.start(route, [])
+        return [(w, found) for w, found in self.core.feed(row) if found]
+
+
+def warmup_minutes(shape: Shape, settings: DriftSettings, policy: SamplingPolicy) -> int:
+    """Minutes of unchanged traffic that give a route its baseline (at the base rate) and a little more."""
+    per_day = shape.per_day * policy.base
+    return int(math.ceil((settings.baseline_samples + 4 * settings.window) / per_day * 1.3 + 2) * DAY)
+
+
+def detect_run(seed: int, shape: Shape, drop: float, settings: DriftSettings, policy: SamplingPolicy
+               ) -> tuple[int | None, int | None]:
+    """Scored samples and live requests from the drop to its detection (None, None: missed)."""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
+    total = warm + MAX_DAYS * DAY
+    traffic = Traffic(shape, total, nrng, drop_at=warm, drop=drop)
+    route = Route(settings, policy)
+    rates = (route.rate("model:m") for _ in iter(int, 1))
+    fixed = policy.base if policy.ceiling <= policy.base else 0.0
+    n = 0
+    for minute, s in samples(traffic, 0, total, None if fixed else rates, rng, nrng, fixed):
+        if minute >= warm:
+            n += 1
+        for _, found in route.feed(s):
+            if minute >= warm and any(f.detector == "pass_rate" for f in found):
+                return n, int(traffic.requests[warm:minute + 1].sum())
+    return None, None
+
+
+def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, policy: SamplingPolicy
+              ) -> tuple[int, int, dict[str, int]]:
+    """Alarms (any detector) and scored samples over ``days`` of unchanged traffic after the warm-up."""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    warm = warmup_minutes(shape, settings, policy)
+    total = warm + days * DAY
+    traffic = Traffic(shape, total, nrng)
+    route = Route(settings, policy)
+    rates = (route.rate("model:m") for _ in iter(int, 1))
+    fixed = policy.base if policy.ceiling <= policy.base else 0.0
+    alarms = n = 0
+    by: dict[str, int] = {}
+    for minute, s in samples(traffic, 0, total, None if fixed else rates, rng, nrng, fixed):
+        found = route.feed(s)
+        if minute >= warm:
+            n += 1
+            for _, f in found:
+                alarms += 1
+                for one in f:
+                    by[one.detector] = by.get(one.detector, 0) + 1
+    return alarms, n, by
+
+
+def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy, watch_days: int = 7) -> bool:
+    """A label moved to a version as good as the old one, watched for ``watch_days``: rolled back?"""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
+    total = warm + watch_days * DAY
+    traffic = Traffic(shape, total, nrng, first_burst_after=warm)
+    if shape.burst and not any(warm <= b < total for b, _ in traffic.bursts):  # the burst falls in the watch week
+        start = warm + int(nrng.integers(0, watch_days * DAY - shape.burst))
+        traffic.bursts = [(start, start + shape.burst)]
+        traffic.p[start:start + shape.burst] *= 1 - shape.burst_fail
+    route = Route(settings, policy)
+    key = prompt_key(1, "faq", "prod")
+    rates = (route.rate(key) for _ in iter(int, 1))
+    fixed = policy.base if policy.ceiling <= policy.base else 0.0
+    watch: Watch | None = None
+    for minute, s in samples(traffic, 0, total, None if fixed else rates, rng, nrng, fixed):
+        if minute < warm:
+            route.feed(s, "v1")
+            continue
+        if watch is None:  # the move: the monitor's prompt watch, its baseline the old version's samples
+            watch = Watch(key="prompt:1:faq:prod:1", kind="prompt", subject="prompt faq@prod", rate_key=key,
+                          tenant_id=1, settings=settings, prompt={"progressive": False},
+                          candidate=lambda r: r.prompt_version == "v2", baseline=lambda r: r.prompt_version == "v1")
+            steady = route.core.watches["steady:prompt:1:faq:prod:v1"].steady
+            assert steady is not None
+            watch.base = deque([*steady.baseline, *steady.pending], maxlen=settings.baseline_max)
+            route.core.watches[watch.key] = watch
+        for w, _ in route.feed(s, "v2"):
+            if w is watch:
+                return True
+    return False
+
+
+# -- the matrix ---------------------------------------------------------------------------------------
+def tuning_shapes(volumes: tuple[int, ...]) -> list[Shape]:
+    out = []
+    for v in volumes:
+        out += [Shape(v, "flat"), Shape(v, "day"), Shape(v, "day", burst=10), Shape(v, "day", burst=60),
+                Shape(v, "day", burst=120), Shape(v, "day", wander=0.02)]
+    return out
+
+
+def held_out_shapes(volumes: tuple[int, ...]) -> list[Shape]:
+    return [Shape(v, "office", base=0.75, wander=0.015, burst=45, burst_fail=0.4) for v in volumes]
+
+
+def wald(p0: float, drop: float) -> float:
+    return BernoulliSPRT(p0, p0 - drop, alpha=0.01, beta=0.05).expected_samples("h1")
+
+
+def _detect(args: tuple) -> tuple[int | None, int | None]:
+    return detect_run(*args)
+
+
+def _alarms(args: tuple) -> tuple[int, int, dict[str, int]]:
+    return alarm_run(*args)
+
+
+def _move(args: tuple) -> bool:
+    return move_run(*args)
+
+
+def quantile(values: list[int], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=100, help="seeded runs per detection cell")
+    parser.add_argument("--days", type=int, default=400, help="simulated days of unchanged traffic per alarm cell")
+    parser.add_argument("--moves", type=int, default=200, help="label moves per cell")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--held-out", action="store_true")
+    parser.add_argument("--volumes", default="2000,10000,30000")
+    parser.add_argument("--only", default="detect,alarms,moves")
+    parser.add_argument("--match", default="", help="only the traffic whose label contains this")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a detector setting other than its default (DriftSettings), e.g. evidence_hours=0")
+    parser.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
+                        help="the other base rates and drop sizes on the day curve")
+    args = parser.parse_args()
+    volumes = tuple(int(v) for v in args.volumes.split(","))
+    settings = DriftSettings(**{k: type(getattr(DriftSettings(), k) or 0.0)(v) for k, v in (a.split("=", 1) for a in args.set)})
+    adaptive, fixed = SamplingPolicy(), SamplingPolicy(ceiling=0.02)
+    shapes = held_out_shapes(volumes) if args.held_out else tuning_shapes(volumes)
+    shapes = [s for s in shapes if args.match in s.label()]
+    only = set(args.only.split(","))
+    print(f"settings: {settings}\nadaptive: {adaptive}\n")
+    pool = concurrent.futures.ProcessPoolExecutor(args.jobs)
+    seed0 = args.seed * 1_000_000
+    if "detect" in only:
+        print("| traffic | drop | Wald | fixed 2%: samples p50 / p90 (x Wald) | missed | adaptive: samples p50 "
+              "| missed | live requests p50 fixed / adaptive |")
+        print("|---|---|---|---|---|---|---|---|")
+        cells = [(s, d) for s in shapes for d in (0.05,)]
+        cells += [(dataclasses.replace(s, base=b), d) for s in shapes if args.extra and s.curve != "flat"
+                  and not s.wander and not s.burst for b, d in ((0.90, 0.03), (0.90, 0.10), (0.60, 0.05), (0.97, 0.05))]
+        for shape, drop in cells:
+            started = time.perf_counter()
+            out = {}
+            for name, policy in (("fixed", fixed), ("adaptive", adaptive)):
+                out[name] = list(pool.map(_detect, [(seed0 + i, shape, drop, settings, policy)
+                                                    for i in range(args.runs)]))
+            w = wald(shape.base, drop)
+            f = [n for n, _ in out["fixed"] if n is not None]
+            a = [n for n, _ in out["adaptive"] if n is not None]
+            fr = [r for _, r in out["fixed"] if r is not None]
+            ar = [r for _, r in out["adaptive"] if r is not None]
+            miss_f, miss_a = args.runs - len(f), args.runs - len(a)
+            fs = (f"{statistics.median(f):.0f} / {quantile(f, 0.9):.0f} ({statistics.median(f) / w:.2f}x)"
+                  if f else "-")
+            ratio = statistics.median(fr) / statistics.median(ar) if fr and ar else float("nan")
+            print(f"| {shape.label()} | {drop * 100:.0f} pts | {w:.0f} | {fs} | {miss_f} | "
+                  f"{statistics.median(a) if a else '-'} | {miss_a} | "
+                  f"{statistics.median(fr) if fr else '-'} / {statistics.median(ar) if ar else '-'} "
+                  f"({ratio:.1f}x fewer) |   ({time.perf_counter() - started:.0f} s)", flush=True)
+    if "alarms" in only:
+        print("\n| traffic | sampling | false alarms per 100 days | scored samples/day | by detector |")
+        print("|---|---|---|---|---|")
+        per_run = 100
+        for shape in shapes:
+            for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
+                started = time.perf_counter()
+                runs = list(pool.map(_alarms, [(seed0 + 500_000 + i, shape, per_run, settings, policy)
+                                               for i in range(max(1, args.days // per_run))]))
+                days = per_run * len(runs)
+                alarms = sum(r[0] for r in runs)
+                n = sum(r[1] for r in runs)
+                by: dict[str, int] = {}
+                for r in runs:
+                    for k, v in r[2].items():
+                        by[k] = by.get(k, 0) + v
+                print(f"| {shape.label()} | {name} | {100 * alarms / days:.2f} ({alarms} in {days} days) | "
+                      f"{n / days:.0f} | {by or '-'} |   ({time.perf_counter() - started:.0f} s)", flush=True)
+    if "moves" in only:
+        print("\n| traffic | sampling | good versions rolled back |")
+        print("|---|---|---|")
+        for shape in shapes:
+            if not shape.burst and shape.curve != "day":
+                continue
+            for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
+                started = time.perf_counter()
+                back = sum(pool.map(_move, [(seed0 + 900_000 + i, shape, settings, policy)
+                                            for i in range(args.moves)]))
+                print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) |"
+                      f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+    pool.shutdown()
+
+
+if __name__ == "__main__":
+    main()
