@@ -256,8 +256,16 @@ class RouteTest:
         return [v for s in self.baseline if (v := _pass_value(name, s, self.settings.judge_pass)) is not None]
 
     def _p0(self, name: str) -> float:
-        values = self._passes(name)
-        return sum(values) / len(values)
+        """The baseline's pass rate, each sample weighing as the traffic it stands for (1 / its sampling
+        rate): minutes sampled at a raised rate (a hiccup, a detector's false start) would otherwise weigh
+        as hours of traffic and pull the rate the route is held to."""
+        passes = weights = 0.0
+        for s in self.baseline:
+            if (v := _pass_value(name, s, self.settings.judge_pass)) is not None:
+                w = 1.0 / s.rate if s.rate else 1.0
+                passes += w * v
+                weights += w
+        return passes / weights
 
     @property
     def detectors(self) -> list[str]:
@@ -331,8 +339,9 @@ class RouteTest:
 class SteadyWatch:
     """A route with no change in flight, against its own trailing baseline: the first
     ``baseline_samples`` samples, then every sample once it is ``lag`` samples and twice
-    ``evidence_hours`` old (so a shift the tests have not yet judged, at the pace the rise limit lets
-    them, does not leak into what they compare with), at most ``baseline_max``. After a breach
+    ``evidence_hours`` old and the pass-rate CUSUM has stood at zero since it came (so a shift the
+    tests have not yet judged, at the pace the rise limit lets them, does not leak into what they
+    compare with), at most ``baseline_max``. After a breach
     the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window)."""
 
     def __init__(self, settings: DriftSettings, lag: int | None = None) -> None:
@@ -361,8 +370,9 @@ class SteadyWatch:
             self.pending.clear()
             self.test = None
             return found
+        held = max([self.lag, *(t.cusum.run for t in self.test.pass_tests if t.cusum is not None)])
         hold = None if s.at is None else s.at - 2 * 3600 * self.settings.evidence_hours
-        while len(self.pending) > self.lag and (hold is None or (self.pending[0].at or 0.0) < hold):
+        while len(self.pending) > held and (hold is None or (self.pending[0].at or 0.0) < hold):
             self.baseline.append(self.pending.popleft())
         return found
 

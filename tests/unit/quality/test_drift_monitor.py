@@ -270,3 +270,14 @@ def test_a_busy_steady_route_spends_its_window_budget_per_day():
     assert busy.window_alpha < plain.window_alpha / 5
     assert busy.pass_tests[0].alpha == plain.pass_tests[0].alpha  # the CUSUM is limited per hour instead
     assert RouteTest(minutely, per_day).window_alpha == plain.window_alpha  # a change's watch: per test
+
+
+def test_the_baseline_rate_weighs_each_sample_as_the_traffic_it_stands_for():
+    """A thousand samples at 2% (90% pass) and a burst of 500 at 25% (60% pass): the burst is 40 requests'
+    worth of traffic beside 50,000, so the route is held to about 90%, not to the 80% of the raw samples."""
+    base = [Scored(passed=i % 10 != 0, rate=0.02) for i in range(1000)]
+    burst = [Scored(passed=i % 5 >= 2, rate=0.25) for i in range(500)]
+    test = RouteTest([*base, *burst], DriftSettings(window=200))
+    assert test.pass_tests[0].p0 == pytest.approx((900 / 0.02 + 300 / 0.25) / (1000 / 0.02 + 500 / 0.25))
+    assert test.pass_tests[0].p0 > 0.88
+    assert RouteTest([Scored(passed=i % 10 != 0) for i in range(1000)], DriftSettings()).pass_tests[0].p0 == 0.9
