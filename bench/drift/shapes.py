@@ -66,7 +66,7 @@ class Shape:
     def label(self) -> str:
         parts = [f"{self.per_day // 1000}k/day", self.curve, f"base {self.base:.0%}"]
         if self.wander:
-            parts.append(f"wander +/-{self.wander * 100:.0f}")
+            parts.append(f"wander +/-{self.wander * 100:g}")
         if self.burst:
             parts.append(f"bursts {self.burst} min at {self.burst_fail:.0%}")
         return ", ".join(parts)
