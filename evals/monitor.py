@@ -13,6 +13,12 @@ the window tests present in the baseline.
   a rise (Fisher's exact test; the chi-squared statistic and the PSI as evidence) for the refusal and the
   guard-failure rates.
 
+Time: a sample carries when it was answered and the rate it was drawn at. The pass-rate test climbs at most
+``1 / evidence_hours`` of its threshold per hour (``RiseLimit``: a burst of minutes adds at most that much,
+however many samples the raised rate draws from it); a steady baseline weighs each sample as the traffic it
+stands for and takes none younger than twice that; a steady route's window tests are budgeted per day
+(``alarm_days``) as well as per window. A change watch's SPRT halves its alpha after each clean cycle.
+
 Sampling rate: ``progress()`` says how close the nearest detector is to its threshold (0: nowhere, 1:
 there); ``SamplingPolicy.rate`` turns it into a rate between the base rate and a bound. The choice to
 sample depends only on earlier samples, never on the one being drawn, so samples stay independent draws
