@@ -41,7 +41,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -122,21 +122,21 @@ def draw(rng: random.Random, p: float, at: float, rate: float) -> Scored:
                   rate=rate)
 
 
-def samples(traffic: Traffic, start: int, end: int, rate_of: Iterator[float] | None, rng: random.Random,
-            nrng: np.random.Generator, fixed: float) -> Iterator[tuple[int, Scored]]:
-    """The sampled answers of minutes [start, end), in time order, at the rate the monitor asks for (read
-    each minute from ``rate_of``; fixed where it is None). Yields (minute, sample); the caller feeds them."""
-    for minute in range(start, end):
+def samples(traffic: Traffic, rate_now: Callable[[], float], rng: random.Random, nrng: np.random.Generator
+            ) -> Iterator[tuple[int, Scored]]:
+    """The sampled answers of every minute, in time order, at the rate the monitor asks for (read each minute
+    from ``rate_now``). Yields (minute, sample); the caller feeds them."""
+    for minute in range(len(traffic.requests)):
         n = int(traffic.requests[minute])
         if not n:
             continue
-        rate = fixed if rate_of is None else next(rate_of)
+        rate = rate_now()
         k = int(nrng.binomial(n, rate)) if rate < 1 else n
         for at in sorted(rng.random() for _ in range(k)):
             yield minute, draw(rng, float(traffic.p[minute]), (minute + at) * 60.0, rate)
 
 
-class Route:
+class SimRoute:
     """The monitor's pass over one simulated route (a model's steady traffic, or a prompt's versions)."""
 
     def __init__(self, settings: DriftSettings, policy: SamplingPolicy) -> None:
@@ -146,6 +146,7 @@ class Route:
         self.now = 0.0
 
     def rate(self, key: str) -> float:
+        """What every replica samples ``key`` at now (a fixed policy: always its base rate)."""
         rate, _ = self.core.rates(self.now).get(key, (self.policy.base, 0.0))
         return max(rate, self.policy.base)
 
@@ -172,11 +173,9 @@ def detect_run(seed: int, shape: Shape, drop: float, settings: DriftSettings, po
     warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
     total = warm + MAX_DAYS * DAY
     traffic = Traffic(shape, total, nrng, drop_at=warm, drop=drop)
-    route = Route(settings, policy)
-    rates = (route.rate("model:m") for _ in iter(int, 1))
-    fixed = policy.base if policy.ceiling <= policy.base else 0.0
+    route = SimRoute(settings, policy)
     n = 0
-    for minute, s in samples(traffic, 0, total, None if fixed else rates, rng, nrng, fixed):
+    for minute, s in samples(traffic, lambda: route.rate("model:m"), rng, nrng):
         if minute >= warm:
             n += 1
         for _, found in route.feed(s):
@@ -192,12 +191,10 @@ def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, polic
     warm = warmup_minutes(shape, settings, policy)
     total = warm + days * DAY
     traffic = Traffic(shape, total, nrng)
-    route = Route(settings, policy)
-    rates = (route.rate("model:m") for _ in iter(int, 1))
-    fixed = policy.base if policy.ceiling <= policy.base else 0.0
+    route = SimRoute(settings, policy)
     alarms = n = 0
     by: dict[str, int] = {}
-    for minute, s in samples(traffic, 0, total, None if fixed else rates, rng, nrng, fixed):
+    for minute, s in samples(traffic, lambda: route.rate("model:m"), rng, nrng):
         found = route.feed(s)
         if minute >= warm:
             n += 1
@@ -218,12 +215,10 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
         start = warm + int(nrng.integers(0, watch_days * DAY - shape.burst))
         traffic.bursts = [(start, start + shape.burst)]
         traffic.p[start:start + shape.burst] *= 1 - shape.burst_fail
-    route = Route(settings, policy)
+    route = SimRoute(settings, policy)
     key = prompt_key(1, "faq", "prod")
-    rates = (route.rate(key) for _ in iter(int, 1))
-    fixed = policy.base if policy.ceiling <= policy.base else 0.0
     watch: Watch | None = None
-    for minute, s in samples(traffic, 0, total, None if fixed else rates, rng, nrng, fixed):
+    for minute, s in samples(traffic, lambda: route.rate(key), rng, nrng):
         if minute < warm:
             route.feed(s, "v1")
             continue
