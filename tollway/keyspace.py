@@ -35,9 +35,14 @@ def storm_key(tenant_id: int, fingerprint: str) -> str:
 
 
 def lease_keys(tenant_id: int) -> list[str]:
-    """The tenant's leases: a sorted set of request ids by expiry, a hash of what each reserved where."""
+    """The tenant's leases: a sorted set of request ids by expiry, a hash of what each reserved where, a hash
+    of each one's ledger fields; requests awaiting a ledger row (orphans) and those whose row the sweeper
+    wrote (gone), by request id."""
     tag = tenant_tag(tenant_id)
-    return [f"{tag}:leases", f"{tag}:lease"]
+    return [f"{tag}:leases", f"{tag}:lease", f"{tag}:lmeta", f"{tag}:orphans", f"{tag}:gone"]
+
+
+SWEEPER_LOCK = "tw:sweeper"  # the one gateway process that sweeps this interval
 
 
 def velocity_keys(tenant_id: int, now_s: float) -> list[str]:

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     redis_max_connections: int = Field(default=64, ge=1)
+    # A Redis Cluster (redis-py's cluster client) or one node; unset: what the server says at start-up.
+    redis_cluster: bool | None = None
     # Extra OpenAI-compatible upstreams whose models come from their /v1/models (comma-separated).
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Start the packaged llama.cpp model when nothing else is configured.
@@ -75,6 +77,9 @@ class Settings(BaseSettings):
     # Budgets: how long a reservation holds if its gateway dies, how fast policy changes apply, and
     # what share of the last known headroom a fail-open tenant may spend while Redis is unreachable.
     lease_s: float = Field(default=60.0, gt=0)
+    # How often one gateway process writes the ledger rows of requests a dead process left in Redis
+    # (gateway/metering/sweeper.py); a settled request's row is its own gateway's to write for lease_s.
+    sweep_interval_s: float = Field(default=10.0, gt=0)
     policy_cache_ttl_s: float = Field(default=2.0, ge=0)
     fail_open_share: float = Field(default=0.5, gt=0, le=1)
     reconcile_interval_s: float = Field(default=300.0, gt=0)

@@ -33,6 +33,7 @@ from tollway.gateway.metering.budget_alerts import budget_uses, check_budgets
 from tollway.gateway.metering.ledger import Ledger
 from tollway.gateway.metering.quota import QuotaService
 from tollway.gateway.metering.reconcile import reconcile, seed_budget
+from tollway.gateway.metering.sweeper import Sweeper
 from tollway.gateway.observability.prometheus import Metrics, multiprocess
 from tollway.gateway.observability.telemetry import Telemetry, build_telemetry
 from tollway.gateway.parts.evaluating import EvalGate, Evals, eval_settings
@@ -56,6 +57,7 @@ from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
+from tollway.infra.redisclient import connect as connect_redis
 from tollway.jsontypes import JSON
 from tollway.local.embedded import LOCAL_MODEL_NAME, EmbeddedError
 from tollway.prompts import Gate, Registry, RenderPool
@@ -194,14 +196,6 @@ def local_prompt_counter() -> Callable[[Sequence[JSON]], int]:
     return TemplateCounter(local_model_path())
 
 
-def redis_client_for(url: str, max_connections: int) -> aioredis.Redis:
-    """A pool that makes callers wait for a free connection (redis-py's default pool raises instead,
-    which under load would read as "Redis is down")."""
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=2,
-                                                    socket_timeout=2, socket_connect_timeout=2)
-    return aioredis.Redis(connection_pool=pool)
-
-
 def upstream_configs(settings: Settings) -> list[RawUpstream]:
     raw = load_config(settings.config).upstreams
     extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
@@ -228,7 +222,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                                check=AsyncConnectionPool.check_connection)
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
-    redis_client = redis_client_for(settings.redis_url, settings.redis_max_connections)
+    redis_client = await connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
     stack.push_async_callback(redis_client.aclose)
     session = new_session()
     stack.push_async_callback(session.close)
@@ -302,6 +296,16 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
                          on_trip=events.trip)
     stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
+    ledger.on_durable = quota.ack
+    lease_sweeper = Sweeper(pool, redis_client, ledger, interval_s=settings.sweep_interval_s,
+                            grace_s=settings.lease_s)
+
+    async def sweep() -> None:
+        await lease_sweeper.run()
+
+    sweeping = Periodic("lease-sweep", settings.sweep_interval_s, sweep, at_start=False)
+    sweeping.start()
+    stack.push_async_callback(sweeping.stop)
     if settings.alert_webhook_url:
         if not settings.alert_webhook_secret:
             raise StartupError("TOLLWAY_ALERT_WEBHOOK_URL needs TOLLWAY_ALERT_WEBHOOK_SECRET (alerts are signed).")
@@ -325,6 +329,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     budget_watch.start()
     stack.push_async_callback(budget_watch.stop)
     reconciler = _reconciler(pool, redis_client, ledger, settings.reconcile_interval_s)
+    quota.on_recovered = reconciler.wake  # settlements lost with a failed Redis node come back from the ledger
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
     routing = build_router(catalog, upstreams, redis_client)

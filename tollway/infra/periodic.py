@@ -24,6 +24,7 @@ class Periodic:
         self.work = work
         self.stop_s = stop_s  # how long stop() waits for a run in progress
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -34,6 +35,10 @@ class Periodic:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=self.stop_s)
+
+    def wake(self) -> None:
+        """Run now (once the run in progress, if any, ends), then every interval again."""
+        self._wake.set()
 
     async def _run(self) -> None:
         if not self.at_start:
@@ -48,4 +53,11 @@ class Periodic:
     async def _pause(self) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.interval_s):
-                await self._stop.wait()
+                stop = asyncio.ensure_future(self._stop.wait())
+                wake = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({stop, wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    wake.cancel()
+        self._wake.clear()

@@ -6,10 +6,12 @@ spend-velocity checks: either the worst case fits in all of them and is reserved
 nothing is reserved and the request is refused before anything is sent upstream.
 
 A reservation is a lease: it carries an expiry, renewed while the request runs. Leases are kept per
-tenant (a sorted set by expiry and a hash of what each one reserved where); every admission first
-gives back the tenant's expired leases, so a gateway killed mid-request (SIGKILL) leaves budget locked
-for at most the lease time. Settlement replaces the lease by what the upstream actually used; it runs
-after the answer has been sent.
+tenant (a sorted set by expiry, a hash of what each one reserved where, the request's ledger fields).
+Settlement replaces the lease by what the upstream actually used; it runs after the answer has been
+sent. A lease that runs out (its gateway was killed mid-request) is counted at its reservation, and the
+lease sweeper (``tollway.gateway.metering.sweeper``) writes its ledger row, marked unsettled; a settled
+request stays in Redis until its ledger row is on disk, so the rows a killed gateway still held in memory
+are written by the sweeper too.
 
 Amounts are integers: USD in nano-dollars (rounded up), tokens, requests. Keys share a hash tag per
 tenant (``{t:ID}``, ``tollway.keyspace``), so one script touches one Redis Cluster slot.

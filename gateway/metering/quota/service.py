@@ -9,16 +9,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tollway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from tollway.gateway.metering.ledger import LedgerRow
 from tollway.gateway.metering.quota.counters import (
     NO_LIMIT,
     REQ,
@@ -31,13 +33,14 @@ from tollway.gateway.metering.quota.counters import (
 )
 from tollway.gateway.metering.quota.headers import headroom, rate_headers
 from tollway.gateway.metering.quota.local import LocalCounters
-from tollway.gateway.metering.quota.scripts import RENEW, RESERVE, SETTLE
+from tollway.gateway.metering.quota.scripts import ACK, RENEW, RESERVE, SETTLE
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.policy import TenantRules
 from tollway.infra.background import Background
 from tollway.keyspace import VELOCITY_BUCKET_S, VELOCITY_BUCKETS, lease_keys, storm_key, velocity_keys
 
 log = logging.getLogger("tollway.quota")
+AWAITING_MAX = 100_000
 
 
 @dataclass(slots=True)
@@ -99,6 +102,11 @@ class QuotaService:
         self.reserve_script = redis_client.register_script(RESERVE)
         self.settle_script = redis_client.register_script(SETTLE)
         self.renew_script = redis_client.register_script(RENEW)
+        self.ack_script = redis_client.register_script(ACK)
+        self.awaiting: dict[str, int] = {}  # request id -> tenant: leased requests whose ledger row is not on disk
+        self.on_recovered: Callable[[], None] = lambda: None  # Redis answers again after failing (reconcile)
+        self._failing = False
+        self.closing = False  # shutting down: ledger acknowledgements are no longer sent
         self.on_trip = on_trip or (lambda **_: None)
         self.background = Background("budget settlement")  # settlements and lease renewals
 
@@ -106,12 +114,43 @@ class QuotaService:
         self.background.spawn(work)
 
     async def drain(self) -> None:
+        self.closing = True
         await self.background.drain()
 
+    def _failed(self, exc: Exception) -> None:
+        self._failing = True
+
+    def _answered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("redis answers again; reconciling the counters with the ledger")
+            self.on_recovered()
+
+    def ack(self, rows: Sequence[LedgerRow]) -> None:
+        """These ledger rows are on disk (PostgreSQL or the spill file): their leased requests no longer need
+        the sweeper (one call per tenant, off the hot path)."""
+        if self.closing:
+            return
+        done: dict[int, list[str]] = {}
+        for row in rows:
+            if self.awaiting.pop(row.request_id, None) is not None:
+                done.setdefault(row.tenant_id, []).append(row.request_id)
+        for tenant_id, rids in done.items():
+            self.track(self._ack(tenant_id, rids))
+
+    async def _ack(self, tenant_id: int, rids: list[str]) -> None:
+        try:
+            await self.ack_script(keys=lease_keys(tenant_id)[3:4], args=rids)
+        except (RedisError, OSError) as exc:  # the sweeper will find the rows already written
+            log.info("ledger acknowledgement for tenant %s not sent (%s)", tenant_id, exc)
+
     async def admit(self, principal: Principal, rules: TenantRules, *, rid: str, end_user: str | None,
-                    session: str | None, fingerprint: str, demand: Demand, count_storm: bool = True) -> Admission:
+                    session: str | None, fingerprint: str, demand: Demand, count_storm: bool = True,
+                    row: LedgerRow | None = None, model: str | None = None) -> Admission:
         """``count_storm=False``: a second try for the same request (a cheaper route after a refusal), which
-        the retry-storm breaker has already counted."""
+        the retry-storm breaker has already counted. ``row``: the request's ledger row as it stands (kept with
+        its lease, so that a gateway that dies holding it still leaves a ledger row), ``model`` the model it is
+        admitted for."""
         now = self.clock()
         counters = counters_for(principal, rules, end_user=end_user, session=session, now=now)
         policy = rules.policy
@@ -128,10 +167,13 @@ class QuotaService:
         if watch != -2:
             keys.extend(velocity_keys(principal.tenant_id, now_s))
         args.append(demand.usd_nano)
+        args.append(lease_meta(row, demand, model))
         try:
             reply = await self.reserve_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
+            self._failed(exc)
             return self._admit_without_redis(principal, rules, rid, counters, demand, watch, exc)
+        self._answered()
         status = int(reply[0])
         if status == 2:
             retry_after = max(1, math.ceil(int(reply[1]) / 1000))
@@ -159,6 +201,10 @@ class QuotaService:
             self.local.remember(counter, used[3 * i: 3 * i + 3])
         soft = policy.velocity_soft_usd_per_min
         reservation = Reservation(self, rid, principal.tenant_id, counters, demand, watch, local=False)
+        if counters or watch >= 0:  # it holds a lease
+            if len(self.awaiting) >= AWAITING_MAX:  # rows lost to a bug must not grow this forever
+                self.awaiting.pop(next(iter(self.awaiting)))
+            self.awaiting[rid] = principal.tenant_id
         return Admission(reservation, rate_headers(counters, used, now),
                          step_down=soft is not None and velocity > to_nano(soft), headroom=headroom(counters, used))
 
@@ -203,12 +249,14 @@ class QuotaService:
         for counter in reservation.counters:
             keys.append(counter.key)
             args.extend([*spent.amounts(counter), counter.ttl_s])
-        args.append(usd_nano)
+        args.extend([usd_nano, tokens])
         if reservation.velocity != -2:
             keys.extend(velocity_keys(reservation.tenant_id, now_s))
         try:
             await self.settle_script(keys=keys, args=args)
+            self._answered()
         except (RedisError, OSError) as exc:
+            self._failed(exc)
             # The lease expires on its own; the ledger has the truth and reconciliation restores it.
             log.warning("settlement of %s failed (%s); reconciliation will correct the counters",
                         reservation.rid, exc)
@@ -217,6 +265,16 @@ class QuotaService:
 def _name(principal: Principal, counter: Counter) -> str:
     assert counter.budget is not None
     return counter.budget.describe(principal.tenant)
+
+
+def lease_meta(row: LedgerRow | None, demand: Demand, model: str | None = None) -> bytes:
+    """What a ledger row needs that Redis would not otherwise know, kept with the lease (short keys: it
+    travels with every leased admission)."""
+    meta: dict[str, Any] = {"usd": demand.usd_nano, "tok": demand.tokens}
+    if row is not None:
+        meta.update(c=row.created_at.isoformat(), k=row.key_id, e=row.endpoint, m=model or row.model,
+                    u=row.end_user, s=row.session_id)
+    return orjson.dumps(meta)
 
 
 def fingerprint(tenant_id: int, body: bytes) -> str:
