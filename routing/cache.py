@@ -16,8 +16,8 @@ from decimal import Decimal
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from tollway.infra.redisclient import REDIS_FAULTS
 from tollway.jsontypes import JSON
 from tollway.keyspace import response_cache_key
 
@@ -55,7 +55,7 @@ class ResponseCache:
     async def get(self, key: str) -> CachedAnswer | None:
         try:
             raw = await self.redis.get(key)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAULTS as exc:
             log.warning("response cache unavailable (%s); treating as a miss", exc)
             return None
         if raw is None:
@@ -72,5 +72,5 @@ class ResponseCache:
             return
         try:
             await self.redis.set(key, raw, ex=self.ttl_s)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAULTS as exc:
             log.warning("response cache unavailable (%s); answer not cached", exc)

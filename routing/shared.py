@@ -23,7 +23,6 @@ from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from tollway.keyspace import BREAKER_CHANNEL
 from tollway.routing.health import Health
@@ -63,8 +62,8 @@ class SharedBreakers:
     async def _publish(self, name: str) -> None:
         try:
             await self.redis.publish(BREAKER_CHANNEL, orjson.dumps({"upstream": name, "origin": self.origin}))
-        except (RedisError, OSError) as exc:
-            log.info("breaker trip of %s not shared (Redis: %s)", name, exc)
+        except Exception as exc:
+            log.info("breaker trip of %s not shared (Redis: %s: %s)", name, type(exc).__name__, exc)
 
     async def _listen(self) -> None:
         while True:
@@ -74,12 +73,13 @@ class SharedBreakers:
                 self.subscribed.set()
                 async for message in pubsub.listen():
                     self._received(message.get("data"))
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                # redis-py's cluster pub/sub has raised KeyError for a slot while a failover re-mapped it
                 self.subscribed.clear()
-                log.info("shared breakers: Redis unreachable (%s); retrying", exc)
+                log.info("shared breakers: Redis unreachable (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(RECONNECT_S)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(Exception):
                     await cast(Any, pubsub).aclose()  # typed in newer redis-py, untyped in older
 
     def _received(self, data: Any) -> None:

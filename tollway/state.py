@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from tollway.config import RawPrice
 from tollway.errors import TollwayError
@@ -57,6 +56,7 @@ from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
+from tollway.infra.redisclient import REDIS_FAULTS
 from tollway.infra.redisclient import connect as connect_redis
 from tollway.jsontypes import JSON
 from tollway.local.embedded import LOCAL_MODEL_NAME, EmbeddedError
@@ -88,6 +88,7 @@ from tollway.routing import ROLLOUT_KIND as ROLLOUT
 from tollway.settings import Settings
 
 log = logging.getLogger("tollway")
+SEED_FAULTS: tuple[type[Exception], ...] = (*REDIS_FAULTS, psycopg.Error)
 
 
 class StartupError(Exception):
@@ -283,7 +284,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         try:
             await ledger.flush()
             await seed_budget(pool, redis_client, tenant_id, budget_id)
-        except (RedisError, OSError, psycopg.Error) as exc:  # the periodic reconciliation catches up
+        except SEED_FAULTS as exc:  # the periodic reconciliation catches up
             log.warning("could not seed budget %s from the ledger: %s", budget_id, exc)
 
     def start_seed(tenant_id: int, budget_id: int) -> None:

@@ -27,11 +27,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from tollway.gateway.metering.ledger import Ledger, LedgerRow
 from tollway.gateway.metering.quota import from_nano
 from tollway.gateway.metering.quota.scripts import SWEEP, SWEPT
+from tollway.infra.redisclient import REDIS_FAULTS
 from tollway.keyspace import SWEEPER_LOCK, lease_keys
 
 log = logging.getLogger("tollway.sweeper")
@@ -107,7 +107,7 @@ class Sweeper:
         now_ms = int(time.time() * 1000)
         try:
             reply = await self.sweep_script(keys=keys, args=[now_ms, int(self.grace_s * 1000)])
-        except (RedisError, OSError) as exc:
+        except REDIS_FAULTS as exc:
             log.info("lease sweep of tenant %s deferred (Redis: %s)", tenant_id, exc)
             return
         if not reply:

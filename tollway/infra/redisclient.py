@@ -18,6 +18,10 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("tollway.redis")
 
+# What a Redis call may raise when Redis (or a cluster node) is unreachable or changing: redis-py's cluster
+# client has been seen to raise KeyError for a slot while a failover re-maps it.
+REDIS_FAULTS: tuple[type[Exception], ...] = (RedisError, OSError, KeyError)
+
 TIMEOUT_S = 2.0
 # A cluster client keeps a pool per node and raises, instead of waiting, when one is exhausted: each node's
 # pool is sized well above the single-node pool, whose callers wait for a free connection.

