@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck docs browser bench bench-retrieval clean
+.PHONY: install run test lint typecheck docs browser haproxy bench bench-retrieval clean
 
 install: $(STAMP)
 
@@ -53,7 +53,12 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
-test: lint typecheck docs browser
+# The scale-out test runs three gateways behind Debian's HAProxy (tests/integration/scaleout).
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq haproxy; }
+
+test: lint typecheck docs browser haproxy
 	$(BIN)/pytest
 
 bench: install

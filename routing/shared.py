@@ -69,6 +69,7 @@ class SharedBreakers:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
+                await self.redis.ping()  # a cluster client learns the slots first (its pub/sub needs them)
                 await pubsub.subscribe(BREAKER_CHANNEL)
                 self.subscribed.set()
                 async for message in pubsub.listen():

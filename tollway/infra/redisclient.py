@@ -18,9 +18,11 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("tollway.redis")
 
-# What a Redis call may raise when Redis (or a cluster node) is unreachable or changing: redis-py's cluster
-# client has been seen to raise KeyError for a slot while a failover re-maps it.
-REDIS_FAULTS: tuple[type[Exception], ...] = (RedisError, OSError, KeyError)
+# What a Redis call may raise when Redis (or a cluster node) is unreachable or changing. Not only RedisError and
+# OSError: mid-failover, redis-py's cluster client has raised KeyError (a slot while it re-maps them) and
+# AttributeError (a connection torn down under a command) from its own code. So each ``except REDIS_FAULTS``
+# wraps one Redis call and nothing else, and every exception there means "Redis did not answer".
+REDIS_FAULTS: tuple[type[Exception], ...] = (Exception,)
 
 TIMEOUT_S = 2.0
 # A cluster client keeps a pool per node and raises, instead of waiting, when one is exhausted: each node's
