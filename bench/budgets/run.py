@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from tollway.infra.redisclient import single_node
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import p50_p99
 
@@ -35,6 +33,7 @@ from tollway.errors import QuotaExceeded
 from tollway.gateway.metering.quota import Demand, QuotaService, budget_counter, from_nano
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.policy import Budget, TenantPolicy, TenantRules
+from tollway.infra.redisclient import single_node
 from tollway.local.embedded import EmbeddedRedis
 
 

@@ -29,8 +29,7 @@ import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.gateway.metering.ledger import Ledger, LedgerRow
-from tollway.gateway.metering.quota import from_nano
-from tollway.gateway.metering.quota.scripts import SWEEP, SWEPT
+from tollway.gateway.metering.quota import SWEEP, SWEPT, from_nano
 from tollway.infra.redisclient import REDIS_FAULTS
 from tollway.keyspace import SWEEPER_LOCK, lease_keys
 
@@ -51,29 +50,46 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def orphan_row(tenant_id: int, rid: str, value: str) -> LedgerRow:
-    """The ledger row for one orphan ('r|expired_ms|meta' or 's|settled_ms|usd_nano|tokens|meta'), before
-    its side rows are taken off."""
-    kind, rest = value.split("|", 1)
-    if kind == "r":
-        at, meta_raw = rest.split("|", 1)
-        usd, tokens = None, None
-    else:
-        at, usd, tokens, meta_raw = rest.split("|", 3)
-    try:
-        meta: dict[str, Any] = orjson.loads(meta_raw) if meta_raw else {}
-    except orjson.JSONDecodeError:
-        meta = {}
-    created = datetime.fromisoformat(meta["c"]) if isinstance(meta.get("c"), str) \
-        else datetime.fromtimestamp(int(at) / 1000, UTC)
-    nano = int(usd) if usd is not None else int(meta.get("usd") or 0)
-    toks = int(tokens) if tokens is not None else int(meta.get("tok") or 0)
-    return LedgerRow(
-        request_id=rid, created_at=created, tenant_id=tenant_id, key_id=int(meta.get("k") or 0),
-        endpoint=str(meta.get("e") or "unknown"), model=meta.get("m"), end_user=meta.get("u"),
-        session_id=meta.get("s"), status=LOST_STATUS if kind == "r" else 200,
-        error_code=UNSETTLED if kind == "r" else None, usage_source="reserved" if kind == "r" else "recovered",
-        output_tokens=toks, cost_usd=from_nano(nano))
+@dataclass(slots=True, frozen=True)
+class Orphan:
+    """One request a dead gateway left in Redis: 'r|expired_ms|meta' (an expired reservation) or
+    's|settled_ms|usd_nano|tokens|meta' (settled, its ledger row lost)."""
+
+    request_id: str
+    unsettled: bool
+    created_at: datetime
+    usd_nano: int
+    tokens: int
+    meta: dict[str, Any]
+
+    @classmethod
+    def parse(cls, rid: str, value: str) -> Orphan:
+        kind, rest = value.split("|", 1)
+        if kind == "r":
+            at, meta_raw = rest.split("|", 1)
+            usd, tokens = None, None
+        else:
+            at, usd, tokens, meta_raw = rest.split("|", 3)
+        try:
+            meta: dict[str, Any] = orjson.loads(meta_raw) if meta_raw else {}
+        except orjson.JSONDecodeError:
+            meta = {}
+        created = datetime.fromisoformat(meta["c"]) if isinstance(meta.get("c"), str) \
+            else datetime.fromtimestamp(int(at) / 1000, UTC)
+        return cls(rid, kind == "r", created, int(usd) if usd is not None else int(meta.get("usd") or 0),
+                   int(tokens) if tokens is not None else int(meta.get("tok") or 0), meta)
+
+    def row(self, tenant_id: int, side_usd: Decimal, side_tokens: int) -> LedgerRow:
+        """Its ledger row: what the counters were charged, less what its side rows already say."""
+        meta = self.meta
+        return LedgerRow(
+            request_id=self.request_id, created_at=self.created_at, tenant_id=tenant_id,
+            key_id=int(meta.get("k") or 0), endpoint=str(meta.get("e") or "unknown"), model=meta.get("m"),
+            end_user=meta.get("u"), session_id=meta.get("s"), status=LOST_STATUS if self.unsettled else 200,
+            error_code=UNSETTLED if self.unsettled else None,
+            usage_source="reserved" if self.unsettled else "recovered",
+            output_tokens=max(0, self.tokens - side_tokens),
+            cost_usd=max(Decimal(0), from_nano(self.usd_nano) - side_usd))
 
 
 class Sweeper:
@@ -112,17 +128,17 @@ class Sweeper:
             return
         if not reply:
             return
-        rows = [orphan_row(tenant_id, _text(reply[i]), _text(reply[i + 1])) for i in range(0, len(reply), 2)]
+        orphans = [Orphan.parse(_text(reply[i]), _text(reply[i + 1])) for i in range(0, len(reply), 2)]
+        rows = []
         async with self.pool.connection() as conn:
-            for row in rows:  # what the request's side rows already say it cost is not counted twice
+            for orphan in orphans:  # what the request's side rows already say it cost is not counted twice
                 cur = await conn.execute(
                     "SELECT coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens + output_tokens), 0)"
                     " FROM ledger WHERE tenant_id = %s AND created_at = %s AND request_id LIKE %s",
-                    (tenant_id, row.created_at, row.request_id + ".%"))
+                    (tenant_id, orphan.created_at, orphan.request_id + ".%"))
                 side = await cur.fetchone()
                 assert side is not None
-                row.cost_usd = max(Decimal(0), row.cost_usd - Decimal(side[0]))
-                row.output_tokens = max(0, row.output_tokens - int(side[1]))
+                rows.append(orphan.row(tenant_id, Decimal(side[0]), int(side[1])))
         await self.ledger.insert_now(rows)
         await self.swept_script(keys=keys[3:5], args=[now_ms, *(r.request_id for r in rows)])
         report.unsettled += sum(r.error_code == UNSETTLED for r in rows)

@@ -36,9 +36,11 @@ from tollway.gateway.metering.quota.counters import (
     from_nano,
     to_nano,
 )
+from tollway.gateway.metering.quota.scripts import SWEEP, SWEPT
 from tollway.gateway.metering.quota.service import Admission, QuotaService, Reservation, fingerprint, new_rid
 from tollway.gateway.metering.quota.windows import Window, window
 
-__all__ = ["NANO", "NO_LIMIT", "Admission", "Counter", "Demand", "QuotaService", "Reservation", "Window",
+__all__ = ["NANO", "NO_LIMIT", "SWEEP", "SWEPT", "Admission", "Counter", "Demand", "QuotaService", "Reservation",
+           "Window",
            "budget_counter", "clear_counters", "counters_for", "fingerprint", "from_nano", "new_rid", "to_nano",
            "window"]
