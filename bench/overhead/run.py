@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="tollway serve --workers N")
+    parser.add_argument("--budget", action="store_true",
+                        help="give the tenant a (never reached) monthly budget: every request then holds a lease")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
 
@@ -157,8 +159,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "tollway.cli", "tenants", "policy", "--tenant", "default",
                         "--retry-storm-limit", "0", "--data-dir", str(workdir / "data")], check=True, env=env,
                        cwd=workdir, capture_output=True)
+        if args.budget:
+            subprocess.run([sys.executable, "-m", "tollway.cli", "budgets", "set", "--tenant", "default", "--window",
+                            "month", "--usd", "1000000", "--data-dir", str(workdir / "data")], check=True, env=env,
+                           cwd=workdir, capture_output=True)
         time.sleep(2.5)  # the policy cache TTL
-        name = "tollway" if args.workers == 1 else f"tollway --workers {args.workers}"
+        name = ("tollway" if args.workers == 1 else f"tollway --workers {args.workers}") \
+            + (" (a budget)" if args.budget else "")
         targets.append(Target(name, f"http://127.0.0.1:{tw_port}/v1", key.group(1)))
 
         if not args.no_litellm:
