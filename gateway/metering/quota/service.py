@@ -117,7 +117,7 @@ class QuotaService:
         self.closing = True
         await self.background.drain()
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self) -> None:
         self._failing = True
 
     def _answered(self) -> None:
@@ -171,7 +171,7 @@ class QuotaService:
         try:
             reply = await self.reserve_script(keys=keys, args=args)
         except REDIS_FAULTS as exc:
-            self._failed(exc)
+            self._failed()
             return self._admit_without_redis(principal, rules, rid, counters, demand, watch, exc)
         self._answered()
         status = int(reply[0])
@@ -254,12 +254,13 @@ class QuotaService:
             keys.extend(velocity_keys(reservation.tenant_id, now_s))
         try:
             await self.settle_script(keys=keys, args=args)
-            self._answered()
         except REDIS_FAULTS as exc:
-            self._failed(exc)
+            self._failed()
             # The lease expires on its own; the ledger has the truth and reconciliation restores it.
             log.warning("settlement of %s failed (%s); reconciliation will correct the counters",
                         reservation.rid, exc)
+        else:
+            self._answered()
 
 
 def _name(principal: Principal, counter: Counter) -> str:
