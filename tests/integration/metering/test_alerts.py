@@ -120,16 +120,26 @@ async def test_budget_alerts_fire_once_per_threshold_and_window(app_factory, mak
                 return int(conn.execute("SELECT sum(input_tokens + output_tokens) FROM ledger WHERE tenant_id = %s",
                                         (tenant.id,)).fetchone()[0])
 
+        def raised() -> int:  # this tenant's alerts so far (check_budgets checks every tenant's budgets)
+            with psycopg.connect(pg.url) as conn:
+                return int(conn.execute("SELECT count(*) FROM alerts WHERE tenant_id = %s",
+                                        (tenant.id,)).fetchone()[0])
+
+        async def check(forecast: bool = False, at: datetime | None = None) -> int:
+            before = raised()
+            await check_budgets(pool, ((0.8, 1.0), forecast), now=at or now)
+            return raised() - before
+
         now = datetime.now(UTC)
         used = await spend(10)
         assert used < 400  # under 80%
-        first = await check_budgets(pool, ((0.8, 1.0), False), now=now)
+        first = await check()
         while used < 400:
             used = await spend(1)
-        second = await check_budgets(pool, ((0.8, 1.0), False), now=now)
-        third = await check_budgets(pool, ((0.8, 1.0), False), now=now)
-        late = await check_budgets(pool, ((0.8, 1.0), True), now=now.replace(hour=23, minute=0))
-        forecast = await check_budgets(pool, ((0.8, 1.0), True), now=now.replace(hour=12, minute=0))
+        second = await check()
+        third = await check()
+        late = await check(True, now.replace(hour=23, minute=0))
+        forecast = await check(True, now.replace(hour=12, minute=0))
     with psycopg.connect(pg.url) as conn:
         alerts = dict(conn.execute("SELECT dedupe_key, message FROM alerts WHERE tenant_id = %s ORDER BY id",
                                    (tenant.id,)).fetchall())

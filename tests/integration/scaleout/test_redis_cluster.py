@@ -1,7 +1,7 @@
 """The gateway on a real Redis Cluster (3 masters, 3 replicas): each budget script on one slot, the shared
 breakers through a cluster, and a master killed under load: its replica takes over; a fail-closed tenant whose
-counters lived there gets OpenAI-shaped 503s until then and no longer; a fail-open tenant is served on local
-counters meanwhile; what the dead master had acknowledged and not replicated comes back from the ledger."""
+counters lived there gets OpenAI-shaped 503s (or waits while the cluster client finds the replica) until then
+and no longer; a fail-open tenant is served (on local counters, or after that wait); what the dead master had acknowledged and not replicated comes back from the ledger."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ async def test_budgets_hold_on_a_cluster_and_through_a_master_failover(app_facto
         await gw.state.ledger.flush()
         assert sum(row["cost_usd"] for row in ledger("tenant_id = %s", small.id)) <= per_request * 3
 
-        results: dict[str, list[tuple[float, int, Any]]] = {t.name: [] for t in tenants}
+        results: dict[str, list[tuple[float, int, Any]]] = {t.name: [] for t in tenants}  # (ended, status, resp)
+        waited: dict[str, list[tuple[float, float]]] = {t.name: [] for t in tenants}  # (started, ended)
         stop = asyncio.Event()
 
         async def traffic(tenant: Any) -> None:
@@ -70,8 +71,10 @@ async def test_budgets_hold_on_a_cluster_and_through_a_master_failover(app_facto
             while not stop.is_set():
                 n += 1  # distinct requests: the retry-storm breaker is not what this measures
                 body = {**BODY, "messages": [{"role": "user", "content": f"count this {n}"}]}
+                started = time.monotonic()
                 resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
                 results[tenant.name].append((time.monotonic(), resp.status_code, resp))
+                waited[tenant.name].append((started, time.monotonic()))
                 await asyncio.sleep(0.02)
 
         runners = [asyncio.create_task(traffic(t)) for t in tenants]
@@ -89,16 +92,21 @@ async def test_budgets_hold_on_a_cluster_and_through_a_master_failover(app_facto
         await asyncio.sleep(1.0)  # the reconciliation that Redis answering again set off
 
         failover_s = took_over - killed
-        last_503 = max((t for t, s, _ in results[closed.name] if s == 503), default=killed) - killed
-        print(f"failover {failover_s:.2f} s; the fail-closed tenant's last 503 started {last_503:.2f} s after the kill")
+        slack = 2.5  # the Redis timeout of a request already waiting on the dead master when the replica took over
+        longest = max(end - start for start, end in waited[closed.name])
+        print(f"failover {failover_s:.2f} s; the fail-closed tenant's longest request {longest:.2f} s")
+        # the fail-closed tenant whose counters were on the killed master felt it: 503s, or requests held
+        # while the client found the promoted replica (redis-py's cluster client retries), never longer
         closed_503 = [(t, resp) for t, status, resp in results[closed.name] if status == 503]
-        assert closed_503, "the fail-closed tenant's counters were on the killed master"
+        assert closed_503 or longest > 0.5, "the fail-closed tenant's counters were on the killed master"
+        assert longest <= failover_s + slack
+        assert {s for _, s, _ in results[closed.name]} <= {200, 503}
         for t, resp in closed_503:
             assert resp.json()["error"]["code"] == "quota_unavailable"  # OpenAI-shaped, nothing spent
-            assert killed <= t <= took_over + 2.5, (t - killed, failover_s)  # a request started before the switch
-        assert {s for t, s, _ in results[closed.name] if t > took_over + 2.5} == {200}
-        assert {s for _, s, _ in results[fail_open.name]} == {200}, "fail-open: served on local counters"
-        assert any(resp.headers.get("x-tollway-budget-mode") == "local" for _, _, resp in results[fail_open.name])
+            assert killed <= t <= took_over + slack, (t - killed, failover_s)
+        assert {s for t, s, _ in results[closed.name] if t > took_over + slack} == {200}
+        assert {s for _, s, _ in results[fail_open.name]} == {200}, "fail-open: served, locally or after a wait"
+        assert max(end - start for start, end in waited[fail_open.name]) <= failover_s + slack
         assert {s for _, s, _ in results[elsewhere.name]} == {200}, "other masters' tenants never noticed"
 
         # nothing acknowledged before the failover is lost for good: after the reconciliation the counters

@@ -1,0 +1,174 @@
+"""The same gateway app under two HTTP servers: uvicorn (uvloop + httptools, what `tollway serve` runs) and
+granian (Rust/hyper, ASGI, uvloop), side by side in one run (issue 27, "the server and the client").
+
+One embedded PostgreSQL and Redis, one zero-latency scripted upstream; each server runs the app from the
+same resolved settings (the factory `tollway serve --workers N` hands its workers), one worker, the tenant's
+retry-storm breaker off (the load repeats one body). Each target is loaded with wrk (16 connections), the
+servers alternately, ``--rounds`` times; per round: requests/s, and CPU per request = the server's process
+tree's utime + stime over the wrk run (/proc), divided by the requests completed. The scripted upstream
+direct is the reference (the issue's goal: CPU per proxied request <= ~2.8x the upstream's).
+
+    pip install 'granian[uvloop]'          # not a dependency of Tollway: measured, not shipped
+    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import Processes, free_port, wait_http
+
+from tollway.app import SERVE_SETTINGS_ENV
+from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
+from tollway.settings import Settings
+
+BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
+        "max_tokens": 8}
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+done = function(summary, latency, requests)
+  io.write(string.format("TW_RESULT %d %d %d\\n", summary.requests, summary.duration,
+           summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    key: str
+    pid: int
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+
+def tree_cpu_s(root: int) -> float:
+    """utime + stime of ``root`` and every descendant, in seconds."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo.extend(p for p, parent in parents.items() if parent == pid)
+    return total
+
+
+def load(target: Target, duration: float, workdir: Path) -> None:
+    script = workdir / "wrk.lua"
+    script.write_text(WRK_LUA.replace("{body}", json.dumps(BODY)).replace("{key}", target.key))
+    before = tree_cpu_s(target.pid)
+    out = subprocess.run(["wrk", "-t1", "-c16", f"-d{int(duration)}s", "-s", str(script),
+                          target.url + "/chat/completions"], capture_output=True, text=True, check=True).stdout
+    used = tree_cpu_s(target.pid) - before
+    requests, micros, errors = map(int, re.search(r"TW_RESULT (\d+) (\d+) (\d+)", out).groups())  # type: ignore[union-attr]
+    ok = requests - errors
+    if errors > requests * 0.01:
+        print(f"  {target.name}: {errors} errors of {requests}", file=sys.stderr)
+    target.rates.append(ok / (micros / 1e6))
+    target.cpu_us.append(used / max(ok, 1) * 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget", action="store_true", help="a (never reached) monthly budget: every request leases")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed (apt-get install wrk)")
+    if shutil.which("granian", path=str(Path(sys.executable).parent)) is None:
+        sys.exit("granian is not installed in this environment: pip install 'granian[uvloop]'")
+
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-servers-"))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
+    procs = Processes(workdir, env, stop_s=30)
+    pg = EmbeddedPostgres(workdir / "pg")
+    redis = EmbeddedRedis(workdir / "redis")
+    try:
+        database_url, redis_url = pg.start(), redis.start()
+        sim_port = free_port()
+        sim, sim_log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)],
+                                   "sim")
+        sim_url = f"http://127.0.0.1:{sim_port}/v1"
+        wait_http(sim_url + "/models", 30, sim, sim_log)
+        shared = {"TOLLWAY_DATABASE_URL": database_url, "TOLLWAY_REDIS_URL": redis_url,
+                  "TOLLWAY_DATA_DIR": str(workdir / "data")}
+
+        uv_port = free_port()
+        uv, uv_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(uv_port), "--upstream",
+                                  sim_url, "--log-level", "warning"], "uvicorn", env=shared)
+        wait_http(f"http://127.0.0.1:{uv_port}/healthz", 120, uv, uv_log)
+        key = re.search(r"(tw-[A-Za-z0-9_-]+)", uv_log.read_text())
+        assert key, uv_log.read_text()
+        cli = [sys.executable, "-m", "tollway.cli"]
+        subprocess.run([*cli, "tenants", "policy", "--tenant", "default", "--retry-storm-limit", "0"], check=True,
+                       env={**env, **shared}, cwd=workdir, capture_output=True)
+        if args.budget:
+            subprocess.run([*cli, "budgets", "set", "--tenant", "default", "--window", "month", "--usd", "1000000"],
+                           check=True, env={**env, **shared}, cwd=workdir, capture_output=True)
+
+        settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data-granian",
+                            upstreams=[sim_url], bootstrap=False, log_level="warning", local_model=False)
+        gr_port = free_port()
+        gr, gr_log = procs.spawn([str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--factory",
+                                  "--loop", "uvloop", "--http", "1", "--workers", "1", "--host", "127.0.0.1",
+                                  "--port", str(gr_port), "--no-log", "tollway.app:create_app_from_env"],
+                                 "granian", env={SERVE_SETTINGS_ENV: settings.model_dump_json()})
+        wait_http(f"http://127.0.0.1:{gr_port}/healthz", 120, gr, gr_log)
+        time.sleep(2.5)  # the policy cache TTL
+
+        targets = [Target("upstream (direct)", sim_url, "none", sim.pid),
+                   Target("tollway on uvicorn (httptools)", f"http://127.0.0.1:{uv_port}/v1", key.group(1), uv.pid),
+                   Target("tollway on granian (asgi)", f"http://127.0.0.1:{gr_port}/v1", key.group(1), gr.pid)]
+        for target in targets[1:]:
+            load(target, 2, workdir)  # warm-up, not counted
+            target.rates.clear()
+            target.cpu_us.clear()
+        for _ in range(args.rounds):
+            for target in targets:
+                load(target, args.duration, workdir)
+    finally:
+        procs.stop()
+        redis.stop()
+        pg.stop()
+
+    upstream_cpu = sum(targets[0].cpu_us) / len(targets[0].cpu_us)
+    budget = ", tenant with a budget" if args.budget else ""
+    print(f"\n{args.rounds} rounds of wrk (16 connections, {args.duration:.0f} s each, targets alternating{budget})\n")
+    print("| target | req/s per round | CPU per request per round | CPU vs upstream (mean) |")
+    print("|---|---|---|---|")
+    for t in targets:
+        mean_cpu = sum(t.cpu_us) / len(t.cpu_us)
+        print(f"| {t.name} | {' / '.join(f'{r:,.0f}' for r in t.rates)} | "
+              f"{' / '.join(f'{c:,.0f} us' for c in t.cpu_us)} | {mean_cpu / upstream_cpu:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
