@@ -134,12 +134,12 @@ def main() -> None:
             subprocess.run([*cli, "budgets", "set", "--tenant", "default", "--window", "month", "--usd", "1000000"],
                            check=True, env={**env, **shared}, cwd=workdir, capture_output=True)
 
-        settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data-granian",
+        settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data",
                             upstreams=[sim_url], bootstrap=False, log_level="warning", local_model=False)
         gr_port = free_port()
         gr, gr_log = procs.spawn([str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--factory",
                                   "--loop", "uvloop", "--http", "1", "--workers", "1", "--host", "127.0.0.1",
-                                  "--port", str(gr_port), "--no-log", "tollway.app:create_app_from_env"],
+                                  "--port", str(gr_port), "tollway.app:create_app_from_env"],
                                  "granian", env={SERVE_SETTINGS_ENV: settings.model_dump_json()})
         wait_http(f"http://127.0.0.1:{gr_port}/healthz", 120, gr, gr_log)
         time.sleep(2.5)  # the policy cache TTL
