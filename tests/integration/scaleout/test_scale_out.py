@@ -29,6 +29,7 @@ import psycopg
 import pytest
 import yaml
 from support.config import write_config
+from support.processes import stop_all
 from support.redis_cluster import RedisClusterProcesses
 
 from tollway.local.embedded import free_port, wait_until
@@ -42,6 +43,19 @@ def cluster(tmp_path):
     nodes = RedisClusterProcesses(tmp_path / "cluster").start()
     yield nodes
     nodes.stop()
+
+
+@pytest.fixture
+def gateway_processes(serve):
+    """`tollway serve` processes of this test only: stopped when it ends, before its Redis Cluster."""
+    started = []
+
+    def start(*args: str, **kwargs: Any) -> Any:
+        started.append(serve(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    stop_all(started)
 
 
 def haproxy_config(ports: list[int], listen: int) -> str:
@@ -142,14 +156,14 @@ def ledger_total(pg_url: str, tenant_id: int) -> Decimal:
 
 
 def test_three_gateways_behind_haproxy_on_a_redis_cluster_behave_as_one(
-        serve, start_sim, sim, pg, cluster, haproxy, make_tenant, admin, tmp_path):
+        start_sim, sim, pg, cluster, gateway_processes, haproxy, make_tenant, admin, tmp_path):
     simb = start_sim()
     slow = start_sim("--tokens-per-s", "25", "--completion-tokens", "60")
     config = scale_config(tmp_path / "tollway.yaml", sim.url, simb.url, slow.url)
     env = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": cluster.url, "TOLLWAY_BOOTSTRAP": "0",
            "TOLLWAY_LEASE_S": "2", "TOLLWAY_SWEEP_INTERVAL_S": "0.5", "TOLLWAY_POLICY_CACHE_TTL_S": "0",
            "TOLLWAY_LEDGER_FLUSH_INTERVAL_S": "0.05"}
-    gateways = [serve("--config", str(config), env=env) for _ in range(3)]
+    gateways = [gateway_processes("--config", str(config), env=env) for _ in range(3)]
     lb = haproxy([int(g.url.rsplit(":", 1)[1].removesuffix("/v1")) for g in gateways])
 
     # -- 1. 200 concurrent mixed requests against a budget of about ten ----------------------------------------
