@@ -14,6 +14,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+# A wrk script that POSTs one JSON body with a bearer key and prints completed requests, duration, errors.
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+done = function(summary, latency, requests)
+  io.write(string.format("TW_RESULT %d %d %d\\n", summary.requests, summary.duration,
+           summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
 
 def free_port() -> int:
     with socket.socket() as sock:

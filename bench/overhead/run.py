@@ -34,7 +34,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
-from common import Processes, free_port, p50_p99, wait_http  # noqa: E402  (bench/common.py, shared by the benches)
+from common import WRK_LUA, Processes, free_port, p50_p99, wait_http  # noqa: E402  (bench/common.py, shared by the benches)
 
 LITELLM_VENV = REPO / "bench" / ".venv-litellm"
 BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
@@ -87,18 +87,6 @@ async def open_loop(target: Target, rate: int, duration: float) -> tuple[float, 
             tasks.append(asyncio.create_task(one(scheduled)))
         await asyncio.gather(*tasks)
     return (*p50_p99(latencies), len(latencies), errors)
-
-
-WRK_LUA = """
-wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {key}"
-done = function(summary, latency, requests)
-  io.write(string.format("TW_RESULT %d %d %d\\n", summary.requests, summary.duration,
-           summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
-"""
 
 
 def sustained(target: Target, duration: float, connections: int, workdir: Path) -> float | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Processes, free_port, wait_http
+from common import WRK_LUA, Processes, free_port, wait_http
 
 from tollway.app import SERVE_SETTINGS_ENV
 from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -35,16 +35,6 @@ from tollway.settings import Settings
 
 BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
         "max_tokens": 8}
-WRK_LUA = """
-wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {key}"
-done = function(summary, latency, requests)
-  io.write(string.format("TW_RESULT %d %d %d\\n", summary.requests, summary.duration,
-           summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
-"""
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -12,19 +12,26 @@ local function triple(s)
   local a, b, c = string.match(s, '(%d+):(%d+):(%d+)')
   return tonumber(a), tonumber(b), tonumber(c)
 end
-local function release(rec)
+local function release(rec, spent)
   for key, u, t, r in string.gmatch(rec, '([^,;]+),(%d+),(%d+),(%d+)') do
     local cur = redis.call('HGET', key, 'r')
     if cur then
       local a, b, c = triple(cur)
       redis.call('HSET', key, 'r', string.format('%d:%d:%d', math.max(0, a - tonumber(u)),
         math.max(0, b - tonumber(t)), math.max(0, c - tonumber(r))))
+      if spent and string.sub(key, -9) ~= ':vel:held' then
+        for d, amt in ipairs({tonumber(u), tonumber(t), tonumber(r)}) do
+          if amt > 0 then redis.call('HINCRBY', key, ({'s_usd', 's_tok', 's_req'})[d], amt) end
+        end
+      end
     end
   end
 end
+-- release(rec, true): the reservation is also counted as spent (a counter whose window has passed is left
+-- alone; a velocity hold is only released).
 -- A lease that ran out (its gateway died, or could not renew for a whole lease): what it reserved is
--- counted as spent (a counter whose window has passed is left alone; a velocity hold is only released)
--- and the request waits in the orphans hash for a ledger row at that amount, marked unsettled.
+-- counted as spent and the request waits in the orphans hash for a ledger row at that amount, marked
+-- unsettled.
 -- KEYS of the lease set: leases zset, lease hash, meta hash, orphans hash (as lease_keys names them).
 local function expire_leases(now, kz, kh, km, ko)
   local expired = redis.call('ZRANGEBYSCORE', kz, '-inf', now)
@@ -32,20 +39,7 @@ local function expire_leases(now, kz, kh, km, ko)
   for _, id in ipairs(expired) do
     local rec = redis.call('HGET', kh, id)
     if rec then
-      for key, u, t, r in string.gmatch(rec, '([^,;]+),(%d+),(%d+),(%d+)') do
-        local cur = redis.call('HGET', key, 'r')
-        if cur then
-          local a, b, c = triple(cur)
-          redis.call('HSET', key, 'r', string.format('%d:%d:%d', math.max(0, a - tonumber(u)),
-            math.max(0, b - tonumber(t)), math.max(0, c - tonumber(r))))
-          if string.sub(key, -9) ~= ':vel:held' then
-            for d, field in ipairs({'s_usd', 's_tok', 's_req'}) do
-              local amt = tonumber(({u, t, r})[d])
-              if amt > 0 then redis.call('HINCRBY', key, field, amt) end
-            end
-          end
-        end
-      end
+      release(rec, true)
       local m = redis.call('HGET', km, id)
       if m then
         redis.call('HSET', ko, id, 'r|' .. now .. '|' .. m)
