@@ -7,9 +7,11 @@ retry-storm breaker off (the load repeats one body). Each target is loaded with 
 servers alternately, ``--rounds`` times; per round: requests/s, and CPU per request = the server's process
 tree's utime + stime over the wrk run (/proc), divided by the requests completed. The scripted upstream
 direct is the reference (the issue's goal: CPU per proxied request <= ~2.8x the upstream's).
+``--workers 2`` adds `tollway serve --workers 2` (uvicorn's supervisor and two workers: the whole process tree
+is counted), for the issue's "workers add no per-request CPU"; ``--no-granian`` leaves granian out.
 
     pip install 'granian[uvloop]'          # not a dependency of Tollway: measured, not shipped
-    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget]
+    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian]
 """
 
 from __future__ import annotations
@@ -90,10 +92,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", action="store_true", help="a (never reached) monthly budget: every request leases")
+    parser.add_argument("--workers", type=int, default=1, help="also `tollway serve --workers N` (N > 1)")
+    parser.add_argument("--no-granian", action="store_true")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed (apt-get install wrk)")
-    if shutil.which("granian", path=str(Path(sys.executable).parent)) is None:
+    if not args.no_granian and shutil.which("granian", path=str(Path(sys.executable).parent)) is None:
         sys.exit("granian is not installed in this environment: pip install 'granian[uvloop]'")
 
     workdir = Path(tempfile.mkdtemp(prefix="tollway-servers-"))
@@ -124,19 +128,29 @@ def main() -> None:
             subprocess.run([*cli, "budgets", "set", "--tenant", "default", "--window", "month", "--usd", "1000000"],
                            check=True, env={**env, **shared}, cwd=workdir, capture_output=True)
 
-        settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data",
-                            upstreams=[sim_url], bootstrap=False, log_level="warning", local_model=False)
-        gr_port = free_port()
-        gr, gr_log = procs.spawn([str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--factory",
-                                  "--loop", "uvloop", "--http", "1", "--workers", "1", "--host", "127.0.0.1",
-                                  "--port", str(gr_port), "tollway.app:create_app_from_env"],
-                                 "granian", env={SERVE_SETTINGS_ENV: settings.model_dump_json()})
-        wait_http(f"http://127.0.0.1:{gr_port}/healthz", 120, gr, gr_log)
+        targets = [Target("upstream (direct)", sim_url, "none", sim.pid),
+                   Target("tollway on uvicorn (httptools)", f"http://127.0.0.1:{uv_port}/v1", key.group(1), uv.pid)]
+        if args.workers > 1:
+            mw_port = free_port()
+            mw, mw_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(mw_port),
+                                      "--upstream", sim_url, "--log-level", "warning", "--workers",
+                                      str(args.workers)], "uvicorn-workers", env=shared)
+            wait_http(f"http://127.0.0.1:{mw_port}/healthz", 120, mw, mw_log)
+            targets.append(Target(f"tollway on uvicorn, --workers {args.workers}", f"http://127.0.0.1:{mw_port}/v1",
+                                  key.group(1), mw.pid))
+        if not args.no_granian:
+            settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data",
+                                upstreams=[sim_url], bootstrap=False, log_level="warning", local_model=False)
+            gr_port = free_port()
+            gr, gr_log = procs.spawn([str(Path(sys.executable).parent / "granian"), "--interface", "asgi",
+                                      "--factory", "--loop", "uvloop", "--http", "1", "--workers", "1", "--host",
+                                      "127.0.0.1", "--port", str(gr_port), "tollway.app:create_app_from_env"],
+                                     "granian", env={SERVE_SETTINGS_ENV: settings.model_dump_json()})
+            wait_http(f"http://127.0.0.1:{gr_port}/healthz", 120, gr, gr_log)
+            targets.append(Target("tollway on granian (asgi)", f"http://127.0.0.1:{gr_port}/v1", key.group(1),
+                                  gr.pid))
         time.sleep(2.5)  # the policy cache TTL
 
-        targets = [Target("upstream (direct)", sim_url, "none", sim.pid),
-                   Target("tollway on uvicorn (httptools)", f"http://127.0.0.1:{uv_port}/v1", key.group(1), uv.pid),
-                   Target("tollway on granian (asgi)", f"http://127.0.0.1:{gr_port}/v1", key.group(1), gr.pid)]
         for target in targets[1:]:
             load(target, 2, workdir)  # warm-up, not counted
             target.rates.clear()
