@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+CLI = [sys.executable, "-m", "tollway.cli"]
+# The request the load benches repeat (the tenant's retry-storm breaker is off for it: ``start_gateway``).
+BENCH_BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
+              "max_tokens": 8}
 # A wrk script that POSTs one JSON body with a bearer key and prints completed requests, duration, errors.
 WRK_LUA = """
 wrk.method = "POST"
@@ -48,6 +56,67 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url} not ready after {timeout}s; log:\n{log.read_text()[-3000:]}")
+
+
+def wrk_script(workdir: Path, key: str, body: dict[str, Any] | None = None, name: str = "wrk") -> Path:
+    """The wrk script that POSTs ``body`` (default: ``BENCH_BODY``) with ``key``."""
+    script = workdir / f"{name}.lua"
+    script.write_text(WRK_LUA.replace("{body}", json.dumps(body or BENCH_BODY)).replace("{key}", key))
+    return script
+
+
+def wrk_argv(script: Path, url: str, duration: float, connections: int = 16) -> list[str]:
+    return ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "-s", str(script), url]
+
+
+def wrk_result(out: str) -> tuple[int, int, float]:
+    """What a run of ``wrk_script`` printed: (requests, errors, seconds)."""
+    match = re.search(r"TW_RESULT (\d+) (\d+) (\d+)", out)
+    assert match, out
+    requests, micros, errors = map(int, match.groups())
+    return requests, errors, micros / 1e6
+
+
+def start_sim(procs: Processes, *extra: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """The scripted upstream: its base URL (ending in /v1) and its process."""
+    port = free_port()
+    proc, log = procs.spawn([*CLI, "sim-upstream", "--port", str(port), *extra], "sim")
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_http(url + "/models", 30, proc, log)
+    return url, proc
+
+
+@dataclass
+class Gateway:
+    url: str  # ending in /v1
+    key: str  # the bootstrap tenant's key ("" when not set up here)
+    process: subprocess.Popen[bytes]
+
+
+def start_gateway(procs: Processes, upstream: str, *, data: Path | None, name: str = "tollway",
+                  args: Sequence[str] = (), env: dict[str, str] | None = None, ready_s: float = 120,
+                  bench_tenant: bool = True, budget: bool = False) -> Gateway:
+    """`tollway serve --upstream` (no config file). ``data``: its --data-dir (None: from the environment).
+    ``bench_tenant``: read the bootstrap key it printed and switch the tenant's retry-storm breaker off (the
+    load benches repeat one body, exactly what that breaker refuses; admission still runs its Redis script
+    on every request); ``budget``: also give it a never-reached monthly budget (every request leases)."""
+    port = free_port()
+    where = ["--data-dir", str(data)] if data is not None else []
+    proc, log = procs.spawn([*CLI, "serve", "--port", str(port), "--upstream", upstream, "--log-level", "warning",
+                             *where, *args], name, env=env)
+    wait_http(f"http://127.0.0.1:{port}/healthz", ready_s, proc, log)
+    key = ""
+    if bench_tenant:
+        found = re.search(r"(tw-[A-Za-z0-9_-]+)", log.read_text())
+        assert found, log.read_text()
+        key = found.group(1)
+        run_env = {**procs.env, **(env or {})}
+        subprocess.run([*CLI, "tenants", "policy", "--tenant", "default", "--retry-storm-limit", "0", *where],
+                       check=True, env=run_env, cwd=procs.workdir, capture_output=True)
+        if budget:
+            subprocess.run([*CLI, "budgets", "set", "--tenant", "default", "--window", "month", "--usd", "1000000",
+                            *where], check=True, env=run_env, cwd=procs.workdir, capture_output=True)
+    return Gateway(f"http://127.0.0.1:{port}/v1", key, proc)
 
 
 def p50_p99(samples: list[float], scale: float = 1.0) -> tuple[float, float]:

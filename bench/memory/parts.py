@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,9 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Processes, free_port, wait_http
-
-CLI = [sys.executable, "-m", "tollway.cli"]
+from common import CLI, Processes, start_gateway, start_sim
 
 
 def rss_mib(pid: int) -> float:
@@ -81,21 +78,10 @@ def run(requests: int, preload: bool) -> list[tuple[str, float]]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOLLWAY_PRELOAD_EMBEDDER": "true" if preload else "false"}
     procs = Processes(workdir, env, stop_s=30)
     try:
-        sim_port = free_port()
-        sim, sim_log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)],
-                                   "sim")
-        sim_url = f"http://127.0.0.1:{sim_port}/v1"
-        wait_http(sim_url + "/models", 30, sim, sim_log)
-        port = free_port()
+        sim_url, _ = start_sim(procs)
         data = workdir / "data"
-        tw, tw_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(port), "--upstream",
-                                  sim_url, "--data-dir", str(data), "--log-level", "warning"], "tollway")
-        wait_http(f"http://127.0.0.1:{port}/healthz", 180, tw, tw_log)
-        key = re.search(r"(tw-[A-Za-z0-9_-]+)", tw_log.read_text())
-        assert key, tw_log.read_text()
-        subprocess.run([*CLI, "tenants", "policy", "--tenant", "default", "--retry-storm-limit", "0",
-                        "--data-dir", str(data)], check=True, capture_output=True, env=env, cwd=workdir)
-        return asyncio.run(measure(f"http://127.0.0.1:{port}/v1", key.group(1), data, tw.pid, requests))
+        tw = start_gateway(procs, sim_url, data=data, ready_s=180)
+        return asyncio.run(measure(tw.url, tw.key, data, tw.process.pid, requests))
     finally:
         procs.stop()
 

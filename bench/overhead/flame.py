@@ -9,9 +9,7 @@ off (the load repeats one body) and, with ``--budget``, a never-reached monthly 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,10 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import WRK_LUA, Processes, free_port, wait_http
-
-BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
-        "max_tokens": 8}
+from common import Processes, start_gateway, start_sim, wrk_argv, wrk_result, wrk_script
 
 
 def main() -> None:
@@ -39,39 +34,19 @@ def main() -> None:
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
     procs = Processes(workdir, env, stop_s=30)
     try:
-        sim_port = free_port()
-        sim, sim_log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)],
-                                   "sim")
-        sim_url = f"http://127.0.0.1:{sim_port}/v1"
-        wait_http(sim_url + "/models", 30, sim, sim_log)
-        port = free_port()
-        data = ["--data-dir", str(workdir / "data")]
-        tw, tw_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(port), "--upstream",
-                                  sim_url, "--log-level", "warning", *data], "tollway")
-        wait_http(f"http://127.0.0.1:{port}/healthz", 120, tw, tw_log)
-        key = re.search(r"(tw-[A-Za-z0-9_-]+)", tw_log.read_text())
-        assert key, tw_log.read_text()
-        cli = [sys.executable, "-m", "tollway.cli"]
-        subprocess.run([*cli, "tenants", "policy", "--tenant", "default", "--retry-storm-limit", "0", *data],
-                       check=True, env=env, cwd=workdir, capture_output=True)
-        if args.budget:
-            subprocess.run([*cli, "budgets", "set", "--tenant", "default", "--window", "month", "--usd", "1000000",
-                            *data], check=True, env=env, cwd=workdir, capture_output=True)
-        time.sleep(2.5)
-        script = workdir / "wrk.lua"
-        script.write_text(WRK_LUA.replace("{body}", json.dumps(BODY)).replace("{key}", key.group(1)))
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        subprocess.run(["wrk", "-t1", "-c16", "-d3s", "-s", str(script), url], check=True, capture_output=True)
-        load = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{args.seconds + 2}s", "-s", str(script), url],
-                                stdout=subprocess.PIPE, text=True)
+        sim_url, _ = start_sim(procs)
+        tw = start_gateway(procs, sim_url, data=workdir / "data", budget=args.budget)
+        time.sleep(2.5)  # the policy cache TTL
+        script = wrk_script(workdir, tw.key)
+        url = tw.url + "/chat/completions"
+        subprocess.run(wrk_argv(script, url, 3), check=True, capture_output=True)  # warm-up
+        load = subprocess.Popen(wrk_argv(script, url, args.seconds + 2), stdout=subprocess.PIPE, text=True)
         time.sleep(1)
-        subprocess.run([spy, "record", "--pid", str(tw.pid), "--duration", str(args.seconds), "--rate", "250",
-                        "--format", "flamegraph", "--output", str(args.out)], check=True)
+        subprocess.run([spy, "record", "--pid", str(tw.process.pid), "--duration", str(args.seconds), "--rate",
+                        "250", "--format", "flamegraph", "--output", str(args.out)], check=True)
         out, _ = load.communicate()
-        match = re.search(r"TW_RESULT (\d+) (\d+) (\d+)", out)
-        if match:
-            requests, micros, errors = map(int, match.groups())
-            print(f"{(requests - errors) / (micros / 1e6):,.0f} req/s under the profiler; {errors} errors")
+        requests, errors, seconds = wrk_result(out)
+        print(f"{(requests - errors) / seconds:,.0f} req/s under the profiler; {errors} errors")
         print(f"flame graph: {args.out}")
     finally:
         procs.stop()

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -34,11 +33,20 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
-from common import WRK_LUA, Processes, free_port, p50_p99, wait_http  # noqa: E402  (bench/common.py, shared by the benches)
+from common import (  # noqa: E402  (bench/common.py, shared by the benches)
+    BENCH_BODY,
+    Processes,
+    free_port,
+    p50_p99,
+    start_gateway,
+    start_sim,
+    wait_http,
+    wrk_argv,
+    wrk_result,
+    wrk_script,
+)
 
 LITELLM_VENV = REPO / "bench" / ".venv-litellm"
-BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
-        "max_tokens": 8}
 
 
 @dataclass
@@ -58,7 +66,7 @@ async def open_loop(target: Target, rate: int, duration: float) -> tuple[float, 
     """Send at a fixed rate regardless of answers (no coordinated omission): latency is measured
     from each request's scheduled start."""
     headers = {"authorization": f"Bearer {target.key}", "content-type": "application/json"}
-    payload = json.dumps(BODY).encode()
+    payload = json.dumps(BENCH_BODY).encode()
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=0)
@@ -92,16 +100,13 @@ async def open_loop(target: Target, rate: int, duration: float) -> tuple[float, 
 def sustained(target: Target, duration: float, connections: int, workdir: Path) -> float | None:
     if shutil.which("wrk") is None:
         return None
-    script = workdir / f"{target.name}.lua"
-    script.write_text(WRK_LUA.replace("{body}", json.dumps(BODY)).replace("{key}", target.key))
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "-s", str(script),
-                          target.url + "/chat/completions"], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"TW_RESULT (\d+) (\d+) (\d+)", out)
-    assert match, out
-    requests, micros, errors = map(int, match.groups())
+    script = wrk_script(workdir, target.key, name=target.name)
+    out = subprocess.run(wrk_argv(script, target.url + "/chat/completions", duration, connections),
+                         capture_output=True, text=True, check=True).stdout
+    requests, errors, seconds = wrk_result(out)
     if errors > requests * 0.01:
         print(f"  {target.name}: {errors} errors of {requests} under wrk", file=sys.stderr)
-    return (requests - errors) / (micros / 1e6)
+    return (requests - errors) / seconds
 
 
 def ensure_litellm() -> Path:
@@ -129,32 +134,14 @@ def main() -> None:
     procs = Processes(workdir, env, stop_s=30)
 
     try:
-        sim_port = free_port()
-        sim, sim_log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)], "sim")
-        sim_url = f"http://127.0.0.1:{sim_port}/v1"
-        wait_http(sim_url + "/models", 30, sim, sim_log)
+        sim_url, _ = start_sim(procs)
         targets = [Target("upstream (direct)", sim_url, "none")]
-
-        tw_port = free_port()
-        tw, tw_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(tw_port), "--upstream",
-                            sim_url, "--data-dir", str(workdir / "data"), "--log-level", "warning",
-                            "--workers", str(args.workers)], "tollway")
-        wait_http(f"http://127.0.0.1:{tw_port}/healthz", 120, tw, tw_log)
-        key = re.search(r"(tw-[A-Za-z0-9_-]+)", tw_log.read_text())
-        assert key, tw_log.read_text()
-        # The load repeats one request body, which is exactly what the retry-storm breaker refuses: switch
-        # it off for this tenant (admission still runs its Redis script on every request).
-        subprocess.run([sys.executable, "-m", "tollway.cli", "tenants", "policy", "--tenant", "default",
-                        "--retry-storm-limit", "0", "--data-dir", str(workdir / "data")], check=True, env=env,
-                       cwd=workdir, capture_output=True)
-        if args.budget:
-            subprocess.run([sys.executable, "-m", "tollway.cli", "budgets", "set", "--tenant", "default", "--window",
-                            "month", "--usd", "1000000", "--data-dir", str(workdir / "data")], check=True, env=env,
-                           cwd=workdir, capture_output=True)
+        tw = start_gateway(procs, sim_url, data=workdir / "data", args=["--workers", str(args.workers)],
+                           budget=args.budget)
         time.sleep(2.5)  # the policy cache TTL
         name = ("tollway" if args.workers == 1 else f"tollway --workers {args.workers}") \
             + (" (a budget)" if args.budget else "")
-        targets.append(Target(name, f"http://127.0.0.1:{tw_port}/v1", key.group(1)))
+        targets.append(Target(name, tw.url, tw.key))
 
         if not args.no_litellm:
             binary = ensure_litellm()

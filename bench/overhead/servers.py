@@ -17,9 +17,7 @@ is counted), for the issue's "workers add no per-request CPU"; ``--no-granian`` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import WRK_LUA, Processes, free_port, wait_http
+from common import Processes, free_port, start_gateway, start_sim, wait_http, wrk_argv, wrk_result, wrk_script
 
 from tollway.app import SERVE_SETTINGS_ENV
 from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
 from tollway.settings import Settings
 
-BODY = {"model": "sim-large", "messages": [{"role": "user", "content": "hello from the benchmark"}],
-        "max_tokens": 8}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -73,17 +69,16 @@ def tree_cpu_s(root: int) -> float:
 
 
 def load(target: Target, duration: float, workdir: Path) -> None:
-    script = workdir / "wrk.lua"
-    script.write_text(WRK_LUA.replace("{body}", json.dumps(BODY)).replace("{key}", target.key))
+    script = wrk_script(workdir, target.key)
     before = tree_cpu_s(target.pid)
-    out = subprocess.run(["wrk", "-t1", "-c16", f"-d{int(duration)}s", "-s", str(script),
-                          target.url + "/chat/completions"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(wrk_argv(script, target.url + "/chat/completions", duration), capture_output=True,
+                         text=True, check=True).stdout
     used = tree_cpu_s(target.pid) - before
-    requests, micros, errors = map(int, re.search(r"TW_RESULT (\d+) (\d+) (\d+)", out).groups())  # type: ignore[union-attr]
+    requests, errors, seconds = wrk_result(out)
     ok = requests - errors
     if errors > requests * 0.01:
         print(f"  {target.name}: {errors} errors of {requests}", file=sys.stderr)
-    target.rates.append(ok / (micros / 1e6))
+    target.rates.append(ok / seconds)
     target.cpu_us.append(used / max(ok, 1) * 1e6)
 
 
@@ -107,37 +102,16 @@ def main() -> None:
     redis = EmbeddedRedis(workdir / "redis")
     try:
         database_url, redis_url = pg.start(), redis.start()
-        sim_port = free_port()
-        sim, sim_log = procs.spawn([sys.executable, "-m", "tollway.cli", "sim-upstream", "--port", str(sim_port)],
-                                   "sim")
-        sim_url = f"http://127.0.0.1:{sim_port}/v1"
-        wait_http(sim_url + "/models", 30, sim, sim_log)
+        sim_url, sim = start_sim(procs)
         shared = {"TOLLWAY_DATABASE_URL": database_url, "TOLLWAY_REDIS_URL": redis_url,
                   "TOLLWAY_DATA_DIR": str(workdir / "data")}
-
-        uv_port = free_port()
-        uv, uv_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(uv_port), "--upstream",
-                                  sim_url, "--log-level", "warning"], "uvicorn", env=shared)
-        wait_http(f"http://127.0.0.1:{uv_port}/healthz", 120, uv, uv_log)
-        key = re.search(r"(tw-[A-Za-z0-9_-]+)", uv_log.read_text())
-        assert key, uv_log.read_text()
-        cli = [sys.executable, "-m", "tollway.cli"]
-        subprocess.run([*cli, "tenants", "policy", "--tenant", "default", "--retry-storm-limit", "0"], check=True,
-                       env={**env, **shared}, cwd=workdir, capture_output=True)
-        if args.budget:
-            subprocess.run([*cli, "budgets", "set", "--tenant", "default", "--window", "month", "--usd", "1000000"],
-                           check=True, env={**env, **shared}, cwd=workdir, capture_output=True)
-
+        uv = start_gateway(procs, sim_url, data=None, name="uvicorn", env=shared, budget=args.budget)
         targets = [Target("upstream (direct)", sim_url, "none", sim.pid),
-                   Target("tollway on uvicorn (httptools)", f"http://127.0.0.1:{uv_port}/v1", key.group(1), uv.pid)]
-        if args.workers > 1:
-            mw_port = free_port()
-            mw, mw_log = procs.spawn([sys.executable, "-m", "tollway.cli", "serve", "--port", str(mw_port),
-                                      "--upstream", sim_url, "--log-level", "warning", "--workers",
-                                      str(args.workers)], "uvicorn-workers", env=shared)
-            wait_http(f"http://127.0.0.1:{mw_port}/healthz", 120, mw, mw_log)
-            targets.append(Target(f"tollway on uvicorn, --workers {args.workers}", f"http://127.0.0.1:{mw_port}/v1",
-                                  key.group(1), mw.pid))
+                   Target("tollway on uvicorn (httptools)", uv.url, uv.key, uv.process.pid)]
+        if args.workers > 1:  # the same database: the tenant set up above
+            mw = start_gateway(procs, sim_url, data=None, name="uvicorn-workers", env=shared,
+                               args=["--workers", str(args.workers)], bench_tenant=False)
+            targets.append(Target(f"tollway on uvicorn, --workers {args.workers}", mw.url, uv.key, mw.process.pid))
         if not args.no_granian:
             settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data",
                                 upstreams=[sim_url], bootstrap=False, log_level="warning", local_model=False)
@@ -147,8 +121,7 @@ def main() -> None:
                                       "127.0.0.1", "--port", str(gr_port), "tollway.app:create_app_from_env"],
                                      "granian", env={SERVE_SETTINGS_ENV: settings.model_dump_json()})
             wait_http(f"http://127.0.0.1:{gr_port}/healthz", 120, gr, gr_log)
-            targets.append(Target("tollway on granian (asgi)", f"http://127.0.0.1:{gr_port}/v1", key.group(1),
-                                  gr.pid))
+            targets.append(Target("tollway on granian (asgi)", f"http://127.0.0.1:{gr_port}/v1", uv.key, gr.pid))
         time.sleep(2.5)  # the policy cache TTL
 
         for target in targets[1:]:
