@@ -19,13 +19,14 @@ class Process:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def get(self, path: str) -> bytes:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> bytes:
         base = self.url.removesuffix("/v1")
-        with urllib.request.urlopen(base + path, timeout=5) as resp:
+        with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers or {}), timeout=5) as resp:
             return bytes(resp.read())
 
-    def metric(self, name: str) -> float:
-        for line in self.get("/metrics").decode().splitlines():
+    def metric(self, name: str, headers: dict[str, str] | None = None) -> float:
+        """A series of its /metrics (``headers``: a gateway's needs an admin key)."""
+        for line in self.get("/metrics", headers).decode().splitlines():
             if line.startswith(name):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0

@@ -7,10 +7,31 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from tollway.local.embedded import redis_server_binary
+from tollway.local.embedded import redis_server_binary, wait_until
+
+
+@dataclass(frozen=True)
+class Node:
+    """One line of CLUSTER NODES."""
+
+    id: str
+    port: int
+    master: bool  # a master (else a replica)
+    master_id: str  # a replica's master ("-" for a master)
+    failed: bool
+    slots: list[str]  # "0-5460", ... (a master's)
+
+
+def _quietly(check: Callable[[], bool]) -> bool:
+    """``check()``, False while the node does not answer yet."""
+    try:
+        return check()
+    except (subprocess.SubprocessError, OSError):
+        return False
 
 
 def _free_pair() -> int:
@@ -61,57 +82,42 @@ class RedisClusterProcesses:
                 stdout=(node / "redis.log").open("wb"), stderr=subprocess.STDOUT)
             self.ports.append(port)
         for port in self.ports:
-            self._wait(lambda p=port: self._ping(p), f"redis-server on {port}")
+            wait_until(lambda p=port: self._ping(p), 30, f"redis-server on {port}")
         self.cli(self.ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                  "--cluster-replicas", "1", "--cluster-yes", timeout=60)
         for port in self.ports:
-            self._wait(lambda p=port: "cluster_state:ok" in self.cli(p, "cluster", "info"), "cluster state ok")
-        self._wait(lambda: len(self.replicas()) == self.masters, "every replica attached")
+            wait_until(lambda p=port: _quietly(lambda: "cluster_state:ok" in self.cli(p, "cluster", "info")), 30,
+                       "Redis Cluster state ok")
+        wait_until(lambda: _quietly(lambda: len(self.replicas()) == self.masters), 30, "every replica attached")
         return self
 
     def _ping(self, port: int) -> bool:
-        try:
-            return "PONG" in self.cli(port, "ping", timeout=2)
-        except (subprocess.SubprocessError, OSError):
-            return False
+        return _quietly(lambda: "PONG" in self.cli(port, "ping", timeout=2))
 
-    @staticmethod
-    def _wait(check: object, what: str, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if check():  # type: ignore[operator]
-                    return
-            except (subprocess.SubprocessError, OSError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"Redis Cluster: {what} not reached in {timeout_s}s")
-
-    def nodes(self, via: int | None = None) -> list[dict[str, str]]:
-        """CLUSTER NODES as seen by a live node: id, port, role ('master'/'slave'), master id, link state."""
+    def nodes(self, via: int | None = None) -> list[Node]:
+        """CLUSTER NODES as seen by a live node."""
         port = via if via is not None else next(p for p in self.ports if self.alive(p))
         out = []
         for line in self.cli(port, "cluster", "nodes").splitlines():
             parts = line.split()
             flags = parts[2].split(",")
-            out.append({"id": parts[0], "port": parts[1].split("@")[0].rsplit(":", 1)[1],
-                        "role": "master" if "master" in flags else "slave", "master": parts[3],
-                        "failed": str("fail" in flags or "fail?" in flags), "slots": " ".join(parts[8:])})
+            out.append(Node(parts[0], int(parts[1].split("@")[0].rsplit(":", 1)[1]), "master" in flags, parts[3],
+                            "fail" in flags or "fail?" in flags, parts[8:]))
         return out
 
-    def replicas(self) -> list[dict[str, str]]:
-        return [n for n in self.nodes() if n["role"] == "slave" and n["failed"] == "False"]
+    def replicas(self) -> list[Node]:
+        return [n for n in self.nodes() if not n.master and not n.failed]
 
     def master_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot."""
         slot = int(self.cli(self.ports[0], "cluster", "keyslot", key).strip())
         for node in self.nodes():
-            if node["role"] != "master" or node["failed"] == "True":
+            if not node.master or node.failed:
                 continue
-            for span in node["slots"].split():
+            for span in node.slots:
                 low, _, high = span.partition("-")
                 if low.isdigit() and int(low) <= slot <= int(high or low):
-                    return int(node["port"])
+                    return node.port
         raise LookupError(f"no master serves slot {slot}")
 
     def alive(self, port: int) -> bool:
@@ -122,8 +128,9 @@ class RedisClusterProcesses:
         self.procs[port].wait()
 
     def replica_of(self, master_port: int) -> int:
-        master = next(n for n in self.nodes() if n["port"] == str(master_port))
-        return next(int(n["port"]) for n in self.nodes() if n["master"] == master["id"])
+        nodes = self.nodes()
+        master = next(n for n in nodes if n.port == master_port)
+        return next(n.port for n in nodes if n.master_id == master.id)
 
     def promoted(self, port: int) -> bool:
         """Whether the node at ``port`` serves as a master and the cluster is whole again."""

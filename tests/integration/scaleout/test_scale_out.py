@@ -117,13 +117,6 @@ def sql(pg_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(query, params).fetchall()
 
 
-def metric(url: str, name: str, admin: Any) -> float:
-    for line in httpx.get(url.removesuffix("/v1") + "/metrics", headers=admin.headers, timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def one(client: httpx.AsyncClient, base: str, headers: dict[str, str], i: int) -> tuple[int, str]:
     """One of four kinds of request; a stream is read to its end."""
     kind = i % 4
@@ -200,10 +193,10 @@ def test_three_gateways_behind_haproxy_on_a_redis_cluster_behave_as_one(
         r = httpx.post(first.url + "/chat/completions", headers=tenant2.headers, timeout=30,
                        json={**small, "user": f"u{i}"})
         assert r.status_code == 200, r.text  # the live replica answers
-        if metric(first.url, 'tollway_upstream_breaker_state{upstream="simb"}', admin) == 2:
+        if first.metric('tollway_upstream_breaker_state{upstream="simb"}', admin.headers) == 2:
             break
     tripped = datetime.now(UTC)
-    assert metric(first.url, 'tollway_upstream_breaker_state{upstream="simb"}', admin) == 2, "the first one tripped"
+    assert first.metric('tollway_upstream_breaker_state{upstream="simb"}', admin.headers) == 2, "the first one tripped"
     deadline = time.monotonic() + 2.5
     n = 0
     while time.monotonic() < deadline:  # the other gateways, busy from the moment the first one tripped
@@ -234,8 +227,8 @@ def test_three_gateways_behind_haproxy_on_a_redis_cluster_behave_as_one(
 
             streams = [asyncio.create_task(stream_to_end()) for _ in range(6)]
             await asyncio.sleep(0.8)
-            in_flight = await asyncio.to_thread(metric, draining.url, 'tollway_upstream_in_flight{upstream="slow"}',
-                                                admin)
+            in_flight = await asyncio.to_thread(draining.metric, 'tollway_upstream_in_flight{upstream="slow"}',
+                                                admin.headers)
             assert in_flight >= 1, "streams on the gateway to drain"
             draining.process.send_signal(signal.SIGTERM)
             during = [await one(client, lb, tenant3.headers, i) for i in range(12)]
