@@ -21,7 +21,9 @@ anything in it (an email address, a card number) is split across frames: guard t
 Another answers from a fixture file (``--fixture FILE``, or ``sim-fixture`` in the model name with
 ``--fixture``): a JSON object with an ``answer``, a ``wrong`` answer and an ``error_rate``, and ``rules``
 that override them for requests of one ``model`` and/or whose messages contain a string (``contains``):
-each request gets the wrong answer with the matching rule's error rate (seeded: ``seed``). The file is
+each request gets the wrong answer with the matching rule's error rate (seeded: ``seed``; a request with
+a ``user`` draws from the seed, its model, user and messages, so its answer does not depend on what the upstream
+served before it: a retry or a probe elsewhere in a test run never shifts another request's draw). The file is
 re-read when it changes, so a test can plant a regression in a running upstream:
 
     {"answer": "Paris is the capital of France.", "wrong": "I'm sorry, I can't help with that.",
@@ -87,7 +89,7 @@ class Fixture:
     data: dict[str, Any] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
 
-    def answer(self, model: str, messages: list[Any]) -> str:
+    def answer(self, model: str, messages: list[Any], user: object = None) -> str:
         mtime = self.path.stat().st_mtime
         if mtime != self.mtime:
             self.data, self.mtime = orjson.loads(self.path.read_bytes()), mtime
@@ -98,7 +100,8 @@ class Fixture:
             if r.get("model", model) == model and str(r.get("contains", "")) in text:
                 rule.update(r)
                 break
-        wrong = self.rng.random() < float(rule.get("error_rate") or 0)
+        rng = random.Random(f"{self.data.get('seed')}|{model}|{user}|{text}") if isinstance(user, str) else self.rng
+        wrong = rng.random() < float(rule.get("error_rate") or 0)
         return str(rule.get("wrong") if wrong else rule.get("answer"))
 
 
@@ -207,7 +210,7 @@ async def chat(request: Request) -> Response:
         n = min(n, max_tokens)
     p_tokens = prompt_tokens(messages)
     if state.fixture is not None and fault is None:
-        echoed = state.fixture.answer(model, messages)
+        echoed = state.fixture.answer(model, messages, body.get("user"))
         n = len(echoed.split())
         pieces = [("" if i == 0 else " ") + w for i, w in enumerate(echoed.split())]
     elif echoes(model, config):
