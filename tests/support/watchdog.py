@@ -1,0 +1,44 @@
+"""A watchdog for an await that should be quick (an in-process gateway's start-up or shutdown): past its
+time it writes every task's await chain to stderr, so a hang names the await it hangs on in the test's report
+instead of ending, minutes later, in pytest-timeout's dump of an idle event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+def await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits: its frame, then the frame of what it awaits, and so on down (a
+    task's own stack shows only the outermost frame of a suspended coroutine)."""
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+    return lines
+
+
+def describe_tasks() -> str:
+    out = []
+    for task in asyncio.all_tasks():
+        out.append(f"task {task.get_name()}:")
+        out += await_chain(task.get_coro())
+    return "\n".join(out)
+
+
+@contextlib.asynccontextmanager
+async def watchdog(what: str, seconds: float = 60) -> AsyncIterator[None]:
+    async def bark() -> None:
+        await asyncio.sleep(seconds)
+        sys.stderr.write(f"\n{what} has taken over {seconds:g} s; every task's await chain:\n{describe_tasks()}\n")
+
+    dog = asyncio.create_task(bark(), name=f"watchdog: {what}")
+    try:
+        yield
+    finally:
+        dog.cancel()
