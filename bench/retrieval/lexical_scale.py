@@ -7,16 +7,25 @@ lexical side; bench/retrieval/scale.py measures the vector side). Queries: 200 s
 source (about 20 words) and 50 long ones of 250 words (the length that cost ``ts_rank`` 90 ms). Each query
 runs through the store's real function inside a tenant transaction (row-level security on).
 
+``--http``: the same short queries through a running gateway as a client sends them (``tollway serve`` on this
+database, ``POST /v1/retrieval/search``, the default search at 600 tokens), the query embedded by the packaged
+embedder on every request (the collection names it; the chunks' vectors are still the bench's).
+
     .venv/bin/python bench/retrieval/lexical_scale.py [--sizes 100000] [--queries 200] [--postings 20000,5000,2000]
+        [--data DIR]    # keep the database in DIR: a later run with the same size reads it instead of writing it
+        [--http]        # and the whole search over HTTP with the query's embedding
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,10 +35,11 @@ from pgvector.psycopg import register_vector_async
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
-from common import bench_tenant
+from common import CLI, Processes, bench_tenant, start_sim, wait_http
 
+from tollway.local.embedded import free_port
 from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
-from tollway.retrieval.embedders import Embedded
+from tollway.retrieval.embedders import LOCAL_NAME, Embedded
 
 DIMS = 384
 PER_DOC = 50
@@ -54,12 +64,18 @@ async def run(args: argparse.Namespace) -> None:
     pool = sentences()
     print(f"# {len(pool):,} sentences of FOLDOC to draw from")
     for size in (int(s) for s in args.sizes.split(",")):
-        async with bench_tenant() as (conn, tid):
+        async with bench_tenant(args.data and Path(args.data) / str(size)) as (conn, tid):
             await register_vector_async(conn)
-            coll = await create_collection(conn, tid, "big", embedder="bench", dims=DIMS, splitting=Splitting())
+            cname = f"big{size}"
+            async with tenant_tx(conn, tid):
+                kept = await (await conn.execute("SELECT id FROM rag_collections WHERE name = %s", (cname,))).fetchone()
+            if kept is None:
+                coll = await create_collection(conn, tid, cname, embedder=LOCAL_NAME, dims=DIMS, splitting=Splitting())
+            async with tenant_tx(conn, tid):
+                coll = await store.get_collection(conn, tid, cname)
             vec = HalfVector(np.ones(DIMS, dtype=np.float32) / np.sqrt(DIMS))
             t0 = time.perf_counter()
-            for d in range(size // PER_DOC):
+            for d in range(0 if kept is None else size // PER_DOC, size // PER_DOC):
                 texts = [" ".join(rng.sample(pool, 6)) for _ in range(PER_DOC)]
                 async with tenant_tx(conn, tid):
                     doc = (await (await conn.execute(
@@ -83,8 +99,9 @@ async def run(args: argparse.Namespace) -> None:
             sizes = await (await conn.execute(
                 "SELECT pg_size_pretty(pg_total_relation_size('rag_postings')),"
                 " pg_size_pretty(pg_total_relation_size('rag_terms')), (SELECT count(*) FROM rag_terms)")).fetchone()
-            print(f"\n## {size:,} chunks: written with their term statistics at {size / took:,.0f} chunks/s "
-                  f"(one INSERT of {PER_DOC} per document); postings {sizes[0]}, terms {sizes[1]} "  # type: ignore[index]
+            written = (f"written with their term statistics at {size / took:,.0f} chunks/s (one INSERT of {PER_DOC}"
+                       " per document)" if kept is None else f"kept in {args.data}")
+            print(f"\n## {size:,} chunks: {written}; postings {sizes[0]}, terms {sizes[1]} "  # type: ignore[index]
                   f"({sizes[2]:,} distinct)")  # type: ignore[index]
             short = rng.sample(pool, args.queries)
             long = [" ".join(rng.sample(pool, 15))[:1800] for _ in range(50)]
@@ -105,11 +122,51 @@ async def run(args: argparse.Namespace) -> None:
                         q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
                         q /= np.linalg.norm(q)
                         s = time.perf_counter()
-                        await searcher.search_with(conn, tid, "big", Query(text=text, context_tokens=600),
+                        await searcher.search_with(conn, tid, cname, Query(text=text, context_tokens=600),
                                                    Embedded(q[None, :], 0, 0.0), "bench")
                         whole.append((time.perf_counter() - s) * 1000)
                     print(f"  {name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}   "
                           f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
+            if args.http:
+                print(f"over HTTP: {over_http(conn.info.dsn, cname, short)}", flush=True)
+
+
+def over_http(dsn: str, collection: str, queries: list[str]) -> str:
+    """The default search through `tollway serve` on this database: each query timed at the client."""
+    import httpx
+
+    with tempfile.TemporaryDirectory(prefix="tollway-lex-http-") as tmp:
+        env = {"TOLLWAY_DATABASE_URL": _url(dsn), "TOLLWAY_DATA_DIR": tmp, "TOLLWAY_BOOTSTRAP": "false",
+               "TOLLWAY_KEY_SECRET": "tollway-bench-lexical-scale"}  # one secret for every run on a kept database
+        procs = Processes(Path(tmp), {**os.environ, **env})
+        try:
+            sim, _ = start_sim(procs)
+            port = free_port()
+            proc, log = procs.spawn([*CLI, "serve", "--port", str(port), "--upstream", sim, "--log-level", "warning"],
+                                    "gateway")
+            wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc, log)
+            made = subprocess.run([*CLI, "keys", "create", "--tenant", "bench"], check=True, capture_output=True,
+                                  text=True, env=procs.env, cwd=tmp)
+            key = next(w for w in made.stdout.split() if w.startswith("tw-"))
+            took = []
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", headers={"authorization": f"Bearer {key}"},
+                              timeout=30) as client:
+                for i, text in enumerate([*queries[:5], *queries]):  # the first five warm up (the embedder loads)
+                    s = time.perf_counter()
+                    resp = client.post("/retrieval/search", json={"collection": collection, "query": text,
+                                                                   "context_tokens": 600})
+                    if i >= 5:
+                        took.append((time.perf_counter() - s) * 1000)
+                    assert resp.status_code == 200, resp.text
+            return ms(took)
+        finally:
+            procs.stop()
+
+
+def _url(dsn: str) -> str:
+    """A libpq keyword DSN (what psycopg reports) as a URL the gateway's settings read."""
+    parts = dict(p.split("=", 1) for p in dsn.split())
+    return f"postgresql://{parts.get('user', 'postgres')}@{parts['host']}:{parts['port']}/{parts['dbname']}"
 
 
 def main() -> None:
@@ -117,6 +174,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--postings", default="20000,5000,2000", help="postings budgets to compare (Tuning)")
+    parser.add_argument("--data", help="keep the database here, one per size, and reuse it")
+    parser.add_argument("--http", action="store_true", help="also the whole search over HTTP with the embedding")
     asyncio.run(run(parser.parse_args()))
 
 
