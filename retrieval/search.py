@@ -211,21 +211,31 @@ def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, wit
     gram = vectors @ vectors.T
     scores = np.array([c.score for c in cands])
     documents = np.array([c.document_id for c in cands])
+    # the candidates whose novelty a choice changes: its document's (within_documents) or all of them
+    everyone = np.arange(len(cands))
+    members = ({d: np.flatnonzero(documents == d) for d in set(documents.tolist())} if within_documents else {})
     chosen: list[int] = []
     nearest = np.full(len(cands), -1.0)  # to any chosen passage: the duplicate test
     redundancy = np.full(len(cands), -1.0)  # to the chosen passages that count for novelty
-    alive = np.ones(len(cands), dtype=bool)
-    while len(chosen) < limit and alive.any():
-        value = np.where(alive, lam * scores - (1 - lam) * np.maximum(redundancy, 0), -np.inf)
+    # each candidate's marginal value, kept up to date where a choice changes it (the rest stand as they
+    # were: the same numbers as recomputing every value each round, for a fraction of the work); -inf: taken
+    value = lam * scores - (1 - lam) * np.maximum(redundancy, 0)
+    left = len(cands)
+    while len(chosen) < limit and left:
         best = int(np.argmax(value))
-        alive[best] = False
+        taken = float(value[best])
+        value[best] = -np.inf
+        left -= 1
         if nearest[best] >= duplicate:
             continue
         chosen.append(best)
-        cands[best].value = float(value[best])
-        nearest = np.maximum(nearest, gram[best])
-        redundancy = np.maximum(redundancy, np.where(documents == documents[best], gram[best], -1.0)
-                                if within_documents else gram[best])
+        cands[best].value = taken
+        row = gram[best]
+        np.maximum(nearest, row, out=nearest)
+        idx = members[int(documents[best])] if within_documents else everyone
+        redundancy[idx] = np.maximum(redundancy[idx], row[idx])
+        value[idx] = np.where(np.isneginf(value[idx]), -np.inf,
+                              lam * scores[idx] - (1 - lam) * np.maximum(redundancy[idx], 0))
     return [cands[i] for i in chosen]
 
 

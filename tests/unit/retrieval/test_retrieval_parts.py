@@ -156,6 +156,53 @@ def test_mmr_within_documents_penalises_a_second_passage_of_one_document_only():
     assert order(within=True) == [0, 1, 3, 2]  # only the first document's second passage is
 
 
+def _mmr_every_round(cands: list[Candidate], lam: float, duplicate: float, limit: int,
+                     within_documents: bool) -> list[tuple[int, float]]:
+    """The textbook loop: every candidate's marginal value recomputed each round (mmr's first form)."""
+    vectors = np.stack([c.vector for c in cands])
+    gram = vectors @ vectors.T
+    scores = np.array([c.score for c in cands])
+    documents = np.array([c.document_id for c in cands])
+    chosen: list[tuple[int, float]] = []
+    nearest = np.full(len(cands), -1.0)
+    redundancy = np.full(len(cands), -1.0)
+    alive = np.ones(len(cands), dtype=bool)
+    while len(chosen) < limit and alive.any():
+        value = np.where(alive, lam * scores - (1 - lam) * np.maximum(redundancy, 0), -np.inf)
+        best = int(np.argmax(value))
+        alive[best] = False
+        if nearest[best] >= duplicate:
+            continue
+        chosen.append((best, float(value[best])))
+        nearest = np.maximum(nearest, gram[best])
+        redundancy = np.maximum(redundancy, np.where(documents == documents[best], gram[best], -1.0)
+                                if within_documents else gram[best])
+    return chosen
+
+
+def _cands(vectors: np.ndarray, scores: np.ndarray, docs: np.ndarray) -> list[Candidate]:
+    return [Candidate(i, int(docs[i]), i, 0, "t", 1, "T", "", "s", vectors[i], score=float(scores[i]))
+            for i in range(len(scores))]
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_mmr_gives_the_same_order_and_values_as_recomputing_every_round(within):
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(1, 120))
+        vectors = rng.standard_normal((n, 8)).astype(np.float32)
+        if trial % 3 == 0:  # near-duplicates and exact repeats
+            vectors[n // 2:] = vectors[: n - n // 2] + 0.01 * rng.standard_normal((n - n // 2, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        scores = np.round(rng.uniform(0.2, 0.9, n), 2 if trial % 2 else 6)  # ties when rounded coarsely
+        docs = rng.integers(0, max(1, n // 6), n)
+
+        limit = int(rng.integers(1, n + 5))
+        expected = _mmr_every_round(_cands(vectors, scores, docs), 0.75, 0.95, limit, within)
+        got = mmr(_cands(vectors, scores, docs), 0.75, 0.95, limit, within_documents=within)
+        assert [(c.chunk_id, c.value) for c in got] == expected
+
+
 def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
     import asyncio
 
