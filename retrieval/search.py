@@ -389,19 +389,22 @@ class Searcher:
         self.tuning = tuning or Tuning()
 
     async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
-                          embedded: Embedded, embedder: str, *, screen: Screen | None = None,
+                          embedding: Embedded | Awaitable[Embedded], embedder: str, *, screen: Screen | None = None,
                           drop: bool = True, rerank: Reranker | None = None) -> Found:
+        """``embedding``: the query's, or one still being computed (a task): the lexical ranking needs none,
+        so it runs in PostgreSQL while the embedder works, and the vector queries wait for the vector."""
         t = self.tuning
-        q = embedded.vectors[0]
         async with store.tenant_tx(conn, tenant_id):
             coll = await store.get_collection(conn, tenant_id, collection)  # this transaction's revision
             await store.set_search(conn, t.ef_search)
             k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
             n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
-            near = await store.nearest_chunks(conn, coll, q, n, query.filters)
             lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
                        if query.hybrid
                        else store.Lexical([]))
+            embedded = embedding if isinstance(embedding, Embedded) else await embedding
+            q = embedded.vectors[0]
+            near = await store.nearest_chunks(conn, coll, q, n, query.filters)
             sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
                         if query.mode == "hierarchical" else [])
             docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)

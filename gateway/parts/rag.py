@@ -8,6 +8,7 @@ search (they test prompts that retrieve); finance keys never read documents.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -308,20 +309,30 @@ class Rag:
         sides: list[SideCall] = []
         reranker = self.reranker(ctx.principal, rerank, sides.append)
 
-        async def run(tally: Tally) -> tuple[Found, Embedded | None]:
+        async def embed(tally: Tally) -> Embedded:
             embedded = await self._embed(embedder, [query.text])
-            tally.usage = Usage(input_tokens=embedded.tokens)
-            async with self.pool.connection() as conn:
-                try:
-                    found = await self.searcher.search_with(conn, tenant_id, name, query, embedded, embedder.name,
-                                                            rerank=reranker)
-                except StoreError as exc:
-                    raise map_store_error(exc) from None
-                finally:
-                    for side in sides:  # the reranker's call, a row of its own
-                        tally.side_call(side.role, side.model, side.usage, side.latency_ms, replica=side.replica,
-                                        status=side.status, error_code=side.error_code)
-            return found, embedded
+            tally.usage = Usage(input_tokens=embedded.tokens)  # spent whatever the search does next
+            return embedded
+
+        async def run(tally: Tally) -> tuple[Found, Embedded | None]:
+            # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
+            embedding = asyncio.ensure_future(embed(tally))
+            try:
+                async with self.pool.connection() as conn:
+                    try:
+                        found = await self.searcher.search_with(conn, tenant_id, name, query, embedding,
+                                                                embedder.name, rerank=reranker)
+                    except StoreError as exc:
+                        raise map_store_error(exc) from None
+                    finally:
+                        for side in sides:  # the reranker's call, a row of its own
+                            tally.side_call(side.role, side.model, side.usage, side.latency_ms,
+                                            replica=side.replica, status=side.status, error_code=side.error_code)
+            finally:
+                await asyncio.wait({embedding})  # spent even when the search failed first: its row charges it
+                if not embedding.cancelled():
+                    embedding.exception()  # seen: the search's error, if any, is the one raised
+            return found, embedding.result()
 
         return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder), count_text(query.text),
                                    run)
