@@ -82,6 +82,25 @@ def test_merge_overlap_counts_shared_text_once():
     assert merge_overlap("alpha", "delta") == "alpha\n\ndelta"
 
 
+def _merge_every_length(a: str, b: str) -> str:
+    """The first form: every shared length tried, longest first."""
+    for size in range(min(len(a), len(b)), 0, -1):
+        if a.endswith(b[:size]) and (size == len(b) or b[size] in " \n"):
+            return a + b[size:]
+    return a + "\n\n" + b
+
+
+def test_merge_overlap_finds_what_trying_every_length_finds():
+    rng = np.random.default_rng(3)
+    words = ["a", "ab", "b", "ba", "aa", "\n", "abba"]
+    for _ in range(3000):
+        a = " ".join(rng.choice(words, int(rng.integers(0, 12))))
+        b = " ".join(rng.choice(words, int(rng.integers(0, 12))))
+        if rng.random() < 0.5 and a:  # b starts with an end of a, as adjacent chunks do
+            b = a[int(rng.integers(0, len(a))):] + b
+        assert merge_overlap(a, b) == _merge_every_length(a, b), (a, b)
+
+
 def _candidates(rng: random.Random, n: int) -> list[Candidate]:
     out = []
     for i in range(n):
