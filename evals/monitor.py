@@ -155,15 +155,22 @@ class PassTest:
         self.anchor(p0)
 
     def anchor(self, p0: float) -> None:
-        """(Re)start against a baseline rate ``p0``."""
+        """(Re)start against a baseline rate ``p0``. A baseline under 1% has no drop to find: the rate the
+        tests would hold it to is clamped at 1% (their logarithms need it), so a route that never passes
+        would look like a drop from 1% in every run of failures (a quick start under a load test whose
+        answers are all cut by max_tokens alarmed every few seconds). It is tested again once its baseline
+        passes (a window later, re-anchored)."""
         self.p0 = min(max(p0, 0.01), 0.99)
         self.anchored = self.n
+        self.floored = p0 < 0.01
         drop = self.settings.pass_drop
         p1 = None if drop is None or self.p0 - drop <= 0.005 else self.p0 - drop
         self.sprt = self.cusum = self.msprt = None
         self.limit: RiseLimit | None = None
         hours = self.settings.evidence_hours
-        if p1 is not None and self.steady:
+        if self.floored:
+            pass
+        elif p1 is not None and self.steady:
             self.cusum = BernoulliCUSUM(self.p0, p1, arl0=self.settings.window / self.alpha)
             self.limit = RiseLimit(self.cusum.h / hours) if hours > 0 else None
         elif p1 is not None:  # each clean cycle halves the next one's alpha: a watch spends 2 alpha at most
@@ -178,6 +185,8 @@ class PassTest:
         the sample's time (the statistic's climb is limited per hour, ``evidence_hours``)."""
         self.n += 1
         self.hits += passed
+        if self.floored:  # nothing to find below a baseline that never passes; a window on, anchor again
+            return None, self.n - self.anchored >= self.settings.window
         if self.cusum is not None:
             ceiling = None if self.limit is None else self.limit.ceiling(at, self.cusum.llr)
             if self.cusum.update(passed, ceiling):
@@ -214,6 +223,8 @@ class PassTest:
         return None, False
 
     def progress(self) -> float:
+        if self.floored:
+            return 0.0
         if self.cusum is not None:
             return max(0.0, self.cusum.llr / self.cusum.h)
         if self.sprt is not None:

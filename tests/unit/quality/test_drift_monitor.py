@@ -52,6 +52,22 @@ def test_the_rise_test_keeps_its_false_alarm_rate_for_a_rare_rate():
     assert rejected <= 1.3 * alpha * windows
 
 
+@pytest.mark.parametrize("steady", [True, False])
+def test_a_route_that_never_passes_raises_no_drift_until_it_passes_and_drops(steady):
+    """A baseline of 0% is held to the clamped 1%: every run of failures looked like a drop from it."""
+    rng = random.Random(5)
+    test = RouteTest([draw(rng, pass_rate=0.0) for _ in range(2000)], DriftSettings(window=200), steady=steady)
+    assert test.detectors[0] == "pass_rate"
+    found = [f for _ in range(20_000) for f in test.update(draw(rng, pass_rate=0.0))]
+    assert not [f for f in found if f.detector == "pass_rate"]
+    # the baseline (a steady route's trailing window) starts passing: the test is back once it re-anchors
+    baseline = test.baseline
+    assert isinstance(baseline, list)
+    baseline[:] = [draw(rng, pass_rate=0.9) for _ in range(2000)]
+    found = [f for _ in range(3000) for f in test.update(draw(rng, pass_rate=0.5))]
+    assert [f for f in found if f.detector == "pass_rate"]
+
+
 def test_a_planted_drop_is_found_by_the_sprt_and_the_alpha_is_split():
     rng = random.Random(3)
     settings = DriftSettings(window=200)
