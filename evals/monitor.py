@@ -33,7 +33,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollway.evals.drift import BernoulliCUSUM, BernoulliMSPRT, BernoulliSPRT, RiseLimit, ks, psi
+from tollway.evals.drift import (
+    BernoulliCUSUM,
+    BernoulliMSPRT,
+    BernoulliSPRT,
+    RiseLimit,
+    hypergeom_sf,
+    ks,
+    psi,
+)
 
 CONTINUOUS = ("output_chars", "tokens", "cost", "retrieval", "judge")
 RATES = ("refusal", "guard_failed")
@@ -113,22 +121,28 @@ def rise_p_value(base_hits: int, base_n: int, hits: int, n: int) -> float:
     """One-sided p-value of "the current rate is higher than the baseline's": Fisher's exact test. (The
     chi-squared approximation, halved, is too small in the tail a small alpha reads when the rate is rare:
     at a 3% refusal rate, 200-sample windows and alpha 0.00025 it raised 2.6 times its nominal alarms.)"""
-    from scipy import stats
-
     if hits * base_n <= base_hits * n:
         return 1.0
-    table = [[hits, n - hits], [base_hits, base_n - base_hits]]
-    return float(stats.fisher_exact(table, alternative="greater").pvalue)
+    # the current window's hits among all hits, the window's samples drawn from both (scipy's fisher_exact)
+    return hypergeom_sf(hits, n + base_n, n, hits + base_hits)
 
 
 def chi_squared(base_hits: int, base_n: int, hits: int, n: int) -> float:
-    """The chi-squared statistic (Yates) of the two rates: evidence beside the exact p-value and the PSI."""
-    from scipy import stats
-
+    """The chi-squared statistic (Yates) of the two rates: evidence beside the exact p-value and the PSI
+    (scipy's chi2_contingency with its correction: each cell moved half a count, at most, toward what is
+    expected)."""
     table = [[hits, n - hits], [base_hits, base_n - base_hits]]
     if min(hits + base_hits, n + base_n - hits - base_hits) == 0:
         return 0.0
-    return float(stats.chi2_contingency(table, correction=True).statistic)
+    total = n + base_n
+    columns = (hits + base_hits, total - hits - base_hits)
+    out = 0.0
+    for row, row_total in zip(table, (n, base_n), strict=True):
+        for observed, column_total in zip(row, columns, strict=True):
+            expected = row_total * column_total / total
+            moved = observed + math.copysign(min(0.5, abs(expected - observed)), expected - observed)
+            out += (moved - expected) ** 2 / expected
+    return out
 
 
 def samples_per_day(samples: Sequence[Scored]) -> float | None:

@@ -38,6 +38,53 @@ def test_rise_p_value_is_fishers_one_sided_exact_test():
     assert chi_squared(50, 1000, 30, 200) == pytest.approx(chi)
 
 
+@pytest.mark.parametrize("sizes", [(200, 200), (200, 1000), (1000, 200), (200, 5000), (37, 53), (5, 7), (1, 3)])
+def test_ks_is_scipys_exact_two_sample_test(sizes):
+    """The monitor's KS test without scipy (60 MB of a gateway's memory): scipy's statistic and p-value."""
+    import numpy as np
+
+    from tollway.evals.drift import ks
+
+    rng = np.random.default_rng(sum(sizes))
+    n1, n2 = sizes
+    for shift in (0.0, 0.1, 0.3, 1.0):
+        for rounded in (False, True):  # ties (token counts, lengths) as well as continuous values
+            a, b = rng.lognormal(5, 0.5, n1), rng.lognormal(5 + shift, 0.5, n2)
+            if rounded:
+                a, b = np.round(a / 20), np.round(b / 20)
+            ours, theirs = ks(a, b), stats.ks_2samp(a, b)
+            assert ours.statistic == pytest.approx(theirs.statistic, abs=1e-12)
+            # both compute 1 - (the share of paths inside): ~1e-11 apart in the far tail, far under any alpha
+            assert ours.p_value == pytest.approx(theirs.pvalue, rel=1e-6, abs=1e-10), (shift, rounded)
+
+
+def test_the_hypergeometric_tail_is_scipys():
+    from tollway.evals.drift import hypergeom_sf
+
+    for k, total, marked, drawn in ((9, 5200, 200, 159), (0, 50, 10, 5), (30, 1200, 200, 80), (5, 10, 5, 5),
+                                    (6, 10, 5, 5), (1, 3000, 200, 1)):
+        assert hypergeom_sf(k, total, marked, drawn) == pytest.approx(
+            stats.hypergeom.sf(k - 1, total, marked, drawn), rel=1e-9, abs=1e-15)
+
+
+def test_the_monitor_runs_without_loading_scipy():
+    import subprocess
+    import sys
+
+    code = ("import random, sys\n"
+            "from tollway.evals.monitor import DriftSettings, RouteTest, Scored\n"
+            "rng = random.Random(1)\n"
+            "def draw(p):\n"
+            "    t = rng.lognormvariate(6, 0.5)\n"
+            "    return Scored(passed=rng.random() < p, refusal=rng.random() < 0.05, guard_failed=False,"
+            " output_chars=t * 2, tokens=t, cost=t * 2e-6)\n"
+            "test = RouteTest([draw(0.9) for _ in range(1000)], DriftSettings(window=200), steady=True)\n"
+            "found = [f for _ in range(2000) for f in test.update(draw(0.6))]\n"
+            "assert found, 'a drop to 60% is found'\n"
+            "assert {'scipy', 'scipy.stats'}.isdisjoint(sys.modules), sorted(m for m in sys.modules if 'scipy' in m)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_the_rise_test_keeps_its_false_alarm_rate_for_a_rare_rate():
     # 3% refusals, 200-sample windows against a 5000-sample baseline, alpha 0.00025 (a window test's share):
     # the exact test stays under its nominal rate; the halved chi-squared approximation rejected 26 where
