@@ -243,7 +243,7 @@ def merge_overlap(a: str, b: str) -> str:
     """``b`` appended to ``a`` with the text they share (a chunk's overlap with the one before) once: the
     longest end of ``a`` that ``b`` starts with (ending at a word boundary of ``b``). Only the places in
     ``a`` that hold ``b``'s first character are tried, longest first (testing every length was quadratic in
-    the chunk's length, a tenth of a search's time at 100k chunks)."""
+    the chunk's length: 7% of the gateway's time on a flat search at 100k chunks)."""
     if not b:
         return a + "\n\n" + b
     at = a.find(b[0], max(len(a) - len(b), 0))
