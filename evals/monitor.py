@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tollway.evals.drift import (
@@ -405,7 +405,19 @@ class SteadyWatch:
         hold = None if s.at is None else s.at - 2 * 3600 * self.settings.evidence_hours
         while len(self.pending) > held and (hold is None or (self.pending[0].at or 0.0) < hold):
             self.baseline.append(self.pending.popleft())
+        if len(self.pending) > held + 2 * self.settings.baseline_max:
+            self._thin(held)
         return found
+
+    def _thin(self, held: int) -> None:
+        """Keep every other sample of those waiting beyond the newest ``held``, each now standing for twice
+        the traffic (half its sampling rate). A busy route waits hours' worth of samples to enter its baseline
+        (at 50 samples a second, six hours are a million: a gateway's memory grew with them); the baseline
+        keeps ``baseline_max`` of them at most, so a thinned stretch still fills it, spread over a longer time."""
+        waiting = list(self.pending)
+        older, newest = waiting[:len(waiting) - held], waiting[len(waiting) - held:]
+        self.pending = deque([replace(x, rate=x.rate / 2 if x.rate else 0.5) for x in older[::2]]
+                             + newest)
 
     def progress(self) -> float:
         return 0.0 if self.test is None else self.test.progress()

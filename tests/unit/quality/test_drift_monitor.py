@@ -85,6 +85,33 @@ def test_the_monitor_runs_without_loading_scipy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_busy_steady_route_holds_a_bounded_number_of_samples_and_its_baseline_keeps_its_rate():
+    """Samples wait six hours (2 x evidence_hours) to enter the baseline: at a busy route's pace that was a
+    growing queue (a quick start soaked to 1M requests grew 0.6 MB per 100k). Thinned, it is bounded, and
+    the weighted baseline rate it feeds stays the route's."""
+    from tollway.evals.monitor import SteadyWatch
+
+    rng = random.Random(11)
+    settings = DriftSettings(window=200, baseline_samples=1000, baseline_max=2000)
+    watch = SteadyWatch(settings)
+    start, most = 1_000_000.0, 0
+    for i in range(60_000):  # 50 a second for 20 minutes, then 6 hours on: all of it waited its turn
+        at = start + i / 50 if i < 50_000 else start + 6 * 3600 + 60 + i / 50
+        watch.observe(_with(draw(rng, pass_rate=0.8), at=at, rate=0.05))
+        most = max(most, len(watch.pending))
+    assert most < 3 * 2000  # the newest held (lag, or a CUSUM run) and twice baseline_max; 50,000 unthinned
+    assert len(watch.baseline) == 2000
+    weights = [1 / s.rate for s in watch.baseline]
+    rate = sum(w * s.passed for w, s in zip(weights, watch.baseline, strict=True)) / sum(weights)
+    assert rate == pytest.approx(0.8, abs=0.03)
+
+
+def _with(s: Scored, **changes: float) -> Scored:
+    from dataclasses import replace
+
+    return replace(s, **changes)
+
+
 def test_the_rise_test_keeps_its_false_alarm_rate_for_a_rare_rate():
     # 3% refusals, 200-sample windows against a 5000-sample baseline, alpha 0.00025 (a window test's share):
     # the exact test stays under its nominal rate; the halved chi-squared approximation rejected 26 where
