@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector_async
+from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
-from common import CLI, Processes, bench_tenant, start_sim, wait_http
+from common import CLI, Processes, bench_tenant, start_gateway, start_sim
 
-from tollway.local.embedded import free_port
 from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
 from tollway.retrieval.embedders import LOCAL_NAME, Embedded
 
@@ -141,16 +141,12 @@ def over_http(dsn: str, collection: str, queries: list[str]) -> str:
         procs = Processes(Path(tmp), {**os.environ, **env})
         try:
             sim, _ = start_sim(procs)
-            port = free_port()
-            proc, log = procs.spawn([*CLI, "serve", "--port", str(port), "--upstream", sim, "--log-level", "warning"],
-                                    "gateway")
-            wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc, log)
+            gateway = start_gateway(procs, sim, data=None, bench_tenant=False)
             made = subprocess.run([*CLI, "keys", "create", "--tenant", "bench"], check=True, capture_output=True,
                                   text=True, env=procs.env, cwd=tmp)
             key = next(w for w in made.stdout.split() if w.startswith("tw-"))
             took = []
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", headers={"authorization": f"Bearer {key}"},
-                              timeout=30) as client:
+            with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
                 for i, text in enumerate([*queries[:5], *queries]):  # the first five warm up (the embedder loads)
                     s = time.perf_counter()
                     resp = client.post("/retrieval/search", json={"collection": collection, "query": text,
@@ -165,7 +161,7 @@ def over_http(dsn: str, collection: str, queries: list[str]) -> str:
 
 def _url(dsn: str) -> str:
     """A libpq keyword DSN (what psycopg reports) as a URL the gateway's settings read."""
-    parts = dict(p.split("=", 1) for p in dsn.split())
+    parts = conninfo_to_dict(dsn)
     return f"postgresql://{parts.get('user', 'postgres')}@{parts['host']}:{parts['port']}/{parts['dbname']}"
 
 
