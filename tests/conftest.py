@@ -21,7 +21,7 @@ import pytest
 from support.config import SIM_MODELS, write_config
 from support.processes import Process, Served, ready, stop_all
 from support.tenants import Tenant, key_hasher, ledger_rows
-from support.watchdog import watchdog
+from support.watchdog import watched
 
 from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 
@@ -162,20 +162,10 @@ def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
                                "auth_cache_ttl_s": 0.2, "ledger_flush_interval_s": 0.01,
                                "ledger_retry_interval_s": 0.2, **overrides})
         app = create_app(settings, span_exporter=span_exporter, metric_reader=metric_reader)
-        life = app.lifespan()
-        async with watchdog("the in-process gateway's start-up"):
-            await life.__aenter__()
-        try:
+        async with watched(app.lifespan(), "the in-process gateway"):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://tollway") as client:
                 yield InProcess(app, client)
-        except BaseException as exc:
-            async with watchdog("the in-process gateway's shutdown"):
-                if not await life.__aexit__(type(exc), exc, exc.__traceback__):
-                    raise
-        else:
-            async with watchdog("the in-process gateway's shutdown"):
-                await life.__aexit__(None, None, None)
 
     return make
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 
@@ -42,3 +43,19 @@ async def watchdog(what: str, seconds: float = 60) -> AsyncIterator[None]:
         yield
     finally:
         dog.cancel()
+
+
+@contextlib.asynccontextmanager
+async def watched(inner: AbstractAsyncContextManager[Any], what: str, seconds: float = 60) -> AsyncIterator[None]:
+    """``inner`` entered and left as ``async with`` would, each under its own watchdog."""
+    async with watchdog(f"{what}'s start-up", seconds):
+        await inner.__aenter__()
+    try:
+        yield
+    except BaseException as exc:
+        async with watchdog(f"{what}'s shutdown", seconds):
+            if not await inner.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+    else:
+        async with watchdog(f"{what}'s shutdown", seconds):
+            await inner.__aexit__(None, None, None)
