@@ -198,13 +198,14 @@ def _fuse(dense: dict[int, float], lexical: dict[int, float], weight: float) -> 
     return {key: low + (high - low) * ((1 - weight) * d[key] + weight * lex[key]) for key in dense}
 
 
-def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, within_documents: bool = False
-        ) -> list[Candidate]:
+def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, within_documents: bool = False,
+        below: float | None = None) -> list[Candidate]:
     """Candidates in maximal-marginal-relevance order (by ``score``), near-duplicates dropped (a cosine of
     ``duplicate`` or more with one already chosen, in any document). ``within_documents``: novelty is
     measured against the chosen passages of the same document only, so another document's passage is never
     pushed down for resembling this one (what a reader gains from a second passage of one document is what
-    the penalty is for)."""
+    the penalty is for). ``below``: stop once every candidate left scores under it (the packer's floor: it
+    would pass over the rest), the order up to there unchanged."""
     if not cands:
         return []
     vectors = np.stack([c.vector for c in cands])
@@ -221,11 +222,14 @@ def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, wit
     # were: the same numbers as recomputing every value each round, for a fraction of the work); -inf: taken
     value = lam * scores - (1 - lam) * np.maximum(redundancy, 0)
     left = len(cands)
-    while len(chosen) < limit and left:
+    above = len(cands) if below is None else int((scores >= below).sum())  # of those left, the packer would read
+    while len(chosen) < limit and left and above:
         best = int(np.argmax(value))
         taken = float(value[best])
         value[best] = -np.inf
         left -= 1
+        if below is None or scores[best] >= below:
+            above -= 1
         if nearest[best] >= duplicate:
             continue
         chosen.append(best)
@@ -267,6 +271,12 @@ def _where(title: str, heading: str) -> str:
     return heading if heading.startswith(title + " > ") else f"{title} > {heading}"
 
 
+def _unstripped(cand: Candidate) -> bool:
+    """Its block holds all of its text (``_block`` drops a leading line that repeats the heading's last part)."""
+    last = cand.heading.rsplit(" > ", 1)[-1]
+    return not (last and cand.text.startswith(last + "\n"))
+
+
 def _block(n: int, title: str, heading: str, text: str) -> str:
     last = heading.rsplit(" > ", 1)[-1]
     if last and text.startswith(last + "\n"):  # the header already names the section
@@ -297,6 +307,10 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
                    and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
         if at is None and len(groups) >= limit:
             continue
+        room = budget - total
+        if at is None and cand.tokens > room and not (tails and room >= MIN_TAIL) and _unstripped(cand):
+            continue  # its block is longer than its text (a header of 4+ tokens): it cannot fit, and counting it
+            # is most of a search's packing once the budget is full
         group = [cand] if at is None else sorted([*groups[at], cand], key=lambda c: c.ord)
         n = len(groups) + 1 if at is None else at + 1
         size = count_text("\n\n" + _block(n, group[0].title, group[0].heading, _text(group)))
@@ -410,6 +424,10 @@ class Searcher:
             lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
                        if query.hybrid
                        else store.Lexical([]))
+            # While the query is still being embedded, the lexical candidates' rows are read now, off the
+            # critical path; with the vector already here, only those the nearest chunks do not bring
+            early = not isinstance(embedding, Embedded) and bool(lexical.scores)
+            worded = await store.chunks_by_id(conn, [i for i, _ in lexical.scores]) if early else []
             embedded = embedding if isinstance(embedding, Embedded) else await embedding
             q = embedded.vectors[0]
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)
@@ -419,11 +437,15 @@ class Searcher:
                     if query.mode == "hierarchical" and t.document_weight else [])
             known = {c.chunk_id for c in near}
             extra = [i for i, _ in lexical.scores if i not in known]
-            cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+            if early:
+                cands = near + [c for c in worded if c.chunk_id not in known]
+            else:
+                cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+            seen = {c.chunk_id for c in cands}
             if sections:
                 cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
-                          if c.chunk_id not in known and c.chunk_id not in extra]
-        ordered = self._order(cands, q, sections, docs, query, lexical, k)
+                          if c.chunk_id not in seen]
+        ordered = self._order(cands, q, sections, docs, query, lexical, k, floor_ends=rerank is None)
         rerank_error = None
         if rerank is not None and ordered:
             try:
@@ -450,7 +472,8 @@ class Searcher:
                      spent[0] * 1000, rerank_error)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
-               docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int) -> list[Candidate]:
+               docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int, *,
+               floor_ends: bool = False) -> list[Candidate]:
         t = self.tuning
         if not cands:
             return []
@@ -491,7 +514,10 @@ class Searcher:
             c.score = (own * chunk_of[c.chunk_id] + t.section_weight * section_of[c.section_id]
                        + t.document_weight * doc_of[c.document_id])
         cands.sort(key=lambda c: -c.score)
-        picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16), within_documents=t.mmr_within_documents)
+        # with the packer's floor as the ordering's end (a reranker reorders past it; density re-sorts)
+        below = t.floor * cands[0].score if floor_ends and t.floor is not None and not t.density else None
+        picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16), within_documents=t.mmr_within_documents,
+                     below=below)
         if t.density and picked:
             # relevance above gain_floor x the best, per token the passage costs with its citation header
             base = t.gain_floor * max(c.score for c in picked)

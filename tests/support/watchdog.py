@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import inspect
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -20,7 +22,12 @@ def await_chain(coro: Any) -> list[str]:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
         if frame is not None:
             lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+        awaited = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+        if awaited is not None and type(awaited).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            # an ``async with`` of an @asynccontextmanager awaits its generator through one of these, which
+            # names the generator only to the garbage collector
+            awaited = next((r for r in gc.get_referents(awaited) if inspect.isasyncgen(r)), awaited)
+        coro = awaited
     return lines
 
 

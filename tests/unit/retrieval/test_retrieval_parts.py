@@ -130,6 +130,30 @@ def test_packing_never_exceeds_the_budget():
                 assert stored[p.chunk_ids[0]].startswith(p.text.removesuffix(" …"))
 
 
+def test_packing_passes_over_what_cannot_fit_without_counting_it_and_packs_the_same():
+    """A candidate whose own text is longer than the budget's room is passed over uncounted; with the texts'
+    token counts unknown (0: nothing is passed over early) the packing is the same, ties, headings repeated at
+    a text's start, leading newlines and tails included."""
+    rng = random.Random(11)
+    for _ in range(300):
+        cands = _candidates(rng, rng.randint(1, 40))
+        for c in cands:
+            shape = rng.random()
+            if shape < 0.2:  # the text opens with the heading's last part: its block leaves that line out
+                c.text = f"{c.heading}\n{c.text}"
+            elif shape < 0.3:
+                c.text = rng.choice(["\n", "\n\n", " ", " \n"]) + c.text
+            elif shape < 0.6:  # the shortest header a block has: its text is nearly all of it
+                c.title, c.heading = "T", ""
+            c.tokens = count_text(c.text)
+        cands.sort(key=lambda c: -c.score)
+        budget, limit = rng.randint(1, 1200), rng.randint(1, 40)
+        floor, tails = rng.choice([None, 0.5]), rng.random() < 0.5
+        counted = [dataclasses.replace(c, tokens=0) for c in cands]
+        assert (pack(cands, "kb", budget, limit=limit, floor=floor, tails=tails)
+                == pack(counted, "kb", budget, limit=limit, floor=floor, tails=tails))
+
+
 def test_the_budgets_remainder_takes_the_head_of_the_next_passage():
     rng = random.Random(9)
     cands = _candidates(rng, 4)
@@ -220,6 +244,42 @@ def test_mmr_gives_the_same_order_and_values_as_recomputing_every_round(within):
         expected = _mmr_every_round(_cands(vectors, scores, docs), 0.75, 0.95, limit, within)
         got = mmr(_cands(vectors, scores, docs), 0.75, 0.95, limit, within_documents=within)
         assert [(c.chunk_id, c.value) for c in got] == expected
+
+
+def _worded(vectors: np.ndarray, scores: np.ndarray, docs: np.ndarray, words: list[str]) -> list[Candidate]:
+    out = _cands(vectors, scores, docs)
+    for c in out:
+        c.text, c.tokens, c.section_id = words[c.chunk_id], count_text(words[c.chunk_id]), c.chunk_id
+    return out
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_mmr_ending_at_the_packers_floor_packs_the_same(within):
+    """``below``: the order stops once every candidate left scores under the packer's floor; what comes
+    before is the whole order's beginning, and the packer, which passes over the rest, packs the same."""
+    rng = np.random.default_rng(12)
+    texts = random.Random(12)
+    for trial in range(60):
+        n = int(rng.integers(1, 150))
+        vectors = rng.standard_normal((n, 8)).astype(np.float32)
+        if trial % 3 == 0:
+            vectors[n // 2:] = vectors[: n - n // 2] + 0.01 * rng.standard_normal((n - n // 2, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        scores = np.sort(np.round(rng.uniform(0.05, 0.9, n), 2 if trial % 2 else 6))[::-1]  # best first, as sorted
+        docs = rng.integers(0, max(1, n // 6), n)
+
+        words = [" ".join(texts.choice(["fee", "card", "loan", "42"]) for _ in range(texts.randint(1, 40)))
+                 for _ in range(n)]
+
+        limit = int(rng.integers(1, n + 5))
+        whole = mmr(_worded(vectors, scores, docs, words), 0.75, 0.95, limit, within_documents=within)
+        ended = mmr(_worded(vectors, scores, docs, words), 0.75, 0.95, limit, within_documents=within,
+                    below=0.5 * float(scores[0]))
+        assert [c.chunk_id for c in ended] == [c.chunk_id for c in whole[:len(ended)]]
+        assert all(c.score < 0.5 * scores[0] for c in whole[len(ended):])
+        budget = int(rng.integers(50, 3000))
+        assert (pack(ended, "kb", budget, limit=limit, floor=0.5)
+                == pack(whole, "kb", budget, limit=limit, floor=0.5))
 
 
 def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
