@@ -2,7 +2,9 @@
 documents that answer them (gold). Nothing here is written by hand: the queries are the corpus's own
 (tau2's task scenarios, the FAQ's questions) or cut out of it by the inverse cloze task (a sentence taken
 out of a passage is the query; the passage without it is the gold), a standard construction that favours
-neither lexical nor dense retrieval by design.
+neither lexical nor dense retrieval by design. Where a corpus has one, each query also names the words its
+context must hold (``Ask.answer``): the FAQ answer's opening, or the words just before a cloze gap; tau2's
+banking scenarios need whole documents and have none.
 
 - ``banking``: tau2's banking_knowledge (inspect-evals, PyPI): 698 long markdown policy documents with
   sections; 97 long, noisy user scenarios, each needing about 10 documents.
@@ -46,6 +48,22 @@ class Doc:
 class Ask:
     text: str
     gold: frozenset[str]
+    # words the context must hold for the query to be answerable from it (None: the corpus has no such span):
+    # the FAQ answer's opening words; for an inverse cloze query, the words just before its gap
+    answer: str | None = None
+
+
+ANSWER_WORDS = 12
+
+
+def opening(text: str) -> str:
+    """The first words of a text's first sentence, at most ANSWER_WORDS of them."""
+    return " ".join(_SENTENCE.split(text)[0].split()[:ANSWER_WORDS])
+
+
+def before_gap(sentence: str) -> str:
+    """The last words (at most ANSWER_WORDS) of the sentence before a cloze gap, on the gap's own line."""
+    return " ".join(sentence.rsplit("\n", 1)[-1].split()[-ANSWER_WORDS:])
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ def faq() -> Corpus:
                 continue
             source = f"faq/{page.stem}/{len(docs)}"
             docs.append(Doc(source, chapter_title, answer))
-            asks.append(Ask(question, frozenset([source])))
+            asks.append(Ask(question, frozenset([source]), opening(answer)))
     return Corpus("faq", "FAQ answers (one gold each); the question is the query", docs, asks)
 
 
@@ -119,7 +137,7 @@ def _cloze(name: str, shape: str, entries: list[tuple[str, str, str, str]], quer
                   and not s.lstrip().startswith("#") and text.count(s) == 1]
         if len(asks) < queries and len(sentences) >= 3 and usable:
             j = rng.choice(usable)
-            asks.append(Ask(sentences[j], frozenset([source])))
+            asks.append(Ask(sentences[j], frozenset([source]), before_gap(sentences[j - 1]) or None))
             text = "".join(parts[:2 * j - 1] + parts[2 * j + 1:])  # the sentence and the separator before it
             assert sentences[j] not in text, source  # (until 2026-12-04 the sentence stayed: see RESULTS)
         docs.append(Doc(source, title, text, fmt))

@@ -2,8 +2,10 @@
 whole hybrid search cost, at 100k (and more) chunks of real prose.
 
 Chunks are made of sentences of the Free On-line Dictionary of Computing (Debian's ``dict-foldoc``), six
-drawn at random per chunk (about 120 words), 50 chunks per document; vectors are random (this measures the
-lexical side; bench/retrieval/scale.py measures the vector side). Queries: 200 single sentences of the same
+drawn at random per chunk (about 120 words), 50 chunks per document, each with its tiktoken count as ingest
+stores it. Vectors are random but shaped like a corpus's: each document has a direction, its chunks scatter
+around it, its section's and its own vector are their centroid (so neighbours, near-duplicates and the
+packer's floor behave as on real text; bench/retrieval/scale.py measures the vector side at 1M). Queries: 200 single sentences of the same
 source (about 20 words) and 50 long ones of 250 words (the length that cost ``ts_rank`` 90 ms). Each query
 runs through the store's real function inside a tenant transaction (row-level security on).
 
@@ -40,6 +42,7 @@ from common import CLI, Processes, bench_tenant, start_gateway, start_sim
 
 from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
 from tollway.retrieval.embedders import LOCAL_NAME, Embedded
+from tollway.routing import count_text
 
 DIMS = 384
 PER_DOC = 50
@@ -51,6 +54,17 @@ def sentences() -> list[str]:
     for doc in corpus.docs:
         out += [s for s in corpora._SENTENCE.split(doc.text)[::2] if 5 <= len(s.split()) <= 40]
     return out
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def shaped(rng: np.random.Generator) -> np.ndarray:
+    """A document's chunk vectors: its direction plus noise of 0.8 its size (cosines of about 0.6 between
+    chunks of one document, about 0 across documents)."""
+    direction = rng.standard_normal(DIMS)
+    return unit(direction + 0.8 * rng.standard_normal((PER_DOC, DIMS)))
 
 
 def ms(values: list[float]) -> str:
@@ -66,17 +80,18 @@ async def run(args: argparse.Namespace) -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         async with bench_tenant(args.data and Path(args.data) / str(size)) as (conn, tid):
             await register_vector_async(conn)
-            cname = f"big{size}"
+            cname = f"shaped{size}"  # (a database kept by the earlier writer, whose vectors were all one, holds "big{size}")
             async with tenant_tx(conn, tid):
                 kept = await (await conn.execute("SELECT id FROM rag_collections WHERE name = %s", (cname,))).fetchone()
             if kept is None:
                 coll = await create_collection(conn, tid, cname, embedder=LOCAL_NAME, dims=DIMS, splitting=Splitting())
             async with tenant_tx(conn, tid):
                 coll = await store.get_collection(conn, tid, cname)
-            vec = HalfVector(np.ones(DIMS, dtype=np.float32) / np.sqrt(DIMS))
             t0 = time.perf_counter()
             for d in range(0 if kept is None else size // PER_DOC, size // PER_DOC):
                 texts = [" ".join(rng.sample(pool, 6)) for _ in range(PER_DOC)]
+                vectors = shaped(np.random.default_rng(d))
+                vec = HalfVector(unit(vectors.mean(axis=0)))
                 async with tenant_tx(conn, tid):
                     doc = (await (await conn.execute(
                         "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash,"
@@ -86,8 +101,8 @@ async def run(args: argparse.Namespace) -> None:
                         "INSERT INTO rag_sections (tenant_id, collection_id, document_id, ord, heading, text,"
                         " token_count, dims, embedding) VALUES (%s, %s, %s, 0, '', '', 0, %s, %s) RETURNING id",
                         (tid, coll.id, doc, DIMS, vec))).fetchone())[0]  # type: ignore[index]
-                    rows = [(tid, coll.id, doc, sec, j, t, f"Document {d}", 0, "{}", DIMS, vec)
-                            for j, t in enumerate(texts)]
+                    rows = [(tid, coll.id, doc, sec, j, t, f"Document {d}", count_text(t), "{}", DIMS, HalfVector(v))
+                            for j, (t, v) in enumerate(zip(texts, vectors, strict=True))]
                     await conn.execute(
                         "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
                         " lex_head, token_count, metadata, dims, embedding) VALUES "

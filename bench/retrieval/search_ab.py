@@ -1,0 +1,102 @@
+"""The search's speed against an earlier commit's, on a database kept by lexical_scale.py, in one process:
+the two arms take turns query by query (which goes first alternates), so the machine's drift falls on both,
+and every query's packed passages must be the same in both (a change meant to be faster, not different).
+
+Only ``retrieval/search.py`` is taken from the earlier commit (``git show REV:retrieval/search.py``); the
+store's queries are today's for both arms.
+
+    .venv/bin/python bench/retrieval/lexical_scale.py --sizes 100000 --data DIR     # once: builds DIR/100000
+    .venv/bin/python bench/retrieval/search_ab.py --before REV --data DIR [--size 100000] [--queries 300]
+        [--embed]    # the query embedded by the packaged embedder while the search runs, as the gateway does
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pgvector.psycopg import register_vector_async
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
+from common import bench_tenant
+from lexical_scale import DIMS, ms, sentences
+
+from tollway.retrieval import Query, Tuning
+from tollway.retrieval.embedders import Embedded, LocalEmbedder
+from tollway.retrieval.search import Searcher
+
+ROOT = Path(__file__).parents[2]
+
+
+def searcher_at(rev: str, folder: Path) -> Any:
+    """``retrieval/search.py`` as it was at ``rev``, loaded as a module of its own."""
+    source = subprocess.run(["git", "show", f"{rev}:retrieval/search.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = folder / "search_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("search_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["search_before"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module.Searcher
+
+
+async def run(args: argparse.Namespace) -> None:
+    queries = random.Random(args.seed).sample(sentences(), args.queries)
+    embedder = LocalEmbedder() if args.embed else None
+    if embedder is not None:
+        embedder.load()
+    with tempfile.TemporaryDirectory(prefix="tollway-search-ab-") as tmp:
+        arms = {"before": searcher_at(args.before, Path(tmp))(lambda name, dims: None, Tuning()),
+                "now": Searcher(lambda name, dims: None, Tuning())}
+        took: dict[str, list[float]] = {name: [] for name in arms}
+        async with bench_tenant(Path(args.data) / str(args.size)) as (conn, tid):
+            await register_vector_async(conn)
+            for i, text in enumerate(queries):
+                packed = {}
+                for name in (["before", "now"] if i % 2 else ["now", "before"]):
+                    began = time.perf_counter()
+                    if embedder is not None:
+                        embedding: Any = asyncio.ensure_future(embedder.embed([text]))
+                    else:
+                        q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
+                        embedding = Embedded((q / np.linalg.norm(q))[None, :], 0, 0.0)
+                        began = time.perf_counter()
+                    found = await arms[name].search_with(conn, tid, f"shaped{args.size}",
+                                                         Query(text=text, context_tokens=args.context_tokens),
+                                                         embedding, "bench")
+                    if i >= args.warmup:
+                        took[name].append((time.perf_counter() - began) * 1000)
+                    packed[name] = [(p.chunk_ids, p.text) for p in found.passages]
+                assert packed["before"] == packed["now"], f"the arms packed different passages for {text!r}"
+    print(f"# {args.queries - args.warmup} queries each at {args.size:,} chunks, {args.context_tokens} tokens, "
+          f"{'embedded while searching' if args.embed else 'a given vector'}; the same passages in both arms")
+    for name, values in took.items():
+        print(f"  {name + (' (' + args.before + ')' if name == 'before' else ''):<24} {ms(values)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="the commit whose retrieval/search.py is the other arm")
+    parser.add_argument("--data", required=True, help="the folder lexical_scale.py --data kept")
+    parser.add_argument("--size", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=320)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--context-tokens", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--embed", action="store_true")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
