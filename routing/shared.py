@@ -29,6 +29,8 @@ from tollway.routing.health import Health
 
 log = logging.getLogger("tollway.routing.shared")
 RECONNECT_S = 1.0
+POLL_S = 1.0  # the listener's longest read: it sees a stop within this
+STOP_S = 2.0  # how long a stop waits for the listener to end, before and after closing its connection
 
 
 class SharedBreakers:
@@ -36,6 +38,8 @@ class SharedBreakers:
         self.redis, self.health = redis_client, health
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this process: its own messages are skipped
         self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None  # the listener's subscription, while it has one
+        self._stopping = False
         self._sends: set[asyncio.Task[Any]] = set()
         self.subscribed = asyncio.Event()
 
@@ -47,10 +51,21 @@ class SharedBreakers:
     async def stop(self) -> None:
         for replica in self.health.replicas.values():
             replica.on_trip = None
+        self._stopping = True
         if self._listener is not None:
+            # redis-py can swallow a cancellation that lands at the wrong moment of a read (redis/redis-py
+            # #2028, #2551): the listener reads on. It checks the flag between reads of at most POLL_S, and
+            # past STOP_S its subscription's connection is closed under it: a shutdown never waits forever.
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            done, _ = await asyncio.wait({self._listener}, timeout=STOP_S)
+            if not done:
+                log.info("shared breakers: the listener did not take its cancellation; closing its connection")
+                with contextlib.suppress(Exception):
+                    await cast(Any, self._pubsub).aclose()
+                self._listener.cancel()
+                done, _ = await asyncio.wait({self._listener}, timeout=STOP_S)
+            if not done:
+                log.warning("shared breakers: the listener is still running at shutdown; left behind")
         if self._sends:
             await asyncio.gather(*self._sends, return_exceptions=True)
 
@@ -66,17 +81,23 @@ class SharedBreakers:
             log.info("breaker trip of %s not shared (Redis: %s: %s)", name, type(exc).__name__, exc)
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        while not self._stopping:
+            pubsub = self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await self.redis.ping()  # a cluster client learns the slots first (its pub/sub needs them)
                 await pubsub.subscribe(BREAKER_CHANNEL)
                 self.subscribed.set()
-                async for message in pubsub.listen():
-                    self._received(message.get("data"))
+                # a read bounded in time and the flag checked between reads: a stop ends this loop within
+                # POLL_S even when redis-py swallows the cancellation (below); a message arrives at once
+                while not self._stopping:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
+                    if message is not None:
+                        self._received(message.get("data"))
             except Exception as exc:
                 # redis-py's cluster pub/sub has raised KeyError for a slot while a failover re-mapped it
                 self.subscribed.clear()
+                if self._stopping:
+                    return
                 log.info("shared breakers: Redis unreachable (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(RECONNECT_S)
             finally:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+from typing import Any
 
+import redis.asyncio as aioredis
 from support.config import write_config
 
 from tollway.local.embedded import free_port
+from tollway.routing.shared import POLL_S, STOP_S, SharedBreakers
 
 
 async def test_an_upstream_one_gateway_finds_dead_gets_nothing_from_another(app_factory, sim, make_tenant, tmp_path):
@@ -48,3 +52,43 @@ async def test_an_upstream_one_gateway_finds_dead_gets_nothing_from_another(app_
     assert refused_in < 0.5
     # sim, the other upstream, was never touched by the trip
     assert first.state.routing.health["sim"].state == second.state.routing.health["sim"].state == "closed"
+
+
+class _Deaf:
+    """A subscription whose reads take no cancellation, as redis-py's can when it lands at the wrong moment
+    (redis/redis-py#2028, #2551): a cancelled read is read again."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def subscribe(self, *channels: str) -> None:
+        await self.inner.subscribe(*channels)
+
+    async def get_message(self, **kwargs: Any) -> Any:
+        while True:
+            try:
+                return await self.inner.get_message(**kwargs)
+            except asyncio.CancelledError:
+                continue
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_listener_whose_read_swallows_its_cancellation_does_not_hold_up_the_shutdown(redis_url):
+    """The in-process gateway's shutdown hung in the listener's stop (a test's teardown, under load): the
+    listener read on after its cancellation. It now sees the stop between reads."""
+    client = aioredis.from_url(redis_url)
+    made = client.pubsub
+    client.pubsub = lambda **kwargs: _Deaf(made(**kwargs))  # type: ignore[method-assign]
+    shared = SharedBreakers(client, SimpleNamespace(replicas={}))  # type: ignore[arg-type]
+    shared.start()
+    try:
+        await asyncio.wait_for(shared.subscribed.wait(), 10)
+        await asyncio.sleep(0.05)  # inside a read
+        began = time.monotonic()
+        await asyncio.wait_for(shared.stop(), 4 * STOP_S)
+        assert shared._listener is not None and shared._listener.done()
+        assert time.monotonic() - began <= POLL_S + 0.5
+    finally:
+        await client.aclose()
