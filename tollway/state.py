@@ -219,9 +219,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                                 metric_reader=metric_reader)
     stack.callback(telemetry.shutdown)
 
-    idle = IdleCheck()
     pool = AsyncConnectionPool(settings.database_url, min_size=4, max_size=16, open=False, timeout=5,
-                               check=idle.check, reset=idle.reset)
+                               check=IdleCheck().check)
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
     redis_client = await connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)

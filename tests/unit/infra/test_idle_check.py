@@ -1,4 +1,4 @@
-"""The pool's connection check pings only a connection that has sat idle in the pool past ``idle_s``."""
+"""The pool's connection check pings a connection unless it was handed out moments ago."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class _Conn:
     """What the check needs of a connection: to be hashable and weakly referenced."""
 
 
-def test_a_connection_handed_back_moments_ago_is_not_pinged_and_one_idle_longer_is(monkeypatch):
+def test_a_connection_handed_out_moments_ago_is_not_pinged_and_one_idle_longer_is(monkeypatch):
     pinged: list[_Conn] = []
 
     async def ping(conn: _Conn) -> None:
@@ -22,20 +22,18 @@ def test_a_connection_handed_back_moments_ago_is_not_pinged_and_one_idle_longer_
 
     monkeypatch.setattr(AsyncConnectionPool, "check_connection", staticmethod(ping))
     idle = IdleCheck(idle_s=0.05)
-    fresh, other = _Conn(), _Conn()
+    busy, other = _Conn(), _Conn()
 
     async def run() -> None:
-        await idle.check(fresh)  # never handed back through this pool: pinged
-        await idle.reset(fresh)
-        await idle.check(fresh)  # back moments ago: not pinged
-        await idle.reset(fresh)
-        await idle.reset(other)
+        await idle.check(busy)  # never handed out before: pinged
+        await idle.check(busy)  # handed out moments ago: not pinged
+        await idle.check(other)  # another connection: its own first time, pinged
         await asyncio.sleep(0.06)
-        await idle.check(fresh)  # idle past idle_s: pinged
-        await idle.check(fresh)  # its return was used up by the check before: pinged
+        await idle.check(busy)  # idle past idle_s: pinged
+        await idle.check(busy)  # and then not again at once
 
     asyncio.run(run())
-    assert pinged == [fresh, fresh, fresh]
+    assert pinged == [busy, other, busy]
 
 
 def test_a_failed_ping_reaches_the_pool(monkeypatch):
