@@ -212,21 +212,25 @@ def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, wit
     gram = vectors @ vectors.T
     scores = np.array([c.score for c in cands])
     documents = np.array([c.document_id for c in cands])
-    # the candidates whose novelty a choice changes: its document's (within_documents) or all of them
+    # the candidates whose novelty a choice changes: its document's (within_documents, found when a passage
+    # of it is first chosen) or all of them
     everyone = np.arange(len(cands))
-    members = ({d: np.flatnonzero(documents == d) for d in set(documents.tolist())} if within_documents else {})
+    members: dict[int, np.ndarray[Any, Any]] = {}
     chosen: list[int] = []
     nearest = np.full(len(cands), -1.0)  # to any chosen passage: the duplicate test
     redundancy = np.full(len(cands), -1.0)  # to the chosen passages that count for novelty
+    gone = np.zeros(len(cands), dtype=bool)  # taken (chosen or dropped)
+    relevance, novelty = lam * scores, 1 - lam
     # each candidate's marginal value, kept up to date where a choice changes it (the rest stand as they
     # were: the same numbers as recomputing every value each round, for a fraction of the work); -inf: taken
-    value = lam * scores - (1 - lam) * np.maximum(redundancy, 0)
+    value = relevance - novelty * np.maximum(redundancy, 0)
     left = len(cands)
     above = len(cands) if below is None else int((scores >= below).sum())  # of those left, the packer would read
     while len(chosen) < limit and left and above:
         best = int(np.argmax(value))
         taken = float(value[best])
         value[best] = -np.inf
+        gone[best] = True
         left -= 1
         if below is None or scores[best] >= below:
             above -= 1
@@ -236,10 +240,20 @@ def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, wit
         cands[best].value = taken
         row = gram[best]
         np.maximum(nearest, row, out=nearest)
-        idx = members[int(documents[best])] if within_documents else everyone
-        redundancy[idx] = np.maximum(redundancy[idx], row[idx])
-        value[idx] = np.where(np.isneginf(value[idx]), -np.inf,
-                              lam * scores[idx] - (1 - lam) * np.maximum(redundancy[idx], 0))
+        if within_documents:
+            doc = int(documents[best])
+            idx = members.get(doc)
+            if idx is None:
+                idx = members[doc] = np.flatnonzero(documents == doc)
+            if len(idx) == 1:
+                continue  # the document's only candidate, just taken: no other value changes
+        else:
+            idx = everyone
+        grown = np.maximum(redundancy[idx], row[idx])
+        redundancy[idx] = grown
+        fresh = relevance[idx] - novelty * np.maximum(grown, 0)
+        fresh[gone[idx]] = -np.inf
+        value[idx] = fresh
     return [cands[i] for i in chosen]
 
 
