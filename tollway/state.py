@@ -54,7 +54,7 @@ from tollway.guardrails import PolicyError
 from tollway.infra.alerts import Delivery, Webhook
 from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
-from tollway.infra.db import IdleCheck, migrate
+from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
 from tollway.infra.redisclient import REDIS_FAULTS
 from tollway.infra.redisclient import connect as connect_redis
@@ -220,7 +220,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     stack.callback(telemetry.shutdown)
 
     pool = AsyncConnectionPool(settings.database_url, min_size=4, max_size=16, open=False, timeout=5,
-                               check=IdleCheck().check)
+                               check=AsyncConnectionPool.check_connection)
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
     redis_client = await connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import time
-import weakref
 from importlib import resources
-from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 _LOCK_ID = 0x70_11_3A_7E  # advisory lock: one migrator at a time across replicas
 
@@ -44,23 +40,3 @@ async def migrate(database_url: str) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
     return applied_now
-
-
-class IdleCheck:
-    """The pool's ``check``: a connection is pinged before it is handed out unless it was handed out less than
-    ``idle_s`` ago (then it was working moments ago); that saves a round trip on nearly every checkout of a
-    busy gateway, and a server restart or a dropped socket is still found at checkout for every connection
-    that sat in the pool. A connection that breaks within those moments fails the query that uses it, and
-    the pool drops it. (Not the pool's ``reset`` hook: with one, psycopg_pool hands every returned
-    connection to a worker task instead of taking it back at once.)"""
-
-    def __init__(self, idle_s: float = 1.0) -> None:
-        self.idle_s = idle_s
-        self._out: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
-
-    async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        now = time.monotonic()
-        last = self._out.get(conn)
-        if last is None or now - last > self.idle_s:
-            await AsyncConnectionPool.check_connection(conn)
-        self._out[conn] = now
