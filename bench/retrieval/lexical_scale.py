@@ -5,9 +5,10 @@ Chunks are made of sentences of the Free On-line Dictionary of Computing (Debian
 drawn at random per chunk (about 120 words), 50 chunks per document, each with its tiktoken count as ingest
 stores it. Vectors are random but shaped like a corpus's: each document has a direction, its chunks scatter
 around it, its section's and its own vector are their centroid (so neighbours, near-duplicates and the
-packer's floor behave as on real text; bench/retrieval/scale.py measures the vector side at 1M). Queries: 200 single sentences of the same
-source (about 20 words) and 50 long ones of 250 words (the length that cost ``ts_rank`` 90 ms). Each query
-runs through the store's real function inside a tenant transaction (row-level security on).
+packer's floor behave as on real text; bench/retrieval/scale.py measures the vector side at 1M). Queries:
+200 single sentences of the same source (about 20 words) and 50 long ones of 250 words (the length that
+cost ``ts_rank`` 90 ms). Each query runs through the store's real function inside a tenant transaction
+(row-level security on).
 
 ``--http``: the same short queries through a running gateway as a client sends them (``tollway serve`` on this
 database, ``POST /v1/retrieval/search``, the default search at 600 tokens), the query embedded by the packaged
