@@ -285,16 +285,16 @@ def _where(title: str, heading: str) -> str:
     return heading if heading.startswith(title + " > ") else f"{title} > {heading}"
 
 
-def _unstripped(cand: Candidate) -> bool:
-    """Its block holds all of its text (``_block`` drops a leading line that repeats the heading's last part)."""
-    last = cand.heading.rsplit(" > ", 1)[-1]
-    return not (last and cand.text.startswith(last + "\n"))
+def _heading_line(heading: str, text: str) -> int:
+    """The length of the line ``text`` opens with when it repeats the heading's last part (0: it does not):
+    the block leaves that line out, since its header already names the section."""
+    last = heading.rsplit(" > ", 1)[-1]
+    return len(last) + 1 if last and text.startswith(last + "\n") else 0
 
 
 def _block(n: int, title: str, heading: str, text: str) -> str:
-    last = heading.rsplit(" > ", 1)[-1]
-    if last and text.startswith(last + "\n"):  # the header already names the section
-        text = text[len(last) + 1:].lstrip("\n")
+    if cut := _heading_line(heading, text):
+        text = text[cut:].lstrip("\n")
     return f"[{n}] {_where(title, heading)}\n{text}"
 
 
@@ -322,7 +322,8 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
         if at is None and len(groups) >= limit:
             continue
         room = budget - total
-        if at is None and cand.tokens > room and not (tails and room >= MIN_TAIL) and _unstripped(cand):
+        if (at is None and cand.tokens > room and not (tails and room >= MIN_TAIL)
+                and not _heading_line(cand.heading, cand.text)):
             continue  # its block is longer than its text (a header of 4+ tokens): it cannot fit, and counting it
             # is most of a search's packing once the budget is full
         group = [cand] if at is None else sorted([*groups[at], cand], key=lambda c: c.ord)
@@ -450,10 +451,10 @@ class Searcher:
             docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
                     if query.mode == "hierarchical" and t.document_weight else [])
             known = {c.chunk_id for c in near}
-            extra = [i for i, _ in lexical.scores if i not in known]
             if early:
                 cands = near + [c for c in worded if c.chunk_id not in known]
             else:
+                extra = [i for i, _ in lexical.scores if i not in known]
                 cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
             seen = {c.chunk_id for c in cands}
             if sections:
@@ -529,7 +530,7 @@ class Searcher:
                        + t.document_weight * doc_of[c.document_id])
         cands.sort(key=lambda c: -c.score)
         # with the packer's floor as the ordering's end (a reranker reorders past it; density re-sorts)
-        below = t.floor * cands[0].score if floor_ends and t.floor is not None and not t.density else None
+        below = t.floor * cands[0].score if floor_ends and not t.density else None
         picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16), within_documents=t.mmr_within_documents,
                      below=below)
         if t.density and picked:

@@ -42,7 +42,7 @@ import corpora
 from common import CLI, Processes, bench_tenant, start_gateway, start_sim
 
 from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
-from tollway.retrieval.embedders import LOCAL_NAME, Embedded
+from tollway.retrieval.embedders import LOCAL_NAME, Embedded, normalise
 from tollway.routing import count_text
 
 DIMS = 384
@@ -57,15 +57,11 @@ def sentences() -> list[str]:
     return out
 
 
-def unit(v: np.ndarray) -> np.ndarray:
-    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def shaped(rng: np.random.Generator) -> np.ndarray:
     """A document's chunk vectors: its direction plus noise of 0.8 its size (cosines of about 0.6 between
     chunks of one document, about 0 across documents)."""
     direction = rng.standard_normal(DIMS)
-    return unit(direction + 0.8 * rng.standard_normal((PER_DOC, DIMS)))
+    return normalise(direction + 0.8 * rng.standard_normal((PER_DOC, DIMS)))
 
 
 def ms(values: list[float]) -> str:
@@ -92,7 +88,7 @@ async def run(args: argparse.Namespace) -> None:
             for d in range(0 if kept is None else size // PER_DOC, size // PER_DOC):
                 texts = [" ".join(rng.sample(pool, 6)) for _ in range(PER_DOC)]
                 vectors = shaped(np.random.default_rng(d))
-                vec = HalfVector(unit(vectors.mean(axis=0)))
+                vec = HalfVector(normalise(vectors.mean(axis=0, keepdims=True))[0])
                 async with tenant_tx(conn, tid):
                     doc = (await (await conn.execute(
                         "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash,"
