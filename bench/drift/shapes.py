@@ -41,12 +41,13 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from tollway.evals import DriftSettings, SamplingPolicy, Scored
 from tollway.evals.drift import BernoulliSPRT
+from tollway.gateway.quality.incidents import Incidents, IncidentSettings
 from tollway.gateway.quality.watches import Row, Watch, Watches, prompt_key
 
 DAY = 1440  # minutes
@@ -62,13 +63,15 @@ class Shape:
     wander: float = 0.0  # points of the base rate's slow drift, either way
     burst: int = 0  # minutes of a weekly burst (0: none)
     burst_fail: float = 0.30  # the share of answers a burst fails on top of the usual failures
+    silent: bool = False  # a burst that fails no attempt (the upstream answers 200 with bad text): no incident
+    attempt_fail: float = 0.005  # failed attempts outside bursts (a burst fails ``burst_fail`` of them)
 
     def label(self) -> str:
         parts = [f"{self.per_day // 1000}k/day", self.curve, f"base {self.base:.0%}"]
         if self.wander:
             parts.append(f"wander +/-{self.wander * 100:g}")
         if self.burst:
-            parts.append(f"bursts {self.burst} min at {self.burst_fail:.0%}")
+            parts.append(f"{'silent ' if self.silent else ''}bursts {self.burst} min at {self.burst_fail:.0%}")
         return ", ".join(parts)
 
 
@@ -114,6 +117,16 @@ class Traffic:
                     p[start:start + shape.burst] *= 1 - shape.burst_fail
         self.p = np.clip(p, 0.0, 1.0)
 
+    def failed_attempts(self, rng: np.random.Generator) -> np.ndarray:
+        """Per minute, the attempts the gateway saw fail (the ledger's ``attempt`` rows): ``attempt_fail`` of
+        the requests, ``burst_fail`` of them in a burst unless it is silent. Its own generator, so that the
+        samples of a seed are the same with incidents as without."""
+        share = np.full(len(self.requests), self.shape.attempt_fail)
+        if not self.shape.silent:
+            for start, end in self.bursts:
+                share[start:end] = self.shape.burst_fail
+        return rng.binomial(self.requests, share)
+
 
 def draw(rng: random.Random, p: float, at: float, rate: float) -> Scored:
     tokens = rng.lognormvariate(math.log(400), 0.5)
@@ -122,15 +135,19 @@ def draw(rng: random.Random, p: float, at: float, rate: float) -> Scored:
                   rate=rate)
 
 
-def samples(traffic: Traffic, rate_now: Callable[[], float], rng: random.Random, nrng: np.random.Generator
-            ) -> Iterator[tuple[int, Scored]]:
+def samples(traffic: Traffic, route: SimRoute, key: str, rng: random.Random, nrng: np.random.Generator,
+            seed: int) -> Iterator[tuple[int, Scored]]:
     """The sampled answers of every minute, in time order, at the rate the monitor asks for (read each minute
-    from ``rate_now``). Yields (minute, sample); the caller feeds them."""
+    from ``route``'s rate for ``key``), each minute's failed attempts told to the route first (they are in
+    the ledger before the answers' samples are scored). Yields (minute, sample); the caller feeds them."""
+    failed = traffic.failed_attempts(np.random.default_rng(seed + 7_777))
     for minute in range(len(traffic.requests)):
+        if failed[minute]:
+            route.failed(minute, int(failed[minute]))
         n = int(traffic.requests[minute])
         if not n:
             continue
-        rate = rate_now()
+        rate = route.rate(key)
         k = int(nrng.binomial(n, rate)) if rate < 1 else n
         for at in sorted(rng.random() for _ in range(k)):
             yield minute, draw(rng, float(traffic.p[minute]), (minute + at) * 60.0, rate)
@@ -139,8 +156,9 @@ def samples(traffic: Traffic, rate_now: Callable[[], float], rng: random.Random,
 class SimRoute:
     """The monitor's pass over one simulated route (a model's steady traffic, or a prompt's versions)."""
 
-    def __init__(self, settings: DriftSettings, policy: SamplingPolicy) -> None:
-        self.core = Watches(settings, policy)
+    def __init__(self, settings: DriftSettings, policy: SamplingPolicy, incidents: IncidentSettings) -> None:
+        self.core = Watches(settings, policy, Incidents(incidents))
+        self.failures: dict[int, int] = {}  # per bucket: failed attempts so far
         self.policy = policy
         self.ids = 0
         self.now = 0.0
@@ -149,6 +167,11 @@ class SimRoute:
         """What every replica samples ``key`` at now (a fixed policy: always its base rate)."""
         rate, _ = self.core.rates(self.now).get(key, (self.policy.base, 0.0))
         return max(rate, self.policy.base)
+
+    def failed(self, minute: int, n: int) -> None:
+        bucket = Incidents.bucket(minute * 60.0)
+        self.failures[bucket] = self.failures.get(bucket, 0) + n
+        self.core.incidents.failed("m", bucket, self.failures[bucket])
 
     def feed(self, s: Scored, version: str | None = None) -> list[tuple[Watch, list]]:
         self.ids += 1
@@ -166,16 +189,16 @@ def warmup_minutes(shape: Shape, settings: DriftSettings, policy: SamplingPolicy
     return int(math.ceil((settings.baseline_samples + 4 * settings.window) / per_day * 1.3 + 2) * DAY)
 
 
-def detect_run(seed: int, shape: Shape, drop: float, settings: DriftSettings, policy: SamplingPolicy
-               ) -> tuple[int | None, int | None]:
+def detect_run(seed: int, shape: Shape, drop: float, settings: DriftSettings, policy: SamplingPolicy,
+               incidents: IncidentSettings) -> tuple[int | None, int | None]:
     """Scored samples and live requests from the drop to its detection (None, None: missed)."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
     total = warm + MAX_DAYS * DAY
     traffic = Traffic(shape, total, nrng, drop_at=warm, drop=drop)
-    route = SimRoute(settings, policy)
+    route = SimRoute(settings, policy, incidents)
     n = 0
-    for minute, s in samples(traffic, lambda: route.rate("model:m"), rng, nrng):
+    for minute, s in samples(traffic, route, "model:m", rng, nrng, seed):
         if minute >= warm:
             n += 1
         for _, found in route.feed(s):
@@ -184,17 +207,17 @@ def detect_run(seed: int, shape: Shape, drop: float, settings: DriftSettings, po
     return None, None
 
 
-def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, policy: SamplingPolicy
-              ) -> tuple[int, int, dict[str, int]]:
+def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, policy: SamplingPolicy,
+              incidents: IncidentSettings) -> tuple[int, int, dict[str, int]]:
     """Alarms (any detector) and scored samples over ``days`` of unchanged traffic after the warm-up."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     warm = warmup_minutes(shape, settings, policy)
     total = warm + days * DAY
     traffic = Traffic(shape, total, nrng)
-    route = SimRoute(settings, policy)
+    route = SimRoute(settings, policy, incidents)
     alarms = n = 0
     by: dict[str, int] = {}
-    for minute, s in samples(traffic, lambda: route.rate("model:m"), rng, nrng):
+    for minute, s in samples(traffic, route, "model:m", rng, nrng, seed):
         found = route.feed(s)
         if minute >= warm:
             n += 1
@@ -205,7 +228,8 @@ def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, polic
     return alarms, n, by
 
 
-def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy, watch_days: int = 7) -> bool:
+def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy, incidents: IncidentSettings,
+             watch_days: int = 7) -> bool:
     """A label moved to a version as good as the old one, watched for ``watch_days``: rolled back?"""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
@@ -215,10 +239,10 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
         start = warm + int(nrng.integers(0, watch_days * DAY - shape.burst))
         traffic.bursts = [(start, start + shape.burst)]
         traffic.p[start:start + shape.burst] *= 1 - shape.burst_fail
-    route = SimRoute(settings, policy)
+    route = SimRoute(settings, policy, incidents)
     key = prompt_key(1, "faq", "prod")
     watch: Watch | None = None
-    for minute, s in samples(traffic, lambda: route.rate(key), rng, nrng):
+    for minute, s in samples(traffic, route, key, rng, nrng, seed):
         if minute < warm:
             route.feed(s, "v1")
             continue
@@ -283,6 +307,11 @@ def main() -> None:
     parser.add_argument("--match", default="", help="only the traffic whose label contains this")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a detector setting other than its default (DriftSettings), e.g. evidence_hours=0")
+    parser.add_argument("--incident-failures", type=int, default=IncidentSettings().min_failures,
+                        help="failed attempts in five minutes that can make an upstream incident (0: incidents off)")
+    parser.add_argument("--incident-share", type=float, default=IncidentSettings().share)
+    parser.add_argument("--silent", action="store_true",
+                        help="bursts fail no attempt (the upstream answers 200 with bad text): no incident to see")
     parser.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
                         help="the other base rates and drop sizes on the day curve")
     args = parser.parse_args()
@@ -290,9 +319,12 @@ def main() -> None:
     settings = DriftSettings(**{k: type(getattr(DriftSettings(), k) or 0.0)(v) for k, v in (a.split("=", 1) for a in args.set)})
     adaptive, fixed = SamplingPolicy(), SamplingPolicy(ceiling=0.02)
     shapes = held_out_shapes(volumes) if args.held_out else tuning_shapes(volumes)
+    if args.silent:
+        shapes = [dataclasses.replace(s, silent=True) for s in shapes]
     shapes = [s for s in shapes if args.match in s.label()]
+    incidents = IncidentSettings(args.incident_failures, args.incident_share)
     only = set(args.only.split(","))
-    print(f"settings: {settings}\nadaptive: {adaptive}\n")
+    print(f"settings: {settings}\nadaptive: {adaptive}\nincidents: {incidents}\n")
     pool = concurrent.futures.ProcessPoolExecutor(args.jobs)
     seed0 = args.seed * 1_000_000
     if "detect" in only:
@@ -306,7 +338,7 @@ def main() -> None:
             started = time.perf_counter()
             out = {}
             for name, policy in (("fixed", fixed), ("adaptive", adaptive)):
-                out[name] = list(pool.map(_detect, [(seed0 + i, shape, drop, settings, policy)
+                out[name] = list(pool.map(_detect, [(seed0 + i, shape, drop, settings, policy, incidents)
                                                     for i in range(args.runs)]))
             w = wald(shape.base, drop)
             f = [n for n, _ in out["fixed"] if n is not None]
@@ -328,7 +360,8 @@ def main() -> None:
         for shape in shapes:
             for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
                 started = time.perf_counter()
-                runs = list(pool.map(_alarms, [(seed0 + 500_000 + i, shape, per_run, settings, policy)
+                runs = list(pool.map(_alarms, [(seed0 + 500_000 + i, shape, per_run, settings, policy,
+                                               incidents)
                                                for i in range(max(1, args.days // per_run))]))
                 days = per_run * len(runs)
                 alarms = sum(r[0] for r in runs)
@@ -347,7 +380,7 @@ def main() -> None:
                 continue
             for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
                 started = time.perf_counter()
-                back = sum(pool.map(_move, [(seed0 + 900_000 + i, shape, settings, policy)
+                back = sum(pool.map(_move, [(seed0 + 900_000 + i, shape, settings, policy, incidents)
                                             for i in range(args.moves)]))
                 print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) |"
                       f"   ({time.perf_counter() - started:.0f} s)", flush=True)

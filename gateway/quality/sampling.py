@@ -35,6 +35,7 @@ from tollway.gateway.chat.wire import choice_text, usage_of
 from tollway.gateway.metering.accounting import side_row
 from tollway.gateway.metering.ledger import Ledger, LedgerRow
 from tollway.gateway.observability.telemetry import Telemetry
+from tollway.gateway.quality.incidents import IncidentSettings
 from tollway.gateway.quality.watches import model_key, prompt_key
 from tollway.infra import changes
 from tollway.jsontypes import JSON
@@ -44,6 +45,7 @@ log = logging.getLogger("tollway.quality")
 JUDGE_RUBRIC = ("Does the answer respond to the user's last message helpfully and correctly, without inventing "
                 "facts? 10: fully; 0: not at all.")
 _DRIFT = DriftSettings()  # the detectors' defaults
+_INCIDENTS = IncidentSettings()
 
 
 class _Strict(BaseModel):
@@ -67,6 +69,8 @@ class RawQuality(_Strict):
     baseline_max: int = Field(default=5000, ge=20)
     evidence_hours: float = Field(default=_DRIFT.evidence_hours, ge=0)  # a pass-rate test climbs 1/this per hour
     alarm_days: float = Field(default=_DRIFT.alarm_days, ge=0)  # window tests: one false alarm in this many days
+    incident_failures: int = Field(default=_INCIDENTS.min_failures, ge=0)  # failed attempts in 5 min (0: off)
+    incident_share: float = Field(default=_INCIDENTS.share, ge=0, le=1)  # ... and this share of the model's requests
     min_samples: int = Field(default=200, ge=1)  # scored samples per progressive step (the rollout's own wins)
     watch_days: float = Field(default=7.0, gt=0)  # a moved prompt label is compared with its last version this long
     auto_rollback: bool = True  # a breach on a moved prompt label moves it back (rollouts: their own flag)
@@ -86,6 +90,7 @@ class QualitySettings:
     watch_days: float = 7.0
     auto_rollback: bool = True
     retention_interval_s: float = 3600.0
+    incidents: IncidentSettings = _INCIDENTS
 
 
 async def list_rates(conn: psycopg.AsyncConnection[Any]) -> list[JSON]:
@@ -106,7 +111,8 @@ def quality_settings(data: Any) -> QualitySettings:
                           min_samples=raw.min_samples)
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,
                            raw.queue_size, raw.scorers, raw.judge_model, raw.judge_rubric, raw.interval_s,
-                           raw.watch_days, raw.auto_rollback, raw.retention_interval_s)
+                           raw.watch_days, raw.auto_rollback, raw.retention_interval_s,
+                           IncidentSettings(raw.incident_failures, raw.incident_share))
 
 
 @dataclass(frozen=True, slots=True)

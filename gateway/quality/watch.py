@@ -36,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from tollway.errors import NotFound
 from tollway.evals import Finding, Scored
 from tollway.gateway.observability.telemetry import Telemetry
+from tollway.gateway.quality.incidents import BUCKET_S, KEEP_S, Incidents
 from tollway.gateway.quality.sampling import LiveQuality, QualitySettings
 from tollway.gateway.quality.watches import (
     SAMPLE_COLUMNS,
@@ -62,8 +63,10 @@ class Monitor:
     def __init__(self, pool: AsyncConnectionPool, database_url: str, settings: QualitySettings,
                  quality: LiveQuality, telemetry: Telemetry) -> None:
         self.pool, self.url, self.settings, self.quality, self.telemetry = pool, database_url, settings, quality, telemetry
-        self.core = Watches(settings.drift, settings.policy)
+        self.core = Watches(settings.drift, settings.policy, Incidents(settings.incidents))
         self.cursor = -1  # the last sample fed (-1: none yet; a new leader starts at the newest)
+        self.first = 0  # the cursor this leadership started at: older samples were never fed (their traffic unseen)
+        self.failures_from: float | None = None  # the failed attempts are read again from here (None: a new leader)
         self._lock: psycopg.AsyncConnection[Any] | None = None
 
     @property
@@ -92,8 +95,8 @@ class Monitor:
         if row is None or not row[0]:
             await conn.close()
             return False
-        self._lock, self.cursor = conn, -1  # new leadership: rebuilt
-        self.core = Watches(self.settings.drift, self.settings.policy)
+        self._lock, self.cursor, self.failures_from = conn, -1, None  # new leadership: rebuilt
+        self.core = Watches(self.settings.drift, self.settings.policy, Incidents(self.settings.incidents))
         return True
 
     async def tick(self) -> None:
@@ -116,12 +119,13 @@ class Monitor:
             if self.cursor < 0:  # a new leader starts at the newest sample; the watches load their history
                 cur = await conn.execute("SELECT coalesce(max(id), 0) FROM quality_samples")
                 first = await cur.fetchone()
-                self.cursor = int(first[0]) if first else 0
+                self.cursor = self.first = int(first[0]) if first else 0
             await self._sync(conn)
             while True:
                 cur = await conn.execute(f"SELECT {SAMPLE_COLUMNS} FROM quality_samples WHERE id > %s ORDER BY id LIMIT %s",
                                          (self.cursor, BATCH))
                 rows = [row_of(r) for r in await cur.fetchall()]
+                await self._failures(conn)  # after the samples: their failed attempts are in the ledger before them
                 for row in rows:
                     self.cursor = row.id
                     if (route := self.core.route(row)) is not None:
@@ -198,15 +202,41 @@ class Monitor:
             candidate=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == new,
             baseline=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == old)
 
+    async def _failures(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The failed attempts per model and bucket (upstream incidents): a new leader reads ``KEEP_S`` back,
+        then each read starts two buckets before the last (a bucket is read whole; an attempt's row carries
+        its request's start, and may land after a slow failure)."""
+        incidents = self.core.incidents
+        if incidents.settings.min_failures <= 0:
+            return
+        now = time.time()
+        since = now - KEEP_S if self.failures_from is None else self.failures_from
+        cur = await conn.execute(
+            "SELECT model, floor(extract(epoch FROM created_at) / %s)::bigint AS b, count(*) FROM ledger"
+            " WHERE role = 'attempt' AND model IS NOT NULL AND created_at >= to_timestamp(%s) GROUP BY 1, 2",
+            (BUCKET_S, Incidents.bucket(since) * BUCKET_S))
+        for model, bucket, n in await cur.fetchall():
+            incidents.failed(model, int(bucket), int(n))
+        self.failures_from = now - 2 * BUCKET_S
+
+    def _outside_incidents(self, rows: list[Row]) -> list[Row]:
+        """Stored samples without those answered inside an upstream incident (as ``feed`` sets them aside);
+        those from before this leadership have their traffic counted first (never fed, never counted)."""
+        incidents = self.core.incidents
+        for row in rows:
+            if row.id <= self.first:
+                incidents.sampled(row.model, row.scored.at, row.scored.rate)
+        return [row for row in rows if not incidents.covers(row.model, row.scored.at)]
+
     async def _history(self, conn: psycopg.AsyncConnection[Any], route: Route, row: Row) -> list[Scored]:
         """A route's stored samples before ``row``, oldest first, as many as its new watch reads (a
-        completed rollout's candidate answers count as the model's)."""
+        completed rollout's candidate answers count as the model's), less those inside upstream incidents."""
         cur = await conn.execute(
             f"SELECT {SAMPLE_COLUMNS} FROM (SELECT * FROM quality_samples WHERE {route.where} AND"
             " (rollout_of IS NULL OR rollout_of || ' ' || model = ANY(%s)) AND id < %s ORDER BY id DESC LIMIT %s) s"
             " ORDER BY id",
             (*route.args, [f"{m} {c}" for m, c in self.core.completed.items()], row.id, self.core.history_size()))
-        return [row_of(r).scored for r in await cur.fetchall()]
+        return [r.scored for r in self._outside_incidents([row_of(r) for r in await cur.fetchall()])]
 
     async def _load(self, conn: psycopg.AsyncConnection[Any], w: Watch) -> None:
         """A new watch's history: its baseline and its candidate's samples so far (up to the cursor)."""
@@ -217,7 +247,7 @@ class Monitor:
             " OR model = ANY(%s)) AND (%s::bigint IS NULL OR tenant_id = %s) ORDER BY id DESC LIMIT %s) s ORDER BY id",
             (self.cursor, models, models, w.tenant_id, w.tenant_id, 4 * self.settings.drift.baseline_max))
         w.base = deque(maxlen=w.settings.baseline_max)
-        rows = [row_of(r) for r in await cur.fetchall()]
+        rows = self._outside_incidents([row_of(r) for r in await cur.fetchall()])
         for row in rows:
             if w.baseline(row) and not w.candidate(row):
                 w.base.append(row.scored)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tollway.evals import DriftSettings, Finding, RouteTest, SamplingPolicy, Scored, SteadyWatch
+from tollway.gateway.quality.incidents import Incidents
 from tollway.jsontypes import JSON
 from tollway.routing import Rollout
 
@@ -130,10 +131,12 @@ class Watches:
     """Every watch of the leading monitor and the pure half of its pass. Per sample, in order: ``route``
     (a steady route with no watch yet: the caller loads its history and calls ``start``), then ``feed``
     (what each watch found; a change's watch that breached or may advance is done with). ``rates``: the
-    sampling rate each route asks for now."""
+    sampling rate each route asks for now. ``incidents``: the upstream incidents the caller keeps current
+    (failed attempts per model); a sample inside one feeds no watch."""
 
-    def __init__(self, drift: DriftSettings, policy: SamplingPolicy) -> None:
+    def __init__(self, drift: DriftSettings, policy: SamplingPolicy, incidents: Incidents | None = None) -> None:
         self.drift, self.policy = drift, policy
+        self.incidents = incidents or Incidents()
         self.watches: dict[str, Watch] = {}
         self.ended: set[str] = set()  # watches that breached or stepped: their rollout or change is done with
         self.completed: dict[str, str] = {}  # model -> the candidate of its completed rollout
@@ -193,8 +196,13 @@ class Watches:
     def feed(self, row: Row) -> list[tuple[Watch, list[Finding]]]:
         """One sample to every watch. Returns the watches that breached, with their findings, and those a
         progressive rollout may advance, with none; a change's watch in either is done with (the monitor
-        acts on it; its next step, if any, is a new watch)."""
+        acts on it; its next step, if any, is a new watch). A sample answered inside an upstream incident of
+        its model is set aside: evidence about the upstream, not the route."""
         out: list[tuple[Watch, list[Finding]]] = []
+        self.incidents.sampled(row.model, row.scored.at, row.scored.rate)
+        if self.incidents.covers(row.model, row.scored.at):
+            self.incidents.set_aside += 1
+            return out
         for watch in list(self.watches.values()):
             if watch.done:
                 continue
@@ -210,6 +218,7 @@ class Watches:
     def tidy(self, now: float) -> None:
         """After a pass: drop the watches done with, and steady watches quiet for ``STEADY_FORGET_S``."""
         self.ended |= {k for k, w in self.watches.items() if w.done}
+        self.incidents.forget(now)
         forget = now - STEADY_FORGET_S
         self.watches = {k: w for k, w in self.watches.items()
                         if not w.done and (w.steady is None or w.fed_at > forget)}
