@@ -473,3 +473,38 @@ async def test_failures_packed_into_minutes_wait_for_hours_of_evidence(quality_a
     assert burst is not None and burst.test is not None
     cusum = burst.test.pass_tests[0].cusum
     assert cusum is not None and 0 < cusum.llr <= cusum.h / 3 + 1e-9  # it climbed a third of the way, no more
+
+
+def insert_failed_attempts(pg: Any, tenant: Any, model: str, n: int, *, start_h: float, every_s: float) -> None:
+    """Ledger rows of attempts that failed at the upstream (as the gateway writes them before falling back)."""
+    with psycopg.connect(pg.url) as conn:
+        for i in range(n):
+            conn.execute("INSERT INTO ledger (request_id, created_at, tenant_id, key_id, endpoint, model, role, attempt,"
+                         " status, error_code, latency_ms) VALUES (%s, now() - make_interval(secs => %s), %s, %s,"
+                         " 'chat.completions', %s, 'attempt', 1, 502, 'upstream_error', 5)",
+                         (f"hiccup-{model}-{i}", start_h * 3600 - i * every_s, tenant.id, tenant.key_id, model))
+
+
+async def test_failures_inside_an_upstream_incident_are_set_aside(quality_app, make_tenant, pg):
+    """The same burst of failed answers on two routes, evidence per sample (no rise limit): on the route whose
+    upstream failed attempts meanwhile (an incident in the ledger) it is set aside and raises nothing; on the
+    other (a hiccup that answered 200) it is a breach. Failures after the incident still count."""
+    tenant = make_tenant()
+    burst = [False] * 8 + [True, False] * 4
+    async with quality_app() as gw:
+        monitor = gw.state.monitor
+        await monitor.run_pass()
+        for model in ("sim-hiccup", "sim-silent"):
+            insert_samples(pg, tenant.id, model, BASELINE, start_h=60, every_s=1800)
+        await monitor.run_pass()
+        # the last eight minutes (the monitor reads the failed attempts of the last buckets each pass)
+        insert_failed_attempts(pg, tenant, "sim-hiccup", 6, start_h=0.14, every_s=60)
+        for model in ("sim-hiccup", "sim-silent"):
+            insert_samples(pg, tenant.id, model, burst, start_h=0.14, every_s=30)
+        raised = await monitor.run_pass()
+        assert [r["watch"] for r in raised] == ["steady:model:sim-silent"]
+        assert monitor.core.incidents.set_aside == len(burst)
+        assert monitor.core.incidents.windows("sim-hiccup") and not monitor.core.incidents.windows("sim-silent")
+        insert_samples(pg, tenant.id, "sim-hiccup", burst, start_h=-2, every_s=60)  # two hours on: evidence
+        raised = await monitor.run_pass()
+    assert [r["watch"] for r in raised] == ["steady:model:sim-hiccup"]

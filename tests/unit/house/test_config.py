@@ -119,6 +119,7 @@ def test_the_shipped_example_config_is_valid() -> None:
     assert quality.drift.alpha == 0.0025
     assert quality.drift.sequential_share == 0.5
     assert (quality.drift.evidence_hours, quality.drift.alarm_days) == (3, 1000)
+    assert (quality.incidents.min_failures, quality.incidents.share) == (3, 0.05)
     assert quality.policy.ceiling == 0.25
 
 
