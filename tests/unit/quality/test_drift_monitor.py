@@ -348,6 +348,31 @@ def test_a_change_watch_halves_its_alpha_after_each_clean_cycle():
     assert sequential.sprt.alpha == pytest.approx(sequential.alpha / 2 ** sequential.accepted)
 
 
+def test_a_change_watch_spends_its_window_budget_over_its_windows():
+    """A change's watch runs window tests for as long as it is watched (a week at a busy route's rate is
+    dozens of windows); the k-th window gets 6 / (pi^2 k^2) of the budget, so the watch as a whole raises at
+    most its budget on unchanged traffic. A large alpha makes the difference countable: spent per window,
+    these runs would raise about two window alarms each."""
+    settings = DriftSettings(window=50, alpha=0.2, pass_drop=None)
+    rng = random.Random(12)
+    alarms = 0
+    for _ in range(40):
+        test = RouteTest([draw(rng) for _ in range(300)], settings)
+        for _ in range(20 * settings.window):
+            alarms += len([f for f in test.update(draw(rng)) if f.test in ("ks", "rise")])
+    assert alarms <= 12  # per window: ~80 expected; spent: at most 40 runs x the budget (0.1) on average
+    test = RouteTest([draw(rng) for _ in range(300)], settings)
+    spent = []
+    for k in range(1, 200):
+        test.windows = k
+        spent.append(test._alpha())
+    assert spent[0] == pytest.approx(test.window_alpha * 6 / math.pi ** 2)
+    assert sum(spent) < test.window_alpha
+    steady = RouteTest([draw(rng) for _ in range(300)], settings, steady=True)
+    steady.windows = 50
+    assert steady._alpha() == steady.window_alpha  # a steady route's budget is per day instead
+
+
 def test_a_busy_steady_route_spends_its_window_budget_per_day():
     rng = random.Random(10)
     per_day = DriftSettings(window=200, alarm_days=1000)
