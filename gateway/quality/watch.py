@@ -28,6 +28,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -363,7 +364,18 @@ class Monitor:
                         " DO UPDATE SET rate = EXCLUDED.rate, progress = EXCLUDED.progress, updated_at = now()",
                         (key, max(rate, 1e-6), progress))
 
+    def incidents(self) -> JSON:
+        """The upstream incidents this leader knows of (eight days), and the samples they set aside."""
+        incidents = self.core.incidents
+        return {"set_aside": incidents.set_aside, "windows": [
+            {"model": model, "start": _iso(start), "end": _iso(end)}
+            for model in sorted(incidents.failures) for start, end in incidents.windows(model)]}
+
     def describe(self) -> list[JSON]:
         now = time.time()
         return [{**w.state(), "idle": self.core.idle(w, now)} for w in self.watches.values()]
 
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()

@@ -110,7 +110,7 @@ async def get_quality(request: Request) -> Response:
     return json_response({"object": "quality", "base_rate": quality.settings.policy.base,
                           "max_rate": quality.settings.policy.ceiling, "rates": rates,
                           "leader": state.monitor.leading, "watches": state.monitor.describe(),
-                          "queue": quality.queue_state()})
+                          "incidents": state.monitor.incidents(), "queue": quality.queue_state()})
 
 
 @router.post("/v1/admin/content/erase", summary="Erase a tenant's or an end user's stored prompts and answers")
