@@ -361,7 +361,7 @@ async def _quality_page(request: Request, session: Session) -> Response:
     live = state.quality
     return _page("quality.html", session=session, rollouts=rollouts, prompt_rollouts=prompt_rollouts, rates=rates,
                  alerts=alerts, enabled=live.settings.enabled, leader=state.monitor.leading,
-                 watches=state.monitor.describe(),
+                 watches=state.monitor.describe(), incidents=state.monitor.incidents(),
                  base_rate=live.settings.policy.base, queue=live.queue_state())
 
 

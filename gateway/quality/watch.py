@@ -222,7 +222,8 @@ class Monitor:
 
     def _outside_incidents(self, rows: list[Row]) -> list[Row]:
         """Stored samples without those answered inside an upstream incident (as ``feed`` sets them aside);
-        those from before this leadership have their traffic counted first (never fed, never counted)."""
+        those from before this leadership have their traffic counted first (never fed, never counted; two
+        watches loading the same old rows count them twice, which only makes an old incident harder to mark)."""
         incidents = self.core.incidents
         for row in rows:
             if row.id <= self.first:
@@ -374,7 +375,6 @@ class Monitor:
     def describe(self) -> list[JSON]:
         now = time.time()
         return [{**w.state(), "idle": self.core.idle(w, now)} for w in self.watches.values()]
-
 
 
 def _iso(at: float) -> str:
