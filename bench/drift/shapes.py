@@ -8,7 +8,10 @@ with simulated traffic, minute by minute:
   at 12x its 02:00 trough, weekends at 45% of a weekday) or ``office`` (two peaks, 10:00 and 15:30, a
   lunch dip, nights at 3%, weekends at 20%: held out, see below);
 - **bursts**: once a week at a random time, ``burst`` minutes in which a share of answers fail on top of
-  the usual failures (an upstream hiccup, not a regression);
+  the usual failures (an upstream hiccup, not a regression). The same share of attempts fails at the
+  upstream meanwhile (0.5% outside bursts): the ledger's failed attempts, from which the monitor marks
+  upstream incidents (``tollway.gateway.quality.incidents``), fed minute by minute before that minute's
+  samples. ``--silent``: bursts fail no attempt (the upstream answers 200 with bad text), nothing to mark;
 - **wander**: the base pass rate drifting by up to +/- ``wander`` points over weeks (two slow waves of
   random phase);
 - **base** pass rates 60-97%; **drops** of 3, 5 and 10 points.
@@ -25,7 +28,7 @@ Each sample is the detectors' ``Scored`` (pass, refusal 3%, guard failures 1%, l
   (the monitor's prompt watch: the SPRT against the old version's samples) with bursts: the share of
   moves rolled back.
 
-    python bench/drift/shapes.py [--runs 100] [--days 400] [--moves 200] [--jobs 2] [--held-out]
+    python bench/drift/shapes.py [--runs 100] [--days 400] [--moves 200] [--jobs 2] [--held-out] [--silent]
 
 Without ``--held-out`` it runs the tuning shapes; with it, only the held-out ones (``office`` curve,
 45-minute bursts at 40% failures, base 75%), which no setting was chosen on.
