@@ -48,7 +48,8 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim,
     assert info["sources"][0]["source"] == "handbook/fees.md"
     assert info["index_version"] == "kb@4+local/all-MiniLM-L6-v2-int8+c200o32s1024w240"
     assert raw.headers["x-tollway-index-version"] == info["index_version"]
-    sent = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request", params={"model": "sim-large"}).json()
+    sent = httpx.get(sim.url.removesuffix("/v1") + "/sim/last-request",  # the upstream is shared: this request's
+                     params={"model": "sim-large", "contains": "What does an overdraft cost?"}).json()
     assert sent["messages"][0]["role"] == "system"
     assert "35 dollars" in sent["messages"][0]["content"]
     assert "retrieval" not in sent
