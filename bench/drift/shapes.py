@@ -161,7 +161,6 @@ class SimRoute:
 
     def __init__(self, settings: DriftSettings, policy: SamplingPolicy, incidents: IncidentSettings) -> None:
         self.core = Watches(settings, policy, Incidents(incidents))
-        self.failures: dict[int, int] = {}  # per bucket: failed attempts so far
         self.policy = policy
         self.ids = 0
         self.now = 0.0
@@ -173,8 +172,7 @@ class SimRoute:
 
     def failed(self, minute: int, n: int) -> None:
         bucket = Incidents.bucket(minute * 60.0)
-        self.failures[bucket] = self.failures.get(bucket, 0) + n
-        self.core.incidents.failed("m", bucket, self.failures[bucket])
+        self.core.incidents.failed("m", bucket, self.core.incidents.failures.get("m", {}).get(bucket, 0) + n)
 
     def feed(self, s: Scored, version: str | None = None) -> list[tuple[Watch, list]]:
         self.ids += 1

@@ -49,7 +49,7 @@ import re
 import struct
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,8 +111,8 @@ class SimState:
     running: int = 0
     waiting: int = 0
     requests: Counter[str] = field(default_factory=Counter)
-    last_body: dict[str, dict[str, Any]] = field(default_factory=dict)  # by model, for tests
-    recent: dict[str, deque[dict[str, Any]]] = field(default_factory=dict)  # by model, the last 20 bodies
+    recent: defaultdict[str, deque[dict[str, Any]]] = field(  # by model, its 20 newest request bodies, for tests
+        default_factory=lambda: defaultdict(lambda: deque(maxlen=20)))
     semaphore: asyncio.Semaphore | None = None
     fixture: Fixture | None = None
 
@@ -194,8 +194,7 @@ async def chat(request: Request) -> Response:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return _error(400, "body must be JSON with model and messages", "invalid_request")
     state.requests[model] += 1
-    state.last_body[model] = body
-    state.recent.setdefault(model, deque(maxlen=20)).append(body)
+    state.recent[model].append(body)
     config = state.config
     fault = fault_of(model, config)
     if fault == "error" or (fault == "flap" and sum(state.requests.values()) % 2 == 1):
@@ -347,8 +346,7 @@ async def rerank(request: Request) -> Response:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return _error(400, "body must be JSON with model, query and documents", "invalid_request")
     state.requests[model] += 1
-    state.last_body[model] = body
-    state.recent.setdefault(model, deque(maxlen=20)).append(body)
+    state.recent[model].append(body)
     if fault_of(model, state.config) == "error":
         return _error(500, "scripted failure", "internal_error")
     words = set(_WORD.findall(query.lower()))
@@ -390,13 +388,10 @@ async def stats(request: Request) -> Response:
 async def last_request(request: Request) -> Response:
     """The last request body for ``model``; with ``contains``, the last of its 20 newest whose messages hold that
     text (a test that shares the upstream with other tests' late requests finds its own)."""
-    state, model = _state(request), request.query_params.get("model", "")
+    bodies = _state(request).recent.get(request.query_params.get("model", ""), ())
     text = request.query_params.get("contains")
-    if text is None:
-        body = state.last_body.get(model)
-    else:
-        body = next((b for b in reversed(state.recent.get(model, ())) if text in orjson.dumps(b.get("messages")).decode()),
-                    None)
+    body = next((b for b in reversed(bodies) if text is None or text in orjson.dumps(b.get("messages")).decode()),
+                None)
     return _json(body) if body is not None else _error(404, "no request for that model yet", "not_found")
 
 
