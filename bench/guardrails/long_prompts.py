@@ -1,6 +1,7 @@
-"""The injection rules on long prompts: with the Hyperscan prefilter (the gateway's path) and every rule run
-(``exhaustive``), side by side in one run; and whether the two ever disagree, over every text of the
-injection bench's sources (``injection_sources``: public attack and benign sets from PyPI wheels).
+"""The injection guard on long prompts, side by side in one run: the rules with the Hyperscan prefilter and
+the learned detector (a policy with ``injection_model: true``), the rules alone (the default path), and
+every rule run without the prefilter (``exhaustive``); and whether the prefilter ever changes a score, over every text of the injection bench's
+sources (``injection_sources``: public attack and benign sets from PyPI wheels).
 
     .venv/bin/python bench/guardrails/long_prompts.py [--prompts 20] [--tokens 4000] [--no-sources]
 """
@@ -16,6 +17,7 @@ from faker import Faker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tollway.guardrails import learned
 from tollway.guardrails.injection import prefilter, score
 from tollway.routing import count_text
 
@@ -34,12 +36,12 @@ def prompts(locale: str, n: int, tokens: int) -> list[str]:
     return out
 
 
-def timed(texts: list[str], exhaustive: bool, rounds: int = 3) -> tuple[float, float]:
+def timed(texts: list[str], exhaustive: bool, learned: bool, rounds: int = 3) -> tuple[float, float]:
     times = []
     for _ in range(rounds):
         for text in texts:
             started = time.perf_counter()
-            score(text, exhaustive=exhaustive)
+            score(text, exhaustive=exhaustive, learned=learned)
             times.append((time.perf_counter() - started) * 1000)
     times.sort()
     return times[len(times) // 2], times[max(int(len(times) * 0.99) - 1, 0)]
@@ -55,13 +57,17 @@ def main() -> None:
     ready = prefilter(wait=True)
     print(f"prefilter: {'hyperscan' if ready else 'not available (every rule runs)'}, built in "
           f"{time.perf_counter() - started:.1f} s\n")
-    print(f"| prose ({args.tokens} tokens) | characters | prefiltered p50 / p99 | every rule p50 / p99 |")
-    print("|---|---|---|---|")
+    started = time.perf_counter()
+    print(f"learned model: {'loaded' if learned.model() else 'missing'} in {time.perf_counter() - started:.2f} s\n")
+    print(f"| prose ({args.tokens} tokens) | characters | rules + learned (injection_model) p50 / p99 | "
+          "prefiltered rules p50 / p99 | every rule p50 / p99 |")
+    print("|---|---|---|---|---|")
     for locale in LOCALES:
         texts = prompts(locale, args.prompts, args.tokens)
-        fast, slow = timed(texts, False), timed(texts, True)
+        both, fast, slow = timed(texts, False, True), timed(texts, False, False), timed(texts, True, False)
         chars = sum(map(len, texts)) // len(texts)
-        print(f"| {locale} | {chars:,} | {fast[0]:.2f} / {fast[1]:.2f} ms | {slow[0]:.2f} / {slow[1]:.2f} ms |")
+        print(f"| {locale} | {chars:,} | {both[0]:.2f} / {both[1]:.2f} ms | {fast[0]:.2f} / {fast[1]:.2f} ms | "
+              f"{slow[0]:.2f} / {slow[1]:.2f} ms |")
     if args.no_sources:
         return
     from injection_sources import load

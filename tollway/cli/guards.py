@@ -35,6 +35,12 @@ def _list(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError("on or off")
+    return value == "on"
+
+
 def edited(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The stored policy with the command's changes (repeated flags add up; one validator given two
     different actions is refused)."""
@@ -56,7 +62,7 @@ def edited(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             topics[name] = words
         else:
             topics.pop(name, None)
-    for field in ("max_input_chars", "max_output_chars", "injection_threshold", "fallback_message"):
+    for field in ("max_input_chars", "max_output_chars", "injection_threshold", "injection_model", "fallback_message"):
         value = getattr(args, field)
         if value is not None:
             policy[field] = value
@@ -78,7 +84,7 @@ def cmd_guards(args: argparse.Namespace) -> int:
         current = await get_guards(conn, args.tenant)
         changing = any(getattr(args, f) for f in ("input", "output", "topic", "unset")) or any(
             getattr(args, f) is not None for f in ("terms", "competitors", "max_input_chars", "max_output_chars",
-                                                   "injection_threshold", "fallback_message"))
+                                                   "injection_threshold", "injection_model", "fallback_message"))
         if args.clear:
             current = await set_guards(conn, args.tenant, None, author=args.author, reason=args.reason)
         elif changing:
@@ -114,6 +120,8 @@ def add_commands(common: Any, tenants: Any) -> None:
     guards.add_argument("--max-input-chars", type=int)
     guards.add_argument("--max-output-chars", type=int)
     guards.add_argument("--injection-threshold", type=float, help="score at which injection fails (default 0.8)")
+    guards.add_argument("--injection-model", type=_on_off, metavar="on|off",
+                        help="the learned injection detector beside the rules (default off; docs: guardrails)")
     guards.add_argument("--fallback-message", help="the safe answer a 'fallback' action gives")
     guards.add_argument("--unset", nargs="+", action="extend", metavar="FIELD", help="remove settings (input, output, terms, ...)")
     guards.add_argument("--clear", action="store_true", help="remove the tenant's guard policy")
