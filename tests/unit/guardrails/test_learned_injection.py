@@ -86,3 +86,26 @@ def test_the_model_loads_only_when_a_policy_first_uses_it():
             "assert l._LOADED[0] is not None; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_every_injection_check_follows_the_policys_choice():
+    """The user's text, tool results, retrieved passages and /v1/moderations all use the detector exactly when
+    the policy says so; the passage screen's cache key says which screen built a cached answer."""
+    from tollway.guardrails.engine import PassageScreen, check_input
+    from tollway.guardrails.moderation import moderate
+    from tollway.guardrails.policy import parse_policy, resolve
+
+    attack = ATTACKS[0]
+    assert not score(attack).blocked() and score(attack, learned=True).blocked()
+    outcomes = {}
+    for on in (False, True):
+        policy = resolve(parse_policy({"input": {"injection": "block", "tool_injection": "block",
+                                                 "passage_injection": "drop"}, "injection_model": on}))
+        user = check_input(policy, [attack], {})
+        tool = check_input(policy, ["What is 2 + 2?"], {}, tools=[attack])
+        screen = PassageScreen.of(policy)
+        assert screen is not None
+        outcomes[on] = (user.stop is not None, tool.stop is not None, screen.reason(attack) is not None,
+                        moderate(policy, attack).categories["injection"], screen.key)
+    assert outcomes[False] == (False, False, False, False, "passage_injection=drop@0.8")
+    assert outcomes[True] == (True, True, True, True, "passage_injection=drop@0.8+model")
