@@ -4,7 +4,8 @@ sentence, served with numpy (trained by ``bench/guardrails/learned.py``; the wei
 
 Features. The text is normalised (NFKC, zero-width characters and soft hyphens removed, case folded, runs of
 spaces collapsed, line breaks kept), then every character 3-, 4- and 5-gram and every word 1- and 2-gram is
-hashed into ``2**BITS`` buckets (multiplicative hashing over the code points, vectorised; words by CRC-32).
+hashed into ``2**BITS`` buckets (a polynomial over the code points modulo 2**64, then multiplicative
+hashing; all vectorised with numpy).
 Character n-grams make a typo, a stem or a missing space cost a few features, not the match; word n-grams
 carry the phrases.
 
