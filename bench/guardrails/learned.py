@@ -1,7 +1,13 @@
 """Train and measure the learned injection detector (``tollway.guardrails.learned``), source by source,
 against the rules the gateway runs beside it (``tollway.guardrails.injection``).
 
-    .venv/bin/python bench/guardrails/learned.py [--out guardrails/injection_model.npz] [--c 0.3 1 3]
+    .venv/bin/pip install pyarrow     # the hijacks source is a parquet file (the bench's only, not a dependency)
+    .venv/bin/python bench/guardrails/learned.py [--out guardrails/injection_model.npz] [--c 0.1 0.3] [--rounds 1 2]
+
+The defaults (C 0.1, 2 rounds) are the shipped model's; about five minutes per setting on two cores. The
+tau2 banking corpus comes from inspect-evals (installed); the others need Debian's ``debian-faq``,
+``postgresql-doc-15``, ``debian-reference-en`` and ``dict-jargon`` (``bench/retrieval/corpora.py``), each left
+out with a note when missing.
 
 Data: ``injection_sources`` (next to this file): public sources read out of PyPI wheels, and benign documents
 from Debian's documentation packages (``docs``: the tau2 banking policies, the Debian FAQ, the PostgreSQL
@@ -61,7 +67,7 @@ def documents(seed: int = 5) -> list[Sample]:
     out: list[Sample] = []
     for name, source, limit in (("banking", "docs", 400), ("faq", "docs", 300), ("pgdocs", "docs", 300),
                                 ("debref", HELD_DOCS, 300), ("jargon", HELD_DOCS, 300)):
-        if name != "banking" and corpora.DEBIAN[name][1].exists() is False:
+        if name != "banking" and not corpora.DEBIAN[name][1].exists():
             print(f"({name}: {corpora.DEBIAN[name][0]} is not installed; left out)", file=sys.stderr)
             continue
         corpus = corpora.load([name])[0]
