@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "retrieval"))
 from injection_sources import HELD_OUT, Sample, load
 
 from tollway.guardrails.injection import score as rules
-from tollway.guardrails.learned import BITS, Grams, Model, grams, windows
+from tollway.guardrails.learned import BITS, Model, grams, windows
 
 TARGET_FP = 0.01
 DEFAULT = 0.8
@@ -106,55 +106,43 @@ class Windows:
     """Every text's windows as sparse rows (the n-grams that start in each, scaled by 1/sqrt(count))."""
 
     def __init__(self, samples: list[Sample], cap: int = 60) -> None:
-        self.samples = samples
-        rows: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
-        vals: list[np.ndarray] = []
+        members: list[np.ndarray] = []
         owner: list[int] = []
-        self.texts: list[tuple[str, np.ndarray]] = []
-        n = 0
+        self.normalised: list[str] = []  # each text as the model reads it
+        self.spans: list[tuple[int, int, int]] = []  # each window: (its text, start, end)
         for i, s in enumerate(samples):
             g = grams(s.text)
             spans = windows(g.text)
             if s.attack:  # a long jailbreak's windows beyond the cap add training time, not evidence (scored
                 spans = spans[:cap]  # on fewer windows, its recall here can only be lower than served)
-            self.texts.append((g.text, spans))
+            self.normalised.append(g.text)
             for start, end in spans:
-                b = _members(g, start, end)
-                if not len(b):
-                    b = np.array([0])
-                rows.append(np.full(len(b), n))
-                cols.append(b)
-                vals.append(np.full(len(b), 1 / math.sqrt(len(b))))
+                members.append(np.concatenate([np.array([], dtype=np.int64)] + [
+                    b[np.searchsorted(p, start):np.searchsorted(p, end)]
+                    for b, p in zip(g.buckets, g.positions, strict=True)]))
                 owner.append(i)
-                n += 1
-        self.x = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                                   shape=(n, 2 ** BITS))
-        self.x.sum_duplicates()
+                self.spans.append((i, int(start), int(end)))
+        self.x = _matrix(members)
         self.owner = np.array(owner)
         self.attack = np.array([s.attack for s in samples])
         self.source = np.array([s.source for s in samples])
-        self.rows = np.split(np.arange(n), np.flatnonzero(np.diff(self.owner)) + 1)
-        self.spans = [(i, int(a), int(b)) for i, (_, spans) in enumerate(self.texts) for a, b in spans]
+        self.rows = np.split(np.arange(len(owner)), np.flatnonzero(np.diff(self.owner)) + 1)
 
 
-def _members(g: Grams, start: int, end: int) -> np.ndarray:
-    parts = [b[np.searchsorted(p, start):np.searchsorted(p, end)] for b, p in zip(g.buckets, g.positions, strict=True)]
-    return np.concatenate(parts) if parts else np.array([], dtype=np.int64)
+def _matrix(members: list[np.ndarray]) -> sparse.csr_matrix:
+    """One row per bucket array, each n-gram weighing 1/sqrt(count) (an empty row gets bucket 0)."""
+    members = [b if len(b) else np.array([0]) for b in members]
+    rows = np.concatenate([np.full(len(b), i) for i, b in enumerate(members)])
+    vals = np.concatenate([np.full(len(b), 1 / math.sqrt(len(b))) for b in members])
+    m = sparse.csr_matrix((vals, (rows, np.concatenate(members))), shape=(len(members), 2 ** BITS))
+    m.sum_duplicates()
+    return m
 
 
 def rows_of(texts: list[str]) -> sparse.csr_matrix:
-    rows, cols, vals = [], [], []
-    for i, text in enumerate(texts):
-        g = grams(text)
-        b = np.concatenate(g.buckets) if g.count else np.array([0])
-        rows.append(np.full(len(b), i))
-        cols.append(b)
-        vals.append(np.full(len(b), 1 / math.sqrt(len(b))))
-    m = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                          shape=(len(texts), 2 ** BITS))
-    m.sum_duplicates()
-    return m
+    """Whole texts as rows (the perturbed windows)."""
+    grammed = [grams(text) for text in texts]
+    return _matrix([np.concatenate(g.buckets) if g.count else np.array([], dtype=np.int64) for g in grammed])
 
 
 def fit(x: sparse.csr_matrix, y: np.ndarray, weight: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -198,7 +186,7 @@ def train(w: Windows, keep: np.ndarray, c: float, rounds: int, top: int, seed: i
 
 def _window_text(w: Windows, row: int) -> str:
     owner, start, end = w.spans[row]
-    return w.texts[owner][0][start:end].strip()
+    return w.normalised[owner][start:end].strip()
 
 
 def text_logits(w: Windows, coef: np.ndarray, bias: float, which: np.ndarray) -> np.ndarray:
