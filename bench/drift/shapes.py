@@ -26,7 +26,8 @@ Each sample is the detectors' ``Scored`` (pass, refusal 3%, guard failures 1%, l
 - ``alarms``: unchanged traffic (bursts and wander included), every alarm of every detector, per 100 days;
 - ``moves``: a prompt label moved to a version exactly as good as the old one, watched for seven days
   (the monitor's prompt watch: the SPRT against the old version's samples) with bursts: the share of
-  moves rolled back.
+  moves rolled back; and moves to a version 5 points worse: the share rolled back within the week, and
+  the new version's scored samples until then.
 
     python bench/drift/shapes.py [--runs 100] [--days 400] [--moves 200] [--jobs 2] [--held-out] [--silent]
 
@@ -230,23 +231,30 @@ def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, polic
 
 
 def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy, incidents: IncidentSettings,
-             watch_days: int = 7) -> bool:
-    """A label moved to a version as good as the old one, watched for ``watch_days``: rolled back?"""
+             drop: float = 0.0, watch_days: float = 7.0, watch_max_days: float = 28.0) -> int | None:
+    """A label moved to a version ``drop`` points worse than the old one (0: as good), watched for
+    ``watch_days`` and on until its test has decided (``Watch.decided``), ``watch_max_days`` at most: the
+    new version's scored samples until it was rolled back (None: it was not)."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
-    total = warm + watch_days * DAY
-    traffic = Traffic(shape, total, nrng, first_burst_after=warm)
-    if shape.burst and not any(warm <= b < total for b, _ in traffic.bursts):  # the burst falls in the watch week
-        start = warm + int(nrng.integers(0, watch_days * DAY - shape.burst))
+    total = warm + int(max(watch_days, watch_max_days) * DAY)
+    end = warm + int(watch_days * DAY)
+    traffic = Traffic(shape, total, nrng, first_burst_after=warm, drop_at=warm if drop else None, drop=drop)
+    if shape.burst and not any(warm <= b < end for b, _ in traffic.bursts):  # a burst falls in the watch's week
+        start = warm + int(nrng.integers(0, int(watch_days * DAY) - shape.burst))
         traffic.bursts = [(start, start + shape.burst)]
         traffic.p[start:start + shape.burst] *= 1 - shape.burst_fail
     route = SimRoute(settings, policy, incidents)
     key = prompt_key(1, "faq", "prod")
     watch: Watch | None = None
+    n = 0
     for minute, s in samples(traffic, route, key, rng, nrng, seed):
         if minute < warm:
             route.feed(s, "v1")
             continue
+        if minute >= end and watch is not None and watch.decided():
+            return None
+        n += 1
         if watch is None:  # the move: the monitor's prompt watch, its baseline the old version's samples
             watch = Watch(key="prompt:1:faq:prod:1", kind="prompt", subject="prompt faq@prod", rate_key=key,
                           tenant_id=1, settings=settings, prompt={"progressive": False},
@@ -257,8 +265,8 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
             route.core.watches[watch.key] = watch
         for w, _ in route.feed(s, "v2"):
             if w is watch:
-                return True
-    return False
+                return n
+    return None
 
 
 # -- the matrix ---------------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def _alarms(args: tuple) -> tuple[int, int, dict[str, int]]:
     return alarm_run(*args)
 
 
-def _move(args: tuple) -> bool:
+def _move(args: tuple) -> int | None:
     return move_run(*args)
 
 
@@ -300,6 +308,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100, help="seeded runs per detection cell")
     parser.add_argument("--days", type=int, default=400, help="simulated days of unchanged traffic per alarm cell")
     parser.add_argument("--moves", type=int, default=200, help="label moves per cell")
+    parser.add_argument("--watch-max-days", type=float, default=28.0,
+                        help="a moved label's watch runs on past its seven days until decided, this long at most")
+    parser.add_argument("--bad-moves", type=int, default=40,
+                        help="moves per cell to a version 5 points worse (found within the watch? how soon?)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--held-out", action="store_true")
@@ -374,16 +386,25 @@ def main() -> None:
                 print(f"| {shape.label()} | {name} | {100 * alarms / days:.2f} ({alarms} in {days} days) | "
                       f"{n / days:.0f} | {by or '-'} |   ({time.perf_counter() - started:.0f} s)", flush=True)
     if "moves" in only:
-        print("\n| traffic | sampling | good versions rolled back |")
-        print("|---|---|---|")
+        print("\n| traffic | sampling | good versions rolled back | versions 5 points worse rolled back within the "
+              "week | their samples to the rollback p50 / p90 |")
+        print("|---|---|---|---|---|")
         for shape in shapes:
             if not shape.burst and shape.curve != "day":
                 continue
             for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
                 started = time.perf_counter()
-                back = sum(pool.map(_move, [(seed0 + 900_000 + i, shape, settings, policy, incidents)
-                                            for i in range(args.moves)]))
-                print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) |"
+                back = sum(r is not None for r in pool.map(
+                    _move, [(seed0 + 900_000 + i, shape, settings, policy, incidents, 0.0, 7.0, args.watch_max_days)
+                            for i in range(args.moves)]))
+                bad = "- | -"
+                if args.bad_moves:
+                    caught = [r for r in pool.map(_move, [(seed0 + 950_000 + i, shape, settings, policy, incidents,
+                                                           0.05, 7.0, args.watch_max_days)
+                                                          for i in range(args.bad_moves)]) if r is not None]
+                    bad = (f"{len(caught)} of {args.bad_moves} | "
+                           + (f"{statistics.median(caught):.0f} / {quantile(caught, 0.9)}" if caught else "-"))
+                print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) | {bad} |"
                       f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     pool.shutdown()
 

@@ -73,6 +73,7 @@ class RawQuality(_Strict):
     incident_share: float = Field(default=_INCIDENTS.share, ge=0, le=1)  # ... and this share of the model's requests
     min_samples: int = Field(default=200, ge=1)  # scored samples per progressive step (the rollout's own wins)
     watch_days: float = Field(default=7.0, gt=0)  # a moved prompt label is compared with its last version this long
+    watch_max_days: float = Field(default=28.0, gt=0)  # ... and on, until its test has decided, at most this long
     auto_rollback: bool = True  # a breach on a moved prompt label moves it back (rollouts: their own flag)
     retention_interval_s: float = Field(default=3600.0, gt=0)
 
@@ -91,6 +92,7 @@ class QualitySettings:
     auto_rollback: bool = True
     retention_interval_s: float = 3600.0
     incidents: IncidentSettings = _INCIDENTS
+    watch_max_days: float = 28.0
 
 
 async def list_rates(conn: psycopg.AsyncConnection[Any]) -> list[JSON]:
@@ -112,7 +114,8 @@ def quality_settings(data: Any) -> QualitySettings:
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,
                            raw.queue_size, raw.scorers, raw.judge_model, raw.judge_rubric, raw.interval_s,
                            raw.watch_days, raw.auto_rollback, raw.retention_interval_s,
-                           IncidentSettings(raw.incident_failures, raw.incident_share))
+                           IncidentSettings(raw.incident_failures, raw.incident_share),
+                           max(raw.watch_max_days, raw.watch_days))
 
 
 @dataclass(frozen=True, slots=True)

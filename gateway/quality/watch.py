@@ -8,7 +8,9 @@ reads the samples scored since the last one, in order, and feeds them to its wat
 - **canary** (a model rollout with a canary share): the candidate's answers against the answers of the
   model it stands in for, served meanwhile (``RouteTest``);
 - **prompt** (a prompt label moved in the last ``watch_days``, or split between two versions): the
-  label's new version against the version it held before (or the split's two versions);
+  label's new version against the version it held before (or the split's two versions); a moved label's
+  watch runs on past ``watch_days`` until its test has decided (``Watch.decided``), ``watch_max_days`` at
+  most;
 - **steady** (every model's traffic without a prompt, every prompt label): the route against its own
   trailing baseline (``SteadyWatch``).
 
@@ -153,20 +155,30 @@ class Monitor:
                 w = self._canary(rollout)
                 wanted[w.key] = w
         cur = await conn.execute(
-            "SELECT DISTINCT ON (c.tenant_id, c.subject) c.id, c.tenant_id, c.before, c.after, c.author, r.candidate,"
-            " r.previous, r.steps, r.step, r.min_samples, r.state FROM changes c LEFT JOIN prompt_rollouts r ON"
-            " r.tenant_id = c.tenant_id AND c.subject = r.name || ':' || r.label WHERE c.kind = 'prompt_label'"
+            "SELECT DISTINCT ON (c.tenant_id, c.subject) extract(epoch FROM now() - c.at)::float8, c.id, c.tenant_id,"
+            " c.before, c.after, c.author, r.candidate, r.previous, r.steps, r.step, r.min_samples, r.state"
+            " FROM changes c LEFT JOIN prompt_rollouts r ON r.tenant_id = c.tenant_id"
+            " AND c.subject = r.name || ':' || r.label WHERE c.kind = 'prompt_label'"
             " AND c.at > now() - make_interval(secs => %s) ORDER BY c.tenant_id, c.subject, c.id DESC",
-            (self.settings.watch_days * 86400,))
-        for change in await cur.fetchall():
+            (self.settings.watch_max_days * 86400,))
+        overtime: set[str] = set()  # watches past watch_days: they run on only until decided
+        for age, *change in await cur.fetchall():
             if (pw := self._prompt(*change)) is not None:
                 wanted[pw.key] = pw
+                if age > self.settings.watch_days * 86400:
+                    overtime.add(pw.key)
         watches = self.core.watches
         for key in [k for k, w in watches.items() if w.kind != "steady" and k not in wanted]:
             del watches[key]  # rolled back, completed, moved again: its test ends
+        for key in [k for k in overtime if k in watches and watches[k].decided()]:
+            del watches[key]  # past its days and decided: done with
+            self.core.ended.add(key)
         for key, w in wanted.items():
             if key not in watches and key not in self.core.ended:  # e.g. a breach with auto_rollback off
                 await self._load(conn, w)
+                if key in overtime and w.decided():  # a new leader: this one had decided before its time ran out
+                    self.core.ended.add(key)
+                    continue
                 watches[key] = w
 
     def _canary(self, r: Rollout) -> Watch:

@@ -128,6 +128,49 @@ async def test_a_promoted_prompt_that_regresses_is_alerted_and_rolled_back(quali
     assert "quality monitor" in reason
 
 
+async def test_a_moved_label_is_watched_past_its_days_until_its_test_has_decided(quality_app, make_tenant, pg):
+    """A quiet route may not have the samples for a decision within ``watch_days``: its watch runs on until
+    its SPRT has accepted "no drop" (or breached), ``watch_max_days`` at most; a new leader does the same."""
+    eng = make_tenant(role="prompt_engineer")
+    prompt = {"model": "prompt", "prompt": {"name": "faq"}}
+    async with quality_app(watch_days=1, watch_max_days=10) as gw:
+        monitor = gw.state.monitor
+        v1 = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                   json={"content": PROMPT_V1, "message": "v1"})).json()["version"]
+        v3 = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                   json={"content": PROMPT_V3, "message": "v3"})).json()["version"]
+        await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": v1})
+        await chat(gw, eng, 60, **prompt)
+        assert await settle(gw) == []
+        await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": v3})
+        change = rows(pg, "SELECT max(id) FROM changes WHERE kind = 'prompt_label'")[0][0]
+        key = f"prompt:{eng.id}:faq:production:{change}"
+
+        async def moved_ago(days: int) -> None:  # as if the move was that long ago: a new leader reads the changes
+            with psycopg.connect(pg.url) as conn:
+                conn.execute("UPDATE changes SET at = now() - make_interval(days => %s) WHERE id = %s", (days, change))
+            await monitor.close()
+            assert await monitor.leads()
+            await settle(gw)
+
+        await chat(gw, eng, 3, start=100, **prompt)
+        await moved_ago(11)  # past watch_max_days: not watched, decided or not
+        assert key not in monitor.watches
+        await moved_ago(2)  # past its day, and the route quiet since: undecided, so still watched
+        watch = monitor.watches[key]
+        assert not watch.decided()
+        for r in range(20):
+            await chat(gw, eng, 5, start=200 + 5 * r, **prompt)
+            assert await settle(gw) == []  # as good as v1: no alert
+            if key not in monitor.watches:
+                break
+        assert key not in monitor.watches  # decided ("no drop"): done with
+        assert watch.decided()
+        assert rows(pg, "SELECT version FROM prompt_labels WHERE tenant_id = %s AND name = 'faq'", eng.id)[0][0] == v3
+        await moved_ago(2)  # a new leader rebuilds the watch from the samples: decided, so not watched
+        assert key not in monitor.watches
+
+
 async def test_a_bad_model_canary_is_rolled_back_on_every_replica(quality_app, make_tenant, admin, pg):
     app = make_tenant()
     async with quality_app() as gw:

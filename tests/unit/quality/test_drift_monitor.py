@@ -20,6 +20,7 @@ from tollway.evals.monitor import (
     chi_squared,
     rise_p_value,
 )
+from tollway.gateway.quality.watches import Row, Watch
 
 
 def draw(rng: random.Random, *, pass_rate: float = 0.9, token_scale: float = 1.0, refusal: float = 0.03) -> Scored:
@@ -396,3 +397,35 @@ def test_the_baseline_rate_weighs_each_sample_as_the_traffic_it_stands_for():
     assert test.pass_tests[0].p0 == pytest.approx((900 / 0.02 + 300 / 0.25) / (1000 / 0.02 + 500 / 0.25))
     assert test.pass_tests[0].p0 > 0.88
     assert RouteTest([Scored(passed=i % 10 != 0) for i in range(1000)], DriftSettings()).pass_tests[0].p0 == 0.9
+
+
+def _prompt_watch(settings: DriftSettings) -> Watch:
+    return Watch(key="prompt:1:faq:prod:1", kind="prompt", subject="prompt faq@prod", rate_key="prompt:1:faq:prod",
+                 tenant_id=1, settings=settings, prompt={"progressive": False},
+                 candidate=lambda r: r.prompt_version == "v2", baseline=lambda r: r.prompt_version == "v1")
+
+
+def _version_row(i: int, version: str, passed: bool) -> Row:
+    return Row(i, 1, "m", None, "faq", "prod", version, Scored(passed=passed, at=float(i)))
+
+
+def test_a_change_watch_is_decided_once_its_sprt_accepts_no_drop():
+    rng = random.Random(5)
+    settings = DriftSettings(baseline_samples=300, pass_drop=0.1)
+    watch = _prompt_watch(settings)
+    assert not watch.decided()  # no test yet: its baseline is still to come
+    for i in range(300):
+        watch.feed(_version_row(i, "v1", rng.random() < 0.9))
+    assert not watch.decided()  # a baseline, but none of the new version's samples
+    i = 300
+    while not watch.decided():
+        assert watch.feed(_version_row(i, "v2", rng.random() < 0.9)) == []  # as good: never a breach
+        i += 1
+        assert i < 3000, "an SPRT for a 10-point drop accepts an equal rate well within 2,700 samples"
+    assert watch.test is not None and all(t.accepted == 1 for t in watch.test.pass_tests)
+    # without a specified drop the mSPRT never accepts: its silence is its evidence, decided as soon as it runs
+    msprt = _prompt_watch(DriftSettings(baseline_samples=300, pass_drop=None))
+    for j in range(300):
+        msprt.feed(_version_row(j, "v1", True))
+    msprt.feed(_version_row(300, "v2", True))
+    assert msprt.decided()
