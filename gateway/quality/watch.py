@@ -78,6 +78,8 @@ class Monitor:
 
     async def close(self) -> None:
         if self._lock is not None:
+            with contextlib.suppress(psycopg.Error):  # released now, not when the server ends the backend
+                await self._lock.execute("SELECT pg_advisory_unlock(%s)", (LOCK,))
             with contextlib.suppress(psycopg.Error):
                 await self._lock.close()
             self._lock = None

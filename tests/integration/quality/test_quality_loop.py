@@ -150,7 +150,11 @@ async def test_a_moved_label_is_watched_past_its_days_until_its_test_has_decided
             with psycopg.connect(pg.url) as conn:
                 conn.execute("UPDATE changes SET at = now() - make_interval(days => %s) WHERE id = %s", (days, change))
             await monitor.close()
-            assert await monitor.leads()
+            for _ in range(50):  # another gateway of the suite may hold the lock for a moment
+                if await monitor.leads():
+                    break
+                await asyncio.sleep(0.1)
+            assert monitor.leading
             await settle(gw)
 
         await chat(gw, eng, 3, start=100, **prompt)
