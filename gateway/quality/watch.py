@@ -100,9 +100,15 @@ class Monitor:
         if row is None or not row[0]:
             await conn.close()
             return False
-        self._lock, self.cursor, self.failures_from = conn, -1, None  # new leadership: rebuilt
-        self.core = Watches(self.settings.drift, self.settings.policy, Incidents(self.settings.incidents))
+        self._lock = conn
+        self.rebuild()
         return True
+
+    def rebuild(self) -> None:
+        """Forget every watch: the next pass rebuilds them from the stored samples and changes, as a new
+        leader does."""
+        self.cursor, self.failures_from = -1, None
+        self.core = Watches(self.settings.drift, self.settings.policy, Incidents(self.settings.incidents))
 
     async def tick(self) -> None:
         """One pass (a periodic job calls it): lead if nobody does, then read the rates every replica uses."""

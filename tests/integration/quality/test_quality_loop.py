@@ -149,12 +149,7 @@ async def test_a_moved_label_is_watched_past_its_days_until_its_test_has_decided
         async def moved_ago(days: int) -> None:  # as if the move was that long ago: a new leader reads the changes
             with psycopg.connect(pg.url) as conn:
                 conn.execute("UPDATE changes SET at = now() - make_interval(days => %s) WHERE id = %s", (days, change))
-            await monitor.close()
-            for _ in range(50):  # another gateway of the suite may hold the lock for a moment
-                if await monitor.leads():
-                    break
-                await asyncio.sleep(0.1)
-            assert monitor.leading
+            monitor.rebuild()  # what a new leader does (these tests run passes without the leader's lock)
             await settle(gw)
 
         await chat(gw, eng, 3, start=100, **prompt)
