@@ -82,6 +82,9 @@ class DriftSettings:
     evidence_hours: float = 3.0  # a pass-rate test climbs at most 1/this of its threshold per hour (0: no limit)
     alarm_days: float = 1000.0  # a steady route's window tests together: at most one false alarm in this many
     #                          days at the samples a day its baseline holds (0: per window only)
+    short_baseline: int = 200  # a moved label whose old version has fewer than baseline_samples samples (it
+    #                          serves no more: its baseline cannot grow) is tested once it has this many...
+    short_caution: float = 1.645  # ... against its pass rate less this many standard errors (its own noise)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,10 +263,13 @@ class RouteTest:
     (a canary's primary keeps answering; a steady route's trailing window moves on): window tests read it
     as it is when their window ends, and a sequential test re-anchors on it each time it accepts."""
 
-    def __init__(self, baseline: Sequence[Scored], settings: DriftSettings, *, steady: bool = False) -> None:
+    def __init__(self, baseline: Sequence[Scored], settings: DriftSettings, *, steady: bool = False,
+                 cautious: float = 0.0) -> None:
         self.settings = settings
         self.baseline = baseline
         self.steady = steady
+        self.cautious = cautious  # the pass-rate tests' p0: this many standard errors below the baseline's rate
+        #                          (a short baseline's rate is noisy: held to it, a good change is rolled back)
         self.windows = 0  # windows tested so far
         self.n = 0
         self.findings: list[Finding] = []
@@ -292,13 +298,18 @@ class RouteTest:
         """The baseline's pass rate, each sample weighing as the traffic it stands for (1 / its sampling
         rate): minutes sampled at a raised rate (a hiccup, a detector's false start) would otherwise weigh
         as hours of traffic and pull the rate the route is held to."""
-        passes = weights = 0.0
+        passes = weights = squares = 0.0
         for s in self.baseline:
             if (v := _pass_value(name, s, self.settings.judge_pass)) is not None:
                 w = 1.0 / s.rate if s.rate else 1.0
                 passes += w * v
                 weights += w
-        return passes / weights
+                squares += w * w
+        p = passes / weights
+        if not self.cautious:
+            return p
+        effective = weights * weights / squares  # Kish's effective sample size of the weighted rate
+        return p - self.cautious * math.sqrt(p * (1 - p) / effective)
 
     @property
     def detectors(self) -> list[str]:

@@ -231,7 +231,8 @@ def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, polic
 
 
 def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy, incidents: IncidentSettings,
-             drop: float = 0.0, watch_days: float = 7.0, watch_max_days: float = 28.0) -> int | None:
+             drop: float = 0.0, watch_days: float = 7.0, watch_max_days: float = 28.0,
+             old_samples: int = 0) -> int | None:
     """A label moved to a version ``drop`` points worse than the old one (0: as good), watched for
     ``watch_days`` and on until its test has decided (``Watch.decided``), ``watch_max_days`` at most: the
     new version's scored samples until it was rolled back (None: it was not)."""
@@ -262,6 +263,8 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
             steady = route.core.watches["steady:prompt:1:faq:prod:v1"].steady
             assert steady is not None
             watch.base = deque([*steady.baseline, *steady.pending], maxlen=settings.baseline_max)
+            if old_samples:  # the old version served only its last ``old_samples`` samples
+                watch.base = deque(list(watch.base)[-old_samples:], maxlen=settings.baseline_max)
             route.core.watches[watch.key] = watch
         for w, _ in route.feed(s, "v2"):
             if w is watch:
@@ -310,6 +313,8 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=200, help="label moves per cell")
     parser.add_argument("--watch-max-days", type=float, default=28.0,
                         help="a moved label's watch runs on past its seven days until decided, this long at most")
+    parser.add_argument("--old-samples", type=int, default=0,
+                        help="the moved label's old version has only its last this many samples (0: all it has)")
     parser.add_argument("--bad-moves", type=int, default=40,
                         help="moves per cell to a version 5 points worse (found within the watch? how soon?)")
     parser.add_argument("--jobs", type=int, default=2)
@@ -395,12 +400,13 @@ def main() -> None:
             for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
                 started = time.perf_counter()
                 back = sum(r is not None for r in pool.map(
-                    _move, [(seed0 + 900_000 + i, shape, settings, policy, incidents, 0.0, 7.0, args.watch_max_days)
+                    _move, [(seed0 + 900_000 + i, shape, settings, policy, incidents, 0.0, 7.0, args.watch_max_days,
+                             args.old_samples)
                             for i in range(args.moves)]))
                 bad = "- | -"
                 if args.bad_moves:
                     caught = [r for r in pool.map(_move, [(seed0 + 950_000 + i, shape, settings, policy, incidents,
-                                                           0.05, 7.0, args.watch_max_days)
+                                                           0.05, 7.0, args.watch_max_days, args.old_samples)
                                                           for i in range(args.bad_moves)]) if r is not None]
                     bad = (f"{len(caught)} of {args.bad_moves} | "
                            + (f"{statistics.median(caught):.0f} / {quantile(caught, 0.9)}" if caught else "-"))

@@ -85,10 +85,11 @@ class Watch:
             return []
         if self.test is None:
             self.waiting.append(row.scored)
-            if len(self.base) < self.settings.baseline_samples:
+            short = len(self.base) < self.settings.baseline_samples
+            if short and not (self.moved and 0 < self.settings.short_baseline <= len(self.base)):
                 del self.waiting[:-self.settings.baseline_max]
                 return []
-            self.test = RouteTest(self.base, self.settings)
+            self.test = RouteTest(self.base, self.settings, cautious=self.settings.short_caution if short else 0.0)
             found = [f for s in self.waiting for f in self.test.update(s)]
             self.waiting = []
             return found
@@ -100,6 +101,14 @@ class Watch:
         progressive = (self.rollout is not None and self.rollout.progressive) or bool(
             self.prompt and self.prompt["progressive"])
         return progressive and self.test.no_regression()
+
+    @property
+    def moved(self) -> bool:
+        """A moved prompt label: its old version serves no more, so its baseline will not grow. With fewer
+        than ``baseline_samples`` of them (a version promoted days ago on a quiet route) it is tested once
+        it has ``short_baseline``, against the old rate less ``short_caution`` standard errors; a canary's
+        or a split's baseline keeps growing, and they wait for ``baseline_samples``."""
+        return self.kind == "prompt" and not (self.prompt or {}).get("split")
 
     def decided(self) -> bool:
         """Whether a change's test has answered its question once: each pass-rate SPRT has accepted "no

@@ -429,3 +429,33 @@ def test_a_change_watch_is_decided_once_its_sprt_accepts_no_drop():
         msprt.feed(_version_row(j, "v1", True))
     msprt.feed(_version_row(300, "v2", True))
     assert msprt.decided()
+
+
+def test_a_moved_label_with_a_short_history_is_tested_against_its_rate_less_its_noise():
+    rng = random.Random(9)
+    settings = DriftSettings(baseline_samples=1000, short_baseline=200, short_caution=1.645)
+    moved, split = _prompt_watch(settings), _prompt_watch(settings)
+    split.prompt = {"progressive": False, "split": True}
+    for i in range(150):
+        for w in (moved, split):
+            w.feed(_version_row(i, "v1", rng.random() < 0.9))
+    moved.feed(_version_row(150, "v2", True))
+    assert moved.test is None  # under short_baseline: nothing to compare with yet
+    for i in range(151, 300):
+        for w in (moved, split):
+            w.feed(_version_row(i, "v1", rng.random() < 0.9))
+    for w in (moved, split):
+        w.feed(_version_row(300, "v2", True))
+    assert split.test is None  # a split's old version keeps serving: it waits for baseline_samples
+    assert moved.test is not None
+    passes = sum(bool(s.passed) for s in moved.base)
+    p = passes / len(moved.base)
+    [test] = moved.test.pass_tests
+    assert test.p0 == pytest.approx(p - 1.645 * math.sqrt(p * (1 - p) / len(moved.base)))
+    full = _prompt_watch(settings)  # a full baseline: its own rate
+    for i in range(1000):
+        full.feed(_version_row(i, "v1", rng.random() < 0.9))
+    full.feed(_version_row(1000, "v2", True))
+    assert full.test is not None
+    fp = sum(bool(s.passed) for s in full.base) / len(full.base)
+    assert full.test.pass_tests[0].p0 == pytest.approx(fp)
