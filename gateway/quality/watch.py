@@ -8,9 +8,8 @@ reads the samples scored since the last one, in order, and feeds them to its wat
 - **canary** (a model rollout with a canary share): the candidate's answers against the answers of the
   model it stands in for, served meanwhile (``RouteTest``);
 - **prompt** (a prompt label moved in the last ``watch_days``, or split between two versions): the
-  label's new version against the version it held before (or the split's two versions); a moved label's
-  watch runs on past ``watch_days`` until its test has decided (``Watch.decided``), ``watch_max_days`` at
-  most;
+  label's new version against the version it held before (or the split's two versions); the watch runs
+  on past ``watch_days`` until its test has decided (``Watch.decided``), ``watch_max_days`` at most;
 - **steady** (every model's traffic without a prompt, every prompt label): the route against its own
   trailing baseline (``SteadyWatch``).
 

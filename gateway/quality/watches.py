@@ -114,7 +114,7 @@ class Watch:
         """Whether a change's test has answered its question once: each pass-rate SPRT has accepted "no
         drop" (a breach ends the watch anyway). A test without an SPRT (``pass_drop`` unset: the mSPRT,
         whose silence is its evidence) counts as decided; one not started yet (its baseline or the new
-        version's samples still to come) does not. A moved label's watch runs ``watch_days`` and on, up to
+        version's samples still to come) does not. A prompt watch runs ``watch_days`` and on, up to
         ``watch_max_days``, until it is decided: a quiet route may need weeks for the samples a decision
         takes, and once the watch ends the new version is its route's own baseline."""
         if self.test is None:
