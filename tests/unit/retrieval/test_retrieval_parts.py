@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import random
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from tollway.retrieval import DocumentError, Splitting, decode, parse
+from tollway.retrieval.embedders import LocalEmbedder
 from tollway.retrieval.search import PER_MESSAGE, merge_overlap, mmr, pack
 from tollway.retrieval.store import Candidate
 from tollway.routing import count_text
@@ -305,3 +307,38 @@ def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
 
     with pytest.raises(ValueError):
         asyncio.run(reranked(ordered, "q", short, 3))
+
+
+def test_the_local_embedder_keeps_each_texts_vector_and_a_query_does_not_wait_for_an_ingestion():
+    """The packaged model (no network): batches sorted by length, cut at a budget of padded word pieces, come
+    back in the caller's order, the same vectors and word pieces as each text alone; concurrent queries each get their own answer; a light call (a query) runs
+    while a heavy one (an ingestion) holds its slot, and a second heavy call waits for it."""
+    words = ["refund", "card", "loan", "branch", "wire", "fee", "account", "overdraft", "statement", "limit"]
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(37)]
+    heavy = [t * 20 for t in texts]  # past LIGHT_CHARS
+    embedder = LocalEmbedder(batch_size=4, batch_tokens=64)  # batches of 1 to 4 texts, padded to their longest
+    try:
+        batched, tokens = embedder.embed_sync(texts)
+        singles = [embedder.embed_sync([t]) for t in texts]
+        alone = np.concatenate([v for v, _ in singles])
+
+        async def calls() -> tuple[list[np.ndarray], np.ndarray, bool]:
+            queries = await asyncio.gather(*(embedder.embed(texts[i:i + 3]) for i in range(0, 12, 3)))
+            async with embedder._gates[True]:  # an ingestion is running
+                second = asyncio.create_task(embedder.embed(heavy))
+                query = await asyncio.wait_for(embedder.embed(texts[:2]), 30)
+                await asyncio.sleep(0.3)
+                waited = not second.done()
+            await asyncio.wait_for(second, 60)
+            return [q.vectors for q in queries], query.vectors, waited
+
+        queries, query, waited = asyncio.run(calls())
+    finally:
+        embedder.close()
+    assert batched.shape == (37, 384) and tokens == sum(n for _, n in singles) > 37 * 3
+    assert float((batched * alone).sum(axis=1).min()) > 0.9999  # each text's own vector, in the caller's order
+    assert float((batched[0] * batched[1:]).sum(axis=1).max()) < 0.9999  # the texts differ: the check can fail
+    assert float((batched[:12] * np.concatenate(queries)).sum(axis=1).min()) > 0.9999
+    assert float((batched[:2] * query).sum(axis=1).min()) > 0.9999
+    assert waited  # the second heavy call waited for the first; the query did not
