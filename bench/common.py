@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import signal
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 CLI = [sys.executable, "-m", "tollway.cli"]
@@ -33,6 +35,23 @@ done = function(summary, latency, requests)
            summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
+
+
+def module_at(rev: str, path: str, folder: Path) -> ModuleType:
+    """A source file of the repository as it was at ``rev`` (``git show``), loaded as a module of its own
+    (named after the file, ``_before`` appended), for a bench that runs it beside today's."""
+    root = Path(__file__).parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
+                            text=True).stdout
+    name = f"{Path(path).stem}_before"
+    file = folder / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

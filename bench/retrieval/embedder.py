@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import multiprocessing
 import os
 import re
@@ -35,25 +34,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
+from common import module_at
 
 from tollway.retrieval.embedders import LocalEmbedder
 
-ROOT = Path(__file__).parents[2]
-
 
 def embedder_at(rev: str, folder: Path) -> Any:
-    """``retrieval/embedders.py`` as it was at ``rev``, its ``LocalEmbedder`` class."""
-    source = subprocess.run(["git", "show", f"{rev}:retrieval/embedders.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = folder / "embedders_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("embedders_before", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["embedders_before"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module.LocalEmbedder
+    """``retrieval/embedders.py`` as it was at ``rev``, its ``LocalEmbedder``."""
+    return module_at(rev, "retrieval/embedders.py", folder).LocalEmbedder
 
 
 def texts() -> tuple[list[str], list[str]]:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,28 +25,17 @@ import numpy as np
 from pgvector.psycopg import register_vector_async
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
-from common import bench_tenant
+from common import bench_tenant, module_at
 from lexical_scale import DIMS, ms, sentences
 
 from tollway.retrieval import Query, Tuning
 from tollway.retrieval.embedders import Embedded, LocalEmbedder
 from tollway.retrieval.search import Searcher
 
-ROOT = Path(__file__).parents[2]
-
 
 def searcher_at(rev: str, folder: Path) -> Any:
-    """``retrieval/search.py`` as it was at ``rev``, loaded as a module of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:retrieval/search.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = folder / "search_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("search_before", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["search_before"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module.Searcher
+    """``retrieval/search.py`` as it was at ``rev``, its ``Searcher``."""
+    return module_at(rev, "retrieval/search.py", folder).Searcher
 
 
 async def run(args: argparse.Namespace) -> None:
