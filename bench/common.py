@@ -54,6 +54,15 @@ def module_at(rev: str, path: str, folder: Path) -> ModuleType:
     return module
 
 
+def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """A process's memory from /proc in MiB: ``VmRSS`` now, or ``VmHWM``, its peak since start or the last
+    ``echo 5 > /proc/PID/clear_refs``; nan if the field is missing."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -262,9 +262,9 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
                           candidate=lambda r: r.prompt_version == "v2", baseline=lambda r: r.prompt_version == "v1")
             steady = route.core.watches["steady:prompt:1:faq:prod:v1"].steady
             assert steady is not None
-            watch.base = deque([*steady.baseline, *steady.pending], maxlen=settings.baseline_max)
-            if old_samples:  # the old version served only its last ``old_samples`` samples
-                watch.base = deque(list(watch.base)[-old_samples:], maxlen=settings.baseline_max)
+            old = [*steady.baseline, *steady.pending][-settings.baseline_max:]
+            # ``old_samples``: the old version served only its last this many
+            watch.base = deque(old[-old_samples:] if old_samples else old, maxlen=settings.baseline_max)
             route.core.watches[watch.key] = watch
         for w, _ in route.feed(s, "v2"):
             if w is watch:

@@ -25,14 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLI, Processes, start_gateway, start_sim
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from common import CLI, Processes, rss_mib, start_gateway, start_sim
 
 
 async def traffic(client: httpx.AsyncClient, n: int, body: dict, concurrency: int = 8) -> None:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Processes, start_gateway, start_sim, wrk_argv, wrk_result, wrk_script
-from parts import rss_mib
+from common import Processes, rss_mib, start_gateway, start_sim, wrk_argv, wrk_result, wrk_script
 
 EVERY = 10_000
 ROUND_S = 5

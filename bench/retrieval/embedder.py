@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
-from common import module_at
+from common import module_at, rss_mib
 
 from tollway.retrieval.embedders import LocalEmbedder
 
@@ -138,14 +138,6 @@ async def short_rate(embedder: LocalEmbedder, queries: list[str]) -> float:
     return len(queries) / (time.perf_counter() - started)
 
 
-def rss_mib(field: str = "VmRSS") -> int:
-    """VmRSS, or VmHWM: the peak since the last reset (``Path("/proc/self/clear_refs").write_text("5")``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) // 1024
-    return 0
-
-
 async def memory_child(args: argparse.Namespace) -> None:
     """One arm in this fresh process: RSS after loading, after the ingestion, and the peak (MiB)."""
     queries, chunks = texts()
@@ -157,7 +149,7 @@ async def memory_child(args: argparse.Namespace) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # noqa: ASYNC240 (the peak from here on, not the corpus loading)
     for i in range(0, args.chunks, 256):
         await e.embed(chunks[i:min(i + 256, args.chunks)])
-    print(loaded, rss_mib(), rss_mib("VmHWM"))
+    print(f"{loaded:.0f} {rss_mib():.0f} {rss_mib(field='VmHWM'):.0f}")
 
 
 def memory(args: argparse.Namespace) -> dict[str, list[tuple[int, ...]]]:
