@@ -15,10 +15,10 @@ words just before a cloze gap) stand whole in one of the gold document's chunks,
 context holds them (whitespace aside): the right part of the right document in the budget, where recall only
 asks for the document to be cited. Banking has no such words (its scenarios need whole documents).
 
-A paired sign test compares the default with bm25 per query at each budget. The held-out corpus (pgdocs) was
-not used while choosing the default settings; its rows are marked.
+A paired sign test compares the default with bm25 per query at each budget. The held-out corpora (pgdocs,
+jargon, debref) were not used while choosing the default settings; their rows are marked.
 
-    .venv/bin/python bench/retrieval/versus_bm25.py [--corpora banking,faq,foldoc,pgdocs,jargon,debref]
+    .venv/bin/python bench/retrieval/versus_bm25.py [--corpora banking,faq,foldoc,pydocs,pgdocs,jargon,debref]
         [--budgets 150,300,600] [--splitting whole_tokens=0] [--tuning lexical_weight=0.8]
 """
 
@@ -201,7 +201,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpora", default="banking,faq,foldoc,pgdocs,jargon,debref")
+    parser.add_argument("--corpora", default="banking,faq,foldoc,pydocs,pgdocs,jargon,debref")
     parser.add_argument("--budgets", default="150,300,600,1000")
     parser.add_argument("--modes", default=",".join(MODES), help="which of the product's modes to run besides the default")
     parser.add_argument("--tasks", type=int, default=None, help="banking: the first N tasks")
