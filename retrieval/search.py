@@ -15,7 +15,7 @@ Hierarchical (the default):
   5. optionally (``rerank``), a reranking model orders the best candidates before packing: a cross-encoder an
      upstream serves (``/v1/rerank``, a catalog model of kind ``rerank``); it reorders, the fused scores stay
      the scale the floor is measured on, and a failing reranker leaves the fused order (``rerank_error``).
-The settings (bench/retrieval/versus_bm25.py) were chosen on three corpora and checked on three held out.
+The settings (bench/retrieval/versus_bm25.py) were chosen on four corpora and checked on three held out.
 Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is compared with.
 """
 
@@ -49,9 +49,10 @@ RERANK_CANDIDATES = 20  # the best candidates a reranker reorders, unless the re
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    """Round numbers chosen on the sum of three corpora of different shapes, not on one (floor, density,
-    lexical_weight and the MMR's scope by bench/retrieval/versus_bm25.py; see bench/RESULTS.md), checked on
-    three held out."""
+    """Round numbers chosen on the sum of the tuning corpora, of different shapes, not on one (floor, density,
+    lexical_weight and the MMR's scope by bench/retrieval/versus_bm25.py, the MMR's weight by
+    bench/retrieval/sweep.py with answer in context beside recall; see bench/RESULTS.md), checked on three
+    held out."""
 
     candidates: int = 64  # nearest chunks read per query (flat: at least k)
     sections: int = 12  # nearest sections whose chunks join the candidates
@@ -60,7 +61,7 @@ class Tuning:
     section_weight: float = 0.2
     document_weight: float = 0.2
     passages: int = 50  # hierarchical: at most this many passages unless the request says (k)
-    mmr_lambda: float = 0.75  # relevance vs novelty
+    mmr_lambda: float = 0.9  # relevance vs novelty (0.75 until 2026-12-05: long pages' answers lost to it)
     mmr_within_documents: bool = True  # novelty against the same document's chosen passages only
     duplicate: float = 0.95  # cosine above which a candidate repeats one already chosen
     floor: float = 0.5  # candidates scoring under floor x the best score are not packed
