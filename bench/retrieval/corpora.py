@@ -36,6 +36,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bs4 import BeautifulSoup
 
@@ -208,6 +209,20 @@ def debref(queries: int = 300, seed: int = 17) -> Corpus:
                   held_out=True)
 
 
+def _page_text(root: Any, drop: str) -> str:
+    """An HTML manual page's text as markdown-ish paragraphs: ``drop`` (a CSS selector) removed, headings as
+    ``#`` lines, a blank line after each block."""
+    for tag in root.select(drop):
+        tag.decompose()
+    for level in range(1, 5):
+        for h in root.find_all(f"h{level}"):
+            h.replace_with(f"\n\n{'#' * level} {h.get_text(' ', strip=True)}\n\n")
+    for block in root.find_all(["p", "pre", "li", "dt", "dd", "tr"]):
+        block.insert_after("\n\n")
+    text = re.sub(r"[ \t]+", " ", root.get_text())
+    return re.sub(r"\s*\n\s*\n\s*", "\n\n", text).strip()
+
+
 def pgdocs(pages: int = 300, queries: int = 300, seed: int = 11) -> Corpus:
     files = sorted(DEBIAN["pgdocs"][1].glob("*.html"))
     rng = random.Random(seed)
@@ -215,16 +230,8 @@ def pgdocs(pages: int = 300, queries: int = 300, seed: int = 11) -> Corpus:
     found = []
     for path in files:
         soup = BeautifulSoup(path.read_text(errors="replace"), "html.parser")
-        for tag in soup.select(".navheader, .navfooter, script, style"):
-            tag.decompose()
         title = soup.title.get_text(strip=True) if soup.title else path.stem
-        for level in range(1, 5):
-            for h in soup.find_all(f"h{level}"):
-                h.replace_with(f"\n\n{'#' * level} {h.get_text(' ', strip=True)}\n\n")
-        for block in soup.find_all(["p", "pre", "li", "dt", "dd", "tr"]):
-            block.insert_after("\n\n")
-        text = re.sub(r"[ \t]+", " ", soup.get_text())
-        text = re.sub(r"\s*\n\s*\n\s*", "\n\n", text).strip()
+        text = _page_text(soup, ".navheader, .navfooter, script, style")
         if len(text.split()) >= 200:
             found.append((f"pg/{path.stem}", title, text, "markdown"))
         if len(found) >= pages:
@@ -243,17 +250,9 @@ def pydocs(pages: int = 240, queries: int = 300, seed: int = 19) -> Corpus:
         body = soup.select_one("div.body")
         if body is None:
             continue
-        for tag in body.select("a.headerlink, script, style"):
-            tag.decompose()
         title = re.sub(r"\s+—\s+Python [\d.]+ documentation$", "",
                        soup.title.get_text(strip=True) if soup.title else path.stem)
-        for level in range(1, 5):
-            for h in body.find_all(f"h{level}"):
-                h.replace_with(f"\n\n{'#' * level} {h.get_text(' ', strip=True)}\n\n")
-        for block in body.find_all(["p", "pre", "li", "dt", "dd", "tr"]):
-            block.insert_after("\n\n")
-        text = re.sub(r"[ \t]+", " ", body.get_text())
-        text = re.sub(r"\s*\n\s*\n\s*", "\n\n", text).strip()
+        text = _page_text(body, "a.headerlink, script, style")
         if len(text.split()) >= 200:
             found.append((f"py/{path.stem}", title, text, "markdown"))
         if len(found) >= pages:

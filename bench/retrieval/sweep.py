@@ -21,12 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
 from common import bench_tenant
-from rank_bm25 import BM25Okapi
-from versus_bm25 import _setting, all_chunks, bm25_tokens, flat, ingest
+from versus_bm25 import _setting, bm25_packed, flat, ready
 
-from tollway.retrieval import LocalEmbedder, Query, Searcher, Splitting, Tuning, tenant_tx
+from tollway.retrieval import LocalEmbedder, Query, Searcher, Splitting, Tuning
 from tollway.retrieval.embedders import Embedded
-from tollway.retrieval.search import _where, pack
 
 # settings that change what the flat modes return: flat is run again for a variant that touches them
 FLAT_FIELDS = {"candidates", "lexical_weight", "lexical_postings", "ef_search"}
@@ -63,29 +61,12 @@ async def run(args: argparse.Namespace) -> None:
         for corpus in corpora.load(names):
             if corpus.held_out and not args.held_out:
                 raise SystemExit(f"{corpus.name} is held out: choose settings without it (or --held-out)")
-            name = f"{corpus.name}-{splitting.tag}"
-            async with tenant_tx(conn, tid):
-                kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s", (name,))).fetchone()
-            if not kept:
-                await ingest(conn, tid, name, corpus, embedder, splitting)
-            chunks = await all_chunks(conn, tid, name)
-            bm25 = BM25Okapi([bm25_tokens(_where(c.title, c.heading) + "\n" + c.text) for c in chunks], k1=1.5, b=0.75)
-            qv = await embedder.embed([a.text for a in corpus.asks])
-            texts: dict[str, list[str]] = {}
-            for c in chunks:
-                texts.setdefault(c.source, []).append(flat(c.text))
-            answerable = [a.answer is not None and any(flat(a.answer) in t for g in a.gold for t in texts.get(g, []))
-                          for a in corpus.asks]
+            name, _, chunks, bm25, qv, answerable = await ready(conn, tid, corpus, embedder, splitting)
 
             per_query: dict[tuple[str, int, str], list[tuple[float, float | None]]] = {}
             for budget in budgets:
                 for i, ask in enumerate(corpus.asks):
-                    scores = bm25.get_scores(bm25_tokens(ask.text))
-                    top = sorted(range(len(chunks)), key=lambda j: -scores[j])[:64]
-                    ordered = [chunks[j] for j in top if scores[j] > 0]
-                    for c, j in zip(ordered, top, strict=False):
-                        c.score = float(scores[j])
-                    context, passages, _ = pack(ordered, name, budget, limit=len(ordered) or 1, floor=None, tails=True)
+                    context, passages, _ = bm25_packed(bm25, chunks, ask.text, name, budget)
                     per_query.setdefault(("", budget, "bm25"), []).append(score(ask, answerable[i], {p.source for p in passages}, context))
             for variant in variants:
                 tuning = tuning_of(variant)

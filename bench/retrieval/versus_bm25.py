@@ -56,7 +56,7 @@ from tollway.retrieval import (
     write,
 )
 from tollway.retrieval.embedders import Embedded
-from tollway.retrieval.search import _where, pack
+from tollway.retrieval.search import Passage, _where, pack
 
 MODES = {"flat": ("flat", False), "hierarchical": ("hierarchical", False), "flat+lex": ("flat", True),
          "hierarchical+lex": ("hierarchical", True), "default": None}
@@ -73,6 +73,23 @@ def flat(text: str) -> str:
 
 def bm25_tokens(text: str) -> list[str]:
     return TOKEN.findall(text.lower())
+
+
+def bm25_index(chunks: list[store.Candidate]) -> BM25Okapi:
+    """The fixed baseline over each chunk's heading path plus its text."""
+    return BM25Okapi([bm25_tokens(_where(c.title, c.heading) + "\n" + c.text) for c in chunks], k1=1.5, b=0.75)
+
+
+def bm25_packed(bm25: BM25Okapi, chunks: list[store.Candidate], text: str, collection: str,
+                budget: int) -> tuple[str, list[Passage], int]:
+    """The baseline's 64 best chunks for ``text`` (score > 0), packed by the product's packer into ``budget``
+    (its last passage cut to fit, as hierarchical does): (context, passages, tokens)."""
+    scores = bm25.get_scores(bm25_tokens(text))
+    top = sorted(range(len(chunks)), key=lambda j: -scores[j])[:64]
+    ordered = [chunks[j] for j in top if scores[j] > 0]
+    for c, j in zip(ordered, top, strict=False):
+        c.score = float(scores[j])
+    return pack(ordered, collection, budget, limit=len(ordered) or 1, floor=None, tails=True)
 
 
 async def ingest(conn: psycopg.AsyncConnection[Any], tid: int, name: str, corpus: corpora.Corpus,
@@ -96,6 +113,25 @@ async def all_chunks(conn: psycopg.AsyncConnection[Any], tid: int, name: str) ->
         return await store.chunks_by_id(conn, ids)
 
 
+async def ready(conn: psycopg.AsyncConnection[Any], tid: int, corpus: corpora.Corpus, embedder: LocalEmbedder,
+                splitting: Splitting) -> tuple[str, float, list[store.Candidate], BM25Okapi, Embedded, list[bool]]:
+    """A corpus ingested (once: ``--data`` keeps it, and a later run with other search settings reads it
+    again) with what a run measures it by: (collection, seconds its ingest took, its chunks, the baseline's
+    index, the queries' vectors, whether each query's answer words stand whole in one of its gold chunks)."""
+    name = f"{corpus.name}-{splitting.tag}"  # one collection per corpus and splitting
+    async with tenant_tx(conn, tid):
+        kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s", (name,))).fetchone()
+    took = 0.0 if kept else await ingest(conn, tid, name, corpus, embedder, splitting)
+    chunks = await all_chunks(conn, tid, name)
+    qv = await embedder.embed([a.text for a in corpus.asks])
+    texts: dict[str, list[str]] = {}
+    for c in chunks:
+        texts.setdefault(c.source, []).append(flat(c.text))
+    answerable = [ask.answer is not None and any(flat(ask.answer) in t for g in ask.gold for t in texts.get(g, []))
+                  for ask in corpus.asks]
+    return name, took, chunks, bm25_index(chunks), qv, answerable
+
+
 async def run(args: argparse.Namespace) -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     modes = {m: how for m, how in MODES.items() if m in args.modes.split(",") or m == "default"}
@@ -112,21 +148,7 @@ async def run(args: argparse.Namespace) -> None:
     async with bench_tenant(args.data) as (conn, tid):
         searcher = Searcher(lambda name, dims: embedder, tuning)
         for corpus in corpora.load(names, args.tasks):
-            name = f"{corpus.name}-{splitting.tag}"  # one collection per corpus and splitting
-            async with tenant_tx(conn, tid):
-                kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s",
-                                                 (name,))).fetchone()
-            # --data keeps what it ingested: a later run with other search settings reads it again
-            took = 0.0 if kept else await ingest(conn, tid, name, corpus, embedder, splitting)
-            chunks = await all_chunks(conn, tid, name)
-            bm25 = BM25Okapi([bm25_tokens(_where(c.title, c.heading) + "\n" + c.text) for c in chunks],
-                             k1=1.5, b=0.75)
-            qv = await embedder.embed([a.text for a in corpus.asks])
-            texts: dict[str, list[str]] = {}
-            for c in chunks:
-                texts.setdefault(c.source, []).append(flat(c.text))
-            answerable = [ask.answer is not None and any(flat(ask.answer) in t for g in ask.gold for t in texts.get(g, []))
-                          for ask in corpus.asks]
+            name, took, chunks, bm25, qv, answerable = await ready(conn, tid, corpus, embedder, splitting)
             tag = " (HELD OUT)" if corpus.held_out else ""
             print(f"\n## {corpus.name}{tag}: {corpus.shape}; {len(corpus.docs)} documents, {len(chunks)} chunks,"
                   f" {len(corpus.asks)} queries ({sum(answerable)} with their answer words whole in a gold chunk);"
@@ -152,13 +174,7 @@ async def run(args: argparse.Namespace) -> None:
                         tokens[m].append(found.context_tokens)
                         if answerable[i]:
                             inctx[m].append(float(flat(ask.answer or "") in flat(found.context)))
-                    scores = bm25.get_scores(bm25_tokens(ask.text))
-                    top = sorted(range(len(chunks)), key=lambda j: -scores[j])[:64]
-                    ordered = [chunks[j] for j in top if scores[j] > 0]
-                    for c, j in zip(ordered, top, strict=False):
-                        c.score = float(scores[j])
-                    context, passages, used = pack(ordered, name, budget, limit=len(ordered) or 1,
-                                                   floor=None, tails=True)
+                    context, passages, used = bm25_packed(bm25, chunks, ask.text, name, budget)
                     got = {p.source for p in passages}
                     recall["bm25"].append(len(got & ask.gold) / len(ask.gold))
                     tokens["bm25"].append(used)
