@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from tollway.routing import count_text, encoding
 
@@ -135,8 +136,20 @@ _BLOCKS = frozenset({"p", "div", "li", "ul", "ol", "pre", "blockquote", "table",
                      "br", "hr", "dd", "dt", "figcaption", "main", "header", "aside"})
 
 
+# what documentation generators put in a permalink to a heading or a definition (Sphinx and MkDocs "¶",
+# "#", "§", a link symbol): a link inside the page whose whole text is one of these is not content
+_PERMALINK = re.compile(r"[¶#§🔗]?")
+
+
+def _permalink(tag: Any) -> bool:
+    href = tag.get("href")
+    return (tag.name == "a" and isinstance(href, str) and href.startswith("#")
+            and _PERMALINK.fullmatch(tag.get_text(strip=True)) is not None)
+
+
 def _html_blocks(text: str) -> tuple[str | None, list[Block]]:
-    """HTML -> (its <title>, blocks): headings h1-h6 open sections; scripts, styles and navigation dropped."""
+    """HTML -> (its <title>, blocks): headings h1-h6 open sections; scripts, styles and navigation dropped,
+    and the permalinks documentation generators add to headings and definitions ("¶")."""
     from bs4 import BeautifulSoup
     from bs4.element import Comment, NavigableString, Tag
 
@@ -159,10 +172,12 @@ def _html_blocks(text: str) -> tuple[str | None, list[Block]]:
             if isinstance(child, NavigableString):
                 body.append(str(child))
             elif isinstance(child, Tag):
-                if child.name in _SKIP:
+                if child.name in _SKIP or _permalink(child):
                     continue
                 if child.name in _HEADINGS:
                     flush()
+                    for link in [a for a in child.find_all("a") if _permalink(a)]:
+                        link.decompose()
                     blocks.append((_HEADINGS[child.name], child.get_text(" ", strip=True)))
                     continue
                 block = child.name in _BLOCKS

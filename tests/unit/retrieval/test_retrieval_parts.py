@@ -49,6 +49,20 @@ def test_html_drops_scripts_and_navigation_and_splits_by_headings():
     assert [(s.heading, s.text) for s in doc.sections] == [("A", "A\none"), ("A > B", "B\nx\ny")]
 
 
+def test_html_drops_the_permalinks_documentation_generators_add_and_keeps_other_links():
+    html = ('<html><body><h1>json<a class="headerlink" href="#module-json" title="Link">¶</a></h1>'
+            '<p>Read <a href="#basic-usage">Basic Usage</a> first.</p>'
+            '<h2>Basic Usage<a class="headerlink" href="#basic-usage">¶</a></h2>'
+            '<dl><dt id="json.dump">json.dump(obj, fp)<a class="headerlink" href="#json.dump">¶</a></dt>'
+            '<dd>Serialize obj.</dd></dl><h2><a href="#x" aria-hidden="true">#</a>Notes</h2><p>See '
+            '<a href="https://example.org/#top">the site</a>.</p></body></html>')
+    doc = parse(html, "html", title=None, source="json.html", splitting=Splitting(whole_tokens=0))
+    assert [s.heading for s in doc.sections] == ["json", "json > Basic Usage", "json > Notes"]
+    text = "\n".join(s.text for s in doc.sections)
+    assert "¶" not in text and "#" not in text
+    assert "json.dump(obj, fp)" in text and "Read Basic Usage first." in text and "See the site." in text
+
+
 def test_text_without_headings_is_cut_into_sections_by_size_and_chunks_overlap():
     paragraphs = [" ".join(f"word{j}" for j in range(i % 7, i % 7 + 20)) + "." for i in range(60)]
     doc = parse("\n\n".join(paragraphs), "text", title="Plain", source="p.txt",
