@@ -22,6 +22,7 @@ Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -71,6 +72,13 @@ class Tuning:
     lexical_weight: float = 0.65  # hybrid: the lexical (BM25) share of each level's fused evidence, at most
     lexical_postings: int = store.QUERY_POSTINGS  # hybrid: the postings a query reads, rarest terms first
     ef_search: int = 100
+
+    @property
+    def tag(self) -> str:
+        """These settings in a few characters (a hash of every field): part of a RAG answer's cache key, so
+        an upgrade that changes how contexts are ranked or packed never serves an answer packed the old way."""
+        digest = hashlib.blake2b(repr(dataclasses.astuple(self)).encode(), digest_size=5).hexdigest()
+        return f"search:{digest}"
 
 
 MAX_FILTER_KEYS = 16

@@ -190,6 +190,10 @@ class Retriever(Protocol):
         """How the passages are screened for injections (part of the response cache key), or None."""
         ...
 
+    def search_settings(self) -> str:
+        """How contexts are ranked and packed, in a few characters (part of the response cache key)."""
+        ...
+
     async def retrieve(self, view: ChatView, spec: JSON, calls: list[SideCall]) -> Retrieved | None:
         """Runs after admission; appends each model call it makes (its embedding) to ``calls``, which the
         stage records whether it returns or raises."""

@@ -190,7 +190,7 @@ class Chat:
                 ex.index_version = await self.parts.retriever.index_version(ex.view(), spec)
                 # the retrieval object itself too: another budget, mode or reranker is another context
                 versions = (None if ex.prompt is None else ex.prompt.version, ex.index_version,
-                            self.parts.retriever.screening(ex.view()),
+                            self.parts.retriever.screening(ex.view()), self.parts.retriever.search_settings(),
                             orjson.dumps(spec, option=orjson.OPT_SORT_KEYS).decode())
             elif ex.prompt is not None:
                 versions = (ex.prompt.version,)

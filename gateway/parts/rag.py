@@ -415,6 +415,10 @@ class Rag:
                                   *(f.as_json(self.ids) for f in found.flagged)),
                          context_tokens=found.context_tokens, guards=guards, rerank_error=found.rerank_error)
 
+    def search_settings(self) -> str:
+        """The search's settings (``Tuning.tag``): an answer packed under other settings is another answer."""
+        return self.searcher.tuning.tag
+
     def screening(self, view: ChatView) -> str | None:
         """How this request's passages are screened (part of the response cache key with the index version:
         the same question under another screen is another context)."""

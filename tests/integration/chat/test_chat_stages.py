@@ -128,6 +128,8 @@ class Library:
     def screening(self, view: Any) -> None:
         return None
 
+    def search_settings(self) -> str:
+        return "search:test"
 
     async def index_version(self, view: Any, spec: dict[str, Any]) -> str:
         return "v7"

@@ -124,8 +124,10 @@ class FakeCache:
     def __init__(self, hit: CachedAnswer | None = None) -> None:
         self.hit = hit
         self.stored: list[tuple[str, JSON]] = []
+        self.asked: list[str] = []
 
     async def get(self, key: str) -> CachedAnswer | None:
+        self.asked.append(key)
         return self.hit
 
     async def put(self, key: str, payload: JSON, model: str, cost: Decimal) -> None:
@@ -176,6 +178,9 @@ async def test_parse_keeps_tollway_fields_out_of_the_upstream_body() -> None:
 
         def screening(self, view: Any) -> None:
             return None
+
+        def search_settings(self) -> str:
+            return "search:test"
 
 
         async def index_version(self, view: Any, spec: JSON) -> str:
@@ -252,6 +257,9 @@ async def test_plan_counts_the_retrieval_budget_before_it_runs() -> None:
         def screening(self, view: Any) -> None:
             return None
 
+        def search_settings(self) -> str:
+            return "search:test"
+
 
         async def index_version(self, view: Any, spec: JSON) -> str:
             return "v1"
@@ -281,6 +289,38 @@ async def test_a_cached_answer_skips_every_request_stage_after_the_lookup() -> N
     assert (row.cache_hit, row.saved_usd, row.cost_usd, row.route_reason) == (True, Decimal("0.001"), 0, "cache_hit")
 
 
+async def test_a_rag_answers_cache_key_names_the_index_version_and_the_search_settings() -> None:
+    """A re-ingest (another index version) or an upgrade that ranks or packs contexts another way (another
+    ``Tuning.tag``) is a miss: the answer was grounded in another context."""
+    class Library:
+        def __init__(self, version: str, settings: str) -> None:
+            self.version, self.settings = version, settings
+
+        def context_budget(self, view: Any, spec: JSON) -> int:
+            return 50
+
+        def screening(self, view: Any) -> None:
+            return None
+
+        def search_settings(self) -> str:
+            return self.settings
+
+        async def index_version(self, view: Any, spec: JSON) -> str:
+            return self.version
+
+        async def retrieve(self, view: Any, spec: JSON, calls: list[Any]) -> None:
+            return None
+
+    keys = []
+    for version, settings in [("v1", "search:a"), ("v1", "search:a"), ("v2", "search:a"), ("v1", "search:b")]:
+        cache = FakeCache()
+        r = rig(cache=cache, parts=Parts(retriever=Library(version, settings)))
+        await r.run({"model": "small", "messages": MSG, "temperature": 0, "retrieval": {"collection": "c"}})
+        keys += cache.asked
+    assert len(keys) == 4
+    assert keys[0] == keys[1] and len(set(keys)) == 3
+
+
 async def test_admit_reserves_the_planned_chain_and_steps_auto_down_once() -> None:
     quota = FakeQuota(refuse_large=True)
     rules = TenantRules(TenantPolicy(7, default_max_tokens=100, route_threshold=0.0),  # auto: the top tier
@@ -303,6 +343,9 @@ async def test_retrieve_places_context_after_the_system_messages_and_records_the
 
         def screening(self, view: Any) -> None:
             return None
+
+        def search_settings(self) -> str:
+            return "search:test"
 
 
         async def index_version(self, view: Any, spec: JSON) -> str:

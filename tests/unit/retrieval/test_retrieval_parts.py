@@ -405,3 +405,11 @@ def test_turns_are_handed_out_in_the_order_they_were_asked_for():
     for t in waiters:
         t.join(10)
     assert order == ["a", "b", "c", "again"]
+
+
+def test_the_search_settings_tag_names_every_setting():
+    from tollway.retrieval import Tuning
+
+    assert Tuning().tag == Tuning().tag and Tuning().tag.startswith("search:")
+    tags = {Tuning().tag, Tuning(mmr_lambda=0.75).tag, Tuning(floor=0.6).tag, Tuning(ef_search=40).tag}
+    assert len(tags) == 4
