@@ -1,11 +1,11 @@
 """Search settings side by side on the same ingested corpora, in one run: for each variant of
-``retrieval.search.Tuning`` (``FIELD=VALUE,FIELD=VALUE``; the first column is always the defaults), the
+``retrieval.search.Tuning`` (``FIELD=VALUE,FIELD=VALUE``; the first block is always the defaults), the
 hierarchical modes' recall and answer in context at each budget against flat's and BM25's
 (bench/retrieval/versus_bm25.py's measures and baseline, computed once per corpus). Made for choosing
 settings on the tuning corpora together; a held-out corpus is refused unless ``--held-out`` says so (run it
 once, after the choice, with versus_bm25.py).
 
-    .venv/bin/python bench/retrieval/sweep.py --corpora pydocs,faq,foldoc --data DIR \\
+    .venv/bin/python bench/retrieval/sweep.py --corpora pydocs,faq,foldoc,banking --data DIR \\
         --variants mmr_lambda=1.0 section_weight=0.1,document_weight=0.1
 """
 
@@ -38,6 +38,10 @@ def score(ask: corpora.Ask, answerable: bool, sources: set[str], context: str) -
     return len(sources & ask.gold) / len(ask.gold), inside
 
 
+def f(x: float | None) -> str:
+    return "  -  " if x is None else f"{x:.3f}"
+
+
 def tuning_of(text: str) -> Tuning:
     base = Tuning()
     pairs = [kv.split("=", 1) for kv in text.split(",") if kv]
@@ -67,7 +71,8 @@ async def run(args: argparse.Namespace) -> None:
             for budget in budgets:
                 for i, ask in enumerate(corpus.asks):
                     context, passages, _ = bm25_packed(bm25, chunks, ask.text, name, budget)
-                    per_query.setdefault(("", budget, "bm25"), []).append(score(ask, answerable[i], {p.source for p in passages}, context))
+                    per_query.setdefault(("", budget, "bm25"), []).append(
+                        score(ask, answerable[i], {p.source for p in passages}, context))
             for variant in variants:
                 tuning = tuning_of(variant)
                 searcher = Searcher(lambda n, d: embedder, tuning)
@@ -101,9 +106,6 @@ async def run(args: argparse.Namespace) -> None:
         for corpus_name in names:
             for budget in budgets:
                 c = table[(variant, corpus_name, budget)]
-
-                def f(x: float | None) -> str:
-                    return "  -  " if x is None else f"{x:.3f}"
                 d, fl, h, dfl, bm = (c["hierarchical+lex"], c["flat+lex"], c["hierarchical"], c["flat"], c["bm25"])
                 for a, b in ((d, fl), (h, dfl)):
                     below += a[0] < b[0] - 1e-9
@@ -120,7 +122,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpora", default="pydocs,faq,foldoc")
+    parser.add_argument("--corpora", default="pydocs,faq,foldoc,banking", help="the tuning corpora (the default)")
     parser.add_argument("--budgets", default="150,300,600")
     parser.add_argument("--data", help="the folder versus_bm25.py --data keeps its database in")
     parser.add_argument("--variants", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]")
