@@ -34,6 +34,7 @@ import importlib.util
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,42 +224,42 @@ def _page_text(root: Any, drop: str) -> str:
     return re.sub(r"\s*\n\s*\n\s*", "\n\n", text).strip()
 
 
-def pgdocs(pages: int = 300, queries: int = 300, seed: int = 11) -> Corpus:
-    files = sorted(DEBIAN["pgdocs"][1].glob("*.html"))
-    rng = random.Random(seed)
-    rng.shuffle(files)
+def _pages(name: str, prefix: str, pages: int, seed: int,
+           read: Callable[[BeautifulSoup, Path], tuple[str, str] | None]) -> list[tuple[str, str, str, str]]:
+    """A manual's HTML pages in a seeded order, ``read`` into (title, text) (None: not a page of text), the
+    first ``pages`` of at least 200 words: (source, title, text, format) entries for ``_cloze``."""
+    files = sorted(DEBIAN[name][1].glob("*.html"))
+    random.Random(seed).shuffle(files)
     found = []
     for path in files:
-        soup = BeautifulSoup(path.read_text(errors="replace"), "html.parser")
-        title = soup.title.get_text(strip=True) if soup.title else path.stem
-        text = _page_text(soup, ".navheader, .navfooter, script, style")
-        if len(text.split()) >= 200:
-            found.append((f"pg/{path.stem}", title, text, "markdown"))
+        page = read(BeautifulSoup(path.read_text(errors="replace"), "html.parser"), path)
+        if page is not None and len(page[1].split()) >= 200:
+            found.append((f"{prefix}/{path.stem}", page[0], page[1], "markdown"))
         if len(found) >= pages:
             break
-    return _cloze("pgdocs", "long technical manual pages; inverse cloze queries", found, queries, seed,
-                  held_out=True)
+    return found
+
+
+def pgdocs(pages: int = 300, queries: int = 300, seed: int = 11) -> Corpus:
+    def read(soup: BeautifulSoup, path: Path) -> tuple[str, str]:
+        title = soup.title.get_text(strip=True) if soup.title else path.stem
+        return title, _page_text(soup, ".navheader, .navfooter, script, style")
+
+    return _cloze("pgdocs", "long technical manual pages; inverse cloze queries", _pages("pgdocs", "pg", pages, seed, read),
+                  queries, seed, held_out=True)
 
 
 def pydocs(pages: int = 240, queries: int = 300, seed: int = 19) -> Corpus:
-    files = sorted(DEBIAN["pydocs"][1].glob("*.html"))
-    rng = random.Random(seed)
-    rng.shuffle(files)
-    found = []
-    for path in files:
-        soup = BeautifulSoup(path.read_text(errors="replace"), "html.parser")
+    def read(soup: BeautifulSoup, path: Path) -> tuple[str, str] | None:
         body = soup.select_one("div.body")
         if body is None:
-            continue
+            return None
         title = re.sub(r"\s+—\s+Python [\d.]+ documentation$", "",
                        soup.title.get_text(strip=True) if soup.title else path.stem)
-        text = _page_text(body, "a.headerlink, script, style")
-        if len(text.split()) >= 200:
-            found.append((f"py/{path.stem}", title, text, "markdown"))
-        if len(found) >= pages:
-            break
-    return _cloze("pydocs", "long technical reference pages (another manual); inverse cloze queries", found, queries,
-                  seed)
+        return title, _page_text(body, "a.headerlink, script, style")
+
+    return _cloze("pydocs", "long technical reference pages (another manual); inverse cloze queries",
+                  _pages("pydocs", "py", pages, seed, read), queries, seed)
 
 
 def load(names: list[str], banking_tasks: int | None = None) -> list[Corpus]:
