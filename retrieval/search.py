@@ -433,6 +433,7 @@ class Searcher:
     def __init__(self, embedder_for: EmbedderFor, tuning: Tuning | None = None) -> None:
         self.embedder_for = embedder_for
         self.tuning = tuning or Tuning()
+        self.tag = self.tuning.tag  # its settings' hash, computed once (a RAG answer's cache key reads it)
 
     async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
                           embedding: Embedded | Awaitable[Embedded], embedder: str, *, screen: Screen | None = None,

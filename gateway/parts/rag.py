@@ -417,7 +417,7 @@ class Rag:
 
     def search_settings(self) -> str:
         """The search's settings (``Tuning.tag``): an answer packed under other settings is another answer."""
-        return self.searcher.tuning.tag
+        return self.searcher.tag
 
     def screening(self, view: ChatView) -> str | None:
         """How this request's passages are screened (part of the response cache key with the index version:
