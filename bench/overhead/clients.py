@@ -9,7 +9,7 @@ with ``--stream``, its SSE lines), for ``--duration`` seconds per client, the cl
 (``time.process_time``) over the round, divided by the requests completed. The upstream's own CPU is not
 counted: the figure is what the gateway would spend in its client.
 
-    python bench/overhead/clients.py [--duration 5] [--rounds 3] [--concurrency 16] [--stream]
+    python bench/overhead/clients.py [--duration 5] [--rounds 3] [--concurrency 16] [--stream] [--asyncio]
 """
 
 from __future__ import annotations
