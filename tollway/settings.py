@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(default=64, ge=1)
     # A Redis Cluster (redis-py's cluster client) or one node; unset: what the server says at start-up.
     redis_cluster: bool | None = None
+    # The budget scripts over one multiplexed connection per process (tollway.infra.redisscripts) where the
+    # client allows it (one node, TCP or a Unix socket, no TLS); false: through redis-py like everything else.
+    redis_script_channel: bool = True
     # Extra OpenAI-compatible upstreams whose models come from their /v1/models (comma-separated).
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Start the packaged llama.cpp model when nothing else is configured.

@@ -295,7 +295,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)
     quota = QuotaService(redis_client, lease_s=settings.lease_s, fail_open_share=settings.fail_open_share,
-                         on_trip=events.trip)
+                         on_trip=events.trip, script_channel=settings.redis_script_channel)
+    stack.push_async_callback(quota.aclose)
     stack.push_async_callback(quota.drain)  # settlements still in flight finish before Redis closes
     ledger.on_durable = quota.ack
     lease_sweeper = Sweeper(pool, redis_client, ledger, interval_s=settings.sweep_interval_s,

@@ -3,7 +3,7 @@ goes). The scripted upstream, embedded PostgreSQL and Redis, the bootstrap tenan
 off (the load repeats one body) and, with ``--budget``, a never-reached monthly budget (every request leases).
 
     pip install py-spy                      # not a dependency of Tollway
-    python bench/overhead/flame.py --out bench/overhead/flame-2026-12-04.svg [--seconds 15] [--budget]
+    python bench/overhead/flame.py --out bench/overhead/flame-2026-12-04.svg [--seconds 15] [--budget] [--format raw]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--budget", action="store_true")
+    parser.add_argument("--format", choices=("flamegraph", "raw"), default="flamegraph",
+                        help="raw: collapsed stacks, one line each with its sample count (for reading by script)")
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None or shutil.which("wrk") is None:
@@ -43,7 +45,7 @@ def main() -> None:
         load = subprocess.Popen(wrk_argv(script, url, args.seconds + 2), stdout=subprocess.PIPE, text=True)
         time.sleep(1)
         subprocess.run([spy, "record", "--pid", str(tw.process.pid), "--duration", str(args.seconds), "--rate",
-                        "250", "--format", "flamegraph", "--output", str(args.out)], check=True)
+                        "250", "--format", args.format, "--output", str(args.out)], check=True)
         out, _ = load.communicate()
         requests, errors, seconds = wrk_result(out)
         print(f"{(requests - errors) / seconds:,.0f} req/s under the profiler; {errors} errors")

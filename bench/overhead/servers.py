@@ -7,11 +7,12 @@ retry-storm breaker off (the load repeats one body). Each target is loaded with 
 servers alternately, ``--rounds`` times; per round: requests/s, and CPU per request = the server's process
 tree's utime + stime over the wrk run (/proc), divided by the requests completed. The scripted upstream
 direct is the reference (the issue's goal: CPU per proxied request <= ~2.8x the upstream's).
-``--workers 2`` adds `tollway serve --workers 2` (uvicorn's supervisor and two workers: the whole process tree
+``--redis-py`` adds the gateway with its budget scripts through redis-py instead of its own multiplexed
+connection (``TOLLWAY_REDIS_SCRIPT_CHANNEL=false``). ``--workers 2`` adds `tollway serve --workers 2` (uvicorn's supervisor and two workers: the whole process tree
 is counted), for the issue's "workers add no per-request CPU"; ``--no-granian`` leaves granian out.
 
     pip install 'granian[uvloop]'          # not a dependency of Tollway: measured, not shipped
-    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian]
+    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian] [--redis-py]
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--budget", action="store_true", help="a (never reached) monthly budget: every request leases")
     parser.add_argument("--workers", type=int, default=1, help="also `tollway serve --workers N` (N > 1)")
     parser.add_argument("--no-granian", action="store_true")
+    parser.add_argument("--redis-py", action="store_true",
+                        help="also the gateway with its budget scripts through redis-py (TOLLWAY_REDIS_SCRIPT_CHANNEL=false)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed (apt-get install wrk)")
@@ -108,6 +111,11 @@ def main() -> None:
         uv = start_gateway(procs, sim_url, data=None, name="uvicorn", env=shared, budget=args.budget)
         targets = [Target("upstream (direct)", sim_url, "none", sim.pid),
                    Target("tollway on uvicorn (httptools)", uv.url, uv.key, uv.process.pid)]
+        if args.redis_py:  # the same database: the tenant set up above
+            rp = start_gateway(procs, sim_url, data=None, name="uvicorn-redis-py",
+                               env={**shared, "TOLLWAY_REDIS_SCRIPT_CHANNEL": "false"}, bench_tenant=False)
+            targets.append(Target("tollway on uvicorn, budget scripts through redis-py", rp.url, uv.key,
+                                  rp.process.pid))
         if args.workers > 1:  # the same database: the tenant set up above
             mw = start_gateway(procs, sim_url, data=None, name="uvicorn-workers", env=shared,
                                args=["--workers", str(args.workers)], bench_tenant=False)
