@@ -40,19 +40,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import itertools
 import math
 import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from tollway.evals import DriftSettings, SamplingPolicy, Scored
 from tollway.evals.drift import BernoulliSPRT
 from tollway.gateway.quality.incidents import Incidents, IncidentSettings
-from tollway.gateway.quality.watches import Row, Watch, Watches, prompt_key
+from tollway.gateway.quality.watches import Row, Watch, Watches, prompt_key, version_key
 
 DAY = 1440  # minutes
 WEEK = 7 * DAY
@@ -140,10 +141,14 @@ def draw(rng: random.Random, p: float, at: float, rate: float) -> Scored:
 
 
 def samples(traffic: Traffic, route: SimRoute, key: str, rng: random.Random, nrng: np.random.Generator,
-            seed: int) -> Iterator[tuple[int, Scored]]:
+            seed: int, split: Callable[[], float] | None = None, worse: float = 0.0,
+            candidate_key: str = "") -> Iterator[tuple[int, Scored, bool]]:
     """The sampled answers of every minute, in time order, at the rate the monitor asks for (read each minute
     from ``route``'s rate for ``key``), each minute's failed attempts told to the route first (they are in
-    the ledger before the answers' samples are scored). Yields (minute, sample); the caller feeds them."""
+    the ledger before the answers' samples are scored). Yields (minute, sample, candidate); the caller feeds
+    them. ``split``: the share (percent) of requests a candidate version serves now, its pass rate ``worse``
+    below the traffic's, sampled at the higher of ``key``'s rate and ``candidate_key``'s (as the gateway
+    samples a split label's candidate); without it every sample is the traffic's own (candidate False)."""
     failed = traffic.failed_attempts(np.random.default_rng(seed + 7_777))
     for minute in range(len(traffic.requests)):
         if failed[minute]:
@@ -152,9 +157,18 @@ def samples(traffic: Traffic, route: SimRoute, key: str, rng: random.Random, nrn
         if not n:
             continue
         rate = route.rate(key)
-        k = int(nrng.binomial(n, rate)) if rate < 1 else n
-        for at in sorted(rng.random() for _ in range(k)):
-            yield minute, draw(rng, float(traffic.p[minute]), (minute + at) * 60.0, rate)
+        if split is None:
+            k = int(nrng.binomial(n, rate)) if rate < 1 else n
+            for at in sorted(rng.random() for _ in range(k)):
+                yield minute, draw(rng, float(traffic.p[minute]), (minute + at) * 60.0, rate), False
+            continue
+        tried = int(nrng.binomial(n, split() / 100))
+        on_candidate = max(rate, route.rate(candidate_key))
+        drawn = [(rng.random(), False, rate) for _ in range(int(nrng.binomial(n - tried, rate)))]
+        drawn += [(rng.random(), True, on_candidate) for _ in range(int(nrng.binomial(tried, on_candidate)))]
+        for at, candidate, r in sorted(drawn):
+            p = float(traffic.p[minute]) - (worse if candidate else 0.0)
+            yield minute, draw(rng, max(p, 0.0), (minute + at) * 60.0, r), candidate
 
 
 class SimRoute:
@@ -175,14 +189,18 @@ class SimRoute:
         bucket = Incidents.bucket(minute * 60.0)
         self.core.incidents.failed("m", bucket, self.core.incidents.failures.get("m", {}).get(bucket, 0) + n)
 
-    def feed(self, s: Scored, version: str | None = None) -> list[tuple[Watch, list]]:
+    def row(self, s: Scored, version: str | None) -> Row:
+        """A sample as the monitor reads it: model "m", prompt faq@prod at ``version`` (None: no prompt)."""
         self.ids += 1
+        return Row(self.ids, 1, "m", None, None if version is None else "faq", None if version is None else "prod",
+                   version, s)
+
+    def feed(self, s: Scored, version: str | None = None) -> list[tuple[Watch, list]]:
         self.now = s.at or 0.0
-        row = Row(self.ids, 1, "m", None, None if version is None else "faq", None if version is None else "prod",
-                  version, s)
+        row = self.row(s, version)
         if (route := self.core.route(row)) is not None:
             self.core.start(route, [])
-        return [(w, found) for w, found in self.core.feed(row) if found]
+        return self.core.feed(row)  # the watches that breached (findings) or may advance (none)
 
 
 def warmup_minutes(shape: Shape, settings: DriftSettings, policy: SamplingPolicy) -> int:
@@ -200,7 +218,7 @@ def detect_run(seed: int, shape: Shape, drop: float, settings: DriftSettings, po
     traffic = Traffic(shape, total, nrng, drop_at=warm, drop=drop)
     route = SimRoute(settings, policy, incidents)
     n = 0
-    for minute, s in samples(traffic, route, "model:m", rng, nrng, seed):
+    for minute, s, _ in samples(traffic, route, "model:m", rng, nrng, seed):
         if minute >= warm:
             n += 1
         for _, found in route.feed(s):
@@ -219,11 +237,13 @@ def alarm_run(seed: int, shape: Shape, days: int, settings: DriftSettings, polic
     route = SimRoute(settings, policy, incidents)
     alarms = n = 0
     by: dict[str, int] = {}
-    for minute, s in samples(traffic, route, "model:m", rng, nrng, seed):
+    for minute, s, _ in samples(traffic, route, "model:m", rng, nrng, seed):
         found = route.feed(s)
         if minute >= warm:
             n += 1
             for _, f in found:
+                if not f:
+                    continue
                 alarms += 1
                 for one in f:
                     by[one.detector] = by.get(one.detector, 0) + 1
@@ -249,7 +269,7 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
     key = prompt_key(1, "faq", "prod")
     watch: Watch | None = None
     n = 0
-    for minute, s in samples(traffic, route, key, rng, nrng, seed):
+    for minute, s, _ in samples(traffic, route, key, rng, nrng, seed):
         if minute < warm:
             route.feed(s, "v1")
             continue
@@ -266,10 +286,83 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
             # ``old_samples``: the old version served only its last this many
             watch.base = deque(old[-old_samples:] if old_samples else old, maxlen=settings.baseline_max)
             route.core.watches[watch.key] = watch
-        for w, _ in route.feed(s, "v2"):
-            if w is watch:
+        for w, findings in route.feed(s, "v2"):
+            if w is watch and findings:
                 return n
     return None
+
+
+ROLLOUT_STEPS = (5.0, 20.0, 50.0, 100.0)  # a prompt rollout's split steps, percent (the API's example)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutOutcome:
+    end: str  # "complete", "rolled_back" or "stalled" (a step's watch undecided after watch_max_days)
+    step: int  # the step it ended at (its index in ROLLOUT_STEPS)
+    days: float  # from the split's start to the end
+    candidate_requests: int  # live requests the candidate version served until then
+
+
+def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy,
+                incidents: IncidentSettings, drop: float = 0.0, watch_max_days: float = 28.0,
+                min_samples: int = 200) -> RolloutOutcome:
+    """A progressive prompt rollout: the label split to a candidate ``drop`` points worse (0: as good) at 5%
+    of its users, moved on to 20, 50 and 100% each time the split's watch (the monitor's prompt watch: the
+    candidate's samples against the version the label holds, whose samples keep coming) has ``min_samples``
+    and its SPRT has accepted "no drop", rolled back at a breach. Each step is a new watch, as the monitor
+    makes one per change: its baseline the held version's latest samples, the candidate's samples so far
+    replayed through it (``GatewayMonitor._load``); a step's watch undecided after ``watch_max_days`` stalls
+    the rollout (the monitor stops watching an old change)."""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
+    total = warm + int(len(ROLLOUT_STEPS) * watch_max_days * DAY) + 1
+    traffic = Traffic(shape, total, nrng, first_burst_after=warm)
+    route = SimRoute(settings, policy, incidents)
+    key, tried_key = prompt_key(1, "faq", "prod"), version_key(1, "faq", "prod", "v2")
+    step_settings = dataclasses.replace(settings, min_samples=min_samples)
+    share = [0.0]
+    held: deque[Scored] = deque(maxlen=settings.baseline_max)  # the held version's samples outside incidents
+    tried: list[Scored] = []  # the candidate's
+    shares: list[tuple[int, float]] = []  # (minute, share) from each step on
+    step, since, watch = -1, warm, None
+
+    def served(until: int) -> int:
+        bounds = [*shares, (until + 1, 0.0)]
+        return int(sum(float(traffic.requests[a:b].sum()) * pct / 100
+                       for (a, pct), (b, _) in itertools.pairwise(bounds)))
+
+    def begin(k: int, minute: int) -> Watch:
+        w = Watch(key=f"prompt:1:faq:prod:{k}", kind="prompt", subject=f"prompt faq@prod step {k}", rate_key=tried_key,
+                  tenant_id=1, settings=step_settings, prompt={"split": True, "progressive": True},
+                  candidate=lambda r: r.prompt_version == "v2", baseline=lambda r: r.prompt_version == "v1")
+        w.base = deque(held, maxlen=settings.baseline_max)
+        for t in tried:
+            w.feed(route.row(t, "v2"))
+        route.core.watches[w.key] = w
+        share[0] = ROLLOUT_STEPS[k]
+        shares.append((minute, ROLLOUT_STEPS[k]))
+        return w
+
+    for minute, s, candidate in samples(traffic, route, key, rng, nrng, seed, split=lambda: share[0], worse=drop,
+                                          candidate_key=tried_key):
+        if watch is None and minute >= warm:
+            step, since = 0, minute
+            watch = begin(0, minute)
+        if watch is not None and minute - since > watch_max_days * DAY:
+            return RolloutOutcome("stalled", step, (minute - warm) / DAY, served(minute))
+        found = route.feed(s, "v2" if candidate else "v1")
+        if not route.core.incidents.covers("m", s.at):
+            (tried if candidate else held).append(s)
+        for w, findings in found:
+            if w is not watch:
+                continue
+            if findings:
+                return RolloutOutcome("rolled_back", step, (minute - warm) / DAY, served(minute))
+            step, since = step + 1, minute
+            if ROLLOUT_STEPS[step] >= 100:
+                return RolloutOutcome("complete", step, (minute - warm) / DAY, served(minute))
+            watch = begin(step, minute)
+    return RolloutOutcome("stalled", step, (total - warm) / DAY, served(total - 1))
 
 
 # -- the matrix ---------------------------------------------------------------------------------------
@@ -301,6 +394,10 @@ def _move(args: tuple) -> int | None:
     return move_run(*args)
 
 
+def _rollout(args: tuple) -> RolloutOutcome:
+    return rollout_run(*args)
+
+
 def quantile(values: list[int], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -321,7 +418,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--held-out", action="store_true")
     parser.add_argument("--volumes", default="2000,10000,30000")
-    parser.add_argument("--only", default="detect,alarms,moves")
+    parser.add_argument("--only", default="detect,alarms,moves,rollouts")
+    parser.add_argument("--rollouts", type=int, default=100, help="progressive prompt rollouts per cell (as good)")
+    parser.add_argument("--bad-rollouts", type=int, default=40, help="... and to a version 5 points worse")
+    parser.add_argument("--no-evidence-rate", action="store_true",
+                        help="a rollout's step short of evidence asks for no more than its progress gives "
+                             "(Watch.awaits_evidence off: the monitor before it)")
     parser.add_argument("--match", default="", help="only the traffic whose label contains this")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a detector setting other than its default (DriftSettings), e.g. evidence_hours=0")
@@ -333,6 +435,8 @@ def main() -> None:
     parser.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
                         help="the other base rates and drop sizes on the day curve")
     args = parser.parse_args()
+    if args.no_evidence_rate:  # before the pool forks its workers: they inherit it
+        Watch.awaits_evidence = lambda self: False  # type: ignore[method-assign]
     volumes = tuple(int(v) for v in args.volumes.split(","))
     settings = DriftSettings(**{k: type(getattr(DriftSettings(), k) or 0.0)(v) for k, v in (a.split("=", 1) for a in args.set)})
     adaptive, fixed = SamplingPolicy(), SamplingPolicy(ceiling=0.02)
@@ -411,6 +515,31 @@ def main() -> None:
                     bad = (f"{len(caught)} of {args.bad_moves} | "
                            + (f"{statistics.median(caught):.0f} / {quantile(caught, 0.9)}" if caught else "-"))
                 print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) | {bad} |"
+                      f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+    if "rollouts" in only:
+        print("\n| traffic | sampling | as good: rolled back / completed (days p50) / stalled | 5 points worse: "
+              "rolled back (its live requests p50) / completed / stalled |")
+        print("|---|---|---|---|")
+        for shape in shapes:
+            if not shape.burst and shape.curve != "day":
+                continue
+            for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
+                started = time.perf_counter()
+                cells = []
+                for drop, runs, base in ((0.0, args.rollouts, 1_200_000), (0.05, args.bad_rollouts, 1_300_000)):
+                    out = list(pool.map(_rollout, [(seed0 + base + i, shape, settings, policy, incidents, drop,
+                                                    args.watch_max_days) for i in range(runs)]))
+                    back = [o for o in out if o.end == "rolled_back"]
+                    done = [o for o in out if o.end == "complete"]
+                    stalled = [o.step for o in out if o.end == "stalled"]
+                    at = f" at steps {sorted(stalled)}" if stalled and len(stalled) <= 5 else ""
+                    if drop:
+                        cells.append(f"{len(back)} ({statistics.median(o.candidate_requests for o in back):.0f}) / "
+                                     f"{len(done)} / {len(stalled)}{at}" if back else f"0 / {len(done)} / {len(stalled)}{at}")
+                    else:
+                        days = f" ({statistics.median(o.days for o in done):.1f})" if done else ""
+                        cells.append(f"{len(back)} / {len(done)}{days} / {len(stalled)}{at} of {runs}")
+                print(f"| {shape.label()} | {name} | {cells[0]} | {cells[1]} of {args.bad_rollouts} |"
                       f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     pool.shutdown()
 

@@ -36,7 +36,7 @@ from tollway.gateway.metering.accounting import side_row
 from tollway.gateway.metering.ledger import Ledger, LedgerRow
 from tollway.gateway.observability.telemetry import Telemetry
 from tollway.gateway.quality.incidents import IncidentSettings
-from tollway.gateway.quality.watches import model_key, prompt_key
+from tollway.gateway.quality.watches import model_key, prompt_key, version_key
 from tollway.infra import changes
 from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, ConfigError, Router, Usage, count_messages, count_text
@@ -151,10 +151,13 @@ class LiveQuality:
                 "scored": self.scored}
 
     # -- the request side: cheap, never waits -----------------------------------------------------
-    def rate(self, model: str, tenant_id: int, prompt: str | None, label: str | None) -> float:
+    def rate(self, model: str, tenant_id: int, prompt: str | None, label: str | None,
+             version: str | None = None) -> float:
         rate = max(self.settings.policy.base, self.rates.get(model_key(model), 0.0))
         if prompt is not None and label is not None:
             rate = max(rate, self.rates.get(prompt_key(tenant_id, prompt, label), 0.0))
+            if version is not None:  # a split's candidate (its rollout's watch may ask for more)
+                rate = max(rate, self.rates.get(version_key(tenant_id, prompt, label, version), 0.0))
         return rate
 
     def offer(self, done: Answered) -> None:
@@ -163,7 +166,7 @@ class LiveQuality:
         row = done.row
         if not self.settings.enabled or row.status != 200 or row.model is None or row.cache_hit or row.degraded:
             return
-        rate = self.rate(row.model, row.tenant_id, row.prompt_name, done.label)
+        rate = self.rate(row.model, row.tenant_id, row.prompt_name, done.label, row.prompt_version)
         if rate <= 0 or self.rng.random() >= rate:
             return
         sample = LiveSample(

@@ -49,6 +49,7 @@ from tollway.gateway.quality.watches import (
     model_key,
     prompt_key,
     row_of,
+    version_key,
 )
 from tollway.infra.alerts import raise_alert
 from tollway.jsontypes import JSON
@@ -218,7 +219,8 @@ class Monitor:
         return Watch(
             key=f"prompt:{tenant_id}:{name}:{label}:{change_id}", kind="prompt",
             subject=f"prompt {name}@{label} version {str(new)[:12]} (was {str(old)[:12]})",
-            rate_key=prompt_key(tenant_id, str(name), str(label)), tenant_id=tenant_id, settings=settings, prompt=info,
+            rate_key=version_key(tenant_id, str(name), str(label), str(new)) if info["split"]
+            else prompt_key(tenant_id, str(name), str(label)), tenant_id=tenant_id, settings=settings, prompt=info,
             candidate=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == new,
             baseline=lambda s: s.tenant_id == tenant_id and s.prompt_name == name and s.prompt_version == old)
 

@@ -35,6 +35,11 @@ def prompt_key(tenant_id: int, name: str, label: str) -> str:
     return f"prompt:{tenant_id}:{name}:{label}"
 
 
+def version_key(tenant_id: int, name: str, label: str, version: str) -> str:
+    """One version of a split label: a split's watch samples its candidate by this key, not the whole label."""
+    return f"prompt:{tenant_id}:{name}:{label}@{version}"
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     id: int
@@ -95,12 +100,22 @@ class Watch:
             return found
         return self.test.update(row.scored)
 
+    @property
+    def progressive(self) -> bool:
+        """A step of a progressive rollout (a model's canary steps, a prompt's split steps)."""
+        return (self.rollout is not None and self.rollout.progressive) or bool(self.prompt and self.prompt["progressive"])
+
     def advances(self) -> bool:
-        """Evidence enough to move a progressive rollout (a model's canary steps, a prompt's split steps) on."""
+        """Evidence enough to move a progressive rollout on."""
         assert self.test is not None
-        progressive = (self.rollout is not None and self.rollout.progressive) or bool(
-            self.prompt and self.prompt["progressive"])
-        return progressive and self.test.no_regression()
+        return self.progressive and self.test.no_regression()
+
+    def awaits_evidence(self) -> bool:
+        """A progressive rollout's step that has not yet the evidence to move on: its candidate serves a share
+        of the traffic (5% at the first step), and sampled at the base rate a modest route's candidate would
+        take weeks to the samples a decision needs, the rollout standing still meanwhile. Such a watch asks
+        for the highest rate (``SamplingPolicy.ceiling``) for its candidate alone."""
+        return self.progressive and not self.done and (self.test is None or not self.test.no_regression())
 
     @property
     def moved(self) -> bool:
@@ -248,13 +263,14 @@ class Watches:
 
     def rates(self, now: float) -> dict[str, tuple[float, float]]:
         """Per sampling key, the rate its nearest-to-breach watch asks for, and that watch's progress (a
-        quiet or retired route's watch keeps its evidence, not its route's rate)."""
+        quiet or retired route's watch keeps its evidence, not its route's rate); a progressive rollout's step
+        still short of the evidence to move on asks for the ceiling (``Watch.awaits_evidence``)."""
         rates: dict[str, tuple[float, float]] = {}
         for w in self.watches.values():
             if self.idle(w, now):
                 continue
             progress = w.progress()
-            rate = self.policy.rate(progress)
+            rate = self.policy.ceiling if w.awaits_evidence() else self.policy.rate(progress)
             if rate > rates.get(w.rate_key, (0.0, 0.0))[0]:
                 rates[w.rate_key] = (rate, progress)
         return rates

@@ -20,7 +20,7 @@ from tollway.evals.monitor import (
     chi_squared,
     rise_p_value,
 )
-from tollway.gateway.quality.watches import Row, Watch
+from tollway.gateway.quality.watches import Row, Watch, Watches, prompt_key, version_key
 
 
 def draw(rng: random.Random, *, pass_rate: float = 0.9, token_scale: float = 1.0, refusal: float = 0.03) -> Scored:
@@ -429,6 +429,44 @@ def test_a_change_watch_is_decided_once_its_sprt_accepts_no_drop():
         msprt.feed(_version_row(j, "v1", True))
     msprt.feed(_version_row(300, "v2", True))
     assert msprt.decided()
+
+
+def test_a_rollout_step_short_of_evidence_asks_for_the_ceiling_for_its_candidate_alone():
+    """At 5% of a label's users and 2% sampling, a 10k-requests-a-day route's candidate gets ~10 samples a day:
+    weeks to the evidence a step needs, the rollout standing still meanwhile. Its watch asks for the ceiling,
+    under the candidate version's own key, until it may move on; a moved label's watch does not."""
+    rng = random.Random(3)
+    policy = SamplingPolicy(base=0.02, ceiling=0.25)
+    settings = DriftSettings(baseline_samples=300, pass_drop=0.1, min_samples=50)
+    watches = Watches(settings, policy)
+    step = _prompt_watch(settings)
+    step.key, step.rate_key = "prompt:1:faq:prod:2", version_key(1, "faq", "prod", "v2")
+    step.prompt = {"progressive": True, "split": True}
+    moved = _prompt_watch(settings)
+    watches.watches = {step.key: step, moved.key: moved}
+    assert watches.rates(0.0)[step.rate_key][0] == 0.25  # no baseline yet: waiting too
+    assert watches.rates(0.0)[moved.rate_key][0] == 0.02
+    for i in range(300):
+        watches.feed(_version_row(i, "v1", rng.random() < 0.9))
+    i, advanced = 300, False
+    while not advanced:
+        assert watches.rates(float(i))[step.rate_key][0] == 0.25
+        advanced = any(w is step and not found for w, found in watches.feed(_version_row(i, "v2", rng.random() < 0.9)))
+        i += 1
+        assert i < 3300
+    assert step.test is not None and step.test.no_regression() and step.done
+    assert watches.rates(float(i))[step.rate_key][0] == 0.02  # moved on: the candidate's rate is its progress's
+
+
+def test_a_split_labels_candidate_is_sampled_at_its_own_rate():
+    from tollway.gateway.quality.sampling import LiveQuality, quality_settings
+
+    live = LiveQuality(None, None, None, None, quality_settings({"sample_rate": 0.02}))  # type: ignore[arg-type]
+    live.rates = {version_key(1, "faq", "prod", "v2"): 0.25, prompt_key(1, "faq", "prod"): 0.05}
+    assert live.rate("m", 1, "faq", "prod", "v2") == 0.25
+    assert live.rate("m", 1, "faq", "prod", "v1") == 0.05  # the version the label holds: the label's rate
+    assert live.rate("m", 2, "faq", "prod", "v2") == 0.02  # another tenant's label of the same name
+    assert live.rate("m", 1, "faq", "prod") == 0.05
 
 
 def test_a_moved_label_with_a_short_history_is_tested_against_its_rate_less_its_noise():
