@@ -104,7 +104,7 @@ class _Replies(asyncio.Protocol):
         while self.waiting:
             future, _ = self.waiting.popleft()
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(type(exc)(*exc.args))  # one each: their tracebacks are their own
 
 
 class ScriptChannel:
@@ -176,15 +176,18 @@ class ScriptChannel:
         self._connecting = loop.create_future()
         try:
             conn = await asyncio.wait_for(self._open(loop), self.connect_timeout_s)
-        except (OSError, TimeoutError, ResponseError) as exc:
-            error = RedisConnectionError(f"Error connecting to Redis at {self._where()}: {exc}")
-            self._connecting.set_exception(error)
-            self._connecting.exception()  # retrieved: no "never retrieved" warning when no one else waited
-            self._connecting = None
-            raise error from exc
+        except BaseException as exc:  # a cancelled caller too: those waiting on its attempt must not wait forever
+            failed, self._connecting = self._connecting, None
+            error = RedisConnectionError(f"Error connecting to Redis at {self._where()}: "
+                                         f"{str(exc) or type(exc).__name__}")
+            failed.set_exception(error)
+            failed.exception()  # retrieved: no "never retrieved" warning when no one else waited
+            if isinstance(exc, OSError | TimeoutError | ResponseError):
+                raise error from exc
+            raise
         self._conn = conn
-        self._connecting.set_result(conn)
-        self._connecting = None
+        done, self._connecting = self._connecting, None
+        done.set_result(conn)
         if self._watchdog is None:
             self._watch()
         return conn

@@ -105,6 +105,28 @@ async def test_a_server_that_never_replies_fails_the_call_within_the_timeout(red
     silent.close()
 
 
+async def test_callers_waiting_on_a_cancelled_connection_attempt_are_not_left_waiting():
+    """A server that accepts and never answers AUTH: the first caller, cancelled mid-handshake, must not leave
+    the attempt it started pending for the callers who joined it, nor for the next one."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    channel = ScriptChannel(port=silent.getsockname()[1], password="x", timeout_s=0.3, connect_timeout_s=0.3)
+    first = asyncio.create_task(channel.call("PING"))
+    await asyncio.sleep(0.05)
+    joined = asyncio.create_task(channel.call("PING"))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    started = time.monotonic()
+    with pytest.raises(Exception, match="connecting"):
+        await asyncio.wait_for(joined, 2)
+    with pytest.raises(Exception, match="connecting"):
+        await asyncio.wait_for(channel.call("PING"), 2)  # a new attempt, timed out on its own
+    assert time.monotonic() - started < 1.5
+    await channel.aclose()
+    silent.close()
+
+
 async def test_a_password_and_a_database_number(tmp_path):
     server = EmbeddedRedis(tmp_path / "redis")
     url = server.start()
