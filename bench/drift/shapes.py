@@ -293,29 +293,32 @@ def move_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingP
 
 
 ROLLOUT_STEPS = (5.0, 20.0, 50.0, 100.0)  # a prompt rollout's split steps, percent (the API's example)
+ROLLOUT_DAYS = 60.0  # a rollout not finished in this many days counts as stalled
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutOutcome:
-    end: str  # "complete", "rolled_back" or "stalled" (a step's watch undecided after watch_max_days)
+    end: str  # "complete", "rolled_back" or "stalled" (not finished within the horizon, or a step's watch
+    #           undecided after ``step_max_days``)
     step: int  # the step it ended at (its index in ROLLOUT_STEPS)
     days: float  # from the split's start to the end
     candidate_requests: int  # live requests the candidate version served until then
 
 
 def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: SamplingPolicy,
-                incidents: IncidentSettings, drop: float = 0.0, watch_max_days: float = 28.0,
-                min_samples: int = 200) -> RolloutOutcome:
+                incidents: IncidentSettings, drop: float = 0.0, step_max_days: float | None = None,
+                min_samples: int = 200, horizon_days: float = ROLLOUT_DAYS) -> RolloutOutcome:
     """A progressive prompt rollout: the label split to a candidate ``drop`` points worse (0: as good) at 5%
     of its users, moved on to 20, 50 and 100% each time the split's watch (the monitor's prompt watch: the
     candidate's samples against the version the label holds, whose samples keep coming) has ``min_samples``
     and its SPRT has accepted "no drop", rolled back at a breach. Each step is a new watch, as the monitor
     makes one per change: its baseline the held version's latest samples, the candidate's samples so far
-    replayed through it (``GatewayMonitor._load``); a step's watch undecided after ``watch_max_days`` stalls
-    the rollout (the monitor stops watching an old change)."""
+    replayed through it (``GatewayMonitor._load``). The monitor watches a step until it moves on or back;
+    ``step_max_days`` (the monitor before 2026-12-05: 28) stops watching an older step, which stalls the
+    rollout. Not finished within ``horizon_days``: "stalled" too."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     warm = warmup_minutes(shape, settings, policy) + int(nrng.integers(0, WEEK))
-    total = warm + int(len(ROLLOUT_STEPS) * watch_max_days * DAY) + 1
+    total = warm + int(horizon_days * DAY) + 1
     traffic = Traffic(shape, total, nrng, first_burst_after=warm)
     route = SimRoute(settings, policy, incidents)
     key, tried_key = prompt_key(1, "faq", "prod"), version_key(1, "faq", "prod", "v2")
@@ -348,7 +351,7 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
         if watch is None and minute >= warm:
             step, since = 0, minute
             watch = begin(0, minute)
-        if watch is not None and minute - since > watch_max_days * DAY:
+        if watch is not None and step_max_days is not None and minute - since > step_max_days * DAY:
             return RolloutOutcome("stalled", step, (minute - warm) / DAY, served(minute))
         found = route.feed(s, "v2" if candidate else "v1")
         if not route.core.incidents.covers("m", s.at):
@@ -398,7 +401,7 @@ def _rollout(args: tuple) -> RolloutOutcome:
     return rollout_run(*args)
 
 
-def quantile(values: list[int], q: float) -> float:
+def quantile(values: list[int] | list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
 
@@ -421,6 +424,8 @@ def main() -> None:
     parser.add_argument("--only", default="detect,alarms,moves,rollouts")
     parser.add_argument("--rollouts", type=int, default=100, help="progressive prompt rollouts per cell (as good)")
     parser.add_argument("--bad-rollouts", type=int, default=40, help="... and to a version 5 points worse")
+    parser.add_argument("--step-max-days", type=float, default=None,
+                        help="stop watching a rollout's step this many days old (the monitor before: 28)")
     parser.add_argument("--no-evidence-rate", action="store_true",
                         help="a rollout's step short of evidence asks for no more than its progress gives "
                              "(Watch.awaits_evidence off: the monitor before it)")
@@ -517,8 +522,8 @@ def main() -> None:
                 print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) | {bad} |"
                       f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     if "rollouts" in only:
-        print("\n| traffic | sampling | as good: rolled back / completed (days p50) / stalled | 5 points worse: "
-              "rolled back (its live requests p50) / completed / stalled |")
+        print(f"\n| traffic | sampling | as good: rolled back / completed (days p50 / p90) / stalled ({ROLLOUT_DAYS:.0f} "
+              "days) | 5 points worse: rolled back (the candidate's live requests p50) / completed / stalled |")
         print("|---|---|---|---|")
         for shape in shapes:
             if not shape.burst and shape.curve != "day":
@@ -528,7 +533,7 @@ def main() -> None:
                 cells = []
                 for drop, runs, base in ((0.0, args.rollouts, 1_200_000), (0.05, args.bad_rollouts, 1_300_000)):
                     out = list(pool.map(_rollout, [(seed0 + base + i, shape, settings, policy, incidents, drop,
-                                                    args.watch_max_days) for i in range(runs)]))
+                                                    args.step_max_days) for i in range(runs)]))
                     back = [o for o in out if o.end == "rolled_back"]
                     done = [o for o in out if o.end == "complete"]
                     stalled = [o.step for o in out if o.end == "stalled"]
@@ -537,7 +542,8 @@ def main() -> None:
                         cells.append(f"{len(back)} ({statistics.median(o.candidate_requests for o in back):.0f}) / "
                                      f"{len(done)} / {len(stalled)}{at}" if back else f"0 / {len(done)} / {len(stalled)}{at}")
                     else:
-                        days = f" ({statistics.median(o.days for o in done):.1f})" if done else ""
+                        days = (f" ({statistics.median(o.days for o in done):.1f} / "
+                                f"{quantile([o.days for o in done], 0.9):.1f})") if done else ""
                         cells.append(f"{len(back)} / {len(done)}{days} / {len(stalled)}{at} of {runs}")
                 print(f"| {shape.label()} | {name} | {cells[0]} | {cells[1]} of {args.bad_rollouts} |"
                       f"   ({time.perf_counter() - started:.0f} s)", flush=True)

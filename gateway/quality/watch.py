@@ -9,7 +9,8 @@ reads the samples scored since the last one, in order, and feeds them to its wat
   model it stands in for, served meanwhile (``RouteTest``);
 - **prompt** (a prompt label moved in the last ``watch_days``, or split between two versions): the
   label's new version against the version it held before (or the split's two versions); the watch runs
-  on past ``watch_days`` until its test has decided (``Watch.decided``), ``watch_max_days`` at most;
+  on past ``watch_days`` until its test has decided (``Watch.decided``), ``watch_max_days`` at most; a
+  progressive rollout's step until it moves on or is rolled back, however long that takes;
 - **steady** (every model's traffic without a prompt, every prompt label): the route against its own
   trailing baseline (``SteadyWatch``).
 
@@ -167,14 +168,21 @@ class Monitor:
             " c.before, c.after, c.author, r.candidate, r.previous, r.steps, r.step, r.min_samples, r.state"
             " FROM changes c LEFT JOIN prompt_rollouts r ON r.tenant_id = c.tenant_id"
             " AND c.subject = r.name || ':' || r.label WHERE c.kind = 'prompt_label'"
-            " AND c.at > now() - make_interval(secs => %s) ORDER BY c.tenant_id, c.subject, c.id DESC",
+            " AND (c.at > now() - make_interval(secs => %s) OR r.state = 'active')"
+            " ORDER BY c.tenant_id, c.subject, c.id DESC",
             (self.settings.watch_max_days * 86400,))
         overtime: set[str] = set()  # watches past watch_days: they run on only until decided
         for age, *change in await cur.fetchall():
             if (pw := self._prompt(*change)) is not None:
-                wanted[pw.key] = pw
-                if age > self.settings.watch_days * 86400:
-                    overtime.add(pw.key)
+                # A rollout's step is watched until it moves on or back, however long its evidence takes (left
+                # unwatched it would hold its split for good); the query also returns the latest change of a
+                # label whose rollout is active when it is older than watch_max_days: only its step is kept.
+                if pw.progressive:
+                    wanted[pw.key] = pw
+                elif age <= self.settings.watch_max_days * 86400:
+                    wanted[pw.key] = pw
+                    if age > self.settings.watch_days * 86400:
+                        overtime.add(pw.key)
         watches = self.core.watches
         for key in [k for k, w in watches.items() if w.kind != "steady" and k not in wanted]:
             del watches[key]  # rolled back, completed, moved again: its test ends
