@@ -170,6 +170,48 @@ async def test_a_moved_label_is_watched_past_its_days_until_its_test_has_decided
         assert key not in monitor.watches
 
 
+async def test_a_rollout_step_is_watched_however_long_its_evidence_takes(quality_app, make_tenant, admin, pg):
+    """A quiet label's rollout step may need weeks for ``min_samples``: it is watched past ``watch_days`` and
+    ``watch_max_days`` until it moves on or back (unwatched, its split would hold for good), by a new leader
+    too; a plain move that old is not watched."""
+    eng = make_tenant(role="prompt_engineer")
+    prompt = {"model": "prompt", "prompt": {"name": "faq"}}
+    async with quality_app(watch_days=1, watch_max_days=10) as gw:
+        monitor = gw.state.monitor
+        made = {}
+        for name, content in (("v1", PROMPT_V1), ("v3", PROMPT_V3)):
+            made[name] = (await gw.client.post("/v1/prompts/faq/versions", headers=eng.headers,
+                                               json={"content": content, "message": name})).json()["version"]
+        await gw.client.put("/v1/prompts/faq/labels/production", headers=eng.headers, json={"version": made["v1"]})
+        await chat(gw, eng, 60, **prompt)
+        assert await settle(gw) == []
+        started = await gw.client.post("/v1/admin/prompt-rollouts", headers=admin.headers, json={
+            "tenant": eng.name, "prompt": "faq", "label": "production", "version": made["v3"], "steps": [30, 100],
+            "min_samples": 5000})  # more than this test sends: the step waits for evidence throughout
+        assert started.status_code == 200, started.text
+        change = rows(pg, "SELECT max(id) FROM changes WHERE kind = 'prompt_label'")[0][0]
+        key = f"prompt:{eng.id}:faq:production:{change}"
+        for r in range(30):
+            await chat(gw, eng, 10, start=100 + 10 * r, **prompt)
+            assert await settle(gw) == []
+            if monitor.watches[key].decided():
+                break
+        assert monitor.watches[key].decided()  # its SPRT accepted, its min_samples not yet in
+        for days in (2, 11):  # past watch_days, then past watch_max_days; a new leader each time
+            with psycopg.connect(pg.url) as conn:
+                conn.execute("UPDATE changes SET at = now() - make_interval(days => %s) WHERE id = %s", (days, change))
+            monitor.rebuild()
+            await settle(gw)
+            assert key in monitor.watches, f"a rollout step {days} days old is still watched"
+        rates = dict(rows(pg, "SELECT key, rate FROM quality_rates"))
+        assert rates.get(f"prompt:{eng.id}:faq:production@{made['v3']}") == 1.0  # short of evidence: the ceiling
+        with psycopg.connect(pg.url) as conn:  # the label moved by hand meanwhile: that old move is not watched
+            conn.execute("UPDATE prompt_rollouts SET state = 'rolled_back' WHERE tenant_id = %s", (eng.id,))
+        monitor.rebuild()
+        await settle(gw)
+        assert key not in monitor.watches
+
+
 async def test_a_bad_model_canary_is_rolled_back_on_every_replica(quality_app, make_tenant, admin, pg):
     app = make_tenant()
     async with quality_app() as gw:
