@@ -1,10 +1,11 @@
 """The budget path's Lua scripts over one multiplexed Redis connection per process.
 
-redis-py spends ~100 us of CPU on each script call (its Script wrapper, a pooled connection checked out
-under an ``asyncio.timeout``, another around the read, its command packer), against ~30 us for the same
+redis-py spends ~80 us of CPU on each script call (its Script wrapper, a pooled connection checked out
+under an ``asyncio.timeout``, another around the read, its command packer), against ~20 us for the same
 EVALSHA written straight to a socket and read back with hiredis, the parser redis-py itself uses
-(bench/RESULTS.md, "The budget path's Redis calls"). Every request under a budget makes two such calls
-(admission and settlement), so the budget scripts run here; everything else stays on redis-py.
+(``bench/budgets/redis_clients.py``; bench/RESULTS.md, "The budget scripts on their own Redis connection").
+Every request under a budget makes two such calls (admission and settlement), so the budget scripts run
+here; everything else stays on redis-py.
 
 One connection carries every caller's commands in order (Redis answers a connection's commands in the order
 they came, so the replies are matched first in, first out), as redis-py's pipelines do. What it keeps of
