@@ -17,7 +17,7 @@ with simulated traffic, minute by minute:
 - **base** pass rates 60-97%; **drops** of 3, 5 and 10 points.
 
 Each sample is the detectors' ``Scored`` (pass, refusal 3%, guard failures 1%, log-normal tokens as in
-``detect.py``) with its time. Three measures:
+``detect.py``) with its time. Four measures:
 
 - ``detect``: after a warm-up long enough for the route's baseline, a drop at a random time of the week;
   the scored samples and live requests until the route's steady watch raises it (missed: not within 30
@@ -27,9 +27,12 @@ Each sample is the detectors' ``Scored`` (pass, refusal 3%, guard failures 1%, l
 - ``moves``: a prompt label moved to a version exactly as good as the old one, watched for seven days
   (the monitor's prompt watch: the SPRT against the old version's samples) with bursts: the share of
   moves rolled back; and moves to a version 5 points worse: the share rolled back within the week, and
-  the new version's scored samples until then.
+  the new version's scored samples until then;
+- ``rollouts``: a progressive prompt rollout (5, 20, 50, 100% of the label's users) to a version as good,
+  and to one 5 points worse: rolled back, completed (in how many days) or stalled (``rollout_run``).
 
-    python bench/drift/shapes.py [--runs 100] [--days 400] [--moves 200] [--jobs 2] [--held-out] [--silent]
+    python bench/drift/shapes.py [--runs 100] [--days 400] [--moves 200] [--rollouts 100] [--jobs 2]
+                                 [--held-out] [--silent] [--only detect,alarms,moves,rollouts]
 
 Without ``--held-out`` it runs the tuning shapes; with it, only the held-out ones (``office`` curve,
 45-minute bursts at 40% failures, base 75%), which no setting was chosen on.
