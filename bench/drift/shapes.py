@@ -400,6 +400,16 @@ def _move(args: tuple) -> int | None:
     return move_run(*args)
 
 
+def change_cells(shapes: list[Shape], fixed: SamplingPolicy,
+                 adaptive: SamplingPolicy) -> Iterator[tuple[Shape, str, SamplingPolicy]]:
+    """The cells of the change measures (moves, rollouts): the day curve's shapes and those with bursts, each
+    with both sampling policies."""
+    for shape in shapes:
+        if shape.burst or shape.curve == "day":
+            for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
+                yield shape, name, policy
+
+
 def _rollout(args: tuple) -> RolloutOutcome:
     return rollout_run(*args)
 
@@ -506,50 +516,44 @@ def main() -> None:
         print("\n| traffic | sampling | good versions rolled back | versions 5 points worse rolled back within the "
               "week | their samples to the rollback p50 / p90 |")
         print("|---|---|---|---|---|")
-        for shape in shapes:
-            if not shape.burst and shape.curve != "day":
-                continue
-            for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
-                started = time.perf_counter()
-                back = sum(r is not None for r in pool.map(
-                    _move, [(seed0 + 900_000 + i, shape, settings, policy, incidents, 0.0, 7.0, args.watch_max_days,
-                             args.old_samples)
-                            for i in range(args.moves)]))
-                bad = "- | -"
-                if args.bad_moves:
-                    caught = [r for r in pool.map(_move, [(seed0 + 950_000 + i, shape, settings, policy, incidents,
-                                                           0.05, 7.0, args.watch_max_days, args.old_samples)
-                                                          for i in range(args.bad_moves)]) if r is not None]
-                    bad = (f"{len(caught)} of {args.bad_moves} | "
-                           + (f"{statistics.median(caught):.0f} / {quantile(caught, 0.9)}" if caught else "-"))
-                print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) | {bad} |"
-                      f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+        for shape, name, policy in change_cells(shapes, fixed, adaptive):
+            started = time.perf_counter()
+            back = sum(r is not None for r in pool.map(
+                _move, [(seed0 + 900_000 + i, shape, settings, policy, incidents, 0.0, 7.0, args.watch_max_days,
+                         args.old_samples)
+                        for i in range(args.moves)]))
+            bad = "- | -"
+            if args.bad_moves:
+                caught = [r for r in pool.map(_move, [(seed0 + 950_000 + i, shape, settings, policy, incidents,
+                                                       0.05, 7.0, args.watch_max_days, args.old_samples)
+                                                      for i in range(args.bad_moves)]) if r is not None]
+                bad = (f"{len(caught)} of {args.bad_moves} | "
+                       + (f"{statistics.median(caught):.0f} / {quantile(caught, 0.9)}" if caught else "-"))
+            print(f"| {shape.label()} | {name} | {back} of {args.moves} ({100 * back / args.moves:.1f}%) | {bad} |"
+                  f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     if "rollouts" in only:
         print(f"\n| traffic | sampling | as good: rolled back / completed (days p50 / p90) / stalled ({ROLLOUT_DAYS:.0f} "
               "days) | 5 points worse: rolled back (the candidate's live requests p50) / completed / stalled |")
         print("|---|---|---|---|")
-        for shape in shapes:
-            if not shape.burst and shape.curve != "day":
-                continue
-            for name, policy in (("fixed 2%", fixed), ("adaptive", adaptive)):
-                started = time.perf_counter()
-                cells = []
-                for drop, runs, base in ((0.0, args.rollouts, 1_200_000), (0.05, args.bad_rollouts, 1_300_000)):
-                    out = list(pool.map(_rollout, [(seed0 + base + i, shape, settings, policy, incidents, drop,
-                                                    args.step_max_days) for i in range(runs)]))
-                    back = [o for o in out if o.end == "rolled_back"]
-                    done = [o for o in out if o.end == "complete"]
-                    stalled = [o.step for o in out if o.end == "stalled"]
-                    at = f" at steps {sorted(stalled)}" if stalled and len(stalled) <= 5 else ""
-                    if drop:
-                        cells.append(f"{len(back)} ({statistics.median(o.candidate_requests for o in back):.0f}) / "
-                                     f"{len(done)} / {len(stalled)}{at}" if back else f"0 / {len(done)} / {len(stalled)}{at}")
-                    else:
-                        days = (f" ({statistics.median(o.days for o in done):.1f} / "
-                                f"{quantile([o.days for o in done], 0.9):.1f})") if done else ""
-                        cells.append(f"{len(back)} / {len(done)}{days} / {len(stalled)}{at} of {runs}")
-                print(f"| {shape.label()} | {name} | {cells[0]} | {cells[1]} of {args.bad_rollouts} |"
-                      f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+        for shape, name, policy in change_cells(shapes, fixed, adaptive):
+            started = time.perf_counter()
+            cells = []
+            for drop, runs, base in ((0.0, args.rollouts, 1_200_000), (0.05, args.bad_rollouts, 1_300_000)):
+                out = list(pool.map(_rollout, [(seed0 + base + i, shape, settings, policy, incidents, drop,
+                                                args.step_max_days) for i in range(runs)]))
+                back = [o for o in out if o.end == "rolled_back"]
+                done = [o for o in out if o.end == "complete"]
+                stalled = [o.step for o in out if o.end == "stalled"]
+                at = f" at steps {sorted(stalled)}" if stalled and len(stalled) <= 5 else ""
+                if drop:
+                    cells.append(f"{len(back)} ({statistics.median(o.candidate_requests for o in back):.0f}) / "
+                                 f"{len(done)} / {len(stalled)}{at}" if back else f"0 / {len(done)} / {len(stalled)}{at}")
+                else:
+                    days = (f" ({statistics.median(o.days for o in done):.1f} / "
+                            f"{quantile([o.days for o in done], 0.9):.1f})") if done else ""
+                    cells.append(f"{len(back)} / {len(done)}{days} / {len(stalled)}{at} of {runs}")
+            print(f"| {shape.label()} | {name} | {cells[0]} | {cells[1]} of {args.bad_rollouts} |"
+                  f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     pool.shutdown()
 
 
