@@ -102,7 +102,7 @@ class QuotaService:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.local = LocalCounters(fail_open_share)
         # The four scripts every leased request runs go over one multiplexed connection where they can
-        # (tollway.infra.redisscripts: a third of redis-py's CPU per call); the rest of Redis through redis-py.
+        # (tollway.infra.redisscripts: a quarter of redis-py's CPU per call); the rest of Redis through redis-py.
         register, self.channel = scripts_for(redis_client, channel=script_channel)
         self.reserve_script = register(RESERVE)
         self.settle_script = register(SETTLE)
