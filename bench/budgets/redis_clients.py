@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[2]
-Call = Callable[[int], Awaitable[object]]
+Call = Callable[[list[str], list[str]], Awaitable[object]]  # (keys, args): one admission script call
 
 
 def _module(name: str, path: Path) -> object:
@@ -68,7 +68,7 @@ async def load(call: Call, calls: int, concurrency: int) -> tuple[float, float]:
 
     async def worker() -> None:
         for i in todo:
-            await call(i)
+            await call(*reserve_call(i))  # the same arguments, built the same way, for every client
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -88,9 +88,9 @@ async def clients(port: int, source: str) -> tuple[dict[str, Call], list[Callabl
     on_channel, script = channel.script(source), client.register_script(source)
     sha = await client.script_load(source)
     out: dict[str, Call] = {
-        "channel": lambda i: on_channel(*reserve_call(i)),
-        "redis-py Script": lambda i: script(*reserve_call(i)),
-        "redis-py evalsha": lambda i: client.evalsha(sha, 7, *[*reserve_call(i)[0], *reserve_call(i)[1]]),
+        "channel": lambda keys, args: on_channel(keys, args),
+        "redis-py Script": lambda keys, args: script(keys, args),
+        "redis-py evalsha": lambda keys, args: client.evalsha(sha, len(keys), *keys, *args),
     }
     try:
         import coredis
@@ -99,7 +99,7 @@ async def clients(port: int, source: str) -> tuple[dict[str, Call], list[Callabl
         opened = other.__asynccontextmanager__()  # coredis 6 runs its pool inside a context
         await opened.__aenter__()
         closers.append(lambda: opened.__aexit__(None, None, None))
-        out["coredis"] = lambda i: other.evalsha(sha, keys=reserve_call(i)[0], args=reserve_call(i)[1])
+        out["coredis"] = lambda keys, args: other.evalsha(sha, keys=keys, args=args)
     except ImportError:
         pass
     try:
@@ -108,8 +108,7 @@ async def clients(port: int, source: str) -> tuple[dict[str, Call], list[Callabl
         glide = await GlideClient.create(GlideClientConfiguration([NodeAddress("127.0.0.1", port)]))
         closers.append(glide.close)
         glide_script = Script(source)
-        out["valkey-glide"] = lambda i: glide.invoke_script(glide_script, keys=reserve_call(i)[0],
-                                                            args=reserve_call(i)[1])
+        out["valkey-glide"] = lambda keys, args: glide.invoke_script(glide_script, keys=keys, args=args)
     except ImportError:
         pass
     return out, closers
