@@ -1,7 +1,7 @@
 """The budget path's Lua scripts over one multiplexed Redis connection per process.
 
-redis-py spends ~80 us of CPU on each script call (its Script wrapper, a pooled connection checked out
-under an ``asyncio.timeout``, another around the read, its command packer), against ~20 us for the same
+redis-py spends ~70 us of CPU on each script call (its Script wrapper, a pooled connection checked out
+under an ``asyncio.timeout``, another around the read, its command packer), against ~16 us for the same
 EVALSHA written straight to a socket and read back with hiredis, the parser redis-py itself uses
 (``bench/budgets/redis_clients.py``; bench/RESULTS.md, "The budget scripts on their own Redis connection").
 Every request under a budget makes two such calls (admission and settlement), so the budget scripts run
@@ -147,10 +147,10 @@ class ScriptChannel:
     async def call(self, *args: Any, retry: bool = True) -> Any:
         """One command; its reply (an error reply raises ``ResponseError``)."""
         packed = _pack(*args)
-        conn = self._conn
-        if conn is None or conn.closed or self._loop is not asyncio.get_running_loop():
-            conn = await self._connect()
         loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is None or conn.closed or self._loop is not loop:
+            conn = await self._connect()
         try:
             return await conn.send(packed, loop.time())
         except RedisConnectionError:
