@@ -15,15 +15,14 @@ import argparse
 import asyncio
 import statistics
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
 from common import bench_tenant
-from versus_bm25 import _setting, bm25_packed, flat, ready
+from versus_bm25 import bm25_packed, flat, ready, tuning_of
 
-from tollway.retrieval import LocalEmbedder, Query, Searcher, Splitting, Tuning
+from tollway.retrieval import LocalEmbedder, Query, Searcher, Splitting
 from tollway.retrieval.embedders import Embedded
 
 # settings that change what the flat modes return: flat is run again for a variant that touches them
@@ -40,16 +39,6 @@ def score(ask: corpora.Ask, answerable: bool, sources: set[str], context: str) -
 
 def f(x: float | None) -> str:
     return "  -  " if x is None else f"{x:.3f}"
-
-
-def tuning_of(text: str) -> Tuning:
-    base = Tuning()
-    pairs = [kv.split("=", 1) for kv in text.split(",") if kv]
-    names = {f.name for f in fields(Tuning)}
-    for k, _ in pairs:
-        if k not in names:
-            raise SystemExit(f"no such setting: {k}")
-    return Tuning(**{k: _setting(getattr(base, k), v) for k, v in pairs})
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -74,7 +63,7 @@ async def run(args: argparse.Namespace) -> None:
                     per_query.setdefault(("", budget, "bm25"), []).append(
                         score(ask, answerable[i], {p.source for p in passages}, context))
             for variant in variants:
-                tuning = tuning_of(variant)
+                tuning = tuning_of(variant.split(","))
                 searcher = Searcher(lambda n, d: embedder, tuning)
                 touched = {kv.split("=", 1)[0] for kv in variant.split(",") if kv}
                 modes = {m: how for m, how in MODES.items()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import statistics
 import sys
@@ -65,6 +66,17 @@ TOKEN = re.compile(r"\w+")
 
 def _setting(default: Any, text: str) -> Any:
     return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
+
+
+def tuning_of(pairs: list[str]) -> Tuning:
+    """Search settings from ``FIELD=VALUE`` pairs, the rest the defaults (an unknown field stops the run)."""
+    base = Tuning()
+    split = [kv.split("=", 1) for kv in pairs if kv]
+    names = {f.name for f in dataclasses.fields(Tuning)}
+    for k, _ in split:
+        if k not in names:
+            raise SystemExit(f"no such setting: {k}")
+    return Tuning(**{k: _setting(getattr(base, k), v) for k, v in split})
 
 
 def flat(text: str) -> str:
@@ -141,7 +153,7 @@ async def run(args: argparse.Namespace) -> None:
     embedder = LocalEmbedder()
     embedder.load()
     default = Query(text="", context_tokens=1)
-    tuning = Tuning(**{k: _setting(getattr(Tuning(), k), v) for k, v in (kv.split("=", 1) for kv in args.tuning)})
+    tuning = tuning_of(args.tuning)
     splitting = Splitting(**{k: int(v) for k, v in (kv.split("=", 1) for kv in args.splitting)})
     print(f"# default search: mode={default.mode} hybrid={default.hybrid}; {tuning}; {splitting}")
     summary: dict[tuple[str, int], dict[str, float]] = {}
