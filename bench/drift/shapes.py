@@ -316,7 +316,7 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
     candidate's samples against the version the label holds, whose samples keep coming) has ``min_samples``
     and its SPRT has accepted "no drop", rolled back at a breach. Each step is a new watch, as the monitor
     makes one per change: its baseline the held version's latest samples, the candidate's samples so far
-    replayed through it (``GatewayMonitor._load``). The monitor watches a step until it moves on or back;
+    replayed through it (``Monitor._load``). The monitor watches a step until it moves on or back;
     ``step_max_days`` (the monitor before 2026-12-05: 28) stops watching an older step, which stalls the
     rollout. Not finished within ``horizon_days``: "stalled" too."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
@@ -326,7 +326,6 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
     route = SimRoute(settings, policy, incidents)
     key, tried_key = prompt_key(1, "faq", "prod"), version_key(1, "faq", "prod", "v2")
     step_settings = dataclasses.replace(settings, min_samples=min_samples)
-    share = [0.0]
     held: deque[Scored] = deque(maxlen=settings.baseline_max)  # the held version's samples outside incidents
     tried: list[Scored] = []  # the candidate's
     shares: list[tuple[int, float]] = []  # (minute, share) from each step on
@@ -345,11 +344,13 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
         for t in tried:
             w.feed(route.row(t, "v2"))
         route.core.watches[w.key] = w
-        share[0] = ROLLOUT_STEPS[k]
         shares.append((minute, ROLLOUT_STEPS[k]))
         return w
 
-    for minute, s, candidate in samples(traffic, route, key, rng, nrng, seed, split=lambda: share[0], worse=drop,
+    def share() -> float:  # the candidate's share of the users now (percent)
+        return shares[-1][1] if shares else 0.0
+
+    for minute, s, candidate in samples(traffic, route, key, rng, nrng, seed, split=share, worse=drop,
                                           candidate_key=tried_key):
         if watch is None and minute >= warm:
             step, since = 0, minute
