@@ -153,6 +153,8 @@ class LiveQuality:
     # -- the request side: cheap, never waits -----------------------------------------------------
     def rate(self, model: str, tenant_id: int, prompt: str | None, label: str | None,
              version: str | None = None) -> float:
+        if not self.rates:  # every route at the base rate (the usual case): no key to build
+            return self.settings.policy.base
         rate = max(self.settings.policy.base, self.rates.get(model_key(model), 0.0))
         if prompt is not None and label is not None:
             rate = max(rate, self.rates.get(prompt_key(tenant_id, prompt, label), 0.0))
