@@ -289,6 +289,31 @@ async def set_budget(conn: psycopg.AsyncConnection[Any], tenant: str, *, scope: 
     return budget
 
 
+RECENT_ROWS = 1000  # how far back into a tenant's ledger the unpriced-model warning looks
+
+
+async def unpriced_models(conn: psycopg.AsyncConnection[Any], tid: int,
+                          serving: Collection[str] = ()) -> list[str]:
+    """The models whose answers a USD limit cannot see (they cost $0 here): those among the tenant's last
+    ``RECENT_ROWS`` ledger rows that were served without a price and have none stored since, and ``serving``
+    (the unpriced models a running gateway serves now: it knows them from discovery, the CLI does not).
+    Read from the newest rows of the tenant's index, so a large ledger costs no scan."""
+    cur = await conn.execute(
+        "SELECT DISTINCT model FROM (SELECT model, price_source FROM ledger WHERE tenant_id = %s"
+        " ORDER BY created_at DESC LIMIT %s) AS recent"
+        " WHERE price_source = 'unpriced' AND model NOT IN (SELECT model FROM model_prices)",
+        (tid, RECENT_ROWS))
+    return sorted({r[0] for r in await cur.fetchall()} | set(serving))
+
+
+def unpriced_warning(models: Sequence[str]) -> JSON:
+    """What ``PUT /v1/admin/budgets`` and ``tollway budgets set`` say when a USD limit meets such models."""
+    return {"code": "unpriced_models", "models": list(models),
+            "message": f"{', '.join(models)} {'has' if len(models) == 1 else 'have'} no price: their answers cost"
+                       " $0 here and never count toward limit_usd (a token limit does count them); price them"
+                       " with `tollway models price` or PUT /v1/admin/models/{model}/price"}
+
+
 async def delete_budget(conn: psycopg.AsyncConnection[Any], tenant: str, budget_id: int, *, author: str = "system",
                         reason: str | None = None) -> bool:
     async with conn.transaction():

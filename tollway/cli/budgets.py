@@ -63,14 +63,18 @@ def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from tollway.gateway.tenancy.policy import set_budget
+    from tollway.gateway.tenancy.policy import set_budget, unpriced_models, unpriced_warning
 
     async def action(conn: Any, settings: Settings) -> int:
         scope, subject = _scope(args)
         budget = await set_budget(conn, args.tenant, scope=scope, subject=subject, period=args.window,
                                   limit_usd=args.usd, limit_tokens=args.tokens, alerts=args.alerts,
                                   author=args.author, reason=args.reason)
-        print(json.dumps(budget.as_json()))
+        out = budget.as_json()
+        if budget.limit_usd is not None and (models := await unpriced_models(conn, budget.tenant_id)):
+            out["warnings"] = [warning := unpriced_warning(models)]
+            print(f"tollway: warning: {warning['message']}", file=sys.stderr)
+        print(json.dumps(out))
         return 0
 
     return run_with_conn(args, action)

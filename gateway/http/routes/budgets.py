@@ -21,9 +21,12 @@ from tollway.gateway.tenancy.keys import tenant_id
 from tollway.gateway.tenancy.policy import (
     delete_budget,
     list_budgets,
+    load_rules,
     mark_reset,
     set_budget,
     set_policy,
+    unpriced_models,
+    unpriced_warning,
 )
 from tollway.keep import KEEP
 
@@ -92,8 +95,15 @@ async def put_budget(request: Request, body: BudgetBody) -> Response:
             limit_usd=body.limit_usd if "limit_usd" in given else KEEP,
             limit_tokens=body.limit_tokens if "limit_tokens" in given else KEEP,
             alerts=body.alerts if "alerts" in given else KEEP, author=principal.author, reason=body.reason)
+        out = budget.as_json()
+        if budget.limit_usd is not None:
+            allowed = (await load_rules(conn, budget.tenant_id)).policy.allowed_models
+            serving = [name for name, m in state.catalog.models.items() if m.price.source == "unpriced"
+                       and (allowed is None or name in allowed)]
+            if models := await unpriced_models(conn, budget.tenant_id, serving):
+                out["warnings"] = [unpriced_warning(models)]
     state.policies.forget(budget.tenant_id)
-    return json_response(budget.as_json())
+    return json_response(out)
 
 
 @router.delete("/v1/admin/budgets/{budget_id}", summary="Delete a budget")

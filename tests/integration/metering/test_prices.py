@@ -5,6 +5,7 @@ the machine time it uses."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from decimal import Decimal
@@ -89,3 +90,55 @@ def test_the_local_model_has_a_default_price_by_machine_time(tmp_path: Path) -> 
     price = catalog.models[LOCAL_MODEL_NAME].price
     assert price.source == "default:cpu_hour"
     assert price.cost(Usage(input_tokens=34, output_tokens=20)) > 0
+
+
+async def test_a_usd_budget_names_the_models_it_cannot_see(app_factory, make_tenant, admin, sim, pg, tmp_path):
+    """A discovered model costs $0 until priced, so a USD limit never counts its answers: setting one says so,
+    over the API (from the models the gateway serves) and from the CLI (from the tenant's recent answers),
+    and stops saying so once the model has a price. A token limit counts them: no warning."""
+    tenant = make_tenant()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True, text=True,
+                              env={"TOLLWAY_DATABASE_URL": pg.url, "PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                              timeout=120)
+
+    async with app_factory(config=None, upstreams=[sim.url]) as gw:
+        async def put(**body: object) -> dict[str, object]:
+            r = await gw.client.put("/v1/admin/budgets", headers=admin.headers,
+                                    json={"tenant": tenant.name, **body})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        [warning] = (await put(window="day", limit_usd="5"))["warnings"]
+        assert warning["code"] == "unpriced_models" and "sim-echo" in warning["models"]
+        assert "never count toward limit_usd" in warning["message"]
+        assert "warnings" not in await put(window="month", limit_tokens=1000)
+
+        answer = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ASK)
+        assert answer.status_code == 200, answer.text
+        await gw.state.ledger.flush()
+        out = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "hour",
+                                      "--usd", "1")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["warnings"][0]["models"] == ["sim-echo"]
+        assert "warning: sim-echo has no price" in out.stderr
+
+        priced = await gw.client.put("/v1/admin/models/sim-echo/price", headers=admin.headers,
+                                     json={"price": {"input_per_mtok": 1, "output_per_mtok": 2}})
+        assert priced.status_code == 200, priced.text
+        try:
+            def named(body: dict[str, object]) -> list[str]:  # the upstream serves other unpriced models too
+                return [m for w in body.get("warnings", []) for m in w["models"]]  # type: ignore[attr-defined]
+
+            for _ in range(50):  # the change channel brings the price to this gateway's catalog
+                if "sim-echo" not in named(body := await put(window="day", limit_usd="6")):
+                    break
+                await asyncio.sleep(0.1)
+            assert "sim-echo" not in named(body)
+            out = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "hour",
+                                          "--usd", "2")  # this tenant's answers were all sim-echo's
+            assert out.returncode == 0 and "warnings" not in json.loads(out.stdout), out.stderr
+            assert out.stderr == ""
+        finally:
+            await gw.client.delete("/v1/admin/models/sim-echo/price", headers=admin.headers)
