@@ -446,6 +446,8 @@ def main() -> None:
     parser.add_argument("--match", default="", help="only the traffic whose label contains this")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a detector setting other than its default (DriftSettings), e.g. evidence_hours=0")
+    parser.add_argument("--policy", action="append", default=[], metavar="NAME=VALUE",
+                        help="an adaptive sampling setting other than its default (SamplingPolicy), e.g. start=0.05")
     parser.add_argument("--incident-failures", type=int, default=IncidentSettings().min_failures,
                         help="failed attempts in five minutes that can make an upstream incident (0: incidents off)")
     parser.add_argument("--incident-share", type=float, default=IncidentSettings().share)
@@ -458,7 +460,8 @@ def main() -> None:
         Watch.awaits_evidence = lambda self: False  # type: ignore[method-assign]
     volumes = tuple(int(v) for v in args.volumes.split(","))
     settings = DriftSettings(**{k: type(getattr(DriftSettings(), k) or 0.0)(v) for k, v in (a.split("=", 1) for a in args.set)})
-    adaptive, fixed = SamplingPolicy(), SamplingPolicy(ceiling=0.02)
+    adaptive = SamplingPolicy(**{k: float(v) for k, v in (a.split("=", 1) for a in args.policy)})
+    fixed = SamplingPolicy(ceiling=0.02)
     shapes = held_out_shapes(volumes) if args.held_out else tuning_shapes(volumes)
     if args.silent:
         shapes = [dataclasses.replace(s, silent=True) for s in shapes]
