@@ -84,7 +84,8 @@ class DriftSettings:
     #                          days at the samples a day its baseline holds (0: per window only)
     short_baseline: int = 200  # a moved label whose old version has fewer than baseline_samples samples (it
     #                          serves no more: its baseline cannot grow) is tested once it has this many...
-    short_caution: float = 1.645  # ... against its pass rate less this many standard errors (its own noise)
+    short_caution: float = 1.645  # a moved label (a short baseline or not) is held to its old version's pass
+    #                              rate less this many standard errors (an estimate it can no longer refine)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,7 +94,7 @@ class Watch:
             if short and not (self.moved and 0 < self.settings.short_baseline <= len(self.base)):
                 del self.waiting[:-self.settings.baseline_max]
                 return []
-            self.test = RouteTest(self.base, self.settings, cautious=self.settings.short_caution if short else 0.0)
+            self.test = RouteTest(self.base, self.settings, cautious=self.settings.short_caution if self.moved else 0.0)
             found = [f for s in self.waiting for f in self.test.update(s)]
             self.waiting = []
             return found
@@ -119,10 +119,13 @@ class Watch:
 
     @property
     def moved(self) -> bool:
-        """A moved prompt label: its old version serves no more, so its baseline will not grow. With fewer
-        than ``baseline_samples`` of them (a version promoted days ago on a quiet route) it is tested once
-        it has ``short_baseline``, against the old rate less ``short_caution`` standard errors; a canary's
-        or a split's baseline keeps growing, and they wait for ``baseline_samples``."""
+        """A moved prompt label: its old version serves no more, so its baseline will not grow. It is tested
+        against the old rate less ``short_caution`` standard errors: that rate is an estimate that can no
+        longer be refined, of days in which the route's rate may have wandered by a point or two (held to it
+        exactly, 2-7% of good versions were rolled back on a wandering rate; bench/RESULTS.md). With fewer
+        than ``baseline_samples`` old samples (a version promoted days ago on a quiet route) it is tested
+        once it has ``short_baseline``. A canary's or a split's baseline keeps growing: they are held to
+        its rate and wait for ``baseline_samples``."""
         return self.kind == "prompt" and not (self.prompt or {}).get("split")
 
     def decided(self) -> bool:

@@ -469,7 +469,7 @@ def test_a_split_labels_candidate_is_sampled_at_its_own_rate():
     assert live.rate("m", 1, "faq", "prod") == 0.05
 
 
-def test_a_moved_label_with_a_short_history_is_tested_against_its_rate_less_its_noise():
+def test_a_moved_label_is_tested_against_its_old_rate_less_its_noise_a_split_against_its_rate():
     rng = random.Random(9)
     settings = DriftSettings(baseline_samples=1000, short_baseline=200, short_caution=1.645)
     moved, split = _prompt_watch(settings), _prompt_watch(settings)
@@ -490,10 +490,15 @@ def test_a_moved_label_with_a_short_history_is_tested_against_its_rate_less_its_
     p = passes / len(moved.base)
     [test] = moved.test.pass_tests
     assert test.p0 == pytest.approx(p - 1.645 * math.sqrt(p * (1 - p) / len(moved.base)))
-    full = _prompt_watch(settings)  # a full baseline: its own rate
+    full, canary = _prompt_watch(settings), _prompt_watch(settings)  # a full baseline: the same caution, a
+    canary.prompt = {"progressive": False, "split": True}          # split's (its baseline grows): its own rate
     for i in range(1000):
-        full.feed(_version_row(i, "v1", rng.random() < 0.9))
-    full.feed(_version_row(1000, "v2", True))
-    assert full.test is not None
+        for w in (full, canary):
+            w.feed(_version_row(i, "v1", rng.random() < 0.9))
+    for w in (full, canary):
+        w.feed(_version_row(1000, "v2", True))
+        assert w.test is not None
     fp = sum(bool(s.passed) for s in full.base) / len(full.base)
-    assert full.test.pass_tests[0].p0 == pytest.approx(fp)
+    assert full.test.pass_tests[0].p0 == pytest.approx(fp - 1.645 * math.sqrt(fp * (1 - fp) / len(full.base)))
+    cp = sum(bool(s.passed) for s in canary.base) / len(canary.base)
+    assert canary.test.pass_tests[0].p0 == pytest.approx(cp)
