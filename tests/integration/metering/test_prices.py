@@ -94,8 +94,8 @@ def test_the_local_model_has_a_default_price_by_machine_time(tmp_path: Path) -> 
 
 async def test_a_usd_budget_names_the_models_it_cannot_see(app_factory, make_tenant, admin, sim, pg, tmp_path):
     """A discovered model costs $0 until priced, so a USD limit never counts its answers: setting one says so,
-    over the API (from the models the gateway serves) and from the CLI (from the tenant's recent answers),
-    and stops saying so once the model has a price. A token limit counts them: no warning."""
+    over the API (from the models the gateway serves), on the console's Budgets page, and from the CLI (from
+    the tenant's recent answers), and stops saying so once the model has a price. A token limit counts them: no warning."""
     tenant = make_tenant()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -110,10 +110,16 @@ async def test_a_usd_budget_names_the_models_it_cannot_see(app_factory, make_ten
             assert r.status_code == 200, r.text
             return r.json()
 
+        assert "warnings" not in await put(window="month", limit_tokens=1000)
+        login = await gw.client.post("/console/login", data={"key": admin.key}, follow_redirects=False)
+        assert login.status_code == 303
+        page = await gw.client.get("/console/budgets", params={"tenant": tenant.name})
+        assert page.status_code == 200 and 'id="unpriced"' not in page.text  # a token limit counts them
         [warning] = (await put(window="day", limit_usd="5"))["warnings"]
         assert warning["code"] == "unpriced_models" and "sim-echo" in warning["models"]
         assert "never count toward limit_usd" in warning["message"]
-        assert "warnings" not in await put(window="month", limit_tokens=1000)
+        page = await gw.client.get("/console/budgets", params={"tenant": tenant.name})
+        assert 'id="unpriced"' in page.text and "sim-echo" in page.text  # the console says so too
 
         answer = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ASK)
         assert answer.status_code == 200, answer.text
