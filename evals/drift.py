@@ -134,16 +134,24 @@ class BernoulliCUSUM:
 
 class RiseLimit:
     """How fast a sequential statistic may climb in time: at most ``limit`` above where it stood
-    ``span_s`` seconds before (its value at the last sample at least that old). A drop that lasts climbs
-    at its own pace until the limit binds, then ``limit`` per ``span_s``; a burst of failures lasting
-    minutes (an upstream hiccup, the sampling rate raised by the first of them) adds at most ``limit``
-    per span, however many samples it brings. Samples with no time are not limited."""
+    ``span_s`` seconds before. A drop that lasts climbs at its own pace until the limit binds, then
+    ``limit`` per ``span_s``; a burst of failures lasting minutes (an upstream hiccup, the sampling rate
+    raised by the first of them) adds at most ``limit`` per span, however many samples it brings. Samples
+    with no time are not limited.
 
-    __slots__ = ("before", "limit", "recent", "span_s")
+    "Where it stood" is, with ``peak`` (the default), the highest it stood in the span before the last
+    one; without, its value at the last sample at least a span old. The limit cuts a climb's upward
+    swings but not its downward ones, so held to a single point a real drop sampled densely (hundreds of
+    samples an hour, each swing of the hour's sum some units) kept falling back from its cap and took
+    hours longer to reach the threshold; a burst's climb from the peak of the hour before it is still at
+    most ``limit`` per span."""
 
-    def __init__(self, limit: float, span_s: float = 3600.0) -> None:
-        self.limit, self.span_s = limit, span_s
+    __slots__ = ("before", "limit", "older", "peak", "recent", "span_s")
+
+    def __init__(self, limit: float, span_s: float = 3600.0, *, peak: bool = True) -> None:
+        self.limit, self.span_s, self.peak = limit, span_s, peak
         self.recent: deque[tuple[float, float]] = deque()  # (time, value) of the last span
+        self.older: deque[tuple[float, float]] = deque()  # the span before it: its running maxima (peak)
         self.before = 0.0  # the value at the last sample older than the span (a fresh statistic: zero)
 
     def ceiling(self, at: float | None, value: float) -> float | None:
@@ -151,14 +159,23 @@ class RiseLimit:
         after that sample."""
         if at is None:
             return None
-        recent = self.recent
+        recent, older = self.recent, self.older
         recent.append((at, value))
         while recent[0][0] < at - self.span_s:
-            self.before = recent.popleft()[1]
-        return self.before + self.limit
+            self.before = (left := recent.popleft())[1]
+            if self.peak:  # a deque of decreasing values: its first is the span's highest
+                while older and older[-1][1] <= left[1]:
+                    older.pop()
+                older.append(left)
+        if not self.peak:
+            return self.before + self.limit
+        while older and older[0][0] < at - 2 * self.span_s:
+            older.popleft()
+        return (older[0][1] if older else self.before) + self.limit
 
     def reset(self) -> None:
         self.recent.clear()
+        self.older.clear()
         self.before = 0.0
 
 

@@ -75,6 +75,8 @@ class RawQuality(_Strict):
     watch_days: float = Field(default=7.0, gt=0)  # a moved prompt label is compared with its last version this long
     watch_max_days: float = Field(default=28.0, gt=0)  # ... and on, until its test has decided, at most this long
     auto_rollback: bool = True  # a breach on a moved prompt label moves it back (rollouts: their own flag)
+    # a moved label is held to its old version's pass rate less this many standard errors (0: the rate itself)
+    moved_caution: float = Field(default=_DRIFT.moved_caution, ge=0, le=5)
     retention_interval_s: float = Field(default=3600.0, gt=0)
 
 
@@ -110,7 +112,7 @@ def quality_settings(data: Any) -> QualitySettings:
                           window=raw.window,
                           baseline_samples=raw.baseline_samples, baseline_max=max(raw.baseline_max, raw.baseline_samples),
                           evidence_hours=raw.evidence_hours, alarm_days=raw.alarm_days,
-                          min_samples=raw.min_samples)
+                          min_samples=raw.min_samples, moved_caution=raw.moved_caution)
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,
                            raw.queue_size, raw.scorers, raw.judge_model, raw.judge_rubric, raw.interval_s,
                            raw.watch_days, raw.auto_rollback, raw.retention_interval_s,

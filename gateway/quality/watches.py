@@ -94,7 +94,8 @@ class Watch:
             if short and not (self.moved and 0 < self.settings.short_baseline <= len(self.base)):
                 del self.waiting[:-self.settings.baseline_max]
                 return []
-            self.test = RouteTest(self.base, self.settings, cautious=self.settings.short_caution if self.moved else 0.0)
+            caution = (self.settings.short_caution if short else self.settings.moved_caution) if self.moved else 0.0
+            self.test = RouteTest(self.base, self.settings, cautious=caution)
             found = [f for s in self.waiting for f in self.test.update(s)]
             self.waiting = []
             return found
@@ -120,12 +121,12 @@ class Watch:
     @property
     def moved(self) -> bool:
         """A moved prompt label: its old version serves no more, so its baseline will not grow. It is tested
-        against the old rate less ``short_caution`` standard errors: that rate is an estimate that can no
+        against the old rate less ``moved_caution`` standard errors: that rate is an estimate that can no
         longer be refined, of days in which the route's rate may have wandered by a point or two (held to it
-        exactly, 2-7% of good versions were rolled back on a wandering rate; bench/RESULTS.md). With fewer
+        exactly, 4-9% of good versions were rolled back on a wandering rate; bench/RESULTS.md). With fewer
         than ``baseline_samples`` old samples (a version promoted days ago on a quiet route) it is tested
-        once it has ``short_baseline``. A canary's or a split's baseline keeps growing: they are held to
-        its rate and wait for ``baseline_samples``."""
+        once it has ``short_baseline``, less ``short_caution`` standard errors. A canary's or a split's
+        baseline keeps growing: they are held to its rate and wait for ``baseline_samples``."""
         return self.kind == "prompt" and not (self.prompt or {}).get("split")
 
     def decided(self) -> bool:

@@ -297,10 +297,27 @@ def timed(rng: random.Random, at: float | None, *, pass_rate: float = 0.9) -> Sc
                   tokens=s.tokens, cost=s.cost, at=at)
 
 
-def test_the_rise_limit_is_the_value_an_hour_before_plus_the_limit():
+def test_the_rise_limit_counts_from_the_peak_of_the_hour_before_the_last():
+    """A dip in the last hour does not lower the cap (a dense drop's downward swings would otherwise undo
+    its capped climbs); the hour before that no longer counts once two hours old."""
     from tollway.evals.drift import RiseLimit
 
     limit = RiseLimit(2.0, span_s=3600)
+    assert limit.ceiling(0, 0.0) == 2.0
+    assert limit.ceiling(1800, 3.0) == 2.0  # (the caller cuts it to 2.0; the value it reports is what counts)
+    assert limit.ceiling(2400, 1.0) == 2.0
+    assert limit.ceiling(3700, 0.5) == 2.0  # t=0 left the last hour: the peak before it is 0.0
+    assert limit.ceiling(5500, 0.2) == 5.0  # t=1800 (3.0) left too: the peak, not t=2400's 1.0
+    assert limit.ceiling(6100, 0.1) == 5.0  # t=2400 left as well: 3.0 is still the peak of [t-2h, t-1h)
+    assert limit.ceiling(9700, 0.1) == 2.5  # 3.0 and 1.0 are over two hours old: t=3700's 0.5 is the peak
+    limit.reset()
+    assert limit.ceiling(20000, 0.0) == 2.0
+
+
+def test_the_rise_limit_from_a_point_is_the_value_an_hour_before_plus_the_limit():
+    from tollway.evals.drift import RiseLimit
+
+    limit = RiseLimit(2.0, span_s=3600, peak=False)
     assert limit.ceiling(None, 5.0) is None  # no time: no limit
     assert limit.ceiling(0, 0.0) == 2.0  # a fresh statistic stood at zero
     assert limit.ceiling(600, 2.0) == 2.0
@@ -502,3 +519,12 @@ def test_a_moved_label_is_tested_against_its_old_rate_less_its_noise_a_split_aga
     assert full.test.pass_tests[0].p0 == pytest.approx(fp - 1.645 * math.sqrt(fp * (1 - fp) / len(full.base)))
     cp = sum(bool(s.passed) for s in canary.base) / len(canary.base)
     assert canary.test.pass_tests[0].p0 == pytest.approx(cp)
+
+
+def test_a_moved_labels_caution_is_a_quality_setting():
+    from tollway.gateway.quality.sampling import quality_settings
+
+    assert quality_settings({}).drift.moved_caution == 1.645
+    assert quality_settings({"moved_caution": 0}).drift.moved_caution == 0.0
+    with pytest.raises(Exception, match="moved_caution"):
+        quality_settings({"moved_caution": -1})
