@@ -233,6 +233,10 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self.models)
 
+    def unpriced(self) -> list[str]:
+        """The models nobody priced (they cost $0 here: a USD limit cannot see their answers)."""
+        return sorted(name for name, m in self.models.items() if m.price.source == FREE.source)
+
     def rank(self, tier: str) -> int:
         """0 for the top tier; larger is cheaper."""
         return self._rank.get(tier, len(self.tiers) - 1)

@@ -309,8 +309,7 @@ async def _budgets_page(request: Request, session: Session) -> Response:
         for tid in ids or (None,):
             alerts += [a for a in await list_alerts(conn, tid, 50) if a["kind"].startswith("budget")]
     # a USD limit counts answers at their price, and a model nobody priced costs $0: say which ones
-    unpriced = sorted(name for name, m in state.catalog.models.items() if m.price.source == "unpriced") if any(
-        r["budget"].limit_usd is not None for r in rows) else []
+    unpriced = state.catalog.unpriced() if any(r["budget"].limit_usd is not None for r in rows) else []
     return _page("budgets.html", session=session, rows=rows, cards=cards, events=events, alerts=alerts,
                  unpriced=unpriced, tenant=tenant if session.admin else session.principal.tenant, now=now,
                  tenants=await _tenant_names(state) if session.admin else [])

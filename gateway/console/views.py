@@ -74,9 +74,9 @@ async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str,
         days, series, values = await daily(conn, q, stack)
     by_model = next(sec["rows"] for sec in sections if sec["group"] == "model")
     # models without a price now that answered in the period (from the rollup's per-model rows: no ledger scan)
+    free = set(state.catalog.unpriced())
     unpriced = [{"model": r["group"], "requests": r["requests"]} for r in by_model
-                if (m := state.catalog.models.get(r["group"])) is not None and m.price.source == "unpriced"
-                and r["requests"]]
+                if r["group"] in free and r["requests"]]
     return {"unpriced": unpriced,
             "tenant": tenant if may(principal.role, Can.ADMINISTER) else principal.tenant, "from": start, "to": end,
             "period": {"from": q.start.isoformat(), "to": q.end.isoformat()},

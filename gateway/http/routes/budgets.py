@@ -98,8 +98,7 @@ async def put_budget(request: Request, body: BudgetBody) -> Response:
         out = budget.as_json()
         if budget.limit_usd is not None:
             allowed = (await load_rules(conn, budget.tenant_id)).policy.allowed_models
-            serving = [name for name, m in state.catalog.models.items() if m.price.source == "unpriced"
-                       and (allowed is None or name in allowed)]
+            serving = [name for name in state.catalog.unpriced() if allowed is None or name in allowed]
             if models := await unpriced_models(conn, budget.tenant_id, serving):
                 out["warnings"] = [unpriced_warning(models)]
     state.policies.forget(budget.tenant_id)
