@@ -29,7 +29,9 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 
 @pytest.fixture(scope="module")
 def served(serve: Any, sim: Any, pg: Any, redis_url: str, tmp_path_factory: Any) -> Any:
-    config = write_config(tmp_path_factory.mktemp("console") / "tollway.yaml", sim.url)
+    # one model nobody priced: a USD budget cannot see its answers, and the Budgets page says so
+    config = write_config(tmp_path_factory.mktemp("console") / "tollway.yaml", sim.url,
+                          extra_models=[{"name": "sim-unpriced", "upstream": "sim"}])
     metrics_port = free_port()
     proc = serve("--config", str(config), "--workers", "2", env={
         "TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false",
@@ -151,8 +153,11 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
             "model": "prompt", "messages": [{"role": "user", "content": "hi"}],
             "prompt": {"name": "greet", "version": version, "variables": {"customer": "Ada"}}})
         assert resp.status_code == 200, resp.text
-        client.put("/v1/admin/budgets", headers=admin.headers,
-                   json={"tenant": finance.name, "window": "month", "limit_usd": "0.01", "alerts": ["0.5", "forecast"]})
+        put = client.put("/v1/admin/budgets", headers=admin.headers, json={
+            "tenant": finance.name, "window": "month", "limit_usd": "0.01", "alerts": ["0.5", "forecast"]})
+        assert put.status_code == 200, put.text
+        [warning] = put.json()["warnings"]
+        assert warning["code"] == "unpriced_models" and "sim-unpriced" in warning["models"]
         today = datetime.now(UTC).date()
         period = {"from": today.replace(day=1).isoformat(), "to": today.isoformat()}
         deadline = time.monotonic() + 10
@@ -201,6 +206,8 @@ def test_finance_and_admin_use_the_console_in_a_browser(served, browser, make_te
     assert cells[0] == datetime.now(UTC).strftime("month %Y-%m")  # the window as a person reads it
     assert "50%, forecast" in next(iter(budgets.values()))[-1]
     assert browser.find_elements(By.CSS_SELECTOR, "figure svg.chart polyline")
+    notice = browser.find_element(By.ID, "unpriced")  # the API's warning, on screen beside the USD limit
+    assert notice.is_displayed() and "sim-unpriced" in notice.text and "$0" in notice.text
     browser.save_screenshot(str(OUTPUT / "console-budgets.png"))
     browser.get(f"{base}/console/costs?tenant={app.name}")
     assert "own tenant" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
