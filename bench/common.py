@@ -54,6 +54,29 @@ def module_at(rev: str, path: str, folder: Path) -> ModuleType:
     return module
 
 
+PACKAGE_DIRS = {"gateway": "gateway", "routing": "routing", "retrieval": "retrieval", "guardrails": "guardrails",
+                "prompts": "prompts", "evals": "evals"}  # pyproject's package-dir: tollway.X lives in X/
+
+
+def package_at(rev: str, folder: Path) -> dict[str, str]:
+    """The whole ``tollway`` package as it was at ``rev`` (``git archive``), laid out as an install would
+    (``tollway.gateway`` in ``gateway/``, ...); the environment a process needs to import it instead of
+    today's (``PYTHONPATH`` ahead of the editable install), for a bench that runs both side by side."""
+    root = Path(__file__).parents[1]
+    tree = folder / f"tree-{rev.replace('/', '_')}"
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", rev], cwd=root, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        shim = tree / "_site"
+        shim.mkdir()
+        (shim / "tollway").symlink_to(tree / "tollway")
+        for sub, where in PACKAGE_DIRS.items():
+            if not (tree / "tollway" / sub).exists():
+                (tree / "tollway" / sub).symlink_to(tree / where)
+    return {"PYTHONPATH": str(tree / "_site")}
+
+
 def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
     """A process's memory from /proc in MiB: ``VmRSS`` now, or ``VmHWM``, its peak since start or the last
     ``echo 5 > /proc/PID/clear_refs``; nan if the field is missing."""

@@ -42,12 +42,24 @@ _FREE = r"(?:unrestricted|unfiltered|uncensored|unlimited|unbound|unchained|jail
 class Rule:
     name: str
     weight: float
-    pattern: regex.Pattern[str]
-    sources: tuple[str, ...]  # the pattern's alternatives (the prefilter compiles each)
+    pattern: regex.Pattern[str]  # every alternative at once (the fuzzy one apart: it would slow the rest)
+    sources: tuple[str, ...]  # the alternatives as the prefilter compiles them, one by one
+    parts: tuple[regex.Pattern[str], ...]  # each alternative alone, in the order of ``sources``
+    fuzzy: regex.Pattern[str] | None = None
+
+    def search(self, text: str) -> bool:
+        return self.pattern.search(text) is not None or (self.fuzzy is not None and self.fuzzy.search(text) is not None)
 
 
-def _rule(name: str, weight: float, *sources: str) -> Rule:
-    return Rule(name, weight, regex.compile("|".join(f"(?:{s})" for s in sources), regex.IGNORECASE), sources)
+def _rule(name: str, weight: float, *sources: str, fuzzy: tuple[str, str] | None = None) -> Rule:
+    """``fuzzy``: an alternative with approximate matching (the ``regex`` module's ``{e<=N}``, for misspelt
+    words), and a looser pattern without it that the prefilter compiles in its place (it must match
+    wherever the fuzzy one does)."""
+    approximate = regex.compile(fuzzy[0], regex.IGNORECASE) if fuzzy else None
+    parts = tuple(regex.compile(src, regex.IGNORECASE) for src in sources)
+    return Rule(name, weight, regex.compile("|".join(f"(?:{s})" for s in sources), regex.IGNORECASE),
+                (*sources, fuzzy[1]) if fuzzy else sources, (*parts, approximate) if approximate else parts,
+                approximate)
 
 
 RULES: tuple[Rule, ...] = (
@@ -58,7 +70,82 @@ RULES: tuple[Rule, ...] = (
           r"\b(?:ignore[rz]?|oublie[rz]?)\s+(?:\w+\s+){0,3}(?:instructions|consignes|r[eè]gles)",  # fr
           r"\b(?:ignoriere|vergiss)\w*\s+(?:\w+\s+){0,3}(?:anweisungen|regeln|vorgaben)",  # de
           r"\b(?:ignora|dimentica)\w*\s+(?:\w+\s+){0,3}(?:istruzioni|regole)",  # it
-          r"\b(?:ignore|esque[cç]a)\w*\s+(?:\w+\s+){0,3}(?:instru[cç][oõ]es|regras)"),  # pt
+          r"\b(?:ignore|esque[cç]a)\w*\s+(?:\w+\s+){0,3}(?:instru[cç][oõ]es|regras)",  # pt
+          r"\b(?:regardless of|no matter|despite|notwithstanding|instead of following) (?:any|all|the|your|my|what)? ?"
+          r"(?:previous|prior|earlier|above|preceding|original|initial|other) (?:input|inputs|instructions?|messages?|"
+          r"context|rules|requests?|prompts?)\b",
+          # the same technique said other ways: all earlier requests or tasks (never one message of the user's
+          # own, "ignore my previous message": people correct themselves), everything said so far, a misspelt
+          # word for the instructions, and in more languages
+          rf"\b{_IGNORE}\W+(?:about\W+)?(?:all|any|every|each)(?:\W+(?:of\W+)?(?:the|your|my|these|those))?"
+          rf"(?:\W+(?:previous|prior|above|earlier|preceding|former|past|initial|original|other))?\W+"
+          rf"(?:requests|tasks|assignments|prompts|commands|inputs|queries|directions|statements)\b",
+          rf"\b{_IGNORE}\W+(?:about\W+)?(?:all|any|every|the|your|my)?\W*(?:previous|prior|above|earlier|preceding)\W+"
+          rf"(?:messages|conversation|context|text|content|input|requests?|tasks?|assignments?)\b",
+          rf"\b{_IGNORE}\W+(?:about\W+)?(?:everything|anything|all(?: of)? (?:that|this|the above))\b[^.\n]{{0,40}}?"
+          rf"\b(?:before|above|previously|so far|until now|up to now|earlier|prior|beforehand|preceding|I (?:said|told|wrote))\b",
+          r"\b(?:vergiss|vergessen sie|ignoriere|ignorieren sie)\s+(?:\w+\s+){0,2}(?:alles|alle|jegliche|s[aä]mtliche)\b"
+          r"[^.\n]{0,50}\b(?:vorher|zuvor|bisher|oben|davor|gesagt|vorherigen|bisherigen|obigen|fr[uü]heren)",  # de
+          r"\b(?:oublie[rz]?|ignore[rz]?)\s+(?:tout|toutes?|tous)\b[^.\n]{0,40}\b(?:pr[ée]c[ée]d|avant|dit|"
+          r"ant[ée]rieur|consignes|instructions)",  # fr
+          r"\b(?:olvida|ignora|olvide|ignore)\w*\s+(?:todo|todas|todos)\b[^.\n]{0,40}\b(?:anterior|antes|dicho|"
+          r"instrucciones|[oó]rdenes)",  # es
+          r"\b(?:dimentica|ignora)\w*\s+(?:tutto|tutte|tutti)\b[^.\n]{0,40}\b(?:precedent|prima|detto|istruzioni)",  # it
+          r"\b(?:esque[cç]a|ignore)\w*\s+(?:tudo|todas|todos)\b[^.\n]{0,40}\b(?:anterior|antes|dito|instru)",  # pt
+          r"\b(?:vergeet|negeer)\s+(?:\w+\s+){0,2}(?:alles|alle|eerdere|vorige|bovenstaande)\b[^.\n]{0,40}"
+          r"\b(?:instructies|opdrachten|regels|gezegd|eerder|hiervoor)",  # nl
+          r"\b(?:zignoruj|zapomnij|ignoruj)\s+(?:\w+\s+){0,2}(?:wszystk|poprzedni|wcze[sś]niejsz)",  # pl
+          r"(?:игнорируй|проигнорируй|забудь|игнорируйте|забудьте)\s+(?:\w+\s+){0,2}(?:все|всё|предыдущ|прошл|"
+          r"инструкц|указани|правил)",  # ru
+          r"(?:忽略|忽视|无视|忘记|忘掉|無視|忘れ)[^。\n]{0,8}(?:之前|以上|上面|前面|所有|先前|以前|前の|上記|全て|すべて)",
+          r"(?:之前|以上|上面|前面|所有|先前|以前|前の|上記)[^。\n]{0,6}(?:指令|指示|命令|说明|說明|要求)[^。\n]{0,4}"
+          r"(?:忽略|忽视|无视|無視|忘れ)",  # zh, ja
+          fuzzy=(rf"\b{_IGNORE}\b(?:\W+\w+){{0,3}}?\W+{_PRIOR}\b(?:\W+\w+){{0,3}}?\W+"
+                 r"(?:(?:instructions){e<=2}|(?:directions){e<=1}|(?:guidelines){e<=2}|(?:commands){e<=1})\b",
+                 rf"\b{_IGNORE}\b(?:\W+\w+){{0,3}}?\W+{_PRIOR}\b")),
+    _rule("instruction_banner", 0.45,
+          r"(?:\*{2,}|!{2,}|={2,}|#{2,}|\[|<)\s*(?:new|updated|revised|real|actual|additional|important|urgent|critical)"
+          r"(?: (?:important|urgent|critical|priority|system))* (?:instructions?|directives?|task|orders|message|notice)s?\b",
+          r"\b(?:new|updated|revised|additional) (?:important |urgent |critical |priority )?"
+          r"(?:instructions?|directives?|orders)\b\s*(?:\*{2,}|!{1,}|={2,}|#{2,}|\]|>)"),
+    _rule("conditional_hijack", 0.45,
+          r"\b(?:if|when|whenever|once) you (?:are|get|were) (?:told|asked|instructed|requested|prompted) to "
+          r"(?:summari[sz]e|answer|translate|analy[sz]e|process|review|read|describe|explain|respond)",
+          r"\bspecial (?:case|instructions?|rule)\s*:"),
+    # Text that speaks to the model reading it (an email, a web page, a code comment, a tool's output) and
+    # gives it a task of its own: the shape of indirect injection, whatever the task is.
+    _rule("addressed_to_the_model", 0.9,
+          r"\bbefore (?:you )?(?:can |do |start |begin |continue |proceed |answer |respond |reply |solve |complete |"
+          r"finish |go on )\w*[^.\n]{0,50}\b(?:task|request|question|work|job|assignment)\b[^.\n]{0,60}"
+          r"\b(?:the following|this|these steps|these actions) first\b",
+          r"\b(?:the |your )?(?:task|request|instructions?) (?:that )?(?:i|the user) (?:gave|assigned|sent) you\b"
+          r"[^.\n]{0,30}\b(?:in the beginning|at the start|originally|earlier)\b",
+          r"\bafter you (?:do|have done|finish|complete|are done with) (?:that|this|it)\b[^.\n]{0,30}\byou (?:can|may|should)"
+          r" (?:\w+ ){0,2}(?:solve|continue|complete|do|return to|go back to|proceed)",
+          r"\b(?:this is )?an? (?:important|urgent|critical|private|confidential|priority) (?:message|instruction|notice|"
+          r"note|update|request)s? (?:\w+ ){0,6}?(?:to|for) (?:you|the (?:ai|assistant|agent|model|llm|bot|chatbot))\b",
+          r"(?:^|\n|[.!]\s)\W*(?:important |urgent |attention |notice |note |message |instructions? |reminder )"
+          r"(?:to|for) (?:all |any )?(?:ai|llm|language model|assistant|agent|bot|chatbot|copilot|chatgpt|claude|gpt|"
+          r"automated|autonomous)s?\b",
+          r"\b(?:if|when) you are an? (?:ai|llm|large language model|language model|assistant|agent|bot|chatbot|"
+          r"automated (?:system|agent|tool))\b[^.\n]{0,80}\b(?:you (?:must|should|need to|have to)|please|do not|"
+          r"ignore|instead|always|never)\b",
+          r"\b(?:ai|llm|coding|language model) (?:agents?|assistants?|models?|tools?) (?:reading|processing|parsing|"
+          r"summari[sz]ing|analy[sz]ing|reviewing|working on) this\b",
+          r"#{2,}\s*\(?(?:system|admin|developer|assistant)[_ ](?:message|instructions?|prompt|override|note)\)?"),
+    _rule("stop_everything", 0.45,
+          r"\b(?:stop|halt|cease|abort|drop) (?:everything|all (?:tasks|activity|processing|operations|other tasks|"
+          r"you are doing)|what you(?:'re| are) doing|your (?:current )?task)\b"),
+    _rule("forced_output", 0.45,
+          r"\b(?:just|only|simply) (?:print|say|output|write|reply|respond|answer|return|type)(?: with)?\b"
+          r"[^.\n]{0,30}(?:[\"'`“«]|\bthe (?:word|phrase|text|string|sentence|following)\b)",
+          r"\b(?:print|say|output|write|reply with|respond with|return) (?:exactly|only|verbatim|literally) "
+          r"(?:the (?:following|word|phrase|text|string|sentence)|[\"'`“«])",
+          r"\band (?:absolutely )?nothing else\b",
+          r"\binclude (?:in|at the (?:end|start|beginning) of) your (?:response|answer|reply|output)\b",
+          r"\b(?:add|append|include|insert|repeat|print|write|put)\b[^.\n]{0,60}\b(?:at the (?:end|start|beginning) of|to|in)"
+          r" (?:each|every|your) (?:response|answer|reply|output)s?\b[^.\n]{0,30}(?:[\"'`“«]|\bthe following\b)",
+          r"!\[[^\]\n]{0,60}\]\(https?://[^)\s]{0,200}[?&][\w-]{1,20}=[^)\s]{0,40}(?:\[|\{|\$|<)"),
     _rule("new_instructions", 0.45,
           r"\bnew (?:instructions?|rules|directives?|task|objective|persona)\s*[:\-]",
           r"\b(?:from now on|starting now|henceforth|for the rest of (?:this|our) conversation)\b[^.\n]{0,60}"
@@ -76,7 +163,9 @@ RULES: tuple[Rule, ...] = (
           rf"\b{_REVEAL}\b[^.\n]{{0,40}}\b(?:of|in|from) (?:the |your |all )?(?:previous|prior|earlier|preceding|above|"
           rf"first|initial|system) (?:messages?|prompts?|instructions?|conversation|context)\b",
           r"\byour (?:very )?(?:first|initial|original|starting) (?:prompt|instructions?|message|configuration)\b",
-          r"\b(?:output|print|repeat|show) (?:your )?(?:initiali[sz]ation|configuration|settings)\b"),
+          r"\b(?:output|print|repeat|show) (?:your )?(?:initiali[sz]ation|configuration|settings)\b",
+          r"\b(?:print|log|console\.log|echo|dump|puts|printf)\s*\(\s*(?:this\.)?(?:system_?prompt|initial_?prompt|"
+          r"system_?message|instructions)\b"),
     _rule("persona_jailbreak", 0.8,
           r"\b(?:DAN|STAN|DUDE|AIM|KEVIN|BetterDAN|AntiGPT|DevMode|BasedGPT|Maximum|NRAF|APOPHIS)\b"
           r"[^.\n]{0,80}\b(?:mode|stands for|persona|character|act|jailbreak|anything|unfiltered|no (?:rules|limits))",
@@ -162,16 +251,16 @@ def normalise(text: str) -> str:
 
 class _Prefilter:
     """Hyperscan over every rule's alternatives at once, in prefiltering mode (it may report a rule that
-    does not match, never miss one that does): one pass over the text names the few rules worth running,
-    and the rules' own regexes decide. Compiled with ASCII classes (``\\w``, ``\\b``: Unicode classes make the
+    does not match, never miss one that does): one pass over the text names the few alternatives worth
+    running, and their own regexes decide. Compiled with ASCII classes (``\\w``, ``\\b``: Unicode classes make the
     compile take a minute); it scans ``ascii_view`` of the text. A 4k-token prompt costs ~2 ms instead of ~20
     for twelve regex scans (bench/guardrails)."""
 
     def __init__(self) -> None:
         import hyperscan
 
-        expressions = [source.encode() for rule in RULES for source in rule.sources]
-        ids = [i for i, rule in enumerate(RULES) for _ in rule.sources]
+        expressions = [source.encode() for _, source, _ in _ALTERNATIVES]
+        ids = list(range(len(expressions)))
         flags = (hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_PREFILTER
                  | hyperscan.HS_FLAG_SINGLEMATCH)
         self.db = hyperscan.Database()
@@ -218,16 +307,17 @@ def prefilter(*, wait: bool = False) -> _Prefilter | None:
     return _BUILT[0] if _BUILT else None
 
 
+_ALTERNATIVES = [(i, source, j) for i, rule in enumerate(RULES) for j, source in enumerate(rule.sources)]
+_BEYOND_ASCII = frozenset(k for k, (_, source, _) in enumerate(_ALTERNATIVES) if not source.isascii())
 _OTHER = regex.compile(r"[^\x00-\x7f\w\s]")
 _LETTER = regex.compile(r"[^\x00-\x7f\s]")  # (what is left beyond ASCII after _OTHER: word characters)
 _SPACE = regex.compile(r"[^\x00-\x7f]|[\x1c-\x1f]")  # (and then: spaces; and the separators Python calls \\s)
-_UNICODE_RULES = frozenset(i for i, rule in enumerate(RULES) if not all(src.isascii() for src in rule.sources))
 
 
 def ascii_view(text: str) -> str:
     """``text`` with each character beyond ASCII replaced by one the prefilter's ASCII classes see the same
     way (``x`` for a word character, a space for a space, ``#`` for anything else): a word stays a word, a
-    boundary a boundary. Rules with letters beyond ASCII in them always run on such a text."""
+    boundary a boundary. Alternatives with letters beyond ASCII in them always run on such a text."""
     if text.isascii() and not _SPACE.search(text):
         return text
     return str(_SPACE.sub(" ", _LETTER.sub("x", _OTHER.sub("#", text))))
@@ -241,13 +331,18 @@ def score(text: str, *, exhaustive: bool = False, learned: bool = False) -> Verd
     variants = (plain, plain.translate(_LEET)) if regex.search(r"[a-z][013457@$!][a-z]", plain, regex.I) else (plain,)
     screen = None if exhaustive else prefilter()
     if screen is None:
-        matched = [r for r in RULES if any(r.pattern.search(v) for v in variants)]
+        matched = [r for r in RULES if any(r.search(v) for v in variants)]
     else:
         views = [ascii_view(v) for v in variants]
         ids = set().union(*(screen.candidates(v) for v in views))
         if any(view is not v for view, v in zip(views, variants, strict=True)):
-            ids |= _UNICODE_RULES
-        matched = [r for i, r in enumerate(RULES) if i in ids and any(r.pattern.search(v) for v in variants)]
+            ids |= _BEYOND_ASCII  # the ASCII view hides their letters: they run on the text itself
+        hits: set[int] = set()
+        for i in sorted(ids):
+            rule, _, part = _ALTERNATIVES[i]
+            if rule not in hits and any(RULES[rule].parts[part].search(v) for v in variants):
+                hits.add(rule)
+        matched = [r for i, r in enumerate(RULES) if i in hits]
     verdict = Verdict(round(sum(r.weight for r in matched), 3), tuple(r.name for r in matched))
     model = _learned.model() if learned else None
     if model is not None and verdict.score < 1.0:

@@ -8,11 +8,12 @@ servers alternately, ``--rounds`` times; per round: requests/s, and CPU per requ
 tree's utime + stime over the wrk run (/proc), divided by the requests completed. The scripted upstream
 direct is the reference (the issue's goal: CPU per proxied request <= ~2.8x the upstream's).
 ``--redis-py`` adds the gateway with its budget scripts through redis-py instead of its own multiplexed
-connection (``TOLLWAY_REDIS_SCRIPT_CHANNEL=false``). ``--workers 2`` adds `tollway serve --workers 2` (uvicorn's supervisor and two workers: the whole process tree
+connection (``TOLLWAY_REDIS_SCRIPT_CHANNEL=false``). ``--before REV`` adds the gateway as it was at an earlier commit (its package from ``git archive``, the same
+database and tenant), for a change's before and after in one run. ``--workers 2`` adds `tollway serve --workers 2` (uvicorn's supervisor and two workers: the whole process tree
 is counted), for the issue's "workers add no per-request CPU"; ``--no-granian`` leaves granian out.
 
     pip install 'granian[uvloop]'          # not a dependency of Tollway: measured, not shipped
-    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian] [--redis-py]
+    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian] [--redis-py] [--before REV]
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Processes, free_port, start_gateway, start_sim, wait_http, wrk_argv, wrk_result, wrk_script
+from common import (
+    Processes,
+    free_port,
+    package_at,
+    start_gateway,
+    start_sim,
+    wait_http,
+    wrk_argv,
+    wrk_result,
+    wrk_script,
+)
 
 from tollway.app import SERVE_SETTINGS_ENV
 from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -90,6 +101,8 @@ def main() -> None:
     parser.add_argument("--budget", action="store_true", help="a (never reached) monthly budget: every request leases")
     parser.add_argument("--workers", type=int, default=1, help="also `tollway serve --workers N` (N > 1)")
     parser.add_argument("--no-granian", action="store_true")
+    parser.add_argument("--before", metavar="REV",
+                        help="also the gateway as it was at this commit (same database; the two take turns)")
     parser.add_argument("--redis-py", action="store_true",
                         help="also the gateway with its budget scripts through redis-py (TOLLWAY_REDIS_SCRIPT_CHANNEL=false)")
     args = parser.parse_args()
@@ -116,6 +129,10 @@ def main() -> None:
                                env={**shared, "TOLLWAY_REDIS_SCRIPT_CHANNEL": "false"}, bench_tenant=False)
             targets.append(Target("tollway on uvicorn, budget scripts through redis-py", rp.url, uv.key,
                                   rp.process.pid))
+        if args.before:  # the same database and tenant; the code of an earlier commit
+            old = start_gateway(procs, sim_url, data=None, name="uvicorn-before",
+                                env={**shared, **package_at(args.before, workdir)}, bench_tenant=False)
+            targets.append(Target(f"tollway at {args.before}", old.url, uv.key, old.process.pid))
         if args.workers > 1:  # the same database: the tenant set up above
             mw = start_gateway(procs, sim_url, data=None, name="uvicorn-workers", env=shared,
                                args=["--workers", str(args.workers)], bench_tenant=False)
