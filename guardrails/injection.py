@@ -113,6 +113,26 @@ RULES: tuple[Rule, ...] = (
           r"message|directives|configuration|guidelines)\b",
           r"\b(?:the|my|your) (?:system prompt|initial instructions|hidden instructions)\b[^.\n]{0,30}\b(?:immediately|"
           r"right now|urgent|security audit|verbatim)"),
+    # What an injected task asks of an agent, each half-weight (benign text says each of these alone:
+    # a system prompt keeps its rules from the user, a README pipes an installer to a shell, a security
+    # page names credentials): two of them together, or one with another family, block.
+    _rule("conceal_from_user", 0.45,
+          r"\b(?:do not|don'?t|never|without) (?:\w+ ){0,2}(?:tell(?:ing)?|mention(?:ing)?|inform(?:ing)?|notify(?:ing)?|"
+          r"alert(?:ing)?|show(?:ing)?|reveal(?:ing)?|let(?:ting)?) (?:\w+ ){0,2}?(?:to )?(?:the |your )?(?:user|human|developer|"
+          r"owner|operator|customer)s?\b",
+          r"\b(?:keep|hide) (?:this|these|it|the following) (?:\w+ ){0,2}(?:secret|hidden|private) from (?:the )?(?:user|human)",
+          r"\b(?:silently|secretly|covertly|quietly|without (?:asking|confirmation|approval|permission))\b[^.\n]{0,40}"
+          r"\b(?:run|execute|send|upload|post|install|delete|remove|transfer|forward|email|push|commit|modify|add)\b"),
+    _rule("remote_code", 0.45,
+          r"\b(?:curl|wget|iwr|invoke-webrequest|irm)\b[^|\n]{0,200}\|\s*(?:sudo\s+)?(?:ba|z|da)?sh\b",
+          r"\b(?:curl|wget)\b[^|\n]{0,200}\|\s*(?:sudo\s+)?(?:python3?|perl|ruby|node)\b",
+          r"\b(?:iex|invoke-expression)\s*\(|powershell(?:\.exe)?\s+-(?:e|enc|encodedcommand)\b",
+          r"/dev/tcp/|\bnc(?:at)?\s+-[a-z]*e\s|\bbase64\s+(?:-d|--decode)\b[^\n]{0,40}\|\s*(?:ba)?sh\b"),
+    _rule("exfiltrate", 0.45,
+          r"\b(?:send|post|upload|forward|e-?mail|transmit|exfiltrate|copy|leak|paste|submit)\b[^.\n]{0,60}"
+          r"(?:\.env\b|\bssh keys?\b|\bid_rsa\b|\bapi[_ -]?keys?\b|\bcredentials\b|\bsecrets?\b|\baccess tokens?\b|"
+          r"\bpasswords?\b|\baws_secret|\bprivate keys?\b|\bsession cookies?\b)[^.\n]{0,60}"
+          r"\b(?:to|at|into)\b[^.\n]{0,30}(?:https?://|\b[\w.+-]+@[\w-]+\.[\w.]+|webhook|pastebin|gist)"),
     _rule("conditional_hijack", 0.45,
           r"\b(?:if|when|whenever|once) you (?:are|get|were) (?:told|asked|instructed|requested|prompted) to "
           r"(?:summari[sz]e|answer|translate|analy[sz]e|process|review|read|describe|explain|respond)",
