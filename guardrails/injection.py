@@ -162,8 +162,8 @@ RULES: tuple[Rule, ...] = (
           r"\b(?:stop|halt|cease|abort|drop) (?:everything|all (?:tasks|activity|processing|operations|other tasks|"
           r"you are doing)|what you(?:'re| are) doing|your (?:current )?task)\b"),
     _rule("forced_output", 0.45,
-          r"\b(?:just|only|simply) (?:print|say|output|write|reply|respond|answer|return|type)(?: with)?\b"
-          r"[^.\n]{0,30}(?:[\"'`“«]|\bthe (?:word|phrase|text|string|sentence|following)\b)",
+          r"\b(?:just|only|simply) (?:print|say|output|write|reply|respond|answer|return|type)(?: with)?\s*[:\-]?\s*"
+          r"(?:[\"'`“«]|the (?:word|phrase|text|string|sentence|following)\b)",
           r"\b(?:print|say|output|write|reply with|respond with|return) (?:exactly|only|verbatim|literally) "
           r"(?:the (?:following|word|phrase|text|string|sentence)|[\"'`“«])",
           r"\band (?:absolutely )?nothing else\b",

