@@ -15,12 +15,16 @@ from __future__ import annotations
 import threading
 import unicodedata
 from dataclasses import dataclass
+from typing import Protocol
 
 import regex
 
 from tollway.guardrails import learned as _learned
 
 THRESHOLD = 0.8
+# Texts longer than this are scored in a worker thread (``tollway.gateway.parts.guarding``), their regexes
+# matched with the GIL released, so that one tenant's megabyte prompt does not hold other requests up.
+LONG_TEXT = 32_000
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
@@ -38,27 +42,52 @@ _FREE = r"(?:unrestricted|unfiltered|uncensored|unlimited|unbound|unchained|jail
         r"evil|rogue|lawless|without (?:any )?(?:limits|rules|restrictions|filters|boundaries|morals|ethics))"
 
 
+class _Searcher(Protocol):
+    def search(self, text: str, *, concurrent: bool | None = None) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Approximate:
+    """An exact anchor, then an approximate tail read only in the next ``reach`` characters after each of the
+    anchor's first ``limit`` matches: approximate matching over a whole text of decoys (``ignore the`` a
+    hundred thousand times) would take seconds; this is bounded."""
+
+    anchor: regex.Pattern[str]
+    tail: regex.Pattern[str]
+    reach: int = 120
+    limit: int = 256
+
+    def search(self, text: str, *, concurrent: bool | None = None) -> bool:
+        for n, m in enumerate(self.anchor.finditer(text, concurrent=concurrent)):
+            if n >= self.limit:
+                return False
+            if self.tail.match(text, m.end(), m.end() + self.reach) is not None:
+                return True
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
     weight: float
-    pattern: regex.Pattern[str]  # every alternative at once (the fuzzy one apart: it would slow the rest)
+    pattern: regex.Pattern[str]  # every exact alternative at once
     sources: tuple[str, ...]  # the alternatives as the prefilter compiles them, one by one
-    parts: tuple[regex.Pattern[str], ...]  # each alternative alone, in the order of ``sources``
-    fuzzy: regex.Pattern[str] | None = None
+    parts: tuple[_Searcher, ...]  # each alternative alone, in the order of ``sources``
+    fuzzy: _Approximate | None = None
 
-    def search(self, text: str) -> bool:
-        return self.pattern.search(text) is not None or (self.fuzzy is not None and self.fuzzy.search(text) is not None)
+    def search(self, text: str, *, concurrent: bool | None = None) -> bool:
+        return self.pattern.search(text, concurrent=concurrent) is not None \
+            or (self.fuzzy is not None and self.fuzzy.search(text, concurrent=concurrent))
 
 
 def _rule(name: str, weight: float, *sources: str, fuzzy: tuple[str, str] | None = None) -> Rule:
     """``fuzzy``: an alternative with approximate matching (the ``regex`` module's ``{e<=N}``, for misspelt
-    words), and a looser pattern without it that the prefilter compiles in its place (it must match
-    wherever the fuzzy one does)."""
-    approximate = regex.compile(fuzzy[0], regex.IGNORECASE) if fuzzy else None
-    parts = tuple(regex.compile(src, regex.IGNORECASE) for src in sources)
+    words) as an exact anchor, which the prefilter compiles, and the approximate tail that must follow it."""
+    approximate = _Approximate(regex.compile(fuzzy[0], regex.IGNORECASE),
+                               regex.compile(fuzzy[1], regex.IGNORECASE)) if fuzzy else None
+    parts: tuple[_Searcher, ...] = tuple(regex.compile(src, regex.IGNORECASE) for src in sources)
     return Rule(name, weight, regex.compile("|".join(f"(?:{s})" for s in sources), regex.IGNORECASE),
-                (*sources, fuzzy[1]) if fuzzy else sources, (*parts, approximate) if approximate else parts,
+                (*sources, fuzzy[0]) if fuzzy else sources, (*parts, approximate) if approximate else parts,
                 approximate)
 
 
@@ -100,9 +129,9 @@ RULES: tuple[Rule, ...] = (
           r"(?:忽略|忽视|无视|忘记|忘掉|無視|忘れ)[^。\n]{0,8}(?:之前|以上|上面|前面|所有|先前|以前|前の|上記|全て|すべて)",
           r"(?:之前|以上|上面|前面|所有|先前|以前|前の|上記)[^。\n]{0,6}(?:指令|指示|命令|说明|說明|要求)[^。\n]{0,4}"
           r"(?:忽略|忽视|无视|無視|忘れ)",  # zh, ja
-          fuzzy=(rf"\b{_IGNORE}\b(?:\W+\w+){{0,3}}?\W+{_PRIOR}\b(?:\W+\w+){{0,3}}?\W+"
-                 r"(?:(?:instructions){e<=2}|(?:directions){e<=1}|(?:guidelines){e<=2}|(?:commands){e<=1})\b",
-                 rf"\b{_IGNORE}\b(?:\W+\w+){{0,3}}?\W+{_PRIOR}\b")),
+          fuzzy=(rf"\b{_IGNORE}\b(?:\W+\w+){{0,3}}?\W+{_PRIOR}\b",
+                 r"(?:\W+\w+){0,4}?\W+(?:(?:instructions){e<=2}|(?:directions){e<=1}|(?:guidelines){e<=2}|"
+                 r"(?:commands){e<=1})\b")),
     _rule("instruction_banner", 0.45,
           r"(?:\*{2,}|!{2,}|={2,}|#{2,}|\[|<)\s*(?:new|updated|revised|real|actual|additional|important|urgent|critical)"
           r"(?: (?:important|urgent|critical|priority|system))* (?:instructions?|directives?|task|orders|message|notice)s?\b",
@@ -375,8 +404,9 @@ def score(text: str, *, exhaustive: bool = False, learned: bool = False) -> Verd
     plain = normalise(text)
     variants = (plain, plain.translate(_LEET)) if regex.search(r"[a-z][013457@$!][a-z]", plain, regex.I) else (plain,)
     screen = None if exhaustive else prefilter()
+    long_text = len(plain) > LONG_TEXT  # matched with the GIL released: a long text is scored off the event loop
     if screen is None:
-        matched = [r for r in RULES if any(r.search(v) for v in variants)]
+        matched = [r for r in RULES if any(r.search(v, concurrent=long_text) for v in variants)]
     else:
         views = [ascii_view(v) for v in variants]
         ids = set().union(*(screen.candidates(v) for v in views))
@@ -385,7 +415,7 @@ def score(text: str, *, exhaustive: bool = False, learned: bool = False) -> Verd
         hits: set[int] = set()
         for i in sorted(ids):
             rule, _, part = _ALTERNATIVES[i]
-            if rule not in hits and any(RULES[rule].parts[part].search(v) for v in variants):
+            if rule not in hits and any(RULES[rule].parts[part].search(v, concurrent=long_text) for v in variants):
                 hits.add(rule)
         matched = [r for i, r in enumerate(RULES) if i in hits]
     verdict = Verdict(round(sum(r.weight for r in matched), 3), tuple(r.name for r in matched))

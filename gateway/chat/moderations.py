@@ -9,7 +9,7 @@ tenant's budgets (there is nothing to reserve) and it writes one ledger row (end
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tollway.errors import InvalidRequest
 from tollway.gateway.chat.calls import CallContext, Calls, JSONResult
@@ -24,7 +24,7 @@ from tollway.routing import Usage
 MODEL = "tollway-guards"
 MAX_INPUTS = 256
 
-Moderator = Callable[[GuardPolicy | None, list[str]], list[Moderation]]
+Moderator = Callable[[GuardPolicy | None, list[str]], Awaitable[list[Moderation]]]
 
 
 def texts_of(req: ModerationRequest) -> list[str]:
@@ -63,7 +63,7 @@ class Moderations:
             tally.request(end_user=ctx.header_user)
             tally.gateway_answer(MODEL, "moderations")
             rules: TenantRules = await self.calls.rules(ctx.principal.tenant_id)
-            results = self.moderator(rules.guards, texts) if self.moderator is not None else []
+            results = await self.moderator(rules.guards, texts) if self.moderator is not None else []
             tally.guards([GuardOutcome(o.validator, o.action, o.spans, o.ms, o.detail).as_json()
                           for m in results for o in m.outcomes])
             cost = tally.close(200, usage=Usage(), usage_source="local")

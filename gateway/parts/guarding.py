@@ -19,6 +19,7 @@ reading the upstream (what it produced so far is charged).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -48,6 +49,7 @@ from tollway.guardrails import (
     schema_of,
     warm,
 )
+from tollway.guardrails.injection import LONG_TEXT
 from tollway.jsontypes import JSON
 
 log = logging.getLogger("tollway.gateway")
@@ -116,11 +118,16 @@ class Guarding:
         """How this request's retrieved passages are screened for injections (None: they are not)."""
         return PassageScreen.of(self.policy(view))
 
-    def moderate(self, tenant: GuardPolicy | None, texts: list[str]) -> list[Moderation]:
+    async def moderate(self, tenant: GuardPolicy | None, texts: list[str]) -> list[Moderation]:
         """``/v1/moderations``: each text through the detectors, flagged as the tenant's input policy (the
-        config's defaults under the tenant's own) would treat it in a chat request."""
+        config's defaults under the tenant's own) would treat it in a chat request; long texts off the event
+        loop, as in a chat request."""
         policy = self.resolved(tenant, None)
-        return [moderate(policy, text, self.extras) for text in texts]
+
+        def run() -> list[Moderation]:
+            return [moderate(policy, text, self.extras) for text in texts]
+
+        return await asyncio.to_thread(run) if sum(map(len, texts)) > LONG_TEXT else run()
 
     def resolved(self, tenant: GuardPolicy | None, prompt: PromptGuards | None) -> Resolved | None:
         key = (id(tenant), id(prompt))
@@ -154,7 +161,11 @@ class Guarding:
                  for part, text in _texts(m.get("content"))]
         tools = [text for m in messages[first:] if isinstance(m, dict) and m.get("role") in ("tool", "function")
                  for _, text in _texts(m.get("content"))]
-        result = check_input(policy, [text for _, _, text in slots], self.extras, tools)
+        texts = [text for _, _, text in slots]
+        if sum(map(len, texts)) + sum(map(len, tools)) > LONG_TEXT:  # off the event loop (see LONG_TEXT)
+            result = await asyncio.to_thread(check_input, policy, texts, self.extras, tools)
+        else:
+            result = check_input(policy, texts, self.extras, tools)
         changed = False
         for (i, part, text), new in zip(slots, result.texts, strict=True):
             if new != text:
