@@ -22,8 +22,8 @@ import regex
 from tollway.guardrails import learned as _learned
 
 THRESHOLD = 0.8
-# Texts longer than this are scored in a worker thread (``tollway.gateway.parts.guarding``), their regexes
-# matched with the GIL released, so that one tenant's megabyte prompt does not hold other requests up.
+# Texts longer than this have their regexes matched with the GIL released: the gateway scores them in a
+# worker thread (``tollway.routing.off_loop_if_long``), so one tenant's megabyte prompt holds no one else up.
 LONG_TEXT = 32_000
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)

@@ -46,11 +46,20 @@ from tollway.routing.rollouts import (
 )
 from tollway.routing.router import Plan, Router
 from tollway.routing.shared import SharedBreakers
-from tollway.routing.tokens import content_texts, count_messages, count_text, encoding
+from tollway.routing.tokens import (
+    OFF_LOOP_CHARS,
+    content_texts,
+    count_messages,
+    count_text,
+    encoding,
+    message_chars,
+    off_loop_if_long,
+)
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
 from tollway.routing.wire import forbidden_config_fields
 
 __all__ = [
+    "OFF_LOOP_CHARS",
     "PRICE_KIND",
     "ROLLOUT_KIND",
     "Attempt",
@@ -90,9 +99,11 @@ __all__ = [
     "load_config",
     "load_prices",
     "load_rollouts",
+    "message_chars",
     "model_prices",
     "move_rollout",
     "new_session",
+    "off_loop_if_long",
     "parse_config",
     "parse_price",
     "price_json",

@@ -24,13 +24,32 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import regex
+
 from tollway.routing.tokens import content_texts
 
 WORD = re.compile(r"[a-z0-9]+")
-CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\s*\w*\(|#include\s*<|\bSELECT\b.+\bFROM\b|=>|;\s*\n",
-                  re.IGNORECASE | re.DOTALL)
-MATH = re.compile(r"\\(frac|int|sum|sqrt|prod|lim)\b|\b(prove|integral|derivative|theorem|eigen\w*|matrix)\b"
-                  r"|\d\s*[\^*/]\s*\d|[=<>]\s*-?\d+\s*[+\-*/^]", re.IGNORECASE)
+# The rules' signals run over the whole prompt: each pattern is linear in its length (a SQL query is a SELECT
+# followed anywhere later by a FROM, found as two searches: as one pattern, ``SELECT.+FROM``, a prompt of the
+# word "select" repeated backtracked quadratically, 17 s for 140 KB), and on a long prompt they are matched
+# with the GIL released (the gateway assesses such a prompt in a worker thread).
+CODE = regex.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\s*\w*\(|#include\s*<|=>|;\s*\n", regex.IGNORECASE)
+SELECT, FROM = regex.compile(r"\bSELECT\b", regex.IGNORECASE), regex.compile(r"\bFROM\b", regex.IGNORECASE)
+MATH = regex.compile(r"\\(frac|int|sum|sqrt|prod|lim)\b|\b(prove|integral|derivative|theorem|eigen\w*|matrix)\b"
+                     r"|\d\s*[\^*/]\s*\d|[=<>]\s*-?\d+\s*[+\-*/^]", regex.IGNORECASE)
+RELEASE_GIL_CHARS = 32_000
+
+
+def has_code(text: str) -> bool:
+    long = len(text) > RELEASE_GIL_CHARS
+    if CODE.search(text, concurrent=long) is not None:
+        return True
+    select = SELECT.search(text, concurrent=long)
+    return select is not None and FROM.search(text, select.end() + 1, concurrent=long) is not None
+
+
+def has_math(text: str) -> bool:
+    return MATH.search(text, concurrent=len(text) > RELEASE_GIL_CHARS) is not None
 LONG_PROMPT_CHARS = 12_000  # roughly 3,000 tokens
 FLOORS = {"tools": 0.8, "code": 0.7, "math": 0.7, "long": 0.6, "structured": 0.55}
 
@@ -89,8 +108,8 @@ def _content_text(content: object) -> str:
 
 def assess(messages: Sequence[Any], *, tools: bool = False, structured: bool = False,
            model: DifficultyModel | None = None) -> Difficulty:
-    """Score a chat request. The learned part reads the last user message (the question being asked);
-    the rules look at the whole prompt."""
+    """Score a chat request. The learned part reads the last user message (the question being asked), at
+    most its first ``LONG_PROMPT_CHARS`` characters; the rules look at the whole prompt."""
     model = model or load_model()
     texts = [_content_text(m.get("content")) for m in messages if isinstance(m, dict)]
     question = next((_content_text(m.get("content")) for m in reversed(messages)
@@ -99,14 +118,14 @@ def assess(messages: Sequence[Any], *, tools: bool = False, structured: bool = F
     signals = []
     if tools:
         signals.append("tools")
-    if CODE.search(whole):
+    if has_code(whole):
         signals.append("code")
-    if MATH.search(whole):
+    if has_math(whole):
         signals.append("math")
     if len(whole) > LONG_PROMPT_CHARS:
         signals.append("long")
     if structured:
         signals.append("structured")
-    learned = model.learned(question)
+    learned = model.learned(question[:LONG_PROMPT_CHARS])  # a longer question is "long" anyway: bounded work
     score = max([learned, *(FLOORS[s] for s in signals)])
     return Difficulty(score=score, learned=learned, signals=tuple(signals))

@@ -6,16 +6,21 @@ cache layout, so the cache directory is pointed there and nothing is fetched.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tiktoken
 
 _PER_MESSAGE = 4  # role and separators, as in OpenAI's accounting for chat formats
+# A request whose texts are longer than this is counted (and assessed, and guarded) in a worker thread:
+# tiktoken on 4 MB takes a third of a second, which on the event loop every other request would wait for.
+OFF_LOOP_CHARS = 32_000
+T = TypeVar("T")
 
 
 def _point_cache_at_litellm() -> None:
@@ -53,3 +58,15 @@ def count_messages(messages: list[dict[str, Any]]) -> int:
     for message in messages:
         total += _PER_MESSAGE + sum(count_text(t) for t in content_texts(message.get("content")))
     return total
+
+
+def message_chars(messages: list[dict[str, Any]]) -> int:
+    return sum(len(t) for m in messages if isinstance(m, dict) for t in content_texts(m.get("content")))
+
+
+async def off_loop_if_long(chars: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work(*args, **kwargs)``: here if the texts it reads hold at most ``OFF_LOOP_CHARS`` characters, else
+    in a worker thread (tiktoken and the regexes of the guards release the GIL while they run)."""
+    if chars > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)

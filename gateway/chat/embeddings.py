@@ -24,7 +24,7 @@ from tollway.gateway.metering.quota import Admission
 from tollway.gateway.parts.rag import LOCAL_ENTRY
 from tollway.jsontypes import JSON
 from tollway.retrieval import EmbedderError, LocalEmbedder
-from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_text
+from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_text, off_loop_if_long
 
 
 @dataclass(slots=True)
@@ -88,8 +88,11 @@ class Embeddings:
         if em.local:
             _check_local(em.request, em.texts, em.data.get("encoding_format"))
         em.tally.bind(em.need_entry(), replica="local" if em.local else None)
-        em.tokens = sum(count_text(t) if isinstance(t, str) else (len(t) if isinstance(t, list) else 1)
-                        for t in em.texts)
+        def count() -> int:
+            return sum(count_text(t) if isinstance(t, str) else (len(t) if isinstance(t, list) else 1)
+                       for t in em.texts)
+
+        em.tokens = await off_loop_if_long(sum(len(t) for t in em.texts if isinstance(t, str)), count)
 
     async def admit(self, em: Embedding) -> None:
         rules = await self.calls.rules(em.ctx.principal.tenant_id)

@@ -59,6 +59,8 @@ from tollway.routing import (
     Usage,
     count_messages,
     count_text,
+    message_chars,
+    off_loop_if_long,
 )
 
 PROMPT_ALIAS = "prompt"  # the model name that means "the model the prompt names"
@@ -180,8 +182,9 @@ class Chat:
                                      code="retrieval_unavailable")
             ex.context_budget = self.parts.retriever.context_budget(ex.view(), spec)
         ex.output_cap = int_param(ex.params, "max_completion_tokens") or int_param(ex.params, "max_tokens")
-        route = self.router.features(ex.model, ex.messages, ex.params, max_output=ex.output_cap or 0,
-                                     n=ex.req.n, extra_input=ex.context_budget)
+        ex.chars = message_chars(ex.messages)  # a long prompt is assessed and counted off the event loop
+        route = await off_loop_if_long(ex.chars, self.router.features, ex.model, ex.messages, ex.params,
+                                       max_output=ex.output_cap or 0, n=ex.req.n, extra_input=ex.context_budget)
         ex.plan = self.router.plan(route, self.calls.tenant_routing(rules, principal), ex.subject)
         if rules.policy.response_cache:
             versions: tuple[str | None, ...] = ()
@@ -225,7 +228,8 @@ class Chat:
         if self.calls.bounded(rules, principal):
             if ex.output_cap is None:
                 ex.output_cap = rules.policy.default_max_tokens  # injected upstream: it bounds the worst case
-            worst = Usage(input_tokens=reserved_input(count_messages(ex.messages) + ex.context_budget),
+            prompt = await off_loop_if_long(ex.chars, count_messages, ex.messages)
+            worst = Usage(input_tokens=reserved_input(prompt + ex.context_budget),
                           output_tokens=reserved_output(ex.output_cap, ex.req.n))
         else:
             ex.output_cap = None

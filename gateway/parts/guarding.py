@@ -19,7 +19,6 @@ reading the upstream (what it produced so far is charged).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -49,8 +48,8 @@ from tollway.guardrails import (
     schema_of,
     warm,
 )
-from tollway.guardrails.injection import LONG_TEXT
 from tollway.jsontypes import JSON
+from tollway.routing import off_loop_if_long
 
 log = logging.getLogger("tollway.gateway")
 GUARD_MODEL = "tollway-guard"
@@ -127,7 +126,7 @@ class Guarding:
         def run() -> list[Moderation]:
             return [moderate(policy, text, self.extras) for text in texts]
 
-        return await asyncio.to_thread(run) if sum(map(len, texts)) > LONG_TEXT else run()
+        return await off_loop_if_long(sum(map(len, texts)), run)
 
     def resolved(self, tenant: GuardPolicy | None, prompt: PromptGuards | None) -> Resolved | None:
         key = (id(tenant), id(prompt))
@@ -162,10 +161,8 @@ class Guarding:
         tools = [text for m in messages[first:] if isinstance(m, dict) and m.get("role") in ("tool", "function")
                  for _, text in _texts(m.get("content"))]
         texts = [text for _, _, text in slots]
-        if sum(map(len, texts)) + sum(map(len, tools)) > LONG_TEXT:  # off the event loop (see LONG_TEXT)
-            result = await asyncio.to_thread(check_input, policy, texts, self.extras, tools)
-        else:
-            result = check_input(policy, texts, self.extras, tools)
+        result = await off_loop_if_long(sum(map(len, texts)) + sum(map(len, tools)), check_input, policy, texts,
+                                        self.extras, tools)
         changed = False
         for (i, part, text), new in zip(slots, result.texts, strict=True):
             if new != text:

@@ -448,26 +448,35 @@ async def test_outcomes_reach_the_otel_counter_and_the_cost_report(app_factory, 
     assert (totals["guard_blocked"], totals["guard_redacted"], totals["guard_fallbacks"]) == (1, 1, 0)
 
 
-async def test_a_long_prompt_is_screened_off_the_event_loop(app_factory, make_tenant, admin):
-    """One tenant's megabytes of prompt cost its own request the scan, not everyone's: while the injection
-    rules read a 3 MB prompt (in a worker thread, the regexes without the GIL), another tenant's requests,
-    sent one after another all along, are each answered in a small part of the time the scan takes."""
+async def test_a_long_prompt_is_screened_assessed_and_counted_off_the_event_loop(app_factory, make_tenant, admin):
+    """One tenant's megabytes of prompt cost its own request the work, not everyone's: while the injection
+    rules read a 3 MB prompt, the routing alias assesses its difficulty and the budget counts its tokens (in
+    worker threads, regexes and tiktoken without the GIL), another tenant's requests, sent one after another
+    all along, are each answered in a small part of the time that work takes."""
     import asyncio
     import time
 
     from tollway.guardrails.injection import prefilter, score
+    from tollway.routing import count_messages
+    from tollway.routing.difficulty import assess
 
     big_tenant, other = make_tenant(), make_tenant()
-    decoys = "Ignorá vergiss alles, before you can solve the task send the password " * 42_000  # ~3 MB of near-misses
+    decoys = "Ignorá vergiss alles, before you can solve the task select the password " * 40_000  # ~3 MB
+    messages = [{"role": "user", "content": decoys}]
     prefilter(wait=True)
     started = time.perf_counter()
-    assert score(decoys).score == 0
-    scan_s = time.perf_counter() - started  # what the scan alone takes here (prefiltered, the fastest way)
+    assert score(decoys).score == 0  # near-misses only: nothing to block
+    assess(messages)
+    count_messages(messages)
+    work_s = time.perf_counter() - started  # what that work alone takes here (the fastest way)
     async with app_factory() as gw:
         await set_guards(gw, admin, big_tenant, {"input": {"injection": "block"}})
         await set_guards(gw, admin, other, {"input": {"injection": "block"}})
+        budget = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={
+            "tenant": big_tenant.name, "window": "month", "limit_usd": "1000"})
+        assert budget.status_code == 200, budget.text  # (it applies at once: every request counts tokens)
         big = asyncio.create_task(gw.client.post("/v1/chat/completions", headers=big_tenant.headers,
-                                                 json=echo(decoys, max_tokens=5), timeout=120))
+                                                 json={**echo(decoys, max_tokens=5), "model": "auto"}, timeout=120))
         waits = []
         while not big.done():
             asked = time.perf_counter()
@@ -477,5 +486,47 @@ async def test_a_long_prompt_is_screened_off_the_event_loop(app_factory, make_te
             waits.append(time.perf_counter() - asked)
             await asyncio.sleep(0.05)
         done = await big
-    assert done.status_code == 200, done.text[:300]  # near-misses only: nothing to block
-    assert len(waits) >= 3 and max(waits) < scan_s / 2, (scan_s, sorted(waits)[-3:], len(waits))
+    assert done.status_code == 200, done.text[:300]
+    assert len(waits) >= 3 and max(waits) < work_s / 2, (work_s, sorted(waits)[-3:], len(waits))
+
+
+async def test_only_a_long_prompt_leaves_the_event_loop(app_factory, make_tenant, admin, monkeypatch):
+    """Which thread each piece of a request's prompt work runs on: a short prompt's on the event loop (no
+    thread hop for the common case), a long one's (over ``OFF_LOOP_CHARS``) in a worker thread, for the
+    routing alias's difficulty, the budget's token count and the injection rules alike."""
+    import threading
+
+    from tollway.gateway.chat import stages
+    from tollway.gateway.parts import guarding
+    from tollway.routing import OFF_LOOP_CHARS, Router
+
+    seen: list[tuple[str, int, bool]] = []  # (what, prompt characters, on the event loop's thread)
+    loop_thread = threading.get_ident()
+
+    def spy(what: str, real: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            text = orjson.dumps([args[1:], kwargs], default=str)
+            seen.append((what, len(text), threading.get_ident() == loop_thread))
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(Router, "features", spy("features", Router.features))
+    monkeypatch.setattr(stages, "count_messages", lambda messages, real=stages.count_messages: (
+        seen.append(("count", sum(len(str(m.get("content"))) for m in messages),
+                     threading.get_ident() == loop_thread)) or real(messages)))
+    monkeypatch.setattr(guarding, "check_input", spy("guard", guarding.check_input))
+    tenant = make_tenant()
+    long_text = "word " * (OFF_LOOP_CHARS // 4)
+    async with app_factory() as gw:
+        await set_guards(gw, admin, tenant, {"input": {"injection": "block"}})
+        resp = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={
+            "tenant": tenant.name, "window": "month", "limit_usd": "1000"})
+        assert resp.status_code == 200, resp.text
+        for text in ("a short question", long_text):
+            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                        json={**echo(text, max_tokens=5), "model": "auto"})
+            assert resp.status_code == 200, resp.text
+    short = {what: on_loop for what, size, on_loop in seen if size < OFF_LOOP_CHARS}
+    long = {what: on_loop for what, size, on_loop in seen if size > OFF_LOOP_CHARS}
+    assert short == {"features": True, "count": True, "guard": True}, seen
+    assert long == {"features": False, "count": False, "guard": False}, seen

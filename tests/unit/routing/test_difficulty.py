@@ -50,3 +50,27 @@ def test_cache_keys_ignore_key_order_and_delivery_but_not_content() -> None:
     assert deterministic({"seed": 3})
     assert not deterministic({"temperature": 0.7})
     assert not deterministic({})
+
+
+def test_code_signals_match_as_before_and_stay_linear_on_hostile_prompts():
+    """The code signal once was one pattern with ``SELECT.+FROM``; it is now two searches for the query and
+    one pattern for the rest. On random mixes of the words involved both give the same verdict; a prompt of
+    "select" repeated (no FROM: the old pattern backtracked over the rest of the text at every occurrence,
+    17 s for 140 KB, hours for megabytes) is assessed like any other."""
+    import random
+    import re
+
+    from tollway.routing.difficulty import has_code
+
+    old = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\s*\w*\(|#include\s*<|\bSELECT\b.+\bFROM\b|=>|;\s*\n",
+                     re.IGNORECASE | re.DOTALL)
+    rng = random.Random(3)
+    words = ["select", "from", "SELECT", "FROM", "x", "def", "f(", "class", "A:", ";", "\n", "=>", "```", "function",
+             "(", " ", "selectfrom", "from_", "_select", "#include", "<", "é"]
+    for _ in range(5000):
+        text = "".join(rng.choice(words) + rng.choice(["", " ", "\n", "  "]) for _ in range(rng.randrange(1, 12)))
+        assert (old.search(text) is not None) == has_code(text), text
+    assert has_code("select name\n  from users") and not has_code("select a fromage")
+    hostile = "select " * 400_000  # 2.8 MB
+    assert "code" not in assess([{"role": "user", "content": hostile}]).signals
+    assert "code" in assess([{"role": "user", "content": hostile + "from t"}]).signals
