@@ -23,6 +23,8 @@ from tollway.evals.golden import (
 )
 from tollway.jsontypes import jsonschema
 
+REGEX_TIMEOUT_S = 1.0  # a regex check that backtracks longer than this on one answer fails
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -78,7 +80,12 @@ def name_of(check: Check) -> str:
 
 def evaluate(check: Check, answer: Answer) -> CheckResult:
     """A deterministic check; the judge is the runner's (``judge_messages`` / ``judge_score``)."""
-    passed, score, detail = _evaluate(check, answer)
+    try:
+        passed, score, detail = _evaluate(check, answer)
+    except TimeoutError:  # a failure whichever way the check reads (negated too): it decided nothing
+        assert isinstance(check, Regex)
+        return CheckResult(name_of(check), False, None, f"pattern {check.pattern!r} took over {REGEX_TIMEOUT_S:g}s on "
+                                                         "this answer; counted as failed")
     if check.negate and passed is not None:
         passed = not passed
         detail = f"negated: {detail}"
@@ -101,7 +108,8 @@ def _evaluate(check: Check, answer: Answer) -> tuple[bool | None, float | None, 
         return ok, len(found) / len(wanted), "all found" if not missing else f"missing {missing}"
     if isinstance(check, Regex):
         flags = sum({"i": regex.I, "m": regex.M, "s": regex.S, "x": regex.X}[f] for f in check.flags)
-        ok = regex.search(check.pattern, text, flags) is not None
+        # an eval set's pattern is a client's: bounded in time like every client input (``evaluate``)
+        ok = regex.search(check.pattern, text, flags, timeout=REGEX_TIMEOUT_S) is not None
         return ok, None, "matched" if ok else f"no match for {check.pattern!r}"
     if isinstance(check, Numeric):
         numbers = [float(n.replace(",", "")) for n in _NUMBER.findall(text)]

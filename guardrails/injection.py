@@ -186,7 +186,7 @@ RULES: tuple[Rule, ...] = (
           r"ignore|instead|always|never)\b",
           r"\b(?:ai|llm|coding|language model) (?:agents?|assistants?|models?|tools?) (?:reading|processing|parsing|"
           r"summari[sz]ing|analy[sz]ing|reviewing|working on) this\b",
-          r"#{2,}\s*\(?(?:system|admin|developer|assistant)[_ ](?:message|instructions?|prompt|override|note)\)?"),
+          r"(?<!#)#{2,}\s*\(?(?:system|admin|developer|assistant)[_ ](?:message|instructions?|prompt|override|note)\)?"),
     _rule("stop_everything", 0.45,
           r"\b(?:stop|halt|cease|abort|drop) (?:everything|all (?:tasks|activity|processing|operations|other tasks|"
           r"you are doing)|what you(?:'re| are) doing|your (?:current )?task)\b"),

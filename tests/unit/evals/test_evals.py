@@ -41,6 +41,15 @@ def test_deterministic_checks(spec, content, passed):
     assert check(spec, content).passed is passed
 
 
+def test_a_catastrophic_regex_check_fails_in_bounded_time():
+    """An eval set's pattern comes from a client: one that backtracks without end on an answer fails that
+    check after ``REGEX_TIMEOUT_S`` instead of holding the process (this one would take longer than the
+    universe has existed)."""
+    for negate in (False, True):  # a timeout decides nothing, whichever way the check reads
+        result = check({"type": "regex", "pattern": r"(x+x+)+y", "negate": negate}, "x" * 5000)
+        assert result.passed is False and "took over" in result.detail
+
+
 def test_retrieval_recall_reads_the_cited_sources():
     payload = {"tollway": {"retrieval": {"sources": [{"source": "a.md", "document_id": 1},
                                                      {"source": "b.md", "document_id": 2}]}}}
