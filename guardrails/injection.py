@@ -318,9 +318,13 @@ class Verdict:
         return self.score >= threshold
 
 
+_BLANKS = regex.compile(r"[ \t]+")
+_LEETISH = regex.compile(r"[a-z][013457@$!][a-z]", regex.IGNORECASE)
+
+
 def normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
-    return str(regex.sub(r"[ \t]+", " ", text))
+    return str(_BLANKS.sub(" ", text))
 
 
 class _Prefilter:
@@ -402,7 +406,7 @@ def score(text: str, *, exhaustive: bool = False, learned: bool = False) -> Verd
     ``learned``, the learned detector's score where it is higher (named ``learned`` among the rules).
     ``exhaustive``: every rule runs, without the prefilter (the same result, slower: tests compare)."""
     plain = normalise(text)
-    variants = (plain, plain.translate(_LEET)) if regex.search(r"[a-z][013457@$!][a-z]", plain, regex.I) else (plain,)
+    variants = (plain, plain.translate(_LEET)) if _LEETISH.search(plain) else (plain,)
     screen = None if exhaustive else prefilter()
     long_text = len(plain) > LONG_TEXT  # matched with the GIL released: a long text is scored off the event loop
     if screen is None:
