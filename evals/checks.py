@@ -162,7 +162,7 @@ def judge_variables(check: Judge, question: str, answer: str) -> dict[str, str]:
     return {"rubric": check.rubric, "question": question, "answer": answer}
 
 
-_SCORE = regex.compile(r"\"?score\"?\s*[:=]\s*(\d+(?:\.\d+)?)(?:\s*/\s*(\d+))?|(\d+(?:\.\d+)?)\s*/\s*(10|100)\b",
+_SCORE = regex.compile(r"\"?score\"?\s*[:=]\s*(\d+(?:\.\d+)?)(?:\s*/\s*(\d+))?|(?<!\d)(\d+(?:\.\d+)?)\s*/\s*(10|100)\b",
                        regex.IGNORECASE)
 
 

@@ -133,7 +133,8 @@ RULES: tuple[Rule, ...] = (
                  r"(?:\W+\w+){0,4}?\W+(?:(?:instructions){e<=2}|(?:directions){e<=1}|(?:guidelines){e<=2}|"
                  r"(?:commands){e<=1})\b")),
     _rule("instruction_banner", 0.45,
-          r"(?:\*{2,}|!{2,}|={2,}|#{2,}|\[|<)\s*(?:new|updated|revised|real|actual|additional|important|urgent|critical)"
+          r"(?:(?<!\*)\*{2,}|(?<!!)!{2,}|(?<!=)={2,}|(?<!#)#{2,}|\[|<)\s*(?:new|updated|revised|real|actual|additional|"
+          r"important|urgent|critical)"
           r"(?: (?:important|urgent|critical|priority|system))* (?:instructions?|directives?|task|orders|message|notice)s?\b",
           r"\b(?:new|updated|revised|additional) (?:important |urgent |critical |priority )?"
           r"(?:instructions?|directives?|orders)\b\s*(?:\*{2,}|!{1,}|={2,}|#{2,}|\]|>)"),
@@ -178,7 +179,7 @@ RULES: tuple[Rule, ...] = (
           r" (?:\w+ ){0,2}(?:solve|continue|complete|do|return to|go back to|proceed)",
           r"\b(?:this is )?an? (?:important|urgent|critical|private|confidential|priority) (?:message|instruction|notice|"
           r"note|update|request)s? (?:\w+ ){0,6}?(?:to|for) (?:you|the (?:ai|assistant|agent|model|llm|bot|chatbot))\b",
-          r"(?:^|\n|[.!]\s)\W*(?:important |urgent |attention |notice |note |message |instructions? |reminder )"
+          r"(?:^|\n|[.!]\s)[^\w\n]{0,20}(?:important |urgent |attention |notice |note |message |instructions? |reminder )"
           r"(?:to|for) (?:all |any )?(?:ai|llm|language model|assistant|agent|bot|chatbot|copilot|chatgpt|claude|gpt|"
           r"automated|autonomous)s?\b",
           r"\b(?:if|when) you are an? (?:ai|llm|large language model|language model|assistant|agent|bot|chatbot|"
@@ -291,11 +292,11 @@ RULES: tuple[Rule, ...] = (
     _rule("role_markers", 0.6,
           r"<\|(?:im_start|im_end|system|user|assistant|endoftext|begin_of_text|start_header_id|eot_id)\|>",
           r"\[/?(?:INST|SYS|SYSTEM)\]", r"<</?SYS>>",
-          r"(?:^|\n)\s*(?:#{2,}\s*)?(?:system|assistant|developer)\s*(?:prompt|message|instructions?)?\s*:\s*\S",
-          r"(?:^|\n)\s*#{2,}\s*(?:new )?(?:instruction|system|task)s?\b",
+          r"(?:^|\n)[^\S\n]*(?:#{2,}\s*)?(?:system|assistant|developer)\s*(?:prompt|message|instructions?)?\s*:\s*\S",
+          r"(?:^|\n)[^\S\n]*#{2,}\s*(?:new )?(?:instruction|system|task)s?\b",
           r"\bsystem (?:instruction|prompt|message|override)s? (?:begins?|starts?|follows|updated?)\b",
           r"\bend of (?:the )?(?:system )?(?:prompt|instructions)\b",
-          r"(?:^|\n)\s*-{3,}\s*(?:end|begin)\b"),
+          r"(?:^|\n)[^\S\n]*-{3,}\s*(?:end|begin)\b"),
     _rule("authority_claim", 0.35,
           r"\bi(?: am|'m) (?:your|the|an?) (?:developer|creator|admin(?:istrator)?|owner|programmer|engineer|"
           r"operator|supervisor)\b",
