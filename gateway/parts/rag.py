@@ -104,13 +104,16 @@ def may_search(principal: Principal) -> None:
     require(principal.role, Can.SEARCH, f"A {principal.role} key may not read documents.")
 
 
+QUERY_CHARS = 32_000  # a retrieval query's length, given or taken from the last user message
+
+
 class RetrievalSpec(BaseModel):
     """The ``retrieval`` object of a chat request."""
 
     model_config = ConfigDict(extra="forbid")
     collection: str = Field(min_length=1, max_length=64)
     context_tokens: int | None = Field(default=None, ge=1)
-    query: str | None = Field(default=None, min_length=1, max_length=32_000)
+    query: str | None = Field(default=None, min_length=1, max_length=QUERY_CHARS)
     k: int | None = Field(default=None, ge=1, le=100)  # flat: chunks (8); hierarchical: most passages (50)
     filters: dict[str, Any] | None = None
     mode: Literal["hierarchical", "flat"] = "hierarchical"
@@ -367,7 +370,9 @@ class Rag:
 
     async def retrieve(self, view: ChatView, spec: JSON, calls: list[SideCall]) -> Retrieved | None:
         parsed = self.spec(spec)
-        text = (parsed.query or _last_user_text(view.messages)).replace("\x00", "")
+        # the explicit query is at most QUERY_CHARS long; one taken from the messages is cut to as many (the
+        # embedder reads fewer word pieces than that; the lexical ranking would otherwise read megabytes)
+        text = (parsed.query or _last_user_text(view.messages)[:QUERY_CHARS]).replace("\x00", "")
         if not text:
             raise InvalidRequest("retrieval needs a query: the request has no user message text; give "
                                  "retrieval.query", param="retrieval.query")

@@ -124,6 +124,28 @@ async def test_rag_answers_from_a_catalog_embedder_and_meter_it(app_factory, mak
     assert ingested["cost_usd"] == Decimal(docs.json()["usage"]["cost_usd"])
 
 
+async def test_a_query_taken_from_a_long_message_is_cut_like_a_given_one(app_factory, make_tenant, ledger):
+    """Without ``retrieval.query`` the last user message is the query, cut to the 32,000 characters a given
+    query may hold: the embedder is sent (and the ledger charges) that much, never the whole message."""
+    from tollway.routing import count_text
+
+    tenant = make_tenant(ingest=True)
+    long = " ".join(f"{w} interest rates" for w in range(12_000))  # ~200,000 characters
+    async with app_factory() as gw:
+        made = await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "remote",
+                                                                                     "embedder": "sim-embed"})
+        assert made.status_code == 201, made.text
+        await gw.client.post("/v1/collections/remote/documents", headers=tenant.headers,
+                             json={"documents": [{"source": k, "text": v} for k, v in KB.items()]})
+        chat = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": long}],
+            "retrieval": {"collection": "remote", "context_tokens": 150}})
+        await gw.state.ledger.flush()
+    assert chat.status_code == 200, chat.text
+    [side] = ledger("request_id = %s", chat.headers["x-request-id"] + ".r1")
+    assert 0 < side["input_tokens"] <= count_text(long[:32_000]) < count_text(long) / 5
+
+
 @pytest.mark.parametrize("on_failure", ["fail", "answer"])
 async def test_a_failing_retrieval_follows_the_request_policy(app_factory, make_tenant, ledger, tmp_path,
                                                              sim, on_failure):
