@@ -1,4 +1,5 @@
-"""Every regular expression the gateway runs over client text, probed for superlinear time (a bench, not a
+"""Every regular expression the gateway runs over client text (and the guard terms' patterns, built from sample
+terms as a tenant's policy would build them), probed for superlinear time (a bench, not a
 test: it times). Each pattern is searched in texts made of one short unit repeated, 3,000 and then 6,000
 times; the units are the words of the pattern's own source with separators, and characters that patterns
 often repeat. A pattern whose time more than triples when the text doubles (and takes over 50 ms) is
@@ -57,6 +58,12 @@ def patterns() -> dict[str, Any]:
             elif isinstance(value, dict):
                 for key, item in value.items():
                     take(f"{name}.{attr}[{key!r}]", item)
+    # patterns built per tenant policy: guard terms (approximate matching), from sample terms
+    from tollway.guardrails.terms import term_finders
+
+    for finder in term_finders(["Project Falcon", "Acme Corporation International"], ["Globex", "Initech Software"],
+                               {"medical": ["diagnosis", "prescription drugs"]}):
+        take(f"terms:{getattr(finder, 'kind', '?')}", finder)
     return found
 
 
