@@ -21,7 +21,7 @@ from tollway.evals.golden import (
     Regex,
     RetrievalRecall,
 )
-from tollway.jsontypes import jsonschema
+from tollway.jsontypes import SchemaTimeout, jsonschema, schema_errors
 
 REGEX_TIMEOUT_S = 1.0  # a regex check that backtracks longer than this on one answer fails
 
@@ -140,7 +140,11 @@ def _json(text: str, schema: dict[str, Any] | None) -> tuple[bool, None, str]:
     if schema is None:
         return True, None, "valid JSON"
     module = jsonschema()
-    error = module.exceptions.best_match(module.Draft202012Validator(schema).iter_errors(value))
+    try:
+        errors = schema_errors(schema, value)
+    except SchemaTimeout as exc:
+        return False, None, f"schema: {exc}"
+    error = module.exceptions.best_match(errors)
     if error is None:
         return True, None, "valid JSON matching the schema"
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from tollway.evals.checks import Answer, is_refusal
-from tollway.jsontypes import jsonschema
+from tollway.jsontypes import SchemaTimeout, schema_errors
 
 _WORD = re.compile(r"[^\W_]{3,}", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -65,7 +65,10 @@ def _json_check(text: str, response_format: Any) -> tuple[bool, str] | None:
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if response_format["type"] == "json_object" or not isinstance(schema, dict):
         return isinstance(value, dict), "a JSON object" if isinstance(value, dict) else "JSON, but not an object"
-    errors = sorted(jsonschema().Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    try:
+        errors = sorted(schema_errors(schema, value), key=lambda e: list(e.path))
+    except SchemaTimeout as exc:
+        return False, str(exc)
     return (not errors), "valid" if not errors else errors[0].message[:200]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import regex
 
-from tollway.jsontypes import jsonschema
+from tollway.jsontypes import SchemaTimeout, jsonschema, schema_errors
 
 
 def warm() -> None:
@@ -52,7 +52,11 @@ def _problem(text: str, schema: dict[str, Any] | None) -> str | None:
         return f"not valid JSON ({str(exc).split(':')[0]})"
     if schema is not None:
         module = jsonschema()
-        error = module.exceptions.best_match(module.Draft202012Validator(schema).iter_errors(value))
+        try:
+            errors = schema_errors(schema, value)
+        except SchemaTimeout as exc:
+            return str(exc)
+        error = module.exceptions.best_match(errors)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return f"does not match the schema at {where}: {error.message}"

@@ -1,12 +1,45 @@
 """The one alias for a decoded JSON object (an OpenAI request or answer, a chunk, a config part), and the
-one way the project imports jsonschema."""
+one way the project imports jsonschema and validates against a client's schema."""
 
 import importlib
+import re
 import sys
+import time
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any
 
+import regex
+
 JSON = dict[str, Any]
+# A client's schema (a request's ``response_format``, an eval set's check) carries its own ``pattern``s, and
+# the answer they run over is the model's, which a client can steer: one validation may spend this long on
+# pattern matching in all, then it stops (``SchemaTimeout``). jsonschema matches with ``re``, which cannot
+# be interrupted (``^(a+)+$`` over 30 a's and a "!" takes most of a minute, holding the GIL); inside
+# jsonschema's keyword modules ``re`` is replaced by ``regex`` with a timeout (``_BoundedRe``).
+SCHEMA_PATTERN_S = 0.05
+_deadline: ContextVar[float | None] = ContextVar("schema_deadline", default=None)
+
+
+class SchemaTimeout(Exception):
+    """A schema's patterns took longer than ``SCHEMA_PATTERN_S`` on one value."""
+
+
+class _BoundedRe:
+    """What jsonschema's keywords call ``re``: ``search`` with the validation's remaining time."""
+
+    def search(self, pattern: str, string: str, flags: int = 0) -> Any:
+        deadline = _deadline.get()
+        left = SCHEMA_PATTERN_S if deadline is None else deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return regex.search(pattern, string, flags, timeout=left)
+        except TimeoutError:
+            raise SchemaTimeout(f"the schema's patterns took over {SCHEMA_PATTERN_S:g}s on this value") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re, name)
 
 
 def jsonschema() -> ModuleType:
@@ -21,4 +54,19 @@ def jsonschema() -> ModuleType:
         finally:
             if blocked:
                 del sys.modules["rfc3987_syntax"]
+    for name in ("jsonschema._keywords", "jsonschema._utils"):  # where its keywords call re.search (also when
+        module = sys.modules.get(name)  # another library imported jsonschema first)
+        if module is not None and getattr(module, "re", None) is re:
+            module.re = _BoundedRe()  # type: ignore[attr-defined]
     return sys.modules["jsonschema"]
+
+
+def schema_errors(schema: JSON, value: Any) -> list[Any]:
+    """Every error of ``value`` against a client's ``schema`` (Draft 2020-12), its patterns matched within
+    ``SCHEMA_PATTERN_S`` in all; raises ``SchemaTimeout`` past that."""
+    validator = jsonschema().Draft202012Validator(schema)
+    token = _deadline.set(time.monotonic() + SCHEMA_PATTERN_S)
+    try:
+        return list(validator.iter_errors(value))
+    finally:
+        _deadline.reset(token)

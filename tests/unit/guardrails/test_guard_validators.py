@@ -189,6 +189,42 @@ def test_json_validity_schema_and_repair():
     assert schema_of(None) == (False, None)
 
 
+def test_a_clients_schema_patterns_are_bounded_in_time():
+    """A request's ``response_format`` (and an eval set's JSON check) carries patterns, and the answer they
+    run over can be steered: a pattern that backtracks without end (``(x+x+)+y``: with ``re``, seconds at 26
+    characters, longer than the universe at 5,000) makes the answer fail its schema once its validation has
+    spent ``SCHEMA_PATTERN_S`` matching, in the output guard, the live checks and the eval checks alike."""
+    import sys
+
+    import orjson
+
+    from tollway.evals.checks import Answer, evaluate
+    from tollway.evals.golden import set_from_items
+    from tollway.evals.live import check_answer
+    from tollway.jsontypes import jsonschema, schema_errors
+
+    jsonschema()  # first: where jsonschema matches patterns, ``re`` is the bounded stand-in (were it not, say
+    # after an upgrade moved that code, the hostile part below would run for ages instead of failing here)
+    assert all(type(sys.modules[m].re).__name__ == "_BoundedRe" for m in ("jsonschema._keywords", "jsonschema._utils"))
+    hostile = {"type": "object", "properties": {"v": {"type": "string", "pattern": "(x+x+)+y"}},
+               "patternProperties": {"(x+x+)+y": {"type": "string"}}}
+    answer = orjson.dumps({"v": "x" * 5000}).decode()
+    verdict = check_json(answer, hostile)
+    assert not verdict.ok and "took over" in (verdict.problem or "")
+    live = check_answer(Answer(answer, None), response_format={"type": "json_schema",
+                                                               "json_schema": {"schema": hostile}})
+    assert not live.passed and any("took over" in c["detail"] for c in live.checks), live
+    item = set_from_items([{"id": "x", "messages": [{"role": "user", "content": "q"}],
+                            "checks": [{"type": "json", "schema": hostile}]}], "t").items[0]
+    result = evaluate(item.checks[0], Answer(answer, None))
+    assert result.passed is False and "took over" in result.detail
+    keys = orjson.dumps({"x" * 5000: "a"}).decode()  # the same through a property's name
+    assert "took over" in (check_json(keys, hostile).problem or "")
+    # ordinary patterns still decide as before
+    assert schema_errors({"type": "string", "pattern": "^[a-z]+$"}, "abc") == []
+    assert len(schema_errors({"type": "string", "pattern": "^[a-z]+$"}, "ABC")) == 1
+
+
 # -- policies ---------------------------------------------------------------------------------------
 def test_levels_override_per_validator_and_setting():
     config = parse_config({"output": {"pii": "redact", "secrets": "log"}, "terms": ["a"], "max_output_chars": 100})
