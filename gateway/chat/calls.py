@@ -3,6 +3,7 @@ model it may use, the tenant's rules, and admission against budgets (the worst c
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -52,11 +53,17 @@ class CallContext:
 
     @classmethod
     def of(cls, request_id: str, principal: Principal, header: Callable[[str], str | None]) -> CallContext:
-        """A request's context from its headers (``header``: a lookup by lower-case name), starting now."""
-        tags = header("x-tollway-tags")
-        return cls(request_id=request_id, principal=principal, header_user=header("x-tollway-user"),
-                   started=time.perf_counter(), created_at=utcnow(), session=header("x-tollway-session"),
-                   tags=tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ())
+        """A request's context from its headers (``header``: a lookup by lower-case name), starting now; an end
+        user or session id longer than the ``user`` field may be, or tags beyond ``MAX_TAGS`` of
+        ``MAX_TAG_CHARS``, are a 400 (they go into every ledger row, Redis keys and reports)."""
+        user, session, tags = header("x-tollway-user"), header("x-tollway-session"), header("x-tollway-tags")
+        for name, value in (("x-tollway-user", user), ("x-tollway-session", session)):
+            if value is not None and len(value) > MAX_ID_CHARS:
+                raise InvalidRequest(f"'{name}' may be at most {MAX_ID_CHARS} characters.", param=name)
+        return cls(request_id=request_id, principal=principal, header_user=user, started=time.perf_counter(),
+                   created_at=utcnow(), session=session,
+                   tags=checked_tags([t.strip() for t in tags.split(",") if t.strip()] if tags else [],
+                                     "x-tollway-tags"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +89,18 @@ class StreamResult:
     headers: dict[str, str]
 
 
+MAX_ID_CHARS = 256  # an end user or session id (as the OpenAI ``user`` field)
+MAX_TAGS, MAX_TAG_CHARS = 32, 64
+
+
+def checked_tags(tags: list[str], param: str) -> tuple[str, ...]:
+    if len(tags) > MAX_TAGS or any(len(t) > MAX_TAG_CHARS for t in tags):
+        raise InvalidRequest(f"At most {MAX_TAGS} tags of at most {MAX_TAG_CHARS} characters each.", param=param)
+    return tuple(tags)
+
+
 def tags_of(ctx: CallContext, data: JSON) -> list[str] | None:
-    """The request's feature tags: ``x-tollway-tags`` and ``metadata.tags``."""
+    """The request's feature tags: ``x-tollway-tags`` and ``metadata.tags`` (together at most ``MAX_TAGS``)."""
     tags = list(ctx.tags)
     metadata = data.get("metadata")
     if isinstance(metadata, dict):
@@ -91,8 +108,9 @@ def tags_of(ctx: CallContext, data: JSON) -> list[str] | None:
         if isinstance(raw, str):
             tags += [t.strip() for t in raw.split(",") if t.strip()]
         elif isinstance(raw, list):
-            tags += [str(t) for t in raw if str(t).strip()]
-    return sorted(set(tags)) or None
+            scalars = (str(t) for t in raw if isinstance(t, str | int | float))
+            tags += itertools.islice((t for t in scalars if t.strip()), MAX_TAGS + 1)
+    return sorted(set(checked_tags(tags, "metadata.tags"))) or None
 
 
 def _needs_bound(rules: TenantRules, principal: Principal) -> bool:

@@ -44,7 +44,11 @@ def endpoint(work: Work) -> Callable[[Scope, Receive, Send, CompletionService], 
 
     async def handle(scope: Scope, receive: Receive, send: Send, service: CompletionService) -> None:
         state = scope["state"]
-        ctx = CallContext.of(state["request_id"], state["principal"], lambda name: _header(scope, name.encode()))
+        try:
+            ctx = CallContext.of(state["request_id"], state["principal"], lambda name: _header(scope, name.encode()))
+        except TollwayError as exc:  # a header out of bounds
+            await send_error(send, exc, path=scope["path"])
+            return
         try:
             result = await until_disconnect(receive, lambda read_body: work(service, ctx, read_body))
         except TollwayError as exc:

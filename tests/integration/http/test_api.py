@@ -141,6 +141,10 @@ BAD_INPUTS = [
      "model_not_supported", "model"),
     ("max_tokens over the limit", orjson.dumps({"model": "sim-large", "messages": MSG, "max_tokens": 10**9}),
      400, "invalid_request", "max_tokens"),
+    ("too many tags", orjson.dumps({"model": "sim-large", "messages": MSG, "metadata": {"tags": list("abcdefghijklmnopqrstuvwxyzABCDEFGH")}}),
+     400, "invalid_request", "metadata.tags"),
+    ("a tag too long", orjson.dumps({"model": "sim-large", "messages": MSG, "metadata": {"tags": ["x" * 65]}}),
+     400, "invalid_request", "metadata.tags"),
 ]
 
 
@@ -159,6 +163,29 @@ async def test_bad_input_is_a_4xx_and_costs_nothing(app_factory, make_tenant, le
     assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before  # nothing sent upstream
     [row] = ledger("request_id = %s", resp.headers["x-request-id"])
     assert (row["status"], row["error_code"], row["cost_usd"]) == (status, code, 0)
+
+
+@pytest.mark.parametrize(("header", "value"), [("x-tollway-user", "u" * 257), ("x-tollway-session", "s" * 257),
+                                               ("x-tollway-tags", ",".join(f"t{i}" for i in range(33))),
+                                               ("x-tollway-tags", "t" * 65)])
+async def test_an_out_of_bounds_header_is_a_400_before_anything_runs(app_factory, make_tenant, ledger, sim,
+                                                                      header, value):
+    """End user and session ids go into Redis keys, ledger rows and reports, tags into every row: bounded like
+    the ``user`` field (256 characters) and ``metadata.tags`` (32 of 64)."""
+    tenant = make_tenant()
+    before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers={**tenant.headers, header: value},
+                                    json={"model": "sim-large", "messages": MSG})
+        ok = await gw.client.post("/v1/chat/completions", headers={**tenant.headers, header: value[:20]},
+                                  json={"model": "sim-large", "messages": MSG, "max_tokens": 3})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_request", header)
+    assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before + 1  # only the second was sent
+    assert ledger("request_id = %s", resp.headers["x-request-id"]) == []  # refused before its row began
+    assert ok.status_code == 200, ok.text
 
 
 async def test_oversized_body_is_413(app_factory, make_tenant, ledger):
