@@ -21,7 +21,7 @@ from tollway.evals.golden import (
     Regex,
     RetrievalRecall,
 )
-from tollway.jsontypes import SchemaTimeout, jsonschema, schema_errors
+from tollway.jsontypes import SchemaUnchecked, jsonschema, schema_errors
 
 REGEX_TIMEOUT_S = 1.0  # a regex check that backtracks longer than this on one answer fails
 
@@ -142,7 +142,7 @@ def _json(text: str, schema: dict[str, Any] | None) -> tuple[bool, None, str]:
     module = jsonschema()
     try:
         errors = schema_errors(schema, value)
-    except SchemaTimeout as exc:
+    except SchemaUnchecked as exc:
         return False, None, f"schema: {exc}"
     error = module.exceptions.best_match(errors)
     if error is None:

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from tollway.evals.checks import Answer, is_refusal
-from tollway.jsontypes import SchemaTimeout, schema_errors
+from tollway.jsontypes import SchemaUnchecked, schema_errors
 
 _WORD = re.compile(r"[^\W_]{3,}", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -67,7 +67,7 @@ def _json_check(text: str, response_format: Any) -> tuple[bool, str] | None:
         return isinstance(value, dict), "a JSON object" if isinstance(value, dict) else "JSON, but not an object"
     try:
         errors = sorted(schema_errors(schema, value), key=lambda e: list(e.path))
-    except SchemaTimeout as exc:
+    except SchemaUnchecked as exc:
         return False, str(exc)
     return (not errors), "valid" if not errors else errors[0].message[:200]
 

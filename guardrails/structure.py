@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import regex
 
-from tollway.jsontypes import SchemaTimeout, jsonschema, schema_errors
+from tollway.jsontypes import SchemaUnchecked, jsonschema, schema_errors
 
 
 def warm() -> None:
@@ -54,7 +54,7 @@ def _problem(text: str, schema: dict[str, Any] | None) -> str | None:
         module = jsonschema()
         try:
             errors = schema_errors(schema, value)
-        except SchemaTimeout as exc:
+        except SchemaUnchecked as exc:
             return str(exc)
         error = module.exceptions.best_match(errors)
         if error is not None:

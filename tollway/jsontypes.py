@@ -14,15 +14,16 @@ import regex
 JSON = dict[str, Any]
 # A client's schema (a request's ``response_format``, an eval set's check) carries its own ``pattern``s, and
 # the answer they run over is the model's, which a client can steer: one validation may spend this long on
-# pattern matching in all, then it stops (``SchemaTimeout``). jsonschema matches with ``re``, which cannot
+# pattern matching in all, then it stops (``SchemaUnchecked``). jsonschema matches with ``re``, which cannot
 # be interrupted (``^(a+)+$`` over 30 a's and a "!" takes most of a minute, holding the GIL); inside
 # jsonschema's keyword modules ``re`` is replaced by ``regex`` with a timeout (``_BoundedRe``).
 SCHEMA_PATTERN_S = 0.05
 _deadline: ContextVar[float | None] = ContextVar("schema_deadline", default=None)
 
 
-class SchemaTimeout(Exception):
-    """A schema's patterns took longer than ``SCHEMA_PATTERN_S`` on one value."""
+class SchemaUnchecked(Exception):
+    """A value could not be checked against a client's schema: its patterns took longer than
+    ``SCHEMA_PATTERN_S``, or one of them does not compile."""
 
 
 class _BoundedRe:
@@ -36,7 +37,9 @@ class _BoundedRe:
                 raise TimeoutError
             return regex.search(pattern, string, flags, timeout=left)
         except TimeoutError:
-            raise SchemaTimeout(f"the schema's patterns took over {SCHEMA_PATTERN_S:g}s on this value") from None
+            raise SchemaUnchecked(f"the schema's patterns took over {SCHEMA_PATTERN_S:g}s on this value") from None
+        except regex.error as exc:
+            raise SchemaUnchecked(f"the schema's pattern {pattern[:100]!r} does not compile ({exc})") from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(re, name)
@@ -63,10 +66,15 @@ def jsonschema() -> ModuleType:
 
 def schema_errors(schema: JSON, value: Any) -> list[Any]:
     """Every error of ``value`` against a client's ``schema`` (Draft 2020-12), its patterns matched within
-    ``SCHEMA_PATTERN_S`` in all; raises ``SchemaTimeout`` past that."""
-    validator = jsonschema().Draft202012Validator(schema)
+    ``SCHEMA_PATTERN_S`` in all; raises ``SchemaUnchecked`` past that, for a pattern that does not compile, or
+    for a schema jsonschema cannot apply (the schema is the client's: nothing about it may turn into a 500)."""
     token = _deadline.set(time.monotonic() + SCHEMA_PATTERN_S)
     try:
-        return list(validator.iter_errors(value))
+        return list(jsonschema().Draft202012Validator(schema).iter_errors(value))
+    except SchemaUnchecked:
+        raise
+    except Exception as exc:  # a schema jsonschema cannot apply: a type it does not know, a reference to
+        # nowhere or to itself, a keyword of the wrong shape
+        raise SchemaUnchecked(f"the schema cannot be applied ({type(exc).__name__})") from None
     finally:
         _deadline.reset(token)

@@ -326,7 +326,7 @@ async def test_json_answers_are_checked_against_the_requested_schema(app_factory
 
         async def ask(text: str, **extra: Any) -> dict[str, Any]:
             resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
-                                        json=echo(text, response_format=SCHEMA, **extra))
+                                        json=echo(text, **{"response_format": SCHEMA, **extra}))
             assert resp.status_code == 200, resp.text
             return sse(resp.text) if extra.get("stream") else resp.json()
 
@@ -335,6 +335,11 @@ async def test_json_answers_are_checked_against_the_requested_schema(app_factory
         wrong = await ask('{"town": "Oslo"}')
         streamed = await ask('Sure! {"city": "Bergen"} hope that helps', stream=True)
         prose = (await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=echo("not json"))).json()
+        # a schema the checker cannot apply, or whose pattern backtracks without end: the answer fails its
+        # schema (the guard's action), never a 500
+        odd = [await ask('{"city": "' + "x" * 3000 + '"}', response_format={"type": "json_schema", "json_schema": {
+            "name": "a", "schema": schema}}) for schema in ({"$ref": "#/nowhere"}, {"type": "nope"},
+                                                           {"properties": {"city": {"pattern": "(x+x+)+y"}}})]
     assert good["choices"][0]["message"]["content"] == '{"city": "Oslo"}'
     assert repaired["choices"][0]["message"]["content"] == '{"city": "Oslo"}'
     assert repaired["tollway"]["guards"][0]["action"] == "redact"
@@ -343,6 +348,10 @@ async def test_json_answers_are_checked_against_the_requested_schema(app_factory
     assert "schema" in wrong["tollway"]["guards"][0]["detail"]
     assert content(streamed) == '{"city": "Bergen"}'
     assert prose["choices"][0]["message"]["content"] == "not json"  # no JSON asked for: nothing to check
+    for answer in odd:
+        assert answer["choices"][0]["finish_reason"] == "content_filter", answer
+        assert "cannot be applied" in answer["tollway"]["guards"][0]["detail"] \
+            or "took over" in answer["tollway"]["guards"][0]["detail"], answer["tollway"]["guards"]
 
 
 async def test_length_truncates_or_blocks(app_factory, make_tenant, admin):

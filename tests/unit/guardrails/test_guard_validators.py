@@ -220,6 +220,13 @@ def test_a_clients_schema_patterns_are_bounded_in_time():
     assert result.passed is False and "took over" in result.detail
     keys = orjson.dumps({"x" * 5000: "a"}).decode()  # the same through a property's name
     assert "took over" in (check_json(keys, hostile).problem or "")
+    broken = {"type": "string", "pattern": "("}  # a pattern that does not compile fails the answer, never raises
+    assert "does not compile" in (check_json('"abc"', broken).problem or "")
+    for unusable in ({"type": 5}, {"type": "nope"}, {"$ref": "#/nope"}, {"$ref": "http://example.com/s.json"},
+                     {"properties": 5}, {"enum": 5}, {"$ref": "#"}, {"if": 5}, {"dependentSchemas": {"a": 5}}):
+        assert "cannot be applied" in (check_json('{"a": 1}', unusable).problem or ""), unusable
+    assert not check_answer(Answer('"abc"', None), response_format={"type": "json_schema",
+                                                                    "json_schema": {"schema": broken}}).passed
     # ordinary patterns still decide as before
     assert schema_errors({"type": "string", "pattern": "^[a-z]+$"}, "abc") == []
     assert len(schema_errors({"type": "string", "pattern": "^[a-z]+$"}, "ABC")) == 1
