@@ -109,7 +109,8 @@ RULES: tuple[Rule, ...] = (
           rf"\b{_IGNORE}\W+(?:about\W+)?(?:all|any|every|each)(?:\W+(?:of\W+)?(?:the|your|my|these|those))?"
           rf"(?:\W+(?:previous|prior|above|earlier|preceding|former|past|initial|original|other))?\W+"
           rf"(?:requests|tasks|assignments|prompts|commands|inputs|queries|directions|statements)\b",
-          rf"\b{_IGNORE}\W+(?:about\W+)?(?:all|any|every|the|your|my)?\W*(?:previous|prior|above|earlier|preceding)\W+"
+          rf"\b{_IGNORE}\W{{1,10}}(?:about\W{{1,10}})?(?:(?:all|any|every|the|your|my)\W{{1,10}})?"
+          rf"(?:previous|prior|above|earlier|preceding)\W+"
           rf"(?:messages|conversation|context|text|content|input|requests?|tasks?|assignments?)\b",
           rf"\b{_IGNORE}\W+(?:about\W+)?(?:everything|anything|all(?: of)? (?:that|this|the above))\b[^.\n]{{0,40}}?"
           rf"\b(?:before|above|previously|so far|until now|up to now|earlier|prior|beforehand|preceding|I (?:said|told|wrote))\b",
@@ -192,7 +193,7 @@ RULES: tuple[Rule, ...] = (
           r"\b(?:stop|halt|cease|abort|drop) (?:everything|all (?:tasks|activity|processing|operations|other tasks|"
           r"you are doing)|what you(?:'re| are) doing|your (?:current )?task)\b"),
     _rule("forced_output", 0.45,
-          r"\b(?:just|only|simply) (?:print|say|output|write|reply|respond|answer|return|type)(?: with)?\s*[:\-]?\s*"
+          r"\b(?:just|only|simply) (?:print|say|output|write|reply|respond|answer|return|type)(?: with)?[\s:\-]{0,6}"
           r"(?:[\"'`“«]|the (?:word|phrase|text|string|sentence|following)\b)",
           r"\b(?:print|say|output|write|reply with|respond with|return) (?:exactly|only|verbatim|literally) "
           r"(?:the (?:following|word|phrase|text|string|sentence)|[\"'`“«])",
@@ -292,7 +293,8 @@ RULES: tuple[Rule, ...] = (
     _rule("role_markers", 0.6,
           r"<\|(?:im_start|im_end|system|user|assistant|endoftext|begin_of_text|start_header_id|eot_id)\|>",
           r"\[/?(?:INST|SYS|SYSTEM)\]", r"<</?SYS>>",
-          r"(?:^|\n)[^\S\n]*(?:#{2,}\s*)?(?:system|assistant|developer)\s*(?:prompt|message|instructions?)?\s*:\s*\S",
+          r"(?:^|\n)[^\S\n]*(?:#{2,}\s*)?(?:system|assistant|developer)[^\S\n]*(?:(?:prompt|message|instructions?)"
+          r"[^\S\n]*)?:\s*\S",
           r"(?:^|\n)[^\S\n]*#{2,}\s*(?:new )?(?:instruction|system|task)s?\b",
           r"\bsystem (?:instruction|prompt|message|override)s? (?:begins?|starts?|follows|updated?)\b",
           r"\bend of (?:the )?(?:system )?(?:prompt|instructions)\b",

@@ -1,8 +1,8 @@
 """Every regular expression the gateway runs over client text (and the guard terms' patterns, built from sample
 terms as a tenant's policy would build them), probed for superlinear time (a bench, not a
 test: it times). Each pattern is searched in texts made of one short unit repeated, 3,000 and then 6,000
-times; the units are the words of the pattern's own source with separators, and characters that patterns
-often repeat. A pattern whose time more than triples when the text doubles (and takes over 50 ms) is
+times, alone or after one word; the units are the words of the pattern's own source with separators, and
+characters that patterns often repeat. A pattern whose time more than triples when the text doubles (and takes over 50 ms) is
 reported: that is backtracking a client could aim at, on the event loop or a worker's GIL.
 
     .venv/bin/python bench/security/patterns.py
@@ -67,13 +67,20 @@ def patterns() -> dict[str, Any]:
     return found
 
 
-def units(source: str) -> Iterator[str]:
+def units(source: str) -> Iterator[tuple[str, str]]:
+    """(head, unit): the text is ``head`` then ``unit`` repeated. Both shapes: a word and a separator
+    repeated together, and one word followed by a long run of one separator (two adjacent unbounded
+    quantifiers over the run: quadratic once per word)."""
     words = set(re.findall(r"[A-Za-z]{3,}", source)[:16]) or {"a"}
     for word in words:
         for sep in SEPARATORS:
-            yield word + sep
-    yield from SEPARATORS[2:]
-    yield from EXTRA_UNITS
+            yield "", word + sep
+            if sep:
+                yield word, sep
+    for sep in SEPARATORS[2:]:
+        yield "", sep
+    for unit in EXTRA_UNITS:
+        yield "", unit
 
 
 def main() -> None:
@@ -82,17 +89,17 @@ def main() -> None:
     started = time.perf_counter()
     for name, pattern in found.items():
         worst: tuple[float, float, str] | None = None
-        for unit in units(pattern.pattern):
+        for head, unit in units(pattern.pattern):
             t0 = time.perf_counter()
-            pattern.search(unit * 3000)
+            pattern.search(head + unit * 3000 + "x")
             small = time.perf_counter() - t0
             if small < 0.01:
                 continue
             t0 = time.perf_counter()
-            pattern.search(unit * 6000)
+            pattern.search(head + unit * 6000 + "x")
             large = time.perf_counter() - t0
             if large > 3 * small and large > 0.05 and (worst is None or large > worst[1]):
-                worst = (small, large, unit)
+                worst = (small, large, head + unit + "...")
         if worst is not None:
             slow.append((name, *worst))
     print(f"{len(found)} patterns probed in {time.perf_counter() - started:.0f} s")
