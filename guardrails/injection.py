@@ -23,7 +23,8 @@ from tollway.guardrails import learned as _learned
 
 THRESHOLD = 0.8
 # Texts longer than this have their regexes matched with the GIL released: the gateway scores them in a
-# worker thread (``tollway.routing.off_loop_if_long``), so one tenant's megabyte prompt holds no one else up.
+# worker thread (``tollway.routing.off_loop_if_long``, past the same bound, ``OFF_LOOP_CHARS``: kept here as a
+# number so that the guards do not import routing), so one tenant's megabyte prompt holds no one else up.
 LONG_TEXT = 32_000
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)

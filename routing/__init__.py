@@ -21,7 +21,7 @@ from tollway.routing.catalog import (
     build_catalog,
     resolve_upstream,
 )
-from tollway.routing.decision import BudgetSignal, RouteDecision, TenantRouting
+from tollway.routing.decision import BudgetSignal, RouteDecision, RouteRequest, TenantRouting
 from tollway.routing.fallback import Attempt, ChainFailed, Served
 from tollway.routing.health import SaturationPoller
 from tollway.routing.prices import (
@@ -75,6 +75,7 @@ __all__ = [
     "RawUpstream",
     "Rollout",
     "RouteDecision",
+    "RouteRequest",
     "Router",
     "SaturationPoller",
     "Served",

@@ -26,7 +26,7 @@ from typing import Any
 
 import regex
 
-from tollway.routing.tokens import content_texts
+from tollway.routing.tokens import OFF_LOOP_CHARS, content_texts
 
 WORD = re.compile(r"[a-z0-9]+")
 # The rules' signals run over the whole prompt: each pattern is linear in its length (a SQL query is a SELECT
@@ -37,11 +37,10 @@ CODE = regex.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\s*\w*\(|#inclu
 SELECT, FROM = regex.compile(r"\bSELECT\b", regex.IGNORECASE), regex.compile(r"\bFROM\b", regex.IGNORECASE)
 MATH = regex.compile(r"\\(frac|int|sum|sqrt|prod|lim)\b|\b(prove|integral|derivative|theorem|eigen\w*|matrix)\b"
                      r"|\d\s*[\^*/]\s*\d|[=<>]\s*-?\d+\s*[+\-*/^]", regex.IGNORECASE)
-RELEASE_GIL_CHARS = 32_000
 
 
 def has_code(text: str) -> bool:
-    long = len(text) > RELEASE_GIL_CHARS
+    long = len(text) > OFF_LOOP_CHARS
     if CODE.search(text, concurrent=long) is not None:
         return True
     select = SELECT.search(text, concurrent=long)
@@ -49,7 +48,9 @@ def has_code(text: str) -> bool:
 
 
 def has_math(text: str) -> bool:
-    return MATH.search(text, concurrent=len(text) > RELEASE_GIL_CHARS) is not None
+    return MATH.search(text, concurrent=len(text) > OFF_LOOP_CHARS) is not None
+
+
 LONG_PROMPT_CHARS = 12_000  # roughly 3,000 tokens
 FLOORS = {"tools": 0.8, "code": 0.7, "math": 0.7, "long": 0.6, "structured": 0.55}
 

@@ -84,16 +84,18 @@ class Router:
     background: Background = field(default_factory=lambda: Background("response cache write", drain_s=10))
 
     def features(self, model: str, messages: list[Any], body: JSON, *, max_output: int, n: int = 1,
-                 extra_input: int = 0) -> RouteRequest:
+                 extra_input: int = 0, prompt_tokens: int | None = None) -> RouteRequest:
         """What the policy reads: the model asked for, what the request needs, its difficulty (for
         routing aliases), and its size where some model has a context window. ``extra_input``: tokens
-        a later stage may still add (a retrieval's context budget), counted as if already there."""
+        a later stage may still add (a retrieval's context budget), counted as if already there;
+        ``prompt_tokens``: the messages' count where the caller has it already."""
         wants = needs(body, messages)
         auto = model in self.catalog.auto_aliases
         difficulty = assess(messages, tools="tools" in wants, structured="json_mode" in wants) if auto else None
         tokens = None
         if self.catalog.has_context_windows:  # only then is the prompt counted here
-            tokens = count_messages(messages) + extra_input + max_output * n
+            prompt = count_messages(messages) if prompt_tokens is None else prompt_tokens
+            tokens = prompt + extra_input + max_output * n
         return RouteRequest(model=model, needs=wants, difficulty=difficulty, tokens=tokens)
 
     def plan(self, route: RouteRequest, tenant: TenantRouting, subject: str) -> Plan:

@@ -56,6 +56,7 @@ from tollway.routing import (
     BudgetSignal,
     ChainFailed,
     Router,
+    RouteRequest,
     Usage,
     count_messages,
     count_text,
@@ -182,9 +183,15 @@ class Chat:
                                      code="retrieval_unavailable")
             ex.context_budget = self.parts.retriever.context_budget(ex.view(), spec)
         ex.output_cap = int_param(ex.params, "max_completion_tokens") or int_param(ex.params, "max_tokens")
-        ex.chars = message_chars(ex.messages)  # a long prompt is assessed and counted off the event loop
-        route = await off_loop_if_long(ex.chars, self.router.features, ex.model, ex.messages, ex.params,
-                                       max_output=ex.output_cap or 0, n=ex.req.n, extra_input=ex.context_budget)
+        counted = self.catalog.has_context_windows  # then the route needs the count: admission reuses it
+
+        def plan() -> tuple[int | None, RouteRequest]:
+            tokens = count_messages(ex.messages) if counted else None
+            return tokens, self.router.features(ex.model, ex.messages, ex.params, max_output=ex.output_cap or 0,
+                                                n=ex.req.n, extra_input=ex.context_budget, prompt_tokens=tokens)
+
+        # a long prompt is counted and assessed off the event loop
+        ex.prompt_tokens, route = await off_loop_if_long(message_chars(ex.messages), plan)
         ex.plan = self.router.plan(route, self.calls.tenant_routing(rules, principal), ex.subject)
         if rules.policy.response_cache:
             versions: tuple[str | None, ...] = ()
@@ -228,7 +235,9 @@ class Chat:
         if self.calls.bounded(rules, principal):
             if ex.output_cap is None:
                 ex.output_cap = rules.policy.default_max_tokens  # injected upstream: it bounds the worst case
-            prompt = await off_loop_if_long(ex.chars, count_messages, ex.messages)
+            prompt = ex.prompt_tokens
+            if prompt is None:  # not counted for the route (no model has a context window): counted here, once
+                prompt = await off_loop_if_long(message_chars(ex.messages), count_messages, ex.messages)
             worst = Usage(input_tokens=reserved_input(prompt + ex.context_budget),
                           output_tokens=reserved_output(ex.output_cap, ex.req.n))
         else:

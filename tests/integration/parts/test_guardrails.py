@@ -507,7 +507,10 @@ async def test_only_a_long_prompt_leaves_the_event_loop(app_factory, make_tenant
 
     from tollway.gateway.chat import stages
     from tollway.gateway.parts import guarding
+    from tollway.guardrails.injection import LONG_TEXT
     from tollway.routing import OFF_LOOP_CHARS, Router
+
+    assert LONG_TEXT == OFF_LOOP_CHARS  # the rules release the GIL exactly for what the gateway moves off the loop
 
     seen: list[tuple[str, int, bool]] = []  # (what, prompt characters, on the event loop's thread)
     loop_thread = threading.get_ident()
