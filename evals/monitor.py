@@ -401,14 +401,7 @@ class SteadyWatch:
     ``evidence_hours`` old and the pass-rate CUSUM has stood at zero since it came (so a shift the
     tests have not yet judged, at the pace the rise limit lets them, does not leak into what they
     compare with), at most ``baseline_max``. After a breach
-    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window).
-
-    A breach of the pass-rate tests alone is verified meanwhile: the samples after it are tested with Wald's
-    SPRT against the baseline before it (the test a change watch runs). "No drop" (a false alarm, or a
-    shift too small to hold) gives the route its old baseline back, the samples since added; "drop" is a
-    finding of its own (the shift has held: confirmed). Without it a false alarm left the route blind
-    while a new baseline filled (weeks at a quiet route's base rate), and a real drop in that time became
-    part of the new baseline, never found (bench/drift/shapes.py: the misses of a 5-point drop)."""
+    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window)."""
 
     def __init__(self, settings: DriftSettings, lag: int | None = None) -> None:
         self.settings = settings
@@ -416,9 +409,6 @@ class SteadyWatch:
         self.baseline: deque[Scored] = deque(maxlen=settings.baseline_max)
         self.pending: deque[Scored] = deque()
         self.test: RouteTest | None = None
-        self.verify: list[PassTest] = []  # after a pass-rate breach: its drop tested against the baseline before
-        self.previous: deque[Scored] | None = None  # ... that baseline
-        self.verified = 0  # samples the verification has read
 
     def seed(self, history: Sequence[Scored]) -> None:
         """The route's earlier samples, oldest first, as its baseline (a monitor taking over)."""
@@ -427,8 +417,6 @@ class SteadyWatch:
             self.test = RouteTest(self.baseline, self.settings, steady=True)
 
     def observe(self, s: Scored) -> list[Finding]:
-        if self.verify:
-            return self._verify(s)
         if self.test is None:
             self.baseline.append(s)
             if len(self.baseline) >= self.settings.baseline_samples:
@@ -437,11 +425,6 @@ class SteadyWatch:
         found = self.test.update(s)
         self.pending.append(s)
         if found:
-            sequential = {t.name: t for t in self.test.pass_tests if t.cusum is not None}  # a drop specified
-            if all(f.detector in sequential for f in found):
-                self.verify = [PassTest(f.detector, self.test._p0(f.detector), sequential[f.detector].alpha,
-                                        self.settings) for f in found]
-                self.previous, self.verified = self.baseline, 0
             self.baseline = deque(self.pending, maxlen=self.settings.baseline_max)
             self.pending.clear()
             self.test = None
@@ -452,29 +435,6 @@ class SteadyWatch:
             self.baseline.append(self.pending.popleft())
         if len(self.pending) > held + 2 * self.settings.baseline_max:
             self._thin(held)
-        return found
-
-    def _verify(self, s: Scored) -> list[Finding]:
-        """One sample after a pass-rate breach: the new baseline grows as after any breach, and the SPRTs
-        against the baseline before it decide whether the drop held. Undecided after ``baseline_max``
-        samples: the new baseline stands (as after any breach)."""
-        self.baseline.append(s)
-        self.verified += 1
-        found = []
-        for t in self.verify:
-            if (value := _pass_value(t.name, s, self.settings.judge_pass)) is not None:
-                finding, _ = t.update(value, s.at)
-                if finding is not None:
-                    found.append(replace(finding, extra={**finding.extra, "confirms": True}))
-        undecided = any(t.accepted == 0 for t in self.verify)
-        if not found and undecided and self.verified < self.settings.baseline_max:
-            return []
-        if not found and self.previous is not None and self.verified < self.settings.baseline_max:
-            self.previous.extend(self.baseline)  # no drop held: the old baseline, the samples since added
-            self.baseline = self.previous
-        self.verify, self.previous = [], None
-        if len(self.baseline) >= self.settings.baseline_samples:
-            self.test = RouteTest(self.baseline, self.settings, steady=True)
         return found
 
     def _thin(self, held: int) -> None:
@@ -488,8 +448,6 @@ class SteadyWatch:
                              + newest)
 
     def progress(self) -> float:
-        if self.verify:
-            return min(1.0, max(t.progress() for t in self.verify))
         return 0.0 if self.test is None else self.test.progress()
 
 

@@ -295,8 +295,7 @@ class Monitor:
                           "samples": 0 if test is None else test.n,
                           "baseline_samples": len(w.steady.baseline) if w.steady is not None else len(w.base),
                           "alpha": w.settings.alpha, "detectors": [] if test is None else test.detectors}
-        names = ", ".join(f"{f.detector} ({f.test}{', the drop confirmed' if f.extra.get('confirms') else ''})"
-                          for f in found)
+        names = ", ".join(f"{f.detector} ({f.test})" for f in found)
         message = f"Quality drift on {w.subject}: {names}"
         action = None
         if w.rollout is not None and w.rollout.auto_rollback:

@@ -586,10 +586,7 @@ async def test_failures_inside_an_upstream_incident_are_set_aside(quality_app, m
         for model in ("sim-hiccup", "sim-silent"):
             insert_samples(pg, tenant.id, model, burst, start_h=0.14, every_s=30)
         raised = await monitor.run_pass()
-        # the breach, then the rest of the burst confirms it against the baseline before it (evidence per sample)
-        assert [r["watch"] for r in raised] == ["steady:model:sim-silent"] * 2
-        assert [f.get("confirms") for r in raised for f in r["findings"]] == [None, True]
-        assert "the drop confirmed" in raised[1]["message"]
+        assert [r["watch"] for r in raised] == ["steady:model:sim-silent"]
         assert monitor.core.incidents.set_aside == len(burst)
         view = (await gw.client.get("/v1/admin/quality", headers=admin.headers)).json()["incidents"]
         ours = [w["model"] for w in view["windows"] if w["model"] in ("sim-hiccup", "sim-silent")]
@@ -601,4 +598,4 @@ async def test_failures_inside_an_upstream_incident_are_set_aside(quality_app, m
         assert "sim-hiccup" in table and "sim-silent" not in table
         insert_samples(pg, tenant.id, "sim-hiccup", burst, start_h=-2, every_s=60)  # two hours on: evidence
         raised = await monitor.run_pass()
-    assert [r["watch"] for r in raised] == ["steady:model:sim-hiccup"] * 2  # a breach and its confirmation
+    assert [r["watch"] for r in raised] == ["steady:model:sim-hiccup"]
