@@ -32,7 +32,6 @@ class BernoulliSPRT:
     beta: float = 0.05  # missed drop
     llr: float = 0.0
     n: int = 0
-    hits: int = 0  # passes among the cycle's n samples
     decision: str | None = None  # 'drop' (H1), 'no_drop' (H0), or None: keep sampling
     decided_llr: float = 0.0  # the ratio and sample count when the last decision was made (its evidence)
     decided_n: int = 0
@@ -53,7 +52,6 @@ class BernoulliSPRT:
         """One scored sample; the decision once a boundary is crossed (then the test restarts). ``ceiling``:
         the most the ratio may stand at after it (evidence arriving faster than the caller allows)."""
         self.n += 1
-        self.hits += passed
         self.llr += self._pass if passed else self._fail
         if ceiling is not None and self.llr > ceiling:
             self.llr = ceiling
@@ -64,12 +62,8 @@ class BernoulliSPRT:
         else:
             return None
         self.decided_llr, self.decided_n = self.llr, self.n
-        decided, self.llr, self.n, self.hits = self.decision, 0.0, 0, 0
+        decided, self.llr, self.n = self.decision, 0.0, 0
         return decided
-
-    def counted(self) -> float:
-        """The cycle's ratio from its counts alone (what ``llr`` is where no ceiling cut it)."""
-        return self.hits * self._pass + (self.n - self.hits) * self._fail
 
     def expected_samples(self, under: str = "h1") -> float:
         """Wald's approximation of the expected sample size under H1 (a real drop) or H0."""

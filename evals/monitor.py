@@ -89,8 +89,6 @@ class DriftSettings:
     short_caution: float = 1.645  # ... against its pass rate less this many standard errors (its own noise)
     moved_caution: float = 1.645  # a moved label with a full baseline: its old version's rate less this many
     #                              standard errors (an estimate it can no longer refine; 0: the rate as it is)
-    refine_reference: bool = True  # a split's or canary's SPRT re-held to its baseline's rate every window of
-    #                                its samples (the baseline keeps growing; False: the rate it began with)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,22 +244,6 @@ class PassTest:
             self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
         return None, False
 
-    def refine(self, p0: float) -> None:
-        """A change's SPRT held to a better estimate of its baseline's rate (a split's or a canary's old version
-        keeps answering, so its rate is known better as the test runs): the cycle's ratio moves by what the new
-        reference changes in it, computed from the cycle's counts (so a climb the rise limit cut stays cut).
-        Held to the estimate it began with, a version as good as the old one was rolled back whenever that
-        estimate came out high by half the specified drop (bench/RESULTS.md)."""
-        drop = self.settings.pass_drop
-        p0 = min(max(p0, 0.01), 0.99)
-        if self.sprt is None or drop is None or p0 - drop <= 0.005 or p0 == self.p0:
-            return
-        old = self.sprt
-        new = BernoulliSPRT(p0, p0 - drop, alpha=old.alpha, beta=old.beta)
-        new.n, new.hits = old.n, old.hits
-        new.llr = old.llr + new.counted() - old.counted()
-        self.sprt, self.p0 = new, p0
-
     def progress(self) -> float:
         if self.floored:
             return 0.0
@@ -293,9 +275,6 @@ class RouteTest:
         self.steady = steady
         self.cautious = cautious  # the pass-rate tests' p0: this many standard errors below the baseline's rate
         #                          (a short baseline's rate is noisy: held to it, a good change is rolled back)
-        # a change whose baseline keeps growing (a split, a canary) is held to its rate as it is known better, a
-        # window of the change's samples at a time (a moved label's baseline is all it will have)
-        self.refining = not steady and not cautious and settings.refine_reference
         self.windows = 0  # windows tested so far
         self.n = 0
         self.findings: list[Finding] = []
@@ -353,8 +332,6 @@ class RouteTest:
                 found.append(finding)
             elif cycle_ended:
                 test.anchor(self._p0(test.name))
-            elif self.refining and self.n % self.settings.window == 0:
-                test.refine(self._p0(test.name))
         self._window.append(s)
         if len(self._window) >= self.settings.window:
             found += self._test_window()
