@@ -21,7 +21,7 @@ from tollway.evals.golden import (
     Regex,
     RetrievalRecall,
 )
-from tollway.jsontypes import SchemaUnchecked, jsonschema, schema_errors
+from tollway.jsontypes import SchemaUnchecked, best_schema_error
 
 REGEX_TIMEOUT_S = 1.0  # a regex check that backtracks longer than this on one answer fails
 
@@ -139,12 +139,10 @@ def _json(text: str, schema: dict[str, Any] | None) -> tuple[bool, None, str]:
         return False, None, "not valid JSON"
     if schema is None:
         return True, None, "valid JSON"
-    module = jsonschema()
     try:
-        errors = schema_errors(schema, value)
+        error = best_schema_error(schema, value)
     except SchemaUnchecked as exc:
         return False, None, f"schema: {exc}"
-    error = module.exceptions.best_match(errors)
     if error is None:
         return True, None, "valid JSON matching the schema"
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"

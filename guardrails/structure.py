@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import regex
 
-from tollway.jsontypes import SchemaUnchecked, jsonschema, schema_errors
+from tollway.jsontypes import SchemaUnchecked, best_schema_error, jsonschema
 
 
 def warm() -> None:
@@ -51,12 +51,10 @@ def _problem(text: str, schema: dict[str, Any] | None) -> str | None:
     except orjson.JSONDecodeError as exc:
         return f"not valid JSON ({str(exc).split(':')[0]})"
     if schema is not None:
-        module = jsonschema()
         try:
-            errors = schema_errors(schema, value)
+            error = best_schema_error(schema, value)
         except SchemaUnchecked as exc:
             return str(exc)
-        error = module.exceptions.best_match(errors)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return f"does not match the schema at {where}: {error.message}"

@@ -78,3 +78,9 @@ def schema_errors(schema: JSON, value: Any) -> list[Any]:
         raise SchemaUnchecked(f"the schema cannot be applied ({type(exc).__name__})") from None
     finally:
         _deadline.reset(token)
+
+
+def best_schema_error(schema: JSON, value: Any) -> Any | None:
+    """The error jsonschema's ``best_match`` picks among ``schema_errors`` (None: ``value`` matches); raises
+    ``SchemaUnchecked`` as ``schema_errors`` does."""
+    return jsonschema().exceptions.best_match(schema_errors(schema, value))

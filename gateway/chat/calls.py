@@ -13,6 +13,7 @@ from datetime import datetime
 from opentelemetry.trace import SpanKind
 
 from tollway.errors import InvalidRequest, NotFound, PermissionDenied
+from tollway.gateway.http.protocol import USER_CHARS
 from tollway.gateway.metering.accounting import Tally
 from tollway.gateway.metering.ledger import Ledger, LedgerRow, utcnow
 from tollway.gateway.metering.quota import Admission, Demand, QuotaService, fingerprint, to_nano
@@ -58,8 +59,8 @@ class CallContext:
         ``MAX_TAG_CHARS``, are a 400 (they go into every ledger row, Redis keys and reports)."""
         user, session, tags = header("x-tollway-user"), header("x-tollway-session"), header("x-tollway-tags")
         for name, value in (("x-tollway-user", user), ("x-tollway-session", session)):
-            if value is not None and len(value) > MAX_ID_CHARS:
-                raise InvalidRequest(f"'{name}' may be at most {MAX_ID_CHARS} characters.", param=name)
+            if value is not None and len(value) > USER_CHARS:
+                raise InvalidRequest(f"'{name}' may be at most {USER_CHARS} characters.", param=name)
         return cls(request_id=request_id, principal=principal, header_user=user, started=time.perf_counter(),
                    created_at=utcnow(), session=session,
                    tags=checked_tags([t.strip() for t in tags.split(",") if t.strip()] if tags else [],
@@ -89,7 +90,6 @@ class StreamResult:
     headers: dict[str, str]
 
 
-MAX_ID_CHARS = 256  # an end user or session id (as the OpenAI ``user`` field)
 MAX_TAGS, MAX_TAG_CHARS = 32, 64
 
 

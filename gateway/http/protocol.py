@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tollway.errors import InvalidJSON, InvalidRequest
 
+USER_CHARS = 256  # an end user's id (OpenAI's ``user``, ``safety_identifier``; the gateway's own headers too)
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -46,7 +48,7 @@ class ChatCompletionRequest(_Open):
     n: int = Field(default=1, ge=1, le=16)
     temperature: float | int | None = Field(default=None, ge=0, le=2)
     top_p: float | int | None = Field(default=None, ge=0, le=1)
-    user: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=USER_CHARS)
 
 
 class CompletionRequest(_Open):
@@ -59,7 +61,7 @@ class CompletionRequest(_Open):
     n: int = Field(default=1, ge=1, le=16)
     temperature: float | int | None = Field(default=None, ge=0, le=2)
     top_p: float | int | None = Field(default=None, ge=0, le=1)
-    user: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=USER_CHARS)
 
 
 class ResponseRequest(_Open):
@@ -74,8 +76,8 @@ class ResponseRequest(_Open):
     previous_response_id: str | None = Field(default=None, max_length=128)
     prompt: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
-    safety_identifier: str | None = Field(default=None, max_length=256)
-    user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=USER_CHARS)
+    user: str | None = Field(default=None, max_length=USER_CHARS)
 
 
 class MessagesRequest(_Open):
@@ -92,7 +94,7 @@ class MessagesRequest(_Open):
 class EmbeddingRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] | list[int] | list[list[int]]
-    user: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=USER_CHARS)
 
 
 class ModerationPart(_Open):
