@@ -12,6 +12,9 @@
 - ``ks``: the two-sample Kolmogorov-Smirnov test, exact (scipy's numbers, without loading scipy: 60 MB of a
   gateway's memory) for continuous distributions (lengths, tokens, cost per request).
 - ``hypergeom_sf``: the hypergeometric tail (Fisher's exact test's one-sided p-value).
+- ``conditional_llr``: one block of two arms' samples, the log-likelihood ratio of how its failures fell
+  between them (Fisher's noncentral hypergeometric against the central one): the step of a two-sample
+  sequential test whose null needs no estimate of the common rate.
 
 Pure; the live loop feeds them per route.
 """
@@ -317,6 +320,30 @@ def hypergeom_sf(k: int, total: int, marked: int, drawn: int) -> float:
     terms = [log_choose(marked, x) + log_choose(total - marked, drawn - x) - base for x in range(low, high + 1)]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def conditional_llr(x: int, n: int, held_n: int, failures: int, log_odds_ratio: float) -> float:
+    """One block of a two-arm comparison: ``n`` samples of the arm under test, ``held_n`` of the other,
+    ``failures`` in all, ``x`` of them in the arm under test. Given those margins, ``x`` follows the
+    hypergeometric law when both arms fail alike, whatever their common rate, and Fisher's noncentral
+    hypergeometric law when the tested arm's odds of failing are ``exp(log_odds_ratio)`` times the other's.
+    Returns the log of the second's probability over the first's. A block whose margins leave one
+    outcome (no failure, or one arm empty) returns 0: it says nothing."""
+    low, high = max(0, failures - held_n), min(n, failures)
+    if low >= high:
+        return 0.0
+
+    def log_choose(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    central = [log_choose(n, k) + log_choose(held_n, failures - k) for k in range(low, high + 1)]
+    shifted = [c + k * log_odds_ratio for c, k in zip(central, range(low, high + 1), strict=True)]
+
+    def log_sum(terms: list[float]) -> float:
+        top = max(terms)
+        return top + math.log(sum(math.exp(t - top) for t in terms))
+
+    return x * log_odds_ratio - log_sum(shifted) + log_sum(central)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,10 @@ the window tests present in the baseline.
   SPRT for "the rate fell by that much" (H0: p0 from the baseline, H1: p0 - drop); it restarts each time
   it accepts H0, which is also what a progressive rollout waits for (evidence of no regression). Without
   a specified drop, the always-valid mSPRT, which never accepts but may be looked at after every sample.
+  A change whose old version answers beside it (a split label, a canary below 100%) runs a second SPRT,
+  ``PairedPassTest``, on both versions' samples of the same minutes; only it decides a drop there
+  (``ConcurrentPassTest``: the rate the first test holds it to is an estimate, which alone rolled good
+  versions back whenever it came out high).
 - **Distributions**, per window of ``window`` samples against the baseline: two-sample KS for output
   length, tokens per request, cost per request, retrieval score and judge score; a one-sided test of
   a rise (Fisher's exact test; the chi-squared statistic and the PSI as evidence) for the refusal and the
@@ -38,6 +42,7 @@ from tollway.evals.drift import (
     BernoulliMSPRT,
     BernoulliSPRT,
     RiseLimit,
+    conditional_llr,
     hypergeom_sf,
     ks,
     psi,
@@ -244,6 +249,11 @@ class PassTest:
             self.msprt = BernoulliMSPRT(self.p0, alpha=self.alpha)
         return None, False
 
+    @property
+    def decisive(self) -> bool:
+        """Whether it decides (an SPRT): a rollout waits for its "no drop"; the mSPRT's silence is its evidence."""
+        return self.sprt is not None
+
     def progress(self) -> float:
         if self.floored:
             return 0.0
@@ -255,6 +265,167 @@ class PassTest:
         if self.msprt.total >= 0:
             return 0.0
         return max(0.0, self.msprt.log_ratio() / math.log(1 / self.alpha))
+
+
+PAIRED_BLOCK = 50  # a paired test's block: at most this many samples of both versions together...
+PAIRED_BLOCK_S = 3600.0  # ... answered within this many seconds of its first
+
+
+class PairedPassTest:
+    """The pass-rate test of a change whose old version keeps answering beside it (a split prompt label, a
+    model canary below 100%): both versions' samples, cut into blocks of the same minutes, and in each
+    block the question whether the new version took more than its share of the block's failures (Fisher's
+    conditional test: ``drift.conditional_llr``), summed over blocks in Wald's SPRT. Against a pass rate
+    estimated from the old version's samples (``PassTest``), an equally good version is judged a drop as
+    often as the estimate happens to come out high: 36 / 5 / 1 of 400 cycles at 300 / 1,000 / 5,000
+    baseline samples where alpha allows 0.5 (bench/drift/reference.py). Here the null hypothesis, "both
+    fail alike", needs no rate: within a block the share of failures that falls to the new version is
+    known from the block's counts alone, so alpha holds whatever the baseline, and an upstream hiccup or a
+    wandering rate that hits both versions in the same minutes cancels out. The old version's rate is
+    used for the alternative only (the odds ratio of ``p0`` against ``p0 - pass_drop``). The price: both
+    versions' noise instead of one's, so more of the new version's samples to a decision.
+
+    Same interface as ``PassTest`` for ``RouteTest``: ``update`` takes the new version's samples,
+    ``held`` the old one's; a decision comes when a block closes (full, or its time is up when the next
+    sample comes)."""
+
+    decisive = True  # it decides (an SPRT): a rollout waits for its "no drop"
+
+    def __init__(self, name: str, p0: float, alpha: float, settings: DriftSettings) -> None:
+        self.name, self.alpha, self.settings = name, alpha, settings
+        self.accepted = 0
+        self.n = self.hits = 0  # the new version's samples (all cycles)
+        self.blocks = 0
+        self._block = [0, 0, 0, 0]  # the open block: new samples, new failures, old samples, old failures
+        self._block_at: float | None = None
+        self._rates: list[float | None] = [None, None]  # the open block's sampling rate of each version
+        self.anchor(p0)
+
+    def anchor(self, p0: float) -> None:
+        """(Re)start a cycle; ``p0``, the old version's rate, sets the drop it is specified for. Each clean
+        cycle halves the next one's alpha, as a change's SPRT does."""
+        drop = self.settings.pass_drop
+        assert drop is not None
+        self.p0 = min(max(p0, 0.01), 0.99)
+        self.p1 = max(self.p0 - drop, 0.005)
+        self.log_odds_ratio = math.log((1 - self.p1) / self.p1 * self.p0 / (1 - self.p0))
+        alpha, beta = self.alpha / 2 ** self.accepted, self.settings.beta
+        self.upper, self.lower = math.log((1 - beta) / alpha), math.log(beta / (1 - alpha))
+        self.llr = 0.0
+        self.cycle = [0, 0, 0, 0]  # this cycle's closed blocks, as ``_block``
+
+    def update(self, passed: bool, at: float | None = None, rate: float | None = None) -> tuple[Finding | None, bool]:
+        """A sample of the new version: a finding on a drop, and whether a cycle ended ("no drop").
+        ``rate``: the sampling rate it was drawn at."""
+        self.n += 1
+        self.hits += passed
+        return self._add(0, passed, at, rate)
+
+    def held(self, passed: bool, at: float | None = None, rate: float | None = None) -> tuple[Finding | None, bool]:
+        """A sample of the old version, answered beside the new one."""
+        return self._add(2, passed, at, rate)
+
+    def _add(self, arm: int, passed: bool, at: float | None, rate: float | None) -> tuple[Finding | None, bool]:
+        out: tuple[Finding | None, bool] = (None, False)
+        block = self._block
+        # A block holds each version at one sampling rate: were one version sampled harder in some of its
+        # minutes (adaptive sampling rises after a burst of failures), those minutes would weigh more on its
+        # side than on the other's, and a burst that hit both alike would look like a difference.
+        if block[0] + block[2] and (
+                (at is not None and self._block_at is not None and at - self._block_at >= PAIRED_BLOCK_S)
+                or (rate is not None and self._rates[arm // 2] not in (None, rate))):
+            out = self._close()
+            block = self._block
+        if block[0] + block[2] == 0:
+            self._block_at = at
+        self._rates[arm // 2] = rate
+        block[arm] += 1
+        block[arm + 1] += not passed
+        if out == (None, False) and block[0] + block[2] >= PAIRED_BLOCK:
+            out = self._close()
+        return out
+
+    def _block_llr(self, block: list[int]) -> float:
+        return conditional_llr(block[1], block[0], block[2], block[1] + block[3], self.log_odds_ratio)
+
+    def _close(self) -> tuple[Finding | None, bool]:
+        block, self._block, self._block_at, self._rates = self._block, [0, 0, 0, 0], None, [None, None]
+        self.blocks += 1
+        self.llr += self._block_llr(block)
+        self.cycle = [a + b for a, b in zip(self.cycle, block, strict=True)]
+        if self.llr >= self.upper:
+            n, failed, held_n, held_failed = self.cycle
+            found = Finding(self.name, "sprt", self.llr, self.upper, n,
+                            round(1 - held_failed / held_n, 4) if held_n else None,
+                            round(1 - failed / n, 4) if n else None,
+                            extra={"paired": True, "held_samples": held_n, "p0": round(self.p0, 4),
+                                   "p1": round(self.p1, 4), "odds_ratio": round(math.exp(self.log_odds_ratio), 4),
+                                   "alpha": self.alpha / 2 ** self.accepted})
+            self.llr, self.cycle = 0.0, [0, 0, 0, 0]
+            return found, False
+        if self.llr <= self.lower:
+            self.accepted += 1
+            return None, True
+        return None, False
+
+    def progress(self) -> float:
+        """How far toward a drop, the open block counted as it stands."""
+        return max(0.0, (self.llr + self._block_llr(self._block)) / self.upper)
+
+
+class ConcurrentPassTest:
+    """The pass-rate test of a change whose old version answers beside it: two SPRTs on the same samples.
+    ``PairedPassTest`` alone decides a drop (its alpha holds whatever the old version's estimated rate, and
+    a burst or a wander that hits both versions cancels out); either accepting "no drop" ends a cycle, each
+    at half the ``beta`` so the two together miss a drop no more often than one would. The test against
+    the estimated rate (``PassTest``) accepts much sooner where failures are rare (it learns from every
+    pass; the paired test only from failures), so a rollout moves on about as fast as it did with it alone.
+    Its "drop", which an estimate that came out high makes too often, is no breach; but from then on only
+    the paired test decides (restarted and asked again, it would accept a worse version sooner or later)."""
+
+    decisive = True
+
+    def __init__(self, name: str, p0: float, alpha: float, settings: DriftSettings) -> None:
+        self.name, self.alpha = name, alpha
+        halved = replace(settings, beta=settings.beta / 2)
+        self.plain = PassTest(name, p0, alpha, halved)
+        self.paired = PairedPassTest(name, p0, alpha, halved)
+        self._ended = (False, False)  # which of the two ended a cycle on the last sample
+        self.outvoted = False  # the test against the estimate saw a drop: it no longer accepts
+
+    @property
+    def accepted(self) -> int:
+        return self.plain.accepted + self.paired.accepted
+
+    @property
+    def p0(self) -> float:
+        return self.plain.p0
+
+    def update(self, passed: bool, at: float | None = None, rate: float | None = None) -> tuple[Finding | None, bool]:
+        plain_ended = False
+        if not self.outvoted:
+            drop, plain_ended = self.plain.update(passed, at)
+            self.outvoted = drop is not None
+        found, paired_ended = self.paired.update(passed, at, rate)
+        self._ended = (plain_ended, paired_ended)
+        return found, found is None and (plain_ended or paired_ended)
+
+    def held(self, passed: bool, at: float | None = None, rate: float | None = None) -> tuple[Finding | None, bool]:
+        found, paired_ended = self.paired.held(passed, at, rate)
+        self._ended = (False, paired_ended)
+        return found, found is None and paired_ended
+
+    def anchor(self, p0: float) -> None:
+        """A new cycle for whichever test ended one (``RouteTest`` calls this when a cycle ended)."""
+        plain_ended, paired_ended = self._ended
+        if plain_ended:
+            self.plain.anchor(p0)
+        if paired_ended:
+            self.paired.anchor(p0)
+        self._ended = (False, False)
+
+    def progress(self) -> float:
+        return self.paired.progress()
 
 
 def _pass_value(name: str, s: Scored, judge_pass: float) -> bool | None:
@@ -269,7 +440,7 @@ class RouteTest:
     as it is when their window ends, and a sequential test re-anchors on it each time it accepts."""
 
     def __init__(self, baseline: Sequence[Scored], settings: DriftSettings, *, steady: bool = False,
-                 cautious: float = 0.0) -> None:
+                 cautious: float = 0.0, paired: bool = False) -> None:
         self.settings = settings
         self.baseline = baseline
         self.steady = steady
@@ -281,11 +452,15 @@ class RouteTest:
         self._window: list[Scored] = []
         self._window_progress = 0.0
         self.windowed = [name for name in CONTINUOUS if len(self._values(name)) >= MIN_VALUES] + list(RATES)
-        self.pass_tests: list[PassTest] = []
+        self.pass_tests: list[PassTest | ConcurrentPassTest] = []
         sequential = [name for name in ("pass_rate", "judge_pass") if len(self._passes(name)) >= MIN_VALUES]
         for name in sequential:
-            self.pass_tests.append(PassTest(name, self._p0(name), settings.alpha * settings.sequential_share
-                                            / len(sequential), settings, steady=steady))
+            p0, alpha = self._p0(name), settings.alpha * settings.sequential_share / len(sequential)
+            # paired: the baseline's version answers beside the one under test (``held`` gets its samples)
+            if paired and settings.pass_drop is not None and p0 >= 0.01 and p0 - settings.pass_drop > 0.005:
+                self.pass_tests.append(ConcurrentPassTest(name, p0, alpha, settings))
+            else:
+                self.pass_tests.append(PassTest(name, p0, alpha, settings, steady=steady))
         self.window_alpha = settings.alpha * ((1 - settings.sequential_share) if sequential else 1) / max(
             len(self.windowed), 1)
         per_day = samples_per_day(baseline) if steady and settings.alarm_days > 0 else None
@@ -322,21 +497,37 @@ class RouteTest:
 
     def update(self, s: Scored) -> list[Finding]:
         self.n += 1
-        found: list[Finding] = []
-        for test in self.pass_tests:
-            value = _pass_value(test.name, s, self.settings.judge_pass)
-            if value is None:
-                continue
-            finding, cycle_ended = test.update(value, s.at)
-            if finding is not None:
-                found.append(finding)
-            elif cycle_ended:
-                test.anchor(self._p0(test.name))
+        found = self._sequential(s, held=False)
         self._window.append(s)
         if len(self._window) >= self.settings.window:
             found += self._test_window()
             self._window = []
         self.findings += found
+        return found
+
+    def held(self, s: Scored) -> list[Finding]:
+        """A sample of the baseline's version answered beside the one under test: the paired tests read it
+        (the window tests read the baseline as it stands when their window ends)."""
+        found = self._sequential(s, held=True)
+        self.findings += found
+        return found
+
+    def _sequential(self, s: Scored, *, held: bool) -> list[Finding]:
+        found: list[Finding] = []
+        for test in self.pass_tests:
+            value = _pass_value(test.name, s, self.settings.judge_pass)
+            if value is None:
+                continue
+            if isinstance(test, ConcurrentPassTest):
+                finding, cycle_ended = (test.held if held else test.update)(value, s.at, s.rate)
+            elif held:
+                continue
+            else:
+                finding, cycle_ended = test.update(value, s.at)
+            if finding is not None:
+                found.append(finding)
+            elif cycle_ended:
+                test.anchor(self._p0(test.name))
         return found
 
     def _alpha(self) -> float:
@@ -392,7 +583,7 @@ class RouteTest:
         """Evidence enough to move a progressive rollout on: ``min_samples`` samples, no breach, and each
         SPRT has accepted "no drop" at least once (an mSPRT never accepts: its silence is the evidence)."""
         return self.n >= self.settings.min_samples and not self.findings and all(
-            t.accepted > 0 or t.sprt is None for t in self.pass_tests)
+            t.accepted > 0 or not t.decisive for t in self.pass_tests)
 
 
 class SteadyWatch:
@@ -429,7 +620,8 @@ class SteadyWatch:
             self.pending.clear()
             self.test = None
             return found
-        held = max([self.lag, *(t.cusum.run for t in self.test.pass_tests if t.cusum is not None)])
+        held = max([self.lag, *(t.cusum.run for t in self.test.pass_tests
+                                if isinstance(t, PassTest) and t.cusum is not None)])
         hold = None if s.at is None else s.at - 2 * 3600 * self.settings.evidence_hours
         while len(self.pending) > held and (hold is None or (self.pending[0].at or 0.0) < hold):
             self.baseline.append(self.pending.popleft())

@@ -327,9 +327,10 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
     key, tried_key = prompt_key(1, "faq", "prod"), version_key(1, "faq", "prod", "v2")
     step_settings = dataclasses.replace(settings, min_samples=min_samples)
     held: deque[Scored] = deque(maxlen=settings.baseline_max)  # the held version's samples outside incidents
-    tried: list[Scored] = []  # the candidate's
+    before: list[Scored] = []  # ... as they stood when the split began
+    since: list[tuple[Scored, bool]] = []  # both versions' samples from then on (True: the candidate's)
     shares: list[tuple[int, float]] = []  # (minute, share) from each step on
-    step, since, watch = -1, warm, None
+    step, started, watch = -1, warm, None
 
     def served(until: int) -> int:
         bounds = [*shares, (until + 1, 0.0)]
@@ -338,11 +339,12 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
 
     def begin(k: int, minute: int) -> Watch:
         w = Watch(key=f"prompt:1:faq:prod:{k}", kind="prompt", subject=f"prompt faq@prod step {k}", rate_key=tried_key,
-                  tenant_id=1, settings=step_settings, prompt={"split": True, "progressive": True},
+                  tenant_id=1, settings=step_settings,
+                  prompt={"split": True, "split_percent": ROLLOUT_STEPS[k], "progressive": True},
                   candidate=lambda r: r.prompt_version == "v2", baseline=lambda r: r.prompt_version == "v1")
-        w.base = deque(held, maxlen=settings.baseline_max)
-        for t in tried:
-            w.feed(route.row(t, "v2"))
+        w.base = deque(before, maxlen=settings.baseline_max)
+        for t, candidate in since:  # as Monitor._load: both versions in the order they answered
+            w.feed(route.row(t, "v2" if candidate else "v1"))
         route.core.watches[w.key] = w
         shares.append((minute, ROLLOUT_STEPS[k]))
         return w
@@ -353,19 +355,23 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
     for minute, s, candidate in samples(traffic, route, key, rng, nrng, seed, split=share, worse=drop,
                                           candidate_key=tried_key):
         if watch is None and minute >= warm:
-            step, since = 0, minute
+            step, started = 0, minute
+            before = list(held)
             watch = begin(0, minute)
-        if watch is not None and step_max_days is not None and minute - since > step_max_days * DAY:
+        if watch is not None and step_max_days is not None and minute - started > step_max_days * DAY:
             return RolloutOutcome("stalled", step, (minute - warm) / DAY, served(minute))
         found = route.feed(s, "v2" if candidate else "v1")
         if not route.core.incidents.covers("m", s.at):
-            (tried if candidate else held).append(s)
+            if watch is None:
+                held.append(s)
+            else:
+                since.append((s, candidate))
         for w, findings in found:
             if w is not watch:
                 continue
             if findings:
                 return RolloutOutcome("rolled_back", step, (minute - warm) / DAY, served(minute))
-            step, since = step + 1, minute
+            step, started = step + 1, minute
             if ROLLOUT_STEPS[step] >= 100:
                 return RolloutOutcome("complete", step, (minute - warm) / DAY, served(minute))
             watch = begin(step, minute)

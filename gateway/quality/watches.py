@@ -84,8 +84,10 @@ class Watch:
                 return []
             self.fed_at = row.scored.at if row.scored.at is not None else time.time()
             return self.steady.observe(row.scored)
-        if self.baseline is not None and self.baseline(row):
+        if self.baseline is not None and self.baseline(row) and not self.candidate(row):
             self.base.append(row.scored)
+            if self.test is not None and self.paired:
+                return self.test.held(row.scored)
         if not self.candidate(row):
             return []
         if self.test is None:
@@ -95,7 +97,7 @@ class Watch:
                 del self.waiting[:-self.settings.baseline_max]
                 return []
             caution = (self.settings.short_caution if short else self.settings.moved_caution) if self.moved else 0.0
-            self.test = RouteTest(self.base, self.settings, cautious=caution)
+            self.test = RouteTest(self.base, self.settings, cautious=caution, paired=self.paired)
             found = [f for s in self.waiting for f in self.test.update(s)]
             self.waiting = []
             return found
@@ -119,6 +121,23 @@ class Watch:
         return self.progressive and not self.done and (self.test is None or not self.test.no_regression())
 
     @property
+    def share(self) -> float | None:
+        """The percent of its route's traffic a canary or a split label's new version serves (None: a moved
+        label, whose old version serves no more, or a steady route)."""
+        if self.rollout is not None:
+            return self.rollout.canary_percent
+        if self.prompt is not None and self.prompt.get("split"):
+            return float(self.prompt.get("split_percent") or 0)
+        return None
+
+    @property
+    def paired(self) -> bool:
+        """The old version answers beside the new one: the pass rate is tested on both versions' samples of
+        the same minutes (``PairedPassTest``), not against a rate estimated from the old version's past."""
+        share = self.share
+        return share is not None and 0 < share < 100
+
+    @property
     def moved(self) -> bool:
         """A moved prompt label: its old version serves no more, so its baseline will not grow. It is tested
         against the old rate less ``moved_caution`` standard errors: that rate is an estimate that can no
@@ -138,7 +157,7 @@ class Watch:
         takes, and once the watch ends the new version is its route's own baseline."""
         if self.test is None:
             return False
-        return all(t.accepted > 0 or t.sprt is None for t in self.test.pass_tests)
+        return all(t.accepted > 0 or not t.decisive for t in self.test.pass_tests)
 
     def progress(self) -> float:
         if self.steady is not None:
