@@ -381,7 +381,9 @@ class ConcurrentPassTest:
     the estimated rate (``PassTest``) accepts much sooner where failures are rare (it learns from every
     pass; the paired test only from failures), so a rollout moves on about as fast as it did with it alone.
     Its "drop", which an estimate that came out high makes too often, is no breach; but from then on only
-    the paired test decides (restarted and asked again, it would accept a worse version sooner or later)."""
+    the paired test decides, and a "no drop" it accepted before counts no more (restarted and asked again,
+    it would accept a worse version sooner or later; accepted early, it would move a rollout on past the
+    drop it saw since)."""
 
     decisive = True
 
@@ -395,7 +397,7 @@ class ConcurrentPassTest:
 
     @property
     def accepted(self) -> int:
-        return self.plain.accepted + self.paired.accepted
+        return self.paired.accepted + (0 if self.outvoted else self.plain.accepted)
 
     @property
     def p0(self) -> float:

@@ -109,6 +109,14 @@ def test_a_split_breaches_only_on_the_paired_test_and_moves_on_when_either_accep
     outvoted = [t for t in tests if t.outvoted]
     assert len(outvoted) >= 3
     assert all(t.plain.accepted == 0 and t.paired.accepted == 1 for t in outvoted)
+    # ... and a "no drop" it had accepted before the drop it saw counts no more
+    late = ConcurrentPassTest("pass_rate", 0.98, ALPHA, settings)
+    assert _cycle(rng, late, 0.98, 0.98)[0] == "no_drop"
+    late.anchor(0.98)
+    assert (late.accepted, late.plain.accepted, late.paired.accepted) == (1, 1, 0)
+    while not late.outvoted:
+        late.update(False, None)
+    assert late.accepted == 0
     # where failures are rare the test against the rate accepts first: a rollout moves on as fast as before
     rare = ConcurrentPassTest("pass_rate", 0.98, ALPHA, settings)
     _cycle(rng, rare, 0.98, 0.98)
