@@ -327,8 +327,7 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
     key, tried_key = prompt_key(1, "faq", "prod"), version_key(1, "faq", "prod", "v2")
     step_settings = dataclasses.replace(settings, min_samples=min_samples)
     held: deque[Scored] = deque(maxlen=settings.baseline_max)  # the held version's samples outside incidents
-    before: list[Scored] = []  # ... as they stood when the split began
-    since: list[tuple[Scored, bool]] = []  # both versions' samples from then on (True: the candidate's)
+    since: list[tuple[Scored, bool]] = []  # both versions' samples from the split on (True: the candidate's)
     shares: list[tuple[int, float]] = []  # (minute, share) from each step on
     step, started, watch = -1, warm, None
 
@@ -342,9 +341,9 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
                   tenant_id=1, settings=step_settings,
                   prompt={"split": True, "split_percent": ROLLOUT_STEPS[k], "progressive": True},
                   candidate=lambda r: r.prompt_version == "v2", baseline=lambda r: r.prompt_version == "v1")
-        w.base = deque(before, maxlen=settings.baseline_max)
+        w.base = deque(held, maxlen=settings.baseline_max)
         for t, candidate in since:  # as Monitor._load: both versions in the order they answered
-            w.feed(route.row(t, "v2" if candidate else "v1"))
+            w.replay(route.row(t, "v2" if candidate else "v1"))
         route.core.watches[w.key] = w
         shares.append((minute, ROLLOUT_STEPS[k]))
         return w
@@ -356,15 +355,14 @@ def rollout_run(seed: int, shape: Shape, settings: DriftSettings, policy: Sampli
                                           candidate_key=tried_key):
         if watch is None and minute >= warm:
             step, started = 0, minute
-            before = list(held)
             watch = begin(0, minute)
         if watch is not None and step_max_days is not None and minute - started > step_max_days * DAY:
             return RolloutOutcome("stalled", step, (minute - warm) / DAY, served(minute))
         found = route.feed(s, "v2" if candidate else "v1")
         if not route.core.incidents.covers("m", s.at):
-            if watch is None:
+            if not candidate:
                 held.append(s)
-            else:
+            if watch is not None:
                 since.append((s, candidate))
         for w, findings in found:
             if w is not watch:

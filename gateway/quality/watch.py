@@ -279,17 +279,14 @@ class Monitor:
             (self.cursor, models, models, w.tenant_id, w.tenant_id, 4 * self.settings.drift.baseline_max))
         w.base = deque(maxlen=w.settings.baseline_max)
         rows = self._outside_incidents([row_of(r) for r in await cur.fetchall()])
-        # a paired watch reads both versions in the order they answered, from the new one's first sample
-        first = next((i for i, row in enumerate(rows) if w.candidate(row)), len(rows)) if w.paired else len(rows)
-        for row in rows[:first]:
+        for row in rows:
             if w.baseline(row) and not w.candidate(row):
                 w.base.append(row.scored)
+        # the new version's samples through its tests; a paired watch's with the old version's beside them,
+        # in the order they answered
+        first = next((i for i, row in enumerate(rows) if w.candidate(row)), len(rows))
         for row in rows[first:]:
-            w.feed(row)
-        if not w.paired:
-            for row in rows:
-                if w.candidate(row):
-                    w.feed(row)
+            w.replay(row)
 
     # -- acting ---------------------------------------------------------------------------------
     async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding], at: int) -> JSON:

@@ -103,6 +103,14 @@ class Watch:
             return found
         return self.test.update(row.scored)
 
+    def replay(self, row: Row) -> list[Finding]:
+        """A stored sample fed again once ``base`` already holds the old version's stored samples (a new
+        watch made from the stored samples, ``Monitor._load``; feed them in the order they answered): the
+        new version's as ``feed`` takes them, the old version's to a paired test only."""
+        if self.baseline is not None and self.baseline(row) and not self.candidate(row):
+            return self.test.held(row.scored) if self.test is not None and self.paired else []
+        return self.feed(row) if self.candidate(row) else []
+
     @property
     def progressive(self) -> bool:
         """A step of a progressive rollout (a model's canary steps, a prompt's split steps)."""

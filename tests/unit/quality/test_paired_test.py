@@ -178,3 +178,24 @@ def test_a_split_below_100_percent_runs_the_paired_test_on_both_versions_a_moved
             break
     assert decided and paired.accepted >= 1 and split.decided()
     assert len(split.base) > 200  # its baseline grew too: the window tests read it
+
+
+def test_a_watch_made_from_stored_samples_replays_the_old_version_beside_the_new_one():
+    """As ``Monitor._load`` does: the old version's stored samples are the baseline already; replayed in the
+    order they answered, they reach the paired test (not the baseline a second time)."""
+    settings = DriftSettings(baseline_samples=200, min_samples=50)
+    rng = random.Random(21)
+    rows = [_row(i, "v1", rng.random() < 0.9) for i in range(300)]
+    rows += [_row(300 + i, "v2" if i % 3 == 0 else "v1", rng.random() < 0.9) for i in range(600)]
+    split = _split(settings, 20.0)
+    for row in rows:
+        if row.prompt_version == "v1":
+            split.base.append(row.scored)
+    held = len(split.base)
+    first = next(i for i, row in enumerate(rows) if row.prompt_version == "v2")
+    for row in rows[first:]:
+        assert split.replay(row) == []
+    assert len(split.base) == held
+    paired = split.test.pass_tests[0].paired  # type: ignore[union-attr]
+    assert paired.blocks == 600 // PAIRED_BLOCK  # both versions' 600 samples (the new one's alone: 200, 4 blocks)
+    assert split.test.n == 200  # type: ignore[union-attr]
