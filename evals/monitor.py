@@ -294,7 +294,6 @@ class PairedPassTest:
     def __init__(self, name: str, p0: float, alpha: float, settings: DriftSettings) -> None:
         self.name, self.alpha, self.settings = name, alpha, settings
         self.accepted = 0
-        self.n = self.hits = 0  # the new version's samples (all cycles)
         self.blocks = 0
         self._block = [0, 0, 0, 0]  # the open block: new samples, new failures, old samples, old failures
         self._block_at: float | None = None
@@ -317,8 +316,6 @@ class PairedPassTest:
     def update(self, passed: bool, at: float | None = None, rate: float | None = None) -> tuple[Finding | None, bool]:
         """A sample of the new version: a finding on a drop, and whether a cycle ended ("no drop").
         ``rate``: the sampling rate it was drawn at."""
-        self.n += 1
-        self.hits += passed
         return self._add(0, passed, at, rate)
 
     def held(self, passed: bool, at: float | None = None, rate: float | None = None) -> tuple[Finding | None, bool]:

@@ -29,19 +29,12 @@ def cycle(rng: random.Random, rate: float, size: int, settings: DriftSettings, *
     that many of the old version's samples beside each new one, a minute apart."""
     estimate = sum(rng.random() < rate for _ in range(size)) / size
     new_rate = rate if new_rate is None else new_rate
-    if not held:
-        plain = PassTest("pass_rate", estimate, ALPHA, settings)
-        n = 0
-        while True:
-            n += 1
-            finding, ended = plain.update(rng.random() < new_rate)
-            if finding is not None or ended:
-                return finding is not None, n
-    test = ConcurrentPassTest("pass_rate", estimate, ALPHA, settings)
+    test = (ConcurrentPassTest if held else PassTest)("pass_rate", estimate, ALPHA, settings)
     n = 0
     while True:
         n += 1
         for _ in range(held):
+            assert isinstance(test, ConcurrentPassTest)
             finding, ended = test.held(rng.random() < rate, 60.0 * n)
             if finding is not None or ended:
                 return finding is not None, n

@@ -280,12 +280,11 @@ class Monitor:
         w.base = deque(maxlen=w.settings.baseline_max)
         rows = self._outside_incidents([row_of(r) for r in await cur.fetchall()])
         for row in rows:
-            if w.baseline(row) and not w.candidate(row):
+            if w.old(row):
                 w.base.append(row.scored)
         # the new version's samples through its tests; a paired watch's with the old version's beside them,
-        # in the order they answered
-        first = next((i for i, row in enumerate(rows) if w.candidate(row)), len(rows))
-        for row in rows[first:]:
+        # in the order they answered (before the new version's first, there is no test to read them)
+        for row in rows:
             w.replay(row)
 
     # -- acting ---------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class Watch:
                 return []
             self.fed_at = row.scored.at if row.scored.at is not None else time.time()
             return self.steady.observe(row.scored)
-        if self.baseline is not None and self.baseline(row) and not self.candidate(row):
+        if self.old(row):
             self.base.append(row.scored)
             if self.test is not None and self.paired:
                 return self.test.held(row.scored)
@@ -103,13 +103,17 @@ class Watch:
             return found
         return self.test.update(row.scored)
 
+    def old(self, row: Row) -> bool:
+        """A sample of the version a change is compared with (its baseline's), not of the one under test."""
+        return self.baseline is not None and self.baseline(row) and not self.candidate(row)
+
     def replay(self, row: Row) -> list[Finding]:
         """A stored sample fed again once ``base`` already holds the old version's stored samples (a new
         watch made from the stored samples, ``Monitor._load``; feed them in the order they answered): the
         new version's as ``feed`` takes them, the old version's to a paired test only."""
-        if self.baseline is not None and self.baseline(row) and not self.candidate(row):
+        if self.old(row):
             return self.test.held(row.scored) if self.test is not None and self.paired else []
-        return self.feed(row) if self.candidate(row) else []
+        return self.feed(row)
 
     @property
     def progressive(self) -> bool:
