@@ -20,6 +20,7 @@ from tollway.gateway.metering.reports import (
     default_period,
     grouped,
     parse_instant,
+    snapshot,
     top_tier,
     totals,
 )
@@ -63,7 +64,7 @@ async def costs_view(state: Any, principal: Principal, params: Any) -> dict[str,
     stack = params.get("stack") if params.get("stack") in ("model", "tier") else "model"
     q = await build_query(state.pool, principal, start=start, end=end, group_by="day", tenant=tenant,
                           top_tier=top_tier(state.catalog))
-    async with state.pool.connection() as conn:
+    async with snapshot(state.pool) as conn:  # the tables add up to the total
         total = await totals(conn, q)
         sections: list[dict[str, Any]] = []
         for group, title in SECTIONS:

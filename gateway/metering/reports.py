@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -287,8 +288,18 @@ async def totals(conn: Any, q: ReportQuery) -> dict[str, Any]:
     return total
 
 
+@asynccontextmanager
+async def snapshot(pool: AsyncConnectionPool) -> AsyncIterator[Any]:
+    """A connection whose every statement reads one snapshot of the ledger: a report reads its groups and
+    its totals in several statements, and rows the ledger writes meanwhile (in the background) are then in
+    all of them or in none, so the groups always add up to the totals."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield conn
+
+
 async def cost_report(pool: AsyncConnectionPool, q: ReportQuery) -> dict[str, Any]:
-    async with pool.connection() as conn:
+    async with snapshot(pool) as conn:
         groups = await grouped(conn, q, q.group_by)
         total = await totals(conn, q)
         if q.tenant_ids is not None and len(q.tenant_ids) == 1 and q.group_by in ("key", "user", "day"):

@@ -65,6 +65,33 @@ async def test_report_totals_equal_the_ledger(app_factory, make_tenant, pg, admi
     assert own.status_code == 200 and own.json()["totals"]["requests"] == 0  # the finance tenant spent nothing
 
 
+async def test_rows_written_while_a_report_is_read_are_in_its_groups_and_totals_or_in_neither(
+        app_factory, make_tenant, admin, monkeypatch):
+    from tollway.gateway.metering import reports
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await traffic(gw, tenant)
+        read_totals = reports.totals
+
+        async def totals_after_another_request(conn: Any, q: Any) -> dict[str, Any]:
+            # a request ends and its ledger row is written between the report's groups and its totals
+            await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+                "model": "sim-small", "messages": [{"role": "user", "content": "meanwhile"}], "max_tokens": 4})
+            await gw.state.ledger.flush()
+            return await read_totals(conn, q)
+
+        monkeypatch.setattr(reports, "totals", totals_after_another_request)
+        first = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                     params={"group_by": "model", "tenant": tenant.name})).json()
+        second = (await gw.client.get("/v1/reports/costs", headers=admin.headers,
+                                      params={"group_by": "model", "tenant": tenant.name})).json()
+    for report in (first, second):
+        assert sum(Decimal(g["spend_usd"]) for g in report["groups"]) == Decimal(report["totals"]["spend_usd"])
+        assert sum(g["requests"] for g in report["groups"]) == report["totals"]["requests"]
+    assert second["totals"]["requests"] == first["totals"]["requests"] + 1  # the row written meanwhile
+
+
 async def test_admin_groups_by_tenant_and_budget_use_is_reported(app_factory, make_tenant, admin):
     tenant = make_tenant()
     async with app_factory() as gw:
