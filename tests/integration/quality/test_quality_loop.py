@@ -535,6 +535,8 @@ async def test_a_rebuilt_steady_watch_replays_the_newest_samples_instead_of_lear
     # seeded with all 203 earlier samples (the old way) its baseline would have taken in the three failures
     # and its CUSUM would start at zero: two more failures are not evidence enough then
     assert [r["watch"] for r in raised] == ["steady:model:sim-rebuilt"]
+    # the alert's evidence is the test that breached (the watch has started over by the time it is written)
+    assert raised[0]["samples"] > 0 and "pass_rate" in raised[0]["detectors"] and raised[0]["baseline_samples"] > 0
 
 
 async def test_failures_packed_into_minutes_wait_for_hours_of_evidence(quality_app, make_tenant, pg):
