@@ -599,7 +599,9 @@ class SteadyWatch:
         self.baseline: deque[Scored] = deque(maxlen=settings.baseline_max)
         self.pending: deque[Scored] = deque()
         self.test: RouteTest | None = None
-        self.breached: tuple[RouteTest, int] | None = None  # the last test that breached, and its baseline's size
+        self.breached: tuple[int, int, list[str]] | None = None  # the last breach's samples, baseline size and
+        #                                                          detectors (its evidence; not the test: that
+        #                                                          would keep its baseline alive)
 
     def seed(self, history: Sequence[Scored]) -> None:
         """The route's earlier samples, oldest first, as its baseline (a monitor taking over)."""
@@ -616,7 +618,7 @@ class SteadyWatch:
         found = self.test.update(s)
         self.pending.append(s)
         if found:
-            self.breached = (self.test, len(self.baseline))  # the alert's evidence (the route starts over now)
+            self.breached = (self.test.n, len(self.baseline), self.test.detectors)  # (the route starts over now)
             self.baseline = deque(self.pending, maxlen=self.settings.baseline_max)
             self.pending.clear()
             self.test = None

@@ -291,11 +291,14 @@ class Monitor:
     async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding], at: int) -> JSON:
         """``at``: the sample that completed the evidence (a steady route's alerts are one per shift; a
         change's, one per change: two monitors that both saw it raise one alert)."""
-        # a steady watch has started over by now: its evidence is the test that breached
-        test, baseline = ((w.steady.breached or (None, 0)) if w.steady is not None else (w.test, len(w.base)))
+        if w.steady is not None:  # it has started over by now: its evidence is the test that breached
+            samples, baseline, detectors = w.steady.breached or (0, 0, [])
+        else:
+            samples, detectors = (0, []) if w.test is None else (w.test.n, w.test.detectors)
+            baseline = len(w.base)
         evidence: JSON = {"watch": w.key, "kind": w.kind, "findings": [f.as_json() for f in found],
-                          "samples": 0 if test is None else test.n, "baseline_samples": baseline,
-                          "alpha": w.settings.alpha, "detectors": [] if test is None else test.detectors}
+                          "samples": samples, "baseline_samples": baseline, "alpha": w.settings.alpha,
+                          "detectors": detectors}
         names = ", ".join(f"{f.detector} ({f.test})" for f in found)
         message = f"Quality drift on {w.subject}: {names}"
         action = None
