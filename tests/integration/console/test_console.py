@@ -223,10 +223,14 @@ async def test_metrics_are_prometheus_text_behind_an_admin_key_and_open_on_the_m
             await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
                 "model": model, "messages": [{"role": "user", "content": "metrics"}], "max_tokens": 4})
         await gw.state.ledger.flush()
-        await asyncio.sleep(0.5)  # budget use is re-read every metrics_budget_interval_s
+        for _ in range(100):  # budget use is re-read every metrics_budget_interval_s (up to 10 s under load)
+            resp = await gw.client.get("/metrics", headers=admin.headers)
+            if any(s.labels.get("tenant") == tenant.name for f in text_string_to_metric_families(resp.text)
+                   if f.name == "tollway_budget_use_ratio" for s in f.samples):
+                break
+            await asyncio.sleep(0.1)
         anonymous = await gw.client.get("/metrics")
         app_key = await gw.client.get("/metrics", headers=tenant.headers)
-        resp = await gw.client.get("/metrics", headers=admin.headers)
         assert anonymous.status_code == 401
         assert app_key.status_code == 403
         assert resp.status_code == 200

@@ -12,6 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from support.config import write_config
 
+from tollway.keyspace import BREAKER_CHANNEL
 from tollway.local.embedded import free_port
 from tollway.routing.shared import POLL_S, STOP_S, SharedBreakers
 
@@ -25,7 +26,12 @@ async def test_an_upstream_one_gateway_finds_dead_gets_nothing_from_another(app_
     tenant = make_tenant()
     body = {"model": "dead-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     async with app_factory(config=config) as first, app_factory(config=config) as second:
-        await asyncio.sleep(0.3)  # both listeners subscribed
+        for _ in range(200):  # both listeners subscribed (up to 10 s on a loaded machine)
+            [(_channel, subscribers)] = await first.state.redis.pubsub_numsub(BREAKER_CHANNEL)
+            if subscribers >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert subscribers >= 2
         seen_by_first = first.state.routing.health["dead"]
         seen_by_second = second.state.routing.health["dead"]
         statuses = []
