@@ -148,6 +148,19 @@ def ledger_total(pg_url: str, tenant_id: int) -> Decimal:
     return Decimal(sql(pg_url, "SELECT coalesce(sum(cost_usd), 0) FROM ledger WHERE tenant_id = %s", tenant_id)[0][0])
 
 
+def settled_ledger(pg_url: str, tenant_id: int, quiet_s: float = 0.6, within_s: float = 15.0) -> None:
+    """Wait until the three gateways' ledger writers have written this tenant's rows: its total unchanged for
+    ``quiet_s`` (on a loaded machine a fixed pause was a guess, and a row still queued reads as drift)."""
+    deadline, last, since = time.monotonic() + within_s, None, time.monotonic()
+    while time.monotonic() < deadline:
+        total = ledger_total(pg_url, tenant_id)
+        if total != last:
+            last, since = total, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.1)
+
+
 def test_three_gateways_behind_haproxy_on_a_redis_cluster_behave_as_one(
         start_sim, sim, pg, cluster, gateway_processes, haproxy, make_tenant, admin, tmp_path):
     simb = start_sim()
@@ -179,7 +192,7 @@ def test_three_gateways_behind_haproxy_on_a_redis_cluster_behave_as_one(
     paid = [s for i, s in enumerate(statuses) if i % 4 != 3]  # embeddings cost a fraction of a chat
     assert 1 <= paid.count(200) <= 11 and 429 in paid, paid.count(200)
     assert all(body.rstrip().endswith("data: [DONE]") for s, body in results if s == 200 and body)
-    time.sleep(0.5)
+    settled_ledger(pg.url, tenant.id)
     assert ledger_total(pg.url, tenant.id) <= limit, "no overspend across three gateways"
     assert reconcile_drifts(lb, admin, tenant) == [], "the cluster's counters equal the ledger"
 
