@@ -160,7 +160,7 @@ def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
         settings = Settings(**{"database_url": pg.url, "redis_url": redis_url, "data_dir": tmp,
                                "config": write_config(tmp / "tollway.yaml", sim.url), "bootstrap": False,
                                "auth_cache_ttl_s": 0.2, "ledger_flush_interval_s": 0.01,
-                               "ledger_retry_interval_s": 0.2, **overrides})
+                               "ledger_retry_interval_s": 0.2, "budget_alert_interval_s": 86400.0, **overrides})
         app = create_app(settings, span_exporter=span_exporter, metric_reader=metric_reader)
         async with watched(app.lifespan(), "the in-process gateway"):
             transport = httpx.ASGITransport(app=app)
@@ -179,7 +179,11 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
         port = free_port()
         workdir = tmp_path_factory.mktemp("serve")
         log = workdir / "serve.log"
-        full_env = {**os.environ, "TOLLWAY_DATA_DIR": str(workdir / "data"), **(env or {})}
+        # Its periodic budget-alert pass off unless asked for (once a day): the session's gateways share one
+        # database and live to its end, and a pass with the real clock raised the forecast alert that a test
+        # driving check_budgets with its own clock was counting (test_alerts failed so, now and then).
+        full_env = {**os.environ, "TOLLWAY_DATA_DIR": str(workdir / "data"), "TOLLWAY_BUDGET_ALERT_INTERVAL_S": "86400",
+                    **(env or {})}
         argv = [sys.executable, "-m", "tollway.cli", "serve", "--port", str(port), *args]
         with open(log, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
