@@ -306,6 +306,15 @@ def _ks_outside(m: int, n: int, g: int, h: int) -> float:
     return min(max(1.0 - inside_share, 0.0), 1.0)
 
 
+def _log_choose(a: int, b: int) -> float:
+    return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+
+def _log_sum_exp(terms: list[float]) -> float:
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
 def hypergeom_sf(k: int, total: int, marked: int, drawn: int) -> float:
     """P(X >= k) for X the marked items among ``drawn`` taken from ``total`` of which ``marked`` are marked
     (scipy's ``hypergeom.sf(k - 1, total, marked, drawn)``): the sum of the upper tail's terms."""
@@ -313,13 +322,9 @@ def hypergeom_sf(k: int, total: int, marked: int, drawn: int) -> float:
     if low > high:
         return 0.0
 
-    def log_choose(a: int, b: int) -> float:
-        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
-
-    base = log_choose(total, drawn)
-    terms = [log_choose(marked, x) + log_choose(total - marked, drawn - x) - base for x in range(low, high + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    base = _log_choose(total, drawn)
+    terms = [_log_choose(marked, x) + _log_choose(total - marked, drawn - x) - base for x in range(low, high + 1)]
+    return min(1.0, math.exp(_log_sum_exp(terms)))
 
 
 def conditional_llr(x: int, n: int, held_n: int, failures: int, log_odds_ratio: float) -> float:
@@ -332,18 +337,9 @@ def conditional_llr(x: int, n: int, held_n: int, failures: int, log_odds_ratio: 
     low, high = max(0, failures - held_n), min(n, failures)
     if low >= high:
         return 0.0
-
-    def log_choose(a: int, b: int) -> float:
-        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
-
-    central = [log_choose(n, k) + log_choose(held_n, failures - k) for k in range(low, high + 1)]
+    central = [_log_choose(n, k) + _log_choose(held_n, failures - k) for k in range(low, high + 1)]
     shifted = [c + k * log_odds_ratio for c, k in zip(central, range(low, high + 1), strict=True)]
-
-    def log_sum(terms: list[float]) -> float:
-        top = max(terms)
-        return top + math.log(sum(math.exp(t - top) for t in terms))
-
-    return x * log_odds_ratio - log_sum(shifted) + log_sum(central)
+    return x * log_odds_ratio - _log_sum_exp(shifted) + _log_sum_exp(central)
 
 
 @dataclass(slots=True)

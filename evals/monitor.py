@@ -581,8 +581,11 @@ class RouteTest:
     def no_regression(self) -> bool:
         """Evidence enough to move a progressive rollout on: ``min_samples`` samples, no breach, and each
         SPRT has accepted "no drop" at least once (an mSPRT never accepts: its silence is the evidence)."""
-        return self.n >= self.settings.min_samples and not self.findings and all(
-            t.accepted > 0 or not t.decisive for t in self.pass_tests)
+        return self.n >= self.settings.min_samples and not self.findings and self.each_accepted()
+
+    def each_accepted(self) -> bool:
+        """Each pass-rate test that decides (an SPRT) has accepted "no drop" at least once."""
+        return all(t.accepted > 0 or not t.decisive for t in self.pass_tests)
 
 
 class SteadyWatch:
