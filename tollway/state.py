@@ -367,7 +367,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     calls = Calls(catalog, ledger, telemetry,
                   Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                   policies=policies, quota=quota)
-    local = LocalEmbedder() if settings.embedder == "local" or settings.local_embedder else None
+    local = (LocalEmbedder(query_model=settings.embedder_query_model)
+             if settings.embedder == "local" or settings.local_embedder else None)
     if local is not None:
         try:
             local.check()  # its packages are installed: a bad install fails here, not in a request

@@ -54,7 +54,7 @@ async def run(args: argparse.Namespace) -> None:
                 for name in (["before", "now"] if i % 2 else ["now", "before"]):
                     began = time.perf_counter()
                     if embedder is not None:
-                        embedding: Any = asyncio.ensure_future(embedder.embed([text]))
+                        embedding: Any = asyncio.ensure_future(embedder.embed([text], query=True))
                     else:
                         q = np.random.default_rng(len(text)).standard_normal(DIMS).astype(np.float32)
                         embedding = Embedded((q / np.linalg.norm(q))[None, :], 0, 0.0)

@@ -135,7 +135,7 @@ async def ready(conn: psycopg.AsyncConnection[Any], tid: int, corpus: corpora.Co
         kept = await (await conn.execute("SELECT 1 FROM rag_collections WHERE name = %s", (name,))).fetchone()
     took = 0.0 if kept else await ingest(conn, tid, name, corpus, embedder, splitting)
     chunks = await all_chunks(conn, tid, name)
-    qv = await embedder.embed([a.text for a in corpus.asks])
+    qv = await embedder.embed([a.text for a in corpus.asks], query=True)  # as a search embeds its query
     texts: dict[str, list[str]] = {}
     for c in chunks:
         texts.setdefault(c.source, []).append(flat(c.text))

@@ -213,9 +213,9 @@ class Rag:
 
         return call
 
-    async def _embed(self, embedder: Embedder, texts: Sequence[str]) -> Embedded:
+    async def _embed(self, embedder: Embedder, texts: Sequence[str], *, query: bool = False) -> Embedded:
         try:
-            return await embedder.embed(texts)
+            return await embedder.embed(texts, query=query)
         except EmbedderError as exc:
             raise (exc.cause if isinstance(exc.cause, TollwayError) else
                    ServiceUnavailable(f"The embedding model failed: {exc}", code="embedder_failed")) from exc
@@ -313,7 +313,7 @@ class Rag:
         reranker = self.reranker(ctx.principal, rerank, sides.append)
 
         async def embed(tally: Tally) -> Embedded:
-            embedded = await self._embed(embedder, [query.text])
+            embedded = await self._embed(embedder, [query.text], query=True)
             tally.usage = Usage(input_tokens=embedded.tokens)  # spent whatever the search does next
             return embedded
 
@@ -389,7 +389,7 @@ class Rag:
         embedded: Embedded | None = None
         try:
             embedder = self.embedder_for(coll.embedder, coll.dims)
-            embedded = await self._embed(embedder, [text])
+            embedded = await self._embed(embedder, [text], query=True)
             calls.append(SideCall(role="retrieval", model=entry, usage=Usage(input_tokens=embedded.tokens),
                                   latency_ms=embedded.latency_ms, replica=embedded.replica))
             async with self.pool.connection() as conn:

@@ -413,3 +413,45 @@ def test_the_search_settings_tag_names_every_setting():
     assert Tuning().tag == Tuning().tag and Tuning().tag.startswith("search:")
     tags = {Tuning().tag, Tuning(mmr_lambda=0.75).tag, Tuning(floor=0.6).tag, Tuning(ef_search=40).tag}
     assert len(tags) == 4
+
+
+def test_a_query_goes_through_the_int8_query_model_built_once_and_near_the_stored_vectors(tmp_path, caplog):
+    """The query model is built from the packaged one (a process of its own) into the folder given, read from
+    there by the next embedder, and its vectors stay near the packaged model's (what collections store);
+    where it cannot be built, a query takes the packaged model."""
+    rng = random.Random(11)
+    words = ["refund", "card", "loan", "Überweisung", "wire", "fee", "PostgreSQL", "snapshot", "git", "push"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(20)]
+    first = LocalEmbedder(models=tmp_path / "models")
+    try:
+        exact, _ = first.embed_sync(texts)
+        fast, _ = first.embed_sync(texts, query=True)
+        built = list((tmp_path / "models").glob("minilm-query-*.onnx"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        embedded = asyncio.run(first.embed(texts[:1], query=True))
+    finally:
+        first.close()
+    cosines = (exact * fast).sum(axis=1)
+    assert float(cosines.min()) > 0.98
+    assert float(cosines.max()) < 0.99999  # another model: the check can fail
+    assert float((embedded.vectors[0] * fast[0]).sum()) > 0.9999
+    assert float((fast[0] * fast[1:]).sum(axis=1).max()) < 0.9999  # the texts differ
+
+    again = LocalEmbedder(models=tmp_path / "models")
+    try:
+        assert float((again.embed_sync(texts[:3], query=True)[0] * fast[:3]).sum(axis=1).min()) > 0.9999
+    finally:
+        again.close()
+    assert built[0].stat().st_mtime_ns == stamp  # read, not built again
+
+    (tmp_path / "blocked").write_text("a file where the folder would be")
+    for embedder in (LocalEmbedder(models=tmp_path / "blocked" / "models"),
+                     LocalEmbedder(models=tmp_path / "models", query_model=False)):
+        try:
+            with caplog.at_level("WARNING", logger="tollway.retrieval"):
+                plain, _ = embedder.embed_sync(texts[:3], query=True)
+        finally:
+            embedder.close()
+        assert float((plain * exact[:3]).sum(axis=1).min()) > 0.9999
+    assert "query model is unavailable" in caplog.text
