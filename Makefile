@@ -64,13 +64,13 @@ test: lint typecheck docs browser haproxy
 bench: install
 	$(BIN)/python bench/overhead/run.py
 
-# Retrieval against BM25 on seven public corpora: six of them ship in Debian's packages (bench/retrieval/corpora.py).
+# Retrieval against BM25 on eight public corpora: seven of them ship in Debian's packages (bench/retrieval/corpora.py).
 bench-retrieval: install
 	@[ -d /usr/share/doc/debian/FAQ ] && [ -f /usr/share/dictd/foldoc.dict.dz ] && [ -d /usr/share/doc/postgresql-doc-15/html ] \
 	  && [ -f /usr/share/dictd/jargon.dict.dz ] && [ -d /usr/share/debian-reference ] \
-	  && [ -d /usr/share/doc/python3-doc/html/library ] || { \
+	  && [ -d /usr/share/doc/python3-doc/html/library ] && [ -f /usr/share/dictd/devil.dict.dz ] || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq debian-faq dict-foldoc \
-	    postgresql-doc-15 dict-jargon debian-reference-en python3-doc; }
+	    postgresql-doc-15 dict-jargon debian-reference-en python3-doc dict-devil; }
 	$(BIN)/python bench/retrieval/versus_bm25.py
 
 clean:

@@ -25,6 +25,10 @@ banking scenarios need whole documents and have none.
   headings, like ``pgdocs`` but another project's manual; inverse cloze queries. A **tuning** corpus, added
   in the third round so that the long-document case (where hierarchical packing held the answer less often
   than flat) has a corpus of its own to choose settings on, the held-out ones staying out of it.
+- ``devil``: Ambrose Bierce's The Devil's Dictionary (Debian's ``dict-devil``): 1,003 short satirical
+  passages, 60 words on average, many with an anecdote, a dialogue or verse; narrative prose in an old
+  register, neither technical nor encyclopedic; inverse cloze queries. **Held out**: added in the fourth
+  round (2026-12-06), run once, never used to choose a setting.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ DEBIAN = {"faq": ("debian-faq", Path("/usr/share/doc/debian/FAQ")),
           "pgdocs": ("postgresql-doc-15", Path("/usr/share/doc/postgresql-doc-15/html")),
           "jargon": ("dict-jargon", Path("/usr/share/dictd/jargon.dict.dz")),
           "debref": ("debian-reference-en", Path("/usr/share/debian-reference")),
-          "pydocs": ("python3-doc", Path("/usr/share/doc/python3-doc/html/library"))}
+          "pydocs": ("python3-doc", Path("/usr/share/doc/python3-doc/html/library")),
+          "devil": ("dict-devil", Path("/usr/share/dictd/devil.dict.dz"))}
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"  # dictd's offsets in its .index
 _SENTENCE = re.compile(r"(?<=[.!?])(\s+)(?=[A-Z(\"'])")  # the separator kept (a split leaves it between)
 
 
@@ -166,6 +172,32 @@ def _dict_entries(name: str) -> list[tuple[str, str, str, str]]:
         if len(text.split()) >= 40:
             found.append((f"{name}/{head.strip()}", head.strip(), text, "text"))
     return found
+
+
+def _indexed_entries(name: str) -> list[tuple[str, str, str, str]]:
+    """Every entry of a dictd database, read at the offsets its ``.index`` gives (for a database whose entries
+    do not start at the line's first column): (source, headword, text, format)."""
+    def number(digits: str) -> int:
+        value = 0
+        for ch in digits:
+            value = value * 64 + _B64.index(ch)
+        return value
+
+    path = DEBIAN[name][1]
+    raw = gzip.open(path).read()
+    found = []
+    for line in path.with_name(path.name.removesuffix(".dict.dz") + ".index").read_text().splitlines():
+        head, offset, length = line.split("\t")[:3]
+        if head.startswith("00"):
+            continue
+        text = raw[number(offset):number(offset) + number(length)].decode("utf-8", errors="replace")
+        found.append((f"{name}/{head}", head, re.sub(r"\s+", " ", text).strip(), "text"))
+    return found
+
+
+def devil(queries: int = 300, seed: int = 23) -> Corpus:
+    return _cloze("devil", "short satirical passages with anecdotes and verse; inverse cloze queries",
+                  _indexed_entries("devil"), queries, seed, held_out=True)
 
 
 def foldoc(entries: int = 2500, queries: int = 400, seed: int = 7) -> Corpus:
@@ -264,5 +296,5 @@ def pydocs(pages: int = 240, queries: int = 300, seed: int = 19) -> Corpus:
 
 def load(names: list[str], banking_tasks: int | None = None) -> list[Corpus]:
     makers = {"banking": lambda: banking(banking_tasks), "faq": faq, "foldoc": foldoc, "pgdocs": pgdocs,
-              "jargon": jargon, "debref": debref, "pydocs": pydocs}
+              "jargon": jargon, "debref": debref, "pydocs": pydocs, "devil": devil}
     return [makers[n]() for n in names]
