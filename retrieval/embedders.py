@@ -40,8 +40,6 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from tollway.retrieval import quantize
-
 log = logging.getLogger("tollway.retrieval")
 
 Vectors = npt.NDArray[np.float32]  # (n, dims), each row L2-normalised
@@ -145,10 +143,22 @@ class Turns:
                     self._held = False
 
 
-def _query_model_file(folder: Path) -> Path:
-    """Where the query model derived from the packaged one is kept: named by the packaged file's hash, the
-    recipe and onnxruntime's version (whose quantiser built it)."""
+def default_models_dir() -> Path:
+    """Models derived from packaged ones, rebuilt when missing: ``$TOLLWAY_MODELS_DIR``, else
+    ``$XDG_CACHE_HOME/tollway/models``, else ``~/.cache/tollway/models``."""
+    if folder := os.environ.get("TOLLWAY_MODELS_DIR"):
+        return Path(folder)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tollway" / "models"
+
+
+def query_model_file(folder: Path) -> Path:
+    """Where the query model derived from the packaged one is kept in ``folder``: named by the packaged file's
+    hash, the recipe and onnxruntime's version (whose quantiser built it)."""
+    # imported here: ``python -m tollway.retrieval.quantize`` runs that module, which must not be imported first
     import onnxruntime as ort
+
+    from tollway.retrieval import quantize
 
     digest = hashlib.sha256(_model_file().read_bytes()).hexdigest()[:16]
     return folder / f"minilm-query-{quantize.RECIPE}-{digest}-ort{ort.__version__}.onnx"
@@ -157,11 +167,24 @@ def _query_model_file(folder: Path) -> Path:
 QUERY_BUILD_TIMEOUT_S = 300
 
 
-def default_models_dir() -> Path:
-    """Models derived from packaged ones, rebuilt when missing: ``$XDG_CACHE_HOME/tollway/models``, else
-    ``~/.cache/tollway/models``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tollway" / "models"
+def prepare_query_model(folder: Path) -> Path:
+    """The query model's file in ``folder``, built there first if it is not (a process of its own, about 4 s;
+    an image's build step can run it: ``python -m tollway.retrieval.quantize --prepare``). Raises
+    EmbedderError where it cannot be built."""
+    path = query_model_file(folder)
+    if path.is_file():
+        return path
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "tollway.retrieval.quantize", str(_model_file()), str(path)],
+                              capture_output=True, text=True, timeout=QUERY_BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise EmbedderError(f"building the query model took more than {QUERY_BUILD_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise EmbedderError(said[-1] if said else f"the quantiser exited with {done.returncode}")
+    log.info("built the local embedder's query model in %.1f s: %s", time.perf_counter() - started, path)
+    return path
 
 
 class LocalEmbedder:
@@ -186,6 +209,7 @@ class LocalEmbedder:
         self.batch_size = batch_size
         self._models = models
         self._query_model = query_model
+        self.query_model_path: Path | None = None  # the query model's file, once a query has loaded it
         self.batch_tokens = batch_tokens
         self._threads = threads
         self.parallel = max(1, parallel or os.cpu_count() or 1)
@@ -230,24 +254,15 @@ class LocalEmbedder:
     def _query_session(self) -> Any:
         """The query model on one thread (a query is short: a second thread gained nothing measurable, and
         light calls run one per core beside each other), or None where it cannot be built here."""
-        if self._models is None:
-            self._models = default_models_dir()
         try:
-            path = _query_model_file(self._models)
-            if not path.is_file():
-                started = time.perf_counter()
-                done = subprocess.run([sys.executable, "-m", "tollway.retrieval.quantize", str(_model_file()),
-                                       str(path)], capture_output=True, text=True, timeout=QUERY_BUILD_TIMEOUT_S)
-                if done.returncode != 0:
-                    said = (done.stderr or done.stdout).strip().splitlines()
-                    raise RuntimeError(said[-1] if said else f"the quantiser exited with {done.returncode}")
-                log.info("built the local embedder's query model in %.1f s: %s", time.perf_counter() - started,
-                         path)
-            return self._new_session(path, 1)
+            path = prepare_query_model(self._models or default_models_dir())
+            session = self._new_session(path, 1)
         except Exception as exc:  # a faster query is an improvement, never a dependency
             log.warning("the local embedder's query model is unavailable (%s); queries use the packaged model",
                         exc)
             return None
+        self.query_model_path = path
+        return session
 
     @cached_property
     def _tokenizer(self) -> Any:
@@ -274,6 +289,7 @@ class LocalEmbedder:
         with self._load_lock:
             self.__dict__.pop("_session", None)
             self.__dict__.pop("_query_session", None)
+            self.query_model_path = None
         if self._heavy_threads is not None:
             self._heavy_threads.shutdown(wait=False)
             self._heavy_threads = None

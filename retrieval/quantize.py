@@ -11,6 +11,8 @@ is unchanged and its version with it.
 Run in a process of its own (``python -m tollway.retrieval.quantize SOURCE TARGET``) so that the gateway
 never imports ``onnx`` and the quantiser's memory goes back when it ends; the target is written whole or not
 at all (a temporary file renamed over it), so processes building it at once leave one good file.
+``python -m tollway.retrieval.quantize --prepare [FOLDER]`` builds it where the embedder looks
+(``$TOLLWAY_MODELS_DIR``, else the user's cache folder), as an image's build step does for a read-only image.
 """
 
 from __future__ import annotations
@@ -71,8 +73,13 @@ def build(source: Path, target: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--prepare"] and len(argv) <= 2:
+        from tollway.retrieval.embedders import default_models_dir, prepare_query_model
+
+        print(prepare_query_model(Path(argv[1]) if len(argv) == 2 else default_models_dir()))
+        return 0
     if len(argv) != 2:
-        print("usage: python -m tollway.retrieval.quantize SOURCE TARGET", file=sys.stderr)
+        print("usage: python -m tollway.retrieval.quantize SOURCE TARGET | --prepare [FOLDER]", file=sys.stderr)
         return 2
     import logging
 

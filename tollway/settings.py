@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # A search's query through its int8 query model (tollway.retrieval.quantize: about twice as fast, vectors
     # within a cosine of 0.98 of the packaged model's); false: queries too through the packaged model.
     embedder_query_model: bool = True
+    # Where that query model is built and read (unset: $XDG_CACHE_HOME/tollway/models, else ~/.cache/...);
+    # an image with a read-only file system builds it there at build time (deploy/Dockerfile).
+    models_dir: Path | None = None
     context_tokens: int = Field(default=1000, ge=1)
     max_context_tokens: int = Field(default=16_000, ge=1)
     max_document_tokens: int = Field(default=200_000, ge=1)

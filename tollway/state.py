@@ -367,7 +367,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     calls = Calls(catalog, ledger, telemetry,
                   Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit),
                   policies=policies, quota=quota)
-    local = (LocalEmbedder(query_model=settings.embedder_query_model)
+    local = (LocalEmbedder(query_model=settings.embedder_query_model, models=settings.models_dir)
              if settings.embedder == "local" or settings.local_embedder else None)
     if local is not None:
         try:

@@ -27,13 +27,13 @@ import versus_bm25
 from common import bench_tenant
 
 from tollway.retrieval import LocalEmbedder, Query, Searcher, Splitting, Tuning
-from tollway.retrieval.embedders import Embedded, _query_model_file, default_models_dir
+from tollway.retrieval.embedders import Embedded, default_models_dir, query_model_file
 
 
 def speed(texts: list[str]) -> None:
     """ms per query, each alone, the two models at one and two threads, taking turns."""
     LocalEmbedder()._model(query=True)  # built here if it is not yet
-    path = _query_model_file(default_models_dir())
+    path = query_model_file(default_models_dir())
     arms = {}
     for threads in (1, 2):
         exact = LocalEmbedder(threads=threads, query_model=False)

@@ -113,12 +113,17 @@ async def _embedder(settings: Settings) -> str:
 
     from tollway.retrieval import LocalEmbedder
 
-    model = LocalEmbedder()
+    model = LocalEmbedder(query_model=settings.embedder_query_model, models=settings.models_dir)
     started = time.perf_counter()
     await asyncio.to_thread(model.load)
     embedded = await model.embed(["doctor"])
-    return (f"{model.name}: {embedded.vectors.shape[1]} dimensions, loaded and embedded in "
-            f"{(time.perf_counter() - started) * 1000:.0f} ms")
+    query = await model.embed(["doctor"], query=True)
+    took = (time.perf_counter() - started) * 1000
+    queries = (f"queries through {model.query_model_path}" if model.query_model_path is not None else
+               "queries through the packaged model" + ("" if not settings.embedder_query_model else
+                                                       " (the query model could not be built: see the log)"))
+    return (f"{model.name}: {embedded.vectors.shape[1]} dimensions, loaded and embedded in {took:.0f} ms; "
+            f"{queries} (cosine {float((embedded.vectors[0] * query.vectors[0]).sum()):.3f})")
 
 
 async def _guardrails(settings: Settings) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import os
 import random
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -444,6 +447,12 @@ def test_a_query_goes_through_the_int8_query_model_built_once_and_near_the_store
     finally:
         again.close()
     assert built[0].stat().st_mtime_ns == stamp  # read, not built again
+    # an image's build step prepares it where the gateway will look (TOLLWAY_MODELS_DIR): found, not rebuilt
+    prepared = subprocess.run([sys.executable, "-m", "tollway.retrieval.quantize", "--prepare"], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "TOLLWAY_MODELS_DIR": str(tmp_path / "models")})
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout.strip() == str(built[0]) and "Warning" not in prepared.stderr
+    assert built[0].stat().st_mtime_ns == stamp
 
     (tmp_path / "blocked").write_text("a file where the folder would be")
     for embedder in (LocalEmbedder(models=tmp_path / "blocked" / "models"),
