@@ -335,14 +335,28 @@ def filter_sql(filters: dict[str, Any] | None, alias: str, *, named: bool = Fals
     return (where, {f"f{i}": v for i, v in enumerate(values)}) if named else (where, values)
 
 
+# The vector as halfvec's binary send format (two int16: dimensions, unused; then each half float, big-endian),
+# decoded for all rows at once (_vectors): pgvector's loader builds one HalfVector per row, which took half the
+# time of reading a search's ~370 candidates (bench/RESULTS.md).
 _CANDIDATE = ("k.id, k.document_id, k.section_id, k.ord, k.text, k.token_count, d.title, s.heading, d.source,"
-              " k.embedding")
+              " halfvec_send(k.embedding)")
+
+
+def _vectors(blobs: Sequence[bytes]) -> list[np.ndarray[Any, Any]]:
+    """halfvec_send's bytes -> float32 vectors (rows of one array where all have the same width)."""
+    if not blobs:
+        return []
+    width = len(blobs[0])
+    if any(len(b) != width for b in blobs):
+        return [np.frombuffer(b, dtype=">f2", offset=4).astype(np.float32) for b in blobs]
+    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), width)[:, 4:]
+    return list(np.ascontiguousarray(raw).view(">f2").astype(np.float32))
 
 
 def _candidates(rows: Sequence[tuple[Any, ...]]) -> list[Candidate]:
     return [Candidate(chunk_id=r[0], document_id=r[1], section_id=r[2], ord=r[3], text=r[4], tokens=r[5],
-                      title=r[6], heading=r[7], source=r[8], vector=r[9].to_numpy().astype(np.float32))
-            for r in rows]
+                      title=r[6], heading=r[7], source=r[8], vector=v)
+            for r, v in zip(rows, _vectors([r[9] for r in rows]), strict=True)]
 
 
 async def set_search(conn: psycopg.AsyncConnection[Any], ef_search: int) -> None:

@@ -13,11 +13,12 @@ import threading
 
 import numpy as np
 import pytest
+from pgvector import HalfVector
 
 from tollway.retrieval import DocumentError, Splitting, decode, parse
 from tollway.retrieval.embedders import LocalEmbedder, Turns
 from tollway.retrieval.search import PER_MESSAGE, merge_overlap, mmr, pack
-from tollway.retrieval.store import Candidate
+from tollway.retrieval.store import Candidate, _vectors
 from tollway.routing import count_text
 
 
@@ -464,3 +465,20 @@ def test_a_query_goes_through_the_int8_query_model_built_once_and_near_the_store
             embedder.close()
         assert float((plain * exact[:3]).sum(axis=1).min()) > 0.9999
     assert "query model is unavailable" in caplog.text
+
+
+def test_candidate_vectors_decoded_at_once_equal_pgvectors_own_loader():
+    """A candidate's vector comes as halfvec's binary send format and is decoded for all rows at once: the same
+    float32 values as pgvector's HalfVector gives, in row order, rows of one width or of several."""
+    rng = np.random.default_rng(3)
+    vectors = [rng.standard_normal(384).astype(np.float16) for _ in range(50)]
+    vectors[7][:3] = [np.inf, -0.0, 6.1e-05]  # the edges of half floats survive too
+    blobs = [HalfVector(v).to_binary() for v in vectors]
+    decoded = _vectors(blobs)
+    assert [d.dtype for d in decoded] == [np.float32] * 50
+    assert all(np.array_equal(d, HalfVector.from_binary(b).to_numpy().astype(np.float32))
+               for d, b in zip(decoded, blobs, strict=True))
+    assert not np.array_equal(decoded[0], decoded[1])  # rows in their order, not one row repeated
+    mixed = _vectors([blobs[0], HalfVector(vectors[1][:8]).to_binary()])
+    assert mixed[1].shape == (8,) and np.array_equal(mixed[1], vectors[1][:8].astype(np.float32))
+    assert _vectors([]) == []
