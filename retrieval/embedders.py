@@ -273,6 +273,16 @@ class LocalEmbedder:
         tokenizer.no_padding()  # its file pads to 128; batches are padded here, to their longest
         return tokenizer
 
+    @property
+    def query_recipe(self) -> str | None:
+        """How a query is embedded when not by the packaged model (the query model's recipe), None when it is:
+        part of a RAG answer's cache key, so replicas embedding queries differently never share answers."""
+        if not self._query_model:
+            return None
+        from tollway.retrieval import quantize
+
+        return quantize.RECIPE
+
     def check(self) -> None:
         """The model's files are there (cheap: nothing is loaded); raises EmbedderError."""
         _model_file()

@@ -421,8 +421,10 @@ class Rag:
                          context_tokens=found.context_tokens, guards=guards, rerank_error=found.rerank_error)
 
     def search_settings(self) -> str:
-        """The search's settings (``Tuning.tag``): an answer packed under other settings is another answer."""
-        return self.searcher.tag
+        """The search's settings (``Tuning.tag``) and how the packaged embedder embeds queries: an answer packed
+        under other settings, or from a query embedded another way, is another answer."""
+        recipe = self.local.query_recipe if self.local is not None else None
+        return f"{self.searcher.tag}+query:{recipe}" if recipe else self.searcher.tag
 
     def screening(self, view: ChatView) -> str | None:
         """How this request's passages are screened (part of the response cache key with the index version:

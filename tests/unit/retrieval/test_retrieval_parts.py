@@ -482,3 +482,16 @@ def test_candidate_vectors_decoded_at_once_equal_pgvectors_own_loader():
     mixed = _vectors([blobs[0], HalfVector(vectors[1][:8]).to_binary()])
     assert mixed[1].shape == (8,) and np.array_equal(mixed[1], vectors[1][:8].astype(np.float32))
     assert _vectors([]) == []
+
+
+def test_a_rag_answers_search_settings_name_how_queries_are_embedded():
+    """Replicas that embed queries differently (the query model on or off) never share a cached RAG answer: the
+    settings in its key name the query model's recipe when it is on (nothing is loaded to say so)."""
+    from tollway.gateway.parts.rag import Rag, RagSettings
+
+    def settings_of(local: LocalEmbedder | None) -> str:
+        return Rag(None, None, None, local, RagSettings(), None).search_settings()  # type: ignore[arg-type]
+
+    on, off, none = (settings_of(LocalEmbedder()), settings_of(LocalEmbedder(query_model=False)),
+                     settings_of(None))
+    assert off == none and on.startswith(off + "+query:") and len({on, off}) == 2
