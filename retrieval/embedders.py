@@ -191,7 +191,7 @@ class LocalEmbedder:
     """all-MiniLM-L6-v2 (int8 ONNX) on the CPU: mean pooling over the last hidden state, L2-normalised.
 
     A search's query (``embed(..., query=True)``) goes through the query model (``tollway.retrieval.quantize``:
-    the same weights with int8 matrix products, one core, about twice as fast, cosine >= 0.985 to the
+    the same weights with int8 matrix products, one core, about twice as fast, cosine >= 0.98 to the
     packaged model's vector), built once per machine in the user's cache folder (``default_models_dir``) the
     first time a query needs it (about 4 seconds, in a process of its own), then read from there. Where it
     cannot be built, queries take the packaged model, as everything else does."""

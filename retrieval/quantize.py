@@ -4,7 +4,7 @@ The packaged model stores its weights as int8 but computes in float32 (onnxrunti
 ``Mul`` into a float weight when it loads). This derives a model whose ``MatMul``s and embedding lookups run
 on int8 weights, one scale per output channel, the activations quantised per call
 (``onnxruntime.quantization.quantize_dynamic``): a short query in about 3.5 ms on one core instead of 8 ms
-(6.5 ms on two), at a cosine of 0.985 or more to the packaged model's vector on every text measured
+(6.5 ms on two), at a cosine of 0.98 or more to the packaged model's vector on every text measured
 (bench/RESULTS.md). Only queries use it: what is stored in a collection is the packaged model's, so an index
 is unchanged and its version with it.
 
