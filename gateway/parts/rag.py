@@ -387,17 +387,29 @@ class Rag:
         entry = self.entry(coll.embedder)
         started = time.perf_counter()
         embedded: Embedded | None = None
+        embedding: asyncio.Future[Embedded] | None = None
+
+        def spent(done: asyncio.Future[Embedded]) -> None:
+            """The embedding's side row as soon as it is known (before the reranker's, as calls are made)."""
+            nonlocal embedded
+            if not done.cancelled() and done.exception() is None:
+                embedded = done.result()
+                calls.append(SideCall(role="retrieval", model=entry, usage=Usage(input_tokens=embedded.tokens),
+                                      latency_ms=embedded.latency_ms, replica=embedded.replica))
+
         try:
             embedder = self.embedder_for(coll.embedder, coll.dims)
-            embedded = await self._embed(embedder, [text], query=True)
-            calls.append(SideCall(role="retrieval", model=entry, usage=Usage(input_tokens=embedded.tokens),
-                                  latency_ms=embedded.latency_ms, replica=embedded.replica))
+            # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
+            embedding = asyncio.ensure_future(self._embed(embedder, [text], query=True))
+            embedding.add_done_callback(spent)
             async with self.pool.connection() as conn:
-                found = await self.searcher.search_with(conn, tenant, coll.name, query, embedded, embedder.name,
+                found = await self.searcher.search_with(conn, tenant, coll.name, query, embedding, embedder.name,
                                                         screen=screen.reason if screen is not None else None,
                                                         drop=screen is None or screen.action == "drop",
                                                         rerank=reranker)
         except (TollwayError, psycopg.Error, StoreError) as exc:
+            if embedding is not None:  # spent even when the search failed first: its side row says what it cost
+                await asyncio.wait({embedding})
             error = exc if isinstance(exc, TollwayError) else \
                 map_store_error(exc) if isinstance(exc, StoreError) else \
                 ServiceUnavailable("The retrieval store is unavailable.", code="retrieval_unavailable")
