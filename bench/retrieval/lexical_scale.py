@@ -17,6 +17,7 @@ embedder on every request (the collection names it; the chunks' vectors are stil
     .venv/bin/python bench/retrieval/lexical_scale.py [--sizes 100000] [--queries 200] [--postings 20000,5000,2000]
         [--data DIR]    # keep the database in DIR: a later run with the same size reads it instead of writing it
         [--http]        # and the whole search over HTTP with the query's embedding
+        [--chat]        # and a chat completion with that retrieval over HTTP (the scripted upstream answers)
 """
 
 from __future__ import annotations
@@ -141,10 +142,14 @@ async def run(args: argparse.Namespace) -> None:
                           f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
             if args.http:
                 print(f"over HTTP: {over_http(conn.info.dsn, cname, short)}", flush=True)
+            if args.chat:
+                print(f"a chat with retrieval over HTTP: {over_http(conn.info.dsn, cname, short, chat=True)}",
+                      flush=True)
 
 
-def over_http(dsn: str, collection: str, queries: list[str]) -> str:
-    """The default search through `tollway serve` on this database: each query timed at the client."""
+def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False) -> str:
+    """The default search through `tollway serve` on this database: each query timed at the client. ``chat``: a
+    chat completion with retrieval instead (the scripted upstream's answer, four tokens at most)."""
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="tollway-lex-http-") as tmp:
@@ -161,8 +166,11 @@ def over_http(dsn: str, collection: str, queries: list[str]) -> str:
             with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
                 for i, text in enumerate([*queries[:5], *queries]):  # the first five warm up (the embedder loads)
                     s = time.perf_counter()
-                    resp = client.post("/retrieval/search", json={"collection": collection, "query": text,
-                                                                   "context_tokens": 600})
+                    resp = (client.post("/chat/completions", json={
+                                "model": "sim-small", "max_tokens": 4, "messages": [{"role": "user", "content": text}],
+                                "retrieval": {"collection": collection, "context_tokens": 600}}) if chat else
+                            client.post("/retrieval/search", json={"collection": collection, "query": text,
+                                                                   "context_tokens": 600}))
                     if i >= 5:
                         took.append((time.perf_counter() - s) * 1000)
                     assert resp.status_code == 200, resp.text
@@ -184,6 +192,7 @@ def main() -> None:
     parser.add_argument("--postings", default="20000,5000,2000", help="postings budgets to compare (Tuning)")
     parser.add_argument("--data", help="keep the database here, one per size, and reuse it")
     parser.add_argument("--http", action="store_true", help="also the whole search over HTTP with the embedding")
+    parser.add_argument("--chat", action="store_true", help="also a chat completion with retrieval over HTTP")
     asyncio.run(run(parser.parse_args()))
 
 
