@@ -152,16 +152,18 @@ def default_models_dir() -> Path:
     return Path(base) / "tollway" / "models"
 
 
+# How tollway.retrieval.quantize derives the query model (per-channel int8 MatMul and Gather, version 1): part of
+# its file's name and of a RAG answer's cache key; a change to that recipe changes this name.
+QUERY_RECIPE = "q8pc-matmul-gather-1"
+
+
 def query_model_file(folder: Path) -> Path:
     """Where the query model derived from the packaged one is kept in ``folder``: named by the packaged file's
     hash, the recipe and onnxruntime's version (whose quantiser built it)."""
-    # imported here: ``python -m tollway.retrieval.quantize`` runs that module, which must not be imported first
     import onnxruntime as ort
 
-    from tollway.retrieval import quantize
-
     digest = hashlib.sha256(_model_file().read_bytes()).hexdigest()[:16]
-    return folder / f"minilm-query-{quantize.RECIPE}-{digest}-ort{ort.__version__}.onnx"
+    return folder / f"minilm-query-{QUERY_RECIPE}-{digest}-ort{ort.__version__}.onnx"
 
 
 QUERY_BUILD_TIMEOUT_S = 300
@@ -277,11 +279,7 @@ class LocalEmbedder:
     def query_recipe(self) -> str | None:
         """How a query is embedded when not by the packaged model (the query model's recipe), None when it is:
         part of a RAG answer's cache key, so replicas embedding queries differently never share answers."""
-        if not self._query_model:
-            return None
-        from tollway.retrieval import quantize
-
-        return quantize.RECIPE
+        return QUERY_RECIPE if self._query_model else None
 
     def check(self) -> None:
         """The model's files are there (cheap: nothing is loaded); raises EmbedderError."""
