@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -207,63 +207,95 @@ def _fuse(dense: dict[int, float], lexical: dict[int, float], weight: float) -> 
     return {key: low + (high - low) * ((1 - weight) * d[key] + weight * lex[key]) for key in dense}
 
 
+class Ranking:
+    """Candidates in maximal-marginal-relevance order (by ``score``), each chosen as it is read: an iterator
+    (``mmr`` reads it whole). Near-duplicates are dropped (a cosine of ``duplicate`` or more with one already
+    chosen, in any document). ``within_documents``: novelty is measured against the chosen passages of the same
+    document only, so another document's passage is never pushed down for resembling this one (what a reader
+    gains from a second passage of one document is what the penalty is for). ``below``: stop once every
+    candidate left scores under it (the packer's floor: it would pass over the rest), the order up to there
+    unchanged.
+
+    The packer reads it only while a candidate it has not yet yielded could still enter the context
+    (``left``): at 600 tokens a search packs from its first few of the 200 the whole order would rank."""
+
+    def __init__(self, cands: list[Candidate], lam: float, duplicate: float, limit: int, *,
+                 within_documents: bool = False, below: float | None = None,
+                 vectors: np.ndarray[Any, Any] | None = None) -> None:
+        self.cands = cands
+        self.duplicate, self.limit, self.within, self.below = duplicate, limit, within_documents, below
+        n = len(cands)
+        self.scores = np.array([c.score for c in cands], dtype=np.float64)
+        # the candidates' vectors, a row each (given: already stacked in this order); a chosen one's cosines
+        # with the rest are computed when it is chosen, not the whole matrix for the few a packer reads
+        self.vectors = vectors if vectors is not None else (
+            np.stack([c.vector for c in cands]) if n else np.zeros((0, 1), dtype=np.float32))
+        self.documents = np.array([c.document_id for c in cands], dtype=np.int64)
+        # the candidates whose novelty a choice changes: its document's (within_documents, found when a passage
+        # of it is first chosen) or all of them
+        self.everyone = np.arange(n)
+        self.members: dict[int, np.ndarray[Any, Any]] = {}
+        self.chosen = 0
+        self.nearest = np.full(n, -1.0)  # to any chosen passage: the duplicate test
+        self.redundancy = np.full(n, -1.0)  # to the chosen passages that count for novelty
+        self.gone = np.zeros(n, dtype=bool)  # taken (chosen or dropped)
+        self.relevance, self.novelty = lam * self.scores, 1 - lam
+        # each candidate's marginal value, kept up to date where a choice changes it (the rest stand as they
+        # were: the same numbers as recomputing every value each round, for a fraction of the work); -inf: taken
+        self.value = self.relevance - self.novelty * np.maximum(self.redundancy, 0)
+        self.remaining = n
+        self.above = n if below is None else int((self.scores >= below).sum())  # of those left, the packer reads
+
+    def __iter__(self) -> Ranking:
+        return self
+
+    @property
+    def ended(self) -> bool:
+        return not (self.chosen < self.limit and self.remaining and self.above)
+
+    def left(self) -> np.ndarray[Any, Any]:
+        """The indexes (into the candidates) of those it may still yield."""
+        return np.zeros(0, dtype=np.int64) if self.ended else np.flatnonzero(~self.gone)
+
+    def __next__(self) -> Candidate:
+        value, gone = self.value, self.gone
+        while not self.ended:
+            best = int(np.argmax(value))
+            taken = float(value[best])
+            value[best] = -np.inf
+            gone[best] = True
+            self.remaining -= 1
+            if self.below is None or self.scores[best] >= self.below:
+                self.above -= 1
+            if self.nearest[best] >= self.duplicate:
+                continue
+            self.chosen += 1
+            cand = self.cands[best]
+            cand.value = taken
+            row = self.vectors @ self.vectors[best]
+            np.maximum(self.nearest, row, out=self.nearest)
+            if self.within:
+                doc = int(self.documents[best])
+                idx = self.members.get(doc)
+                if idx is None:
+                    idx = self.members[doc] = np.flatnonzero(self.documents == doc)
+                if len(idx) == 1:
+                    return cand  # the document's only candidate, just taken: no other value changes
+            else:
+                idx = self.everyone
+            grown = np.maximum(self.redundancy[idx], row[idx])
+            self.redundancy[idx] = grown
+            fresh = self.relevance[idx] - self.novelty * np.maximum(grown, 0)
+            fresh[gone[idx]] = -np.inf
+            value[idx] = fresh
+            return cand
+        raise StopIteration
+
+
 def mmr(cands: list[Candidate], lam: float, duplicate: float, limit: int, *, within_documents: bool = False,
         below: float | None = None) -> list[Candidate]:
-    """Candidates in maximal-marginal-relevance order (by ``score``), near-duplicates dropped (a cosine of
-    ``duplicate`` or more with one already chosen, in any document). ``within_documents``: novelty is
-    measured against the chosen passages of the same document only, so another document's passage is never
-    pushed down for resembling this one (what a reader gains from a second passage of one document is what
-    the penalty is for). ``below``: stop once every candidate left scores under it (the packer's floor: it
-    would pass over the rest), the order up to there unchanged."""
-    if not cands:
-        return []
-    vectors = np.stack([c.vector for c in cands])
-    gram = vectors @ vectors.T
-    scores = np.array([c.score for c in cands])
-    documents = np.array([c.document_id for c in cands])
-    # the candidates whose novelty a choice changes: its document's (within_documents, found when a passage
-    # of it is first chosen) or all of them
-    everyone = np.arange(len(cands))
-    members: dict[int, np.ndarray[Any, Any]] = {}
-    chosen: list[int] = []
-    nearest = np.full(len(cands), -1.0)  # to any chosen passage: the duplicate test
-    redundancy = np.full(len(cands), -1.0)  # to the chosen passages that count for novelty
-    gone = np.zeros(len(cands), dtype=bool)  # taken (chosen or dropped)
-    relevance, novelty = lam * scores, 1 - lam
-    # each candidate's marginal value, kept up to date where a choice changes it (the rest stand as they
-    # were: the same numbers as recomputing every value each round, for a fraction of the work); -inf: taken
-    value = relevance - novelty * np.maximum(redundancy, 0)
-    left = len(cands)
-    above = len(cands) if below is None else int((scores >= below).sum())  # of those left, the packer would read
-    while len(chosen) < limit and left and above:
-        best = int(np.argmax(value))
-        taken = float(value[best])
-        value[best] = -np.inf
-        gone[best] = True
-        left -= 1
-        if below is None or scores[best] >= below:
-            above -= 1
-        if nearest[best] >= duplicate:
-            continue
-        chosen.append(best)
-        cands[best].value = taken
-        row = gram[best]
-        np.maximum(nearest, row, out=nearest)
-        if within_documents:
-            doc = int(documents[best])
-            idx = members.get(doc)
-            if idx is None:
-                idx = members[doc] = np.flatnonzero(documents == doc)
-            if len(idx) == 1:
-                continue  # the document's only candidate, just taken: no other value changes
-        else:
-            idx = everyone
-        grown = np.maximum(redundancy[idx], row[idx])
-        redundancy[idx] = grown
-        fresh = relevance[idx] - novelty * np.maximum(grown, 0)
-        fresh[gone[idx]] = -np.inf
-        value[idx] = fresh
-    return [cands[i] for i in chosen]
+    """The whole of ``Ranking``'s order."""
+    return list(Ranking(cands, lam, duplicate, limit, within_documents=within_documents, below=below))
 
 
 def merge_overlap(a: str, b: str) -> str:
@@ -307,7 +339,7 @@ def _block(n: int, title: str, heading: str, text: str) -> str:
     return f"[{n}] {_where(title, heading)}\n{text}"
 
 
-def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
+def pack(ordered: Sequence[Candidate] | Ranking, collection: str, budget: int, *, limit: int,
          floor: float | None, tails: bool = False, screen: Screen | None = None, drop: bool = True,
          flagged: list[Flagged] | None = None) -> tuple[str, list[Passage], int]:
     """Passages in ``ordered``'s order into ``budget`` tokens (the system message's text plus its framing),
@@ -316,36 +348,38 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
     search would spend its time on); the whole is counted exactly at the end and trimmed if the seams
     between blocks tokenised longer. Returns (context, passages, tokens used).
 
+    A ``Ranking`` is read only while one of the candidates it has not yet yielded could still enter (``_Room``):
+    the packing is the same as over its whole order, without ranking what could never be packed.
+
     ``screen`` (an injection check) reads each candidate as it would enter the context: a flagged one is
     appended to ``flagged`` and, with ``drop``, left out, so its room goes to the next candidate."""
     top = header(collection)
-    best = ordered[0].score if ordered else 0.0
+    it = iter(ordered)
+    first = next(it, None)
+    best = first.score if first is not None else 0.0
     groups: list[list[Candidate]] = []
     sizes: list[int] = []
     total = count_text(top) + PER_MESSAGE
-    for cand in ordered:
+    room = _Room(ordered, budget, limit, None if floor is None else floor * best, tails) \
+        if isinstance(ordered, Ranking) else None
+    cand = first
+    while cand is not None:
         if floor is not None and cand.score < floor * best:
+            cand = _next(it, room, groups, sizes, total)
             continue
         at = next((i for i, g in enumerate(groups) if g[0].section_id == cand.section_id and not g[0].truncated
                    and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
         if at is None and len(groups) >= limit:
+            cand = _next(it, room, groups, sizes, total)
             continue
-        room = budget - total
-        if (at is None and cand.tokens > room and not (tails and room >= MIN_TAIL)
-                and not _heading_line(cand.heading, cand.text)):
-            continue  # its block is longer than its text (a header of 4+ tokens): it cannot fit, and counting it
-            # is most of a search's packing once the budget is full
-        group = [cand] if at is None else sorted([*groups[at], cand], key=lambda c: c.ord)
-        n = len(groups) + 1 if at is None else at + 1
-        size = count_text("\n\n" + _block(n, group[0].title, group[0].heading, _text(group)))
-        grown = total + size - (0 if at is None else sizes[at])
-        if grown > budget and at is None and tails and budget - total >= MIN_TAIL:
-            # the rest of the budget takes the head of this passage, cut at a sentence
-            head = _head(cand, n, budget - total)
-            if head is not None:
-                group, size = [head], count_text("\n\n" + _block(n, head.title, head.heading, head.text))
-                grown = total + size
+        if at is None and _passed_over(cand, budget - total, tails):
+            # its block is longer than its text (a header of 4+ tokens): it cannot fit, and counting it is most
+            # of a search's packing once the budget is full
+            cand = _next(it, room, groups, sizes, total)
+            continue
+        group, size, grown = _entering(cand, at, groups, sizes, total, budget, tails)
         if grown > budget:
+            cand = _next(it, room, groups, sizes, total)
             continue
         if screen is not None:
             entering = group[0] if at is None else cand
@@ -355,6 +389,7 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
                     flagged.append(Flagged(entering.document_id, entering.section_id, entering.chunk_id,
                                            entering.title, entering.source, reason, drop))
                 if drop:
+                    cand = _next(it, room, groups, sizes, total)
                     continue
         if at is None:
             groups.append(group)
@@ -362,6 +397,7 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
         else:
             groups[at], sizes[at] = group, size
         total = grown
+        cand = _next(it, room, groups, sizes, total)
     ranked = sorted(groups, key=lambda g: -max(c.score for c in g))  # the most relevant first
     while ranked:
         used = count_text(_render(top, ranked)) + PER_MESSAGE
@@ -369,6 +405,109 @@ def pack(ordered: list[Candidate], collection: str, budget: int, *, limit: int,
             return _render(top, ranked), [_passage(i + 1, g) for i, g in enumerate(ranked)], used
         ranked.pop()  # the seams counted longer than the blocks did: the least relevant goes
     return "", [], 0
+
+
+def _passed_over(cand: Candidate, room: int, tails: bool) -> bool:
+    """A new passage whose text alone is longer than the room left, which no tail may take and whose block keeps
+    its whole text: the packer passes over it uncounted."""
+    return (cand.tokens > room and not (tails and room >= MIN_TAIL)
+            and not _heading_line(cand.heading, cand.text))
+
+
+def _entering(cand: Candidate, at: int | None, groups: list[list[Candidate]], sizes: list[int], total: int,
+              budget: int, tails: bool) -> tuple[list[Candidate], int, int]:
+    """What ``cand`` would make of the context: its passage (a new one, or the group ``at`` it joins), that
+    passage's size and the context's size after it (over ``budget``: it does not fit)."""
+    group = [cand] if at is None else sorted([*groups[at], cand], key=lambda c: c.ord)
+    n = len(groups) + 1 if at is None else at + 1
+    size = count_text("\n\n" + _block(n, group[0].title, group[0].heading, _text(group)))
+    grown = total + size - (0 if at is None else sizes[at])
+    if grown > budget and at is None and tails and budget - total >= MIN_TAIL:
+        # the rest of the budget takes the head of this passage, cut at a sentence
+        head = _head(cand, n, budget - total)
+        if head is not None:
+            group, size = [head], count_text("\n\n" + _block(n, head.title, head.heading, head.text))
+            grown = total + size
+    return group, size, grown
+
+
+def _next(it: Iterator[Candidate], room: _Room | None, groups: list[list[Candidate]], sizes: list[int],
+          total: int) -> Candidate | None:
+    if room is not None and not room.open(groups, sizes, total):
+        return None
+    return next(it, None)
+
+
+class _Room:
+    """Whether any candidate a ``Ranking`` may still yield could enter the context as it stands: the packer
+    stops reading it when none could. Exact: a candidate the packer would pass over now it passes over later
+    too (the room only shrinks; a passage it could join only appears by another candidate entering, which
+    this finds first). Each candidate is judged as the packer would: the floor, the passage limit, the
+    uncounted pass-over, and otherwise its block counted (cached per state)."""
+
+    def __init__(self, ranking: Ranking, budget: int, limit: int, floor_at: float | None, tails: bool) -> None:
+        self.ranking, self.budget, self.limit, self.tails = ranking, budget, limit, tails
+        cands = ranking.cands
+        self.eligible = (np.ones(len(cands), dtype=bool) if floor_at is None
+                         else ranking.scores >= floor_at)  # the packer's floor
+        self.tokens = np.array([c.tokens for c in cands], dtype=np.int64)
+        self.keys = np.array([(c.section_id << 20) | (c.ord & 0xFFFFF) for c in cands], dtype=np.int64)
+        self._cut: np.ndarray[Any, Any] | None = None  # whose block leaves its text's first line out
+        self._sentences: np.ndarray[Any, Any] | None = None
+        self.state: tuple[int, int] | None = None  # (passages, total) when ``witness`` was found
+        self.witness = -1  # a candidate that could enter in that state
+        self.grows: dict[tuple[int, int, int], int] = {}  # (candidate, passage, its length) -> tokens it adds
+
+    def sentences(self) -> np.ndarray[Any, Any]:
+        """Whose text has a sentence's end (after its first character) where a tail could cut it."""
+        if self._sentences is None:
+            self._sentences = np.array([_SENTENCE_END.search(c.text, 1) is not None for c in self.ranking.cands],
+                                       dtype=bool)
+        return self._sentences
+
+    def cut(self) -> np.ndarray[Any, Any]:
+        if self._cut is None:
+            self._cut = np.array([bool(_heading_line(c.heading, c.text)) for c in self.ranking.cands], dtype=bool)
+        return self._cut
+
+    def open(self, groups: list[list[Candidate]], sizes: list[int], total: int) -> bool:
+        state = (sum(len(g) for g in groups), total)
+        if (state == self.state and self.witness >= 0 and not self.ranking.gone[self.witness]
+                and not self.ranking.ended):
+            return True
+        self.state, self.witness = state, self._find(groups, sizes, total)
+        return self.witness >= 0
+
+    def _find(self, groups: list[list[Candidate]], sizes: list[int], total: int) -> int:
+        left = self.ranking.left()
+        left = left[self.eligible[left]]
+        if not len(left):
+            return -1
+        room = self.budget - total
+        new = len(groups) < self.limit
+        if new and self.tails and room >= MIN_TAIL:
+            cut = left[self.sentences()[left]]
+            if len(cut):
+                return int(cut[0])  # a tail may take its head (whether one fits is counted when it is read)
+        neighbours = np.array([(c.section_id << 20) | ((c.ord + d) & 0xFFFFF) for g in groups if not g[0].truncated
+                               for c in g for d in (-1, 1)], dtype=np.int64)
+        joining = np.isin(self.keys[left], neighbours) if len(neighbours) else np.zeros(len(left), dtype=bool)
+        maybe = joining | (new & ((self.tokens[left] <= room) | self.cut()[left]))
+        cands = self.ranking.cands
+        for i in left[maybe]:
+            cand = cands[i]
+            at = next((j for j, g in enumerate(groups) if g[0].section_id == cand.section_id and not g[0].truncated
+                       and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
+            if at is None and (not new or _passed_over(cand, room, self.tails)):
+                continue
+            # what it adds depends on the passage it makes or joins, never on the room (no tail is cut here)
+            key = (int(i), -1 if at is None else at, len(groups) if at is None else len(groups[at]))
+            adds = self.grows.get(key)
+            if adds is None:
+                adds = self.grows[key] = _entering(cand, at, groups, sizes, total, self.budget, self.tails)[2] - total
+            if total + adds <= self.budget:
+                return int(i)
+        return -1
 
 
 MIN_TAIL = 32  # tokens: less than this left in the budget is not worth a cut passage
@@ -470,15 +609,17 @@ class Searcher:
             if sections:
                 cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
                           if c.chunk_id not in seen]
-        ordered = self._order(cands, q, sections, docs, query, lexical, k, floor_ends=rerank is None)
+        ordered: list[Candidate] | Ranking = self._order(cands, q, sections, docs, query, lexical, k,
+                                                         floor_ends=rerank is None)
         rerank_error = None
-        if rerank is not None and ordered:
+        if rerank is not None and (whole := list(ordered)):  # the reranker reads the best of the whole order
+            ordered = whole
             try:
-                ordered = await reranked(ordered, query.text, rerank, query.rerank_candidates)
+                ordered = await reranked(whole, query.text, rerank, query.rerank_candidates)
             except Exception as exc:  # a reranker is an improvement, never a dependency: pack the fused order
                 rerank_error = str(exc) or type(exc).__name__
         floor = t.floor if query.mode == "hierarchical" else None
-        limit = k if query.mode == "hierarchical" else len(ordered)
+        limit = k  # flat: its k candidates at most
         flagged: list[Flagged] = []
         spent = [0.0]  # seconds in the screen
 
@@ -498,11 +639,12 @@ class Searcher:
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
                docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int, *,
-               floor_ends: bool = False) -> list[Candidate]:
+               floor_ends: bool = False) -> list[Candidate] | Ranking:
         t = self.tuning
         if not cands:
             return []
-        sims = np.stack([c.vector for c in cands]) @ q
+        vectors = np.stack([c.vector for c in cands])
+        sims = vectors @ q
         for c, s in zip(cands, sims, strict=True):
             c.similarity = float(s)
         section_sim, doc_sim = dict(sections), dict(docs)
@@ -538,12 +680,16 @@ class Searcher:
         for c in cands:
             c.score = (own * chunk_of[c.chunk_id] + t.section_weight * section_of[c.section_id]
                        + t.document_weight * doc_of[c.document_id])
-        cands.sort(key=lambda c: -c.score)
+        order = sorted(range(len(cands)), key=lambda i: -cands[i].score)
+        cands = [cands[i] for i in order]
         # with the packer's floor as the ordering's end (a reranker reorders past it; density re-sorts)
         below = t.floor * cands[0].score if floor_ends and not t.density else None
-        picked = mmr(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16), within_documents=t.mmr_within_documents,
-                     below=below)
-        if t.density and picked:
+        ranking = Ranking(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16),
+                          within_documents=t.mmr_within_documents, below=below, vectors=vectors[order])
+        if not t.density:
+            return ranking  # ranked as the packer reads it
+        picked = list(ranking)
+        if picked:
             # relevance above gain_floor x the best, per token the passage costs with its citation header
             base = t.gain_floor * max(c.score for c in picked)
             picked.sort(key=lambda c: -max(c.score - base, 0.0) / (c.tokens + count_text(_where(c.title, c.heading)) + 4))

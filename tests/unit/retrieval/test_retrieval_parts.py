@@ -17,7 +17,7 @@ from pgvector import HalfVector
 
 from tollway.retrieval import DocumentError, Splitting, decode, parse
 from tollway.retrieval.embedders import LocalEmbedder, Turns
-from tollway.retrieval.search import PER_MESSAGE, merge_overlap, mmr, pack
+from tollway.retrieval.search import PER_MESSAGE, Ranking, merge_overlap, mmr, pack
 from tollway.retrieval.store import Candidate, _vectors
 from tollway.routing import count_text
 
@@ -222,9 +222,11 @@ def test_mmr_within_documents_penalises_a_second_passage_of_one_document_only():
 
 def _mmr_every_round(cands: list[Candidate], lam: float, duplicate: float, limit: int,
                      within_documents: bool) -> list[tuple[int, float]]:
-    """The textbook loop: every candidate's marginal value recomputed each round (mmr's first form)."""
+    """The textbook loop: every candidate's marginal value recomputed each round (mmr's first form). A chosen
+    candidate's cosines are one matrix-vector product, as mmr computes them (a whole Gram matrix would round
+    some of them differently in the last bit)."""
     vectors = np.stack([c.vector for c in cands])
-    gram = vectors @ vectors.T
+    gram = np.stack([vectors @ v for v in vectors]) if len(vectors) else vectors
     scores = np.array([c.score for c in cands])
     documents = np.array([c.document_id for c in cands])
     chosen: list[tuple[int, float]] = []
@@ -301,6 +303,70 @@ def test_mmr_ending_at_the_packers_floor_packs_the_same(within):
         budget = int(rng.integers(50, 3000))
         assert (pack(ended, "kb", budget, limit=limit, floor=0.5)
                 == pack(whole, "kb", budget, limit=limit, floor=0.5))
+
+
+def _sectioned(rng: np.random.Generator, texts: random.Random, n: int) -> list[Candidate]:
+    """Candidates as a search meets them: sections of adjacent chunks (each starting with the last words of
+    the one before, as chunk overlap does), some opening with their heading's line, a few tiny ones."""
+    vectors = rng.standard_normal((n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    out: list[Candidate] = []
+    previous = ""
+    for i in range(n):
+        section, ord_ = i // 4, int(rng.integers(0, 3)) + (i % 4) * 2 if texts.random() < 0.3 else i % 4
+        size = texts.choice([1, 2, 5, 20, 60, 150])
+        words = " ".join(texts.choice(["Fee", "card.", "loan", "rate", "42", "é", "it is."]) for _ in range(size))
+        if ord_ and previous and texts.random() < 0.5:
+            words = " ".join(previous.split()[-3:]) + " " + words
+        heading = f"Part {section}"
+        if texts.random() < 0.2:
+            words = f"{heading}\n{words}"
+        previous = words
+        out.append(Candidate(chunk_id=i, document_id=section // 2, section_id=section, ord=ord_, text=words,
+                             tokens=count_text(words), title=f"Doc {section // 2}", heading=heading,
+                             source=f"d{section // 2}.md", vector=vectors[i], score=float(rng.uniform(0.05, 0.9))))
+    out.sort(key=lambda c: -c.score)
+    return out
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_packing_a_ranking_as_it_is_read_packs_the_same_as_its_whole_order(within):
+    """The packer reads a Ranking only while a candidate it may still yield could enter: the context, the
+    passages and the tokens are the same as over the whole order, adjacent chunks, headings, tails, the floor
+    and the passage limit included."""
+    rng = np.random.default_rng(21)
+    texts = random.Random(21)
+    read_less = 0
+    for _ in range(150):
+        cands = _sectioned(rng, texts, int(rng.integers(1, 120)))
+        limit = int(rng.integers(1, 60))
+        below = 0.5 * cands[0].score if texts.random() < 0.5 else None
+        budget, passages = int(rng.integers(1, 1500)), int(rng.integers(1, 40))
+        floor, tails = texts.choice([None, 0.5]), texts.random() < 0.7
+        whole = mmr([dataclasses.replace(c) for c in cands], 0.9, 0.95, limit, within_documents=within, below=below)
+        ranking = Ranking([dataclasses.replace(c) for c in cands], 0.9, 0.95, limit, within_documents=within,
+                          below=below)
+        assert (pack(ranking, "kb", budget, limit=passages, floor=floor, tails=tails)
+                == pack(whole, "kb", budget, limit=passages, floor=floor, tails=tails))
+        read_less += ranking.chosen < len(whole)
+    assert read_less > 50  # and most of the time without ranking the whole order
+
+
+@pytest.mark.parametrize("sentence", [10, 1000])
+def test_a_full_budget_stops_the_ranking(sentence):
+    """600 tokens of room and 200 candidates of about 150 tokens in sentences of ten words (the budget's
+    remainder takes a tail) or in one sentence (no tail can be cut): the packer reads a handful."""
+    rng = np.random.default_rng(3)
+    texts = random.Random(3)
+    cands = _sectioned(rng, texts, 200)
+    for c in cands:
+        words = [texts.choice(["fee", "card", "loan", "rate"]) for _ in range(150)]
+        c.text = " ".join(w + ("." if (i + 1) % sentence == 0 else "") for i, w in enumerate(words))
+        c.tokens = count_text(c.text)
+    ranking = Ranking(cands, 0.9, 0.95, 200, within_documents=True)
+    _, passages, used = pack(ranking, "kb", 600, limit=50, floor=0.5, tails=True)
+    assert passages and used <= 600
+    assert ranking.chosen <= 10
 
 
 def test_a_reranker_reorders_the_best_candidates_and_keeps_the_fused_scale():
