@@ -580,9 +580,8 @@ class Searcher:
         """``embedding``: the query's, or one still being computed (a task): the lexical ranking needs none,
         so it runs in PostgreSQL while the embedder works, and the vector queries wait for the vector."""
         t = self.tuning
-        async with store.tenant_tx(conn, tenant_id):
+        async with store.tenant_tx(conn, tenant_id, settings=store.search_settings(t.ef_search)):
             coll = await store.get_collection(conn, tenant_id, collection)  # this transaction's revision
-            await store.set_search(conn, t.ef_search)
             k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
             n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
             lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)

@@ -6,7 +6,7 @@ any query here can see (see migration 0006). Nothing in this module filters by t
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,8 +34,11 @@ class StoreError(Exception):
 
 
 @asynccontextmanager
-async def tenant_tx(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+async def tenant_tx(conn: psycopg.AsyncConnection[Any], tenant_id: int, *,
+                    settings: Mapping[str, str] | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A transaction as ``tollway_rag`` with ``tenant_id`` set: row-level security scopes every statement.
+    ``settings``: more of the transaction's own settings (the code's names, never a client's), set in the same
+    statement as the role and the tenant (one round trip: a search makes three or four such).
 
     It must be a transaction of its own: nested in another, it would be a savepoint, and the role and the
     tenant would outlive it until the outer transaction ends."""
@@ -43,9 +46,12 @@ async def tenant_tx(conn: psycopg.AsyncConnection[Any], tenant_id: int) -> Async
         raise RuntimeError("tenant_tx needs a connection outside any transaction")
     if conn.adapters.types.get("halfvec") is None:
         await register_vector_async(conn)
+    extra = dict(settings or {})
     async with conn.transaction():
-        await conn.execute(f"SET LOCAL ROLE {ROLE}")
-        await conn.execute("SELECT set_config('tollway.tenant_id', %s, true)", (str(tenant_id),))
+        # set_config('role', ..., true) is SET LOCAL ROLE (the same membership check, undone at the end)
+        await conn.execute("SELECT " + ", ".join(["set_config(%s, %s, true)"] * (2 + len(extra))),
+                           [v for pair in [("role", ROLE), ("tollway.tenant_id", str(tenant_id)), *extra.items()]
+                            for v in pair])
         yield conn
 
 
@@ -359,10 +365,16 @@ def _candidates(rows: Sequence[tuple[Any, ...]]) -> list[Candidate]:
             for r, v in zip(rows, _vectors([r[9] for r in rows]), strict=True)]
 
 
+def search_settings(ef_search: int) -> dict[str, str]:
+    """pgvector 0.8 iterative index scans: filters (tenant, collection, metadata) never starve the results
+    (``tenant_tx``'s settings for a search)."""
+    return {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": str(ef_search)}
+
+
 async def set_search(conn: psycopg.AsyncConnection[Any], ef_search: int) -> None:
-    """pgvector 0.8 iterative index scans: filters (tenant, collection, metadata) never starve the results."""
-    await conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),"
-                       " set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
+    """``search_settings`` inside a transaction already open."""
+    await conn.execute("SELECT " + ", ".join(["set_config(%s, %s, true)"] * 2),
+                       [v for pair in search_settings(ef_search).items() for v in pair])
 
 
 async def nearest_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, query: np.ndarray[Any, Any],
