@@ -453,17 +453,18 @@ class _Room:
         self.tokens = np.array([c.tokens for c in cands], dtype=np.int64)
         self.keys = np.array([(c.section_id << 20) | (c.ord & 0xFFFFF) for c in cands], dtype=np.int64)
         self._cut: np.ndarray[Any, Any] | None = None  # whose block leaves its text's first line out
-        self._sentences: np.ndarray[Any, Any] | None = None
+        self._sentences: dict[int, bool] = {}
         self.state: tuple[int, int] | None = None  # (passages, total) when ``witness`` was found
         self.witness = -1  # a candidate that could enter in that state
         self.grows: dict[tuple[int, int, int], int] = {}  # (candidate, passage, its length) -> tokens it adds
 
-    def sentences(self) -> np.ndarray[Any, Any]:
-        """Whose text has a sentence's end (after its first character) where a tail could cut it."""
-        if self._sentences is None:
-            self._sentences = np.array([_SENTENCE_END.search(c.text, 1) is not None for c in self.ranking.cands],
-                                       dtype=bool)
-        return self._sentences
+    def sentence(self, i: int) -> bool:
+        """Whether the candidate's text has a sentence's end (after its first character) where a tail could cut
+        it (looked for once, when asked)."""
+        found = self._sentences.get(i)
+        if found is None:
+            found = self._sentences[i] = _SENTENCE_END.search(self.ranking.cands[i].text, 1) is not None
+        return found
 
     def cut(self) -> np.ndarray[Any, Any]:
         if self._cut is None:
@@ -486,9 +487,9 @@ class _Room:
         room = self.budget - total
         new = len(groups) < self.limit
         if new and self.tails and room >= MIN_TAIL:
-            cut = left[self.sentences()[left]]
-            if len(cut):
-                return int(cut[0])  # a tail may take its head (whether one fits is counted when it is read)
+            for i in left:  # a tail may take its head (whether one fits is counted when it is read)
+                if self.sentence(int(i)):
+                    return int(i)
         neighbours = np.array([(c.section_id << 20) | ((c.ord + d) & 0xFFFFF) for g in groups if not g[0].truncated
                                for c in g for d in (-1, 1)], dtype=np.int64)
         joining = np.isin(self.keys[left], neighbours) if len(neighbours) else np.zeros(len(left), dtype=bool)

@@ -18,6 +18,8 @@ embedder on every request (the collection names it; the chunks' vectors are stil
         [--data DIR]    # keep the database in DIR: a later run with the same size reads it instead of writing it
         [--http]        # and the whole search over HTTP with the query's embedding
         [--chat]        # and a chat completion with that retrieval over HTTP (the scripted upstream answers)
+        [--before REV]  # over HTTP: REV's gateway beside today's on the same database, the two taking turns
+        [--only-http]   # the HTTP timings only (the database kept in --data)
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # bench/common.py
 import corpora
-from common import CLI, Processes, bench_tenant, start_gateway, start_sim
+from common import CLI, Processes, bench_tenant, package_at, start_gateway, start_sim
 
 from tollway.retrieval import Query, Searcher, Splitting, Tuning, create_collection, store, tenant_tx
 from tollway.retrieval.embedders import LOCAL_NAME, Embedded, normalise
@@ -119,7 +121,7 @@ async def run(args: argparse.Namespace) -> None:
             short = rng.sample(pool, args.queries)
             long = [" ".join(rng.sample(pool, 15))[:1800] for _ in range(50)]
             long = [" ".join(q.split()[:250]) for q in long]
-            for budget in (int(b) for b in args.postings.split(",")):
+            for budget in ([] if args.only_http else (int(b) for b in args.postings.split(","))):
                 searcher = Searcher(lambda name, dims: None, Tuning(lexical_postings=budget))  # type: ignore[arg-type,return-value]
                 print(f"postings budget {budget:,}:")
                 for name, queries in (("short (~20 words)", short), ("long (250 words)", long)):
@@ -141,15 +143,17 @@ async def run(args: argparse.Namespace) -> None:
                     print(f"  {name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}   "
                           f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
             if args.http:
-                print(f"over HTTP: {over_http(conn.info.dsn, cname, short)}", flush=True)
+                print(f"over HTTP: {over_http(conn.info.dsn, cname, short, before=args.before)}", flush=True)
             if args.chat:
-                print(f"a chat with retrieval over HTTP: {over_http(conn.info.dsn, cname, short, chat=True)}",
-                      flush=True)
+                print("a chat with retrieval over HTTP: "
+                      f"{over_http(conn.info.dsn, cname, short, chat=True, before=args.before)}", flush=True)
 
 
-def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False) -> str:
+def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False, before: str | None = None) -> str:
     """The default search through `tollway serve` on this database: each query timed at the client. ``chat``: a
-    chat completion with retrieval instead (the scripted upstream's answer, four tokens at most)."""
+    chat completion with retrieval instead (the scripted upstream's answer, four tokens at most). ``before``: a
+    second gateway runs an earlier commit's package beside today's, on the same database, and the two take turns
+    query by query (which goes first alternates), so the machine's drift falls on both."""
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="tollway-lex-http-") as tmp:
@@ -158,23 +162,36 @@ def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False)
         procs = Processes(Path(tmp), {**os.environ, **env})
         try:
             sim, _ = start_sim(procs)
-            gateway = start_gateway(procs, sim, data=None, bench_tenant=False)
+            gateways = {"now": start_gateway(procs, sim, data=None, bench_tenant=False)}
+            if before is not None:
+                gateways[f"before ({before})"] = start_gateway(procs, sim, data=None, bench_tenant=False,
+                                                                 name="tollway-before",
+                                                                 env=package_at(before, Path(tmp)))
             made = subprocess.run([*CLI, "keys", "create", "--tenant", "bench"], check=True, capture_output=True,
                                   text=True, env=procs.env, cwd=tmp)
             key = next(w for w in made.stdout.split() if w.startswith("tw-"))
-            took = []
-            with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
+            clients = {name: httpx.Client(base_url=g.url, headers={"authorization": f"Bearer {key}"}, timeout=30)
+                       for name, g in gateways.items()}
+            took: dict[str, list[float]] = {name: [] for name in clients}
+            try:
                 for i, text in enumerate([*queries[:5], *queries]):  # the first five warm up (the embedder loads)
-                    s = time.perf_counter()
-                    resp = (client.post("/chat/completions", json={
-                                "model": "sim-small", "max_tokens": 4, "messages": [{"role": "user", "content": text}],
-                                "retrieval": {"collection": collection, "context_tokens": 600}}) if chat else
-                            client.post("/retrieval/search", json={"collection": collection, "query": text,
-                                                                   "context_tokens": 600}))
-                    if i >= 5:
-                        took.append((time.perf_counter() - s) * 1000)
-                    assert resp.status_code == 200, resp.text
-            return ms(took)
+                    for name in (list(clients) if i % 2 else list(clients)[::-1]):
+                        s = time.perf_counter()
+                        resp = (clients[name].post("/chat/completions", json={
+                                    "model": "sim-small", "max_tokens": 4,
+                                    "messages": [{"role": "user", "content": text}],
+                                    "retrieval": {"collection": collection, "context_tokens": 600}}) if chat else
+                                clients[name].post("/retrieval/search", json={"collection": collection, "query": text,
+                                                                               "context_tokens": 600}))
+                        if i >= 5:
+                            took[name].append((time.perf_counter() - s) * 1000)
+                        assert resp.status_code == 200, resp.text
+            finally:
+                for client in clients.values():
+                    client.close()
+            if before is None:
+                return ms(took["now"])
+            return "".join(f"\n  {name:<24} {ms(values)}" for name, values in took.items())
         finally:
             procs.stop()
 
@@ -193,6 +210,8 @@ def main() -> None:
     parser.add_argument("--data", help="keep the database here, one per size, and reuse it")
     parser.add_argument("--http", action="store_true", help="also the whole search over HTTP with the embedding")
     parser.add_argument("--chat", action="store_true", help="also a chat completion with retrieval over HTTP")
+    parser.add_argument("--before", help="over HTTP, an earlier commit's gateway beside today's, taking turns")
+    parser.add_argument("--only-http", action="store_true", help="skip the in-process timings (with --http/--chat)")
     asyncio.run(run(parser.parse_args()))
 
 
