@@ -192,19 +192,21 @@ class Found:
 
 
 # -- scoring -------------------------------------------------------------------------------------
-def _normalised(values: dict[int, float]) -> dict[int, float]:
-    low, high = min(values.values()), max(values.values())
+def _normalised(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    low, high = float(values.min()), float(values.max())
     span = high - low
-    return {key: (v - low) / span if span > 0 else (1.0 if high > 0 else 0.0) for key, v in values.items()}
+    if span > 0:
+        return np.asarray((values - low) / span)
+    return np.full(len(values), 1.0 if high > 0 else 0.0)
 
 
-def _fuse(dense: dict[int, float], lexical: dict[int, float], weight: float) -> dict[int, float]:
+def _fuse(dense: np.ndarray[Any, Any], lexical: np.ndarray[Any, Any], weight: float) -> np.ndarray[Any, Any]:
     """Dense and lexical evidence of the same items, each min-max normalised over them, mixed ``weight`` to
     lexical (a convex combination of normalised scores), then put back on the dense scores' range: with no
     lexical weight the scores are the cosines, so the floor and the packing read them the same either way."""
     d, lex = _normalised(dense), _normalised(lexical)
-    low, high = min(dense.values()), max(dense.values())
-    return {key: low + (high - low) * ((1 - weight) * d[key] + weight * lex[key]) for key in dense}
+    low, high = float(dense.min()), float(dense.max())
+    return np.asarray(low + (high - low) * ((1 - weight) * d + weight * lex))
 
 
 class Ranking:
@@ -643,44 +645,46 @@ class Searcher:
         t = self.tuning
         if not cands:
             return []
+        # arrays over the candidates (a level's evidence per section or document, indexed back to each chunk):
+        # the same numbers the per-candidate form computed, for a fraction of a search's time
         vectors = np.stack([c.vector for c in cands])
-        sims = vectors @ q
-        for c, s in zip(cands, sims, strict=True):
-            c.similarity = float(s)
+        chunk = (vectors @ q).astype(np.float64)
+        n = len(cands)
+        section_keys, at_section = np.unique(np.fromiter((c.section_id for c in cands), np.int64, n),
+                                             return_inverse=True)
+        doc_keys, at_doc = np.unique(np.fromiter((c.document_id for c in cands), np.int64, n), return_inverse=True)
         section_sim, doc_sim = dict(sections), dict(docs)
         s_floor = min(section_sim.values()) if section_sim else 0.0
         d_floor = min(doc_sim.values()) if doc_sim else 0.0
-        chunk_of = {c.chunk_id: c.similarity for c in cands}
-        section_of = {c.section_id: section_sim.get(c.section_id, s_floor) for c in cands}
-        doc_of = {c.document_id: doc_sim.get(c.document_id, d_floor) for c in cands}
+        section = np.array([section_sim.get(int(key), s_floor) for key in section_keys], dtype=np.float64)
+        document = np.array([doc_sim.get(int(key), d_floor) for key in doc_keys], dtype=np.float64)
         if query.hybrid:
             # each level's dense evidence fused with its lexical evidence (a section's or document's: its best
             # chunk's BM25), both min-max normalised over this query's candidates: a confident lexical match
             # (a rare term) stands out as far as a confident dense one does, which rank fusion flattens
             bm25 = dict(lexical.scores)
-            lex = {c.chunk_id: bm25.get(c.chunk_id, 0.0) for c in cands}
+            lex = np.fromiter((bm25.get(c.chunk_id, 0.0) for c in cands), np.float64, n)
             # lexical evidence weighs as much of its share as the query it read: all of a short question's
             # terms, a few of a 500-word scenario's
             weight = t.lexical_weight * min(1.0, lexical.coverage)
-            lex_section: dict[int, float] = {}
-            lex_doc: dict[int, float] = {}
-            for c in cands:
-                lex_section[c.section_id] = max(lex_section.get(c.section_id, 0.0), lex[c.chunk_id])
-                lex_doc[c.document_id] = max(lex_doc.get(c.document_id, 0.0), lex[c.chunk_id])
-            chunk_of = _fuse(chunk_of, lex, weight)
-            section_of = _fuse(section_of, lex_section, weight)
-            doc_of = _fuse(doc_of, lex_doc, weight)
-            for c in cands:
-                c.similarity = chunk_of[c.chunk_id]
+            lex_section = np.zeros(len(section_keys))
+            np.maximum.at(lex_section, at_section, lex)
+            lex_doc = np.zeros(len(doc_keys))
+            np.maximum.at(lex_doc, at_doc, lex)
+            chunk = _fuse(chunk, lex, weight)
+            section = _fuse(section, lex_section, weight)
+            document = _fuse(document, lex_doc, weight)
+        for c, similarity in zip(cands, chunk.tolist(), strict=True):
+            c.similarity = similarity
         if query.mode == "flat":
             for c in cands:
                 c.score = c.similarity
             return sorted(cands, key=lambda c: -c.score)[:k]
         own = 1 - t.section_weight - t.document_weight
-        for c in cands:
-            c.score = (own * chunk_of[c.chunk_id] + t.section_weight * section_of[c.section_id]
-                       + t.document_weight * doc_of[c.document_id])
-        order = sorted(range(len(cands)), key=lambda i: -cands[i].score)
+        scores = own * chunk + t.section_weight * section[at_section] + t.document_weight * document[at_doc]
+        for c, score in zip(cands, scores.tolist(), strict=True):
+            c.score = score
+        order = np.argsort(-scores, kind="stable")
         cands = [cands[i] for i in order]
         # with the packer's floor as the ordering's end (a reranker reorders past it; density re-sorts)
         below = t.floor * cands[0].score if floor_ends and not t.density else None
