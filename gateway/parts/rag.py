@@ -265,12 +265,7 @@ class Rag:
 
     async def collection(self, tenant_id: int, name: str, *, param: str = "collection") -> Collection:
         async with self.pool.connection() as conn:
-            try:
-                check_text(name, param)
-                return await get_collection(conn, tenant_id, name)
-            except StoreError as exc:
-                exc.param = param
-                raise map_store_error(exc) from None
+            return await _collection_on(conn, tenant_id, name, param)
 
     async def ingest(self, ctx: CallContext, body: bytes, tenant_id: int, name: str,
                      docs: Sequence[NewDocument]) -> tuple[list[Written], str, Embedded | None, Decimal]:
@@ -307,21 +302,22 @@ class Rag:
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
                      rerank: str | None = None) -> tuple[Found, Decimal]:
-        coll = await self.collection(tenant_id, name)
-        embedder = self.embedder_for(coll.embedder, coll.dims)
-        sides: list[SideCall] = []
-        reranker = self.reranker(ctx.principal, rerank, sides.append)
+        # one connection for the collection's lookup and the search (a checkout and its ping, not two)
+        async with self.pool.connection() as conn:
+            coll = await _collection_on(conn, tenant_id, name)
+            embedder = self.embedder_for(coll.embedder, coll.dims)
+            sides: list[SideCall] = []
+            reranker = self.reranker(ctx.principal, rerank, sides.append)
 
-        async def embed(tally: Tally) -> Embedded:
-            embedded = await self._embed(embedder, [query.text], query=True)
-            tally.usage = Usage(input_tokens=embedded.tokens)  # spent whatever the search does next
-            return embedded
+            async def embed(tally: Tally) -> Embedded:
+                embedded = await self._embed(embedder, [query.text], query=True)
+                tally.usage = Usage(input_tokens=embedded.tokens)  # spent whatever the search does next
+                return embedded
 
-        async def run(tally: Tally) -> tuple[Found, Embedded | None]:
-            # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
-            embedding = asyncio.ensure_future(embed(tally))
-            try:
-                async with self.pool.connection() as conn:
+            async def run(tally: Tally) -> tuple[Found, Embedded | None]:
+                # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
+                embedding = asyncio.ensure_future(embed(tally))
+                try:
                     try:
                         found = await self.searcher.search_with(conn, tenant_id, name, query, embedding,
                                                                 embedder.name, rerank=reranker)
@@ -331,14 +327,14 @@ class Rag:
                         for side in sides:  # the reranker's call, a row of its own
                             tally.side_call(side.role, side.model, side.usage, side.latency_ms,
                                             replica=side.replica, status=side.status, error_code=side.error_code)
-            finally:
-                await asyncio.wait({embedding})  # spent even when the search failed first: its row charges it
-                if not embedding.cancelled():
-                    embedding.exception()  # seen: the search's error, if any, is the one raised
-            return found, embedding.result()
+                finally:
+                    await asyncio.wait({embedding})  # spent even when the search failed first: its row charges it
+                    if not embedding.cancelled():
+                        embedding.exception()  # seen: the search's error, if any, is the one raised
+                return found, embedding.result()
 
-        return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder), count_text(query.text),
-                                   run)
+            return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder),
+                                       count_text(query.text), run)
 
     # -- the chat path's retriever (tollway.gateway.chat.exchange.Retriever) ------------------------------
     def spec(self, raw: JSON) -> RetrievalSpec:
@@ -382,8 +378,15 @@ class Rag:
         reranker = self.reranker(view.principal, parsed.rerank, calls.append, "retrieval.rerank")
         tenant = view.tenant_id
         screen = self.screen_for(view) if self.screen_for is not None else None
+        # one connection for the collection's lookup and the search (a checkout and its ping, not two)
+        async with self.pool.connection() as conn:
+            return await self._retrieve_on(conn, parsed, query, reranker, screen, calls, tenant, text)
+
+    async def _retrieve_on(self, conn: psycopg.AsyncConnection[Any], parsed: RetrievalSpec, query: Query,
+                           reranker: Reranker | None, screen: PassageScreen | None, calls: list[SideCall],
+                           tenant: int, text: str) -> Retrieved:
         # a wrong name is the caller's error: 404, whatever the failure policy
-        coll = await self.collection(tenant, parsed.collection, param="retrieval.collection")
+        coll = await _collection_on(conn, tenant, parsed.collection, "retrieval.collection")
         entry = self.entry(coll.embedder)
         started = time.perf_counter()
         embedded: Embedded | None = None
@@ -402,11 +405,10 @@ class Rag:
             # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
             embedding = asyncio.ensure_future(self._embed(embedder, [text], query=True))
             embedding.add_done_callback(spent)
-            async with self.pool.connection() as conn:
-                found = await self.searcher.search_with(conn, tenant, coll.name, query, embedding, embedder.name,
-                                                        screen=screen.reason if screen is not None else None,
-                                                        drop=screen is None or screen.action == "drop",
-                                                        rerank=reranker)
+            found = await self.searcher.search_with(conn, tenant, coll.name, query, embedding, embedder.name,
+                                                    screen=screen.reason if screen is not None else None,
+                                                    drop=screen is None or screen.action == "drop",
+                                                    rerank=reranker)
         except (TollwayError, psycopg.Error, StoreError) as exc:
             if embedding is not None:  # spent even when the search failed first: its side row says what it cost
                 await asyncio.wait({embedding})
@@ -443,6 +445,16 @@ class Rag:
         the same question under another screen is another context)."""
         screen = self.screen_for(view) if self.screen_for is not None else None
         return screen.key if screen is not None else None
+
+
+async def _collection_on(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str,
+                         param: str = "collection") -> Collection:
+    try:
+        check_text(name, param)
+        return await get_collection(conn, tenant_id, name)
+    except StoreError as exc:
+        exc.param = param
+        raise map_store_error(exc) from None
 
 
 def _last_user_text(messages: Sequence[JSON]) -> str:
