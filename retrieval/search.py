@@ -26,6 +26,7 @@ import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -577,40 +578,55 @@ class Searcher:
         self.tuning = tuning or Tuning()
         self.tag = self.tuning.tag  # its settings' hash, computed once (a RAG answer's cache key reads it)
 
+    def transaction(self, conn: psycopg.AsyncConnection[Any],
+                    tenant_id: int) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A search's transaction: the tenant's, with the vector index's settings. A caller that looks its
+        collection up inside it (``store.get_collection``: this transaction's revision) and then calls
+        ``search_in`` reads the collection once."""
+        return store.tenant_tx(conn, tenant_id, settings=store.search_settings(self.tuning.ef_search))
+
     async def search_with(self, conn: psycopg.AsyncConnection[Any], tenant_id: int, collection: str, query: Query,
                           embedding: Embedded | Awaitable[Embedded], embedder: str, *, screen: Screen | None = None,
                           drop: bool = True, rerank: Reranker | None = None) -> Found:
-        """``embedding``: the query's, or one still being computed (a task): the lexical ranking needs none,
-        so it runs in PostgreSQL while the embedder works, and the vector queries wait for the vector."""
+        """``search_in`` in a transaction of its own."""
+        async with self.transaction(conn, tenant_id):
+            coll = await store.get_collection(conn, tenant_id, collection)
+            return await self.search_in(conn, coll, query, embedding, embedder, screen=screen, drop=drop,
+                                        rerank=rerank)
+
+    async def search_in(self, conn: psycopg.AsyncConnection[Any], coll: Collection, query: Query,
+                        embedding: Embedded | Awaitable[Embedded], embedder: str, *, screen: Screen | None = None,
+                        drop: bool = True, rerank: Reranker | None = None) -> Found:
+        """Inside ``transaction``, ``coll`` as it reads it. ``embedding``: the query's, or one still being
+        computed (a task): the lexical ranking needs none, so it runs in PostgreSQL while the embedder works,
+        and the vector queries wait for the vector."""
         t = self.tuning
-        async with store.tenant_tx(conn, tenant_id, settings=store.search_settings(t.ef_search)):
-            coll = await store.get_collection(conn, tenant_id, collection)  # this transaction's revision
-            k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
-            n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
-            lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
-                       if query.hybrid
-                       else store.Lexical([]))
-            # While the query is still being embedded, the lexical candidates' rows are read now, off the
-            # critical path; with the vector already here, only those the nearest chunks do not bring
-            early = not isinstance(embedding, Embedded) and bool(lexical.scores)
-            worded = await store.chunks_by_id(conn, [i for i, _ in lexical.scores]) if early else []
-            embedded = embedding if isinstance(embedding, Embedded) else await embedding
-            q = embedded.vectors[0]
-            near = await store.nearest_chunks(conn, coll, q, n, query.filters)
-            sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
-                        if query.mode == "hierarchical" else [])
-            docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
-                    if query.mode == "hierarchical" and t.document_weight else [])
-            known = {c.chunk_id for c in near}
-            if early:
-                cands = near + [c for c in worded if c.chunk_id not in known]
-            else:
-                extra = [i for i, _ in lexical.scores if i not in known]
-                cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
-            seen = {c.chunk_id for c in cands}
-            if sections:
-                cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
-                          if c.chunk_id not in seen]
+        k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
+        n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
+        lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
+                   if query.hybrid
+                   else store.Lexical([]))
+        # While the query is still being embedded, the lexical candidates' rows are read now, off the
+        # critical path; with the vector already here, only those the nearest chunks do not bring
+        early = not isinstance(embedding, Embedded) and bool(lexical.scores)
+        worded = await store.chunks_by_id(conn, [i for i, _ in lexical.scores]) if early else []
+        embedded = embedding if isinstance(embedding, Embedded) else await embedding
+        q = embedded.vectors[0]
+        near = await store.nearest_chunks(conn, coll, q, n, query.filters)
+        sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
+                    if query.mode == "hierarchical" else [])
+        docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
+                if query.mode == "hierarchical" and t.document_weight else [])
+        known = {c.chunk_id for c in near}
+        if early:
+            cands = near + [c for c in worded if c.chunk_id not in known]
+        else:
+            extra = [i for i, _ in lexical.scores if i not in known]
+            cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+        seen = {c.chunk_id for c in cands}
+        if sections:
+            cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
+                      if c.chunk_id not in seen]
         ordered: list[Candidate] | Ranking = self._order(cands, q, sections, docs, query, lexical, k,
                                                          floor_ends=rerank is None)
         rerank_error = None

@@ -66,6 +66,7 @@ from tollway.retrieval import (
     write,
 )
 from tollway.retrieval import collection as get_collection
+from tollway.retrieval.store import get_collection as get_collection_in
 from tollway.routing import ChainFailed, ModelEntry, Price, Router, Usage, content_texts, count_text
 
 T = TypeVar("T")
@@ -302,9 +303,9 @@ class Rag:
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
                      rerank: str | None = None) -> tuple[Found, Decimal]:
-        # one connection for the collection's lookup and the search (a checkout and its ping, not two)
-        async with self.pool.connection() as conn:
-            coll = await _collection_on(conn, tenant_id, name)
+        # one connection and one transaction for the collection's lookup and the search
+        async with self.pool.connection() as conn, self.searcher.transaction(conn, tenant_id):
+            coll = await _collection_in(conn, tenant_id, name)
             embedder = self.embedder_for(coll.embedder, coll.dims)
             sides: list[SideCall] = []
             reranker = self.reranker(ctx.principal, rerank, sides.append)
@@ -319,8 +320,8 @@ class Rag:
                 embedding = asyncio.ensure_future(embed(tally))
                 try:
                     try:
-                        found = await self.searcher.search_with(conn, tenant_id, name, query, embedding,
-                                                                embedder.name, rerank=reranker)
+                        found = await self.searcher.search_in(conn, coll, query, embedding, embedder.name,
+                                                              rerank=reranker)
                     except StoreError as exc:
                         raise map_store_error(exc) from None
                     finally:
@@ -385,9 +386,8 @@ class Rag:
     async def _retrieve_on(self, conn: psycopg.AsyncConnection[Any], parsed: RetrievalSpec, query: Query,
                            reranker: Reranker | None, screen: PassageScreen | None, calls: list[SideCall],
                            tenant: int, text: str) -> Retrieved:
-        # a wrong name is the caller's error: 404, whatever the failure policy
-        coll = await _collection_on(conn, tenant, parsed.collection, "retrieval.collection")
-        entry = self.entry(coll.embedder)
+        coll: Collection | None = None  # looked up (inside the search's transaction: read once)
+        entry = LOCAL_ENTRY
         started = time.perf_counter()
         embedded: Embedded | None = None
         embedding: asyncio.Future[Embedded] | None = None
@@ -401,15 +401,23 @@ class Rag:
                                       latency_ms=embedded.latency_ms, replica=embedded.replica))
 
         try:
-            embedder = self.embedder_for(coll.embedder, coll.dims)
-            # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
-            embedding = asyncio.ensure_future(self._embed(embedder, [text], query=True))
-            embedding.add_done_callback(spent)
-            found = await self.searcher.search_with(conn, tenant, coll.name, query, embedding, embedder.name,
-                                                    screen=screen.reason if screen is not None else None,
-                                                    drop=screen is None or screen.action == "drop",
-                                                    rerank=reranker)
+            async with self.searcher.transaction(conn, tenant):
+                named = await _collection_in(conn, tenant, parsed.collection, "retrieval.collection")
+                entry = self.entry(named.embedder)
+                coll = named
+                started = time.perf_counter()
+                embedder = self.embedder_for(coll.embedder, coll.dims)
+                # the query is embedded while PostgreSQL ranks it lexically (search_in waits for the vector)
+                embedding = asyncio.ensure_future(self._embed(embedder, [text], query=True))
+                embedding.add_done_callback(spent)
+                found = await self.searcher.search_in(conn, coll, query, embedding, embedder.name,
+                                                      screen=screen.reason if screen is not None else None,
+                                                      drop=screen is None or screen.action == "drop",
+                                                      rerank=reranker)
         except (TollwayError, psycopg.Error, StoreError) as exc:
+            if coll is None:
+                raise  # a wrong name is the caller's error (404), and a store that cannot look it up fails, whatever
+                # the failure policy
             if embedding is not None:  # spent even when the search failed first: its side row says what it cost
                 await asyncio.wait({embedding})
             error = exc if isinstance(exc, TollwayError) else \
@@ -452,6 +460,17 @@ async def _collection_on(conn: psycopg.AsyncConnection[Any], tenant_id: int, nam
     try:
         check_text(name, param)
         return await get_collection(conn, tenant_id, name)
+    except StoreError as exc:
+        exc.param = param
+        raise map_store_error(exc) from None
+
+
+async def _collection_in(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str,
+                         param: str = "collection") -> Collection:
+    """``_collection_on`` inside a tenant transaction already open (a search's)."""
+    try:
+        check_text(name, param)
+        return await get_collection_in(conn, tenant_id, name)
     except StoreError as exc:
         exc.param = param
         raise map_store_error(exc) from None
