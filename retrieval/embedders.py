@@ -19,7 +19,9 @@ hands in: its calls go through routing and its cost to the ledger like any other
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -157,16 +159,26 @@ def default_models_dir() -> Path:
 QUERY_RECIPE = "q8pc-matmul-gather-1"
 
 
+@functools.cache
+def _model_digest() -> str:
+    """The packaged model file's hash (read in pieces: no 23 MB buffer in the gateway), once per process."""
+    digest = hashlib.sha256()
+    with _model_file().open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()[:16]
+
+
 def query_model_file(folder: Path) -> Path:
     """Where the query model derived from the packaged one is kept in ``folder``: named by the packaged file's
-    hash, the recipe and onnxruntime's version (whose quantiser built it)."""
-    import onnxruntime as ort
-
-    digest = hashlib.sha256(_model_file().read_bytes()).hexdigest()[:16]
-    return folder / f"minilm-query-{QUERY_RECIPE}-{digest}-ort{ort.__version__}.onnx"
+    hash, the recipe and onnxruntime's version (whose quantiser built it; read from the installed package's
+    metadata, so naming the file imports nothing)."""
+    return folder / f"minilm-query-{QUERY_RECIPE}-{_model_digest()}-ort{importlib.metadata.version('onnxruntime')}.onnx"
 
 
 QUERY_BUILD_TIMEOUT_S = 300
+_building = threading.Lock()  # one build at a time in a process: a search waits for the one started at start-up
+_failed: dict[Path, str] = {}  # builds that failed in this process, and why: not tried again by every search
 
 
 def prepare_query_model(folder: Path) -> Path:
@@ -176,15 +188,22 @@ def prepare_query_model(folder: Path) -> Path:
     path = query_model_file(folder)
     if path.is_file():
         return path
-    started = time.perf_counter()
-    try:
-        done = subprocess.run([sys.executable, "-m", "tollway.retrieval.quantize", str(_model_file()), str(path)],
-                              capture_output=True, text=True, timeout=QUERY_BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise EmbedderError(f"building the query model took more than {QUERY_BUILD_TIMEOUT_S} s") from None
-    if done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()
-        raise EmbedderError(said[-1] if said else f"the quantiser exited with {done.returncode}")
+    with _building:
+        if path.is_file():
+            return path
+        if path in _failed:
+            raise EmbedderError(_failed[path])
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-m", "tollway.retrieval.quantize", str(_model_file()),
+                                   str(path)], capture_output=True, text=True, timeout=QUERY_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _failed[path] = f"building the query model took more than {QUERY_BUILD_TIMEOUT_S} s"
+            raise EmbedderError(_failed[path]) from None
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines()
+            _failed[path] = said[-1] if said else f"the quantiser exited with {done.returncode}"
+            raise EmbedderError(_failed[path])
     log.info("built the local embedder's query model in %.1f s: %s", time.perf_counter() - started, path)
     return path
 
@@ -232,6 +251,26 @@ class LocalEmbedder:
         if session is None:  # no query model here: the packaged one
             return self._model()
         return session, self._tokenizer
+
+    def prepare_soon(self) -> threading.Thread | None:
+        """Where queries use the query model and its file is not built yet, builds it now in the background (a
+        daemon thread waiting on the quantiser's process), so that the first search does not wait the 4 s;
+        nothing is loaded into this process (its session loads with the first query). A failure is logged here
+        once; the first query then takes the packaged model."""
+        if not self._query_model:
+            return None
+        folder = self._models or default_models_dir()
+
+        def build() -> None:
+            try:
+                prepare_query_model(folder)
+            except EmbedderError as exc:
+                log.warning("the local embedder's query model could not be built (%s); queries will use the "
+                            "packaged model", exc)
+
+        thread = threading.Thread(target=build, name="tollway-query-model", daemon=True)
+        thread.start()
+        return thread
 
     @staticmethod
     def _new_session(path: Path, threads: int | None) -> Any:

@@ -374,6 +374,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             local.check()  # its packages are installed: a bad install fails here, not in a request
         except EmbedderError as exc:
             raise StartupError(f"the packaged embedding model: {exc}") from None
+        local.prepare_soon()  # the query model's file, where it is missing, before the first search needs it
         if settings.preload_embedder:
             await asyncio.to_thread(local.load)  # here, not in the first request that embeds
         stack.callback(local.close)

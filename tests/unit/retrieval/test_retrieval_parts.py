@@ -486,14 +486,20 @@ def test_the_search_settings_tag_names_every_setting():
 
 
 def test_a_query_goes_through_the_int8_query_model_built_once_and_near_the_stored_vectors(tmp_path, caplog):
-    """The query model is built from the packaged one (a process of its own) into the folder given, read from
-    there by the next embedder, and its vectors stay near the packaged model's (what collections store);
-    where it cannot be built, a query takes the packaged model."""
+    """The query model is built from the packaged one (a process of its own, started in the background as a
+    gateway starts: ``prepare_soon``) into the folder given, read from there by the next embedder, and its
+    vectors stay near the packaged model's (what collections store); where it cannot be built, a query takes
+    the packaged model."""
     rng = random.Random(11)
     words = ["refund", "card", "loan", "Überweisung", "wire", "fee", "PostgreSQL", "snapshot", "git", "push"]
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(20)]
     first = LocalEmbedder(models=tmp_path / "models")
     try:
+        building = first.prepare_soon()
+        assert building is not None
+        building.join(120)
+        assert len(list((tmp_path / "models").glob("minilm-query-*.onnx"))) == 1  # before any query
+        assert "_query_session" not in first.__dict__  # built, not loaded: a gateway that never searches holds none
         exact, _ = first.embed_sync(texts)
         fast, _ = first.embed_sync(texts, query=True)
         built = list((tmp_path / "models").glob("minilm-query-*.onnx"))
@@ -526,11 +532,14 @@ def test_a_query_goes_through_the_int8_query_model_built_once_and_near_the_store
                      LocalEmbedder(models=tmp_path / "models", query_model=False)):
         try:
             with caplog.at_level("WARNING", logger="tollway.retrieval"):
+                if (building := embedder.prepare_soon()) is not None:
+                    building.join(120)
                 plain, _ = embedder.embed_sync(texts[:3], query=True)
         finally:
             embedder.close()
         assert float((plain * exact[:3]).sum(axis=1).min()) > 0.9999
-    assert "query model is unavailable" in caplog.text
+    assert "query model could not be built" in caplog.text  # once, as the gateway starts
+    assert "query model is unavailable" in caplog.text  # and the query takes the packaged model
 
 
 def test_candidate_vectors_decoded_at_once_equal_pgvectors_own_loader():
