@@ -145,4 +145,7 @@ async def test_the_postings_are_read_from_the_index_alone_under_row_level_securi
             found = await store.lexical_chunks(conn, coll, "international wire fees for a car loan", 10, None)
     postings = [line for line in plan if "rag_postings" in line]
     assert postings and all("Index Only Scan using rag_postings_pkey" in line for line in postings), "\n".join(plan)
+    # migration 0020: the tenant is read once per statement (an InitPlan), not parsed again for every row read
+    checks = [line for line in plan if "Filter: (tenant_id" in line]
+    assert checks and all("InitPlan" in line and "current_setting" not in line for line in checks), "\n".join(plan)
     assert found.scores  # the same query ranks through the store's function
