@@ -19,6 +19,7 @@ embedder on every request (the collection names it; the chunks' vectors are stil
         [--http]        # and the whole search over HTTP with the query's embedding
         [--chat]        # and a chat completion with that retrieval over HTTP (the scripted upstream answers)
         [--before REV]  # over HTTP: REV's gateway beside today's on the same database, the two taking turns
+        [--per-section N]  # sections of N chunks (a collection of its own, "shaped{size}-s{N}"), not one of 50
         [--only-http]   # the HTTP timings only (the database kept in --data)
 """
 
@@ -80,7 +81,8 @@ async def run(args: argparse.Namespace) -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         async with bench_tenant(args.data and Path(args.data) / str(size)) as (conn, tid):
             await register_vector_async(conn)
-            cname = f"shaped{size}"  # (a database kept by the earlier writer, whose vectors were all one, holds "big{size}")
+            # (a database kept by the earlier writer, whose vectors were all one, holds "big{size}")
+            cname = f"shaped{size}" + ("" if args.per_section >= PER_DOC else f"-s{args.per_section}")
             async with tenant_tx(conn, tid):
                 kept = await (await conn.execute("SELECT id FROM rag_collections WHERE name = %s", (cname,))).fetchone()
             if kept is None:
@@ -97,12 +99,17 @@ async def run(args: argparse.Namespace) -> None:
                         "INSERT INTO rag_documents (tenant_id, collection_id, source, title, format, content_hash,"
                         " token_count, dims, embedding) VALUES (%s, %s, %s, %s, 'text', 'x', 0, %s, %s)"
                         " RETURNING id", (tid, coll.id, f"d{d}", f"Document {d}", DIMS, vec))).fetchone())[0]  # type: ignore[index]
-                    sec = (await (await conn.execute(
+                    # its sections: runs of --per-section chunks, each section's vector their centroid
+                    starts = range(0, PER_DOC, args.per_section)
+                    secs = [(await (await conn.execute(
                         "INSERT INTO rag_sections (tenant_id, collection_id, document_id, ord, heading, text,"
-                        " token_count, dims, embedding) VALUES (%s, %s, %s, 0, '', '', 0, %s, %s) RETURNING id",
-                        (tid, coll.id, doc, DIMS, vec))).fetchone())[0]  # type: ignore[index]
-                    rows = [(tid, coll.id, doc, sec, j, t, f"Document {d}", count_text(t), "{}", DIMS, HalfVector(v))
-                            for j, (t, v) in enumerate(zip(texts, vectors, strict=True))]
+                        " token_count, dims, embedding) VALUES (%s, %s, %s, %s, '', '', 0, %s, %s) RETURNING id",
+                        (tid, coll.id, doc, i, DIMS,
+                         vec if args.per_section >= PER_DOC else HalfVector(normalise(
+                             vectors[at:at + args.per_section].mean(axis=0, keepdims=True))[0])))).fetchone())[0]  # type: ignore[index]
+                            for i, at in enumerate(starts)]
+                    rows = [(tid, coll.id, doc, secs[j // args.per_section], j, t, f"Document {d}", count_text(t), "{}",
+                             DIMS, HalfVector(v)) for j, (t, v) in enumerate(zip(texts, vectors, strict=True))]
                     await conn.execute(
                         "INSERT INTO rag_chunks (tenant_id, collection_id, document_id, section_id, ord, text,"
                         " lex_head, token_count, metadata, dims, embedding) VALUES "
@@ -210,6 +217,9 @@ def main() -> None:
     parser.add_argument("--data", help="keep the database here, one per size, and reuse it")
     parser.add_argument("--http", action="store_true", help="also the whole search over HTTP with the embedding")
     parser.add_argument("--chat", action="store_true", help="also a chat completion with retrieval over HTTP")
+    parser.add_argument("--per-section", type=int, default=PER_DOC,
+                        help="chunks per section (default: one section of 50 per document; the product's splitter "
+                             "makes sections of at most section_tokens, 1024: about 5-6 chunks of 200)")
     parser.add_argument("--before", help="over HTTP, an earlier commit's gateway beside today's, taking turns")
     parser.add_argument("--only-http", action="store_true", help="skip the in-process timings (with --http/--chat)")
     asyncio.run(run(parser.parse_args()))
