@@ -62,6 +62,7 @@ from tollway.retrieval import (
     create_collection,
     ensure_index,
     prepare,
+    tenant_tx,
     to_embed,
     write,
 )
@@ -316,7 +317,7 @@ class Rag:
                 return embedded
 
             async def run(tally: Tally) -> tuple[Found, Embedded | None]:
-                # the query is embedded while PostgreSQL ranks it lexically (search_with waits for the vector)
+                # the query is embedded while PostgreSQL ranks it lexically (search_in waits for the vector)
                 embedding = asyncio.ensure_future(embed(tally))
                 try:
                     try:
@@ -387,7 +388,7 @@ class Rag:
                            reranker: Reranker | None, screen: PassageScreen | None, calls: list[SideCall],
                            tenant: int, text: str) -> Retrieved:
         coll: Collection | None = None  # looked up (inside the search's transaction: read once)
-        entry = LOCAL_ENTRY
+        entry = LOCAL_ENTRY  # its embedder's, once looked up
         started = time.perf_counter()
         embedded: Embedded | None = None
         embedding: asyncio.Future[Embedded] | None = None
@@ -457,17 +458,15 @@ class Rag:
 
 async def _collection_on(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str,
                          param: str = "collection") -> Collection:
-    try:
-        check_text(name, param)
-        return await get_collection(conn, tenant_id, name)
-    except StoreError as exc:
-        exc.param = param
-        raise map_store_error(exc) from None
+    """``_collection_in`` in a tenant transaction of its own."""
+    async with tenant_tx(conn, tenant_id):
+        return await _collection_in(conn, tenant_id, name, param)
 
 
 async def _collection_in(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str,
                          param: str = "collection") -> Collection:
-    """``_collection_on`` inside a tenant transaction already open (a search's)."""
+    """The collection by name, inside a tenant transaction already open (a search's: read once); a wrong name
+    is a 404 naming ``param``."""
     try:
         check_text(name, param)
         return await get_collection_in(conn, tenant_id, name)
