@@ -39,6 +39,7 @@ from tollway.retrieval.store import (
     delete_document,
     documents,
     ensure_index,
+    get_collection,
     stored_text,
     tenant_tx,
 )
@@ -47,4 +48,4 @@ __all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "RERANK_CANDIDATES", "Collecti
            "EmbedderError", "Found", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
            "Reranker", "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "check_filters", "check_text", "collection",
            "collections", "create_collection", "decode", "delete_collection", "delete_document", "documents",
-           "ensure_index", "guess_format", "parse", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]
+           "ensure_index", "get_collection", "guess_format", "parse", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]

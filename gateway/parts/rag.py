@@ -67,7 +67,7 @@ from tollway.retrieval import (
     write,
 )
 from tollway.retrieval import collection as get_collection
-from tollway.retrieval.store import get_collection as get_collection_in
+from tollway.retrieval import get_collection as get_collection_in
 from tollway.routing import ChainFailed, ModelEntry, Price, Router, Usage, content_texts, count_text
 
 T = TypeVar("T")
