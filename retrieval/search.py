@@ -365,24 +365,27 @@ def pack(ordered: Sequence[Candidate] | Ranking, collection: str, budget: int, *
     total = count_text(top) + PER_MESSAGE
     room = _Room(ordered, budget, limit, None if floor is None else floor * best, tails) \
         if isinstance(ordered, Ranking) else None
-    cand = first
-    while cand is not None:
+
+    def read() -> Iterator[Candidate]:
+        """The candidates in order; a Ranking's only while one left could enter the context as it stands."""
+        cand = first
+        while cand is not None:
+            yield cand
+            if room is not None and not room.open(groups, sizes, total):
+                return
+            cand = next(it, None)
+
+    for cand in read():
         if floor is not None and cand.score < floor * best:
-            cand = _next(it, room, groups, sizes, total)
             continue
-        at = next((i for i, g in enumerate(groups) if g[0].section_id == cand.section_id and not g[0].truncated
-                   and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
+        at = _joins(cand, groups)
         if at is None and len(groups) >= limit:
-            cand = _next(it, room, groups, sizes, total)
             continue
         if at is None and _passed_over(cand, budget - total, tails):
-            # its block is longer than its text (a header of 4+ tokens): it cannot fit, and counting it is most
-            # of a search's packing once the budget is full
-            cand = _next(it, room, groups, sizes, total)
-            continue
+            continue  # its block is longer than its text (a header of 4+ tokens): it cannot fit, and counting it
+            # is most of a search's packing once the budget is full
         group, size, grown = _entering(cand, at, groups, sizes, total, budget, tails)
         if grown > budget:
-            cand = _next(it, room, groups, sizes, total)
             continue
         if screen is not None:
             entering = group[0] if at is None else cand
@@ -392,7 +395,6 @@ def pack(ordered: Sequence[Candidate] | Ranking, collection: str, budget: int, *
                     flagged.append(Flagged(entering.document_id, entering.section_id, entering.chunk_id,
                                            entering.title, entering.source, reason, drop))
                 if drop:
-                    cand = _next(it, room, groups, sizes, total)
                     continue
         if at is None:
             groups.append(group)
@@ -400,7 +402,6 @@ def pack(ordered: Sequence[Candidate] | Ranking, collection: str, budget: int, *
         else:
             groups[at], sizes[at] = group, size
         total = grown
-        cand = _next(it, room, groups, sizes, total)
     ranked = sorted(groups, key=lambda g: -max(c.score for c in g))  # the most relevant first
     while ranked:
         used = count_text(_render(top, ranked)) + PER_MESSAGE
@@ -434,11 +435,10 @@ def _entering(cand: Candidate, at: int | None, groups: list[list[Candidate]], si
     return group, size, grown
 
 
-def _next(it: Iterator[Candidate], room: _Room | None, groups: list[list[Candidate]], sizes: list[int],
-          total: int) -> Candidate | None:
-    if room is not None and not room.open(groups, sizes, total):
-        return None
-    return next(it, None)
+def _joins(cand: Candidate, groups: list[list[Candidate]]) -> int | None:
+    """The passage ``cand`` extends (an adjacent chunk of its section, not cut to a tail), if any."""
+    return next((i for i, g in enumerate(groups) if g[0].section_id == cand.section_id and not g[0].truncated
+                 and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
 
 
 class _Room:
@@ -500,8 +500,7 @@ class _Room:
         cands = self.ranking.cands
         for i in left[maybe]:
             cand = cands[i]
-            at = next((j for j, g in enumerate(groups) if g[0].section_id == cand.section_id and not g[0].truncated
-                       and any(abs(c.ord - cand.ord) == 1 for c in g)), None)
+            at = _joins(cand, groups)
             if at is None and (not new or _passed_over(cand, room, self.tails)):
                 continue
             # what it adds depends on the passage it makes or joins, never on the room (no tail is cut here)
