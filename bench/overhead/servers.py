@@ -10,10 +10,12 @@ direct is the reference (the issue's goal: CPU per proxied request <= ~2.8x the 
 ``--redis-py`` adds the gateway with its budget scripts through redis-py instead of its own multiplexed
 connection (``TOLLWAY_REDIS_SCRIPT_CHANNEL=false``). ``--before REV`` adds the gateway as it was at an earlier commit (its package from ``git archive``, the same
 database and tenant), for a change's before and after in one run. ``--workers 2`` adds `tollway serve --workers 2` (uvicorn's supervisor and two workers: the whole process tree
-is counted), for the issue's "workers add no per-request CPU"; ``--no-granian`` leaves granian out.
+is counted), for the issue's "workers add no per-request CPU"; ``--no-granian`` leaves granian out. ``--floor`` adds three bare Python proxies on the same server
+and client (``floor.py``: bytes through, JSON parsed both ways, plus one Redis script per request): the least a
+gateway of this shape spends per request.
 
     pip install 'granian[uvloop]'          # not a dependency of Tollway: measured, not shipped
-    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian] [--redis-py] [--before REV]
+    python bench/overhead/servers.py [--duration 8] [--rounds 3] [--budget] [--workers 2] [--no-granian] [--redis-py] [--before REV] [--floor]
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--no-granian", action="store_true")
     parser.add_argument("--before", metavar="REV",
                         help="also the gateway as it was at this commit (same database; the two take turns)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also bare Python proxies on the same server and client (bench/overhead/floor.py)")
     parser.add_argument("--redis-py", action="store_true",
                         help="also the gateway with its budget scripts through redis-py (TOLLWAY_REDIS_SCRIPT_CHANNEL=false)")
     args = parser.parse_args()
@@ -137,6 +141,14 @@ def main() -> None:
             mw = start_gateway(procs, sim_url, data=None, name="uvicorn-workers", env=shared,
                                args=["--workers", str(args.workers)], bench_tenant=False)
             targets.append(Target(f"tollway on uvicorn, --workers {args.workers}", mw.url, uv.key, mw.process.pid))
+        if args.floor:  # the least a Python proxy on this server and client costs (floor.py's levels)
+            for level in ("pass", "json", "budget"):
+                port = free_port()
+                fl, fl_log = procs.spawn([sys.executable, str(Path(__file__).with_name("floor.py")), "--upstream",
+                                          sim_url, "--port", str(port), "--level", level, "--redis", redis_url],
+                                         f"floor-{level}")
+                wait_http(f"http://127.0.0.1:{port}/healthz", 60, fl, fl_log)
+                targets.append(Target(f"bare Python proxy: {level}", f"http://127.0.0.1:{port}/v1", uv.key, fl.pid))
         if not args.no_granian:
             settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=workdir / "data",
                                 upstreams=[sim_url], bootstrap=False, log_level="warning", local_model=False)
