@@ -83,11 +83,10 @@ class BodyLimitMiddleware:
             await send_error(send, InvalidRequest("The URL may not contain a NUL character (%00).",
                                                   code="invalid_url"))
             return
-        too_large = PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.max_bytes:
-                    await send_error(send, too_large, {"connection": "close"}, path=scope["path"])
+                    await send_error(send, self._too_large(), {"connection": "close"}, path=scope["path"])
                     return
         seen = 0
 
@@ -97,10 +96,14 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large
+                    raise self._too_large()
             return message
 
         await self.app(scope, counted, send)
+
+    def _too_large(self) -> PayloadTooLarge:
+        """Built when raised, not for every request (an exception made ahead is garbage in a cycle)."""
+        return PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
 
 
 
