@@ -65,3 +65,39 @@ async def test_none_is_not_served_past_its_ttl():
     store.down = True
     with pytest.raises(ServiceUnavailable):
         await cache.get("k", store.load)
+
+
+async def test_a_key_in_use_is_reloaded_before_it_expires_and_no_read_waits_for_it():
+    store, cache = Store(), LastGood[str, str | None](ttl_s=0.4, down=ServiceUnavailable)
+    assert await cache.get("k", store.load) == "v1"
+    store.delay, store.value = 0.05, "v2"
+    await asyncio.sleep(0.15)
+    assert await cache.get("k", store.load) == "v1"  # three quarters of the TTL left: no reload
+    assert store.loads == 1
+    await asyncio.sleep(0.17)  # now in the TTL's last quarter
+    reads = await asyncio.wait_for(asyncio.gather(*(cache.get("k", store.load) for _ in range(10))), 0.02)
+    assert reads == ["v1"] * 10  # answered from the entry, none waiting on the reload
+    assert store.loads == 2  # one reload for all of them
+    await asyncio.sleep(0.1)  # it landed before the old entry ran out
+    assert await asyncio.wait_for(cache.get("k", store.load), 0.02) == "v2"
+    assert store.loads == 2
+
+
+async def test_a_drop_discards_a_load_that_was_already_reading():
+    value, loads = "v1", 0
+    cache = LastGood[str, str](ttl_s=60, down=ServiceUnavailable)
+
+    async def load() -> str:
+        nonlocal loads
+        loads += 1
+        read = value  # what the store said when the load read it
+        await asyncio.sleep(0.05)
+        return read
+
+    reading = asyncio.ensure_future(cache.get("k", load))
+    await asyncio.sleep(0.01)
+    value = "revoked"  # changed after the load in flight read
+    cache.drop("k")
+    assert await reading == "v1"  # its own reader has it
+    assert await cache.get("k", load) == "revoked"  # the cache does not: the next read loads afresh
+    assert loads == 2
