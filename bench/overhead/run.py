@@ -8,7 +8,12 @@ upstream), then measures each target the same way:
   latency over the direct upstream at the same rate;
 - closed-loop load with wrk (16 connections): the maximum sustained rate.
 
-    python bench/overhead/run.py [--duration 10] [--rates 100,500] [--no-litellm]
+    python bench/overhead/run.py [--duration 10] [--rates 100,500] [--no-litellm] [--before REV] [--rounds N]
+
+``--before REV`` adds the gateway as it was at an earlier commit (its own embedded stores, the same upstream);
+``--rounds N`` measures every target's open loop N times, the targets taking turns, each round's figure printed.
+The load generator's own garbage collector is held off while it measures (its pauses, up to tens of
+milliseconds, were counted as the targets' latency).
 
 Needs `wrk` (Debian package) for the sustained-rate column; without it that column is skipped.
 The LiteLLM venv is created in bench/.venv-litellm on first use (pip install 'litellm[proxy]==1.106.2').
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -38,6 +44,7 @@ from common import (  # noqa: E402  (bench/common.py, shared by the benches)
     Processes,
     free_port,
     p50_p99,
+    package_at,
     start_gateway,
     start_sim,
     wait_http,
@@ -58,7 +65,7 @@ class Target:
 
 @dataclass
 class Result:
-    latencies_ms: dict[int, tuple[float, float, int, int]] = field(default_factory=dict)  # rate -> p50, p99, ok, err
+    latencies_ms: dict[int, list[tuple[float, float, int, int]]] = field(default_factory=dict)  # rate -> rounds of p50, p99, ok, err
     sustained_rps: float | None = None
 
 
@@ -84,16 +91,23 @@ async def open_loop(target: Target, rate: int, duration: float) -> tuple[float, 
                 return
             latencies.append((time.perf_counter() - scheduled) * 1000)
 
-        loop_start = time.perf_counter()
-        total = int(rate * duration)
-        tasks = []
-        for i in range(total):
-            scheduled = loop_start + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(scheduled)))
-        await asyncio.gather(*tasks)
+        gc.collect()
+        gc.freeze()
+        gc.disable()  # this process's collections would stall its reading of answers: not the target's latency
+        try:
+            loop_start = time.perf_counter()
+            total = int(rate * duration)
+            tasks = []
+            for i in range(total):
+                scheduled = loop_start + i / rate
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(scheduled)))
+            await asyncio.gather(*tasks)
+        finally:
+            gc.enable()
+            gc.unfreeze()
     return (*p50_p99(latencies), len(latencies), errors)
 
 
@@ -124,6 +138,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="tollway serve --workers N")
+    parser.add_argument("--before", metavar="REV", help="also the gateway as it was at this commit")
+    parser.add_argument("--rounds", type=int, default=1, help="open-loop rounds, the targets taking turns")
     parser.add_argument("--budget", action="store_true",
                         help="give the tenant a (never reached) monthly budget: every request then holds a lease")
     args = parser.parse_args()
@@ -142,6 +158,11 @@ def main() -> None:
         name = ("tollway" if args.workers == 1 else f"tollway --workers {args.workers}") \
             + (" (a budget)" if args.budget else "")
         targets.append(Target(name, tw.url, tw.key))
+        if args.before:  # its own embedded stores and bootstrap key; the code of an earlier commit
+            old = start_gateway(procs, sim_url, data=workdir / "data-before", args=["--workers", str(args.workers)],
+                                budget=args.budget, env=package_at(args.before, workdir), name="tollway-before")
+            time.sleep(2.5)
+            targets.append(Target(f"tollway at {args.before}", old.url, old.key))
 
         if not args.no_litellm:
             binary = ensure_litellm()
@@ -157,14 +178,16 @@ def main() -> None:
             wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", 180, ll, ll_log)
             targets.append(Target("litellm proxy 1.106.2", f"http://127.0.0.1:{ll_port}/v1", "sk-bench"))
 
-        results: dict[str, Result] = {}
+        results = {target.name: Result() for target in targets}
         for target in targets:
             asyncio.run(open_loop(target, 50, 2))  # warm-up: pools, caches, JIT-less but lazy imports
-            result = Result()
-            for rate in rates:
-                result.latencies_ms[rate] = asyncio.run(open_loop(target, rate, args.duration))
-            result.sustained_rps = sustained(target, args.duration, args.connections, workdir)
-            results[target.name] = result
+        for _ in range(args.rounds):
+            for target in targets:
+                for rate in rates:
+                    results[target.name].latencies_ms.setdefault(rate, []).append(
+                        asyncio.run(open_loop(target, rate, args.duration)))
+        for target in targets:
+            results[target.name].sustained_rps = sustained(target, args.duration, args.connections, workdir)
         report(results, rates, args)
     finally:
         procs.stop()
@@ -181,11 +204,11 @@ def report(results: dict[str, Result], rates: list[int], args: argparse.Namespac
     for name, res in results.items():
         row = [name]
         for rate in rates:
-            p50, p99, ok, err = res.latencies_ms[rate]
-            b50, b99, _, _ = base.latencies_ms[rate]
-            row += [f"{p50:.2f} ms", f"{p99:.2f} ms",
-                    "-" if res is base else f"{p50 - b50:+.2f} ms", "-" if res is base else f"{p99 - b99:+.2f} ms",
-                    f"{err}/{ok + err}"]
+            rounds, base_rounds = res.latencies_ms[rate], base.latencies_ms[rate]
+            row += [" / ".join(f"{r[0]:.2f}" for r in rounds) + " ms", " / ".join(f"{r[1]:.2f}" for r in rounds) + " ms",
+                    "-" if res is base else " / ".join(f"{r[0] - b[0]:+.2f}" for r, b in zip(rounds, base_rounds, strict=True)) + " ms",
+                    "-" if res is base else " / ".join(f"{r[1] - b[1]:+.2f}" for r, b in zip(rounds, base_rounds, strict=True)) + " ms",
+                    f"{sum(r[3] for r in rounds)}/{sum(r[2] + r[3] for r in rounds)}"]
         row.append("n/a (no wrk)" if res.sustained_rps is None else f"{res.sustained_rps:,.0f}")
         rows.append(row)
     print("| " + " | ".join(header) + " |")
