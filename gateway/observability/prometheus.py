@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -24,6 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}  # higher is worse
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_M = TypeVar("_M", Counter, Histogram)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -55,6 +56,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Counter | Histogram] = {}
         reg = None if multiprocess() else self.registry
 
         def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
@@ -104,18 +106,29 @@ class Metrics:
 
     def request(self, tenant: str, model: str, status: int, latency_s: float, ttft_s: float | None,
                 cost_usd: float, input_tokens: int, output_tokens: int, cache_hit: bool) -> None:
-        self.requests.labels(tenant, model, str(status)).inc()
-        self.duration.labels(model).observe(latency_s)
+        child = self._child
+        child(self.requests, tenant, model, str(status)).inc()
+        child(self.duration, model).observe(latency_s)
         if ttft_s is not None:
-            self.ttft.labels(model).observe(ttft_s)
+            child(self.ttft, model).observe(ttft_s)
         if cost_usd:
-            self.cost.labels(tenant, model).inc(cost_usd)
+            child(self.cost, tenant, model).inc(cost_usd)
         if input_tokens:
-            self.tokens.labels(tenant, model, "input").inc(input_tokens)
+            child(self.tokens, tenant, model, "input").inc(input_tokens)
         if output_tokens:
-            self.tokens.labels(tenant, model, "output").inc(output_tokens)
+            child(self.tokens, tenant, model, "output").inc(output_tokens)
         if cache_hit:
-            self.cache_hits.labels(tenant).inc()
+            child(self.cache_hits, tenant).inc()
+
+    def _child(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, kept: prometheus_client checks the values and takes a lock on every
+        call (a sixth of a request's metering). The request series are never removed, so a kept child stays
+        the metric's own."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return cast(_M, found)
 
     def observe(self, replicas: Mapping[str, _Replica], ledger: _Ledger) -> None:
         """This process's gauges from its state: every few seconds, and before each scrape it serves."""

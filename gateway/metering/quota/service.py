@@ -25,8 +25,8 @@ from tollway.gateway.metering.quota.counters import (
     REQ,
     USD,
     Counter,
+    CounterLists,
     Demand,
-    counters_for,
     from_nano,
     to_nano,
 )
@@ -101,6 +101,7 @@ class QuotaService:
         self.lease_s = lease_s
         self.clock = clock or (lambda: datetime.now(UTC))
         self.local = LocalCounters(fail_open_share)
+        self.counter_lists = CounterLists()
         # The four scripts every leased request runs go over one multiplexed connection where they can
         # (tollway.infra.redisscripts: a quarter of redis-py's CPU per call); the rest of Redis through redis-py.
         register, self.channel = scripts_for(redis_client, channel=script_channel)
@@ -162,7 +163,7 @@ class QuotaService:
         its lease, so that a gateway that dies holding it still leaves a ledger row), ``model`` the model it is
         admitted for."""
         now = self.clock()
-        counters = counters_for(principal, rules, end_user=end_user, session=session, now=now)
+        counters = self.counter_lists.get(principal, rules, end_user=end_user, session=session, now=now)
         policy = rules.policy
         hard = NO_LIMIT if policy.velocity_hard_usd_per_min is None else to_nano(policy.velocity_hard_usd_per_min)
         now_s = now.timestamp()
