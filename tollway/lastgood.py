@@ -2,14 +2,14 @@
 (API keys, tenant rules).
 
 An entry is fresh for ``ttl_s``. In the last quarter of that, a read starts its reload in the background and
-is answered from the entry: a key in use is reloaded before it expires, so the requests that arrive at the
-end of its TTL do not all wait on the store (at 500 requests a second they did, every two seconds). Past the
-TTL, the next read reloads it, once per key however many requests ask at the same moment (they share one
-load). Either way no value older than ``ttl_s`` is served while the store answers. While the store fails, the entry's last good value keeps
-serving for up to ``stale_max_s``: a request waits at most ``stale_wait_s`` for the reload (which goes on
-in the background and lands when it can), and for ``retry_s`` after a failed reload no request waits on
-the store at all. A key with no value yet waits for its load and sees its failure. A ``None`` value (say,
-"no such key") is never served past its TTL.
+is answered from the entry: a key in use is reloaded before it expires, and the requests that arrive at the
+end of its TTL do not wait on the store. Past the TTL, the next read reloads it, once per key however many
+requests ask at the same moment (they share one load). Either way no value older than ``ttl_s`` is served
+while the store answers. A load in flight when its entry is dropped lands in no entry. While the store
+fails, the entry's last good value keeps serving for up to ``stale_max_s``: a request waits at most
+``stale_wait_s`` for the reload (which goes on in the background and lands when it can), and for
+``retry_s`` after a failed reload no request waits on the store at all. A key with no value yet waits for
+its load and sees its failure. A ``None`` value (say, "no such key") is never served past its TTL.
 """
 
 from __future__ import annotations
@@ -71,11 +71,11 @@ class LastGood(Generic[K, V]):
             del self._inflight[key]
         if done.cancelled():
             return
-        if generation != self._generation:
-            return  # read before a drop (a key revoked, limits changed): its waiters have it, the cache does not
-        if done.exception() is not None:
+        if done.exception() is not None:  # (retrieved here, so a background load's failure is not logged as lost)
             self._down_until = time.monotonic() + self._retry
             return
+        if generation != self._generation:
+            return  # read before a drop (a key revoked, limits changed): its waiters have it, the cache does not
         self._entries[key] = (time.monotonic() + self.ttl_s, done.result())
         self._entries.move_to_end(key)
         while self._max_size is not None and len(self._entries) > self._max_size:

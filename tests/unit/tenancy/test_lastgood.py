@@ -4,6 +4,7 @@ while the store is down, a short wait at most, and no None served past its TTL."
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -101,3 +102,18 @@ async def test_a_drop_discards_a_load_that_was_already_reading():
     assert await reading == "v1"  # its own reader has it
     assert await cache.get("k", load) == "revoked"  # the cache does not: the next read loads afresh
     assert loads == 2
+
+
+async def test_a_background_reload_that_fails_keeps_the_entry_and_is_not_left_unretrieved(caplog):
+    store, cache = Store(), LastGood[str, str | None](ttl_s=0.2, down=ServiceUnavailable, retry_s=10)
+    assert await cache.get("k", store.load) == "v1"
+    store.down = True
+    await asyncio.sleep(0.16)  # the TTL's last quarter
+    assert await cache.get("k", store.load) == "v1"  # answered; the reload fails in the background
+    await asyncio.sleep(0.01)
+    loads = store.loads
+    await asyncio.sleep(0.05)  # expired now, the store failed a moment ago: the last good value, no load
+    assert await cache.get("k", store.load) == "v1"
+    assert store.loads == loads
+    gc.collect()
+    assert "exception was never retrieved" not in caplog.text
