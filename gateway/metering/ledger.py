@@ -187,18 +187,15 @@ class Ledger:
                 self._idle.set()
             batch = self._in_hand = [await self._queue.get()]
             self._idle.clear()
-            deadline = asyncio.get_running_loop().time() + self._flush_interval
-            while len(batch) < self._batch_size:
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
-                    # races with a queue item, and stop() would then wait on this task forever.
-                    async with asyncio.timeout(timeout):
+            # One deadline for the whole batch (not a timeout per row). asyncio.timeout, not wait_for: in 3.11
+            # wait_for can swallow a cancellation that races with a queue item, and stop() would then wait on
+            # this task forever. A get cut short by the deadline leaves its item in the queue.
+            try:
+                async with asyncio.timeout(self._flush_interval):
+                    while len(batch) < self._batch_size:
                         batch.append(await self._queue.get())
-                except TimeoutError:
-                    break
+            except TimeoutError:
+                pass
             await self._write(batch)
             self._in_hand = []
 
