@@ -8,10 +8,11 @@ upstream), then measures each target the same way:
   latency over the direct upstream at the same rate;
 - closed-loop load with wrk (16 connections): the maximum sustained rate.
 
-    python bench/overhead/run.py [--duration 10] [--rates 100,500] [--no-litellm] [--before REV] [--rounds N]
+    python bench/overhead/run.py [--duration 10] [--rates 100,500] [--no-litellm] [--before REV] [--rounds N] [--floor]
 
 ``--before REV`` adds the gateway as it was at an earlier commit (its own embedded stores, the same upstream);
-``--rounds N`` measures every target's open loop N times, the targets taking turns, each round's figure printed.
+``--rounds N`` measures every target's open loop N times, the targets taking turns, each round's figure printed;
+``--floor`` adds a bare Python proxy on the same server and client (``floor.py``), what any such gateway adds.
 The load generator's own garbage collector is held off while it measures (its pauses, up to tens of
 milliseconds, were counted as the targets' latency).
 
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="tollway serve --workers N")
     parser.add_argument("--before", metavar="REV", help="also the gateway as it was at this commit")
     parser.add_argument("--rounds", type=int, default=1, help="open-loop rounds, the targets taking turns")
+    parser.add_argument("--floor", action="store_true",
+                        help="also a bare Python proxy on the same server and client (floor.py, level json)")
     parser.add_argument("--budget", action="store_true",
                         help="give the tenant a (never reached) monthly budget: every request then holds a lease")
     args = parser.parse_args()
@@ -158,6 +161,12 @@ def main() -> None:
         name = ("tollway" if args.workers == 1 else f"tollway --workers {args.workers}") \
             + (" (a budget)" if args.budget else "")
         targets.append(Target(name, tw.url, tw.key))
+        if args.floor:  # what a proxy with no gateway work adds (bench/overhead/floor.py)
+            port = free_port()
+            fl, fl_log = procs.spawn([sys.executable, str(HERE / "floor.py"), "--upstream", sim_url, "--port",
+                                      str(port), "--level", "json"], "floor")
+            wait_http(f"http://127.0.0.1:{port}/healthz", 60, fl, fl_log)
+            targets.append(Target("bare Python proxy (json)", f"http://127.0.0.1:{port}/v1", "none"))
         if args.before:  # its own embedded stores and bootstrap key; the code of an earlier commit
             old = start_gateway(procs, sim_url, data=workdir / "data-before", args=["--workers", str(args.workers)],
                                 budget=args.budget, env=package_at(args.before, workdir), name="tollway-before")
