@@ -62,7 +62,6 @@ from tollway.retrieval import (
     create_collection,
     ensure_index,
     prepare,
-    tenant_tx,
     to_embed,
     write,
 )
@@ -267,7 +266,7 @@ class Rag:
 
     async def collection(self, tenant_id: int, name: str, *, param: str = "collection") -> Collection:
         async with self.pool.connection() as conn:
-            return await _collection_on(conn, tenant_id, name, param)
+            return await _collection_in(conn, tenant_id, name, param, lookup=get_collection)
 
     async def ingest(self, ctx: CallContext, body: bytes, tenant_id: int, name: str,
                      docs: Sequence[NewDocument]) -> tuple[list[Written], str, Embedded | None, Decimal]:
@@ -456,20 +455,14 @@ class Rag:
         return screen.key if screen is not None else None
 
 
-async def _collection_on(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str,
-                         param: str = "collection") -> Collection:
-    """``_collection_in`` in a tenant transaction of its own."""
-    async with tenant_tx(conn, tenant_id):
-        return await _collection_in(conn, tenant_id, name, param)
-
-
-async def _collection_in(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str,
-                         param: str = "collection") -> Collection:
-    """The collection by name, inside a tenant transaction already open (a search's: read once); a wrong name
-    is a 404 naming ``param``."""
+async def _collection_in(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, param: str = "collection",
+                         lookup: Callable[[psycopg.AsyncConnection[Any], int, str], Awaitable[Collection]]
+                         = get_collection_in) -> Collection:
+    """The collection by name, inside a tenant transaction already open (a search's: read once), or through
+    ``lookup=get_collection`` in one of its own; a wrong name is a 404 naming ``param``."""
     try:
         check_text(name, param)
-        return await get_collection_in(conn, tenant_id, name)
+        return await lookup(conn, tenant_id, name)
     except StoreError as exc:
         exc.param = param
         raise map_store_error(exc) from None
