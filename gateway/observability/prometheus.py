@@ -24,8 +24,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}  # higher is worse
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_M = TypeVar("_M", Counter, Histogram)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_M = TypeVar("_M", Counter, Histogram)  # a metric whose labelled children Metrics keeps
 
 
 class _Ledger(Protocol):
