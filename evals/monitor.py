@@ -81,9 +81,6 @@ class DriftSettings:
     window: int = 200  # samples per window of the distribution tests
     baseline_samples: int = 1000  # a steady route is tested once its baseline has this many
     baseline_max: int = 5000  # the trailing baseline keeps at most this many
-    restart_samples: int = 400  # after a breach a steady route's next baseline is the samples that follow it,
-    #                             scored at the ceiling rate until it has this many (0: the samples held back
-    #                             then, tested from baseline_samples on, at the base rate)
     min_samples: int = 200  # a progressive rollout's step needs this many scored samples
     judge_pass: float = 0.5  # a judge score at or above this counts as a pass
     sequential_share: float = 0.5  # the share of alpha the sequential tests get (the windows: the rest)
@@ -597,12 +594,7 @@ class SteadyWatch:
     ``evidence_hours`` old and the pass-rate CUSUM has stood at zero since it came (so a shift the
     tests have not yet judged, at the pace the rise limit lets them, does not leak into what they
     compare with), at most ``baseline_max``. After a breach
-    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window).
-    That baseline is the samples after the breach, not those held back at the time (they hold the breach's
-    own evidence: a burst's failures would become the rate a drop after it is held to); while it forms the
-    route is scored at the ceiling rate (``rebuilding``), and it is tested again from ``restart_samples`` on.
-    (Until 2026-12-06 a quiet route waited for ``baseline_samples`` at the base rate: 25 days at 40 samples a
-    day, in which a drop after a burst's false alarm became the baseline; bench/RESULTS.md.)"""
+    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window)."""
 
     def __init__(self, settings: DriftSettings, lag: int | None = None) -> None:
         self.settings = settings
@@ -623,14 +615,14 @@ class SteadyWatch:
     def observe(self, s: Scored) -> list[Finding]:
         if self.test is None:
             self.baseline.append(s)
-            self._start()
+            if len(self.baseline) >= self.settings.baseline_samples:
+                self.test = RouteTest(self.baseline, self.settings, steady=True)
             return []
         found = self.test.update(s)
         self.pending.append(s)
         if found:
             self.breached = (self.test.n, len(self.baseline), self.test.detectors)  # (the route starts over now)
-            self.baseline = deque(() if self.settings.restart_samples else self.pending,
-                                  maxlen=self.settings.baseline_max)
+            self.baseline = deque(self.pending, maxlen=self.settings.baseline_max)
             self.pending.clear()
             self.test = None
             return found
@@ -643,13 +635,6 @@ class SteadyWatch:
             self._thin(held)
         return found
 
-    def _start(self) -> None:
-        need = self.settings.baseline_samples
-        if self.breached is not None and self.settings.restart_samples:
-            need = self.settings.restart_samples
-        if len(self.baseline) >= need:
-            self.test = RouteTest(self.baseline, self.settings, steady=True)
-
     def _thin(self, held: int) -> None:
         """Keep every other sample of those waiting beyond the newest ``held``, each now standing for twice
         the traffic (half its sampling rate). A busy route waits hours' worth of samples to enter its baseline
@@ -659,11 +644,6 @@ class SteadyWatch:
         older, newest = waiting[:len(waiting) - held], waiting[len(waiting) - held:]
         self.pending = deque([replace(x, rate=x.rate / 2 if x.rate else 0.5) for x in older[::2]]
                              + newest)
-
-    @property
-    def rebuilding(self) -> bool:
-        """Forming the baseline it starts over on after a breach (its watch asks for the ceiling rate)."""
-        return self.test is None and self.breached is not None and self.settings.restart_samples > 0
 
     def progress(self) -> float:
         return 0.0 if self.test is None else self.test.progress()

@@ -67,7 +67,6 @@ class RawQuality(_Strict):
     window: int = Field(default=200, ge=20)
     baseline_samples: int = Field(default=1000, ge=20)
     baseline_max: int = Field(default=5000, ge=20)
-    restart_samples: int = Field(default=_DRIFT.restart_samples, ge=0)  # a steady route's new baseline after a breach
     evidence_hours: float = Field(default=_DRIFT.evidence_hours, ge=0)  # a pass-rate test climbs 1/this per hour
     alarm_days: float = Field(default=_DRIFT.alarm_days, ge=0)  # window tests: one false alarm in this many days
     incident_failures: int = Field(default=_INCIDENTS.min_failures, ge=0)  # failed attempts in 5 min (0: off)
@@ -112,7 +111,6 @@ def quality_settings(data: Any) -> QualitySettings:
     drift = DriftSettings(alpha=raw.alpha, pass_drop=raw.pass_drop, sequential_share=raw.sequential_share,
                           window=raw.window,
                           baseline_samples=raw.baseline_samples, baseline_max=max(raw.baseline_max, raw.baseline_samples),
-                          restart_samples=min(raw.restart_samples, raw.baseline_samples),
                           evidence_hours=raw.evidence_hours, alarm_days=raw.alarm_days,
                           min_samples=raw.min_samples, moved_caution=raw.moved_caution)
     return QualitySettings(raw.enabled, SamplingPolicy(base=raw.sample_rate, ceiling=raw.max_sample_rate), drift,

@@ -129,11 +129,7 @@ class Watch:
         """A progressive rollout's step that has not yet the evidence to move on: its candidate serves a share
         of the traffic (5% at the first step), and sampled at the base rate a modest route's candidate would
         take weeks to the samples a decision needs, the rollout standing still meanwhile. Such a watch asks
-        for the highest rate (``SamplingPolicy.ceiling``) for its candidate alone. So does a steady route
-        forming its baseline anew after a breach (``SteadyWatch.rebuilding``): untested meanwhile, it would
-        otherwise take days at the base rate on a quiet route."""
-        if self.steady is not None and self.steady.rebuilding:
-            return True
+        for the highest rate (``SamplingPolicy.ceiling``) for its candidate alone."""
         return self.progressive and not self.done and (self.test is None or not self.test.no_regression())
 
     @property
