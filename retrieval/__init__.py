@@ -20,6 +20,7 @@ from tollway.retrieval.ingest import NewDocument, Prepared, prepare, to_embed, w
 from tollway.retrieval.search import (
     RERANK_CANDIDATES,
     Found,
+    Gathered,
     Passage,
     Query,
     Reranker,
@@ -45,7 +46,7 @@ from tollway.retrieval.store import (
 )
 
 __all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "RERANK_CANDIDATES", "Collection", "DocumentError", "Embedded", "Embedder",
-           "EmbedderError", "Found", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
+           "EmbedderError", "Found", "Gathered", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
            "Reranker", "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "check_filters", "check_text", "collection",
            "collections", "create_collection", "decode", "delete_collection", "delete_document", "documents",
            "ensure_index", "get_collection", "guess_format", "parse", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]

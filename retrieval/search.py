@@ -192,6 +192,21 @@ class Found:
         return out | ({"rerank_error": self.rerank_error} if self.rerank_error else {})
 
 
+@dataclass(slots=True)
+class Gathered:
+    """What a search read from PostgreSQL (``Searcher.gather``): its candidates and the evidence the ordering
+    needs. Nothing in it needs the connection it came from."""
+
+    coll: Collection
+    cands: list[Candidate]
+    q: np.ndarray[Any, Any]  # the query's vector
+    sections: list[tuple[int, float]]  # the nearest sections (id, cosine)
+    docs: list[tuple[int, float]]  # the nearest documents (id, cosine)
+    lexical: store.Lexical
+    embedded: Embedded
+    k: int  # at most this many passages (hierarchical) or chunks (flat)
+
+
 # -- scoring -------------------------------------------------------------------------------------
 def _normalised(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     low, high = float(values.min()), float(values.max())
@@ -596,9 +611,16 @@ class Searcher:
     async def search_in(self, conn: psycopg.AsyncConnection[Any], coll: Collection, query: Query,
                         embedding: Embedded | Awaitable[Embedded], embedder: str, *, screen: Screen | None = None,
                         drop: bool = True, rerank: Reranker | None = None) -> Found:
-        """Inside ``transaction``, ``coll`` as it reads it. ``embedding``: the query's, or one still being
-        computed (a task): the lexical ranking needs none, so it runs in PostgreSQL while the embedder works,
-        and the vector queries wait for the vector."""
+        """Inside ``transaction``, ``coll`` as it reads it: ``gather`` then ``finish`` (a caller that must not
+        hold its connection while a reranker answers calls the two itself, ending the transaction between)."""
+        got = await self.gather(conn, coll, query, embedding)
+        return await self.finish(got, query, embedder, screen=screen, drop=drop, rerank=rerank)
+
+    async def gather(self, conn: psycopg.AsyncConnection[Any], coll: Collection, query: Query,
+                     embedding: Embedded | Awaitable[Embedded]) -> Gathered:
+        """What the search reads from PostgreSQL, inside ``transaction``. ``embedding``: the query's, or one still
+        being computed (a task): the lexical ranking needs none, so it runs in PostgreSQL while the embedder
+        works, and the vector queries wait for the vector."""
         t = self.tuning
         k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
         n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
@@ -626,8 +648,16 @@ class Searcher:
         if sections:
             cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
                       if c.chunk_id not in seen]
-        ordered: list[Candidate] | Ranking = self._order(cands, q, sections, docs, query, lexical, k,
-                                                         floor_ends=rerank is None)
+        return Gathered(coll, cands, q, sections, docs, lexical, embedded, k)
+
+    async def finish(self, got: Gathered, query: Query, embedder: str, *, screen: Screen | None = None,
+                     drop: bool = True, rerank: Reranker | None = None) -> Found:
+        """The candidates ``gather`` read, ordered (and reranked), screened and packed: no database, so the
+        search's transaction may have ended (a reranker's answer is awaited here)."""
+        t = self.tuning
+        coll, k = got.coll, got.k
+        ordered: list[Candidate] | Ranking = self._order(got.cands, got.q, got.sections, got.docs, query,
+                                                         got.lexical, k, floor_ends=rerank is None)
         rerank_error = None
         if rerank is not None and (whole := list(ordered)):  # the reranker reads the best of the whole order
             ordered = whole
@@ -651,8 +681,8 @@ class Searcher:
         context, passages, used = pack(ordered, coll.name, query.context_tokens, limit=limit, floor=floor,
                                        tails=query.mode == "hierarchical" and t.tails,
                                        screen=timed if screen is not None else None, drop=drop, flagged=flagged)
-        return Found(coll, coll.index_version, context, tuple(passages), used, embedded, embedder, tuple(flagged),
-                     spent[0] * 1000, rerank_error)
+        return Found(coll, coll.index_version, context, tuple(passages), used, got.embedded, embedder,
+                     tuple(flagged), spent[0] * 1000, rerank_error)
 
     def _order(self, cands: list[Candidate], q: np.ndarray[Any, Any], sections: list[tuple[int, float]],
                docs: list[tuple[int, float]], query: Query, lexical: store.Lexical, k: int, *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
@@ -48,6 +49,7 @@ from tollway.retrieval import (
     Embedder,
     EmbedderError,
     Found,
+    Gathered,
     LocalEmbedder,
     NewDocument,
     Query,
@@ -303,12 +305,15 @@ class Rag:
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
                      rerank: str | None = None) -> tuple[Found, Decimal]:
-        # one connection and one transaction for the collection's lookup and the search
-        async with self.pool.connection() as conn, self.searcher.transaction(conn, tenant_id):
-            coll = await _collection_in(conn, tenant_id, name)
+        sides: list[SideCall] = []
+        reranker = self.reranker(ctx.principal, rerank, sides.append)
+        # the tenant's rules (admission reads them) in their cache before a connection is held: a load takes
+        # a connection of the same pool, which a burst of searches holding theirs would leave it none of
+        await self.calls.rules(ctx.principal.tenant_id)
+        async with _Held(self.pool, self.searcher, tenant_id) as held:
+            # the collection's lookup in the search's transaction (read once, on one connection)
+            coll = await _collection_in(await held.begin(), tenant_id, name)
             embedder = self.embedder_for(coll.embedder, coll.dims)
-            sides: list[SideCall] = []
-            reranker = self.reranker(ctx.principal, rerank, sides.append)
 
             async def embed(tally: Tally) -> Embedded:
                 embedded = await self._embed(embedder, [query.text], query=True)
@@ -316,12 +321,11 @@ class Rag:
                 return embedded
 
             async def run(tally: Tally) -> tuple[Found, Embedded | None]:
-                # the query is embedded while PostgreSQL ranks it lexically (search_in waits for the vector)
                 embedding = asyncio.ensure_future(embed(tally))
                 try:
                     try:
-                        found = await self.searcher.search_in(conn, coll, query, embedding, embedder.name,
-                                                              rerank=reranker)
+                        got = await self._gathered(held, coll, query, embedding)
+                        found = await self.searcher.finish(got, query, embedder.name, rerank=reranker)
                     except StoreError as exc:
                         raise map_store_error(exc) from None
                     finally:
@@ -336,6 +340,28 @@ class Rag:
 
             return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder),
                                        count_text(query.text), run)
+
+    async def _gathered(self, held: _Held, coll: Collection, query: Query, embedding: asyncio.Future[Embedded],
+                        param: str = "collection") -> Gathered:
+        """The search's reads from PostgreSQL, inside ``held``'s transaction, which ends (and its connection goes
+        back to the pool) before anything slow outside PostgreSQL is awaited: the packaged embedder computes
+        the query's vector while PostgreSQL ranks it lexically, in one transaction; a remote embedder's answer
+        is awaited with no connection held, then the collection is read again in a transaction of its own (a
+        tenant whose embedding upstream hangs holds none of the connections other tenants need). A reranker
+        answers after this (``Searcher.finish``)."""
+        if self.entry(coll.embedder) is LOCAL_ENTRY:
+            got = await self.searcher.gather(await held.begin(), coll, query, embedding)
+        else:
+            await held.end()
+            embedded = await embedding
+            conn = await held.begin()
+            again = await _collection_in(conn, held.tenant_id, coll.name, param)
+            if (again.id, again.embedder, again.dims) != (coll.id, coll.embedder, coll.dims):
+                raise Conflict(f"collection {coll.name!r} was replaced during the search; send it again",
+                               param=param)
+            got = await self.searcher.gather(conn, again, query, embedded)
+        await held.end()
+        return got
 
     # -- the chat path's retriever (tollway.gateway.chat.exchange.Retriever) ------------------------------
     def spec(self, raw: JSON) -> RetrievalSpec:
@@ -379,13 +405,10 @@ class Rag:
         reranker = self.reranker(view.principal, parsed.rerank, calls.append, "retrieval.rerank")
         tenant = view.tenant_id
         screen = self.screen_for(view) if self.screen_for is not None else None
-        # one connection for the collection's lookup and the search (a checkout and its ping, not two)
-        async with self.pool.connection() as conn:
-            return await self._retrieve_on(conn, parsed, query, reranker, screen, calls, tenant, text)
+        return await self._retrieve(parsed, query, reranker, screen, calls, tenant, text)
 
-    async def _retrieve_on(self, conn: psycopg.AsyncConnection[Any], parsed: RetrievalSpec, query: Query,
-                           reranker: Reranker | None, screen: PassageScreen | None, calls: list[SideCall],
-                           tenant: int, text: str) -> Retrieved:
+    async def _retrieve(self, parsed: RetrievalSpec, query: Query, reranker: Reranker | None,
+                        screen: PassageScreen | None, calls: list[SideCall], tenant: int, text: str) -> Retrieved:
         coll: Collection | None = None  # looked up (inside the search's transaction: read once)
         entry = LOCAL_ENTRY  # its embedder's, once looked up
         started = time.perf_counter()
@@ -401,19 +424,20 @@ class Rag:
                                       latency_ms=embedded.latency_ms, replica=embedded.replica))
 
         try:
-            async with self.searcher.transaction(conn, tenant):
-                named = await _collection_in(conn, tenant, parsed.collection, "retrieval.collection")
+            # one connection for the collection's lookup and the search (a checkout and its ping, not two),
+            # given back before a reranker (or a remote embedder) is waited for
+            async with _Held(self.pool, self.searcher, tenant) as held:
+                named = await _collection_in(await held.begin(), tenant, parsed.collection, "retrieval.collection")
                 entry = self.entry(named.embedder)
                 coll = named
                 started = time.perf_counter()
                 embedder = self.embedder_for(coll.embedder, coll.dims)
-                # the query is embedded while PostgreSQL ranks it lexically (search_in waits for the vector)
                 embedding = asyncio.ensure_future(self._embed(embedder, [text], query=True))
                 embedding.add_done_callback(spent)
-                found = await self.searcher.search_in(conn, coll, query, embedding, embedder.name,
-                                                      screen=screen.reason if screen is not None else None,
-                                                      drop=screen is None or screen.action == "drop",
-                                                      rerank=reranker)
+                got = await self._gathered(held, coll, query, embedding, "retrieval.collection")
+            found = await self.searcher.finish(got, query, embedder.name,
+                                               screen=screen.reason if screen is not None else None,
+                                               drop=screen is None or screen.action == "drop", rerank=reranker)
         except (TollwayError, psycopg.Error, StoreError) as exc:
             if coll is None:
                 raise  # a wrong name is the caller's error (404), and a store that cannot look it up fails, whatever
@@ -453,6 +477,46 @@ class Rag:
         the same question under another screen is another context)."""
         screen = self.screen_for(view) if self.screen_for is not None else None
         return screen.key if screen is not None else None
+
+
+class _Held:
+    """One pooled connection for a search's reads, in the search's transaction (``Searcher.transaction``), taken
+    when first needed and given back (the transaction committed) as soon as the reads are done, so that no
+    connection waits with the search on anything outside PostgreSQL: the pool is every tenant's."""
+
+    def __init__(self, pool: AsyncConnectionPool, searcher: Searcher, tenant_id: int) -> None:
+        self.pool = pool
+        self.searcher = searcher
+        self.tenant_id = tenant_id
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._tx: AbstractAsyncContextManager[Any] | None = None
+
+    async def begin(self) -> psycopg.AsyncConnection[Any]:
+        """The connection, inside the transaction (both started here unless they already are)."""
+        if self._conn is None:
+            self._conn = await self.pool.getconn()
+        if self._tx is None:
+            tx = self.searcher.transaction(self._conn, self.tenant_id)
+            await tx.__aenter__()
+            self._tx = tx
+        return self._conn
+
+    async def end(self, exc: BaseException | None = None) -> None:
+        """The transaction ended (committed; rolled back on ``exc``) and the connection back in the pool."""
+        tx, self._tx = self._tx, None
+        conn, self._conn = self._conn, None
+        try:
+            if tx is not None:
+                await tx.__aexit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc else None)
+        finally:
+            if conn is not None:
+                await self.pool.putconn(conn)
+
+    async def __aenter__(self) -> _Held:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        await self.end(exc)
 
 
 async def _collection_in(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, param: str = "collection",

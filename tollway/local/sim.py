@@ -7,7 +7,7 @@ word in the model name (``sim-error``, ``big-overloaded``) or for every request 
 
     error       500 with an OpenAI error body
     overloaded  429 with retry-after
-    timeout     never answers (until the client gives up)
+    timeout     never answers (until the client gives up); embeddings and rerank too
     cut         a stream broken off half-way (connection dropped, no [DONE])
     malformed   invalid JSON (body, or one stream frame)
     ignoremax   keeps generating past max_tokens (for budget tests)
@@ -321,8 +321,11 @@ async def embeddings(request: Request) -> Response:
     body = orjson.loads(await request.body())
     model = str(body.get("model"))
     state.requests[model] += 1
-    if fault_of(model, state.config) == "error":
+    fault = fault_of(model, state.config)
+    if fault == "error":
         return _error(500, "scripted failure", "internal_error")
+    if fault == "timeout":
+        await asyncio.sleep(3600)
     inputs = body.get("input")
     texts = inputs if isinstance(inputs, list) else [inputs]
     texts = [t if isinstance(t, str) else " ".join(map(str, t)) for t in texts]
@@ -347,8 +350,11 @@ async def rerank(request: Request) -> Response:
         return _error(400, "body must be JSON with model, query and documents", "invalid_request")
     state.requests[model] += 1
     state.recent[model].append(body)
-    if fault_of(model, state.config) == "error":
+    fault = fault_of(model, state.config)
+    if fault == "error":
         return _error(500, "scripted failure", "internal_error")
+    if fault == "timeout":
+        await asyncio.sleep(3600)
     words = set(_WORD.findall(query.lower()))
     texts = [d if isinstance(d, str) else str((d or {}).get("text", "")) for d in documents]
     scores = [len(words & set(_WORD.findall(t.lower()))) / max(len(words), 1) - len(t) * 1e-9 for t in texts]

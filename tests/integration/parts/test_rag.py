@@ -333,3 +333,86 @@ async def test_a_reranking_model_orders_the_candidates_and_is_metered(app_factor
     assert (failed["status"], failed["cost_usd"]) == (502, 0)  # the upstream's 500, as the gateway reports it
     assert (unknown.status_code, unknown.json()["error"]["param"]) == (404, "retrieval.rerank")
     assert (not_a_reranker.status_code, not_a_reranker.json()["error"]["code"]) == (400, "model_not_supported")
+
+
+async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_factory, make_tenant, tmp_path, sim):
+    """A reranker or a remote embedder that does not answer (the sim's ``timeout``: the upstream's 3 s timeout
+    ends each call) keeps its own searches waiting, never a connection of the pool every tenant shares: with
+    more of them in flight than the pool holds, none is checked out for them, and another tenant's search
+    and chat are answered at once. The stuck searches still answer (the fused order, ``rerank_error``; the
+    remote embedder's failure as the failure policy says)."""
+    import asyncio
+    import time
+
+    import httpx
+    import yaml
+
+    slow, other = make_tenant(ingest=True), make_tenant(ingest=True)
+    question = "what does express shipping of a replacement card cost"
+    # the stuck calls go to an upstream of their own (the same server): its breaker, not the chat models', opens
+    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
+        {"name": "stuck-rerank", "upstream": "stuck", "upstream_model": "sim-timeout", "kind": "rerank",
+         "price": {"input_per_mtok": "2"}}], extra_upstreams=[{"name": "stuck", "base_url": sim.url, "timeout_s": 3}])
+    stuck_embedder = yaml.safe_load(config.read_text())
+    for model in stuck_embedder["models"]:
+        if model["name"] == "sim-embed":  # the same catalog name, its upstream now never answers
+            model.update(upstream="stuck", upstream_model="sim-embed-timeout")
+    stuck_config = tmp_path / "stuck.yaml"
+    stuck_config.write_text(yaml.safe_dump(stuck_embedder))
+
+    async def stuck_calls() -> int:
+        async with httpx.AsyncClient() as plain:
+            counts = (await plain.get(sim.url.removesuffix("/v1") + "/sim/stats")).json()["requests"]
+        return counts.get("sim-timeout", 0) + counts.get("sim-embed-timeout", 0)
+
+    async def while_stuck(gw, requests: list[tuple[dict[str, str], str, dict]]) -> tuple[list, int, list, float]:
+        pool = gw.state.pool
+        before = await stuck_calls()
+        tasks = [asyncio.create_task(gw.client.post(path, headers=headers, json=body))
+                 for headers, path, body in requests]
+        for _ in range(50):  # until all of them wait on the upstream (2.5 s at most: it gives up at 3)
+            if await stuck_calls() >= before + len(requests):
+                break
+            await asyncio.sleep(0.05)
+        waiting = await stuck_calls() - before
+        stats = pool.get_stats()
+        held = stats.get("pool_size", 0) - stats.get("pool_available", 0)
+        began = time.perf_counter()
+        fine = [await gw.client.post("/v1/retrieval/search", headers=other.headers,
+                                     json={"collection": "kb", "query": question}),
+                await gw.client.post("/v1/chat/completions", headers=other.headers, json={
+                    "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": question}],
+                    "retrieval": {"collection": "kb"}})]
+        took = time.perf_counter() - began
+        return await asyncio.gather(*tasks), waiting, [held, fine], took
+
+    async with app_factory(config=config) as gw:
+        await ingest(gw, slow.headers)
+        await ingest(gw, other.headers)
+        await ingest(gw, slow.headers, collection="remote", embedder="sim-embed")
+        n = gw.state.pool.max_size + 4  # more than the pool could lend them
+        search = {"collection": "kb", "query": question, "rerank": "stuck-rerank"}
+        chat = {"model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": question}],
+                "retrieval": {"collection": "kb", "rerank": "stuck-rerank"}}
+        reranked, waiting, (held, fine), took = await while_stuck(gw, [
+            (slow.headers, "/v1/retrieval/search", search) if i % 2 else (slow.headers, "/v1/chat/completions", chat)
+            for i in range(n)])
+    assert waiting == n  # every one of them was waiting on the reranker
+    assert held <= 1, held  # (the ledger's writer may hold one a moment)
+    assert [r.status_code for r in fine] == [200, 200], [r.text for r in fine]
+    assert took < 2.0, took  # not queued behind the stuck searches for a connection
+    assert all(r.status_code == 200 for r in reranked), [r.text for r in reranked if r.status_code != 200]
+    assert all("rerank_error" in r.json() for r in reranked if "object" in r.json()
+               and r.json()["object"] == "retrieval.result")
+
+    async with app_factory(config=stuck_config) as gw:
+        n = gw.state.pool.max_size + 4
+        embedded, waiting, (held, fine), took = await while_stuck(gw, [
+            (slow.headers, "/v1/retrieval/search", {"collection": "remote", "query": question})
+            for _ in range(n)])
+    assert waiting == n, (waiting, held, took, [r.status_code for r in fine], [r.text[:200] for r in embedded][:3])
+    assert held <= 1, held
+    assert [r.status_code for r in fine] == [200, 200], [r.text for r in fine]
+    assert took < 2.0, took
+    assert {r.status_code for r in embedded} == {502} or {r.status_code for r in embedded} == {504}, \
+        {r.status_code for r in embedded}  # the embedding upstream's timeout, the caller's error to see
