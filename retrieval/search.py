@@ -225,6 +225,14 @@ def _fuse(dense: np.ndarray[Any, Any], lexical: np.ndarray[Any, Any], weight: fl
     return np.asarray(low + (high - low) * ((1 - weight) * d + weight * lex))
 
 
+def floor_at(best: float, share: float) -> float:
+    """The score a candidate needs to be packed beside the best one: ``share`` of it, measured as a distance
+    from it (the best's magnitude times 1 - share below it), so that it holds where the best score is
+    negative too (an embedder whose unrelated texts have negative cosines; ``share * best`` would then lie
+    above the best itself and leave nothing packed). The same figure as ``share * best`` where best >= 0."""
+    return best - (1 - share) * abs(best)
+
+
 class Ranking:
     """Candidates in maximal-marginal-relevance order (by ``score``), each chosen as it is read: an iterator
     (``mmr`` reads it whole). Near-duplicates are dropped (a cosine of ``duplicate`` or more with one already
@@ -378,7 +386,7 @@ def pack(ordered: Sequence[Candidate] | Ranking, collection: str, budget: int, *
     groups: list[list[Candidate]] = []
     sizes: list[int] = []
     total = count_text(top) + PER_MESSAGE
-    room = _Room(ordered, budget, limit, None if floor is None else floor * best, tails) \
+    room = _Room(ordered, budget, limit, None if floor is None else floor_at(best, floor), tails) \
         if isinstance(ordered, Ranking) else None
 
     def read() -> Iterator[Candidate]:
@@ -390,8 +398,9 @@ def pack(ordered: Sequence[Candidate] | Ranking, collection: str, budget: int, *
                 return
             cand = next(it, None)
 
+    least = None if floor is None else floor_at(best, floor)
     for cand in read():
-        if floor is not None and cand.score < floor * best:
+        if least is not None and cand.score < least:
             continue
         at = _joins(cand, groups)
         if at is None and len(groups) >= limit:
@@ -463,11 +472,11 @@ class _Room:
     this finds first). Each candidate is judged as the packer would: the floor, the passage limit, the
     uncounted pass-over, and otherwise its block counted (cached per state)."""
 
-    def __init__(self, ranking: Ranking, budget: int, limit: int, floor_at: float | None, tails: bool) -> None:
+    def __init__(self, ranking: Ranking, budget: int, limit: int, least: float | None, tails: bool) -> None:
         self.ranking, self.budget, self.limit, self.tails = ranking, budget, limit, tails
         cands = ranking.cands
-        self.eligible = (np.ones(len(cands), dtype=bool) if floor_at is None
-                         else ranking.scores >= floor_at)  # the packer's floor
+        self.eligible = (np.ones(len(cands), dtype=bool) if least is None
+                         else ranking.scores >= least)  # the packer's floor
         self.tokens = np.array([c.tokens for c in cands], dtype=np.int64)
         self.keys = np.array([(c.section_id << 20) | (c.ord & 0xFFFFF) for c in cands], dtype=np.int64)
         self._cut: np.ndarray[Any, Any] | None = None  # whose block leaves its text's first line out
@@ -732,7 +741,7 @@ class Searcher:
         order = np.argsort(-scores, kind="stable")
         cands = [cands[i] for i in order]
         # with the packer's floor as the ordering's end (a reranker reorders past it; density re-sorts)
-        below = t.floor * cands[0].score if floor_ends and not t.density else None
+        below = floor_at(cands[0].score, t.floor) if floor_ends and not t.density else None
         ranking = Ranking(cands, t.mmr_lambda, t.duplicate, limit=max(k * 4, 16),
                           within_documents=t.mmr_within_documents, below=below, vectors=vectors[order])
         if not t.density:
@@ -740,6 +749,6 @@ class Searcher:
         picked = list(ranking)
         if picked:
             # relevance above gain_floor x the best, per token the passage costs with its citation header
-            base = t.gain_floor * max(c.score for c in picked)
+            base = floor_at(max(c.score for c in picked), t.gain_floor)
             picked.sort(key=lambda c: -max(c.score - base, 0.0) / (c.tokens + count_text(_where(c.title, c.heading)) + 4))
         return picked

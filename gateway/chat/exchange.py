@@ -312,6 +312,13 @@ class Exchange:
         """Every guard outcome so far: the input guards', then the output guards' (as far as they got)."""
         return [*self.guards, *(o for f in self.filters for o in f.outcomes())]
 
+    def grounded_as_keyed(self) -> bool:
+        """Its context is the one its cache key names: no retrieval, or one that read the collection at the
+        index version the key holds, with neither the search nor its reranker failing (an answer made without
+        them is not this request's answer once they work again)."""
+        r = self.retrieved
+        return r is None or (r.error is None and r.rerank_error is None and r.index_version == self.index_version)
+
     def guards_changed(self) -> bool:
         """A guard rewrote, withheld or replaced something of this answer (it is not cached)."""
         return any(g.action in ("redact", "block", "fallback") for g in self.all_guards())

@@ -375,12 +375,13 @@ class Chat:
 
     async def after_answer(self, ex: Exchange, text: str, answer: Callable[[], JSON], cacheable: bool) -> None:
         """Work after an upstream answer, the same for a whole answer and a finished stream: cache it
-        (deterministic requests; never what a guard changed), sample it for shadows and for live scoring.
+        (deterministic requests; never what a guard changed, nor one whose retrieval failed or read another
+        index version than its key names), sample it for shadows and for live scoring.
         ``answer`` builds the chat.completion, for a cached or sampled answer only."""
         served = ex.served
         if served is None:
             return
-        if ex.cache_key is not None and cacheable and not ex.guards_changed():
+        if ex.cache_key is not None and cacheable and not ex.guards_changed() and ex.grounded_as_keyed():
             await self.router.store(ex.cache_key, answer(), served.step.model.name, ex.tally.row.cost_usd)
         if self.shadows is None and self.quality is None:
             return

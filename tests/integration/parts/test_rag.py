@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -178,6 +179,45 @@ async def test_a_failing_retrieval_follows_the_request_policy(app_factory, make_
         assert info["sources"] == []
         assert info["error"] == rows["retrieval"]["error_code"]
         assert rows["answer"]["status"] == 200
+
+
+async def test_an_answer_made_without_its_retrieval_is_not_cached(app_factory, make_tenant, tmp_path, sim):
+    """A deterministic chat with retrieval is cached under its collection's index version. One answered
+    without its context (the search failed and the request says answer anyway), or from the fused order where
+    the reranker it asked for failed, is not: once they work again the same request is answered from its
+    context, never from an answer the cache kept from the outage."""
+    tenant = make_tenant(ingest=True)
+
+    def config(name: str, embed: str) -> Any:
+        return write_config(tmp_path / name, sim.url, extra_models=[
+            {"name": "flaky-embed", "upstream": "sim", "upstream_model": embed, "kind": "embedding",
+             "price": {"input_per_mtok": "0.02"}},
+            {"name": "broken-rerank", "upstream": "sim", "upstream_model": "sim-error", "kind": "rerank",
+             "price": {"input_per_mtok": "2"}}])
+
+    body = {"model": "sim-small", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": ASK}],
+            "retrieval": {"collection": "kb", "context_tokens": 600, "on_failure": "answer"}}
+    reranked = {**body, "retrieval": {"collection": "kb", "context_tokens": 600, "rerank": "broken-rerank"}}
+    async with app_factory(config=config("good.yaml", "sim-embed")) as gw:
+        await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "kb", "embedder": "flaky-embed"})
+        written = await gw.client.post("/v1/collections/kb/documents", headers=tenant.headers,
+                                       json={"text": KB["fees.md"]})
+        assert written.status_code == 200, written.text
+        unranked = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=reranked)
+                    for _ in range(2)]
+    async with app_factory(config=config("bad.yaml", "sim-error")) as gw:  # the embedder fails
+        failed = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body) for _ in range(2)]
+    async with app_factory(config=config("good.yaml", "sim-embed")) as gw:  # and works again
+        grounded = [await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+                    for _ in range(2)]
+    assert [r.status_code for r in unranked + failed + grounded] == [200] * 6
+    assert all(r.json()["tollway"]["retrieval"].get("rerank_error") for r in unranked)
+    assert "x-tollway-cache" not in unranked[1].headers
+    assert all(r.json()["tollway"]["retrieval"].get("error") for r in failed)
+    assert "x-tollway-cache" not in failed[1].headers
+    assert "x-tollway-cache" not in grounded[0].headers  # not the outage's answer
+    assert grounded[0].json()["tollway"]["retrieval"]["sources"], str(grounded[0].json()["tollway"]["retrieval"]) + str(unranked[0].json()["tollway"]["retrieval"])
+    assert grounded[1].headers.get("x-tollway-cache") == "hit"  # a grounded answer is cached as before
 
 
 async def test_the_response_cache_never_serves_an_answer_grounded_in_old_text(app_factory, make_tenant):

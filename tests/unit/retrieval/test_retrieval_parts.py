@@ -17,7 +17,7 @@ from pgvector import HalfVector
 
 from tollway.retrieval import DocumentError, Splitting, decode, parse
 from tollway.retrieval.embedders import LocalEmbedder, Turns
-from tollway.retrieval.search import PER_MESSAGE, Ranking, merge_overlap, mmr, pack
+from tollway.retrieval.search import PER_MESSAGE, Ranking, floor_at, merge_overlap, mmr, pack
 from tollway.retrieval.store import Candidate, _vectors
 from tollway.routing import count_text
 
@@ -303,6 +303,25 @@ def test_mmr_ending_at_the_packers_floor_packs_the_same(within):
         budget = int(rng.integers(50, 3000))
         assert (pack(ended, "kb", budget, limit=limit, floor=0.5)
                 == pack(whole, "kb", budget, limit=limit, floor=0.5))
+
+
+def test_the_floor_holds_where_every_score_is_negative():
+    """An embedder whose cosines with a query are all negative (an upstream model's unrelated texts, a
+    scripted upstream's random vectors): the best candidate is still packed, and the floor keeps its meaning
+    (within half the best's magnitude of it: -0.2 keeps -0.25, not -0.35). Where the best is positive the
+    floor is half of it, as before."""
+    assert floor_at(0.8, 0.5) == pytest.approx(0.4)
+    assert floor_at(-0.2, 0.5) == pytest.approx(-0.3)
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((4, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = np.array([-0.2, -0.25, -0.35, -0.9])
+    words = ["fee card", "loan 42", "card fee loan", "42"]
+    for below in (None, floor_at(-0.2, 0.5)):
+        ranked = mmr(_worded(vectors, scores, np.arange(4), words), 1.0, 0.999, 10, below=below)
+        context, passages, used = pack(ranked, "kb", 600, limit=10, floor=0.5)
+        assert sorted(c for p in passages for c in p.chunk_ids) == [0, 1]
+        assert "fee card" in context and 0 < used <= 600
 
 
 def _sectioned(rng: np.random.Generator, texts: random.Random, n: int) -> list[Candidate]:
