@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -275,6 +276,20 @@ def resolve_upstream(raw: RawUpstream, *, timeout_s: float, connect_timeout_s: f
     )
 
 
+# What a discovered model is, read from its id (an OpenAI-style /v1/models says nothing of it; vLLM serves one
+# task per server): rerankers and cross-encoders first (a bge-reranker is also a bge), then the embedding
+# families a vLLM or TEI server is commonly started with, else chat. A name that says nothing is a chat model;
+# a config file's `kind` says otherwise.
+_RERANKER = re.compile(r"rerank|cross-encoder|ms-marco")
+_EMBEDDER = re.compile(r"embed|sentence-transformers/|sentence-t5|(?:^|[/_.-])(?:bge|gte|e5|minilm|mpnet|instructor"
+                       r"|stella|uae|msmarco|multi-qa|paraphrase)(?:[-_.]|$)")
+
+
+def discovered_kind(model_id: str) -> str:
+    lower = model_id.lower()
+    return "rerank" if _RERANKER.search(lower) else "embedding" if _EMBEDDER.search(lower) else "chat"
+
+
 def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: Iterable[UpstreamSpec]) -> Catalog:
     """Configured models first; discovered models fill in names the config did not claim."""
     entries: list[ModelEntry] = []
@@ -310,8 +325,7 @@ def build_catalog(raw: RawConfig, discovered: Mapping[str, list[str]], specs: It
             if model_id not in claimed and (upstream, model_id) not in served:
                 found.setdefault(model_id, []).append(upstream)
     for model_id, replicas in found.items():
-        lower = model_id.lower()
-        kind = "embedding" if "embed" in lower else "rerank" if "rerank" in lower else "chat"
-        entries.append(ModelEntry(name=model_id, upstream=replicas[0], upstream_model=model_id, kind=kind,
+        entries.append(ModelEntry(name=model_id, upstream=replicas[0], upstream_model=model_id,
+                                  kind=discovered_kind(model_id),
                                   tier=lowest, price=FREE, replicas=tuple(replicas)))
     return Catalog(specs, entries, aliases, raw.routing)

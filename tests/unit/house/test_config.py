@@ -6,7 +6,7 @@ import pytest
 
 from tollway.config import RawPrice
 from tollway.routing import ConfigError, Usage, build_catalog, load_config, parse_config, resolve_upstream
-from tollway.routing.catalog import litellm_price, resolve_price
+from tollway.routing.catalog import discovered_kind, litellm_price, resolve_price
 
 
 def test_unknown_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
@@ -89,6 +89,34 @@ def test_catalog_aliases_and_discovery() -> None:
     assert catalog.names() == ["big", "e5-embed", "small-1"]  # the configured upstream_model is not listed twice
     assert catalog.get("e5-embed").kind == "embedding"  # type: ignore[union-attr]
     assert catalog.get("nope") is None
+
+
+@pytest.mark.parametrize(("model_id", "kind"), [
+    # embedding servers a quick start meets (vLLM, TEI), by the ids they list
+    ("BAAI/bge-m3", "embedding"), ("BAAI/bge-large-en-v1.5", "embedding"), ("intfloat/e5-mistral-7b-instruct", "embedding"),
+    ("intfloat/multilingual-e5-large", "embedding"), ("thenlper/gte-large", "embedding"),
+    ("Alibaba-NLP/gte-Qwen2-7B-instruct", "embedding"), ("sentence-transformers/all-MiniLM-L6-v2", "embedding"),
+    ("all-mpnet-base-v2", "embedding"), ("nomic-ai/nomic-embed-text-v1.5", "embedding"),
+    ("jinaai/jina-embeddings-v3", "embedding"), ("Snowflake/snowflake-arctic-embed-l", "embedding"),
+    ("Qwen/Qwen3-Embedding-0.6B", "embedding"), ("hkunlp/instructor-large", "embedding"),
+    ("dunzhang/stella_en_1.5B_v5", "embedding"), ("text-embedding-3-small", "embedding"), ("e5-embed", "embedding"),
+    # rerankers and cross-encoders (some are of an embedding family by name)
+    ("BAAI/bge-reranker-v2-m3", "rerank"), ("cross-encoder/ms-marco-MiniLM-L-6-v2", "rerank"),
+    ("mixedbread-ai/mxbai-rerank-large-v1", "rerank"), ("jinaai/jina-reranker-v2-base-multilingual", "rerank"),
+    ("Qwen/Qwen3-Reranker-0.6B", "rerank"), ("Alibaba-NLP/gte-multilingual-reranker-base", "rerank"),
+    # chat models stay chat
+    ("meta-llama/Llama-3.3-70B-Instruct", "chat"), ("Qwen/Qwen2.5-7B-Instruct", "chat"),
+    ("microsoft/Phi-3.5-mini-instruct", "chat"), ("mistralai/Mistral-7B-Instruct-v0.3", "chat"),
+    ("google/gemma-2-9b-it", "chat"), ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "chat"), ("gpt-4o-mini", "chat"),
+    ("org/Big-70B", "chat"), ("small-1", "chat"), ("sim-large", "chat"),
+])
+def test_a_discovered_models_kind_is_read_from_its_id(model_id: str, kind: str) -> None:
+    """A quick start's upstreams list model ids only: an embedding model taken for a chat model would be
+    routed chat requests (and refuse them); one taken for chat could not embed a collection."""
+    assert discovered_kind(model_id) == kind
+    raw = parse_config({"upstreams": [{"name": "a", "base_url": "http://x"}]})
+    spec = resolve_upstream(raw.upstreams[0], timeout_s=1, connect_timeout_s=1)
+    assert build_catalog(raw, {"a": [model_id]}, [spec]).get(model_id).kind == kind  # type: ignore[union-attr]
 
 
 def test_the_shipped_example_config_is_valid() -> None:
