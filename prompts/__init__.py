@@ -8,11 +8,20 @@ if __name__ != "tollway.prompts":
 
 from tollway.prompts.gate import Gate, GateResult
 from tollway.prompts.git import GitServer
-from tollway.prompts.labels import PRODUCTION, GateRefused, Label, labels_of, move_label, rollback
+from tollway.prompts.labels import (
+    PRODUCTION,
+    Gated,
+    GateRefused,
+    Label,
+    gate_move,
+    labels_of,
+    move_label,
+    rollback,
+)
 from tollway.prompts.paths import check_name, check_path
 from tollway.prompts.registry import Registry, Rendered
 from tollway.prompts.render import RenderPool
-from tollway.prompts.rollouts import list_prompt_rollouts, start_prompt_rollout
+from tollway.prompts.rollouts import list_prompt_rollouts, rollout_check, start_prompt_rollout
 from tollway.prompts.spec import Prompt, PromptError, parse_prompt
 from tollway.prompts.store import (
     StaleParent,
@@ -30,6 +39,7 @@ __all__ = [
     "Gate",
     "GateRefused",
     "GateResult",
+    "Gated",
     "GitServer",
     "Label",
     "Prompt",
@@ -42,12 +52,14 @@ __all__ = [
     "check_name",
     "check_path",
     "file_at",
+    "gate_move",
     "labels_of",
     "list_prompt_rollouts",
     "move_label",
     "parse_prompt",
     "repair",
     "rollback",
+    "rollout_check",
     "start_prompt_rollout",
     "submit",
     "verify",

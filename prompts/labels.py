@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
-from tollway.errors import InvalidRequest, NotFound, TollwayError
+from tollway.errors import Conflict, InvalidRequest, NotFound, TollwayError
 from tollway.infra import changes
 from tollway.prompts.gate import Gate, GateResult
 from tollway.prompts.store import version
@@ -68,12 +70,52 @@ async def labels_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: st
     return [Label(*r) for r in await cur.fetchall()]
 
 
+@dataclass(frozen=True, slots=True)
+class Gated:
+    """The gate's verdict on moving production from ``current`` to ``candidate`` (versions), reached before the
+    move with no connection held (``gate_move``): the move holds the label's row while it writes, and checks
+    that the label still holds ``current``."""
+
+    candidate: str
+    current: str | None
+    result: GateResult
+
+
+async def gate_move(pool: AsyncConnectionPool, tenant_id: int, tenant: str, name: str, label: str, target: str,
+                    gate: Gate | None, actor: Any = None,
+                    check: Callable[[str, str | None], None] | None = None) -> Gated | None:
+    """For a move of ``production``, the gate's verdict; None for any other label. A gate runs a golden set
+    through the gateway (seconds to minutes, requests that need the pool themselves): no pooled connection
+    waits for it, and no lock. ``check(candidate, current)`` may refuse the move before the gate runs."""
+    if label != PRODUCTION:
+        return None
+    async with pool.connection() as conn:
+        candidate = (await version(conn, tenant_id, name, target)).version
+        cur = await conn.execute("SELECT version FROM prompt_labels WHERE tenant_id = %s AND name = %s AND label = %s",
+                                 (tenant_id, name, label))
+        row = await cur.fetchone()
+    current = None if row is None else str(row[0])
+    if check is not None:
+        check(candidate, current)
+    return Gated(candidate, current, await run_gate(gate, tenant, name, candidate, current, actor))
+
+
+def still_gated(gated: Gated, candidate: str, current: str | None) -> GateResult:
+    """``gated``'s result, if the move it judged is still the one being made."""
+    if (gated.candidate, gated.current) != (candidate, current):
+        raise Conflict("Production moved (or the version named moved) while the gate ran; move it again.",
+                       param="version", code="label_moved")
+    return gated.result
+
+
 async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str,
                      target: str, *, author: str, reason: str | None = None, split_version: str | None = None,
                      split_percent: float = 0.0, gate: Gate | None = None, admin: bool = False,
-                     override: bool = False, actor: Any = None, note: Any = None) -> tuple[Label, GateResult | None]:
+                     override: bool = False, actor: Any = None, note: Any = None,
+                     gated: Gated | None = None) -> tuple[Label, GateResult | None]:
     """Point ``label`` at ``target`` (a version or another label), optionally splitting ``split_percent``
-    of users to ``split_version``. Moving ``production`` runs the gate (admins may override it, recorded)."""
+    of users to ``split_version``. Moving ``production`` runs the gate (admins may override it, recorded);
+    ``gated``: its verdict reached beforehand (``gate_move``), for this very move."""
     if not 0 <= split_percent <= 100:
         raise InvalidRequest("split_percent must be between 0 and 100", param="split_percent")
     to = (await version(conn, tenant_id, name, target)).version
@@ -88,7 +130,9 @@ async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant:
         if label == PRODUCTION:
             if override and not admin:
                 raise InvalidRequest("Only an admin may override the gate.", param="override")
-            result = await run_gate(gate, tenant, name, to, None if before is None else before.version, actor)
+            current = None if before is None else before.version
+            result = (still_gated(gated, to, current) if gated is not None
+                      else await run_gate(gate, tenant, name, to, current, actor))
             if not result.passed and not override:
                 raise GateRefused(f"The gate refused {name}@{to[:12]} for production: {result.summary}",
                                   result.report)

@@ -4,7 +4,7 @@ no regression, or moves everyone back; a rollout of ``production`` passes the ga
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -12,30 +12,50 @@ import psycopg
 from tollway.config import parse_steps
 from tollway.errors import InvalidRequest, NotFound
 from tollway.jsontypes import JSON
-from tollway.prompts.labels import PRODUCTION, GateRefused, labels_of, move_label, run_gate
+from tollway.prompts.labels import (
+    PRODUCTION,
+    Gated,
+    GateRefused,
+    labels_of,
+    move_label,
+    run_gate,
+    still_gated,
+)
 from tollway.prompts.store import version
+
+
+def rollout_check(name: str, label: str) -> Callable[[str, str | None], None]:
+    """What refuses a rollout of ``label`` to a version (before any gate runs): a label that does not exist, or
+    one that already holds it."""
+    def check(target: str, current: str | None) -> None:
+        if current is None:
+            raise NotFound(f"Prompt '{name}' has no label '{label}' to roll out from.", param="label",
+                           code="prompt_not_found")
+        if target == current:
+            raise InvalidRequest(f"Label '{label}' already holds that version.", param="version")
+    return check
 
 
 async def start_prompt_rollout(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant: str, name: str, label: str,
                                candidate: str, steps: Sequence[float], *, min_samples: int = 200, author: str,
-                               reason: str | None = None, gate: Any = None, actor: Any = None) -> JSON:
+                               reason: str | None = None, gate: Any = None, actor: Any = None,
+                               gated: Gated | None = None) -> JSON:
     """Split ``steps[0]`` percent of the label's users to ``candidate``; the monitor moves the split on
     (and finally the label) while the candidate shows no regression, or moves everyone back. A rollout of
-    ``production`` passes the gate first, as a move of production would."""
+    ``production`` passes the gate first, as a move of production would (``gated``: its verdict reached
+    beforehand with ``gate_move``, its ``check`` being ``rollout_check``)."""
     steps = parse_steps(steps)
     if not steps:
         raise InvalidRequest("A prompt rollout needs steps, such as 5,20,50,100.", param="steps")
     if min_samples < 1:
         raise InvalidRequest("min_samples must be at least 1", param="min_samples")
     current = next((lb for lb in await labels_of(conn, tenant_id, name) if lb.label == label), None)
-    if current is None:
-        raise NotFound(f"Prompt '{name}' has no label '{label}' to roll out from.", param="label",
-                       code="prompt_not_found")
     target = (await version(conn, tenant_id, name, candidate)).version
-    if target == current.version:
-        raise InvalidRequest(f"Label '{label}' already holds that version.", param="version")
+    rollout_check(name, label)(target, None if current is None else current.version)
+    assert current is not None
     if label == PRODUCTION:
-        result = await run_gate(gate, tenant, name, target, current.version, actor)
+        result = (still_gated(gated, target, current.version) if gated is not None
+                  else await run_gate(gate, tenant, name, target, current.version, actor))
         if not result.passed:
             raise GateRefused(f"The gate refused {name}@{target[:12]} for production: {result.summary}",
                               result.report)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from tollway.errors import InvalidRequest
 from tollway.gateway.http.api import json_response
 from tollway.gateway.http.deps import app_state
 from tollway.gateway.parts.prompting import dry_run, requests_per_day
@@ -20,6 +21,7 @@ from tollway.jsontypes import JSON
 from tollway.prompts import (
     PRODUCTION,
     Registry,
+    gate_move,
     labels_of,
     move_label,
     repair,
@@ -141,11 +143,16 @@ async def show(request: Request, name: str, ref: str = PRODUCTION, tenant: str |
 async def put_label(request: Request, name: str, label: str, body: LabelBody) -> Response:
     principal, tid, tenant = await _tenant(request, body.tenant)
     state = app_state(request)
+    admin = may(principal.role, Can.ADMINISTER)
+    if label == PRODUCTION and body.override and not admin:
+        raise InvalidRequest("Only an admin may override the gate.", param="override")
+    # production's gate runs first, holding no connection of the pool (nor the label's row): it may take minutes
+    gated = await gate_move(state.pool, tid, tenant, name, label, body.version, state.prompt_gate, principal)
     async with state.pool.connection() as conn:
         moved, gate = await move_label(conn, tid, tenant, name, label, body.version, author=principal.author,
                                        reason=body.reason, split_version=body.split_version,
                                        split_percent=body.split_percent, gate=state.prompt_gate,
-                                       admin=may(principal.role, Can.ADMINISTER), override=body.override, actor=principal)
+                                       admin=admin, override=body.override, actor=principal, gated=gated)
     await _reload(request, tid)
     out = moved.as_json()
     out["gate"] = None if gate is None else {"passed": gate.passed, "summary": gate.summary, "report": gate.report}

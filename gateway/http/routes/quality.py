@@ -12,7 +12,7 @@ from tollway.gateway.http.api import json_response
 from tollway.gateway.http.deps import admin, app_state
 from tollway.gateway.quality.sampling import erase, list_rates
 from tollway.gateway.tenancy.keys import tenant_id
-from tollway.prompts import list_prompt_rollouts, start_prompt_rollout
+from tollway.prompts import gate_move, list_prompt_rollouts, rollout_check, start_prompt_rollout
 from tollway.routing import delete_rollout, list_rollouts, load_rollouts, set_rollout
 
 router = APIRouter()
@@ -93,9 +93,13 @@ async def post_prompt_rollout(request: Request, body: PromptRolloutBody) -> Resp
     state = app_state(request)
     async with state.pool.connection() as conn:
         tid = await tenant_id(conn, body.tenant)
+    # production's gate runs first, holding no connection of the pool: it may take minutes
+    gated = await gate_move(state.pool, tid, body.tenant, body.prompt, body.label, body.version, state.prompt_gate,
+                            principal, check=rollout_check(body.prompt, body.label))
+    async with state.pool.connection() as conn:
         out = await start_prompt_rollout(conn, tid, body.tenant, body.prompt, body.label, body.version, body.steps,
                                          min_samples=body.min_samples, author=principal.author, reason=body.reason,
-                                         gate=state.prompt_gate, actor=principal)
+                                         gate=state.prompt_gate, actor=principal, gated=gated)
     await state.prompts.load(tid)
     return json_response(out)
 

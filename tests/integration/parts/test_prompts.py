@@ -190,6 +190,61 @@ async def test_the_gate_guards_production_and_an_admin_override_is_recorded(app_
     assert audit[0]["after"]["gate"] == {"passed": False, "summary": "pass rate 3/10 below 8/10", "overridden": True}
 
 
+class Waits:
+    """A gate still running its golden set, until the test lets it answer (it passes)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.go = asyncio.Event()
+
+    async def check(self, tenant: str, prompt: str, candidate: str, current: str | None,
+                    actor: Any = None) -> GateResult:
+        self.running += 1
+        await self.go.wait()
+        return GateResult(True, "pass rate 10/10", {"pass_rate": 1.0})
+
+
+async def test_a_running_gate_holds_no_connection_and_no_lock(app_factory, make_tenant, admin):
+    """A move of production waits for its gate (a golden set through the gateway: minutes) holding neither a
+    pooled connection nor the label's row: more such moves than the pool holds leave it free, a rollback of
+    production meanwhile is answered at once, and the gated moves then find production moved (409,
+    ``label_moved``) instead of overwriting the rollback. A rollout of production gates the same way."""
+    eng = make_tenant(role="prompt_engineer")
+    async with app_factory() as gw:
+        pool = gw.state.pool
+        v1 = (await push(gw, eng, "greet", GREET)).json()["version"]
+        v2 = (await push(gw, eng, "greet", GREET_V2)).json()["version"]
+        v3 = (await push(gw, eng, "greet", GREET.replace("politely", "briefly"))).json()["version"]
+        assert (await label(gw, eng, "greet", "production", v1)).status_code == 200
+        assert (await label(gw, eng, "greet", "production", v2)).status_code == 200
+        gw.state.prompt_gate = waits = Waits()
+        n = pool.max_size + 2
+        moves = [asyncio.create_task(label(gw, eng, "greet", "production", v3)) for _ in range(n)]
+        rollout = asyncio.create_task(gw.client.post("/v1/admin/prompt-rollouts", headers=admin.headers, json={
+            "tenant": eng.name, "prompt": "greet", "label": "production", "version": v3, "steps": [10, 100]}))
+        for _ in range(100):
+            if waits.running == n + 1:
+                break
+            await asyncio.sleep(0.02)
+        running = waits.running
+        stats = pool.get_stats()
+        held = stats.get("pool_size", 0) - stats.get("pool_available", 0)
+        back = await asyncio.wait_for(gw.client.post("/v1/prompts/greet/labels/production/rollback",
+                                                     headers=eng.headers, json={}), 5)
+        waits.go.set()
+        moved = await asyncio.gather(*moves)
+        rolled = await rollout
+        listed = (await gw.client.get("/v1/prompts", headers=eng.headers)).json()["data"]
+    assert running == n + 1  # every gate was running at once
+    assert held <= 1, held  # (the ledger's writer may hold one a moment)
+    assert back.status_code == 200, back.text
+    assert {r.status_code for r in moved} == {409}
+    assert {r.json()["error"]["code"] for r in moved} == {"label_moved"}
+    assert (rolled.status_code, rolled.json()["error"]["code"]) == (409, "label_moved")
+    [greet] = listed
+    assert greet["labels"]["production"]["version"] == v1  # the rollback stands
+
+
 async def test_twenty_concurrent_submissions_none_lost(app_factory, make_tenant):
     eng = make_tenant(role="prompt_engineer")
     async with app_factory() as gw:
