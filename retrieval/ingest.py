@@ -4,6 +4,7 @@ written in a transaction of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,9 +49,9 @@ def metadata_key(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, sort_keys=True, separators=(",", ":"))
 
 
-async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Sequence[NewDocument],
-                  *, max_tokens: int) -> list[Prepared]:
-    """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be."""
+def parse_all(coll: Collection, docs: Sequence[NewDocument], *, max_tokens: int) -> list[tuple[NewDocument, Parsed]]:
+    """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be. CPU work
+    (markdown, HTML, every chunk's tokens: seconds for a few megabytes): a gateway runs it off its event loop."""
     parsed_all: list[tuple[NewDocument, Parsed]] = []
     seen: set[str] = set()
     for i, doc in enumerate(docs):
@@ -66,9 +67,16 @@ async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Se
             raise DocumentError(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most {max_tokens} "
                                 "are allowed per document")
         parsed_all.append((doc, parsed))
+    return parsed_all
+
+
+async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Sequence[NewDocument],
+                  *, max_tokens: int, parsed: list[tuple[NewDocument, Parsed]] | None = None) -> list[Prepared]:
+    """``parse_all`` (in a thread, unless ``parsed`` is its result already), and which documents are unchanged."""
+    parsed_all = parsed if parsed is not None else await asyncio.to_thread(parse_all, coll, docs, max_tokens=max_tokens)
     same = await store.unchanged(conn, coll.tenant_id, coll.name,
-                                 [(doc.source, parsed.content_hash) for doc, parsed in parsed_all])
-    return [Prepared(doc, parsed, same.get(doc.source)) for doc, parsed in parsed_all]
+                                 [(doc.source, p.content_hash) for doc, p in parsed_all])
+    return [Prepared(doc, p, same.get(doc.source)) for doc, p in parsed_all]
 
 
 def to_embed(prepared: Sequence[Prepared]) -> list[str]:

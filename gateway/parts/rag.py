@@ -63,6 +63,7 @@ from tollway.retrieval import (
     check_text,
     create_collection,
     ensure_index,
+    parse_all,
     prepare,
     to_embed,
     write,
@@ -134,6 +135,7 @@ class Rag:
         self.ids = ids  # the ids clients see (tollway.publicids)
         self.screen_for = screen_for  # the guard policy's passage_injection screen for a chat request
         self.searcher = Searcher(self.embedder_for)
+        self._parsing = asyncio.Semaphore(1)  # documents parsed at once in this process (ingest)
 
     # -- embedders ---------------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -276,14 +278,20 @@ class Rag:
         batches off the event loop, write each changed document in one transaction."""
         coll = await self.collection(tenant_id, name)
         embedder = self.embedder_for(coll.embedder, coll.dims)
+        limit = self.settings.max_document_tokens
+        try:
+            # seconds of CPU for a few megabytes: in a thread (one at a time per process, so the event loop
+            # keeps its share of the interpreter for every other tenant's requests), with no connection held
+            async with self._parsing:
+                parsed = await asyncio.to_thread(parse_all, coll, docs, max_tokens=limit)
+        except DocumentError as exc:
+            too_big = "tokens; at most" in str(exc)
+            raise (PayloadTooLarge(str(exc), param="documents") if too_big else
+                   InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
         async with self.pool.connection() as conn:
-            try:
-                prepared = await prepare(conn, coll, docs, max_tokens=self.settings.max_document_tokens)
-            except DocumentError as exc:
-                too_big = "tokens; at most" in str(exc)
-                raise (PayloadTooLarge(str(exc), param="documents") if too_big else
-                       InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
+            prepared = await prepare(conn, coll, docs, max_tokens=limit, parsed=parsed)
         texts = to_embed(prepared)
+        worst = await asyncio.to_thread(lambda: sum(count_text(t) for t in texts)) if texts else 0
 
         async def run(tally: Tally) -> tuple[tuple[list[Written], str, Embedded | None], Embedded | None]:
             embedded = await self._embed(embedder, texts) if texts else None
@@ -299,8 +307,7 @@ class Rag:
             return (written, latest.index_version, embedded), embedded
 
         entry = self.entry(coll.embedder)
-        (written, version, embedded), cost = await self._metered(
-            ctx, "ingest", body, entry, sum(count_text(t) for t in texts), run)
+        (written, version, embedded), cost = await self._metered(ctx, "ingest", body, entry, worst, run)
         return written, version, embedded, cost
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,

@@ -456,3 +456,50 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
     assert took < 2.0, took
     assert {r.status_code for r in embedded} == {502} or {r.status_code for r in embedded} == {504}, \
         {r.status_code for r in embedded}  # the embedding upstream's timeout, the caller's error to see
+
+
+async def test_a_large_document_is_parsed_off_the_event_loop(app_factory, make_tenant):
+    """Parsing and splitting a few megabytes of markdown (blocks, sentences, every piece's tokens) is
+    seconds of CPU. It runs in a thread, one at a time per process, with no pooled connection held: the
+    event loop keeps answering other tenants meanwhile (its longest pause, sampled every 10 ms, stays well
+    under the parse's length; on the event loop the pause was the whole parse). The document is over the
+    per-document token limit, which only the parse can tell: a 413 at the end, nothing written."""
+    import asyncio
+    import time
+
+    tenant, other = make_tenant(ingest=True), make_tenant()
+    section = ("## Heading {i}\n\n" + "An overdraft costs 35 dollars per item, at most three items a day, and the fee"
+               " is waived when the balance is restored within a day. " * 16 + "\n\n")
+    text = "".join(section.format(i=i) for i in range(1400))  # ~3.5 MB, ~700k tokens
+    gaps: list[float] = []
+    beating = True
+
+    async def beat() -> None:
+        last = time.perf_counter()
+        while beating:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with app_factory() as gw:
+        await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "big"})
+        heart = asyncio.create_task(beat())
+        began = time.perf_counter()
+        ingest = asyncio.create_task(gw.client.post("/v1/collections/big/documents", headers=tenant.headers,
+                                                    json={"source": "big.md", "text": text}))
+        await asyncio.sleep(0.3)  # the parse is under way
+        chat = await gw.client.post("/v1/chat/completions", headers=other.headers, json={
+            "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        answered = time.perf_counter() - began
+        resp = await ingest
+        took = time.perf_counter() - began
+        beating = False
+        await heart
+        listed = (await gw.client.get("/v1/collections/big/documents", headers=tenant.headers)).json()
+    assert resp.status_code == 413, resp.text
+    assert listed["data"] == []
+    assert chat.status_code == 200, chat.text
+    assert took > 1.0, took  # the parse was long enough to matter
+    assert answered < took  # the other tenant was answered while it ran
+    assert max(gaps) < min(0.5, took / 2), (max(gaps), took)
