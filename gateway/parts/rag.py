@@ -52,6 +52,7 @@ from tollway.retrieval import (
     Gathered,
     LocalEmbedder,
     NewDocument,
+    Parsed,
     Query,
     Reranker,
     Searcher,
@@ -280,10 +281,7 @@ class Rag:
         embedder = self.embedder_for(coll.embedder, coll.dims)
         limit = self.settings.max_document_tokens
         try:
-            # seconds of CPU for a few megabytes: in a thread (one at a time per process, so the event loop
-            # keeps its share of the interpreter for every other tenant's requests), with no connection held
-            async with self._parsing:
-                parsed = await asyncio.to_thread(parse_all, coll, docs, max_tokens=limit)
+            parsed = await self._parsed(coll, docs, limit)
         except DocumentError as exc:
             too_big = "tokens; at most" in str(exc)
             raise (PayloadTooLarge(str(exc), param="documents") if too_big else
@@ -309,6 +307,21 @@ class Rag:
         entry = self.entry(coll.embedder)
         (written, version, embedded), cost = await self._metered(ctx, "ingest", body, entry, worst, run)
         return written, version, embedded, cost
+
+    async def _parsed(self, coll: Collection, docs: Sequence[NewDocument],
+                      limit: int) -> list[tuple[NewDocument, Parsed]]:
+        """``parse_all``: seconds of CPU for a few megabytes, so in a thread, one at a time per process (the event
+        loop keeps its share of the interpreter for every other tenant's requests), with no connection held. A
+        request given up meanwhile leaves its thread running to the end, and the next parse waits for it."""
+        async with self._parsing:
+            work = asyncio.ensure_future(asyncio.to_thread(parse_all, coll, docs, max_tokens=limit))
+            try:
+                return await asyncio.shield(work)
+            finally:
+                if not work.done():
+                    await asyncio.wait({work})
+                    if not work.cancelled():
+                        work.exception()  # seen: the request that wanted it is gone
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
                      rerank: str | None = None) -> tuple[Found, Decimal]:
