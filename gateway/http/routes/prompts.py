@@ -7,11 +7,13 @@ gate, recorded; no other key reads, renders or writes prompts, and no key ever r
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from tollway.errors import InvalidRequest
+from tollway.errors import InvalidRequest, PayloadTooLarge
 from tollway.gateway.http.api import json_response
 from tollway.gateway.http.deps import app_state
 from tollway.gateway.parts.prompting import dry_run, requests_per_day
@@ -32,6 +34,7 @@ from tollway.prompts import (
 )
 
 router = APIRouter()
+MAX_DIFF_LINES = 10_000 * 10_000  # line pairs a diff may compare (about 0.2 s of CPU)
 
 
 class _Body(BaseModel):
@@ -128,7 +131,13 @@ async def diff(request: Request, name: str, tenant: str | None = None) -> Respon
     async with app_state(request).pool.connection() as conn:
         a = await version(conn, tid, name, params.get("from", ""))
         b = await version(conn, tid, name, params.get("to", PRODUCTION))
-    return json_response({"from": a.version, "to": b.version, "diff": a.diff(b)})
+    # a line diff's work grows with the product of the two versions' lines (two 60,000-line files: seconds of
+    # CPU): past a bound it is git's to do, and below it runs off the event loop
+    lines = (a.content.count("\n") + 1) * (b.content.count("\n") + 1)
+    if lines > MAX_DIFF_LINES:
+        raise PayloadTooLarge(f"These versions are too large to diff here ({lines:,} line pairs, at most "
+                              f"{MAX_DIFF_LINES:,}); fetch them with git and diff them there.", param="to")
+    return json_response({"from": a.version, "to": b.version, "diff": await asyncio.to_thread(a.diff, b)})
 
 
 @router.get("/v1/prompts/{name}", summary="One version of a prompt (by version or label; default production)")

@@ -190,6 +190,33 @@ async def test_the_gate_guards_production_and_an_admin_override_is_recorded(app_
     assert audit[0]["after"]["gate"] == {"passed": False, "summary": "pass rate 3/10 below 8/10", "overridden": True}
 
 
+async def test_a_diff_too_large_to_compute_here_is_refused_and_others_run_off_the_event_loop(app_factory,
+                                                                                            make_tenant):
+    """A line diff's work grows with the product of the two versions' lines: two 60,000-line prompts (a git push
+    takes files up to 1 MB) took seconds of CPU on the event loop. Past 10,000 x 10,000 line pairs it is refused
+    (413, fetch with git); below, it runs in a thread."""
+    import random
+
+    eng = make_tenant(role="prompt_engineer")
+
+    def long(seed: int, n: int) -> str:
+        words = random.Random(seed)
+        body = "".join(f"      {' '.join(words.choice('abcdefghij') for _ in range(3))}\n" for _ in range(n))
+        return f"model: sim-large\nmessages:\n  - role: system\n    content: |\n{body}"
+
+    async with app_factory() as gw:
+        pushed = [await push(gw, eng, "big", long(seed, 20_000)) for seed in (1, 2)]
+        assert [r.status_code for r in pushed] == [201, 201], pushed[0].text[:300]
+        big = [r.json()["version"] for r in pushed]
+        small = [(await push(gw, eng, "small", long(seed, 2_000))).json()["version"] for seed in (1, 2)]
+        refused = await gw.client.get(f"/v1/prompts/big/diff?from={big[0]}&to={big[1]}", headers=eng.headers)
+        fine = await gw.client.get(f"/v1/prompts/small/diff?from={small[0]}&to={small[1]}", headers=eng.headers)
+    assert refused.status_code == 413, refused.text
+    assert "git" in refused.json()["error"]["message"]
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["diff"].startswith("--- small@")
+
+
 class Waits:
     """A gate still running its golden set, until the test lets it answer (it passes)."""
 
