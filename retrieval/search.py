@@ -40,6 +40,9 @@ from tollway.retrieval.store import Candidate, Collection
 from tollway.routing import count_text
 
 FLAT_K = 8
+# Bumped when ranking or packing changes with no setting changing (part of ``Tuning.tag``): 2, the floor where
+# every score is negative (``floor_at``)
+REVISION = 2
 PER_MESSAGE = 4  # what a system message costs besides its text (routing.tokens' count)
 Mode = Literal["hierarchical", "flat"]
 # (collection's embedder name, its dims) -> the embedder
@@ -78,7 +81,7 @@ class Tuning:
     def tag(self) -> str:
         """These settings in a few characters (a hash of every field): part of a RAG answer's cache key, so
         an upgrade that changes how contexts are ranked or packed never serves an answer packed the old way."""
-        digest = hashlib.blake2b(repr(dataclasses.astuple(self)).encode(), digest_size=5).hexdigest()
+        digest = hashlib.blake2b(repr((dataclasses.astuple(self), REVISION)).encode(), digest_size=5).hexdigest()
         return f"search:{digest}"
 
 
