@@ -95,7 +95,7 @@ async def post_prompt_rollout(request: Request, body: PromptRolloutBody) -> Resp
         tid = await tenant_id(conn, body.tenant)
     # production's gate runs first, holding no connection of the pool: it may take minutes
     gated = await gate_move(state.pool, tid, body.tenant, body.prompt, body.label, body.version, state.prompt_gate,
-                            principal, check=rollout_check(body.prompt, body.label))
+                            principal, check=rollout_check(body.prompt, body.label, body.steps, body.min_samples))
     async with state.pool.connection() as conn:
         out = await start_prompt_rollout(conn, tid, body.tenant, body.prompt, body.label, body.version, body.steps,
                                          min_samples=body.min_samples, author=principal.author, reason=body.reason,
