@@ -8,6 +8,7 @@ for ``tollway doctor`` and the logs.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +35,16 @@ class Rendered:
     label: str | None = None  # the label that chose the version (None: the request named a version)
 
 
+ON_DEMAND = 64  # versions no label names, kept per tenant once a request has named them (the oldest go first)
+
+
 @dataclass(slots=True)
 class TenantPrompts:
-    contents: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> version -> file text
+    versions: dict[str, set[str]] = field(default_factory=dict)  # name -> every stored version's id
+    # (name, version) -> file text: the versions labels name, and those requests named (``fetched``); a tenant's
+    # history is not held whole: thousands of pushed versions would grow every gateway's memory
+    contents: dict[tuple[str, str], str] = field(default_factory=dict)
+    fetched: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
     labels: dict[tuple[str, str], Label] = field(default_factory=dict)
     compiled: dict[tuple[str, str], Prompt] = field(default_factory=dict)
 
@@ -44,8 +52,18 @@ class TenantPrompts:
         key = (name, version)
         found = self.compiled.get(key)
         if found is None:
-            found = self.compiled[key] = parse_prompt(name, version, self.contents[name][version])
+            found = self.compiled[key] = parse_prompt(name, version, self.contents[key])
         return found
+
+    def keep(self, key: tuple[str, str], text: str) -> None:
+        """A version a request named, held among the last ``ON_DEMAND`` such."""
+        self.contents[key] = text
+        self.fetched[key] = None
+        self.fetched.move_to_end(key)
+        while len(self.fetched) > ON_DEMAND:
+            old, _ = self.fetched.popitem(last=False)
+            self.contents.pop(old, None)
+            self.compiled.pop(old, None)
 
 
 class Registry:
@@ -65,9 +83,14 @@ class Registry:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("prompt store unavailable (%s); the last good versions keep serving", self.last_error)
 
-    async def load_with(self, conn: Any, tenant_id: int | None = None) -> None:
-        cur = await conn.execute("SELECT tenant_id, name, version, content FROM prompt_versions"
-                                 " WHERE %s::bigint IS NULL OR tenant_id = %s", (tenant_id, tenant_id))
+    async def load_with(self, conn: Any, tenant_id: int | None = None, *, everything: bool = False) -> None:
+        """Every version's id, the labels, and the text of the versions labels name (``everything``: of every
+        version, for a registry with no pool to fetch the rest from, as the CLI's)."""
+        cur = await conn.execute(
+            "SELECT v.tenant_id, v.name, v.version, CASE WHEN %(all)s OR EXISTS (SELECT 1 FROM prompt_labels l"
+            " WHERE l.tenant_id = v.tenant_id AND l.name = v.name AND v.version IN (l.version, l.split_version))"
+            " THEN v.content END FROM prompt_versions v WHERE %(tid)s::bigint IS NULL OR v.tenant_id = %(tid)s",
+            {"all": everything or self._pool is None, "tid": tenant_id})
         versions = await cur.fetchall()
         cur = await conn.execute(
             "SELECT tenant_id, name, label, version, split_version, split_percent FROM prompt_labels"
@@ -75,28 +98,55 @@ class Registry:
         labels = await cur.fetchall()
         fresh: dict[int, TenantPrompts] = {}
         for tid, name, ver, content in versions:
-            fresh.setdefault(tid, TenantPrompts()).contents.setdefault(name, {})[ver] = content
+            loaded = fresh.setdefault(tid, TenantPrompts())
+            loaded.versions.setdefault(name, set()).add(ver)
+            if content is not None:
+                loaded.contents[(name, ver)] = content
         for tid, name, label, ver, split, percent in labels:
             fresh.setdefault(tid, TenantPrompts()).labels[(name, label)] = Label(name, label, ver, split, percent)
         for tid, loaded in fresh.items():
             old = self._tenants.get(tid)
-            if old is not None:  # keep compiled templates of versions that are still there (they never change)
-                loaded.compiled = {k: v for k, v in old.compiled.items() if k[1] in loaded.contents.get(k[0], {})}
+            if old is None:
+                continue
+            for key in old.fetched:  # versions requests named stay held (a version never changes)
+                if key not in loaded.contents and key[1] in loaded.versions.get(key[0], ()):
+                    loaded.keep(key, old.contents[key])
+            # and compiled templates of versions still held
+            loaded.compiled = {k: v for k, v in old.compiled.items() if k in loaded.contents}
         if tenant_id is None:
             self._tenants = fresh
         else:
             self._tenants[tenant_id] = fresh.get(tenant_id, TenantPrompts())
         self.last_error = None
 
+    async def _held(self, tenant_id: int, tenant: TenantPrompts, name: str, version: str) -> None:
+        """``version``'s text in ``tenant``, read from the store if no label names it."""
+        key = (name, version)
+        if key in tenant.contents:
+            if key in tenant.fetched:
+                tenant.fetched.move_to_end(key)
+            return
+        if self._pool is None:
+            raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
+                           code="prompt_not_found")
+        async with self._pool.connection(timeout=5) as conn:
+            cur = await conn.execute("SELECT content FROM prompt_versions WHERE tenant_id = %s AND name = %s"
+                                     " AND version = %s", (tenant_id, name, version))
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
+                           code="prompt_not_found")
+        tenant.keep(key, row[0])
+
     async def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
         """``ref``: the request's ``prompt`` object, ``{name, label | version | ref, variables}`` (``ref``: a
         label if the prompt has one of that name, else a version). A template that is not plain renders in the
         render pool, bounded in time (in this process when the registry has none)."""
-        prompt, chosen, label_name = self._resolve(tenant_id, subject, ref)
+        prompt, chosen, label_name = await self._resolve(tenant_id, subject, ref)
         messages = await prompt.render_in(self.renderer, ref.get("variables"), tenant_id)
         return Rendered(prompt.name, chosen, tuple(messages), prompt.model, prompt.params, prompt.guards, label_name)
 
-    def _resolve(self, tenant_id: int, subject: str, ref: JSON) -> tuple[Prompt, str, str | None]:
+    async def _resolve(self, tenant_id: int, subject: str, ref: JSON) -> tuple[Prompt, str, str | None]:
         name = ref.get("name")
         if not isinstance(name, str) or not name:
             raise PromptError("'prompt.name' is required.", param="prompt.name")
@@ -107,7 +157,7 @@ class Registry:
             key = "label" if str(either) in self.label_names(tenant_id, name) else "version"
             label, version = (str(either), None) if key == "label" else (None, str(either))
         tenant = self._tenants.get(tenant_id)
-        versions = tenant.contents.get(name) if tenant is not None else None
+        versions = tenant.versions.get(name) if tenant is not None else None
         if tenant is None or not versions:
             raise NotFound(f"Prompt '{name}' does not exist.", param="prompt.name", code="prompt_not_found")
         label_name = None
@@ -120,6 +170,7 @@ class Registry:
                 raise NotFound(f"Prompt '{name}' has no label '{label or PRODUCTION}' (name a version, or move the "
                                "label first).", param="prompt.label", code="prompt_not_found")
             chosen = found.pick(subject)
+        await self._held(tenant_id, tenant, name, chosen)
         return tenant.prompt(name, chosen), chosen, label_name
 
     async def render_ref(self, tenant_id: int, subject: str, name: str, ref: str,
@@ -128,13 +179,15 @@ class Registry:
         (the dry runs of the API and the CLI)."""
         return await self.render(tenant_id, subject, {"name": name, "ref": ref, "variables": variables})
 
-    def prompt(self, tenant_id: int, name: str, version: str) -> Prompt:
-        """One version, compiled (NotFound if the registry does not hold it)."""
+    async def prompt(self, tenant_id: int, name: str, version: str) -> Prompt:
+        """One version, compiled (NotFound if the store does not hold it)."""
         tenant = self._tenants.get(tenant_id)
-        versions = tenant.contents.get(name) if tenant is not None else None
+        versions = tenant.versions.get(name) if tenant is not None else None
         if tenant is None or not versions:
             raise NotFound(f"Prompt '{name}' does not exist.", param="prompt", code="prompt_not_found")
-        return tenant.prompt(name, _by_id(versions, version, name))
+        chosen = _by_id(versions, version, name)
+        await self._held(tenant_id, tenant, name, chosen)
+        return tenant.prompt(name, chosen)
 
     def label_version(self, tenant_id: int, name: str, label: str) -> str | None:
         tenant = self._tenants.get(tenant_id)
@@ -143,7 +196,7 @@ class Registry:
 
     def has(self, tenant_id: int) -> bool:
         tenant = self._tenants.get(tenant_id)
-        return tenant is not None and bool(tenant.contents)
+        return tenant is not None and bool(tenant.versions)
 
     def label_names(self, tenant_id: int, name: str) -> set[str]:
         tenant = self._tenants.get(tenant_id)
@@ -151,10 +204,11 @@ class Registry:
 
     def count(self) -> dict[str, Any]:
         return {"tenants": len(self._tenants),
-                "versions": sum(len(v) for t in self._tenants.values() for v in t.contents.values())}
+                "versions": sum(len(v) for t in self._tenants.values() for v in t.versions.values()),
+                "held": sum(len(t.contents) for t in self._tenants.values())}
 
 
-def _by_id(versions: dict[str, str], ref: str, name: str) -> str:
+def _by_id(versions: set[str], ref: str, name: str) -> str:
     if ref in versions:
         return ref
     matches = [v for v in versions if len(ref) >= 7 and v.startswith(ref)]

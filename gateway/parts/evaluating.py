@@ -246,7 +246,7 @@ class Evals:
     # -- the production gate ----------------------------------------------------------------------
     async def golden_set(self, tenant_id: int, name: str, version: str) -> GoldenSet | None:
         """The golden set a prompt version names, read from that version's commit."""
-        prompt = self.prompts.prompt(tenant_id, name, version)
+        prompt = await self.prompts.prompt(tenant_id, name, version)
         path = prompt.raw.golden_set
         if path is None:
             return None

@@ -217,6 +217,35 @@ async def test_a_diff_too_large_to_compute_here_is_refused_and_others_run_off_th
     assert fine.json()["diff"].startswith("--- small@")
 
 
+async def test_the_registry_holds_the_labelled_versions_and_reads_others_when_named(app_factory, make_tenant):
+    """A tenant's history is not held whole in every gateway (thousands of pushed versions would grow each
+    one's memory): a registry holds the text of the versions labels name; an older version a request names is
+    read from the store then, and the last ``ON_DEMAND`` of those stay held."""
+    from tollway.prompts.registry import ON_DEMAND, TenantPrompts
+
+    eng = make_tenant(role="prompt_engineer")
+    async with app_factory() as gw:
+        versions = [(await push(gw, eng, "greet", GREET.replace("politely", f"politely {i}"))).json()["version"]
+                    for i in range(4)]
+        await label(gw, eng, "greet", "production", versions[-1])
+        registry = gw.state.prompts
+        held = set(registry._tenants[eng.id].contents)
+        old = await gw.client.post("/v1/prompts/greet/render", headers=eng.headers,
+                                   json={"ref": versions[0], "variables": {"customer": "Ada"}})
+        after = set(registry._tenants[eng.id].contents)
+        missing = await gw.client.post("/v1/prompts/greet/render", headers=eng.headers,
+                                       json={"ref": "f" * 40, "variables": {"customer": "Ada"}})
+    assert held == {("greet", versions[-1])}
+    assert old.status_code == 200, old.text
+    assert "politely 0" in old.text
+    assert after == {("greet", versions[-1]), ("greet", versions[0])}
+    assert missing.status_code == 404
+    tenant = TenantPrompts()
+    for i in range(ON_DEMAND + 3):
+        tenant.keep(("p", str(i)), "text")
+    assert len(tenant.contents) == ON_DEMAND and ("p", "0") not in tenant.contents
+
+
 class Waits:
     """A gate still running its golden set, until the test lets it answer (it passes)."""
 
