@@ -83,14 +83,22 @@ class Registry:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("prompt store unavailable (%s); the last good versions keep serving", self.last_error)
 
-    async def load_with(self, conn: Any, tenant_id: int | None = None, *, everything: bool = False) -> None:
+    async def load_with(self, conn: Any, tenant_id: int | None = None, *, everything: bool | None = None) -> None:
         """Every version's id, the labels, and the text of the versions labels name (``everything``: of every
-        version, for a registry with no pool to fetch the rest from, as the CLI's)."""
-        cur = await conn.execute(
-            "SELECT v.tenant_id, v.name, v.version, CASE WHEN %(all)s OR EXISTS (SELECT 1 FROM prompt_labels l"
-            " WHERE l.tenant_id = v.tenant_id AND l.name = v.name AND v.version IN (l.version, l.split_version))"
-            " THEN v.content END FROM prompt_versions v WHERE %(tid)s::bigint IS NULL OR v.tenant_id = %(tid)s",
-            {"all": everything or self._pool is None, "tid": tenant_id})
+        version; by default only for a registry with no pool to read the rest from, as the CLI's)."""
+        if everything if everything is not None else self._pool is None:
+            cur = await conn.execute("SELECT tenant_id, name, version, content FROM prompt_versions"
+                                     " WHERE %s::bigint IS NULL OR tenant_id = %s", (tenant_id, tenant_id))
+        else:
+            cur = await conn.execute(
+                "WITH held AS (SELECT tenant_id, name, version FROM prompt_labels"
+                " WHERE %(tid)s::bigint IS NULL OR tenant_id = %(tid)s"
+                " UNION SELECT tenant_id, name, split_version FROM prompt_labels"
+                " WHERE split_version IS NOT NULL AND (%(tid)s::bigint IS NULL OR tenant_id = %(tid)s))"
+                " SELECT v.tenant_id, v.name, v.version, CASE WHEN h.version IS NOT NULL THEN v.content END"
+                " FROM prompt_versions v LEFT JOIN held h"
+                " ON h.tenant_id = v.tenant_id AND h.name = v.name AND h.version = v.version"
+                " WHERE %(tid)s::bigint IS NULL OR v.tenant_id = %(tid)s", {"tid": tenant_id})
         versions = await cur.fetchall()
         cur = await conn.execute(
             "SELECT tenant_id, name, label, version, split_version, split_percent FROM prompt_labels"

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,10 +62,14 @@ async def render_bench(database_url: str, prompts: int, versions: int, renders: 
                                   " author) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
             await cur.executemany("INSERT INTO prompt_labels (tenant_id, name, label, version) VALUES (%s, %s, %s, %s)",
                                   [(tid, f"p{i}", "production", f"{i:05d}{versions - 1:035d}") for i in range(prompts)])
-        registry = Registry(None)
-        started = time.perf_counter()
-        await registry.load_with(conn, tid)
-        load_s = time.perf_counter() - started
+        loads: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(5):  # a gateway's registry holds the labelled versions' text; the CLI's, every version's
+            for everything in (False, True):  # the last, holding every text, serves the renders below
+                registry = Registry(None)
+                started = time.perf_counter()
+                await registry.load_with(conn, tid, everything=everything)
+                loads[everything].append(time.perf_counter() - started)
+        load_s, load_all_s = statistics.median(loads[False]), statistics.median(loads[True])
     variables = {"customer": "Ada", "question": "How much does this cost?"}
     for i in range(prompts):  # first use compiles; the steady state is what a request pays
         await registry.render(tid, "warm", {"name": f"p{i}", "variables": variables})
@@ -82,7 +87,8 @@ async def render_bench(database_url: str, prompts: int, versions: int, renders: 
         cold.append(time.perf_counter() - t0)
     p50, p99 = p50_p99(samples, 1e6)
     c50, c99 = p50_p99(cold, 1e6)
-    return {"load_s": load_s, "p50_us": p50, "p99_us": p99, "cold_p50_us": c50, "cold_p99_us": c99}
+    return {"load_s": load_s, "load_all_s": load_all_s, "p50_us": p50, "p99_us": p99, "cold_p50_us": c50,
+            "cold_p99_us": c99}
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -178,7 +184,10 @@ def main() -> None:
               f"| {results['propagation_ms'][1]:.1f} ms (max {results['propagation_max_ms']:.1f}) | < 100 ms |\n"
               f"| push through the API | {results['api_push_ms'][0]:.1f} ms | {results['api_push_ms'][1]:.1f} ms | - |\n"
               f"| `git push` (client included) | {results['git_push_ms'][0]:.1f} ms | {results['git_push_ms'][1]:.1f} ms | - |\n"
-              f"| registry load of {args.prompts * args.versions} versions | {r['load_s'] * 1000:.0f} ms | | - |")
+              f"| registry load of {args.prompts * args.versions} versions, the labelled ones' text (a gateway's) "
+              f"| {r['load_s'] * 1000:.0f} ms | | - |\n"
+              f"| registry load of {args.prompts * args.versions} versions, every one's text (the CLI's) "
+              f"| {r['load_all_s'] * 1000:.0f} ms | | - |")
     finally:
         procs.stop()
         for server in ("redis", "pg"):
