@@ -12,9 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from tollway.errors import NotFound
+from tollway.errors import NotFound, ServiceUnavailable
 from tollway.guardrails import PromptGuards
 from tollway.jsontypes import JSON
 from tollway.prompts.labels import PRODUCTION, Label
@@ -137,10 +138,15 @@ class Registry:
         if self._pool is None:
             raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
                            code="prompt_not_found")
-        async with self._pool.connection(timeout=5) as conn:
-            cur = await conn.execute("SELECT content FROM prompt_versions WHERE tenant_id = %s AND name = %s"
-                                     " AND version = %s", (tenant_id, name, version))
-            row = await cur.fetchone()
+        try:
+            async with self._pool.connection(timeout=5) as conn:
+                cur = await conn.execute("SELECT content FROM prompt_versions WHERE tenant_id = %s AND name = %s"
+                                         " AND version = %s", (tenant_id, name, version))
+                row = await cur.fetchone()
+        except psycopg.Error as exc:  # the labelled versions keep serving; this one is not held here
+            raise ServiceUnavailable(f"The prompt store is unavailable, and version '{version[:12]}' of prompt "
+                                     f"'{name}' is not one this gateway holds; try again shortly.",
+                                     code="prompts_unavailable") from exc
         if row is None:
             raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
                            code="prompt_not_found")
