@@ -14,6 +14,7 @@ import orjson
 import psycopg
 import pytest
 
+from tollway.errors import ServiceUnavailable
 from tollway.prompts import GateResult, Label
 
 GREET = """model: sim-large
@@ -335,8 +336,11 @@ async def test_a_second_gateway_serves_a_label_move(app_factory, make_tenant, pg
 
 
 async def test_a_broken_store_keeps_the_last_good_versions_serving(app_factory, make_tenant, monkeypatch):
+    """The labelled versions keep serving from memory; a version no label names (read from the store when a
+    request names it) is a 503 that says so while the store is down."""
     eng = make_tenant(role="prompt_engineer")
     async with app_factory() as gw:
+        v0 = (await push(gw, eng, "greet", GREET_V2)).json()["version"]
         v1 = (await push(gw, eng, "greet", GREET)).json()["version"]
         await label(gw, eng, "greet", "production", v1)
 
@@ -346,10 +350,16 @@ async def test_a_broken_store_keeps_the_last_good_versions_serving(app_factory, 
         monkeypatch.setattr(gw.state.pool, "getconn", broken)
         await gw.state.prompts.load(eng.id)
         assert "the prompt store is down" in (gw.state.prompts.last_error or "")
+        with pytest.raises(ServiceUnavailable, match="not one this gateway holds"):
+            await gw.state.prompts.render(eng.id, "t", {"name": "greet", "version": v0,
+                                                        "variables": {"customer": "Ada"}})
         monkeypatch.undo()
         resp = await gw.client.post("/v1/chat/completions", headers=eng.headers, json=chat_body())
+        again = await gw.state.prompts.render(eng.id, "t", {"name": "greet", "version": v0,
+                                                           "variables": {"customer": "Ada"}})
     assert resp.status_code == 200
     assert resp.headers["x-tollway-prompt-version"] == f"greet@{v1}"
+    assert "warmly" in again.messages[0]["content"]  # read from the store once it answers again
 
 
 def _cli(pg: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
