@@ -15,6 +15,7 @@ from tollway.prompts.labels import (
     Label,
     gate_move,
     labels_of,
+    may_override,
     move_label,
     rollback,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "gate_move",
     "labels_of",
     "list_prompt_rollouts",
+    "may_override",
     "move_label",
     "parse_prompt",
     "repair",

@@ -70,6 +70,12 @@ async def labels_of(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: st
     return [Label(*r) for r in await cur.fetchall()]
 
 
+def may_override(label: str, override: bool, admin: bool) -> None:
+    """Only an admin overrides production's gate."""
+    if label == PRODUCTION and override and not admin:
+        raise InvalidRequest("Only an admin may override the gate.", param="override")
+
+
 @dataclass(frozen=True, slots=True)
 class Gated:
     """The gate's verdict on moving production from ``current`` to ``candidate`` (versions), reached before the
@@ -128,8 +134,7 @@ async def move_label(conn: psycopg.AsyncConnection[Any], tenant_id: int, tenant:
         before = None if row is None else Label(*row)
         result = None
         if label == PRODUCTION:
-            if override and not admin:
-                raise InvalidRequest("Only an admin may override the gate.", param="override")
+            may_override(label, override, admin)
             current = None if before is None else before.version
             result = (still_gated(gated, to, current) if gated is not None
                       else await run_gate(gate, tenant, name, to, current, actor))

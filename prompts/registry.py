@@ -87,7 +87,8 @@ class Registry:
     async def load_with(self, conn: Any, tenant_id: int | None = None, *, everything: bool | None = None) -> None:
         """Every version's id, the labels, and the text of the versions labels name (``everything``: of every
         version; by default only for a registry with no pool to read the rest from, as the CLI's)."""
-        if everything if everything is not None else self._pool is None:
+        whole = self._pool is None if everything is None else everything
+        if whole:
             cur = await conn.execute("SELECT tenant_id, name, version, content FROM prompt_versions"
                                      " WHERE %s::bigint IS NULL OR tenant_id = %s", (tenant_id, tenant_id))
         else:
@@ -135,18 +136,17 @@ class Registry:
             if key in tenant.fetched:
                 tenant.fetched.move_to_end(key)
             return
-        if self._pool is None:
-            raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
-                           code="prompt_not_found")
-        try:
-            async with self._pool.connection(timeout=5) as conn:
-                cur = await conn.execute("SELECT content FROM prompt_versions WHERE tenant_id = %s AND name = %s"
-                                         " AND version = %s", (tenant_id, name, version))
-                row = await cur.fetchone()
-        except psycopg.Error as exc:  # the labelled versions keep serving; this one is not held here
-            raise ServiceUnavailable(f"The prompt store is unavailable, and version '{version[:12]}' of prompt "
-                                     f"'{name}' is not one this gateway holds; try again shortly.",
-                                     code="prompts_unavailable") from exc
+        row = None
+        if self._pool is not None:  # (a registry without one holds every version: load_with)
+            try:
+                async with self._pool.connection(timeout=5) as conn:
+                    cur = await conn.execute("SELECT content FROM prompt_versions WHERE tenant_id = %s AND name = %s"
+                                             " AND version = %s", (tenant_id, name, version))
+                    row = await cur.fetchone()
+            except psycopg.Error as exc:  # the labelled versions keep serving; this one is not held here
+                raise ServiceUnavailable(f"The prompt store is unavailable, and version '{version[:12]}' of prompt "
+                                         f"'{name}' is not one this gateway holds; try again shortly.",
+                                         code="prompts_unavailable") from exc
         if row is None:
             raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
                            code="prompt_not_found")

@@ -36,10 +36,14 @@ def rollout_settings(steps: Sequence[float], min_samples: int) -> tuple[float, .
 
 def rollout_check(name: str, label: str, steps: Sequence[float],
                   min_samples: int) -> Callable[[str, str | None], None]:
-    """What refuses a rollout of ``label`` to a version, before any gate runs: its settings, a label that does
-    not exist, or one that already holds the version."""
+    """What refuses a rollout of ``label`` to a version, before any gate runs: its settings (checked here), a
+    label that does not exist, or one that already holds the version (checked by what this returns)."""
+    rollout_settings(steps, min_samples)
+    return _target_check(name, label)
+
+
+def _target_check(name: str, label: str) -> Callable[[str, str | None], None]:
     def check(target: str, current: str | None) -> None:
-        rollout_settings(steps, min_samples)
         if current is None:
             raise NotFound(f"Prompt '{name}' has no label '{label}' to roll out from.", param="label",
                            code="prompt_not_found")
@@ -56,12 +60,11 @@ async def start_prompt_rollout(conn: psycopg.AsyncConnection[Any], tenant_id: in
     (and finally the label) while the candidate shows no regression, or moves everyone back. A rollout of
     ``production`` passes the gate first, as a move of production would (``gated``: its verdict reached
     beforehand with ``gate_move``, its ``check`` being ``rollout_check``)."""
-    parsed = rollout_settings(steps, min_samples)
+    steps = rollout_settings(steps, min_samples)
     current = next((lb for lb in await labels_of(conn, tenant_id, name) if lb.label == label), None)
     target = (await version(conn, tenant_id, name, candidate)).version
-    rollout_check(name, label, steps, min_samples)(target, None if current is None else current.version)
+    _target_check(name, label)(target, None if current is None else current.version)
     assert current is not None
-    steps = parsed
     if label == PRODUCTION:
         result = (still_gated(gated, target, current.version) if gated is not None
                   else await run_gate(gate, tenant, name, target, current.version, actor))

@@ -16,7 +16,7 @@ from tollway.retrieval.embedders import (
     LocalEmbedder,
     UpstreamEmbedder,
 )
-from tollway.retrieval.ingest import NewDocument, Prepared, parse_all, prepare, to_embed, write
+from tollway.retrieval.ingest import NewDocument, Prepared, parse_all, prepare, to_embed, unchanged, write
 from tollway.retrieval.search import (
     RERANK_CANDIDATES,
     Found,
@@ -49,4 +49,4 @@ __all__ = ["FORMATS", "LOCAL_DIMS", "LOCAL_NAME", "RERANK_CANDIDATES", "Collecti
            "EmbedderError", "Found", "Gathered", "LocalEmbedder", "NewDocument", "Parsed", "Passage", "Prepared", "Query",
            "Reranker", "Searcher", "Splitting", "StoreError", "Tuning", "UpstreamEmbedder", "Written", "check_filters", "check_text", "collection",
            "collections", "create_collection", "decode", "delete_collection", "delete_document", "documents",
-           "ensure_index", "get_collection", "guess_format", "parse", "parse_all", "prepare", "stored_text", "tenant_tx", "to_embed", "write"]
+           "ensure_index", "get_collection", "guess_format", "parse", "parse_all", "prepare", "stored_text", "tenant_tx", "to_embed", "unchanged", "write"]

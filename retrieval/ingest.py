@@ -71,12 +71,16 @@ def parse_all(coll: Collection, docs: Sequence[NewDocument], *, max_tokens: int)
 
 
 async def prepare(conn: psycopg.AsyncConnection[Any], coll: Collection, docs: Sequence[NewDocument],
-                  *, max_tokens: int, parsed: list[tuple[NewDocument, Parsed]] | None = None) -> list[Prepared]:
-    """``parse_all`` (in a thread, unless ``parsed`` is its result already), and which documents are unchanged."""
-    parsed_all = parsed if parsed is not None else await asyncio.to_thread(parse_all, coll, docs, max_tokens=max_tokens)
-    same = await store.unchanged(conn, coll.tenant_id, coll.name,
-                                 [(doc.source, p.content_hash) for doc, p in parsed_all])
-    return [Prepared(doc, p, same.get(doc.source)) for doc, p in parsed_all]
+                  *, max_tokens: int) -> list[Prepared]:
+    """``parse_all`` in a thread, then ``unchanged``."""
+    return await unchanged(conn, coll, await asyncio.to_thread(parse_all, coll, docs, max_tokens=max_tokens))
+
+
+async def unchanged(conn: psycopg.AsyncConnection[Any], coll: Collection,
+                    parsed: list[tuple[NewDocument, Parsed]]) -> list[Prepared]:
+    """``parse_all``'s documents, each with the id of the stored document it repeats word for word, if any."""
+    same = await store.unchanged(conn, coll.tenant_id, coll.name, [(doc.source, p.content_hash) for doc, p in parsed])
+    return [Prepared(doc, p, same.get(doc.source)) for doc, p in parsed]
 
 
 def to_embed(prepared: Sequence[Prepared]) -> list[str]:

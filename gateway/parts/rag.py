@@ -65,8 +65,8 @@ from tollway.retrieval import (
     create_collection,
     ensure_index,
     parse_all,
-    prepare,
     to_embed,
+    unchanged,
     write,
 )
 from tollway.retrieval import collection as get_collection
@@ -287,7 +287,7 @@ class Rag:
             raise (PayloadTooLarge(str(exc), param="documents") if too_big else
                    InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
         async with self.pool.connection() as conn:
-            prepared = await prepare(conn, coll, docs, max_tokens=limit, parsed=parsed)
+            prepared = await unchanged(conn, coll, parsed)
         texts = to_embed(prepared)
         worst = await asyncio.to_thread(lambda: sum(count_text(t) for t in texts)) if texts else 0
 

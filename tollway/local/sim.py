@@ -316,16 +316,21 @@ def _vector(text: str, dims: int) -> list[float]:
     return [v / 2**32 - 0.5 for v in raw]
 
 
+async def _scripted_fault(model: str, config: SimConfig) -> Response | None:
+    """The faults embeddings and rerank play: ``error`` answers a 500, ``timeout`` never answers."""
+    fault = fault_of(model, config)
+    if fault == "timeout":
+        await asyncio.sleep(3600)
+    return _error(500, "scripted failure", "internal_error") if fault == "error" else None
+
+
 async def embeddings(request: Request) -> Response:
     state = _state(request)
     body = orjson.loads(await request.body())
     model = str(body.get("model"))
     state.requests[model] += 1
-    fault = fault_of(model, state.config)
-    if fault == "error":
-        return _error(500, "scripted failure", "internal_error")
-    if fault == "timeout":
-        await asyncio.sleep(3600)
+    if (failed := await _scripted_fault(model, state.config)) is not None:
+        return failed
     inputs = body.get("input")
     texts = inputs if isinstance(inputs, list) else [inputs]
     texts = [t if isinstance(t, str) else " ".join(map(str, t)) for t in texts]
@@ -350,11 +355,8 @@ async def rerank(request: Request) -> Response:
         return _error(400, "body must be JSON with model, query and documents", "invalid_request")
     state.requests[model] += 1
     state.recent[model].append(body)
-    fault = fault_of(model, state.config)
-    if fault == "error":
-        return _error(500, "scripted failure", "internal_error")
-    if fault == "timeout":
-        await asyncio.sleep(3600)
+    if (failed := await _scripted_fault(model, state.config)) is not None:
+        return failed
     words = set(_WORD.findall(query.lower()))
     texts = [d if isinstance(d, str) else str((d or {}).get("text", "")) for d in documents]
     scores = [len(words & set(_WORD.findall(t.lower()))) / max(len(words), 1) - len(t) * 1e-9 for t in texts]

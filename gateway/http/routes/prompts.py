@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from tollway.errors import InvalidRequest, PayloadTooLarge
+from tollway.errors import PayloadTooLarge
 from tollway.gateway.http.api import json_response
 from tollway.gateway.http.deps import app_state
 from tollway.gateway.parts.prompting import dry_run, requests_per_day
@@ -25,6 +25,7 @@ from tollway.prompts import (
     Registry,
     gate_move,
     labels_of,
+    may_override,
     move_label,
     repair,
     rollback,
@@ -153,8 +154,7 @@ async def put_label(request: Request, name: str, label: str, body: LabelBody) ->
     principal, tid, tenant = await _tenant(request, body.tenant)
     state = app_state(request)
     admin = may(principal.role, Can.ADMINISTER)
-    if label == PRODUCTION and body.override and not admin:
-        raise InvalidRequest("Only an admin may override the gate.", param="override")
+    may_override(label, body.override, admin)  # before the gate runs
     # production's gate runs first, holding no connection of the pool (nor the label's row): it may take minutes
     gated = await gate_move(state.pool, tid, tenant, name, label, body.version, state.prompt_gate, principal)
     async with state.pool.connection() as conn:

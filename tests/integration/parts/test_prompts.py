@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from support.pool import checked_out
 
 from tollway.errors import ServiceUnavailable
 from tollway.prompts import GateResult, Label
@@ -284,12 +285,7 @@ async def test_a_running_gate_holds_no_connection_and_no_lock(app_factory, make_
                 break
             await asyncio.sleep(0.02)
         running = waits.running
-        seen = []
-        for _ in range(5):  # the least of five looks (one on its way back to the pool is neither in use nor free)
-            stats = pool.get_stats()
-            seen.append(stats.get("pool_size", 0) - stats.get("pool_available", 0))
-            await asyncio.sleep(0.05)
-        held = min(seen)
+        held = await checked_out(pool)
         back = await asyncio.wait_for(gw.client.post("/v1/prompts/greet/labels/production/rollback",
                                                      headers=eng.headers, json={}), 5)
         waits.go.set()

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from support import sse_payloads as sse
 from support.config import write_config
+from support.pool import checked_out
 from support.retrieval import ASK, KB, ingest
 
 from tollway.publicids import load_public_ids
@@ -373,19 +374,6 @@ async def test_a_reranking_model_orders_the_candidates_and_is_metered(app_factor
     assert (failed["status"], failed["cost_usd"]) == (502, 0)  # the upstream's 500, as the gateway reports it
     assert (unknown.status_code, unknown.json()["error"]["param"]) == (404, "retrieval.rerank")
     assert (not_a_reranker.status_code, not_a_reranker.json()["error"]["code"]) == (400, "model_not_supported")
-
-
-async def checked_out(pool: Any) -> int:
-    """The pool's connections in use, the least of five looks 50 ms apart (one on its way back to the pool
-    counts as neither in use nor available for a moment)."""
-    import asyncio
-
-    seen = []
-    for _ in range(5):
-        stats = pool.get_stats()
-        seen.append(stats.get("pool_size", 0) - stats.get("pool_available", 0))
-        await asyncio.sleep(0.05)
-    return min(seen)
 
 
 async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_factory, make_tenant, tmp_path, sim):
