@@ -151,6 +151,9 @@ class Registry:
             raise NotFound(f"Prompt '{name}' has no version '{version}'.", param="prompt.version",
                            code="prompt_not_found")
         tenant.keep(key, row[0])
+        now = self._tenants.get(tenant_id)  # a reload may have replaced the tenant's entry while the row was read
+        if now is not None and now is not tenant and version in now.versions.get(name, ()):
+            now.keep(key, row[0])
 
     async def render(self, tenant_id: int, subject: str, ref: JSON) -> Rendered:
         """``ref``: the request's ``prompt`` object, ``{name, label | version | ref, variables}`` (``ref``: a
