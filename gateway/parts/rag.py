@@ -228,16 +228,19 @@ class Rag:
 
     # -- metered requests --------------------------------------------------------------------------
     async def _metered(self, ctx: CallContext, endpoint: str, body: bytes, entry: ModelEntry, tokens: int,
-                       work: Callable[[Tally], Awaitable[tuple[T, Embedded | None]]]) -> tuple[T, Decimal]:
+                       work: Callable[[Tally], Awaitable[tuple[T, Embedded | None]]],
+                       held: _Held | None = None) -> tuple[T, Decimal]:
         """One request's ledger row: admitted for ``tokens`` of ``entry`` at worst, closed with what the
-        embedding model actually used."""
+        embedding model actually used. ``held``: a search's transaction, open while it is admitted (its
+        collection was read in it), which ends if the admission is slow (``_let_go_after``)."""
         calls = self.calls
         tally = calls.open(ctx, endpoint)
         with tally.closed_on_error():
             tally.bind(entry)
             rules = await calls.rules(ctx.principal.tenant_id)
             worst = Usage(input_tokens=reserved_input(tokens)) if calls.bounded(rules, ctx.principal) else None
-            await calls.admit(ctx, tally, rules, body, [entry], worst)
+            admission = calls.admit(ctx, tally, rules, body, [entry], worst)
+            await (admission if held is None else _let_go_after(admission, held))
             result, embedded = await work(tally)
             if embedded is not None and embedded.replica:
                 tally.replica(embedded.replica)
@@ -359,7 +362,7 @@ class Rag:
                 return found, embedding.result()
 
             return await self._metered(ctx, "retrieval.search", body, self.entry(coll.embedder),
-                                       count_text(query.text), run)
+                                       count_text(query.text), run, held)
 
     async def _gathered(self, held: _Held, coll: Collection, query: Query, embedding: asyncio.Future[Embedded],
                         param: str = "collection") -> Gathered:
@@ -367,19 +370,20 @@ class Rag:
         back to the pool) before anything slow outside PostgreSQL is awaited: the packaged embedder computes
         the query's vector while PostgreSQL ranks it lexically, in one transaction; a remote embedder's answer
         is awaited with no connection held, then the collection is read again in a transaction of its own (a
-        tenant whose embedding upstream hangs holds none of the connections other tenants need). A reranker
-        answers after this (``Searcher.finish``)."""
-        if self.entry(coll.embedder) is LOCAL_ENTRY:
-            got = await self.searcher.gather(await held.begin(), coll, query, embedding)
-        else:
+        tenant whose embedding upstream hangs holds none of the connections other tenants need), as it is
+        where a slow admission ended the first transaction. A reranker answers after this (``Searcher.finish``)."""
+        vector: asyncio.Future[Embedded] | Embedded = embedding
+        if self.entry(coll.embedder) is not LOCAL_ENTRY:
             await held.end()
-            embedded = await embedding
-            conn = await held.begin()
+            vector = await embedding
+        conn = await held.begin()
+        if held.reopened:  # the transaction the collection was read in has ended (above, or while admitted)
             again = await _collection_in(conn, held.tenant_id, coll.name, param)
             if (again.id, again.embedder, again.dims) != (coll.id, coll.embedder, coll.dims):
                 raise Conflict(f"collection {coll.name!r} was replaced during the search; send it again",
                                param=param)
-            got = await self.searcher.gather(conn, again, query, embedded)
+            coll = again
+        got = await self.searcher.gather(conn, coll, query, vector)
         await held.end()
         return got
 
@@ -510,6 +514,14 @@ class _Held:
         self.tenant_id = tenant_id
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._tx: AbstractAsyncContextManager[Any] | None = None
+        self._ended = 0  # transactions ended so far
+        self._begun_after = 0  # how many had ended when the open one began
+
+    @property
+    def reopened(self) -> bool:
+        """The open transaction began after an earlier one ended: what was read in that one (the collection)
+        is to be read again."""
+        return self._begun_after > 0
 
     async def begin(self) -> psycopg.AsyncConnection[Any]:
         """The connection, inside the transaction (both started here unless they already are)."""
@@ -519,12 +531,19 @@ class _Held:
             tx = self.searcher.transaction(self._conn, self.tenant_id)
             await tx.__aenter__()
             self._tx = tx
+            self._begun_after = self._ended
         return self._conn
+
+    @property
+    def open(self) -> bool:
+        return self._conn is not None
 
     async def end(self, exc: BaseException | None = None) -> None:
         """The transaction ended (committed; rolled back on ``exc``) and the connection back in the pool."""
         tx, self._tx = self._tx, None
         conn, self._conn = self._conn, None
+        if tx is not None:
+            self._ended += 1
         try:
             if tx is not None:
                 await tx.__aexit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc else None)
@@ -537,6 +556,24 @@ class _Held:
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         await self.end(exc)
+
+
+ADMISSION_HOLD_S = 0.05  # how long a search's transaction waits on its admission before it ends
+
+
+async def _let_go_after(work: Awaitable[T], held: _Held, after_s: float = ADMISSION_HOLD_S) -> T:
+    """``work``'s result (a search's admission, a script in Redis: under a millisecond, or seconds while Redis
+    is stalled); past ``after_s`` ``held``'s transaction ends meanwhile, its connection back in the pool every
+    tenant shares, and the search opens another for its reads (its collection read again there)."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=after_s)
+        if not done and held.open:
+            await held.end()
+        return await task
+    except BaseException:
+        task.cancel()
+        raise
 
 
 async def _collection_in(conn: psycopg.AsyncConnection[Any], tenant_id: int, name: str, param: str = "collection",

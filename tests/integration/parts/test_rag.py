@@ -458,6 +458,52 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
         {r.status_code for r in embedded}  # the embedding upstream's timeout, the caller's error to see
 
 
+async def test_a_search_waiting_on_its_admission_holds_no_pooled_connection(app_factory, make_tenant, redis_url):
+    """A search's admission (its budgets, a script in Redis) waits while Redis is stalled (paused here for
+    1.8 s, under the scripts' 2 s timeout: a failover, a long command): the search's transaction, opened to look its collection up, does not
+    wait with it. With more searches in flight than the pool holds, none of its connections is checked out for
+    them, another tenant's request that needs only PostgreSQL is answered at once, and the searches answer
+    once Redis does."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aioredis
+
+    slow, other = make_tenant(ingest=True), make_tenant(ingest=True)
+    question = "what does express shipping of a replacement card cost"
+    async with app_factory() as gw:
+        await ingest(gw, slow.headers)
+        await ingest(gw, other.headers)
+        pool = gw.state.pool
+        n = pool.max_size + 4  # more than the pool could lend them
+        warm = await gw.client.post("/v1/retrieval/search", headers=slow.headers,
+                                    json={"collection": "kb", "query": question})
+        assert warm.status_code == 200, warm.text
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            await admin.execute_command("CLIENT", "PAUSE", "1800", "ALL")
+            paused = time.perf_counter()
+            tasks = [asyncio.create_task(gw.client.post("/v1/retrieval/search", headers=slow.headers,
+                                                        json={"collection": "kb", "query": f"{question} {i}"}))
+                     for i in range(n)]
+            await asyncio.sleep(0.5)  # every one of them past its collection's lookup, waiting on Redis
+            held = await checked_out(pool)
+            began = time.perf_counter()
+            listed = await gw.client.get("/v1/collections", headers=other.headers)  # PostgreSQL only
+            took = time.perf_counter() - began
+            still_paused = time.perf_counter() - paused < 1.7
+            answered = await asyncio.gather(*tasks)
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+            await admin.aclose()
+    assert still_paused  # the looks above were taken while Redis was stalled
+    assert held <= 2, held  # (the ledger's writer, a connection on its way back to the pool)
+    assert listed.status_code == 200, listed.text
+    assert took < 0.8, took  # not queued behind the waiting searches for a connection
+    assert [r.status_code for r in answered] == [200] * n, [r.text[:200] for r in answered if r.status_code != 200]
+    assert all(r.json()["sources"] for r in answered)
+
+
 async def test_a_large_document_is_parsed_off_the_event_loop(app_factory, make_tenant):
     """Parsing and splitting a few megabytes of markdown (blocks, sentences, every piece's tokens) is
     seconds of CPU. It runs in a thread, one at a time per process, with no pooled connection held: the
