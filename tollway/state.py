@@ -121,6 +121,9 @@ class AppState:
     monitor: Monitor
     git: GitHTTP | None = None
     prompt_gate: Gate | None = None  # runs a prompt's golden set when production moves (EvalGate)
+    # (tenant id, budget id): the budget's counters raised to what the ledger says its window spent (this
+    # process's queued rows written first); a fault is logged and left to the periodic reconciliation
+    seed_budget: Callable[[int, int], Awaitable[None]] | None = None
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -401,7 +404,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
                     changes=changes, prompts=prompts, rag=rag, guarding=guarding, evals=evals, git=git,
-                    prompt_gate=EvalGate(evals, pool), quality=quality, monitor=monitor)
+                    prompt_gate=EvalGate(evals, pool), quality=quality, monitor=monitor, seed_budget=seed)
 
 
 def _retention(pool: AsyncConnectionPool) -> Callable[[], Awaitable[None]]:

@@ -101,6 +101,11 @@ async def put_budget(request: Request, body: BudgetBody) -> Response:
             serving = [name for name in state.catalog.unpriced() if allowed is None or name in allowed]
             if models := await unpriced_models(conn, budget.tenant_id, serving):
                 out["warnings"] = [unpriced_warning(models)]
+    # Its counters start from what its window has already spent before this answers (each gateway seeds them
+    # again when the change reaches it, raising only): a request sent after the answer, to any gateway, is
+    # judged against the window's spend, not against zero.
+    if state.seed_budget is not None:
+        await state.seed_budget(budget.tenant_id, budget.id)
     state.policies.forget(budget.tenant_id)
     return json_response(out)
 

@@ -126,3 +126,30 @@ async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_
         refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
     assert refused.status_code == 429, refused.text  # a counter starting at zero would have admitted it
     assert refused.json()["error"]["code"] == "insufficient_quota"
+
+
+async def test_a_budget_set_through_the_api_counts_the_window_s_spend_before_it_answers(app_factory, make_tenant,
+                                                                                      admin, ledger):
+    """Through the admin API the new budget's counter is seeded from the ledger before the answer: the
+    request sent right after it (no wait for the change channel) is judged against the day's real spend."""
+    tenant = make_tenant()
+    ask = {"model": "sim-large", "messages": [{"role": "user", "content": "how much is left"}], "max_tokens": 16}
+    async with app_factory() as gw:
+        for _ in range(4):
+            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+            assert resp.status_code == 200, resp.text
+        await gw.state.ledger.flush()
+        rows = ledger("tenant_id = %s", tenant.id)
+        spent = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+        per_request = spent // len(rows)
+        for _ in range(2):  # two more, their rows still in this gateway's queue when the budget is set
+            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+            assert resp.status_code == 200, resp.text
+        spent += 2 * per_request
+        # room for one more request by tokens actually used, not for its worst case (prompt + max_tokens)
+        made = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={
+            "tenant": tenant.name, "window": "day", "limit_tokens": spent + per_request})
+        assert made.status_code == 200, made.text
+        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+    assert refused.status_code == 429, refused.text  # a counter starting at zero would have admitted it
+    assert refused.json()["error"]["code"] == "insufficient_quota"
