@@ -155,6 +155,8 @@ def _auto(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: Bu
     chain = _cheapest_per_tier(catalog, req, tenant, rank, health, reasons)
     if not chain:  # nothing fits at or below the chosen tier: look upwards
         chain = _cheapest_per_tier(catalog, req, tenant, 0, health, reasons)
+    if chain and catalog.rank(chain[0].tier) != rank:  # the tier chosen had no model this request may use
+        reasons.append(f"{catalog.tiers[rank].name}:none_eligible")
     return chain
 
 

@@ -96,6 +96,22 @@ def test_auto_steps_down_a_tier_near_budget_exhaustion_or_above_the_velocity_lin
     assert named.reason == "requested;velocity_soft"
 
 
+def test_auto_says_when_the_tier_it_chose_had_no_model_the_request_may_use() -> None:
+    """A hard question for a key that may use only the small model: served by it, and the reason says why the
+    top tier was passed over (not only that the difficulty crossed the threshold)."""
+    small_only = TenantRouting(allowed_models=frozenset({"small"}))
+    d = decide(CAT, RouteRequest("auto", difficulty=hardness(0.9)), small_only, CALM, {})
+    assert names(d) == ["small"]
+    assert d.reason == "auto:difficulty=0.90>=0.50;large:none_eligible"
+    easy = decide(CAT, RouteRequest("auto", difficulty=hardness(0.1)), small_only, CALM, {})
+    assert easy.reason == "auto:difficulty=0.10<0.50;medium:none_eligible"
+    upward = decide(CAT, RouteRequest("auto", difficulty=hardness(0.1)),
+                    TenantRouting(allowed_models=frozenset({"large-b"})), CALM, {})
+    assert (names(upward), upward.reason) == (["large-b"], "auto:difficulty=0.10<0.50;medium:none_eligible")
+    assert decide(CAT, RouteRequest("auto", difficulty=hardness(0.9)), ANY, CALM, {}).reason == \
+        "auto:difficulty=0.90>=0.50"  # the tier it chose served it: nothing more said
+
+
 def test_capabilities_allow_lists_and_quality_floors_are_policy() -> None:
     tools = RouteRequest("auto", needs=frozenset({"tools"}), difficulty=hardness(0.1))
     assert names(decide(CAT, tools, ANY, CALM, {})) == ["mid"]  # 'small' cannot call tools
