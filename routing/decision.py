@@ -76,7 +76,8 @@ def canary_bucket(subject: str) -> float:
 
 
 def no_model_fits(req: RouteRequest) -> InvalidRequest:
-    return InvalidRequest("No model this tenant may use can serve this request "
+    return InvalidRequest("No model this request may use (the tenant's allowed models, and the key's where it "
+                          "names some) can serve it "
                           f"(needs: {', '.join(sorted(req.needs)) or 'nothing special'}).",
                           param="model", code="model_not_supported")
 
