@@ -24,6 +24,7 @@ from tollway.gateway.metering.quota import Admission
 from tollway.gateway.parts.rag import LOCAL_ENTRY
 from tollway.jsontypes import JSON
 from tollway.retrieval import EmbedderError, LocalEmbedder
+from tollway.retrieval.embedders import LOCAL_DIMS
 from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_text, off_loop_if_long
 
 
@@ -79,6 +80,7 @@ class Embeddings:
         self.router.check_fields("embeddings", data)
         em.tally.request(end_user=em.ctx.header_user or req.user)
         em.texts = req.input if isinstance(req.input, list) else [req.input]
+        _check_input(em.texts)
 
     async def authorize(self, em: Embedding) -> None:
         """The key may embed with this model (or the packaged local one)."""
@@ -86,7 +88,7 @@ class Embeddings:
         em.entry = self.calls.resolve(em.ctx.principal, em.request.model, "embedding",
                                       also=LOCAL_ENTRY if self.local is not None else None)
         if em.local:
-            _check_local(em.request, em.texts, em.data.get("encoding_format"))
+            _check_local(em.request, em.texts, em.data.get("encoding_format"), em.data.get("dimensions"))
         em.tally.bind(em.need_entry(), replica="local" if em.local else None)
         def count() -> int:
             return sum(count_text(t) if isinstance(t, str) else (len(t) if isinstance(t, list) else 1)
@@ -145,13 +147,36 @@ class Embeddings:
         return response, Usage(input_tokens=embedded.tokens)
 
 
-def _check_local(req: EmbeddingRequest, texts: list[Any], encoding: Any) -> None:
-    """The packaged model embeds text (not token ids) and answers floats or base64."""
+MAX_INPUTS = 2048  # OpenAI's bound on one request's inputs
+
+
+def _check_input(texts: list[Any]) -> None:
+    """What OpenAI's embeddings endpoint refuses, refused the same way for every model before anything is
+    spent: no input, an empty string or token list, more than ``MAX_INPUTS`` inputs (an upstream would answer
+    an empty list with no vectors, a 200 the SDK cannot read)."""
+    if not texts:
+        raise InvalidRequest("input may not be empty: give a string or a list of strings.", param="input")
+    if len(texts) > MAX_INPUTS:
+        raise InvalidRequest(f"input may hold at most {MAX_INPUTS} items; this one holds {len(texts)}.",
+                             param="input")
+    for i, t in enumerate(texts):
+        if isinstance(t, str | list) and not t:
+            raise InvalidRequest("input may not hold an empty string or an empty list of tokens.",
+                                 param=f"input[{i}]" if len(texts) > 1 or isinstance(t, list) else "input")
+
+
+def _check_local(req: EmbeddingRequest, texts: list[Any], encoding: Any, dimensions: Any) -> None:
+    """The packaged model embeds text (not token ids) and answers floats or base64, in its own dimensions
+    (it cannot shorten its vectors: a client asking for fewer would store vectors of another size)."""
     if not texts or not all(isinstance(t, str) for t in texts):
         raise InvalidRequest(f"'{req.model}' embeds text: input must be a string or a list of strings.",
                              param="input")
     if encoding not in (None, "float", "base64"):
         raise InvalidRequest("encoding_format must be 'float' or 'base64'.", param="encoding_format")
+    if dimensions is not None and dimensions != LOCAL_DIMS:
+        raise InvalidRequest(f"'{req.model}' answers {LOCAL_DIMS}-dimensional vectors and cannot shorten them; "
+                             f"leave dimensions out or set it to {LOCAL_DIMS}.", param="dimensions",
+                             code="unsupported_parameter")
 
 
 EMBEDDING_STAGES: tuple[Stage, ...] = (

@@ -117,6 +117,54 @@ async def test_embeddings(app_factory, make_tenant, ledger):
     assert (row["endpoint"], row["input_tokens"], row["cost_usd"]) == ("embeddings", 3, Decimal("0.00000006"))
 
 
+BAD_EMBEDDINGS = [
+    ("an empty list", {"input": []}, "input"),
+    ("an empty string", {"input": ""}, "input"),
+    ("an empty string among others", {"input": ["one", ""]}, "input[1]"),
+    ("an empty token list", {"input": [[]]}, "input[0]"),
+    ("more inputs than OpenAI takes", {"input": ["x"] * 2049}, "input"),
+]
+
+
+@pytest.mark.parametrize("model", ["sim-embed", "local"])
+@pytest.mark.parametrize(("case", "body", "param"), BAD_EMBEDDINGS, ids=[c[0] for c in BAD_EMBEDDINGS])
+async def test_embeddings_refuse_what_openai_refuses_for_every_model(app_factory, make_tenant, ledger, sim,
+                                                                     model, case, body, param):
+    """The same 400 from the packaged model and from an upstream one, before anything is spent (an upstream
+    answered an empty list with no vectors: a 200 the SDK cannot read)."""
+    from tollway.retrieval import LOCAL_NAME
+
+    tenant = make_tenant()
+    name = LOCAL_NAME if model == "local" else model
+    before = sim.metric('tollway_sim_requests_total{model="sim-embed"}')
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/embeddings", headers=tenant.headers, json={"model": name, **body})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_request", param)
+    assert sim.metric('tollway_sim_requests_total{model="sim-embed"}') == before  # nothing sent upstream
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert (row["status"], row["cost_usd"]) == (400, 0)
+
+
+async def test_the_packaged_embedder_refuses_dimensions_it_cannot_give(app_factory, make_tenant):
+    """It answers 384 dimensions; asked for 64 it says so (a client would otherwise store vectors of another
+    size than it asked for); asked for its own, it answers."""
+    from tollway.retrieval import LOCAL_NAME
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        fewer = await gw.client.post("/v1/embeddings", headers=tenant.headers,
+                                     json={"model": LOCAL_NAME, "input": ["one two"], "dimensions": 64})
+        own = await gw.client.post("/v1/embeddings", headers=tenant.headers,
+                                   json={"model": LOCAL_NAME, "input": ["one two"], "dimensions": 384})
+    assert fewer.status_code == 400, fewer.text
+    assert (fewer.json()["error"]["param"], fewer.json()["error"]["code"]) == ("dimensions", "unsupported_parameter")
+    assert own.status_code == 200, own.text
+    assert len(own.json()["data"][0]["embedding"]) == 384
+
+
 async def test_models_lists_what_the_key_may_use(app_factory, make_tenant):
     everything, limited = make_tenant(), make_tenant(models=["sim-small"])
     async with app_factory() as gw:
