@@ -23,8 +23,7 @@ from tollway.gateway.metering.accounting import Tally, format_cost
 from tollway.gateway.metering.quota import Admission
 from tollway.gateway.parts.rag import LOCAL_ENTRY
 from tollway.jsontypes import JSON
-from tollway.retrieval import EmbedderError, LocalEmbedder
-from tollway.retrieval.embedders import LOCAL_DIMS
+from tollway.retrieval import LOCAL_DIMS, EmbedderError, LocalEmbedder
 from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_text, off_loop_if_long
 
 
