@@ -38,6 +38,11 @@ def test_ingest_a_folder_then_ask_with_the_openai_sdk(gateway, make_tenant, sim,
     found = client_cli("search", "what does an overdraft cost", "--collection", "kb", "--json", key=tenant.key,
                     url=gateway.url, cwd=tmp_path)
     assert json.loads(found.stdout)["sources"][0]["source"] == "handbook/fees.md"
+    for flag in ("--context-tokens", "-k"):  # 0 is refused as the API refuses it, not taken for "the default"
+        zero = client_cli("search", "what does an overdraft cost", "--collection", "kb", flag, "0", key=tenant.key,
+                          url=gateway.url, cwd=tmp_path)
+        assert (zero.returncode, zero.stdout) == (2, ""), zero.stdout
+        assert "400" in zero.stderr and "greater than or equal to 1" in zero.stderr, zero.stderr
 
     sdk = openai.OpenAI(base_url=gateway.url, api_key=tenant.key, max_retries=0)
     raw = sdk.chat.completions.with_raw_response.create(

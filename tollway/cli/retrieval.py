@@ -193,9 +193,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     client = client_of(args)
     body: dict[str, Any] = {"collection": args.collection, "query": args.query, "mode": args.mode,
                             "hybrid": args.hybrid}
-    if args.k:
+    if args.k is not None:  # 0 or less goes to the gateway, which refuses it as the API does (not the default)
         body["k"] = args.k
-    if args.context_tokens:
+    if args.context_tokens is not None:
         body["context_tokens"] = args.context_tokens
     if args.tenant:
         body["tenant"] = args.tenant
