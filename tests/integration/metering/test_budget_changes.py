@@ -88,6 +88,24 @@ def test_a_read_command_in_another_folder_finds_the_same_store_or_says_it_found_
     assert not (home / ".local").exists()  # nor where it looked
 
 
+ASK = {"model": "sim-large", "messages": [{"role": "user", "content": "how much is left"}], "max_tokens": 16}
+
+
+async def ask(gw: Any, tenant: Any, times: int = 1) -> None:
+    for _ in range(times):
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ASK)
+        assert resp.status_code == 200, resp.text
+
+
+async def spent_so_far(gw: Any, tenant: Any, ledger: Any, asks: int) -> tuple[int, int]:
+    """``asks`` requests answered and their rows written: the tokens they used, and one request's share."""
+    await ask(gw, tenant, asks)
+    await gw.state.ledger.flush()
+    rows = ledger("tenant_id = %s", tenant.id)
+    spent = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+    return spent, spent // len(rows)
+
+
 async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_factory, make_tenant, pg, ledger,
                                                                             tmp_path):
     """Set from the CLI (no Redis access there): the gateway seeds the new budget's counter from the ledger
@@ -95,15 +113,8 @@ async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_
     import asyncio
 
     tenant = make_tenant()
-    ask = {"model": "sim-large", "messages": [{"role": "user", "content": "how much is left"}], "max_tokens": 16}
     async with app_factory() as gw:
-        for _ in range(4):
-            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
-            assert resp.status_code == 200, resp.text
-        await gw.state.ledger.flush()
-        rows = ledger("tenant_id = %s", tenant.id)
-        spent = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
-        per_request = spent // len(rows)
+        spent, per_request = await spent_so_far(gw, tenant, ledger, 4)
         # room for one more request by tokens actually used, not for its worst case (prompt + max_tokens)
         out = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens",
                                       str(spent + per_request), env={"TOLLWAY_DATABASE_URL": pg.url}, cwd=tmp_path)
@@ -123,7 +134,7 @@ async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_
             if counted is not None and int(counted) >= spent:
                 break
             await asyncio.sleep(0.1)
-        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ASK)
     assert refused.status_code == 429, refused.text  # a counter starting at zero would have admitted it
     assert refused.json()["error"]["code"] == "insufficient_quota"
 
@@ -133,23 +144,14 @@ async def test_a_budget_set_through_the_api_counts_the_window_s_spend_before_it_
     """Through the admin API the new budget's counter is seeded from the ledger before the answer: the
     request sent right after it (no wait for the change channel) is judged against the day's real spend."""
     tenant = make_tenant()
-    ask = {"model": "sim-large", "messages": [{"role": "user", "content": "how much is left"}], "max_tokens": 16}
     async with app_factory() as gw:
-        for _ in range(4):
-            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
-            assert resp.status_code == 200, resp.text
-        await gw.state.ledger.flush()
-        rows = ledger("tenant_id = %s", tenant.id)
-        spent = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
-        per_request = spent // len(rows)
-        for _ in range(2):  # two more, their rows still in this gateway's queue when the budget is set
-            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
-            assert resp.status_code == 200, resp.text
+        spent, per_request = await spent_so_far(gw, tenant, ledger, 4)
+        await ask(gw, tenant, 2)  # two more, their rows still in this gateway's queue when the budget is set
         spent += 2 * per_request
         # room for one more request by tokens actually used, not for its worst case (prompt + max_tokens)
         made = await gw.client.put("/v1/admin/budgets", headers=admin.headers, json={
             "tenant": tenant.name, "window": "day", "limit_tokens": spent + per_request})
         assert made.status_code == 200, made.text
-        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ask)
+        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=ASK)
     assert refused.status_code == 429, refused.text  # a counter starting at zero would have admitted it
     assert refused.json()["error"]["code"] == "insufficient_quota"
