@@ -167,7 +167,7 @@ def _check_input(texts: list[Any]) -> None:
 def _check_local(req: EmbeddingRequest, texts: list[Any], encoding: Any, dimensions: Any) -> None:
     """The packaged model embeds text (not token ids) and answers floats or base64, in its own dimensions
     (it cannot shorten its vectors: a client asking for fewer would store vectors of another size)."""
-    if not texts or not all(isinstance(t, str) for t in texts):
+    if not all(isinstance(t, str) for t in texts):  # (an empty input never gets here: ``_check_input``)
         raise InvalidRequest(f"'{req.model}' embeds text: input must be a string or a list of strings.",
                              param="input")
     if encoding not in (None, "float", "base64"):
