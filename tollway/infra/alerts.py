@@ -91,17 +91,25 @@ class Delivery:
         self.pool, self.session, self.webhook = pool, session, webhook
 
     async def sweep(self, batch: int = 20) -> int:
-        """Deliver what is due; the number delivered."""
-        delivered = 0
+        """Deliver what is due; the number delivered.
+
+        The due rows are claimed in a short transaction (their next attempt moved past the time the POSTs can
+        take, so another replica's sweep skips them) and posted with no connection held: a slow receiver costs
+        this sweep its time, never a pooled connection the requests need. A gateway that dies mid-sweep leaves
+        its claimed alerts to be sent again once the claim runs out (delivery is at least once, as before)."""
+        claim_s = self.webhook.timeout_s * batch + 60
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                f"SELECT {_COLUMNS} FROM alerts WHERE delivered_at IS NULL AND attempts < %s"
-                " AND next_attempt_at <= now() ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (self.webhook.max_attempts, batch))
-            rows = await cur.fetchall()
-            for row in rows:
-                alert = _alert(row)
-                error = await self._post(alert)
+                f"UPDATE alerts SET next_attempt_at = now() + %s * interval '1 second' WHERE id IN ("
+                " SELECT id FROM alerts WHERE delivered_at IS NULL AND attempts < %s AND next_attempt_at <= now()"
+                f" ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                (claim_s, self.webhook.max_attempts, batch))
+            rows = sorted(await cur.fetchall())
+        delivered = 0
+        for row in rows:
+            alert = _alert(row)
+            error = await self._post(alert)
+            async with self.pool.connection() as conn, conn.transaction():
                 if error is None:
                     delivered += 1
                     await conn.execute("UPDATE alerts SET delivered_at = now(), attempts = attempts + 1,"

@@ -74,6 +74,50 @@ async def test_an_alert_is_raised_once_delivered_signed_and_retried(pg, make_ten
     assert delivered is not None
 
 
+async def test_a_slow_receiver_holds_no_pooled_connection_and_no_replica_sends_twice(pg, make_tenant):
+    """A receiver that takes its time (up to the webhook's timeout, for each of a sweep's alerts) must not hold
+    a connection of the pool the requests use, nor open a window in which another replica sends the same alert."""
+    tenant = make_tenant()
+    arrived, release = asyncio.Event(), asyncio.Event()
+    got: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        arrived.set()
+        await release.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+    async with AsyncConnectionPool(pg.url, min_size=2, max_size=2, open=False) as pool, \
+            aiohttp.ClientSession() as session:
+        async with pool.connection() as conn:
+            await conn.execute("UPDATE alerts SET delivered_at = now() WHERE delivered_at IS NULL")
+            alert = await raise_alert(conn, tenant_id=tenant.id, kind="budget", subject="7",
+                                      dedupe_key=f"budget:{tenant.id}:slow", message="slow receiver")
+        one, other = (Delivery(pool, session, Webhook(url, SECRET, timeout_s=10)) for _ in range(2))
+        first = asyncio.create_task(one.sweep())
+        await asyncio.wait_for(arrived.wait(), 5)
+        stats = pool.get_stats()
+        checked_out = stats["pool_size"] - stats["pool_available"]
+        assert await other.sweep() == 0  # the alert is claimed: the other replica leaves it
+        release.set()
+        assert await first == 1
+    await runner.cleanup()
+    assert checked_out == 0
+    assert len(got) == 1
+    with psycopg.connect(pg.url) as conn:
+        attempts, delivered = conn.execute("SELECT attempts, delivered_at FROM alerts WHERE id = %s",
+                                           (alert,)).fetchone()
+    assert attempts == 1
+    assert delivered is not None
+
+
 async def test_alerts_are_listed_by_the_admin_api_and_the_cli(app_factory, make_tenant, admin, pg):
     tenant = make_tenant()
     with psycopg.connect(pg.url, autocommit=True) as conn:
