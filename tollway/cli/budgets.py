@@ -11,7 +11,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from tollway.cli.common import audited, database, flag, run_with_conn, settings_of
+from tollway.cli.common import audited, database, flag, run_with_conn, settings_of, with_conn
 from tollway.keep import KEEP
 from tollway.settings import Settings
 
@@ -65,7 +65,9 @@ def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
 def cmd_set(args: argparse.Namespace) -> int:
     from tollway.gateway.tenancy.policy import set_budget, unpriced_models, unpriced_warning
 
-    async def action(conn: Any, settings: Settings) -> int:
+    settings = settings_of(args)
+
+    async def action(conn: Any, database_url: str) -> int:
         scope, subject = _scope(args)
         budget = await set_budget(conn, args.tenant, scope=scope, subject=subject, period=args.window,
                                   limit_usd=args.usd, limit_tokens=args.tokens, alerts=args.alerts,
@@ -74,10 +76,39 @@ def cmd_set(args: argparse.Namespace) -> int:
         if budget.limit_usd is not None and (models := await unpriced_models(conn, budget.tenant_id)):
             out["warnings"] = [warning := unpriced_warning(models)]
             print(f"tollway: warning: {warning['message']}", file=sys.stderr)
+        out["seeded"] = await _seed(settings, database_url, budget.tenant_id, budget.id)
         print(json.dumps(out))
         return 0
 
-    return run_with_conn(args, action)
+    with database(settings) as url:
+        return int(asyncio.run(with_conn(url, lambda conn: action(conn, url))))
+
+
+async def _seed(settings: Settings, database_url: str, tenant_id: int, budget_id: int) -> bool:
+    """Raise the budget's counters to what the ledger says its window has spent before the command returns,
+    as `PUT /v1/admin/budgets` does before it answers (each gateway does it again when the change reaches it,
+    with its rows not yet written). False where no Redis is reachable from here."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from tollway.gateway.metering.reconcile import seed_budget
+    from tollway.infra.redisclient import REDIS_FAULTS
+    from tollway.infra.redisclient import connect as connect_redis
+
+    url = _redis_url(settings)
+    if url is None:
+        return False
+    try:
+        client = await connect_redis(url, 4, settings.redis_cluster)
+        try:
+            async with AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False) as pool:
+                await seed_budget(pool, client, tenant_id, budget_id)
+        finally:
+            await client.aclose()
+    except REDIS_FAULTS as exc:  # Redis or PostgreSQL: either way the gateways seed it
+        print(f"tollway: the budget's counters were not seeded from here ({exc}); each gateway seeds them when "
+              "the change reaches it", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

@@ -139,6 +139,36 @@ async def test_a_budget_set_mid_window_counts_what_the_window_already_spent(app_
     assert refused.json()["error"]["code"] == "insufficient_quota"
 
 
+async def test_a_budget_set_from_the_cli_is_seeded_before_the_command_returns(app_factory, make_tenant, pg, ledger,
+                                                                              redis_url, tmp_path):
+    """Where the CLI reaches Redis it raises the new budget's counter to the ledger itself, as the API does,
+    instead of leaving it at zero until a gateway hears of the change (no gateway runs while it does here)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    import redis
+
+    from tollway.gateway.metering.quota import budget_counter
+    from tollway.gateway.tenancy.policy import Budget
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        spent, _ = await spent_so_far(gw, tenant, ledger, 3)
+    out = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens",
+                                  str(10 * spent), env={"TOLLWAY_DATABASE_URL": pg.url,
+                                                        "TOLLWAY_REDIS_URL": redis_url}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    made = json.loads(out.stdout)
+    key = budget_counter(Budget(made["id"], tenant.id, "tenant", "", "day", None, 10 * spent), "",
+                         datetime.now(UTC)).key
+    counted = redis.Redis.from_url(redis_url).hget(key, "s_tok")
+    assert counted is not None and int(counted) == spent  # a counter at zero would admit spent's worth again
+    assert made["seeded"] is True
+    unseeded = await asyncio.to_thread(cli, "budgets", "set", "--tenant", tenant.name, "--window", "hour",
+                                       "--tokens", "5", env={"TOLLWAY_DATABASE_URL": pg.url}, cwd=tmp_path)
+    assert json.loads(unseeded.stdout)["seeded"] is False  # no Redis from here: the gateways seed it
+
+
 async def test_a_budget_set_through_the_api_counts_the_window_s_spend_before_it_answers(app_factory, make_tenant,
                                                                                       admin, ledger):
     """Through the admin API the new budget's counter is seeded from the ledger before the answer: the
