@@ -56,7 +56,7 @@ from tollway.routing.tokens import (
     off_loop_if_long,
 )
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
-from tollway.routing.wire import forbidden_config_fields
+from tollway.routing.wire import MediaURLs, check_content_parts, forbidden_config_fields
 
 __all__ = [
     "OFF_LOOP_CHARS",
@@ -68,6 +68,7 @@ __all__ = [
     "Catalog",
     "ChainFailed",
     "ConfigError",
+    "MediaURLs",
     "ModelEntry",
     "Plan",
     "Price",
@@ -88,6 +89,7 @@ __all__ = [
     "build_catalog",
     "build_router",
     "build_upstream",
+    "check_content_parts",
     "content_texts",
     "count_messages",
     "count_text",

@@ -13,8 +13,11 @@ the list, with a 400 naming the field before anything is reserved or sent.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from tollway.errors import InvalidRequest
 
@@ -66,6 +69,99 @@ TRANSPORT = frozenset({
     "mock_response", "input_cost_per_token", "output_cost_per_token", "litellm_logging_obj", "deployment_id",
     "client", "http_client", "callbacks", "api_type", "base_model",
 })
+
+
+# A chat message's content parts, by type, and the field each must hold: OpenAI's chat parts and the media parts
+# vLLM serves. A part of another type, or without its field, is a 400 here rather than an upstream's error.
+PARTS: Mapping[str, str] = {
+    "text": "text", "refusal": "refusal", "image_url": "image_url", "input_audio": "input_audio", "file": "file",
+    "audio_url": "audio_url", "video_url": "video_url",
+}
+MEDIA_PARTS = frozenset({"image_url", "audio_url", "video_url"})  # {"url": ...} that the model server fetches
+
+# Where a media part's URL may point (TOLLWAY_MEDIA_URLS): "public" (default): inline ``data:`` URLs, and http(s)
+# URLs whose host is a name with a dot outside the local and internal suffixes or a global IP address: never
+# the model server's own loopback, a cloud metadata address or a private network it can reach and the client
+# cannot; "any": any http(s) or data URL; "inline": data URLs only.
+MediaURLs = Literal["public", "any", "inline"]
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa", ".lan", ".intranet")
+MAX_PARTS = 1024  # per message
+
+
+def check_content_parts(messages: list[Any], media: MediaURLs = "public") -> None:
+    """A 400 naming the first content part an upstream must not receive: an unknown type, a part without the
+    field its type needs (a string for text), or a media URL outside ``media``."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        if len(content) > MAX_PARTS:
+            raise InvalidRequest(f"A message may hold at most {MAX_PARTS} content parts.",
+                                 param=f"messages[{i}].content")
+        for j, part in enumerate(content):
+            at = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            field = PARTS.get(kind) if isinstance(kind, str) else None
+            if field is None:
+                raise InvalidRequest(f"'{at}.type' must be one of {', '.join(PARTS)}.", param=f"{at}.type",
+                                     code="unsupported_content_part")
+            value = part.get(field)
+            if kind in ("text", "refusal"):
+                if not isinstance(value, str):
+                    raise InvalidRequest(f"'{at}.{field}' must be a string.", param=f"{at}.{field}")
+            elif not isinstance(value, dict):
+                raise InvalidRequest(f"'{at}.{field}' must be an object.", param=f"{at}.{field}")
+            elif kind in MEDIA_PARTS:
+                url = value.get("url")
+                if not isinstance(url, str):
+                    raise InvalidRequest(f"'{at}.{field}.url' must be a string.", param=f"{at}.{field}.url")
+                if (why := media_url_refusal(url, media)) is not None:
+                    raise InvalidRequest(f"'{at}.{field}.url' {why}.", param=f"{at}.{field}.url",
+                                         code="media_url_not_allowed")
+
+
+def media_url_refusal(url: str, media: MediaURLs) -> str | None:
+    """Why the model server must not fetch ``url`` under ``media``, or None."""
+    scheme = url[:8].partition(":")[0].lower()
+    if scheme == "data":
+        return None
+    if media == "inline":
+        return "must be a data: URL (this gateway sends no media URL for a model server to fetch)"
+    if scheme not in ("http", "https"):
+        return "must be an http(s) or data: URL"
+    if media == "any":
+        return None
+    if "\\" in url or any(c.isspace() or not c.isprintable() for c in url):
+        return "holds a backslash, a space or a control character (URL parsers disagree on where its host is)"
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return "is not a valid URL"
+    if not host:
+        return "names no host"
+    address = _address(host)
+    if address is not None:
+        return None if address.is_global else "points at a loopback, private or reserved address"
+    if "." not in host or host == "localhost" or host.endswith(_LOCAL_SUFFIXES):
+        return "names a local or internal host"
+    return None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as the address a resolver would take it for: IPv6 literals, and IPv4 in every form
+    ``inet_aton`` reads (``127.1``, ``0x7f000001``, ``2130706433``), IPv4-mapped IPv6 as its IPv4."""
+    if ":" in host:
+        try:
+            v6 = ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return None
+        return v6.ipv4_mapped or v6
+    if not host.replace(".", "").replace("x", "").isalnum() or not host[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def forbidden_config_fields(names: Iterable[str]) -> list[str]:

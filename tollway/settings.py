@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=2048, ge=1)
     max_tokens_limit: int = Field(default=262_144, ge=1)
+    # Where a chat content part's image, audio or video URL may point (the model server fetches it):
+    # public, any, inline (tollway.routing.wire.media_url_refusal).
+    media_urls: Literal["public", "any", "inline"] = "public"
 
     ledger_queue_size: int = Field(default=20_000, ge=1)
     ledger_batch_size: int = Field(default=500, ge=1)

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from opentelemetry.trace import SpanKind
 
@@ -22,7 +23,7 @@ from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.policy import PolicyStore, TenantPolicy, TenantRules
 from tollway.gateway.tenancy.roles import Can, require
 from tollway.jsontypes import JSON
-from tollway.routing import Catalog, ModelEntry, TenantRouting, Usage
+from tollway.routing import Catalog, MediaURLs, ModelEntry, TenantRouting, Usage, check_content_parts
 
 # Worst-case input: tiktoken's count, plus a margin for upstreams whose tokenizers count more.
 INPUT_MARGIN = 1.10
@@ -71,6 +72,7 @@ class CallContext:
 class Limits:
     max_messages: int
     max_tokens: int
+    media_urls: MediaURLs = "public"  # where a content part's media URL may point (tollway.routing.wire)
 
 
 # OpenTelemetry's GenAI operation names, per endpoint
@@ -166,6 +168,9 @@ class Calls:
     def check_messages(self, count: int) -> None:
         if count > self.limits.max_messages:
             raise InvalidRequest(f"At most {self.limits.max_messages} messages are allowed.", param="messages")
+
+    def check_parts(self, messages: list[Any]) -> None:
+        check_content_parts(messages, self.limits.media_urls)
 
     def check_max_tokens(self, name: str, value: int | None) -> None:
         if value is not None and value > self.limits.max_tokens:

@@ -117,6 +117,7 @@ class Chat:
         ex.end_user = ex.ctx.header_user or req.user
         ex.tally.request(end_user=ex.end_user, stream=req.stream, tags=tags_of(ex.ctx, data))
         self.calls.check_messages(len(req.messages))
+        self.calls.check_parts(data["messages"])
         self.calls.check_max_tokens("max_tokens", req.max_tokens)
         self.calls.check_max_tokens("max_completion_tokens", req.max_completion_tokens)
         for name in TOLLWAY_FIELDS:

@@ -147,6 +147,75 @@ async def test_a_field_forwarded_for_one_model_is_dropped_for_another(provider_g
     assert "sim_hint" not in small
 
 
+def _image(url: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                         {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("url", ["{canary}/image.png", "http://169.254.169.254/latest/meta-data/",
+                                 "http://2130706433/", "http://[::ffff:127.0.0.1]/", "http://vllm:8000/metrics",
+                                 "http://metadata.google.internal/", "file:///etc/passwd", "gopher://127.0.0.1:6379/"])
+async def test_a_media_url_a_model_server_would_fetch_inside_its_network_is_refused(app_factory, make_tenant, sim,
+                                                                                     canary, ledger, url, stream):
+    """An image URL reaches the model server, which fetches it from where it runs: by default only public
+    hosts and inline data, so a client cannot make it read its own loopback, a metadata service or a private
+    network. Refused before anything is reserved or sent, charged nothing."""
+    tenant = make_tenant()
+    target = url.format(canary=canary.url)
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-large", "messages": _image(target), "stream": stream})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "messages[0].content[1].image_url.url"
+    assert resp.json()["error"]["code"] == "media_url_not_allowed"
+    assert canary.seen == []
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert row["cost_usd"] == 0
+
+
+async def test_public_and_inline_media_reach_the_upstream_and_the_setting_widens_or_narrows_it(app_factory,
+                                                                                               make_tenant, sim):
+    tenant = make_tenant()
+    public, inline = "https://images.example.com/cat.png", "data:image/png;base64,iVBORw0KGgo="
+    async with app_factory() as gw:
+        for url in (public, inline):
+            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                        json={"model": "sim-large", "messages": _image(url)})
+            assert resp.status_code == 200, resp.text
+            assert last_request(sim, "sim-large")["messages"][0]["content"][1]["image_url"]["url"] == url
+    async with app_factory(media_urls="any") as gw:  # an operator whose model server fetches from its network
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                    json={"model": "sim-large", "messages": _image("http://10.1.2.3/x.png")})
+        assert resp.status_code == 200, resp.text
+    async with app_factory(media_urls="inline") as gw:
+        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                       json={"model": "sim-large", "messages": _image(public)})
+        kept = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                    json={"model": "sim-large", "messages": _image(inline)})
+    assert refused.status_code == 400
+    assert "data: URL" in refused.json()["error"]["message"]
+    assert kept.status_code == 200, kept.text
+
+
+@pytest.mark.parametrize(("part", "param"), [
+    ({"type": "text", "text": 5}, "messages[0].content[0].text"),
+    ({"type": "text"}, "messages[0].content[0].text"),
+    ({"type": "hologram", "data": "x"}, "messages[0].content[0].type"),
+    ({"type": "image_url", "image_url": "https://images.example.com/cat.png"}, "messages[0].content[0].image_url"),
+    ({"type": "input_audio", "input_audio": None}, "messages[0].content[0].input_audio"),
+])
+async def test_a_malformed_content_part_is_a_400_naming_it_not_an_upstream_error(app_factory, make_tenant, part,
+                                                                                 param):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-large", "messages": [{"role": "user", "content": [part]}]})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
 async def test_formula_cells_are_neutralised_in_the_reports_csv(app_factory, make_tenant, make_key):
     app = make_tenant()
     finance = make_key(app.name, "finance")

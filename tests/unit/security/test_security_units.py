@@ -213,3 +213,31 @@ async def test_one_owner_renders_at_a_time_and_another_is_not_queued_behind_it()
         pool.close()
     assert other == [{"role": "user", "content": "b's"}]
     assert waited < 0.3  # a free worker, not behind a's four renders of 0.4 s
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/", "http://127.1/", "http://2130706433/", "http://0x7f000001/", "http://0177.0.0.1/",
+    "http://0/", "http://[::1]/", "http://[::ffff:169.254.169.254]/", "http://169.254.169.254/latest/",
+    "http://10.0.0.5/", "http://192.168.1.1/", "http://100.64.0.1/", "http://[fe80::1%25eth0]/",
+    "http://localhost:8000/", "http://vllm/", "http://metadata.google.internal/", "http://db.svc.cluster.local/",
+    "http://user@127.0.0.1/", "http://127.0.0.1\\@images.example.com/", "http://images.example.com/a b",
+    "file:///etc/passwd", "gopher://images.example.com/", "ftp://images.example.com/x", " javascript:alert(1)",
+    "http:///nohost",
+])
+def test_a_media_url_inside_the_model_server_s_network_is_refused(url: str) -> None:
+    from tollway.routing.wire import media_url_refusal
+
+    assert media_url_refusal(url, "public") is not None
+
+
+@pytest.mark.parametrize("url", [
+    "https://images.example.com/cat.png", "HTTPS://IMAGES.EXAMPLE.COM/cat.png", "http://8.8.8.8/x.png",
+    "http://[2001:4860:4860::8888]/x.png", "http://1e100.net/x.png", "https://images.example.com./x.png",
+    "data:image/png;base64,iVBORw0KGgo=", "DATA:audio/wav;base64,AAAA",
+])
+def test_a_public_or_inline_media_url_is_allowed(url: str) -> None:
+    from tollway.routing.wire import media_url_refusal
+
+    assert media_url_refusal(url, "public") is None
+    assert media_url_refusal(url, "any") is None
+    assert (media_url_refusal(url, "inline") is None) == url.lower().startswith("data:")
