@@ -100,7 +100,8 @@ def build() -> dict[str, Any]:
                                  "{{validator}} {{action}}")))
         .with_panel(series("Ledger queue and spill", "short",
                            query("tollway_ledger_queue_depth", "queued rows"),
-                           query("tollway_ledger_spill_bytes", "spilled bytes"), width=24))
+                           query("tollway_ledger_spill_bytes", "spilled bytes"),
+                           query("tollway_ledger_rejected_bytes", "set-aside bytes"), width=24))
     )
     return json.loads(json.dumps(board.build(), cls=JSONEncoder, sort_keys=True))
 

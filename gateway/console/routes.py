@@ -331,7 +331,8 @@ async def _operations_page(request: Request, session: Session) -> Response:
         attempts = await queries.failed_attempts(conn)
     ledger = state.ledger
     return _page("operations.html", session=session, replicas=replicas, attempts=attempts,
-                 ledger={"queued": ledger.in_hand, "spill_files": len(ledger.pending_spill_files())},
+                 ledger={"queued": ledger.in_hand, "spill_files": len(ledger.pending_spill_files()),
+                         "rejected_files": len(ledger.rejected_files())},
                  retry_budget=round(state.routing.caller.retry_budget.tokens, 2),
                  workers=state.settings.workers)
 

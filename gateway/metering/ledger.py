@@ -5,6 +5,12 @@ batch is appended to a spill file (JSON lines, fsynced); when the queue is full,
 to the spill file. A replay task moves spill files back into Postgres once it answers again. Inserts
 are ``ON CONFLICT DO NOTHING`` on the request id, so a replay interrupted half-way and run again still
 lands every row exactly once.
+
+A row PostgreSQL refuses for what it holds (a data or integrity error, not an outage) must not hold the rows
+beside it hostage: the batch is split until the refused rows stand alone, the rest are written, and the
+refused ones are set aside in ``rejected/`` (JSON lines, fsynced, logged as errors, counted) instead of being
+spilled and replayed for ever. Text PostgreSQL cannot store (a NUL character, from any client field) is
+written with U+FFFD in its place, so it never gets that far.
 """
 
 from __future__ import annotations
@@ -97,10 +103,29 @@ _GUARDS = _COLUMNS.index("guard_outcome")
 _COPY = f"COPY ledger ({', '.join(_COLUMNS)}) FROM STDIN"
 
 
+_TEXT = [i for i, f in enumerate(dataclasses.fields(LedgerRow)) if f.type in ("str", "str | None")]
+_TAGS = _COLUMNS.index("tags")
+# Errors that belong to a row's content rather than to the database's state: the row is set aside.
+_ROW_FAULTS = (psycopg.DataError, psycopg.IntegrityError)
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
 def _values(row: LedgerRow) -> tuple[Any, ...]:
+    """The row's columns as PostgreSQL takes them: text never holds a NUL (it refuses one in text and jsonb
+    alike), so a client's ``user`` or tag holding one is stored with U+FFFD in its place."""
     values = [getattr(row, name) for name in _COLUMNS]
+    for i in _TEXT:
+        if values[i] is not None:
+            values[i] = _text(values[i])
+    if row.tags is not None:
+        values[_TAGS] = [_text(t) for t in row.tags]
     if row.guard_outcome is not None:
-        values[_GUARDS] = Jsonb(row.guard_outcome)
+        outcome = orjson.dumps(row.guard_outcome)
+        values[_GUARDS] = Jsonb(orjson.loads(outcome.replace(b"\\u0000", b"\\ufffd")) if b"\\u0000" in outcome
+                                else row.guard_outcome)
     return tuple(values)
 
 
@@ -111,6 +136,7 @@ class LedgerStats:
     spilled: int = 0
     replayed: int = 0
     write_failures: int = 0
+    rejected: int = 0  # rows PostgreSQL refused for their content, set aside in rejected/
 
 
 class Ledger:
@@ -180,6 +206,12 @@ class Ledger:
     def pending_spill_files(self) -> list[Path]:
         return sorted(self._spill_dir.glob("*.jsonl")) if self._spill_dir.exists() else []
 
+    def rejected_files(self) -> list[Path]:
+        """Rows PostgreSQL refused, set aside for an operator (moved back into the spill folder as
+        ``replay-<name>.jsonl`` once the cause is mended, they are replayed like any spill file)."""
+        folder = self._spill_dir / "rejected"
+        return sorted(folder.glob("*.jsonl")) if folder.exists() else []
+
     # -- writer ---------------------------------------------------------------------------------
     async def _write_loop(self) -> None:
         while True:
@@ -201,8 +233,8 @@ class Ledger:
 
     async def _write(self, batch: list[LedgerRow]) -> None:
         try:
-            await self._insert(batch, fresh=True)
-            self.stats.written += len(batch)
+            refused = await self._insert_or_set_aside(batch, fresh=True)
+            self.stats.written += len(batch) - len(refused)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             self.stats.write_failures += 1
             log.warning("ledger write failed (%s); spilling %d rows", type(exc).__name__, len(batch))
@@ -213,6 +245,31 @@ class Ledger:
         """Rows written at once, idempotently (a row already there is kept as it is); raises when
         PostgreSQL cannot take them. For rows recovered from Redis (``tollway.gateway.metering.sweeper``)."""
         await self._insert(rows)
+
+    async def _insert_or_set_aside(self, rows: list[LedgerRow], *, fresh: bool = False) -> list[LedgerRow]:
+        """``rows`` inserted, but for those PostgreSQL refuses for their content: found by halving the batch
+        (a few more round trips, only when a batch fails so), set aside, and returned. An outage raises."""
+        try:
+            await self._insert(rows, fresh=fresh)
+            return []
+        except _ROW_FAULTS as exc:
+            if len(rows) == 1:
+                self._set_aside(rows[0], exc)
+                return rows
+        middle = len(rows) // 2
+        return [*await self._insert_or_set_aside(rows[:middle], fresh=fresh),
+                *await self._insert_or_set_aside(rows[middle:], fresh=fresh)]
+
+    def _set_aside(self, row: LedgerRow, exc: Exception) -> None:
+        folder = self._spill_dir / "rejected"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rejected-{os.getpid()}.jsonl", "ab") as fh:
+            fh.write(row.to_json() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.stats.rejected += 1
+        log.error("ledger row %s (tenant %s) refused by PostgreSQL (%s: %s); set aside in %s", row.request_id,
+                  row.tenant_id, type(exc).__name__, str(exc).splitlines()[0][:200], folder)
 
     async def _insert(self, rows: list[LedgerRow], *, fresh: bool = False) -> None:
         """Fresh rows (never written before) go in by COPY, several times cheaper per row; rows that may
@@ -266,7 +323,7 @@ class Ledger:
                 rows = [LedgerRow.from_json(line) for line in raw.splitlines() if line.strip()]
                 try:
                     for start in range(0, len(rows), self._batch_size):
-                        await self._insert(rows[start:start + self._batch_size])
+                        await self._insert_or_set_aside(rows[start:start + self._batch_size])
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     log.warning("ledger replay deferred (%s: %s)", type(exc).__name__, exc)
                     break

@@ -34,6 +34,8 @@ class _Ledger(Protocol):
 
     def pending_spill_files(self) -> list[Path]: ...
 
+    def rejected_files(self) -> list[Path]: ...
+
 
 class _Replica(Protocol):
     state: str
@@ -100,6 +102,8 @@ class Metrics:
         self.ledger_queue = gauge("tollway_ledger_queue_depth", "Ledger rows waiting to be written", (), "livesum")
         self.ledger_spill = gauge("tollway_ledger_spill_bytes", "Ledger rows spilled to disk, waiting for the "
                                                                 "database (bytes)", (), "livesum")
+        self.ledger_rejected = gauge("tollway_ledger_rejected_bytes", "Ledger rows the database refused for their "
+                                     "content, set aside for an operator (bytes)", (), "livesum")
         self.budget_use = gauge("tollway_budget_use_ratio", "Budget use in its current window as a share of the "
                                 "limit (the larger of USD and tokens; a budget for each subject: its highest)",
                                 ("tenant", "budget", "scope", "window"), "mostrecent")
@@ -133,7 +137,7 @@ class Metrics:
     def observe(self, replicas: Mapping[str, _Replica], ledger: _Ledger) -> None:
         """This process's gauges from its state: every few seconds, and before each scrape it serves."""
         self.replicas(replicas)
-        self.ledger(ledger.in_hand, ledger.pending_spill_files())
+        self.ledger(ledger.in_hand, ledger.pending_spill_files(), ledger.rejected_files())
 
     def replicas(self, replicas: Mapping[str, _Replica]) -> None:
         for name, r in replicas.items():
@@ -146,15 +150,10 @@ class Metrics:
                 if value is not None:
                     gauge.labels(name).set(value / scale)
 
-    def ledger(self, queued: int, spill_files: Iterable[Path]) -> None:
+    def ledger(self, queued: int, spill_files: Iterable[Path], rejected_files: Iterable[Path] = ()) -> None:
         self.ledger_queue.set(queued)
-        size = 0
-        for path in spill_files:
-            try:
-                size += path.stat().st_size
-            except OSError:
-                continue  # replayed and removed meanwhile
-        self.ledger_spill.set(size)
+        self.ledger_spill.set(_size(spill_files))
+        self.ledger_rejected.set(_size(rejected_files))
 
     def budgets(self, uses: Iterable[tuple[str, int, str, str, float]]) -> None:
         """(tenant, budget id, scope, window, share) per budget; budgets that are gone are dropped."""
@@ -175,3 +174,13 @@ def shared_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
+
+
+def _size(files: Iterable[Path]) -> int:
+    size = 0
+    for path in files:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            continue  # replayed and removed meanwhile
+    return size

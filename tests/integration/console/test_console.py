@@ -242,7 +242,8 @@ async def test_metrics_are_prometheus_text_behind_an_admin_key_and_open_on_the_m
     families = {f.name: f for f in text_string_to_metric_families(resp.text)}
     for name in ("tollway_requests", "tollway_tokens", "tollway_cost_usd", "tollway_request_duration_seconds",
                  "tollway_upstream_breaker_state", "tollway_upstream_in_flight", "tollway_guard_outcomes",
-                 "tollway_ledger_queue_depth", "tollway_ledger_spill_bytes", "tollway_budget_use_ratio",
+                 "tollway_ledger_queue_depth", "tollway_ledger_spill_bytes", "tollway_ledger_rejected_bytes",
+                 "tollway_budget_use_ratio",
                  "tollway_failed_attempts", "tollway_upstream_latency_seconds"):
         assert name in families, name
     mine = [s for s in families["tollway_requests"].samples if s.labels.get("tenant") == tenant.name]

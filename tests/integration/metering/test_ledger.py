@@ -151,3 +151,61 @@ async def test_workers_replaying_the_same_dead_process_files_land_each_row_once(
     assert list(spill.iterdir()) == []
     found = ledger_rows(pg.url, "request_id LIKE %s", ("req_workers_%",))
     assert sorted(r["request_id"] for r in found) == sorted(r.request_id for r in rows)
+
+
+async def test_a_row_postgres_refuses_is_set_aside_and_its_batch_lands(pg, tmp_path):
+    """One row PostgreSQL refuses for its content (a cost beyond the column's precision: a bug or a price set
+    absurdly high) must not take the rows written beside it into the spill file, to be refused again on every
+    replay: it is set aside, the others are written, fresh or replayed."""
+    import orjson
+
+    bad = LedgerRow(request_id="req_aside_bad", created_at=datetime.now(UTC), tenant_id=1, key_id=1,
+                    endpoint="chat.completions", cost_usd=Decimal("1e12"))
+    spill = tmp_path / "spill"
+    async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
+        ledger = Ledger(pool, spill, queue_size=100, batch_size=50, flush_interval_s=0.05, retry_interval_s=60)
+        await ledger.start()
+        for i in range(20):
+            ledger.record(_row(i, "req_aside_"))
+            if i == 7:
+                ledger.record(bad)
+        await ledger.flush()
+        spill_files = ledger.pending_spill_files()
+        replayed = [_row(i, "req_aside_replayed_") for i in range(9)]
+        ledger._spill_now([*replayed[:4], bad, *replayed[4:]])  # a spill file written before this fix
+        assert await ledger.replay() == 10
+        await ledger.stop()
+    assert spill_files == []
+    assert ledger.pending_spill_files() == []
+    assert ledger.stats.rejected == 2  # once written, once replayed
+    written = ledger_rows(pg.url, "request_id LIKE %s", ("req_aside_%",))
+    assert sorted(r["request_id"] for r in written) == sorted(
+        [f"req_aside_{i}" for i in range(20)] + [r.request_id for r in replayed])
+    [aside] = ledger.rejected_files()
+    assert [orjson.loads(line)["request_id"] for line in aside.read_bytes().splitlines()] == ["req_aside_bad"] * 2
+
+
+async def test_a_nul_in_any_client_field_is_stored_not_refused(app_factory, make_tenant, ledger):
+    """PostgreSQL refuses a NUL in text and jsonb; a client's `user`, session or tag holding one once sent
+    its whole batch of ledger rows (every tenant's) to a spill file whose replay failed for ever."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        plain = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                     json={"model": "sim-small", "messages": MSG, "max_tokens": 2})
+        nul = await gw.client.post("/v1/chat/completions",
+                                   headers={**tenant.headers, "x-tollway-session": "s1", "x-tollway-tags": "a,b"},
+                                   json={"model": "sim-small", "messages": MSG, "max_tokens": 2,
+                                         "user": "eve\u0000", "metadata": {"tags": "x\u0000y"}})
+        missing = await gw.client.post("/v1/embeddings", headers=tenant.headers,
+                                       json={"model": "no-such-\u0000", "input": "x", "user": "\u0000"})
+        await gw.state.ledger.flush()
+        assert gw.state.ledger.pending_spill_files() == []
+        assert gw.state.ledger.stats.rejected == 0
+    assert plain.status_code == 200, plain.text
+    assert nul.status_code == 200, nul.text
+    assert missing.status_code == 404
+    ids = [plain.headers["x-request-id"], nul.headers["x-request-id"], missing.headers["x-request-id"]]
+    rows = {r["request_id"]: r for r in ledger("request_id = ANY(%s)", ids)}
+    assert set(rows) == set(ids)
+    assert rows[nul.headers["x-request-id"]]["end_user"] == "eve\ufffd"
+    assert rows[missing.headers["x-request-id"]]["end_user"] == "\ufffd"
