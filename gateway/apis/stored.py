@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import NotFound
+from tollway.infra.db import storable, storable_json
 from tollway.jsontypes import JSON
 
 MAX_TURNS = 1000  # a conversation longer than this is refused by the chat path's message limit long before
@@ -29,7 +29,8 @@ class ResponseStore:
             await conn.execute(
                 "INSERT INTO stored_responses (tenant_id, id, previous_id, end_user, request_id, turn, response)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (tenant_id, response["id"], previous_id, end_user, request_id, Jsonb(turn), Jsonb(response)))
+                (tenant_id, response["id"], previous_id, storable(end_user), request_id, storable_json(turn),
+                 storable_json(response)))
 
     async def conversation(self, tenant_id: int, response_id: str) -> list[JSON]:
         """The chat messages of every turn up to and including ``response_id``'s, oldest first; NotFound

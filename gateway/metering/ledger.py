@@ -29,8 +29,9 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from tollway.infra.db import storable, storable_json
 
 log = logging.getLogger("tollway.ledger")
 
@@ -109,23 +110,16 @@ _TAGS = _COLUMNS.index("tags")
 _ROW_FAULTS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-def _text(value: str) -> str:
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
 def _values(row: LedgerRow) -> tuple[Any, ...]:
     """The row's columns as PostgreSQL takes them: text never holds a NUL (it refuses one in text and jsonb
     alike), so a client's ``user`` or tag holding one is stored with U+FFFD in its place."""
     values = [getattr(row, name) for name in _COLUMNS]
     for i in _TEXT:
-        if values[i] is not None:
-            values[i] = _text(values[i])
+        values[i] = storable(values[i])
     if row.tags is not None:
-        values[_TAGS] = [_text(t) for t in row.tags]
+        values[_TAGS] = [storable(t) for t in row.tags]
     if row.guard_outcome is not None:
-        outcome = orjson.dumps(row.guard_outcome)
-        values[_GUARDS] = Jsonb(orjson.loads(outcome.replace(b"\\u0000", b"\\ufffd")) if b"\\u0000" in outcome
-                                else row.guard_outcome)
+        values[_GUARDS] = storable_json(row.guard_outcome)
     return tuple(values)
 
 

@@ -38,6 +38,7 @@ from tollway.gateway.observability.telemetry import Telemetry
 from tollway.gateway.quality.incidents import IncidentSettings
 from tollway.gateway.quality.watches import model_key, prompt_key, version_key
 from tollway.infra import changes
+from tollway.infra.db import storable
 from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, ConfigError, Router, Usage, count_messages, count_text
 
@@ -226,12 +227,12 @@ class LiveQuality:
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
                 " (SELECT score FROM feedback WHERE request_id = %s AND tenant_id = %s ORDER BY id DESC LIMIT 1))"
                 " RETURNING id",
-                (row.tenant_id, row.request_id, row.end_user, row.model, s.rollout_of, row.prompt_name, s.label,
+                (row.tenant_id, row.request_id, storable(row.end_user), row.model, s.rollout_of, row.prompt_name, s.label,
                  row.prompt_version, checks.passed, judged, checks.refusal, checks.guard_failed,
                  checks.retrieval_score, len(s.output), row.input_tokens + row.output_tokens, row.cost_usd,
                  orjson.dumps(checks.checks).decode(), s.rate,
-                 orjson.dumps(s.messages).decode() if s.store_content else None,
-                 s.output if s.store_content else None, row.request_id, row.tenant_id))
+                 storable(orjson.dumps(s.messages).decode()) if s.store_content else None,
+                 storable(s.output) if s.store_content else None, row.request_id, row.tenant_id))
             found = await cur.fetchone()
         assert found is not None
         self.scored += 1
@@ -318,6 +319,7 @@ async def erase(conn: psycopg.AsyncConnection[Any], tenant_id: int, end_user: st
     stored responses (the Responses API's) and (tenant-wide only: eval items belong to no end user) the
     answers of eval runs. Scores stay. Recorded in the change channel."""
     out = {}
+    end_user = storable(end_user)  # as it was stored
     async with conn.transaction():
         for table, columns, where in _CONTENT:
             cur = await conn.execute(

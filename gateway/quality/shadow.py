@@ -24,6 +24,7 @@ from tollway.gateway.chat.wire import choice_text, usage_of
 from tollway.gateway.metering.accounting import side_row
 from tollway.gateway.metering.ledger import Ledger, LedgerRow
 from tollway.infra.background import Background
+from tollway.infra.db import storable
 from tollway.jsontypes import JSON
 from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_messages, count_text
 
@@ -108,8 +109,9 @@ class Shadows:
                     "INSERT INTO shadow_samples (request_id, tenant_id, end_user, model, candidate, status, error_code,"
                     " primary_output, candidate_output, primary_latency_ms, candidate_latency_ms, candidate_cost_usd)"
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (job.row.request_id, job.row.tenant_id, job.row.end_user, job.row.model, entry.name, status, code,
-                     job.primary_output if job.store_content else None, output if job.store_content else None,
+                    (job.row.request_id, job.row.tenant_id, storable(job.row.end_user), job.row.model, entry.name,
+                     status, code, storable(job.primary_output) if job.store_content else None,
+                     storable(output) if job.store_content else None,
                      job.primary_latency_ms, latency_ms, cost))
         except Exception:  # evaluation data: its loss is logged; the money is in the ledger row above
             log.exception("could not record the shadow sample of %s", job.row.request_id)

@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg.types.json import Jsonb
 
+from tollway.infra.db import storable, storable_json
 from tollway.jsontypes import JSON
 
 log = logging.getLogger("tollway.infra.changes")
@@ -72,11 +72,12 @@ async def record(conn: psycopg.AsyncConnection[Any], *, author: str, kind: str, 
     cur = await conn.execute(
         "INSERT INTO changes (author, tenant_id, kind, subject, action, before, after, reason)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        (author, tenant_id, kind, str(subject), action, None if before is None else Jsonb(_plain(before)),
-         None if after is None else Jsonb(_plain(after)), reason))
+        (storable(author), tenant_id, kind, storable(str(subject)), action,
+         None if before is None else storable_json(_plain(before)),
+         None if after is None else storable_json(_plain(after)), storable(reason)))
     row = await cur.fetchone()
     assert row is not None
-    note = {"id": row[0], "kind": kind, "tenant_id": tenant_id, "subject": str(subject)}
+    note = {"id": row[0], "kind": kind, "tenant_id": tenant_id, "subject": storable(str(subject))}
     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(note).decode()))
     return int(row[0])
 

@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
+import orjson
 import psycopg
+from psycopg.types.json import Jsonb
 
 _LOCK_ID = 0x70_11_3A_7E  # advisory lock: one migrator at a time across replicas
+
+
+def storable(text: str | None) -> str | None:
+    """``text`` as PostgreSQL can store it: it refuses a NUL character in text (and in jsonb), which any
+    client field or model output may hold; stored with U+FFFD in its place."""
+    return text.replace("\x00", "\ufffd") if text is not None and "\x00" in text else text
+
+
+def storable_json(value: Any) -> Jsonb:
+    """``value`` for a jsonb column, a NUL in any of its strings (keys too) stored as U+FFFD (jsonb refuses
+    ``\\u0000``); walked only when its JSON holds one."""
+    return Jsonb(_without_nul(value) if b"\\u0000" in orjson.dumps(value) else value)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {storable(k) if isinstance(k, str) else k: _without_nul(v) for k, v in value.items()}
+    return value
 
 
 def _migrations() -> list[tuple[str, str]]:

@@ -52,3 +52,27 @@ async def test_erasure_and_retention_delete_stored_responses(app_factory, make_t
             "model": "sim-small", "input": "more", "previous_response_id": bob_2["id"]})
     assert gone.status_code == 404
     assert gone.json()["error"]["code"] == "response_not_found"
+
+
+async def test_a_nul_in_the_input_or_the_end_user_is_stored_and_erased_like_any_text(app_factory, make_tenant, admin):
+    """PostgreSQL refuses a NUL in text and jsonb: a response asked to be stored whose input held one was
+    answered with `store: true` and an id that was never stored."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                            json={"tenant": tenant.name, "store_content": True})
+        first = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+            "model": "sim-small", "input": "hello\u0000there", "instructions": "be\u0000brief",
+            "safety_identifier": "eve\u0000", "max_output_tokens": 3, "metadata": {"k\u0000": "v\u0000"}})
+        assert first.status_code == 200, first.text
+        stored = await gw.client.get(f"/v1/responses/{first.json()['id']}", headers=tenant.headers)
+        follow = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+            "model": "sim-small", "input": "and then?", "previous_response_id": first.json()["id"],
+            "max_output_tokens": 3})
+        erased = await gw.client.post("/v1/admin/content/erase", headers=admin.headers,
+                                      json={"tenant": tenant.name, "user": "eve\u0000"})
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["instructions"] == "be\ufffdbrief"
+    assert follow.status_code == 200, follow.text
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["erased"]["stored_responses"] == 1

@@ -241,3 +241,13 @@ def test_a_public_or_inline_media_url_is_allowed(url: str) -> None:
     assert media_url_refusal(url, "public") is None
     assert media_url_refusal(url, "any") is None
     assert (media_url_refusal(url, "inline") is None) == url.lower().startswith("data:")
+
+
+def test_text_postgres_would_refuse_is_stored_with_a_replacement_character() -> None:
+    from tollway.infra.db import storable, storable_json
+
+    assert storable("eve\x00") == "eve\ufffd"
+    assert storable(None) is None
+    kept = {"a": "plain", "literal": "\\u0000"}  # the six characters a user typed, not a NUL
+    assert storable_json(kept).obj is kept
+    assert storable_json({"k\x00": ["v\x00", 1, {"n": "\x00"}]}).obj == {"k\ufffd": ["v\ufffd", 1, {"n": "\ufffd"}]}
