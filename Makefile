@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck docs browser haproxy bench bench-retrieval clean
+.PHONY: install run test lint typecheck docs browser haproxy pgbouncer bench bench-retrieval clean
 
 install: $(STAMP)
 
@@ -58,7 +58,12 @@ haproxy:
 	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq haproxy; }
 
-test: lint typecheck docs browser haproxy
+# A gateway behind PgBouncer in transaction mode (tests/integration/scaleout/test_pgbouncer.py).
+pgbouncer:
+	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq pgbouncer; }
+
+test: lint typecheck docs browser haproxy pgbouncer
 	$(BIN)/pytest
 
 bench: install

@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
 
     database_url: str | None = None
+    # PostgreSQL behind a pooler in transaction mode (PgBouncer, RDS Proxy, Supavisor ...): the pool prepares
+    # no statement (a prepared statement lives on one server session, which the pooler hands to others), and
+    # what needs a session of its own (LISTEN for changes, the migration and quality-monitor advisory locks,
+    # the CLI) goes to database_direct_url, straight to PostgreSQL. Required with "transaction".
+    database_pooler: Literal["none", "transaction"] = "none"
+    database_direct_url: str | None = None
     redis_url: str | None = None
     redis_max_connections: int = Field(default=64, ge=1)
     # A Redis Cluster (redis-py's cluster client) or one node; unset: what the server says at start-up.
@@ -127,6 +133,25 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     discovery_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pooler_has_a_direct_url(self) -> Settings:
+        if self.database_pooler == "transaction" and not self.database_direct_url:
+            raise ValueError("TOLLWAY_DATABASE_POOLER=transaction needs TOLLWAY_DATABASE_DIRECT_URL, a URL straight to "
+                             "PostgreSQL: LISTEN (changes reaching the gateways at once), the migration lock and the "
+                             "quality monitor's leader lock hold a session, which a transaction pooler does not keep")
+        return self
+
+    @property
+    def session_database_url(self) -> str | None:
+        """Where a connection that keeps a session goes: the direct URL where PostgreSQL is behind a pooler."""
+        return self.database_direct_url or self.database_url
+
+    @property
+    def pool_kwargs(self) -> dict[str, object]:
+        """psycopg connection options of the pooled connections: behind a transaction pooler, no prepared
+        statements (psycopg prepares a query run five times on one connection)."""
+        return {"prepare_threshold": None} if self.database_pooler == "transaction" else {}
 
     @field_validator("data_dir")
     @classmethod

@@ -217,13 +217,15 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     if not raw_upstreams:
         raise StartupError("No upstream is configured: give --upstream URL, TOLLWAY_UPSTREAMS or a config file.")
 
-    await migrate(settings.database_url)
+    session_url = settings.session_database_url  # LISTEN and advisory locks: straight to PostgreSQL
+    assert session_url is not None
+    await migrate(session_url)
     telemetry = build_telemetry(otlp_endpoint=settings.otlp_endpoint, span_exporter=span_exporter,
                                 metric_reader=metric_reader)
     stack.callback(telemetry.shutdown)
 
     pool = AsyncConnectionPool(settings.database_url, min_size=4, max_size=16, open=False, timeout=5,
-                               check=AsyncConnectionPool.check_connection)
+                               check=AsyncConnectionPool.check_connection, kwargs=settings.pool_kwargs)
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
     redis_client = await connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
@@ -293,7 +295,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     def start_seed(tenant_id: int, budget_id: int) -> None:
         seeding.spawn(seed(tenant_id, budget_id), name=f"seed-budget-{budget_id}")
 
-    changes = await _listen_for_changes(settings.database_url, keys, policies, prompts, pool, catalog, start_seed)
+    changes = await _listen_for_changes(session_url, keys, policies, prompts, pool, catalog, start_seed)
     stack.push_async_callback(changes.stop)
     events = BreakerEvents(pool, telemetry)
     stack.push_async_callback(events.drain)
@@ -357,7 +359,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     await quality.refresh_rates()
     quality.start()
     stack.push_async_callback(quality.stop)  # before the ledger stops: judge rows are written
-    monitor = Monitor(pool, settings.database_url, quality_conf, quality, telemetry)
+    monitor = Monitor(pool, session_url, quality_conf, quality, telemetry)
     stack.push_async_callback(monitor.close)
     if quality_conf.enabled:
         for job in (Periodic("quality-monitor", quality_conf.interval_s, monitor.tick, at_start=False),

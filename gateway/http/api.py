@@ -3,6 +3,7 @@ shape the answer. Also the error handlers and the OpenAPI document for the whole
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -94,6 +95,17 @@ def install_error_handlers(app: FastAPI) -> None:
             "A value in the request cannot be stored or searched (for example a NUL character or a number out "
             "of range).", code="invalid_value"))
 
+    async def pooled_session(request: Request, exc: Exception) -> Response:
+        """A prepared statement another client's session holds, or one missing from this one: PostgreSQL is
+        behind a transaction pooler that the settings do not name."""
+        logging.getLogger("tollway.gateway").error(
+            "PostgreSQL answered %s: it is behind a pooler in transaction mode (PgBouncer, RDS Proxy ...); set "
+            "TOLLWAY_DATABASE_POOLER=transaction and TOLLWAY_DATABASE_DIRECT_URL (docs/reference/production.md)",
+            type(exc).__name__)
+        return await tollway_error(request, ServiceUnavailable(
+            "The database connection is misconfigured; nothing was changed. The operator is told in the logs.",
+            code="store_unavailable"))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         return await tollway_error(request, TollwayError("The gateway failed unexpectedly; the request id "
                                                          "identifies it in the logs."))
@@ -104,6 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
     for foreign in STORE_ERRORS:
         app.add_exception_handler(foreign, store_down)
     app.add_exception_handler(psycopg.DataError, bad_value)
+    for pooled in (psycopg.errors.DuplicatePreparedStatement, psycopg.errors.InvalidSqlStatementName):
+        app.add_exception_handler(pooled, pooled_session)
     app.add_exception_handler(Exception, unexpected)
 
 

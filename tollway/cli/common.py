@@ -42,12 +42,13 @@ class NoStore(Exception):
 
 
 @contextlib.contextmanager
-def database(settings: Settings, *, create: bool = False) -> Iterator[str]:
+def database(settings: Settings, *, create: bool = False, session: bool = True) -> Iterator[str]:
     """The configured database, or the embedded one in the data directory (stopped again after use
     only if this command started it). Only ``create`` commands (serve, migrate, tenants create) make an
-    empty one; the others say where they looked and stop."""
+    empty one; the others say where they looked and stop. ``session``: a command's own connection, which
+    goes straight to PostgreSQL where it is behind a pooler (``TOLLWAY_DATABASE_DIRECT_URL``)."""
     if settings.database_url:
-        yield settings.database_url
+        yield (settings.session_database_url if session else None) or settings.database_url
         return
     from tollway.local.embedded import EmbeddedPostgres
 

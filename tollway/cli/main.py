@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upstream_configs(settings)  # a bad config file is a clear error now, before anything starts
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        database_url = stack.enter_context(database(settings, create=True))
+        database_url = stack.enter_context(database(settings, create=True, session=False))
         overrides: dict[str, Any] = {"database_url": database_url}
         if not settings.redis_url:
             redis_server = EmbeddedRedis(settings.data_dir / "redis")
