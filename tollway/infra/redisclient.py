@@ -60,6 +60,27 @@ async def is_cluster(url: str) -> bool | None:
     return bool(info.get("cluster_enabled"))
 
 
+async def eviction_risk(url: str) -> str | None:
+    """Why Redis may drop budget state on its own, or None: with a memory limit and an eviction policy other
+    than noeviction (managed Redis often defaults to volatile-lru), a full Redis evicts keys, and budget
+    counters, leases and breaker state carry TTLs like the response cache's entries beside them, so a tenant
+    filling the cache could evict another tenant's counters; until the next reconciliation they count from
+    zero. Asked through INFO, which managed services allow where CONFIG is not."""
+    probe = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+    try:
+        info = await probe.info("memory")
+    except (RedisError, OSError):
+        return None
+    finally:
+        await probe.aclose()
+    policy, limit = str(info.get("maxmemory_policy", "noeviction")), int(info.get("maxmemory") or 0)
+    if limit == 0 or policy == "noeviction":
+        return None
+    return (f"Redis evicts keys when full (maxmemory {limit} bytes, maxmemory-policy {policy}): budget counters "
+            "and leases may be evicted with the response cache, and a budget then counts from zero until the next "
+            "reconciliation; set maxmemory-policy noeviction (docs/reference/production.md)")
+
+
 async def connect(url: str, max_connections: int = 64, cluster_mode: bool | None = None) -> aioredis.Redis:
     """The client for ``url``: ``cluster_mode`` None asks the server."""
     if cluster_mode is None:
