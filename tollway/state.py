@@ -255,7 +255,12 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     ledger = Ledger(pool, settings.spill_dir, queue_size=settings.ledger_queue_size,
                     batch_size=settings.ledger_batch_size, flush_interval_s=settings.ledger_flush_interval_s,
                     retry_interval_s=settings.ledger_retry_interval_s)
-    await ledger.start()
+    try:
+        await ledger.start()
+    except OSError as exc:
+        raise StartupError(f"The ledger's spill folder {settings.spill_dir} cannot be written ({exc}): rows would "
+                           "have nowhere to go while PostgreSQL does not answer. Give TOLLWAY_DATA_DIR a "
+                           "writable volume.") from exc
     stack.push_async_callback(ledger.stop)  # runs first on shutdown: the ledger drains while the pool is open
 
     if settings.bootstrap:

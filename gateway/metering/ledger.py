@@ -131,6 +131,7 @@ class LedgerStats:
     replayed: int = 0
     write_failures: int = 0
     rejected: int = 0  # rows PostgreSQL refused for their content, set aside in rejected/
+    logged: int = 0  # rows neither PostgreSQL nor the spill file took, written to the log whole
 
 
 class Ledger:
@@ -159,12 +160,21 @@ class Ledger:
         try:
             self._queue.put_nowait(row)
         except asyncio.QueueFull:
-            self._spill_now([row])
+            try:
+                self._spill_now([row])
+            except OSError as exc:  # the queue full and the disk refusing: the log is all that is left
+                self._log_lost([row], exc)
+                return
             self.on_durable([row])
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Raises OSError where the spill folder cannot be written: rows would have nowhere to go the first
+        time PostgreSQL does not answer."""
         self._spill_dir.mkdir(parents=True, exist_ok=True)
+        probe = self._spill_dir / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
         self._tasks = [asyncio.create_task(self._write_loop(), name="ledger-writer"),
                        asyncio.create_task(self._replay_loop(), name="ledger-replay")]
 
@@ -184,7 +194,7 @@ class Ledger:
         while not self._queue.empty():
             rest.append(self._queue.get_nowait())
         for start in range(0, len(rest), self._batch_size):
-            await self._write(rest[start:start + self._batch_size])
+            await self._write(rest[start:start + self._batch_size], hold=False)
         await self.replay()
 
     async def flush(self, timeout_s: float = 10.0) -> None:
@@ -225,15 +235,36 @@ class Ledger:
             await self._write(batch)
             self._in_hand = []
 
-    async def _write(self, batch: list[LedgerRow]) -> None:
-        try:
-            refused = await self._insert_or_set_aside(batch, fresh=True)
-            self.stats.written += len(batch) - len(refused)
-        except (psycopg.Error, OSError, TimeoutError) as exc:
-            self.stats.write_failures += 1
-            log.warning("ledger write failed (%s); spilling %d rows", type(exc).__name__, len(batch))
-            self._spill_now(batch)
+    async def _write(self, batch: list[LedgerRow], *, hold: bool = True) -> None:
+        """Into PostgreSQL, else the spill file. Where neither takes the batch (the database down and the disk
+        full or read-only), the writer holds it and tries both again every ``retry_interval_s`` (``hold``;
+        the queue fills meanwhile, then overflows to the log), instead of dying with it; at shutdown
+        (``hold`` False) the rows go to the log, and their leases stay in Redis for another gateway's sweeper."""
+        while True:
+            try:
+                refused = await self._insert_or_set_aside(batch, fresh=True)
+                self.stats.written += len(batch) - len(refused)
+                break
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                self.stats.write_failures += 1
+                try:
+                    self._spill_now(batch)
+                except OSError as spill:
+                    if not hold:
+                        self._log_lost(batch, spill)
+                        return
+                    log.error("ledger write failed (%s) and the spill file cannot be written (%s); holding %d rows "
+                              "and trying both again", type(exc).__name__, spill, len(batch))
+                    await asyncio.sleep(self._retry_interval)
+                    continue
+                log.warning("ledger write failed (%s); spilled %d rows", type(exc).__name__, len(batch))
+                break
         self.on_durable(batch)
+
+    def _log_lost(self, rows: list[LedgerRow], exc: OSError) -> None:
+        self.stats.logged += len(rows)
+        for row in rows:
+            log.error("ledger row neither written nor spilled (%s); kept here: %s", exc, row.to_json().decode())
 
     async def insert_now(self, rows: list[LedgerRow]) -> None:
         """Rows written at once, idempotently (a row already there is kept as it is); raises when

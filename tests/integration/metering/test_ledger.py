@@ -209,3 +209,50 @@ async def test_a_nul_in_any_client_field_is_stored_not_refused(app_factory, make
     assert set(rows) == set(ids)
     assert rows[nul.headers["x-request-id"]]["end_user"] == "eve\ufffd"
     assert rows[missing.headers["x-request-id"]]["end_user"] == "\ufffd"
+
+
+async def test_the_writer_outlives_a_database_outage_on_a_disk_that_refuses_the_spill(own_pg, tmp_path):
+    """PostgreSQL down and the spill folder unwritable (a full or read-only volume): the writer used to die
+    with its batch, and wrote nothing more until the process restarted, even once both were back. It holds
+    the batch and tries again; the rows land once either store takes them."""
+    import psycopg
+
+    from tollway.infra.db import migrate
+
+    await migrate(own_pg.url)
+    spill = tmp_path / "spill"
+    async with AsyncConnectionPool(own_pg.url, min_size=0, max_size=2, open=False, timeout=1) as pool:
+        ledger = Ledger(pool, spill, queue_size=100, batch_size=10, flush_interval_s=0.01, retry_interval_s=0.1)
+        await ledger.start()
+        own_pg.stop()
+        shutil.rmtree(spill)
+        spill.write_text("a file where the folder was")  # every spill now fails with an OSError
+        ledger.record(_row(1, "req_outlive_"))
+        for _ in range(100):
+            if ledger.stats.write_failures >= 2:
+                break
+            await asyncio.sleep(0.1)
+        writer = ledger._tasks[0]
+        assert not writer.done(), "the writer must still be running"
+        assert ledger.in_hand == 1
+        spill.unlink()  # the disk takes the spill again
+        ledger.record(_row(2, "req_outlive_"))
+        await ledger.flush(timeout_s=20)
+        assert ledger.stats.spilled == 2
+        own_pg.start()
+        assert await ledger.replay() == 2
+        await ledger.stop()
+    with psycopg.connect(own_pg.url) as conn:
+        found = conn.execute("SELECT request_id FROM ledger WHERE request_id LIKE 'req_outlive_%' ORDER BY 1").fetchall()
+    assert [r[0] for r in found] == ["req_outlive_1", "req_outlive_2"]
+
+
+async def test_a_spill_folder_that_cannot_be_written_stops_the_start(pg, tmp_path):
+    import pytest
+
+    blocked = tmp_path / "spill"
+    blocked.write_text("not a folder")
+    async with AsyncConnectionPool(pg.url, min_size=0, max_size=1, open=False) as pool:
+        ledger = Ledger(pool, blocked, queue_size=10, batch_size=10, flush_interval_s=0.01, retry_interval_s=60)
+        with pytest.raises(OSError):
+            await ledger.start()
