@@ -345,7 +345,7 @@ class Ledger:
                     raw = path.read_bytes()
                 except FileNotFoundError:
                     continue  # another worker took this file first (its inserts are idempotent anyway)
-                rows = [LedgerRow.from_json(line) for line in raw.splitlines() if line.strip()]
+                rows = self._readable(raw, path)
                 try:
                     for start in range(0, len(rows), self._batch_size):
                         await self._insert_or_set_aside(rows[start:start + self._batch_size])
@@ -359,10 +359,35 @@ class Ledger:
             log.info("ledger replayed %d spilled rows", replayed)
         return replayed
 
+    def _readable(self, raw: bytes, path: Path) -> list[LedgerRow]:
+        """The rows of a spill file; a line that is not a row (torn by a crash in mid-write, or from a version
+        whose rows had other fields) is set aside as it is, not left to stop the replay of every file."""
+        rows, unreadable = [], []
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(LedgerRow.from_json(line))
+            except (ValueError, TypeError, KeyError):  # orjson's JSONDecodeError is a ValueError
+                unreadable.append(line)
+        if unreadable:
+            folder = self._spill_dir / "rejected"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"unreadable-{os.getpid()}.jsonl", "ab") as fh:
+                fh.write(b"".join(line + b"\n" for line in unreadable))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.stats.rejected += len(unreadable)
+            log.error("%d lines of %s are not ledger rows; set aside in %s", len(unreadable), path.name, folder)
+        return rows
+
     async def _replay_loop(self) -> None:
         while True:
-            if self._replayable():
-                await self.replay()
+            try:
+                if self._replayable():
+                    await self.replay()
+            except Exception:  # the loop outlives any one file's surprise: the next pass tries again
+                log.exception("ledger replay failed; trying again in %.1fs", self._retry_interval)
             await asyncio.sleep(self._retry_interval)
 
 
