@@ -106,8 +106,9 @@ _COPY = f"COPY ledger ({', '.join(_COLUMNS)}) FROM STDIN"
 
 _TEXT = [i for i, f in enumerate(dataclasses.fields(LedgerRow)) if f.type in ("str", "str | None")]
 _TAGS = _COLUMNS.index("tags")
-# Errors that belong to a row's content rather than to the database's state: the row is set aside.
-_ROW_FAULTS = (psycopg.DataError, psycopg.IntegrityError)
+# Errors that belong to a row's content rather than to the database's state: the row is set aside. TypeError
+# and ValueError: a value that cannot be encoded at all (a bug upstream of the ledger).
+_ROW_FAULTS = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError)
 
 
 def _values(row: LedgerRow) -> tuple[Any, ...]:
@@ -232,7 +233,13 @@ class Ledger:
                         batch.append(await self._queue.get())
             except TimeoutError:
                 pass
-            await self._write(batch)
+            try:
+                await self._write(batch)
+            except Exception:  # a row that cannot even be encoded (a bug): logged whole, the writer goes on
+                log.exception("ledger batch of %d rows failed unexpectedly", len(batch))
+                for row in batch:
+                    log.error("ledger row not written: %r", row)
+                self.stats.logged += len(batch)
             self._in_hand = []
 
     async def _write(self, batch: list[LedgerRow], *, hold: bool = True) -> None:
@@ -288,8 +295,12 @@ class Ledger:
     def _set_aside(self, row: LedgerRow, exc: Exception) -> None:
         folder = self._spill_dir / "rejected"
         folder.mkdir(parents=True, exist_ok=True)
+        try:
+            line = row.to_json()
+        except (TypeError, ValueError):
+            line = orjson.dumps({"unencodable": repr(row)})
         with open(folder / f"rejected-{os.getpid()}.jsonl", "ab") as fh:
-            fh.write(row.to_json() + b"\n")
+            fh.write(line + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.stats.rejected += 1

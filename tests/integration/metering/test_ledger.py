@@ -279,3 +279,22 @@ async def test_a_torn_spill_file_is_replayed_and_its_unreadable_lines_set_aside(
     assert len(aside.read_bytes().splitlines()) == 3
     found = ledger_rows(pg.url, "request_id LIKE %s", ("req_torn_%",))
     assert sorted(r["request_id"] for r in found) == ["req_torn_0", "req_torn_1"]
+
+
+async def test_a_row_that_cannot_be_encoded_leaves_the_writer_running(pg, tmp_path):
+    async with AsyncConnectionPool(pg.url, min_size=1, max_size=2, open=False) as pool:
+        ledger = Ledger(pool, tmp_path / "spill", queue_size=10, batch_size=10, flush_interval_s=0.01,
+                        retry_interval_s=60)
+        await ledger.start()
+        broken = _row(1, "req_encode_")
+        broken.guard_outcome = [{"validator": "pii", "spans": {1, 2}}]  # a set: not JSON (a bug upstream of here)
+        ledger.record(broken)
+        ledger.record(_row(2, "req_encode_"))  # the same batch
+        await ledger.flush()
+        ledger.record(_row(3, "req_encode_"))
+        await ledger.flush()
+        assert not ledger._tasks[0].done()
+        assert ledger.stats.rejected == 1
+        await ledger.stop()
+    found = ledger_rows(pg.url, "request_id LIKE %s", ("req_encode_%",))
+    assert sorted(r["request_id"] for r in found) == ["req_encode_2", "req_encode_3"]
