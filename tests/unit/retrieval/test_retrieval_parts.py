@@ -45,6 +45,15 @@ def test_a_short_document_is_one_chunk_and_its_hash_names_the_settings():
     assert Splitting().tag == "c200o32s1024w240"
 
 
+def test_a_document_nested_deeper_than_python_recurses_is_parsed():
+    """50,000 nested elements parse (html.parser keeps them); the walk over them used to raise RecursionError,
+    a 500 for the ingestion that sent it."""
+    html = "<html><body><h1>Deep</h1>" + "<div>" * 50_000 + "the text at the bottom" + "</div>" * 50_000 + "</body></html>"
+    doc = parse(html, "html", title=None, source="deep.html", splitting=Splitting(whole_tokens=0))
+    assert [s.heading for s in doc.sections] == ["Deep"]
+    assert "the text at the bottom" in doc.sections[0].text
+
+
 def test_html_drops_scripts_and_navigation_and_splits_by_headings():
     html = ("<html><head><title>T</title><style>p{}</style></head><body><nav>menu</nav><h1>A</h1><p>one</p>"
             "<script>evil()</script><h2>B</h2><ul><li>x</li><li>y</li></ul></body></html>")
