@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import TollwayError
+from tollway.prompts.packs import pack_refusal
 from tollway.prompts.paths import FILE_MODES, check_tree
 from tollway.prompts.spec import PromptError
 from tollway.prompts.store import MAIN, blob_text, land_push, load_objects, memory_repo, tree_files
@@ -145,5 +146,43 @@ class GitServer:
         # The ASGI server has already undone git's chunked transfer encoding (a push over 1 MiB is sent
         # chunked), and the body limit counted the result: dulwich must not de-chunk it a second time.
         inner["headers"] = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"]
+        if inner["path"].endswith("/git-receive-pack") and scope.get("method") == "POST":
+            body = await _whole_body(receive)  # at most TOLLWAY_MAX_BODY_BYTES: the body limit counted it
+            encoded = any(k == b"content-encoding" and v.strip().lower() not in (b"", b"identity")
+                          for k, v in scope["headers"])
+            why = "a push's body is sent as it is (no content-encoding)" if encoded else pack_refusal(body)
+            if why is not None:
+                log.info("push refused before unpacking: %s", why)
+                await send({"type": "http.response.start", "status": 415 if encoded else 413,
+                            "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "http.response.body", "body": f"push refused: {why}\n".encode()})
+                return
+            receive = _replayed(body)
         responder: Any = WSGIResponder(app, self.executor, 10)
         await responder(inner, receive, send)
+
+
+async def _whole_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+def _replayed(body: bytes) -> Receive:
+    """The body read once, handed to the WSGI app as if it came now."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive

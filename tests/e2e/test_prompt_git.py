@@ -158,6 +158,29 @@ def test_a_push_of_two_megabytes_works_with_git_defaults(gateway, make_tenant, t
     assert (tmp_path / "copy" / "data-3.txt").read_text() == (repo / "data-3.txt").read_text()
 
 
+def test_a_push_that_inflates_past_the_limits_is_refused_before_it_is_unpacked(gateway, make_tenant, tmp_path):
+    """200 MB of zeros pack into about 200 KB; unpacked whole in memory (as the git library does), that push
+    took a gateway from 195 to 809 MB. It is refused from the pack's own headers; the next push lands."""
+    eng = make_tenant(role="prompt_engineer")
+    url = gateway.url.replace("http://", f"http://git:{eng.key}@") + "/prompts.git"
+    git(tmp_path, "clone", url, "repo")
+    repo = tmp_path / "repo"
+    (repo / "big.yaml").write_bytes(bytes(200 << 20))
+    git(repo, "add", "big.yaml")
+    git(repo, "commit", "-m", "zeros")
+    refused = git(repo, "push", "origin", "HEAD:main", check=False)
+    assert refused.returncode != 0
+    assert "413" in refused.stderr, refused.stderr
+    assert "push refused before unpacking" in gateway.log.read_text(errors="replace")
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", url, "fresh")
+    (fresh / "greet.yaml").write_text(GREET)
+    git(fresh, "add", "greet.yaml")
+    git(fresh, "commit", "-m", "greet")
+    assert git(fresh, "push", "origin", "HEAD:main", check=False).returncode == 0
+    assert [v["version"] for v in versions(gateway, eng)] == [git(fresh, "rev-parse", "HEAD").stdout.strip()]
+
+
 def test_an_admin_repairs_a_repository_that_holds_bad_entries(gateway, make_tenant, make_key, pg, tmp_path):
     """A repository written before the path check (entries put in the store directly) is mended by an
     admin's repair: a commit that keeps the valid files; clones work again."""
