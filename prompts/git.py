@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import TollwayError
-from tollway.prompts.packs import pack_refusal
+from tollway.prompts.packs import pack_refusal, refusal_report
 from tollway.prompts.paths import FILE_MODES, check_tree
 from tollway.prompts.spec import PromptError
 from tollway.prompts.store import MAIN, blob_text, land_push, load_objects, memory_repo, tree_files
@@ -150,12 +150,16 @@ class GitServer:
             body = await _whole_body(receive)  # at most TOLLWAY_MAX_BODY_BYTES: the body limit counted it
             encoded = any(k == b"content-encoding" and v.strip().lower() not in (b"", b"identity")
                           for k, v in scope["headers"])
-            why = "a push's body is sent as it is (no content-encoding)" if encoded else pack_refusal(body)
-            if why is not None:
-                log.info("push refused before unpacking: %s", why)
-                await send({"type": "http.response.start", "status": 415 if encoded else 413,
+            if encoded:  # git never encodes a push; a gzip body would inflate past the body limit
+                await send({"type": "http.response.start", "status": 415,
                             "headers": [(b"content-type", b"text/plain")]})
-                await send({"type": "http.response.body", "body": f"push refused: {why}\n".encode()})
+                await send({"type": "http.response.body", "body": b"a push's body is sent as it is\n"})
+                return
+            if (why := pack_refusal(body)) is not None:  # nothing unpacked: git prints the reason per ref
+                log.info("push refused before unpacking: %s", why)
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"application/x-git-receive-pack-result"), (b"cache-control", b"no-cache")]})
+                await send({"type": "http.response.body", "body": refusal_report(body, why)})
                 return
             receive = _replayed(body)
         responder: Any = WSGIResponder(app, self.executor, 10)

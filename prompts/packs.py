@@ -120,3 +120,33 @@ def _delta_target(head: bytes) -> int | None:
             if not byte & 0x80:
                 break
     return value
+
+
+def refusal_report(body: bytes, why: str) -> bytes:
+    """receive-pack's answer refusing every command of ``body`` with ``why``: git prints it as "remote unpack
+    failed: ..." and "! [remote rejected] <ref> (...)" instead of a bare HTTP error."""
+    reason = why.replace("\n", " ").encode()[:900]
+    refs, caps, pos = [], b"", 0
+    while pos + 4 <= len(body):
+        try:
+            length = int(body[pos:pos + 4], 16)
+        except ValueError:
+            break
+        if length < 4:
+            break
+        line = body[pos + 4:pos + length].rstrip(b"\n")
+        command, _, offered = line.partition(b"\0")
+        caps = caps or offered
+        parts = command.split(b" ")
+        if len(parts) == 3:
+            refs.append(parts[2])
+        pos += length
+    report = _pkt(b"unpack " + reason + b"\n") + b"".join(_pkt(b"ng " + ref + b" " + reason + b"\n") for ref in refs)
+    report += b"0000"
+    if b"side-band-64k" not in caps.split():
+        return report
+    return b"".join(_pkt(b"\x01" + report[i:i + 65515]) for i in range(0, len(report), 65515)) + b"0000"
+
+
+def _pkt(data: bytes) -> bytes:
+    return f"{len(data) + 4:04x}".encode() + data

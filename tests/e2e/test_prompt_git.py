@@ -170,7 +170,8 @@ def test_a_push_that_inflates_past_the_limits_is_refused_before_it_is_unpacked(g
     git(repo, "commit", "-m", "zeros")
     refused = git(repo, "push", "origin", "HEAD:main", check=False)
     assert refused.returncode != 0
-    assert "413" in refused.stderr, refused.stderr
+    assert "[remote rejected] HEAD -> main (an object of the push is 209715200 bytes inflated" in refused.stderr, \
+        refused.stderr
     assert "push refused before unpacking" in gateway.log.read_text(errors="replace")
     fresh = tmp_path / "fresh"
     git(tmp_path, "clone", url, "fresh")
