@@ -10,7 +10,7 @@ a warning, because the gateway must start through a Redis outage.
 from __future__ import annotations
 
 import logging
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -48,16 +48,22 @@ def cluster(url: str, max_connections: int) -> aioredis.Redis:
     return cast(aioredis.Redis, client)
 
 
-async def is_cluster(url: str) -> bool | None:
-    """Whether the server at ``url`` runs in cluster mode; None when it cannot be asked."""
+async def _info(url: str, section: str) -> dict[str, Any] | None:
+    """One INFO section of the server at ``url`` (allowed on managed services where CONFIG is not), or None
+    when it cannot be asked."""
     probe = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
     try:
-        info = await probe.info("cluster")
+        return dict(await probe.info(section))
     except (RedisError, OSError):
         return None
     finally:
         await probe.aclose()
-    return bool(info.get("cluster_enabled"))
+
+
+async def is_cluster(url: str) -> bool | None:
+    """Whether the server at ``url`` runs in cluster mode; None when it cannot be asked."""
+    info = await _info(url, "cluster")
+    return None if info is None else bool(info.get("cluster_enabled"))
 
 
 async def eviction_risk(url: str) -> str | None:
@@ -65,14 +71,10 @@ async def eviction_risk(url: str) -> str | None:
     than noeviction (managed Redis often defaults to volatile-lru), a full Redis evicts keys, and budget
     counters, leases and breaker state carry TTLs like the response cache's entries beside them, so a tenant
     filling the cache could evict another tenant's counters; until the next reconciliation they count from
-    zero. Asked through INFO, which managed services allow where CONFIG is not."""
-    probe = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-    try:
-        info = await probe.info("memory")
-    except (RedisError, OSError):
+    zero."""
+    info = await _info(url, "memory")
+    if info is None:
         return None
-    finally:
-        await probe.aclose()
     policy, limit = str(info.get("maxmemory_policy", "noeviction")), int(info.get("maxmemory") or 0)
     if limit == 0 or policy == "noeviction":
         return None

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 import psycopg
@@ -18,6 +19,18 @@ from tollway.infra.alerts import Delivery, Webhook, raise_alert, sign, verify
 SECRET = "s3cret"
 
 
+async def serve_hook(hook: Any) -> tuple[web.AppRunner, str]:
+    """``hook`` as a webhook endpoint on loopback: its runner and URL."""
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/hook"
+
+
 async def receiver(statuses: list[int]) -> tuple[web.AppRunner, str, list[tuple[bytes, str]]]:
     """A webhook endpoint answering ``statuses`` in turn (then 200), keeping what it got."""
     got: list[tuple[bytes, str]] = []
@@ -26,14 +39,8 @@ async def receiver(statuses: list[int]) -> tuple[web.AppRunner, str, list[tuple[
         got.append((await request.read(), request.headers.get("x-tollway-signature", "")))
         return web.Response(status=statuses.pop(0) if statuses else 200)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}/hook", got
+    runner, url = await serve_hook(hook)
+    return runner, url, got
 
 
 async def test_an_alert_is_raised_once_delivered_signed_and_retried(pg, make_tenant):
@@ -87,13 +94,7 @@ async def test_a_slow_receiver_holds_no_pooled_connection_and_no_replica_sends_t
         await release.wait()
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+    runner, url = await serve_hook(hook)
     async with AsyncConnectionPool(pg.url, min_size=2, max_size=2, open=False) as pool, \
             aiohttp.ClientSession() as session:
         async with pool.connection() as conn:
