@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -146,21 +147,29 @@ class GitServer:
         # The ASGI server has already undone git's chunked transfer encoding (a push over 1 MiB is sent
         # chunked), and the body limit counted the result: dulwich must not de-chunk it a second time.
         inner["headers"] = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"]
-        if inner["path"].endswith("/git-receive-pack") and scope.get("method") == "POST":
+        service = inner["path"].rsplit("/", 1)[-1]
+        if scope.get("method") == "POST" and service in ("git-receive-pack", "git-upload-pack"):
             body = await _whole_body(receive)  # at most TOLLWAY_MAX_BODY_BYTES: the body limit counted it
-            encoded = any(k == b"content-encoding" and v.strip().lower() not in (b"", b"identity")
-                          for k, v in scope["headers"])
-            if encoded:  # git never encodes a push; a gzip body would inflate past the body limit
-                await send({"type": "http.response.start", "status": 415,
-                            "headers": [(b"content-type", b"text/plain")]})
-                await send({"type": "http.response.body", "body": b"a push's body is sent as it is\n"})
-                return
-            if (why := pack_refusal(body)) is not None:  # nothing unpacked: git prints the reason per ref
+            encoding = next((v.strip().lower() for k, v in scope["headers"] if k == b"content-encoding"), b"identity")
+            if encoding not in (b"", b"identity"):
+                # git gzips a fetch's negotiation once it passes 1 KiB (hundreds of local commits); a push never
+                if (refusal := _encoding_refusal(service, encoding)) is not None:
+                    await _plain(send, 415, refusal)
+                    return
+                inflated = _inflated(body)
+                if inflated is None:
+                    await _plain(send, 413, f"the request is not gzip, or inflates past {MAX_INFLATED_REQUEST >> 20} MiB")
+                    return
+                body = inflated
+            if service == "git-receive-pack" and (why := pack_refusal(body)) is not None:
+                # nothing unpacked: git prints the reason on each ref
                 log.info("push refused before unpacking: %s", why)
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"application/x-git-receive-pack-result"), (b"cache-control", b"no-cache")]})
                 await send({"type": "http.response.body", "body": refusal_report(body, why)})
                 return
+            inner["headers"] = [(k, v) for k, v in inner["headers"] if k not in (b"content-encoding", b"content-length")]
+            inner["headers"].append((b"content-length", str(len(body)).encode()))
             receive = _replayed(body)
         responder: Any = WSGIResponder(app, self.executor, 10)
         await responder(inner, receive, send)
@@ -190,3 +199,29 @@ def _replayed(body: bytes) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
+
+
+MAX_INFLATED_REQUEST = 4 << 20  # a fetch's negotiation: about 80,000 "have" lines
+
+
+def _encoding_refusal(service: str, encoding: bytes) -> str | None:
+    if service == "git-receive-pack":
+        return "a push's body is sent as it is (no content-encoding)"
+    if encoding != b"gzip":
+        return f"content-encoding {encoding.decode(errors='replace')} is not served (gzip is)"
+    return None
+
+
+def _inflated(body: bytes) -> bytes | None:
+    """A gzip body inflated, or None past ``MAX_INFLATED_REQUEST`` (or not gzip at all)."""
+    stream = zlib.decompressobj(wbits=31)
+    try:
+        out = stream.decompress(body, MAX_INFLATED_REQUEST + 1)
+    except zlib.error:
+        return None
+    return None if len(out) > MAX_INFLATED_REQUEST or stream.unconsumed_tail else out
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": text.encode() + b"\n"})

@@ -182,6 +182,40 @@ def test_a_push_that_inflates_past_the_limits_is_refused_before_it_is_unpacked(g
     assert [v["version"] for v in versions(gateway, eng)] == [git(fresh, "rev-parse", "HEAD").stdout.strip()]
 
 
+def test_a_fetch_from_a_clone_with_hundreds_of_local_commits_works(gateway, make_tenant, tmp_path):
+    """git gzips a fetch's negotiation once it passes 1 KiB: a clone holding a few hundred commits the server
+    has not seen sends its "have" lines so, and the server answered 400 (git: "RPC failed; HTTP 400")."""
+    eng = make_tenant(role="prompt_engineer")
+    url = gateway.url.replace("http://", f"http://git:{eng.key}@") + "/prompts.git"
+    git(tmp_path, "clone", url, "repo")
+    repo = tmp_path / "repo"
+    (repo / "greet.yaml").write_text(GREET)
+    git(repo, "add", "greet.yaml")
+    git(repo, "commit", "-m", "greet")
+    git(repo, "push", "origin", "HEAD:main")
+    # 400 local commits on top of it, written at once by fast-import; newer than the common commit, so git's
+    # negotiation (newest first) sends them all as "have" lines before it reaches that one
+    import time
+
+    now = int(time.time())
+    stream = "".join(f"commit refs/heads/main\ncommitter Ada <ada@example.com> {now + 60 + i} +0000\n"
+                     f"data 9\nlocal {i:03d}\n" + ("from refs/heads/main^0\n" if i == 0 else "")
+                     + f"M 644 inline notes-{i % 7}.txt\ndata 4\n{i:03d}\n\n" for i in range(400))
+    subprocess.run(["git", "fast-import", "--quiet"], cwd=repo, input=stream, text=True, check=True, timeout=60,
+                   env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"})
+    git(tmp_path, "clone", url, "other")
+    other = tmp_path / "other"
+    (other / "greet.yaml").write_text(GREET.replace("politely", "warmly"))
+    git(other, "commit", "-am", "warmer")
+    git(other, "push", "origin", "HEAD:main")
+    fetched = subprocess.run(["git", "fetch", "origin"], cwd=repo, capture_output=True, text=True, timeout=60,
+                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1",
+                                  "GIT_TERMINAL_PROMPT": "0", "GIT_TRACE_CURL": "1", "GIT_TRACE_CURL_NO_DATA": "1"})
+    assert "Content-Encoding: gzip" in fetched.stderr  # the negotiation this test is about
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert git(repo, "rev-parse", "origin/main").stdout == git(other, "rev-parse", "HEAD").stdout
+
+
 def test_an_admin_repairs_a_repository_that_holds_bad_entries(gateway, make_tenant, make_key, pg, tmp_path):
     """A repository written before the path check (entries put in the store directly) is mended by an
     admin's repair: a commit that keeps the valid files; clones work again."""
