@@ -159,8 +159,9 @@ def test_a_push_of_two_megabytes_works_with_git_defaults(gateway, make_tenant, t
 
 
 def test_a_push_that_inflates_past_the_limits_is_refused_before_it_is_unpacked(gateway, make_tenant, tmp_path):
-    """200 MB of zeros pack into about 200 KB; unpacked whole in memory (as the git library does), that push
-    took a gateway from 195 to 809 MB. It is refused from the pack's own headers; the next push lands."""
+    """200 MB of zeros pack into well under a megabyte; unpacked whole in memory (as the git library does), a
+    push of 300 MB of them took a gateway from 195 to 809 MB. It is refused from the pack's own headers; the
+    next push lands."""
     eng = make_tenant(role="prompt_engineer")
     url = gateway.url.replace("http://", f"http://git:{eng.key}@") + "/prompts.git"
     git(tmp_path, "clone", url, "repo")
