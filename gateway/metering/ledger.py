@@ -145,6 +145,7 @@ class Ledger:
         self._flush_interval = flush_interval_s
         self._retry_interval = retry_interval_s
         self._spill_path = spill_dir / f"spill-{os.getpid()}.jsonl"
+        self._rejected_dir = spill_dir / "rejected"  # rows set aside for an operator (never replayed on their own)
         self._spill_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._in_hand: list[LedgerRow] = []  # taken off the queue by the writer, not yet written
@@ -214,7 +215,7 @@ class Ledger:
     def rejected_files(self) -> list[Path]:
         """Rows PostgreSQL refused, set aside for an operator (moved back into the spill folder as
         ``replay-<name>.jsonl`` once the cause is mended, they are replayed like any spill file)."""
-        folder = self._spill_dir / "rejected"
+        folder = self._rejected_dir
         return sorted(folder.glob("*.jsonl")) if folder.exists() else []
 
     # -- writer ---------------------------------------------------------------------------------
@@ -293,19 +294,14 @@ class Ledger:
                 *await self._insert_or_set_aside(rows[middle:], fresh=fresh)]
 
     def _set_aside(self, row: LedgerRow, exc: Exception) -> None:
-        folder = self._spill_dir / "rejected"
-        folder.mkdir(parents=True, exist_ok=True)
         try:
             line = row.to_json()
         except (TypeError, ValueError):
             line = orjson.dumps({"unencodable": repr(row)})
-        with open(folder / f"rejected-{os.getpid()}.jsonl", "ab") as fh:
-            fh.write(line + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_synced(self._rejected_dir / f"rejected-{os.getpid()}.jsonl", [line])
         self.stats.rejected += 1
         log.error("ledger row %s (tenant %s) refused by PostgreSQL (%s: %s); set aside in %s", row.request_id,
-                  row.tenant_id, type(exc).__name__, str(exc).splitlines()[0][:200], folder)
+                  row.tenant_id, type(exc).__name__, str(exc).splitlines()[0][:200], self._rejected_dir)
 
     async def _insert(self, rows: list[LedgerRow], *, fresh: bool = False) -> None:
         """Fresh rows (never written before) go in by COPY, several times cheaper per row; rows that may
@@ -326,11 +322,7 @@ class Ledger:
     def _spill_now(self, rows: list[LedgerRow]) -> None:
         """Append to the spill file and fsync. Synchronous on purpose: no await sits between open and
         close, so a replay (which renames the file first) never sees half a batch."""
-        self._spill_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._spill_path, "ab") as fh:
-            fh.write(b"".join(r.to_json() + b"\n" for r in rows))
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_synced(self._spill_path, [r.to_json() for r in rows])
         self.stats.spilled += len(rows)
 
     def _replayable(self) -> list[Path]:
@@ -382,14 +374,10 @@ class Ledger:
             except (ValueError, TypeError, KeyError):  # orjson's JSONDecodeError is a ValueError
                 unreadable.append(line)
         if unreadable:
-            folder = self._spill_dir / "rejected"
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / f"unreadable-{os.getpid()}.jsonl", "ab") as fh:
-                fh.write(b"".join(line + b"\n" for line in unreadable))
-                fh.flush()
-                os.fsync(fh.fileno())
+            _append_synced(self._rejected_dir / f"unreadable-{os.getpid()}.jsonl", unreadable)
             self.stats.rejected += len(unreadable)
-            log.error("%d lines of %s are not ledger rows; set aside in %s", len(unreadable), path.name, folder)
+            log.error("%d lines of %s are not ledger rows; set aside in %s", len(unreadable), path.name,
+                      self._rejected_dir)
         return rows
 
     async def _replay_loop(self) -> None:
@@ -400,6 +388,15 @@ class Ledger:
             except Exception:  # the loop outlives any one file's surprise: the next pass tries again
                 log.exception("ledger replay failed; trying again in %.1fs", self._retry_interval)
             await asyncio.sleep(self._retry_interval)
+
+
+def _append_synced(path: Path, lines: list[bytes]) -> None:
+    """``lines`` appended to ``path`` (its folder made if missing) and fsynced before this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        fh.write(b"".join(line + b"\n" for line in lines))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _alive(pid: int) -> bool:

@@ -69,15 +69,16 @@ async def record(conn: psycopg.AsyncConnection[Any], *, author: str, kind: str, 
                  tenant_id: int | None = None, before: Any = None, after: Any = None,
                  reason: str | None = None) -> int:
     """Write the audit row and queue its NOTIFY: both take effect when the caller's transaction commits."""
+    stored_subject = storable(str(subject)) or ""  # as stored, and as the notification names it
     cur = await conn.execute(
         "INSERT INTO changes (author, tenant_id, kind, subject, action, before, after, reason)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        (storable(author), tenant_id, kind, storable(str(subject)), action,
+        (storable(author), tenant_id, kind, stored_subject, action,
          None if before is None else storable_json(_plain(before)),
          None if after is None else storable_json(_plain(after)), storable(reason)))
     row = await cur.fetchone()
     assert row is not None
-    note = {"id": row[0], "kind": kind, "tenant_id": tenant_id, "subject": storable(str(subject))}
+    note = {"id": row[0], "kind": kind, "tenant_id": tenant_id, "subject": stored_subject}
     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(note).decode()))
     return int(row[0])
 
