@@ -154,19 +154,18 @@ class GitServer:
             if encoding not in (b"", b"identity"):
                 # git gzips a fetch's negotiation once it passes 1 KiB (hundreds of local commits); a push never
                 if (refusal := _encoding_refusal(service, encoding)) is not None:
-                    await _plain(send, 415, refusal)
+                    await _answer(send, 415, b"text/plain", refusal.encode() + b"\n")
                     return
                 inflated = _inflated(body)
                 if inflated is None:
-                    await _plain(send, 413, f"the request is not gzip, or inflates past {MAX_INFLATED_REQUEST >> 20} MiB")
+                    await _answer(send, 413, b"text/plain",
+                                  f"not gzip, or inflates past {MAX_INFLATED_REQUEST >> 20} MiB\n".encode())
                     return
                 body = inflated
             if service == "git-receive-pack" and (why := pack_refusal(body)) is not None:
                 # nothing unpacked: git prints the reason on each ref
                 log.info("push refused before unpacking: %s", why)
-                await send({"type": "http.response.start", "status": 200, "headers": [
-                    (b"content-type", b"application/x-git-receive-pack-result"), (b"cache-control", b"no-cache")]})
-                await send({"type": "http.response.body", "body": refusal_report(body, why)})
+                await _answer(send, 200, b"application/x-git-receive-pack-result", refusal_report(body, why))
                 return
             inner["headers"] = [(k, v) for k, v in inner["headers"] if k not in (b"content-encoding", b"content-length")]
             inner["headers"].append((b"content-length", str(len(body)).encode()))
@@ -222,6 +221,8 @@ def _inflated(body: bytes) -> bytes | None:
     return None if len(out) > MAX_INFLATED_REQUEST or stream.unconsumed_tail else out
 
 
-async def _plain(send: Send, status: int, text: str) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": text.encode() + b"\n"})
+async def _answer(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    """A whole answer of the gateway's own, for a request that never reaches dulwich."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache")]})
+    await send({"type": "http.response.body", "body": body})
