@@ -159,7 +159,7 @@ class GitServer:
                 inflated = _inflated(body)
                 if inflated is None:
                     await _answer(send, 413, b"text/plain",
-                                  f"not gzip, or inflates past {MAX_INFLATED_REQUEST >> 20} MiB\n".encode())
+                                  f"the request is not gzip, or inflates past {MAX_INFLATED_REQUEST >> 20} MiB\n".encode())
                     return
                 body = inflated
             if service == "git-receive-pack" and (why := pack_refusal(body)) is not None:
