@@ -71,12 +71,9 @@ TRANSPORT = frozenset({
 })
 
 
-# A chat message's content parts, by type, and the field each must hold: OpenAI's chat parts and the media parts
-# vLLM serves. A part of another type, or without its field, is a 400 here rather than an upstream's error.
-PARTS: Mapping[str, str] = {
-    "text": "text", "refusal": "refusal", "image_url": "image_url", "input_audio": "input_audio", "file": "file",
-    "audio_url": "audio_url", "video_url": "video_url",
-}
+# A chat message's content part types: OpenAI's chat parts and the media parts vLLM serves. Each holds a field
+# named as its type; a part of another type, or without its field, is a 400 here rather than an upstream's error.
+PARTS = ("text", "refusal", "image_url", "input_audio", "file", "audio_url", "video_url")
 MEDIA_PARTS = frozenset({"image_url", "audio_url", "video_url"})  # {"url": ...} that the model server fetches
 
 # Where a media part's URL may point (TOLLWAY_MEDIA_URLS): "public" (default): inline ``data:`` URLs, and http(s)
@@ -100,18 +97,17 @@ def check_content_parts(messages: list[Any], media: MediaURLs = "public") -> Non
                                  param=f"messages[{i}].content")
         for j, part in enumerate(content):
             at = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            field = PARTS.get(kind) if isinstance(kind, str) else None
-            if field is None:
+            field = part.get("type") if isinstance(part, dict) else None
+            if field not in PARTS:
                 raise InvalidRequest(f"'{at}.type' must be one of {', '.join(PARTS)}.", param=f"{at}.type",
                                      code="unsupported_content_part")
             value = part.get(field)
-            if kind in ("text", "refusal"):
+            if field in ("text", "refusal"):
                 if not isinstance(value, str):
                     raise InvalidRequest(f"'{at}.{field}' must be a string.", param=f"{at}.{field}")
             elif not isinstance(value, dict):
                 raise InvalidRequest(f"'{at}.{field}' must be an object.", param=f"{at}.{field}")
-            elif kind in MEDIA_PARTS:
+            elif field in MEDIA_PARTS:
                 url = value.get("url")
                 if not isinstance(url, str):
                     raise InvalidRequest(f"'{at}.{field}.url' must be a string.", param=f"{at}.{field}.url")
