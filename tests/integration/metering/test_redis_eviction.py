@@ -12,29 +12,21 @@ import sys
 import pytest
 
 from tollway.infra.redisclient import eviction_risk
-from tollway.local.embedded import free_port, redis_server_binary, wait_until
+from tollway.local.embedded import EmbeddedRedis
 
 
 @pytest.fixture
 def evicting_redis(tmp_path):
-    port = free_port()
-    process = subprocess.Popen([str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru", "--dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    """The embedded redis-server, then given a memory limit and managed Redis's usual policy."""
+    import redis
 
-    def up() -> bool:
-        import socket
-
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    wait_until(up, 20, "redis-server")
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(10)
+    server = EmbeddedRedis(tmp_path / "redis")
+    url = server.start()
+    with redis.Redis.from_url(url) as client:
+        client.config_set("maxmemory", "64mb")
+        client.config_set("maxmemory-policy", "volatile-lru")
+    yield url
+    server.stop()
 
 
 async def test_an_evicting_redis_is_named_at_start_and_fails_the_doctor(evicting_redis, redis_url, pg, app_factory,
