@@ -30,10 +30,9 @@ import sys
 import threading
 import time
 import zipfile
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from tollway.infra.fair import FairGate, Turns
 
 log = logging.getLogger("tollway.retrieval")
 
@@ -68,9 +69,10 @@ class Embedder(Protocol):
     dims: int
     batch_size: int
 
-    async def embed(self, texts: Sequence[str], *, query: bool = False) -> Embedded:
+    async def embed(self, texts: Sequence[str], *, query: bool = False, owner: Hashable = None) -> Embedded:
         """``query``: the texts are a search's query (never stored): a model may embed them a faster way
-        whose vectors are near the stored ones' (the local embedder's int8 query model)."""
+        whose vectors are near the stored ones' (the local embedder's int8 query model). ``owner``: whom the
+        call is for (a tenant id): a model shared in process serves its callers' owners in turn."""
         ...
 
 
@@ -114,35 +116,6 @@ def _model_file() -> Path:
     if not path.is_file():
         raise EmbedderError(f"{path} is missing")
     return path
-
-
-class Turns:
-    """One holder at a time, handed to the waiters in the order they came: callers that each ask for a turn
-    per batch take turns batch by batch (a lock lets the one that just released take it again)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: deque[threading.Event] = deque()
-        self._held = False
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        with self._lock:
-            mine = threading.Event() if self._held else None
-            if mine is None:
-                self._held = True
-            else:
-                self._waiting.append(mine)
-        if mine is not None:
-            mine.wait()  # handed over by the holder before us: held for us
-        try:
-            yield
-        finally:
-            with self._lock:
-                if self._waiting:
-                    self._waiting.popleft().set()
-                else:
-                    self._held = False
 
 
 def default_models_dir() -> Path:
@@ -236,8 +209,10 @@ class LocalEmbedder:
         self.parallel = max(1, parallel or os.cpu_count() or 1)
         self._load_lock = threading.Lock()
         # Callers queue here, not in a thread pool: ``parallel`` light calls, HEAVY_CALLS heavy ones (in threads
-        # of their own, taking turns batch by batch).
-        self._gates = {False: asyncio.Semaphore(self.parallel), True: asyncio.Semaphore(HEAVY_CALLS)}
+        # of their own, taking turns batch by batch), handed out owner by owner (tenants: ``FairGate``). One
+        # owner holds at most HEAVY_CALLS - 1 heavy slots: a heavy call may run for minutes and cannot be
+        # interrupted, so another tenant's ingestion finds a slot at once and takes every other batch.
+        self._gates = {False: FairGate(self.parallel), True: FairGate(HEAVY_CALLS, per_owner=HEAVY_CALLS - 1)}
         self._turns = Turns()
         self._heavy_threads: ThreadPoolExecutor | None = None
 
@@ -341,8 +316,9 @@ class LocalEmbedder:
             self._heavy_threads.shutdown(wait=False)
             self._heavy_threads = None
 
-    def embed_sync(self, texts: Sequence[str], heavy: bool = False, query: bool = False) -> tuple[Vectors, int]:
-        """``heavy``: each batch waits for its turn among the heavy calls' (``Turns``); ``query``: through the
+    def embed_sync(self, texts: Sequence[str], heavy: bool = False, query: bool = False,
+                   owner: Hashable = None) -> tuple[Vectors, int]:
+        """``heavy``: each batch waits for its turn among the heavy calls', owner by owner (``Turns``); ``query``: through the
         query model, each text alone (its activations are quantised per call: in a batch, a query's vector
         would depend on the texts beside it)."""
         session, tokenizer = self._model(query)
@@ -365,7 +341,7 @@ class LocalEmbedder:
             for r, i in enumerate(rows):
                 ids[r, :len(encoded[i])] = encoded[i]
                 mask[r, :len(encoded[i])] = 1
-            with self._turns.turn() if heavy else nullcontext():
+            with self._turns.turn(owner) if heavy else nullcontext():
                 hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
                                             "token_type_ids": np.zeros_like(ids)})[0]
             weights = mask[..., None].astype(np.float32)
@@ -373,20 +349,22 @@ class LocalEmbedder:
             start = end
         return out, sum(map(len, encoded))
 
-    async def embed(self, texts: Sequence[str], *, query: bool = False) -> Embedded:
+    async def embed(self, texts: Sequence[str], *, query: bool = False, owner: Hashable = None) -> Embedded:
         """A call of more than ``LIGHT_CHARS`` characters is heavy (an ingestion, a long ``/v1/embeddings``
         list): heavy calls take turns batch by batch; light calls run beside them, ``parallel`` at once.
-        ``query``: a search's query, through the query model (light whatever its length)."""
+        ``query``: a search's query, through the query model (light whatever its length). ``owner``: whom the
+        call is for (a tenant): slots and turns go round the owners waiting, so one tenant's flood of calls
+        queues behind itself."""
         started = time.perf_counter()
         heavy = not query and sum(map(len, texts)) > LIGHT_CHARS
-        async with self._gates[heavy]:
+        async with self._gates[heavy].slot(owner):
             if not heavy:
                 vectors, tokens = await asyncio.to_thread(self.embed_sync, list(texts), False, query)
             else:
                 if self._heavy_threads is None:  # not the loop's pool: heavy calls wait there for their turns
                     self._heavy_threads = ThreadPoolExecutor(HEAVY_CALLS, thread_name_prefix="embedder")
                 vectors, tokens = await asyncio.get_running_loop().run_in_executor(
-                    self._heavy_threads, self.embed_sync, list(texts), True)
+                    self._heavy_threads, self.embed_sync, list(texts), True, False, owner)
         return Embedded(vectors, tokens, (time.perf_counter() - started) * 1000, replica="local")
 
 
@@ -403,8 +381,8 @@ class UpstreamEmbedder:
         self.name, self.dims, self.batch_size = name, dims, batch_size
         self._call, self._count = call, count
 
-    async def embed(self, texts: Sequence[str], *, query: bool = False) -> Embedded:
-        started = time.perf_counter()
+    async def embed(self, texts: Sequence[str], *, query: bool = False, owner: Hashable = None) -> Embedded:
+        started = time.perf_counter()  # (``owner``: the upstream's own queue decides)
         vectors: list[list[float]] = []
         tokens, replica = 0, None
         for start in range(0, len(texts), self.batch_size):

@@ -14,7 +14,7 @@ import numpy as np
 import psycopg
 
 from tollway.retrieval import store
-from tollway.retrieval.documents import DocumentError, Parsed, parse
+from tollway.retrieval.documents import DocumentError, DocumentTooLarge, Parsed, Splitting, parse
 from tollway.retrieval.embedders import Embedder
 from tollway.retrieval.store import Collection, Written
 from tollway.routing import count_text
@@ -51,9 +51,13 @@ def metadata_key(metadata: dict[str, Any]) -> str:
 
 
 def parse_all(coll: Collection, docs: Sequence[NewDocument], *, max_tokens: int) -> list[tuple[NewDocument, Parsed]]:
-    """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be. CPU work
-    (markdown, HTML, every chunk's tokens: seconds for a few megabytes): a gateway runs it off its event loop."""
-    parsed_all: list[tuple[NewDocument, Parsed]] = []
+    """``parse_documents`` with the collection's settings, each document beside its parse."""
+    return list(zip(docs, parse_documents(coll.splitting, docs, max_tokens=max_tokens), strict=True))
+
+
+def check_documents(docs: Sequence[NewDocument], *, max_tokens: int) -> None:
+    """What refuses a request's documents before any is parsed: a source twice, a document whose words alone
+    are over ``max_tokens`` (``DocumentTooLarge``; counting costs a fraction of what parsing does)."""
     seen: set[str] = set()
     for i, doc in enumerate(docs):
         if doc.source in seen:
@@ -61,17 +65,26 @@ def parse_all(coll: Collection, docs: Sequence[NewDocument], *, max_tokens: int)
         seen.add(doc.source)
         too_long = _too_long_to_parse(doc, max_tokens)
         if too_long is not None:
-            raise DocumentError(f"documents[{i}] ({doc.source}) has {too_long} tokens; at most {max_tokens} are "
-                                "allowed per document (counted before parsing: its words alone are over)")
+            raise DocumentTooLarge(f"documents[{i}] ({doc.source}) has {too_long} tokens; at most {max_tokens} "
+                                   "are allowed per document (counted before parsing: its words alone are over)")
+
+
+def parse_documents(splitting: Splitting, docs: Sequence[NewDocument], *, max_tokens: int) -> list[Parsed]:
+    """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be
+    (``DocumentTooLarge`` past ``max_tokens``). CPU work (markdown, HTML, every chunk's tokens: seconds for a
+    few megabytes): a gateway runs it in a worker process (``tollway.retrieval.parsing``)."""
+    check_documents(docs, max_tokens=max_tokens)
+    parsed_all: list[Parsed] = []
+    for i, doc in enumerate(docs):
         try:
-            parsed = parse(doc.text, doc.format, title=doc.title, source=doc.source, splitting=coll.splitting,
+            parsed = parse(doc.text, doc.format, title=doc.title, source=doc.source, splitting=splitting,
                            metadata_key=metadata_key(doc.metadata))
         except DocumentError as exc:
             raise DocumentError(f"documents[{i}] ({doc.source}): {exc}") from None
         if parsed.tokens > max_tokens:
-            raise DocumentError(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most {max_tokens} "
-                                "are allowed per document")
-        parsed_all.append((doc, parsed))
+            raise DocumentTooLarge(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most {max_tokens} "
+                                   "are allowed per document")
+        parsed_all.append(parsed)
     return parsed_all
 
 

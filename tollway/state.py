@@ -62,7 +62,7 @@ from tollway.jsontypes import JSON
 from tollway.local.embedded import LOCAL_MODEL_NAME, EmbeddedError
 from tollway.prompts import Gate, Registry, RenderPool
 from tollway.publicids import load_public_ids
-from tollway.retrieval import EmbedderError, LocalEmbedder
+from tollway.retrieval import EmbedderError, LocalEmbedder, ParsePool
 from tollway.routing import (
     PRICE_KIND,
     Catalog,
@@ -395,10 +395,12 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
         guarding = Guarding.from_config(raw_config.guardrails)
     except PolicyError as exc:
         raise StartupError(f"{settings.config or 'config'}: {exc}") from None
+    parser = ParsePool()  # worker processes started with the first ingestion
+    stack.callback(parser.close)
     rag = Rag(pool, calls, routing, local, RagSettings(
         default_embedder=settings.embedder, context_tokens=settings.context_tokens,
         max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,
-        on_failure=settings.retrieval_failure), ids, screen_for=guarding.passage_screen)
+        on_failure=settings.retrieval_failure), ids, screen_for=guarding.passage_screen, parser=parser)
     if settings.embedder != "local":
         try:
             rag.entry(settings.embedder)

@@ -102,7 +102,8 @@ class Embeddings:
 
     async def embed(self, em: Embedding) -> None:
         if em.local:
-            em.answer, usage = await self._locally([str(t) for t in em.texts], em.data.get("encoding_format"))
+            em.answer, usage = await self._locally([str(t) for t in em.texts], em.data.get("encoding_format"),
+                                                   em.ctx.principal.tenant_id)
             em.usage = usage, "local"
             return
         entry = em.need_entry()
@@ -129,11 +130,12 @@ class Embeddings:
             headers.update(em.admission.headers)
         em.result = JSONResult({**em.answer, "model": entry.name}, headers)
 
-    async def _locally(self, texts: list[str], encoding: Any) -> tuple[JSON, Usage]:
-        """The packaged embedding model, in process, answered in the OpenAI shape."""
+    async def _locally(self, texts: list[str], encoding: Any, owner: int) -> tuple[JSON, Usage]:
+        """The packaged embedding model, in process (tenants served in turn: ``owner``), answered in the OpenAI
+        shape."""
         assert self.local is not None
         try:
-            embedded = await self.local.embed(texts)
+            embedded = await self.local.embed(texts, owner=owner)
         except EmbedderError as exc:
             raise ServiceUnavailable(f"The embedding model failed: {exc}", code="embedder_failed") from exc
 

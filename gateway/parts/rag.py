@@ -45,6 +45,7 @@ from tollway.retrieval import (
     RERANK_CANDIDATES,
     Collection,
     DocumentError,
+    DocumentTooLarge,
     Embedded,
     Embedder,
     EmbedderError,
@@ -53,6 +54,7 @@ from tollway.retrieval import (
     LocalEmbedder,
     NewDocument,
     Parsed,
+    ParsePool,
     Query,
     Reranker,
     Searcher,
@@ -64,7 +66,6 @@ from tollway.retrieval import (
     check_text,
     create_collection,
     ensure_index,
-    parse_all,
     to_embed,
     unchanged,
     write,
@@ -131,12 +132,13 @@ class RetrievalSpec(BaseModel):
 class Rag:
     def __init__(self, pool: AsyncConnectionPool, calls: Calls, router: Router, local: LocalEmbedder | None,
                  settings: RagSettings, ids: PublicIds,
-                 screen_for: Callable[[ChatView], PassageScreen | None] | None = None) -> None:
+                 screen_for: Callable[[ChatView], PassageScreen | None] | None = None,
+                 parser: ParsePool | None = None) -> None:
         self.pool, self.calls, self.router, self.local, self.settings = pool, calls, router, local, settings
         self.ids = ids  # the ids clients see (tollway.publicids)
         self.screen_for = screen_for  # the guard policy's passage_injection screen for a chat request
         self.searcher = Searcher(self.embedder_for)
-        self._parsing = asyncio.Semaphore(1)  # documents parsed at once in this process (ingest)
+        self.parser = parser or ParsePool()  # documents parsed in worker processes, tenant by tenant
 
     # -- embedders ---------------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -219,9 +221,10 @@ class Rag:
 
         return call
 
-    async def _embed(self, embedder: Embedder, texts: Sequence[str], *, query: bool = False) -> Embedded:
+    async def _embed(self, embedder: Embedder, texts: Sequence[str], owner: int, *, query: bool = False) -> Embedded:
+        """``owner``: the tenant the call is for (the local embedder serves tenants in turn)."""
         try:
-            return await embedder.embed(texts, query=query)
+            return await embedder.embed(texts, query=query, owner=owner)
         except EmbedderError as exc:
             raise (exc.cause if isinstance(exc.cause, TollwayError) else
                    ServiceUnavailable(f"The embedding model failed: {exc}", code="embedder_failed")) from exc
@@ -259,7 +262,7 @@ class Rag:
             probe = self.embedder_for(entry.name, 0)
 
             async def measure(_: Tally) -> tuple[int, Embedded | None]:
-                got = await self._embed(probe, ["dimension probe"])
+                got = await self._embed(probe, ["dimension probe"], ctx.principal.tenant_id)
                 return int(got.vectors.shape[1]), got
 
             dims, _ = await self._metered(ctx, "collections", f"collections:{name}".encode(), entry, 8, measure)
@@ -284,10 +287,9 @@ class Rag:
         embedder = self.embedder_for(coll.embedder, coll.dims)
         limit = self.settings.max_document_tokens
         try:
-            parsed = await self._parsed(coll, docs, limit)
+            parsed = await self._parsed(coll, docs, limit, ctx.principal.tenant_id)
         except DocumentError as exc:
-            too_big = "tokens; at most" in str(exc)
-            raise (PayloadTooLarge(str(exc), param="documents") if too_big else
+            raise (PayloadTooLarge(str(exc), param="documents") if isinstance(exc, DocumentTooLarge) else
                    InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
         async with self.pool.connection() as conn:
             prepared = await unchanged(conn, coll, parsed)
@@ -295,7 +297,7 @@ class Rag:
         worst = await asyncio.to_thread(lambda: sum(count_text(t) for t in texts)) if texts else 0
 
         async def run(tally: Tally) -> tuple[tuple[list[Written], str, Embedded | None], Embedded | None]:
-            embedded = await self._embed(embedder, texts) if texts else None
+            embedded = await self._embed(embedder, texts, ctx.principal.tenant_id) if texts else None
             if embedded is not None:  # spent even if writing fails now: the row charges it either way
                 tally.usage = Usage(input_tokens=embedded.tokens)
             async with self.pool.connection() as conn:
@@ -311,20 +313,11 @@ class Rag:
         (written, version, embedded), cost = await self._metered(ctx, "ingest", body, entry, worst, run)
         return written, version, embedded, cost
 
-    async def _parsed(self, coll: Collection, docs: Sequence[NewDocument],
-                      limit: int) -> list[tuple[NewDocument, Parsed]]:
-        """``parse_all``: seconds of CPU for a few megabytes, so in a thread, one at a time per process (the event
-        loop keeps its share of the interpreter for every other tenant's requests), with no connection held. A
-        request given up meanwhile leaves its thread running to the end, and the next parse waits for it."""
-        async with self._parsing:
-            work = asyncio.ensure_future(asyncio.to_thread(parse_all, coll, docs, max_tokens=limit))
-            try:
-                return await asyncio.shield(work)
-            finally:
-                if not work.done():
-                    await asyncio.wait({work})
-                    if not work.cancelled():
-                        work.exception()  # seen: the request that wanted it is gone
+    async def _parsed(self, coll: Collection, docs: Sequence[NewDocument], limit: int,
+                      owner: int) -> list[tuple[NewDocument, Parsed]]:
+        """Parsed in a worker process (seconds of CPU for a few megabytes, kept off this process's interpreter
+        lock), tenants taking turns for the workers, with no connection held."""
+        return await self.parser.parse(coll.splitting, docs, max_tokens=limit, owner=owner)
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
                      rerank: str | None = None) -> tuple[Found, Decimal]:
@@ -339,7 +332,7 @@ class Rag:
             embedder = self.embedder_for(coll.embedder, coll.dims)
 
             async def embed(tally: Tally) -> Embedded:
-                embedded = await self._embed(embedder, [query.text], query=True)
+                embedded = await self._embed(embedder, [query.text], ctx.principal.tenant_id, query=True)
                 tally.usage = Usage(input_tokens=embedded.tokens)  # spent whatever the search does next
                 return embedded
 
@@ -456,7 +449,7 @@ class Rag:
                 coll = named
                 started = time.perf_counter()
                 embedder = self.embedder_for(coll.embedder, coll.dims)
-                embedding = asyncio.ensure_future(self._embed(embedder, [text], query=True))
+                embedding = asyncio.ensure_future(self._embed(embedder, [text], tenant, query=True))
                 embedding.add_done_callback(spent)
                 got = await self._gathered(held, coll, query, embedding, "retrieval.collection")
             found = await self.searcher.finish(got, query, embedder.name,

@@ -559,11 +559,16 @@ async def test_a_document_whose_words_alone_are_over_twice_the_limit_is_refused_
     p95 100 ms instead of 4 meanwhile. Markdown and text keep their words when parsed, so twice the limit
     before parsing is over it after: the 413 comes without a parse. HTML, which loses its markup, is still
     parsed first."""
-    from tollway.retrieval import ingest
+    from tollway.retrieval import ParsePool
 
     parsed: list[str] = []
-    real = ingest.parse
-    monkeypatch.setattr(ingest, "parse", lambda text, fmt, **kw: parsed.append(kw["source"]) or real(text, fmt, **kw))
+    real = ParsePool._parse
+
+    async def parse(self: ParsePool, splitting: Any, docs: Any, max_tokens: int) -> Any:
+        parsed.extend(doc.source for doc in docs)  # sent to a worker to parse
+        return await real(self, splitting, docs, max_tokens)
+
+    monkeypatch.setattr(ParsePool, "_parse", parse)
     tenant = make_tenant(ingest=True)
     async with app_factory(max_document_tokens=1_000) as gw:
         await gw.client.post("/v1/collections", headers=tenant.headers, json={"name": "lists"})

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from pgvector import HalfVector
 
+from tollway.infra.fair import Turns
 from tollway.retrieval import DocumentError, Splitting, decode, parse
-from tollway.retrieval.embedders import LocalEmbedder, Turns
+from tollway.retrieval.documents import pack as pack_chunks
+from tollway.retrieval.embedders import LocalEmbedder
 from tollway.retrieval.search import PER_MESSAGE, Ranking, floor_at, merge_overlap, mmr, pack
 from tollway.retrieval.store import Candidate, _vectors
 from tollway.routing import count_text
@@ -99,6 +101,57 @@ def test_a_run_on_text_is_cut_by_tokens_with_overlap():
     for a, b in itertools.pairwise(chunks):
         assert a.split()[-2] in b.split()[:12]  # neighbours share text
     assert chunks[-1].split()[-1] == "w399"
+
+
+def _pack_counting_every_piece(units: list[tuple[str, int]], limit: int, overlap: int,
+                               sep: str) -> list[tuple[str, int]]:
+    """The chunk packer as it was before it counted only near the limit: each candidate piece counted."""
+    pieces: list[tuple[str, int]] = []
+    current: list[tuple[str, int]] = []
+
+    def size(items: list[tuple[str, int]]) -> int:
+        return count_text(sep.join(t for t, _ in items)) if items else 0
+
+    for unit in units:
+        if current and size([*current, unit]) > limit:
+            pieces.append((sep.join(t for t, _ in current), size(current)))
+            carried: list[tuple[str, int]] = []
+            for prev in reversed(current):
+                if sum(n for _, n in carried) + prev[1] > overlap:
+                    break
+                carried.insert(0, prev)
+            current = carried if size([*carried, unit]) <= limit else []
+        current.append(unit)
+    if current:
+        pieces.append((sep.join(t for t, _ in current), size(current)))
+    return pieces
+
+
+def test_chunks_are_packed_as_when_every_candidate_piece_was_counted():
+    """Counting a piece only once the units' own counts pass the limit packs the same pieces, with the same
+    counts, as counting every candidate: sentences ending in punctuation (which joins with the separator),
+    list items, code, numbers, other scripts, token slices that start with a space."""
+    rng = random.Random(11)
+    shapes = [
+        lambda: " ".join(rng.choice(["Refunds", "take", "five", "days.", "Cards", "are", "blocked", "at",
+                                     "once!", "Why?", "(see", "page", "12)."]) for _ in range(rng.randint(1, 30))),
+        lambda: "- " + rng.choice(["x", "item 7", "**bold**", "`code`"]),
+        lambda: "def f(x):\n    return x * " + str(rng.randint(0, 10**6)),
+        lambda: "".join(rng.choice("日本語のテキストです。 Ünïcödé ") for _ in range(rng.randint(1, 60))),
+        lambda: " " + " ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(1, 20))),
+        lambda: rng.choice([".", "...", "!!", ")", "\"quoted.\""]),
+    ]
+    compared = 0
+    for _ in range(60):
+        units = [(t, count_text(t)) for t in (rng.choice(shapes)() for _ in range(rng.randint(1, 120)))]
+        for limit, overlap in ((200, 32), (64, 16), (1024, 0), (30, 0)):
+            units_fit = [(t, n) for t, n in units if n <= limit]
+            for sep in ("\n\n", " "):
+                got = pack_chunks(units_fit, limit, overlap, sep)
+                assert got == _pack_counting_every_piece(units_fit, limit, overlap, sep)
+                assert all(n <= limit and n == count_text(t) for t, n in got)
+                compared += len(got)
+    assert compared > 2000
 
 
 @pytest.mark.parametrize("raw", [b"", b"  \n\t ", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "caf\xe9".encode("latin-1")])
@@ -497,7 +550,7 @@ def test_turns_are_handed_out_in_the_order_they_were_asked_for():
             t = threading.Thread(target=take, args=(name,))
             t.start()
             waiters.append(t)
-            while len(turns._waiting) < len(waiters):  # queued before the next one starts
+            while turns.waiting < len(waiters):  # queued before the next one starts
                 threading.Event().wait(0.001)
     take("again")  # the holder's next turn comes after the three that waited
     for t in waiters:
