@@ -5,7 +5,8 @@ list items costs seconds of CPU. In a thread of the gateway it holds the interpr
 slices, and every other request of the process waits for the lock each time it wakes; a tenant sending large
 documents in a loop slowed every other tenant's requests. Here a parse runs in a worker process (started with
 the first ingestion: no memory paid by a gateway that never ingests), stops itself after ``time_limit_s``
-(a worker that cannot is killed), and holds at most ``memory`` bytes of address space. Tenants take turns for
+(a worker that cannot is killed), and holds at most ``memory`` bytes of address space; idle workers stop, so
+the memory a large parse took (hundreds of megabytes for 4 MB of HTML) goes back to the machine. Tenants take turns for
 the workers (``FairGate``, one worker a tenant at a time): with two workers another tenant always finds one.
 """
 
@@ -27,6 +28,7 @@ log = logging.getLogger("tollway.retrieval")
 
 PARSE_TIME_LIMIT_S = 60.0  # one request's documents; a 4 MiB body of the slowest markup measured parses in ~15 s
 PARSE_MEMORY = 3 << 30  # a worker's address space (the documents, their chunks and the interpreter)
+PARSE_IDLE_S = 60.0  # workers stopped after this long without a parse: their memory back (4 MB of HTML: ~400 MB)
 
 
 class ParseLimit(DocumentTooLarge):
@@ -76,14 +78,17 @@ def _parse_in_worker(splitting: Splitting, docs: Sequence[NewDocument], max_toke
 
 
 class ParsePool:
-    """``workers`` processes that parse documents, started with the first parse; built and closed by the
-    composition root."""
+    """``workers`` processes that parse documents, started with the first parse and stopped after ``idle_s``
+    without one (a parse's memory stays with its worker until then); built and closed by the composition
+    root."""
 
     def __init__(self, workers: int = 2, *, time_limit_s: float = PARSE_TIME_LIMIT_S,
-                 memory: int = PARSE_MEMORY) -> None:
-        self.workers, self.time_limit_s, self.memory = workers, time_limit_s, memory
+                 memory: int = PARSE_MEMORY, idle_s: float = PARSE_IDLE_S) -> None:
+        self.workers, self.time_limit_s, self.memory, self.idle_s = workers, time_limit_s, memory, idle_s
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._gate = FairGate(workers, per_owner=1)
+        self._running = 0  # parses in the workers now
+        self._idle: asyncio.TimerHandle | None = None
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
@@ -112,6 +117,23 @@ class ParsePool:
         return list(zip(docs, parsed, strict=True))
 
     async def _parse(self, splitting: Splitting, docs: Sequence[NewDocument], max_tokens: int) -> list[Parsed]:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._running += 1
+        try:
+            return await self._in_worker(splitting, docs, max_tokens)
+        finally:
+            self._running -= 1
+            if not self._running and self._pool is not None:
+                self._idle = asyncio.get_running_loop().call_later(self.idle_s, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._idle = None
+        if not self._running:
+            self.close()
+
+    async def _in_worker(self, splitting: Splitting, docs: Sequence[NewDocument], max_tokens: int) -> list[Parsed]:
         pool = self._executor()
         future = asyncio.get_running_loop().run_in_executor(pool, _parse_in_worker, splitting, list(docs),
                                                             max_tokens, self.time_limit_s)
@@ -141,6 +163,10 @@ class ParsePool:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        """Stop the workers (shutdown, or idle); the next parse starts them again."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

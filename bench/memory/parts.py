@@ -63,7 +63,21 @@ async def measure(url: str, key: str, data: Path, pid: int, requests: int) -> li
         await client.post("/retrieval/search", json={"collection": "mem", "query": "budgets", "context_tokens": 300})
         await traffic(client, 50, {**chat, "retrieval": {"collection": "mem", "context_tokens": 300}})
         out.append(("+ a collection ingested and searched, 50 chats with retrieval", rss_mib(pid)))
+        out.append(("  beside it: the document parser's worker processes", workers_mib(pid)))
     return out
+
+
+def workers_mib(pid: int) -> float:
+    """The RSS of a process's worker processes (multiprocessing's spawned children: the document parser's,
+    the prompt renderer's), not of the embedded PostgreSQL and Redis it also started."""
+    total = 0.0
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                total += rss_mib(child)
+        except FileNotFoundError:  # ended meanwhile
+            pass
+    return total
 
 
 def run(requests: int, preload: bool) -> list[tuple[str, float]]:

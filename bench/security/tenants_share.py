@@ -1,12 +1,13 @@
-"""One tenant's flood of local embeddings and ingestions against another tenant's searches, side by side in one run.
+"""One tenant's flood of local embeddings and ingestions against another tenant's calls, side by side in one run.
 
 A `tollway serve --upstream` process (embedded PostgreSQL and Redis, the scripted upstream; the packaged local
-embedder in process). Tenant B holds a small collection and, from one thread, searches it and embeds one
-sentence with the local model and ingests a short document (past 4,096 characters: a heavy call) in turn; its p50 / p99 are reported with nothing else running and while tenant
-A, from ``--threads`` threads, floods the same process with heavy ``/v1/embeddings`` calls (lists past 4,096
-characters), light ones (a sentence each), or ingestions. ``--before REV`` runs the same rows against the
-gateway as it was at an earlier commit (its package from ``git archive``; the same database, tenants and keys),
-the two gateways taking turns row by row.
+embedder in process). Tenant B, from one thread, searches a small collection, embeds one sentence with the
+local model and ingests a short document (past 4,096 characters: a heavy call) in turn; its p50 / p99 are
+reported with nothing else running and while tenant A, from ``--threads`` threads, floods the same process
+with heavy ``/v1/embeddings`` calls (lists past 4,096 characters), light ones (a sentence each), ingestions of
+short documents, or ingestions of HTML that is slow to parse. ``--before REV`` runs the same rows against the
+gateway as it was at an earlier commit (its package from ``git archive``; the same database, tenants and
+keys), the two gateways taking turns row by row.
 
     .venv/bin/python bench/security/tenants_share.py [--seconds 8] [--threads 12] [--before REV]
 """
@@ -53,6 +54,9 @@ FLOODS: dict[str, Callable[[int], tuple[str, dict[str, object]]]] = {
     "ingestions (a 6-section document)": lambda n: (
         "/collections/floodbox/documents", {"text": document(n) + f"\n\nrevision {n}", "format": "markdown",
                                             "source": f"doc-{n % 5}"}),
+    "ingestions of 1 MB of HTML (about 3 s of parsing each)": lambda n: (
+        "/collections/floodbox/documents", {"text": f"<html><body><h1>r{n}</h1>" + "<span>a</span>" * 70_000
+                                            + "</body></html>", "format": "html", "source": f"page-{n % 5}"}),
 }
 
 
@@ -146,8 +150,7 @@ def main() -> None:
                 client.post(f"{url}/retrieval/search", headers={"authorization": f"Bearer {keys['b']}"},
                             json={"collection": "handbook", "query": "warm up"}).raise_for_status()
         print(f"tenant A: {args.threads} threads; tenant B: a search, one local embedding and an ingestion in turn, "
-              f"for "
-              f"{args.seconds:g} s a row (ms)\n")
+              f"for {args.seconds:g} s a row (ms)\n")
         print("| tenant A floods | gateway | A calls (status) | B search p50 / p99 | B embedding p50 / p99 | "
               "B ingestion p50 / p99 |")
         print("|---|---|---|---|---|---|")

@@ -76,3 +76,24 @@ def test_a_worker_that_dies_mid_parse_is_replaced() -> None:
 
     got = asyncio.run(_with(pool, run()))  # type: ignore[arg-type]
     assert len(got) == 1  # type: ignore[arg-type]
+
+
+def test_idle_workers_stop_and_the_next_parse_starts_them_again() -> None:
+    pool = ParsePool(workers=1, idle_s=0.3)
+
+    async def run() -> tuple[bool, bool, object]:
+        await pool.parse(Splitting(), SMALL[:1], max_tokens=200_000)
+        assert pool._pool is not None
+        worker = next(iter(pool._pool._processes.values()))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+        kept = pool._pool is not None  # not idle long enough yet
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not worker.is_alive():
+                break
+        stopped = pool._pool is None and not worker.is_alive()
+        return kept, stopped, await pool.parse(Splitting(), SMALL[:1], max_tokens=200_000)
+
+    kept, stopped, again = asyncio.run(_with(pool, run()))  # type: ignore[arg-type, misc]
+    assert kept and stopped  # its memory back to the machine
+    assert len(again) == 1  # type: ignore[arg-type]
