@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollway.routing import count_text, encoding
+from tollway.tokens import count_text, encoding
 
 FORMATS = ("text", "markdown", "html")
 

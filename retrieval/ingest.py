@@ -17,7 +17,7 @@ from tollway.retrieval import store
 from tollway.retrieval.documents import DocumentError, DocumentTooLarge, Parsed, Splitting, parse
 from tollway.retrieval.embedders import Embedder
 from tollway.retrieval.store import Collection, Written
-from tollway.routing import count_text
+from tollway.tokens import count_text
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,13 +52,9 @@ def _worker_init(memory: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     except (ValueError, OSError):
         pass
-    from tollway.routing import encoding
+    from tollway.tokens import encoding
 
     encoding()  # the tokenizer's tables, read once per worker rather than in its first parse
-
-
-def _ready() -> None:
-    """A task that only makes the pool start a worker."""
 
 
 def _parse_in_worker(splitting: Splitting, docs: Sequence[NewDocument], max_tokens: int,
@@ -94,8 +90,8 @@ class ParsePool:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                initargs=(self.memory,))
-            self._pool.submit(_ready)  # the first worker starts now, the second when two parses overlap
+                initargs=(self.memory,))  # a worker starts with a parse that finds none idle: the second
+            # only when two parses overlap
         return self._pool
 
     async def parse(self, splitting: Splitting, docs: Sequence[NewDocument], *, max_tokens: int,

@@ -37,7 +37,7 @@ from tollway.publicids import PublicIds
 from tollway.retrieval import store
 from tollway.retrieval.embedders import Embedded, Embedder
 from tollway.retrieval.store import Candidate, Collection
-from tollway.routing import count_text
+from tollway.tokens import count_text
 
 FLAT_K = 8
 # Bumped when ranking or packing changes with no setting changing (part of ``Tuning.tag``): 2, the floor where

@@ -50,13 +50,12 @@ from tollway.routing.tokens import (
     OFF_LOOP_CHARS,
     content_texts,
     count_messages,
-    count_text,
-    encoding,
     message_chars,
     off_loop_if_long,
 )
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
 from tollway.routing.wire import MediaURLs, check_content_parts, forbidden_config_fields
+from tollway.tokens import count_text, encoding
 
 __all__ = [
     "OFF_LOOP_CHARS",

@@ -1,46 +1,20 @@
-"""Token counting with tiktoken, for estimates when an upstream reports no usage.
-
-tiktoken normally downloads its encodings; litellm's wheel ships the cl100k_base file in tiktoken's
-cache layout, so the cache directory is pointed there and nothing is fetched.
-"""
+"""Token counting with tiktoken, for estimates when an upstream reports no usage: messages, and texts off the
+event loop when long. The encoding itself and ``count_text`` live in ``tollway.tokens`` (a leaf module: a
+document parser's worker counts tokens without importing routing)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 from collections.abc import Callable, Iterable
-from functools import cache
-from pathlib import Path
 from typing import Any, TypeVar
 
-import tiktoken
+from tollway.tokens import count_text
 
 _PER_MESSAGE = 4  # role and separators, as in OpenAI's accounting for chat formats
 # A request whose texts are longer than this is counted (and assessed, and guarded) in a worker thread:
 # tiktoken on 4 MB takes a third of a second, which on the event loop every other request would wait for.
 OFF_LOOP_CHARS = 32_000
 T = TypeVar("T")
-
-
-def _point_cache_at_litellm() -> None:
-    if "TIKTOKEN_CACHE_DIR" in os.environ or "DATA_GYM_CACHE_DIR" in os.environ:
-        return
-    spec = importlib.util.find_spec("litellm")
-    if spec is not None and spec.origin is not None:
-        folder = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers"
-        if folder.is_dir():
-            os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
-
-
-@cache
-def encoding() -> tiktoken.Encoding:
-    _point_cache_at_litellm()
-    return tiktoken.get_encoding("cl100k_base")
-
-
-def count_text(text: str) -> int:
-    return len(encoding().encode_ordinary(text)) if text else 0
 
 
 def content_texts(content: Any) -> Iterable[str]:

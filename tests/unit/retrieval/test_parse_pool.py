@@ -51,7 +51,7 @@ def test_a_parse_over_its_time_limit_is_stopped_and_the_pool_goes_on() -> None:
     pool = ParsePool(workers=1, time_limit_s=0.5)
 
     async def run() -> object:
-        with pytest.raises(ParseLimit, match="more than 0.5 s to parse"):
+        with pytest.raises(ParseLimit, match=r"more than 0\.5 s to parse"):
             await pool.parse(Splitting(), [LIST], max_tokens=200_000, owner=1)
         return await pool.parse(Splitting(), SMALL[:1], max_tokens=200_000, owner=2)
 
