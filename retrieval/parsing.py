@@ -52,6 +52,11 @@ def _worker_init(memory: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     except (ValueError, OSError):
         pass
+    try:  # under a container's memory limit, the kernel stops this worker (a 413) rather than the gateway
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     from tollway.tokens import encoding
 
     encoding()  # the tokenizer's tables, read once per worker rather than in its first parse

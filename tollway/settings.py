@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     context_tokens: int = Field(default=1000, ge=1)
     max_context_tokens: int = Field(default=16_000, ge=1)
     max_document_tokens: int = Field(default=200_000, ge=1)
+    # One tenant's searches (the API's and chats' retrieval) running at once in a process; its others wait for
+    # one of them to end, holding no connection. Other tenants' searches are not counted against it: a tenant's
+    # flood shares the cores with another tenant's one search instead of queueing it behind the whole flood.
+    search_concurrency: int = Field(default=8, ge=1, le=1024)
     # Whether a chat whose retrieval fails is refused ('fail') or answered without context ('answer');
     # a request may choose for itself with retrieval.on_failure.
     retrieval_failure: Literal["fail", "answer"] = "fail"

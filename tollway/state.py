@@ -400,6 +400,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     rag = Rag(pool, calls, routing, local, RagSettings(
         default_embedder=settings.embedder, context_tokens=settings.context_tokens,
         max_context_tokens=settings.max_context_tokens, max_document_tokens=settings.max_document_tokens,
+        search_concurrency=settings.search_concurrency,
         on_failure=settings.retrieval_failure), ids, screen_for=guarding.passage_screen, parser=parser)
     if settings.embedder != "local":
         try:

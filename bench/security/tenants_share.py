@@ -54,6 +54,8 @@ FLOODS: dict[str, Callable[[int], tuple[str, dict[str, object]]]] = {
     "ingestions (a 6-section document)": lambda n: (
         "/collections/floodbox/documents", {"text": document(n) + f"\n\nrevision {n}", "format": "markdown",
                                             "source": f"doc-{n % 5}"}),
+    "searches": lambda n: ("/retrieval/search", {"collection": "floodbox", "query": f"{sentence(8, n)} {n}",
+                                                 "context_tokens": 600}),
     "ingestions of 1 MB of HTML (about 3 s of parsing each)": lambda n: (
         "/collections/floodbox/documents", {"text": f"<html><body><h1>r{n}</h1>" + "<span>a</span>" * 70_000
                                             + "</body></html>", "format": "html", "source": f"page-{n % 5}"}),
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--threads", type=int, default=12, help="tenant A's concurrent calls")
     parser.add_argument("--before", metavar="REV", help="also the gateway at this commit, row by row in turn")
+    parser.add_argument("--floods", default="", help="only the floods whose names hold one of these words "
+                        "(comma-separated: heavy,light,searches,...); the row with no flood always runs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tollway-bench-share-"))
     pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
@@ -140,9 +144,10 @@ def main() -> None:
             for tenant, coll in (("b", "handbook"), ("b", "notes"), ("a", "floodbox")):
                 headers = {"authorization": f"Bearer {keys[tenant]}"}
                 client.post(f"{base}/collections", headers=headers, json={"name": coll}).raise_for_status()
-            for i in range(20):
-                client.post(f"{base}/collections/handbook/documents", headers={"authorization": f"Bearer {keys['b']}"},
-                            json={"text": document(i), "format": "markdown", "source": f"h{i}"}).raise_for_status()
+            for tenant, coll in (("b", "handbook"), ("a", "floodbox")):
+                client.post(f"{base}/collections/{coll}/documents", headers={"authorization": f"Bearer {keys[tenant]}"},
+                            json={"documents": [{"text": document(i), "format": "markdown", "source": f"h{i}"}
+                                                for i in range(20)]}).raise_for_status()
             for url in gateways.values():  # each process's model loaded before anything is timed
                 for tenant in ("a", "b"):
                     client.post(f"{url}/embeddings", headers={"authorization": f"Bearer {keys[tenant]}"},
@@ -154,7 +159,8 @@ def main() -> None:
         print("| tenant A floods | gateway | A calls (status) | B search p50 / p99 | B embedding p50 / p99 | "
               "B ingestion p50 / p99 |")
         print("|---|---|---|---|---|---|")
-        for kind in (None, *FLOODS):
+        wanted = [w for w in args.floods.split(",") if w]
+        for kind in (None, *(k for k in FLOODS if not wanted or any(w in k for w in wanted))):
             for label, url in gateways.items():
                 measured, done = row(url, keys, kind, args.threads, args.seconds)
                 statuses = ",".join(f"{s}" for s in sorted(set(done))) or "-"

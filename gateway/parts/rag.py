@@ -38,6 +38,7 @@ from tollway.gateway.metering.accounting import Tally
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.roles import Can, Role, may, require
 from tollway.guardrails import PassageScreen
+from tollway.infra.fair import FairGate
 from tollway.jsontypes import JSON
 from tollway.publicids import PublicIds
 from tollway.retrieval import (
@@ -81,6 +82,9 @@ LOCAL_ENTRY = ModelEntry(name=LOCAL_NAME, upstream="local", upstream_model="all-
                          kind="embedding", tier="local", price=Price(source="local"))
 
 
+SEARCH_SLOTS = 1 << 20  # searches at once across tenants: not limited here (the pool and the cores decide)
+
+
 @dataclass(frozen=True, slots=True)
 class RagSettings:
     default_embedder: str = "local"
@@ -88,6 +92,7 @@ class RagSettings:
     max_context_tokens: int = 16_000
     max_document_tokens: int = 200_000
     on_failure: Literal["fail", "answer"] = "fail"
+    search_concurrency: int = 8  # one tenant's searches at once in this process
 
 
 def map_store_error(exc: StoreError) -> TollwayError:
@@ -139,6 +144,10 @@ class Rag:
         self.screen_for = screen_for  # the guard policy's passage_injection screen for a chat request
         self.searcher = Searcher(self.embedder_for)
         self.parser = parser or ParsePool()  # documents parsed in worker processes, tenant by tenant
+        # One tenant's searches at once (the API's and chats'): its flood waits behind itself, holding no pooled
+        # connection, while another tenant's search starts at once. No cap across tenants: many tenants searching
+        # at once keep the throughput that concurrency buys (the event loop's batches, PostgreSQL's cores).
+        self.searching = FairGate(SEARCH_SLOTS, per_owner=settings.search_concurrency)
 
     # -- embedders ---------------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -326,7 +335,7 @@ class Rag:
         # the tenant's rules (admission reads them) in their cache before a connection is held: a load takes
         # a connection of the same pool, which a burst of searches holding theirs would leave it none of
         await self.calls.rules(ctx.principal.tenant_id)
-        async with _Held(self.pool, self.searcher, tenant_id) as held:
+        async with self.searching.slot(ctx.principal.tenant_id), _Held(self.pool, self.searcher, tenant_id) as held:
             # the collection's lookup in the search's transaction (read once, on one connection)
             coll = await _collection_in(await held.begin(), tenant_id, name)
             embedder = self.embedder_for(coll.embedder, coll.dims)
@@ -443,7 +452,7 @@ class Rag:
         try:
             # one connection for the collection's lookup and the search (a checkout and its ping, not two),
             # given back before a reranker (or a remote embedder) is waited for
-            async with _Held(self.pool, self.searcher, tenant) as held:
+            async with self.searching.slot(tenant), _Held(self.pool, self.searcher, tenant) as held:
                 named = await _collection_in(await held.begin(), tenant, parsed.collection, "retrieval.collection")
                 entry = self.entry(named.embedder)
                 coll = named

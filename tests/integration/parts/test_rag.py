@@ -426,7 +426,8 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
         took = time.perf_counter() - began
         return await asyncio.gather(*tasks), waiting, [held, fine], took
 
-    async with app_factory(config=config) as gw:
+    # searches at once above what this test sends (the per-tenant turns have a test of their own, below)
+    async with app_factory(config=config, search_concurrency=64) as gw:
         await ingest(gw, slow.headers)
         await ingest(gw, other.headers)
         await ingest(gw, slow.headers, collection="remote", embedder="sim-embed")
@@ -445,7 +446,7 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
     assert all("rerank_error" in r.json() for r in reranked if "object" in r.json()
                and r.json()["object"] == "retrieval.result")
 
-    async with app_factory(config=stuck_config) as gw:
+    async with app_factory(config=stuck_config, search_concurrency=64) as gw:
         n = gw.state.pool.max_size + 4
         embedded, waiting, (held, fine), took = await while_stuck(gw, [
             (slow.headers, "/v1/retrieval/search", {"collection": "remote", "query": question})
@@ -456,6 +457,58 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
     assert took < 2.0, took
     assert {r.status_code for r in embedded} == {502} or {r.status_code for r in embedded} == {504}, \
         {r.status_code for r in embedded}  # the embedding upstream's timeout, the caller's error to see
+
+
+async def test_a_tenants_searches_take_turns_with_another_tenants(app_factory, make_tenant, tmp_path, sim):
+    """One tenant's searches at once in a process are capped (``search_concurrency``, 3 here): a tenant that
+    sends six searches whose reranker never answers has three of them running (at the reranker) and three
+    waiting for one to end, holding no connection; another tenant's search and chat with retrieval start at
+    once. The waiting three run as the first ones end (the reranker's 3 s timeout: the fused order,
+    ``rerank_error``)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    slow, other = make_tenant(ingest=True), make_tenant(ingest=True)
+    question = "what does express shipping of a replacement card cost"
+    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
+        {"name": "stuck-rerank", "upstream": "stuck", "upstream_model": "sim-timeout", "kind": "rerank",
+         "price": {"input_per_mtok": "2"}}], extra_upstreams=[{"name": "stuck", "base_url": sim.url, "timeout_s": 3}])
+
+    async def stuck_calls() -> int:
+        async with httpx.AsyncClient() as plain:
+            return (await plain.get(sim.url.removesuffix("/v1") + "/sim/stats")).json()["requests"].get("sim-timeout", 0)
+
+    async with app_factory(config=config, search_concurrency=3) as gw:
+        await ingest(gw, slow.headers)
+        await ingest(gw, other.headers)
+        before = await stuck_calls()
+        search = {"collection": "kb", "query": question, "rerank": "stuck-rerank"}
+        flood = [asyncio.create_task(gw.client.post("/v1/retrieval/search", headers=slow.headers, json=search))
+                 for _ in range(6)]
+        for _ in range(40):
+            if await stuck_calls() >= before + 3:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # time for a fourth to reach the reranker, if it could
+        running = await stuck_calls() - before
+        held = await checked_out(gw.state.pool)
+        began = time.perf_counter()
+        fine = [await gw.client.post("/v1/retrieval/search", headers=other.headers,
+                                     json={"collection": "kb", "query": question}),
+                await gw.client.post("/v1/chat/completions", headers=other.headers, json={
+                    "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": question}],
+                    "retrieval": {"collection": "kb"}})]
+        took = time.perf_counter() - began
+        flooded = await asyncio.gather(*flood)
+        total = await stuck_calls() - before
+    assert running == 3, running  # the tenant's cap: the other three wait for one to end
+    assert held <= 2, held  # waiting for a slot holds no connection
+    assert [r.status_code for r in fine] == [200, 200], [r.text for r in fine]
+    assert took < 2.0, took  # a slot was free for the other tenant
+    assert [r.status_code for r in flooded] == [200] * 6 and all("rerank_error" in r.json() for r in flooded)
+    assert total == 6  # the waiting ones ran once slots were free
 
 
 async def test_a_search_waiting_on_its_admission_holds_no_pooled_connection(app_factory, make_tenant, redis_url):
