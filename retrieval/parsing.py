@@ -6,8 +6,8 @@ slices, and every other request of the process waits for the lock each time it w
 documents in a loop slowed every other tenant's requests. Here a parse runs in a worker process (started with
 the first ingestion: no memory paid by a gateway that never ingests), stops itself after ``time_limit_s``
 (a worker that cannot is killed), and holds at most ``memory`` bytes of address space; idle workers stop, so
-the memory a large parse took (hundreds of megabytes for 4 MB of HTML) goes back to the machine. Tenants take turns for
-the workers (``FairGate``, one worker a tenant at a time): with two workers another tenant always finds one.
+the memory a large parse took (hundreds of megabytes for 4 MB of HTML) goes back to the machine. Tenants take
+turns for the workers (``FairGate``, one worker a tenant at a time): with two, another tenant always finds one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tollway.retrieval.ingest import NewDocument, check_documents, parse_documen
 
 log = logging.getLogger("tollway.retrieval")
 
-PARSE_TIME_LIMIT_S = 60.0  # one request's documents; a 4 MiB body of the slowest markup measured parses in ~15 s
+PARSE_TIME_LIMIT_S = 60.0  # one request's documents; a 4 MiB body of the slowest markup measured: ~25 s
 PARSE_MEMORY = 3 << 30  # a worker's address space (the documents, their chunks and the interpreter)
 PARSE_IDLE_S = 60.0  # workers stopped after this long without a parse: their memory back (4 MB of HTML: ~400 MB)
 

@@ -1,12 +1,12 @@
 """Slots of a shared resource handed out owner by owner (``FairGate``), and turns taken the same way (``Turns``).
 
-A resource every tenant shares (the local embedder's cores, the document parser) runs a few calls at once. With
-a plain semaphore, or a lock handed over in arrival order, its waiters are served first come first served: a
-tenant that sends a hundred calls at once puts every other tenant's next call behind all hundred. Here the
-waiters queue per owner (a tenant) and a freed slot goes to the waiting owner that holds the fewest (among
-equals, the one served longest ago), a turn to the next owner round the owners waiting. So another tenant waits
-for the calls already running at most, never for a queue it did not make. One owner alone uses every slot; the order among one owner's own calls
-stays first come first served.
+A resource every tenant shares (the local embedder's cores, the document parser, searches) runs a few calls at
+once. With a plain semaphore, or a lock handed over in arrival order, its waiters are served first come first
+served: a tenant that sends a hundred calls at once puts every other tenant's next call behind all hundred.
+Here the waiters queue per owner (a tenant), a freed slot goes to the waiting owner that holds the fewest (among
+equals, the one served longest ago), and a turn to the next owner round the owners waiting. So another tenant
+waits for the calls already running at most, never for a queue it did not make. One owner alone uses every
+slot; the order among one owner's own calls stays first come first served.
 """
 
 from __future__ import annotations
