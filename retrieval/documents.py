@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,7 +281,8 @@ def _units(text: str, limit: int, overlap: int = 0) -> Iterator[tuple[str, int]]
                 yield piece, count_text(piece)
 
 
-def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str) -> list[tuple[str, int]]:
+def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str, *,
+         exact: bool = False) -> list[tuple[str, int]]:
     """Greedy: units in order into pieces of at most ``limit`` tokens; each new piece starts with the last
     units of the one before, up to ``overlap`` tokens of them.
 
@@ -289,7 +290,8 @@ def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str) -> li
     sum of the units' counts and the separators' is an upper bound of the joined text's count (joining can
     merge a unit's last token with the separator, never split one), so while that sum is within the limit
     the unit fits without counting; past it, the joined text is counted. Counting every candidate piece
-    again, as this did, was quadratic in the units of a piece: 5 s of CPU for a 270 KB list."""
+    again (``exact``, what a piece falls back to where the bound did not hold) is quadratic in the units of
+    a piece: 5 s of CPU for a 270 KB list."""
     pieces: list[tuple[str, int]] = []
     current: list[tuple[str, int]] = []
     sep_tokens = count_text(sep)
@@ -299,14 +301,14 @@ def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str) -> li
 
     def fits(items: list[tuple[str, int]]) -> bool:
         bound = sum(n for _, n in items) + sep_tokens * (len(items) - 1)
-        return bound <= limit or size(items) <= limit
+        return (not exact and bound <= limit) or size(items) <= limit
 
     def close(items: list[tuple[str, int]]) -> None:
         n = size(items)
-        if n <= limit or len(items) == 1:
+        if n <= limit or len(items) == 1 or exact:
             pieces.append((sep.join(t for t, _ in items), n))
-        else:  # the bound did not hold for these units: cut them the exact way
-            pieces.extend(_pack_counted(items, limit, sep, size))
+        else:  # the bound did not hold for these units: cut them counting every candidate
+            pieces.extend(pack(items, limit, 0, sep, exact=True))
 
     for unit in units:
         if current and not fits([*current, unit]):
@@ -320,21 +322,6 @@ def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str) -> li
         current.append(unit)
     if current:
         close(current)
-    return pieces
-
-
-def _pack_counted(units: list[tuple[str, int]], limit: int, sep: str,
-                  size: Callable[[list[tuple[str, int]]], int]) -> list[tuple[str, int]]:
-    """Units into pieces of at most ``limit`` tokens, each candidate piece counted (no overlap)."""
-    pieces: list[tuple[str, int]] = []
-    current: list[tuple[str, int]] = []
-    for unit in units:
-        if current and size([*current, unit]) > limit:
-            pieces.append((sep.join(t for t, _ in current), size(current)))
-            current = []
-        current.append(unit)
-    if current:
-        pieces.append((sep.join(t for t, _ in current), size(current)))
     return pieces
 
 

@@ -103,30 +103,6 @@ def test_a_run_on_text_is_cut_by_tokens_with_overlap():
     assert chunks[-1].split()[-1] == "w399"
 
 
-def _pack_counting_every_piece(units: list[tuple[str, int]], limit: int, overlap: int,
-                               sep: str) -> list[tuple[str, int]]:
-    """The chunk packer as it was before it counted only near the limit: each candidate piece counted."""
-    pieces: list[tuple[str, int]] = []
-    current: list[tuple[str, int]] = []
-
-    def size(items: list[tuple[str, int]]) -> int:
-        return count_text(sep.join(t for t, _ in items)) if items else 0
-
-    for unit in units:
-        if current and size([*current, unit]) > limit:
-            pieces.append((sep.join(t for t, _ in current), size(current)))
-            carried: list[tuple[str, int]] = []
-            for prev in reversed(current):
-                if sum(n for _, n in carried) + prev[1] > overlap:
-                    break
-                carried.insert(0, prev)
-            current = carried if size([*carried, unit]) <= limit else []
-        current.append(unit)
-    if current:
-        pieces.append((sep.join(t for t, _ in current), size(current)))
-    return pieces
-
-
 def test_chunks_are_packed_as_when_every_candidate_piece_was_counted():
     """Counting a piece only once the units' own counts pass the limit packs the same pieces, with the same
     counts, as counting every candidate: sentences ending in punctuation (which joins with the separator),
@@ -148,7 +124,7 @@ def test_chunks_are_packed_as_when_every_candidate_piece_was_counted():
             units_fit = [(t, n) for t, n in units if n <= limit]
             for sep in ("\n\n", " "):
                 got = pack_chunks(units_fit, limit, overlap, sep)
-                assert got == _pack_counting_every_piece(units_fit, limit, overlap, sep)
+                assert got == pack_chunks(units_fit, limit, overlap, sep, exact=True)
                 assert all(n <= limit and n == count_text(t) for t, n in got)
                 compared += len(got)
     assert compared > 2000
