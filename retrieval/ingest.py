@@ -51,7 +51,10 @@ def metadata_key(metadata: dict[str, Any]) -> str:
 
 
 def parse_all(coll: Collection, docs: Sequence[NewDocument], *, max_tokens: int) -> list[tuple[NewDocument, Parsed]]:
-    """``parse_documents`` with the collection's settings, each document beside its parse."""
+    """``check_documents``, then ``parse_documents`` with the collection's settings, each document beside its
+    parse (in this process: what a bench or a script calls; the gateway's ``ParsePool`` does the same with the
+    parse in a worker)."""
+    check_documents(docs, max_tokens=max_tokens)
     return list(zip(docs, parse_documents(coll.splitting, docs, max_tokens=max_tokens), strict=True))
 
 
@@ -70,10 +73,10 @@ def check_documents(docs: Sequence[NewDocument], *, max_tokens: int) -> None:
 
 
 def parse_documents(splitting: Splitting, docs: Sequence[NewDocument], *, max_tokens: int) -> list[Parsed]:
-    """Parse and split every document, or raise ``DocumentError`` naming the one that cannot be
-    (``DocumentTooLarge`` past ``max_tokens``). CPU work (markdown, HTML, every chunk's tokens: seconds for a
-    few megabytes): a gateway runs it in a worker process (``tollway.retrieval.parsing``)."""
-    check_documents(docs, max_tokens=max_tokens)
+    """Parse and split every document of a request ``check_documents`` passed, or raise ``DocumentError``
+    naming the one that cannot be (``DocumentTooLarge`` past ``max_tokens``). CPU work (markdown, HTML, every
+    chunk's tokens: seconds for a few megabytes): a gateway runs it in a worker process
+    (``tollway.retrieval.parsing``)."""
     parsed_all: list[Parsed] = []
     for i, doc in enumerate(docs):
         try:

@@ -54,7 +54,6 @@ from tollway.retrieval import (
     Gathered,
     LocalEmbedder,
     NewDocument,
-    Parsed,
     ParsePool,
     Query,
     Reranker,
@@ -296,7 +295,8 @@ class Rag:
         embedder = self.embedder_for(coll.embedder, coll.dims)
         limit = self.settings.max_document_tokens
         try:
-            parsed = await self._parsed(coll, docs, limit, ctx.principal.tenant_id)
+            # in a worker process, tenants taking turns for the workers, with no connection held
+            parsed = await self.parser.parse(coll.splitting, docs, max_tokens=limit, owner=ctx.principal.tenant_id)
         except DocumentError as exc:
             raise (PayloadTooLarge(str(exc), param="documents") if isinstance(exc, DocumentTooLarge) else
                    InvalidRequest(str(exc), param="documents", code="invalid_document")) from None
@@ -321,12 +321,6 @@ class Rag:
         entry = self.entry(coll.embedder)
         (written, version, embedded), cost = await self._metered(ctx, "ingest", body, entry, worst, run)
         return written, version, embedded, cost
-
-    async def _parsed(self, coll: Collection, docs: Sequence[NewDocument], limit: int,
-                      owner: int) -> list[tuple[NewDocument, Parsed]]:
-        """Parsed in a worker process (seconds of CPU for a few megabytes, kept off this process's interpreter
-        lock), tenants taking turns for the workers, with no connection held."""
-        return await self.parser.parse(coll.splitting, docs, max_tokens=limit, owner=owner)
 
     async def search(self, ctx: CallContext, body: bytes, tenant_id: int, name: str, query: Query, *,
                      rerank: str | None = None) -> tuple[Found, Decimal]:
