@@ -16,6 +16,9 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Hashable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class FairGate:
@@ -98,15 +101,22 @@ class FairGate:
             if not eligible:
                 return
             owner = min(eligible, key=self.held_by)
-            queue = self._waiting[owner]
-            granted = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(owner)
-            else:
-                del self._waiting[owner]
+            granted = _serve(self._waiting, owner)
             if not granted.done():  # (a cancelled waiter removes itself; this is the belt to that)
                 self._take(owner)
                 granted.set_result(None)
+
+
+def _serve(waiting: OrderedDict[Hashable, deque[T]], owner: Hashable) -> T:
+    """``owner``'s oldest waiter, taken off its queue; the owner goes to the end of the round (or out of it
+    where none of its waiters is left)."""
+    queue = waiting[owner]
+    first = queue.popleft()
+    if queue:
+        waiting.move_to_end(owner)
+    else:
+        del waiting[owner]
+    return first
 
 
 class Turns:
@@ -142,13 +152,6 @@ class Turns:
                     # the owner served longest ago goes first; the one just served is last among those waiting
                     if owner in self._waiting and len(self._waiting) > 1:
                         self._waiting.move_to_end(owner)
-                    first = next(iter(self._waiting))
-                    queue = self._waiting[first]
-                    nxt = queue.popleft()
-                    if queue:
-                        self._waiting.move_to_end(first)
-                    else:
-                        del self._waiting[first]
-                    nxt.set()
+                    _serve(self._waiting, next(iter(self._waiting))).set()
                 else:
                     self._held = False
