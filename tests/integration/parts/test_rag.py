@@ -376,6 +376,39 @@ async def test_a_reranking_model_orders_the_candidates_and_is_metered(app_factor
     assert (not_a_reranker.status_code, not_a_reranker.json()["error"]["code"]) == (400, "model_not_supported")
 
 
+STUCK_QUESTION = "what does express shipping of a replacement card cost"
+
+
+def _stuck_rerank_config(path: Any, sim: Any) -> Any:
+    """A config whose reranker ``stuck-rerank`` never answers (the sim's ``timeout``; the upstream gives up at
+    3 s), on an upstream of its own (the same server): its breaker, not the chat models', opens."""
+    return write_config(path, sim.url, extra_models=[
+        {"name": "stuck-rerank", "upstream": "stuck", "upstream_model": "sim-timeout", "kind": "rerank",
+         "price": {"input_per_mtok": "2"}}], extra_upstreams=[{"name": "stuck", "base_url": sim.url, "timeout_s": 3}])
+
+
+async def _sim_calls(sim: Any, *models: str) -> int:
+    """The calls the scripted upstream has received for these models."""
+    import httpx
+
+    async with httpx.AsyncClient() as plain:
+        counts = (await plain.get(sim.url.removesuffix("/v1") + "/sim/stats")).json()["requests"]
+    return sum(counts.get(model, 0) for model in models)
+
+
+async def _answered_meanwhile(gw: Any, headers: dict[str, str]) -> tuple[list[Any], float]:
+    """A search and a chat with retrieval of another tenant (its collection ``kb``), and the seconds they took."""
+    import time
+
+    began = time.perf_counter()
+    answers = [await gw.client.post("/v1/retrieval/search", headers=headers,
+                                    json={"collection": "kb", "query": STUCK_QUESTION}),
+               await gw.client.post("/v1/chat/completions", headers=headers, json={
+                   "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": STUCK_QUESTION}],
+                   "retrieval": {"collection": "kb"}})]
+    return answers, time.perf_counter() - began
+
+
 async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_factory, make_tenant, tmp_path, sim):
     """A reranker or a remote embedder that does not answer (the sim's ``timeout``: the upstream's 3 s timeout
     ends each call) keeps its own searches waiting, never a connection of the pool every tenant shares: with
@@ -383,17 +416,12 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
     and chat are answered at once. The stuck searches still answer (the fused order, ``rerank_error``; the
     remote embedder's failure as the failure policy says)."""
     import asyncio
-    import time
 
-    import httpx
     import yaml
 
     slow, other = make_tenant(ingest=True), make_tenant(ingest=True)
-    question = "what does express shipping of a replacement card cost"
-    # the stuck calls go to an upstream of their own (the same server): its breaker, not the chat models', opens
-    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
-        {"name": "stuck-rerank", "upstream": "stuck", "upstream_model": "sim-timeout", "kind": "rerank",
-         "price": {"input_per_mtok": "2"}}], extra_upstreams=[{"name": "stuck", "base_url": sim.url, "timeout_s": 3}])
+    question = STUCK_QUESTION
+    config = _stuck_rerank_config(tmp_path / "c.yaml", sim)
     stuck_embedder = yaml.safe_load(config.read_text())
     for model in stuck_embedder["models"]:
         if model["name"] == "sim-embed":  # the same catalog name, its upstream now never answers
@@ -402,9 +430,7 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
     stuck_config.write_text(yaml.safe_dump(stuck_embedder))
 
     async def stuck_calls() -> int:
-        async with httpx.AsyncClient() as plain:
-            counts = (await plain.get(sim.url.removesuffix("/v1") + "/sim/stats")).json()["requests"]
-        return counts.get("sim-timeout", 0) + counts.get("sim-embed-timeout", 0)
+        return await _sim_calls(sim, "sim-timeout", "sim-embed-timeout")
 
     async def while_stuck(gw, requests: list[tuple[dict[str, str], str, dict]]) -> tuple[list, int, list, float]:
         pool = gw.state.pool
@@ -417,13 +443,7 @@ async def test_a_search_waiting_on_an_upstream_holds_no_pooled_connection(app_fa
             await asyncio.sleep(0.05)
         waiting = await stuck_calls() - before
         held = await checked_out(pool)
-        began = time.perf_counter()
-        fine = [await gw.client.post("/v1/retrieval/search", headers=other.headers,
-                                     json={"collection": "kb", "query": question}),
-                await gw.client.post("/v1/chat/completions", headers=other.headers, json={
-                    "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": question}],
-                    "retrieval": {"collection": "kb"}})]
-        took = time.perf_counter() - began
+        fine, took = await _answered_meanwhile(gw, other.headers)
         return await asyncio.gather(*tasks), waiting, [held, fine], took
 
     # searches at once above what this test sends (the per-tenant turns have a test of their own, below)
@@ -466,25 +486,18 @@ async def test_a_tenants_searches_take_turns_with_another_tenants(app_factory, m
     once. The waiting three run as the first ones end (the reranker's 3 s timeout: the fused order,
     ``rerank_error``)."""
     import asyncio
-    import time
-
-    import httpx
 
     slow, other = make_tenant(ingest=True), make_tenant(ingest=True)
-    question = "what does express shipping of a replacement card cost"
-    config = write_config(tmp_path / "c.yaml", sim.url, extra_models=[
-        {"name": "stuck-rerank", "upstream": "stuck", "upstream_model": "sim-timeout", "kind": "rerank",
-         "price": {"input_per_mtok": "2"}}], extra_upstreams=[{"name": "stuck", "base_url": sim.url, "timeout_s": 3}])
+    config = _stuck_rerank_config(tmp_path / "c.yaml", sim)
 
     async def stuck_calls() -> int:
-        async with httpx.AsyncClient() as plain:
-            return (await plain.get(sim.url.removesuffix("/v1") + "/sim/stats")).json()["requests"].get("sim-timeout", 0)
+        return await _sim_calls(sim, "sim-timeout")
 
     async with app_factory(config=config, search_concurrency=3) as gw:
         await ingest(gw, slow.headers)
         await ingest(gw, other.headers)
         before = await stuck_calls()
-        search = {"collection": "kb", "query": question, "rerank": "stuck-rerank"}
+        search = {"collection": "kb", "query": STUCK_QUESTION, "rerank": "stuck-rerank"}
         flood = [asyncio.create_task(gw.client.post("/v1/retrieval/search", headers=slow.headers, json=search))
                  for _ in range(6)]
         for _ in range(40):
@@ -494,13 +507,7 @@ async def test_a_tenants_searches_take_turns_with_another_tenants(app_factory, m
         await asyncio.sleep(0.3)  # time for a fourth to reach the reranker, if it could
         running = await stuck_calls() - before
         held = await checked_out(gw.state.pool)
-        began = time.perf_counter()
-        fine = [await gw.client.post("/v1/retrieval/search", headers=other.headers,
-                                     json={"collection": "kb", "query": question}),
-                await gw.client.post("/v1/chat/completions", headers=other.headers, json={
-                    "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": question}],
-                    "retrieval": {"collection": "kb"}})]
-        took = time.perf_counter() - began
+        fine, took = await _answered_meanwhile(gw, other.headers)
         flooded = await asyncio.gather(*flood)
         total = await stuck_calls() - before
     assert running == 3, running  # the tenant's cap: the other three wait for one to end
