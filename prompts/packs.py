@@ -22,21 +22,30 @@ _OFS_DELTA, _REF_DELTA = 6, 7
 _STEP = 64 << 10
 
 
-def pack_start(body: bytes) -> int | None:
-    """Where a receive-pack request's pack begins: after its commands' pkt-lines and their flush-pkt (None:
-    no pack, as when a push only deletes, or commands that cannot be read, which dulwich then refuses)."""
+def _commands(body: bytes) -> tuple[list[bytes], int | None]:
+    """A receive-pack request's command pkt-lines (their payloads), and where its pack begins after their
+    flush-pkt (None: no flush-pkt, or a line that cannot be read)."""
+    lines: list[bytes] = []
     pos = 0
     while pos + 4 <= len(body):
         try:
             length = int(body[pos:pos + 4], 16)
         except ValueError:
-            return None
+            return lines, None
         if length == 0:
-            return pos + 4 if pos + 4 < len(body) else None
+            return lines, pos + 4
         if length < 4:
-            return None
+            return lines, None
+        lines.append(body[pos + 4:pos + length])
         pos += length
-    return None
+    return lines, None
+
+
+def pack_start(body: bytes) -> int | None:
+    """Where a receive-pack request's pack begins: after its commands' pkt-lines and their flush-pkt (None:
+    no pack, as when a push only deletes, or commands that cannot be read, which dulwich then refuses)."""
+    _, start = _commands(body)
+    return start if start is not None and start < len(body) else None
 
 
 def pack_refusal(body: bytes, *, max_object: int = MAX_OBJECT_BYTES, max_total: int = MAX_PACK_BYTES) -> str | None:
@@ -126,21 +135,13 @@ def refusal_report(body: bytes, why: str) -> bytes:
     """receive-pack's answer refusing every command of ``body`` with ``why``: git prints it as "remote unpack
     failed: ..." and "! [remote rejected] <ref> (...)" instead of a bare HTTP error."""
     reason = why.replace("\n", " ").encode()[:900]
-    refs, caps, pos = [], b"", 0
-    while pos + 4 <= len(body):
-        try:
-            length = int(body[pos:pos + 4], 16)
-        except ValueError:
-            break
-        if length < 4:
-            break
-        line = body[pos + 4:pos + length].rstrip(b"\n")
-        command, _, offered = line.partition(b"\0")
+    refs, caps = [], b""
+    for line in _commands(body)[0]:
+        command, _, offered = line.rstrip(b"\n").partition(b"\0")
         caps = caps or offered
         parts = command.split(b" ")
         if len(parts) == 3:
             refs.append(parts[2])
-        pos += length
     report = _pkt(b"unpack " + reason + b"\n") + b"".join(_pkt(b"ng " + ref + b" " + reason + b"\n") for ref in refs)
     report += b"0000"
     if b"side-band-64k" not in caps.split():
