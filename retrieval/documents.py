@@ -291,7 +291,7 @@ def pack(units: list[tuple[str, int]], limit: int, overlap: int, sep: str, *,
     merge a unit's last token with the separator, never split one), so while that sum is within the limit
     the unit fits without counting; past it, the joined text is counted. Counting every candidate piece
     again (``exact``, what a piece falls back to where the bound did not hold) is quadratic in the units of
-    a piece: 5 s of CPU for a 270 KB list."""
+    a piece: 259 KB of prose took 1.37 s of CPU that way, 0.46 s this way."""
     pieces: list[tuple[str, int]] = []
     current: list[tuple[str, int]] = []
     sep_tokens = count_text(sep)
