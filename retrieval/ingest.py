@@ -85,8 +85,8 @@ def parse_documents(splitting: Splitting, docs: Sequence[NewDocument], *, max_to
         except DocumentError as exc:
             raise DocumentError(f"documents[{i}] ({doc.source}): {exc}") from None
         if parsed.tokens > max_tokens:
-            raise DocumentTooLarge(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most {max_tokens} "
-                                   "are allowed per document")
+            raise DocumentTooLarge(f"documents[{i}] ({doc.source}) has {parsed.tokens} tokens; at most "
+                                   f"{max_tokens} are allowed per document")
         parsed_all.append(parsed)
     return parsed_all
 

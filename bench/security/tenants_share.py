@@ -62,27 +62,28 @@ FLOODS: dict[str, Callable[[int], tuple[str, dict[str, object]]]] = {
 }
 
 
+# tenant B's calls, in turn: (name, path, body of the n-th round)
+PROBES: tuple[tuple[str, str, Callable[[int], dict[str, object]]], ...] = (
+    ("search", "/retrieval/search",
+     lambda n: {"collection": "handbook", "query": f"{sentence(6, n)} {n}", "context_tokens": 300}),
+    ("embed", "/embeddings", lambda n: {"model": LOCAL, "input": f"{sentence(10, n)} {n}"}),
+    ("ingest", "/collections/notes/documents",
+     lambda n: {"text": document(n) + f"\n\nrevision {n}", "format": "markdown", "source": f"n{n % 3}"}),
+)
+
+
 def probe(base: str, key: str, seconds: float) -> dict[str, list[float]]:
     headers = {"authorization": f"Bearer {key}"}
-    got: dict[str, list[float]] = {"search": [], "embed": [], "ingest": []}
+    got: dict[str, list[float]] = {name: [] for name, _, _ in PROBES}
     end = time.monotonic() + seconds
     n = 0
     with httpx.Client(timeout=120) as client:
         while time.monotonic() < end:
             n += 1
-            t = time.perf_counter()
-            client.post(f"{base}/retrieval/search", headers=headers, json={
-                "collection": "handbook", "query": f"{sentence(6, n)} {n}", "context_tokens": 300}).raise_for_status()
-            got["search"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            client.post(f"{base}/embeddings", headers=headers,
-                        json={"model": LOCAL, "input": f"{sentence(10, n)} {n}"}).raise_for_status()
-            got["embed"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            client.post(f"{base}/collections/notes/documents", headers=headers, json={
-                "text": document(n) + f"\n\nrevision {n}", "format": "markdown", "source": f"n{n % 3}"}
-            ).raise_for_status()
-            got["ingest"].append(time.perf_counter() - t)
+            for name, path, body in PROBES:
+                t = time.perf_counter()
+                client.post(f"{base}{path}", headers=headers, json=body(n)).raise_for_status()
+                got[name].append(time.perf_counter() - t)
             time.sleep(0.02)
     return got
 
@@ -98,7 +99,8 @@ def flood(base: str, key: str, kind: str, stop: threading.Event, done: list[int]
             done.append(r.status_code)
 
 
-def row(base: str, keys: dict[str, str], kind: str | None, threads: int, seconds: float) -> tuple[dict[str, list[float]], list[int]]:
+def row(base: str, keys: dict[str, str], kind: str | None, threads: int,
+        seconds: float) -> tuple[dict[str, list[float]], list[int]]:
     stop = threading.Event()
     done: list[int] = []
     workers = [threading.Thread(target=flood, args=(base, keys["a"], kind, stop, done)) for _ in range(threads)] \
@@ -145,9 +147,9 @@ def main() -> None:
                 headers = {"authorization": f"Bearer {keys[tenant]}"}
                 client.post(f"{base}/collections", headers=headers, json={"name": coll}).raise_for_status()
             for tenant, coll in (("b", "handbook"), ("a", "floodbox")):
+                docs = [{"text": document(i), "format": "markdown", "source": f"h{i}"} for i in range(20)]
                 client.post(f"{base}/collections/{coll}/documents", headers={"authorization": f"Bearer {keys[tenant]}"},
-                            json={"documents": [{"text": document(i), "format": "markdown", "source": f"h{i}"}
-                                                for i in range(20)]}).raise_for_status()
+                            json={"documents": docs}).raise_for_status()
             for url in gateways.values():  # each process's model loaded before anything is timed
                 for tenant in ("a", "b"):
                     client.post(f"{url}/embeddings", headers={"authorization": f"Bearer {keys[tenant]}"},

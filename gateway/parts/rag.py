@@ -229,7 +229,8 @@ class Rag:
 
         return call
 
-    async def _embed(self, embedder: Embedder, texts: Sequence[str], owner: int, *, query: bool = False) -> Embedded:
+    async def _embed(self, embedder: Embedder, texts: Sequence[str], owner: int, *,
+                     query: bool = False) -> Embedded:
         """``owner``: the tenant the call is for (the local embedder serves tenants in turn)."""
         try:
             return await embedder.embed(texts, query=query, owner=owner)
@@ -329,7 +330,8 @@ class Rag:
         # the tenant's rules (admission reads them) in their cache before a connection is held: a load takes
         # a connection of the same pool, which a burst of searches holding theirs would leave it none of
         await self.calls.rules(ctx.principal.tenant_id)
-        async with self.searching.slot(ctx.principal.tenant_id), _Held(self.pool, self.searcher, tenant_id) as held:
+        async with (self.searching.slot(ctx.principal.tenant_id),
+                    _Held(self.pool, self.searcher, tenant_id) as held):
             # the collection's lookup in the search's transaction (read once, on one connection)
             coll = await _collection_in(await held.begin(), tenant_id, name)
             embedder = self.embedder_for(coll.embedder, coll.dims)
