@@ -170,9 +170,9 @@ def app_factory(pg: EmbeddedPostgres, redis_url: str, sim: Process,
     return make
 
 
-@pytest.fixture(scope="session")
-def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
-    """Start `tollway serve` as a real subprocess; yields a starter."""
+@contextlib.contextmanager
+def _serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
+    """A starter of `tollway serve` as a real subprocess; what it started stops (SIGTERM) on the way out."""
     started: list[Served] = []
 
     def start(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 120) -> Served:
@@ -180,8 +180,8 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
         workdir = tmp_path_factory.mktemp("serve")
         log = workdir / "serve.log"
         # Its periodic budget-alert pass off unless asked for (once a day): the session's gateways share one
-        # database and live to its end, and a pass with the real clock raised the forecast alert that a test
-        # driving check_budgets with its own clock was counting (test_alerts failed so, now and then).
+        # database, and a pass with the real clock raised the forecast alert that a test driving
+        # check_budgets with its own clock was counting (test_alerts failed so, now and then).
         full_env = {**os.environ, "TOLLWAY_DATA_DIR": str(workdir / "data"), "TOLLWAY_BUDGET_ALERT_INTERVAL_S": "86400",
                     **(env or {})}
         argv = [sys.executable, "-m", "tollway.cli", "serve", "--port", str(port), *args]
@@ -198,17 +198,39 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Se
         wait_until(up, ready_timeout, "tollway serve", log)
         return served
 
-    yield start
-    stop_all(list(started))
+    try:
+        yield start
+    finally:
+        stop_all(started)
+
+
+@pytest.fixture
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
+    """Start `tollway serve` as a real subprocess, stopped when the test ends; yields a starter."""
+    with _serving(tmp_path_factory) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def serve_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
+    """``serve`` for a module's shared gateway: stopped when the module's tests are done."""
+    with _serving(tmp_path_factory) as start:
+        yield start
 
 
 @pytest.fixture(scope="session")
-def gateway(serve: Callable[..., Served], sim: Process, pg: EmbeddedPostgres, redis_url: str,
+def serve_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
+    with _serving(tmp_path_factory) as start:
+        yield start
+
+
+@pytest.fixture(scope="session")
+def gateway(serve_session: Callable[..., Served], sim: Process, pg: EmbeddedPostgres, redis_url: str,
             tmp_path_factory: pytest.TempPathFactory) -> Served:
     """`tollway serve` as a real process with the test config (the scripted upstream's models), shared by
     the end-to-end tests that drive it with the openai SDK and the CLI (each with tenants of its own)."""
     config = write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
-    return serve("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
+    return serve_session("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
                                                "TOLLWAY_BOOTSTRAP": "false"})
 
 

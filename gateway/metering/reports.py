@@ -17,6 +17,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import InvalidRequest, PermissionDenied
+from tollway.gateway.metering import GROUPS
 from tollway.gateway.metering.quota import window
 from tollway.gateway.metering.reconcile import ledger_usage
 from tollway.gateway.tenancy.keys import Principal
@@ -24,7 +25,6 @@ from tollway.gateway.tenancy.policy import EACH, load_rules
 from tollway.gateway.tenancy.roles import Can, may, require, roles_that
 from tollway.routing import Catalog
 
-GROUPS = ("day", "model", "tier", "key", "user", "tag", "prompt", "route", "role", "endpoint", "tenant")
 # The route kind (ledger_route_kind in migration 0011); 'auto' splits into auto-large (the top tier) and
 # auto-small here, where the top tier is known.
 _ROUTE_KIND = "ledger_route_kind(l.role, l.cache_hit, l.degraded, l.attempt, l.route_reason)"

@@ -28,12 +28,12 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 
 
 @pytest.fixture(scope="module")
-def served(serve: Any, sim: Any, pg: Any, redis_url: str, tmp_path_factory: Any) -> Any:
+def served(serve_module: Any, sim: Any, pg: Any, redis_url: str, tmp_path_factory: Any) -> Any:
     # one model nobody priced: a USD budget cannot see its answers, and the Budgets page says so
     config = write_config(tmp_path_factory.mktemp("console") / "tollway.yaml", sim.url,
                           extra_models=[{"name": "sim-unpriced", "upstream": "sim"}])
     metrics_port = free_port()
-    proc = serve("--config", str(config), "--workers", "2", env={
+    proc = serve_module("--config", str(config), "--workers", "2", env={
         "TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false",
         "TOLLWAY_METRICS_PORT": str(metrics_port)})
     proc.metrics_port = metrics_port

@@ -15,9 +15,9 @@ from tollway.local.embedded import LOCAL_MODEL_NAME
 
 
 @pytest.fixture(scope="module")
-def embedded(serve):
+def embedded(serve_module):
     env = {"TOLLWAY_DATABASE_URL": "", "TOLLWAY_REDIS_URL": "", "TOLLWAY_UPSTREAMS": "", "TOLLWAY_CONFIG": ""}
-    served = serve(env=env, ready_timeout=240)
+    served = serve_module(env=env, ready_timeout=240)
     return served, bootstrap_key(served)
 
 

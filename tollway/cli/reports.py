@@ -9,8 +9,7 @@ import json
 from typing import Any
 
 from tollway.cli.common import database, settings_of, table
-from tollway.gateway.metering.reports import GROUPS
-from tollway.routing import load_config
+from tollway.gateway.metering import GROUPS
 
 _COLUMNS = ("group", "spend_usd", "requests", "errors", "input_tokens", "output_tokens", "cache_hits",
             "cache_saved_usd", "routing_saved_usd", "failed_attempts", "guard_blocked")
@@ -28,6 +27,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
     from tollway.gateway.metering.reports import build_query, cost_report, to_csv
     from tollway.gateway.tenancy.keys import Principal
     from tollway.infra.db import migrate
+    from tollway.routing import load_config
 
     operator = Principal(key_id=0, tenant_id=0, tenant="", role="admin", allowed_models=None)
 

@@ -172,6 +172,19 @@ def test_the_prefilter_changes_no_verdict_only_the_time():
     assert sum(score(t).blocked() for t in texts) >= len(_INJECTION_CASES) * 2
 
 
+def test_the_prefilter_reads_wide_repeats_as_unbounded_and_leaves_the_rest():
+    """What Hyperscan compiles: a bound of 20 or more opened (it matches more, never less: the regexes
+    decide), a narrow bound, an exact count and an escaped brace as written."""
+    import regex
+
+    from tollway.guardrails.injection import loosened
+
+    source = r"\bsend\b[^.\n]{0,50}\bto\b(?:\W+\w+){0,3}?\W+x{4}y{2,19}z{20,21}\{0,40}"
+    assert loosened(source) == r"\bsend\b[^.\n]{0,}\bto\b(?:\W+\w+){0,3}?\W+x{4}y{2,19}z{20,}\{0,40}"
+    far = "send " + "w" * 80 + " to me xxxxyy" + "z" * 30 + "{0,40}"
+    assert regex.search(loosened(source), far) and not regex.search(source, far)
+
+
 # -- JSON -----------------------------------------------------------------------------------------------
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
