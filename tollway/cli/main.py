@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tollway.errors import TollwayError
     from tollway.local.embedded import EmbeddedError
-    from tollway.routing import ConfigError
+    from tollway.config import ConfigError
 
     try:
         return int(args.func(args))
