@@ -45,7 +45,8 @@ class Gateway:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             async with AsyncExitStack() as stack:
-                app.state.tollway = await build_state(settings, stack, span_exporter, metric_reader)
+                app.state.tollway = state = await build_state(settings, stack, span_exporter, metric_reader)
+                stack.callback(state.drain.install())  # under `tollway serve`: SIGTERM pauses, then stops
                 # Everything built so far lives as long as the process: keep it out of the cyclic GC,
                 # whose full passes over it otherwise stall requests for tens of milliseconds.
                 gc.collect()

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     # Worker processes behind the one port; embedded services are started once, by the parent.
     workers: int = Field(default=1, ge=1, le=64)
+    # On SIGTERM, /readyz answers 503 and the gateway serves on for this long before it stops accepting, so
+    # a balancer that learns from health checks takes it out first (more than its check interval times its
+    # fall count). 0: stop accepting at once (Kubernetes removes the pod from its endpoints before SIGTERM).
+    drain_pause_s: float = Field(default=0.0, ge=0, le=300)
 
     database_url: str | None = None
     # PostgreSQL behind a pooler in transaction mode (PgBouncer, RDS Proxy, Supavisor ...): the pool prepares

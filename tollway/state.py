@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +55,7 @@ from tollway.infra.alerts import Delivery, Webhook
 from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
 from tollway.infra.db import migrate
+from tollway.infra.drain import Drain
 from tollway.infra.periodic import Periodic
 from tollway.infra.redisclient import REDIS_FAULTS, eviction_risk
 from tollway.infra.redisclient import connect as connect_redis
@@ -124,6 +125,7 @@ class AppState:
     # (tenant id, budget id): the budget's counters raised to what the ledger says its window spent (this
     # process's queued rows written first); a fault is logged and left to the periodic reconciliation
     seed_budget: Callable[[int, int], Awaitable[None]] | None = None
+    drain: Drain = field(default_factory=lambda: Drain(0))  # SIGTERM's pause, /readyz 503 meanwhile
 
     async def readiness(self) -> dict[str, bool]:
         async def database() -> bool:
@@ -417,7 +419,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,
                     changes=changes, prompts=prompts, rag=rag, guarding=guarding, evals=evals, git=git,
-                    prompt_gate=EvalGate(evals, pool), quality=quality, monitor=monitor, seed_budget=seed)
+                    prompt_gate=EvalGate(evals, pool), quality=quality, monitor=monitor, seed_budget=seed,
+                    drain=Drain(settings.drain_pause_s))
 
 
 def _retention(pool: AsyncConnectionPool) -> Callable[[], Awaitable[None]]:

@@ -49,8 +49,12 @@ async def readyz(request: Request, require: str | None = None) -> Response:
     (known keys keep working without the database, fail-open tenants without Redis, degraded answers
     without an upstream), and taking every replica out of a load balancer at once would turn those
     answers into connection errors. ``checks`` says what is reachable (``status: degraded`` when something
-    is not); ``?require=database,redis,upstream`` makes those conditions (503 when one fails)."""
-    checks = await app_state(request).readiness()
+    is not); ``?require=database,redis,upstream`` makes those conditions (503 when one fails). 503
+    ``draining`` from a SIGTERM until the server stops accepting (``TOLLWAY_DRAIN_PAUSE_S``)."""
+    state = app_state(request)
+    if state.drain.draining:  # SIGTERM: out of the balancer first, then the graceful stop
+        return json_response({"status": "draining"}, status=503)
+    checks = await state.readiness()
     needed = [n for n in (require or "").split(",") if n]
     unknown = [n for n in needed if n not in checks]
     if unknown:

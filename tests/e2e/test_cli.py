@@ -213,3 +213,31 @@ def test_workers_share_one_port_and_the_embedded_services(serve, sim):
     while (data / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (data / "postgres" / "postmaster.pid").exists()
+
+
+def test_sigterm_with_a_drain_pause_leaves_the_balancer_before_the_port_closes(serve, sim, pg, redis_url, make_tenant,
+                                                                              tmp_path):
+    """`TOLLWAY_DRAIN_PAUSE_S`: on SIGTERM every worker answers /readyz 503 ``draining`` and still serves for the
+    pause (a balancer checking readiness takes the replica out meanwhile); then the graceful stop."""
+    import signal
+    import time
+
+    tenant = make_tenant()
+    served = serve("--config", str(write_config(tmp_path / "tollway.yaml", sim.url)), "--workers", "2", env={
+        "TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "0",
+        "TOLLWAY_DRAIN_PAUSE_S": "3"})
+    base = served.url.removesuffix("/v1")
+    assert httpx.get(base + "/readyz").status_code == 200
+    served.process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    time.sleep(0.5)  # (the supervisor passes the signal on to its workers)
+    with httpx.Client(timeout=10) as client:  # a connection per request: both workers are asked
+        readiness = [client.get(base + "/readyz", headers={"connection": "close"}) for _ in range(8)]
+        answered = client.post(served.url + "/chat/completions", headers={"authorization": f"Bearer {tenant.key}"},
+                               json={"model": "sim-small", "max_tokens": 4,
+                                     "messages": [{"role": "user", "content": "still there?"}]})
+    assert time.monotonic() - sent < 3, "the checks above ran inside the pause"
+    assert [(r.status_code, r.json()["status"]) for r in readiness] == [(503, "draining")] * 8
+    assert answered.status_code == 200, answered.text
+    assert served.process.wait(30) == 0
+    assert time.monotonic() - sent >= 3, "the port stayed open for the pause"

@@ -326,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tollway.config import ConfigError
     from tollway.errors import TollwayError
     from tollway.local.embedded import EmbeddedError
-    from tollway.config import ConfigError
 
     try:
         return int(args.func(args))
