@@ -219,7 +219,10 @@ def serve_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 @pytest.fixture(scope="session")
-def serve_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Served]]:
+def serve_session(tmp_path_factory: pytest.TempPathFactory, pg: EmbeddedPostgres,
+                  redis_url: str) -> Iterator[Callable[..., Served]]:
+    """``serve`` for the session's shared gateway. It asks for the session's PostgreSQL and Redis so that they
+    stop after it: stopped before them, it spent 20 s of its shutdown retrying them (and was killed)."""
     with _serving(tmp_path_factory) as start:
         yield start
 
