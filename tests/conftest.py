@@ -222,7 +222,7 @@ def serve_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 def serve_session(tmp_path_factory: pytest.TempPathFactory, pg: EmbeddedPostgres,
                   redis_url: str) -> Iterator[Callable[..., Served]]:
     """``serve`` for the session's shared gateway. It asks for the session's PostgreSQL and Redis so that they
-    stop after it: stopped before them, it spent 20 s of its shutdown retrying them (and was killed)."""
+    stop after it: stopped before them, it spent its shutdown retrying them (5.3 s against 0.3 s)."""
     with _serving(tmp_path_factory) as start:
         yield start
 
