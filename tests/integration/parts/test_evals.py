@@ -4,6 +4,7 @@ answers with the last user message, so an item's answer (and its pass or fail) i
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
@@ -206,6 +207,12 @@ async def test_feedback_is_joined_to_the_ledger_and_tenant_checked(app_factory, 
         foreign = await gw.client.post("/v1/feedback", headers=other.headers,
                                        json={"request_id": request_id, "score": 1.0})
         empty = await gw.client.post("/v1/feedback", headers=tenant.headers, json={"request_id": request_id})
+        unknown, waited = [], []
+        for rid in ("not-an-id", request_id.upper(), request_id + "0", "req_" + "0" * 24):
+            started = time.perf_counter()
+            unknown.append(await gw.client.post("/v1/feedback", headers=tenant.headers,
+                                                json={"request_id": rid, "score": 1}))
+            waited.append(time.perf_counter() - started)
         report = await gw.client.get("/v1/reports/feedback", headers=admin.headers,
                                      params={"tenant": tenant.name, "group_by": "model"})
         own = await gw.client.get("/v1/reports/feedback?group_by=model", headers=finance.headers)
@@ -215,6 +222,10 @@ async def test_feedback_is_joined_to_the_ledger_and_tenant_checked(app_factory, 
     assert foreign.status_code == 404
     assert foreign.json()["error"]["code"] == "request_not_found"
     assert empty.status_code == 400
+    # an id of a shape the gateway never makes is unknown at once; one of its shape is waited for (another
+    # replica's row may be on its way) before the same 404
+    assert [(r.status_code, r.json()["error"]["code"]) for r in unknown] == [(404, "request_not_found")] * 4
+    assert sum(waited[:3]) < 1.5 and waited[3] >= 1.5, waited  # (a wait is 7 x 0.25 s)
     [group] = report.json()["groups"]
     assert group == {"group": "sim-large", "feedback": 2, "mean_score": 0.5, "scored": 2,
                      "labels": {"thumbs_down": 1}}
