@@ -319,9 +319,8 @@ class LocalEmbedder:
     def embed_sync(self, texts: Sequence[str], heavy: bool = False, query: bool = False,
                    owner: Hashable = None) -> tuple[Vectors, int]:
         """``heavy``: each batch waits for its turn among the heavy calls', owner by owner (``Turns``);
-        ``query``: through the
-        query model, each text alone (its activations are quantised per call: in a batch, a query's vector
-        would depend on the texts beside it)."""
+        ``query``: through the query model, each text alone (its activations are quantised per call: in a
+        batch, a query's vector would depend on the texts beside it)."""
         session, tokenizer = self._model(query)
         alone = query and session is not self.__dict__.get("_session")
         encoded = [e.ids for e in tokenizer.encode_batch(list(texts))]

@@ -233,8 +233,8 @@ def gateway(serve_session: Callable[..., Served], sim: Process, pg: EmbeddedPost
     """`tollway serve` as a real process with the test config (the scripted upstream's models), shared by
     the end-to-end tests that drive it with the openai SDK and the CLI (each with tenants of its own)."""
     config = write_config(tmp_path_factory.mktemp("cfg") / "tollway.yaml", sim.url)
-    return serve_session("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
-                                               "TOLLWAY_BOOTSTRAP": "false"})
+    return serve_session("--config", str(config), env={"TOLLWAY_DATABASE_URL": pg.url,
+                                                       "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false"})
 
 
 @pytest.fixture(scope="session")

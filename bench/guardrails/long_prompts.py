@@ -15,7 +15,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from faker import Faker
 
@@ -40,17 +39,23 @@ def prompts(locale: str, n: int, tokens: int) -> list[str]:
     return out
 
 
-def timed(texts: list[str], exhaustive: bool, learned: bool, rounds: int = 3, raw: bool = False) -> Any:
+def times_ms(texts: list[str], exhaustive: bool, learned: bool, rounds: int = 3) -> list[float]:
     times = []
     for _ in range(rounds):
         for text in texts:
             started = time.perf_counter()
             score(text, exhaustive=exhaustive, learned=learned)
             times.append((time.perf_counter() - started) * 1000)
-    if raw:
-        return times
-    times.sort()
+    return times
+
+
+def p50_p99(times: list[float]) -> tuple[float, float]:
+    times = sorted(times)
     return times[len(times) // 2], times[max(int(len(times) * 0.99) - 1, 0)]
+
+
+def timed(texts: list[str], exhaustive: bool, learned: bool) -> tuple[float, float]:
+    return p50_p99(times_ms(texts, exhaustive, learned))
 
 
 def main() -> None:
@@ -105,13 +110,10 @@ def as_written(args: argparse.Namespace) -> None:
         for _ in range(3):
             for name, built in (("loose", loose), ("strict", strict)):
                 injection._BUILT[0] = built
-                times[name] += timed(texts, False, False, rounds=1, raw=True)
+                times[name] += times_ms(texts, False, False, rounds=1)
         injection._BUILT[0] = loose
-        cells = []
-        for name in ("loose", "strict"):
-            t = sorted(times[name])
-            cells.append(f"{t[len(t) // 2]:.2f} / {t[max(int(len(t) * 0.99) - 1, 0)]:.2f} ms")
-        print(f"| {locale} | {cells[0]} | {cells[1]} |")
+        cells = [p50_p99(times[name]) for name in ("loose", "strict")]
+        print(f"| {locale} | " + " | ".join(f"{p50:.2f} / {p99:.2f} ms" for p50, p99 in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Answers from upstreams stay plain ``JSON``: they are the upstream's, read defens
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from tollway.jsontypes import JSON
@@ -64,6 +65,11 @@ def new_request_id() -> str:
     """A request's id, as clients see it in ``x-request-id`` and the ledger keys it (also for the requests
     the gateway makes itself, such as eval items)."""
     return "req_" + os.urandom(12).hex()
+
+
+# Every id ``new_request_id`` makes (and the 32 hex digits of the project's first commit): a string of
+# another shape was never a request of this gateway's.
+REQUEST_ID = re.compile(r"req_[0-9a-f]{24}(?:[0-9a-f]{8})?")
 
 
 def choice_text(payload: JSON, part: str) -> str:

@@ -4,19 +4,15 @@ and model the ledger says answered it, and the report per prompt version or mode
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from tollway.errors import NotFound
+from tollway.gateway.chat.wire import REQUEST_ID
 from tollway.gateway.metering.ledger import Ledger
 from tollway.gateway.metering.reports import ReportQuery
 from tollway.gateway.tenancy.keys import Principal
-
-# What the gateway's request ids look like (``wire.new_request_id``; 32 hex digits in its first commit): an id
-# of another shape was never an answer, so it is refused without a look at the ledger or a wait.
-_REQUEST_ID = re.compile(r"req_[0-9a-f]{24}(?:[0-9a-f]{8})?")
 
 
 async def answered_by(pool: AsyncConnectionPool, ledger: Ledger, tenant_id: int,
@@ -24,7 +20,7 @@ async def answered_by(pool: AsyncConnectionPool, ledger: Ledger, tenant_id: int,
     """(prompt name, prompt version, model) of one of the tenant's answers; waits briefly for a row still on
     its way (the ledger writes in batches; another replica's may come a moment later). Another tenant's
     request is as unknown as one that never was."""
-    attempts = 8 if _REQUEST_ID.fullmatch(request_id) else 0
+    attempts = 8 if REQUEST_ID.fullmatch(request_id) else 0  # (another shape: unknown, without a look)
     for attempt in range(attempts):
         async with pool.connection() as conn:
             cur = await conn.execute(

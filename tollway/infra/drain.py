@@ -15,7 +15,6 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 log = logging.getLogger("tollway.drain")
 
@@ -43,7 +42,7 @@ class Drain:
             log.info("SIGTERM: /readyz answers 503; serving on for %.1f s before the graceful stop",
                      self.pause_s)
             # (a thread, not the event loop: a signal handler may run in the middle of the loop's own work)
-            later: Any = threading.Timer(self.pause_s, server_handler, (sig, None))
+            later = threading.Timer(self.pause_s, server_handler, (sig, None))
             later.daemon = True
             later.start()
 
