@@ -21,6 +21,7 @@ Flat: the ``k`` nearest chunks in order, cut at the budget: the baseline it is c
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import re
@@ -50,6 +51,9 @@ EmbedderFor = Callable[[str, int], Embedder]
 # (query, candidate texts) -> a relevance score per text, higher is better (a reranking model's call)
 Reranker = Callable[[str, list[str]], Awaitable[list[float]]]
 RERANK_CANDIDATES = 20  # the best candidates a reranker reorders, unless the request says
+# a second connection for a search's reads, in the search's transaction (``Searcher.transaction``) as its own,
+# or ``None`` where the pool has none to spare now (``Searcher.gather``)
+Side = Callable[[], AbstractAsyncContextManager["psycopg.AsyncConnection[Any] | None"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,16 @@ class Gathered:
     lexical: store.Lexical
     embedded: Embedded
     k: int  # at most this many passages (hierarchical) or chunks (flat)
+
+
+@dataclass(frozen=True, slots=True)
+class _Levels:
+    """A hierarchical search's reads above the chunks: the nearest sections and documents (id, cosine) and the
+    chunks of those sections."""
+
+    sections: list[tuple[int, float]]
+    docs: list[tuple[int, float]]
+    chunks: list[Candidate]
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -629,38 +643,72 @@ class Searcher:
         return await self.finish(got, query, embedder, screen=screen, drop=drop, rerank=rerank)
 
     async def gather(self, conn: psycopg.AsyncConnection[Any], coll: Collection, query: Query,
-                     embedding: Embedded | Awaitable[Embedded]) -> Gathered:
+                     embedding: Embedded | Awaitable[Embedded], side: Side | None = None) -> Gathered:
         """What the search reads from PostgreSQL, inside ``transaction``. ``embedding``: the query's, or one still
         being computed (a task): the lexical ranking needs none, so it runs in PostgreSQL while the embedder
-        works, and the vector queries wait for the vector."""
+        works, and the vector queries wait for the vector. ``side``: a second connection in the same tenant's
+        search transaction, where the pool has one to spare (``None`` where it has not): a hierarchical search
+        reads its sections there (their centroids, then their chunks) while this one reads the nearest chunks,
+        on another core of PostgreSQL's. The candidates and their order are the same either way."""
         t = self.tuning
         k = query.k or (t.passages if query.mode == "hierarchical" else FLAT_K)
         n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
-        lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
-                   if query.hybrid
-                   else store.Lexical([]))
-        # While the query is still being embedded, the lexical candidates' rows are read now, off the
-        # critical path; with the vector already here, only those the nearest chunks do not bring
-        early = not isinstance(embedding, Embedded) and bool(lexical.scores)
-        worded = await store.chunks_by_id(conn, [i for i, _ in lexical.scores]) if early else []
-        embedded = embedding if isinstance(embedding, Embedded) else await embedding
-        q = embedded.vectors[0]
-        near = await store.nearest_chunks(conn, coll, q, n, query.filters)
-        sections = (await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
-                    if query.mode == "hierarchical" else [])
-        docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
-                if query.mode == "hierarchical" and t.document_weight else [])
-        known = {c.chunk_id for c in near}
-        if early:
-            cands = near + [c for c in worded if c.chunk_id not in known]
-        else:
-            extra = [i for i, _ in lexical.scores if i not in known]
-            cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+        levels: asyncio.Future[_Levels | None] | None = None
+        if side is not None and query.mode == "hierarchical":
+            # the side transaction opens (a checkout, its ping, the tenant's settings) while BM25 ranks
+            levels = asyncio.ensure_future(self._levels_beside(side, coll, query, embedding))
+        try:
+            lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
+                       if query.hybrid
+                       else store.Lexical([]))
+            # While the query is still being embedded, the lexical candidates' rows are read now, off the
+            # critical path; with the vector already here, only those the nearest chunks do not bring
+            early = not isinstance(embedding, Embedded) and bool(lexical.scores)
+            worded = await store.chunks_by_id(conn, [i for i, _ in lexical.scores]) if early else []
+            embedded = embedding if isinstance(embedding, Embedded) else await embedding
+            q = embedded.vectors[0]
+            near = await store.nearest_chunks(conn, coll, q, n, query.filters)
+            known = {c.chunk_id for c in near}
+            if early:
+                cands = near + [c for c in worded if c.chunk_id not in known]
+            else:
+                extra = [i for i, _ in lexical.scores if i not in known]
+                cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+        except BaseException:
+            if levels is not None:  # its transaction ends before this one's error goes on (never cancelled
+                await asyncio.wait({levels})  # mid-statement: a connection the pool can take back)
+                if not levels.cancelled():
+                    levels.exception()
+            raise
+        found = await levels if levels is not None else None
+        if found is None and query.mode == "hierarchical":  # no connection to spare: the sections here, after
+            found = await self._levels(conn, coll, query, q)
         seen = {c.chunk_id for c in cands}
-        if sections:
-            cands += [c for c in await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
-                      if c.chunk_id not in seen]
+        if found is not None:
+            cands += [c for c in found.chunks if c.chunk_id not in seen]
+        sections, docs = (found.sections, found.docs) if found is not None else ([], [])
         return Gathered(coll, cands, q, sections, docs, lexical, embedded, k)
+
+    async def _levels(self, conn: psycopg.AsyncConnection[Any], coll: Collection, query: Query,
+                      q: np.ndarray[Any, Any]) -> _Levels:
+        """A hierarchical search's sections and documents nearest the query, and the chunks of those sections."""
+        t = self.tuning
+        sections = await store.nearest_centroids(conn, coll, "sections", q, t.sections, query.filters)
+        docs = (await store.nearest_centroids(conn, coll, "documents", q, t.sections, query.filters)
+                if t.document_weight else [])
+        chunks = (await store.chunks_of_sections(conn, [s for s, _ in sections], t.section_chunks)
+                  if sections else [])
+        return _Levels(sections, docs, chunks)
+
+    async def _levels_beside(self, side: Side, coll: Collection, query: Query,
+                             embedding: Embedded | Awaitable[Embedded]) -> _Levels | None:
+        """``_levels`` on the side connection, its transaction ended before this returns; ``None`` where the
+        pool had none to spare."""
+        async with side() as other:
+            if other is None:
+                return None
+            embedded = embedding if isinstance(embedding, Embedded) else await embedding
+            return await self._levels(other, coll, query, embedded.vectors[0])
 
     async def finish(self, got: Gathered, query: Query, embedder: str, *, screen: Screen | None = None,
                      drop: bool = True, rerank: Reranker | None = None) -> Found:

@@ -21,6 +21,7 @@ embedder on every request (the collection names it; the chunks' vectors are stil
         [--before REV]  # over HTTP: REV's gateway beside today's on the same database, the two taking turns
         [--per-section N]  # sections of N chunks (a collection of its own, "shaped{size}-s{N}"), not one of 50
         [--only-http]   # the HTTP timings only (the database kept in --data)
+        [--clients N]   # over HTTP, N clients at once (the gateways taking turns by round; the rate each sustained)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pgvector import HalfVector
@@ -150,17 +152,21 @@ async def run(args: argparse.Namespace) -> None:
                     print(f"  {name:<18} BM25 alone: {ms(lexical)}   whole hybrid search: {ms(whole)}   "
                           f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
             if args.http:
-                print(f"over HTTP: {over_http(conn.info.dsn, cname, short, before=args.before)}", flush=True)
+                print(f"over HTTP{f', {args.clients} clients at once' if args.clients > 1 else ''}: "
+                      f"{over_http(conn.info.dsn, cname, short, before=args.before, clients=args.clients)}", flush=True)
             if args.chat:
                 print("a chat with retrieval over HTTP: "
                       f"{over_http(conn.info.dsn, cname, short, chat=True, before=args.before)}", flush=True)
 
 
-def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False, before: str | None = None) -> str:
+def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False, before: str | None = None,
+              clients: int = 1) -> str:
     """The default search through `tollway serve` on this database: each query timed at the client. ``chat``: a
     chat completion with retrieval instead (the scripted upstream's answer, four tokens at most). ``before``: a
     second gateway runs an earlier commit's package beside today's, on the same database, and the two take turns
-    query by query (which goes first alternates), so the machine's drift falls on both."""
+    query by query (which goes first alternates), so the machine's drift falls on both. ``clients`` > 1: that many
+    clients at once, each sending its share of the queries, the gateways taking turns by round (four rounds),
+    with the rate each sustained besides the latency."""
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="tollway-lex-http-") as tmp:
@@ -177,9 +183,17 @@ def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False,
             made = subprocess.run([*CLI, "keys", "create", "--tenant", "bench"], check=True, capture_output=True,
                                   text=True, env=procs.env, cwd=tmp)
             key = next(w for w in made.stdout.split() if w.startswith("tw-"))
-            clients = {name: httpx.Client(base_url=g.url, headers={"authorization": f"Bearer {key}"}, timeout=30)
+            clients_n = clients
+            clients = {name: httpx.Client(base_url=g.url, headers={"authorization": f"Bearer {key}"}, timeout=30,
+                                          limits=httpx.Limits(max_connections=clients_n))
                        for name, g in gateways.items()}
             took: dict[str, list[float]] = {name: [] for name in clients}
+            if clients_n > 1:
+                try:
+                    return _concurrent(clients, queries, collection, clients_n)
+                finally:
+                    for client in clients.values():
+                        client.close()
             try:
                 for i, text in enumerate([*queries[:5], *queries]):  # the first five warm up (the embedder loads)
                     for name in (list(clients) if i % 2 else list(clients)[::-1]):
@@ -203,6 +217,33 @@ def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False,
             procs.stop()
 
 
+def _concurrent(clients: dict[str, Any], queries: list[str], collection: str, n: int) -> str:
+    """Each gateway in turn (four rounds, which goes first alternating) under ``n`` clients at once; the
+    latency of every search and the searches a second each sustained."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    took: dict[str, list[float]] = {name: [] for name in clients}
+    rates: dict[str, list[float]] = {name: [] for name in clients}
+
+    def one(client: Any, text: str) -> float:
+        s = time.perf_counter()
+        resp = client.post("/retrieval/search", json={"collection": collection, "query": text, "context_tokens": 600})
+        assert resp.status_code == 200, resp.text
+        return (time.perf_counter() - s) * 1000
+
+    with ThreadPoolExecutor(n) as workers:
+        for client in clients.values():  # warm up: the embedder loads, the pool grows
+            list(workers.map(lambda t, c=client: one(c, t), queries[:2 * n]))
+        for r in range(4):
+            for name in (list(clients) if r % 2 else list(clients)[::-1]):
+                began = time.perf_counter()
+                times = list(workers.map(lambda t, c=clients[name]: one(c, t), queries))
+                rates[name].append(len(queries) / (time.perf_counter() - began))
+                took[name] += times
+    return "".join(f"\n  {name:<24} {ms(took[name])}  searches/s per round "
+                   + " / ".join(f"{x:.0f}" for x in rates[name]) for name in clients)
+
+
 def _url(dsn: str) -> str:
     """A libpq keyword DSN (what psycopg reports) as a URL the gateway's settings read."""
     parts = conninfo_to_dict(dsn)
@@ -221,6 +262,7 @@ def main() -> None:
                         help="chunks per section (default: one section of 50 per document; the product's splitter "
                              "makes sections of at most section_tokens, 1024: about 5-6 chunks of 200)")
     parser.add_argument("--before", help="over HTTP, an earlier commit's gateway beside today's, taking turns")
+    parser.add_argument("--clients", type=int, default=1, help="over HTTP, this many clients at once")
     parser.add_argument("--only-http", action="store_true", help="skip the in-process timings (with --http/--chat)")
     asyncio.run(run(parser.parse_args()))
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import BaseModel, ConfigDict, Field
 
 from tollway.errors import (
@@ -381,7 +381,7 @@ class Rag:
                 raise Conflict(f"collection {coll.name!r} was replaced during the search; send it again",
                                param=param)
             coll = again
-        got = await self.searcher.gather(conn, coll, query, vector)
+        got = await self.searcher.gather(conn, coll, query, vector, held.side)
         await held.end()
         return got
 
@@ -536,6 +536,27 @@ class _Held:
     def open(self) -> bool:
         return self._conn is not None
 
+    @asynccontextmanager
+    async def side(self) -> AsyncIterator[psycopg.AsyncConnection[Any] | None]:
+        """A second connection in a search transaction of the same tenant, for reads that can run beside this
+        one's (``Searcher.gather``), given back as they end; ``None`` where the pool has no idle connection to
+        spare now (a busy pool is every tenant's: then the search reads on its one connection, as it always
+        could). Never waited for: a search that would have to queue for it reads sequentially instead."""
+        stats = self.pool.get_stats()
+        if stats.get("pool_available", 0) < SIDE_SPARE or stats.get("requests_waiting", 0):
+            yield None
+            return
+        try:
+            conn = await self.pool.getconn(timeout=SIDE_WAIT_S)
+        except PoolTimeout:
+            yield None
+            return
+        try:
+            async with self.searcher.transaction(conn, self.tenant_id):
+                yield conn
+        finally:
+            await self.pool.putconn(conn)
+
     async def end(self, exc: BaseException | None = None) -> None:
         """The transaction ended (committed; rolled back on ``exc``) and the connection back in the pool."""
         tx, self._tx = self._tx, None
@@ -557,6 +578,8 @@ class _Held:
 
 
 ADMISSION_HOLD_S = 0.05  # how long a search's transaction waits on its admission before it ends
+SIDE_SPARE = 2  # a search takes a second connection only while at least this many are idle in the pool
+SIDE_WAIT_S = 0.002  # and only one it gets at once (taken by another meanwhile: it reads on its one)
 
 
 async def _let_go_after(work: Awaitable[T], held: _Held, after_s: float = ADMISSION_HOLD_S) -> T:

@@ -644,3 +644,58 @@ async def test_a_document_whose_words_alone_are_over_twice_the_limit_is_refused_
     assert just_over.status_code == 413, just_over.text
     assert html.status_code == 200, html.text  # 400 words once its markup is gone, 2,000 tokens before
     assert parsed == ["over.md", "page.html"]
+
+
+@pytest.mark.parametrize("where", ["search", "chat"])
+async def test_a_search_reads_its_sections_beside_its_nearest_chunks_when_the_pool_has_a_connection_to_spare(
+        app_factory, make_tenant, where):
+    """A hierarchical search reads its sections (their centroids, then their chunks) on a second connection, in
+    the same tenant's transaction, while its own reads the nearest chunks: only where the pool has idle
+    connections to spare, never waiting for one. The passages are the same either way; with the pool's idle
+    connections all but one taken, the search reads everything on its one connection."""
+    from tollway.gateway.parts.rag import SIDE_WAIT_S
+
+    tenant = make_tenant(ingest=True)
+    async with app_factory() as gw:
+        await ingest(gw, tenant.headers, chunk_tokens=24, chunk_overlap=6)
+        pool = gw.state.pool
+        asked: list[float | None] = []
+        getconn = pool.getconn
+
+        async def counted(**kwargs: Any):  # the side's checkouts are the ones that never wait
+            asked.append(kwargs.get("timeout"))
+            return await getconn(**kwargs)
+
+        pool.getconn = counted
+
+        async def ask() -> dict[str, Any]:
+            asked.clear()
+            if where == "search":
+                resp = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+                    "collection": "kb", "query": ASK, "context_tokens": 250})
+                assert resp.status_code == 200, resp.text
+                return {"sources": resp.json()["sources"], "context": resp.json()["context"],
+                        "sides": asked.count(SIDE_WAIT_S)}
+            resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+                "model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": ASK}],
+                "retrieval": {"collection": "kb", "context_tokens": 250}})  # no temperature 0: never cached
+            assert resp.status_code == 200, resp.text
+            return {"sources": resp.json()["tollway"]["retrieval"]["sources"], "sides": asked.count(SIDE_WAIT_S)}
+
+        await ask()  # the embedder loaded, the pool grown to what a search takes
+        beside = await ask()
+        taken = []
+        try:
+            while pool.get_stats()["pool_available"] > 1:  # every idle connection but one
+                taken.append(await getconn())
+            alone = await ask()
+        finally:
+            for conn in taken:
+                await pool.putconn(conn)
+        flat = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
+            "collection": "kb", "query": ASK, "context_tokens": 250, "mode": "flat"})
+        flat_sides = asked.count(SIDE_WAIT_S)
+    assert beside["sides"] == 1 and alone["sides"] == 0, (beside["sides"], alone["sides"])
+    assert beside["sources"] and beside["sources"] == alone["sources"]
+    assert beside.get("context") == alone.get("context")
+    assert flat.status_code == 200 and flat_sides == 0  # a flat search reads no sections
