@@ -148,6 +148,12 @@ class Rag:
         # at once keep the throughput that concurrency buys (the event loop's batches, PostgreSQL's cores).
         self.searching = FairGate(SEARCH_SLOTS, per_owner=settings.search_concurrency)
 
+    def _quiet(self) -> bool:
+        """Few enough searches in flight in this process (this one included) that a second connection's reads
+        run on cores that would otherwise wait (``_Held.side``); under more, the extra checkout and transaction
+        only cost."""
+        return self.searching.in_use <= SIDE_SEARCHES
+
     # -- embedders ---------------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
         if name in ("local", LOCAL_NAME):
@@ -331,7 +337,7 @@ class Rag:
         # a connection of the same pool, which a burst of searches holding theirs would leave it none of
         await self.calls.rules(ctx.principal.tenant_id)
         async with (self.searching.slot(ctx.principal.tenant_id),
-                    _Held(self.pool, self.searcher, tenant_id) as held):
+                    _Held(self.pool, self.searcher, tenant_id, self._quiet) as held):
             # the collection's lookup in the search's transaction (read once, on one connection)
             coll = await _collection_in(await held.begin(), tenant_id, name)
             embedder = self.embedder_for(coll.embedder, coll.dims)
@@ -448,7 +454,7 @@ class Rag:
         try:
             # one connection for the collection's lookup and the search (a checkout and its ping, not two),
             # given back before a reranker (or a remote embedder) is waited for
-            async with self.searching.slot(tenant), _Held(self.pool, self.searcher, tenant) as held:
+            async with self.searching.slot(tenant), _Held(self.pool, self.searcher, tenant, self._quiet) as held:
                 named = await _collection_in(await held.begin(), tenant, parsed.collection, "retrieval.collection")
                 entry = self.entry(named.embedder)
                 coll = named
@@ -506,10 +512,12 @@ class _Held:
     when first needed and given back (the transaction committed) as soon as the reads are done, so that no
     connection waits with the search on anything outside PostgreSQL: the pool is every tenant's."""
 
-    def __init__(self, pool: AsyncConnectionPool, searcher: Searcher, tenant_id: int) -> None:
+    def __init__(self, pool: AsyncConnectionPool, searcher: Searcher, tenant_id: int,
+                 quiet: Callable[[], bool] = lambda: True) -> None:
         self.pool = pool
         self.searcher = searcher
         self.tenant_id = tenant_id
+        self.quiet = quiet  # whether the process is searching little enough to read beside (``side``)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._tx: AbstractAsyncContextManager[Any] | None = None
         self._ended = 0  # transactions ended so far
@@ -541,9 +549,11 @@ class _Held:
         """A second connection in a search transaction of the same tenant, for reads that can run beside this
         one's (``Searcher.gather``), given back as they end; ``None`` where the pool has no idle connection to
         spare now (a busy pool is every tenant's: then the search reads on its one connection, as it always
-        could). Never waited for: a search that would have to queue for it reads sequentially instead."""
+        could), or where the process has more searches in flight than ``SIDE_SEARCHES`` (their reads already
+        keep PostgreSQL's cores busy). Never waited for: a search that would have to queue for it reads
+        sequentially instead."""
         stats = self.pool.get_stats()
-        if stats.get("pool_available", 0) < SIDE_SPARE or stats.get("requests_waiting", 0):
+        if not self.quiet() or stats.get("pool_available", 0) < SIDE_SPARE or stats.get("requests_waiting", 0):
             yield None
             return
         try:
@@ -579,6 +589,8 @@ class _Held:
 
 ADMISSION_HOLD_S = 0.05  # how long a search's transaction waits on its admission before it ends
 SIDE_SPARE = 2  # a search takes a second connection only while at least this many are idle in the pool
+SIDE_SEARCHES = 1  # and while it is the process's only search in flight (two at once already share the cores:
+# bench/RESULTS.md, "A lone search reads on two connections")
 SIDE_WAIT_S = 0.002  # and only one it gets at once (taken by another meanwhile: it reads on its one)
 
 

@@ -38,6 +38,11 @@ class FairGate:
         self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
 
     @property
+    def in_use(self) -> int:
+        """Slots held now."""
+        return self.slots - self._free
+
+    @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 

@@ -651,8 +651,9 @@ async def test_a_search_reads_its_sections_beside_its_nearest_chunks_when_the_po
         app_factory, make_tenant, where):
     """A hierarchical search reads its sections (their centroids, then their chunks) on a second connection, in
     the same tenant's transaction, while its own reads the nearest chunks: only where the pool has idle
-    connections to spare, never waiting for one. The passages are the same either way; with the pool's idle
-    connections all but one taken, the search reads everything on its one connection."""
+    connections to spare, never waiting for one, and while it is the process's only search in flight. The
+    passages are the same either way; with the pool's idle connections all but one taken, or another search in
+    flight, the search reads everything on its one connection."""
     from tollway.gateway.parts.rag import SIDE_WAIT_S
 
     tenant = make_tenant(ingest=True)
@@ -695,7 +696,12 @@ async def test_a_search_reads_its_sections_beside_its_nearest_chunks_when_the_po
         flat = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json={
             "collection": "kb", "query": ASK, "context_tokens": 250, "mode": "flat"})
         flat_sides = asked.count(SIDE_WAIT_S)
-    assert beside["sides"] == 1 and alone["sides"] == 0, (beside["sides"], alone["sides"])
+        # another search in flight in the process (another tenant's slot held): this one reads on its one
+        async with gw.state.rag.searching.slot("someone"):
+            busy = await ask()
+    assert beside["sides"] == 1 and alone["sides"] == 0 and busy["sides"] == 0, \
+        (beside["sides"], alone["sides"], busy["sides"])
+    assert busy["sources"] == beside["sources"]
     assert beside["sources"] and beside["sources"] == alone["sources"]
     assert beside.get("context") == alone.get("context")
     assert flat.status_code == 200 and flat_sides == 0  # a flat search reads no sections

@@ -28,7 +28,7 @@ async def test_a_freed_slot_goes_to_the_next_owner_not_to_the_longest_queue() ->
     await _settle()
     other = asyncio.create_task(call("b", "b0"))
     await _settle()
-    assert served == ["a0", "a1"] and gate.waiting == 9
+    assert served == ["a0", "a1"] and gate.waiting == 9 and gate.in_use == 2
     release.set()  # every holder ends at once: the next two slots go one to each owner waiting
     await asyncio.gather(*flood, other)
     assert served.index("b0") == 2  # first come first served would put it last, behind a2..a9
@@ -49,8 +49,10 @@ async def test_one_owner_alone_uses_every_slot_and_a_cap_keeps_one_for_the_next(
     late = asyncio.create_task(call("b"))
     await _settle()
     assert gate.held_by("b") == 1  # at once, while a's three still run
+    assert gate.in_use == 4
     hold.set()
     await asyncio.gather(*flood, late)
+    assert gate.in_use == 0
 
     alone = FairGate(3)
     hold = asyncio.Event()
