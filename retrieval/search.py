@@ -214,6 +214,12 @@ class Gathered:
     k: int  # at most this many passages (hierarchical) or chunks (flat)
 
 
+def _seen(task: asyncio.Future[Any]) -> None:
+    """A side task's outcome read (its error is not the one raised), so none is logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(frozen=True, slots=True)
 class _Levels:
     """A hierarchical search's reads above the chunks: the nearest sections and documents (id, cosine) and the
@@ -674,13 +680,13 @@ class Searcher:
             else:
                 extra = [i for i, _ in lexical.scores if i not in known]
                 cands = near + (await store.chunks_by_id(conn, extra) if extra else [])
+            # shielded: a search cancelled here (its client gone) leaves the side's statement to finish
+            found = await asyncio.shield(levels) if levels is not None else None
         except BaseException:
             if levels is not None:  # its transaction ends before this one's error goes on (never cancelled
-                await asyncio.wait({levels})  # mid-statement: a connection the pool can take back)
-                if not levels.cancelled():
-                    levels.exception()
+                levels.add_done_callback(_seen)  # mid-statement: a connection the pool can take back)
+                await asyncio.wait({levels})
             raise
-        found = await levels if levels is not None else None
         if found is None and query.mode == "hierarchical":  # no connection to spare: the sections here, after
             found = await self._levels(conn, coll, query, q)
         seen = {c.chunk_id for c in cands}

@@ -705,3 +705,29 @@ async def test_a_search_reads_its_sections_beside_its_nearest_chunks_when_the_po
     assert beside["sources"] and beside["sources"] == alone["sources"]
     assert beside.get("context") == alone.get("context")
     assert flat.status_code == 200 and flat_sides == 0  # a flat search reads no sections
+
+
+async def test_searches_cancelled_midway_leave_no_connection_checked_out(app_factory, make_tenant):
+    """A search whose caller goes away (its task cancelled at any point: the collection's lookup, BM25, the
+    embedding, the reads on both connections, the packing) gives back every connection it took, the side's
+    included (its statement finishes rather than being cut off), and the next search is answered."""
+    import asyncio
+    from contextlib import suppress
+
+    tenant = make_tenant(ingest=True)
+    body = {"collection": "kb", "query": ASK, "context_tokens": 250}
+    async with app_factory() as gw:
+        await ingest(gw, tenant.headers, chunk_tokens=24, chunk_overlap=6)
+        assert (await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)).status_code == 200
+        idle = await checked_out(gw.state.pool)
+        for delay in (0.0005, 0.001, 0.002, 0.003, 0.005, 0.008, 0.012, 0.02, 0.03):
+            task = asyncio.create_task(gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await asyncio.sleep(0.2)  # a side's last statement, finishing on its own
+        held = await checked_out(gw.state.pool)
+        after = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)
+    assert held <= idle, (held, idle)
+    assert after.status_code == 200 and after.json()["sources"]
