@@ -664,13 +664,15 @@ class Searcher:
             # the side transaction opens (a checkout, its ping, the tenant's settings) while BM25 ranks
             levels = asyncio.ensure_future(self._levels_beside(side, coll, query, embedding))
         try:
-            lexical = (await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
-                       if query.hybrid
-                       else store.Lexical([]))
-            # While the query is still being embedded, the lexical candidates' rows are read now, off the
-            # critical path; with the vector already here, only those the nearest chunks do not bring
-            early = not isinstance(embedding, Embedded) and bool(lexical.scores)
-            worded = await store.chunks_by_id(conn, [i for i, _ in lexical.scores]) if early else []
+            # While the query is still being embedded, the lexical candidates' rows are read with their ranking,
+            # off the critical path; with the vector already here, only those the nearest chunks do not bring
+            early = not isinstance(embedding, Embedded)
+            lexical, worded = store.Lexical([]), list[Candidate]()
+            if query.hybrid and early:
+                lexical, worded = await store.lexical_candidates(conn, coll, query.text, n, query.filters,
+                                                                 t.lexical_postings)
+            elif query.hybrid:
+                lexical = await store.lexical_chunks(conn, coll, query.text, n, query.filters, t.lexical_postings)
             embedded = embedding if isinstance(embedding, Embedded) else await embedding
             q = embedded.vectors[0]
             near = await store.nearest_chunks(conn, coll, q, n, query.filters)

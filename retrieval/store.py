@@ -450,6 +450,26 @@ async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, t
     return Lexical([(int(r[0]), float(r[1])) for r in rows], int(rows[0][2]), int(rows[0][3]))
 
 
+async def lexical_candidates(conn: psycopg.AsyncConnection[Any], coll: Collection, text: str, n: int,
+                             filters: dict[str, Any] | None,
+                             postings: int = QUERY_POSTINGS) -> tuple[Lexical, list[Candidate]]:
+    """``lexical_chunks`` and the rows of the chunks it ranks, best first, in one statement (a search whose
+    query vector is still being computed reads them all now)."""
+    where, params = filter_sql(filters, "c", named=True)
+    join = f"JOIN rag_chunks c ON c.id = p.chunk_id{where}" if where else ""
+    cur = await conn.cursor(binary=True).execute(
+        f"WITH top AS MATERIALIZED ({_BM25.format(join=join)}) SELECT {_CANDIDATE}, top.score, top.ranked,"
+        " top.asked FROM top JOIN rag_chunks k ON k.id = top.chunk_id JOIN rag_sections s ON s.id = k.section_id"
+        " JOIN rag_documents d ON d.id = k.document_id ORDER BY top.score DESC, top.chunk_id", {
+            "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": postings, "k1": BM25_K1, "b": BM25_B,
+            "n": n, **params})
+    rows = await cur.fetchall()
+    if not rows:
+        return Lexical([]), []
+    return (Lexical([(int(r[0]), float(r[10])) for r in rows], int(rows[0][11]), int(rows[0][12])),
+            _candidates(rows))
+
+
 # the levels above chunks whose centroid vectors are searched: (FROM clause, alias of the level's table)
 _CENTROIDS = {"sections": ("rag_sections s JOIN rag_documents d ON d.id = s.document_id", "s"),
               "documents": ("rag_documents d", "d")}

@@ -75,7 +75,15 @@ async def test_the_ranking_is_okapi_bm25_over_the_statistics(app_factory, make_t
         async with store.tenant_tx(conn, tenant.id):
             coll = await store.get_collection(conn, tenant.id, "kb")
             lexical = await store.lexical_chunks(conn, coll, query, 10, None)
+            # the same ranking with its chunks' rows, in one statement (a search's, while its query is embedded)
+            with_rows, candidates = await store.lexical_candidates(conn, coll, query, 10, None)
+            by_id = {c.chunk_id: c for c in await store.chunks_by_id(conn, [i for i, _ in lexical.scores])}
         ranked = lexical.scores
+        assert with_rows == lexical and len(ranked) > 1
+        assert [c.chunk_id for c in candidates] == [i for i, _ in ranked]
+        assert all((c.text, c.section_id, c.heading, c.source) == (by_id[c.chunk_id].text, by_id[c.chunk_id].section_id,
+                   by_id[c.chunk_id].heading, by_id[c.chunk_id].source) and (c.vector == by_id[c.chunk_id].vector).all()
+                   for c in candidates)
         rows = await _as_tenant(conn, tenant.id, "SELECT c.id, c.lex_len, (SELECT array_agg(u.lexeme || ':' ||"
                                 " coalesce(array_length(u.positions, 1), 1)) FROM unnest(c.tsv) u) FROM rag_chunks c"
                                 " WHERE c.collection_id = %s", coll.id)
