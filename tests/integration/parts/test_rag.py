@@ -731,3 +731,35 @@ async def test_searches_cancelled_midway_leave_no_connection_checked_out(app_fac
         after = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)
     assert held <= idle, (held, idle)
     assert after.status_code == 200 and after.json()["sources"]
+
+
+async def test_a_search_statement_that_outlasts_its_limit_is_a_503_and_holds_no_connection(app_factory, make_tenant,
+                                                                                          pg, monkeypatch):
+    """A search's statements are bounded in time (``store.SEARCH_STATEMENT_TIMEOUT``, 10 s; 300 ms here): one
+    stuck behind a lock a migration holds ends with a 503 in the OpenAI shape, on the search's connection and on
+    its side one alike, and both go back to the pool; the next search, the lock gone, answers."""
+    import asyncio
+    import time
+
+    from tollway.retrieval import store
+
+    tenant = make_tenant(ingest=True)
+    body = {"collection": "kb", "query": ASK, "context_tokens": 250}
+    async with app_factory() as gw, await psycopg.AsyncConnection.connect(pg.url) as locker:
+        await ingest(gw, tenant.headers)
+        assert (await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)).status_code == 200
+        idle = await checked_out(gw.state.pool)
+        monkeypatch.setattr(store, "SEARCH_STATEMENT_TIMEOUT", "300ms")
+        await locker.execute("LOCK TABLE rag_chunks IN ACCESS EXCLUSIVE MODE")  # held until the rollback
+        began = time.perf_counter()
+        stuck = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)
+        took = time.perf_counter() - began
+        await locker.rollback()
+        await asyncio.sleep(0.1)
+        held = await checked_out(gw.state.pool)
+        after = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)
+    assert stuck.status_code == 503, stuck.text
+    assert stuck.json()["error"]["code"] == "store_unavailable"
+    assert took < 3, took
+    assert held <= idle, (held, idle)
+    assert after.status_code == 200 and after.json()["sources"]
