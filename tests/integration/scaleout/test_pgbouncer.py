@@ -11,6 +11,8 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from support.pgbouncer import start_pgbouncer
+from support.retrieval import ASK as QUESTION
+from support.retrieval import ingest
 
 from tollway.settings import Settings
 
@@ -51,10 +53,17 @@ def test_the_pooler_setting_needs_a_direct_url():
 
 async def test_the_gateway_behind_pgbouncer_serves_repeated_queries_and_hears_changes_at_once(
         app_factory, bouncer, pg, make_tenant, admin, ledger):
-    tenant = make_tenant()
+    tenant = make_tenant(ingest=True)
     behind = {"database_url": bouncer.url, "database_pooler": "transaction", "database_direct_url": pg.url,
               "policy_cache_ttl_s": 600.0}
     async with app_factory(**behind) as one, app_factory(**behind) as other:
+        # searches one after another (each the process's only one: its sections read on a second pooled
+        # connection, a transaction of its own through the pooler) and at once, the same statements again
+        assert (await ingest(one, tenant.headers)).status_code == 200
+        search = {"collection": "kb", "query": QUESTION}
+        alone = [await one.client.post("/v1/retrieval/search", headers=tenant.headers, json=search) for _ in range(8)]
+        together = await asyncio.gather(*(one.client.post("/v1/retrieval/search", headers=tenant.headers,
+                                                          json=search) for _ in range(8)))
         chats = await asyncio.gather(*(one.client.post("/v1/chat/completions", headers=tenant.headers, json={
             **ASK, "messages": [{"role": "user", "content": f"hello {i}"}]}) for i in range(40)))
         # the report's queries, the same statements over and over on every pooled connection
@@ -75,6 +84,8 @@ async def test_the_gateway_behind_pgbouncer_serves_repeated_queries_and_hears_ch
                 break
             await asyncio.sleep(0.05)
         await one.state.ledger.flush()
+    assert [r.status_code for r in alone + together] == [200] * 16, [r.text for r in alone + together][:1]
+    assert all(r.json()["sources"] == alone[0].json()["sources"] != [] for r in alone + together)
     assert [r.status_code for r in chats] == [200] * 40
     assert [r.status_code for r in reports] == [200] * 60, [r.text for r in reports if r.status_code != 200][:1]
     assert refused is not None and refused.json()["error"]["code"] == "insufficient_quota"
