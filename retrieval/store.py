@@ -442,16 +442,22 @@ class Lexical:
         return self.ranked_terms / self.query_terms if self.query_terms else 0.0
 
 
+def _bm25(coll: Collection, text: str, n: int, filters: dict[str, Any] | None,
+          postings: int) -> tuple[str, dict[str, Any]]:
+    """The BM25 statement and its parameters; metadata filters apply to the chunks the postings name."""
+    where, params = filter_sql(filters, "c", named=True)
+    join = f"JOIN rag_chunks c ON c.id = p.chunk_id{where}" if where else ""  # the filters, on the chunk
+    return _BM25.format(join=join), {"text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": postings,
+                                     "k1": BM25_K1, "b": BM25_B, "n": n, **params}
+
+
 async def lexical_chunks(conn: psycopg.AsyncConnection[Any], coll: Collection, text: str, n: int,
                          filters: dict[str, Any] | None, postings: int = QUERY_POSTINGS) -> Lexical:
     """(chunk id, BM25 score), best first: Okapi BM25 over the chunks' title, heading and text, with idf and
     average length from the collection's term statistics and the postings of the query's informative terms
     (kept at ingest, migration 0016). Metadata filters apply to the chunks the postings name."""
-    where, params = filter_sql(filters, "c", named=True)
-    join = f"JOIN rag_chunks c ON c.id = p.chunk_id{where}" if where else ""  # the filters, on the chunk
-    cur = await conn.execute(_BM25.format(join=join), {
-        "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": postings, "k1": BM25_K1, "b": BM25_B,
-        "n": n, **params})
+    sql, params = _bm25(coll, text, n, filters, postings)
+    cur = await conn.execute(sql, params)
     rows = await cur.fetchall()
     if not rows:
         return Lexical([])
@@ -463,14 +469,11 @@ async def lexical_candidates(conn: psycopg.AsyncConnection[Any], coll: Collectio
                              postings: int = QUERY_POSTINGS) -> tuple[Lexical, list[Candidate]]:
     """``lexical_chunks`` and the rows of the chunks it ranks, best first, in one statement (a search whose
     query vector is still being computed reads them all now)."""
-    where, params = filter_sql(filters, "c", named=True)
-    join = f"JOIN rag_chunks c ON c.id = p.chunk_id{where}" if where else ""
+    sql, params = _bm25(coll, text, n, filters, postings)
     cur = await conn.cursor(binary=True).execute(
-        f"WITH top AS MATERIALIZED ({_BM25.format(join=join)}) SELECT {_CANDIDATE}, top.score, top.ranked,"
-        " top.asked FROM top JOIN rag_chunks k ON k.id = top.chunk_id JOIN rag_sections s ON s.id = k.section_id"
-        " JOIN rag_documents d ON d.id = k.document_id ORDER BY top.score DESC, top.chunk_id", {
-            "text": text, "coll": coll.id, "terms": QUERY_TERMS, "postings": postings, "k1": BM25_K1, "b": BM25_B,
-            "n": n, **params})
+        f"WITH top AS MATERIALIZED ({sql}) SELECT {_CANDIDATE}, top.score, top.ranked, top.asked FROM top"
+        " JOIN rag_chunks k ON k.id = top.chunk_id JOIN rag_sections s ON s.id = k.section_id"
+        " JOIN rag_documents d ON d.id = k.document_id ORDER BY top.score DESC, top.chunk_id", params)
     rows = await cur.fetchall()
     if not rows:
         return Lexical([]), []
