@@ -87,10 +87,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return await tollway_error(request, err)
 
     async def store_down(request: Request, exc: Exception) -> Response:
-        """PostgreSQL or Redis unreachable under an admin, report or reconcile route: a 503 to retry."""
-        store = "Redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "The database"
+        """PostgreSQL or Redis unreachable, or a statement past its time limit: a 503 to retry."""
+        if isinstance(exc, psycopg.errors.QueryCanceled):  # a statement past its limit (a search's: 10 s)
+            why = "The database did not answer within the statement's time limit"
+        else:
+            store = "Redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "The database"
+            why = f"{store} is unreachable right now"
         return await tollway_error(request, ServiceUnavailable(
-            f"{store} is unreachable right now; nothing was changed. Try again shortly.", code="store_unavailable"))
+            f"{why}; nothing was changed. Try again shortly.", code="store_unavailable"))
 
     async def bad_value(request: Request, exc: Exception) -> Response:
         """A value PostgreSQL refuses as data (a NUL in text, a number out of range): the client's input,

@@ -760,6 +760,7 @@ async def test_a_search_statement_that_outlasts_its_limit_is_a_503_and_holds_no_
         after = await gw.client.post("/v1/retrieval/search", headers=tenant.headers, json=body)
     assert stuck.status_code == 503, stuck.text
     assert stuck.json()["error"]["code"] == "store_unavailable"
+    assert "time limit" in stuck.json()["error"]["message"]
     assert took < 3, took
     assert held <= idle, (held, idle)
     assert after.status_code == 200 and after.json()["sources"]
