@@ -153,18 +153,18 @@ async def run(args: argparse.Namespace) -> None:
                           f"top-10 equal to exact BM25's: {statistics.mean(overlap):.3f}", flush=True)
             if args.http:
                 print(f"over HTTP{f', {args.clients} clients at once' if args.clients > 1 else ''}: "
-                      f"{over_http(conn.info.dsn, cname, short, before=args.before, clients=args.clients)}", flush=True)
+                      f"{over_http(conn.info.dsn, cname, short, before=args.before, at_once=args.clients)}", flush=True)
             if args.chat:
                 print("a chat with retrieval over HTTP: "
                       f"{over_http(conn.info.dsn, cname, short, chat=True, before=args.before)}", flush=True)
 
 
 def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False, before: str | None = None,
-              clients: int = 1) -> str:
+              at_once: int = 1) -> str:
     """The default search through `tollway serve` on this database: each query timed at the client. ``chat``: a
     chat completion with retrieval instead (the scripted upstream's answer, four tokens at most). ``before``: a
     second gateway runs an earlier commit's package beside today's, on the same database, and the two take turns
-    query by query (which goes first alternates), so the machine's drift falls on both. ``clients`` > 1: that many
+    query by query (which goes first alternates), so the machine's drift falls on both. ``at_once`` > 1: that many
     clients at once, each sending its share of the queries, the gateways taking turns by round (four rounds),
     with the rate each sustained besides the latency."""
     import httpx
@@ -183,18 +183,13 @@ def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False,
             made = subprocess.run([*CLI, "keys", "create", "--tenant", "bench"], check=True, capture_output=True,
                                   text=True, env=procs.env, cwd=tmp)
             key = next(w for w in made.stdout.split() if w.startswith("tw-"))
-            clients_n = clients
             clients = {name: httpx.Client(base_url=g.url, headers={"authorization": f"Bearer {key}"}, timeout=30,
-                                          limits=httpx.Limits(max_connections=clients_n))
+                                          limits=httpx.Limits(max_connections=at_once))
                        for name, g in gateways.items()}
             took: dict[str, list[float]] = {name: [] for name in clients}
-            if clients_n > 1:
-                try:
-                    return _concurrent(clients, queries, collection, clients_n)
-                finally:
-                    for client in clients.values():
-                        client.close()
             try:
+                if at_once > 1:
+                    return _concurrent(clients, queries, collection, at_once)
                 for i, text in enumerate([*queries[:5], *queries]):  # the first five warm up (the embedder loads)
                     for name in (list(clients) if i % 2 else list(clients)[::-1]):
                         s = time.perf_counter()
@@ -202,8 +197,7 @@ def over_http(dsn: str, collection: str, queries: list[str], chat: bool = False,
                                     "model": "sim-small", "max_tokens": 4,
                                     "messages": [{"role": "user", "content": text}],
                                     "retrieval": {"collection": collection, "context_tokens": 600}}) if chat else
-                                clients[name].post("/retrieval/search", json={"collection": collection, "query": text,
-                                                                               "context_tokens": 600}))
+                                clients[name].post("/retrieval/search", json=_search(collection, text)))
                         if i >= 5:
                             took[name].append((time.perf_counter() - s) * 1000)
                         assert resp.status_code == 200, resp.text
@@ -227,7 +221,7 @@ def _concurrent(clients: dict[str, Any], queries: list[str], collection: str, n:
 
     def one(client: Any, text: str) -> float:
         s = time.perf_counter()
-        resp = client.post("/retrieval/search", json={"collection": collection, "query": text, "context_tokens": 600})
+        resp = client.post("/retrieval/search", json=_search(collection, text))
         assert resp.status_code == 200, resp.text
         return (time.perf_counter() - s) * 1000
 
@@ -242,6 +236,11 @@ def _concurrent(clients: dict[str, Any], queries: list[str], collection: str, n:
                 took[name] += times
     return "".join(f"\n  {name:<24} {ms(took[name])}  searches/s per round "
                    + " / ".join(f"{x:.0f}" for x in rates[name]) for name in clients)
+
+
+def _search(collection: str, text: str) -> dict[str, Any]:
+    """The body of the default search the bench times over HTTP: 600 tokens of context."""
+    return {"collection": collection, "query": text, "context_tokens": 600}
 
 
 def _url(dsn: str) -> str:

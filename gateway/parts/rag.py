@@ -513,7 +513,7 @@ class _Held:
     connection waits with the search on anything outside PostgreSQL: the pool is every tenant's."""
 
     def __init__(self, pool: AsyncConnectionPool, searcher: Searcher, tenant_id: int,
-                 quiet: Callable[[], bool] = lambda: True) -> None:
+                 quiet: Callable[[], bool]) -> None:
         self.pool = pool
         self.searcher = searcher
         self.tenant_id = tenant_id
