@@ -54,7 +54,7 @@ from tollway.guardrails import PolicyError
 from tollway.infra.alerts import Delivery, Webhook
 from tollway.infra.background import Background
 from tollway.infra.changes import ChangeListener, Note
-from tollway.infra.db import migrate
+from tollway.infra.db import Freshness, migrate
 from tollway.infra.drain import Drain
 from tollway.infra.periodic import Periodic
 from tollway.infra.redisclient import REDIS_FAULTS, eviction_risk
@@ -226,8 +226,9 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                                 metric_reader=metric_reader)
     stack.callback(telemetry.shutdown)
 
+    fresh = Freshness()
     pool = AsyncConnectionPool(settings.database_url, min_size=4, max_size=16, open=False, timeout=5,
-                               check=AsyncConnectionPool.check_connection, kwargs=settings.pool_kwargs)
+                               check=fresh.check, reset=fresh.returned, kwargs=settings.pool_kwargs)
     await pool.open(wait=True, timeout=10)
     stack.push_async_callback(pool.close)
     redis_client = await connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
