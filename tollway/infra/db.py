@@ -25,7 +25,7 @@ class Freshness:
     pool less than ``FRESH_S`` ago, in a clean state, with nothing waiting on its socket, is handed out without
     the empty statement that tests it (a round trip and ~0.5 ms of this process's CPU: two per search, where a
     search is ~10 ms of it). A server that ends a connection (a restart, a shutdown, ``pg_terminate_backend``)
-    says so on its socket, which this reads without waiting; such a connection, and any idle longer, is tested
+    says so on its socket, which this polls without waiting; such a connection, and any idle longer, is tested
     as before and replaced before a caller gets it. Left to a caller: a connection whose network path died
     silently within the window, whose statement then fails as it would mid-use (a 503 that can be retried)."""
 
@@ -47,10 +47,11 @@ class Freshness:
 def _quiet(conn: psycopg.AsyncConnection[Any]) -> bool:
     """Nothing to read on an idle connection's socket: a server that ended it has sent its reason, or closed it."""
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        waiting = select.poll()
+        waiting.register(conn.pgconn.socket, select.POLLIN)
+        return not waiting.poll(0)
     except (OSError, ValueError, psycopg.OperationalError):
         return False
-    return not readable
 
 
 def storable(text: str | None) -> str | None:
