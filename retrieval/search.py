@@ -661,7 +661,7 @@ class Searcher:
         n = t.candidates if query.mode == "hierarchical" else max(t.candidates, k)
         levels: asyncio.Future[_Levels | None] | None = None
         if side is not None and query.mode == "hierarchical":
-            # the side transaction opens (a checkout, its ping, the tenant's settings) while BM25 ranks
+            # the side transaction opens (a checkout, the tenant's settings) while BM25 ranks
             levels = asyncio.ensure_future(self._levels_beside(side, coll, query, embedding))
         try:
             # While the query is still being embedded, the lexical candidates' rows are read with their ranking,

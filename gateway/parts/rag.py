@@ -452,7 +452,7 @@ class Rag:
                                       latency_ms=embedded.latency_ms, replica=embedded.replica))
 
         try:
-            # one connection for the collection's lookup and the search (a checkout and its ping, not two),
+            # one connection for the collection's lookup and the search (one checkout, not two),
             # given back before a reranker (or a remote embedder) is waited for
             async with self.searching.slot(tenant), _Held(self.pool, self.searcher, tenant, self._quiet) as held:
                 named = await _collection_in(await held.begin(), tenant, parsed.collection, "retrieval.collection")

@@ -5,6 +5,8 @@ no caller a failed statement."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import psycopg
 import pytest
@@ -26,12 +28,28 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sent
 
 
-async def test_a_connection_given_back_a_moment_ago_is_not_tested_again(pg, monkeypatch):
-    sent = _counting(monkeypatch)
-    fresh = Freshness(fresh_s=5.0)
-    async with AsyncConnectionPool(pg.url, min_size=1, max_size=1, open=False, check=fresh.check,
+@asynccontextmanager
+async def _pool(url: str, fresh_s: float) -> AsyncIterator[AsyncConnectionPool]:
+    """One connection, checked and noted by a ``Freshness`` of this window, as the gateway's pool is."""
+    fresh = Freshness(fresh_s=fresh_s)
+    async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False, check=fresh.check,
                                    reset=fresh.returned) as pool:
         await pool.open(wait=True)
+        yield pool
+
+
+async def _cut_after_use(pool: AsyncConnectionPool, url: str) -> int:
+    """The pool's connection used and given back, then ended by the server; its backend's pid."""
+    async with pool.connection() as conn:
+        cut = conn.info.backend_pid
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        await admin.execute("SELECT pg_terminate_backend(%s)", (cut,))
+    return cut
+
+
+async def test_a_connection_given_back_a_moment_ago_is_not_tested_again(pg, monkeypatch):
+    sent = _counting(monkeypatch)
+    async with _pool(pg.url, fresh_s=5.0) as pool:
         async with pool.connection() as conn:  # never given back yet: tested
             await conn.execute("SELECT 1")
         assert sent[0] == 1
@@ -43,14 +61,8 @@ async def test_a_connection_given_back_a_moment_ago_is_not_tested_again(pg, monk
 
 async def test_a_connection_idle_past_the_window_is_tested_and_a_cut_one_replaced(pg, monkeypatch):
     sent = _counting(monkeypatch)
-    fresh = Freshness(fresh_s=0.2)
-    async with AsyncConnectionPool(pg.url, min_size=1, max_size=1, open=False, check=fresh.check,
-                                   reset=fresh.returned) as pool:
-        await pool.open(wait=True)
-        async with pool.connection() as conn:
-            cut = conn.info.backend_pid
-        async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s)", (cut,))
+    async with _pool(pg.url, fresh_s=0.2) as pool:
+        cut = await _cut_after_use(pool, pg.url)
         await asyncio.sleep(0.3)  # idle past the window: the check finds the cut connection and replaces it
         before = sent[0]
         async with pool.connection(timeout=10) as conn:
@@ -63,14 +75,8 @@ async def test_a_connection_the_server_ended_inside_the_window_is_tested_and_rep
     """Ended by the server a moment after it was given back (a restart, ``pg_terminate_backend``): the server
     says so on the socket, so the check runs after all and the caller gets a working connection."""
     sent = _counting(monkeypatch)
-    fresh = Freshness(fresh_s=60.0)
-    async with AsyncConnectionPool(pg.url, min_size=1, max_size=1, open=False, check=fresh.check,
-                                   reset=fresh.returned) as pool:
-        await pool.open(wait=True)
-        async with pool.connection() as conn:
-            cut = conn.info.backend_pid
-        async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s)", (cut,))
+    async with _pool(pg.url, fresh_s=60.0) as pool:
+        cut = await _cut_after_use(pool, pg.url)
         await asyncio.sleep(0.1)
         before = sent[0]
         async with pool.connection(timeout=10) as conn:
