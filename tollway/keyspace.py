@@ -30,6 +30,12 @@ def rate_key(tenant_id: int, scope: str, window_label: str) -> str:
     return f"{tenant_tag(tenant_id)}:rl:{scope}:{window_label}"
 
 
+def parallel_key(tenant_id: int, scope: str) -> str:
+    """The requests in flight of a tenant ('tenant') or one of its keys ('key:ID'): reservations only, which
+    settling gives back and never counts as spent (the ``:held`` ending says so to the scripts)."""
+    return f"{tenant_tag(tenant_id)}:par:{scope}:held"
+
+
 def storm_key(tenant_id: int, fingerprint: str) -> str:
     return f"{tenant_tag(tenant_id)}:storm:{fingerprint}"
 

@@ -50,6 +50,7 @@ class Principal:
     allowed_models: frozenset[str] | None  # None: every model in the catalog
     rpm: int | None = None
     tpm: int | None = None
+    max_parallel_requests: int | None = None  # the key's requests in flight at once, across every gateway
     name: str | None = None  # the key's label: the author of what it writes
     ingest: bool = False  # an app key that may also write documents into its tenant's collections
 
@@ -193,7 +194,7 @@ class KeyStore:
             async with self._pool.connection(timeout=self._lookup_timeout) as conn:
                 cur = await conn.execute(
                     "SELECT k.id, k.key_hash, k.tenant_id, t.name, k.role, k.allowed_models, k.rpm, k.tpm, k.name,"
-                    " k.ingest, k.key_secret_id"
+                    " k.ingest, k.key_secret_id, k.max_parallel_requests"
                     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
                     " WHERE k.key_hash = ANY(%s) AND k.revoked_at IS NULL", (candidates,))
                 row = await cur.fetchone()
@@ -210,7 +211,7 @@ class KeyStore:
             return None
         allowed = None if row[5] is None else frozenset(row[5])
         return Principal(key_id=row[0], tenant_id=row[2], tenant=row[3], role=row[4], allowed_models=allowed,
-                         rpm=row[6], tpm=row[7], name=row[8], ingest=row[9])
+                         rpm=row[6], tpm=row[7], max_parallel_requests=row[11], name=row[8], ingest=row[9])
 
 
 async def list_tenants(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
@@ -221,16 +222,18 @@ async def list_tenants(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
 
 
 async def list_keys(conn: psycopg.AsyncConnection, tenant: str | None = None) -> list[dict[str, Any]]:
-    """Keys without their secrets: id, tenant, name, role, models, created, last used, revoked."""
+    """Keys without their secrets: id, tenant, name, role, models, limits, created, last used, revoked."""
     tid = None if tenant is None else await tenant_id(conn, tenant)
     cur = await conn.execute(
         "SELECT k.id, t.name, k.name, k.role, k.allowed_models, k.ingest, k.prefix, k.created_at, k.last_used_at,"
-        " k.revoked_at FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+        " k.revoked_at, k.rpm, k.tpm, k.max_parallel_requests FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
         " WHERE %s::bigint IS NULL OR k.tenant_id = %s ORDER BY t.name, k.id", (tid, tid))
     out = []
-    for kid, tname, name, role, models, ingest, prefix, created, used, revoked in await cur.fetchall():
+    for kid, tname, name, role, models, ingest, prefix, created, used, revoked, rpm, tpm, parallel \
+            in await cur.fetchall():
         out.append({"id": kid, "tenant": tname, "name": name, "role": role, "models": models, "ingest": ingest,
-                    "prefix": prefix, "created_at": created.isoformat(),
+                    "prefix": prefix, "rpm": rpm, "tpm": tpm, "max_parallel_requests": parallel,
+                    "created_at": created.isoformat(),
                     "last_used_at": None if used is None else used.isoformat(),
                     "revoked_at": None if revoked is None else revoked.isoformat()})
     return out

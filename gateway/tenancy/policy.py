@@ -98,6 +98,7 @@ class TenantPolicy:
     default_max_tokens: int = 4096
     rpm: int | None = None
     tpm: int | None = None
+    max_parallel_requests: int | None = None  # the tenant's requests in flight at once, across every gateway
     velocity_soft_usd_per_min: Decimal | None = None
     velocity_hard_usd_per_min: Decimal | None = None
     retry_storm_limit: int = 20
@@ -361,15 +362,22 @@ async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, *, tiers: 
 
 
 async def set_key_limits(conn: psycopg.AsyncConnection[Any], key_id: int, *, rpm: int | None,
-                         tpm: int | None, author: str = "system", reason: str | None = None) -> None:
+                         tpm: int | None, max_parallel_requests: int | None = None, author: str = "system",
+                         reason: str | None = None) -> dict[str, Any]:
+    """Replace a key's limits (None: no limit of that kind); the limits as now set."""
+    after = {"rpm": rpm, "tpm": tpm, "max_parallel_requests": max_parallel_requests}
     async with conn.transaction():
-        cur = await conn.execute("SELECT tenant_id, rpm, tpm FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+        cur = await conn.execute("SELECT tenant_id, rpm, tpm, max_parallel_requests FROM api_keys WHERE id = %s"
+                                 " FOR UPDATE", (key_id,))
         old = await cur.fetchone()
         if old is None:
             raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
-        await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s WHERE id = %s", (rpm, tpm, key_id))
+        await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s, max_parallel_requests = %s WHERE id = %s",
+                           (rpm, tpm, max_parallel_requests, key_id))
         await changes.record(conn, author=author, kind="key", subject=key_id, action="limits", tenant_id=old[0],
-                             before={"rpm": old[1], "tpm": old[2]}, after={"rpm": rpm, "tpm": tpm}, reason=reason)
+                             before={"rpm": old[1], "tpm": old[2], "max_parallel_requests": old[3]}, after=after,
+                             reason=reason)
+    return {"key_id": key_id, **after}
 
 
 async def list_budgets(conn: psycopg.AsyncConnection[Any], tenant: str) -> list[Budget]:

@@ -202,7 +202,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     from tollway.routing import load_config
 
     fields = {name: getattr(args, name) for name in (
-        "redis_failure", "default_max_tokens", "rpm", "tpm", "velocity_soft_usd_per_min",
+        "redis_failure", "default_max_tokens", "rpm", "tpm", "max_parallel_requests", "velocity_soft_usd_per_min",
         "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
         "quality_floor", "degraded_answers", "response_cache", "store_content", "content_retention_days")
         if getattr(args, name) is not None}
@@ -222,8 +222,10 @@ def cmd_key_limits(args: argparse.Namespace) -> int:
     from tollway.gateway.tenancy.policy import set_key_limits
 
     async def action(conn: Any, settings: Settings) -> int:
-        await set_key_limits(conn, args.id, rpm=args.rpm, tpm=args.tpm, author=args.author, reason=args.reason)
-        print(json.dumps({"key_id": args.id, "rpm": args.rpm, "tpm": args.tpm}))
+        limits = await set_key_limits(conn, args.id, rpm=args.rpm, tpm=args.tpm,
+                                      max_parallel_requests=args.max_parallel_requests, author=args.author,
+                                      reason=args.reason)
+        print(json.dumps(limits))
         return 0
 
     return run_with_conn(args, action)
@@ -281,6 +283,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     policy.add_argument("--default-max-tokens", type=int)
     policy.add_argument("--rpm", type=int)
     policy.add_argument("--tpm", type=int)
+    policy.add_argument("--max-parallel-requests", type=int, help="the tenant's requests in flight at once, "
+                        "across every gateway (more: 429 parallel_requests_exceeded)")
     policy.add_argument("--velocity-soft-usd-per-min", type=_usd)
     policy.add_argument("--velocity-hard-usd-per-min", type=_usd)
     policy.add_argument("--retry-storm-limit", type=int)
@@ -297,10 +301,12 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     audited(policy)
     policy.set_defaults(func=cmd_policy)
 
-    limits = keys.add_parser("limits", help="a key's requests and tokens per minute")
+    limits = keys.add_parser("limits", help="a key's requests and tokens per minute, requests in flight at once "
+                             "(each absent one: no limit)")
     common(limits)
     limits.add_argument("id", type=int)
     limits.add_argument("--rpm", type=int)
     limits.add_argument("--tpm", type=int)
+    limits.add_argument("--max-parallel-requests", type=int)
     audited(limits)
     limits.set_defaults(func=cmd_key_limits)

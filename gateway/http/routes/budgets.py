@@ -58,6 +58,7 @@ class PolicyBody(Body):
     default_max_tokens: int | None = Field(default=None, gt=0)
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    max_parallel_requests: int | None = Field(default=None, gt=0, le=1_000_000)
     velocity_soft_usd_per_min: Decimal | None = Field(default=None, gt=0)
     velocity_hard_usd_per_min: Decimal | None = Field(default=None, gt=0)
     retry_storm_limit: int | None = Field(default=None, ge=0)

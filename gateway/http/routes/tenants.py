@@ -29,6 +29,7 @@ class KeyLimitsBody(Body):
     reason: str | None = None
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    max_parallel_requests: int | None = Field(default=None, gt=0, le=1_000_000)
 
 
 @router.get("/v1/admin/tenants", summary="Tenants, with their active keys")
@@ -56,12 +57,14 @@ async def post_key(request: Request, body: KeyBody) -> Response:
                           "ingest": key.ingest, "key": key.secret}, status=201)
 
 
-@router.put("/v1/admin/keys/{key_id}/limits", summary="Set a key's requests and tokens per minute")
+@router.put("/v1/admin/keys/{key_id}/limits",
+            summary="Set a key's requests and tokens per minute and its requests in flight at once")
 async def put_key_limits(request: Request, key_id: int, body: KeyLimitsBody) -> Response:
     principal = admin(request)
     state = app_state(request)
     async with state.pool.connection() as conn:
-        await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm, author=principal.author,
-                             reason=body.reason)
+        limits = await set_key_limits(conn, key_id, rpm=body.rpm, tpm=body.tpm,
+                                      max_parallel_requests=body.max_parallel_requests, author=principal.author,
+                                      reason=body.reason)
     state.keys.forget(key_id)
-    return json_response({"key_id": key_id, "rpm": body.rpm, "tpm": body.tpm})
+    return json_response(limits)

@@ -1,6 +1,6 @@
 """The counters a request is admitted against: one per budget that applies (tenant, key, end user,
-session, in its window) and one per rate limit; amounts are integers (nano-USD rounded up, tokens,
-requests)."""
+session, in its window), one per rate limit and one per cap on requests in flight; amounts are integers
+(nano-USD rounded up, tokens, requests)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from tollway.gateway.metering.quota.windows import window
 from tollway.gateway.tenancy.keys import Principal
 from tollway.gateway.tenancy.policy import EACH, Budget, TenantRules
-from tollway.keyspace import budget_prefix, rate_key, subject_key
+from tollway.keyspace import budget_prefix, parallel_key, rate_key, subject_key
 
 NANO = Decimal(10**9)
 NO_LIMIT = -1
@@ -37,8 +37,13 @@ class Counter:
     limits: tuple[int, int, int]
     ttl_s: int
     reset_at: datetime | None
-    budget: Budget | None = None  # None: a rate limit
-    rate_scope: str = ""  # "tenant" or "key" for rate limits
+    budget: Budget | None = None  # None: a rate limit or a cap on requests in flight
+    rate_scope: str = ""  # "tenant" or "key" for rate limits and caps
+    parallel: bool = False  # a cap on requests in flight: held while a request is, never counted as spent
+
+    def spent(self, demand: Demand) -> tuple[int, int, int]:
+        """What settling ``demand`` (what a request actually used) adds to this counter."""
+        return (0, 0, 0) if self.parallel else demand.amounts(self)
 
 
 @dataclass(slots=True)
@@ -48,7 +53,9 @@ class Demand:
     requests: int = 1
 
     def amounts(self, counter: Counter) -> tuple[int, int, int]:
-        # Rate limits count requests and tokens only; budgets count USD and tokens.
+        # Rate limits count requests and tokens only; budgets count USD and tokens; a cap, the request.
+        if counter.parallel:
+            return 0, 0, self.requests
         if counter.budget is None:
             return 0, self.tokens, self.requests
         return self.usd_nano, self.tokens, self.requests
@@ -99,6 +106,14 @@ def counters_for(principal: Principal, rules: TenantRules, *, end_user: str | No
         out.append(Counter(rate_key(principal.tenant_id, f"key:{principal.key_id}", minute.label),
                            (NO_LIMIT, principal.tpm or NO_LIMIT, principal.rpm or NO_LIMIT),
                            minute.ttl_s, minute.end, rate_scope="key"))
+    # no window and no expiry: what it holds goes back as each request settles or its lease runs out
+    if policy.max_parallel_requests:
+        out.append(Counter(parallel_key(principal.tenant_id, "tenant"), (NO_LIMIT, NO_LIMIT, policy.max_parallel_requests),
+                           0, None, rate_scope="tenant", parallel=True))
+    if principal.max_parallel_requests:
+        out.append(Counter(parallel_key(principal.tenant_id, f"key:{principal.key_id}"),
+                           (NO_LIMIT, NO_LIMIT, principal.max_parallel_requests), 0, None, rate_scope="key",
+                           parallel=True))
     return out
 
 
@@ -117,7 +132,8 @@ class CounterLists:
         second = math.floor(now.timestamp())
         if second != self._second:
             self._second, self._lists = second, {}
-        key = (id(rules), principal.tenant_id, principal.key_id, principal.rpm, principal.tpm, end_user, session)
+        key = (id(rules), principal.tenant_id, principal.key_id, principal.rpm, principal.tpm,
+               principal.max_parallel_requests, end_user, session)
         hit = self._lists.get(key)
         if hit is not None and hit[0] is rules:  # held here, so its id cannot be another object's this second
             return hit[1]

@@ -20,6 +20,8 @@ def rate_headers(counters: list[Counter], used: list[int], now: datetime) -> dic
     headers: dict[str, str] = {}
     tightest: Decimal | None = None
     for i, counter in enumerate(counters):
+        if counter.parallel:  # not a rate: OpenAI's names would read as one
+            continue
         if counter.budget is not None:
             if counter.limits[USD] >= 0:
                 left = from_nano(max(0, counter.limits[USD] - used[3 * i + USD]))

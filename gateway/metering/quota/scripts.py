@@ -19,7 +19,7 @@ local function release(rec, spent)
       local a, b, c = triple(cur)
       redis.call('HSET', key, 'r', string.format('%d:%d:%d', math.max(0, a - tonumber(u)),
         math.max(0, b - tonumber(t)), math.max(0, c - tonumber(r))))
-      if spent and string.sub(key, -9) ~= ':vel:held' then
+      if spent and string.sub(key, -5) ~= ':held' then
         for d, amt in ipairs({tonumber(u), tonumber(t), tonumber(r)}) do
           if amt > 0 then redis.call('HINCRBY', key, ({'s_usd', 's_tok', 's_req'})[d], amt) end
         end
@@ -28,7 +28,7 @@ local function release(rec, spent)
   end
 end
 -- release(rec, true): the reservation is also counted as spent (a counter whose window has passed is left
--- alone; a velocity hold is only released).
+-- alone; a hold, whose key ends in ':held', is only released: the velocity's requests in flight, a cap's).
 -- A lease that ran out (its gateway died, or could not renew for a whole lease): what it reserved is
 -- counted as spent and the request waits in the orphans hash for a ledger row at that amount, marked
 -- unsettled.

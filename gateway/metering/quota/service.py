@@ -226,6 +226,10 @@ class QuotaService:
                                      "nothing was spent.", code="quota_unavailable") from exc
         log.warning("redis unreachable (%s); tenant %s fails open on local counters", exc, principal.tenant_id)
         refused = self.local.admit(counters, demand)
+        if refused is not None and refused.budget is None:
+            what = "requests in flight" if refused.parallel else "rate limit"
+            raise RateLimited(f"The {refused.rate_scope}'s {what} has no local headroom left while limits cannot be "
+                              "checked centrally.", code="rate_limit_exceeded", retry_after=1) from exc
         if refused is not None:
             raise QuotaExceeded(f"{_name(principal, refused)} has no local headroom left while budgets "
                                 "cannot be checked centrally.", code="insufficient_quota") from exc
@@ -235,6 +239,11 @@ class QuotaService:
     def _refusal(self, principal: Principal, counter: Counter, dim: int, used: int, limit: int, demand: Demand,
                  now: datetime) -> Exception:
         retry_after = None if counter.reset_at is None else max(1, math.ceil((counter.reset_at - now).total_seconds()))
+        if counter.parallel:
+            owner = "this tenant" if counter.rate_scope == "tenant" else "this key"
+            return RateLimited(f"Too many requests in flight for {owner}: limit {limit}, in flight {used}. "
+                               "Retry when one of them has finished.", code="parallel_requests_exceeded",
+                               retry_after=1)
         if counter.budget is None:
             what = "requests" if dim == REQ else "tokens"
             return RateLimited(f"Rate limit reached for {counter.rate_scope} {what} per minute: limit {limit}, "
@@ -249,8 +258,9 @@ class QuotaService:
                              retry_after=retry_after)
 
     async def settle(self, reservation: Reservation, usd_nano: int, tokens: int) -> None:
-        if reservation.local:
-            return  # counted locally at admission; the reconciliation job restores Redis from the ledger
+        if reservation.local:  # counted locally at admission; the reconciliation job restores Redis from the ledger
+            self.local.release(reservation.counters)  # but a request in flight is one no more
+            return
         if not reservation.counters and reservation.velocity == -2:
             return  # nothing was reserved and no velocity is watched: no round trip
         now_s = self.clock().timestamp()
@@ -259,7 +269,7 @@ class QuotaService:
         spent = Demand(usd_nano, tokens, reservation.demand.requests)
         for counter in reservation.counters:
             keys.append(counter.key)
-            args.extend([*spent.amounts(counter), counter.ttl_s])
+            args.extend([*counter.spent(spent), counter.ttl_s])
         args.extend([usd_nano, tokens])
         if reservation.velocity != -2:
             keys.extend(velocity_keys(reservation.tenant_id, now_s))
