@@ -51,6 +51,11 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, tmp_path):
     table = tollway("keys", "list", "--tenant", "cli-tenant", env=env).stdout
     assert table.splitlines()[0].split()[:4] == ["id", "tenant", "name", "role"]
     assert key_id in table
+    limited = tollway("keys", "limits", key_id, "--rpm", "60", "--max-parallel-requests", "2", env=env)
+    assert json.loads(limited.stdout) == {"key_id": int(key_id), "rpm": 60, "tpm": None, "max_parallel_requests": 2}
+    [listed] = json.loads(tollway("keys", "list", "--tenant", "cli-tenant", "--json", env=env).stdout)
+    assert (listed["rpm"], listed["tpm"], listed["max_parallel_requests"]) == (60, None, 2)
+    assert "rpm 60, parallel 2" in tollway("keys", "list", "--tenant", "cli-tenant", env=env).stdout
     tenants = tollway("tenants", "list", env=env).stdout
     assert "cli-tenant" in tenants
     revoked = tollway("keys", "revoke", key_id, env=env)

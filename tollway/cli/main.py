@@ -217,8 +217,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
     async def action(conn: Any, settings: Any) -> int:
         rows = await list_keys(conn, args.tenant)
-        print(json.dumps(rows, indent=2) if args.json else table(
-            rows, ["id", "tenant", "name", "role", "models", "prefix", "created_at", "last_used_at", "revoked_at"]))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for row in rows:  # "rpm 60, parallel 4": the limits a key has, in one column
+            row["limits"] = ", ".join(f"{name} {row[field]}" for name, field in (
+                ("rpm", "rpm"), ("tpm", "tpm"), ("parallel", "max_parallel_requests")) if row[field] is not None) or None
+        print(table(rows, ["id", "tenant", "name", "role", "models", "limits", "prefix", "created_at", "last_used_at",
+                           "revoked_at"]))
         return 0
 
     return run_with_conn(args, action)

@@ -153,9 +153,13 @@ async def test_admin_revokes_a_key_in_the_console_and_the_audit_page_shows_it(ap
     victim = make_tenant()
     async with app_factory() as gw:
         await sign_in(gw.client, admin.key)
+        limits = await gw.client.put(f"/v1/admin/keys/{victim.key_id}/limits", headers=admin.headers,
+                                     json={"rpm": 60, "max_parallel_requests": 2})
+        assert limits.status_code == 200
         keys = await gw.client.get("/console/keys", params={"tenant": victim.name})
         assert keys.status_code == 200
         assert f"Revoke key {victim.key_id}" in keys.text
+        assert "60 requests/min, 2 at once" in keys.text
         assert victim.key not in keys.text
         no_token = await gw.client.post(f"/console/keys/{victim.key_id}/revoke", data={})
         assert no_token.status_code == 403
