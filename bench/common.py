@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -179,11 +180,17 @@ def p50_p99(samples: list[float], scale: float = 1.0) -> tuple[float, float]:
 
 
 class Processes:
-    """Child processes of one benchmark run, each logging to a file in ``workdir``; ``stop`` ends them all."""
+    """Child processes of one benchmark run, each logging to a file in ``workdir``; ``stop`` ends them all.
+    A run stopped by SIGTERM or SIGHUP (``kill``, a closed terminal) exits through its ``finally`` blocks too,
+    so it stops what it started instead of leaving gateways and upstreams running."""
 
     def __init__(self, workdir: Path, env: dict[str, str], *, stop_s: float = 15) -> None:
         self.workdir, self.env, self.stop_s = workdir, env, stop_s
         self.procs: list[subprocess.Popen[bytes]] = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    signal.signal(sig, _exit_on_signal)
 
     def spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
@@ -203,6 +210,10 @@ class Processes:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @asynccontextmanager
