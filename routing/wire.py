@@ -14,10 +14,13 @@ the list, with a 400 naming the field before anything is reserved or sent.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+import orjson
 
 from tollway.errors import InvalidRequest
 
@@ -165,8 +168,101 @@ def forbidden_config_fields(names: Iterable[str]) -> list[str]:
     return sorted(set(names) & TRANSPORT)
 
 
+# Structured output: what a model server compiles into a grammar before it decodes (vLLM's xgrammar or outlines,
+# llama.cpp's GBNF), on the server every tenant shares. The compile's time and memory grow with the grammar's
+# size and with the counts of its bounded repeats (``a{100000}`` is ten characters), so both are bounded here.
+MAX_PATTERN_CHARS = 4_096  # guided_regex, guided_whitespace_pattern, a JSON schema's "pattern"
+MAX_GRAMMAR_CHARS = 32_768  # guided_grammar, llama.cpp's grammar, structural_tag
+MAX_SCHEMA_CHARS = 65_536  # guided_json, llama.cpp's json_schema, response_format, each tool's parameters
+MAX_SCHEMA_DEPTH = 32
+MAX_CHOICES, MAX_CHOICE_CHARS = 1_024, 1_024  # guided_choice
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_REPEAT = 1_000  # the largest count of a bounded repeat ({n}, {n,m}) in a pattern or a grammar
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")  # linear: one start per brace, each digit run read once
+
+
+def _repeats_within(text: str, param: str) -> None:
+    for m in _REPEAT.finditer(text):
+        before = m.start() - 1
+        while before >= 0 and text[before] == "\\":
+            before -= 1
+        if (m.start() - 1 - before) % 2:  # an escaped brace: a literal, not a repeat
+            continue
+        over = [c for c in m.groups() if c and (len(c) > 6 or int(c) > MAX_REPEAT)]
+        if over:
+            raise InvalidRequest(f"'{param}' repeats something {over[0] if len(over[0]) <= 6 else 'millions of'} "
+                                 f"times; a bounded repeat may count at most {MAX_REPEAT} (the model server "
+                                 "compiles each count into its grammar).", param=param, code="structured_output_limit")
+
+
+def _text(value: Any, param: str, limit: int) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    if len(text) > limit:
+        raise InvalidRequest(f"'{param}' holds {len(text)} characters; at most {limit} are compiled into a "
+                             "grammar.", param=param, code="structured_output_limit")
+    return text
+
+
+def _schema(value: Any, param: str) -> None:
+    """A JSON schema (or its text): its size, its depth, and each "pattern" in it."""
+    if isinstance(value, str):
+        _text(value, param, MAX_SCHEMA_CHARS)
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return  # not JSON: the model server says so
+    else:
+        _text(value, param, MAX_SCHEMA_CHARS)
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(f"'{param}' nests deeper than {MAX_SCHEMA_DEPTH} levels.", param=param,
+                                 code="structured_output_limit")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key == "pattern" and isinstance(item, str):
+                    _repeats_within(_text(item, param, MAX_PATTERN_CHARS), param)
+                stack.append((item, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+
+
+def check_structured_output(body: Mapping[str, Any]) -> None:
+    """A 400 naming the first structured-output field past what a shared model server should be asked to
+    compile: its size, a schema's depth, a bounded repeat's count, the number of choices or tools."""
+    for name in ("guided_regex", "guided_whitespace_pattern"):
+        if isinstance(value := body.get(name), str):
+            _repeats_within(_text(value, name, MAX_PATTERN_CHARS), name)
+    for name in ("guided_grammar", "grammar"):
+        if isinstance(value := body.get(name), str):
+            _repeats_within(_text(value, name, MAX_GRAMMAR_CHARS), name)
+    if (value := body.get("structural_tag")) is not None:
+        _text(value, "structural_tag", MAX_GRAMMAR_CHARS)
+    for name in ("guided_json", "json_schema", "response_format"):
+        if (value := body.get(name)) is not None:
+            _schema(value, name)
+    choices = body.get("guided_choice")
+    if isinstance(choices, list) and (len(choices) > MAX_CHOICES or any(
+            isinstance(c, str) and len(c) > MAX_CHOICE_CHARS for c in choices)):
+        raise InvalidRequest(f"'guided_choice' may hold at most {MAX_CHOICES} choices of at most {MAX_CHOICE_CHARS} "
+                             "characters each.", param="guided_choice", code="structured_output_limit")
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        if len(tools) > MAX_TOOLS:
+            raise InvalidRequest(f"At most {MAX_TOOLS} tools are allowed.", param="tools",
+                                 code="structured_output_limit")
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(function, dict) and function.get("parameters") is not None:
+                _schema(function["parameters"], f"tools[{i}].function.parameters")
+
+
 def check_client_fields(endpoint: str, body: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> None:
-    """A 400 naming the first field a client may not send to this endpoint's upstream."""
+    """A 400 naming the first field a client may not send to this endpoint's upstream, or a structured-output
+    field past its bounds (``check_structured_output``)."""
+    if endpoint == "chat":
+        check_structured_output(body)
     allowed = ALLOWED[endpoint]
     for name in body:
         if name in allowed or name in extra:

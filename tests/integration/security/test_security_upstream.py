@@ -216,6 +216,56 @@ async def test_a_malformed_content_part_is_a_400_naming_it_not_an_upstream_error
     assert resp.json()["error"]["param"] == param
 
 
+_STRING = {"type": "string"}
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"guided_regex": "[a-z]{100000}"}, "guided_regex"),
+    ({"guided_grammar": "root ::= [a-z]{0,250000}"}, "guided_grammar"),
+    ({"grammar": "root ::= " + "\"a\" " * 10_000}, "grammar"),
+    ({"guided_json": {"type": "string", "pattern": "x{5000}"}}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": {"id": {"type": "string", "pattern": "^[0-9]{1,99999999}$"}}}}}},
+     "response_format"),
+    ({"guided_choice": [f"choice {i}" for i in range(5000)]}, "guided_choice"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": _STRING}} for i in range(200)]},
+     "tools"),
+])
+async def test_structured_output_past_its_bounds_is_a_400_and_reaches_no_upstream(app_factory, make_tenant, sim,
+                                                                                   extra, param):
+    """What a shared model server compiles into a grammar before decoding is bounded: its size, a schema's depth,
+    a bounded repeat's count (a{100000} is ten characters), the choices and tools; in range, it is forwarded."""
+    tenant = make_tenant()
+    before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
+    async with app_factory() as gw:
+        refused = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                       json={"model": "sim-large", "messages": MSG, **extra})
+        streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                        json={"model": "sim-large", "messages": MSG, "stream": True, **extra})
+        fine = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-large", "messages": MSG, "guided_regex": "[0-9]{3}-[0-9]{4}",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+                "type": "object", "properties": {"id": {"type": "string", "pattern": "^\\{[0-9]{1,64}\\}$"}}}}}})
+    for resp in (refused, streamed):
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == (param, "structured_output_limit",
+                                                                  "invalid_request_error")
+    assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before + 1  # only the one in range
+    assert fine.status_code == 200, fine.text
+    assert last_request(sim, "sim-large")["guided_regex"] == "[0-9]{3}-[0-9]{4}"
+
+
+async def test_a_responses_request_s_schema_is_bounded_too(app_factory, make_tenant):
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+            "model": "sim-large", "input": "hello", "text": {"format": {
+                "type": "json_schema", "name": "s", "schema": {"type": "string", "pattern": "a{2000}"}}}})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "structured_output_limit"
+
+
 async def test_formula_cells_are_neutralised_in_the_reports_csv(app_factory, make_tenant, make_key):
     app = make_tenant()
     finance = make_key(app.name, "finance")

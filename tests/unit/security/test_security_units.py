@@ -251,3 +251,34 @@ def test_text_postgres_would_refuse_is_stored_with_a_replacement_character() -> 
     kept = {"a": "plain", "literal": "\\u0000"}  # the six characters a user typed, not a NUL
     assert storable_json(kept).obj == kept
     assert storable_json({"k\x00": ["v\x00", 1, {"n": "\x00"}]}).obj == {"k\ufffd": ["v\ufffd", 1, {"n": "\ufffd"}]}
+
+
+@pytest.mark.parametrize("pattern", ["a{1001}", "a{1,1001}", "a{99999999999999999999}", "a\\\\{5000}",
+                                     "(ab){2}c{1000000,}"])
+def test_a_bounded_repeat_past_its_count_is_refused(pattern):
+    from tollway.routing.wire import check_structured_output
+
+    with pytest.raises(InvalidRequest, match="bounded repeat"):
+        check_structured_output({"guided_regex": pattern})
+
+
+@pytest.mark.parametrize("pattern", ["a{1000}", "a{3,}", "a\\{5000}", "\\\\\\{5000}", "{x}", "[0-9]{1,3}"])
+def test_a_repeat_in_range_or_an_escaped_brace_passes(pattern):
+    from tollway.routing.wire import check_structured_output
+
+    check_structured_output({"guided_regex": pattern})
+
+
+def test_a_schema_too_deep_or_too_large_is_refused_and_its_text_form_is_read():
+    from tollway.routing.wire import MAX_SCHEMA_CHARS, check_structured_output
+
+    deep: dict[str, object] = {"type": "string"}
+    for _ in range(40):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(InvalidRequest, match="nests deeper"):
+        check_structured_output({"guided_json": deep})
+    with pytest.raises(InvalidRequest, match="characters"):
+        check_structured_output({"json_schema": {"enum": ["x" * MAX_SCHEMA_CHARS]}})
+    with pytest.raises(InvalidRequest, match="bounded repeat"):
+        check_structured_output({"guided_json": '{"type": "string", "pattern": "z{4000}"}'})
+    check_structured_output({"guided_json": "not json at all"})  # the model server answers that one
