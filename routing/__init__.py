@@ -54,7 +54,12 @@ from tollway.routing.tokens import (
     off_loop_if_long,
 )
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
-from tollway.routing.wire import MediaURLs, check_content_parts, forbidden_config_fields
+from tollway.routing.wire import (
+    MediaURLs,
+    check_content_parts,
+    check_structured_output,
+    forbidden_config_fields,
+)
 from tollway.tokens import count_text, encoding
 
 __all__ = [
@@ -89,6 +94,7 @@ __all__ = [
     "build_router",
     "build_upstream",
     "check_content_parts",
+    "check_structured_output",
     "content_texts",
     "count_messages",
     "count_text",

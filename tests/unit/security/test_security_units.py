@@ -282,3 +282,16 @@ def test_a_schema_too_deep_or_too_large_is_refused_and_its_text_form_is_read():
     with pytest.raises(InvalidRequest, match="bounded repeat"):
         check_structured_output({"guided_json": '{"type": "string", "pattern": "z{4000}"}'})
     check_structured_output({"guided_json": "not json at all"})  # the model server answers that one
+
+
+def test_a_prompt_whose_params_pass_the_structured_output_bounds_only():
+    """A prompt's response_format and tools reach the model server as a client's do: bounded alike, when it is
+    submitted."""
+    from tollway.prompts import PromptError, parse_prompt
+
+    head = "messages:\n  - role: user\n    content: hi\nparams:\n  response_format:\n"
+    schema = "    {type: json_schema, json_schema: {name: s, schema: {type: string, pattern: '%s'}}}\n"
+    with pytest.raises(PromptError, match="bounded repeat") as refused:
+        parse_prompt("p", "v1", head + schema % "a{9999}")
+    assert refused.value.param == "params.response_format"
+    assert parse_prompt("p", "v1", head + schema % "a{3}").raw.params["response_format"]["type"] == "json_schema"
