@@ -227,9 +227,10 @@ class QuotaService:
         log.warning("redis unreachable (%s); tenant %s fails open on local counters", exc, principal.tenant_id)
         refused = self.local.admit(counters, demand)
         if refused is not None and refused.budget is None:
-            what = "requests in flight" if refused.parallel else "rate limit"
+            what, code = (("cap on requests in flight", "parallel_requests_exceeded") if refused.parallel
+                          else ("rate limit", "rate_limit_exceeded"))
             raise RateLimited(f"The {refused.rate_scope}'s {what} has no local headroom left while limits cannot be "
-                              "checked centrally.", code="rate_limit_exceeded", retry_after=1) from exc
+                              "checked centrally.", code=code, retry_after=1) from exc
         if refused is not None:
             raise QuotaExceeded(f"{_name(principal, refused)} has no local headroom left while budgets "
                                 "cannot be checked centrally.", code="insufficient_quota") from exc

@@ -164,7 +164,8 @@ async def test_without_redis_a_rate_limit_or_a_cap_out_of_local_headroom_is_a_42
     rated = Principal(key_id=8, tenant_id=8, tenant="open", role="app", allowed_models=None, rpm=4)
     capped = Principal(key_id=8, tenant_id=8, tenant="open", role="app", allowed_models=None, max_parallel_requests=4)
     policy = TenantPolicy(8, redis_failure="open", retry_storm_limit=0)
-    for principal, what, admitted in ((rated, "key's rate limit", 1), (capped, "key's requests in flight", 2)):
+    for principal, what, code, admitted in ((rated, "key's rate limit", "rate_limit_exceeded", 1),
+                                            (capped, "key's cap on requests in flight", "parallel_requests_exceeded", 2)):
         outcomes = []
         for i in range(3):
             try:
@@ -175,5 +176,5 @@ async def test_without_redis_a_rate_limit_or_a_cap_out_of_local_headroom_is_a_42
             else:
                 outcomes.append(("admitted", True))
         # rpm 4, nothing seen yet: half assumed used, half of the rest here; a cap of 4: half of it here
-        assert outcomes == [("admitted", True)] * admitted + [("rate_limit_exceeded", True)] * (3 - admitted)
+        assert outcomes == [("admitted", True)] * admitted + [(code, True)] * (3 - admitted)
     await client.aclose()
