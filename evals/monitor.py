@@ -89,6 +89,8 @@ class DriftSettings:
     #                          value a span ago; drift.RiseLimit)
     alarm_days: float = 1000.0  # a steady route's window tests together: at most one false alarm in this many
     #                          days at the samples a day its baseline holds (0: per window only)
+    rebase_windows: bool = True  # a steady route's window detector that breaches alone starts over alone: the
+    #                          pass-rate tests keep their baseline and evidence (off: the whole route starts over)
     short_baseline: int = 200  # a moved label whose old version has fewer than baseline_samples samples (it
     #                          serves no more: its baseline cannot grow) is tested once it has this many...
     short_caution: float = 1.645  # ... against its pass rate less this many standard errors (its own noise)
@@ -450,6 +452,10 @@ class RouteTest:
         self.findings: list[Finding] = []
         self._window: list[Scored] = []
         self._window_progress = 0.0
+        # window detectors that breached on a steady route whose pass-rate tests did not: each compared from
+        # then on with the windows after its breach (its own baseline), tested again once that holds
+        # ``baseline_samples`` (one alert per shift), while the pass-rate tests keep theirs and their evidence
+        self.rebased: dict[str, deque[Scored]] = {}
         self.windowed = [name for name in CONTINUOUS if len(self._values(name)) >= MIN_VALUES] + list(RATES)
         self.pass_tests: list[PassTest | ConcurrentPassTest] = []
         sequential = [name for name in ("pass_rate", "judge_pass") if len(self._passes(name)) >= MIN_VALUES]
@@ -467,8 +473,13 @@ class RouteTest:
             self.window_alpha = min(self.window_alpha, settings.window / (
                 settings.alarm_days * per_day * max(len(self.windowed), 1)))
 
-    def _values(self, name: str) -> list[float]:
-        return [v for s in self.baseline if (v := s.value(name)) is not None]
+    def _values(self, name: str, baseline: Iterable[Scored] | None = None) -> list[float]:
+        return [v for s in (self.baseline if baseline is None else baseline) if (v := s.value(name)) is not None]
+
+    def rebase(self, names: Iterable[str]) -> None:
+        """These window detectors breached: from now on each is compared with the windows that follow."""
+        for name in names:
+            self.rebased[name] = deque(maxlen=self.settings.baseline_max)
 
     def _passes(self, name: str) -> list[bool]:
         return [v for s in self.baseline if (v := _pass_value(name, s, self.settings.judge_pass)) is not None]
@@ -547,8 +558,12 @@ class RouteTest:
         log_alpha = math.log(alpha)
         for name in self.windowed:
             evidence: dict[str, Any] = {}
+            own = self.rebased.get(name)
+            baseline = self.baseline if own is None else own
+            if own is not None and len(own) < self.settings.baseline_samples:
+                continue  # its baseline after its breach is still forming
             if name in RATES:
-                base_hits, base_n = _rate(bool(getattr(s, name)) for s in self.baseline)
+                base_hits, base_n = _rate(bool(getattr(s, name)) for s in baseline)
                 hits, n = _rate(bool(getattr(s, name)) for s in self._window)
                 if not base_n:
                     continue
@@ -558,7 +573,7 @@ class RouteTest:
                 test = "rise"
                 base_v, cur_v = round(base_hits / base_n, 4), round(hits / n, 4)
             else:
-                base = self._values(name)
+                base = self._values(name, baseline)
                 values = [v for s in self._window if (v := s.value(name)) is not None]
                 if len(values) < MIN_VALUES or len(base) < MIN_VALUES:
                     continue
@@ -572,6 +587,8 @@ class RouteTest:
                 found.append(Finding(name, test, stat, alpha, len(self._window), base_v, cur_v,
                                      p_value=p, extra={"window": self.settings.window, "alpha": alpha, **evidence}))
         self._window_progress = closest
+        for own in self.rebased.values():
+            own.extend(self._window)
         return found
 
     def progress(self) -> float:
@@ -593,8 +610,11 @@ class SteadyWatch:
     ``baseline_samples`` samples, then every sample once it is ``lag`` samples and twice
     ``evidence_hours`` old and the pass-rate CUSUM has stood at zero since it came (so a shift the
     tests have not yet judged, at the pace the rise limit lets them, does not leak into what they
-    compare with), at most ``baseline_max``. After a breach
-    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window)."""
+    compare with), at most ``baseline_max``. After a breach of a pass-rate test
+    the route starts over: the new behaviour is the next baseline (one alert per shift, not one per window). A
+    breach of window detectors alone (refusals, guard failures, lengths, costs) starts those over alone, each on
+    the windows after it (``RouteTest.rebase``): a drop in the pass rate that began meanwhile stays in the
+    pass-rate test's evidence instead of becoming the next baseline."""
 
     def __init__(self, settings: DriftSettings, lag: int | None = None) -> None:
         self.settings = settings
@@ -621,11 +641,15 @@ class SteadyWatch:
         found = self.test.update(s)
         self.pending.append(s)
         if found:
-            self.breached = (self.test.n, len(self.baseline), self.test.detectors)  # (the route starts over now)
-            self.baseline = deque(self.pending, maxlen=self.settings.baseline_max)
-            self.pending.clear()
-            self.test = None
-            return found
+            self.breached = (self.test.n, len(self.baseline), self.test.detectors)
+            breached = {f.detector for f in found}
+            if self.settings.rebase_windows and not breached & {t.name for t in self.test.pass_tests}:
+                self.test.rebase(breached)  # the pass-rate tests go on, their baseline and evidence kept
+            else:  # the route starts over
+                self.baseline = deque(self.pending, maxlen=self.settings.baseline_max)
+                self.pending.clear()
+                self.test = None
+                return found
         held = max([self.lag, *(t.cusum.run for t in self.test.pass_tests
                                 if isinstance(t, PassTest) and t.cusum is not None)])
         hold = None if s.at is None else s.at - 2 * 3600 * self.settings.evidence_hours

@@ -424,6 +424,16 @@ def quantile(values: list[int] | list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _setting(name: str, text: str) -> object:
+    """A ``--set`` value as the DriftSettings field's type (a flag: true/false, on/off, 1/0)."""
+    default = getattr(DriftSettings(), name)
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise SystemExit(f"--set {name}: true or false, not {text!r}")
+        return text.lower() in ("true", "on", "1")
+    return type(default or 0.0)(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=100, help="seeded runs per detection cell")
@@ -463,7 +473,7 @@ def main() -> None:
     if args.no_evidence_rate:  # before the pool forks its workers: they inherit it
         Watch.awaits_evidence = lambda self: False  # type: ignore[method-assign]
     volumes = tuple(int(v) for v in args.volumes.split(","))
-    settings = DriftSettings(**{k: type(getattr(DriftSettings(), k) or 0.0)(v) for k, v in (a.split("=", 1) for a in args.set)})
+    settings = DriftSettings(**{k: _setting(k, v) for k, v in (a.split("=", 1) for a in args.set)})
     adaptive = SamplingPolicy(**{k: float(v) for k, v in (a.split("=", 1) for a in args.policy)})
     fixed = SamplingPolicy(ceiling=0.02)
     shapes = held_out_shapes(volumes) if args.held_out else tuning_shapes(volumes)

@@ -186,6 +186,31 @@ def test_a_steady_route_finds_a_drop_that_starts_at_any_time_with_the_cusum():
     assert samples >= n and baseline >= settings.baseline_samples and "pass_rate" in detectors
 
 
+@pytest.mark.parametrize("rebase", [True, False])
+def test_a_refusal_breach_during_a_pass_rate_drop_leaves_the_drop_in_the_pass_rate_tests_evidence(rebase):
+    """A pass rate that drops and, a little later, refusals that rise: the refusal detector breaches first and
+    starts over on what follows (one alert for its shift, not one per window); the pass-rate test keeps its
+    baseline and its evidence and finds the drop. When the whole route started over at the refusals' breach
+    (``rebase_windows`` off), the drop joined the next baseline and was never found."""
+    rng = random.Random(1)
+    settings = DriftSettings(window=200, rebase_windows=rebase)
+    watch = SteadyWatch(settings)
+    for _ in range(settings.baseline_samples + 2000):
+        assert watch.observe(draw(rng)) == []
+    found: list[str] = []
+    for i in range(6000):
+        # the pass rate drops 5 points; 60 samples on, refusals go from 3% to 20% for good
+        found += [f.detector for f in watch.observe(draw(rng, pass_rate=0.85, refusal=0.2 if i >= 60 else 0.03))]
+        if "pass_rate" in found:
+            break
+    assert found[0] == "refusal"  # a rise of refusals shows in its first window
+    if rebase:
+        assert found == ["refusal", "pass_rate"]  # one alert for the refusals' shift, then the drop's (592 on)
+        assert watch.test is None  # the drop's breach: now the route starts over
+    else:  # the refusals' breach restarted everything: the drop in the next baseline, its shift alerted again
+        assert "pass_rate" not in found and found.count("refusal") == 2
+
+
 def test_a_token_rise_is_found_by_ks():
     rng = random.Random(5)
     test = RouteTest([draw(rng) for _ in range(2000)], DriftSettings(window=200))
