@@ -291,7 +291,7 @@ class Monitor:
     async def _breach(self, conn: psycopg.AsyncConnection[Any], w: Watch, found: list[Finding], at: int) -> JSON:
         """``at``: the sample that completed the evidence (a steady route's alerts are one per shift; a
         change's, one per change: two monitors that both saw it raise one alert)."""
-        if w.steady is not None:  # it has started over by now: its evidence is the test that breached
+        if w.steady is not None:  # it has started over (or its breached detectors have): the breach it recorded
             samples, baseline, detectors = w.steady.breached or (0, 0, [])
         else:
             samples, detectors = (0, []) if w.test is None else (w.test.n, w.test.detectors)
