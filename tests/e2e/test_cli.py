@@ -145,6 +145,14 @@ def test_budget_commands(pg, redis_url, make_tenant):
     typo = tollway("tenants", "policy", "--tenant", tenant.name, "--quality-floor", "lagre", env=env)
     assert typo.returncode != 0
     assert "'lagre' is not a routing tier (tiers: large, small)" in typo.stderr
+    cleared = tollway("tenants", "policy", "--tenant", tenant.name, "--rpm", "none", "--quality-floor", "none",
+                      "--max-parallel-requests", "8", env=env)
+    assert cleared.returncode == 0, cleared.stderr
+    assert {k: v for k, v in json.loads(cleared.stdout).items() if k in (
+        "rpm", "quality_floor", "max_parallel_requests", "route_threshold")} == {
+        "rpm": None, "quality_floor": None, "max_parallel_requests": 8, "route_threshold": 0.3}  # the rest kept
+    assert tollway("tenants", "policy", "--tenant", tenant.name, "--rpm", "0", env=env).returncode == 2
+    assert tollway("tenants", "policy", "--tenant", tenant.name, "--rpm", "60", env=env).returncode == 0
     limits = tollway("keys", "limits", str(tenant.key_id), "--rpm", "10", env=env)
     assert limits.returncode == 0, limits.stderr
     shown = json.loads(tollway("budgets", "show", "--tenant", tenant.name, env=env).stdout)

@@ -42,6 +42,28 @@ def _tokens_or_none(value: str) -> int | None:
     return tokens
 
 
+def _count_or_none(value: str) -> int | None:
+    """A positive whole number, or 'none' (no limit)."""
+    if value.lower() == "none":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError("a limit is at least 1 ('none' removes it)")
+    return count
+
+
+def _text_or_none(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+# the policy's limits a flag may also remove ('none'); absent, each keeps its value
+CLEARABLE = ("rpm", "tpm", "max_parallel_requests", "velocity_soft_usd_per_min", "velocity_hard_usd_per_min",
+             "quality_floor")
+
+
 def _alerts(value: str) -> list[str] | None:
     return None if value.lower() == "default" else value.split(",")
 
@@ -202,10 +224,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
     from tollway.routing import load_config
 
     fields = {name: getattr(args, name) for name in (
-        "redis_failure", "default_max_tokens", "rpm", "tpm", "max_parallel_requests", "velocity_soft_usd_per_min",
-        "velocity_hard_usd_per_min", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
-        "quality_floor", "degraded_answers", "response_cache", "store_content", "content_retention_days")
+        "redis_failure", "default_max_tokens", "retry_storm_limit", "retry_storm_window_s", "route_threshold",
+        "degraded_answers", "response_cache", "store_content", "content_retention_days")
         if getattr(args, name) is not None}
+    fields.update({name: getattr(args, name) for name in CLEARABLE if getattr(args, name) is not KEEP})
     if args.allowed_models is not None:
         fields["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
 
@@ -281,18 +303,20 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], te
     policy.add_argument("--tenant", required=True)
     policy.add_argument("--redis-failure", choices=["closed", "open"])
     policy.add_argument("--default-max-tokens", type=int)
-    policy.add_argument("--rpm", type=int)
-    policy.add_argument("--tpm", type=int)
-    policy.add_argument("--max-parallel-requests", type=int, help="the tenant's requests in flight at once, "
-                        "across every gateway (more: 429 parallel_requests_exceeded)")
-    policy.add_argument("--velocity-soft-usd-per-min", type=_usd)
-    policy.add_argument("--velocity-hard-usd-per-min", type=_usd)
+    policy.add_argument("--rpm", type=_count_or_none, default=KEEP, help="requests per minute ('none' removes it)")
+    policy.add_argument("--tpm", type=_count_or_none, default=KEEP, help="tokens per minute ('none' removes it)")
+    policy.add_argument("--max-parallel-requests", type=_count_or_none, default=KEEP, help="the tenant's requests "
+                        "in flight at once, across every gateway (more: 429 parallel_requests_exceeded; 'none' "
+                        "removes the cap)")
+    policy.add_argument("--velocity-soft-usd-per-min", type=_usd_or_none, default=KEEP, help="('none' removes it)")
+    policy.add_argument("--velocity-hard-usd-per-min", type=_usd_or_none, default=KEEP, help="('none' removes it)")
     policy.add_argument("--retry-storm-limit", type=int)
     policy.add_argument("--retry-storm-window-s", type=int)
     policy.add_argument("--route-threshold", type=float, help="model 'auto': difficulty at or above it goes to "
                         "the top tier (0 always, 1 never)")
     policy.add_argument("--allowed-models", help="comma-separated models the router may pick ('' for all)")
-    policy.add_argument("--quality-floor", help="the lowest tier this tenant may be routed or fall back to")
+    policy.add_argument("--quality-floor", type=_text_or_none, default=KEEP,
+                        help="the lowest tier this tenant may be routed or fall back to ('none' removes it)")
     policy.add_argument("--degraded-answers", type=flag, help="on/off: a marked degraded answer when every tier failed")
     policy.add_argument("--response-cache", type=flag, help="on/off: exact-match cache for deterministic requests")
     policy.add_argument("--store-content", type=flag, help="on/off: keep prompts and answers of live and shadow "
