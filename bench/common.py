@@ -14,8 +14,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -210,6 +210,41 @@ class Processes:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+@dataclass
+class Stores:
+    """An embedded PostgreSQL and Redis for one run, the environment a `tollway` process needs to use them, the
+    run's processes, and the CLI on them (``cli``: its stdout; a failure raises)."""
+
+    work: Path
+    env: dict[str, str]
+    procs: Processes
+
+    def cli(self, *argv: str) -> str:
+        return subprocess.run([*CLI, *argv], env=self.env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@contextmanager
+def embedded_stores(prefix: str) -> Iterator[Stores]:
+    """``Stores`` in a temporary folder; everything stopped and removed on the way out."""
+    import os
+    import shutil
+
+    from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
+    env = {**os.environ, "TOLLWAY_DATA_DIR": str(work / "data"), "TOLLWAY_BOOTSTRAP": "false",
+           "TOLLWAY_DATABASE_URL": pg.start(), "TOLLWAY_REDIS_URL": redis.start()}
+    procs = Processes(work, env)
+    try:
+        yield Stores(work, env, procs)
+    finally:
+        procs.stop()
+        redis.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

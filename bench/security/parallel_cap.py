@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,9 +22,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import CLI, Processes, p50_p99, start_gateway, start_sim
-
-from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
+from common import embedded_stores, p50_p99, start_gateway, start_sim
 
 
 def body(n: int) -> dict[str, object]:
@@ -68,16 +62,8 @@ def main() -> None:
     parser.add_argument("--ttft-ms", type=float, default=100)
     parser.add_argument("--cap", type=int, default=4, help="tenant A's max_parallel_requests in the capped row")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tollway-bench-cap-"))
-    pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
-    env = {**os.environ, "TOLLWAY_DATA_DIR": str(work / "data"), "TOLLWAY_BOOTSTRAP": "false",
-           "TOLLWAY_DATABASE_URL": pg.start(), "TOLLWAY_REDIS_URL": redis.start()}
-    procs = Processes(work, env)
-
-    def cli(*argv: str) -> str:
-        return subprocess.run([*CLI, *argv], env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-    try:
+    with embedded_stores("tollway-bench-cap-") as stores:
+        procs, cli = stores.procs, stores.cli
         sim_url, _ = start_sim(procs, "--max-concurrency", str(args.capacity), "--ttft-ms", str(args.ttft_ms))
         base = start_gateway(procs, sim_url, data=None, bench_tenant=False).url
         for name in ("a", "b"):
@@ -104,11 +90,6 @@ def main() -> None:
             p50, p99 = p50_p99(took, 1000)
             answers = ", ".join(f"{s}: {c}" for s, c in sorted(done.items())) or "-"
             print(f"| {label} | {answers} | {p50:.0f} / {p99:.0f} | {len(took)} |", flush=True)
-    finally:
-        procs.stop()
-        redis.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,7 @@ keys), the two gateways taking turns row by row.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,9 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import CLI, Processes, p50_p99, package_at, start_gateway, start_sim
-
-from tollway.local.embedded import EmbeddedPostgres, EmbeddedRedis
+from common import embedded_stores, p50_p99, package_at, start_gateway, start_sim
 
 LOCAL = "local/all-MiniLM-L6-v2-int8"  # the packaged embedding model, as /v1/embeddings names it
 WORDS = ("refund card loan branch wire fee account overdraft statement limit transfer dispute savings interest "
@@ -123,16 +117,8 @@ def main() -> None:
     parser.add_argument("--floods", default="", help="only the floods whose names hold one of these words "
                         "(comma-separated: heavy,light,searches,...); the row with no flood always runs")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tollway-bench-share-"))
-    pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
-    env = {**os.environ, "TOLLWAY_DATA_DIR": str(work / "data"), "TOLLWAY_BOOTSTRAP": "false",
-           "TOLLWAY_DATABASE_URL": pg.start(), "TOLLWAY_REDIS_URL": redis.start()}
-    procs = Processes(work, env)
-
-    def cli(*argv: str) -> str:
-        return subprocess.run([*CLI, *argv], env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-    try:
+    with embedded_stores("tollway-bench-share-") as stores:
+        work, procs, cli = stores.work, stores.procs, stores.cli
         sim_url, _ = start_sim(procs)
         gateways = {"now": start_gateway(procs, sim_url, data=None, bench_tenant=False).url}
         if args.before:
@@ -171,11 +157,6 @@ def main() -> None:
                 i50, i99 = p50_p99(measured["ingest"], 1000)
                 print(f"| {kind or 'nothing'} | {label} | {len(done)} ({statuses}) | {s50:.1f} / {s99:.1f} | "
                       f"{e50:.1f} / {e99:.1f} | {i50:.0f} / {i99:.0f} |", flush=True)
-    finally:
-        procs.stop()
-        redis.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
