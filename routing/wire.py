@@ -205,14 +205,12 @@ def _text(value: Any, param: str, limit: int) -> str:
 
 def _schema(value: Any, param: str) -> None:
     """A JSON schema (or its text): its size, its depth, and each "pattern" in it."""
+    _text(value, param, MAX_SCHEMA_CHARS)
     if isinstance(value, str):
-        _text(value, param, MAX_SCHEMA_CHARS)
         try:
             value = orjson.loads(value)
         except orjson.JSONDecodeError:
             return  # not JSON: the model server says so
-    else:
-        _text(value, param, MAX_SCHEMA_CHARS)
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()

@@ -366,17 +366,20 @@ async def set_key_limits(conn: psycopg.AsyncConnection[Any], key_id: int, *, rpm
                          reason: str | None = None) -> dict[str, Any]:
     """Replace a key's limits (None: no limit of that kind); the limits as now set."""
     after = {"rpm": rpm, "tpm": tpm, "max_parallel_requests": max_parallel_requests}
-    async with conn.transaction():
-        cur = await conn.execute("SELECT tenant_id, rpm, tpm, max_parallel_requests FROM api_keys WHERE id = %s"
-                                 " FOR UPDATE", (key_id,))
-        old = await cur.fetchone()
-        if old is None:
-            raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
-        await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s, max_parallel_requests = %s WHERE id = %s",
-                           (rpm, tpm, max_parallel_requests, key_id))
-        await changes.record(conn, author=author, kind="key", subject=key_id, action="limits", tenant_id=old[0],
-                             before={"rpm": old[1], "tpm": old[2], "max_parallel_requests": old[3]}, after=after,
-                             reason=reason)
+    try:
+        async with conn.transaction():
+            cur = await conn.execute("SELECT tenant_id, rpm, tpm, max_parallel_requests FROM api_keys WHERE id = %s"
+                                     " FOR UPDATE", (key_id,))
+            old = await cur.fetchone()
+            if old is None:
+                raise NotFound(f"key {key_id} does not exist", param="key", code="key_not_found")
+            await conn.execute("UPDATE api_keys SET rpm = %s, tpm = %s, max_parallel_requests = %s WHERE id = %s",
+                               (rpm, tpm, max_parallel_requests, key_id))
+            await changes.record(conn, author=author, kind="key", subject=key_id, action="limits", tenant_id=old[0],
+                                 before={"rpm": old[1], "tpm": old[2], "max_parallel_requests": old[3]}, after=after,
+                                 reason=reason)
+    except psycopg.errors.CheckViolation as exc:  # as set_policy: a limit under 1 (the CLI, a direct caller)
+        raise InvalidRequest(f"invalid key limit: {exc.diag.constraint_name}") from exc
     return {"key_id": key_id, **after}
 
 

@@ -56,6 +56,8 @@ def test_tenants_and_keys(pg, sim, redis_url, serve, tmp_path):
     [listed] = json.loads(tollway("keys", "list", "--tenant", "cli-tenant", "--json", env=env).stdout)
     assert (listed["rpm"], listed["tpm"], listed["max_parallel_requests"]) == (60, None, 2)
     assert "rpm 60, parallel 2" in tollway("keys", "list", "--tenant", "cli-tenant", env=env).stdout
+    zero = tollway("keys", "limits", key_id, "--max-parallel-requests", "0", env=env)
+    assert zero.returncode == 2 and "at least 1" in zero.stderr and "Traceback" not in zero.stderr
     tenants = tollway("tenants", "list", env=env).stdout
     assert "cli-tenant" in tenants
     revoked = tollway("keys", "revoke", key_id, env=env)

@@ -178,3 +178,17 @@ async def test_without_redis_a_rate_limit_or_a_cap_out_of_local_headroom_is_a_42
         # rpm 4, nothing seen yet: half assumed used, half of the rest here; a cap of 4: half of it here
         assert outcomes == [("admitted", True)] * admitted + [(code, True)] * (3 - admitted)
     await client.aclose()
+
+
+async def test_a_key_limit_under_one_is_a_400_not_a_database_error(pg, make_tenant):
+    import psycopg
+
+    from tollway.errors import InvalidRequest
+    from tollway.gateway.tenancy.policy import set_key_limits
+
+    tenant = make_tenant()
+    async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
+        with pytest.raises(InvalidRequest, match="max_parallel_requests"):
+            await set_key_limits(conn, tenant.key_id, rpm=None, tpm=None, max_parallel_requests=0)
+        assert (await set_key_limits(conn, tenant.key_id, rpm=None, tpm=None, max_parallel_requests=3)
+                )["max_parallel_requests"] == 3
