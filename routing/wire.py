@@ -178,6 +178,16 @@ MAX_SCHEMA_DEPTH = 32
 MAX_CHOICES, MAX_CHOICE_CHARS = 1_024, 1_024  # guided_choice
 MAX_TOOLS = 128  # OpenAI's own limit
 MAX_REPEAT = 1_000  # the largest count of a bounded repeat ({n}, {n,m}) in a pattern or a grammar
+# A schema's length and count bounds are bounded repeats too: a grammar compiler expands a minimum into as many
+# copies, and a maximum into a counter the matcher walks for every token (xgrammar, llguidance, GBNF alike).
+COUNT_KEYWORDS = frozenset({"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+                            "minContains", "maxContains"})
+# Keywords whose values are JSON data, not schemas: a "pattern" or a "maxItems" inside them is nobody's keyword.
+DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+# Keywords whose values map names (a property's, a definition's) to schemas: a property named "default" or
+# "maxItems" holds a schema like any other.
+NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA, _NAMES, _DATA = 0, 1, 2  # what a node of a schema is
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")  # linear: one start per brace, each digit run read once
 
 
@@ -203,32 +213,63 @@ def _text(value: Any, param: str, limit: int) -> str:
     return text
 
 
-def _schema(value: Any, param: str) -> None:
-    """A JSON schema (or its text): its size, its depth, and each "pattern" in it."""
+def _schema(value: Any, param: str, counts: bool = True) -> None:
+    """A JSON schema (or its text): its size, its depth, each "pattern" in it and, where the model server compiles
+    it (``counts``), each length and count bound (``COUNT_KEYWORDS``) at ``MAX_REPEAT``."""
     _text(value, param, MAX_SCHEMA_CHARS)
     if isinstance(value, str):
         try:
             value = orjson.loads(value)
         except orjson.JSONDecodeError:
             return  # not JSON: the model server says so
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[Any, int, int]] = [(value, 1, _SCHEMA)]
     while stack:
-        node, depth = stack.pop()
+        node, depth, kind = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:
             raise InvalidRequest(f"'{param}' nests deeper than {MAX_SCHEMA_DEPTH} levels.", param=param,
                                  code="structured_output_limit")
         if isinstance(node, dict):
             for key, item in node.items():
-                if key == "pattern" and isinstance(item, str):
-                    _repeats_within(_text(item, param, MAX_PATTERN_CHARS), param)
-                stack.append((item, depth + 1))
+                if kind == _SCHEMA:
+                    if key == "pattern" and isinstance(item, str):
+                        _repeats_within(_text(item, param, MAX_PATTERN_CHARS), param)
+                    elif counts and key in COUNT_KEYWORDS and _count_over(item):
+                        shown = item if item < 1e9 else "a billion or more"
+                        raise InvalidRequest(
+                            f"'{param}' sets {key} to {shown}; a schema's length and count bounds may be at most "
+                            f"{MAX_REPEAT} (the model server compiles each into its grammar, on a server every "
+                            "tenant shares): leave the bound out or lower it.", param=param,
+                            code="structured_output_limit")
+                    child = _DATA if key in DATA_KEYWORDS else _NAMES if key in NAMED_SCHEMAS else _SCHEMA
+                else:  # a map's values are schemas; data stays data
+                    child = _SCHEMA if kind == _NAMES else _DATA
+                stack.append((item, depth + 1, child))
         elif isinstance(node, list):
-            stack.extend((item, depth + 1) for item in node)
+            stack.extend((item, depth + 1, _DATA if kind == _DATA else _SCHEMA) for item in node)
+
+
+def _count_over(value: Any) -> bool:
+    """Whether a length or count bound (an integer, or a float JSON wrote for one) is past ``MAX_REPEAT``."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_REPEAT
+
+
+def _tools_compiled(body: Mapping[str, Any]) -> bool:
+    """Whether the model server compiles the tools' parameter schemas into a grammar: a call it must make
+    (``tool_choice`` "required" or a named function) or a strict function. With ``auto`` it reads the calls the
+    model wrote, and an agent's tool schemas (a file's ``content`` up to 100,000 characters) are only text."""
+    choice = body.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        return True
+    tools = body.get("tools")
+    return isinstance(tools, list) and any(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("strict") is True
+        for t in tools)
 
 
 def check_structured_output(body: Mapping[str, Any]) -> None:
     """A 400 naming the first structured-output field past what a shared model server should be asked to
-    compile: its size, a schema's depth, a bounded repeat's count, the number of choices or tools."""
+    compile: its size, a schema's depth, a bounded repeat's count (in a pattern, a grammar, or a schema's length
+    and count bounds), the number of choices or tools."""
     for name in ("guided_regex", "guided_whitespace_pattern"):
         if isinstance(value := body.get(name), str):
             _repeats_within(_text(value, name, MAX_PATTERN_CHARS), name)
@@ -250,10 +291,11 @@ def check_structured_output(body: Mapping[str, Any]) -> None:
         if len(tools) > MAX_TOOLS:
             raise InvalidRequest(f"At most {MAX_TOOLS} tools are allowed.", param="tools",
                                  code="structured_output_limit")
+        compiled = _tools_compiled(body)
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) else None
             if isinstance(function, dict) and function.get("parameters") is not None:
-                _schema(function["parameters"], f"tools[{i}].function.parameters")
+                _schema(function["parameters"], f"tools[{i}].function.parameters", counts=compiled)
 
 
 def check_client_fields(endpoint: str, body: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> None:

@@ -217,6 +217,8 @@ async def test_a_malformed_content_part_is_a_400_naming_it_not_an_upstream_error
 
 
 _STRING = {"type": "string"}
+_WRITE = {"type": "function", "function": {"name": "write", "parameters": {
+    "type": "object", "properties": {"content": {"type": "string", "maxLength": 100_000}}}}}
 
 
 @pytest.mark.parametrize(("extra", "param"), [
@@ -228,6 +230,11 @@ _STRING = {"type": "string"}
         "type": "object", "properties": {"id": {"type": "string", "pattern": "^[0-9]{1,99999999}$"}}}}}},
      "response_format"),
     ({"guided_choice": [f"choice {i}" for i in range(5000)]}, "guided_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "array", "items": {"type": "number"}, "maxItems": 1_000_000_000}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"body": {"type": "string", "maxLength": 100_000}}}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": _STRING}} for i in range(200)]},
      "tools"),
 ])
@@ -245,7 +252,8 @@ async def test_structured_output_past_its_bounds_is_a_400_and_reaches_no_upstrea
         fine = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
             "model": "sim-large", "messages": MSG, "guided_regex": "[0-9]{3}-[0-9]{4}",
             "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
-                "type": "object", "properties": {"id": {"type": "string", "pattern": "^\\{[0-9]{1,64}\\}$"}}}}}})
+                "type": "object", "properties": {"id": {"type": "string", "pattern": "^\\{[0-9]{1,64}\\}$"}}}}},
+            "tools": [_WRITE], "tool_choice": "auto"})  # an agent's tool schema, read as text: not compiled
     for resp in (refused, streamed):
         assert resp.status_code == 400, resp.text
         error = resp.json()["error"]
@@ -254,6 +262,7 @@ async def test_structured_output_past_its_bounds_is_a_400_and_reaches_no_upstrea
     assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before + 1  # only the one in range
     assert fine.status_code == 200, fine.text
     assert last_request(sim, "sim-large")["guided_regex"] == "[0-9]{3}-[0-9]{4}"
+    assert last_request(sim, "sim-large")["tools"] == [_WRITE]
 
 
 async def test_a_responses_request_s_schema_is_bounded_too(app_factory, make_tenant):

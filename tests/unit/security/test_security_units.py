@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import stat
 
+import orjson
 import pytest
 
 from tollway.errors import InvalidRequest
@@ -282,6 +283,60 @@ def test_a_schema_too_deep_or_too_large_is_refused_and_its_text_form_is_read():
     with pytest.raises(InvalidRequest, match="bounded repeat"):
         check_structured_output({"guided_json": '{"type": "string", "pattern": "z{4000}"}'})
     check_structured_output({"guided_json": "not json at all"})  # the model server answers that one
+
+
+def _format(schema):
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 100_000},
+    {"type": "array", "items": {"type": "number"}, "maxItems": 10**12},
+    {"type": "array", "minItems": 1001},
+    {"type": "object", "maxProperties": 5e3},
+    {"type": "object", "properties": {"default": {"type": "string", "minLength": 2000}}},  # a property named so
+    {"$defs": {"enum": {"type": "array", "maxContains": 4000}}, "$ref": "#/$defs/enum"},
+    {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string", "maxLength": 1_000_000}}]},
+])
+def test_a_schema_s_length_or_count_bound_past_the_repeat_limit_is_refused(schema):
+    from tollway.routing.wire import check_structured_output
+
+    with pytest.raises(InvalidRequest, match="length and count bounds") as refused:
+        check_structured_output(_format(schema))
+    assert refused.value.param == "response_format"
+    with pytest.raises(InvalidRequest, match="length and count bounds"):
+        check_structured_output({"guided_json": orjson.dumps(schema).decode()})
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "minLength": 1, "maxLength": 1000},
+    {"type": "array", "maxItems": 10, "default": [], "examples": [{"maxItems": 99999}]},  # data, not a schema
+    {"enum": [{"maxLength": 50_000}, "x"], "const": {"minItems": 10**9}},
+    {"type": "object", "properties": {"maxItems": {"type": "integer"}, "pattern": {"type": "string"}}},
+    {"type": "string", "maxLength": True},  # not a count: the model server answers that one
+])
+def test_a_schema_within_its_bounds_or_naming_them_as_data_passes(schema):
+    from tollway.routing.wire import check_structured_output
+
+    check_structured_output(_format(schema))
+
+
+def test_a_tool_s_count_bounds_are_held_only_where_the_model_server_compiles_its_schema():
+    """With ``tool_choice`` auto the model server reads the calls the model wrote: an agent's file tool may say
+    100,000 characters. A required call, a named function or a strict function is compiled, and bounded."""
+    from tollway.routing.wire import check_structured_output
+
+    write = {"type": "function", "function": {"name": "write", "parameters": {
+        "type": "object", "properties": {"content": {"type": "string", "maxLength": 100_000}}}}}
+    check_structured_output({"tools": [write]})
+    check_structured_output({"tools": [write], "tool_choice": "auto"})
+    strict = {"type": "function", "function": {**write["function"], "strict": True}}
+    for body in ({"tools": [write], "tool_choice": "required"},
+                 {"tools": [write], "tool_choice": {"type": "function", "function": {"name": "write"}}},
+                 {"tools": [strict]}):
+        with pytest.raises(InvalidRequest, match="maxLength") as refused:
+            check_structured_output(body)
+        assert refused.value.param == "tools[0].function.parameters"
 
 
 def test_a_prompt_whose_params_pass_the_structured_output_bounds_only():
