@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=10.0, gt=0)
     policy_cache_ttl_s: float = Field(default=2.0, ge=0)
     fail_open_share: float = Field(default=0.5, gt=0, le=1)
+    # Each tenant's requests in flight at once where its policy sets no cap (max_parallel_requests): one
+    # tenant's flood then cannot fill a shared model server's queue unasked. None: no cap by default.
+    default_max_parallel_requests: int | None = Field(default=None, gt=0, le=1_000_000)
     reconcile_interval_s: float = Field(default=300.0, gt=0)
 
     # Retrieval: the embedding model new collections use ('local': the packaged CPU model; or an embedding

@@ -273,7 +273,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             print(f"\nTollway created tenant 'default' with an app key (shown once, store it now):\n\n"
                   f"    {created.secret}\n", file=sys.stderr, flush=True)
 
-    policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s)
+    policies = PolicyStore(pool, cache_ttl_s=settings.policy_cache_ttl_s,
+                           default_parallel=settings.default_max_parallel_requests)
     renderer = RenderPool()  # started on the first template that needs it
     stack.callback(renderer.close)
     prompts = Registry(pool, renderer)

@@ -118,7 +118,7 @@ def tags_of(ctx: CallContext, data: JSON) -> list[str] | None:
 def _needs_bound(rules: TenantRules, principal: Principal) -> bool:
     policy = rules.policy
     return bool(rules.budgets or policy.tpm or policy.rpm or principal.tpm or principal.rpm
-                or policy.max_parallel_requests or principal.max_parallel_requests
+                or rules.parallel or principal.max_parallel_requests
                 or policy.velocity_hard_usd_per_min or policy.velocity_soft_usd_per_min)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -132,6 +132,13 @@ class TenantRules:
     policy: TenantPolicy
     budgets: tuple[Budget, ...]
     guards: GuardPolicy | None = None  # the tenant's guard policy (``tollway.guardrails.policy``)
+    default_parallel: int | None = None  # the gateway's cap for a tenant whose policy sets none
+
+    @property
+    def parallel(self) -> int | None:
+        """The tenant's cap on requests in flight at once: its policy's, else the gateway's default
+        (``TOLLWAY_DEFAULT_MAX_PARALLEL_REQUESTS``), else none."""
+        return self.policy.max_parallel_requests or self.default_parallel
 
 
 _BUDGET_COLUMNS = ("id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at, alert_thresholds,"
@@ -144,8 +151,9 @@ class PolicyStore:
     reload (which goes on in the background), and for ``retry_s`` after a failed one none waits again."""
 
     def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float, stale_wait_s: float = 0.25,
-                 retry_s: float = 2.0) -> None:
+                 retry_s: float = 2.0, default_parallel: int | None = None) -> None:
         self._pool = pool
+        self.default_parallel = default_parallel
         self._cache: LastGood[int, TenantRules] = LastGood(ttl_s=cache_ttl_s, down=ServiceUnavailable,
                                                            stale_wait_s=stale_wait_s, retry_s=retry_s)
 
@@ -155,7 +163,9 @@ class PolicyStore:
     async def _load(self, tenant_id: int) -> TenantRules:
         try:
             async with self._pool.connection(timeout=2) as conn:
-                return await load_rules(conn, tenant_id)
+                rules = await load_rules(conn, tenant_id)
+                return rules if self.default_parallel is None else replace(rules,
+                                                                           default_parallel=self.default_parallel)
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise ServiceUnavailable("Tenant policies are unavailable; try again shortly.") from exc
 

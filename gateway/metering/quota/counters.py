@@ -107,10 +107,9 @@ def counters_for(principal: Principal, rules: TenantRules, *, end_user: str | No
                            (NO_LIMIT, principal.tpm or NO_LIMIT, principal.rpm or NO_LIMIT),
                            minute.ttl_s, minute.end, rate_scope="key"))
     # no window and no expiry: what it holds goes back as each request settles or its lease runs out
-    if policy.max_parallel_requests:
+    if rules.parallel:  # the policy's cap, else the gateway's default
         out.append(Counter(parallel_key(principal.tenant_id, "tenant"),
-                           (NO_LIMIT, NO_LIMIT, policy.max_parallel_requests), 0, None, rate_scope="tenant",
-                           parallel=True))
+                           (NO_LIMIT, NO_LIMIT, rules.parallel), 0, None, rate_scope="tenant", parallel=True))
     if principal.max_parallel_requests:
         out.append(Counter(parallel_key(principal.tenant_id, f"key:{principal.key_id}"),
                            (NO_LIMIT, NO_LIMIT, principal.max_parallel_requests), 0, None, rate_scope="key",

@@ -81,6 +81,35 @@ async def test_a_tenants_cap_refuses_what_is_over_it_and_nobody_else(app_factory
     assert (row["status"], row["error_code"], row["cost_usd"]) == (429, "parallel_requests_exceeded", 0)
 
 
+async def test_the_gateways_default_cap_holds_a_tenant_without_its_own_and_a_policy_overrides_it(
+        app_factory, make_tenant, admin, start_sim, tmp_path):
+    """TOLLWAY_DEFAULT_MAX_PARALLEL_REQUESTS caps every tenant whose policy sets none; a tenant's own cap, higher
+    or lower, replaces it; clearing the tenant's cap returns it to the default."""
+    slow = start_sim("--ttft-ms", "800")
+    tenant, other = make_tenant(), make_tenant()
+    async with app_factory(config=write_config(tmp_path / "slow.yaml", slow.url), policy_cache_ttl_s=0,
+                           default_max_parallel_requests=1) as gw:
+        held = [asyncio.create_task(chat(gw.client, t.headers, t.name)) for t in (tenant, other)]
+        await _upstream_holds(slow, 2)  # one each: the default is per tenant, not the gateway's whole
+        refused = await chat(gw.client, tenant.headers, "second at once")
+        first = await asyncio.gather(*held)
+        await gw.state.quota.drain()
+        raised = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                     json={"tenant": tenant.name, "max_parallel_requests": 3})
+        assert raised.status_code == 200, raised.text
+        three = await asyncio.gather(*(chat(gw.client, tenant.headers, f"three {i}") for i in range(3)))
+        await gw.state.quota.drain()
+        cleared = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                      json={"tenant": tenant.name, "max_parallel_requests": None})
+        assert cleared.status_code == 200 and cleared.json()["max_parallel_requests"] is None
+        back = await asyncio.gather(*(chat(gw.client, tenant.headers, f"back {i}") for i in range(2)))
+    assert [r.status_code for r in first] == [200, 200]
+    assert (refused.status_code, refused.json()["error"]["code"]) == (429, "parallel_requests_exceeded")
+    assert "limit 1, in flight 1" in refused.json()["error"]["message"]
+    assert [r.status_code for r in three] == [200] * 3
+    assert sorted(r.status_code for r in back) == [200, 429]
+
+
 async def test_a_keys_cap_holds_across_gateways_and_leaves_the_tenants_other_keys_alone(
         app_factory, make_tenant, make_key, admin, start_sim, tmp_path):
     slow = start_sim("--ttft-ms", "800")
