@@ -125,6 +125,8 @@ class TenantPolicy:
 
 
 POLICY_FIELDS = tuple(f.name for f in fields(TenantPolicy) if f.name != "tenant_id")
+# The fields that always hold a value (their columns are NOT NULL): null is no way to clear them.
+VALUED_FIELDS = {f.name: f.default for f in fields(TenantPolicy) if f.name != "tenant_id" and f.default is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +352,11 @@ async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, *, tiers: 
     if tiers is not None and floor is not None and floor not in tiers:
         raise InvalidRequest(f"quality_floor {floor!r} is not a routing tier (tiers: {', '.join(tiers)})",
                              param="quality_floor")
+    for name, value in fields_.items():
+        if value is None and name in VALUED_FIELDS:
+            raise InvalidRequest(f"{name} always has a value (the default is {VALUED_FIELDS[name]!r}); null does not "
+                                 "clear it: send a value, or leave the field out to keep the current one",
+                                 param=name)
     if fields_.get("redis_failure", "closed") not in ("closed", "open"):
         raise InvalidRequest("redis_failure must be 'closed' or 'open'", param="redis_failure")
     columns = list(fields_)
@@ -368,6 +375,8 @@ async def set_policy(conn: psycopg.AsyncConnection[Any], tenant: str, *, tiers: 
                                  before=before.as_json(), after=after.as_json(), reason=reason)
     except psycopg.errors.CheckViolation as exc:
         raise InvalidRequest(f"invalid policy value: {exc.diag.constraint_name}") from exc
+    except psycopg.errors.NotNullViolation as exc:  # a column made NOT NULL after VALUED_FIELDS was written
+        raise InvalidRequest(f"{exc.diag.column_name} may not be null", param=exc.diag.column_name) from exc
     return after
 
 

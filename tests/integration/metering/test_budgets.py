@@ -286,6 +286,29 @@ async def test_admin_routes_need_an_admin_key(app_factory, make_tenant):
     assert bad.json()["error"]["param"] == "window"
 
 
+@pytest.mark.parametrize("field", ["route_threshold", "default_max_tokens", "retry_storm_limit", "redis_failure",
+                                   "degraded_answers", "content_retention_days"])
+async def test_null_for_a_policy_field_that_always_has_a_value_is_a_400_and_changes_nothing(app_factory, make_tenant,
+                                                                                          admin, field):
+    """rpm, tpm and the other limits clear with null; a field that always holds a value (a NOT NULL column) says
+    so in a 400 instead of failing in the database, and the policy stands as it was."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        before = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                     json={"tenant": tenant.name, "rpm": 100})
+        refused = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                      json={"tenant": tenant.name, "rpm": 7, field: None})
+        after = await gw.client.put("/v1/admin/policies", headers=admin.headers, json={"tenant": tenant.name})
+        cleared = await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                                      json={"tenant": tenant.name, "rpm": None})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == field
+    assert "leave the field out" in refused.json()["error"]["message"]
+    assert before.json()["rpm"] == 100 and before.json()[field] is not None
+    assert after.json() == before.json()  # the refused request set nothing, its rpm either
+    assert cleared.status_code == 200 and cleared.json()["rpm"] is None
+
+
 async def test_other_apis_streams_cut_at_the_reservation_end_with_their_own_error_event(app_factory, make_tenant,
                                                                                         admin, ledger):
     """The Responses API and Anthropic's Messages, streamed from an upstream that ignores max_tokens: cut at
