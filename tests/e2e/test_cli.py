@@ -78,6 +78,33 @@ def test_unknown_config_key_stops_start_up(tmp_path, pg):
     assert "Traceback" not in result.stderr
 
 
+def test_an_unreachable_store_or_gateway_is_one_line_not_a_traceback(tmp_path, redis_url, pg, make_tenant):
+    """A command whose PostgreSQL, Redis or gateway does not answer says which, and how to point it elsewhere."""
+    from tollway.local.embedded import free_port
+
+    nowhere = free_port()
+    down = tollway("keys", "list", env={"TOLLWAY_DATABASE_URL": f"postgresql://x@127.0.0.1:{nowhere}/db"})
+    tenant = make_tenant()
+    made = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--usd", "1",
+                   env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url})
+    assert made.returncode == 0, made.stderr
+    no_redis = tollway("budgets", "reset", "--tenant", tenant.name,  # its counters are cleared in Redis
+                       env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": f"redis://127.0.0.1:{nowhere}"})
+    (tmp_path / "a.md").write_text("# A\n\nhello")
+    no_gateway = [tollway(*cmd, "--base-url", f"http://127.0.0.1:{nowhere}/v1", "--api-key", "tw-x")
+                  for cmd in (("search", "--collection", "c", "hello"), ("ingest", "--collection", "c", str(tmp_path)))]
+    bad_metadata = tollway("ingest", "--collection", "c", "--metadata", "{lang: en}", "--api-key", "tw-x",
+                           str(tmp_path))
+    assert down.returncode == 2 and "cannot reach PostgreSQL" in down.stderr, down.stderr
+    assert "TOLLWAY_DATABASE_URL" in down.stderr
+    assert no_redis.returncode == 2 and "cannot reach Redis" in no_redis.stderr, no_redis.stderr
+    for run in no_gateway:
+        assert run.returncode != 0 and "cannot reach the gateway" in run.stderr, run.stderr
+    assert bad_metadata.returncode != 0 and "--metadata is not JSON" in bad_metadata.stderr
+    for run in (down, no_redis, *no_gateway, bad_metadata):
+        assert "Traceback" not in run.stderr, run.stderr
+
+
 def test_doctor(pg, redis_url, sim, tmp_path):
     ok = tollway("doctor", env={"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url,
                                 "TOLLWAY_UPSTREAMS": sim.url, "TOLLWAY_CONFIG": ""})

@@ -347,5 +347,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tollway: {exc}", file=sys.stderr)
     except TollwayError as exc:
         print(f"tollway: {exc.message}", file=sys.stderr)
+    except Exception as exc:
+        unreachable = _store_unreachable(exc)
+        if unreachable is None:
+            raise
+        print(f"tollway: {unreachable}", file=sys.stderr)
     return 2
+
+
+def _store_unreachable(exc: Exception) -> str | None:
+    """What to say when the command could not reach PostgreSQL or Redis (None: another error, raised as it is).
+    Only the drivers a command already imported are asked."""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.OperationalError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"cannot reach PostgreSQL ({first}); check TOLLWAY_DATABASE_URL, or --data-dir for the embedded "
+                "one (`tollway doctor` checks every dependency)")
+    redis_errors = sys.modules.get("redis.exceptions")
+    if redis_errors is not None and isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return (f"cannot reach Redis ({exc}); check TOLLWAY_REDIS_URL, or --data-dir for the embedded one "
+                "(`tollway doctor` checks every dependency)")
+    return None
 

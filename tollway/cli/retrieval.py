@@ -5,6 +5,7 @@ owns the embedder, the ledger and the budgets, so a CLI ingest is metered like a
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -46,6 +47,10 @@ class Client:
             except ValueError:
                 parsed = {"error": {"message": raw.decode(errors="replace")[:500]}}
             raise ApiError(exc.code, parsed) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            raise SystemExit(f"tollway: cannot reach the gateway at {self.base_url} ({reason}); is it running, and "
+                             "are --base-url or TOLLWAY_BASE_URL its /v1 URL?") from None
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -120,7 +125,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     client = client_of(args)
-    metadata = json.loads(args.metadata) if args.metadata else {}
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else {}
+    except ValueError as exc:
+        raise SystemExit(f"tollway: --metadata is not JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise SystemExit("tollway: --metadata must be a JSON object, such as '{\"lang\": \"en\"}'")
     paths = files_of(args.paths)
     if not paths:
         print("tollway: no text, markdown or HTML files found", file=sys.stderr)
