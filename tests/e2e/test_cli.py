@@ -168,6 +168,11 @@ def test_budget_commands(pg, redis_url, make_tenant):
         "route_threshold", "allowed_models", "quality_floor", "degraded_answers", "response_cache", "rpm")} == {
         "route_threshold": 0.3, "allowed_models": ["sim-small", "sim-large"], "quality_floor": "large",
         "degraded_answers": True, "response_cache": False, "rpm": 60}
+    for amount, said in (("NaN", "not an amount in USD"), ("1e999", "stored below"), ("-1", "cannot be negative")):
+        odd = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--usd", amount, env=env)
+        assert odd.returncode == 2 and said in odd.stderr and "Traceback" not in odd.stderr, odd.stderr
+    huge = tollway("budgets", "set", "--tenant", tenant.name, "--window", "day", "--tokens", "9" * 30, env=env)
+    assert huge.returncode == 2 and "cannot be stored" in huge.stderr and "Traceback" not in huge.stderr, huge.stderr
     bad = tollway("tenants", "policy", "--tenant", tenant.name, "--route-threshold", "1.5", env=env)
     assert bad.returncode != 0
     assert "route_threshold" in bad.stderr

@@ -15,14 +15,20 @@ from tollway.cli.common import audited, database, flag, run_with_conn, settings_
 from tollway.keep import KEEP
 from tollway.settings import Settings
 
+MAX_USD = Decimal(10) ** 10  # numeric(20, 10): budgets' and policies' dollar columns
+
 
 def _usd(value: str) -> Decimal:
     try:
         amount = Decimal(value)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r}") from None
+    if not amount.is_finite():
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r}")
     if amount < 0:
         raise argparse.ArgumentTypeError("amounts cannot be negative")
+    if amount >= MAX_USD:
+        raise argparse.ArgumentTypeError(f"amounts are stored below {MAX_USD:,} USD")
     return amount
 
 

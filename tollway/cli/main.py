@@ -356,9 +356,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _store_unreachable(exc: Exception) -> str | None:
-    """What to say when the command could not reach PostgreSQL or Redis (None: another error, raised as it is).
+    """What to say when the command could not reach PostgreSQL or Redis, or a value did not fit its column (None:
+    another error, raised as it is).
     Only the drivers a command already imported are asked."""
     psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.DataError):  # a value out of its column's range
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"a value cannot be stored ({first})"
     if psycopg is not None and isinstance(exc, psycopg.OperationalError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (f"cannot reach PostgreSQL ({first}); check TOLLWAY_DATABASE_URL, or --data-dir for the embedded "
