@@ -95,13 +95,22 @@ def test_an_unreachable_store_or_gateway_is_one_line_not_a_traceback(tmp_path, r
                   for cmd in (("search", "--collection", "c", "hello"), ("ingest", "--collection", "c", str(tmp_path)))]
     bad_metadata = tollway("ingest", "--collection", "c", "--metadata", "{lang: en}", "--api-key", "tw-x",
                            str(tmp_path))
+    (tmp_path / "latin1.yaml").write_bytes(b"messages: [{role: user, content: caf\xe9}]\n")
+    unreadable = [tollway("prompts", "push", "--tenant", tenant.name, "-m", "m", str(path), env={"TOLLWAY_DATABASE_URL": pg.url})
+                  for path in (tmp_path / "missing.yaml", tmp_path / "latin1.yaml", tmp_path)]
+    (tmp_path / "set.jsonl").write_bytes(b"\xff\xfe{}\n")
+    binary_set = tollway("evals", "run", "--model", "m", "--api-key", "tw-x", str(tmp_path / "set.jsonl"))
     assert down.returncode == 2 and "cannot reach PostgreSQL" in down.stderr, down.stderr
     assert "TOLLWAY_DATABASE_URL" in down.stderr
     assert no_redis.returncode == 2 and "cannot reach Redis" in no_redis.stderr, no_redis.stderr
     for run in no_gateway:
         assert run.returncode != 0 and "cannot reach the gateway" in run.stderr, run.stderr
     assert bad_metadata.returncode != 0 and "--metadata is not JSON" in bad_metadata.stderr
-    for run in (down, no_redis, *no_gateway, bad_metadata):
+    assert [run.stderr.strip().split(": ", 2)[-1] for run in unreadable] == [
+        "No such file or directory", "a file given is not UTF-8 text (invalid continuation byte at byte 36)",
+        "Is a directory"], [run.stderr for run in unreadable]
+    assert binary_set.returncode != 0 and "not UTF-8 text" in binary_set.stderr, binary_set.stderr
+    for run in (down, no_redis, *no_gateway, bad_metadata, *unreadable, binary_set):
         assert "Traceback" not in run.stderr, run.stderr
 
 

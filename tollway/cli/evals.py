@@ -21,8 +21,12 @@ def _set_of(arg: str) -> dict[str, Any]:
     path = Path(arg)
     if not path.is_file():
         raise SystemExit(f"tollway: {arg}: no such file (give a JSONL golden set, or @PROMPT for a prompt's own)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"tollway: {arg}: not UTF-8 text (byte {exc.start}); a golden set is JSON lines") from None
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 items.append(json.loads(line))

@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _store_unreachable(exc: Exception) -> str | None:
-    """What to say when the command could not reach PostgreSQL or Redis, or a value did not fit its column (None:
-    another error, raised as it is).
+    """What to say when the command could not reach PostgreSQL or Redis, a value did not fit its column, or a file
+    it was given cannot be read as text (None: another error, raised as it is).
     Only the drivers a command already imported are asked."""
     psycopg = sys.modules.get("psycopg")
     if psycopg is not None and isinstance(exc, psycopg.DataError):  # a value out of its column's range
@@ -367,6 +367,10 @@ def _store_unreachable(exc: Exception) -> str | None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (f"cannot reach PostgreSQL ({first}); check TOLLWAY_DATABASE_URL, or --data-dir for the embedded "
                 "one (`tollway doctor` checks every dependency)")
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file given is not UTF-8 text ({exc.reason} at byte {exc.start})"
     redis_errors = sys.modules.get("redis.exceptions")
     if redis_errors is not None and isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
         return (f"cannot reach Redis ({exc}); check TOLLWAY_REDIS_URL, or --data-dir for the embedded one "
