@@ -413,17 +413,32 @@ QUERY_POSTINGS = 5_000  # and, rarest first, only while their postings add up to
 # A term past the postings budget is one most chunks hold: its idf is small, and reading its postings would
 # cost more than all the others. Below the budget the score is exact Okapi BM25 (bench/retrieval/lexical_scale.py
 # measures what the budget costs in agreement with exact BM25 at 100k chunks).
+#
+# The last term read may carry the sum past the budget (terms of 19, 681, 1,467, 2,720 and 30,401 postings: 35,288
+# rows to score and group, the slowest searches; a rare word beside a common one costs the same). Where that term's
+# own postings are more than the budget, it only scores, it does not recruit: its postings (``x``) are joined to the
+# chunks the rarer terms found (``r``) instead of grouped with them, so the grouping and the sort hold the rarer
+# terms' chunks alone. Among those chunks the order is the one scoring every posting of every term gives; a chunk
+# that holds only that common term is no candidate (the query's rarer words found others; the dense side has its
+# own). A term whose postings fit the budget recruits as before.
 _BM25 = """
 WITH q AS (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector('english', %(text)s)) u),
 t AS (SELECT r.term, r.df::float8 AS df, sum(r.df) OVER (ORDER BY r.df, r.term) - r.df AS before
       FROM rag_terms r JOIN q ON q.lexeme = r.term WHERE r.collection_id = %(coll)s ORDER BY r.df, r.term LIMIT %(terms)s),
 k AS (SELECT lex_chunks::float8 AS n, greatest(lex_length::float8 / nullif(lex_chunks, 0), 1) AS avgdl
       FROM rag_collections WHERE id = %(coll)s),
-w AS (SELECT t.term, ln(1 + (k.n - t.df + 0.5) / (t.df + 0.5)) AS idf FROM t, k WHERE t.before < %(postings)s)
-SELECT p.chunk_id, sum(w.idf * p.tf * (%(k1)s + 1) / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.len / k.avgdl))) AS score,
-       (SELECT count(*) FROM w) AS ranked, (SELECT count(*) FROM q) AS asked
-FROM w JOIN rag_postings p ON p.collection_id = %(coll)s AND p.term = w.term CROSS JOIN k {join}
-GROUP BY p.chunk_id ORDER BY score DESC, p.chunk_id LIMIT %(n)s
+w AS (SELECT t.term, ln(1 + (k.n - t.df + 0.5) / (t.df + 0.5)) AS idf,
+             t.before = 0 OR t.df <= %(postings)s AS recruits FROM t, k
+      WHERE t.before < %(postings)s),
+r AS (SELECT p.chunk_id, sum(w.idf * p.tf * (%(k1)s + 1) / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.len / k.avgdl))) AS score
+      FROM w JOIN rag_postings p ON p.collection_id = %(coll)s AND p.term = w.term CROSS JOIN k {join}
+      WHERE w.recruits GROUP BY p.chunk_id),
+m AS (SELECT w.term, w.idf FROM w WHERE NOT w.recruits),
+x AS (SELECT p.chunk_id, m.idf * p.tf * (%(k1)s + 1) / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.len / k.avgdl)) AS score
+      FROM m CROSS JOIN k JOIN rag_postings p ON p.collection_id = %(coll)s AND p.term = m.term)
+SELECT r.chunk_id, r.score + coalesce(x.score, 0) AS score, (SELECT count(*) FROM w) AS ranked,
+       (SELECT count(*) FROM q) AS asked
+FROM r LEFT JOIN x ON x.chunk_id = r.chunk_id ORDER BY score DESC, r.chunk_id LIMIT %(n)s
 """
 
 

@@ -149,7 +149,8 @@ async def test_the_postings_are_read_from_the_index_alone_under_row_level_securi
             sql = "EXPLAIN (ANALYZE, COSTS OFF) " + store._BM25.format(join="")
             plan = [r[0] for r in await (await conn.execute(sql, {
                 "text": "international wire fees for a car loan", "coll": coll.id, "terms": store.QUERY_TERMS,
-                "postings": store.QUERY_POSTINGS, "k1": store.BM25_K1, "b": store.BM25_B, "n": 10})).fetchall()]
+                "postings": store.QUERY_POSTINGS, "k1": store.BM25_K1, "b": store.BM25_B,
+                "n": 10})).fetchall()]
             found = await store.lexical_chunks(conn, coll, "international wire fees for a car loan", 10, None)
     postings = [line for line in plan if "rag_postings" in line]
     assert postings and all("Index Only Scan using rag_postings_pkey" in line for line in postings), "\n".join(plan)
@@ -157,3 +158,34 @@ async def test_the_postings_are_read_from_the_index_alone_under_row_level_securi
     checks = [line for line in plan if "Filter: (tenant_id" in line]
     assert checks and all("InitPlan" in line and "current_setting" not in line for line in checks), "\n".join(plan)
     assert found.scores  # the same query ranks through the store's function
+
+
+async def test_a_common_term_past_the_postings_budget_scores_the_rarer_terms_chunks_and_recruits_none(
+        app_factory, make_tenant, pg):
+    """The last term read may carry the postings past the budget: where its own postings are more than the
+    budget, it adds its score to the chunks the rarer terms found, exactly as scoring every posting would, but a
+    chunk holding it alone is no candidate. Where its postings fit the budget, it recruits as every term does."""
+    tenant = make_tenant(ingest=True)
+    docs = {f"z{i}.txt": f"zebra {'alpha ' * (i % 10 == 0)}{'filler ' * (i % 7)}note {i}" for i in range(60)}
+    docs |= {f"a{i}.txt": f"{'alpha ' * (1 + i % 5)}{'filler ' * (i % 4)}other {i}" for i in range(80)}
+    docs |= {f"n{i}.txt": f"neither word here, only filler {i}" for i in range(300)}  # idf: zebra 2.0, alpha 1.6
+    async with app_factory() as gw, await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as conn:
+        items = list(docs.items())
+        for part in (dict(items[:220]), dict(items[220:])):  # at most 256 documents a request
+            assert (await ingest(gw, tenant.headers, "zk", docs=part)).status_code == 200
+        async with store.tenant_tx(conn, tenant.id):
+            coll = await store.get_collection(conn, tenant.id, "zk")
+            zebra = {int(r[0]) for r in await (await conn.execute(
+                "SELECT chunk_id FROM rag_postings WHERE collection_id = %s AND term = 'zebra'", (coll.id,))).fetchall()}
+            exact = (await store.lexical_chunks(conn, coll, "zebra alpha", 1000, None, postings=10**9)).scores
+            # zebra's 60 postings fit a budget of 70; alpha's 86 come after them and alone are more than 70
+            budgeted = await store.lexical_chunks(conn, coll, "zebra alpha", 10, None, postings=70)
+            # a budget of 90: alpha's 86 alone fit it, so alpha recruits (60 + 86 read, past the budget as before)
+            fits = await store.lexical_chunks(conn, coll, "zebra alpha", 20, None, postings=90)
+    assert len(zebra) == 60 and budgeted.ranked_terms == 2
+    among_zebra = [(c, s) for c, s in exact if c in zebra][:10]
+    assert [c for c, _ in budgeted.scores] == [c for c, _ in among_zebra]
+    assert all(math.isclose(s, e, rel_tol=1e-9) for (_, s), (_, e) in zip(budgeted.scores, among_zebra, strict=True))
+    assert any(c not in zebra for c, _ in exact[:10])  # unbudgeted, alpha-only chunks would have ranked
+    assert any(c not in zebra for c, _ in fits.scores)
+    assert [c for c, _ in fits.scores] == [c for c, _ in exact[:20]]
