@@ -348,14 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     except TollwayError as exc:
         print(f"tollway: {exc.message}", file=sys.stderr)
     except Exception as exc:
-        unreachable = _store_unreachable(exc)
-        if unreachable is None:
+        said = _one_line(exc)
+        if said is None:
             raise
-        print(f"tollway: {unreachable}", file=sys.stderr)
+        print(f"tollway: {said}", file=sys.stderr)
     return 2
 
 
-def _store_unreachable(exc: Exception) -> str | None:
+def _one_line(exc: Exception) -> str | None:
     """What to say when the command could not reach PostgreSQL or Redis, a value did not fit its column, or a file
     it was given cannot be read as text (None: another error, raised as it is).
     Only the drivers a command already imported are asked."""
@@ -376,4 +376,3 @@ def _store_unreachable(exc: Exception) -> str | None:
         return (f"cannot reach Redis ({exc}); check TOLLWAY_REDIS_URL, or --data-dir for the embedded one "
                 "(`tollway doctor` checks every dependency)")
     return None
-
