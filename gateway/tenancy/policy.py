@@ -125,6 +125,9 @@ class TenantPolicy:
 
 
 POLICY_FIELDS = tuple(f.name for f in fields(TenantPolicy) if f.name != "tenant_id")
+# Dollar amounts of budgets and policies are numeric(20, 10): under 10^10, at most 10 decimal places (an amount
+# finer than that would be stored rounded, 1e-11 as a limit of 0).
+USD_BOUND, USD_PLACES = Decimal(10) ** 10, 10
 # The fields that always hold a value (their columns are NOT NULL): null is no way to clear them.
 VALUED_FIELDS = {f.name: f.default for f in fields(TenantPolicy) if f.name != "tenant_id" and f.default is not None}
 

@@ -15,8 +15,6 @@ from tollway.cli.common import audited, database, flag, run_with_conn, settings_
 from tollway.keep import KEEP
 from tollway.settings import Settings
 
-MAX_USD = Decimal(10) ** 10  # numeric(20, 10): budgets' and policies' dollar columns
-
 
 def _usd(value: str) -> Decimal:
     try:
@@ -27,8 +25,12 @@ def _usd(value: str) -> Decimal:
         raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r}")
     if amount < 0:
         raise argparse.ArgumentTypeError("amounts cannot be negative")
-    if amount >= MAX_USD:
-        raise argparse.ArgumentTypeError(f"amounts are stored below {MAX_USD:,} USD")
+    from tollway.gateway.tenancy.policy import USD_BOUND, USD_PLACES
+
+    if amount >= USD_BOUND:
+        raise argparse.ArgumentTypeError(f"amounts are stored below {USD_BOUND:,} USD")
+    if amount != amount.quantize(Decimal(1).scaleb(-USD_PLACES)):
+        raise argparse.ArgumentTypeError(f"amounts have at most {USD_PLACES} decimal places")
     return amount
 
 

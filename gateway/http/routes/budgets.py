@@ -19,6 +19,8 @@ from tollway.gateway.metering.quota import clear_counters
 from tollway.gateway.metering.reconcile import reconcile
 from tollway.gateway.tenancy.keys import tenant_id
 from tollway.gateway.tenancy.policy import (
+    USD_BOUND,
+    USD_PLACES,
     delete_budget,
     list_budgets,
     load_rules,
@@ -39,7 +41,7 @@ class BudgetBody(Body):
     scope: Literal["tenant", "key", "user", "session"] = "tenant"
     subject: str | None = None
     window: Literal["minute", "hour", "day", "month", "lifetime"]
-    limit_usd: Decimal | None = Field(default=None, ge=0)
+    limit_usd: Decimal | None = Field(default=None, ge=0, lt=USD_BOUND, decimal_places=USD_PLACES)
     limit_tokens: int | None = Field(default=None, ge=0)
     # alerts once per window at these shares of the limit, and/or "forecast"; absent: the gateway's defaults
     alerts: list[str] | None = None
@@ -59,8 +61,8 @@ class PolicyBody(Body):
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     max_parallel_requests: int | None = Field(default=None, gt=0, le=1_000_000)
-    velocity_soft_usd_per_min: Decimal | None = Field(default=None, gt=0)
-    velocity_hard_usd_per_min: Decimal | None = Field(default=None, gt=0)
+    velocity_soft_usd_per_min: Decimal | None = Field(default=None, gt=0, lt=USD_BOUND, decimal_places=USD_PLACES)
+    velocity_hard_usd_per_min: Decimal | None = Field(default=None, gt=0, lt=USD_BOUND, decimal_places=USD_PLACES)
     retry_storm_limit: int | None = Field(default=None, ge=0)
     retry_storm_window_s: int | None = Field(default=None, gt=0)
     route_threshold: float | None = Field(default=None, ge=0, le=1)

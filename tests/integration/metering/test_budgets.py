@@ -309,6 +309,25 @@ async def test_null_for_a_policy_field_that_always_has_a_value_is_a_400_and_chan
     assert cleared.status_code == 200 and cleared.json()["rpm"] is None
 
 
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/admin/budgets", "limit_usd", "0.00000000001"),  # would be stored rounded: a limit of $0
+    ("/v1/admin/budgets", "limit_usd", "1e20"),
+    ("/v1/admin/policies", "velocity_soft_usd_per_min", "1e-30"),
+    ("/v1/admin/policies", "velocity_hard_usd_per_min", 12345678901),
+])
+async def test_a_dollar_amount_the_columns_cannot_hold_is_a_400_naming_it(app_factory, make_tenant, admin, path, field,
+                                                                           value):
+    tenant = make_tenant()
+    body = {"tenant": tenant.name, field: value, **({"window": "day"} if path.endswith("budgets") else {})}
+    async with app_factory() as gw:
+        resp = await gw.client.put(path, headers=admin.headers, json=body)
+        fine = await gw.client.put(path, headers=admin.headers, json={**body, field: "0.0000000001"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == field
+    assert fine.status_code == 200, fine.text
+    assert Decimal(fine.json()[field]) == Decimal("0.0000000001")
+
+
 async def test_other_apis_streams_cut_at_the_reservation_end_with_their_own_error_event(app_factory, make_tenant,
                                                                                         admin, ledger):
     """The Responses API and Anthropic's Messages, streamed from an upstream that ignores max_tokens: cut at
