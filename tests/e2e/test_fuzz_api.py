@@ -89,31 +89,59 @@ def test_no_operation_answers_a_500_or_an_error_of_another_shape(serve, sim, red
                 assert mode is schemathesis.GenerationMode.NEGATIVE
     assert operations >= 40
     assert sum(statuses.values()) >= operations * len(ROLES) * EXAMPLES  # the run sent what it says
-    covered = _coverage_phase(schema, base, session, keys, problems)
+    covered = _coverage_phase(schema, base, session, keys, problems, _existing(gateway.url, keys))
     assert covered > 1000, covered
     assert sum(n for status, n in statuses.items() if status < 300) > 100, statuses  # not only refusals
     assert problems == []
 
 
+def _existing(url: str, keys: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Things that exist, by path prefix and path parameter: a collection with a document, a prompt with a version,
+    a model, a key. A coverage case on such a path is sent once more naming them, so that
+    its body reaches the statement it would change instead of a 404."""
+    app = {"authorization": f"Bearer {keys['app']}"}
+    admin = {"authorization": f"Bearer {keys['admin']}"}
+    made = requests.post(url + "/collections", headers=app, json={"name": "kb"}, timeout=30)
+    assert made.status_code == 201, made.text
+    doc = requests.post(url + "/collections/kb/documents", headers=app, timeout=60,
+                        json={"documents": [{"source": "a.md", "text": "# A\n\nWire transfers take a day."}]})
+    assert doc.status_code == 200, doc.text
+    prompt = requests.post(url + "/prompts/greet/versions", timeout=30,
+                           headers={"authorization": f"Bearer {keys['prompt_engineer']}"},
+                           json={"message": "first", "content": "variables:\n  name: {type: string}\n"
+                                                                "messages:\n  - role: user\n    content: Hello {{ name }}\n"})
+    assert prompt.status_code == 201, prompt.text
+    key_id = str(requests.get(url + "/admin/keys", headers=admin, timeout=30).json()["data"][0]["id"])
+    return {"/v1/collections/": {"name": "kb", "document": "a.md"},
+            "/v1/prompts/": {"name": "greet", "label": "production"},
+            "/v1/admin/models/": {"model": "sim-small"}, "/v1/admin/rollouts/": {"model": "sim-small"},
+            "/v1/admin/keys/": {"key_id": key_id}}
+
+
 def _coverage_phase(schema: Any, base: str, session: requests.Session, keys: dict[str, str],
-                    problems: list[str]) -> int:
+                    problems: list[str], existing: dict[str, dict[str, str]]) -> int:
     """Schemathesis' coverage phase: for every operation, deterministic cases at each field's boundaries (each
     property null, missing, of another type, at its bounds), sent with the admin and app keys; a body naming a
-    tenant is sent once more naming the fuzz tenant, which exists, so that a case reaches the statement it would
-    change (a null that the database refuses, found this way). Returns the requests sent."""
+    tenant is sent once more naming the fuzz tenant, which exists, and a path with parameters once more naming
+    things that exist (``_existing``; not for DELETE, which would remove them), so that a case reaches the
+    statement it would change (a null that the database refuses, found this way). Returns the requests sent."""
     from schemathesis import GenerationMode
 
     sent = 0
     for result in schema.get_all_operations():
         operation = result.ok()
         config = schema.config.generation_for(operation=operation, phase="coverage")
+        pinned = next((names for prefix, names in existing.items() if operation.path.startswith(prefix)), {})
         for case in schema.iter_coverage_cases(operation, generation_modes=list(GenerationMode),
                                                generation_config=config):
-            bodies = [case.body]
+            variants: list[tuple[Any, dict[str, Any] | None]] = [(case.body, case.path_parameters)]
             if isinstance(case.body, dict) and isinstance(case.body.get("tenant"), str):
-                bodies.append({**case.body, "tenant": "fuzz"})
-            for body in bodies:
-                case.body = body
+                variants.append(({**case.body, "tenant": "fuzz"}, case.path_parameters))
+            if case.path_parameters and case.method.upper() != "DELETE" and set(case.path_parameters) & set(pinned):
+                variants.append((case.body, {**case.path_parameters,
+                                             **{k: v for k, v in pinned.items() if k in case.path_parameters}}))
+            for body, path_parameters in variants:
+                case.body, case.path_parameters = body, path_parameters
                 for role in ("admin", "app"):
                     resp = case.call(base_url=base, session=session, timeout=30,
                                      headers={**(case.headers or {}), "authorization": f"Bearer {keys[role]}"})
