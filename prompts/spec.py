@@ -183,10 +183,11 @@ def parse_prompt(name: str, version: str, text: str | bytes) -> Prompt:
     if unknown_params:
         raise PromptError(f"{name}.yaml: params.{unknown_params[0]} is not a request parameter a prompt may set",
                           param=f"params.{unknown_params[0]}")
-    from tollway.routing import check_structured_output  # here: the routing package is heavy for the CLI
+    from tollway.routing import check_sampling, check_structured_output  # here: routing is heavy for the CLI
 
     try:
         check_structured_output(raw.params)  # its response_format and tools reach the model server as a client's
+        check_sampling(raw.params)
     except InvalidRequest as exc:
         raise PromptError(f"{name}.yaml: params.{exc.param}: {exc}", param=f"params.{exc.param}") from exc
     guards = None

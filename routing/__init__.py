@@ -57,6 +57,7 @@ from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, d
 from tollway.routing.wire import (
     MediaURLs,
     check_content_parts,
+    check_sampling,
     check_structured_output,
     forbidden_config_fields,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "build_router",
     "build_upstream",
     "check_content_parts",
+    "check_sampling",
     "check_structured_output",
     "content_texts",
     "count_messages",

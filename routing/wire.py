@@ -298,11 +298,53 @@ def check_structured_output(body: Mapping[str, Any]) -> None:
                 _schema(function["parameters"], f"tools[{i}].function.parameters", counts=compiled)
 
 
+# Lists a model server walks for every token it generates, on the server every tenant shares (vLLM checks each stop
+# string against the new text, each stop token and bad word, each biased token, per step): bounded like the
+# grammars above. OpenAI's own API takes 4 stop sequences; these bounds leave room for a vLLM client's.
+MAX_STOPS, MAX_STOP_CHARS = 32, 1_024  # stop: sequences, characters each
+MAX_TOKEN_LISTS = 1_024  # stop_token_ids, bad_words (each of MAX_STOP_CHARS at most), logit_bias entries
+MAX_ALLOWED_TOKENS = 262_144  # allowed_token_ids: a vocabulary's size (a mask built once per request)
+
+
+def _sampling_limit(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"'{param}' {what} (the model server checks it at every token it generates, on a server "
+                          "every tenant shares).", param=param, code="sampling_limit")
+
+
+def check_sampling(body: Mapping[str, Any]) -> None:
+    """A 400 naming the first per-token list past its bound (``MAX_STOPS`` ...), and ``best_of`` above ``n``: the
+    sequences it generates and throws away are neither reserved in a budget nor reported in usage."""
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > MAX_STOPS:
+        raise _sampling_limit("stop", f"holds {len(stops)} sequences; at most {MAX_STOPS} are allowed")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise _sampling_limit("stop", f"holds a sequence longer than {MAX_STOP_CHARS} characters")
+    for name in ("stop_token_ids", "bad_words"):
+        value = body.get(name)
+        if isinstance(value, list) and len(value) > MAX_TOKEN_LISTS:
+            raise _sampling_limit(name, f"holds {len(value)} entries; at most {MAX_TOKEN_LISTS} are allowed")
+    words = body.get("bad_words")
+    if isinstance(words, list) and any(isinstance(w, str) and len(w) > MAX_STOP_CHARS for w in words):
+        raise _sampling_limit("bad_words", f"holds a word longer than {MAX_STOP_CHARS} characters")
+    bias = body.get("logit_bias")
+    if isinstance(bias, dict) and len(bias) > MAX_TOKEN_LISTS:
+        raise _sampling_limit("logit_bias", f"biases {len(bias)} tokens; at most {MAX_TOKEN_LISTS} are allowed")
+    allowed = body.get("allowed_token_ids")
+    if isinstance(allowed, list) and len(allowed) > MAX_ALLOWED_TOKENS:
+        raise _sampling_limit("allowed_token_ids", f"holds {len(allowed)} tokens; at most {MAX_ALLOWED_TOKENS}")
+    best_of, n = body.get("best_of"), body.get("n", 1)
+    if isinstance(best_of, int) and not isinstance(best_of, bool) and isinstance(n, int) and best_of > max(n, 1):
+        raise InvalidRequest("best_of above n is not served: the sequences it generates and discards would be "
+                             "neither reserved in a budget nor billed. Use n.", param="best_of")
+
+
 def check_client_fields(endpoint: str, body: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> None:
-    """A 400 naming the first field a client may not send to this endpoint's upstream, or a structured-output
-    field past its bounds (``check_structured_output``)."""
+    """A 400 naming the first field a client may not send to this endpoint's upstream, a structured-output field
+    past its bounds (``check_structured_output``), or a per-token list past its bounds (``check_sampling``)."""
     if endpoint == "chat":
         check_structured_output(body)
+        check_sampling(body)
     allowed = ALLOWED[endpoint]
     for name in body:
         if name in allowed or name in extra:

@@ -265,6 +265,34 @@ async def test_structured_output_past_its_bounds_is_a_400_and_reaches_no_upstrea
     assert last_request(sim, "sim-large")["tools"] == [_WRITE]
 
 
+@pytest.mark.parametrize(("path", "extra", "param", "code"), [
+    ("/v1/chat/completions", {"stop": [f"stop {i}" for i in range(10_000)]}, "stop", "sampling_limit"),
+    ("/v1/chat/completions", {"logit_bias": {str(i): 1 for i in range(5_000)}}, "logit_bias", "sampling_limit"),
+    ("/v1/chat/completions", {"best_of": 16}, "best_of", "invalid_request"),
+    ("/v1/messages", {"stop_sequences": ["x" * 5_000]}, "stop", "sampling_limit"),
+])
+async def test_a_per_token_list_past_its_bound_is_a_400_and_reaches_no_upstream(app_factory, make_tenant, sim, path,
+                                                                                 extra, param, code):
+    """Stop strings, biases and the like are checked by the model server at every token, for every tenant's stream
+    it serves: bounded (10,000 stop strings went through before). best_of above n generated sequences no budget
+    reserved."""
+    tenant = make_tenant()
+    before = sim.metric('tollway_sim_requests_total{model="sim-large"}')
+    body = {"model": "sim-large", "messages": MSG, "max_tokens": 8, **extra}
+    async with app_factory() as gw:
+        refused = await gw.client.post(path, headers=tenant.headers, json=body)
+        streamed = await gw.client.post(path, headers=tenant.headers, json={**body, "stream": True})
+        fine = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-large", "messages": MSG, "max_tokens": 8, "stop": ["\n\n", "END", "###", "Q:"],
+            "best_of": 2, "n": 2, "logit_bias": {"50256": -100}})
+    for resp in (refused, streamed):
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]  # OpenAI's shape, or Anthropic's for /v1/messages (no param there)
+        assert error["code"] == code and error.get("param", param) == param, resp.text
+    assert fine.status_code == 200, fine.text
+    assert sim.metric('tollway_sim_requests_total{model="sim-large"}') == before + 1  # only the one in bounds
+
+
 async def test_a_responses_request_s_schema_is_bounded_too(app_factory, make_tenant):
     tenant = make_tenant()
     async with app_factory() as gw:

@@ -339,6 +339,36 @@ def test_a_tool_s_count_bounds_are_held_only_where_the_model_server_compiles_its
         assert refused.value.param == "tools[0].function.parameters"
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"stop": ["x"] * 33}, "stop"),
+    ({"stop": "y" * 1025}, "stop"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"bad_words": ["w" * 2000]}, "bad_words"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ({"allowed_token_ids": list(range(262_145))}, "allowed_token_ids"),
+    ({"best_of": 4}, "best_of"),
+    ({"best_of": 5, "n": 4}, "best_of"),
+])
+def test_a_per_token_list_past_its_bound_or_best_of_above_n_is_refused(body, param):
+    """What a model server walks at every token (stop strings, stop tokens, bad words, biases) is bounded, and
+    best_of above n, whose discarded sequences no budget reserves or usage reports, is refused."""
+    from tollway.routing.wire import check_client_fields
+
+    with pytest.raises(InvalidRequest) as refused:
+        check_client_fields("chat", {"model": "m", "messages": [], **body})
+    assert refused.value.param == param
+
+
+@pytest.mark.parametrize("body", [
+    {"stop": ["a", "b", "c", "d"]}, {"stop": "x" * 1024}, {"stop": ["s"] * 32}, {"best_of": 4, "n": 4}, {"best_of": 1},
+    {"logit_bias": {"50256": -100}}, {"stop_token_ids": [1, 2]}, {"bad_words": ["no"]},
+])
+def test_per_token_lists_within_their_bounds_pass(body):
+    from tollway.routing.wire import check_client_fields
+
+    check_client_fields("chat", {"model": "m", "messages": [], **body})
+
+
 def test_a_prompt_whose_params_pass_the_structured_output_bounds_only():
     """A prompt's response_format and tools reach the model server as a client's do: bounded alike, when it is
     submitted."""
