@@ -115,14 +115,25 @@ def chat_body(data: JSON) -> JSON:
     if data.get("tools"):
         if not isinstance(data["tools"], list):
             raise InvalidRequest("tools must be a list.", param="tools")
+        for i, t in enumerate(data["tools"]):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+                raise InvalidRequest(f"tools[{i}] must be an object with a name.", param=f"tools[{i}].name")
         body["tools"] = [{"type": "function", "function": {
-            "name": t.get("name"), "description": t.get("description", ""),
-            "parameters": t.get("input_schema") or {"type": "object"}}} for t in data["tools"] if isinstance(t, dict)]
+            "name": t["name"], "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object"}}} for t in data["tools"]]
     choice = data.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
-        body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(str(kind)) or \
-            {"type": "function", "function": {"name": choice.get("name")}}
+        if kind == "tool":
+            if not isinstance(choice.get("name"), str) or not choice["name"]:
+                raise InvalidRequest("tool_choice of type tool names the tool.", param="tool_choice.name")
+            body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        elif kind in ("auto", "any", "none"):
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
+        else:
+            raise InvalidRequest("tool_choice.type is auto, any, tool or none.", param="tool_choice.type")
+    elif choice is not None:
+        raise InvalidRequest("tool_choice is an object such as {\"type\": \"auto\"}.", param="tool_choice")
     if data.get("stream"):
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -276,6 +276,12 @@ def test_anthropic_messages_through_the_official_sdk(gateway, make_tenant, ledge
     while not (rows := ledger("request_id = %s", request_id)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [(r["endpoint"], r["end_user"]) for r in rows] == [("messages", "ada")]
+    for tools, choice in (([{"input_schema": {"type": "object"}}], {"type": "auto"}),  # a tool with no name
+                          ([{"name": "lookup"}], {"type": "tool"}), ([{"name": "lookup"}], {"type": "every"})):
+        with pytest.raises(anthropic.BadRequestError) as unnamed:  # was forwarded with the name None
+            client.messages.create(model="sim-large", max_tokens=4, tools=tools, tool_choice=choice,  # type: ignore[arg-type]
+                                   messages=[{"role": "user", "content": "x"}])
+        assert unnamed.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.BadRequestError) as bad:
         client.messages.create(model="sim-large", max_tokens=0, messages=[{"role": "user", "content": "x"}])
     assert bad.value.body["type"] == "error"
