@@ -90,9 +90,11 @@ def _text_of(content: Any, at: str, kinds: tuple[str, ...]) -> str:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in kinds or not isinstance(part.get("text"), str):
+        if kind not in kinds:
             raise InvalidRequest(f"{at}[{j}]: a '{kind}' part is not served here ({', '.join(kinds)} only).",
                                  param=f"{at}[{j}].type")
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{at}[{j}]: an '{kind}' part holds its text (a string).", param=f"{at}[{j}].text")
         parts.append(part["text"])
     return "\n".join(parts)
 
@@ -142,10 +144,12 @@ def _tools(value: Any) -> list[JSON]:
         raise InvalidRequest("tools must be a list.", param="tools")
     out = []
     for i, tool in enumerate(value):
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise InvalidRequest(f"tools[{i}]: a '{kind}' tool is not served (function tools only).",
                                  param=f"tools[{i}].type")
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise InvalidRequest(f"tools[{i}]: a function tool needs a name.", param=f"tools[{i}].name")
         function = {"name": tool["name"], "parameters": tool.get("parameters") or {"type": "object"}}
         for name in ("description", "strict"):
             if tool.get(name) is not None:

@@ -140,6 +140,9 @@ def test_function_tools_round_trip_streamed_and_not(sdk, sim):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),  # a function tool, its name missing
+    ({"input": "x", "tools": [{"type": "function", "name": ""}]}, "tools[0].name"),  # was forwarded
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
      "input[0].content[0].type"),
     ({"input": "x", "background": True}, "background"),
