@@ -177,6 +177,7 @@ MAX_SCHEMA_CHARS = 65_536  # guided_json, llama.cpp's json_schema, response_form
 MAX_SCHEMA_DEPTH = 32
 MAX_CHOICES, MAX_CHOICE_CHARS = 1_024, 1_024  # guided_choice
 MAX_TOOLS = 128  # OpenAI's own limit
+MAX_TOOL_NAME = 256  # a function tool's name (OpenAI's own: 64 of [a-zA-Z0-9_-])
 MAX_REPEAT = 1_000  # the largest count of a bounded repeat ({n}, {n,m}) in a pattern or a grammar
 # A schema's length and count bounds are bounded repeats too: a grammar compiler expands a minimum into as many
 # copies, and a maximum into a counter the matcher walks for every token (xgrammar, llguidance, GBNF alike).
@@ -294,6 +295,11 @@ def check_structured_output(body: Mapping[str, Any]) -> None:
         compiled = _tools_compiled(body)
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(tool, dict) and tool.get("type", "function") == "function" and not (
+                    isinstance(function, dict) and isinstance(function.get("name"), str)
+                    and 0 < len(function["name"]) <= MAX_TOOL_NAME):
+                raise InvalidRequest(f"tools[{i}]: a function tool needs a name of 1 to {MAX_TOOL_NAME} characters.",
+                                     param=f"tools[{i}].function.name")
             if isinstance(function, dict) and function.get("parameters") is not None:
                 _schema(function["parameters"], f"tools[{i}].function.parameters", counts=compiled)
 

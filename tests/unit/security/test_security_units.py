@@ -369,6 +369,19 @@ def test_per_token_lists_within_their_bounds_pass(body):
     check_client_fields("chat", {"model": "m", "messages": [], **body})
 
 
+@pytest.mark.parametrize("tool", [{"type": "function", "function": {}}, {"type": "function"},
+                                  {"type": "function", "function": {"name": ""}},
+                                  {"type": "function", "function": {"name": "n" * 257}}])
+def test_a_chat_function_tool_without_a_name_is_refused(tool):
+    from tollway.routing.wire import check_client_fields
+
+    with pytest.raises(InvalidRequest) as refused:
+        check_client_fields("chat", {"model": "m", "messages": [], "tools": [tool]})
+    assert refused.value.param == "tools[0].function.name"
+    check_client_fields("chat", {"model": "m", "messages": [], "tools": [
+        {"type": "function", "function": {"name": "math.add", "parameters": {"type": "object"}}}]})
+
+
 def test_a_prompt_whose_params_pass_the_structured_output_bounds_only():
     """A prompt's response_format and tools reach the model server as a client's do: bounded alike, when it is
     submitted."""
