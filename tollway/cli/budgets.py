@@ -183,16 +183,17 @@ def cmd_reset(args: argparse.Namespace) -> int:
     from tollway.infra.redisclient import connect as connect_redis
 
     async def action(conn: Any, settings: Settings) -> int:
-        budgets = await mark_reset(conn, args.tenant, args.id, author=args.author, reason=args.reason)
         url = _redis_url(settings)
         cleared = 0
-        if url is not None:
-            client = await connect_redis(url, 4, settings.redis_cluster)
-            try:
-                cleared = await clear_counters(client, budgets)
-            finally:
-                await client.aclose()
-        else:
+        async with conn.transaction():  # a Redis that fails to clear the counters leaves the reset unrecorded too
+            budgets = await mark_reset(conn, args.tenant, args.id, author=args.author, reason=args.reason)
+            if url is not None:
+                client = await connect_redis(url, 4, settings.redis_cluster)
+                try:
+                    cleared = await clear_counters(client, budgets)
+                finally:
+                    await client.aclose()
+        if url is None:
             print("no Redis reachable: the reset is recorded and applies when the counters are next "
                   "reconciled", file=sys.stderr)
         print(json.dumps({"reset": [b.id for b in budgets], "counters_cleared": cleared}))

@@ -128,9 +128,9 @@ async def remove_budget(request: Request, budget_id: int, tenant: str) -> Respon
 async def reset_budgets(request: Request, body: ResetBody) -> Response:
     principal = admin(request)
     state = app_state(request)
-    async with state.pool.connection() as conn:
+    async with state.pool.connection() as conn, conn.transaction():  # recorded only once the counters are cleared
         budgets = await mark_reset(conn, body.tenant, body.budget_id, author=principal.author, reason=body.reason)
-    cleared = await clear_counters(state.redis, budgets)
+        cleared = await clear_counters(state.redis, budgets)
     for budget in budgets:
         state.policies.forget(budget.tenant_id)
     return json_response({"reset": [b.id for b in budgets], "counters_cleared": cleared})

@@ -328,6 +328,37 @@ async def test_a_dollar_amount_the_columns_cannot_hold_is_a_400_naming_it(app_fa
     assert Decimal(fine.json()[field]) == Decimal("0.0000000001")
 
 
+async def test_a_reset_that_cannot_clear_its_counters_records_nothing(app_factory, make_tenant, admin, redis_url, pg):
+    """A budget reset is recorded (reset_at, the change log) in the same transaction that clears its counters: with
+    Redis not answering, the 503 says nothing was changed, and nothing was."""
+    import psycopg
+    import redis.asyncio as aioredis
+
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        budget = await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        assert (await chat(gw, tenant, "spend")).status_code == 200
+        await gw.state.quota.drain()
+        paused = aioredis.Redis.from_url(redis_url)
+        try:
+            await paused.execute_command("CLIENT", "PAUSE", "4000", "ALL")
+            refused = await gw.client.post("/v1/admin/budgets/reset", headers=admin.headers,
+                                           json={"tenant": tenant.name})
+        finally:
+            await paused.execute_command("CLIENT", "UNPAUSE")
+            await paused.aclose()
+        with psycopg.connect(pg.url) as conn:
+            unrecorded = conn.execute("SELECT reset_at FROM budgets WHERE id = %s", (budget["id"],)).fetchone()
+            logged = conn.execute("SELECT count(*) FROM changes WHERE kind = 'budget' AND action = 'reset'"
+                                  " AND subject = %s", (str(budget["id"]),)).fetchone()
+        done = await gw.client.post("/v1/admin/budgets/reset", headers=admin.headers, json={"tenant": tenant.name})
+    assert refused.status_code == 503, refused.text
+    assert "nothing was changed" in refused.json()["error"]["message"]
+    assert unrecorded == (None,) and logged == (0,)
+    assert done.status_code == 200, done.text
+    assert done.json()["reset"] == [budget["id"]] and done.json()["counters_cleared"] >= 1
+
+
 async def test_other_apis_streams_cut_at_the_reservation_end_with_their_own_error_event(app_factory, make_tenant,
                                                                                         admin, ledger):
     """The Responses API and Anthropic's Messages, streamed from an upstream that ignores max_tokens: cut at
