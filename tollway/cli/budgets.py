@@ -34,37 +34,30 @@ def _usd(value: str) -> Decimal:
     return amount
 
 
-def _usd_or_none(value: str) -> Decimal | None:
-    return None if value.lower() == "none" else _usd(value)
+def _whole(noun: str, least: int, below: str) -> Callable[[str], int]:
+    """A parser of whole numbers of at least ``least`` (``below``: what a smaller one is told)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {value!r}") from None
+        if number < least:
+            raise argparse.ArgumentTypeError(below)
+        return number
+
+    return parse
 
 
-def _tokens_or_none(value: str) -> int | None:
-    if value.lower() == "none":
-        return None
-    try:
-        tokens = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of tokens: {value!r}") from None
-    if tokens < 0:
-        raise argparse.ArgumentTypeError("limits cannot be negative")
-    return tokens
+def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, or None for 'none' (no limit: the flag removes it)."""
+    return lambda value: None if value.lower() == "none" else parse(value)
 
 
-def _count_or_none(value: str) -> int | None:
-    """A positive whole number, or 'none' (no limit)."""
-    if value.lower() == "none":
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if count <= 0:
-        raise argparse.ArgumentTypeError("a limit is at least 1 ('none' removes it)")
-    return count
-
-
-def _text_or_none(value: str) -> str | None:
-    return None if value.lower() == "none" else value
+_usd_or_none = _or_none(_usd)
+_tokens_or_none = _or_none(_whole("a number of tokens", 0, "limits cannot be negative"))
+_count_or_none = _or_none(_whole("a whole number", 1, "a limit is at least 1 ('none' removes it)"))  # a positive count
+_text_or_none = _or_none(str)
 
 
 # the policy's limits a flag may also remove ('none'); absent, each keeps its value
