@@ -359,12 +359,11 @@ def _one_line(exc: Exception) -> str | None:
     """What to say when the command could not reach PostgreSQL or Redis, a value did not fit its column, or a file
     it was given cannot be read as text (None: another error, raised as it is).
     Only the drivers a command already imported are asked."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # a driver's message is often a paragraph
     psycopg = sys.modules.get("psycopg")
     if psycopg is not None and isinstance(exc, psycopg.DataError):  # a value out of its column's range
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"a value cannot be stored ({first})"
     if psycopg is not None and isinstance(exc, psycopg.OperationalError):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (f"cannot reach PostgreSQL ({first}); check TOLLWAY_DATABASE_URL, or --data-dir for the embedded "
                 "one (`tollway doctor` checks every dependency)")
     if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError) and exc.filename:
