@@ -270,7 +270,8 @@ def _tools_compiled(body: Mapping[str, Any]) -> bool:
 def check_structured_output(body: Mapping[str, Any]) -> None:
     """A 400 naming the first structured-output field past what a shared model server should be asked to
     compile: its size, a schema's depth, a bounded repeat's count (in a pattern, a grammar, or a schema's length
-    and count bounds), the number of choices or tools."""
+    and count bounds), the number of choices or tools; and a function tool without a name (read while its schema
+    is)."""
     for name in ("guided_regex", "guided_whitespace_pattern"):
         if isinstance(value := body.get(name), str):
             _repeats_within(_text(value, name, MAX_PATTERN_CHARS), name)
