@@ -69,27 +69,45 @@ class RedisClusterProcesses:
         return out.stdout.decode()
 
     def start(self) -> RedisClusterProcesses:
-        for _ in range(self.masters * 2):
+        try:
+            for _ in range(self.masters * 2):
+                self._start_node()
+            self.cli(self.ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                     "--cluster-replicas", "1", "--cluster-yes", timeout=60)
+            for port in self.ports:
+                wait_until(lambda p=port: _quietly(lambda: "cluster_state:ok" in self.cli(p, "cluster", "info")),
+                           30, "Redis Cluster state ok")
+            wait_until(lambda: _quietly(lambda: len(self.replicas()) == self.masters), 30, "every replica attached")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_node(self, attempts: int = 5) -> None:
+        """One node on a free port pair. A port found free can be taken by another process before redis-server
+        binds it; the server then exits at once, and the node is started again on another pair."""
+        said: list[str] = []
+        for _ in range(attempts):
             port = _free_pair()
-            while port in self.ports:
-                port = _free_pair()
+            taken = set(self.ports) | {p + 10000 for p in self.ports}
+            if port in taken or port + 10000 in taken:
+                continue
             node = self.workdir / str(port)
             node.mkdir(parents=True, exist_ok=True)
-            self.procs[port] = subprocess.Popen(
+            log = node / "redis.log"
+            proc = subprocess.Popen(
                 [str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
                  "--save", "", "--appendonly", "no", "--dir", str(node)],
-                stdout=(node / "redis.log").open("wb"), stderr=subprocess.STDOUT)
-            self.ports.append(port)
-        for port in self.ports:
-            wait_until(lambda p=port: self._ping(p), 30, f"redis-server on {port}")
-        self.cli(self.ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                 "--cluster-replicas", "1", "--cluster-yes", timeout=60)
-        for port in self.ports:
-            wait_until(lambda p=port: _quietly(lambda: "cluster_state:ok" in self.cli(p, "cluster", "info")), 30,
-                       "Redis Cluster state ok")
-        wait_until(lambda: _quietly(lambda: len(self.replicas()) == self.masters), 30, "every replica attached")
-        return self
+                stdout=log.open("wb"), stderr=subprocess.STDOUT)
+            wait_until(lambda p=port, q=proc: q.poll() is not None or self._ping(p), 30, f"redis-server on {port}",
+                       log)
+            if proc.poll() is None:
+                self.procs[port] = proc
+                self.ports.append(port)
+                return
+            said = log.read_text(errors="replace").splitlines()[-5:]
+        raise RuntimeError(f"redis-server did not start on {attempts} free port pairs; the last said: {said}")
 
     def _ping(self, port: int) -> bool:
         return _quietly(lambda: "PONG" in self.cli(port, "ping", timeout=2))
