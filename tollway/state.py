@@ -413,7 +413,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
             raise StartupError(f"TOLLWAY_EMBEDDER: {exc.message}") from None
     parts = Parts(prompts=RegistryPrompts(prompts), input_guards=(guarding,), retriever=rag, output=(guarding,))
     service = CompletionService(calls, routing, parts=parts, shadows=shadows, local=local, quality=quality,
-                                moderator=guarding.moderate, stored=ResponseStore(pool))
+                                moderator=guarding.moderate, stored=ResponseStore(pool, settings.max_body_bytes))
     evals = Evals(pool, service, prompts, eval_settings(raw_config.evals), ids)
     stack.push_async_callback(evals.background.drain)
     log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))

@@ -76,3 +76,27 @@ async def test_a_nul_in_the_input_or_the_end_user_is_stored_and_erased_like_any_
     assert follow.status_code == 200, follow.text
     assert erased.status_code == 200, erased.text
     assert erased.json()["erased"]["stored_responses"] == 1
+
+
+async def test_a_conversation_past_the_request_body_cap_is_refused_before_its_turns_are_read(app_factory,
+                                                                                             make_tenant, admin):
+    """The chain of turns behind previous_response_id was read whole (up to 1,000 turns of up to a request body
+    each) before anything bounded it. Now its size is summed in the database first, and a conversation over
+    the request body cap is a 400 that reads no turn."""
+    tenant = make_tenant()
+    async with app_factory(max_body_bytes=4096) as gw:
+        await gw.client.put("/v1/admin/policies", headers=admin.headers,
+                            json={"tenant": tenant.name, "store_content": True})
+        previous, answers = None, []
+        for _ in range(4):
+            resp = await gw.client.post("/v1/responses", headers=tenant.headers, json={
+                "model": "sim-small", "input": "x" * 1500, "max_output_tokens": 3,
+                **({"previous_response_id": previous} if previous else {})})
+            answers.append(resp)
+            if resp.status_code != 200:
+                break
+            previous = resp.json()["id"]
+    assert [r.status_code for r in answers] == [200, 200, 200, 400], answers[-1].text  # 3 turns: ~4.7 kB
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "conversation_too_large"
+    assert refused.json()["error"]["param"] == "previous_response_id"
