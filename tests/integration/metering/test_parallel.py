@@ -89,6 +89,7 @@ async def test_the_gateways_default_cap_holds_a_tenant_without_its_own_and_a_pol
     tenant, other = make_tenant(), make_tenant()
     async with app_factory(config=write_config(tmp_path / "slow.yaml", slow.url), policy_cache_ttl_s=0,
                            default_max_parallel_requests=1) as gw:
+        shown = await gw.client.get("/v1/admin/policies", headers=admin.headers, params={"tenant": tenant.name})
         held = [asyncio.create_task(chat(gw.client, t.headers, t.name)) for t in (tenant, other)]
         await _upstream_holds(slow, 2)  # one each: the default is per tenant, not the gateway's whole
         refused = await chat(gw.client, tenant.headers, "second at once")
@@ -97,12 +98,16 @@ async def test_the_gateways_default_cap_holds_a_tenant_without_its_own_and_a_pol
         raised = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                      json={"tenant": tenant.name, "max_parallel_requests": 3})
         assert raised.status_code == 200, raised.text
+        assert raised.json()["effective"] == {"max_parallel_requests": 3}
         three = await asyncio.gather(*(chat(gw.client, tenant.headers, f"three {i}") for i in range(3)))
         await gw.state.quota.drain()
         cleared = await gw.client.put("/v1/admin/policies", headers=admin.headers,
                                       json={"tenant": tenant.name, "max_parallel_requests": None})
         assert cleared.status_code == 200 and cleared.json()["max_parallel_requests"] is None
+        assert cleared.json()["effective"] == {"max_parallel_requests": 1}
         back = await asyncio.gather(*(chat(gw.client, tenant.headers, f"back {i}") for i in range(2)))
+    assert shown.status_code == 200, shown.text  # what holds the tenant, and where it comes from
+    assert (shown.json()["max_parallel_requests"], shown.json()["effective"]) == (None, {"max_parallel_requests": 1})
     assert [r.status_code for r in first] == [200, 200]
     assert (refused.status_code, refused.json()["error"]["code"]) == (429, "parallel_requests_exceeded")
     assert "limit 1, in flight 1" in refused.json()["error"]["message"]
