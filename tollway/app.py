@@ -13,9 +13,11 @@ from typing import Any
 from fastapi import FastAPI
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 import tollway
+from tollway.errors import TollwayError
+from tollway.failures import one_line
 from tollway.gateway.console.routes import router as console_router
 from tollway.gateway.http.api import install_error_handlers, install_openapi, router
 from tollway.gateway.http.endpoints import HOT_ROUTES
@@ -41,11 +43,16 @@ class Gateway:
     def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None,
                  metric_reader: MetricReader | None = None) -> None:
         self.settings = settings
+        self._startup_failure: str | None = None  # why start-up failed, where a line says it better than a traceback
 
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             async with AsyncExitStack() as stack:
-                app.state.tollway = state = await build_state(settings, stack, span_exporter, metric_reader)
+                try:
+                    app.state.tollway = state = await build_state(settings, stack, span_exporter, metric_reader)
+                except Exception as exc:
+                    self._startup_failure = startup_reason(exc)
+                    raise
                 stack.callback(state.drain.install())  # under `tollway serve`: SIGTERM pauses, then stops
                 # Everything built so far lives as long as the process: keep it out of the cyclic GC,
                 # whose full passes over it otherwise stall requests for tens of milliseconds.
@@ -79,6 +86,17 @@ class Gateway:
         """Run start-up and shutdown without a server (tests)."""
         return self.api.router.lifespan_context(self.api)
 
+    def _lifespan_reply(self, send: Send) -> Send:
+        """The server logs the message of a failed start-up: our line instead of the traceback, where a cause
+        outside the program (a config, an upstream, a store) has one."""
+
+        async def reply(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self._startup_failure is not None:
+                message = {**message, "message": f"tollway could not start: {self._startup_failure}"}
+            await send(message)
+
+        return reply
+
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = HOT_ROUTES.get((scope.get("method", ""), scope["path"]))
         if handler is None and scope["path"].startswith(GIT_PREFIX + "/") and self.state.git is not None:
@@ -90,7 +108,7 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.api(scope, receive, send)
+            await self.api(scope, receive, self._lifespan_reply(send))
         else:
             await self._stack(scope, receive, send)
 
@@ -101,6 +119,16 @@ SERVE_SETTINGS_ENV = "TOLLWAY_SERVE_SETTINGS"  # `tollway serve --workers N` han
 def create_app_from_env() -> Gateway:
     """The factory each worker of `tollway serve --workers N` calls: the parent's resolved settings."""
     return create_app(Settings.model_validate_json(os.environ[SERVE_SETTINGS_ENV]))
+
+
+def startup_reason(exc: Exception) -> str | None:
+    """A failed start-up in one line: a configuration the gateway refuses, an upstream it cannot list, a store it
+    cannot reach. None for anything else (a bug: its traceback is what helps)."""
+    if isinstance(exc, StartupError):
+        return str(exc)
+    if isinstance(exc, TollwayError):
+        return exc.message
+    return one_line(exc)
 
 
 def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None,

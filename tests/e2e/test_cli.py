@@ -78,6 +78,26 @@ def test_unknown_config_key_stops_start_up(tmp_path, pg):
     assert "Traceback" not in result.stderr
 
 
+def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, pg, redis_url):
+    """An upstream it cannot list or a PostgreSQL it cannot reach: `tollway serve` logged a 10 KB traceback, and
+    with --workers it exited 0 (a supervisor saw a clean stop). Now one line says why, and it exits 3 either way."""
+    from tollway.local.embedded import free_port
+
+    nowhere = free_port()
+    stores = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_DATA_DIR": str(tmp_path)}
+    runs = {workers: tollway("serve", "--upstream", f"http://127.0.0.1:{nowhere}/v1", "--port", str(free_port()),
+                             "--workers", workers, env=stores) for workers in ("1", "2")}
+    no_pg = tollway("serve", "--upstream", f"http://127.0.0.1:{nowhere}/v1", "--port", str(free_port()),
+                    env={**stores, "TOLLWAY_DATABASE_URL": f"postgresql://x@127.0.0.1:{nowhere}/db"})
+    for run in (*runs.values(), no_pg):
+        assert run.returncode == 3, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    for run in runs.values():
+        assert f"tollway could not start: could not list models of upstream upstream-1 (http://127.0.0.1:{nowhere}/v1)" \
+            in run.stderr, run.stderr[-2000:]
+    assert "tollway could not start: cannot reach PostgreSQL" in no_pg.stderr, no_pg.stderr[-2000:]
+
+
 def test_an_unreachable_store_or_gateway_is_one_line_not_a_traceback(tmp_path, redis_url, pg, make_tenant):
     """A command whose PostgreSQL, Redis or gateway does not answer says which, and how to point it elsewhere."""
     from tollway.local.embedded import free_port

@@ -26,6 +26,7 @@ from tollway.cli.common import (
     table,
     with_conn,
 )
+from tollway.failures import one_line
 from tollway.gateway.tenancy.roles import ROLES
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -106,8 +107,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # Workers are fresh processes: they get the resolved settings (embedded URLs included) whole.
             # The supervisor turns SIGTERM into a graceful stop of every worker and then returns here.
             os.environ[SERVE_SETTINGS_ENV] = final.model_dump_json()
-            uvicorn.run("tollway.app:create_app_from_env", factory=True, workers=final.workers, **common)
+            return _supervise(uvicorn.Config("tollway.app:create_app_from_env", factory=True, workers=final.workers,
+                                             **common))
     return 0
+
+
+def _supervise(config: Any) -> int:
+    """uvicorn.run's workers branch, and its exit status: a worker that could not start stops the others and
+    the parent, and the parent exits 3 as one process does (uvicorn.run returned normally, so 0)."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 async def _migrate(url: str) -> list[str]:
@@ -348,30 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     except TollwayError as exc:
         print(f"tollway: {exc.message}", file=sys.stderr)
     except Exception as exc:
-        said = _one_line(exc)
+        said = one_line(exc)
         if said is None:
             raise
         print(f"tollway: {said}", file=sys.stderr)
     return 2
-
-
-def _one_line(exc: Exception) -> str | None:
-    """What to say when the command could not reach PostgreSQL or Redis, a value did not fit its column, or a file
-    it was given cannot be read as text (None: another error, raised as it is).
-    Only the drivers a command already imported are asked."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # a driver's message is often a paragraph
-    psycopg = sys.modules.get("psycopg")
-    if psycopg is not None and isinstance(exc, psycopg.DataError):  # a value out of its column's range
-        return f"a value cannot be stored ({first})"
-    if psycopg is not None and isinstance(exc, psycopg.OperationalError):
-        return (f"cannot reach PostgreSQL ({first}); check TOLLWAY_DATABASE_URL, or --data-dir for the embedded "
-                "one (`tollway doctor` checks every dependency)")
-    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror}"
-    if isinstance(exc, UnicodeDecodeError):
-        return f"a file given is not UTF-8 text ({exc.reason} at byte {exc.start})"
-    redis_errors = sys.modules.get("redis.exceptions")
-    if redis_errors is not None and isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
-        return (f"cannot reach Redis ({exc}); check TOLLWAY_REDIS_URL, or --data-dir for the embedded one "
-                "(`tollway doctor` checks every dependency)")
-    return None
