@@ -74,8 +74,8 @@ def map_upstream_errors(name: str) -> Iterator[None]:
 def _upstream_message(raw: bytes) -> str:
     try:
         data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw[:200].decode("utf-8", "replace")
+    except orjson.JSONDecodeError:  # a page or plain text: on one line, as a log line and an error message are
+        return " ".join(raw[:200].decode("utf-8", "replace").split())
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict) and isinstance(err.get("message"), str):
@@ -192,8 +192,15 @@ class OpenAIUpstream:
             async with self._session.get(self._base + "/models", headers=self._headers,
                                          timeout=self._timeout) as resp:
                 raw = await resp.read()
+        if resp.status in (404, 405):  # a page server or another API: the base URL is not an OpenAI-style one
+            raise UpstreamBadResponse(f"GET {self._base}/models answered {resp.status}: is {self._base} the "
+                                      "server's OpenAI-compatible base URL (most end in /v1)?")
         raise_for_upstream_status(self.spec.name, resp.status, raw)
-        data = _loads_object(self.spec.name, raw).get("data")
+        try:
+            data = _loads_object(self.spec.name, raw).get("data")
+        except UpstreamBadResponse as exc:
+            raise UpstreamBadResponse(f"{exc.message} at GET {self._base}/models: is {self._base} the server's "
+                                      "OpenAI-compatible base URL (most end in /v1)?") from None
         if not isinstance(data, list):
             raise UpstreamBadResponse(f"upstream {self.spec.name} sent a model list without 'data'")
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]

@@ -78,10 +78,17 @@ def test_unknown_config_key_stops_start_up(tmp_path, pg):
     assert "Traceback" not in result.stderr
 
 
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, pg, redis_url):
     """An upstream it cannot list or a PostgreSQL it cannot reach: `tollway serve` logged a 10 KB traceback, and
     with --workers it exited 0 (a supervisor saw a clean stop). Now one line says why, and it exits 3 either way."""
-    from tollway.local.embedded import free_port
+    from tollway.local.embedded import free_port, wait_until
 
     nowhere = free_port()
     stores = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_DATA_DIR": str(tmp_path)}
@@ -89,6 +96,19 @@ def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, 
                              "--workers", workers, env=stores) for workers in ("1", "2")}
     no_pg = tollway("serve", "--upstream", f"http://127.0.0.1:{nowhere}/v1", "--port", str(free_port()),
                     env={**stores, "TOLLWAY_DATABASE_URL": f"postgresql://x@127.0.0.1:{nowhere}/db"})
+    pages = free_port()  # a web server, not an OpenAI-style API: its 404 page was quoted as "does not serve this model"
+    with subprocess.Popen([sys.executable, "-m", "http.server", str(pages), "--bind", "127.0.0.1"], cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as web:
+        try:
+            wait_until(lambda: _listening(pages), 10, "http.server")
+            not_an_api = tollway("serve", "--upstream", f"http://127.0.0.1:{pages}/v1", "--port", str(free_port()),
+                                 env=stores)
+        finally:
+            web.terminate()
+    assert not_an_api.returncode == 3, not_an_api.stderr[-2000:]
+    assert f"GET http://127.0.0.1:{pages}/v1/models answered 404: is http://127.0.0.1:{pages}/v1 the server's " \
+        "OpenAI-compatible base URL" in not_an_api.stderr, not_an_api.stderr[-2000:]
+    assert "<html" not in not_an_api.stderr.lower()
     for run in (*runs.values(), no_pg):
         assert run.returncode == 3, run.stderr[-2000:]
         assert "Traceback" not in run.stderr, run.stderr[-2000:]
