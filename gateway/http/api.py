@@ -38,6 +38,17 @@ async def models(request: Request) -> Response:
     return json_response(_service(request).models(request.state.principal))
 
 
+@router.get("/v1/models/{model:path}", summary="One model this key may use")
+async def model(request: Request, model: str) -> Response:
+    """``client.models.retrieve(id)``. An id may hold slashes (``meta-llama/Llama-3.1-8B-Instruct``): the SDK
+    sends it as it is."""
+    for entry in _service(request).models(request.state.principal)["data"]:
+        if entry["id"] == model:
+            return json_response(entry)
+    raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
+                   code="model_not_found")
+
+
 @router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> Response:
     return json_response({"status": "ok"})
@@ -84,6 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             err = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
             err.status = exc.status_code  # type: ignore[misc]
+            err.headers = dict(exc.headers or {})  # a 405's Allow
         return await tollway_error(request, err)
 
     async def store_down(request: Request, exc: Exception) -> Response:

@@ -52,6 +52,13 @@ def test_models_and_embeddings(client):
     sdk, _ = client
     ids = {m.id for m in sdk.models.list()}
     assert {"sim-large", "sim-small", "sim-embed"} <= ids
+    from tollway.retrieval import LOCAL_NAME
+
+    assert LOCAL_NAME in ids and "/" in LOCAL_NAME  # an id with a slash, sent by the SDK as it is
+    assert [sdk.models.retrieve(name).id for name in ("sim-small", LOCAL_NAME)] == ["sim-small", LOCAL_NAME]
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
     emb = sdk.embeddings.create(model="sim-embed", input="hello world")
     assert len(emb.data[0].embedding) == 16
     assert emb.usage.prompt_tokens == 2
