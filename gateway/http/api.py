@@ -20,6 +20,7 @@ from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, Tollway
 from tollway.gateway.chat.service import CompletionService
 from tollway.gateway.http.deps import app_state
 from tollway.gateway.http.endpoints import openapi_paths
+from tollway.gateway.tenancy.roles import Can, require
 
 router = APIRouter()
 
@@ -33,16 +34,24 @@ def _service(request: Request) -> CompletionService:
     return service
 
 
+def _models(request: Request) -> list[dict[str, Any]]:
+    """The models the key may use; a key that may not call models (finance) sees none: a 403."""
+    principal = request.state.principal
+    require(principal.role, Can.CALL_MODELS, f"A {principal.role} key may not call models.")
+    data: list[dict[str, Any]] = _service(request).models(principal)["data"]
+    return data
+
+
 @router.get("/v1/models", summary="List the models this key may use")
 async def models(request: Request) -> Response:
-    return json_response(_service(request).models(request.state.principal))
+    return json_response({"object": "list", "data": _models(request)})
 
 
 @router.get("/v1/models/{model:path}", summary="One model this key may use")
 async def model(request: Request, model: str) -> Response:
     """``client.models.retrieve(id)``. An id may hold slashes (``meta-llama/Llama-3.1-8B-Instruct``): the SDK
     sends it as it is."""
-    for entry in _service(request).models(request.state.principal)["data"]:
+    for entry in _models(request):
         if entry["id"] == model:
             return json_response(entry)
     raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",

@@ -303,7 +303,9 @@ async def test_key_model_allow_list_and_roles(app_factory, make_tenant, ledger):
                                        json={"model": "sim-small", "messages": MSG})
         no_role = await gw.client.post("/v1/chat/completions", headers=finance.headers,
                                        json={"model": "sim-small", "messages": MSG})
+        listing = [await gw.client.get(path, headers=finance.headers) for path in ("/v1/models", "/v1/models/sim-small")]
         await gw.state.ledger.flush()
+    assert [(r.status_code, r.json()["error"]["code"]) for r in listing] == [(403, "role_not_allowed")] * 2
     assert denied.status_code == 403
     assert denied.json()["error"]["code"] == "model_not_allowed"
     assert allowed.status_code == 200
