@@ -76,7 +76,7 @@ def start_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         sim = Process(f"http://127.0.0.1:{port}/v1", proc, log)
         started.append(sim)
-        wait_until(ready(sim.url + "/models"), 30, "sim-upstream", log)
+        wait_until(ready(sim.url.removesuffix("/v1") + "/health"), 30, "sim-upstream", log)  # /v1/ may want a key
         return sim
 
     yield start

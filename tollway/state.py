@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -202,9 +203,13 @@ def local_prompt_counter() -> Callable[[Sequence[JSON]], int]:
     return TemplateCounter(local_model_path())
 
 
+UPSTREAM_KEY_ENV = "TOLLWAY_UPSTREAM_API_KEY"  # the bearer key of every --upstream (a config file names its own)
+
+
 def upstream_configs(settings: Settings) -> list[RawUpstream]:
     raw = load_config(settings.config).upstreams
-    extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True)
+    key = f"env::{UPSTREAM_KEY_ENV}" if os.environ.get(UPSTREAM_KEY_ENV) else None  # read where a config's is
+    extra = [RawUpstream(name=f"upstream-{i}", base_url=url, discover_models=True, api_key=key)
              for i, url in enumerate(settings.upstreams, start=1)]
     return [*raw, *extra]
 

@@ -118,6 +118,27 @@ def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, 
     assert "tollway could not start: cannot reach PostgreSQL" in no_pg.stderr, no_pg.stderr[-2000:]
 
 
+def test_a_quick_start_upstream_that_wants_a_key_gets_it_from_the_environment(serve, start_sim, pg, redis_url,
+                                                                               make_tenant, tmp_path):
+    """An --upstream behind vLLM's --api-key could only be reached through a config file; its 401 said 'refused
+    Tollway's credentials'. TOLLWAY_UPSTREAM_API_KEY now goes to every --upstream, and the 401 says so."""
+    from tollway.local.embedded import free_port
+
+    locked = start_sim("--api-key", "s3cret")
+    stores = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_BOOTSTRAP": "false"}
+    keyless = tollway("serve", "--upstream", locked.url, "--port", str(free_port()),
+                      env={**stores, "TOLLWAY_DATA_DIR": str(tmp_path)})
+    assert keyless.returncode == 3, keyless.stderr[-2000:]
+    assert f"GET {locked.url}/models answered 401: the upstream wants an API key (TOLLWAY_UPSTREAM_API_KEY" \
+        in keyless.stderr, keyless.stderr[-2000:]
+    served = serve("--upstream", locked.url, env={**stores, "TOLLWAY_UPSTREAM_API_KEY": "s3cret"})
+    tenant = make_tenant()
+    answer = httpx.post(served.url + "/chat/completions", headers=tenant.headers, timeout=30,
+                        json={"model": "sim-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert answer.status_code == 200, answer.text
+    assert "s3cret" not in served.log.read_text()
+
+
 def test_an_unreachable_store_or_gateway_is_one_line_not_a_traceback(tmp_path, redis_url, pg, make_tenant):
     """A command whose PostgreSQL, Redis or gateway does not answer says which, and how to point it elsewhere."""
     from tollway.local.embedded import free_port

@@ -78,6 +78,7 @@ class SimConfig:
     echo: bool = False
     chunk_chars: int = 3
     fixture: Path | None = None
+    api_key: str | None = None  # as vLLM's --api-key: /v1/ requests without "Bearer KEY" get a 401
 
 
 @dataclass
@@ -403,6 +404,21 @@ async def last_request(request: Request) -> Response:
     return _json(body) if body is not None else _error(404, "no request for that model yet", "not_found")
 
 
+class _KeyRequired:
+    """vLLM's --api-key: every /v1/ path wants ``Authorization: Bearer KEY`` (401 otherwise)."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") \
+                and dict(scope["headers"]).get(b"authorization") != self.expected:
+            await _error(401, "Unauthorized", "invalid_api_key")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_sim_app(config: SimConfig) -> Starlette:
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -414,6 +430,8 @@ def create_sim_app(config: SimConfig) -> Starlette:
         Route("/sim/stats", stats, methods=["GET"]),
         Route("/health", lambda request: Response("ok"), methods=["GET"]),
     ])
+    if config.api_key is not None:
+        app.add_middleware(_KeyRequired, key=config.api_key)
     state = SimState(config)
     if config.max_concurrency:
         state.semaphore = asyncio.Semaphore(config.max_concurrency)
@@ -437,6 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--echo", action="store_true", help="every answer is the last user message (see sim-echo)")
     parser.add_argument("--chunk-chars", type=int, default=3, help="echo: characters per streamed frame")
     parser.add_argument("--fixture", type=Path, help="answer from this JSON file with its error rates (see above)")
+    parser.add_argument("--api-key", help="as vLLM's --api-key: /v1/ requests must send 'Authorization: Bearer KEY'")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -445,7 +464,7 @@ def run(args: argparse.Namespace) -> None:
     config = SimConfig(models=[m for m in args.models.split(",") if m], ttft_ms=args.ttft_ms,
                        tokens_per_s=args.tokens_per_s, completion_tokens=args.completion_tokens,
                        max_concurrency=args.max_concurrency, fault=args.fault, embedding_dims=args.embedding_dims,
-                       echo=args.echo, chunk_chars=args.chunk_chars, fixture=args.fixture)
+                       echo=args.echo, chunk_chars=args.chunk_chars, fixture=args.fixture, api_key=args.api_key)
     # It stops within a second of SIGTERM, even holding requests open on purpose (``sim-timeout`` never
     # answers): without the bound uvicorn waited for them, and a test session's end waited 20 s to kill it.
     uvicorn.run(create_sim_app(config), host=args.host, port=args.port, log_level="warning",
