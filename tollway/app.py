@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.types import Message, Receive, Scope, Send
 
 import tollway
+from tollway.config import ConfigError
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.failures import one_line
 from tollway.gateway.console.routes import router as console_router
@@ -129,7 +130,7 @@ def create_app_from_env() -> Gateway:
 def startup_reason(exc: Exception) -> str | None:
     """A failed start-up in one line: a configuration the gateway refuses, an upstream it cannot list, a store it
     cannot reach. None for anything else (a bug: its traceback is what helps)."""
-    if isinstance(exc, StartupError):
+    if isinstance(exc, StartupError | ConfigError):
         return str(exc)
     if isinstance(exc, TollwayError):
         return exc.message

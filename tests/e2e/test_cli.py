@@ -86,36 +86,52 @@ def _listening(port: int) -> bool:
 
 
 def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, pg, redis_url):
-    """An upstream it cannot list or a PostgreSQL it cannot reach: `tollway serve` logged a 10 KB traceback, and
-    with --workers it exited 0 (a supervisor saw a clean stop). Now one line says why, and it exits 3 either way."""
+    """An upstream it cannot list, a PostgreSQL it cannot reach, a secret not set: `tollway serve` logged a 10 KB
+    traceback, and with --workers it exited 0 (a supervisor saw a clean stop). Now one line says why, and it
+    exits 3 either way. The five starts run at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tollway.local.embedded import free_port, wait_until
 
-    nowhere = free_port()
-    stores = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_DATA_DIR": str(tmp_path)}
-    runs = {workers: tollway("serve", "--upstream", f"http://127.0.0.1:{nowhere}/v1", "--port", str(free_port()),
-                             "--workers", workers, env=stores) for workers in ("1", "2")}
-    no_pg = tollway("serve", "--upstream", f"http://127.0.0.1:{nowhere}/v1", "--port", str(free_port()),
-                    env={**stores, "TOLLWAY_DATABASE_URL": f"postgresql://x@127.0.0.1:{nowhere}/db"})
-    pages = free_port()  # a web server, not an OpenAI-style API: its 404 page was quoted as "does not serve this model"
+    nowhere, pages = free_port(), free_port()  # pages: a web server, not an OpenAI-style API
+    down = f"http://127.0.0.1:{nowhere}/v1"
+    stores = {"TOLLWAY_DATABASE_URL": pg.url, "TOLLWAY_REDIS_URL": redis_url}
+    (tmp_path / "secret.yaml").write_text(f"upstreams:\n  - name: v\n    base_url: {down}\n"
+                                          "    api_key: env::TOLLWAY_TEST_UNSET_SECRET\n    discover_models: true\n")
+    cases = {  # what is wrong: (arguments, environment, the line that says so)
+        "unreachable": (("--upstream", down), stores,
+                        f"could not list models of upstream upstream-1 ({down}): upstream upstream-1 is unreachable"),
+        "unreachable, 2 workers": (("--upstream", down, "--workers", "2"), stores,
+                                   f"could not list models of upstream upstream-1 ({down})"),
+        "no PostgreSQL": (("--upstream", down), {**stores, "TOLLWAY_DATABASE_URL": f"postgresql://x@127.0.0.1:{nowhere}/db"},
+                          "cannot reach PostgreSQL"),
+        "secret not set": (("--config", str(tmp_path / "secret.yaml")), stores,
+                           "secret 'env::TOLLWAY_TEST_UNSET_SECRET': environment variable TOLLWAY_TEST_UNSET_SECRET is "
+                           "not set"),
+        # its 404 page was quoted as "upstream upstream-1 does not serve this model: <!DOCTYPE HTML>..."
+        "not an API": (("--upstream", f"http://127.0.0.1:{pages}/v1"), stores,
+                       f"could not list models of upstream upstream-1 (http://127.0.0.1:{pages}/v1): GET "
+                       f"http://127.0.0.1:{pages}/v1/models answered 404: is http://127.0.0.1:{pages}/v1 the server's "
+                       "OpenAI-compatible base URL"),
+    }
     with subprocess.Popen([sys.executable, "-m", "http.server", str(pages), "--bind", "127.0.0.1"], cwd=tmp_path,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as web:
         try:
             wait_until(lambda: _listening(pages), 10, "http.server")
-            not_an_api = tollway("serve", "--upstream", f"http://127.0.0.1:{pages}/v1", "--port", str(free_port()),
-                                 env=stores)
+
+            def start(n: int, args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+                return tollway("serve", *args, "--port", str(free_port()),
+                               env={**env, "TOLLWAY_DATA_DIR": str(tmp_path / f"data-{n}")})  # a key secret each
+
+            with ThreadPoolExecutor(len(cases)) as pool:
+                started = [pool.submit(start, n, args, env) for n, (args, env, _) in enumerate(cases.values())]
+                runs = {name: future.result() for name, future in zip(cases, started, strict=True)}
         finally:
             web.terminate()
-    assert not_an_api.returncode == 3, not_an_api.stderr[-2000:]
-    assert f"GET http://127.0.0.1:{pages}/v1/models answered 404: is http://127.0.0.1:{pages}/v1 the server's " \
-        "OpenAI-compatible base URL" in not_an_api.stderr, not_an_api.stderr[-2000:]
-    assert "<html" not in not_an_api.stderr.lower()
-    for run in (*runs.values(), no_pg):
-        assert run.returncode == 3, run.stderr[-2000:]
-        assert "Traceback" not in run.stderr, run.stderr[-2000:]
-    for run in runs.values():
-        assert f"tollway could not start: could not list models of upstream upstream-1 (http://127.0.0.1:{nowhere}/v1)" \
-            in run.stderr, run.stderr[-2000:]
-    assert "tollway could not start: cannot reach PostgreSQL" in no_pg.stderr, no_pg.stderr[-2000:]
+    for name, run in runs.items():
+        assert run.returncode == 3, (name, run.stderr[-2000:])
+        assert f"tollway could not start: {cases[name][2]}" in run.stderr, (name, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr and "<html" not in run.stderr.lower(), (name, run.stderr[-2000:])
 
 
 def test_a_quick_start_upstream_that_wants_a_key_gets_it_from_the_environment(serve, start_sim, pg, redis_url,
