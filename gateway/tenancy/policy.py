@@ -146,6 +146,13 @@ class TenantRules:
         return self.policy.max_parallel_requests or self.default_parallel
 
 
+def policy_json(policy: TenantPolicy, default_parallel: int | None) -> dict[str, Any]:
+    """A policy as the API and the CLI show it: its fields as stored, and under ``effective`` what a gateway
+    applies where a field is unset and a gateway-wide default stands in (``TOLLWAY_DEFAULT_MAX_PARALLEL_REQUESTS``)."""
+    return {**policy.as_json(),
+            "effective": {"max_parallel_requests": TenantRules(policy, (), default_parallel=default_parallel).parallel}}
+
+
 _BUDGET_COLUMNS = ("id, tenant_id, scope, subject, period, limit_usd, limit_tokens, reset_at, alert_thresholds,"
                    " alert_forecast")
 

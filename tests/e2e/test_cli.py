@@ -271,6 +271,10 @@ def test_budget_commands(pg, redis_url, make_tenant):
     assert {k: v for k, v in json.loads(cleared.stdout).items() if k in (
         "rpm", "quality_floor", "max_parallel_requests", "route_threshold")} == {
         "rpm": None, "quality_floor": None, "max_parallel_requests": 8, "route_threshold": 0.3}  # the rest kept
+    assert json.loads(cleared.stdout)["effective"] == {"max_parallel_requests": 8}
+    unset = tollway("tenants", "policy", "--tenant", tenant.name, "--max-parallel-requests", "none",
+                    env={**env, "TOLLWAY_DEFAULT_MAX_PARALLEL_REQUESTS": "5"})
+    assert json.loads(unset.stdout)["effective"] == {"max_parallel_requests": 5}, unset.stderr  # as the API says
     assert tollway("tenants", "policy", "--tenant", tenant.name, "--rpm", "0", env=env).returncode == 2
     assert tollway("tenants", "policy", "--tenant", tenant.name, "--rpm", "60", env=env).returncode == 0
     limits = tollway("keys", "limits", str(tenant.key_id), "--rpm", "10", env=env)
@@ -278,7 +282,7 @@ def test_budget_commands(pg, redis_url, make_tenant):
     shown = json.loads(tollway("budgets", "show", "--tenant", tenant.name, env=env).stdout)
     assert [(b["scope"], b["subject"], b["window"]) for b in shown["budgets"]] == [
         ("tenant", "", "day"), ("user", "*", "hour")]
-    assert shown["policy"]["rpm"] == 60
+    assert (shown["policy"]["rpm"], shown["policy"]["effective"]) == (60, {"max_parallel_requests": None})
     reset = tollway("budgets", "reset", "--tenant", tenant.name, "--id", str(budget["id"]), env=env)
     assert reset.returncode == 0
     assert json.loads(reset.stdout)["reset"] == [budget["id"]]

@@ -152,7 +152,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from tollway.gateway.metering.budget_alerts import budget_uses
     from tollway.gateway.tenancy.keys import tenant_id
-    from tollway.gateway.tenancy.policy import list_budgets, load_rules
+    from tollway.gateway.tenancy.policy import list_budgets, load_rules, policy_json
 
     async def action(conn: Any, settings: Settings) -> int:
         tid = await tenant_id(conn, args.tenant)
@@ -163,7 +163,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             uses.setdefault(use.budget.id, []).append(
                 {**use.evidence(), "usd": str(use.usd), "tokens": use.tokens, "from": use.start.isoformat(),
                  "to": use.end.isoformat()})
-        print(json.dumps({"tenant": args.tenant, "policy": policy.as_json(),
+        print(json.dumps({"tenant": args.tenant, "policy": policy_json(policy, settings.default_max_parallel_requests),
                           "budgets": [{**b.as_json(), "use": uses.get(b.id, [])} for b in budgets]}, indent=2))
         return 0
 
@@ -222,7 +222,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from tollway.gateway.tenancy.policy import set_policy
+    from tollway.gateway.tenancy.policy import policy_json, set_policy
     from tollway.routing import load_config
 
     fields = {name: getattr(args, name) for name in (
@@ -236,7 +236,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     async def action(conn: Any, settings: Settings) -> int:
         tiers = [t.name for t in load_config(settings.config).routing.tiers]
         policy = await set_policy(conn, args.tenant, tiers=tiers, author=args.author, reason=args.reason, **fields)
-        print(json.dumps(policy.as_json()))
+        print(json.dumps(policy_json(policy, settings.default_max_parallel_requests)))
         return 0
 
     return run_with_conn(args, action)

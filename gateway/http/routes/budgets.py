@@ -21,12 +21,11 @@ from tollway.gateway.tenancy.keys import tenant_id
 from tollway.gateway.tenancy.policy import (
     USD_BOUND,
     USD_PLACES,
-    TenantPolicy,
-    TenantRules,
     delete_budget,
     list_budgets,
     load_rules,
     mark_reset,
+    policy_json,
     set_budget,
     set_policy,
     unpriced_models,
@@ -138,20 +137,13 @@ async def reset_budgets(request: Request, body: ResetBody) -> Response:
     return json_response({"reset": [b.id for b in budgets], "counters_cleared": cleared})
 
 
-def _policy_json(policy: TenantPolicy, default_parallel: int | None) -> dict[str, object]:
-    """The policy's fields as stored, and under ``effective`` what the gateway applies where a field is unset
-    and a gateway-wide default stands in (``TOLLWAY_DEFAULT_MAX_PARALLEL_REQUESTS``)."""
-    return {**policy.as_json(),
-            "effective": {"max_parallel_requests": TenantRules(policy, (), default_parallel=default_parallel).parallel}}
-
-
 @router.get("/v1/admin/policies", summary="A tenant's policy, and what the gateway applies where it sets nothing")
 async def get_policy(request: Request, tenant: str) -> Response:
     admin(request)
     state = app_state(request)
     async with state.pool.connection() as conn:
         policy = (await load_rules(conn, await tenant_id(conn, tenant))).policy
-    return json_response(_policy_json(policy, state.policies.default_parallel))
+    return json_response(policy_json(policy, state.policies.default_parallel))
 
 
 @router.put("/v1/admin/policies", summary="Change a tenant's policy (Redis failure mode, limits, breakers)")
@@ -163,7 +155,7 @@ async def put_policy(request: Request, body: PolicyBody) -> Response:
         policy = await set_policy(conn, body.tenant, tiers=[t.name for t in state.catalog.tiers],
                                   author=principal.author, reason=body.reason, **fields)
     state.policies.forget(policy.tenant_id)
-    return json_response(_policy_json(policy, state.policies.default_parallel))
+    return json_response(policy_json(policy, state.policies.default_parallel))
 
 
 @router.post("/v1/admin/reconcile", summary="Compare Redis counters with the ledger; correct and report drift")
