@@ -226,9 +226,10 @@ async def chat(request: Request) -> Response:
     call = _tool_call(model, body, messages)
     if call is not None:
         n = len(call["function"]["arguments"].split())
+    choices = body.get("n") if isinstance(body.get("n"), int) and 1 <= body["n"] <= 16 else 1  # each the same answer
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call),
+        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call, choices),
                                  media_type="text/event-stream")
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
@@ -242,8 +243,8 @@ async def chat(request: Request) -> Response:
     return _json({
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {"prompt_tokens": p_tokens, "completion_tokens": n, "total_tokens": p_tokens + n},
+        "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(choices)],
+        "usage": {"prompt_tokens": p_tokens, "completion_tokens": n * choices, "total_tokens": p_tokens + n * choices},
     })
 
 
@@ -269,26 +270,32 @@ def _tool_call(model: str, body: dict[str, Any], messages: list[Any]) -> dict[st
 
 
 async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_tokens: int, include_usage: bool,
-                  fault: str | None, call: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
-    """``pieces``: the answer's content deltas, one frame each; ``n``: its completion tokens; ``call``: a
-    tool call to stream instead (its arguments in pieces of three characters)."""
+                  fault: str | None, call: dict[str, Any] | None = None, choices: int = 1) -> AsyncIterator[bytes]:
+    """``pieces``: the answer's content deltas, one frame each (per choice, interleaved as vLLM sends ``n``
+    choices); ``n``: its completion tokens; ``call``: a tool call to stream instead (its arguments in pieces of
+    three characters)."""
     config = state.config
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
 
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
-        yield _frame(chunk({"role": "assistant", "content": ""}))
+        for index in range(choices):
+            yield _frame(chunk({"role": "assistant", "content": ""}, index=index))
         if call is not None:
             function = call["function"]
-            yield _frame(chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
-                                                "function": {"name": function["name"], "arguments": ""}}]}))
+            for index in range(choices):
+                yield _frame(chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                                    "function": {"name": function["name"], "arguments": ""}}]},
+                                   index=index))
             arguments = function["arguments"]
             for i in range(0, len(arguments), 3):
-                yield _frame(chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[i:i + 3]}}]}))
+                for index in range(choices):
+                    yield _frame(chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[i:i + 3]}}]},
+                                       index=index))
             pieces = []
         per_token = 1 / config.tokens_per_s if config.tokens_per_s else 0
         for i, piece in enumerate(pieces):
@@ -298,12 +305,14 @@ async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_toke
             if fault == "malformed" and i == len(pieces) // 2:
                 yield b"data: {not json\n\n"
             await _pace(per_token)
-            yield _frame(chunk({"content": piece}))
-        yield _frame(chunk({}, "stop" if call is None else "tool_calls"))
+            for index in range(choices):
+                yield _frame(chunk({"content": piece}, index=index))
+        for index in range(choices):
+            yield _frame(chunk({}, "stop" if call is None else "tool_calls", index=index))
         if include_usage:
             yield _frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                          "choices": [], "usage": {"prompt_tokens": p_tokens, "completion_tokens": n,
-                                                   "total_tokens": p_tokens + n}})
+                          "choices": [], "usage": {"prompt_tokens": p_tokens, "completion_tokens": n * choices,
+                                                   "total_tokens": p_tokens + n * choices}})
         yield b"data: [DONE]\n\n"
 
 
@@ -333,6 +342,8 @@ async def embeddings(request: Request) -> Response:
     if (failed := await _scripted_fault(model, state.config)) is not None:
         return failed
     inputs = body.get("input")
+    if isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs):
+        inputs = [inputs]  # one input of token ids, as OpenAI's API takes it
     texts = inputs if isinstance(inputs, list) else [inputs]
     texts = [t if isinstance(t, str) else " ".join(map(str, t)) for t in texts]
     data = [{"object": "embedding", "index": i, "embedding": _vector(t, state.config.embedding_dims)}

@@ -406,6 +406,30 @@ async def test_two_choices_are_guarded_each_on_their_own():
     assert texts == {0: "mail [REDACTED:EMAIL]", 1: "mail [REDACTED:EMAIL]"}
 
 
+async def test_n_choices_through_the_gateway_are_each_redacted_and_each_charged(app_factory, make_tenant, admin,
+                                                                                  ledger):
+    """The scripted upstream answers ``n`` choices (interleaved frames when streamed, as vLLM sends them): each is
+    redacted on its own, streamed and not, and the ledger charges the tokens of all of them."""
+    tenant = make_tenant()
+    text = "write to jane.doe@example.com or call +1 415-555-2671"
+    async with app_factory() as gw:
+        await set_guards(gw, admin, tenant, {"output": {"pii": "redact"}})
+        whole = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=echo(text, n=2))
+        streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                        json=echo(text, n=2, stream=True, stream_options={"include_usage": True}))
+        await gw.state.ledger.flush()
+    redacted = "write to [REDACTED:EMAIL] or call [REDACTED:PHONE]"
+    assert [c["message"]["content"] for c in whole.json()["choices"]] == [redacted, redacted]
+    chunks = sse(streamed.text)
+    assert {i: "".join((c.get("delta") or {}).get("content") or "" for ch in chunks for c in ch.get("choices") or []
+                       if c["index"] == i) for i in (0, 1)} == {0: redacted, 1: redacted}
+    assert "jane.doe" not in streamed.text
+    per_choice = len(text.split())  # the echo model counts a token a word
+    assert whole.json()["usage"]["completion_tokens"] == chunks[-1]["usage"]["completion_tokens"] == 2 * per_choice
+    rows = [ledger("request_id = %s", r.headers["x-request-id"])[0] for r in (whole, streamed)]
+    assert [row["output_tokens"] for row in rows] == [2 * per_choice] * 2
+
+
 def test_the_cli_sets_and_shows_a_tenant_policy(pg, make_tenant, tmp_path):
     tenant = make_tenant()
     env_args = [sys.executable, "-m", "tollway.cli", "tenants", "guards", "--tenant", tenant.name]
