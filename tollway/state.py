@@ -421,7 +421,9 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
                                 moderator=guarding.moderate, stored=ResponseStore(pool, settings.max_body_bytes))
     evals = Evals(pool, service, prompts, eval_settings(raw_config.evals), ids)
     stack.push_async_callback(evals.background.drain)
-    log.info("tollway ready: %d models on %d upstreams", len(catalog.models), len(upstreams))
+    base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    log.info("tollway ready: %d models on %d upstreams; the API at %s/v1, the console at %s/console",
+             len(catalog.models), len(upstreams), base, base)
     return AppState(settings=settings, pool=pool, redis=redis_client, session=session, telemetry=telemetry,
                     catalog=catalog, upstreams=upstreams, keys=keys, ledger=ledger, service=service,
                     policies=policies, quota=quota, events=events, routing=routing, shadows=shadows,

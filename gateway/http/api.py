@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
 from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, TollwayError
 from tollway.gateway.chat.service import CompletionService
@@ -56,6 +56,14 @@ async def model(request: Request, model: str) -> Response:
             return json_response(entry)
     raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
                    code="model_not_found")
+
+
+@router.get("/", summary="Where things are: a browser goes to the console", include_in_schema=False)
+async def root(request: Request) -> Response:
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/console", status_code=307)
+    return json_response({"object": "tollway", "api": "/v1", "console": "/console", "docs": "/docs",
+                          "health": "/healthz", "ready": "/readyz"})
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -165,6 +165,15 @@ async def test_the_packaged_embedder_refuses_dimensions_it_cannot_give(app_facto
     assert len(own.json()["data"][0]["embedding"]) == 384
 
 
+async def test_the_root_says_where_things_are_and_sends_a_browser_to_the_console(app_factory):
+    async with app_factory() as gw:
+        index = await gw.client.get("/")
+        browser = await gw.client.get("/", headers={"accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert index.status_code == 200 and index.json()["api"] == "/v1" and index.json()["console"] == "/console"
+    assert "version" not in index.json()  # nothing about the build to a caller without a key
+    assert (browser.status_code, browser.headers["location"]) == (307, "/console")
+
+
 async def test_models_lists_what_the_key_may_use(app_factory, make_tenant):
     everything, limited = make_tenant(), make_tenant(models=["sim-small"])
     async with app_factory() as gw:
