@@ -193,8 +193,9 @@ class OpenAIUpstream:
                                          timeout=self._timeout) as resp:
                 raw = await resp.read()
         if resp.status in (401, 403):
-            raise UpstreamError(f"GET {self._base}/models answered {resp.status}: the upstream wants an API key "
-                                "(TOLLWAY_UPSTREAM_API_KEY for --upstream; api_key: env::NAME in a config file)",
+            raise UpstreamError(f"GET {self._base}/models answered {resp.status}: the upstream wants an API key, or "
+                                "another one (TOLLWAY_UPSTREAM_API_KEY for --upstream; api_key: env::NAME in a config "
+                                "file)",
                                 code="upstream_auth_failed")
         if resp.status in (404, 405):  # a page server or another API: the base URL is not an OpenAI-style one
             raise UpstreamBadResponse(f"GET {self._base}/models answered {resp.status}: is {self._base} the "
