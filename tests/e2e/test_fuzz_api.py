@@ -115,6 +115,7 @@ def _existing(url: str, keys: dict[str, str]) -> dict[str, dict[str, str]]:
     return {"/v1/collections/": {"name": "kb", "document": "a.md"},
             "/v1/prompts/": {"name": "greet", "label": "production"},
             "/v1/admin/models/": {"model": "sim-small"}, "/v1/admin/rollouts/": {"model": "sim-small"},
+            "/v1/models/": {"model": "sim-small"},
             "/v1/admin/keys/": {"key_id": key_id}}
 
 
