@@ -17,10 +17,13 @@ from starlette.exceptions import HTTPException
 from starlette.responses import RedirectResponse, Response
 
 from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, TollwayError
+from tollway.gateway.apis.messages import input_tokens
 from tollway.gateway.chat.service import CompletionService
 from tollway.gateway.http.deps import app_state
 from tollway.gateway.http.endpoints import openapi_paths
+from tollway.gateway.http.protocol import parse_json_object
 from tollway.gateway.tenancy.roles import Can, require
+from tollway.routing import off_loop_if_long
 
 router = APIRouter()
 
@@ -56,6 +59,19 @@ async def model(request: Request, model: str) -> Response:
             return json_response(entry)
     raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
                    code="model_not_found")
+
+
+@router.post("/v1/messages/count_tokens", summary="A Messages request's input tokens (Anthropic's count_tokens), at $0")
+async def count_tokens(request: Request) -> Response:
+    """``client.messages.count_tokens(...)``: counted as the gateway counts a request for its budgets, without
+    calling a model; the model must be one the key may use."""
+    allowed = {entry["id"] for entry in _models(request)}  # a key that may not call models: a 403 first
+    raw = await request.body()
+    model_name, tokens = await off_loop_if_long(len(raw), input_tokens, parse_json_object(raw))
+    if model_name not in allowed:
+        raise NotFound(f"The model '{model_name}' does not exist or you do not have access to it.", param="model",
+                       code="model_not_found")
+    return json_response({"input_tokens": tokens})
 
 
 @router.get("/", summary="Where things are: a browser goes to the console", include_in_schema=False)

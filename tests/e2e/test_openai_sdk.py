@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 
@@ -297,3 +298,31 @@ def test_anthropic_messages_through_the_official_sdk(gateway, make_tenant, ledge
         anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="tw-wrong", max_retries=0).messages.create(
             model="sim-large", max_tokens=4, messages=[{"role": "user", "content": "x"}])
     assert denied.value.body["error"]["type"] == "authentication_error"
+
+
+def test_anthropic_count_tokens_counts_as_budgets_do_and_calls_no_model(gateway, make_tenant, ledger):
+    """``client.messages.count_tokens`` (Claude Code and other Anthropic clients ask it) was a 404: now the input
+    tokens as the gateway counts them for a budget, at $0, with no model called and no ledger row."""
+    import anthropic
+
+    from tollway.routing import count_messages, count_text
+
+    tenant, finance = make_tenant(), make_tenant(role="finance")
+    client = anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key=tenant.key, max_retries=0)
+    tools = [{"name": "lookup", "description": "look a fee up", "input_schema": {"type": "object"}}]
+    counted = client.messages.count_tokens(model="sim-large", system="Be brief.", tools=tools,
+                                           messages=[{"role": "user", "content": "how much does a wire cost"}])
+    chat_tools = [{"type": "function", "function": {"name": "lookup", "description": "look a fee up",
+                                                    "parameters": {"type": "object"}}}]
+    expected = count_messages([{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "how much does a wire cost"}]) + count_text(
+        json.dumps(chat_tools, separators=(",", ":")))
+    assert counted.input_tokens == expected
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.count_tokens(model="sim-large", messages=[])
+    with pytest.raises(anthropic.PermissionDeniedError):
+        anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key=finance.key, max_retries=0) \
+            .messages.count_tokens(model="sim-large", messages=[{"role": "user", "content": "hi"}])
+    assert ledger("tenant_id = %s", tenant.id) == []
