@@ -17,10 +17,16 @@ from starlette.types import Message, Receive, Scope, Send
 
 import tollway
 from tollway.config import ConfigError
-from tollway.errors import InvalidRequest, TollwayError
+from tollway.errors import TollwayError
 from tollway.failures import one_line
 from tollway.gateway.console.routes import router as console_router
-from tollway.gateway.http.api import install_error_handlers, install_openapi, json_response, router
+from tollway.gateway.http.api import (
+    install_error_handlers,
+    install_openapi,
+    json_response,
+    method_not_allowed,
+    router,
+)
 from tollway.gateway.http.endpoints import HOT_ROUTES
 from tollway.gateway.http.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from tollway.gateway.http.routes import budgets, guards, models, operations, reports, responses, tenants
@@ -104,9 +110,8 @@ class Gateway:
         if handler is None and scope["path"].startswith(GIT_PREFIX + "/") and self.state.git is not None:
             await self.state.git(scope, receive, send)
         elif handler is None and scope["path"] in HOT_PATHS:  # another method on a POST endpoint
-            error = InvalidRequest(f"{scope.get('method')} is not served on {scope['path']}; POST is.",
-                                   code="method_not_allowed")
-            await json_response(error.body(), status=405, headers={"allow": "POST"})(scope, receive, send)
+            error = method_not_allowed(scope.get("method", ""), scope["path"], "POST")
+            await json_response(error.body(), status=error.status, headers=error.headers)(scope, receive, send)
         elif handler is None:
             await self.api(scope, receive, send)
         else:

@@ -108,6 +108,15 @@ async def readyz(request: Request, require: str | None = None) -> Response:
     return json_response({"status": status, "checks": checks}, status=200 if ready else 503)
 
 
+def method_not_allowed(method: str, path: str, allow: str) -> TollwayError:
+    """A 405 in the OpenAI shape with its ``allow`` header: a FastAPI route's, and a POST endpoint's of the hot
+    path (``tollway.app``)."""
+    err = InvalidRequest(f"{method} is not served on {path}; {allow} is.", code="method_not_allowed")
+    err.status = 405  # type: ignore[misc]
+    err.headers = {"allow": allow}
+    return err
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error a client sees is in the OpenAI shape; no traceback ever reaches the wire."""
 
@@ -125,10 +134,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
             err: TollwayError = NotFound(f"Unknown path {request.url.path}.", code="unknown_url")
+        elif exc.status_code == 405:
+            allow = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")  # Starlette's "Allow"
+            err = method_not_allowed(request.method, request.url.path, allow)
         else:
             err = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
             err.status = exc.status_code  # type: ignore[misc]
-            err.headers = dict(exc.headers or {})  # a 405's Allow
+            err.headers = dict(exc.headers or {})
         return await tollway_error(request, err)
 
     async def store_down(request: Request, exc: Exception) -> Response:

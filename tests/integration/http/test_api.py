@@ -182,10 +182,14 @@ async def test_models_lists_what_the_key_may_use(app_factory, make_tenant):
         one = await gw.client.get("/v1/models/sim-small", headers=limited.headers)
         barred = await gw.client.get("/v1/models/sim-large", headers=limited.headers)
         listed = await gw.client.get("/v1/chat/completions", headers=limited.headers)  # the SDK's stored list
+        removed = await gw.client.delete("/v1/models", headers=limited.headers)  # a FastAPI route's 405, alike
     assert one.json() == few["data"][0]
     assert (barred.status_code, barred.json()["error"]["code"]) == (404, "model_not_found")
     assert (listed.status_code, listed.headers["allow"], listed.json()["error"]["code"]) == (
         405, "POST", "method_not_allowed")
+    assert (removed.status_code, removed.headers["allow"], removed.json()["error"]) == (405, "GET", {
+        "message": "DELETE is not served on /v1/models; GET is.", "type": "invalid_request_error", "param": None,
+        "code": "method_not_allowed"})
     assert {"sim-large", "sim-small", "sim-embed", "auto"} <= all_ids
     # 'auto' routes among the models the key may use
     assert few == {"object": "list", "data": [{"id": "sim-small", "object": "model", "created": 0, "owned_by": "sim"},
