@@ -145,9 +145,10 @@ _COUNTED = {"model", "messages", "system", "tools", "tool_choice"}  # what count
 
 
 def input_tokens(data: JSON) -> tuple[str, int]:
-    """``POST /v1/messages/count_tokens``: the model named and the request's input tokens as the gateway counts
-    them for budgets (tiktoken over the system prompt, the turns and the tools' definitions), not the model's
-    own tokenizer. A 400 naming the field for what a Messages request could not hold."""
+    """``POST /v1/messages/count_tokens``: the model named and the request's input tokens, with tiktoken as the
+    chat path counts a request's messages (``count_messages``), plus its tools' definitions as the chat path
+    would send them; not the model's own tokenizer. A 400 naming the field for what a Messages request could
+    not hold."""
     unknown = sorted(k for k in data if k not in _COUNTED)
     if unknown:
         raise InvalidRequest(f"Unsupported field '{unknown[0]}' on /v1/messages/count_tokens.", param=unknown[0],

@@ -63,8 +63,8 @@ async def model(request: Request, model: str) -> Response:
 
 @router.post("/v1/messages/count_tokens", summary="A Messages request's input tokens (Anthropic's count_tokens), at $0")
 async def count_tokens(request: Request) -> Response:
-    """``client.messages.count_tokens(...)``: counted as the gateway counts a request for its budgets, without
-    calling a model; the model must be one the key may use."""
+    """``client.messages.count_tokens(...)``: counted with tiktoken (``input_tokens``), without calling a model;
+    the model must be one the key may use."""
     allowed = {entry["id"] for entry in _models(request)}  # a key that may not call models: a 403 first
     raw = await request.body()
     model_name, tokens = await off_loop_if_long(len(raw), input_tokens, parse_json_object(raw))

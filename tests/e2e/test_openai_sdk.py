@@ -302,7 +302,8 @@ def test_anthropic_messages_through_the_official_sdk(gateway, make_tenant, ledge
 
 def test_anthropic_count_tokens_counts_as_budgets_do_and_calls_no_model(gateway, make_tenant, ledger):
     """``client.messages.count_tokens`` (Claude Code and other Anthropic clients ask it) was a 404: now the input
-    tokens as the gateway counts them for a budget, at $0, with no model called and no ledger row."""
+    tokens with tiktoken (the messages as a budget's reservation counts them, and the tools' definitions), at $0,
+    with no model called and no ledger row."""
     import anthropic
 
     from tollway.routing import count_messages, count_text
