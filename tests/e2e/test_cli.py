@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 from support.config import write_config
+from support.processes import ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,13 +79,6 @@ def test_unknown_config_key_stops_start_up(tmp_path, pg):
     assert "Traceback" not in result.stderr
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, pg, redis_url):
     """An upstream it cannot list, a PostgreSQL it cannot reach, a secret not set: `tollway serve` logged a 10 KB
     traceback, and with --workers it exited 0 (a supervisor saw a clean stop). Now one line says why, and it
@@ -117,7 +111,7 @@ def test_a_gateway_that_cannot_start_says_why_in_one_line_and_exits_3(tmp_path, 
     with subprocess.Popen([sys.executable, "-m", "http.server", str(pages), "--bind", "127.0.0.1"], cwd=tmp_path,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as web:
         try:
-            wait_until(lambda: _listening(pages), 10, "http.server")
+            wait_until(ready(f"http://127.0.0.1:{pages}/"), 10, "http.server")
 
             def start(n: int, args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                 return tollway("serve", *args, "--port", str(free_port()),
