@@ -197,15 +197,14 @@ class OpenAIUpstream:
                                 "another one (TOLLWAY_UPSTREAM_API_KEY for --upstream; api_key: env::NAME in a config "
                                 "file)",
                                 code="upstream_auth_failed")
+        not_a_base = f"is {self._base} the server's OpenAI-compatible base URL (most end in /v1)?"
         if resp.status in (404, 405):  # a page server or another API: the base URL is not an OpenAI-style one
-            raise UpstreamBadResponse(f"GET {self._base}/models answered {resp.status}: is {self._base} the "
-                                      "server's OpenAI-compatible base URL (most end in /v1)?")
+            raise UpstreamBadResponse(f"GET {self._base}/models answered {resp.status}: {not_a_base}")
         raise_for_upstream_status(self.spec.name, resp.status, raw)
         try:
             data = _loads_object(self.spec.name, raw).get("data")
         except UpstreamBadResponse as exc:
-            raise UpstreamBadResponse(f"{exc.message} at GET {self._base}/models: is {self._base} the server's "
-                                      "OpenAI-compatible base URL (most end in /v1)?") from None
+            raise UpstreamBadResponse(f"{exc.message} at GET {self._base}/models: {not_a_base}") from None
         if not isinstance(data, list):
             raise UpstreamBadResponse(f"upstream {self.spec.name} sent a model list without 'data'")
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
