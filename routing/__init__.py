@@ -50,8 +50,10 @@ from tollway.routing.tokens import (
     OFF_LOOP_CHARS,
     content_texts,
     count_messages,
+    count_prompt,
     message_chars,
     off_loop_if_long,
+    prompt_chars,
 )
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
 from tollway.routing.wire import (
@@ -99,6 +101,7 @@ __all__ = [
     "check_structured_output",
     "content_texts",
     "count_messages",
+    "count_prompt",
     "count_text",
     "delete_price",
     "delete_rollout",
@@ -117,6 +120,7 @@ __all__ = [
     "parse_config",
     "parse_price",
     "price_json",
+    "prompt_chars",
     "resolve_upstream",
     "seed_rollouts",
     "set_default_prices",

@@ -27,7 +27,7 @@ from tollway.gateway.apis.completions import chat_stream, through_chat
 from tollway.gateway.chat.calls import CallContext, JSONResult, StreamResult
 from tollway.gateway.http.streaming import BodyReader
 from tollway.jsontypes import JSON
-from tollway.routing import count_messages, count_text
+from tollway.routing import count_prompt
 
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
          "content_filter": "refusal"}
@@ -144,18 +144,17 @@ def chat_body(data: JSON) -> JSON:
 _COUNTED = {"model", "messages", "system", "tools", "tool_choice"}  # what count_tokens takes, as Anthropic's does
 
 
-def input_tokens(data: JSON) -> tuple[str, int]:
-    """``POST /v1/messages/count_tokens``: the model named and the request's input tokens, with tiktoken as the
-    chat path counts a request's messages (``count_messages``), plus its tools' definitions as the chat path
-    would send them; not the model's own tokenizer. A 400 naming the field for what a Messages request could
-    not hold."""
+def input_tokens(data: JSON, tenant_id: int | str = "") -> tuple[str, int]:
+    """``POST /v1/messages/count_tokens``: the model named and the request's input tokens as a budget's
+    reservation counts the chat request it becomes (``count_prompt``: tiktoken over the messages, the tool calls
+    they carry and the tools' definitions); not the model's own tokenizer. A 400 naming the field for what a
+    Messages request could not hold."""
     unknown = sorted(k for k in data if k not in _COUNTED)
     if unknown:
         raise InvalidRequest(f"Unsupported field '{unknown[0]}' on /v1/messages/count_tokens.", param=unknown[0],
                              code="unsupported_field")
     body = chat_body({**data, "max_tokens": 1})
-    tools = body.get("tools")
-    return body["model"], count_messages(body["messages"]) + (count_text(orjson.dumps(tools).decode()) if tools else 0)
+    return body["model"], count_prompt(body["messages"], body, tenant_id)
 
 
 def message_id(chat_id: Any) -> str:

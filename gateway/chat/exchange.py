@@ -253,7 +253,7 @@ class Exchange:
     params: JSON = field(default_factory=dict)  # every other field sent upstream
     output_cap: int | None = None  # max tokens per choice, the tenant's default injected when unset
     context_budget: int = 0  # tokens a retrieval may add, planned and reserved before it runs
-    prompt_tokens: int | None = None  # the messages' tokens, where the route's planning counted them
+    prompt_tokens: int | None = None  # the prompt's tokens (``count_prompt``), where the route's planning counted them
     index_version: str | None = None  # the collection's, when the cache key needed it
     plan: Plan | None = None
     cache_key: str | None = None

@@ -28,6 +28,7 @@ from tollway.gateway.chat.wire import (
     ChunkChoice,
     choice_text,
     plain,
+    produced_text,
     usage_json,
     usage_of,
 )
@@ -76,7 +77,7 @@ class Accountant:
                 self.plain_text = False
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
-        text = choice_text(chunk, "delta")
+        text = produced_text(chunk, "delta")  # a tool call's arguments and reasoning are output tokens too
         if not text:
             return
         self.tally.first_token()

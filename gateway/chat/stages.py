@@ -45,7 +45,7 @@ from tollway.gateway.chat.exchange import (
     int_param,
 )
 from tollway.gateway.chat.relay import transform_whole
-from tollway.gateway.chat.wire import choice_text, usage_of
+from tollway.gateway.chat.wire import choice_text, produced_text, usage_of
 from tollway.gateway.http.protocol import ChatCompletionRequest, parse_json_object, validate
 from tollway.gateway.http.streaming import BodyReader
 from tollway.gateway.quality.sampling import LiveQuality
@@ -58,10 +58,10 @@ from tollway.routing import (
     Router,
     RouteRequest,
     Usage,
-    count_messages,
+    count_prompt,
     count_text,
-    message_chars,
     off_loop_if_long,
+    prompt_chars,
 )
 
 PROMPT_ALIAS = "prompt"  # the model name that means "the model the prompt names"
@@ -187,12 +187,12 @@ class Chat:
         counted = self.catalog.has_context_windows  # then the route needs the count: admission reuses it
 
         def plan() -> tuple[int | None, RouteRequest]:
-            tokens = count_messages(ex.messages) if counted else None
+            tokens = count_prompt(ex.messages, ex.params, principal.tenant_id) if counted else None
             return tokens, self.router.features(ex.model, ex.messages, ex.params, max_output=ex.output_cap or 0,
                                                 n=ex.req.n, extra_input=ex.context_budget, prompt_tokens=tokens)
 
         # a long prompt is counted and assessed off the event loop
-        ex.prompt_tokens, route = await off_loop_if_long(message_chars(ex.messages), plan)
+        ex.prompt_tokens, route = await off_loop_if_long(prompt_chars(ex.messages, ex.params), plan)
         ex.plan = self.router.plan(route, self.calls.tenant_routing(rules, principal), ex.subject)
         if rules.policy.response_cache:
             versions: tuple[str | None, ...] = ()
@@ -238,7 +238,8 @@ class Chat:
                 ex.output_cap = rules.policy.default_max_tokens  # injected upstream: it bounds the worst case
             prompt = ex.prompt_tokens
             if prompt is None:  # not counted for the route (no model has a context window): counted here, once
-                prompt = await off_loop_if_long(message_chars(ex.messages), count_messages, ex.messages)
+                prompt = await off_loop_if_long(prompt_chars(ex.messages, ex.params), count_prompt, ex.messages,
+                                                ex.params, principal.tenant_id)
             worst = Usage(input_tokens=reserved_input(prompt + ex.context_budget),
                           output_tokens=reserved_output(ex.output_cap, ex.req.n))
         else:
@@ -316,7 +317,8 @@ class Chat:
         """A ledger row per failed attempt; one that the upstream had started answering is charged
         the prompt (hosted APIs bill a prompt they read), the others cost nothing."""
         for attempt in attempts:
-            usage = Usage(input_tokens=count_messages(ex.messages)) if attempt.started_answer else Usage()
+            scope = ex.ctx.principal.tenant_id
+            usage = Usage(input_tokens=count_prompt(ex.messages, ex.params, scope)) if attempt.started_answer else Usage()
             ex.tally.failed_attempt(attempt.step.model, attempt.replica, attempt.error.status, attempt.error.code,
                                     usage, attempt.elapsed_ms)
 
@@ -360,13 +362,14 @@ class Chat:
         usage = usage_of(payload.get("usage"))
         if usage is not None:
             return usage, "upstream"
-        return self.estimate(ex, choice_text(payload, "message")), "estimated"
+        return self.estimate(ex, produced_text(payload, "message")), "estimated"
 
     def estimate(self, ex: Exchange, text: str, produced: int = 0) -> Usage:
         """Usage the upstream did not report: the prompt as the answering model counts it where the gateway
         can (``Catalog.prompt_counters``), else tiktoken; the output from what was produced."""
         counter = self.catalog.prompt_counters.get(ex.answered_by or "")
-        prompt = counter(ex.messages) if counter is not None else count_messages(ex.messages)
+        prompt = (counter(ex.messages) if counter is not None
+                  else count_prompt(ex.messages, ex.params, ex.ctx.principal.tenant_id))
         return Usage(input_tokens=prompt, output_tokens=max(produced, count_text(text)))
 
     def close(self, ex: Exchange, status: int, code: str | None, usage: Usage, source: str) -> Decimal:

@@ -1,6 +1,6 @@
 """The OpenAI wire, in one place: the shapes of the answers the gateway writes itself (a chat completion,
 a stream chunk, a usage object) as TypedDicts mypy checks where they are built, and the helpers that read
-any answer (``choice_text``, ``usage_of``) or name a request (``new_request_id``).
+any answer (``choice_text``, ``produced_text``, ``usage_of``) or name a request (``new_request_id``).
 
 Answers from upstreams stay plain ``JSON``: they are the upstream's, read defensively."""
 
@@ -79,6 +79,30 @@ def choice_text(payload: JSON, part: str) -> str:
         body = choice.get(part) if isinstance(choice, dict) else None
         if isinstance(body, dict) and isinstance(body.get("content"), str):
             texts.append(body["content"])
+    return "".join(texts)
+
+
+# Besides ``content``, what a model generates into a message or a delta: its reasoning (vLLM's reasoning
+# parsers and DeepSeek's API: ``reasoning_content``; OpenRouter and newer vLLM: ``reasoning``) and a refusal.
+_GENERATED = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def produced_text(payload: JSON, part: str) -> str:
+    """Everything every choice generated, as its output tokens are counted where an upstream reports no usage
+    (and a stream is cut at its reservation): the text ``choice_text`` reads, the reasoning and refusals, and
+    the names and arguments of the tool (or function) calls."""
+    texts: list[str] = []
+    for choice in payload.get("choices") or []:
+        body = choice.get(part) if isinstance(choice, dict) else None
+        if not isinstance(body, dict):
+            continue
+        texts += (value for field in _GENERATED if isinstance(value := body.get(field), str))
+        calls = body.get("tool_calls")
+        functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+        functions.append(body.get("function_call"))
+        for function in functions:
+            if isinstance(function, dict):
+                texts += (value for field in ("name", "arguments") if isinstance(value := function.get(field), str))
     return "".join(texts)
 
 

@@ -67,7 +67,8 @@ async def count_tokens(request: Request) -> Response:
     the model must be one the key may use."""
     allowed = {entry["id"] for entry in _models(request)}  # a key that may not call models: a 403 first
     raw = await request.body()
-    model_name, tokens = await off_loop_if_long(len(raw), input_tokens, parse_json_object(raw))
+    model_name, tokens = await off_loop_if_long(len(raw), input_tokens, parse_json_object(raw),
+                                                request.state.principal.tenant_id)
     if model_name not in allowed:
         raise NotFound(f"The model '{model_name}' does not exist or you do not have access to it.", param="model",
                        code="model_not_found")

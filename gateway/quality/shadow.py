@@ -26,7 +26,7 @@ from tollway.gateway.metering.ledger import Ledger, LedgerRow
 from tollway.infra.background import Background
 from tollway.infra.db import storable
 from tollway.jsontypes import JSON
-from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_messages, count_text
+from tollway.routing import ChainFailed, ModelEntry, Router, Usage, count_prompt, count_text
 
 log = logging.getLogger("tollway.shadow")
 
@@ -91,7 +91,7 @@ class Shadows:
             response = served.response or {}
             output = choice_text(response, "message")
             usage = usage_of(response.get("usage")) or Usage(
-                input_tokens=count_messages(wire.get("messages") or []), output_tokens=count_text(output))
+                input_tokens=count_prompt(wire.get("messages") or [], wire), output_tokens=count_text(output))
         except ChainFailed as failed:
             status, code = failed.error.status, failed.error.code
         except TollwayError as exc:

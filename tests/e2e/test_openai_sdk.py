@@ -317,7 +317,7 @@ def test_anthropic_count_tokens_counts_as_budgets_do_and_calls_no_model(gateway,
                                                     "parameters": {"type": "object"}}}]
     expected = count_messages([{"role": "system", "content": "Be brief."},
                                {"role": "user", "content": "how much does a wire cost"}]) + count_text(
-        json.dumps(chat_tools, separators=(",", ":")))
+        json.dumps({"tools": chat_tools}, separators=(",", ":")))
     assert counted.input_tokens == expected
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

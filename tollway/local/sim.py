@@ -33,6 +33,9 @@ A model with ``tools`` in its name (``sim-tools``) calls the request's first fun
 user message as ``{"query": ...}``, unless the last message is already a tool result (then it answers
 as usual): for agent loops through the gateway's APIs.
 
+A model with ``nousage`` in its name (``sim-tools-nousage``) reports no usage, in answers or streams (as the
+llama-cpp-python server's streams and some other OpenAI-compatible servers): the gateway estimates it.
+
 It also serves ``/v1/rerank`` (vLLM's shape): relevance is the share of the query's words a document holds.
 
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import random
 import re
 import struct
@@ -128,7 +132,9 @@ def _error(status: int, message: str, code: str) -> Response:
                  status, headers)
 
 
-def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+def prompt_tokens(messages: list[dict[str, Any]], body: dict[str, Any] | None = None) -> int:
+    """Words of the prompt as a chat template renders it: each message's text, the names and arguments of the
+    tool calls it carries, and the body's tool (or function) definitions and documents as JSON."""
     total = 0
     for message in messages:
         content = message.get("content")
@@ -136,7 +142,18 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
             total += len(content.split())
         elif isinstance(content, list):
             total += sum(len(p.get("text", "").split()) for p in content if isinstance(p, dict))
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                total += len(f"{function.get('name', '')} {function.get('arguments', '')}".split())
+    for name in ("tools", "functions", "documents"):
+        if definitions := (body or {}).get(name):
+            total += len(json.dumps(definitions).split())
     return total
+
+
+def reports_usage(model: str) -> bool:
+    return "nousage" not in model.replace("_", "-").split("-")
 
 
 def echoes(model: str, config: SimConfig) -> bool:
@@ -210,7 +227,7 @@ async def chat(request: Request) -> Response:
     n = config.completion_tokens
     if isinstance(max_tokens, int) and fault != "ignoremax":
         n = min(n, max_tokens)
-    p_tokens = prompt_tokens(messages)
+    p_tokens = prompt_tokens(messages, body)
     if state.fixture is not None and fault is None:
         echoed = state.fixture.answer(model, messages, body.get("user"))
         n = len(echoed.split())
@@ -228,7 +245,7 @@ async def chat(request: Request) -> Response:
         n = len(call["function"]["arguments"].split())
     choices = body.get("n") if isinstance(body.get("n"), int) and 1 <= body["n"] <= 16 else 1  # each the same answer
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and reports_usage(model)
         return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call, choices),
                                  media_type="text/event-stream")
     async with _Slot(state):
@@ -240,12 +257,15 @@ async def chat(request: Request) -> Response:
     finish = "length" if n == max_tokens else "stop"
     if call is not None:
         message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
-    return _json({
+    answer: dict[str, Any] = {
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
         "model": model,
         "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(choices)],
-        "usage": {"prompt_tokens": p_tokens, "completion_tokens": n * choices, "total_tokens": p_tokens + n * choices},
-    })
+    }
+    if reports_usage(model):
+        answer["usage"] = {"prompt_tokens": p_tokens, "completion_tokens": n * choices,
+                           "total_tokens": p_tokens + n * choices}
+    return _json(answer)
 
 
 async def _pace(seconds: float) -> None:

@@ -110,6 +110,45 @@ async def test_200_concurrent_requests_never_overspend(app_factory, make_tenant,
         assert spent > limit * Decimal("0.7")  # and the budget is used, not left idle
 
 
+def agent_turns(i: Any) -> list[dict[str, Any]]:
+    """An agent's conversation: a short question, a tool call whose arguments are long, and its short result."""
+    arguments = json.dumps({"query": " ".join(f"term{k}" for k in range(300)), "request": i})
+    return [*msg(i), {"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"call_{i}", "type": "function", "function": {"name": "search", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": "no results"}]
+
+
+# A tool definition as agents send them: a long description and a schema (about 1,000 tokens).
+TOOLS = [{"type": "function", "function": {
+    "name": "search", "description": " ".join(f"how to use the search tool, note {k}." for k in range(120)),
+    "parameters": {"type": "object", "properties": {f"field_{k}": {"type": "string", "description": f"filter {k}"}
+                                                    for k in range(30)}}}}]
+
+
+@pytest.mark.parametrize("shape", ["tool definitions", "tool calls in the conversation"])
+async def test_what_a_template_renders_besides_the_messages_is_reserved_too(app_factory, make_tenant, admin, ledger,
+                                                                            sim, shape):
+    """A request's tool definitions and the arguments of the tool calls in its history are prompt tokens the
+    upstream charges (it renders them into the prompt); a reservation of the message texts alone let 40
+    concurrent agent requests through a budget that holds fewer than half of them."""
+    tenant = make_tenant()
+    bodies = [{"model": "sim-large", "max_tokens": 16, "stream": i % 2 == 0,
+               **({"messages": msg(i), "tools": TOOLS} if shape == "tool definitions" else {"messages": agent_turns(i)})}
+              for i in range(40)]
+    limit = worst_case_usd(msg(0), 16) * 100  # a hundred requests, were their message texts all they sent
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="month", limit_usd=str(limit))
+        results = await asyncio.gather(*(gw.client.post("/v1/chat/completions", headers=tenant.headers, json=b)
+                                         for b in bodies))
+        await gw.state.ledger.flush()
+    ok = [r for r in results if r.status_code == 200]
+    assert 0 < len(ok) < 20 and all(r.status_code == 429 for r in results if r not in ok)
+    rows = ledger("tenant_id = %s AND status = 200", tenant.id)
+    assert len(rows) == len(ok)
+    assert min(r["input_tokens"] for r in rows) > 300  # the upstream charged what it rendered
+    assert sum(r["cost_usd"] for r in ledger("tenant_id = %s", tenant.id)) <= limit
+
+
 async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:
@@ -125,6 +164,53 @@ async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_fact
     assert len(text.split()) == reserved  # exactly the reserved tokens reached the client, no more
     [row] = ledger("request_id = %s", resp.headers["x-request-id"])
     assert (row["status"], row["error_code"], row["output_tokens"]) == (502, "reservation_exceeded", reserved)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_tool_call_from_an_upstream_that_reports_no_usage_is_charged_its_tokens(app_factory, make_tenant,
+                                                                                        ledger, stream):
+    """A tool call's name and arguments are output tokens: where the upstream reports no usage they are counted
+    (they were not: an agent's answers cost $0 on such upstreams)."""
+    from tollway.tokens import count_text
+
+    tenant = make_tenant()
+    question = "which fees apply to an international wire sent from a business account on a weekend"
+    async with app_factory() as gw:
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-tools-nousage", "messages": msg(question), "stream": stream,
+            "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 200, resp.text
+    if stream:
+        calls = [d["choices"][0]["delta"]["tool_calls"][0] for d in event_payloads(resp.text)
+                 if d.get("choices") and d["choices"][0]["delta"].get("tool_calls")]
+        name, arguments = calls[0]["function"]["name"], "".join(c["function"]["arguments"] for c in calls)
+    else:
+        [call] = resp.json()["choices"][0]["message"]["tool_calls"]
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+    assert json.loads(arguments) == {"query": f"how much does request {question} cost"}
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert row["usage_source"] == "estimated"
+    assert row["output_tokens"] >= count_text(name + arguments) > 20
+    assert row["cost_usd"] > 0
+
+
+async def test_a_streamed_tool_call_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
+    """The scripted upstream streams a tool call's arguments whatever max_tokens says: the stream is cut where
+    the reservation ends, as a text answer is, and charged what was relayed."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="day", limit_usd="1")
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            "model": "sim-tools", "messages": msg(" ".join(f"word{k}" for k in range(60))), "stream": True,
+            "max_tokens": 5, "tools": [{"type": "function", "function": {"name": "lookup"}}]})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 200
+    frames = sse_frames(resp.text)
+    assert '"code":"reservation_exceeded"' in frames[-2]
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert (row["status"], row["error_code"]) == (502, "reservation_exceeded")
+    assert row["output_tokens"] <= reserved_output(5)
 
 
 async def test_a_request_without_max_tokens_gets_the_tenant_cap(app_factory, make_tenant, admin, sim):

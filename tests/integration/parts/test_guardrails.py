@@ -547,9 +547,9 @@ async def test_only_a_long_prompt_leaves_the_event_loop(app_factory, make_tenant
         return wrapped
 
     monkeypatch.setattr(Router, "features", spy("features", Router.features))
-    monkeypatch.setattr(stages, "count_messages", lambda messages, real=stages.count_messages: (
-        seen.append(("count", sum(len(str(m.get("content"))) for m in messages),
-                     threading.get_ident() == loop_thread)) or real(messages)))
+    monkeypatch.setattr(stages, "count_prompt", lambda messages, params, scope="", real=stages.count_prompt: (
+        seen.append(("count", sum(len(str(m.get("content"))) for m in messages) + len(str(params.get("tools") or "")),
+                     threading.get_ident() == loop_thread)) or real(messages, params, scope)))
     monkeypatch.setattr(guarding, "check_input", spy("guard", guarding.check_input))
     tenant = make_tenant()
     long_text = "word " * (OFF_LOOP_CHARS // 4)
@@ -562,7 +562,15 @@ async def test_only_a_long_prompt_leaves_the_event_loop(app_factory, make_tenant
             resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
                                         json={**echo(text, max_tokens=5), "model": "auto"})
             assert resp.status_code == 200, resp.text
-    short = {what: on_loop for what, size, on_loop in seen if size < OFF_LOOP_CHARS}
-    long = {what: on_loop for what, size, on_loop in seen if size > OFF_LOOP_CHARS}
+        asked = len(seen)
+        # a short question with long tool definitions: its count (and the route, planned with it) leaves the
+        # loop; the input guard reads the messages only, and stays
+        tools = [{"type": "function", "function": {"name": "lookup", "description": long_text}}]
+        resp = await gw.client.post("/v1/chat/completions", headers=tenant.headers,
+                                    json={**echo("a short question", max_tokens=5), "model": "auto", "tools": tools})
+        assert resp.status_code == 200, resp.text
+    short = {what: on_loop for what, size, on_loop in seen[:asked] if size < OFF_LOOP_CHARS}
+    long = {what: on_loop for what, size, on_loop in seen[:asked] if size > OFF_LOOP_CHARS}
     assert short == {"features": True, "count": True, "guard": True}, seen
     assert long == {"features": False, "count": False, "guard": False}, seen
+    assert {what: on_loop for what, _, on_loop in seen[asked:]} == {"features": False, "count": False, "guard": True}
