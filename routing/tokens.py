@@ -103,6 +103,17 @@ def count_prompt(messages: list[dict[str, Any]], params: Mapping[str, Any], scop
     return count_messages(messages) + (_definition_counts.count(scope, definitions) if definitions else 0)
 
 
+# Content parts whose tokens the model computes from the media (an image's size, an audio's length): nothing in
+# the request says how many; a budget reserves a set figure for each (TOLLWAY_MEDIA_PART_TOKENS).
+MEDIA_PART_TYPES = frozenset({"image_url", "input_audio", "file", "audio_url", "video_url"})
+
+
+def media_parts(messages: list[dict[str, Any]]) -> int:
+    """How many image, audio, video and file parts the messages hold."""
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(parts := m.get("content"), list)
+               for p in parts if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES)
+
+
 def message_chars(messages: list[dict[str, Any]]) -> int:
     return sum(len(t) for m in messages if isinstance(m, dict) for t in _message_texts(m))
 

@@ -270,8 +270,8 @@ def _tools_compiled(body: Mapping[str, Any]) -> bool:
 def check_structured_output(body: Mapping[str, Any]) -> None:
     """A 400 naming the first structured-output field past what a shared model server should be asked to
     compile: its size, a schema's depth, a bounded repeat's count (in a pattern, a grammar, or a schema's length
-    and count bounds), the number of choices or tools; and a function tool without a name (read while its schema
-    is)."""
+    and count bounds), the number of choices or tools; tools (or functions) that are not a list of objects, and a
+    function tool without a name (read while its schema is)."""
     for name in ("guided_regex", "guided_whitespace_pattern"):
         if isinstance(value := body.get(name), str):
             _repeats_within(_text(value, name, MAX_PATTERN_CHARS), name)
@@ -288,6 +288,13 @@ def check_structured_output(body: Mapping[str, Any]) -> None:
             isinstance(c, str) and len(c) > MAX_CHOICE_CHARS for c in choices)):
         raise InvalidRequest(f"'guided_choice' may hold at most {MAX_CHOICES} choices of at most {MAX_CHOICE_CHARS} "
                              "characters each.", param="guided_choice", code="structured_output_limit")
+    for name in ("tools", "functions"):  # shapes an upstream would refuse after a round trip: refused here
+        listed = body.get(name)
+        if listed is not None and not isinstance(listed, list):
+            raise InvalidRequest(f"'{name}' must be a list of objects.", param=name)
+        for i, item in enumerate(listed or ()):
+            if not isinstance(item, dict):
+                raise InvalidRequest(f"'{name}[{i}]' must be an object.", param=f"{name}[{i}]")
     tools = body.get("tools")
     if isinstance(tools, list):
         if len(tools) > MAX_TOOLS:

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # Where a chat content part's image, audio or video URL may point (the model server fetches it):
     # public, any, inline (tollway.routing.wire.media_url_refusal).
     media_urls: Literal["public", "any", "inline"] = "public"
+    # Prompt tokens a budget reserves for each image, audio, video or file part: the upstream charges them, and
+    # what it charges depends on the model and the media (routing.tokens.media_parts).
+    media_part_tokens: int = Field(default=4096, ge=0, le=1_000_000)
 
     ledger_queue_size: int = Field(default=20_000, ge=1)
     ledger_batch_size: int = Field(default=500, ge=1)

@@ -387,7 +387,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, span_exporter: 
     stack.callback(git.close)
     calls = Calls(catalog, ledger, telemetry,
                   Limits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit,
-                         media_urls=settings.media_urls),
+                         media_urls=settings.media_urls, media_part_tokens=settings.media_part_tokens),
                   policies=policies, quota=quota)
     local = (LocalEmbedder(query_model=settings.embedder_query_model, models=settings.models_dir)
              if settings.embedder == "local" or settings.local_embedder else None)

@@ -73,6 +73,7 @@ class Limits:
     max_messages: int
     max_tokens: int
     media_urls: MediaURLs = "public"  # where a content part's media URL may point (tollway.routing.wire)
+    media_part_tokens: int = 4096  # reserved per media part (TOLLWAY_MEDIA_PART_TOKENS)
 
 
 # OpenTelemetry's GenAI operation names, per endpoint

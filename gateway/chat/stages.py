@@ -60,6 +60,7 @@ from tollway.routing import (
     Usage,
     count_prompt,
     count_text,
+    media_parts,
     off_loop_if_long,
     prompt_chars,
 )
@@ -240,7 +241,8 @@ class Chat:
             if prompt is None:  # not counted for the route (no model has a context window): counted here, once
                 prompt = await off_loop_if_long(prompt_chars(ex.messages, ex.params), count_prompt, ex.messages,
                                                 ex.params, principal.tenant_id)
-            worst = Usage(input_tokens=reserved_input(prompt + ex.context_budget),
+            media = media_parts(ex.messages) * self.calls.limits.media_part_tokens  # not in the count: its size unknown
+            worst = Usage(input_tokens=reserved_input(prompt + ex.context_budget + media),
                           output_tokens=reserved_output(ex.output_cap, ex.req.n))
         else:
             ex.output_cap = None

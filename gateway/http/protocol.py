@@ -9,6 +9,7 @@ not a silent coercion.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -27,10 +28,26 @@ class ContentPart(_Open):
     type: str
 
 
+class FunctionCall(_Open):
+    """A call an assistant turn made: its arguments are the JSON text the model wrote (a string, as OpenAI's API
+    and vLLM's take it), which the prompt holds and a budget counts."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Open):
+    type: str = "function"
+    function: FunctionCall | None = None  # a function tool's call (another type, such as "custom", has its own)
+
+
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(_Open):
@@ -142,4 +159,8 @@ def validate(model: type[M], data: dict[str, Any], *, at: str | None = None) -> 
         if at is not None:
             param = f"{at}.{param}" if param else at
         where = f"'{param}'" if param else "body"
-        raise InvalidRequest(f"Invalid value for {where}: {first['msg']}.", param=param) from exc
+        message = _INSTANCE_OF.sub("", first["msg"])  # "a valid dictionary or instance of ToolCall": a class name
+        raise InvalidRequest(f"Invalid value for {where}: {message}.", param=param) from exc
+
+
+_INSTANCE_OF = re.compile(r" or instance of \w+")

@@ -39,7 +39,8 @@ llama-cpp-python server's streams and some other OpenAI-compatible servers): the
 It also serves ``/v1/rerank`` (vLLM's shape): relevance is the share of the query's words a document holds.
 
 Token accounting is deliberately simple so tests can predict it: a prompt costs one token per
-whitespace-separated word of every message's text; the answer is one word per token.
+whitespace-separated word of every message's text (and of the tool calls and definitions a template renders),
+1,024 per image, audio or video part; the answer is one word per token.
 """
 
 from __future__ import annotations
@@ -132,9 +133,14 @@ def _error(status: int, message: str, code: str) -> Response:
                  status, headers)
 
 
+MEDIA_PARTS = frozenset({"image_url", "input_audio", "file", "audio_url", "video_url"})
+MEDIA_TOKENS = 1_024
+
+
 def prompt_tokens(messages: list[dict[str, Any]], body: dict[str, Any] | None = None) -> int:
     """Words of the prompt as a chat template renders it: each message's text, the names and arguments of the
-    tool calls it carries, and the body's tool (or function) definitions and documents as JSON."""
+    tool calls it carries, and the body's tool (or function) definitions and documents as JSON; and
+    ``MEDIA_TOKENS`` for each image, audio or video part, as a vision model charges a picture's patches."""
     total = 0
     for message in messages:
         content = message.get("content")
@@ -142,6 +148,7 @@ def prompt_tokens(messages: list[dict[str, Any]], body: dict[str, Any] | None = 
             total += len(content.split())
         elif isinstance(content, list):
             total += sum(len(p.get("text", "").split()) for p in content if isinstance(p, dict))
+            total += MEDIA_TOKENS * sum(1 for p in content if isinstance(p, dict) and p.get("type") in MEDIA_PARTS)
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):

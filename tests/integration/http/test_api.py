@@ -213,6 +213,15 @@ BAD_INPUTS = [
      400, "invalid_request", "metadata.tags"),
     ("a tag too long", orjson.dumps({"model": "sim-large", "messages": MSG, "metadata": {"tags": ["x" * 65]}}),
      400, "invalid_request", "metadata.tags"),
+    # what a budget counts of a conversation's tool calls must be what the upstream receives: text
+    ("tool call arguments not a string", orjson.dumps({"model": "sim-large", "messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                              "function": {"name": "f", "arguments": {"q": "x" * 5000}}}]}, *MSG]}),
+     400, "invalid_request", "messages[0].tool_calls[0].function.arguments"),
+    ("tool calls not a list", orjson.dumps({"model": "sim-large", "messages": [
+        {"role": "assistant", "tool_calls": "f"}, *MSG]}), 400, "invalid_request", "messages[0].tool_calls"),
+    ("tools not a list", orjson.dumps({"model": "sim-large", "messages": MSG, "tools": {"type": "function"}}),
+     400, "invalid_request", "tools"),
 ]
 
 

@@ -149,6 +149,30 @@ async def test_what_a_template_renders_besides_the_messages_is_reserved_too(app_
     assert sum(r["cost_usd"] for r in ledger("tenant_id = %s", tenant.id)) <= limit
 
 
+async def test_each_media_part_reserves_the_set_figure(app_factory, make_tenant, admin, ledger, sim):
+    """An image's tokens depend on the model and the picture, and nothing in the request says how many: each
+    media part reserves TOLLWAY_MEDIA_PART_TOKENS (the scripted upstream charges 1,024 a part, as a vision
+    model charges a picture's patches); reserved as text alone, all 40 requests of three images each were
+    admitted through a budget that holds a dozen of them."""
+    from tollway.local.sim import MEDIA_TOKENS
+
+    tenant = make_tenant()
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    body = {"model": "sim-large", "max_tokens": 16, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what do these show"}, image, image, image]}]}
+    # a dozen requests, each at what the upstream charges for it (its three images and its output)
+    limit = 12 * (3 * MEDIA_TOKENS * PRICE[0] + reserved_output(16) * PRICE[1]) / 10**6
+    async with app_factory() as gw:  # the default: 4,096 tokens a part
+        await set_budget(gw, admin, tenant, window="month", limit_usd=str(limit))
+        results = await asyncio.gather(*(gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+                                         for _ in range(40)))
+        await gw.state.ledger.flush()
+    ok = [r for r in results if r.status_code == 200]
+    assert 0 < len(ok) <= 12 and all(r.status_code == 429 for r in results if r not in ok)
+    assert all(r["input_tokens"] >= 3 * MEDIA_TOKENS for r in ledger("tenant_id = %s AND status = 200", tenant.id))
+    assert sum(r["cost_usd"] for r in ledger("tenant_id = %s", tenant.id)) <= limit
+
+
 async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:

@@ -47,3 +47,14 @@ def test_the_definitions_count_is_kept_per_tenant_and_bounded():
     for i in range(10):
         counts.count(1, text + " " * i)
     assert len(counts._counts) == 3
+
+
+def test_media_parts_are_counted_by_type():
+    from tollway.routing.tokens import media_parts
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "compare"}, image, image,
+                                             {"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}}]},
+                {"role": "user", "content": "and this"}, {"role": "assistant", "content": None}, "not a message"]
+    assert media_parts(messages) == 3
+    assert media_parts([QUESTION]) == 0

@@ -382,6 +382,20 @@ def test_a_chat_function_tool_without_a_name_is_refused(tool):
         {"type": "function", "function": {"name": "math.add", "parameters": {"type": "object"}}}]})
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tools": "lookup"}, "tools"), ({"tools": {"type": "function"}}, "tools"), ({"tools": [1, 2]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "a"}}, None]}, "tools[1]"),
+    ({"functions": "lookup"}, "functions"), ({"functions": [{"name": "a"}, "b"]}, "functions[1]"),
+])
+def test_tools_that_are_not_a_list_of_objects_are_refused(body, param):
+    from tollway.routing.wire import check_client_fields
+
+    with pytest.raises(InvalidRequest) as refused:
+        check_client_fields("chat", {"model": "m", "messages": [], **body})
+    assert refused.value.param == param
+    check_client_fields("chat", {"model": "m", "messages": [], "tools": [], "functions": [{"name": "a"}]})
+
+
 def test_a_prompt_whose_params_pass_the_structured_output_bounds_only():
     """A prompt's response_format and tools reach the model server as a client's do: bounded alike, when it is
     submitted."""
