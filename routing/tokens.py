@@ -70,9 +70,9 @@ def _definitions(params: Mapping[str, Any]) -> str:
 
 class _DefinitionCounts:
     """Token counts of definitions seen lately, by a digest of the tenant and the definitions' JSON: an agent
-    sends the same tools with every request, and counting 4 KB of them takes tiktoken about 0.35 ms, half a
-    request's own CPU. Per tenant, so that how fast a count comes back says nothing about another tenant's
-    tools; bounded in entries (digests and counts only)."""
+    sends the same tools with every request, and counting 5 KB of them takes tiktoken about 0.6 ms, about a
+    request's own CPU (bench/budgets/prompt_count.py). Per tenant, so that how fast a count comes back says
+    nothing about another tenant's tools; bounded in entries (digests and counts only)."""
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size

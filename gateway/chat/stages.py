@@ -318,8 +318,8 @@ class Chat:
     def _record_attempts(self, ex: Exchange, attempts: list[Attempt]) -> None:
         """A ledger row per failed attempt; one that the upstream had started answering is charged
         the prompt (hosted APIs bill a prompt they read), the others cost nothing."""
+        scope = ex.ctx.principal.tenant_id
         for attempt in attempts:
-            scope = ex.ctx.principal.tenant_id
             usage = Usage(input_tokens=count_prompt(ex.messages, ex.params, scope)) if attempt.started_answer else Usage()
             ex.tally.failed_attempt(attempt.step.model, attempt.replica, attempt.error.status, attempt.error.code,
                                     usage, attempt.elapsed_ms)
