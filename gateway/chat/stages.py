@@ -45,7 +45,7 @@ from tollway.gateway.chat.exchange import (
     int_param,
 )
 from tollway.gateway.chat.relay import transform_whole
-from tollway.gateway.chat.wire import choice_text, produced_text, usage_of
+from tollway.gateway.chat.wire import choice_text, produced_text, usage_json, usage_of
 from tollway.gateway.http.protocol import ChatCompletionRequest, parse_json_object, validate
 from tollway.gateway.http.streaming import BodyReader
 from tollway.gateway.quality.sampling import LiveQuality
@@ -343,6 +343,8 @@ class Chat:
         if ex.served is not None:
             payload["model"] = ex.served.step.model.name
         ex.settled = self.usage(ex, payload)
+        if ex.settled[1] == "estimated":  # the upstream sent none: the count it is charged, as a stream's last chunk
+            payload["usage"] = dict(usage_json(ex.settled[0]))
         ex.cost = ex.tally.price(ex.settled[0])
         ex.answer = payload
 

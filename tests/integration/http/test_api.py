@@ -104,6 +104,30 @@ async def test_stream_without_usage_hides_it_but_still_charges(app_factory, make
     assert row["cost_usd"] == cost(PRICES["sim-small"], 5, 3)
 
 
+@pytest.mark.parametrize(("path", "body", "read"), [
+    ("/v1/chat/completions", {"messages": MSG}, lambda a: (a["usage"]["prompt_tokens"], a["usage"]["completion_tokens"])),
+    ("/v1/completions", {"prompt": "hello there"},
+     lambda a: (a["usage"]["prompt_tokens"], a["usage"]["completion_tokens"])),
+    ("/v1/messages", {"messages": MSG, "max_tokens": 30},
+     lambda a: (a["usage"]["input_tokens"], a["usage"]["output_tokens"])),
+    ("/v1/responses", {"input": "hello there"}, lambda a: (a["usage"]["input_tokens"], a["usage"]["output_tokens"])),
+], ids=["chat", "completions", "messages", "responses"])
+async def test_an_answer_without_usage_from_its_upstream_carries_what_it_is_charged(app_factory, make_tenant, ledger,
+                                                                                    path, body, read):
+    """An upstream that reports no usage (llama.cpp's server, some hosted APIs): a stream's last chunk carried
+    the gateway's count, a whole answer carried none (chat, completions), null (responses) or zeros (messages)
+    while the ledger charged the count."""
+    tenant = make_tenant()
+    async with app_factory() as gw:
+        resp = await gw.client.post(path, headers=tenant.headers, json={"model": "sim-tools-nousage", **body})
+        await gw.state.ledger.flush()
+    assert resp.status_code == 200, resp.text
+    [row] = ledger("request_id = %s", resp.headers["x-request-id"])
+    assert row["usage_source"] == "estimated"
+    assert read(resp.json()) == (row["input_tokens"], row["output_tokens"])
+    assert row["output_tokens"] > 0 and row["cost_usd"] > 0
+
+
 async def test_embeddings(app_factory, make_tenant, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:
