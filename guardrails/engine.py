@@ -270,24 +270,26 @@ class OutputPlan:
     def idle(self) -> bool:
         return not self.record.outcomes
 
-    def guard(self) -> ChoiceGuard:
-        return ChoiceGuard(self)
+    def guard(self, *, reasoning: bool = False) -> ChoiceGuard:
+        """A choice's guard; ``reasoning``: for the reasoning text a model sends beside its answer, through the
+        span validators only (the JSON, extra and length checks are the answer's)."""
+        return ChoiceGuard(self, reasoning=reasoning)
 
 
 class ChoiceGuard:
     """One choice's text through the output guards: a held-back window for the span validators, a count
     for the length limit, the whole text for JSON and extra validators."""
 
-    def __init__(self, plan: OutputPlan) -> None:
+    def __init__(self, plan: OutputPlan, *, reasoning: bool = False) -> None:
         self.plan = plan
         actions = plan.policy.output
         record = plan.record
         spanned = {n: a for n, a in actions.items() if n in SPAN_VALIDATORS}
         found: list[Finder] = [_Timed(f, record, validator_of(f.kind))
                                for f in span_finders(plan.policy, spanned, plan.system)]
-        self.whole = [n for n in record.outcomes if n == "json" or n in plan.extras]
+        self.whole = [] if reasoning else [n for n in record.outcomes if n == "json" or n in plan.extras]
         self.window = Window(found, self._act, whole=bool(self.whole))
-        self.limit = plan.policy.max_output_chars if "length" in record.outcomes else None
+        self.limit = plan.policy.max_output_chars if "length" in record.outcomes and not reasoning else None
         self.released = 0
         self.stopped: str | None = None
 

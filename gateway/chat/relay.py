@@ -145,24 +145,28 @@ async def transform_whole(filters: Sequence[OutputFilter], payload: JSON) -> JSO
     if not filters:
         return payload
     out = await through(filters, as_chunks(payload)) + await ended(filters)
-    texts: dict[int, list[str]] = {}
+    texts: dict[tuple[int, str], list[str]] = {}  # per choice and field: its content, its reasoning
     finish: dict[int, Any] = {}
     for chunk in out:
         for choice in chunk.get("choices") or []:
             index = choice.get("index", 0)
-            content = (choice.get("delta") or {}).get("content")
-            if isinstance(content, str):
-                texts.setdefault(index, []).append(content)
+            for name, value in (choice.get("delta") or {}).items():
+                if name in GUARDED and isinstance(value, str):
+                    texts.setdefault((index, name), []).append(value)
             if choice.get("finish_reason"):
                 finish[index] = choice["finish_reason"]
     choices = []
     for choice in payload.get("choices") or []:
         index = choice.get("index", 0)
         message = dict(choice.get("message") or {})
-        if isinstance(message.get("content"), str) or index in texts:
-            message["content"] = "".join(texts.get(index, []))
+        for name in GUARDED:
+            if isinstance(message.get(name), str) or (index, name) in texts:
+                message[name] = "".join(texts.get((index, name), []))
         choices.append({**choice, "message": message, "finish_reason": finish.get(index, choice.get("finish_reason"))})
     return {**payload, "choices": choices}
+
+
+GUARDED = ("content", "reasoning_content", "reasoning")  # what output filters read and rewrite of a message
 
 
 # -- emit -------------------------------------------------------------------------------------------

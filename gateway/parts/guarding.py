@@ -54,6 +54,9 @@ from tollway.routing import off_loop_if_long
 log = logging.getLogger("tollway.gateway")
 GUARD_MODEL = "tollway-guard"
 FINISH = {"block": "content_filter", "fallback": "stop", "length": "length"}
+# The reasoning a model sends beside its answer (vLLM's reasoning parsers, DeepSeek: ``reasoning_content``;
+# OpenRouter, newer vLLM: ``reasoning``): it reaches the user as the answer does, so the span guards read it too.
+REASONING = ("reasoning_content", "reasoning")
 
 
 def _outcome(o: Outcome) -> GuardOutcome:
@@ -207,6 +210,7 @@ class GuardFilter:
         self.plan = plan
         self.n = n
         self.choices: dict[int, ChoiceGuard] = {}
+        self.thoughts: dict[tuple[int, str], ChoiceGuard] = {}  # per choice and field, its reasoning's guard
         self.finished: set[int] = set()  # choices whose final chunk went out
         self.base: JSON = {}
 
@@ -241,6 +245,26 @@ class GuardFilter:
             return []
         return [{**chunk, "choices": out}]
 
+    def _think(self, index: int, delta: JSON, *, ending: bool) -> str | None:
+        """The choice's reasoning fields in ``delta`` through their guards (``ending``: the reasoning is over, so
+        what a guard holds back is released); the stop a guard called, if any."""
+        for name in REASONING:
+            value = delta.get(name)
+            guard = self.thoughts.get((index, name))
+            if isinstance(value, str) and value and guard is None:
+                guard = self.thoughts[(index, name)] = self.plan.guard(reasoning=True)
+            if guard is None:
+                continue
+            text = guard.feed(value).text if isinstance(value, str) and value else ""
+            if ending and not guard.stopped:
+                text += guard.end().text
+                del self.thoughts[(index, name)]
+            if text or isinstance(value, str):
+                delta[name] = text
+            if guard.stopped:
+                return guard.stopped
+        return None
+
     def _choice(self, choice: JSON) -> JSON | None:
         index = choice.get("index", 0)
         if index in self.finished:
@@ -249,18 +273,20 @@ class GuardFilter:
         delta = dict(choice.get("delta") or {})
         content = delta.get("content")
         finish = choice.get("finish_reason")
+        # the reasoning ends where the answer begins: what its guards hold back goes out before the answer
+        stopped = self._think(index, delta, ending=bool(finish) or (isinstance(content, str) and bool(content)))
         text = ""
-        if isinstance(content, str) and content:
+        if isinstance(content, str) and content and not stopped:
             text = guard.feed(content).text
-        if finish or guard.stopped:
-            if not guard.stopped:
+        if finish or guard.stopped or stopped:
+            if not guard.stopped and not stopped:
                 text += guard.end().text
-            if guard.stopped:
-                finish = FINISH[guard.stopped]
+            if guard.stopped or stopped:
+                finish = FINISH[guard.stopped or stopped or ""]
             self.finished.add(index)
         if isinstance(content, str) or text:
             delta["content"] = text
-        if not text and not finish and set(delta) <= {"content"}:
+        if not text and not finish and not any(delta.get(n) for n in REASONING) and set(delta) <= {"content", *REASONING}:
             return None
         return {**choice, "delta": delta, "finish_reason": finish}
 
@@ -270,10 +296,15 @@ class GuardFilter:
         for index, guard in sorted(self.choices.items()):
             if index in self.finished:
                 continue
-            piece = guard.end()
+            delta: JSON = {}
+            stopped = self._think(index, delta, ending=True)
+            piece = guard.end() if not stopped else None
             self.finished.add(index)
-            if piece.text or piece.stop:
-                out.append({**self.base, "choices": [{"index": index, "delta": {"content": piece.text},
-                                                      "finish_reason": FINISH.get(piece.stop or "")}]})
+            if piece is not None and (piece.text or piece.stop or delta):
+                delta["content"] = piece.text
+            stop = stopped or (piece.stop if piece is not None else None)
+            if delta or stop:
+                out.append({**self.base, "choices": [{"index": index, "delta": delta,
+                                                      "finish_reason": FINISH.get(stop or "")}]})
         return out
 

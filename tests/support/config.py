@@ -9,7 +9,7 @@ import yaml
 
 SIM_MODELS = ["sim-large", "sim-small", "sim-embed", "sim-error", "sim-overloaded", "sim-timeout", "sim-cut",
               "sim-malformed", "sim-ignoremax", "sim-echo", "sim-large-v2", "sim-tools",
-              "sim-tools-nousage", "my-model"]
+              "sim-tools-nousage", "sim-echo-reasons", "my-model"]
 # Prices used by the tests: USD per million tokens.
 PRICES = {"sim-large": (3, 15), "sim-small": ("0.15", "0.6")}
 

@@ -33,6 +33,10 @@ A model with ``tools`` in its name (``sim-tools``) calls the request's first fun
 user message as ``{"query": ...}``, unless the last message is already a tool result (then it answers
 as usual): for agent loops through the gateway's APIs.
 
+A model with ``reasons`` in its name (``sim-echo-reasons``) reasons first, as a model behind vLLM's reasoning
+parser does: ``reasoning_content`` (streamed in ``--chunk-chars`` pieces before the answer) restates the last
+user message, and its words count as completion tokens.
+
 A model with ``nousage`` in its name (``sim-tools-nousage``) reports no usage, in answers or streams (as the
 llama-cpp-python server's streams and some other OpenAI-compatible servers): the gateway estimates it.
 
@@ -250,17 +254,22 @@ async def chat(request: Request) -> Response:
     call = _tool_call(model, body, messages)
     if call is not None:
         n = len(call["function"]["arguments"].split())
+    thought = f"The user wrote: {_last_user_text(messages)}" if "reasons" in model.split("-") else None
+    if thought is not None:
+        n += len(thought.split())
     choices = body.get("n") if isinstance(body.get("n"), int) and 1 <= body["n"] <= 16 else 1  # each the same answer
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and reports_usage(model)
-        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call, choices),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call, choices,
+                                         thought), media_type="text/event-stream")
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
         await _pace(n / config.tokens_per_s if config.tokens_per_s else 0)
     if fault == "malformed":
         return Response(b'{"id": "broken", "choices": [', media_type="application/json")
     message: dict[str, Any] = {"role": "assistant", "content": echoed}
+    if thought is not None:
+        message["reasoning_content"] = thought
     finish = "length" if n == max_tokens else "stop"
     if call is not None:
         message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
@@ -297,10 +306,11 @@ def _tool_call(model: str, body: dict[str, Any], messages: list[Any]) -> dict[st
 
 
 async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_tokens: int, include_usage: bool,
-                  fault: str | None, call: dict[str, Any] | None = None, choices: int = 1) -> AsyncIterator[bytes]:
+                  fault: str | None, call: dict[str, Any] | None = None, choices: int = 1,
+                  thought: str | None = None) -> AsyncIterator[bytes]:
     """``pieces``: the answer's content deltas, one frame each (per choice, interleaved as vLLM sends ``n``
     choices); ``n``: its completion tokens; ``call``: a tool call to stream instead (its arguments in pieces of
-    three characters)."""
+    three characters); ``thought``: reasoning streamed before the answer."""
     config = state.config
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
@@ -312,6 +322,10 @@ async def _stream(state: SimState, model: str, pieces: list[str], n: int, p_toke
         await _pace(config.ttft_ms / 1000)
         for index in range(choices):
             yield _frame(chunk({"role": "assistant", "content": ""}, index=index))
+        step = max(config.chunk_chars, 1)
+        for i in range(0, len(thought or ""), step):
+            for index in range(choices):
+                yield _frame(chunk({"reasoning_content": (thought or "")[i:i + step]}, index=index))
         if call is not None:
             function = call["function"]
             for index in range(choices):

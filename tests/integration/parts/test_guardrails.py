@@ -143,6 +143,40 @@ async def test_obfuscated_pii_is_redacted_in_streams_and_json_answers(app_factor
             assert whole.json()["choices"][0]["message"]["content"] == expected, name
 
 
+def reasoning(chunks: list[dict[str, Any]]) -> str:
+    return "".join((c.get("delta") or {}).get("reasoning_content") or "" for ch in chunks for c in ch.get("choices") or [])
+
+
+async def test_a_reasoning_models_reasoning_is_guarded_like_its_answer(app_factory, make_tenant, admin, ledger):
+    """A model behind a reasoning parser sends ``reasoning_content`` beside its answer, and reasoning restates
+    what the user wrote: it reached the client unredacted under ``pii: redact``, streamed and whole. Now the
+    span guards read it too (the scripted model's reasoning in 3-character frames), and a block found in it
+    ends the choice before the answer."""
+    tenant = make_tenant()
+    text = "mail jane.doe@example.com the card 4111 1111 1111 1111 today"
+    redacted = "mail [REDACTED:EMAIL] the card [REDACTED:CARD] today"
+    body = {"model": "sim-echo-reasons", "messages": [{"role": "user", "content": text}]}
+    async with app_factory() as gw:
+        await set_guards(gw, admin, tenant, {"output": {"pii": "redact"}})
+        streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={**body, "stream": True})
+        whole = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+        await set_guards(gw, admin, tenant, {"output": {"secrets": "block"}})
+        blocked = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
+            **body, "stream": True, "messages": [{"role": "user", "content": "the key AKIAIOSFODNN7EXAMPLE is fine"}]})
+        await gw.state.ledger.flush()
+    chunks = sse(streamed.text)
+    assert reasoning(chunks) == f"The user wrote: {redacted}"
+    assert content(chunks) == redacted
+    message = whole.json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (f"The user wrote: {redacted}", redacted)
+    [row] = ledger("request_id = %s", streamed.headers["x-request-id"])
+    assert {g["validator"]: g["action"] for g in row["guard_outcome"]} == {"pii": "redact"}
+    cut = sse(blocked.text)
+    assert "AKIA" not in blocked.text
+    assert content(cut) == ""  # the block came in the reasoning: no answer follows it
+    assert [c["finish_reason"] for ch in cut for c in ch["choices"] if c["finish_reason"]] == ["content_filter"]
+
+
 # -- input ---------------------------------------------------------------------------------------
 async def test_an_input_block_sends_nothing_and_charges_nothing(app_factory, make_tenant, admin, sim, ledger):
     tenant = make_tenant()
