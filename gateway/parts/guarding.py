@@ -211,13 +211,14 @@ class GuardFilter:
         self.n = n
         self.choices: dict[int, ChoiceGuard] = {}
         self.thoughts: dict[tuple[int, str], ChoiceGuard] = {}  # per choice and field, its reasoning's guard
+        self.halted: set[int] = set()  # choices a guard of their reasoning stopped
         self.finished: set[int] = set()  # choices whose final chunk went out
         self.base: JSON = {}
 
     @property
     def done(self) -> bool:
         """Every choice was stopped by a guard: nothing more of the upstream's answer can go out."""
-        stopped = [g for g in self.choices.values() if g.stopped]
+        stopped = {i for i, g in self.choices.items() if g.stopped} | self.halted
         return len(stopped) >= self.n
 
     def outcomes(self) -> list[GuardOutcome]:
@@ -275,6 +276,8 @@ class GuardFilter:
         finish = choice.get("finish_reason")
         # the reasoning ends where the answer begins: what its guards hold back goes out before the answer
         stopped = self._think(index, delta, ending=bool(finish) or (isinstance(content, str) and bool(content)))
+        if stopped:
+            self.halted.add(index)
         text = ""
         if isinstance(content, str) and content and not stopped:
             text = guard.feed(content).text

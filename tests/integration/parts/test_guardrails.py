@@ -161,8 +161,9 @@ async def test_a_reasoning_models_reasoning_is_guarded_like_its_answer(app_facto
         streamed = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={**body, "stream": True})
         whole = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
         await set_guards(gw, admin, tenant, {"output": {"secrets": "block"}})
+        secret = "the key AKIAIOSFODNN7EXAMPLE is fine " + "and then a long tail of words " * 40
         blocked = await gw.client.post("/v1/chat/completions", headers=tenant.headers, json={
-            **body, "stream": True, "messages": [{"role": "user", "content": "the key AKIAIOSFODNN7EXAMPLE is fine"}]})
+            **body, "stream": True, "messages": [{"role": "user", "content": secret}]})
         await gw.state.ledger.flush()
     chunks = sse(streamed.text)
     assert reasoning(chunks) == f"The user wrote: {redacted}"
@@ -175,6 +176,8 @@ async def test_a_reasoning_models_reasoning_is_guarded_like_its_answer(app_facto
     assert "AKIA" not in blocked.text
     assert content(cut) == ""  # the block came in the reasoning: no answer follows it
     assert [c["finish_reason"] for ch in cut for c in ch["choices"] if c["finish_reason"]] == ["content_filter"]
+    [row] = ledger("request_id = %s", blocked.headers["x-request-id"])
+    assert row["output_tokens"] < len(secret.split())  # the relay stopped reading the upstream at the block
 
 
 # -- input ---------------------------------------------------------------------------------------
