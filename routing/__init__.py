@@ -54,6 +54,8 @@ from tollway.routing.tokens import (
     media_parts,
     message_chars,
     off_loop_if_long,
+    prediction_chars,
+    prediction_tokens,
     prompt_chars,
 )
 from tollway.routing.upstream import Upstream, UpstreamStream, build_upstream, discover, new_session
@@ -121,6 +123,8 @@ __all__ = [
     "off_loop_if_long",
     "parse_config",
     "parse_price",
+    "prediction_chars",
+    "prediction_tokens",
     "price_json",
     "prompt_chars",
     "resolve_upstream",

@@ -114,6 +114,21 @@ def media_parts(messages: list[dict[str, Any]]) -> int:
                for p in parts if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES)
 
 
+def _prediction(params: Mapping[str, Any]) -> list[str]:
+    prediction = params.get("prediction")
+    return list(content_texts(prediction.get("content"))) if isinstance(prediction, dict) else []
+
+
+def prediction_tokens(params: Mapping[str, Any]) -> int:
+    """The tokens of a predicted output (OpenAI's ``prediction``: its content, a string or text parts): those the
+    answer does not use are billed as output beyond ``max_tokens``."""
+    return sum(count_text(t) for t in _prediction(params))
+
+
+def prediction_chars(params: Mapping[str, Any]) -> int:
+    return sum(len(t) for t in _prediction(params))
+
+
 def message_chars(messages: list[dict[str, Any]]) -> int:
     return sum(len(t) for m in messages if isinstance(m, dict) for t in _message_texts(m))
 

@@ -62,6 +62,8 @@ from tollway.routing import (
     count_text,
     media_parts,
     off_loop_if_long,
+    prediction_chars,
+    prediction_tokens,
     prompt_chars,
 )
 
@@ -242,8 +244,11 @@ class Chat:
                 prompt = await off_loop_if_long(prompt_chars(ex.messages, ex.params), count_prompt, ex.messages,
                                                 ex.params, principal.tenant_id)
             media = media_parts(ex.messages) * self.calls.limits.media_part_tokens  # not in the count: its size unknown
+            # a prediction the answer does not use is billed as output
+            rejected = await off_loop_if_long(prediction_chars(ex.params), prediction_tokens, ex.params)
             worst = Usage(input_tokens=reserved_input(prompt + ex.context_budget + media),
-                          output_tokens=reserved_output(ex.output_cap, ex.req.n))
+                          output_tokens=reserved_output(ex.output_cap, ex.req.n)
+                          + (reserved_input(rejected) if rejected else 0))
         else:
             ex.output_cap = None
         retries = self.catalog.routing.max_attempts - 1 if ex.stream else 0

@@ -37,6 +37,9 @@ A model with ``reasons`` in its name (``sim-echo-reasons``) reasons first, as a 
 parser does: ``reasoning_content`` (streamed in ``--chunk-chars`` pieces before the answer) restates the last
 user message, and its words count as completion tokens.
 
+A request's predicted output (``prediction``) is billed as OpenAI bills a prediction it rejects: each of its
+words one more completion token.
+
 A model with ``nousage`` in its name (``sim-tools-nousage``) reports no usage, in answers or streams (as the
 llama-cpp-python server's streams and some other OpenAI-compatible servers): the gateway estimates it.
 
@@ -258,10 +261,11 @@ async def chat(request: Request) -> Response:
     if thought is not None:
         n += len(thought.split())
     choices = body.get("n") if isinstance(body.get("n"), int) and 1 <= body["n"] <= 16 else 1  # each the same answer
+    rejected = _prediction_words(body.get("prediction"))
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and reports_usage(model)
-        return StreamingResponse(_stream(state, model, pieces, n, p_tokens, include_usage, fault, call, choices,
-                                         thought), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, model, pieces, n + rejected, p_tokens, include_usage, fault, call,
+                                         choices, thought), media_type="text/event-stream")
     async with _Slot(state):
         await _pace(config.ttft_ms / 1000)
         await _pace(n / config.tokens_per_s if config.tokens_per_s else 0)
@@ -279,9 +283,18 @@ async def chat(request: Request) -> Response:
         "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(choices)],
     }
     if reports_usage(model):
-        answer["usage"] = {"prompt_tokens": p_tokens, "completion_tokens": n * choices,
-                           "total_tokens": p_tokens + n * choices}
+        answer["usage"] = {"prompt_tokens": p_tokens, "completion_tokens": n * choices + rejected,
+                           "total_tokens": p_tokens + n * choices + rejected}
     return _json(answer)
+
+
+def _prediction_words(prediction: Any) -> int:
+    """A predicted output's words, every one rejected: OpenAI bills rejected prediction tokens as completion
+    tokens, beyond ``max_tokens``."""
+    content = prediction.get("content") if isinstance(prediction, dict) else None
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return len(content.split()) if isinstance(content, str) else 0
 
 
 async def _pace(seconds: float) -> None:

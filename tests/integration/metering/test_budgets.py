@@ -173,6 +173,29 @@ async def test_each_media_part_reserves_the_set_figure(app_factory, make_tenant,
     assert sum(r["cost_usd"] for r in ledger("tenant_id = %s", tenant.id)) <= limit
 
 
+async def test_a_predicted_output_is_reserved_as_output(app_factory, make_tenant, admin, ledger):
+    """OpenAI bills the tokens of a prediction (``prediction``) the answer does not use as completion tokens,
+    beyond max_tokens (the scripted upstream rejects every word): reserved at max_tokens alone, 40 concurrent
+    requests with a 400-word prediction went through a budget that holds fewer than ten."""
+    tenant = make_tenant()
+    prediction = {"type": "content", "content": " ".join(f"line{k} = value{k}" for k in range(134))}
+    limit = 10 * (400 * PRICE[1]) / 10**6  # ten requests' rejected predictions, output alone
+    async with app_factory() as gw:
+        await set_budget(gw, admin, tenant, window="month", limit_usd=str(limit))
+        results = await asyncio.gather(*(chat_with(gw, tenant, {"prediction": prediction, "stream": i % 2 == 0}, i)
+                                         for i in range(40)))
+        await gw.state.ledger.flush()
+    ok = [r for r in results if r.status_code == 200]
+    assert 0 < len(ok) < 10 and all(r.status_code == 429 for r in results if r not in ok)
+    assert all(r["output_tokens"] > 400 for r in ledger("tenant_id = %s AND status = 200", tenant.id))
+    assert sum(r["cost_usd"] for r in ledger("tenant_id = %s", tenant.id)) <= limit
+
+
+async def chat_with(gw: Any, tenant: Any, extra: dict[str, Any], i: int) -> Any:
+    body = {"model": "sim-large", "messages": msg(i), "max_tokens": 16, **extra}
+    return await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
+
+
 async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
     tenant = make_tenant()
     async with app_factory() as gw:

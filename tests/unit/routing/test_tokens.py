@@ -58,3 +58,13 @@ def test_media_parts_are_counted_by_type():
                 {"role": "user", "content": "and this"}, {"role": "assistant", "content": None}, "not a message"]
     assert media_parts(messages) == 3
     assert media_parts([QUESTION]) == 0
+
+
+def test_a_predicted_outputs_text_is_counted():
+    from tollway.routing.tokens import prediction_chars, prediction_tokens
+
+    code = "def total(xs):\n    return sum(xs)\n"
+    assert prediction_tokens({"prediction": {"type": "content", "content": code}}) == count_text(code)
+    parts = {"prediction": {"type": "content", "content": [{"type": "text", "text": code}, {"type": "text", "text": "x"}]}}
+    assert prediction_tokens(parts) == count_text(code) + count_text("x") and prediction_chars(parts) == len(code) + 1
+    assert prediction_tokens({}) == prediction_tokens({"prediction": "x"}) == prediction_tokens({"prediction": {}}) == 0
