@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from tollway.routing.wire import PARTS
 from tollway.tokens import count_text
 
 _PER_MESSAGE = 4  # role and separators, as in OpenAI's accounting for chat formats
@@ -105,7 +106,7 @@ def count_prompt(messages: list[dict[str, Any]], params: Mapping[str, Any], scop
 
 # Content parts whose tokens the model computes from the media (an image's size, an audio's length): nothing in
 # the request says how many; a budget reserves a set figure for each (TOLLWAY_MEDIA_PART_TOKENS).
-MEDIA_PART_TYPES = frozenset({"image_url", "input_audio", "file", "audio_url", "video_url"})
+MEDIA_PART_TYPES = frozenset(PARTS) - {"text", "refusal"}
 
 
 def media_parts(messages: list[dict[str, Any]]) -> int:
