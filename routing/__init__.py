@@ -48,6 +48,7 @@ from tollway.routing.router import Plan, Router
 from tollway.routing.shared import SharedBreakers
 from tollway.routing.tokens import (
     OFF_LOOP_CHARS,
+    call_texts,
     content_texts,
     count_messages,
     count_prompt,
@@ -99,6 +100,7 @@ __all__ = [
     "build_catalog",
     "build_router",
     "build_upstream",
+    "call_texts",
     "check_content_parts",
     "check_sampling",
     "check_structured_output",

@@ -40,21 +40,25 @@ def content_texts(content: Any) -> Iterable[str]:
 DEFINITIONS = ("tools", "functions", "documents")
 
 
-def _message_texts(message: dict[str, Any]) -> Iterable[str]:
-    """Every text of a message that reaches the prompt: its content, its name, and the names and arguments of
-    the tool (or function) calls an assistant turn carries."""
-    yield from content_texts(message.get("content"))
-    if isinstance(name := message.get("name"), str):
-        yield name
+def call_texts(message: Mapping[str, Any]) -> Iterable[str]:
+    """The names and arguments of the tool (or function) calls in an assistant message, or in a stream's delta
+    of one."""
     calls = message.get("tool_calls")
     functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-    if isinstance(call := message.get("function_call"), dict):
-        functions.append(call)
+    functions.append(message.get("function_call"))
     for function in functions:
         if isinstance(function, dict):
             for field in ("name", "arguments"):
                 if isinstance(value := function.get(field), str):
                     yield value
+
+
+def _message_texts(message: dict[str, Any]) -> Iterable[str]:
+    """Every text of a message that reaches the prompt: its content, its name, and its calls (``call_texts``)."""
+    yield from content_texts(message.get("content"))
+    if isinstance(name := message.get("name"), str):
+        yield name
+    yield from call_texts(message)
 
 
 def count_messages(messages: list[dict[str, Any]]) -> int:
@@ -135,12 +139,8 @@ def message_chars(messages: list[dict[str, Any]]) -> int:
 
 
 def prompt_chars(messages: list[dict[str, Any]], params: Mapping[str, Any]) -> int:
-    """How long the texts ``count_prompt`` counts are, to decide whether they are counted off the event loop
-    (the definitions' size bounded by their serialisation, done only where there are some)."""
-    chars = message_chars(messages)
-    if any(params.get(k) for k in DEFINITIONS):
-        chars += len(_definitions(params))
-    return chars
+    """How long the texts ``count_prompt`` counts are, to decide whether they are counted off the event loop."""
+    return message_chars(messages) + len(_definitions(params))
 
 
 async def off_loop_if_long(chars: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:

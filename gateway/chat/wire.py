@@ -11,7 +11,7 @@ import re
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from tollway.jsontypes import JSON
-from tollway.routing import Usage
+from tollway.routing import Usage, call_texts
 
 
 class UsageJSON(TypedDict):
@@ -97,12 +97,7 @@ def produced_text(payload: JSON, part: str) -> str:
         if not isinstance(body, dict):
             continue
         texts += (value for field in _GENERATED if isinstance(value := body.get(field), str))
-        calls = body.get("tool_calls")
-        functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-        functions.append(body.get("function_call"))
-        for function in functions:
-            if isinstance(function, dict):
-                texts += (value for field in ("name", "arguments") if isinstance(value := function.get(field), str))
+        texts += call_texts(body)
     return "".join(texts)
 
 
