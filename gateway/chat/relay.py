@@ -23,6 +23,7 @@ import orjson
 from tollway.errors import TollwayError
 from tollway.gateway.chat.exchange import OutputFilter
 from tollway.gateway.chat.wire import (
+    REASONING,
     ChatCompletion,
     ChatCompletionChunk,
     ChunkChoice,
@@ -166,7 +167,7 @@ async def transform_whole(filters: Sequence[OutputFilter], payload: JSON) -> JSO
     return {**payload, "choices": choices}
 
 
-GUARDED = ("content", "reasoning_content", "reasoning")  # what output filters read and rewrite of a message
+GUARDED = ("content", *REASONING)  # what output filters read and rewrite of a message
 
 
 # -- emit -------------------------------------------------------------------------------------------

@@ -82,9 +82,12 @@ def choice_text(payload: JSON, part: str) -> str:
     return "".join(texts)
 
 
-# Besides ``content``, what a model generates into a message or a delta: its reasoning (vLLM's reasoning
-# parsers and DeepSeek's API: ``reasoning_content``; OpenRouter and newer vLLM: ``reasoning``) and a refusal.
-_GENERATED = ("content", "reasoning_content", "reasoning", "refusal")
+# The reasoning a model sends beside its answer, in a message or a delta (vLLM's reasoning parsers and
+# DeepSeek's API: ``reasoning_content``; OpenRouter and newer vLLM: ``reasoning``): it reaches the user as the
+# answer does, so output guards read it (``tollway.gateway.parts.guarding``) and it costs output tokens.
+REASONING = ("reasoning_content", "reasoning")
+# What a model generates as text into a message or a delta: its answer, its reasoning, a refusal.
+_GENERATED = ("content", *REASONING, "refusal")
 
 
 def produced_text(payload: JSON, part: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from tollway.errors import ContentBlocked
 from tollway.gateway.chat.answers import gateway_completion
 from tollway.gateway.chat.exchange import ChatView, Fallback, GuardOutcome, GuardVerdict, OutputFilter
+from tollway.gateway.chat.wire import REASONING
 from tollway.guardrails import (
     BUILTIN,
     ChoiceGuard,
@@ -54,9 +55,6 @@ from tollway.routing import off_loop_if_long
 log = logging.getLogger("tollway.gateway")
 GUARD_MODEL = "tollway-guard"
 FINISH = {"block": "content_filter", "fallback": "stop", "length": "length"}
-# The reasoning a model sends beside its answer (vLLM's reasoning parsers, DeepSeek: ``reasoning_content``;
-# OpenRouter, newer vLLM: ``reasoning``): it reaches the user as the answer does, so the span guards read it too.
-REASONING = ("reasoning_content", "reasoning")
 
 
 def _outcome(o: Outcome) -> GuardOutcome:
