@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tollway.errors import InvalidRequest, NotFound, PermissionDenied
+from tollway.errors import InvalidRequest, PermissionDenied, model_not_found
 from tollway.routing.catalog import Catalog, ModelEntry
 from tollway.routing.difficulty import Difficulty
 
@@ -164,7 +164,7 @@ def _auto(catalog: Catalog, req: RouteRequest, tenant: TenantRouting, budget: Bu
 def _named(catalog: Catalog, req: RouteRequest, tenant: TenantRouting) -> ModelEntry:
     entry = catalog.get(req.model)
     if entry is None:
-        raise NotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
+        raise model_not_found(req.model)
     if tenant.allowed_models is not None and entry.name not in tenant.allowed_models:
         raise PermissionDenied(f"This tenant may not use model '{req.model}'.", param="model",
                                code="model_not_allowed")

@@ -87,6 +87,11 @@ class NotFound(TollwayError):
     code = "model_not_found"
 
 
+def model_not_found(name: str) -> NotFound:
+    """The 404 for a model the gateway does not serve or the caller may not see (the two are not told apart)."""
+    return NotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
+
+
 class Conflict(TollwayError):
     status = 409
     type = "invalid_request_error"

@@ -13,7 +13,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from tollway.errors import InvalidRequest, NotFound, PermissionDenied
+from tollway.errors import InvalidRequest, PermissionDenied, model_not_found
 from tollway.gateway.http.protocol import USER_CHARS
 from tollway.gateway.metering.accounting import Tally
 from tollway.gateway.metering.ledger import Ledger, LedgerRow, utcnow
@@ -157,8 +157,7 @@ class Calls:
             return None
         entry = also if also is not None and name == also.name else self.catalog.get(name)
         if entry is None:
-            raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
-                           param="model")
+            raise model_not_found(name)
         if not principal.may_use(entry.name):
             raise PermissionDenied(f"This key may not use model '{name}'.", param="model",
                                    code="model_not_allowed")

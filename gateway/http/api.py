@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.responses import RedirectResponse, Response
 
-from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, TollwayError
+from tollway.errors import InvalidRequest, NotFound, ServiceUnavailable, TollwayError, model_not_found
 from tollway.gateway.apis.messages import input_tokens
 from tollway.gateway.chat.service import CompletionService
 from tollway.gateway.http.deps import app_state
@@ -57,8 +57,7 @@ async def model(request: Request, model: str) -> Response:
     for entry in _models(request):
         if entry["id"] == model:
             return json_response(entry)
-    raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
-                   code="model_not_found")
+    raise model_not_found(model)
 
 
 @router.post("/v1/messages/count_tokens", summary="A Messages request's input tokens (Anthropic's count_tokens), at $0")
@@ -70,8 +69,7 @@ async def count_tokens(request: Request) -> Response:
     model_name, tokens = await off_loop_if_long(len(raw), input_tokens, parse_json_object(raw),
                                                 request.state.principal.tenant_id)
     if model_name not in allowed:
-        raise NotFound(f"The model '{model_name}' does not exist or you do not have access to it.", param="model",
-                       code="model_not_found")
+        raise model_not_found(model_name)
     return json_response({"input_tokens": tokens})
 
 
