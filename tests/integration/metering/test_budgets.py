@@ -37,8 +37,10 @@ async def set_budget(gw: Any, admin: Any, tenant: Any, **body: Any) -> dict[str,
 
 
 async def chat(gw: Any, tenant: Any, i: Any, *, stream: bool = False, max_tokens: int = 16,
-               model: str = "sim-large", headers: dict[str, str] | None = None) -> Any:
-    body: dict[str, Any] = {"model": model, "messages": msg(i), "max_tokens": max_tokens, "stream": stream}
+               model: str = "sim-large", headers: dict[str, str] | None = None,
+               extra: dict[str, Any] | None = None) -> Any:
+    body: dict[str, Any] = {"model": model, "messages": msg(i), "max_tokens": max_tokens, "stream": stream,
+                            **(extra or {})}
     return await gw.client.post("/v1/chat/completions", headers={**tenant.headers, **(headers or {})}, json=body)
 
 
@@ -182,18 +184,13 @@ async def test_a_predicted_output_is_reserved_as_output(app_factory, make_tenant
     limit = 10 * (400 * PRICE[1]) / 10**6  # ten requests' rejected predictions, output alone
     async with app_factory() as gw:
         await set_budget(gw, admin, tenant, window="month", limit_usd=str(limit))
-        results = await asyncio.gather(*(chat_with(gw, tenant, {"prediction": prediction, "stream": i % 2 == 0}, i)
+        results = await asyncio.gather(*(chat(gw, tenant, i, stream=i % 2 == 0, extra={"prediction": prediction})
                                          for i in range(40)))
         await gw.state.ledger.flush()
     ok = [r for r in results if r.status_code == 200]
     assert 0 < len(ok) < 10 and all(r.status_code == 429 for r in results if r not in ok)
     assert all(r["output_tokens"] > 400 for r in ledger("tenant_id = %s AND status = 200", tenant.id))
     assert sum(r["cost_usd"] for r in ledger("tenant_id = %s", tenant.id)) <= limit
-
-
-async def chat_with(gw: Any, tenant: Any, extra: dict[str, Any], i: int) -> Any:
-    body = {"model": "sim-large", "messages": msg(i), "max_tokens": 16, **extra}
-    return await gw.client.post("/v1/chat/completions", headers=tenant.headers, json=body)
 
 
 async def test_stream_that_ignores_max_tokens_is_cut_at_the_reservation(app_factory, make_tenant, admin, ledger):
