@@ -30,8 +30,8 @@ PLANTED = {
 
 
 
-def content(chunks: list[dict[str, Any]]) -> str:
-    return "".join((c.get("delta") or {}).get("content") or "" for ch in chunks for c in ch.get("choices") or [])
+def content(chunks: list[dict[str, Any]], field: str = "content") -> str:
+    return "".join((c.get("delta") or {}).get(field) or "" for ch in chunks for c in ch.get("choices") or [])
 
 
 def echo(text: str, **extra: Any) -> dict[str, Any]:
@@ -143,10 +143,6 @@ async def test_obfuscated_pii_is_redacted_in_streams_and_json_answers(app_factor
             assert whole.json()["choices"][0]["message"]["content"] == expected, name
 
 
-def reasoning(chunks: list[dict[str, Any]]) -> str:
-    return "".join((c.get("delta") or {}).get("reasoning_content") or "" for ch in chunks for c in ch.get("choices") or [])
-
-
 async def test_a_reasoning_models_reasoning_is_guarded_like_its_answer(app_factory, make_tenant, admin, ledger):
     """A model behind a reasoning parser sends ``reasoning_content`` beside its answer, and reasoning restates
     what the user wrote: it reached the client unredacted under ``pii: redact``, streamed and whole. Now the
@@ -166,7 +162,7 @@ async def test_a_reasoning_models_reasoning_is_guarded_like_its_answer(app_facto
             **body, "stream": True, "messages": [{"role": "user", "content": secret}]})
         await gw.state.ledger.flush()
     chunks = sse(streamed.text)
-    assert reasoning(chunks) == f"The user wrote: {redacted}"
+    assert content(chunks, "reasoning_content") == f"The user wrote: {redacted}"
     assert content(chunks) == redacted
     message = whole.json()["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == (f"The user wrote: {redacted}", redacted)
